@@ -1,0 +1,126 @@
+"""Checkpoint files: weights-only save/load, file hashes, resume and weights-only init.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (loadable with
+``torch.load(path, weights_only=True)``; nothing is ever unpickled). Keys written by :func:`save_checkpoint`:
+
+``format`` ("e2r-checkpoint"), ``format_version`` (1), ``kind`` ("teacher" | "student" ...), ``config``
+(the model config's ``to_dict()``), ``model`` (state dict), and for resumable training ``optimizer``,
+``scheduler``, ``epoch`` (last finished epoch, 0-based), ``best_metric``, ``rng_state``, ``history``,
+``train_args``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "file_sha256",
+           "load_init_weights"]
+
+FORMAT = "e2r-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (used to record which checkpoint made a memorybank)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], kind: str) -> Path:
+    """Write ``state`` (must contain ``model`` and ``config``) atomically to ``path``; returns the path."""
+    for required in ("model", "config"):
+        if required not in state:
+            raise CheckpointError(f"{path}: refusing to save a checkpoint without {required!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, **state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    kind: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` and check its layout.
+
+    Raises CheckpointError for a missing file, a file torch cannot read, one that holds pickled Python
+    objects (refused, never unpickled), or a dict without ``model``/``config`` (or of another ``kind``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {path} contains pickled Python objects that a weights-only load refuses "
+            f"(only tensors, numbers, strings, lists and dicts are allowed); it was not written by "
+            f"e2r.checkpoints.save_checkpoint. Detail: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # zip/format errors come as RuntimeError, EOFError, ...
+        raise CheckpointError(f"checkpoint {path} is malformed or truncated and cannot be read by torch.load: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict written by "
+                              f"e2r.checkpoints.save_checkpoint")
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {ckpt.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"checkpoint {path} lacks a 'model' state dict or a 'config' dict")
+    bad = [k for k, v in ckpt["model"].items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: model entries {bad[:5]} are not tensors")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise CheckpointError(f"checkpoint {path} is a {ckpt.get('kind')!r} checkpoint, expected {kind!r}")
+    return ckpt
+
+
+def load_init_weights(model: nn.Module, path: str | Path, skip_output_layer: bool, output_layer_prefix: str,
+                      keep_prefixes: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """Initialise ``model`` from a checkpoint's weights only (no optimizer/epoch), for transfer learning.
+
+    Entries under ``output_layer_prefix`` are skipped when ``skip_output_layer`` is set (e.g. a head with
+    another shape); otherwise every entry must match in name and shape. Entries starting with one of
+    ``keep_prefixes`` keep the model's current values (e.g. this run's normalisation statistics).
+    Returns ``{"loaded": [...], "skipped": [...]}``.
+    """
+    ckpt = load_checkpoint(path)
+    source: dict[str, torch.Tensor] = ckpt["model"]
+    target = model.state_dict()
+    loaded, skipped = [], []
+    mismatched, missing = [], []
+    for name, value in target.items():
+        if name.startswith(keep_prefixes):
+            skipped.append(name)
+            continue
+        if skip_output_layer and name.startswith(output_layer_prefix):
+            skipped.append(name)
+            continue
+        if name not in source:
+            missing.append(name)
+        elif source[name].shape != value.shape:
+            mismatched.append(f"{name}: checkpoint {tuple(source[name].shape)} vs model {tuple(value.shape)}")
+        else:
+            loaded.append(name)
+    if missing or mismatched:
+        head_only = all(m.startswith(output_layer_prefix) for m in missing) and \
+            all(m.startswith(output_layer_prefix) for m in mismatched)
+        hint = " (only the output layer differs: pass --init_skip_output_layer)" if head_only else ""
+        raise CheckpointError(f"init checkpoint {path} does not fit the model{hint}: "
+                              f"missing {missing[:5]}, shape mismatch {mismatched[:5]}")
+    with torch.no_grad():
+        for name in loaded:
+            target[name].copy_(source[name])
+    return {"loaded": loaded, "skipped": skipped}
