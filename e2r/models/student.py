@@ -1,0 +1,203 @@
+"""The camera student: image CNN -> view transform (Lift-Splat) -> BEV CNN -> bev_feat aligned to the
+teacher's grid + bev_vec -> speed/steering embeddings -> GRU -> MLP head -> actions.
+
+Same API shape as ``e2r.models.teacher.LiDARBEVTeacher`` (``encode_frames``, ``temporal``, ``forward`` with
+``return_aux``) and the same normalisation mechanism: the training split's action mean/std in the buffers
+``action_mean``/``action_std`` (set with ``set_action_stats``, saved with the weights); the head predicts
+normalised actions, outputs are de-normalised; speed/steering inputs are normalised with velocity's and
+wheel_angle's statistics; ``normalize_actions`` maps physical actions to the loss units.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from e2r.models.student_config import StudentConfig
+from e2r.models.view_transform import build_view_transform
+
+__all__ = ["StudentConfig", "CameraBEVStudent", "ImageEncoder", "BEVEncoder", "load_student"]
+
+STEER, SPEED = 0, 1  # action columns, as the teacher
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv+BN, identity (or 1x1 strided) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = (nn.Identity() if stride == 1 and cin == cout else
+                      nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.short(x))
+
+
+def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(BasicBlock(cin, cout, stride), *[BasicBlock(cout, cout) for _ in range(blocks - 1)])
+
+
+class ImageEncoder(nn.Module):
+    """Compact ResNet-style CNN: stem (3x3 /2) + stage 0 at /2, each further stage /2; the last stage is
+    up-sampled x2 and merged with the one before. images (N, 3, H, W) in [0, 1] -> (N, C_out, H/s, W/s)
+    with s = 2^(len(channels)-1)."""
+
+    def __init__(self, channels: tuple[int, ...], blocks: tuple[int, ...], out_channels: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels[0], 3, 2, 1, bias=False), nn.BatchNorm2d(channels[0]),
+                                  nn.ReLU(inplace=True))
+        self.stages = nn.ModuleList([_stage(channels[0], channels[0], blocks[0], 1)] + [
+            _stage(channels[i - 1], channels[i], blocks[i], 2) for i in range(1, len(channels))])
+        self.merge = nn.Sequential(nn.Conv2d(channels[-1] + channels[-2], out_channels, 3, 1, 1, bias=False),
+                                   nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+        self.stride = 2 ** (len(channels) - 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem((x - 0.45) / 0.225)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        up = F.interpolate(outs[-1], size=outs[-2].shape[-2:], mode="bilinear", align_corners=False)
+        return self.merge(torch.cat([up, outs[-2]], 1))
+
+
+class BEVEncoder(nn.Module):
+    """BEV CNN keeping the grid size: stages (first at stride 1, then /2 each), every stage's output resized
+    back to the input grid and concatenated, then 3x3 conv. (F, C_in, H, W) -> (F, out_channels, H, W)."""
+
+    def __init__(self, cin: int, channels: tuple[int, ...], blocks: tuple[int, ...], out_channels: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList()
+        for i, (c, n) in enumerate(zip(channels, blocks)):
+            self.stages.append(_stage(cin, c, n, 1 if i == 0 else 2))
+            cin = c
+        self.fuse = nn.Sequential(nn.Conv2d(sum(channels), out_channels, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        size, outs = x.shape[-2:], []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x if x.shape[-2:] == size else
+                        F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        return self.fuse(torch.cat(outs, 1))
+
+
+class CameraBEVStudent(nn.Module):
+    """Camera policy. ``forward(images (B,T,Ncam,3,H,W), intrinsics (B,Ncam,3,3), cam2ego (B,Ncam,4,4),
+    speed (B,T), steering (B,T))`` -> actions (B,T,A) in physical units."""
+
+    #: state-dict prefix of the output layer (skipped by ``--init_skip_output_layer``), as the teacher
+    output_layer_prefix = "head.2."
+
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg.image_channels, cfg.image_blocks, cfg.image_feat_channels)
+        self.view_transform = build_view_transform(cfg.view_transform, cfg.image_feat_channels, cfg.lift_channels,
+                                                   cfg.bev_grid, tuple(cfg.depth_bins))
+        self.bev_encoder = BEVEncoder(cfg.lift_channels, cfg.bev_channels, cfg.bev_blocks, cfg.bev_out_channels)
+        self.adapter = (nn.Identity() if cfg.bev_out_channels == cfg.teacher_bev_channels
+                        else nn.Conv2d(cfg.bev_out_channels, cfg.teacher_bev_channels, 1))
+        self.to_vec = nn.Linear(cfg.teacher_bev_channels, cfg.bev_dim)
+        self.speed_embed = nn.Sequential(nn.Linear(1, cfg.speed_emb), nn.ReLU())
+        self.steer_embed = nn.Sequential(nn.Linear(1, cfg.steer_emb), nn.ReLU())
+        self.gru = nn.GRU(cfg.bev_dim + cfg.speed_emb + cfg.steer_emb, cfg.gru_hidden, batch_first=True)
+        self.head = nn.Sequential(nn.Linear(cfg.gru_hidden, cfg.head_hidden), nn.ReLU(),
+                                  nn.Linear(cfg.head_hidden, cfg.action_dim))
+        self.register_buffer("action_mean", torch.zeros(cfg.action_dim))
+        self.register_buffer("action_std", torch.ones(cfg.action_dim))
+
+    # ---- normalisation (same mechanism and names as the teacher) ----
+    def set_action_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Store the training split's action mean/std (A,) used to (de-)normalise."""
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean.shape != self.action_mean.shape or std.shape != self.action_std.shape or not (std > 0).all():
+            raise ValueError(f"action stats need shape {tuple(self.action_mean.shape)} and std > 0, "
+                             f"got mean {mean.tolist()} std {std.tolist()}")
+        self.action_mean.copy_(mean)
+        self.action_std.copy_(std)
+
+    def normalize_actions(self, actions: Tensor) -> Tensor:
+        """Physical (..., A) -> normalised units (zero mean, unit std on the training split)."""
+        return (actions - self.action_mean) / self.action_std
+
+    # ---- model ----
+    def encode_frames(self, images: Tensor, intrinsics: Tensor, cam2ego: Tensor) -> tuple[Tensor, Tensor]:
+        """images (F, Ncam, 3, H, W) in [0, 1], intrinsics (F, Ncam, 3, 3) for (W, H), cam2ego (F, Ncam, 4, 4)
+        -> ``bev_vec (F, D)``, ``bev_feat (F, C_teacher, H_bev, W_bev)``; all frames and cameras in one call."""
+        if images.dim() != 5 or images.shape[2] != 3:
+            raise ValueError(f"images must be (F, Ncam, 3, H, W), got {tuple(images.shape)}")
+        Fr, n_cam, _, H, W = images.shape
+        if intrinsics.shape != (Fr, n_cam, 3, 3) or cam2ego.shape != (Fr, n_cam, 4, 4):
+            raise ValueError(f"intrinsics {tuple(intrinsics.shape)} / cam2ego {tuple(cam2ego.shape)} must be "
+                             f"({Fr}, {n_cam}, 3, 3) / ({Fr}, {n_cam}, 4, 4) for images {tuple(images.shape)}")
+        feats = self.image_encoder(images.reshape(Fr * n_cam, 3, H, W))
+        bev = self.view_transform(feats, intrinsics.to(feats.device, torch.float32),
+                                  cam2ego.to(feats.device, torch.float32), (H, W))
+        bev_feat = self.adapter(self.bev_encoder(bev))
+        return self.to_vec(bev_feat.mean(dim=(2, 3))), bev_feat
+
+    def temporal(self, bev_vec_seq: Tensor, speed: Tensor, steering: Tensor,
+                 hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """bev_vec_seq (B,T,D), speed (B,T) m/s, steering (B,T) deg, hidden (1,B,H) or None
+        -> ``actions (B,T,A)`` in physical units and ``gru_out (B,T,H)``."""
+        B, T, _ = bev_vec_seq.shape
+        if speed.shape != (B, T) or steering.shape != (B, T):
+            raise ValueError(f"speed {tuple(speed.shape)} and steering {tuple(steering.shape)} must be (B, T) = "
+                             f"{(B, T)} like bev_vec_seq {tuple(bev_vec_seq.shape)}")
+        dev = bev_vec_seq.device
+        s = (speed.to(dev, torch.float32) - self.action_mean[SPEED]) / self.action_std[SPEED]
+        st = (steering.to(dev, torch.float32) - self.action_mean[STEER]) / self.action_std[STEER]
+        x = torch.cat([bev_vec_seq, self.speed_embed(s.unsqueeze(-1)), self.steer_embed(st.unsqueeze(-1))], dim=-1)
+        gru_out, _ = self.gru(x, hidden)
+        return self.head(gru_out) * self.action_std + self.action_mean, gru_out
+
+    def forward(self, images: Tensor, intrinsics: Tensor, cam2ego: Tensor, speed: Tensor, steering: Tensor,
+                return_aux: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """images (B,T,Ncam,3,H,W); intrinsics (B,Ncam,3,3) or per frame (B,T,Ncam,3,3); cam2ego likewise
+        (4,4); speed, steering (B,T). Returns actions (B,T,A), or with ``return_aux`` ``(actions,
+        {"bev_vec_seq" (B,T,D), "bev_feat_seq" (B,T,C,H_bev,W_bev), "gru_out" (B,T,H)})``."""
+        if images.dim() != 6:
+            raise ValueError(f"images must be (B, T, Ncam, 3, H, W), got {tuple(images.shape)}")
+        B, T, n_cam = images.shape[:3]
+        dev = images.device
+        if intrinsics.dim() == 4:
+            intrinsics = intrinsics[:, None].expand(B, T, *intrinsics.shape[1:])
+        if cam2ego.dim() == 4:
+            cam2ego = cam2ego[:, None].expand(B, T, *cam2ego.shape[1:])
+        if intrinsics.shape[:3] != (B, T, n_cam) or cam2ego.shape[:3] != (B, T, n_cam):
+            raise ValueError(f"intrinsics {tuple(intrinsics.shape)} / cam2ego {tuple(cam2ego.shape)} do not match "
+                             f"images (B, T, Ncam) = {(B, T, n_cam)}")
+        bev_vec, bev_feat = self.encode_frames(images.flatten(0, 1), intrinsics.reshape(B * T, n_cam, 3, 3).to(dev),
+                                               cam2ego.reshape(B * T, n_cam, 4, 4).to(dev))
+        bev_vec_seq = bev_vec.view(B, T, -1)
+        actions, gru_out = self.temporal(bev_vec_seq, speed, steering)
+        if not return_aux:
+            return actions
+        return actions, {"bev_vec_seq": bev_vec_seq, "bev_feat_seq": bev_feat.view(B, T, *bev_feat.shape[1:]),
+                         "gru_out": gru_out}
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[CameraBEVStudent, dict[str, Any]]:
+    """Build a student from a checkpoint (architecture from its ``config``), in eval mode on ``device``.
+    Returns ``(model, checkpoint_dict)``; raises CheckpointError naming the file when it does not fit."""
+    from e2r.checkpoints import CheckpointError, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    try:
+        model = CameraBEVStudent(StudentConfig.from_dict(dict(ckpt["config"])))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a student checkpoint matching its config: {e}") from e
+    return model.to(device).eval(), ckpt
