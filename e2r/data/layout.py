@@ -1,0 +1,158 @@
+"""The on-disk layout: discover splits and segments, read and validate each segment's ``meta/data.csv``.
+
+``<root>/<split>/<segment>/meta/data.csv`` (docs/CONTRACTS.md). Only the csv (and calib.json for cameras) is
+read here; point clouds and images are read by the datasets on access. Every problem raises
+:class:`~e2r.data.readers.DataError` naming the csv file and the row (0-based frame index; the file line is
+row + 2 because of the header).
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from e2r.data.readers import CameraCalib, DataError, read_calib
+from e2r.keys import InvalidKeyError, validate_part
+
+__all__ = ["SegmentTable", "discover_splits", "discover_segments", "read_segment_table",
+           "camera_columns", "window_starts", "CSV_RELPATH", "CALIB_RELPATH"]
+
+CSV_RELPATH = Path("meta") / "data.csv"
+CALIB_RELPATH = Path("camera") / "calib.json"
+REQUIRED_NUMERIC = ("velocity", "wheel_angle")
+
+
+@dataclass
+class SegmentTable:
+    """One segment's data.csv, validated. Arrays are (F,) for F frames, in csv row order.
+
+    ``image_paths`` maps camera name (calib.json order) to F absolute paths; ``lidar_paths`` has F paths.
+    """
+    split: str
+    segment: str
+    directory: Path
+    csv_path: Path
+    velocity: np.ndarray
+    wheel_angle: np.ndarray
+    lidar_paths: Optional[list[Path]] = None
+    image_paths: dict[str, list[Path]] = field(default_factory=dict)
+    cameras: list[CameraCalib] = field(default_factory=list)
+
+    @property
+    def num_frames(self) -> int:
+        return int(len(self.velocity))
+
+
+def discover_splits(root: Union[str, Path]) -> list[str]:
+    """Names of the folders under ``root`` holding at least one ``<segment>/meta/data.csv``, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "data root is not a directory")
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and any((s / CSV_RELPATH).is_file() for s in p.iterdir() if s.is_dir()))
+
+
+def discover_segments(root: Union[str, Path], split: str) -> list[str]:
+    """Segment folder names of ``root/split`` that contain ``meta/data.csv``, sorted; names must be key-safe."""
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        raise DataError(split_dir, f"split {split!r} not found under {root}")
+    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and (p / CSV_RELPATH).is_file())
+    if not names:
+        raise DataError(split_dir, f"no segments (<segment>/{CSV_RELPATH.as_posix()}) in split {split!r}")
+    for name in names:
+        try:
+            validate_part(name, "segment")
+        except InvalidKeyError as e:
+            raise DataError(split_dir / name, f"segment folder name cannot be used in a sample key: {e}") from None
+    return names
+
+
+def camera_columns(header: list[str], cameras: list[CameraCalib], csv_path: Path) -> dict[str, str]:
+    """Map each calib camera to its csv column: ``image_filepath_<name>``, or ``image_filepath`` for the first."""
+    out: dict[str, str] = {}
+    for i, cam in enumerate(cameras):
+        col = f"image_filepath_{cam.name}"
+        if col in header:
+            out[cam.name] = col
+        elif i == 0 and "image_filepath" in header:
+            out[cam.name] = "image_filepath"
+        else:
+            wanted = f"'{col}'" + (" or 'image_filepath'" if i == 0 else "")
+            raise DataError(csv_path, f"missing column {wanted} for camera {cam.name!r} of calib.json "
+                                      f"(columns: {header})")
+    return out
+
+
+def _parse_number(text: str, column: str, row: int, csv_path: Path) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise DataError(csv_path, f"column {column!r} (line {row + 2}): {text!r} is not a number", row) from None
+    if not math.isfinite(value):
+        raise DataError(csv_path, f"column {column!r} (line {row + 2}): value {text!r} is not finite", row)
+    return value
+
+
+def _parse_path(text: Optional[str], column: str, row: int, csv_path: Path, directory: Path) -> Path:
+    if text is None or not text.strip():
+        raise DataError(csv_path, f"column {column!r} (line {row + 2}) is empty", row)
+    rel = Path(text.strip())
+    if rel.is_absolute() or ".." in rel.parts:
+        raise DataError(csv_path, f"column {column!r} (line {row + 2}): path {text!r} must be relative to the "
+                                  f"segment folder and stay inside it", row)
+    return directory / rel
+
+
+def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: bool = False,
+                       camera: bool = False) -> SegmentTable:
+    """Read and validate ``root/split/segment/meta/data.csv`` (and calib.json when ``camera``).
+
+    ``lidar`` / ``camera`` require the ``lidar_filepath`` / image columns. Raises DataError naming the csv
+    (or calib.json) and the row for: missing columns, empty cells, non-numeric / NaN / inf values, no rows.
+    """
+    directory = Path(root) / split / segment
+    csv_path = directory / CSV_RELPATH
+    if not csv_path.is_file():
+        raise DataError(csv_path, "data.csv is missing")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(csv_path, f"cannot parse csv: {e}") from None
+    if not header:
+        raise DataError(csv_path, "data.csv is empty (no header)")
+    need = list(REQUIRED_NUMERIC) + (["lidar_filepath"] if lidar else [])
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise DataError(csv_path, f"missing column(s) {missing} (columns: {header})")
+    if not rows:
+        raise DataError(csv_path, "data.csv has a header but no rows")
+    for i, r in enumerate(rows):
+        if None in r:
+            raise DataError(csv_path, f"line {i + 2} has more cells than the header", i)
+    velocity = np.array([_parse_number(r["velocity"], "velocity", i, csv_path) for i, r in enumerate(rows)])
+    wheel = np.array([_parse_number(r["wheel_angle"], "wheel_angle", i, csv_path) for i, r in enumerate(rows)])
+    table = SegmentTable(split, segment, directory, csv_path, velocity, wheel)
+    if lidar:
+        table.lidar_paths = [_parse_path(r["lidar_filepath"], "lidar_filepath", i, csv_path, directory)
+                             for i, r in enumerate(rows)]
+    if camera:
+        table.cameras = read_calib(directory / CALIB_RELPATH)
+        for name, col in camera_columns(header, table.cameras, csv_path).items():
+            table.image_paths[name] = [_parse_path(r[col], col, i, csv_path, directory) for i, r in enumerate(rows)]
+    return table
+
+
+def window_starts(num_frames: int, seq_len: int, stride: int) -> list[int]:
+    """Start frames of the windows [start, start + seq_len) of a segment with ``num_frames`` frames."""
+    if seq_len < 1 or stride < 1:
+        raise ValueError(f"seq_len and stride must be >= 1, got seq_len={seq_len}, stride={stride}")
+    return list(range(0, num_frames - seq_len + 1, stride))
