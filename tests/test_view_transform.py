@@ -173,3 +173,20 @@ def test_identity_view_transform_shape():
     out = vt(torch.randn(4, 8, *FEAT_HW), _K()[None, None].repeat(2, 2, 1, 1), _cam2ego()[None, None].repeat(2, 2, 1, 1),
              IMG_HW)
     assert out.shape == (2, 5, GRID["H"], GRID["W"])
+
+
+def test_cell_convention_matches_teacher_pillar_scatter():
+    """The teacher's voxelize + scatter_to_canvas put a point at the same (row, col) as our splat, once its
+    pillar canvas is reduced to the bev_feat stride."""
+    from e2r.models.pointpillars import scatter_to_canvas
+    from e2r.models.voxelize import voxelize
+    cfg = TeacherConfig.preset_named("tiny")
+    pts = torch.tensor([[13.7, 9.1, -1.0, 0.5], [40.2, -20.3, 0.2, 0.5], [3.3, 24.0, -2.5, 0.5]])
+    nx, ny = cfg.grid_size
+    s = cfg.bev_stride
+    for p in pts:
+        vox = voxelize([p[None]], cfg.point_cloud_range, cfg.voxel_size, cfg.max_points_per_pillar, 16)
+        canvas = scatter_to_canvas(torch.ones(1, 1), vox.coords, 1, nx, ny)[0, 0]      # (ny, nx)
+        pooled = torch.nn.functional.max_pool2d(canvas[None, None], s)[0, 0]           # bev_feat grid
+        (row, col), = torch.nonzero(pooled).tolist()
+        assert bev_cell_index(p[None, :3], GRID).item() == row * GRID["W"] + col

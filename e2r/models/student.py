@@ -176,7 +176,7 @@ class CameraBEVStudent(nn.Module):
             intrinsics = intrinsics[:, None].expand(B, T, *intrinsics.shape[1:])
         if cam2ego.dim() == 4:
             cam2ego = cam2ego[:, None].expand(B, T, *cam2ego.shape[1:])
-        if intrinsics.shape[:3] != (B, T, n_cam) or cam2ego.shape[:3] != (B, T, n_cam):
+        if intrinsics.shape != (B, T, n_cam, 3, 3) or cam2ego.shape != (B, T, n_cam, 4, 4):
             raise ValueError(f"intrinsics {tuple(intrinsics.shape)} / cam2ego {tuple(cam2ego.shape)} do not match "
                              f"images (B, T, Ncam) = {(B, T, n_cam)}")
         bev_vec, bev_feat = self.encode_frames(images.flatten(0, 1), intrinsics.reshape(B * T, n_cam, 3, 3).to(dev),
