@@ -84,8 +84,9 @@ def write_tiny_dataset(root: Path, splits: Optional[dict[str, int]] = None, fram
     """Write ``splits`` ({split: number of segments}) of ``frames`` frames each under ``root``; return root.
 
     Segment names are ``segment_0000``, ``segment_0001``, ... per split. One camera writes the column
-    ``image_filepath``; several write ``image_filepath_<name>`` each. ``frames`` may be an int (all segments)
-    or differ by passing a dict via ``splits={"train": 2}`` and editing afterwards.
+    ``image_filepath``; several write ``image_filepath_<name>`` each (images under ``camera/<name>/``).
+    ``num_features`` (4 | 5 | 8) is the .bin layout (see make_points); velocity and wheel_angle are written with
+    full precision so tests can compare dataset items with the csv exactly.
     """
     from PIL import Image
 

@@ -1,0 +1,202 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from e2r.data.point_layout import LayoutUndecidable, detect_bin_layout, detect_from_arrays
+from e2r.data.readers import DataError, read_calib, read_image, read_npy, read_pcd, read_points, scale_intrinsics
+from tests.fixtures import make_points, write_calib, write_pcd, write_points_bin
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+@pytest.mark.parametrize("nf", [4, 5, 8])
+def test_bin_given_layout_returns_xyzi(tmp_path, rng, nf):
+    pts = make_points(rng, 300, nf)
+    path = write_points_bin(tmp_path / "a.bin", pts)
+    out, layout = read_points(path, nf)
+    assert out.dtype == np.float32 and out.shape == (300, 4)
+    np.testing.assert_array_equal(out, pts[:, :4])
+    assert (layout.num_features, layout.source) == (nf, "given")
+
+
+@pytest.mark.parametrize("nf,n", [(4, 400), (5, 400), (8, 200), (4, 2000), (5, 1600)])
+def test_bin_auto_resolves_sizes_ambiguous_by_values(tmp_path, rng, nf, n):
+    pts = make_points(rng, n, nf)
+    assert pts.size % 4 == 0 and pts.size % 5 == 0 and pts.size % 8 == 0  # size alone cannot tell
+    path = write_points_bin(tmp_path / "a.bin", pts)
+    out, layout = read_points(path, "auto")
+    assert (layout.num_features, layout.source) == (nf, "detected")
+    np.testing.assert_array_equal(out, pts[:, :4])
+
+
+def test_eight_features_whose_4_wide_reading_is_plausible_decided_by_column_statistics(rng):
+    n = 400
+    base = make_points(rng, n, 4)
+    extras = np.stack([rng.integers(0, 32, n), rng.uniform(0, 0.1, n), rng.normal(0, 0.01, n),
+                       rng.uniform(0, 1, n)], 1).astype(np.float32)
+    pts = np.concatenate([base, extras], 1)
+    # the 4-wide reading of this file passes every per-point plausibility check ...
+    from e2r.data.point_layout import plausibility_failures
+    assert plausibility_failures(pts.reshape(-1, 4)) == []
+    # ... so only the comparison of columns 4..7 with 0..3 can tell, and it says 8
+    layout = detect_from_arrays([pts.ravel()])
+    assert layout.num_features == 8
+
+
+def test_auto_detection_pools_files_of_a_segment(tmp_path, rng):
+    paths = [write_points_bin(tmp_path / f"{i}.bin", make_points(rng, n, 4)) for i, n in enumerate((301, 250, 222))]
+    # the odd point count of the first file rules out 8 by size; values rule out 5
+    assert detect_bin_layout(paths).num_features == 4
+
+
+@pytest.mark.parametrize("content,why", [
+    (np.zeros(1600, np.float32), "plausible for [4, 5, 8]"),
+    (np.random.default_rng(0).uniform(-1e6, 1e6, 1600).astype(np.float32), "not plausible"),
+])
+def test_auto_refuses_when_values_cannot_decide(tmp_path, content, why):
+    path = write_points_bin(tmp_path / "odd.bin", content.reshape(-1, 4))
+    with pytest.raises(DataError, match="cannot auto-detect") as e:
+        read_points(path, "auto", row=3)
+    assert str(path) in str(e.value) and "row 3" in str(e.value) and why in str(e.value)
+    with pytest.raises(LayoutUndecidable):
+        detect_bin_layout([path])
+
+
+def test_auto_refuses_too_few_points(rng):
+    with pytest.raises(LayoutUndecidable, match="too few"):
+        detect_from_arrays([make_points(rng, 10, 4).ravel()])
+
+
+def test_bin_bad_files_name_file_and_row(tmp_path, rng):
+    good = make_points(rng, 50, 4)
+    trunc = tmp_path / "trunc.bin"
+    trunc.write_bytes(good.tobytes()[:-2])
+    with pytest.raises(DataError, match="whole number of float32") as e:
+        read_points(trunc, 4, row=5)
+    assert e.value.file == str(trunc) and e.value.row == 5 and "row 5" in str(e.value)
+    partial = write_points_bin(tmp_path / "partial.bin", np.concatenate([good.ravel(), good[0, :2]]))
+    with pytest.raises(DataError, match="not a multiple of the point size 16 bytes"):
+        read_points(partial, 4, row=1)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        read_points(empty, 4)
+    with pytest.raises(DataError, match="missing") as e:
+        read_points(tmp_path / "nope.bin", 4, row=2)
+    assert "nope.bin" in str(e.value)
+    nan = good.copy()
+    nan[7, 2] = np.nan
+    with pytest.raises(DataError, match="non-finite.*first at point 7"):
+        read_points(write_points_bin(tmp_path / "nan.bin", nan), 4)
+    with pytest.raises(DataError, match="unsupported point file type"):
+        read_points(tmp_path / "x.las", 4)
+    with pytest.raises(ValueError, match="lidar_num_features"):
+        read_points(write_points_bin(tmp_path / "ok.bin", good), 6)
+
+
+def test_npy(tmp_path, rng):
+    pts = make_points(rng, 120, 5).astype(np.float64)
+    np.save(tmp_path / "p.npy", pts)
+    out, layout = read_npy(tmp_path / "p.npy")
+    assert out.dtype == np.float32 and layout.num_features == 5 and layout.source == "npy"
+    np.testing.assert_allclose(out, pts[:, :4], rtol=1e-6)
+    np.save(tmp_path / "bad.npy", np.zeros((10, 3)))
+    with pytest.raises(DataError, match=r"\(N, F>=4\)"):
+        read_points(tmp_path / "bad.npy", row=4)
+    (tmp_path / "corrupt.npy").write_bytes(b"not a numpy file at all")
+    with pytest.raises(DataError, match="cannot read .npy"):
+        read_points(tmp_path / "corrupt.npy")
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_pcd_ascii_and_binary(tmp_path, rng, binary):
+    pts = make_points(rng, 80, 4)
+    path = write_pcd(tmp_path / "p.pcd", pts, binary=binary)
+    out, layout = read_pcd(path)
+    np.testing.assert_allclose(out, pts, rtol=1e-6)
+    assert layout.source == "pcd" and layout.num_features == 4
+    assert read_points(path, 8)[0].shape == (80, 4)  # lidar_num_features does not apply to .pcd
+
+
+def test_pcd_extra_fields_and_bad_pcds(tmp_path, rng):
+    pts = make_points(rng, 20, 4)
+    header = ("VERSION 0.7\nFIELDS x y z i ring\nSIZE 4 4 4 4 2\nTYPE F F F F U\nCOUNT 1 1 1 1 1\n"
+              "WIDTH 20\nHEIGHT 1\nPOINTS 20\nDATA binary\n")
+    rec = np.zeros(20, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("i", "<f4"), ("ring", "<u2")])
+    for j, f in enumerate("xyzi"):
+        rec[f] = pts[:, j]
+    (tmp_path / "r.pcd").write_bytes(header.encode() + rec.tobytes())
+    np.testing.assert_array_equal(read_pcd(tmp_path / "r.pcd")[0], pts)
+    (tmp_path / "t.pcd").write_bytes(header.encode() + rec.tobytes()[:-10])
+    with pytest.raises(DataError, match="truncated") as e:
+        read_pcd(tmp_path / "t.pcd", row=9)
+    assert "t.pcd" in str(e.value) and "row 9" in str(e.value)
+    (tmp_path / "n.pcd").write_text(header.replace("x y z i ring", "x y z r ring"))
+    with pytest.raises(DataError, match="no field"):
+        read_pcd(tmp_path / "n.pcd")
+    (tmp_path / "c.pcd").write_text(header.replace("binary", "binary_compressed"))
+    with pytest.raises(DataError, match="unsupported PCD DATA"):
+        read_pcd(tmp_path / "c.pcd")
+
+
+def test_image_resize_and_intrinsics(tmp_path):
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20, 0] = 255  # left half red
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    Image.fromarray(arr).save(tmp_path / "a.jpg", quality=95)
+    for name in ("a.png", "a.jpg"):
+        img, original = read_image(tmp_path / name, (80, 10))
+        assert original == (40, 20) and img.shape == (3, 10, 80) and img.dtype == np.float32
+        assert 0.0 <= img.min() and img.max() <= 1.0
+        assert img[0, :, :35].mean() > 0.9 and img[0, :, 45:].mean() < 0.1
+    K = np.array([[30.0, 0, 20], [0, 25.0, 10], [0, 0, 1]])
+    K2 = scale_intrinsics(K, (40, 20), (80, 10))
+    np.testing.assert_allclose(K2, [[60, 0, 40], [0, 12.5, 5], [0, 0, 1]])
+    # a ray through pixel (u, v) keeps its direction: the same point projects to the scaled pixel
+    p = np.array([1.0, -0.5, 4.0])
+    uv, uv2 = K @ p / p[2], K2 @ p / p[2]
+    np.testing.assert_allclose(uv2[:2], uv[:2] * [2.0, 0.5])
+
+
+def test_corrupt_image_names_file_and_row(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(DataError, match="corrupt or unreadable image") as e:
+        read_image(tmp_path / "bad.png", (8, 8), row=4)
+    assert "bad.png" in str(e.value) and e.value.row == 4
+    good = np.zeros((16, 16, 3), np.uint8)
+    Image.fromarray(good).save(tmp_path / "t.png")
+    (tmp_path / "t2.png").write_bytes((tmp_path / "t.png").read_bytes()[:40])
+    with pytest.raises(DataError, match="t2.png"):
+        read_image(tmp_path / "t2.png")
+
+
+def test_calib_valid_and_invalid(tmp_path):
+    path = write_calib(tmp_path / "calib.json", (64, 32), ("front", "left"))
+    cams = read_calib(path)
+    assert [c.name for c in cams] == ["front", "left"] and cams[0].image_size == (64, 32)
+    assert cams[0].K.shape == (3, 3) and cams[1].cam2ego.shape == (4, 4)
+    doc = json.loads(path.read_text())
+
+    def broken(mutate, match):
+        d = json.loads(json.dumps(doc))
+        mutate(d)
+        p = tmp_path / "bad_calib.json"
+        p.write_text(json.dumps(d).replace("NaN", "NaN"))
+        with pytest.raises(DataError, match=match) as e:
+            read_calib(p)
+        assert str(p) in str(e.value)
+
+    broken(lambda d: d["cameras"][0].__setitem__("K", [[1, 0], [0, 1]]), r"cameras\[0\]\.K must have shape")
+    broken(lambda d: d["cameras"][1]["cam2ego"][0].__setitem__(0, float("nan")), "non-finite")
+    broken(lambda d: d["cameras"][0].pop("image_size"), "no 'image_size'")
+    broken(lambda d: d["cameras"][0].__setitem__("image_size", [64, -1]), "image_size")
+    broken(lambda d: d.__setitem__("cameras", []), "at least one camera")
+    broken(lambda d: d["cameras"][1].__setitem__("name", "front"), "duplicate")
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_calib(tmp_path / "x.json")
