@@ -1,0 +1,388 @@
+"""`MemoryBank`: the reader/writer API shared by the Zarr and HDF5 back ends.
+
+Rows are a single global axis. A split owns the contiguous rows ``[start, start + count)``; ``start`` is a
+multiple of ``alignment`` (the shard row count), so a new split never touches an existing split's chunks.
+A row is *complete* once its data and then its flag in the ``complete`` mask are written; readers index
+complete rows only. Writers that fill split positions ``[a, b)`` with ``a`` and ``b`` multiples of
+``alignment`` (``b`` may be the split's end) never share a chunk or shard with another writer.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from stores.index import KeyIndex, check_keys
+from stores.schema import (SCHEMA_VERSION, Provenance, StoreMismatchError, StoreSchema,
+                           check_compatible, json_attrs, now_iso)
+
+FORMAT_NAME = "e2r-memorybank"
+_SHARD_TARGET_BYTES = 256 * 2**20
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(np.floor(np.log2(max(x, 1)))))
+
+
+def default_shard_rows(schema: StoreSchema) -> int:
+    """Rows per shard of the light fields: a power of two in [256, 16384] keeping the widest light field's
+    shard at most 256 MiB raw (16384 for the full preset at float32 and float16)."""
+    widest = max(schema.row_nbytes(f) for f in ("actions", "bev_vec", "gru_out"))
+    return int(min(16384, max(256, _pow2_floor(_SHARD_TARGET_BYTES / widest))))
+
+
+def bev_feat_shard_rows(schema: StoreSchema, shard_rows: int) -> int:
+    """Rows per bev_feat shard: a power of two dividing ``shard_rows``, shard at most 256 MiB raw."""
+    return int(min(shard_rows, _pow2_floor(_SHARD_TARGET_BYTES / schema.row_nbytes("bev_feat"))))
+
+
+def _ranges_of(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) runs where ``mask`` is True."""
+    m = np.concatenate([[False], np.asarray(mask, bool), [False]])
+    d = np.flatnonzero(m[1:] != m[:-1])
+    return [(int(a), int(b)) for a, b in zip(d[::2], d[1::2])]
+
+
+class MemoryBank:
+    """A memorybank of teacher outputs indexed by sample key. Open with `MemoryBank.open` / `MemoryBank.create`.
+
+    Reading: ``has(key)``, ``keys(split)``, ``get(key)``, ``get_batch(keys, fields)``.
+    Writing (mode "r+"): ``reserve_split``, ``incomplete_ranges``, ``task_ranges``, ``write_rows``,
+    ``remove_split``. The key index is loaded once at open; call ``refresh()`` to see rows written since.
+    """
+
+    backend = "abstract"
+
+    def __init__(self, path: str, mode: str) -> None:
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        self.path = str(path)
+        self.mode = mode
+        self._attrs: dict[str, Any] = {}
+        self._index: KeyIndex | None = None
+
+    # ------------------------------------------------------------------ opening
+    @staticmethod
+    def backend_for(path: str | os.PathLike) -> type["MemoryBank"]:
+        """ZarrMemoryBank for directories / ``*.zarr``, HDF5MemoryBank for ``*.h5`` / ``*.hdf5`` files."""
+        p = str(path).rstrip("/")
+        if p.endswith((".h5", ".hdf5")):
+            from stores.hdf5_store import HDF5MemoryBank
+            return HDF5MemoryBank
+        from stores.zarr_store import ZarrMemoryBank
+        return ZarrMemoryBank
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> "MemoryBank":
+        """Open an existing store; ``mode="r"`` (read-only) or ``"r+"`` (write rows into reserved splits)."""
+        impl = cls.backend_for(path) if cls is MemoryBank else cls
+        bank = impl(str(path), mode)
+        bank._open_existing()
+        bank._attrs = bank._read_attrs()
+        if bank._attrs.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path} is not an e2r memorybank (group attribute format={bank._attrs.get('format')!r})")
+        bank.refresh()
+        return bank
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, schema: StoreSchema, provenance: Provenance, *,
+               shard_rows: int | None = None, exist_ok: bool = True) -> "MemoryBank":
+        """Create a store, or open an existing one for writing after checking that its schema and teacher
+        match (StoreMismatchError says what differs). ``shard_rows`` (a power of two) is the alignment unit;
+        default ``default_shard_rows(schema)``."""
+        impl = cls.backend_for(path) if cls is MemoryBank else cls
+        if impl.exists(str(path)):
+            if not exist_ok:
+                raise FileExistsError(f"memorybank {path} already exists")
+            bank = impl.open(path, mode="r+")
+            check_compatible(bank.schema, bank.provenance, schema, provenance, str(path))
+            return bank
+        S = int(shard_rows or default_shard_rows(schema))
+        if S <= 0 or S & (S - 1):
+            raise ValueError(f"shard_rows must be a positive power of two, got {S}")
+        t = now_iso()
+        attrs = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, **schema.to_dict(),
+                 "field_dtypes": {f: schema.dtype for f in schema.fields}, **provenance.to_dict(),
+                 "shard_rows": S, "splits": {}, "created": t, "updated": t}
+        if schema.store_bev_feat:
+            attrs["bev_feat_shard_rows"] = bev_feat_shard_rows(schema, S)
+        bank = impl(str(path), "r+")
+        bank._attrs = json_attrs(attrs)
+        bank._create_new(schema)
+        bank._write_attrs(bank._attrs)
+        bank.refresh()
+        return bank
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """A copy of the group attributes (schema, provenance, splits, times, shard_rows)."""
+        return json_attrs(self._attrs)
+
+    @property
+    def schema(self) -> StoreSchema:
+        return StoreSchema.from_dict(self._attrs)
+
+    @property
+    def provenance(self) -> Provenance:
+        return Provenance.from_dict(self._attrs)
+
+    @property
+    def alignment(self) -> int:
+        """Rows per shard: concurrent writers must own split positions cut at multiples of this."""
+        return int(self._attrs["shard_rows"])
+
+    @property
+    def splits(self) -> dict[str, tuple[int, int]]:
+        """``{split: (start_row, count)}``."""
+        return {k: (int(v["start"]), int(v["count"])) for k, v in self._attrs["splits"].items()}
+
+    @property
+    def n_rows(self) -> int:
+        return self._n_rows()
+
+    def __len__(self) -> int:
+        return len(self._index or ())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, mode={self.mode!r}, complete_rows={len(self)})"
+
+    # ------------------------------------------------------------------ reading
+    def refresh(self) -> None:
+        """(Re)load the key index from disk (complete rows only)."""
+        n = self._n_rows()
+        self._index = KeyIndex(self._read_keys(0, n), self._read_complete(0, n))
+
+    def has(self, key: str) -> bool:
+        """True when ``key`` has a complete row. Malformed keys raise InvalidKeyError."""
+        assert self._index is not None
+        return self._index.row(key) is not None
+
+    def keys(self, split: str | None = None) -> list[str]:
+        """Keys of complete rows, in row order; only those of ``split`` when given."""
+        assert self._index is not None
+        items = sorted(self._index.items(), key=lambda kv: kv[1])
+        if split is None:
+            return [k for k, _ in items]
+        start, count = self._split(split)
+        return [k for k, r in items if start <= r < start + count]
+
+    def get(self, key: str, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """``{field: array (T, ...)}`` of one key; KeyError when the key has no complete row."""
+        out, missing = self.get_batch([key], fields)
+        if missing:
+            raise KeyError(f"key {key!r} is not in memorybank {self.path}")
+        return {f: a[0] for f, a in out.items()}
+
+    def get_batch(self, keys: Sequence[str], fields: Sequence[str] | None = None,
+                  fill_missing: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Read many keys with one vectorised read per field.
+
+        Returns ``({field: array (B', T, ...)}, missing_keys)``: B' = the found keys, in request order
+        (duplicates allowed). With ``fill_missing=True`` arrays have B = len(keys) rows, zeros where the key
+        is missing, and ``out["found"]`` is a (B,) bool mask. Arrays have the store's dtype. Malformed keys
+        raise InvalidKeyError; absent ones are reported, not raised.
+        """
+        assert self._index is not None
+        fields = tuple(fields) if fields is not None else self.schema.fields
+        stored = self.schema.fields
+        for f in fields:
+            if f not in stored:
+                raise KeyError(f"field {f!r} is not stored in {self.path} (fields: {stored})")
+        rows, missing = self._index.rows(list(keys))
+        found = rows >= 0
+        uniq, inv = np.unique(rows[found], return_inverse=True)
+        data = self._read_rows(fields, uniq) if len(uniq) else {
+            f: np.zeros((0, *self.schema.row_shape(f)), self.schema.dtype) for f in fields}
+        out = {f: d[inv] for f, d in data.items()}
+        if fill_missing:
+            full = {}
+            for f, d in out.items():
+                a = np.zeros((len(rows), *d.shape[1:]), d.dtype)
+                a[found] = d
+                full[f] = a
+            full["found"] = found
+            out = full
+        return out, missing
+
+    # ------------------------------------------------------------------ writing
+    def _need_write(self) -> None:
+        if self.mode != "r+":
+            raise PermissionError(f"memorybank {self.path} is open read-only (mode='r'); open with mode='r+'")
+
+    def _split(self, split: str) -> tuple[int, int]:
+        try:
+            return self.splits[split]
+        except KeyError:
+            raise KeyError(f"split {split!r} is not in memorybank {self.path} (splits: {sorted(self.splits)})") from None
+
+    def reserve_split(self, split: str, keys: Sequence[str], replace: bool = False) -> tuple[int, int]:
+        """Pre-allocate rows for ``split`` holding ``keys`` in this order; returns ``(start_row, count)``.
+
+        Refuses a split that is already present unless ``replace=True`` (its rows are cleared first). Call
+        from one process, before starting writers. Every key must be valid, belong to ``split`` and be unique.
+        """
+        self._need_write()
+        from e2r.keys import split_of, validate_part
+        validate_part(split, "split")
+        keys = check_keys(list(keys), f"reserve_split({split!r})")
+        for k in keys:
+            if split_of(k) != split:
+                raise ValueError(f"reserve_split({split!r}): key {k!r} belongs to split {split_of(k)!r}")
+        if split in self.splits:
+            if not replace:
+                raise ValueError(f"split {split!r} already has {self.splits[split][1]} rows in {self.path}; "
+                                 "pass replace=True (or run `python -m stores rm-split`) to rewrite it")
+            self.remove_split(split)
+        start = self._free_start(len(keys))
+        if start + len(keys) > self._n_rows():
+            self._resize(start + len(keys))
+        if keys:
+            self._write_keys(start, np.array(keys, dtype=object))
+        self._attrs["splits"][split] = {"start": start, "count": len(keys)}
+        self._attrs["updated"] = now_iso()
+        self._write_attrs(self._attrs)
+        return start, len(keys)
+
+    def _free_start(self, count: int) -> int:
+        """First row, a multiple of ``alignment``, of a free gap of ``count`` rows between splits (or the end)."""
+        S = self.alignment
+        pos = 0
+        for s, c in sorted(self.splits.values()):
+            if s - pos >= count:
+                return pos
+            pos = max(pos, -(-(s + c) // S) * S)
+        return pos
+
+    def split_keys(self, split: str) -> list[str]:
+        """All reserved keys of ``split`` in reserved order (complete or not)."""
+        start, count = self._split(split)
+        return [str(k) for k in self._read_keys(start, start + count)]
+
+    def incomplete_ranges(self, split: str) -> list[tuple[int, int]]:
+        """Split-relative ``[a, b)`` position ranges whose rows are not complete yet (read fresh from disk)."""
+        start, count = self._split(split)
+        return _ranges_of(~self._read_complete(start, start + count))
+
+    def task_ranges(self, split: str, rows_per_task: int | None = None) -> list[tuple[int, int]]:
+        """Cut a split's positions into ``[a, b)`` writer tasks on multiples of ``alignment``
+        (``rows_per_task`` is rounded up to one). Tasks never share a chunk or shard."""
+        _, count = self._split(split)
+        S = self.alignment
+        step = max(S, -(-int(rows_per_task or S) // S) * S)
+        return [(a, min(a + step, count)) for a in range(0, count, step)]
+
+    def write_rows(self, split: str, offset: int, block: Mapping[str, np.ndarray],
+                   keys: Sequence[str] | None = None) -> None:
+        """Write ``block = {field: array (n, T, ...)}`` at split positions ``[offset, offset + n)``: data
+        first, then the rows' completion flags. Every stored field is required; values must be finite.
+        ``keys``, when given, must equal the reserved keys at those positions."""
+        self._need_write()
+        start, count = self._split(split)
+        schema = self.schema
+        extra = set(block) - set(schema.fields)
+        if extra:
+            raise ValueError(f"write_rows: fields {sorted(extra)} are not stored in {self.path} "
+                             f"(store fields {schema.fields}; bev_feat needs store_bev_feat=True at creation)")
+        lack = [f for f in schema.fields if f not in block]
+        if lack:
+            raise ValueError(f"write_rows: block lacks fields {lack} (store {self.path} needs {schema.fields})")
+        n = None
+        arrays = {}
+        for f in schema.fields:
+            a = np.asarray(block[f])
+            if n is None:
+                n = a.shape[0] if a.ndim else -1
+            want = (n, *schema.row_shape(f))
+            if a.shape != want:
+                raise ValueError(f"write_rows({split!r}, offset={offset}): field {f!r} has shape {a.shape}, "
+                                 f"expected {want}")
+            a = a.astype(schema.dtype, copy=False)
+            if not np.isfinite(a).all():
+                bad = int(np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(1))[0])
+                raise ValueError(f"write_rows({split!r}): field {f!r} of split position {offset + bad} "
+                                 f"has non-finite values (after cast to {schema.dtype})")
+            arrays[f] = a
+        assert n is not None
+        if offset < 0 or offset + n > count:
+            raise IndexError(f"write_rows({split!r}): positions [{offset}, {offset + n}) outside split of {count} rows")
+        if keys is not None:
+            have = self._read_keys(start + offset, start + offset + n)
+            if len(keys) != n or any(str(a) != b for a, b in zip(have, keys)):
+                raise ValueError(f"write_rows({split!r}, offset={offset}): keys differ from the reserved keys")
+        if n == 0:
+            return
+        for f, a in arrays.items():
+            self._write_field(f, start + offset, a)
+        self._write_complete(start + offset, start + offset + n, True)
+
+    def remove_split(self, split: str) -> None:
+        """Delete a split's rows (data, keys, completion flags) and its entry."""
+        self._need_write()
+        start, count = self._split(split)
+        if count:
+            self._clear_rows(start, start + count)
+        del self._attrs["splits"][split]
+        self._attrs["updated"] = now_iso()
+        self._write_attrs(self._attrs)
+        self.refresh()
+
+    def close(self) -> None:
+        """Release file handles (the store on disk is always consistent; there is nothing to flush)."""
+
+    def __enter__(self) -> "MemoryBank":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ back-end primitives
+    @staticmethod
+    def exists(path: str) -> bool:
+        raise NotImplementedError
+
+    def _open_existing(self) -> None:
+        raise NotImplementedError
+
+    def _create_new(self, schema: StoreSchema) -> None:
+        raise NotImplementedError
+
+    def _read_attrs(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _write_attrs(self, attrs: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _n_rows(self) -> int:
+        raise NotImplementedError
+
+    def _resize(self, n: int) -> None:
+        raise NotImplementedError
+
+    def _read_keys(self, a: int, b: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _write_keys(self, a: int, keys: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _read_complete(self, a: int, b: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _write_complete(self, a: int, b: int, flag: bool) -> None:
+        raise NotImplementedError
+
+    def _write_field(self, name: str, a: int, data: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _read_rows(self, fields: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Hot path: ``{field: array (len(rows), T, ...)}`` for sorted unique ``rows``."""
+        raise NotImplementedError
+
+    def _clear_rows(self, a: int, b: int) -> None:
+        raise NotImplementedError
+
+    def dask_array(self, name: str) -> Any:
+        """A dask array (N, T, ...) over field ``name``'s chunks (lazy; nothing is loaded)."""
+        raise NotImplementedError

@@ -1,0 +1,166 @@
+"""What a memorybank holds: the per-row field shapes (`StoreSchema`) and how it was made (`Provenance`).
+
+Per row (one sample key) the store holds, with T = seq_len:
+
+- ``actions  (T, A)``  teacher actions in physical units ``[wheel_angle deg, velocity m/s]``
+- ``bev_vec  (T, D)``  teacher BEV embedding
+- ``gru_out  (T, H)``  teacher GRU output
+- ``bev_feat (T, C, Hb, Wb)`` teacher BEV feature map, only when ``store_bev_feat`` (possibly pooled).
+
+Both dataclasses round-trip through JSON-able dicts kept in the store's group attributes.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+LIGHT_FIELDS: tuple[str, ...] = ("actions", "bev_vec", "gru_out")
+BEV_FEAT = "bev_feat"
+ALL_FIELDS: tuple[str, ...] = LIGHT_FIELDS + (BEV_FEAT,)
+DIM_NAMES: dict[str, tuple[str, ...]] = {
+    "actions": ("row", "t", "a"),
+    "bev_vec": ("row", "t", "d"),
+    "gru_out": ("row", "t", "h"),
+    BEV_FEAT: ("row", "t", "c", "y", "x"),
+}
+_DTYPES = ("float32", "float16")
+
+
+class StoreMismatchError(ValueError):
+    """The store on disk was made with a different schema or teacher than the caller's; the message says what."""
+
+
+@dataclass
+class StoreSchema:
+    """Shapes and dtype of one memorybank. ``bev_feat_shape`` is (C, H, W) of one frame as stored."""
+
+    seq_len: int
+    action_dim: int
+    bev_dim: int
+    gru_hidden: int
+    bev_feat_shape: tuple[int, int, int] | None = None
+    store_bev_feat: bool = False
+    dtype: str = "float32"
+    bev_feat_pool: dict[str, Any] | None = None   # e.g. {"kind": "avg", "factor": 4, "source_shape": [C, H, W]}
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "action_dim", "bev_dim", "gru_hidden"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"StoreSchema.{name} must be a positive integer, got {v!r}")
+            setattr(self, name, int(v))
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"StoreSchema.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.bev_feat_shape is not None:
+            shp = tuple(int(x) for x in self.bev_feat_shape)
+            if len(shp) != 3 or min(shp) <= 0:
+                raise ValueError(f"StoreSchema.bev_feat_shape must be (C, H, W) of positive ints, got {self.bev_feat_shape!r}")
+            self.bev_feat_shape = shp  # type: ignore[assignment]
+        if self.store_bev_feat and self.bev_feat_shape is None:
+            raise ValueError("StoreSchema.store_bev_feat=True needs bev_feat_shape=(C, H, W)")
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Fields every row of this store carries."""
+        return LIGHT_FIELDS + ((BEV_FEAT,) if self.store_bev_feat else ())
+
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one row of field ``name`` (without the leading row axis)."""
+        T = self.seq_len
+        if name == "actions":
+            return (T, self.action_dim)
+        if name == "bev_vec":
+            return (T, self.bev_dim)
+        if name == "gru_out":
+            return (T, self.gru_hidden)
+        if name == BEV_FEAT:
+            if self.bev_feat_shape is None:
+                raise KeyError("this schema has no bev_feat_shape")
+            return (T, *self.bev_feat_shape)
+        raise KeyError(f"unknown field {name!r}; known: {ALL_FIELDS}")
+
+    def row_nbytes(self, name: str) -> int:
+        return int(np.prod(self.row_shape(name))) * np.dtype(self.dtype).itemsize
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bev_feat_shape"] = list(self.bev_feat_shape) if self.bev_feat_shape else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StoreSchema":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def differences(self, other: "StoreSchema") -> list[str]:
+        """Human-readable list of fields that differ, ``"name: store=X, given=Y"``; empty when equal."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: store={a[k]!r}, given={b[k]!r}" for k in a if a[k] != b[k]]
+
+
+@dataclass
+class Provenance:
+    """How the store was made. ``teacher_sha256`` is the hex digest of the teacher checkpoint file."""
+
+    teacher_sha256: str
+    model_config: dict[str, Any] = field(default_factory=dict)
+    dataset_root: str = ""
+    code_version: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.code_version:
+            from e2r import __version__
+            self.code_version = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Provenance":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def teacher_differences(self, other: "Provenance") -> list[str]:
+        """What makes ``other`` a different teacher: checkpoint hash or model config."""
+        out = []
+        if self.teacher_sha256 != other.teacher_sha256:
+            out.append(f"teacher_sha256: store={self.teacher_sha256!r}, given={other.teacher_sha256!r}")
+        if _jsonable(self.model_config) != _jsonable(other.model_config):
+            a, b = _jsonable(self.model_config), _jsonable(other.model_config)
+            keys = sorted(set(a) | set(b))
+            diff = [f"{k}: store={a.get(k)!r}, given={b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+            out.append("model_config differs (" + "; ".join(diff) + ")")
+        return out
+
+
+def _jsonable(x: Any) -> Any:
+    """Tuples -> lists recursively, so configs compare equal after a JSON round trip."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_compatible(store_schema: StoreSchema, store_prov: Provenance,
+                     schema: StoreSchema, prov: Provenance, path: str) -> None:
+    """Raise StoreMismatchError naming every difference between the store's schema/teacher and the given ones."""
+    diffs = store_schema.differences(schema) + store_prov.teacher_differences(prov)
+    if diffs:
+        raise StoreMismatchError(f"memorybank {path} was made with a different schema or teacher: "
+                                 + "; ".join(diffs))
+
+
+def json_attrs(x: Any) -> Any:
+    """Make a value JSON-serialisable for group attributes."""
+    return _jsonable(x)
