@@ -1,0 +1,190 @@
+"""Knowledge-distillation loss terms between the camera student and the LiDAR teacher's stored outputs.
+
+Terms (each separately weighted, all computed per sample and averaged over the samples that have teacher
+targets, ``has_kd``; samples without targets contribute 0 and are not counted):
+
+* ``kd_action``: weighted MSE between student and teacher actions, both normalised with the student's
+  training-split statistics (``normalize_actions``), steering/speed weights as the BC loss
+  (``e2r.losses.action_weights``). Averaged over KD samples it equals ``e2r.losses.weighted_action_mse``.
+* ``kd_bev_vec``: ``1 - cosine similarity`` of bev_vec, averaged over T. Chosen over MSE because the
+  teacher's bev_vec scale is arbitrary (a Linear of pooled ReLU features, differing between presets and
+  checkpoints): the cosine term is scale-free and bounded in [0, 2], so ``--kd_bevvec_w`` means the same for
+  every teacher, and it is what the evaluation reports (bev_vec cosine similarity). The student has its own
+  GRU, so matching the direction of the embedding is what carries the teacher's scene summary.
+* ``kd_temporal``: MSE of ``gru_out`` (tanh-bounded, already well scaled), averaged over T and H.
+* ``kd_bev_feat``: dense feature KD on the teacher's BEV grid, a weighted *relative* squared error
+  ``sum(w * mean_c (s - t)^2) / sum(w * mean_c t^2)`` per frame (scale-free: 1 for an all-zero student).
+  Weights ``w = fov * (background + (1 - background) * occupied)``: ``fov`` is the camera field-of-view mask
+  (``e2r.models.view_transform.camera_fov_mask``) so the student is never asked for what it cannot see;
+  ``occupied`` marks cells whose teacher feature channel-L2 norm is an outlier among the norms inside the
+  FOV of that frame: ``norm > median + occupancy_k * MAD`` (no box labels on a racetrack: the teacher's own
+  activation says where the structure is; empty cells share a near-constant feature). A robust threshold
+  rather than a fixed quantile, which would always flag the top fraction of cells, noise included, and
+  none of a constant map. Background cells get ``background`` (0.05). Teacher maps stored average-pooled by K
+  (h = H // K) are matched by average-pooling the student's (and the FOV mask) by K; float16 is cast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from e2r.losses import action_weights
+
+__all__ = ["KDWeights", "kd_action_per_sample", "kd_bev_vec_per_sample", "kd_temporal_per_sample",
+           "occupancy_weights", "pool_to_grid", "kd_bev_feat_per_sample", "kd_losses"]
+
+
+@dataclass
+class KDWeights:
+    """Weights of the KD terms (``--kd_action_w --kd_bevvec_w --kd_temporal_w --kd_bevfeat_w``) and the
+    action / dense-map settings. A term with weight 0 is not computed (reported as 0)."""
+    action: float = 1.0
+    bev_vec: float = 1.0
+    temporal: float = 1.0
+    bev_feat: float = 0.0
+    steer_weight: float = 1.0
+    speed_weight: float = 0.05
+    bev_feat_background: float = 0.05
+    occupancy_k: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("action", "bev_vec", "temporal", "bev_feat"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"KD weight {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.bev_feat_background <= 1 or self.occupancy_k < 0:
+            raise ValueError(f"bev_feat_background must be in [0, 1] and occupancy_k >= 0, got "
+                             f"{self.bev_feat_background}, {self.occupancy_k}")
+
+
+def kd_action_per_sample(student_norm: Tensor, teacher_norm: Tensor, weights: Tensor) -> Tensor:
+    """(B,T,A) normalised actions, weights (A,) -> (B,) ``sum_a w_a mean_t (s - t)^2``."""
+    return (((student_norm - teacher_norm) ** 2).mean(1) * weights.to(student_norm)).sum(-1)
+
+
+def kd_bev_vec_per_sample(student: Tensor, teacher: Tensor) -> Tensor:
+    """(B,T,D) -> (B,) mean over T of ``1 - cos(student, teacher)``."""
+    return (1.0 - F.cosine_similarity(student, teacher.to(student), dim=-1, eps=1e-8)).mean(1)
+
+
+def kd_temporal_per_sample(student: Tensor, teacher: Tensor) -> Tensor:
+    """gru_out (B,T,H) -> (B,) mean squared error."""
+    return ((student - teacher.to(student)) ** 2).flatten(1).mean(1)
+
+
+def pool_to_grid(x: Tensor, size: tuple[int, int], what: str = "student bev_feat") -> Tensor:
+    """Average-pool (N, C, H, W) by the integer K with ``(H // K, W // K) == size`` (the memorybank's pooling:
+    kernel = stride = K, floor) -> (N, C, *size); returns x unchanged when sizes are equal."""
+    H, W = x.shape[-2:]
+    h, w = size
+    if (H, W) == (h, w):
+        return x
+    k = H // h if h else 0
+    if k < 1 or H // k != h or W // k != w:
+        raise ValueError(f"{what} grid {(H, W)} cannot be average-pooled by an integer factor to the teacher "
+                         f"bev_feat grid {(h, w)}")
+    return F.avg_pool2d(x, k)
+
+
+def occupancy_weights(teacher_feat: Tensor, fov: Tensor, background: float = 0.05, k: float = 3.0) -> Tensor:
+    """teacher_feat (N, C, h, w), fov (N, h, w) in [0, 1] -> weights (N, h, w):
+    ``fov * (background + (1 - background) * occupied)``, occupied = ``norm > median + k * MAD`` of the
+    channel-L2 norms inside the FOV of each frame."""
+    norm = teacher_feat.float().norm(dim=1)                                   # (N, h, w)
+    inside = torch.where(fov > 0, norm, torch.full_like(norm, float("nan"))).flatten(1)
+    med = torch.nanmedian(inside, dim=1).values
+    mad = torch.nanmedian((inside - med[:, None]).abs(), dim=1).values
+    thr = (med + k * mad).nan_to_num(float("inf"))                            # no FOV cell -> none occupied
+    occupied = (norm > thr[:, None, None]).float()
+    return fov * (background + (1.0 - background) * occupied)
+
+
+def kd_bev_feat_per_sample(student: Tensor, teacher: Tensor, fov_mask: Tensor | None, background: float = 0.05,
+                           occupancy_k: float = 3.0) -> Tensor:
+    """student (B,T,C,H,W), teacher (B,T,C,h,w) (any float dtype; h = H // K if stored pooled), fov_mask
+    (H,W) or (B,H,W) bool/float or None (all visible) -> (B,) weighted relative squared error, mean over T."""
+    B, T, C, H, W = student.shape
+    if teacher.shape[:3] != (B, T, C):
+        raise ValueError(f"teacher bev_feat {tuple(teacher.shape)} does not match the student's "
+                         f"{tuple(student.shape)} in (B, T, C)")
+    h, w = teacher.shape[-2:]
+    s = pool_to_grid(student.flatten(0, 1), (h, w))                            # (BT, C, h, w)
+    t = teacher.flatten(0, 1).to(s.dtype)
+    if fov_mask is None:
+        fov = s.new_ones(B, H, W)
+    else:
+        if fov_mask.shape[-2:] != (H, W):
+            raise ValueError(f"fov_mask {tuple(fov_mask.shape)} is not on the student grid {(H, W)}")
+        fov = fov_mask.to(s.device, s.dtype).expand(B, H, W)
+    fov = pool_to_grid(fov[:, None], (h, w), "fov_mask")[:, 0]                 # fraction visible per cell
+    fov = fov.repeat_interleave(T, 0)                                          # (BT, h, w)
+    wts = occupancy_weights(t, fov, background, occupancy_k)
+    err = ((s - t) ** 2).mean(1)
+    energy = (wts * (t ** 2).mean(1)).sum((1, 2))
+    den = wts.sum((1, 2))
+    rel = (wts * err).sum((1, 2)) / (energy + 1e-8 * den + 1e-12)
+    return torch.where(den > 0, rel, torch.zeros_like(rel)).view(B, T).mean(1)
+
+
+def _masked_mean(per_sample: Tensor, mask: Tensor, n: Tensor) -> Tensor:
+    return (per_sample * mask).sum() / n.clamp(min=1)
+
+
+def kd_losses(student_actions: Tensor, student_aux: dict[str, Tensor], teacher: dict[str, Tensor],
+              has_kd: Tensor, normalize_actions: Callable[[Tensor], Tensor], weights: KDWeights,
+              fov_mask: Tensor | None = None) -> dict[str, Tensor]:
+    """All KD terms for a batch.
+
+    student_actions (B,T,A) physical units; student_aux: the student's ``return_aux`` dict
+    (``bev_vec_seq`` (B,T,D), ``gru_out`` (B,T,H), ``bev_feat_seq`` (B,T,C,H,W)); teacher: memorybank
+    targets ``actions`` (B,T,A) physical, ``bev_vec`` (B,T,D), ``gru_out`` (B,T,H), optional ``bev_feat``
+    (B,T,C,h,w) — rows of samples without targets may hold anything (zeros, NaN), they are ignored;
+    has_kd (B,) bool; normalize_actions: the student's ``normalize_actions`` (same stats for both sides);
+    fov_mask (H,W) or (B,H,W) for the dense term.
+
+    Returns ``{"kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat"`` (unweighted, each averaged over the
+    KD samples), ``"kd_total"`` (weighted sum), ``"kd_samples"`` (count, float tensor)``}``; all terms are 0
+    when no sample has targets.
+    """
+    B = student_actions.shape[0]
+    mask = has_kd.to(student_actions.device, torch.bool).reshape(-1)
+    if mask.numel() != B:
+        raise ValueError(f"has_kd has {mask.numel()} entries for a batch of {B}")
+    n = mask.sum().to(student_actions.dtype)
+    m = mask.to(student_actions.dtype)
+
+    def target(name: str, like: Tensor) -> Tensor:
+        if name not in teacher:
+            raise ValueError(f"KD needs teacher target {name!r} (memorybank array); got {sorted(teacher)}")
+        t = teacher[name].to(like.device, like.dtype)
+        if t.shape[:2] != like.shape[:2] or (name != "bev_feat" and t.shape != like.shape):
+            raise ValueError(f"teacher {name} {tuple(t.shape)} does not match the student's {tuple(like.shape)}")
+        keep = mask.view(-1, *([1] * (t.dim() - 1)))
+        return torch.where(keep, torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), torch.zeros_like(t))
+
+    zero = student_actions.new_zeros(())
+    out: dict[str, Tensor] = {}
+    if weights.action > 0:
+        w = action_weights(weights.steer_weight, weights.speed_weight, like=student_actions)
+        t_norm = normalize_actions(target("actions", student_actions))
+        out["kd_action"] = _masked_mean(kd_action_per_sample(normalize_actions(student_actions), t_norm, w), m, n)
+    if weights.bev_vec > 0:
+        s = student_aux["bev_vec_seq"]
+        out["kd_bev_vec"] = _masked_mean(kd_bev_vec_per_sample(s, target("bev_vec", s)), m, n)
+    if weights.temporal > 0:
+        s = student_aux["gru_out"]
+        out["kd_temporal"] = _masked_mean(kd_temporal_per_sample(s, target("gru_out", s)), m, n)
+    if weights.bev_feat > 0:
+        s = student_aux["bev_feat_seq"]
+        per = kd_bev_feat_per_sample(s, target("bev_feat", s), fov_mask, weights.bev_feat_background,
+                                     weights.occupancy_k)
+        out["kd_bev_feat"] = _masked_mean(per, m, n)
+    for k in ("kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat"):
+        out.setdefault(k, zero)
+    out["kd_total"] = (weights.action * out["kd_action"] + weights.bev_vec * out["kd_bev_vec"]
+                       + weights.temporal * out["kd_temporal"] + weights.bev_feat * out["kd_bev_feat"])
+    out["kd_samples"] = n.detach()
+    return out

@@ -1,0 +1,149 @@
+import pytest
+import torch
+
+from e2r.kd import KDWeights, kd_bev_feat_per_sample, kd_losses, occupancy_weights, pool_to_grid
+from e2r.losses import weighted_action_mse
+
+B, T, A, D, HID, C, H, W = 3, 2, 2, 8, 6, 4, 8, 8
+MEAN, STD = torch.tensor([1.0, 10.0]), torch.tensor([15.0, 2.0])
+ALL = KDWeights(action=1.0, bev_vec=1.0, temporal=1.0, bev_feat=1.0)
+
+
+def normalize(a: torch.Tensor) -> torch.Tensor:
+    return (a - MEAN) / STD
+
+
+def _teacher(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feat = torch.rand(B, T, C, H, W, generator=g) * 0.1
+    feat[..., 2:4, 3:6] += 2.0                                  # "occupied" blob
+    return {"actions": torch.randn(B, T, A, generator=g) * STD + MEAN, "bev_vec": torch.randn(B, T, D, generator=g),
+            "gru_out": torch.tanh(torch.randn(B, T, HID, generator=g)), "bev_feat": feat}
+
+
+def _student_equal(t):
+    return t["actions"].clone(), {"bev_vec_seq": t["bev_vec"].clone(), "gru_out": t["gru_out"].clone(),
+                                  "bev_feat_seq": t["bev_feat"].clone()}
+
+
+def test_terms_vanish_when_student_equals_teacher_and_positive_otherwise():
+    t = _teacher()
+    a, aux = _student_equal(t)
+    out = kd_losses(a, aux, t, torch.ones(B, dtype=torch.bool), normalize, ALL)
+    for k in ("kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat", "kd_total"):
+        assert abs(out[k].item()) < 1e-6, (k, out[k])
+    assert out["kd_samples"].item() == B
+    # perturb each one separately: only its term becomes positive
+    changes = {"kd_action": ("a", None), "kd_bev_vec": ("bev_vec_seq", None), "kd_temporal": ("gru_out", None),
+               "kd_bev_feat": ("bev_feat_seq", None)}
+    for term, (name, _) in changes.items():
+        a2, aux2 = _student_equal(t)
+        if name == "a":
+            a2 = a2 + torch.tensor([3.0, 0.5])
+        elif name == "bev_vec_seq":
+            aux2[name] = aux2[name] + torch.randn_like(aux2[name])   # a pure rescale would keep the cosine
+        else:
+            aux2[name] = aux2[name] * 0.5
+        o = kd_losses(a2, aux2, t, torch.ones(B, dtype=torch.bool), normalize, ALL)
+        for k in changes:
+            if k == term:
+                assert o[k] > 1e-3, (term, o[k])
+            else:
+                assert abs(o[k].item()) < 1e-6, (term, k, o[k])
+        assert o["kd_total"] > 1e-3
+
+
+def test_action_term_is_the_weighted_bc_loss_in_normalised_units():
+    t = _teacher()
+    s = t["actions"] + torch.randn(B, T, A)
+    w = KDWeights(action=1.0, bev_vec=0.0, temporal=0.0)
+    out = kd_losses(s, {}, {"actions": t["actions"]}, torch.ones(B, dtype=torch.bool), normalize, w)
+    ref = weighted_action_mse(normalize(s), normalize(t["actions"]), [1.0, 0.05])
+    assert torch.allclose(out["kd_action"], ref, atol=1e-6)
+    assert out["kd_bev_vec"] == 0 and out["kd_total"] == out["kd_action"]
+
+
+def test_has_kd_mask_excludes_samples_and_averages_over_kd_only():
+    t = _teacher()
+    a, aux = _student_equal(t)
+    # corrupt sample 1 only on the student side, and make its teacher rows NaN (missing key)
+    a[1] += 50.0
+    for k in ("bev_vec_seq", "gru_out", "bev_feat_seq"):
+        aux[k][1] = aux[k][1] + 3.0
+    for k in t:
+        t[k][1] = float("nan")
+    has = torch.tensor([True, False, True])
+    out = kd_losses(a, aux, t, has, normalize, ALL)
+    assert out["kd_samples"].item() == 2
+    assert all(abs(out[k].item()) < 1e-6 for k in ("kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat",
+                                                     "kd_total"))
+    # a KD sample that differs counts with weight 1 / n_kd
+    a3 = a.clone()
+    a3[0] += torch.tensor([15.0, 0.0])                          # 1 std of steering on every step
+    out3 = kd_losses(a3, aux, t, has, normalize, ALL)
+    assert out3["kd_action"].item() == pytest.approx(0.5, rel=1e-4)
+    # no KD sample at all: zero terms, finite, differentiable
+    a4 = a.clone().requires_grad_(True)
+    out4 = kd_losses(a4, aux, t, torch.zeros(B, dtype=torch.bool), normalize, ALL)
+    out4["kd_total"].backward()
+    assert out4["kd_total"].item() == 0 and torch.isfinite(a4.grad).all() and a4.grad.abs().sum() == 0
+
+
+def test_gradients_flow_to_student_outputs():
+    t = _teacher()
+    a, aux = _student_equal(t)
+    aux = {k: (v + 0.3 * torch.randn_like(v)).requires_grad_(True) for k, v in aux.items()}
+    a = (a + 1.0).requires_grad_(True)
+    kd_losses(a, aux, t, torch.ones(B, dtype=torch.bool), normalize, ALL)["kd_total"].backward()
+    assert a.grad.abs().sum() > 0 and all(v.grad.abs().sum() > 0 for v in aux.values())
+
+
+def test_bev_feat_pooled_float16_teacher_and_fov_mask():
+    t = _teacher()
+    s = t["bev_feat"].clone()
+    pooled16 = pool_to_grid(t["bev_feat"].flatten(0, 1), (H // 2, W // 2)).view(B, T, C, H // 2, W // 2).half()
+    assert kd_bev_feat_per_sample(s, pooled16, None).abs().max() < 1e-5
+    fov = torch.zeros(H, W, dtype=torch.bool)
+    fov[:, :4] = True                                           # camera sees columns 0..3 only
+    s2 = s.clone()
+    s2[..., 4:] = 0.0                                           # wrong outside the FOV: not penalised
+    assert kd_bev_feat_per_sample(s2, t["bev_feat"], fov).abs().max() < 1e-6
+    assert kd_bev_feat_per_sample(s2, t["bev_feat"], None).min() > 1e-3
+    s3 = s.clone()
+    s3[..., :4] = 0.0                                           # wrong inside: penalised (relative error 1)
+    assert torch.allclose(kd_bev_feat_per_sample(s3, t["bev_feat"], fov), torch.ones(B), atol=1e-5)
+    with pytest.raises(ValueError, match="integer factor"):
+        kd_bev_feat_per_sample(s, t["bev_feat"][..., :3, :5], None)
+
+
+def test_occupancy_weights_favour_the_teacher_blob():
+    t = _teacher()["bev_feat"].flatten(0, 1)
+    wts = occupancy_weights(t, torch.ones(t.shape[0], H, W), background=0.05, k=3.0)
+    assert torch.allclose(wts[:, 2:4, 3:6], torch.ones(1))
+    bg = torch.ones(H, W, dtype=torch.bool)
+    bg[2:4, 3:6] = False
+    assert torch.allclose(wts[:, bg], torch.tensor(0.05))  # noise is not "occupied"
+    # an error on the blob costs far more than the same error on background
+    s_blob, s_bg = t.clone(), t.clone()
+    s_blob[:, :, 2, 3] += 1.0
+    s_bg[:, :, 6, 6] += 1.0
+    lb = kd_bev_feat_per_sample(s_blob.view(B, T, C, H, W), t.view(B, T, C, H, W), None)
+    lg = kd_bev_feat_per_sample(s_bg.view(B, T, C, H, W), t.view(B, T, C, H, W), None)
+    assert (lb > 10 * lg).all()
+    # a constant teacher map has no occupied cell: all background
+    w_const = occupancy_weights(torch.ones(1, C, H, W), torch.ones(1, H, W), 0.05, 3.0)
+    assert torch.allclose(w_const, torch.full_like(w_const, 0.05))
+
+
+def test_bad_inputs_are_named():
+    t = _teacher()
+    a, aux = _student_equal(t)
+    with pytest.raises(ValueError, match="bev_feat"):
+        kd_losses(a, aux, {k: v for k, v in t.items() if k != "bev_feat"}, torch.ones(B, dtype=torch.bool),
+                  normalize, ALL)
+    with pytest.raises(ValueError, match="gru_out"):
+        kd_losses(a, {**aux, "gru_out": aux["gru_out"][..., :2]}, t, torch.ones(B, dtype=torch.bool), normalize, ALL)
+    with pytest.raises(ValueError, match="has_kd"):
+        kd_losses(a, aux, t, torch.ones(B + 1, dtype=torch.bool), normalize, ALL)
+    with pytest.raises(ValueError, match=">= 0"):
+        KDWeights(action=-1.0)
