@@ -64,7 +64,8 @@ class _SequenceDataset(Dataset):
         self.problems: list[Problem] = []
         self.tables: dict[str, SegmentTable] = {}
         self.windows: list[tuple[str, int]] = []
-        self.layouts: dict[str, PointLayout] = {}
+        self.layouts: dict[str, PointLayout] = {}       # per segment, the layout used (for reports)
+        self._bin_layouts: dict[str, PointLayout] = {}  # per segment, the layout of its .bin files
         self.mean_points: dict[str, float] = {}
         self._bad_frames: set[tuple[str, int]] = set()
         self._bad_segments: set[str] = set()
@@ -109,8 +110,8 @@ class _SequenceDataset(Dataset):
     # ----- per-frame loading -------------------------------------------------------------------------------
     def point_layout(self, segment: str) -> PointLayout:
         """The point layout of a segment's ``.bin`` files: given, or auto-detected once from up to 3 files."""
-        if segment in self.layouts:
-            return self.layouts[segment]
+        if segment in self._bin_layouts:
+            return self._bin_layouts[segment]
         table = self.tables[segment]
         if self.lidar_num_features != "auto":
             layout = PointLayout(int(self.lidar_num_features), "given")
@@ -126,7 +127,7 @@ class _SequenceDataset(Dataset):
             except LayoutUndecidable as e:
                 raise DataError(table.csv_path, f"cannot auto-detect the point layout of this segment "
                                                 f"(pass lidar_num_features=4|5|8): {e}") from None
-        self.layouts[segment] = layout
+        self._bin_layouts[segment] = self.layouts[segment] = layout
         return layout
 
     def _load_points(self, segment: str, frame: int) -> torch.Tensor:
