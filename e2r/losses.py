@@ -1,0 +1,46 @@
+"""Action losses in normalised units (zero mean, unit std on the training split), shared by teacher and student.
+
+Actions are (B, T, A) with columns ``[wheel_angle, velocity]``; the default weights (steering 1.0,
+speed 0.05) are the SPEC's.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["action_weights", "weighted_action_mse", "smoothness_penalty", "action_loss"]
+
+
+def action_weights(steer_weight: float, speed_weight: float, like: Tensor | None = None) -> Tensor:
+    """(A,) = [steer_weight, speed_weight] on ``like``'s device."""
+    if steer_weight < 0 or speed_weight < 0 or steer_weight + speed_weight <= 0:
+        raise ValueError(f"loss weights must be >= 0 and not both 0, got steer {steer_weight}, speed {speed_weight}")
+    w = torch.tensor([steer_weight, speed_weight], dtype=torch.float32)
+    return w if like is None else w.to(like.device)
+
+
+def weighted_action_mse(pred: Tensor, target: Tensor, weights: Tensor | Sequence[float]) -> Tensor:
+    """sum_a w_a * mean((pred[..., a] - target[..., a])^2); pred, target (..., A), weights (A,) -> scalar."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    w = torch.as_tensor(weights, dtype=pred.dtype, device=pred.device)
+    per_action = ((pred - target) ** 2).reshape(-1, pred.shape[-1]).mean(dim=0)          # (A,)
+    return (per_action * w).sum()
+
+
+def smoothness_penalty(pred: Tensor, weights: Tensor | Sequence[float]) -> Tensor:
+    """Weighted mean squared change between consecutive steps; pred (B, T, A) -> scalar (0 when T == 1)."""
+    if pred.shape[1] < 2:
+        return pred.new_zeros(())
+    return weighted_action_mse(pred[:, 1:], pred[:, :-1], weights)
+
+
+def action_loss(pred_norm: Tensor, target_norm: Tensor, weights: Tensor | Sequence[float],
+                smooth_weight: float = 0.0) -> Tensor:
+    """Weighted MSE plus ``smooth_weight`` x smoothness, both on normalised (B, T, A) actions -> scalar."""
+    loss = weighted_action_mse(pred_norm, target_norm, weights)
+    if smooth_weight > 0:
+        loss = loss + smooth_weight * smoothness_penalty(pred_norm, weights)
+    return loss

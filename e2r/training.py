@@ -1,0 +1,204 @@
+"""Training plumbing shared by the teacher and student trainers.
+
+Device choice, seeding and RNG state capture/restore (for exact resume), DDP setup for ``torchrun`` with a
+DistributedSampler (also used single-process, so shuffling depends only on seed and epoch), action
+normalisation statistics of the training split, a TensorBoard writer on rank 0 and a generic epoch loop.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+__all__ = ["resolve_device", "seed_everything", "capture_rng_state", "restore_rng_state", "DistContext",
+           "setup_distributed", "teardown_distributed", "make_loader", "ActionNormalizer",
+           "make_summary_writer", "run_epoch", "unwrap"]
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> CUDA (``cuda:<local_rank>``) when available else CPU; ``"cpu"``; ``"cuda"``/``"cuda:N"``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """All RNG states as weights-only-serialisable values (tensors, lists, ints)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]),
+                   "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class DistContext:
+    """Process-group facts; ``enabled`` is False for a plain single-process run."""
+
+    enabled: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str = "auto") -> DistContext:
+    """Join the process group when launched by ``torchrun`` (env WORLD_SIZE > 1): NCCL on CUDA, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    import torch.distributed as dist
+
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistContext(True, dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def teardown_distributed(ctx: DistContext) -> None:
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+                collate_fn: Callable | None, ctx: DistContext, drop_last: bool = False
+                ) -> tuple[DataLoader, DistributedSampler]:
+    """DataLoader over this rank's shard; call ``sampler.set_epoch(epoch)`` before each epoch."""
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle,
+                                 seed=seed, drop_last=drop_last)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=False)
+    return loader, sampler
+
+
+class ActionNormalizer:
+    """Mean/std (A,) of ``[wheel_angle, velocity]`` over all frames of the training split."""
+
+    def __init__(self, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> None:
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).clone()
+        self.std = torch.as_tensor(std, dtype=torch.float32).clone()
+        if self.mean.shape != self.std.shape or not (self.std > 0).all():
+            raise ValueError(f"bad action stats: mean {self.mean.tolist()}, std {self.std.tolist()}")
+
+    @classmethod
+    def from_frame_actions(cls, frame_actions: np.ndarray, min_std: float = 1e-3) -> "ActionNormalizer":
+        """Statistics of (F, A) per-frame actions; a (near-)constant column gets std 1 (only centred)."""
+        data = np.asarray(frame_actions, dtype=np.float64)
+        if data.ndim != 2 or data.shape[0] == 0:
+            raise ValueError(f"cannot compute action statistics from an array of shape {data.shape}")
+        std = data.std(axis=0)
+        return cls(data.mean(axis=0), np.where(std < min_std, 1.0, std))
+
+    @classmethod
+    def from_dataset(cls, dataset: Any) -> "ActionNormalizer":
+        """Statistics over every frame of every segment of a sequence dataset, from its per-segment
+        velocity / wheel_angle arrays (``dataset.frame_actions()``; no point cloud or image is read)."""
+        return cls.from_frame_actions(dataset.frame_actions())
+
+    def normalize(self, actions: Tensor) -> Tensor:
+        return (actions - self.mean.to(actions.device)) / self.std.to(actions.device)
+
+    def denormalize(self, actions: Tensor) -> Tensor:
+        return actions * self.std.to(actions.device) + self.mean.to(actions.device)
+
+
+def make_summary_writer(log_dir: str | None, ctx: DistContext):
+    """A TensorBoard SummaryWriter on rank 0 when ``log_dir`` is given, else None."""
+    if not log_dir or not ctx.is_main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=log_dir)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def run_epoch(loader: Iterable, step: Callable[[Any], tuple[Tensor, int]], optimizer: torch.optim.Optimizer | None,
+              params: Iterable[Tensor] = (), grad_clip: float = 0.0, desc: str = "", ctx: DistContext | None = None,
+              show_progress: bool = True) -> float:
+    """One pass over ``loader``; ``step(batch) -> (mean loss, batch size)`` (``None``
+    batches, all-bad windows, are skipped). Trains when ``optimizer`` is
+    given (backward, optional gradient clipping, step), else runs under ``torch.no_grad``.
+    Returns the sample-weighted mean loss over all ranks."""
+    ctx = ctx or DistContext()
+    total, count = 0.0, 0
+    params = list(params)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (show_progress and ctx.is_main), dynamic_ncols=True)
+    with torch.set_grad_enabled(optimizer is not None):
+        for batch in bar:
+            if batch is None:  # every window of the batch was a skipped bad one
+                continue
+            loss, n = step(batch)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                optimizer.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{desc}: loss became {value}; lower --lr or check the data")
+            total += value * n
+            count += n
+            bar.set_postfix(loss=f"{total / count:.4f}")
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dev = torch.device("cuda", ctx.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor([total, float(count)], dtype=torch.float64, device=dev)
+        dist.all_reduce(t)
+        total, count = float(t[0]), int(t[1])
+    return total / max(count, 1)

@@ -1,0 +1,117 @@
+"""Teacher training and evaluation pipelines on a tiny on-disk dataset: checkpoints, resume, init, eval."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from e2r.checkpoints import load_checkpoint
+from e2r.data.datasets import LidarSequenceDataset
+from e2r.metrics import ActionErrorAccumulator, parse_overall_weights
+from e2r.training import ActionNormalizer, capture_rng_state, restore_rng_state
+from pipelines import eval_teacher, train_teacher
+from tests.fixtures import write_tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lidar")
+    return write_tiny_dataset(root, splits={"train": 2, "valid": 1, "test": 1}, frames=8, camera=False,
+                              points_per_frame=(100, 200))
+
+
+def _args(root, tmp, *extra):
+    return ["--data_root", str(root), "--preset", "tiny", "--batch_size", "4", "--seq_len", "3", "--stride", "2",
+            "--device", "cpu", "--no_progress", "--lr", "3e-3", *extra]
+
+
+def _train(root, tmp, *extra):
+    return train_teacher.train_teacher(train_teacher.build_parser().parse_args(_args(root, tmp, *extra)))
+
+
+def test_train_saves_best_and_last_with_stats_and_config(data_root, tmp_path):
+    best, last = tmp_path / "best.pt", tmp_path / "last.pt"
+    rc = train_teacher.main(_args(data_root, tmp_path, "--epochs", "2", "--save_path", str(best),
+                                  "--checkpoint_path", str(last), "--tensorboard_dir", str(tmp_path / "tb")))
+    assert rc == 0
+    ckpt = load_checkpoint(last, kind="teacher")
+    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 2 and ckpt["config"]["preset"] == "tiny"
+    assert ckpt["best_metric"] == min(h["valid_loss"] for h in ckpt["history"])
+    stats = ActionNormalizer.from_dataset(LidarSequenceDataset(data_root, "train", 3, 2))
+    torch.testing.assert_close(ckpt["model"]["action_mean"], stats.mean)
+    torch.testing.assert_close(ckpt["model"]["action_std"], stats.std)
+    assert load_checkpoint(best)["epoch"] in (0, 1)
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_resume_reproduces_the_uninterrupted_trajectory(data_root, tmp_path):
+    full = _train(data_root, tmp_path, "--epochs", "3", "--save_path", str(tmp_path / "a_best.pt"),
+                  "--checkpoint_path", str(tmp_path / "a_last.pt"))
+    first = _train(data_root, tmp_path, "--epochs", "3", "--save_path", str(tmp_path / "b_best.pt"),
+                   "--checkpoint_path", str(tmp_path / "b_last.pt"))
+    assert [h["train_loss"] for h in first["history"]] == [h["train_loss"] for h in full["history"]]
+    # interrupted after epoch 1 (same 3-epoch schedule), then resumed from its last-state checkpoint
+    part = _train(data_root, tmp_path, "--epochs", "3", "--save_path", str(tmp_path / "c_best.pt"),
+                  "--checkpoint_path", str(tmp_path / "c_last.pt"), "--stop_after_epoch", "1")
+    assert len(part["history"]) == 1
+    resumed = _train(data_root, tmp_path, "--epochs", "3", "--save_path", str(tmp_path / "c_best.pt"),
+                     "--checkpoint_path", str(tmp_path / "c_last.pt"), "--resume_path", str(tmp_path / "c_last.pt"))
+    got = [(h["train_loss"], h["valid_loss"]) for h in resumed["history"]]
+    want = [(h["train_loss"], h["valid_loss"]) for h in full["history"]]
+    assert len(got) == 3
+    for (gt, gv), (wt, wv) in zip(got, want):
+        assert math.isclose(gt, wt, rel_tol=1e-6) and math.isclose(gv, wv, rel_tol=1e-6)
+    a, c = load_checkpoint(tmp_path / "a_last.pt"), load_checkpoint(tmp_path / "c_last.pt")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], c["model"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_init_with_and_without_head_and_bad_checkpoints(data_root, tmp_path):
+    src = tmp_path / "src.pt"
+    _train(data_root, tmp_path, "--epochs", "1", "--save_path", str(src))
+    out = _train(data_root, tmp_path, "--epochs", "1", "--save_path", str(tmp_path / "d.pt"),
+                 "--init_path", str(src), "--init_skip_output_layer", "--valid_split", "")
+    assert len(out["history"]) == 1 and math.isnan(out["history"][0]["valid_loss"])
+    _train(data_root, tmp_path, "--epochs", "1", "--save_path", str(tmp_path / "e.pt"), "--init_path", str(src))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    assert train_teacher.main(_args(data_root, tmp_path, "--epochs", "1", "--init_path", str(bad),
+                                    "--save_path", str(tmp_path / "f.pt"))) == 1
+    assert eval_teacher.main(["--data_root", str(data_root), "--teacher_ckpt", str(bad), "--device", "cpu"]) == 1
+
+
+def test_eval_reports_metrics_baselines_csv_and_plot(data_root, tmp_path, capsys):
+    ckpt = tmp_path / "t.pt"
+    _train(data_root, tmp_path, "--epochs", "1", "--save_path", str(ckpt))
+    csv_path, png = tmp_path / "m.csv", tmp_path / "p.png"
+    rc = eval_teacher.main(["--data_root", str(data_root), "--split", "valid", "--teacher_ckpt", str(ckpt),
+                            "--seq_len", "3", "--device", "cpu", "--csv_path", str(csv_path),
+                            "--plot_path", str(png), "--no_progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "teacher" in printed and "baseline_train_mean" in printed and "baseline_prev_steering" in printed
+    rows = list(csv.DictReader(open(csv_path)))
+    assert {r["predictor"] for r in rows} == {"teacher", "baseline_train_mean", "baseline_prev_steering"}
+    for r in rows:
+        assert math.isclose(float(r["overall_weighted_mse"]),
+                            float(r["steering_mse"]) + 0.05 * float(r["speed_mse"]), rel_tol=1e-9)
+        assert math.isclose(float(r["steering_rmse"]) ** 2, float(r["steering_mse"]), rel_tol=1e-9)
+    prev = next(r for r in rows if r["predictor"] == "baseline_prev_steering")
+    assert float(prev["speed_mse"]) == 0.0   # speed input is velocity[t], the target itself
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_metrics_by_hand_and_rng_roundtrip():
+    acc = ActionErrorAccumulator(parse_overall_weights("1.0,0.5"))
+    acc.update(torch.tensor([[1.0, 2.0], [3.0, 2.0]]), torch.tensor([[0.0, 2.0], [0.0, 0.0]]))
+    m = acc.compute()
+    assert m["steering_mse"] == 5.0 and m["steering_mae"] == 2.0 and m["speed_mse"] == 2.0
+    assert m["overall_weighted_mse"] == 6.0
+    with pytest.raises(ValueError, match="overall_weights"):
+        parse_overall_weights("1.0;x")
+    state = capture_rng_state()
+    a = torch.rand(3)
+    restore_rng_state(state)
+    assert torch.equal(a, torch.rand(3))
