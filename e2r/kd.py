@@ -34,7 +34,7 @@ from torch import Tensor
 
 from e2r.losses import action_weights
 
-__all__ = ["KDWeights", "kd_action_per_sample", "kd_bev_vec_per_sample", "kd_temporal_per_sample",
+__all__ = ["KDWeights", "pool_bev_feat", "hflip_sample", "kd_action_per_sample", "kd_bev_vec_per_sample", "kd_temporal_per_sample",
            "occupancy_weights", "pool_to_grid", "kd_bev_feat_per_sample", "kd_losses"]
 
 
@@ -75,6 +75,16 @@ def kd_temporal_per_sample(student: Tensor, teacher: Tensor) -> Tensor:
     return ((student - teacher.to(student)) ** 2).flatten(1).mean(1)
 
 
+def pool_bev_feat(x: Tensor, factor: int) -> Tensor:
+    """The one BEV pooling of the project (memorybank ``bev_feat_pool`` kind "avg"): (..., C, H, W) ->
+    (..., C, H // factor, W // factor), average over factor x factor cells (floor at the edges)."""
+    if factor == 1:
+        return x
+    lead = x.shape[:-3]
+    y = F.avg_pool2d(x.reshape(-1, *x.shape[-3:]).float(), factor).to(x.dtype)
+    return y.reshape(*lead, *y.shape[-3:])
+
+
 def pool_to_grid(x: Tensor, size: tuple[int, int], what: str = "student bev_feat") -> Tensor:
     """Average-pool (N, C, H, W) by the integer K with ``(H // K, W // K) == size`` (the memorybank's pooling:
     kernel = stride = K, floor) -> (N, C, *size); returns x unchanged when sizes are equal."""
@@ -86,7 +96,7 @@ def pool_to_grid(x: Tensor, size: tuple[int, int], what: str = "student bev_feat
     if k < 1 or H // k != h or W // k != w:
         raise ValueError(f"{what} grid {(H, W)} cannot be average-pooled by an integer factor to the teacher "
                          f"bev_feat grid {(h, w)}")
-    return F.avg_pool2d(x, k)
+    return pool_bev_feat(x, k)
 
 
 def occupancy_weights(teacher_feat: Tensor, fov: Tensor, background: float = 0.05, k: float = 3.0) -> Tensor:
@@ -188,3 +198,32 @@ def kd_losses(student_actions: Tensor, student_aux: dict[str, Tensor], teacher: 
                        + weights.temporal * out["kd_temporal"] + weights.bev_feat * out["kd_bev_feat"])
     out["kd_samples"] = n.detach()
     return out
+
+
+def hflip_sample(images: Tensor, intrinsics: Tensor, cam2ego: Tensor, steering: Tensor, actions: Tensor,
+                 bev_grid: dict, teacher_bev_feat: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Mirror one sample left-right (ego y -> -y) so that its targets stay valid.
+
+    images (..., 3, H, W) flipped along W; intrinsics (..., 3, 3): ``cx -> W - 1 - cx``; cam2ego (..., 4, 4):
+    ``S_y @ cam2ego @ S_x`` (the mirrored rig sees the mirrored world); steering (...,) and actions'
+    wheel_angle column negated (speed kept); teacher_bev_feat (..., C, h, w) flipped along h (rows index y),
+    which needs a grid symmetric about y = 0. Returns the same tuple, flipped.
+
+    The teacher's ``bev_vec`` and ``gru_out`` are NOT mirror-equivariant (no known map from a stored
+    embedding to the mirrored scene's): drop the bev_vec/temporal KD terms for flipped samples (or do not
+    flip KD samples); action and dense bev_feat KD stay valid.
+    """
+    y_max = bev_grid["y_min"] + bev_grid["H"] * bev_grid["dy"]
+    if abs(y_max + bev_grid["y_min"]) > 1e-6 * max(1.0, abs(y_max)):
+        raise ValueError(f"horizontal flip needs a BEV grid symmetric about y = 0, got y in "
+                         f"[{bev_grid['y_min']}, {y_max})")
+    W = images.shape[-1]
+    K = intrinsics.clone()
+    K[..., 0, 2] = (W - 1) - intrinsics[..., 0, 2]
+    K[..., 0, 1] = -intrinsics[..., 0, 1]
+    s_y = torch.diag(torch.tensor([1.0, -1.0, 1.0, 1.0], dtype=cam2ego.dtype, device=cam2ego.device))
+    s_x = torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=cam2ego.dtype, device=cam2ego.device))
+    flip_a = torch.tensor([-1.0, 1.0], dtype=actions.dtype, device=actions.device)
+    feat = None if teacher_bev_feat is None else teacher_bev_feat.flip(-2)
+    return images.flip(-1), K, s_y @ cam2ego @ s_x, -steering, actions * flip_a, feat

@@ -147,3 +147,33 @@ def test_bad_inputs_are_named():
         kd_losses(a, aux, t, torch.ones(B + 1, dtype=torch.bool), normalize, ALL)
     with pytest.raises(ValueError, match=">= 0"):
         KDWeights(action=-1.0)
+
+
+def test_hflip_keeps_liftsplat_and_targets_consistent():
+    import math
+    from e2r.kd import hflip_sample
+    from e2r.models.config import TeacherConfig
+    from e2r.models.view_transform import LiftSplat
+    grid = TeacherConfig.preset_named("tiny").bev_grid
+    ls = LiftSplat(4, 3, grid, depth_bins=(2.0, 40.0, 2.0))
+    Wi, Hi = 64, 32
+    K = torch.tensor([[40.0, 0.0, 30.0], [0.0, 40.0, 15.5], [0.0, 0.0, 1.0]])  # off-centre cx
+    yaw = math.radians(20.0)
+    T = torch.eye(4)
+    base = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    Rz = torch.tensor([[math.cos(yaw), -math.sin(yaw), 0.0], [math.sin(yaw), math.cos(yaw), 0.0], [0, 0, 1.0]])
+    T[:3, :3] = Rz @ base
+    T[:3, 3] = torch.tensor([0.5, 1.3, 0.2])                                     # off the centreline
+    dp = torch.rand(1, ls.n_depth, 8, 16).softmax(1)
+    ctx = torch.rand(1, 3, 8, 16)
+    bev = ls.splat(dp, ctx, K[None, None], T[None, None], (Hi, Wi))
+    img = torch.rand(1, 3, Hi, Wi)
+    steer, acts = torch.tensor([4.0, -2.0]), torch.tensor([[4.0, 10.0], [-2.0, 11.0]])
+    fimg, fK, fT, fsteer, facts, fbev = hflip_sample(img, K[None], T[None], steer, acts, grid, bev[0])
+    # image features of a flipped image are the flipped features (stride 4 divides W): splat must mirror
+    fb = ls.splat(dp.flip(-1), ctx.flip(-1), fK[None], fT[None], (Hi, Wi))
+    assert torch.allclose(fb[0], fbev, atol=1e-5) and bev.abs().sum() > 0
+    assert torch.equal(fimg, img.flip(-1)) and torch.equal(fsteer, -steer)
+    assert torch.equal(facts[:, 0], -acts[:, 0]) and torch.equal(facts[:, 1], acts[:, 1])
+    with pytest.raises(ValueError, match="symmetric"):
+        hflip_sample(img, K[None], T[None], steer, acts, {**grid, "y_min": 0.0})
