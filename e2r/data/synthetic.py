@@ -1,0 +1,219 @@
+"""The synthetic racing world, written as a dataset in the SPEC layout (our embedded default data).
+
+Each segment is one expert drive on its own random closed track (``synthetic_track``), recorded at 20 Hz
+by a 3-D LiDAR and a front camera on the same car (``synthetic_sensors``), the expert giving the actions
+(``synthetic_expert``). Layout written under ``out_dir`` (see docs/CONTRACTS.md)::
+
+    <out>/<split>/segment_NNNN/meta/data.csv     timestamp, lidar_filepath, image_filepath, velocity, wheel_angle
+    <out>/<split>/segment_NNNN/lidar/000123.bin  float32 (N, 4) x, y, z, intensity; ego frame, ground z = -1
+    <out>/<split>/segment_NNNN/camera/000123.png RGB, image_size (W, H)
+    <out>/<split>/segment_NNNN/camera/calib.json {"cameras": [{"name": "front", "image_size", "K", "cam2ego"}]}
+    <out>/synthetic_dataset.json                 how it was made + per-segment summary
+
+Split assignment with N >= 3 tracks: track i -> segment ``segment_{i:04d}``; tracks 0..N-3 -> ``train``,
+track N-2 -> ``valid``, track N-1 -> ``test``. Every segment has its own track, so the test (and valid)
+track is never seen in train. Odd tracks are driven clockwise, even ones counter-clockwise (left and right
+turns balance). Everything is a function of ``seed`` and the track index only: the same seed gives
+byte-identical files whatever the number of worker processes.
+
+Crash safety: a segment is written into ``<out>/.tmp-<split>-<segment>`` and renamed into place when
+complete; an existing non-empty ``out_dir`` is refused unless ``overwrite=True`` (and even then only if it
+holds a previous synthetic dataset, recognised by ``synthetic_dataset.json``).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from e2r.data.synthetic_expert import ExpertConfig, drive_expert
+from e2r.data.synthetic_sensors import (CameraConfig, LidarConfig, camera_intrinsics, camera_to_ego,
+                                        cast_lidar, render_camera)
+from e2r.data.synthetic_track import TrackConfig, make_track
+
+__all__ = ["SyntheticConfig", "generate_dataset", "generate_segment", "split_for_track", "segment_name",
+           "track_for_index", "CSV_COLUMNS", "MARKER"]
+
+CSV_COLUMNS = ("timestamp", "lidar_filepath", "image_filepath", "velocity", "wheel_angle")
+MARKER = "synthetic_dataset.json"
+_STREAM_TRACK, _STREAM_EXPERT, _STREAM_LIDAR = 1, 2, 3
+
+
+@dataclass
+class SyntheticConfig:
+    """Everything that defines a synthetic dataset (with ``seed``)."""
+    tracks: int = 6
+    frames: int = 300
+    seed: int = 0
+    image_size: tuple[int, int] = (256, 128)       # (W, H)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    lidar: LidarConfig = field(default_factory=LidarConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+
+    def __post_init__(self) -> None:
+        if self.tracks < 3:
+            raise ValueError(f"tracks must be >= 3 (train, valid, test each need one), got {self.tracks}")
+        if self.frames < 1:
+            raise ValueError(f"frames must be >= 1, got {self.frames}")
+        w, h = (int(v) for v in self.image_size)
+        if w < 8 or h < 8:
+            raise ValueError(f"image_size must be at least 8x8, got {self.image_size}")
+        self.image_size = (w, h)
+        self.camera = replace(self.camera, image_size=(w, h))
+
+
+def split_for_track(index: int, tracks: int) -> str:
+    """Split of track ``index`` out of ``tracks``: the last is ``test``, the one before ``valid``."""
+    if not 0 <= index < tracks:
+        raise ValueError(f"track index {index} out of range for {tracks} tracks")
+    return "test" if index == tracks - 1 else "valid" if index == tracks - 2 else "train"
+
+
+def segment_name(index: int) -> str:
+    return f"segment_{index:04d}"
+
+
+def _rng(cfg: SyntheticConfig, index: int, stream: int, *more: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([cfg.seed, index, stream, *more]))
+
+
+def track_for_index(cfg: SyntheticConfig, index: int):
+    """The (deterministic) Track of segment ``index``."""
+    return make_track(_rng(cfg, index, _STREAM_TRACK), cfg.track, clockwise=bool(index % 2))
+
+
+def calib_dict(cfg: SyntheticConfig) -> dict[str, Any]:
+    """calib.json content in the contract format (one camera named ``front``)."""
+    K = np.round(camera_intrinsics(cfg.camera), 6).tolist()
+    c2e = np.round(camera_to_ego(cfg.camera), 9).tolist()
+    return {"cameras": [{"name": "front", "image_size": list(cfg.image_size), "K": K, "cam2ego": c2e}]}
+
+
+def generate_segment(cfg: SyntheticConfig, index: int, out_dir: str | Path, progress=None) -> dict[str, Any]:
+    """Drive, render and write segment ``index`` under ``out_dir``/<split>/<segment>; return its summary.
+
+    ``progress`` (optional, a multiprocessing Value or None) is incremented once per frame written.
+    """
+    out_dir = Path(out_dir)
+    split, seg = split_for_track(index, cfg.tracks), segment_name(index)
+    final = out_dir / split / seg
+    if final.exists():
+        raise FileExistsError(f"segment folder {final} already exists; refusing to overwrite it")
+    tmp = out_dir / f".tmp-{split}-{seg}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left over from a crashed run
+    (tmp / "meta").mkdir(parents=True)
+    (tmp / "lidar").mkdir()
+    (tmp / "camera").mkdir()
+    track = track_for_index(cfg, index)
+    drive = drive_expert(track, cfg.frames, _rng(cfg, index, _STREAM_EXPERT), cfg.expert)
+    (tmp / "camera" / "calib.json").write_text(json.dumps(calib_dict(cfg), indent=1) + "\n")
+    rows = [",".join(CSV_COLUMNS)]
+    n_points = np.zeros(cfg.frames, np.int64)
+    for f in range(cfg.frames):
+        x, y, yaw = drive.x[f], drive.y[f], drive.yaw[f]
+        pts = cast_lidar(track, x, y, yaw, _rng(cfg, index, _STREAM_LIDAR, f), cfg.lidar)
+        img = render_camera(track, x, y, yaw, cfg.camera)
+        stamp = f"{f:06d}"
+        pts.astype("<f4").tofile(tmp / "lidar" / f"{stamp}.bin")
+        Image.fromarray(img).save(tmp / "camera" / f"{stamp}.png", format="PNG", compress_level=1)
+        n_points[f] = len(pts)
+        rows.append(f"{f / cfg.expert.rate_hz:.3f},lidar/{stamp}.bin,camera/{stamp}.png,"
+                    f"{drive.velocity[f]:.4f},{drive.wheel_angle[f]:.4f}")
+        if progress is not None:
+            with progress.get_lock():
+                progress.value += 1
+    (tmp / "meta" / "data.csv").write_text("\n".join(rows) + "\n")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(tmp, final)
+    return {"split": split, "segment": seg, "track_index": index, "track_fingerprint": track.fingerprint(),
+            "track_length_m": round(track.length, 2), "clockwise": track.clockwise, "frames": cfg.frames,
+            "lidar_points_mean": float(n_points.mean()), "velocity_mean": float(drive.velocity.mean()),
+            "velocity_min": float(drive.velocity.min()), "velocity_max": float(drive.velocity.max()),
+            "wheel_angle_absmax": float(np.abs(drive.wheel_angle).max())}
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"output folder {out_dir} exists and is not empty; pass --overwrite "
+                                  f"(overwrite=True) to replace it")
+        if not (out_dir / MARKER).is_file():
+            raise FileExistsError(f"refusing to overwrite {out_dir}: it is not empty and has no {MARKER}, "
+                                  f"so it does not look like a synthetic dataset made by this tool")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+_PROGRESS = None
+
+
+def _init_worker(counter) -> None:
+    global _PROGRESS
+    _PROGRESS = counter
+
+
+def _worker(args: tuple[SyntheticConfig, int, str]) -> dict[str, Any]:
+    cfg, index, out_dir = args
+    return generate_segment(cfg, index, out_dir, _PROGRESS)
+
+
+def generate_dataset(out_dir: str | Path, tracks: int = 6, frames: int = 300, seed: int = 0,
+                     image_size: tuple[int, int] = (256, 128), workers: int | None = None,
+                     overwrite: bool = False, progress: bool = True,
+                     config: SyntheticConfig | None = None) -> dict[str, Any]:
+    """Write a synthetic dataset (layout in the module docstring) and return its summary dict.
+
+    ``config`` (if given) overrides tracks/frames/seed/image_size. ``workers``: processes over segments
+    (None = min(cpu count, tracks); 0 or 1 = in this process). The summary is also written to
+    ``<out_dir>/synthetic_dataset.json``: {"splits": {split: [segment, ...]}, "segments": [...], ...}.
+    """
+    cfg = config or SyntheticConfig(tracks=tracks, frames=frames, seed=seed, image_size=tuple(image_size))
+    out = Path(out_dir)
+    _prepare_out_dir(out, overwrite)
+    made_by = {"generator": "e2r.data.synthetic", "status": "incomplete", "config": _config_dict(cfg)}
+    (out / MARKER).write_text(json.dumps(made_by, indent=1) + "\n")
+    n_workers = min(os.cpu_count() or 1, cfg.tracks) if workers is None else max(1, min(workers, cfg.tracks))
+    t0 = time.perf_counter()
+    jobs = [(cfg, i, str(out)) for i in range(cfg.tracks)]
+    total = cfg.tracks * cfg.frames
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="frame", desc="synthetic dataset", disable=not progress)
+    if n_workers == 1:
+        segments = []
+        for job in jobs:
+            segments.append(generate_segment(*job))
+            bar.update(cfg.frames)
+    else:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        counter = ctx.Value("i", 0)
+        with ctx.Pool(n_workers, initializer=_init_worker, initargs=(counter,)) as pool:
+            result = pool.map_async(_worker, jobs, chunksize=1)
+            while not result.ready():
+                result.wait(0.25)
+                bar.update(counter.value - bar.n)
+            segments = result.get()
+        bar.update(total - bar.n)
+    bar.close()
+    summary = {**made_by, "status": "complete",
+               "splits": {s: [g["segment"] for g in segments if g["split"] == s] for s in ("train", "valid", "test")},
+               "segments": segments}
+    (out / MARKER).write_text(json.dumps(summary, indent=1) + "\n")  # no timings: same seed, same bytes
+    summary.update(out_dir=str(out), workers=n_workers, seconds=round(time.perf_counter() - t0, 2))
+    return summary
+
+
+def _config_dict(cfg: SyntheticConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    return json.loads(json.dumps(d))  # tuples -> lists

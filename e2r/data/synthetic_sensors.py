@@ -1,0 +1,305 @@
+"""The two sensors of the synthetic car, ray cast against the same scene (vectorised numpy, no ray loops).
+
+- LiDAR at the ego origin, 1.0 m above the ground (so flat ground is at ego z = -1.0): ``rings`` elevation
+  rings x ``azimuth_steps`` azimuths over 360 deg; hits on ground, walls and barrels; Gaussian range noise;
+  a small random ray dropout; rays with no hit within ``max_range`` are dropped. Output (N, 4) float32
+  (x, y, z, intensity in [0, 1]) in the ego frame (x forward, y left, z up).
+- Pinhole camera (OpenCV frame) at ego ``position`` pitched ``pitch_deg`` down, rendering walls (red/white
+  stripes on the left wall, blue/white on the right), asphalt with lane paint, orange barrels and sky.
+Both use the same materials, so LiDAR intensity and image colour agree (paint bright, white stripes bright).
+Walls are vertical, so a ray's hit on them only depends on its horizontal direction: the wall distance is
+computed per azimuth once (LiDAR azimuths; a fine azimuth table for the camera) and reused for all
+elevations / pixel rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from e2r.data.synthetic_track import ASPHALT, CENTRE_LINE, EDGE_LINE, Track, paint_map
+
+__all__ = ["LidarConfig", "CameraConfig", "cast_lidar", "render_camera", "camera_intrinsics", "camera_to_ego"]
+
+LIDAR_HEIGHT = 1.0     # metres above ground; ground is at ego z = -LIDAR_HEIGHT
+STRIPE_LEN = 2.0       # metres of one wall stripe
+CAP = 0.12             # dark band at the top of the walls (m)
+
+
+@dataclass
+class LidarConfig:
+    rings: int = 16
+    elevation_deg: tuple[float, float] = (-15.0, 3.0)     # lowest and highest ring (1.2 deg apart)
+    azimuth_steps: int = 720
+    max_range: float = 80.0
+    range_noise: float = 0.02                            # m (std)
+    dropout: float = 0.02                                # fraction of rays lost
+
+
+@dataclass
+class CameraConfig:
+    image_size: tuple[int, int] = (256, 128)             # (W, H)
+    hfov_deg: float = 100.0
+    position: tuple[float, float, float] = (0.3, 0.0, 0.2)  # in the ego frame
+    pitch_deg: float = 5.0                               # looking down
+
+
+def camera_intrinsics(cfg: CameraConfig) -> np.ndarray:
+    """K (3, 3) for ``cfg.image_size``: square pixels, principal point at the image centre."""
+    w, h = cfg.image_size
+    f = (w / 2) / np.tan(np.radians(cfg.hfov_deg) / 2)
+    return np.array([[f, 0.0, w / 2], [0.0, f, h / 2], [0.0, 0.0, 1.0]])
+
+
+def camera_to_ego(cfg: CameraConfig) -> np.ndarray:
+    """cam2ego (4, 4): OpenCV camera (x right, y down, z forward) -> ego (x fwd, y left, z up)."""
+    p = np.radians(cfg.pitch_deg)
+    c, s = np.cos(p), np.sin(p)
+    m = np.eye(4)
+    m[:3, 0] = (0.0, -1.0, 0.0)      # camera x (right)  -> ego -y
+    m[:3, 1] = (-s, 0.0, -c)         # camera y (down)   -> mostly ego -z
+    m[:3, 2] = (c, 0.0, -s)          # camera z (optical axis) -> forward, pitched down
+    m[:3, 3] = cfg.position
+    return m
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+def _walls_along(track: Track, origin: np.ndarray, angle0: float, step: float, count: int,
+                 max_range: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest wall along the horizontal rays ``angle0 + k * step`` (k < ``count``, world yaw angles)
+    from ``origin`` (2,).
+
+    Each wall segment within ``max_range`` is only intersected with the rays inside its angular extent as
+    seen from the origin, so the cost is O(rays + ray-segment crossings), not O(rays x segments).
+    Returns horizontal distance (count,) (inf where no wall), segment index (count,), position u in
+    [0, 1] along the segment (count,).
+    """
+    a, b = track.seg_a - origin, track.seg_b - origin
+    near = np.minimum(np.hypot(a[:, 0], a[:, 1]), np.hypot(b[:, 0], b[:, 1])) < max_range + 5
+    seg_ids = np.nonzero(near)[0]
+    a, b = a[seg_ids], b[seg_ids]
+    ang_a = np.arctan2(a[:, 1], a[:, 0]) - angle0
+    span = (np.arctan2(b[:, 1], b[:, 0]) - angle0 - ang_a + np.pi) % (2 * np.pi) - np.pi   # signed, |.| < pi
+    lo = np.where(span >= 0, ang_a, ang_a + span) % (2 * np.pi)
+    k0 = np.ceil(lo / step - 1e-9).astype(np.int64)
+    k1 = np.floor((lo + np.abs(span)) / step + 1e-9).astype(np.int64)
+    k0, k1 = k0 - 1, k1 + 1                              # one spare ray each side: rounding safety
+    n_per = np.maximum(k1 - k0 + 1, 0)
+    full = int(round(2 * np.pi / step))                 # rays per turn (may exceed count for a camera)
+    pair_seg = np.repeat(np.arange(len(seg_ids)), n_per)
+    first = np.repeat(np.cumsum(n_per) - n_per, n_per)
+    k = (np.repeat(k0, n_per) + np.arange(len(pair_seg)) - first) % full
+    keep = k < count
+    pair_seg, k = pair_seg[keep], k[keep]
+    ang = angle0 + k * step
+    dx, dy = np.cos(ang), np.sin(ang)
+    ax, ay = a[pair_seg, 0], a[pair_seg, 1]
+    ex, ey = b[pair_seg, 0] - ax, b[pair_seg, 1] - ay
+    denom = dx * ey - dy * ex
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (ax * ey - ay * ex) / denom
+        u = (ax * dy - ay * dx) / denom
+    ok = (np.abs(denom) > 1e-12) & (t > 1e-6) & (u >= -1e-6) & (u <= 1 + 1e-6)
+    t, u, k, pair_seg = t[ok], np.clip(u[ok], 0, 1), k[ok], pair_seg[ok]
+    order = np.lexsort((t, k))                          # by ray, nearest first
+    k, t, u, pair_seg = k[order], t[order], u[order], pair_seg[order]
+    firsts = np.ones(len(k), bool)
+    firsts[1:] = k[1:] != k[:-1]
+    dist = np.full(count, np.inf)
+    seg = np.zeros(count, np.int64)
+    pos = np.zeros(count)
+    dist[k[firsts]] = t[firsts]
+    seg[k[firsts]] = seg_ids[pair_seg[firsts]]
+    pos[k[firsts]] = u[firsts]
+    return dist, seg, pos
+
+
+def _barrels_along(track: Track, origin: np.ndarray, dirs: np.ndarray, max_range: float,
+                   forward: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Horizontal distance (A, B') to the near side of the B' barrels within ``max_range`` (and in front
+    of ``forward`` if given) along ``dirs`` (A, 2), inf where missed; and their indices (B',)."""
+    w = track.obs_xy - origin                                   # (B, 2)
+    sel = np.linalg.norm(w, axis=1) < max_range + 1
+    if forward is not None:
+        sel &= w @ forward > -1.0
+    ids = np.nonzero(sel)[0]
+    w = w[ids]
+    proj = dirs @ w.T                                           # (A, B')
+    perp2 = (w ** 2).sum(1)[None] - proj ** 2
+    disc = track.obs_radius[ids][None] ** 2 - perp2
+    t = proj - np.sqrt(np.maximum(disc, 0.0))
+    return np.where((disc >= 0) & (t > 1e-6), t, np.inf), ids
+
+
+def _hash01(ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
+    """Deterministic integer hash of grid cells -> [0, 1)."""
+    h = (ix.astype(np.int64) * 73856093) ^ (iy.astype(np.int64) * 19349663)
+    h = (h ^ (h >> 13)) * 1274126177
+    return ((h >> 8) & 0xFFFF).astype(np.float64) / 65536.0
+
+
+# ---------------------------------------------------------------------------------------------- materials
+def _ground_material(track: Track, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RGB (P, 3) in [0, 1] and LiDAR intensity (P,) of ground points ``xy`` (P, 2) (world frame)."""
+    code = paint_map(track).lookup(xy)
+    noise = _hash01(np.floor(xy[:, 0] * 4), np.floor(xy[:, 1] * 4))
+    grey = 0.30 + 0.07 * noise
+    rgb = np.repeat(grey[:, None], 3, axis=1)
+    inten = 0.08 + 0.06 * noise
+    rgb[code == EDGE_LINE] = (0.93, 0.93, 0.93)
+    rgb[code == CENTRE_LINE] = (0.95, 0.80, 0.15)
+    rgb[code < ASPHALT] = (0.25, 0.45, 0.20)
+    inten = np.where(code > ASPHALT, 0.75, inten)
+    return rgb, inten
+
+
+def _wall_material(track: Track, seg: np.ndarray, u: np.ndarray, z: np.ndarray):
+    """RGB (P, 3) and intensity (P,) of wall hits on segments ``seg`` at position ``u``, height ``z``
+    above ground."""
+    seglen = np.linalg.norm(track.seg_b[seg] - track.seg_a[seg], axis=1)
+    s_wall = track.seg_s0[seg] + u * seglen
+    white = (np.floor(s_wall / STRIPE_LEN).astype(np.int64) % 2) == 0
+    left = track.seg_side[seg] == 0
+    colour = np.where(left[:, None], np.array([[0.80, 0.10, 0.10]]), np.array([[0.10, 0.25, 0.80]]))
+    rgb = np.where(white[:, None], 0.92, colour)
+    inten = np.where(white, 0.8, 0.35)
+    cap = z > track.wall_height - CAP
+    rgb[cap] = 0.12
+    inten = np.where(cap, 0.2, inten)
+    return rgb, inten
+
+
+def _barrel_material(z: np.ndarray, height: np.ndarray):
+    band = np.abs(z / height - 0.6) < 0.1
+    rgb = np.where(band[:, None], 0.95, np.array([[1.0, 0.5, 0.05]]))
+    return rgb, np.full(len(z), 0.95)
+
+
+# ------------------------------------------------------------------------------------------------- LiDAR
+def cast_lidar(track: Track, x: float, y: float, yaw: float,
+               rng: np.random.Generator, cfg: LidarConfig | None = None) -> np.ndarray:
+    """Point cloud (N, 4) float32 [x, y, z, intensity] in the ego frame of the car at world (x, y, yaw)."""
+    cfg = cfg or LidarConfig()
+    elev = np.radians(np.linspace(cfg.elevation_deg[0], cfg.elevation_deg[1], cfg.rings))       # (R,)
+    az = np.arange(cfg.azimuth_steps) * (2 * np.pi / cfg.azimuth_steps)                          # (A,)
+    world_dirs = np.stack([np.cos(az + yaw), np.sin(az + yaw)], axis=1)
+    origin = np.array([x, y])
+    h_wall, seg, u = _walls_along(track, origin, yaw, az[1], len(az), cfg.max_range)             # (A,)
+    h_obs, obs_ids = _barrels_along(track, origin, world_dirs, cfg.max_range)                    # (A, B')
+    tan_e = np.tan(elev)[:, None]                                                               # (R, 1)
+
+    with np.errstate(divide="ignore"):
+        h_ground = np.where(tan_e < 0, LIDAR_HEIGHT / -tan_e, np.inf) * np.ones((1, len(az)))    # (R, A)
+    z_wall = h_wall[None] * tan_e
+    h_wall_ok = np.where(z_wall <= track.wall_height - LIDAR_HEIGHT, h_wall[None], np.inf)       # (R, A)
+    z_obs = h_obs[None] * tan_e[..., None]                                                      # (R, A, B)
+    obs_ok = (z_obs >= -LIDAR_HEIGHT) & (z_obs <= track.obs_height[obs_ids][None, None] - LIDAR_HEIGHT)
+    h_obs_r = np.where(obs_ok, h_obs[None], np.inf)
+    if h_obs_r.shape[2]:
+        which_obs = np.argmin(h_obs_r, axis=2)
+        h_obs_min = np.take_along_axis(h_obs_r, which_obs[..., None], axis=2)[..., 0]
+    else:
+        which_obs = np.zeros(h_ground.shape, np.int64)
+        h_obs_min = np.full(h_ground.shape, np.inf)
+    cand = np.stack([h_ground, h_wall_ok, h_obs_min])                                           # (3, R, A)
+    kind = np.argmin(cand, axis=0)
+    h = np.min(cand, axis=0)
+    cos_e = np.cos(elev)[:, None]
+    keep = np.isfinite(h) & (h / cos_e <= cfg.max_range) & (rng.random(h.shape) >= cfg.dropout)
+    ri, ai = np.nonzero(keep)
+    h, kind = h[ri, ai], kind[ri, ai]
+    rng_noise = rng.normal(0.0, cfg.range_noise, size=h.shape)
+    h_noisy = h * (1 + rng_noise * cos_e[ri, 0] / np.maximum(h, 1e-3))   # range noise along the ray
+    pts = np.empty((len(h), 4), np.float32)
+    pts[:, 0] = h_noisy * np.cos(az[ai])
+    pts[:, 1] = h_noisy * np.sin(az[ai])
+    pts[:, 2] = h_noisy * np.tan(elev[ri])
+
+    # intensities from the material at the exact (noise-free) hit point
+    inten = np.zeros(len(h))
+    hit_xy = origin + world_dirs[ai] * h[:, None]
+    g = kind == 0
+    if g.any():
+        inten[g] = _ground_material(track, hit_xy[g])[1]
+    wm = kind == 1
+    if wm.any():
+        inten[wm] = _wall_material(track, seg[ai[wm]], u[ai[wm]], h[wm] * tan_e[ri[wm], 0] + LIDAR_HEIGHT)[1]
+    om = kind == 2
+    if om.any():
+        inten[om] = 0.95
+    inten = np.clip(inten + rng.normal(0.0, 0.02, size=inten.shape), 0.0, 1.0)
+    pts[:, 3] = inten
+    return pts
+
+
+# ------------------------------------------------------------------------------------------------ camera
+def render_camera(track: Track, x: float, y: float, yaw: float,
+                  cfg: CameraConfig | None = None) -> np.ndarray:
+    """RGB image (H, W, 3) uint8 seen by the camera of the car at world (x, y, yaw)."""
+    cfg = cfg or CameraConfig()
+    w, h = cfg.image_size
+    K = camera_intrinsics(cfg)
+    c2e = camera_to_ego(cfg)
+    uu, vv = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    ray_cam = np.stack([(uu - K[0, 2]) / K[0, 0], (vv - K[1, 2]) / K[1, 1], np.ones_like(uu)], -1).reshape(-1, 3)
+    ray_ego = ray_cam @ c2e[:3, :3].T
+    cy, sy = np.cos(yaw), np.sin(yaw)
+    dx = cy * ray_ego[:, 0] - sy * ray_ego[:, 1]
+    dy = sy * ray_ego[:, 0] + cy * ray_ego[:, 1]
+    dz = ray_ego[:, 2]
+    horiz = np.hypot(dx, dy)
+    dirs = np.stack([dx, dy], 1) / horiz[:, None]
+    cam = c2e[:3, 3]
+    origin = np.array([x + cy * cam[0] - sy * cam[1], y + sy * cam[0] + cy * cam[1]])
+    cam_h = LIDAR_HEIGHT + cam[2]
+    slope = dz / horiz                                  # height change per horizontal metre
+
+    # wall distance on a fine azimuth table, looked up per pixel
+    rel = (np.arctan2(dirs[:, 1], dirs[:, 0]) - yaw + np.pi) % (2 * np.pi) - np.pi   # azimuth vs heading
+    lo, hi = rel.min(), rel.max() + 1e-9                                  # camera FOV < 180 deg: no wrap
+    nbins = max(16, int(np.degrees(hi - lo) * 10))                        # 0.1 deg bins
+    bins_phi = yaw + lo + (np.arange(nbins) + 0.5) * ((hi - lo) / nbins)
+    fwd = np.array([cy, sy])
+    tbl_h, tbl_seg, tbl_u = _walls_along(track, origin, bins_phi[0], bins_phi[1] - bins_phi[0], nbins, 150.0)
+    b = np.clip(((rel - lo) / (hi - lo) * nbins).astype(np.int64), 0, nbins - 1)
+    h_wall = tbl_h[b]
+    z_wall = cam_h + h_wall * slope
+    h_wall = np.where((z_wall >= 0) & (z_wall <= track.wall_height), h_wall, np.inf)
+    h_obs, obs_ids = _barrels_along(track, origin, dirs, 150.0, forward=fwd)       # (P, B')
+    z_obs = cam_h + h_obs * slope[:, None]
+    h_obs = np.where((z_obs >= 0) & (z_obs <= track.obs_height[obs_ids][None]), h_obs, np.inf)
+    if h_obs.shape[1]:
+        which_obs = np.argmin(h_obs, axis=1)
+        h_obs_min = h_obs[np.arange(len(h_obs)), which_obs]
+    else:
+        which_obs = np.zeros(len(horiz), np.int64)
+        h_obs_min = np.full(len(horiz), np.inf)
+    with np.errstate(divide="ignore"):
+        h_ground = np.where(slope < 0, cam_h / -slope, np.inf)
+    cand = np.stack([h_ground, h_wall, h_obs_min])
+    kind = np.argmin(cand, axis=0)
+    dist = np.min(cand, axis=0)
+    kind = np.where(np.isfinite(dist), kind, 3)                                  # 3 = sky
+
+    horizon_rgb = np.array([0.78, 0.86, 0.95])
+    elev_frac = np.clip(slope, 0, 1)[:, None]
+    rgb = horizon_rgb * (1 - elev_frac) + np.array([0.30, 0.50, 0.85]) * elev_frac
+    g = kind == 0
+    if g.any():
+        rgb[g] = _ground_material(track, origin + dirs[g] * dist[g, None])[0]
+    wm = kind == 1
+    if wm.any():
+        col, _ = _wall_material(track, tbl_seg[b[wm]], tbl_u[b[wm]], z_wall[wm])
+        seg = tbl_seg[b[wm]]
+        e = track.seg_b[seg] - track.seg_a[seg]
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        shade = 0.55 + 0.45 * np.abs(dirs[wm, 0] * e[:, 1] - dirs[wm, 1] * e[:, 0])
+        rgb[wm] = col * shade[:, None]
+    om = kind == 2
+    if om.any():
+        k = which_obs[om]
+        rgb[om] = _barrel_material(z_obs[om, k], track.obs_height[obs_ids[k]])[0]
+    hit = kind < 3
+    fog = 1.0 - np.exp(-dist[hit] * np.sqrt(1 + slope[hit] ** 2) / 140.0)
+    rgb[hit] = rgb[hit] * (1 - fog[:, None]) + horizon_rgb * fog[:, None]
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8).reshape(h, w, 3)
