@@ -19,7 +19,7 @@ from e2r.data.readers import CameraCalib, DataError, read_calib
 from e2r.keys import InvalidKeyError, validate_part
 
 __all__ = ["SegmentTable", "discover_splits", "discover_segments", "read_segment_table",
-           "camera_columns", "window_starts", "CSV_RELPATH", "CALIB_RELPATH"]
+           "camera_columns", "window_starts", "split_modalities", "CSV_RELPATH", "CALIB_RELPATH"]
 
 CSV_RELPATH = Path("meta") / "data.csv"
 CALIB_RELPATH = Path("camera") / "calib.json"
@@ -156,3 +156,17 @@ def window_starts(num_frames: int, seq_len: int, stride: int) -> list[int]:
     if seq_len < 1 or stride < 1:
         raise ValueError(f"seq_len and stride must be >= 1, got seq_len={seq_len}, stride={stride}")
     return list(range(0, num_frames - seq_len + 1, stride))
+
+
+def split_modalities(root: Union[str, Path], split: str) -> tuple[bool, bool]:
+    """(has_lidar, has_camera): whether any segment csv of the split has ``lidar_filepath`` / an image column."""
+    lidar = camera = False
+    for segment in discover_segments(root, split):
+        try:
+            with open(Path(root) / split / segment / CSV_RELPATH, newline="", encoding="utf-8-sig") as f:
+                header = [h.strip() for h in next(csv.reader(f), [])]
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue  # the dataset reports the unreadable csv
+        lidar |= "lidar_filepath" in header
+        camera |= any(h == "image_filepath" or h.startswith("image_filepath_") for h in header)
+    return lidar, camera

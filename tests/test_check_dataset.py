@@ -1,0 +1,84 @@
+import re
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from pipelines.check_dataset import main
+from tests.fixtures import read_csv_rows, write_points_bin, write_tiny_dataset
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv] + ["--no_progress"])
+    return code, capsys.readouterr().out
+
+
+def mean_points(root, split, segment, nf):
+    rows = read_csv_rows(root / split / segment / "meta" / "data.csv")
+    return np.mean([np.fromfile(root / split / segment / r["lidar_filepath"], np.float32).size / nf for r in rows])
+
+
+def test_clean_dataset_summary_and_exit_zero(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path, splits={"train": 2, "valid": 1}, frames=7, num_features=5)
+    code, out = run(capsys, root, "--seq_len", 3, "--stride", 2, "--image_size", "16x8")
+    assert code == 0, out
+    assert "split(s) train, valid" in out
+    assert "split train (lidar+camera): 2 usable segment(s) of 2, 14 frames, 6 windows" in out
+    for split, segment in (("train", "segment_0000"), ("train", "segment_0001"), ("valid", "segment_0000")):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(segment)
+                    and out.index(ln) > out.index(f"split {split}"))
+        assert "5 features/point (detected)" in line
+        shown = float(re.search(r"mean ([0-9.]+) points/frame", line).group(1))
+        assert abs(shown - mean_points(root, split, segment, 5)) < 0.051
+    assert "summary: 2 split(s), 3 segment(s), 21 frames, 9 windows, 0 problem(s) -> OK" in out
+
+
+def test_given_layout_and_split_selection(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path, splits={"train": 1, "valid": 1}, frames=6, camera=False)
+    code, out = run(capsys, root, "--seq_len", 2, "--lidar_num_features", 4, "--splits", "valid")
+    assert code == 0
+    assert "split valid (lidar)" in out and "split train" not in out and "4 features/point (given)" in out
+
+
+def test_problems_listed_with_file_and_row_and_exit_one(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path, splits={"train": 3}, frames=6)
+    seg0, seg1, seg2 = (root / "train" / f"segment_000{i}" for i in range(3))
+    rows0 = read_csv_rows(seg0 / "meta" / "data.csv")
+    (seg0 / rows0[4]["image_filepath"]).write_bytes(b"not an image")
+    rows1 = read_csv_rows(seg1 / "meta" / "data.csv")
+    (seg1 / rows1[2]["lidar_filepath"]).unlink()
+    Image.new("RGB", (20, 10)).save(seg1 / rows1[5]["image_filepath"])
+    csv2 = seg2 / "meta" / "data.csv"
+    velocity_1 = read_csv_rows(csv2)[1]["velocity"]
+    csv2.write_text(csv2.read_text().replace(f",{velocity_1},", ",oops,", 1))
+    code, out = run(capsys, root, "--seq_len", 2, "--image_size", "16x8")
+    assert code == 1
+    assert "problems found: 4" in out
+    assert f"{seg0 / rows0[4]['image_filepath']}: row 4: corrupt or unreadable image" in out
+    assert f"{seg1 / rows1[2]['lidar_filepath']}: row 2: file is missing" in out
+    assert f"{seg1 / rows1[5]['image_filepath']}: row 5: image size 20x10 differs" in out
+    assert f"{csv2}: row 1: column 'velocity' (line 3): 'oops' is not a number" in out
+    # windows: seg0 loses (3,4),(4,5); seg1 loses (1,2),(2,3),(4,5); seg2 unusable
+    assert "2 usable segment(s) of 3, 12 frames, 5 windows" in out and "5 dropped for bad files" in out
+    assert out.rstrip().endswith("4 problem(s) -> FAILED")
+
+
+def test_undecidable_layout_is_a_problem(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path, splits={"train": 1}, frames=4, camera=False)
+    seg = root / "train" / "segment_0000"
+    for r in read_csv_rows(seg / "meta" / "data.csv"):
+        write_points_bin(seg / r["lidar_filepath"], np.zeros((40, 4), np.float32))
+    code, out = run(capsys, root, "--seq_len", 2)
+    assert code == 1 and "cannot auto-detect the point layout" in out and str(seg / "meta" / "data.csv") in out
+    code, out = run(capsys, root, "--seq_len", 2, "--lidar_num_features", 4)
+    assert code == 0 and "mean 40.0 points/frame" in out
+
+
+def test_unusable_root_and_help(tmp_path, capsys):
+    code, _ = run(capsys, tmp_path / "nothing")
+    assert code == 2
+    (tmp_path / "empty").mkdir()
+    assert run(capsys, tmp_path / "empty")[0] == 2
+    res = subprocess.run([sys.executable, "-m", "pipelines.check_dataset", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "Exit status" in res.stdout and "1 = problems found" in res.stdout
