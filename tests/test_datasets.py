@@ -297,3 +297,10 @@ def test_points_of_other_formats_in_a_segment(fresh):
     assert torch.equal(item["points"][0], torch.from_numpy(pts[:, :4]))
     assert item["points"][1].shape[1] == 4 and ds.point_layout(SEG).num_features == 4
     assert path.exists()
+
+
+def test_worker_processes_load_the_same_items(data):
+    ds = LidarFrameDataset(data, "valid", lidar_num_features="auto")
+    loaded = [b for b in DataLoader(ds, batch_size=5, num_workers=2, collate_fn=collate_frames)]
+    assert [f for b in loaded for f in b["frames"]] == list(range(12))
+    assert all(torch.equal(p, ds[i]["points"]) for i, p in enumerate(p for b in loaded for p in b["points"]))
