@@ -129,6 +129,18 @@ class HDF5MemoryBank(MemoryBank):
         rows = max(1, min(d.shape[0] or 1, 1024 if name != BEV_FEAT else 8))
         return da.from_array(d, chunks=(rows, *d.shape[1:]), lock=True)
 
+    def describe(self) -> list[dict[str, Any]]:
+        """Per dataset: name, shape, dtype, chunks, codecs, stored bytes, raw bytes."""
+        out = []
+        for name in ["keys", "complete", *self.schema.fields]:
+            d = self._f()[_dset_path(name)]
+            raw = int(np.prod(d.shape)) * (d.dtype.itemsize if d.dtype.kind in "fiub" else 0)
+            codecs = [c for c in (d.compression, "shuffle" if d.shuffle else None) if c]
+            out.append({"name": _dset_path(name), "shape": tuple(d.shape), "dtype": str(d.dtype),
+                        "chunks": d.chunks, "shards": None, "codecs": codecs,
+                        "stored_bytes": int(d.id.get_storage_size()), "raw_bytes": raw})
+        return out
+
     def close(self) -> None:
         if self._file is not None and self._pid == os.getpid():
             self._file.close()

@@ -187,6 +187,20 @@ class ZarrMemoryBank(MemoryBank):
         futures = {f: self._ts_handle(f)[rows].read() for f in fields}
         return {f: fut.result() for f, fut in futures.items()}
 
+    def describe(self) -> list[dict[str, Any]]:
+        """Per array: name, shape, dtype, chunks, shards, codecs, stored bytes (files on disk), raw bytes."""
+        out = []
+        for name in ["keys", "complete", *self.schema.fields]:
+            a = self._arr(name)
+            root = Path(self.path) / field_path(name)
+            stored = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "zarr.json")
+            raw = int(np.prod(a.shape)) * (a.dtype.itemsize if a.dtype.kind in "fiub" else 0)
+            out.append({"name": field_path(name), "shape": tuple(a.shape), "dtype": str(a.dtype),
+                        "chunks": tuple(a.chunks), "shards": tuple(a.shards) if a.shards else None,
+                        "codecs": [type(a.serializer).__name__] + [type(c).__name__ for c in a.compressors],
+                        "stored_bytes": stored, "raw_bytes": raw})
+        return out
+
     def close(self) -> None:
         self._ts.clear()
         self._arrays.clear()
