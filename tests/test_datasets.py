@@ -304,3 +304,13 @@ def test_worker_processes_load_the_same_items(data):
     loaded = [b for b in DataLoader(ds, batch_size=5, num_workers=2, collate_fn=collate_frames)]
     assert [f for b in loaded for f in b["frames"]] == list(range(12))
     assert all(torch.equal(p, ds[i]["points"]) for i, p in enumerate(p for b in loaded for p in b["points"]))
+
+
+def test_split_and_segment_names_must_be_key_safe(fresh):
+    (fresh / "train" / "segment_0001").rename(fresh / "train" / "seg 1")
+    with pytest.raises(DataError, match="segment folder name cannot be used in a sample key") as e:
+        LidarSequenceDataset(fresh, "train", seq_len=2)
+    assert e.value.file.endswith("seg 1")
+    (fresh / "train").rename(fresh / "tr:ain")
+    with pytest.raises(DataError, match="split name cannot be used"):
+        LidarSequenceDataset(fresh, "tr:ain", seq_len=2)

@@ -59,6 +59,10 @@ def discover_splits(root: Union[str, Path]) -> list[str]:
 def discover_segments(root: Union[str, Path], split: str) -> list[str]:
     """Segment folder names of ``root/split`` that contain ``meta/data.csv``, sorted; names must be key-safe."""
     split_dir = Path(root) / split
+    try:
+        validate_part(split, "split")
+    except InvalidKeyError as e:
+        raise DataError(split_dir, f"split name cannot be used in a sample key: {e}") from None
     if not split_dir.is_dir():
         raise DataError(split_dir, f"split {split!r} not found under {root}")
     names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and (p / CSV_RELPATH).is_file())
