@@ -18,11 +18,11 @@ __all__ = ["TrackConfig", "Track", "make_track", "PaintMap", "paint_map", "GRASS
 @dataclass
 class TrackConfig:
     """Random-track parameters (metres)."""
-    base_radius: tuple[float, float] = (45.0, 70.0)
+    base_radius: tuple[float, float] = (35.0, 65.0)
     harmonics: tuple[int, ...] = (2, 3, 4, 5)
     width: tuple[float, float] = (8.0, 13.0)          # corridor width wall to wall, varies along the lap
     wall_height: float = 1.2
-    min_radius: float = 16.0                          # tightest allowed corner radius of the centre line
+    min_radius: float = 12.0                          # tightest allowed corner radius of the centre line
     ds: float = 1.0                                   # centre-line sample spacing
     wall_step: int = 2                                # a wall vertex every wall_step centre samples
     n_obstacles: tuple[int, int] = (3, 8)             # barrels placed along the walls (inclusive range)
