@@ -67,6 +67,13 @@ def test_auto_refuses_when_values_cannot_decide(tmp_path, content, why):
         detect_bin_layout([path])
 
 
+def test_auto_refuses_between_4_and_8_when_columns_4_to_7_half_resemble_a_point(rng):
+    base = make_points(rng, 400, 4)
+    pts = np.concatenate([base, base * np.float32([1.5, 1.5, 1.0, 1.0])], 1)  # like a point, but stretched
+    with pytest.raises(LayoutUndecidable, match="cannot tell 4 from 8"):
+        detect_from_arrays([pts.ravel()])
+
+
 def test_auto_refuses_too_few_points(rng):
     with pytest.raises(LayoutUndecidable, match="too few"):
         detect_from_arrays([make_points(rng, 10, 4).ravel()])
