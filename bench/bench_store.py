@@ -1,0 +1,251 @@
+"""Benchmark the memorybank against the original npz-per-key cache and a raw np.memmap (the upper bound).
+
+    python bench/bench_store.py                 # N = 20000 light samples at SPEC sizes (T=5, A=2, D=256, H=640)
+    python bench/bench_store.py --n 2000 --bev-n 64
+
+For each format: write samples/s, bytes and files on disk, random-batch read samples/s through a
+DataLoader (2 workers, batches of 64 shuffled keys; timed after the first batch), and in-process
+``get_batch`` samples/s for the store. Then the same for ``bev_feat`` at a pooled size, compressed store vs
+an uncompressed memmap. Prints a table and the goals of issue 5 with PASS/FAIL.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from stores import MemoryBank, Provenance, StoreSchema  # noqa: E402
+from stores.convert import key_to_filename  # noqa: E402
+from stores.torch_data import KeyBatchSampler, MemoryBankDataset  # noqa: E402
+
+LIGHT = ("actions", "bev_vec", "gru_out")
+
+
+def realistic_rows(schema: StoreSchema, start: int, n: int, bev: bool = False) -> dict[str, np.ndarray]:
+    """Value distributions like the teacher's: smooth actions (deg, m/s), embedding ~N(0, s_d) with
+    per-dimension scales, GRU output = tanh(.) correlated over t, bev_feat = ReLU output (about half zeros)."""
+    rng = np.random.default_rng(start)
+    T = schema.seq_len
+    steer = np.cumsum(rng.normal(0, 1.5, (n, T)), 1) + rng.normal(0, 8, (n, 1))
+    speed = np.clip(rng.uniform(5, 25, (n, 1)) + np.cumsum(rng.normal(0, 0.3, (n, T)), 1), 0, None)
+    out = {"actions": np.stack([steer, speed], -1)}
+    scale = np.random.default_rng(1).uniform(0.2, 2.0, schema.bev_dim)
+    base = rng.normal(0, 1, (n, 1, schema.bev_dim))
+    out["bev_vec"] = (base + 0.3 * rng.normal(0, 1, (n, T, schema.bev_dim))) * scale
+    h = rng.normal(0, 1, (n, 1, schema.gru_hidden)) + 0.5 * np.cumsum(rng.normal(0, 0.5, (n, T, schema.gru_hidden)), 1)
+    out["gru_out"] = np.tanh(h)
+    if bev:
+        C, H, W = schema.bev_feat_shape
+        out["bev_feat"] = np.maximum(rng.normal(-0.1, 1, (n, T, C, H, W)).astype(np.float32), 0)
+    return {k: v.astype(schema.dtype) for k, v in out.items()}
+
+
+def dir_usage(path: str) -> tuple[int, int]:
+    """(bytes, files) under a path."""
+    if os.path.isfile(path):
+        return os.path.getsize(path), 1
+    b = f = 0
+    for root, _, files in os.walk(path):
+        for x in files:
+            b += os.path.getsize(os.path.join(root, x))
+            f += 1
+    return b, f
+
+
+class NpzDataset(Dataset):
+    def __init__(self, root: str, keys: list[str]) -> None:
+        self.root, self.keys = root, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        with np.load(os.path.join(self.root, key_to_filename(self.keys[i])), allow_pickle=False) as z:
+            return {f: torch.from_numpy(z[f].astype(np.float32)) for f in LIGHT}
+
+
+class MemmapDataset(Dataset):
+    """Batch-per-fetch reads of a raw (N, row) memmap, rows sorted for locality like the store does."""
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: str) -> None:
+        self.path, self.shape, self.dtype, self.mm = path, shape, dtype, None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: list[int]) -> torch.Tensor:
+        if self.mm is None:
+            self.mm = np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape)
+        order = np.argsort(idx)
+        rows = np.empty((len(idx), *self.shape[1:]), np.float32)
+        rows[order] = self.mm[np.asarray(idx)[order]]
+        return torch.from_numpy(rows)
+
+
+def loader_rate(loader: DataLoader) -> float:
+    """Samples/s over one epoch, timed from the first batch's arrival (worker start-up excluded)."""
+    it = iter(loader)
+    next(it)
+    t0, n = time.perf_counter(), 0
+    for b in it:
+        x = b["actions"] if isinstance(b, dict) else b
+        n += x.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def write_store(path: str, schema: StoreSchema, keys: list[str], bev: bool = False) -> float:
+    bank = MemoryBank.create(path, schema, Provenance(teacher_sha256="0" * 64, model_config={"bench": True}))
+    bank.reserve_split("train", keys)
+    step = bank.alignment if not bev else 32
+    t = 0.0
+    for a in range(0, len(keys), step):
+        b = min(a + step, len(keys))
+        rows = realistic_rows(schema, a, b - a, bev=bev)
+        t0 = time.perf_counter()
+        bank.write_rows("train", a, rows)
+        t += time.perf_counter() - t0
+    bank.close()
+    return len(keys) / t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20000, help="light samples (default 20000)")
+    ap.add_argument("--bev-n", type=int, default=128, help="bev_feat samples (default 128)")
+    ap.add_argument("--bev-shape", default="384,31,27", help="pooled bev_feat C,H,W (default: full 384x248x216 pooled 8x)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir, removed after)")
+    a = ap.parse_args()
+    tmp = a.dir or tempfile.mkdtemp(prefix="bench_store_")
+    os.makedirs(tmp, exist_ok=True)
+    N, B = a.n, a.batch
+    keys = [f"train/seg_{i // 1000:04d}:{i % 1000}" for i in range(N)]
+    s32 = StoreSchema(seq_len=5, action_dim=2, bev_dim=256, gru_hidden=640, dtype="float32")
+    s16 = StoreSchema(seq_len=5, action_dim=2, bev_dim=256, gru_hidden=640, dtype="float16")
+    res: dict[str, dict[str, float]] = {}
+
+    # (a) npz per key ------------------------------------------------------------------------------
+    npz = os.path.join(tmp, "npz")
+    os.makedirs(npz, exist_ok=True)
+    t = 0.0
+    for x in range(0, N, 1024):
+        rows = realistic_rows(s32, x, min(1024, N - x))
+        t0 = time.perf_counter()
+        for i in range(len(rows["actions"])):
+            np.savez_compressed(os.path.join(npz, key_to_filename(keys[x + i])),
+                                **{f: rows[f][i] for f in LIGHT}, key=np.array(keys[x + i]))
+        t += time.perf_counter() - t0
+    res["npz per key (f32)"] = {"write": N / t, "path": npz}
+    # (b) stores ----------------------------------------------------------------------------------
+    for name, sch in (("store f32", s32), ("store f16", s16)):
+        p = os.path.join(tmp, name.replace(" ", "_") + ".zarr")
+        res[name] = {"write": write_store(p, sch, keys), "path": p}
+    # (c) memmap ----------------------------------------------------------------------------------
+    width = 5 * (2 + 256 + 640)
+    mmp = os.path.join(tmp, "light_f32.mm")
+    mm = np.memmap(mmp, dtype="float32", mode="w+", shape=(N, width))
+    t = 0.0
+    for x in range(0, N, 1024):
+        rows = realistic_rows(s32, x, min(1024, N - x))
+        t0 = time.perf_counter()
+        mm[x:x + len(rows["actions"])] = np.concatenate([rows[f].reshape(len(rows[f]), -1) for f in LIGHT], 1)
+        mm.flush()
+        t += time.perf_counter() - t0
+    del mm
+    res["memmap f32 (raw)"] = {"write": N / t, "path": mmp}
+
+    # DataLoader reads first (the parent must not touch tensorstore before workers fork) ---------------
+    res["npz per key (f32)"]["dl"] = loader_rate(DataLoader(NpzDataset(npz, keys), batch_size=B, shuffle=True,
+                                                            num_workers=a.workers))
+    for name in ("store f32", "store f16"):
+        ds = MemoryBankDataset(res[name]["path"], split="train")
+        res[name]["dl"] = loader_rate(DataLoader(ds, sampler=KeyBatchSampler(N, B, seed=1), batch_size=None,
+                                                 num_workers=a.workers))
+    mds = MemmapDataset(mmp, (N, width), "float32")
+    res["memmap f32 (raw)"]["dl"] = loader_rate(DataLoader(mds, sampler=KeyBatchSampler(N, B, seed=1),
+                                                           batch_size=None, num_workers=a.workers))
+    # bev_feat: compressed store vs uncompressed memmap (DataLoader, batches of 8) --------------------
+    C, H, W = (int(v) for v in a.bev_shape.split(","))
+    sb = StoreSchema(seq_len=5, action_dim=2, bev_dim=256, gru_hidden=640, dtype="float16",
+                     bev_feat_shape=(C, H, W), store_bev_feat=True,
+                     bev_feat_pool={"kind": "avg", "factor": 8, "source_shape": [384, 248, 216]})
+    bkeys = keys[: a.bev_n]
+    bp = os.path.join(tmp, "store_bev_f16.zarr")
+    bev_write = write_store(bp, sb, bkeys, bev=True)
+    bmp = os.path.join(tmp, "bev_f16.mm")
+    bmm = np.memmap(bmp, dtype="float16", mode="w+", shape=(len(bkeys), 5, C, H, W))
+    for x in range(0, len(bkeys), 32):
+        bmm[x:x + 32] = realistic_rows(sb, x, min(32, len(bkeys) - x), bev=True)["bev_feat"]
+    bmm.flush()
+    del bmm
+    BB = 8
+    bds = MemoryBankDataset(bp, split="train", fields=("bev_feat",))
+    bev_dl = loader_rate_field(DataLoader(bds, sampler=KeyBatchSampler(len(bkeys), BB, seed=2), batch_size=None,
+                                          num_workers=a.workers), "bev_feat")
+    bmds = MemmapDataset(bmp, (len(bkeys), 5, C, H, W), "float16")
+    bev_mm_dl = loader_rate(DataLoader(bmds, sampler=KeyBatchSampler(len(bkeys), BB, seed=2), batch_size=None,
+                                       num_workers=a.workers))
+    # in-process get_batch (tensorstore) ---------------------------------------------------------------
+    rng = np.random.default_rng(0)
+    for name in ("store f32", "store f16"):
+        bank = MemoryBank.open(res[name]["path"])
+        bank.get_batch(keys[:B])
+        batches = [[keys[i] for i in rng.integers(0, N, B)] for _ in range(max(50, N // B))]
+        t0 = time.perf_counter()
+        for kb in batches:
+            bank.get_batch(kb)
+        res[name]["inproc"] = len(batches) * B / (time.perf_counter() - t0)
+    for r in res.values():
+        r["bytes"], r["files"] = dir_usage(r["path"])
+
+    print(f"\nbench_store: N={N} light samples (T=5, A=2, D=256, H=640), batches of {B} random keys, "
+          f"DataLoader num_workers={a.workers}")
+    print(f"{'format':<20}{'write/s':>10}{'MiB':>10}{'files':>8}{'DL read/s':>12}{'get_batch/s':>13}")
+    for name, r in res.items():
+        ip = f"{r['inproc']:>13.0f}" if "inproc" in r else f"{'-':>13}"
+        print(f"{name:<20}{r['write']:>10.0f}{r['bytes'] / 2**20:>10.1f}{r['files']:>8}{r['dl']:>12.0f}{ip}")
+    bsz, bfiles = dir_usage(os.path.join(bp, "bev_feat"))
+    msz, _ = dir_usage(bmp)
+    print(f"bev_feat ({len(bkeys)} samples of 5x{C}x{H}x{W} f16, batches of {BB}): store write {bev_write:.0f}/s, "
+          f"{bsz / 2**20:.1f} MiB in {bfiles} files (raw {msz / 2**20:.1f} MiB); DataLoader read: store "
+          f"{bev_dl:.0f}/s vs uncompressed memmap {bev_mm_dl:.0f}/s")
+    npz_r, mm_r = res["npz per key (f32)"], res["memmap f32 (raw)"]
+    best_dl = max(res["store f32"]["dl"], res["store f16"]["dl"])
+    goals = [
+        (f"DataLoader read >= 1.0x memmap f32 ({best_dl:.0f} vs {mm_r['dl']:.0f})", best_dl >= mm_r["dl"]),
+        (f"DataLoader read >= 10x npz ({best_dl:.0f} vs {npz_r['dl']:.0f})", best_dl >= 10 * npz_r["dl"]),
+        (f"in-process get_batch >= 40000/s (f32 {res['store f32']['inproc']:.0f}, f16 {res['store f16']['inproc']:.0f})",
+         max(res["store f32"]["inproc"], res["store f16"]["inproc"]) >= 40000),
+        ("bytes f32 <= npz", res["store f32"]["bytes"] <= npz_r["bytes"]),
+        ("bytes f16 <= 0.5x npz", res["store f16"]["bytes"] <= 0.5 * npz_r["bytes"]),
+        (f"files <= 1 per 1000 keys (f32 {res['store f32']['files']}, f16 {res['store f16']['files']}, N={N})",
+         max(res["store f32"]["files"], res["store f16"]["files"]) <= max(1, N // 1000)),
+        (f"bev_feat read >= 0.5x uncompressed ({bev_dl:.0f} vs {bev_mm_dl:.0f})", bev_dl >= 0.5 * bev_mm_dl),
+    ]
+    for text, ok in goals:
+        print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
+    if not a.dir:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def loader_rate_field(loader: DataLoader, field: str) -> float:
+    it = iter(loader)
+    next(it)
+    t0, n = time.perf_counter(), 0
+    for b in it:
+        n += b[field].shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
