@@ -40,7 +40,7 @@ from e2r.data.synthetic_sensors import (CameraConfig, LidarConfig, camera_intrin
 from e2r.data.synthetic_track import TrackConfig, make_track
 
 __all__ = ["SyntheticConfig", "generate_dataset", "generate_segment", "split_for_track", "segment_name",
-           "track_for_index", "CSV_COLUMNS", "MARKER"]
+           "track_for_index", "calib_dict", "CSV_COLUMNS", "MARKER"]
 
 CSV_COLUMNS = ("timestamp", "lidar_filepath", "image_filepath", "velocity", "wheel_angle")
 MARKER = "synthetic_dataset.json"

@@ -195,12 +195,7 @@ def cast_lidar(track: Track, x: float, y: float, yaw: float,
     z_obs = h_obs[None] * tan_e[..., None]                                                      # (R, A, B)
     obs_ok = (z_obs >= -LIDAR_HEIGHT) & (z_obs <= track.obs_height[obs_ids][None, None] - LIDAR_HEIGHT)
     h_obs_r = np.where(obs_ok, h_obs[None], np.inf)
-    if h_obs_r.shape[2]:
-        which_obs = np.argmin(h_obs_r, axis=2)
-        h_obs_min = np.take_along_axis(h_obs_r, which_obs[..., None], axis=2)[..., 0]
-    else:
-        which_obs = np.zeros(h_ground.shape, np.int64)
-        h_obs_min = np.full(h_ground.shape, np.inf)
+    h_obs_min = h_obs_r.min(axis=2) if h_obs_r.shape[2] else np.full(h_ground.shape, np.inf)
     cand = np.stack([h_ground, h_wall_ok, h_obs_min])                                           # (3, R, A)
     kind = np.argmin(cand, axis=0)
     h = np.min(cand, axis=0)

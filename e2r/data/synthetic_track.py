@@ -57,12 +57,6 @@ class Track:
     clockwise: bool
     paint: "PaintMap | None" = field(default=None, repr=False)   # built lazily by paint_map()
 
-    def wall_polylines(self) -> tuple[np.ndarray, np.ndarray]:
-        """(left (Kw, 2), right (Kw, 2)) closed wall polylines, as drawn by ``make_track``."""
-        left = self.seg_a[self.seg_side == 0]
-        right = self.seg_a[self.seg_side == 1]
-        return left, right
-
     def fingerprint(self) -> str:
         """A short, stable digest of the geometry (to check that two tracks are different)."""
         import hashlib
