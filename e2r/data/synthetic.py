@@ -40,7 +40,7 @@ from e2r.data.synthetic_sensors import (CameraConfig, LidarConfig, camera_intrin
 from e2r.data.synthetic_track import TrackConfig, make_track
 
 __all__ = ["SyntheticConfig", "generate_dataset", "generate_segment", "split_for_track", "segment_name",
-           "track_for_index", "calib_dict", "CSV_COLUMNS", "MARKER"]
+           "track_for_index", "calib_dict", "config_dict", "CSV_COLUMNS", "MARKER"]
 
 CSV_COLUMNS = ("timestamp", "lidar_filepath", "image_filepath", "velocity", "wheel_angle")
 MARKER = "synthetic_dataset.json"
@@ -182,7 +182,7 @@ def generate_dataset(out_dir: str | Path, tracks: int = 6, frames: int = 300, se
     cfg = config or SyntheticConfig(tracks=tracks, frames=frames, seed=seed, image_size=tuple(image_size))
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
-    made_by = {"generator": "e2r.data.synthetic", "status": "incomplete", "config": _config_dict(cfg)}
+    made_by = {"generator": "e2r.data.synthetic", "status": "incomplete", "config": config_dict(cfg)}
     (out / MARKER).write_text(json.dumps(made_by, indent=1) + "\n")
     n_workers = min(os.cpu_count() or 1, cfg.tracks) if workers is None else max(1, min(workers, cfg.tracks))
     t0 = time.perf_counter()
@@ -214,6 +214,10 @@ def generate_dataset(out_dir: str | Path, tracks: int = 6, frames: int = 300, se
     return summary
 
 
-def _config_dict(cfg: SyntheticConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    return json.loads(json.dumps(d))  # tuples -> lists
+def config_dict(cfg: SyntheticConfig) -> dict[str, Any]:
+    """``cfg`` as the JSON-ready dict stored under ``"config"`` in ``synthetic_dataset.json`` (compare it
+    with a stored one to decide whether a dataset on disk is the same world)."""
+    return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists
+
+
+_config_dict = config_dict  # old private name, still used by pipelines/demo.py; use config_dict
