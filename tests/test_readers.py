@@ -162,12 +162,12 @@ def test_image_resize_and_intrinsics(tmp_path):
         assert 0.0 <= img.min() and img.max() <= 1.0
         assert img[0, :, :35].mean() > 0.9 and img[0, :, 45:].mean() < 0.1
     K = np.array([[30.0, 0, 20], [0, 25.0, 10], [0, 0, 1]])
-    K2 = scale_intrinsics(K, (40, 20), (80, 10))
-    np.testing.assert_allclose(K2, [[60, 0, 40], [0, 12.5, 5], [0, 0, 1]])
-    # a ray through pixel (u, v) keeps its direction: the same point projects to the scaled pixel
+    K2 = scale_intrinsics(K, 80 / 40, 10 / 20)
+    np.testing.assert_allclose(K2, [[60, 0, 40.5], [0, 12.5, 4.75], [0, 0, 1]])
+    # a ray through pixel (u, v) keeps its direction: it projects to the resampled pixel (u+.5)*s-.5
     p = np.array([1.0, -0.5, 4.0])
     uv, uv2 = K @ p / p[2], K2 @ p / p[2]
-    np.testing.assert_allclose(uv2[:2], uv[:2] * [2.0, 0.5])
+    np.testing.assert_allclose(uv2[:2], (uv[:2] + 0.5) * [2.0, 0.5] - 0.5)
 
 
 def test_corrupt_image_names_file_and_row(tmp_path):

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from e2r.models.config import TeacherConfig
+from e2r.data.readers import scale_intrinsics
 from e2r.models.view_transform import (IdentityViewTransform, LiftSplat, bev_cell_index, camera_fov_mask,
-                                       depth_bin_centers, scale_intrinsics)
+                                       depth_bin_centers)
 
 GRID = TeacherConfig.preset_named("tiny").bev_grid   # x 0..51.2, y -25.6..25.6, 1.6 m cells, 32 x 32
 IMG_HW = (32, 64)                                     # H, W of the network input
@@ -130,7 +131,7 @@ def test_gradients_reach_image_features():
 
 def test_scale_intrinsics_maps_pixel_centres():
     K = _K()
-    Kf = scale_intrinsics(K, 4.0, 4.0)
+    Kf = scale_intrinsics(K, 0.25, 0.25)
     # feature pixel 3 centre = image pixel 3.5*4-0.5 = 13.5: both project the same ray
     ray_img = torch.linalg.inv(K) @ torch.tensor([13.5, 9.5, 1.0])
     ray_feat = torch.linalg.inv(Kf) @ torch.tensor([3.0, 2.0, 1.0])

@@ -155,7 +155,8 @@ class _SequenceDataset(Dataset):
 
     def _camera_geometry(self, segment: str) -> dict[str, torch.Tensor]:
         cams = self.tables[segment].cameras
-        K = np.stack([scale_intrinsics(c.K, c.image_size, self.image_size) for c in cams])
+        K = np.stack([scale_intrinsics(c.K, self.image_size[0] / c.image_size[0], self.image_size[1] / c.image_size[1])
+                      for c in cams])
         return {"intrinsics": torch.tensor(K, dtype=torch.float32),
                 "cam2ego": torch.tensor(np.stack([c.cam2ego for c in cams]), dtype=torch.float32)}
 

@@ -217,14 +217,24 @@ def read_image(path: Union[str, Path], size: Optional[tuple[int, int]] = None,
     return np.ascontiguousarray(arr.transpose(2, 0, 1)), (int(original[0]), int(original[1]))
 
 
-def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
-    """K (3, 3) for an image of ``from_size=(W, H)`` -> K for ``to_size=(W', H')``: fx, cx *= W'/W; fy, cy *= H'/H."""
-    K = np.array(K, dtype=np.float64, copy=True)
-    sx = to_size[0] / from_size[0]
-    sy = to_size[1] / from_size[1]
-    K[0, :] *= sx
-    K[1, :] *= sy
-    return K
+def scale_intrinsics(K, sx: float, sy: float):
+    """K (..., 3, 3) of an image -> K of the same view resampled by factors (sx, sy) (new px per old px).
+
+    One function for every resize: an image resized to (W', H') uses ``sx = W'/W, sy = H'/H``; a feature map
+    downsampled by 4 uses ``sx = sy = 1/4``. Pixel ``u`` has its centre at coordinate ``u``, and resampling
+    (Pillow's resize, strided convolutions) keeps pixel *edges* aligned, so a centre maps as
+    ``u' = (u + 0.5) * sx - 0.5``: ``fx' = fx*sx``, ``cx' = (cx + 0.5)*sx - 0.5`` (same for y).
+    Works on numpy arrays (returns float64) and torch tensors (keeps dtype)."""
+    if hasattr(K, "clone"):
+        K2 = K.clone()
+    else:
+        K2 = np.array(K, dtype=np.float64, copy=True)
+    K2[..., 0, 0] = K[..., 0, 0] * sx
+    K2[..., 0, 1] = K[..., 0, 1] * sx
+    K2[..., 0, 2] = (K[..., 0, 2] + 0.5) * sx - 0.5
+    K2[..., 1, 1] = K[..., 1, 1] * sy
+    K2[..., 1, 2] = (K[..., 1, 2] + 0.5) * sy - 0.5
+    return K2
 
 
 @dataclass(frozen=True)

@@ -19,22 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["scale_intrinsics", "depth_bin_centers", "frustum_points", "bev_cell_index", "camera_fov_mask",
+from e2r.data.readers import scale_intrinsics
+
+__all__ = ["depth_bin_centers", "frustum_points", "bev_cell_index", "camera_fov_mask",
            "LiftSplat", "IdentityViewTransform", "build_view_transform"]
-
-
-def scale_intrinsics(K: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
-    """K (..., 3, 3) of an image -> K of a feature map downsampled by (sx, sy) (image px per feature px).
-
-    Feature pixel ``j`` covers image pixels ``[j*sx, (j+1)*sx)``, centre ``(j+0.5)*sx - 0.5``, so
-    ``fx' = fx/sx`` and ``cx' = (cx + 0.5)/sx - 0.5`` (same for y)."""
-    K2 = K.clone()
-    K2[..., 0, 0] = K[..., 0, 0] / sx
-    K2[..., 0, 1] = K[..., 0, 1] / sx
-    K2[..., 0, 2] = (K[..., 0, 2] + 0.5) / sx - 0.5
-    K2[..., 1, 1] = K[..., 1, 1] / sy
-    K2[..., 1, 2] = (K[..., 1, 2] + 0.5) / sy - 0.5
-    return K2
 
 
 def depth_bin_centers(depth_bins: tuple[float, float, float]) -> torch.Tensor:
@@ -140,7 +128,7 @@ class LiftSplat(nn.Module):
         K = calib_row[: n_cam * 9].reshape(n_cam, 3, 3)
         T = calib_row[n_cam * 9:].reshape(n_cam, 4, 4)
         (H_img, W_img), (h, w) = image_hw, feat_hw
-        K_feat = scale_intrinsics(K.to(torch.float64), W_img / w, H_img / h)
+        K_feat = scale_intrinsics(K.to(torch.float64), w / W_img, h / H_img)
         cells = bev_cell_index(frustum_points(K_feat, T, self.depths, feat_hw), self.bev_grid)  # (N,D,h,w)
         self.geometry_computations += 1
         self._cache[key] = cells
