@@ -1,0 +1,242 @@
+"""Glue between camera windows and the teacher targets streamed from the memorybank (student training/eval).
+
+* :class:`KDCameraBatches`: a map-style dataset whose item is a whole *batch*: ``ds[[i, j, ...]]`` reads the
+  camera windows of those indices and then the teacher rows of their keys with **one** batched memorybank
+  read (``stores.torch_data.MemoryBankDataset`` -> ``MemoryBank.get_batch``). Used with
+  :func:`make_kd_loader`: a ``BatchSampler`` over a ``DistributedSampler`` (rank sharding, seed + epoch
+  shuffle, as ``e2r.training.make_loader``) passed as the DataLoader's sampler with ``batch_size=None``, so
+  every batch is fetched whole by one worker. The store is opened read-only, lazily in each worker; nothing
+  is loaded up front and nothing is written per sample.
+* :func:`check_store`: refuses a store whose seq_len / action size / bev_vec D / gru_out H (or, for dense KD,
+  bev_feat grid) differ from the dataset's and the student's.
+* :class:`FovMasks`: the camera field-of-view mask on the teacher's BEV grid per sample (cached per rig).
+* :func:`hflip_batch`: mirror chosen samples of a batch, cached targets included (``e2r.kd.hflip_sample``).
+"""
+from __future__ import annotations
+
+from dataclasses import fields as dc_fields, replace
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+
+from e2r.data.datasets import CameraSequenceDataset, collate_camera
+from e2r.kd import KDWeights, hflip_sample, kd_losses
+from e2r.losses import action_loss
+from e2r.models.config import TeacherConfig
+from e2r.models.student_config import StudentConfig
+from e2r.models.view_transform import camera_fov_mask
+from e2r.training import DistContext
+
+__all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "check_store", "KDCameraBatches", "make_kd_loader",
+           "FovMasks", "hflip_batch", "batch_to", "student_losses"]
+
+#: memorybank fields read for KD (bev_feat only when dense KD is asked)
+LIGHT_KD_FIELDS = ("actions", "bev_vec", "gru_out")
+
+
+def teacher_config_of_store(model_config: dict[str, Any] | None) -> TeacherConfig | None:
+    """The teacher config recorded in a store's provenance, or None when it is absent or partial (a partial
+    dict would silently fill the full preset's grid, so it is not trusted)."""
+    if not model_config:
+        return None
+    names = {f.name for f in dc_fields(TeacherConfig)}
+    if not names <= set(model_config):
+        return None
+    try:
+        return TeacherConfig.from_dict({k: model_config[k] for k in names})
+    except (ValueError, TypeError):
+        return None
+
+
+def check_store(path: str, schema: Any, seq_len: int, action_dim: int, student_cfg: StudentConfig,
+                need_bev_feat: bool, teacher_cfg: TeacherConfig | None) -> None:
+    """Raise ``stores.StoreMismatchError`` naming the store and every mismatch with the dataset/student.
+
+    ``schema``: the store's ``StoreSchema``; ``teacher_cfg``: the teacher that made it (from its provenance or
+    ``--teacher_ckpt``), needed to check the BEV grid when ``need_bev_feat`` (dense KD)."""
+    from stores import StoreMismatchError
+
+    problems = []
+    if schema.seq_len != seq_len:
+        problems.append(f"seq_len: store {schema.seq_len}, dataset --seq_len {seq_len}")
+    if schema.action_dim != action_dim:
+        problems.append(f"action size: store {schema.action_dim}, dataset {action_dim}")
+    if schema.bev_dim != student_cfg.bev_dim:
+        problems.append(f"bev_vec D: store {schema.bev_dim}, student {student_cfg.bev_dim}")
+    if schema.gru_hidden != student_cfg.gru_hidden:
+        problems.append(f"gru_out H: store {schema.gru_hidden}, student {student_cfg.gru_hidden}")
+    if need_bev_feat:
+        if not schema.store_bev_feat:
+            problems.append("dense KD (--kd_bevfeat_w > 0) needs bev_feat, which this store does not hold")
+        else:
+            C, h, w = schema.bev_feat_shape
+            k = student_cfg.bev_H // h if h else 0
+            if C != student_cfg.teacher_bev_channels or k < 1 or (student_cfg.bev_H // k, student_cfg.bev_W // k) != (h, w):
+                problems.append(f"bev_feat (C, H, W): store {tuple(schema.bev_feat_shape)} is not the student's "
+                                f"teacher grid {student_cfg.bev_feat_shape} (or an integer pooling of it)")
+        if teacher_cfg is None:
+            problems.append("dense KD needs the teacher's BEV grid: the store records no full teacher config; "
+                            "pass --teacher_ckpt")
+        else:
+            try:
+                student_cfg.check_matches_teacher(teacher_cfg)
+            except ValueError as e:
+                problems.append(f"teacher BEV grid differs: {e}")
+    if problems:
+        raise StoreMismatchError(f"memorybank {path} does not fit this dataset/student: " + "; ".join(problems))
+
+
+class KDCameraBatches(Dataset):
+    """Item = a batch: ``ds[indices]`` -> ``{"keys": list[B], "images" (B,T,Ncam,3,H,W), "intrinsics"
+    (B,Ncam,3,3), "cam2ego" (B,Ncam,4,4), "speed" (B,T), "steering" (B,T), "actions" (B,T,A), "has_kd" (B,)
+    bool, "teacher": {field: float32 (B,T,...)}}``; ``teacher`` rows of keys absent from the store are zeros
+    (``has_kd`` False). Without a memorybank ``has_kd`` is all False and ``teacher`` empty. Windows skipped
+    as bad (``skip_bad``) are dropped; a batch of only bad windows is ``None``."""
+
+    def __init__(self, camera: CameraSequenceDataset, memorybank: str | None = None,
+                 fields: Sequence[str] = LIGHT_KD_FIELDS) -> None:
+        self.camera = camera
+        self.bank = None
+        if memorybank:
+            from stores.torch_data import MemoryBankDataset
+
+            self.bank = MemoryBankDataset(str(memorybank), keys=camera.keys, fields=tuple(fields))
+
+    def __len__(self) -> int:
+        return len(self.camera)
+
+    def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any] | None:
+        idx = [int(indices)] if isinstance(indices, int) else [int(i) for i in indices]
+        items = [self.camera[i] for i in idx]
+        kept = [i for i, it in zip(idx, items) if it is not None]
+        batch = collate_camera(items)
+        if batch is None:
+            return None
+        batch["keys"] = list(batch.pop("key"))
+        B = len(kept)
+        if self.bank is None:
+            batch["has_kd"], batch["teacher"] = torch.zeros(B, dtype=torch.bool), {}
+            return batch
+        rows = self.bank[kept]                       # one get_batch for the whole batch
+        if rows.pop("keys") != batch["keys"]:
+            raise RuntimeError("memorybank rows and camera windows are out of order (index mismatch)")
+        batch["has_kd"] = rows.pop("found").to(torch.bool)
+        batch["teacher"] = rows
+        return batch
+
+
+def make_kd_loader(dataset: KDCameraBatches, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+                   ctx: DistContext, drop_last: bool = False) -> tuple[DataLoader, DistributedSampler]:
+    """DataLoader over this rank's shard, one whole batch per worker fetch; call ``sampler.set_epoch(e)``
+    before each epoch. Worker start method as ``stores.torch_data.make_loader`` (forkserver once this
+    process used tensorstore)."""
+    from stores.torch_data import make_loader
+
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last)
+    batches = BatchSampler(sampler, batch_size, drop_last=False)
+    return make_loader(dataset, batches, num_workers=num_workers, pin_memory=torch.cuda.is_available()), sampler
+
+
+class FovMasks:
+    """Per-sample camera FOV masks on the student's (= teacher's) BEV grid, cached per calibration.
+
+    ``masks(intrinsics (B,Ncam,3,3), cam2ego (B,Ncam,4,4))`` -> float (B, H_bev, W_bev) in {0, 1}; a cell is
+    visible when it projects into an image of the rig at a depth up to ``cfg.depth_bins[1]`` (the lift's
+    farthest depth)."""
+
+    def __init__(self, cfg: StudentConfig, cache_size: int = 64) -> None:
+        self.cfg, self.cache_size = cfg, cache_size
+        self._cache: dict[bytes, Tensor] = {}
+
+    def __call__(self, intrinsics: Tensor, cam2ego: Tensor) -> Tensor:
+        out = []
+        for K, T in zip(intrinsics, cam2ego):
+            key = K.detach().cpu().numpy().tobytes() + T.detach().cpu().numpy().tobytes()
+            mask = self._cache.get(key)
+            if mask is None:
+                mask = camera_fov_mask(K, T, tuple(self.cfg.image_size), self.cfg.bev_grid,
+                                       max_depth=float(self.cfg.depth_bins[1])).float()
+                if len(self._cache) >= self.cache_size:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[key] = mask
+            out.append(mask.to(intrinsics.device))
+        return torch.stack(out)
+
+
+def hflip_batch(batch: dict[str, Any], flip: Tensor, bev_grid: dict[str, Any]) -> dict[str, Any]:
+    """Mirror the samples where ``flip`` (B,) is True, in place, keeping cached targets valid: images,
+    intrinsics, cam2ego, steering input, ground-truth and teacher actions (steering negated) and the
+    teacher's ``bev_feat`` (flipped along y). The teacher's ``bev_vec``/``gru_out`` cannot be mirrored: the
+    caller drops those KD terms for flipped samples. Returns ``batch``."""
+    if not bool(flip.any()):
+        return batch
+    teacher = batch["teacher"]
+    actions = batch["actions"][flip]
+    if "actions" in teacher:
+        actions = torch.stack([actions, teacher["actions"][flip]])       # both negate steering alike
+    feat = teacher["bev_feat"][flip] if "bev_feat" in teacher else None
+    images, K, c2e, steering, actions, feat = hflip_sample(batch["images"][flip], batch["intrinsics"][flip],
+                                                           batch["cam2ego"][flip], batch["steering"][flip],
+                                                           actions, bev_grid, feat)
+    for name, value in (("images", images), ("intrinsics", K), ("cam2ego", c2e), ("steering", steering)):
+        batch[name] = batch[name].clone()
+        batch[name][flip] = value
+    batch["actions"] = batch["actions"].clone()
+    if "actions" in teacher:
+        batch["actions"][flip] = actions[0]
+        teacher["actions"] = teacher["actions"].clone()
+        teacher["actions"][flip] = actions[1]
+    else:
+        batch["actions"][flip] = actions
+    if feat is not None:
+        teacher["bev_feat"] = teacher["bev_feat"].clone()
+        teacher["bev_feat"][flip] = feat
+    return batch
+
+
+def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors of a :class:`KDCameraBatches` batch (teacher targets included) moved to ``device``."""
+    out = {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    out["teacher"] = {k: v.to(device, non_blocking=True) for k, v in batch["teacher"].items()}
+    return out
+
+
+def student_losses(net: torch.nn.Module, normalize_actions: Any, batch: dict[str, Any], action_w: Tensor,
+                   kd: KDWeights, fov_masks: FovMasks | None = None, flipped: Tensor | None = None,
+                   smooth_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """BC + KD loss of one batch (already on the model's device, already flipped where ``flipped``).
+
+    BC: ``e2r.losses.action_loss`` on normalised actions (weights ``action_w`` (A,)) over every sample; KD:
+    ``e2r.kd.kd_losses`` over the samples with ``has_kd`` (action and dense bev_feat terms; bev_vec and
+    temporal terms only for samples that were not flipped). Returns ``(loss, parts)`` with parts ``bc``,
+    ``kd_action``, ``kd_bev_vec``, ``kd_temporal``, ``kd_bev_feat``, ``kd_total``, ``kd_samples``,
+    ``bc_only_samples`` (detached scalars)."""
+    pred, aux = net(batch["images"], batch["intrinsics"], batch["cam2ego"], batch["speed"], batch["steering"],
+                    return_aux=True)
+    bc = action_loss(normalize_actions(pred), normalize_actions(batch["actions"]), action_w, smooth_weight)
+    has_kd = batch["has_kd"]
+    flipped = torch.zeros_like(has_kd) if flipped is None else flipped.to(has_kd.device)
+    parts = {"bc": bc.detach()}
+    total = bc
+    any_kd = bool(has_kd.any()) and (kd.action + kd.bev_vec + kd.temporal + kd.bev_feat) > 0
+    fov = fov_masks(batch["intrinsics"], batch["cam2ego"]) if (any_kd and kd.bev_feat > 0 and fov_masks) else None
+    names = ("kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat")
+    if any_kd:
+        mirror_safe = kd_losses(pred, aux, batch["teacher"], has_kd, normalize_actions,
+                                replace(kd, bev_vec=0.0, temporal=0.0), fov)
+        embed = kd_losses(pred, aux, batch["teacher"], has_kd & ~flipped, normalize_actions,
+                          replace(kd, action=0.0, bev_feat=0.0), fov)
+        total = total + mirror_safe["kd_total"] + embed["kd_total"]
+        for n in names:
+            parts[n] = (mirror_safe[n] + embed[n]).detach()
+        parts["kd_total"] = (mirror_safe["kd_total"] + embed["kd_total"]).detach()
+    else:
+        for n in names + ("kd_total",):
+            parts[n] = bc.new_zeros(())
+    n_kd = has_kd.sum()
+    parts["kd_samples"] = n_kd.detach().float()
+    parts["bc_only_samples"] = (has_kd.numel() - n_kd).detach().float()
+    return total, parts

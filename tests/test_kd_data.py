@@ -1,0 +1,203 @@
+"""Camera windows + memorybank targets (e2r.kd_data): streamed batches equal direct reads through 2 DataLoader
+workers, store/dataset mismatches are refused, a student distilled from its own stored outputs has ~0 KD,
+samples without targets get BC only, and mirrored samples keep their cached targets valid."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
+from e2r.kd import KDWeights
+from e2r.kd_data import (FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch, make_kd_loader,
+                         student_losses, teacher_config_of_store)
+from e2r.losses import action_weights
+from e2r.models.config import TeacherConfig
+from e2r.models.student import CameraBEVStudent
+from e2r.models.student_config import StudentConfig
+from e2r.models.teacher import LiDARBEVTeacher
+from e2r.training import DistContext
+from stores import MemoryBank, Provenance, StoreMismatchError, StoreSchema
+from tests.fixtures import write_tiny_dataset
+
+SEQ, STRIDE = 3, 2
+TEACHER = TeacherConfig.preset_named("tiny")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("kd"), splits={"train": 2, "valid": 1}, frames=8,
+                              points_per_frame=(100, 200))
+
+
+def student_cfg() -> StudentConfig:
+    return StudentConfig.preset_named("tiny", TEACHER)
+
+
+def camera_ds(root: Path, split: str = "train") -> CameraSequenceDataset:
+    return CameraSequenceDataset(root, split, SEQ, STRIDE, tuple(student_cfg().image_size))
+
+
+def write_bank(path: Path, rows: dict[str, dict[str, np.ndarray]], seq_len: int = SEQ, action_dim: int = 2,
+               bev_feat: bool = True, model_config: dict | None = None, teacher_sha: str = "cd" * 32) -> str:
+    """A memorybank holding ``rows = {key: {field: (T, ...)}}`` (keys may span splits)."""
+    any_row = next(iter(rows.values()))
+    schema = StoreSchema(seq_len=seq_len, action_dim=action_dim, bev_dim=any_row["bev_vec"].shape[-1],
+                         gru_hidden=any_row["gru_out"].shape[-1],
+                         bev_feat_shape=tuple(any_row["bev_feat"].shape[1:]) if bev_feat else None,
+                         store_bev_feat=bev_feat)
+    prov = Provenance(teacher_sha256=teacher_sha, model_config=model_config if model_config is not None
+                      else TEACHER.to_dict(), dataset_root="test")
+    bank = MemoryBank.create(str(path), schema, prov, shard_rows=16)
+    by_split: dict[str, list[str]] = {}
+    for k in rows:
+        by_split.setdefault(k.split("/")[0], []).append(k)
+    for split, keys in by_split.items():
+        bank.reserve_split(split, keys)
+        bank.write_rows(split, 0, {f: np.stack([rows[k][f] for k in keys]) for f in schema.fields}, keys=keys)
+    return str(path)
+
+
+def teacher_rows(root: Path, model: LiDARBEVTeacher, splits=("train", "valid")) -> dict[str, dict[str, np.ndarray]]:
+    """Run the teacher over every window of ``splits`` -> memorybank rows by key."""
+    out = {}
+    with torch.no_grad():
+        for split in splits:
+            ds = LidarSequenceDataset(root, split, SEQ, STRIDE)
+            batch = collate_lidar([ds[i] for i in range(len(ds))])
+            actions, aux = model(batch["points"], batch["speed"], batch["steering"], return_aux=True)
+            for i, k in enumerate(batch["keys"]):
+                out[k] = {"actions": actions[i].numpy(), "bev_vec": aux["bev_vec_seq"][i].numpy(),
+                          "gru_out": aux["gru_out"][i].numpy(), "bev_feat": aux["bev_feat_seq"][i].numpy()}
+    return out
+
+
+def fake_rows(keys, seed=0, T=SEQ, A=2, D=64, H=128, bev=(48, 32, 32)) -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return {k: {"actions": rng.standard_normal((T, A)).astype(np.float32),
+                "bev_vec": rng.standard_normal((T, D)).astype(np.float32),
+                "gru_out": rng.standard_normal((T, H)).astype(np.float32),
+                "bev_feat": rng.standard_normal((T, *bev)).astype(np.float32)} for k in keys}
+
+
+def test_streamed_batches_equal_direct_reads_with_two_workers(data_root, tmp_path):
+    ds = camera_ds(data_root)
+    stored = ds.keys[::2]                                   # half the windows have teacher targets
+    path = write_bank(tmp_path / "mb.zarr", fake_rows(stored))
+    data = KDCameraBatches(ds, path, ("actions", "bev_vec", "gru_out", "bev_feat"))
+    loader, sampler = make_kd_loader(data, batch_size=4, shuffle=True, seed=1, num_workers=2, ctx=DistContext())
+    sampler.set_epoch(3)
+    bank = MemoryBank.open(path, mode="r")
+    seen = []
+    for batch in loader:
+        assert batch["images"].shape[:2] == (len(batch["keys"]), SEQ)
+        for i, key in enumerate(batch["keys"]):
+            seen.append(key)
+            assert bool(batch["has_kd"][i]) == (key in stored) == bank.has(key)
+            np.testing.assert_array_equal(batch["actions"][i].numpy(), ds[ds.keys.index(key)]["actions"].numpy())
+            if key in stored:
+                direct = bank.get(key)
+                for f in ("actions", "bev_vec", "gru_out", "bev_feat"):
+                    np.testing.assert_array_equal(batch["teacher"][f][i].numpy(), direct[f])
+            else:
+                assert not batch["teacher"]["gru_out"][i].any()
+    assert sorted(seen) == sorted(ds.keys)                  # every window once, no padding single-process
+    # two DDP ranks: disjoint shards covering the split
+    shards = []
+    for rank in range(2):
+        _, s = make_kd_loader(data, 2, True, 1, 0, DistContext(True, rank, 2, 0))
+        shards.append(set(iter(s)))
+    assert shards[0] | shards[1] == set(range(len(ds))) and not (shards[0] & shards[1])
+
+
+def test_store_mismatch_refused_with_clear_messages(data_root, tmp_path):
+    cfg = student_cfg()
+    keys = camera_ds(data_root).keys
+    p = write_bank(tmp_path / "t4.zarr", fake_rows(keys, T=4), seq_len=4)
+    schema = MemoryBank.open(p).schema
+    with pytest.raises(StoreMismatchError, match=r"seq_len: store 4, dataset --seq_len 3"):
+        check_store(p, schema, SEQ, 2, cfg, False, TEACHER)
+    p = write_bank(tmp_path / "a3.zarr", fake_rows(keys, A=3), action_dim=3)
+    with pytest.raises(StoreMismatchError, match=r"action size: store 3, dataset 2"):
+        check_store(p, MemoryBank.open(p).schema, SEQ, 2, cfg, False, TEACHER)
+    p = write_bank(tmp_path / "light.zarr", fake_rows(keys), bev_feat=False)
+    check_store(p, MemoryBank.open(p).schema, SEQ, 2, cfg, False, TEACHER)       # fine without dense KD
+    with pytest.raises(StoreMismatchError, match="does not hold"):
+        check_store(p, MemoryBank.open(p).schema, SEQ, 2, cfg, True, TEACHER)
+    other = TeacherConfig.preset_named("tiny")
+    other.voxel_size = (0.4, 0.8, 4.0)                                           # another grid
+    with pytest.raises(StoreMismatchError, match="teacher BEV grid differs"):
+        p = write_bank(tmp_path / "g.zarr", fake_rows(keys))
+        check_store(p, MemoryBank.open(p).schema, SEQ, 2, cfg, True, other)
+    with pytest.raises(StoreMismatchError, match="pass --teacher_ckpt"):
+        check_store(p, MemoryBank.open(p).schema, SEQ, 2, cfg, True, None)
+    assert teacher_config_of_store({"preset": "tiny", "bev_dim": 8}) is None     # partial: not trusted
+    assert teacher_config_of_store(TEACHER.to_dict()) == TEACHER
+
+
+def test_student_distilled_from_its_own_outputs_has_zero_kd_and_missing_keys_get_bc_only(data_root, tmp_path):
+    torch.manual_seed(0)
+    cfg = student_cfg()
+    model = CameraBEVStudent(cfg).eval()
+    ds = camera_ds(data_root)
+    keys = ds.keys
+    stored = keys[:4]
+    with torch.no_grad():
+        b = KDCameraBatches(ds)[list(range(len(ds)))]
+        pred, aux = model(b["images"], b["intrinsics"], b["cam2ego"], b["speed"], b["steering"], return_aux=True)
+    rows = {k: {"actions": pred[i].numpy(), "bev_vec": aux["bev_vec_seq"][i].numpy(),
+                "gru_out": aux["gru_out"][i].numpy(), "bev_feat": aux["bev_feat_seq"][i].numpy()}
+            for i, k in enumerate(keys) if k in stored}
+    path = write_bank(tmp_path / "self.zarr", rows)
+    data = KDCameraBatches(ds, path, ("actions", "bev_vec", "gru_out", "bev_feat"))
+    batch = batch_to(data[list(range(len(ds)))], torch.device("cpu"))
+    assert batch["has_kd"].tolist() == [k in stored for k in keys]
+    w = action_weights(1.0, 0.05)
+    kd = KDWeights(action=1.0, bev_vec=1.0, temporal=1.0, bev_feat=1.0)
+    fov = FovMasks(cfg)
+    with torch.no_grad():
+        loss, parts = student_losses(model, model.normalize_actions, batch, w, kd, fov)
+        bc_only, bc_parts = student_losses(model, model.normalize_actions, batch, w, KDWeights(0, 0, 0, 0), fov)
+    for name in ("kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat"):
+        assert float(parts[name]) < 1e-5, (name, float(parts[name]))
+    assert float(parts["bc"]) > 1e-3                                  # untrained: BC is not ~0
+    assert torch.allclose(loss, bc_only, atol=1e-5)
+    assert parts["kd_samples"] == 4 and parts["bc_only_samples"] == len(keys) - 4
+    # a perturbed teacher target on one stored sample gives KD > 0; on a missing key it changes nothing
+    batch["teacher"]["gru_out"][0] += 1.0
+    batch["teacher"]["gru_out"][len(keys) - 1] += 100.0               # not in the store: ignored
+    with torch.no_grad():
+        _, p2 = student_losses(model, model.normalize_actions, batch, w, kd, fov)
+    assert abs(float(p2["kd_temporal"]) - 1.0 / 4) < 1e-4
+    # FOV: the front camera sees ahead (x > 0 near the centre line), not the cells behind/beside at the edge
+    m = fov(batch["intrinsics"][:1], batch["cam2ego"][:1])[0]
+    assert m.shape == (cfg.bev_H, cfg.bev_W) and 0 < float(m.mean()) < 1
+    assert m[cfg.bev_H // 2, cfg.bev_W // 2] == 1 and m[0, 0] == 0
+
+
+def test_hflip_batch_flips_inputs_and_cached_targets_and_drops_embedding_kd(data_root, tmp_path):
+    ds = camera_ds(data_root)
+    path = write_bank(tmp_path / "f.zarr", fake_rows(ds.keys))
+    data = KDCameraBatches(ds, path, ("actions", "bev_vec", "gru_out", "bev_feat"))
+    orig = data[[0, 1]]
+    batch = hflip_batch(data[[0, 1]], torch.tensor([True, False]), student_cfg().bev_grid)
+    assert torch.equal(batch["images"][0], orig["images"][0].flip(-1))
+    assert torch.equal(batch["images"][1], orig["images"][1])
+    assert torch.equal(batch["actions"][0, :, 0], -orig["actions"][0, :, 0])
+    assert torch.equal(batch["actions"][0, :, 1], orig["actions"][0, :, 1])
+    assert torch.equal(batch["teacher"]["actions"][0, :, 0], -orig["teacher"]["actions"][0, :, 0])
+    assert torch.equal(batch["teacher"]["bev_feat"][0], orig["teacher"]["bev_feat"][0].flip(-2))
+    assert torch.equal(batch["steering"][0], -orig["steering"][0])
+    assert torch.equal(batch["teacher"]["bev_vec"], orig["teacher"]["bev_vec"])
+    model = CameraBEVStudent(student_cfg()).eval()
+    kd = KDWeights(action=0.0, bev_vec=1.0, temporal=1.0)
+    with torch.no_grad():
+        _, both = student_losses(model, model.normalize_actions, orig, action_weights(1, 0.05), kd)
+        _, first_flipped = student_losses(model, model.normalize_actions, orig, action_weights(1, 0.05), kd,
+                                          flipped=torch.tensor([True, False]))
+        _, one = student_losses(model, model.normalize_actions, {**orig, "has_kd": torch.tensor([False, True])},
+                                action_weights(1, 0.05), kd)
+    assert float(both["kd_temporal"]) != pytest.approx(float(first_flipped["kd_temporal"]))
+    assert float(first_flipped["kd_temporal"]) == pytest.approx(float(one["kd_temporal"]), rel=1e-6)
