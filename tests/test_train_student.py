@@ -1,0 +1,145 @@
+"""Student training and evaluation pipelines end to end on a tiny dataset: tiny teacher checkpoint -> memorybank
+of its outputs -> train_student with KD (counts of KD / BC-only samples, per-epoch valid losses, resume) ->
+eval_student with the KD gap; mismatched stores refused through main()."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from e2r.checkpoints import file_sha256, load_checkpoint, save_checkpoint
+from e2r.models.student import load_student
+from e2r.models.teacher import LiDARBEVTeacher
+from e2r.training import ActionNormalizer
+from pipelines import eval_student, train_student
+from tests.test_kd_data import SEQ, STRIDE, TEACHER, camera_ds, fake_rows, teacher_rows, write_bank
+from tests.fixtures import write_tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Dataset, a tiny (untrained, normalised) teacher checkpoint and a memorybank of its outputs for every
+    valid window and all train windows but one segment's last window (so some samples are BC-only)."""
+    tmp = tmp_path_factory.mktemp("student")
+    root = write_tiny_dataset(tmp / "data", splits={"train": 2, "valid": 1, "test": 1}, frames=8,
+                              points_per_frame=(100, 200))
+    torch.manual_seed(0)
+    teacher = LiDARBEVTeacher(TEACHER)
+    norm = ActionNormalizer.from_dataset(camera_ds(root))
+    teacher.set_action_stats(norm.mean, norm.std)
+    ckpt = save_checkpoint(tmp / "teacher.pt", {"model": teacher.state_dict(), "config": TEACHER.to_dict()},
+                           kind="teacher")
+    rows = teacher_rows(root, teacher.eval())
+    dropped = camera_ds(root).keys[-1]
+    del rows[dropped]
+    bank = write_bank(tmp / "mb.zarr", rows, teacher_sha=file_sha256(ckpt))
+    return {"root": root, "ckpt": ckpt, "bank": bank, "dropped": dropped, "rows": rows}
+
+
+def _args(setup, tmp, *extra):
+    return ["--data_root", str(setup["root"]), "--preset", "tiny", "--batch_size", "4", "--seq_len", str(SEQ),
+            "--stride", str(STRIDE), "--device", "cpu", "--no_progress", "--lr", "3e-3", *extra]
+
+
+def _train(setup, tmp, *extra):
+    return train_student.train_student(train_student.build_parser().parse_args(_args(setup, tmp, *extra)))
+
+
+def test_kd_training_end_to_end_then_eval_with_kd_gap(setup, tmp_path, capsys):
+    best, last = tmp_path / "best.pt", tmp_path / "last.pt"
+    rc = train_student.main(_args(setup, tmp_path, "--epochs", "2", "--memorybank", setup["bank"],
+                                  "--kd_bevfeat_w", "0.5", "--save_path", str(best), "--checkpoint_path", str(last),
+                                  "--tensorboard_dir", str(tmp_path / "tb")))
+    assert rc == 0
+    n_train = len(camera_ds(setup["root"]))
+    ckpt = load_checkpoint(last, kind="student")
+    assert ckpt["epoch"] == 1 and ckpt["config"]["preset"] == "tiny" and ckpt["config"]["view_transform"] == "lss"
+    assert len(ckpt["valid_losses"]) == 2 and ckpt["valid_losses"] == [h["valid_loss"] for h in ckpt["history"]]
+    assert ckpt["best_metric"] == min(ckpt["valid_losses"])
+    for h in ckpt["history"]:
+        assert h["kd_samples"] == n_train - 1 and h["bc_only_samples"] == 1        # one key left out
+        assert h["train_kd_bev_feat"] > 0 and h["train_kd_bev_vec"] > 0 and h["train_bc"] > 0
+    stats = ActionNormalizer.from_dataset(camera_ds(setup["root"]))
+    torch.testing.assert_close(ckpt["model"]["action_mean"], stats.mean)
+    assert any((tmp_path / "tb").iterdir())
+    assert "samples kd 5 bc-only 1" in capsys.readouterr().out
+
+    csv_path, png = tmp_path / "m.csv", tmp_path / "p.png"
+    argv = ["--data_root", str(setup["root"]), "--split", "valid", "--student_ckpt", str(best),
+            "--seq_len", str(SEQ), "--stride", str(STRIDE), "--device", "cpu", "--no_progress",
+            "--memorybank", setup["bank"], "--csv_path", str(csv_path), "--plot_path", str(png)]
+    out = eval_student.evaluate_student(eval_student.build_parser().parse_args(argv))
+    gap = out["kd_gap"]
+    assert gap["kd_n"] == len(camera_ds(setup["root"], "valid"))
+    assert -1.0 <= gap["kd_bev_vec_cosine"] <= 1.0 and gap["kd_gru_out_mse"] > 0
+    # the gap's action MSE equals the MSE between the student's predictions and the stored teacher actions
+    model, _ = load_student(best)
+    ds = camera_ds(setup["root"], "valid")
+    with torch.no_grad():
+        items = [ds[i] for i in range(len(ds))]
+        pred = model(torch.stack([it["images"] for it in items]), torch.stack([it["intrinsics"] for it in items]),
+                     torch.stack([it["cam2ego"] for it in items]), torch.stack([it["speed"] for it in items]),
+                     torch.stack([it["steering"] for it in items]))
+    teach = torch.stack([torch.from_numpy(setup["rows"][k]["actions"]) for k in ds.keys])
+    assert math.isclose(gap["kd_steering_mse"], float(((pred - teach)[..., 0] ** 2).mean()), rel_tol=1e-4)
+    assert eval_student.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "student" in printed and "baseline_prev_steering" in printed and "KD gap" in printed
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["predictor"] for r in rows] == ["student", "baseline_train_mean", "baseline_prev_steering"]
+    assert float(rows[0]["kd_bev_vec_cosine"]) == pytest.approx(gap["kd_bev_vec_cosine"])
+    for r in rows:
+        assert math.isclose(float(r["overall_weighted_mse"]),
+                            float(r["steering_mse"]) + 0.05 * float(r["speed_mse"]), rel_tol=1e-9)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_reproduces_the_uninterrupted_trajectory(setup, tmp_path):
+    kd = ("--memorybank", setup["bank"], "--hflip_prob", "0.5", "--epochs", "2")
+    full = _train(setup, tmp_path, *kd, "--save_path", str(tmp_path / "a.pt"), "--checkpoint_path",
+                  str(tmp_path / "a_last.pt"))
+    part = _train(setup, tmp_path, *kd, "--save_path", str(tmp_path / "c.pt"), "--checkpoint_path",
+                  str(tmp_path / "c_last.pt"), "--stop_after_epoch", "1")
+    assert len(part["history"]) == 1
+    resumed = _train(setup, tmp_path, *kd, "--save_path", str(tmp_path / "c.pt"), "--checkpoint_path",
+                     str(tmp_path / "c_last.pt"), "--resume_path", str(tmp_path / "c_last.pt"))
+    assert len(resumed["valid_losses"]) == 2
+    for got, want in zip(resumed["history"], full["history"]):
+        for k in ("train_loss", "valid_loss", "train_kd_total"):
+            assert math.isclose(got[k], want[k], rel_tol=1e-6), k
+        assert got["flipped_samples"] == want["flipped_samples"]
+    assert sum(h["flipped_samples"] for h in full["history"]) > 0
+    a, c = load_checkpoint(tmp_path / "a_last.pt"), load_checkpoint(tmp_path / "c_last.pt")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], c["model"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_bc_only_identity_transform_init_and_refusals(setup, tmp_path, capsys):
+    src = tmp_path / "bc.pt"
+    out = _train(setup, tmp_path, "--epochs", "1", "--view_transform", "identity", "--save_path", str(src))
+    h = out["history"][0]
+    assert h["kd_samples"] == 0 and h["bc_only_samples"] == len(camera_ds(setup["root"]))
+    assert load_checkpoint(src)["config"]["view_transform"] == "identity"
+    out = _train(setup, tmp_path, "--epochs", "1", "--view_transform", "identity", "--init_path", str(src),
+                 "--init_skip_output_layer", "--valid_split", "", "--save_path", str(tmp_path / "d.pt"))
+    assert math.isnan(out["valid_losses"][0])
+    keys = camera_ds(setup["root"]).keys
+    for name, bank_kw, want in (("t4", dict(seq_len=4), "seq_len: store 4, dataset --seq_len 3"),
+                                ("a3", dict(action_dim=3), "action size: store 3, dataset 2")):
+        rows = fake_rows(keys, T=bank_kw.get("seq_len", SEQ), A=bank_kw.get("action_dim", 2))
+        bank = write_bank(tmp_path / f"{name}.zarr", rows, **bank_kw)
+        rc = train_student.main(_args(setup, tmp_path, "--epochs", "1", "--memorybank", bank,
+                                      "--save_path", str(tmp_path / "x.pt")))
+        assert rc == 1 and want in capsys.readouterr().err
+        rc = eval_student.main(["--data_root", str(setup["root"]), "--student_ckpt", str(src), "--seq_len", "3",
+                                "--device", "cpu", "--memorybank", bank, "--no_progress"])
+        assert rc == 1 and want in capsys.readouterr().err
+    # dense KD against a store without a recorded teacher config needs --teacher_ckpt
+    bank = write_bank(tmp_path / "noconf.zarr", fake_rows(keys), model_config={})
+    base = ("--epochs", "1", "--memorybank", bank, "--kd_bevfeat_w", "1", "--save_path", str(tmp_path / "y.pt"))
+    assert train_student.main(_args(setup, tmp_path, *base)) == 1
+    assert "--teacher_ckpt" in capsys.readouterr().err
+    assert train_student.main(_args(setup, tmp_path, *base, "--teacher_ckpt", str(setup["ckpt"]))) == 0
+    assert not (tmp_path / "x.pt").exists()
