@@ -220,4 +220,3 @@ def config_dict(cfg: SyntheticConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists
 
 
-_config_dict = config_dict  # old private name, still used by pipelines/demo.py; use config_dict
