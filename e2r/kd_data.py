@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import fields as dc_fields, replace
+from numbers import Integral
 from typing import Any, Sequence
 
 import torch
@@ -108,7 +109,7 @@ class KDCameraBatches(Dataset):
         return len(self.camera)
 
     def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any] | None:
-        idx = [int(indices)] if isinstance(indices, int) else [int(i) for i in indices]
+        idx = [int(indices)] if isinstance(indices, Integral) else [int(i) for i in indices]
         items = [self.camera[i] for i in idx]
         kept = [i for i, it in zip(idx, items) if it is not None]
         batch = collate_camera(items)

@@ -32,6 +32,7 @@ from e2r.metrics import (ActionErrorAccumulator, metrics_table, parse_overall_we
                          segment_series, write_metrics_csv)
 from e2r.models.student import load_student
 from e2r.training import DistContext, resolve_device, run_epoch
+from pipelines.train_student import open_memorybank
 
 PREDICTORS = ("student", "baseline_train_mean", "baseline_prev_steering")
 
@@ -105,9 +106,7 @@ def evaluate_student(args: argparse.Namespace) -> dict[str, Any]:
     if len(ds) == 0:
         raise ValueError(f"{args.data_root}/{args.split}: no windows of seq_len={args.seq_len}")
     if args.memorybank:
-        from pipelines.train_student import open_memorybank
-
-        schema, teacher_cfg = open_memorybank(argparse.Namespace(memorybank=args.memorybank, teacher_ckpt=None))
+        schema, teacher_cfg = open_memorybank(args.memorybank)
         check_store(args.memorybank, schema, args.seq_len, ds.frame_actions().shape[1], cfg, False, teacher_cfg)
     data = KDCameraBatches(ds, args.memorybank, LIGHT_KD_FIELDS)
     loader, _ = make_kd_loader(data, args.batch_size, False, 0, args.num_workers, DistContext())

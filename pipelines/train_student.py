@@ -105,25 +105,26 @@ def kd_weights_of(args: argparse.Namespace) -> KDWeights:
                      speed_weight=args.speed_loss_weight, bev_feat_background=args.kd_bevfeat_background)
 
 
-def _teacher_config(args: argparse.Namespace, store_model_config: dict | None) -> TeacherConfig | None:
-    """The teacher that made the store: its recorded config, else ``--teacher_ckpt``'s, else None."""
+def _teacher_config(store_model_config: dict | None, teacher_ckpt: str | None) -> TeacherConfig | None:
+    """The teacher that made the store: its recorded config, else ``teacher_ckpt``'s, else None."""
     cfg = teacher_config_of_store(store_model_config)
-    if cfg is None and args.teacher_ckpt:
-        cfg = TeacherConfig.from_dict(dict(load_checkpoint(args.teacher_ckpt, kind="teacher")["config"]))
+    if cfg is None and teacher_ckpt:
+        cfg = TeacherConfig.from_dict(dict(load_checkpoint(teacher_ckpt, kind="teacher")["config"]))
     return cfg
 
 
-def open_memorybank(args: argparse.Namespace) -> tuple[Any, TeacherConfig | None]:
-    """Open ``--memorybank`` read-only -> ``(schema, teacher config or None)``; ValueError when unreadable."""
+def open_memorybank(path: str, teacher_ckpt: str | None = None) -> tuple[Any, TeacherConfig | None]:
+    """Open a memorybank read-only -> ``(StoreSchema, teacher config or None)``; the teacher config is the one
+    the store records, else ``teacher_ckpt``'s. ValueError naming the path when it cannot be opened."""
     from stores import MemoryBank
 
     try:
-        bank = MemoryBank.open(args.memorybank, mode="r")
+        bank = MemoryBank.open(path, mode="r")
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"--memorybank {args.memorybank}: cannot open it read-only ({type(e).__name__}: {e})") from None
+        raise ValueError(f"--memorybank {path}: cannot open it read-only ({type(e).__name__}: {e})") from None
     schema, prov = bank.schema, bank.provenance
     bank.close()
-    return schema, _teacher_config(args, prov.model_config)
+    return schema, _teacher_config(prov.model_config, teacher_ckpt)
 
 
 def build_student_config(args: argparse.Namespace, teacher_cfg: TeacherConfig | None) -> StudentConfig:
@@ -148,11 +149,13 @@ def train_student(args: argparse.Namespace) -> dict[str, Any]:
         device = resolve_device(args.device, ctx.local_rank)
         seed_everything(args.seed)
         resume = load_checkpoint(args.resume_path, kind="student") if args.resume_path else None
-        schema, teacher_cfg = open_memorybank(args) if args.memorybank else (None, None)
+        schema, teacher_cfg = (open_memorybank(args.memorybank, args.teacher_ckpt) if args.memorybank
+                                else (None, None))
         if resume:
             cfg = StudentConfig.from_dict(dict(resume["config"]))
         else:
-            cfg = build_student_config(args, teacher_cfg if teacher_cfg is not None else _teacher_config(args, None))
+            cfg = build_student_config(args, teacher_cfg if teacher_cfg is not None
+                                       else _teacher_config(None, args.teacher_ckpt))
         image_size = tuple(cfg.image_size)
         train_ds = CameraSequenceDataset(args.data_root, args.train_split, args.seq_len, args.stride, image_size)
         if len(train_ds) == 0:
