@@ -1,0 +1,264 @@
+"""The export engine: teacher outputs of a split's windows into a memorybank, each frame encoded once.
+
+One *task* fills the split positions ``[a, b)`` of a memorybank (a multiple of the store's shard rows, so
+concurrent tasks never share a shard). For the task's incomplete rows it
+
+1. encodes the needed frames in fixed batch cells (see :mod:`e2r.export_plan`): point clouds are read and
+   voxelised by DataLoader workers, the PointPillars encoder runs once per frame -> ``bev_vec (D,)`` and,
+   when stored, ``bev_feat (C, H, W)`` average-pooled by ``e2r.kd.pool_bev_feat``;
+2. as soon as a GRU cell's frames are all encoded, stacks their ``bev_vec`` into ``(n, T, D)`` and runs the
+   teacher's ``temporal`` from a zero state (exactly as ``forward`` does) -> actions, gru_out;
+3. writes finished rows in blocks through ``MemoryBank.write_rows`` (data first, then completion flags),
+   dropping frames no later window needs.
+
+``run_export_task`` is the picklable entry point a dask worker runs; it loads the teacher and the plan once
+per process.
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from e2r.data.datasets import LidarFrameDataset, LidarSequenceDataset
+from e2r.export_plan import SplitPlan, VoxelizedFrames, build_split_plan, collate_voxels, rows_to_frames
+from e2r.kd import pool_bev_feat
+from e2r.models.pointpillars import scatter_to_canvas
+from e2r.models.teacher import LiDARBEVTeacher, load_teacher
+
+__all__ = ["ExportOptions", "ExportContext", "TaskStats", "encode_voxel_batch", "export_rows",
+           "load_context", "run_export_task", "AMP_DTYPES"]
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExportOptions:
+    """Everything a task needs besides its row range (plain values: it travels to dask workers)."""
+
+    data_root: str
+    split: str
+    teacher_ckpt: str
+    store: str
+    seq_len: int = 5
+    stride: int = 1
+    batch_size: int = 16          # frames per encoder batch (a batch cell)
+    window_batch: int = 64        # windows per GRU batch (a cell; must divide the store's shard rows)
+    write_rows: int = 1024        # rows per write_rows call (at most; bev_feat shards may cap it)
+    num_workers: int = 2          # DataLoader workers reading + voxelising point clouds
+    device: str = "cpu"
+    amp: Optional[str] = None     # None | "bf16" | "fp16" (CUDA only)
+    save_bev_feat: bool = False
+    bev_feat_pool: int = 1
+    torch_threads: int = 0        # 0: leave torch's default
+    lidar_num_features: Any = "auto"
+
+
+@dataclass
+class TaskStats:
+    """What one task did. ``forward_s``: time in the teacher (encoder + GRU, device-synchronised)."""
+
+    split: str
+    a: int
+    b: int
+    rows_written: int = 0
+    rows_skipped: int = 0
+    frames_encoded: int = 0
+    windows_computed: int = 0
+    forward_s: float = 0.0
+    write_s: float = 0.0
+    wall_s: float = 0.0
+
+    def add(self, other: "TaskStats") -> None:
+        for f in ("rows_written", "rows_skipped", "frames_encoded", "windows_computed", "forward_s", "write_s",
+                  "wall_s"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
+
+@dataclass
+class ExportContext:
+    """A loaded teacher and one split's plan and frame reader (built once per process)."""
+
+    teacher: LiDARBEVTeacher
+    plan: SplitPlan
+    frames: VoxelizedFrames
+    device: torch.device
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_context(opts: ExportOptions, teacher: Optional[LiDARBEVTeacher] = None) -> ExportContext:
+    """Teacher (from ``opts.teacher_ckpt`` unless given) in eval mode on ``opts.device``, plus the split plan."""
+    from e2r.training import resolve_device
+
+    device = resolve_device(opts.device)
+    if teacher is None:
+        teacher, _ = load_teacher(opts.teacher_ckpt, device)
+    teacher = teacher.to(device).eval()
+    windows_ds = LidarSequenceDataset(opts.data_root, opts.split, opts.seq_len, opts.stride,
+                                      lidar_num_features=opts.lidar_num_features)
+    frames_ds = LidarFrameDataset(opts.data_root, opts.split, lidar_num_features=opts.lidar_num_features)
+    plan = build_split_plan(windows_ds, frames_ds)
+    frames = VoxelizedFrames(opts.data_root, opts.split, plan, teacher.cfg, frames_ds=frames_ds)
+    return ExportContext(teacher, plan, frames, device)
+
+
+def encode_voxel_batch(teacher: LiDARBEVTeacher, batch: dict[str, torch.Tensor], device: torch.device,
+                       amp: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's encoder on pre-voxelised frames (``collate_voxels`` output, F frames) ->
+    ``bev_vec (F, D)`` float32 and ``bev_feat (F, C, H, W)`` (float32, or the autocast dtype)."""
+    enc = teacher.encoder
+    nb = device.type == "cuda"
+    pillars = batch["pillars"].to(device, non_blocking=nb)
+    coords = batch["coords"].to(device, non_blocking=nb)
+    counts = batch["counts"].to(device, non_blocking=nb)
+    num_frames = int(batch["u"].shape[0])
+    ctx = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
+    with ctx:
+        feats = enc.pfn(pillars, counts, coords)
+        canvas = scatter_to_canvas(feats, coords, num_frames, enc.nx, enc.ny)
+        bev_feat = enc.backbone(canvas)
+        bev_vec = enc.to_vec(bev_feat.mean(dim=(2, 3)))
+    return bev_vec.float(), bev_feat
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cells(positions: np.ndarray, size: int) -> list[np.ndarray]:
+    """Whole cells ``[c*size, (c+1)*size)`` touched by ``positions`` (clipped to the largest position + 1 of
+    the universe is the caller's job)."""
+    return [np.arange(c * size, (c + 1) * size) for c in np.unique(np.asarray(positions) // size)]
+
+
+def export_rows(ctx: ExportContext, bank: Any, a: int, b: int, opts: ExportOptions,
+                on_progress: Optional[Callable[[int, int], None]] = None) -> TaskStats:
+    """Fill the incomplete rows among split positions ``[a, b)`` of ``bank`` (opened "r+", split reserved
+    with ``ctx.plan.keys``). ``on_progress(frames, windows)`` is called with increments."""
+    t_start = time.perf_counter()
+    plan, teacher, device, split = ctx.plan, ctx.teacher, ctx.device, opts.split
+    stats = TaskStats(split, a, b)
+    todo = np.zeros(b - a, bool)
+    for x, y in bank.incomplete_ranges(split):
+        lo, hi = max(x, a), min(y, b)
+        if lo < hi:
+            todo[lo - a:hi - a] = True
+    stats.rows_skipped = int((~todo).sum())
+    if not todo.any():
+        stats.wall_s = time.perf_counter() - t_start
+        return stats
+    W = int(opts.window_batch)
+    n_windows = plan.num_windows
+    win_cells = [c[c < n_windows] for c in _cells(a + np.flatnonzero(todo), W)]
+    all_windows = np.concatenate(win_cells)
+    frame_cells = [c[c < plan.num_frames] for c in _cells(rows_to_frames(plan, all_windows), opts.batch_size)]
+    write_rows = int(opts.write_rows)
+    if "bev_feat_shard_rows" in bank.attrs:
+        write_rows = min(write_rows, int(bank.attrs["bev_feat_shard_rows"]))
+    workers = int(opts.num_workers)
+    if workers > 0 and multiprocessing.current_process().daemon:
+        workers = 0  # a daemonic (e.g. dask) process may not start DataLoader workers
+    loader = DataLoader(ctx.frames, batch_sampler=[c.tolist() for c in frame_cells], collate_fn=collate_voxels,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    T, K = plan.seq_len, int(opts.bev_feat_pool)
+    np_dtype = np.dtype(bank.schema.dtype)
+    vec_cache: dict[int, torch.Tensor] = {}
+    feat_cache: dict[int, np.ndarray] = {}
+    pending: list[tuple[int, dict[str, np.ndarray]]] = []   # (position, row arrays) awaiting a write
+    cell_i, last_u = 0, -1
+
+    def flush() -> None:
+        t0 = time.perf_counter()
+        i = 0
+        while i < len(pending):
+            j = i + 1
+            while j < len(pending) and pending[j][0] == pending[j - 1][0] + 1:
+                j += 1
+            run = pending[i:j]
+            block = {f: np.stack([r[f] for _, r in run]) for f in run[0][1]}
+            first = run[0][0]
+            bank.write_rows(split, first, block, keys=plan.keys[first:first + len(run)])
+            stats.rows_written += len(run)
+            i = j
+        pending.clear()
+        stats.write_s += time.perf_counter() - t0
+
+    def ready_cells() -> None:
+        nonlocal cell_i
+        while cell_i < len(win_cells) and plan.window_u0[win_cells[cell_i][-1]] + T - 1 <= last_u:
+            pos = win_cells[cell_i]
+            cell_i += 1
+            u = plan.window_u0[pos][:, None] + np.arange(T)[None, :]                        # (n, T)
+            seq = torch.stack([vec_cache[int(x)] for x in u.ravel()]).view(len(pos), T, -1).to(device)
+            t0 = time.perf_counter()
+            actions, gru_out = teacher.temporal(seq, torch.from_numpy(plan.speed[pos]).to(device),
+                                                torch.from_numpy(plan.steering[pos]).to(device))
+            rows = {"actions": actions.float().cpu().numpy(), "bev_vec": seq.cpu().numpy(),
+                    "gru_out": gru_out.float().cpu().numpy()}
+            stats.forward_s += time.perf_counter() - t0
+            stats.windows_computed += len(pos)
+            for k, p in enumerate(pos):
+                if a <= p < b and todo[p - a]:
+                    row = {f: v[k].astype(np_dtype, copy=False) for f, v in rows.items()}
+                    if opts.save_bev_feat:
+                        row["bev_feat"] = np.stack([feat_cache[int(x)] for x in u[k]])
+                    pending.append((int(p), row))
+            if on_progress:
+                on_progress(0, len(pos))
+            if len(pending) >= write_rows:
+                flush()
+            if cell_i < len(win_cells):      # drop frames no later window needs
+                keep_from = int(plan.window_u0[win_cells[cell_i][0]])
+                for cache in (vec_cache, feat_cache):
+                    for x in [x for x in cache if x < keep_from]:
+                        del cache[x]
+
+    with torch.inference_mode():
+        for batch in loader:
+            t0 = time.perf_counter()
+            bev_vec, bev_feat = encode_voxel_batch(teacher, batch, device, opts.amp)
+            vec_cpu = bev_vec.cpu()
+            feat_np = pool_bev_feat(bev_feat.float(), K).cpu().numpy().astype(np_dtype) \
+                if opts.save_bev_feat else None
+            _sync(device)
+            stats.forward_s += time.perf_counter() - t0
+            for i, u in enumerate(batch["u"].tolist()):
+                vec_cache[u] = vec_cpu[i]
+                if feat_np is not None:
+                    feat_cache[u] = feat_np[i]
+            last_u = int(batch["u"][-1])
+            stats.frames_encoded += len(batch["u"])
+            if on_progress:
+                on_progress(len(batch["u"]), 0)
+            ready_cells()
+        flush()
+    stats.wall_s = time.perf_counter() - t_start
+    return stats
+
+
+_CONTEXTS: dict[tuple, ExportContext] = {}
+
+
+def run_export_task(opts: ExportOptions, a: int, b: int) -> TaskStats:
+    """Dask task: open the store "r+", fill split positions ``[a, b)``; the teacher and plan are loaded
+    once per worker process."""
+    from stores import MemoryBank
+
+    if opts.torch_threads > 0:
+        torch.set_num_threads(opts.torch_threads)
+    key = (opts.teacher_ckpt, opts.device, opts.data_root, opts.split, opts.seq_len, opts.stride)
+    ctx = _CONTEXTS.get(key)
+    if ctx is None:
+        ctx = _CONTEXTS[key] = load_context(opts)
+    try:
+        with MemoryBank.open(opts.store, mode="r+") as bank:
+            return export_rows(ctx, bank, a, b, opts)
+    except Exception as e:  # noqa: BLE001 - some errors (DataError) do not survive pickling; keep the message
+        raise RuntimeError(f"export task {opts.split}[{a}:{b}) failed: {type(e).__name__}: {e}") from None
