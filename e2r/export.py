@@ -54,7 +54,7 @@ class ExportOptions:
     num_workers: int = 2          # DataLoader workers reading + voxelising point clouds
     device: str = "cpu"
     amp: Optional[str] = None     # None | "bf16" | "fp16" (CUDA only)
-    save_bev_feat: bool = False
+    save_bev_feat: bool = False   # for the store's schema; export_rows follows the store's schema
     bev_feat_pool: int = 1
     torch_threads: int = 0        # 0: leave torch's default
     lidar_num_features: Any = "auto"
@@ -133,8 +133,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _cells(positions: np.ndarray, size: int) -> list[np.ndarray]:
-    """Whole cells ``[c*size, (c+1)*size)`` touched by ``positions`` (clipped to the largest position + 1 of
-    the universe is the caller's job)."""
+    """Whole cells ``[c*size, (c+1)*size)`` touched by ``positions`` (the caller clips them to its range)."""
     return [np.arange(c * size, (c + 1) * size) for c in np.unique(np.asarray(positions) // size)]
 
 
@@ -167,8 +166,10 @@ def export_rows(ctx: ExportContext, bank: Any, a: int, b: int, opts: ExportOptio
         workers = 0  # a daemonic (e.g. dask) process may not start DataLoader workers
     loader = DataLoader(ctx.frames, batch_sampler=[c.tolist() for c in frame_cells], collate_fn=collate_voxels,
                         num_workers=workers, pin_memory=device.type == "cuda")
-    T, K = plan.seq_len, int(opts.bev_feat_pool)
-    np_dtype = np.dtype(bank.schema.dtype)
+    schema = bank.schema                      # what is stored, and how bev_feat is pooled, comes from the store
+    save_feat = schema.store_bev_feat
+    T, K = plan.seq_len, int((schema.bev_feat_pool or {}).get("factor", 1))
+    np_dtype = np.dtype(schema.dtype)
     vec_cache: dict[int, torch.Tensor] = {}
     feat_cache: dict[int, np.ndarray] = {}
     pending: list[tuple[int, dict[str, np.ndarray]]] = []   # (position, row arrays) awaiting a write
@@ -207,7 +208,7 @@ def export_rows(ctx: ExportContext, bank: Any, a: int, b: int, opts: ExportOptio
             for k, p in enumerate(pos):
                 if a <= p < b and todo[p - a]:
                     row = {f: v[k].astype(np_dtype, copy=False) for f, v in rows.items()}
-                    if opts.save_bev_feat:
+                    if save_feat:
                         row["bev_feat"] = np.stack([feat_cache[int(x)] for x in u[k]])
                     pending.append((int(p), row))
             if on_progress:
@@ -226,7 +227,7 @@ def export_rows(ctx: ExportContext, bank: Any, a: int, b: int, opts: ExportOptio
             bev_vec, bev_feat = encode_voxel_batch(teacher, batch, device, opts.amp)
             vec_cpu = bev_vec.cpu()
             feat_np = pool_bev_feat(bev_feat.float(), K).cpu().numpy().astype(np_dtype) \
-                if opts.save_bev_feat else None
+                if save_feat else None
             _sync(device)
             stats.forward_s += time.perf_counter() - t0
             for i, u in enumerate(batch["u"].tolist()):

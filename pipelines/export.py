@@ -215,6 +215,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         teacher, _ = load_teacher(args.teacher_ckpt, device)
         schema, prov = _schema_and_provenance(args, teacher.cfg)
         bank = _open_store(args, schema, prov)
+        if (args.workers or args.scheduler) and bank.backend != "zarr":
+            raise ValueError(f"--workers/--scheduler need a Zarr store (concurrent writers); {args.store} is "
+                             f"{bank.backend}: export to a .zarr path and convert with `python -m stores convert`")
         client, cluster = _start_dask(args)
         n_procs = max(args.workers, 1)
         threads = args.threads or (0 if client is None else max(1, _cpus() // n_procs))
