@@ -26,8 +26,8 @@ from e2r.keys import InvalidKeyError
 
 HOW_TO_GET_A_TEACHER = (
     "export needs a trained teacher: pass --teacher_ckpt PATH. Train one with\n"
-    "  python -m pipelines.train_teacher --data_root DATA --preset tiny --epochs 2 --out_dir runs/teacher\n"
-    "(see python -m pipelines.train_teacher --help) and pass the checkpoint it writes.")
+    "  python -m pipelines.train_teacher --data_root DATA --preset tiny --save_path runs/teacher_best.pt\n"
+    "(see python -m pipelines.train_teacher --help) and pass --teacher_ckpt runs/teacher_best.pt.")
 
 
 def build_parser() -> argparse.ArgumentParser:
