@@ -52,8 +52,9 @@ def test_tiny_shapes_and_split_api_agree_with_forward():
             h = g_t[:, -1].unsqueeze(0).contiguous()
             outs.append(a_t)
         torch.testing.assert_close(torch.cat(outs, 1), actions, rtol=1e-4, atol=1e-5)
-    # outputs are de-normalised: the raw head output times std plus mean
-    raw = model.head(aux["gru_out"])
+    # outputs are de-normalised: (raw head output + the normalised [steering, speed] inputs) * std + mean
+    inputs_norm = model.normalize_actions(torch.stack([steer, speed], dim=-1))
+    raw = model.head(aux["gru_out"]) + inputs_norm
     torch.testing.assert_close(raw * model.action_std + model.action_mean, actions)
     torch.testing.assert_close(model.normalize_actions(actions), raw)
 
@@ -179,3 +180,20 @@ def test_init_with_and_without_head(tmp_path):
         load_init_weights(dst3, p3, skip_output_layer=False, output_layer_prefix=dst3.output_layer_prefix)
     load_init_weights(dst3, p3, skip_output_layer=True, output_layer_prefix=dst3.output_layer_prefix)
     assert torch.equal(dst3.gru.weight_ih_l0, other.gru.weight_ih_l0)
+
+
+def test_residual_policy_starts_at_repeating_its_inputs():
+    """With residual_actions the untrained policy outputs exactly [previous steering, current speed]."""
+    cfg = TeacherConfig.preset_named("tiny")
+    model = LiDARBEVTeacher(cfg).eval()
+    model.set_action_stats(torch.tensor([1.5, 12.0]), torch.tensor([4.0, 3.0]))
+    B, T = 2, 3
+    speed, steer = torch.rand(B, T) * 20, torch.randn(B, T) * 5
+    with torch.no_grad():
+        actions, _ = model.temporal(torch.randn(B, T, cfg.bev_dim), speed, steer)
+    torch.testing.assert_close(actions, torch.stack([steer, speed], dim=-1))
+    plain = LiDARBEVTeacher(TeacherConfig.preset_named("tiny")).eval()
+    plain.residual_actions = False
+    with torch.no_grad():
+        assert not torch.allclose(plain.temporal(torch.randn(B, T, cfg.bev_dim), speed, steer)[0],
+                                  torch.stack([steer, speed], dim=-1))

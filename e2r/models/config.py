@@ -34,6 +34,7 @@ class TeacherConfig:
     gru_hidden: int = 640       # H
     head_hidden: int = 320
     action_dim: int = 2         # A: [wheel_angle deg, velocity m/s]
+    residual_actions: bool = True  # head predicts the change w.r.t. the (steering, speed) inputs (models/policy.py)
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -2,10 +2,8 @@
 teacher's grid + bev_vec -> speed/steering embeddings -> GRU -> MLP head -> actions.
 
 Same API shape as ``e2r.models.teacher.LiDARBEVTeacher`` (``encode_frames``, ``temporal``, ``forward`` with
-``return_aux``) and the same normalisation mechanism: the training split's action mean/std in the buffers
-``action_mean``/``action_std`` (set with ``set_action_stats``, saved with the weights); the head predicts
-normalised actions, outputs are de-normalised; speed/steering inputs are normalised with velocity's and
-wheel_angle's statistics; ``normalize_actions`` maps physical actions to the loss units.
+``return_aux``); the control part (embeddings, GRU, head, normalisation, residual actions) is the same
+class, ``e2r.models.policy.TemporalPolicy``.
 """
 from __future__ import annotations
 
@@ -16,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from e2r.models.policy import TemporalPolicy
 from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import build_view_transform
 
 __all__ = ["StudentConfig", "CameraBEVStudent", "ImageEncoder", "BEVEncoder", "load_student"]
-
-STEER, SPEED = 0, 1  # action columns, as the teacher
 
 
 class BasicBlock(nn.Module):
@@ -92,12 +89,9 @@ class BEVEncoder(nn.Module):
         return self.fuse(torch.cat(outs, 1))
 
 
-class CameraBEVStudent(nn.Module):
+class CameraBEVStudent(TemporalPolicy):
     """Camera policy. ``forward(images (B,T,Ncam,3,H,W), intrinsics (B,Ncam,3,3), cam2ego (B,Ncam,4,4),
     speed (B,T), steering (B,T))`` -> actions (B,T,A) in physical units."""
-
-    #: state-dict prefix of the output layer (skipped by ``--init_skip_output_layer``), as the teacher
-    output_layer_prefix = "head.2."
 
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__()
@@ -110,27 +104,8 @@ class CameraBEVStudent(nn.Module):
         self.adapter = (nn.Identity() if cfg.bev_out_channels == cfg.teacher_bev_channels
                         else nn.Conv2d(cfg.bev_out_channels, cfg.teacher_bev_channels, 1))
         self.to_vec = nn.Linear(cfg.teacher_bev_channels, cfg.bev_dim)
-        self.speed_embed = nn.Sequential(nn.Linear(1, cfg.speed_emb), nn.ReLU())
-        self.steer_embed = nn.Sequential(nn.Linear(1, cfg.steer_emb), nn.ReLU())
-        self.gru = nn.GRU(cfg.bev_dim + cfg.speed_emb + cfg.steer_emb, cfg.gru_hidden, batch_first=True)
-        self.head = nn.Sequential(nn.Linear(cfg.gru_hidden, cfg.head_hidden), nn.ReLU(),
-                                  nn.Linear(cfg.head_hidden, cfg.action_dim))
-        self.register_buffer("action_mean", torch.zeros(cfg.action_dim))
-        self.register_buffer("action_std", torch.ones(cfg.action_dim))
-
-    # ---- normalisation (same mechanism and names as the teacher) ----
-    def set_action_stats(self, mean: Tensor, std: Tensor) -> None:
-        """Store the training split's action mean/std (A,) used to (de-)normalise."""
-        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-        if mean.shape != self.action_mean.shape or std.shape != self.action_std.shape or not (std > 0).all():
-            raise ValueError(f"action stats need shape {tuple(self.action_mean.shape)} and std > 0, "
-                             f"got mean {mean.tolist()} std {std.tolist()}")
-        self.action_mean.copy_(mean)
-        self.action_std.copy_(std)
-
-    def normalize_actions(self, actions: Tensor) -> Tensor:
-        """Physical (..., A) -> normalised units (zero mean, unit std on the training split)."""
-        return (actions - self.action_mean) / self.action_std
+        self.build_policy(cfg.bev_dim, cfg.speed_emb, cfg.steer_emb, cfg.gru_hidden, cfg.head_hidden,
+                          cfg.action_dim, cfg.residual_actions)
 
     # ---- model ----
     def encode_frames(self, images: Tensor, intrinsics: Tensor, cam2ego: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,21 +122,6 @@ class CameraBEVStudent(nn.Module):
                                   cam2ego.to(feats.device, torch.float32), (H, W))
         bev_feat = self.adapter(self.bev_encoder(bev))
         return self.to_vec(bev_feat.mean(dim=(2, 3))), bev_feat
-
-    def temporal(self, bev_vec_seq: Tensor, speed: Tensor, steering: Tensor,
-                 hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """bev_vec_seq (B,T,D), speed (B,T) m/s, steering (B,T) deg, hidden (1,B,H) or None
-        -> ``actions (B,T,A)`` in physical units and ``gru_out (B,T,H)``."""
-        B, T, _ = bev_vec_seq.shape
-        if speed.shape != (B, T) or steering.shape != (B, T):
-            raise ValueError(f"speed {tuple(speed.shape)} and steering {tuple(steering.shape)} must be (B, T) = "
-                             f"{(B, T)} like bev_vec_seq {tuple(bev_vec_seq.shape)}")
-        dev = bev_vec_seq.device
-        s = (speed.to(dev, torch.float32) - self.action_mean[SPEED]) / self.action_std[SPEED]
-        st = (steering.to(dev, torch.float32) - self.action_mean[STEER]) / self.action_std[STEER]
-        x = torch.cat([bev_vec_seq, self.speed_embed(s.unsqueeze(-1)), self.steer_embed(st.unsqueeze(-1))], dim=-1)
-        gru_out, _ = self.gru(x, hidden)
-        return self.head(gru_out) * self.action_std + self.action_mean, gru_out
 
     def forward(self, images: Tensor, intrinsics: Tensor, cam2ego: Tensor, speed: Tensor, steering: Tensor,
                 return_aux: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:

@@ -35,6 +35,7 @@ class StudentConfig:
     speed_emb: int = 32
     steer_emb: int = 32
     head_hidden: int = 320
+    residual_actions: bool = True
     # --- student's own ---
     image_size: tuple[int, ...] = (256, 128)
     image_channels: tuple[int, ...] = (32, 64, 128, 256)   # stem + stages (each stage /2) -> stride 2^(n-1)
@@ -70,7 +71,8 @@ class StudentConfig:
                        bev_dx=g["dx"], bev_dy=g["dy"], bev_H=g["H"], bev_W=g["W"],
                        teacher_bev_channels=teacher.bev_channels, bev_dim=teacher.bev_dim,
                        gru_hidden=teacher.gru_hidden, action_dim=teacher.action_dim, speed_emb=teacher.speed_emb,
-                       steer_emb=teacher.steer_emb, head_hidden=teacher.head_hidden)
+                       steer_emb=teacher.steer_emb, head_hidden=teacher.head_hidden,
+                       residual_actions=teacher.residual_actions)
         if preset == "full":
             own: dict[str, Any] = {}
         elif preset == "tiny":

@@ -1,0 +1,73 @@
+"""The control part shared by the teacher and the student: speed/steering embeddings -> GRU -> MLP head.
+
+Both policies see the previous command (``steering`` = wheel_angle[t-1]) and the current speed. At 20 Hz
+the command changes little from one frame to the next, so with ``residual_actions`` the head predicts the
+*change* relative to those inputs: ``action_norm = head(gru_out) + [steering_norm, speed_norm]``. Repeating
+the previous command is then the network's starting point, and the sensor (LiDAR or camera) has to
+explain the correction; without it a small network spends most of its training re-learning the identity.
+
+Normalisation: the training split's action mean/std (A,) live in the buffers ``action_mean``/``action_std``
+(saved with the weights); the head works in normalised units, outputs are de-normalised (degrees, m/s);
+speed and steering inputs are normalised with velocity's and wheel_angle's statistics.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TemporalPolicy", "STEER", "SPEED"]
+
+STEER, SPEED = 0, 1  # action columns: [wheel_angle (deg), velocity (m/s)]
+
+
+class TemporalPolicy(nn.Module):
+    """Base class: subclasses call :meth:`build_policy` in ``__init__`` and provide ``encode_frames``."""
+
+    #: state-dict prefix of the output layer (skipped by ``--init_skip_output_layer``)
+    output_layer_prefix = "head.2."
+
+    def build_policy(self, bev_dim: int, speed_emb: int, steer_emb: int, gru_hidden: int, head_hidden: int,
+                     action_dim: int, residual_actions: bool) -> None:
+        if action_dim != 2:
+            raise ValueError(f"the policy predicts [wheel_angle, velocity]; action_dim must be 2, got {action_dim}")
+        self.residual_actions = bool(residual_actions)
+        self.speed_embed = nn.Sequential(nn.Linear(1, speed_emb), nn.ReLU())
+        self.steer_embed = nn.Sequential(nn.Linear(1, steer_emb), nn.ReLU())
+        self.gru = nn.GRU(bev_dim + speed_emb + steer_emb, gru_hidden, batch_first=True)
+        self.head = nn.Sequential(nn.Linear(gru_hidden, head_hidden), nn.ReLU(), nn.Linear(head_hidden, action_dim))
+        if self.residual_actions:  # start exactly at "repeat the inputs"; the network learns the correction
+            nn.init.zeros_(self.head[2].weight)
+            nn.init.zeros_(self.head[2].bias)
+        self.register_buffer("action_mean", torch.zeros(action_dim))
+        self.register_buffer("action_std", torch.ones(action_dim))
+
+    def set_action_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Store the training split's action mean/std (A,) used to (de-)normalise."""
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean.shape != self.action_mean.shape or std.shape != self.action_std.shape or not (std > 0).all():
+            raise ValueError(f"action stats need shape {tuple(self.action_mean.shape)} and std > 0, "
+                             f"got mean {mean.tolist()} std {std.tolist()}")
+        self.action_mean.copy_(mean)
+        self.action_std.copy_(std)
+
+    def normalize_actions(self, actions: Tensor) -> Tensor:
+        """Physical (..., A) -> normalised units (zero mean, unit std on the training split)."""
+        return (actions - self.action_mean) / self.action_std
+
+    def temporal(self, bev_vec_seq: Tensor, speed: Tensor, steering: Tensor,
+                 hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """bev_vec_seq (B,T,D), speed (B,T) m/s, steering (B,T) deg, hidden (1,B,H) or None
+        -> ``actions (B,T,A)`` in physical units and ``gru_out (B,T,H)``."""
+        B, T, _ = bev_vec_seq.shape
+        if speed.shape != (B, T) or steering.shape != (B, T):
+            raise ValueError(f"speed {tuple(speed.shape)} and steering {tuple(steering.shape)} must be (B, T) = "
+                             f"{(B, T)} like bev_vec_seq {tuple(bev_vec_seq.shape)}")
+        dev = bev_vec_seq.device
+        s = (speed.to(dev, torch.float32) - self.action_mean[SPEED]) / self.action_std[SPEED]
+        st = (steering.to(dev, torch.float32) - self.action_mean[STEER]) / self.action_std[STEER]
+        x = torch.cat([bev_vec_seq, self.speed_embed(s.unsqueeze(-1)), self.steer_embed(st.unsqueeze(-1))], dim=-1)
+        gru_out, _ = self.gru(x, hidden)
+        out = self.head(gru_out)
+        if self.residual_actions:
+            out = out + torch.stack([st, s], dim=-1)
+        return out * self.action_std + self.action_mean, gru_out
