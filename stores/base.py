@@ -27,10 +27,11 @@ def _pow2_floor(x: float) -> int:
 
 
 def default_shard_rows(schema: StoreSchema) -> int:
-    """Rows per shard of the light fields: a power of two in [256, 16384] keeping the widest light field's
-    shard at most 256 MiB raw (16384 for the full preset at float32 and float16)."""
-    widest = max(schema.row_nbytes(f) for f in ("actions", "bev_vec", "gru_out"))
-    return int(min(16384, max(256, _pow2_floor(_SHARD_TARGET_BYTES / widest))))
+    """Rows per shard (= writers' alignment unit): 2048, or fewer (a power of two, at least 256) when a
+    packed light row is so wide that a shard would exceed 256 MiB raw. 2048 is the measured sweet spot of
+    issue 5 (one file per 2048 keys; a partial block re-writes at most 2048 rows)."""
+    widest = schema.row_nbytes("light")
+    return int(min(2048, max(256, _pow2_floor(_SHARD_TARGET_BYTES / widest))))
 
 
 def bev_feat_shard_rows(schema: StoreSchema, shard_rows: int) -> int:
@@ -314,8 +315,7 @@ class MemoryBank:
                 raise ValueError(f"write_rows({split!r}, offset={offset}): keys differ from the reserved keys")
         if n == 0:
             return
-        for f, a in arrays.items():
-            self._write_field(f, start + offset, a)
+        self._write_fields(start + offset, arrays)
         self._write_complete(start + offset, start + offset + n, True)
 
     def remove_split(self, split: str) -> None:
@@ -375,6 +375,11 @@ class MemoryBank:
 
     def _write_field(self, name: str, a: int, data: np.ndarray) -> None:
         raise NotImplementedError
+
+    def _write_fields(self, a: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write every field's block at rows ``[a, a + n)`` (back ends that pack fields override this)."""
+        for f, d in arrays.items():
+            self._write_field(f, a, d)
 
     def _read_rows(self, fields: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
         """Hot path: ``{field: array (len(rows), T, ...)}`` for sorted unique ``rows``."""

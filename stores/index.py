@@ -43,18 +43,16 @@ class KeyIndex:
     def rows(self, keys: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """Rows (int64, -1 where absent) for ``keys`` in request order, and the list of absent keys.
 
-        Every key is validated first; a malformed key raises InvalidKeyError naming it.
+        A malformed key raises InvalidKeyError naming it. (Indexed keys were validated when reserved, so
+        only keys not found are validated here: the hot path does one dict lookup per key.)
         """
-        out = np.empty(len(keys), dtype=np.int64)
-        missing: list[str] = []
         get = self._row.get
-        for i, k in enumerate(keys):
-            validate_key(k)
-            r = get(k)
-            if r is None:
-                missing.append(k)
-                r = -1
-            out[i] = r
+        out = np.fromiter((get(k, -1) if isinstance(k, str) else -1 for k in keys), dtype=np.int64,
+                          count=len(keys))
+        missing: list[str] = []
+        for i in np.flatnonzero(out < 0).tolist():
+            validate_key(keys[i])
+            missing.append(keys[i])
         return out, missing
 
     def items(self) -> Iterable[tuple[str, int]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2      # 2: light fields packed in one array `light` (Zarr back end)
 LIGHT_FIELDS: tuple[str, ...] = ("actions", "bev_vec", "gru_out")
 BEV_FEAT = "bev_feat"
 ALL_FIELDS: tuple[str, ...] = LIGHT_FIELDS + (BEV_FEAT,)
@@ -27,6 +27,8 @@ DIM_NAMES: dict[str, tuple[str, ...]] = {
     "gru_out": ("row", "t", "h"),
     BEV_FEAT: ("row", "t", "c", "y", "x"),
 }
+LIGHT_ARRAY = "light"                  # Zarr: actions|bev_vec|gru_out packed along the last axis
+LIGHT_DIM_NAMES: tuple[str, ...] = ("row", "t", "channel")
 _DTYPES = ("float32", "float16")
 
 
@@ -77,11 +79,23 @@ class StoreSchema:
             return (T, self.bev_dim)
         if name == "gru_out":
             return (T, self.gru_hidden)
+        if name == LIGHT_ARRAY:
+            return (T, self.action_dim + self.bev_dim + self.gru_hidden)
         if name == BEV_FEAT:
             if self.bev_feat_shape is None:
                 raise KeyError("this schema has no bev_feat_shape")
             return (T, *self.bev_feat_shape)
         raise KeyError(f"unknown field {name!r}; known: {ALL_FIELDS}")
+
+    def light_channels(self) -> dict[str, tuple[int, int]]:
+        """``{field: (first, end)}`` channel slice of each light field in the packed ``light`` array
+        (N, T, A + D + H): actions ``[0, A)``, bev_vec ``[A, A + D)``, gru_out ``[A + D, A + D + H)``."""
+        out, c = {}, 0
+        for f in LIGHT_FIELDS:
+            w = self.row_shape(f)[-1]
+            out[f] = (c, c + w)
+            c += w
+        return out
 
     def row_nbytes(self, name: str) -> int:
         return int(np.prod(self.row_shape(name))) * np.dtype(self.dtype).itemsize

@@ -34,7 +34,7 @@ class MemoryBankDataset(Dataset):
     def __init__(self, path: str, keys: Sequence[str] | None = None, split: str | None = None,
                  fields: Sequence[str] | None = None) -> None:
         self.path = str(path)
-        bank = MemoryBank.open(self.path, mode="r")   # index only (zarr-python); no tensorstore I/O here
+        bank = MemoryBank.open(self.path, mode="r")   # index only; rows are read lazily per process
         self.schema = bank.schema
         self.fields = tuple(fields) if fields is not None else self.schema.fields
         self.keys = list(keys) if keys is not None else bank.keys(split)
@@ -115,9 +115,7 @@ class KeyBatchSampler(Sampler[list[int]]):
 
 def make_loader(dataset: MemoryBankDataset, sampler: KeyBatchSampler, num_workers: int = 2,
                 **kwargs: Any) -> DataLoader:
-    """A DataLoader that fetches one whole batch per worker call (``batch_size=None``). Uses the
-    ``forkserver`` start method when this process already used tensorstore (fork would break it)."""
-    from stores.zarr_store import tensorstore_used_in_this_process
-    if num_workers > 0 and "multiprocessing_context" not in kwargs and tensorstore_used_in_this_process():
-        kwargs["multiprocessing_context"] = "forkserver"
+    """A DataLoader that fetches one whole batch per worker call (``batch_size=None``). Any start method
+    works (the row reader has no threads or async state; each worker maps the shard files it reads), so
+    the default (fork on Linux) is used unless ``multiprocessing_context`` is given."""
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, **kwargs)

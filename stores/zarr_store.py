@@ -1,24 +1,24 @@
-"""Zarr v3 back end of `MemoryBank`: zarr-python creates, writes and inspects; tensorstore reads the hot path.
+"""Zarr v3 back end of `MemoryBank`: zarr-python creates, writes and inspects; `RowChunkReader` reads rows.
 
-Layout of ``<path>/`` (a Zarr v3 group; attributes = schema, provenance, splits, times, shard_rows)::
+Layout of ``<path>/`` (a Zarr v3 group; attributes = schema, provenance, splits, times, shard_rows,
+``light_channels``)::
 
     keys        (N,)            string (vlen-utf8), chunks (S,)          "" for unreserved rows
     complete    (N,)            uint8, chunks (S,)                       1 = row fully written
-    actions     (N, T, A)       float32|float16, shards (S, T, A) of inner chunks (1, T, A), blosc-zstd
-    bev_vec     (N, T, D)       same
-    gru_out     (N, T, H)       same
+    light       (N, T, A+D+H)   float32|float16: actions | bev_vec | gru_out packed on the channel axis,
+                                shards (S, T, A+D+H) of inner chunks (1, T, A+D+H)
     bev_feat/bev_feat (N, T, C, H, W)  shards (B, T, C, H, W), inner chunk = one sample (only if stored)
 
-S = ``shard_rows`` (the writers' alignment unit); B divides S. Every array carries ``dimension_names``.
-Tensorstore handles are opened lazily in the process that reads (after a DataLoader fork, the worker
-opens its own). Tensorstore cannot be used in a process forked from one that already used it; such a
-process reads through zarr-python instead (correct, slower) and warns once.
+S = ``shard_rows`` (the writers' alignment unit); B divides S. Every array carries ``dimension_names``;
+the group attribute ``light_channels = {field: [first, end)}`` says which channels of ``light`` hold which
+field. The API (``get_batch(fields=...)``, ``dask_array(field)``, CLI) still speaks per field. One packed
+array means ONE inner-chunk read and decode per row for all three light fields (docs/STORE.md has the
+numbers). Rows are read by `stores.row_reader.RowChunkReader` (mmap + one decode per row; no threads, so
+fork safe); zarr-python is the fallback for layouts it does not handle.
 """
 from __future__ import annotations
 
-import os
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,17 @@ import zarr
 import zarr.codecs as zc
 
 from stores.base import MemoryBank
-from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_FIELDS, StoreSchema
-
-_TS_USED_BY_PID: int | None = None   # the process whose tensorstore runtime is live
-_WARNED_FALLBACK = False
-TS_CACHE_BYTES = 64 * 2**20
+from stores.row_reader import RowChunkReader, UnsupportedLayout
+from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, LIGHT_FIELDS, StoreSchema
 
 
-def light_compressor(dtype: str) -> zc.BloscCodec:
-    """Codec of the light fields: blosc zstd level 3 with byte shuffle (see docs/STORE.md for the measurement)."""
-    return zc.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
+def light_compressor(dtype: str) -> zc.BloscCodec | zc.ZstdCodec:
+    """Codec of the packed light array, chosen by measurement (docs/STORE.md): float32 -> blosc lz4hc-5 +
+    byte shuffle (1.10x, ~7x faster to decode than zstd); float16 -> zstd-3 (lz4 gains nothing on float16,
+    and the float16 bytes goal needs the entropy coder)."""
+    if np.dtype(dtype).itemsize >= 4:
+        return zc.BloscCodec(cname="lz4hc", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
+    return zc.ZstdCodec(level=3)
 
 
 def bev_feat_compressor(dtype: str) -> zc.BloscCodec:
@@ -45,12 +46,10 @@ def bev_feat_compressor(dtype: str) -> zc.BloscCodec:
 
 
 def field_path(name: str) -> str:
-    """Array path of a field inside the group (bev_feat lives in its own group)."""
+    """Array path of a field inside the group: light fields live in ``light``, bev_feat in its own group."""
+    if name in LIGHT_FIELDS:
+        return LIGHT_ARRAY
     return f"{BEV_FEAT}/{BEV_FEAT}" if name == BEV_FEAT else name
-
-
-def _tensorstore_usable() -> bool:
-    return _TS_USED_BY_PID is None or _TS_USED_BY_PID == os.getpid()
 
 
 class ZarrMemoryBank(MemoryBank):
@@ -62,12 +61,11 @@ class ZarrMemoryBank(MemoryBank):
         super().__init__(path, mode)
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
-        self._ts: dict[str, Any] = {}
-        self._ts_pid: int | None = None
+        self._readers: dict[str, RowChunkReader | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["_group"], d["_arrays"], d["_ts"], d["_ts_pid"] = None, {}, {}, None
+        d["_group"], d["_arrays"], d["_readers"] = None, {}, {}
         return d
 
     @staticmethod
@@ -81,29 +79,35 @@ class ZarrMemoryBank(MemoryBank):
         return self._group
 
     def _arr(self, name: str) -> zarr.Array:
-        a = self._arrays.get(name)
+        """The zarr array holding ``name`` (a field, ``light``, ``keys`` or ``complete``)."""
+        path = field_path(name)
+        a = self._arrays.get(path)
         if a is None:
-            a = self._g()[field_path(name)]
-            self._arrays[name] = a
+            a = self._g()[path]
+            self._arrays[path] = a
         return a
 
     def _open_existing(self) -> None:
         if not self.exists(self.path):
             raise FileNotFoundError(f"no Zarr memorybank at {self.path} (missing zarr.json)")
-        self._g()
+        g = self._g()
+        version = g.attrs.get("schema_version")
+        if g.attrs.get("format") == "e2r-memorybank" and version != 2:
+            raise ValueError(f"{self.path}: memorybank schema_version {version} (one array per light field) is "
+                             "not readable by this version (2: light fields packed in `light`); re-export it")
 
     def _create_new(self, schema: StoreSchema) -> None:
         S = int(self._attrs["shard_rows"])
+        self._attrs["light_channels"] = {f: list(v) for f, v in schema.light_channels().items()}
         g = zarr.open_group(self.path, mode="w-", zarr_format=3)
         self._group = g
         g.create_array("keys", shape=(0,), chunks=(S,), dtype=str, fill_value="", dimension_names=["row"])
         g.create_array("complete", shape=(0,), chunks=(S,), dtype="uint8", fill_value=0,
                        compressors=zc.ZstdCodec(level=3), dimension_names=["row"])
-        for f in LIGHT_FIELDS:
-            shp = schema.row_shape(f)
-            g.create_array(f, shape=(0, *shp), chunks=(1, *shp), shards=(S, *shp), dtype=schema.dtype,
-                           fill_value=0, compressors=light_compressor(schema.dtype),
-                           dimension_names=list(DIM_NAMES[f]))
+        shp = schema.row_shape(LIGHT_ARRAY)
+        g.create_array(LIGHT_ARRAY, shape=(0, *shp), chunks=(1, *shp), shards=(S, *shp), dtype=schema.dtype,
+                       fill_value=0, compressors=light_compressor(schema.dtype),
+                       dimension_names=list(LIGHT_DIM_NAMES))
         if schema.store_bev_feat:
             B = int(self._attrs["bev_feat_shard_rows"])
             shp = schema.row_shape(BEV_FEAT)
@@ -113,8 +117,8 @@ class ZarrMemoryBank(MemoryBank):
                              compressors=bev_feat_compressor(schema.dtype),
                              dimension_names=list(DIM_NAMES[BEV_FEAT]), **kw)
 
-    def _fields_on_disk(self) -> list[str]:
-        return list(self.schema.fields)
+    def _arrays_on_disk(self) -> list[str]:
+        return [LIGHT_ARRAY] + ([BEV_FEAT] if self.schema.store_bev_feat else [])
 
     def _read_attrs(self) -> dict[str, Any]:
         return dict(self._g().attrs.asdict())
@@ -126,10 +130,10 @@ class ZarrMemoryBank(MemoryBank):
         return int(self._arr("keys").shape[0])
 
     def _resize(self, n: int) -> None:
-        for name in ["keys", "complete", *self._fields_on_disk()]:
+        for name in ["keys", "complete", *self._arrays_on_disk()]:
             a = self._arr(name)
             a.resize((n, *a.shape[1:]))
-        self._ts.clear()
+        self._readers.clear()
 
     def _read_keys(self, a: int, b: int) -> np.ndarray:
         return np.asarray(self._arr("keys")[a:b]).astype(object) if b > a else np.zeros(0, object)
@@ -143,70 +147,102 @@ class ZarrMemoryBank(MemoryBank):
     def _write_complete(self, a: int, b: int, flag: bool) -> None:
         self._arr("complete")[a:b] = np.uint8(flag)
 
+    def _write_fields(self, a: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Pack the light fields into one block (n, T, A+D+H) and write it with one zarr write."""
+        light = [arrays[f] for f in LIGHT_FIELDS if f in arrays]
+        if light:
+            if len(light) != len(LIGHT_FIELDS):
+                raise ValueError(f"{self.path}: the packed light array needs all of {LIGHT_FIELDS} in one write")
+            self._arr(LIGHT_ARRAY)[a:a + len(light[0])] = np.concatenate(light, axis=-1)
+        if BEV_FEAT in arrays:
+            self._arr(BEV_FEAT)[a:a + len(arrays[BEV_FEAT])] = arrays[BEV_FEAT]
+        self._readers.clear()
+
     def _write_field(self, name: str, a: int, data: np.ndarray) -> None:
-        self._arr(name)[a:a + len(data)] = data
+        if name in LIGHT_FIELDS:
+            c0, c1 = self.schema.light_channels()[name]
+            self._arr(LIGHT_ARRAY)[a:a + len(data), :, c0:c1] = data
+        else:
+            self._arr(name)[a:a + len(data)] = data
+        self._readers.clear()
 
     def _clear_rows(self, a: int, b: int) -> None:
         self._write_complete(a, b, False)
-        for f in self._fields_on_disk():
-            self._arr(f)[a:b] = 0          # all-fill inner chunks/shards are deleted (write_empty_chunks=False)
+        for name in self._arrays_on_disk():
+            self._arr(name)[a:b] = 0        # all-fill inner chunks/shards are deleted (write_empty_chunks=False)
         self._arr("keys")[a:b] = ""
+        self._readers.clear()
+
+    def refresh(self) -> None:
+        """Reload the key index and drop mapped shard files (writers replace them by rename)."""
+        self._readers = {}
+        super().refresh()
 
     def dask_array(self, name: str) -> Any:
+        """Dask array (N, T, ...) of field ``name`` (light fields: a channel slice of ``light``) or of an
+        on-disk array name; one dask chunk per shard, nothing loaded."""
         import dask.array as da
-        return da.from_zarr(self._arr(name))
+        arr = self._arr(name)
+        d = da.from_zarr(arr, chunks=(arr.shards or arr.chunks))
+        if name in LIGHT_FIELDS:
+            c0, c1 = self.schema.light_channels()[name]
+            d = d[..., c0:c1]
+        return d
 
-    # ------------------------------------------------------------------ tensorstore side (hot path)
-    def _ts_handle(self, name: str) -> Any:
-        global _TS_USED_BY_PID
-        pid = os.getpid()
-        if self._ts_pid != pid:
-            self._ts, self._ts_pid = {}, pid
-        h = self._ts.get(name)
-        if h is None:
-            import tensorstore as ts
-            spec = {"driver": "zarr3",
-                    "kvstore": {"driver": "file", "path": str(Path(self.path) / field_path(name))},
-                    "recheck_cached_data": False, "recheck_cached_metadata": False,
-                    "context": {"cache_pool": {"total_bytes_limit": TS_CACHE_BYTES}}}
-            h = ts.open(spec, read=True, open=True).result()
-            _TS_USED_BY_PID = pid
-            self._ts[name] = h
-        return h
+    # ------------------------------------------------------------------ hot path
+    def _reader(self, path: str) -> RowChunkReader | None:
+        if path not in self._readers:
+            try:
+                self._readers[path] = RowChunkReader(Path(self.path) / path)
+            except UnsupportedLayout:
+                self._readers[path] = None
+        return self._readers[path]
+
+    def _read_array_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        r = self._reader(field_path(name))
+        if r is None:        # a layout RowChunkReader does not handle: zarr-python (correct, slower)
+            return np.asarray(self._arr(name).get_orthogonal_selection((rows,)))
+        return r.read(rows)
 
     def _read_rows(self, fields: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-        global _WARNED_FALLBACK
-        if not _tensorstore_usable():
-            if not _WARNED_FALLBACK:
-                warnings.warn("memorybank: tensorstore was used in a parent process before fork(); this "
-                              "process reads through zarr-python (slow). Create DataLoader workers before "
-                              "reading in the parent, or use multiprocessing_context='forkserver'.",
-                              RuntimeWarning, stacklevel=3)
-                _WARNED_FALLBACK = True
-            return {f: np.asarray(self._arr(f).get_orthogonal_selection((rows,))) for f in fields}
-        futures = {f: self._ts_handle(f)[rows].read() for f in fields}
-        return {f: fut.result() for f, fut in futures.items()}
+        """``{field: (len(rows), T, ...)}``; the packed light row is read ONCE for all light fields, which
+        come back as channel views of it."""
+        out: dict[str, np.ndarray] = {}
+        light = [f for f in fields if f in LIGHT_FIELDS]
+        if light:
+            packed = self._read_array_rows(LIGHT_ARRAY, rows)
+            ch = self.schema.light_channels()
+            for f in light:
+                out[f] = packed[..., ch[f][0]:ch[f][1]]
+        if BEV_FEAT in fields:
+            out[BEV_FEAT] = self._read_array_rows(BEV_FEAT, rows)
+        return {f: out[f] for f in fields}
 
     def describe(self) -> list[dict[str, Any]]:
-        """Per array: name, shape, dtype, chunks, shards, codecs, stored bytes (files on disk), raw bytes."""
+        """Per array: name, shape, dtype, chunks, shards, codecs, stored bytes (files on disk), raw bytes,
+        and for ``light`` the channel slice of each field."""
         out = []
-        for name in ["keys", "complete", *self.schema.fields]:
+        for name in ["keys", "complete", *self._arrays_on_disk()]:
             a = self._arr(name)
             root = Path(self.path) / field_path(name)
             stored = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "zarr.json")
             raw = int(np.prod(a.shape)) * (a.dtype.itemsize if a.dtype.kind in "fiub" else 0)
-            out.append({"name": field_path(name), "shape": tuple(a.shape), "dtype": str(a.dtype),
-                        "chunks": tuple(a.chunks), "shards": tuple(a.shards) if a.shards else None,
-                        "codecs": [type(a.serializer).__name__] + [type(c).__name__ for c in a.compressors],
-                        "stored_bytes": stored, "raw_bytes": raw})
+            d = {"name": field_path(name), "shape": tuple(a.shape), "dtype": str(a.dtype),
+                 "chunks": tuple(a.chunks), "shards": tuple(a.shards) if a.shards else None,
+                 "codecs": [type(a.serializer).__name__] + [type(c).__name__ for c in a.compressors],
+                 "stored_bytes": stored, "raw_bytes": raw}
+            if name == LIGHT_ARRAY:
+                d["fields"] = {f: tuple(v) for f, v in self.schema.light_channels().items()}
+            out.append(d)
         return out
 
     def close(self) -> None:
-        self._ts.clear()
+        self._readers.clear()
         self._arrays.clear()
         self._group = None
 
 
 def tensorstore_used_in_this_process() -> bool:
-    """True when this process has live tensorstore state (forked children then cannot use tensorstore)."""
-    return _TS_USED_BY_PID == os.getpid()
+    """Always False: the read path no longer uses tensorstore (kept for callers that choose a DataLoader
+    start method; any start method, fork included, is safe with `RowChunkReader`)."""
+    return False

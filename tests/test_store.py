@@ -180,12 +180,34 @@ def test_third_party_openers(tmp_path):
     schema, keys, data = _filled(path, bev=True)
     g = zarr.open_group(path, mode="r")
     assert g.attrs["seq_len"] == 3 and list(g["keys"][:2]) == keys[:2]
-    np.testing.assert_array_equal(g["gru_out"][5], data["gru_out"][5])
+    ch = g.attrs["light_channels"]                       # light fields packed on the channel axis of `light`
+    assert ch == {"actions": [0, 2], "bev_vec": [2, 10], "gru_out": [10, 22]}
+    np.testing.assert_array_equal(g["light"][5][:, slice(*ch["gru_out"])], data["gru_out"][5])
     np.testing.assert_array_equal(g["bev_feat/bev_feat"][24], data["bev_feat"][24])
-    d = da.from_zarr(path, component="bev_vec")
+    d = da.from_zarr(path, component="light")[..., slice(*ch["bev_vec"])]
     np.testing.assert_allclose(d.mean(axis=0).compute(), data["bev_vec"].mean(0), rtol=1e-5, atol=1e-6)
     ds = xr.open_zarr(path, consolidated=False, zarr_format=3)
-    assert ds["actions"].dims == ("row", "t", "a") and ds.sizes["row"] == 25
-    np.testing.assert_array_equal(ds["actions"].isel(row=3).values, data["actions"][3])
+    assert ds["light"].dims == ("row", "t", "channel") and ds.sizes["row"] == 25
+    np.testing.assert_array_equal(ds["light"].isel(row=3, channel=slice(*ch["actions"])).values, data["actions"][3])
     dsb = xr.open_zarr(path, group="bev_feat", consolidated=False, zarr_format=3)
     assert dsb["bev_feat"].dims == ("row", "t", "c", "y", "x")
+
+
+def test_reader_sees_rows_written_into_a_mapped_shard_after_refresh(tmp_path):
+    path = str(tmp_path / "mb.zarr")
+    schema = tiny_schema(bev=True)
+    w = MemoryBank.create(path, schema, tiny_prov(), shard_rows=16)
+    keys = make_keys("train", 16)
+    w.reserve_split("train", keys)
+    data = rows_for(schema, keys)
+    w.write_rows("train", 0, {f: a[:4] for f, a in data.items()})
+    r = MemoryBank.open(path)
+    out, _ = r.get_batch(keys[:4])                       # maps shard 0 (rows 0..15) with 4 rows in it
+    np.testing.assert_array_equal(out["gru_out"], data["gru_out"][:4])
+    w.write_rows("train", 4, {f: a[4:] for f, a in data.items()})   # the writer replaces shard 0's file
+    assert not r.has(keys[9])
+    r.refresh()
+    out, missing = r.get_batch(keys[::-1], fields=("bev_feat", "actions"))
+    assert not missing and list(out) == ["bev_feat", "actions"]
+    np.testing.assert_array_equal(out["actions"], data["actions"][::-1])
+    np.testing.assert_array_equal(out["bev_feat"], data["bev_feat"][::-1])

@@ -62,14 +62,20 @@ def test_verify_detects_corrupted_chunk_and_bad_values(tmp_path, capsys):
     _store(path, bev=False)
     assert main(["verify", path]) == 0
     assert "3 reserved rows not yet written, 0 problem(s)" in capsys.readouterr().out
-    shard = Path(path) / "gru_out" / "c" / "1" / "0" / "0"        # rows 8..15
-    raw = bytearray(shard.read_bytes())
+    shard = Path(path) / "light" / "c" / "1" / "0" / "0"          # packed light fields, rows 8..15
+    good = shard.read_bytes()
+    raw = bytearray(good)
     for i in range(0, len(raw) - 200, 7):                         # scribble over the inner chunks
         raw[i] ^= 0x5A
     shard.write_bytes(bytes(raw))
     r = subprocess.run([sys.executable, "-m", "stores", "verify", path], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "gru_out" in r.stdout and "PROBLEM" in r.stdout
+    assert "gru_out" in r.stdout and "PROBLEM" in r.stdout and "row 8 does not decode" in r.stdout
+    raw = bytearray(good)
+    raw[-20] ^= 0x01                                              # one bit of the shard index
+    shard.write_bytes(bytes(raw))
+    r = subprocess.run([sys.executable, "-m", "stores", "verify", path], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "checksum" in r.stdout, r.stdout + r.stderr
 
 
 def test_verify_flags_orphan_and_nonfinite_rows(tmp_path, capsys):
@@ -77,11 +83,11 @@ def test_verify_flags_orphan_and_nonfinite_rows(tmp_path, capsys):
     path = str(tmp_path / "mb.zarr")
     _store(path, bev=False)
     g = zarr.open_group(path, mode="r+")
-    g["bev_vec"][3] = np.full((3, 8), np.inf, dtype="float32")        # tampered after the fact
+    g["light"][3, :, 2:10] = np.full((3, 8), np.inf, dtype="float32")  # bev_vec of row 3 tampered after the fact
     g["complete"][22] = 1                                              # a row no split owns
     assert main(["verify", path]) == 1
     out = capsys.readouterr().out
-    assert "row 3" in out and "non-finite" in out and "row 22: complete but belongs to no split" in out
+    assert "field 'bev_vec' row 3" in out and "non-finite" in out and "actions' row 3" not in out and "row 22: complete but belongs to no split" in out
 
 
 def test_convert_zarr_hdf5_roundtrip_and_float16(tmp_path):

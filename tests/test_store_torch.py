@@ -56,12 +56,13 @@ def test_dataloader_two_workers_returns_right_rows(tmp_path):
     assert got >= len(keys)
 
 
-def test_forkserver_chosen_after_parent_used_tensorstore(tmp_path):
+def test_parent_reads_then_forked_and_spawned_workers_read(tmp_path):
     path, keys, data = _store(tmp_path, n=20)
     ds = MemoryBankDataset(path, split="train")
-    first = ds[[0, 1]]                                   # tensorstore I/O in this (parent) process
+    first = ds[[0, 1]]                                   # the parent maps shard files before workers start
     np.testing.assert_array_equal(first["bev_vec"].numpy(), data["bev_vec"][:2])
-    loader = make_loader(ds, KeyBatchSampler(len(ds), 5, shuffle=False), num_workers=2)
-    assert loader.multiprocessing_context is not None
-    rows = torch.cat([b["actions"] for b in loader])
-    np.testing.assert_array_equal(rows.numpy(), data["actions"])
+    for ctx in (None, "spawn"):                          # fork (Linux default) inherits the maps; spawn reopens
+        kw = {"multiprocessing_context": ctx} if ctx else {}
+        loader = make_loader(ds, KeyBatchSampler(len(ds), 5, shuffle=False), num_workers=2, **kw)
+        rows = torch.cat([b["actions"] for b in loader])
+        np.testing.assert_array_equal(rows.numpy(), data["actions"])
