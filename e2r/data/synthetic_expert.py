@@ -4,7 +4,7 @@ The car is a kinematic bicycle (reference point = ego origin = the LiDAR's groun
 ``wheelbase``). At every frame (fixed rate ``rate_hz``) the expert looks at the track geometry in front of
 the car only, the same geometry both sensors see:
 - steering: pure pursuit towards the point ``lookahead`` metres ahead on the centre line (plus a slowly
-  wandering lateral offset, an Ornstein-Uhlenbeck process, so states away from the centre are recorded),
+  smoothly wandering lateral offset (3 slow sinusoids), so states away from the centre are recorded),
   ``wheel_angle = atan(2 L sin(alpha) / Ld)`` in degrees, positive = left, with a little Gaussian noise;
 - speed: the target is ``min(v_max, sqrt(a_lat / |curvature|))`` over the next ``speed_horizon`` metres
   (< 25 m, inside the teacher's BEV range), tracked with bounded acceleration/braking.
@@ -31,9 +31,9 @@ class ExpertConfig:
     lookahead_min: float = 5.0
     lookahead_max: float = 14.0
     max_wheel_angle_deg: float = 30.0
-    steer_noise_deg: float = 0.25
-    lateral_wander_m: float = 0.6       # stationary std of the OU lateral offset of the followed line
-    lateral_wander_tau_s: float = 3.0
+    steer_noise_deg: float = 0.05       # white noise on the command (small: the policy's inputs can't predict it)
+    lateral_wander_m: float = 0.6       # std of the smooth lateral offset of the followed line
+    lateral_wander_period_s: tuple[float, float] = (4.0, 12.0)  # periods of its 3 sinusoids
     v_min: float = 6.0
     v_max: float = 20.0
     a_lat_max: float = 5.0              # m/s^2
@@ -82,17 +82,28 @@ def drive_expert(track: Track, frames: int, rng: np.random.Generator,
     x, y = track.centre[i]
     yaw = float(np.arctan2(track.tangent[i, 1], track.tangent[i, 0]))
     v = float(v_ref_track[i])
-    offset = 0.0
-    ou_a = np.exp(-dt / cfg.lateral_wander_tau_s)
-    ou_b = cfg.lateral_wander_m * np.sqrt(1 - ou_a ** 2)
+    # the followed line wanders smoothly (sum of 3 sinusoids, random periods and phases): a driver's line
+    # changes over seconds, not from one frame to the next, so the command stays predictable from the scene
+    periods = rng.uniform(*cfg.lateral_wander_period_s, size=3)
+    phases = rng.uniform(0, 2 * np.pi, size=3)
+    amp = cfg.lateral_wander_m * np.sqrt(2.0 / 3.0)   # std of the sum = lateral_wander_m
     out = {k: np.zeros(frames) for k in ("x", "y", "yaw", "velocity", "wheel_angle", "curvature")}
     index = np.zeros(frames, dtype=np.int64)
     for t in range(frames):
         i = _nearest_index(track, x, y, i)
+        offset = float(amp * np.sin(2 * np.pi * t * dt / periods + phases).sum())
         ld = float(np.clip(cfg.lookahead_gain * v + cfg.lookahead_base, cfg.lookahead_min, cfg.lookahead_max))
-        j = (i + int(round(ld / ds))) % n
-        max_off = max(0.0, track.width[j] / 2 - 2.0)
-        tx, ty = track.centre[j] + track.normal[j] * np.clip(offset, -max_off, max_off)
+        # continuous look-ahead point: the car's fractional position along the centre line + ld, linearly
+        # interpolated between samples (snapping to 1 m samples would make the command jump frame to frame)
+        seg = track.centre[(i + 1) % n] - track.centre[i]
+        frac = float(np.dot([x, y] - track.centre[i], seg) / max(np.dot(seg, seg), 1e-9))
+        pos = i + frac + ld / ds
+        j0 = int(np.floor(pos)) % n
+        j1, w1 = (j0 + 1) % n, pos - np.floor(pos)
+        centre_j = (1 - w1) * track.centre[j0] + w1 * track.centre[j1]
+        normal_j = (1 - w1) * track.normal[j0] + w1 * track.normal[j1]
+        max_off = max(0.0, ((1 - w1) * track.width[j0] + w1 * track.width[j1]) / 2 - 2.0)
+        tx, ty = centre_j + normal_j * np.clip(offset, -max_off, max_off)
         dx, dy = tx - x, ty - y
         alpha = np.arctan2(dy, dx) - yaw
         alpha = (alpha + np.pi) % (2 * np.pi) - np.pi
@@ -109,5 +120,4 @@ def drive_expert(track: Track, frames: int, rng: np.random.Generator,
         y += v * np.sin(yaw) * dt
         yaw += v / L * np.tan(np.radians(delta)) * dt
         v = max(0.5, v + acc * dt)
-        offset = ou_a * offset + ou_b * rng.normal()
     return Drive(index=index, **out)
