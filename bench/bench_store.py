@@ -163,7 +163,7 @@ def main() -> int:
     del mm
     res["memmap f32 (raw)"] = {"write": N / t, "path": mmp}
 
-    # DataLoader reads first (the parent must not touch tensorstore before workers fork) ---------------
+    # DataLoader reads (each worker maps the shard files it reads) -------------------------------------
     res["npz per key (f32)"]["dl"] = loader_rate(DataLoader(NpzDataset(npz, keys), batch_size=B, shuffle=True,
                                                             num_workers=a.workers))
     for name in ("store f32", "store f16"):
@@ -194,7 +194,7 @@ def main() -> int:
     bmds = MemmapDataset(bmp, (len(bkeys), 5, C, H, W), "float16")
     bev_mm_dl = loader_rate(DataLoader(bmds, sampler=KeyBatchSampler(len(bkeys), BB, seed=2), batch_size=None,
                                        num_workers=a.workers))
-    # in-process get_batch (tensorstore) ---------------------------------------------------------------
+    # in-process get_batch ----------------------------------------------------------------------------
     rng = np.random.default_rng(0)
     for name in ("store f32", "store f16"):
         bank = MemoryBank.open(res[name]["path"])

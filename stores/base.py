@@ -27,11 +27,12 @@ def _pow2_floor(x: float) -> int:
 
 
 def default_shard_rows(schema: StoreSchema) -> int:
-    """Rows per shard (= writers' alignment unit): 2048, or fewer (a power of two, at least 256) when a
-    packed light row is so wide that a shard would exceed 256 MiB raw. 2048 is the measured sweet spot of
-    issue 5 (one file per 2048 keys; a partial block re-writes at most 2048 rows)."""
+    """Rows per shard (= writers' alignment unit): 4096, or fewer (a power of two, at least 256) when a
+    packed light row is so wide that a shard would exceed 256 MiB raw. Read speed does not depend on it
+    (one row per inner chunk); 4096 keeps the store at <= 1 file per 1000 keys (a light shard and a
+    ``complete`` chunk per S rows, docs/STORE.md) while a partial block re-writes at most S rows."""
     widest = schema.row_nbytes("light")
-    return int(min(2048, max(256, _pow2_floor(_SHARD_TARGET_BYTES / widest))))
+    return int(min(4096, max(256, _pow2_floor(_SHARD_TARGET_BYTES / widest))))
 
 
 def bev_feat_shard_rows(schema: StoreSchema, shard_rows: int) -> int:
@@ -207,6 +208,36 @@ class MemoryBank:
             full["found"] = found
             out = full
         return out, missing
+
+    def get_batch_into(self, keys: Sequence[str], out: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Read ``keys`` straight into caller-owned arrays ``out = {field: (B, T, ...)}`` (B = len(keys),
+        any float dtype: values are cast on copy); rows of absent keys are zeroed. Returns ``found`` (B,)
+        bool. One read of the needed rows (sorted, de-duplicated) for all fields; used by
+        `stores.torch_data.MemoryBankDataset` to fill one shared float32 buffer per batch."""
+        assert self._index is not None
+        stored = self.schema.fields
+        for f, o in out.items():
+            if f not in stored:
+                raise KeyError(f"field {f!r} is not stored in {self.path} (fields: {stored})")
+            want = (len(keys), *self.schema.row_shape(f))
+            if o.shape != want:
+                raise ValueError(f"get_batch_into: out[{f!r}] has shape {o.shape}, expected {want}")
+        rows, _ = self._index.rows(list(keys))
+        found = rows >= 0
+        pos = np.flatnonzero(found)
+        if len(pos):
+            uniq, inv = np.unique(rows[pos], return_inverse=True)
+            data = self._read_rows(tuple(out), uniq)
+            all_found = len(pos) == len(keys)
+            for f, o in out.items():
+                if all_found:
+                    o[...] = data[f][inv]
+                else:
+                    o[pos] = data[f][inv]
+        for o in out.values():
+            if len(pos) < len(keys):
+                o[~found] = 0
+        return found
 
     # ------------------------------------------------------------------ writing
     def _need_write(self) -> None:

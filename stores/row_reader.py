@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 _EMPTY = np.uint64(2**64 - 1)
+_EMPTY_INT = 2**64 - 1
 
 
 class UnsupportedLayout(Exception):
@@ -35,7 +36,8 @@ class UnsupportedLayout(Exception):
 
 
 def _decoder(codecs: list[dict[str, Any]], dtype: np.dtype) -> Any:
-    """numcodecs codec for a ``[bytes, <compressor>?]`` Zarr v3 codec chain (little-endian bytes only)."""
+    """``decompress(src, dest)`` (numcodecs' C functions, no per-call wrapper) for a Zarr v3 codec chain
+    ``[bytes, <compressor>?]`` (little-endian bytes only); None when there is no compressor."""
     if not codecs or codecs[0].get("name") != "bytes":
         raise UnsupportedLayout(f"codec chain {codecs} does not start with 'bytes'")
     endian = codecs[0].get("configuration", {}).get("endian", "little")
@@ -48,11 +50,11 @@ def _decoder(codecs: list[dict[str, Any]], dtype: np.dtype) -> Any:
         raise UnsupportedLayout(f"more than one compressor: {rest}")
     name, cfg = rest[0]["name"], rest[0].get("configuration", {})
     if name == "blosc":
-        from numcodecs import Blosc
-        return Blosc()          # blosc frames are self-describing (cname, shuffle, typesize in the header)
+        from numcodecs import blosc
+        return blosc.decompress   # blosc frames are self-describing (cname, shuffle, typesize in the header)
     if name == "zstd":
-        from numcodecs import Zstd
-        return Zstd()
+        from numcodecs import zstd
+        return zstd.decompress
     raise UnsupportedLayout(f"codec {name!r} ({cfg})")
 
 
@@ -88,7 +90,7 @@ class RowChunkReader:
             inner, self.rows_per_file, self.sharded, self._crc = grid, 1, False, False
         if inner[0] != 1 or list(inner[1:]) != list(self.shape[1:]) or list(grid[1:]) != list(self.shape[1:]):
             raise UnsupportedLayout(f"chunk {inner} in shard {grid} is not one whole row of {self.shape}")
-        self.codec = _decoder(codecs, self.dtype)
+        self._decompress = _decoder(codecs, self.dtype)
         self.row_shape = self.shape[1:]
         self.row_items = int(np.prod(self.row_shape))
         self._tail = len(self.shape) - 1
@@ -136,31 +138,41 @@ class RowChunkReader:
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), *self.row_shape), self.dtype)
         flat = out.reshape(len(rows), self.row_items)
-        codec, S = self.codec, self.rows_per_file
-        nbytes = self.row_items * self.dtype.itemsize
-        for j, r in enumerate(rows.tolist()):
-            mm, index = self._open(r // S)
+        S = self.rows_per_file
+        files = rows // S
+        cuts = np.flatnonzero(np.diff(files)) + 1
+        for group in np.split(np.arange(len(rows)), cuts) if len(rows) else []:
+            i = int(files[group[0]])
+            mm, index = self._open(i)
             if mm is None:
-                flat[j] = self.fill
+                flat[group] = self.fill
                 continue
-            if index is not None:
-                off, nb = index[r % S]
-                if off == _EMPTY:
+            if index is None:
+                spans = [(0, len(mm))] * len(group)
+            else:
+                spans = index[rows[group] % S].tolist()
+            self._decode_group(i, mm, group.tolist(), spans, rows, flat)
+        return out
+
+    def _decode_group(self, i: int, mm: Any, positions: list[int], spans: list[list[int]], rows: np.ndarray,
+                      flat: np.ndarray) -> None:
+        """Decode the chunks ``spans`` [(offset, nbytes)] of mapped file ``i`` into ``flat[positions]``."""
+        decompress, nbytes = self._decompress, self.row_items * self.dtype.itemsize
+        view = memoryview(mm)
+        try:
+            for j, (off, nb) in zip(positions, spans):
+                if off == _EMPTY_INT:
                     flat[j] = self.fill
                     continue
-                buf = memoryview(mm)[off:off + nb]
-            else:
-                buf = memoryview(mm)
-            try:
-                if codec is None:
-                    if len(buf) != nbytes:
-                        raise ValueError(f"{len(buf)} bytes, expected {nbytes}")
-                    flat[j] = np.frombuffer(buf, self.dtype)
-                else:
-                    codec.decode(buf, out=flat[j])
-            except Exception as e:  # noqa: BLE001 - any decoder error means a corrupt chunk
-                raise ValueError(f"row {r} does not decode ({type(e).__name__}: {e}) "
-                                 f"in {self._file_path(r // S)}") from None
-            finally:
-                del buf
-        return out
+                try:
+                    if decompress is None:
+                        if nb != nbytes:
+                            raise ValueError(f"{nb} bytes, expected {nbytes}")
+                        flat[j] = np.frombuffer(view[off:off + nb], self.dtype)
+                    else:
+                        decompress(view[off:off + nb], flat[j])
+                except Exception as e:  # noqa: BLE001 - any decoder error means a corrupt chunk
+                    raise ValueError(f"row {int(rows[j])} does not decode ({type(e).__name__}: {e}) "
+                                     f"in {self._file_path(i)}") from None
+        finally:
+            view.release()

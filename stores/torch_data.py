@@ -51,11 +51,20 @@ class MemoryBankDataset(Dataset):
     def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any]:
         idx = [indices] if isinstance(indices, (int, np.integer)) else list(indices)
         keys = [self.keys[i] for i in idx]
-        arrays, _ = self._get_bank().get_batch(keys, self.fields, fill_missing=True)
-        out: dict[str, Any] = {"keys": keys, "found": torch.from_numpy(arrays.pop("found"))}
-        for f, a in arrays.items():
-            out[f] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-        return out
+        B = len(keys)
+        # every field AND the found mask are contiguous tensors in ONE byte storage: a worker hands the
+        # batch to the main process through one shared-memory segment instead of one per tensor
+        shapes = {f: (B, *self.schema.row_shape(f)) for f in self.fields}
+        nbytes = 4 * sum(math.prod(s) for s in shapes.values())
+        buf = torch.empty(nbytes + B, dtype=torch.uint8)
+        views, off = {}, 0
+        for f, shp in shapes.items():
+            n = 4 * math.prod(shp)
+            views[f] = buf[off:off + n].view(torch.float32).view(shp)
+            off += n
+        found = buf[off:off + B].view(torch.bool)
+        found.numpy()[:] = self._get_bank().get_batch_into(keys, {f: v.numpy() for f, v in views.items()})
+        return {"keys": keys, **views, "found": found}
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)

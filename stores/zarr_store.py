@@ -3,8 +3,8 @@
 Layout of ``<path>/`` (a Zarr v3 group; attributes = schema, provenance, splits, times, shard_rows,
 ``light_channels``)::
 
-    keys        (N,)            string (vlen-utf8), chunks (S,)          "" for unreserved rows
-    complete    (N,)            uint8, chunks (S,)                       1 = row fully written
+    keys        (N,)            string (vlen-utf8), chunks (max(S, 65536),)   "" for unreserved rows
+    complete    (N,)            uint8, chunks (S,)                       1 = row fully written (per writer)
     light       (N, T, A+D+H)   float32|float16: actions | bev_vec | gru_out packed on the channel axis,
                                 shards (S, T, A+D+H) of inner chunks (1, T, A+D+H)
     bev_feat/bev_feat (N, T, C, H, W)  shards (B, T, C, H, W), inner chunk = one sample (only if stored)
@@ -29,6 +29,9 @@ import zarr.codecs as zc
 from stores.base import MemoryBank
 from stores.row_reader import RowChunkReader, UnsupportedLayout
 from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, LIGHT_FIELDS, StoreSchema
+
+
+KEYS_CHUNK_ROWS = 65536
 
 
 def light_compressor(dtype: str) -> zc.BloscCodec | zc.ZstdCodec:
@@ -101,7 +104,8 @@ class ZarrMemoryBank(MemoryBank):
         self._attrs["light_channels"] = {f: list(v) for f, v in schema.light_channels().items()}
         g = zarr.open_group(self.path, mode="w-", zarr_format=3)
         self._group = g
-        g.create_array("keys", shape=(0,), chunks=(S,), dtype=str, fill_value="", dimension_names=["row"])
+        # keys are written only by reserve_split/remove_split (one process): big chunks, few files
+        g.create_array("keys", shape=(0,), chunks=(max(S, KEYS_CHUNK_ROWS),), dtype=str, fill_value="", dimension_names=["row"])
         g.create_array("complete", shape=(0,), chunks=(S,), dtype="uint8", fill_value=0,
                        compressors=zc.ZstdCodec(level=3), dimension_names=["row"])
         shp = schema.row_shape(LIGHT_ARRAY)
