@@ -23,6 +23,48 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from stores.base import MemoryBank
 
 
+def _view(buf: torch.Tensor, off: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return buf[off:off + n].view(dtype).view(shape)
+
+
+def _rebuild_batch(buf: torch.Tensor, layout: dict[str, Any], rest: dict[str, Any], order: list[str]) -> dict:
+    """Unpickle a `PackedBatch`: the tensors named in ``layout`` become views of the one received ``buf``."""
+    got = {k: _view(buf, *spec) for k, spec in layout.items()}
+    got.update(rest)
+    return {k: got[k] for k in order}
+
+
+class PackedBatch(dict):
+    """A batch dict whose tensors are contiguous views of ONE byte buffer (fields float32, ``found`` bool).
+
+    It is a plain ``dict`` to its users. When a DataLoader worker sends it to the main process, it pickles
+    the buffer once (one shared-memory file descriptor instead of one per tensor - the fd hand-over is the
+    main per-tensor cost of worker -> main transfers) and unpickles as a plain dict of views. Entries that
+    were replaced or added after creation are pickled normally.
+    """
+
+    def __init__(self, buf: torch.Tensor, layout: dict[str, tuple[int, tuple[int, ...], torch.dtype]],
+                 keys: list[str]) -> None:
+        super().__init__(keys=keys)
+        self._buf, self._layout = buf, layout
+        self._views = {k: _view(buf, *spec) for k, spec in layout.items()}
+        self.update(self._views)
+
+    def __copy__(self) -> "PackedBatch":      # DataLoader's default_convert copies mappings
+        new = PackedBatch.__new__(PackedBatch)
+        dict.update(new, self)
+        new._buf, new._layout, new._views = self._buf, self._layout, self._views
+        return new
+
+    def __reduce__(self) -> tuple:
+        packed = {k: spec for k, spec in self._layout.items() if self.get(k) is self._views[k]}
+        rest = {k: v for k, v in self.items() if k not in packed}
+        if not packed:
+            return (dict, (rest,))
+        return (_rebuild_batch, (self._buf, packed, rest, list(self)))
+
+
 class MemoryBankDataset(Dataset):
     """Map-style dataset whose item is a *batch*: ``ds[[i, j, ...]]`` reads those keys in one call.
 
@@ -52,19 +94,17 @@ class MemoryBankDataset(Dataset):
         idx = [indices] if isinstance(indices, (int, np.integer)) else list(indices)
         keys = [self.keys[i] for i in idx]
         B = len(keys)
-        # every field AND the found mask are contiguous tensors in ONE byte storage: a worker hands the
-        # batch to the main process through one shared-memory segment instead of one per tensor
         shapes = {f: (B, *self.schema.row_shape(f)) for f in self.fields}
-        nbytes = 4 * sum(math.prod(s) for s in shapes.values())
-        buf = torch.empty(nbytes + B, dtype=torch.uint8)
-        views, off = {}, 0
+        layout, off = {}, 0
         for f, shp in shapes.items():
-            n = 4 * math.prod(shp)
-            views[f] = buf[off:off + n].view(torch.float32).view(shp)
-            off += n
-        found = buf[off:off + B].view(torch.bool)
-        found.numpy()[:] = self._get_bank().get_batch_into(keys, {f: v.numpy() for f, v in views.items()})
-        return {"keys": keys, **views, "found": found}
+            layout[f] = (off, shp, torch.float32)
+            off += 4 * math.prod(shp)
+        layout["found"] = (off, (B,), torch.bool)
+        buf = torch.empty(off + B, dtype=torch.uint8)
+        batch = PackedBatch(buf, layout, keys)
+        batch["found"].numpy()[:] = self._get_bank().get_batch_into(
+            keys, {f: batch[f].numpy() for f in self.fields})
+        return batch
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
