@@ -131,8 +131,8 @@ class KDCameraBatches(Dataset):
 def make_kd_loader(dataset: KDCameraBatches, batch_size: int, shuffle: bool, seed: int, num_workers: int,
                    ctx: DistContext, drop_last: bool = False) -> tuple[DataLoader, DistributedSampler]:
     """DataLoader over this rank's shard, one whole batch per worker fetch; call ``sampler.set_epoch(e)``
-    before each epoch. Worker start method as ``stores.torch_data.make_loader`` (forkserver once this
-    process used tensorstore)."""
+    before each epoch. Workers are created by ``stores.torch_data.make_loader``; the store's row reader is
+    fork-safe (no threads, files mapped lazily per process)."""
     from stores.torch_data import make_loader
 
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed,

@@ -244,9 +244,3 @@ class ZarrMemoryBank(MemoryBank):
         self._readers.clear()
         self._arrays.clear()
         self._group = None
-
-
-def tensorstore_used_in_this_process() -> bool:
-    """Always False: the read path no longer uses tensorstore (kept for callers that choose a DataLoader
-    start method; any start method, fork included, is safe with `RowChunkReader`)."""
-    return False
