@@ -95,8 +95,21 @@ def main(argv: list[str] | None = None) -> int:
         stage("2. validate the dataset")
         from pipelines import check_dataset
         run_stage("check_dataset", check_dataset.main, [str(data_root), "--no_progress"])
+        ckpt = run / "teacher.pt"
         if "teacher" in stages:
-            summary["teacher"] = teacher_stage(args, prof, data_root, run)
+            summary["teacher"] = teacher_stage(args, prof, data_root, run, ckpt)
+        store = run / "memorybank.zarr"
+        if "export" in stages:
+            stage("5. export the teacher's outputs into the memorybank")
+            from pipelines import export
+            run_stage("export", export.main,
+                      ["--data_root", str(data_root), "--split", "train", "--split", "valid", "--split", "test",
+                       "--teacher_ckpt", str(ckpt), "--store", str(store), "--device", args.device,
+                       "--overwrite", "--no_progress"])
+        if "students" in stages:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+            summary["students"] = students_stage(args, prof, data_root, run, store, seeds)
+            print_final_table(summary, run)
     except Exception as e:  # noqa: BLE001 - the demo reports any failure and exits non-zero
         print(f"\ndemo: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -106,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def teacher_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Path, run: Path) -> dict[str, Any]:
+def teacher_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Path, run: Path, ckpt: Path
+                  ) -> dict[str, Any]:
     from pipelines import eval_teacher, train_teacher
     stage("3. train the tiny LiDAR teacher")
-    ckpt = run / "teacher.pt"
     run_stage("train_teacher", train_teacher.main,
               ["--data_root", str(data_root), "--preset", "tiny", "--epochs", str(prof["teacher_epochs"]),
                "--seed", str(args.seed), "--device", args.device, "--save_path", str(ckpt),
@@ -122,6 +135,81 @@ def teacher_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Pat
     from e2r.metrics import metrics_table
     print(metrics_table(out["results"]))
     return {"checkpoint": str(ckpt), "test": out["results"]}
+
+
+def students_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Path, run: Path, store: Path,
+                   seeds: list[int]) -> dict[str, Any]:
+    """Train a BC-only and a BC+KD student per seed with the same budget; evaluate both on the test track."""
+    from pipelines import eval_student, train_student
+    out: dict[str, Any] = {}
+    for seed in seeds:
+        for variant in ("bc", "kd"):
+            name = f"student_{variant}_seed{seed}"
+            stage(f"6. train the camera student: {'BC + KD from the memorybank' if variant == 'kd' else 'BC only'}"
+                  f" (seed {seed})")
+            argv = ["--data_root", str(data_root), "--preset", "tiny", "--epochs", str(prof["student_epochs"]),
+                    "--seed", str(seed), "--device", args.device, "--save_path", str(run / f"{name}.pt"),
+                    "--tensorboard_dir", str(run / "tb" / name), "--no_progress"]
+            if variant == "kd":
+                argv += ["--memorybank", str(store)]
+            print("$ python -m pipelines.train_student " + " ".join(argv), flush=True)
+            trained = train_student.train_student(train_student.build_parser().parse_args(argv))
+            stage(f"7. evaluate {name} on the held-out test track")
+            ev = eval_student.evaluate_student(eval_student.build_parser().parse_args(
+                ["--data_root", str(data_root), "--split", "test", "--student_ckpt", str(run / f"{name}.pt"),
+                 "--memorybank", str(store), "--device", args.device, "--csv_path", str(run / f"eval_{name}.csv"),
+                 "--plot_path", str(run / f"eval_{name}.png"), "--no_progress"]))
+            out[name] = {"variant": variant, "seed": seed, "valid_losses": trained["valid_losses"],
+                         "test": ev["results"]["student"], "kd_gap": ev["kd_gap"],
+                         "baselines": {k: v for k, v in ev["results"].items() if k != "student"}}
+    return out
+
+
+def epochs_to_reach(losses: list[float], target: float) -> int | None:
+    """1-based first epoch whose validation loss is <= target (None if never)."""
+    return next((i + 1 for i, v in enumerate(losses) if v <= target), None)
+
+
+def print_final_table(summary: dict[str, Any], run: Path) -> None:
+    """One table: teacher, baselines, student BC, student KD (mean over seeds) on the test track."""
+    import numpy as np
+
+    from e2r.metrics import write_metrics_csv
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, m: dict[str, float], n: int = 1) -> None:
+        rows.append({"model": name, "seeds": n, "steering_mse": m["steering_mse"], "speed_mse": m["speed_mse"],
+                     "overall_weighted_mse": m["overall_weighted_mse"]})
+
+    teacher = summary.get("teacher", {}).get("test", {})
+    if "teacher" in teacher:
+        row("teacher (LiDAR)", teacher["teacher"])
+    students = summary["students"]
+    first = next(iter(students.values()))
+    for b, m in first["baselines"].items():
+        row(b, m)
+    ratio_epochs = []
+    for variant, label in (("bc", "student BC (camera)"), ("kd", "student KD (camera)")):
+        runs = [v for v in students.values() if v["variant"] == variant]
+        mean = {k: float(np.mean([r["test"][k] for r in runs])) for k in runs[0]["test"]}
+        row(label, mean, len(runs))
+    for seed in sorted({v["seed"] for v in students.values()}):
+        bc, kd = students[f"student_bc_seed{seed}"], students[f"student_kd_seed{seed}"]
+        ratio_epochs.append((seed, bc["test"]["overall_weighted_mse"], kd["test"]["overall_weighted_mse"],
+                             len(bc["valid_losses"]), epochs_to_reach(kd["valid_losses"], bc["valid_losses"][-1])))
+    stage("results on the held-out test track (steering deg^2, speed (m/s)^2, overall = 1.0*steer + 0.05*speed)")
+    print(f"{'model':<26}{'seeds':>6}{'steering_mse':>15}{'speed_mse':>12}{'overall':>12}")
+    for r in rows:
+        print(f"{r['model']:<26}{r['seeds']:>6}{r['steering_mse']:>15.4f}{r['speed_mse']:>12.4f}"
+              f"{r['overall_weighted_mse']:>12.4f}")
+    print("\nper seed: overall MSE BC vs KD, and epochs KD needed to reach BC's final validation loss")
+    for seed, bc, kd, n_ep, reach in ratio_epochs:
+        print(f"  seed {seed}: BC {bc:.4f}  KD {kd:.4f}  (KD/BC {kd / bc:.2f}); KD reached BC's final valid loss "
+              f"{'after ' + str(reach) + ' of ' + str(n_ep) + ' epochs' if reach else 'not within the budget'}")
+    summary["table"] = rows
+    summary["per_seed"] = [dict(zip(("seed", "bc_overall", "kd_overall", "epochs", "kd_epochs_to_bc_final"), t))
+                           for t in ratio_epochs]
+    write_metrics_csv(run / "results.csv", rows)
 
 
 if __name__ == "__main__":
