@@ -152,12 +152,6 @@ class CameraBEVStudent(TemporalPolicy):
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[CameraBEVStudent, dict[str, Any]]:
     """Build a student from a checkpoint (architecture from its ``config``), in eval mode on ``device``.
     Returns ``(model, checkpoint_dict)``; raises CheckpointError naming the file when it does not fit."""
-    from e2r.checkpoints import CheckpointError, load_checkpoint
+    from e2r.checkpoints import load_model
 
-    ckpt = load_checkpoint(path)
-    try:
-        model = CameraBEVStudent(StudentConfig.from_dict(dict(ckpt["config"])))
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a student checkpoint matching its config: {e}") from e
-    return model.to(device).eval(), ckpt
+    return load_model(path, lambda cfg: CameraBEVStudent(StudentConfig.from_dict(cfg)), "student", device)

@@ -65,13 +65,6 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     Returns ``(model, checkpoint_dict)``; raises CheckpointError naming the file when it is not a valid
     weights-only teacher checkpoint.
     """
-    from e2r.checkpoints import CheckpointError, load_checkpoint
+    from e2r.checkpoints import load_model
 
-    ckpt = load_checkpoint(path)
-    try:
-        cfg = TeacherConfig.from_dict(dict(ckpt["config"]))
-        model = LiDARBEVTeacher(cfg)
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a teacher checkpoint matching its config: {e}") from e
-    return model.to(device).eval(), ckpt
+    return load_model(path, lambda cfg: LiDARBEVTeacher(TeacherConfig.from_dict(cfg)), "teacher", device)
