@@ -32,6 +32,7 @@ from e2r.metrics import (ActionErrorAccumulator, metrics_table, parse_overall_we
                          segment_series, write_metrics_csv)
 from e2r.models.student import load_student
 from e2r.training import DistContext, resolve_device, run_epoch
+from pipelines._common import add_eval_input_args, add_eval_output_args, add_eval_window_args
 from pipelines.train_student import open_memorybank
 
 PREDICTORS = ("student", "baseline_train_mean", "baseline_prev_steering")
@@ -40,22 +41,11 @@ PREDICTORS = ("student", "baseline_train_mean", "baseline_prev_steering")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.eval_student", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_root", required=True, help="dataset root holding <split>/<segment>/meta/data.csv")
-    p.add_argument("--split", default="valid", help="split to evaluate (default: valid)")
-    p.add_argument("--student_ckpt", required=True, help="checkpoint written by pipelines.train_student")
+    add_eval_input_args(p, "student")
     p.add_argument("--memorybank", "--teacher_cache_dir", dest="memorybank", default=None,
                    help="memorybank of teacher outputs: also report the KD gap to the teacher on its keys")
-    p.add_argument("--seq_len", type=int, default=5, help="frames per window T (default: 5)")
-    p.add_argument("--stride", type=int, default=1, help="step between window starts (default: 1)")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per batch (default: 8)")
-    p.add_argument("--overall_weights", default="1.0,0.05",
-                   help="weights of steering,speed MSE in the overall score (default 1.0,0.05)")
-    p.add_argument("--csv_path", default=None, help="write one metrics row per predictor to this CSV")
-    p.add_argument("--plot_path", default=None, help="PNG of predicted vs true steering and speed along a segment")
-    p.add_argument("--plot_segment", default=None, help="segment to plot (default: the split's first)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    add_eval_window_args(p)
+    add_eval_output_args(p)
     return p
 
 
