@@ -26,7 +26,8 @@ from e2r.checkpoints import CheckpointError, load_init_weights, save_checkpoint
 __all__ = ["resolve_device", "seed_everything", "capture_rng_state", "restore_rng_state", "DistContext",
            "setup_distributed", "teardown_distributed", "make_loader", "ActionNormalizer",
            "make_summary_writer", "run_epoch", "unwrap", "plain_args", "init_model", "build_optimizer",
-           "restore_training_state", "wrap_ddp", "finish_epoch"]
+           "restore_training_state", "wrap_ddp", "prepare_training", "train_valid_epoch",
+           "finish_epoch"]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -260,6 +261,40 @@ def wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Mod
         return model
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                      else None)
+
+
+def prepare_training(model: nn.Module, train_ds: Any, resume: dict[str, Any] | None, *, init_path: str | None,
+                     skip_output_layer: bool, lr: float, weight_decay: float, epochs: int, resume_path: str | None,
+                     pipeline_name: str, ctx: DistContext, device: torch.device
+                     ) -> tuple[nn.Module, torch.optim.Optimizer, Any, int, float, list[dict]]:
+    """Action statistics and init weights (:func:`init_model`; no init when resuming), move to ``device``,
+    optimizer/schedule, resume state, DDP wrap -> ``(net, opt, sched, start_epoch, best, history)``."""
+    init_model(model, train_ds, None if resume else init_path, skip_output_layer, ctx)
+    model.to(device)
+    opt, sched = build_optimizer(model, lr, weight_decay, epochs)
+    start_epoch, best, history = restore_training_state(resume, model, opt, sched, resume_path, pipeline_name)
+    return wrap_ddp(model, ctx, device), opt, sched, start_epoch, best, history
+
+
+def train_valid_epoch(epoch: int, epochs: int, *, net: nn.Module, model: nn.Module, train_loader: Iterable,
+                      train_sampler: DistributedSampler, train_step: Callable[[Any], tuple[Tensor, int]],
+                      valid_loader: Iterable | None, valid_step: Callable[[Any], tuple[Tensor, int]],
+                      opt: torch.optim.Optimizer, sched: Any, grad_clip: float, ctx: DistContext,
+                      show_progress: bool) -> tuple[float, float, float]:
+    """One training pass, one validation pass (if ``valid_loader``), one scheduler step ->
+    ``(train_loss, valid_loss (NaN without validation), metric)``; the metric is the validation loss, else
+    the training loss."""
+    train_sampler.set_epoch(epoch)
+    net.train()
+    train_loss = run_epoch(train_loader, train_step, opt, model.parameters(), grad_clip,
+                           f"epoch {epoch + 1}/{epochs} train", ctx, show_progress)
+    valid_loss = float("nan")
+    if valid_loader is not None:
+        net.eval()
+        valid_loss = run_epoch(valid_loader, valid_step, None, desc=f"epoch {epoch + 1}/{epochs} valid", ctx=ctx,
+                               show_progress=show_progress)
+    sched.step()
+    return train_loss, valid_loss, valid_loss if valid_loader is not None else train_loss
 
 
 def finish_epoch(epoch: int, entry: dict[str, Any], metric: float, best: float, history: list[dict], *,

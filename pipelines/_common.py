@@ -1,10 +1,19 @@
 """Command-line pieces shared by the training and evaluation pipelines: argument groups (same flags, defaults
-and help text in every pipeline that has them) and the per-preset training defaults."""
+and help text in every pipeline that has them), the per-preset training defaults and the ``main`` bodies
+(error handling and the final summary)."""
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any, Callable
 
-__all__ = ["PRESET_DEFAULTS", "preset_hparams", "num_features", "add_training_data_args",
+import torch
+
+from e2r.checkpoints import CheckpointError
+from e2r.data.readers import DataError
+from e2r.metrics import metrics_table
+
+__all__ = ["PRESET_DEFAULTS", "training_main", "eval_main", "preset_hparams", "num_features", "add_training_data_args",
            "add_training_window_args", "add_training_run_args", "add_eval_input_args", "add_eval_window_args",
            "add_eval_output_args"]
 
@@ -96,3 +105,42 @@ def add_eval_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+
+
+def training_main(name: str, parser: argparse.ArgumentParser, train: Callable[[argparse.Namespace], dict[str, Any]],
+                  argv: list[str] | None, summary_extra: Callable[[dict[str, Any]], str] = lambda last: "") -> int:
+    """Parse ``argv``, run ``train``; print ``<name>: error: ...`` (exit 1) on bad input, else the ``done:``
+    summary (``summary_extra(last history entry)`` inserted before the paths) and return 0."""
+    args = parser.parse_args(argv)
+    try:
+        result = train(args)
+    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    h = result["history"]
+    last = h[-1] if h else {}
+    print(f"done: {len(h)} epochs, last train {last.get('train_loss', float('nan')):.4f}, "
+          f"last valid {last.get('valid_loss', float('nan')):.4f}, best {result['best_metric']:.4f}; "
+          f"{summary_extra(last)}best model: {result['save_path']}, last state: {result['checkpoint_path']}")
+    return 0
+
+
+def eval_main(name: str, parser: argparse.ArgumentParser, evaluate: Callable[[argparse.Namespace], dict[str, Any]],
+              argv: list[str] | None, report_extra: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Parse ``argv``, run ``evaluate`` without gradients; print ``<name>: error: ...`` (exit 1) on bad input,
+    else the metrics table, ``report_extra(result)`` and the written files, and return 0."""
+    args = parser.parse_args(argv)
+    try:
+        with torch.no_grad():
+            out = evaluate(args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.split}: {out['num_windows']} windows, overall = weighted MSE with weights {args.overall_weights}")
+    print(metrics_table(out["results"]))
+    if report_extra is not None:
+        report_extra(out)
+    for what in ("csv_path", "plot_path"):
+        if out[what]:
+            print(f"wrote {out[what]}")
+    return 0

@@ -23,16 +23,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from e2r.checkpoints import CheckpointError
 from e2r.data.datasets import CameraSequenceDataset
-from e2r.data.readers import DataError
 from e2r.kd_data import LIGHT_KD_FIELDS, KDCameraBatches, batch_to, check_store, make_kd_loader
 from e2r.keys import parse_key
-from e2r.metrics import (ActionErrorAccumulator, metrics_table, parse_overall_weights, plot_segment,
-                         segment_series, write_metrics_csv)
+from e2r.metrics import ActionErrorAccumulator, parse_overall_weights, plot_segment, segment_series, write_metrics_csv
 from e2r.models.student import load_student
 from e2r.training import DistContext, resolve_device, run_epoch
-from pipelines._common import add_eval_input_args, add_eval_output_args, add_eval_window_args
+from pipelines._common import add_eval_input_args, add_eval_output_args, add_eval_window_args, eval_main
 from pipelines.train_student import open_memorybank
 
 PREDICTORS = ("student", "baseline_train_mean", "baseline_prev_steering")
@@ -138,26 +135,17 @@ def evaluate_student(args: argparse.Namespace) -> dict[str, Any]:
             "num_windows": len(ds)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with torch.no_grad():
-            out = evaluate_student(args)
-    except (DataError, CheckpointError, ValueError) as e:
-        print(f"eval_student: error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.split}: {out['num_windows']} windows, overall = weighted MSE with weights {args.overall_weights}")
-    print(metrics_table(out["results"]))
+def _print_kd_gap(out: dict[str, Any]) -> None:
     gap = out["kd_gap"]
     if gap is not None:
         print(f"KD gap to the teacher on {int(gap['kd_n'])} of {out['num_windows']} windows (keys in the store): "
               f"action MSE steering {gap['kd_steering_mse']:.5f}, speed {gap['kd_speed_mse']:.5f}, "
               f"overall {gap['kd_overall_weighted_mse']:.5f}; bev_vec cosine {gap['kd_bev_vec_cosine']:.4f}; "
               f"gru_out MSE {gap['kd_gru_out_mse']:.5f}")
-    for what in ("csv_path", "plot_path"):
-        if out[what]:
-            print(f"wrote {out[what]}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return eval_main("eval_student", build_parser(), evaluate_student, argv, _print_kd_gap)
 
 
 if __name__ == "__main__":

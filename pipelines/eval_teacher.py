@@ -18,15 +18,12 @@ from typing import Any
 
 import torch
 
-from e2r.checkpoints import CheckpointError
 from e2r.data.datasets import LidarSequenceDataset, collate_lidar
-from e2r.data.readers import DataError
 from e2r.keys import parse_key
-from e2r.metrics import (ActionErrorAccumulator, metrics_table, parse_overall_weights, plot_segment,
-                         segment_series, write_metrics_csv)
+from e2r.metrics import ActionErrorAccumulator, parse_overall_weights, plot_segment, segment_series, write_metrics_csv
 from e2r.models.teacher import load_teacher
 from e2r.training import DistContext, make_loader, resolve_device, run_epoch
-from pipelines._common import add_eval_input_args, add_eval_output_args, add_eval_window_args, num_features
+from pipelines._common import add_eval_input_args, add_eval_output_args, add_eval_window_args, eval_main, num_features
 
 PREDICTORS = ("teacher", "baseline_train_mean", "baseline_prev_steering")
 
@@ -84,19 +81,7 @@ def evaluate_teacher(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with torch.no_grad():
-            out = evaluate_teacher(args)
-    except (DataError, CheckpointError, ValueError) as e:
-        print(f"eval_teacher: error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.split}: {out['num_windows']} windows, overall = weighted MSE with weights {args.overall_weights}")
-    print(metrics_table(out["results"]))
-    for what in ("csv_path", "plot_path"):
-        if out[what]:
-            print(f"wrote {out[what]}")
-    return 0
+    return eval_main("eval_teacher", build_parser(), evaluate_teacher, argv)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
-from e2r.checkpoints import CheckpointError, load_checkpoint
+from e2r.checkpoints import load_checkpoint
 from e2r.data.datasets import CameraSequenceDataset
-from e2r.data.readers import DataError
 from e2r.kd import KDWeights
 from e2r.kd_data import (LIGHT_KD_FIELDS, FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch,
                          make_kd_loader, student_losses, teacher_config_of_store)
@@ -37,11 +36,10 @@ from e2r.losses import action_weights, weighted_action_mse
 from e2r.models.config import TeacherConfig
 from e2r.models.student import CameraBEVStudent
 from e2r.models.student_config import StudentConfig
-from e2r.training import (DistContext, build_optimizer, finish_epoch, init_model, make_summary_writer, plain_args,
-                          resolve_device, restore_training_state, run_epoch, seed_everything, setup_distributed,
-                          teardown_distributed, wrap_ddp)
+from e2r.training import (DistContext, finish_epoch, make_summary_writer, plain_args, prepare_training,
+                          resolve_device, seed_everything, setup_distributed, teardown_distributed, train_valid_epoch)
 from pipelines._common import (add_training_data_args, add_training_run_args, add_training_window_args,
-                               preset_hparams)
+                               preset_hparams, training_main)
 
 PART_NAMES = ("bc", "kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat", "kd_total")
 
@@ -137,12 +135,10 @@ def train_student(args: argparse.Namespace) -> dict[str, Any]:
             check_store(args.memorybank, schema, args.seq_len, train_ds.frame_actions().shape[1], cfg,
                         kd.bev_feat > 0, teacher_cfg)
         model = CameraBEVStudent(cfg)
-        init_model(model, train_ds, None if resume else args.init_path, args.init_skip_output_layer, ctx)
-        model.to(device)
-        opt, sched = build_optimizer(model, lr, args.weight_decay, epochs)
-        start_epoch, best, history = restore_training_state(resume, model, opt, sched, args.resume_path,
-                                                            "train_student")
-        net = wrap_ddp(model, ctx, device)
+        net, opt, sched, start_epoch, best, history = prepare_training(
+            model, train_ds, resume, init_path=args.init_path, skip_output_layer=args.init_skip_output_layer, lr=lr,
+            weight_decay=args.weight_decay, epochs=epochs, resume_path=args.resume_path,
+            pipeline_name="train_student", ctx=ctx, device=device)
         bank = args.memorybank if kd.action + kd.bev_vec + kd.temporal + kd.bev_feat > 0 else None
         train_loader, train_sampler = make_kd_loader(KDCameraBatches(train_ds, bank, fields), batch_size, True,
                                                      args.seed, args.num_workers, ctx)
@@ -181,19 +177,12 @@ def train_student(args: argparse.Namespace) -> dict[str, Any]:
         stop = epochs if args.stop_after_epoch is None else min(epochs, args.stop_after_epoch)
         for epoch in range(start_epoch, stop):
             t0 = time.time()
-            train_sampler.set_epoch(epoch)
             sums.clear()
-            net.train()
-            train_loss = run_epoch(train_loader, train_step, opt, model.parameters(), args.grad_clip,
-                                   f"epoch {epoch + 1}/{epochs} train", ctx, show)
-            stats = _reduce_sums(sums, ctx)
-            valid_loss = float("nan")
-            if valid_loader is not None:
-                net.eval()
-                valid_loss = run_epoch(valid_loader, valid_step, None, desc=f"epoch {epoch + 1}/{epochs} valid",
-                                       ctx=ctx, show_progress=show)
-            sched.step()
-            metric = valid_loss if valid_loader is not None else train_loss
+            train_loss, valid_loss, metric = train_valid_epoch(
+                epoch, epochs, net=net, model=model, train_loader=train_loader, train_sampler=train_sampler,
+                train_step=train_step, valid_loader=valid_loader, valid_step=valid_step, opt=opt, sched=sched,
+                grad_clip=args.grad_clip, ctx=ctx, show_progress=show)
+            stats = _reduce_sums(sums, ctx)   # train_step's counters (valid_step does not touch them)
             n_all = stats.get("kd_samples", 0.0) + stats.get("bc_only_samples", 0.0)
             entry = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,
                      "lr": opt.param_groups[0]["lr"], "kd_samples": int(stats.get("kd_samples", 0)),
@@ -237,19 +226,9 @@ def _reduce_sums(sums: dict[str, float], ctx: DistContext) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = train_student(args)
-    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
-        print(f"train_student: error: {e}", file=sys.stderr)
-        return 1
-    h = result["history"]
-    last = h[-1] if h else {}
-    print(f"done: {len(h)} epochs, last train {last.get('train_loss', float('nan')):.4f}, "
-          f"last valid {last.get('valid_loss', float('nan')):.4f}, best {result['best_metric']:.4f}; "
-          f"KD samples/epoch {last.get('kd_samples', 0)}, BC-only {last.get('bc_only_samples', 0)}; "
-          f"best model: {result['save_path']}, last state: {result['checkpoint_path']}")
-    return 0
+    return training_main("train_student", build_parser(), train_student, argv,
+                         lambda last: f"KD samples/epoch {last.get('kd_samples', 0)}, "
+                                      f"BC-only {last.get('bc_only_samples', 0)}; ")
 
 
 if __name__ == "__main__":

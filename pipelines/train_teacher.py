@@ -19,17 +19,16 @@ from typing import Any
 
 import torch
 
-from e2r.checkpoints import CheckpointError, load_checkpoint
+from e2r.checkpoints import load_checkpoint
 from e2r.data.datasets import LidarSequenceDataset, collate_lidar
-from e2r.data.readers import DataError
 from e2r.losses import action_loss, action_weights
 from e2r.models.config import TeacherConfig
 from e2r.models.teacher import LiDARBEVTeacher
-from e2r.training import (DistContext, build_optimizer, finish_epoch, init_model, make_loader, make_summary_writer,
-                          plain_args, resolve_device, restore_training_state, run_epoch, seed_everything,
-                          setup_distributed, teardown_distributed, wrap_ddp)
+from e2r.training import (DistContext, finish_epoch, make_loader, make_summary_writer, plain_args, prepare_training,
+                          resolve_device, seed_everything, setup_distributed, teardown_distributed, train_valid_epoch)
 from pipelines._common import (PRESET_DEFAULTS, add_training_data_args, add_training_run_args,  # noqa: F401
-                               add_training_window_args, num_features, preset_hparams)
+                               add_training_window_args, num_features, preset_hparams,
+                               training_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,12 +59,10 @@ def train_teacher(args: argparse.Namespace) -> dict[str, Any]:
         valid_ds = (LidarSequenceDataset(args.data_root, args.valid_split, args.seq_len, args.stride, nf)
                     if args.valid_split else None)
         model = LiDARBEVTeacher(cfg)
-        init_model(model, train_ds, None if resume else args.init_path, args.init_skip_output_layer, ctx)
-        model.to(device)
-        opt, sched = build_optimizer(model, lr, args.weight_decay, epochs)
-        start_epoch, best, history = restore_training_state(resume, model, opt, sched, args.resume_path,
-                                                            "train_teacher")
-        net = wrap_ddp(model, ctx, device)
+        net, opt, sched, start_epoch, best, history = prepare_training(
+            model, train_ds, resume, init_path=args.init_path, skip_output_layer=args.init_skip_output_layer, lr=lr,
+            weight_decay=args.weight_decay, epochs=epochs, resume_path=args.resume_path,
+            pipeline_name="train_teacher", ctx=ctx, device=device)
         train_loader, train_sampler = make_loader(train_ds, batch_size, True, args.seed, args.num_workers,
                                                   collate_lidar, ctx)
         valid_loader = (make_loader(valid_ds, batch_size, False, args.seed, args.num_workers, collate_lidar, ctx)[0]
@@ -85,17 +82,10 @@ def train_teacher(args: argparse.Namespace) -> dict[str, Any]:
         stop = epochs if args.stop_after_epoch is None else min(epochs, args.stop_after_epoch)
         for epoch in range(start_epoch, stop):
             t0 = time.time()
-            train_sampler.set_epoch(epoch)
-            net.train()
-            train_loss = run_epoch(train_loader, step, opt, model.parameters(), args.grad_clip,
-                                   f"epoch {epoch + 1}/{epochs} train", ctx, show)
-            valid_loss = float("nan")
-            if valid_loader is not None:
-                net.eval()
-                valid_loss = run_epoch(valid_loader, step, None, desc=f"epoch {epoch + 1}/{epochs} valid", ctx=ctx,
-                                       show_progress=show)
-            sched.step()
-            metric = valid_loss if valid_loader is not None else train_loss
+            train_loss, valid_loss, metric = train_valid_epoch(
+                epoch, epochs, net=net, model=model, train_loader=train_loader, train_sampler=train_sampler,
+                train_step=step, valid_loader=valid_loader, valid_step=step, opt=opt, sched=sched,
+                grad_clip=args.grad_clip, ctx=ctx, show_progress=show)
             lr_now = opt.param_groups[0]["lr"]
             improved, best = finish_epoch(
                 epoch, {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss, "lr": lr_now}, metric,
@@ -114,18 +104,7 @@ def train_teacher(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = train_teacher(args)
-    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
-        print(f"train_teacher: error: {e}", file=sys.stderr)
-        return 1
-    h = result["history"]
-    last = h[-1] if h else {}
-    print(f"done: {len(h)} epochs, last train {last.get('train_loss', float('nan')):.4f}, "
-          f"last valid {last.get('valid_loss', float('nan')):.4f}, best {result['best_metric']:.4f}; "
-          f"best model: {result['save_path']}, last state: {result['checkpoint_path']}")
-    return 0
+    return training_main("train_teacher", build_parser(), train_teacher, argv)
 
 
 if __name__ == "__main__":
