@@ -14,13 +14,15 @@ import hashlib
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "file_sha256",
-           "load_init_weights"]
+           "load_init_weights", "load_model"]
+
+M = TypeVar("M", bound=nn.Module)
 
 FORMAT = "e2r-checkpoint"
 FORMAT_VERSION = 1
@@ -124,3 +126,17 @@ def load_init_weights(model: nn.Module, path: str | Path, skip_output_layer: boo
         for name in loaded:
             target[name].copy_(source[name])
     return {"loaded": loaded, "skipped": skipped}
+
+
+def load_model(path: str | Path, build: Callable[[dict[str, Any]], M], kind: str,
+               device: str | torch.device = "cpu") -> tuple[M, dict[str, Any]]:
+    """Build a model from a checkpoint: ``build(config dict)`` makes the architecture, the checkpoint's
+    ``model`` state is loaded into it. Returns ``(model in eval mode on device, checkpoint dict)``; raises
+    CheckpointError naming the file (and ``kind``, e.g. "teacher") when the weights do not fit the config."""
+    ckpt = load_checkpoint(path)
+    try:
+        model = build(dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a {kind} checkpoint matching its config: {e}") from e
+    return model.to(device).eval(), ckpt

@@ -2,10 +2,13 @@
 
 Device choice, seeding and RNG state capture/restore (for exact resume), DDP setup for ``torchrun`` with a
 DistributedSampler (also used single-process, so shuffling depends only on seed and epoch), action
-normalisation statistics of the training split, a TensorBoard writer on rank 0 and a generic epoch loop.
+normalisation statistics of the training split, a TensorBoard writer on rank 0, a generic epoch loop, and
+the setup and per-epoch bookkeeping both trainers share (optimizer/schedule, init, resume, DDP wrap,
+best-metric/history/checkpoint/TensorBoard updates).
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import random
@@ -18,9 +21,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from e2r.checkpoints import CheckpointError, load_init_weights, save_checkpoint
+
 __all__ = ["resolve_device", "seed_everything", "capture_rng_state", "restore_rng_state", "DistContext",
            "setup_distributed", "teardown_distributed", "make_loader", "ActionNormalizer",
-           "make_summary_writer", "run_epoch", "unwrap"]
+           "make_summary_writer", "run_epoch", "unwrap", "plain_args", "init_model", "build_optimizer",
+           "restore_training_state", "wrap_ddp", "prepare_training", "train_valid_epoch",
+           "finish_epoch"]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -202,3 +209,114 @@ def run_epoch(loader: Iterable, step: Callable[[Any], tuple[Tensor, int]], optim
         dist.all_reduce(t)
         total, count = float(t[0]), int(t[1])
     return total / max(count, 1)
+
+
+def plain_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags with plain values (str/int/float/bool/None), as stored in a checkpoint's ``train_args``."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def init_model(model: Any, train_ds: Any, init_path: str | None, skip_output_layer: bool, ctx: DistContext) -> None:
+    """Set ``model``'s action statistics from ``train_ds`` and, with ``init_path``, load its weights (transfer;
+    the statistics are kept). Prints what was loaded on rank 0."""
+    norm = ActionNormalizer.from_dataset(train_ds)
+    model.set_action_stats(norm.mean, norm.std)
+    if init_path:
+        report = load_init_weights(model, init_path, skip_output_layer, model.output_layer_prefix,
+                                   keep_prefixes=("action_mean", "action_std"))
+        if ctx.is_main:
+            print(f"init from {init_path}: {len(report['loaded'])} tensors loaded, skipped {report['skipped']}")
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, epochs: int
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with a cosine schedule over ``epochs`` (down to 5 % of ``lr``)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr * 0.05)
+    return opt, sched
+
+
+def restore_training_state(resume: dict[str, Any] | None, model: nn.Module, opt: torch.optim.Optimizer,
+                           sched: Any, path: str | None, pipeline_name: str) -> tuple[int, float, list[dict]]:
+    """Load model/optimizer/scheduler/RNG state from a resume checkpoint -> ``(start_epoch, best, history)``;
+    ``(0, inf, [])`` without one. CheckpointError naming ``path`` and ``pipeline_name`` when it does not fit."""
+    if not resume:
+        return 0, float("inf"), []
+    try:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        start_epoch, best = int(resume["epoch"]) + 1, float(resume["best_metric"])
+        history = list(resume.get("history", []))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: {e}); "
+                              f"resume needs a --checkpoint_path file of {pipeline_name}") from None
+    restore_rng_state(resume["rng_state"])
+    return start_epoch, best, history
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel under ``torchrun``, else ``model`` itself."""
+    if not ctx.enabled:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                     else None)
+
+
+def prepare_training(model: nn.Module, train_ds: Any, resume: dict[str, Any] | None, *, init_path: str | None,
+                     skip_output_layer: bool, lr: float, weight_decay: float, epochs: int, resume_path: str | None,
+                     pipeline_name: str, ctx: DistContext, device: torch.device
+                     ) -> tuple[nn.Module, torch.optim.Optimizer, Any, int, float, list[dict]]:
+    """Action statistics and init weights (:func:`init_model`; no init when resuming), move to ``device``,
+    optimizer/schedule, resume state, DDP wrap -> ``(net, opt, sched, start_epoch, best, history)``."""
+    init_model(model, train_ds, None if resume else init_path, skip_output_layer, ctx)
+    model.to(device)
+    opt, sched = build_optimizer(model, lr, weight_decay, epochs)
+    start_epoch, best, history = restore_training_state(resume, model, opt, sched, resume_path, pipeline_name)
+    return wrap_ddp(model, ctx, device), opt, sched, start_epoch, best, history
+
+
+def train_valid_epoch(epoch: int, epochs: int, *, net: nn.Module, model: nn.Module, train_loader: Iterable,
+                      train_sampler: DistributedSampler, train_step: Callable[[Any], tuple[Tensor, int]],
+                      valid_loader: Iterable | None, valid_step: Callable[[Any], tuple[Tensor, int]],
+                      opt: torch.optim.Optimizer, sched: Any, grad_clip: float, ctx: DistContext,
+                      show_progress: bool) -> tuple[float, float, float]:
+    """One training pass, one validation pass (if ``valid_loader``), one scheduler step ->
+    ``(train_loss, valid_loss (NaN without validation), metric)``; the metric is the validation loss, else
+    the training loss."""
+    train_sampler.set_epoch(epoch)
+    net.train()
+    train_loss = run_epoch(train_loader, train_step, opt, model.parameters(), grad_clip,
+                           f"epoch {epoch + 1}/{epochs} train", ctx, show_progress)
+    valid_loss = float("nan")
+    if valid_loader is not None:
+        net.eval()
+        valid_loss = run_epoch(valid_loader, valid_step, None, desc=f"epoch {epoch + 1}/{epochs} valid", ctx=ctx,
+                               show_progress=show_progress)
+    sched.step()
+    return train_loss, valid_loss, valid_loss if valid_loader is not None else train_loss
+
+
+def finish_epoch(epoch: int, entry: dict[str, Any], metric: float, best: float, history: list[dict], *,
+                 ctx: DistContext, kind: str, net: nn.Module, config: dict[str, Any], opt: torch.optim.Optimizer,
+                 sched: Any, train_args: dict[str, Any], save_path: str | None, checkpoint_path: str | None,
+                 writer: Any, scalars: dict[str, float],
+                 extra_state: Callable[[list[dict]], dict[str, Any]] | None = None) -> tuple[bool, float]:
+    """End-of-epoch bookkeeping -> ``(improved, best)``: append ``entry`` to ``history``; on rank 0 write the
+    full training state to ``checkpoint_path`` (and to ``save_path`` when ``metric`` improved on ``best``) and
+    ``scalars`` to the TensorBoard ``writer`` (if any). ``extra_state(history)`` adds keys after ``history``."""
+    improved = metric < best
+    best = min(best, metric)
+    history.append(entry)
+    if ctx.is_main:
+        state = {"model": unwrap(net).state_dict(), "config": config, "epoch": epoch, "best_metric": best,
+                 "history": history, **(extra_state(history) if extra_state else {}), "train_args": train_args,
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng_state": capture_rng_state()}
+        if improved and save_path:
+            save_checkpoint(save_path, state, kind=kind)
+        if checkpoint_path:
+            save_checkpoint(checkpoint_path, state, kind=kind)
+        if writer is not None:
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, epoch)
+    return improved, best

@@ -23,15 +23,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from e2r.checkpoints import CheckpointError
 from e2r.data.datasets import CameraSequenceDataset
-from e2r.data.readers import DataError
 from e2r.kd_data import LIGHT_KD_FIELDS, KDCameraBatches, batch_to, check_store, make_kd_loader
 from e2r.keys import parse_key
-from e2r.metrics import (ActionErrorAccumulator, metrics_table, parse_overall_weights, plot_segment,
-                         segment_series, write_metrics_csv)
+from e2r.metrics import ActionErrorAccumulator, parse_overall_weights, plot_segment, segment_series, write_metrics_csv
 from e2r.models.student import load_student
 from e2r.training import DistContext, resolve_device, run_epoch
+from pipelines._common import add_eval_input_args, add_eval_output_args, add_eval_window_args, eval_main
 from pipelines.train_student import open_memorybank
 
 PREDICTORS = ("student", "baseline_train_mean", "baseline_prev_steering")
@@ -40,22 +38,11 @@ PREDICTORS = ("student", "baseline_train_mean", "baseline_prev_steering")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.eval_student", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_root", required=True, help="dataset root holding <split>/<segment>/meta/data.csv")
-    p.add_argument("--split", default="valid", help="split to evaluate (default: valid)")
-    p.add_argument("--student_ckpt", required=True, help="checkpoint written by pipelines.train_student")
+    add_eval_input_args(p, "student")
     p.add_argument("--memorybank", "--teacher_cache_dir", dest="memorybank", default=None,
                    help="memorybank of teacher outputs: also report the KD gap to the teacher on its keys")
-    p.add_argument("--seq_len", type=int, default=5, help="frames per window T (default: 5)")
-    p.add_argument("--stride", type=int, default=1, help="step between window starts (default: 1)")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per batch (default: 8)")
-    p.add_argument("--overall_weights", default="1.0,0.05",
-                   help="weights of steering,speed MSE in the overall score (default 1.0,0.05)")
-    p.add_argument("--csv_path", default=None, help="write one metrics row per predictor to this CSV")
-    p.add_argument("--plot_path", default=None, help="PNG of predicted vs true steering and speed along a segment")
-    p.add_argument("--plot_segment", default=None, help="segment to plot (default: the split's first)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    add_eval_window_args(p)
+    add_eval_output_args(p)
     return p
 
 
@@ -148,26 +135,17 @@ def evaluate_student(args: argparse.Namespace) -> dict[str, Any]:
             "num_windows": len(ds)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with torch.no_grad():
-            out = evaluate_student(args)
-    except (DataError, CheckpointError, ValueError) as e:
-        print(f"eval_student: error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.split}: {out['num_windows']} windows, overall = weighted MSE with weights {args.overall_weights}")
-    print(metrics_table(out["results"]))
+def _print_kd_gap(out: dict[str, Any]) -> None:
     gap = out["kd_gap"]
     if gap is not None:
         print(f"KD gap to the teacher on {int(gap['kd_n'])} of {out['num_windows']} windows (keys in the store): "
               f"action MSE steering {gap['kd_steering_mse']:.5f}, speed {gap['kd_speed_mse']:.5f}, "
               f"overall {gap['kd_overall_weighted_mse']:.5f}; bev_vec cosine {gap['kd_bev_vec_cosine']:.4f}; "
               f"gru_out MSE {gap['kd_gru_out_mse']:.5f}")
-    for what in ("csv_path", "plot_path"):
-        if out[what]:
-            print(f"wrote {out[what]}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return eval_main("eval_student", build_parser(), evaluate_student, argv, _print_kd_gap)
 
 
 if __name__ == "__main__":

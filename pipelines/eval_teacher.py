@@ -18,14 +18,12 @@ from typing import Any
 
 import torch
 
-from e2r.checkpoints import CheckpointError
 from e2r.data.datasets import LidarSequenceDataset, collate_lidar
-from e2r.data.readers import DataError
 from e2r.keys import parse_key
-from e2r.metrics import (ActionErrorAccumulator, metrics_table, parse_overall_weights, plot_segment,
-                         segment_series, write_metrics_csv)
+from e2r.metrics import ActionErrorAccumulator, parse_overall_weights, plot_segment, segment_series, write_metrics_csv
 from e2r.models.teacher import load_teacher
 from e2r.training import DistContext, make_loader, resolve_device, run_epoch
+from pipelines._common import add_eval_input_args, add_eval_output_args, add_eval_window_args, eval_main, num_features
 
 PREDICTORS = ("teacher", "baseline_train_mean", "baseline_prev_steering")
 
@@ -33,21 +31,10 @@ PREDICTORS = ("teacher", "baseline_train_mean", "baseline_prev_steering")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.eval_teacher", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_root", required=True, help="dataset root holding <split>/<segment>/meta/data.csv")
-    p.add_argument("--split", default="valid", help="split to evaluate (default: valid)")
-    p.add_argument("--teacher_ckpt", required=True, help="checkpoint written by pipelines.train_teacher")
-    p.add_argument("--seq_len", type=int, default=5, help="frames per window T (default: 5)")
-    p.add_argument("--stride", type=int, default=1, help="step between window starts (default: 1)")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per batch (default: 8)")
+    add_eval_input_args(p, "teacher")
+    add_eval_window_args(p)
     p.add_argument("--lidar_num_features", default="auto", help="columns per point: 4, 5, 8 or auto")
-    p.add_argument("--overall_weights", default="1.0,0.05",
-                   help="weights of steering,speed MSE in the overall score (default 1.0,0.05)")
-    p.add_argument("--csv_path", default=None, help="write one metrics row per predictor to this CSV")
-    p.add_argument("--plot_path", default=None, help="PNG of predicted vs true steering and speed along a segment")
-    p.add_argument("--plot_segment", default=None, help="segment to plot (default: the split's first)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    add_eval_output_args(p)
     return p
 
 
@@ -56,7 +43,7 @@ def evaluate_teacher(args: argparse.Namespace) -> dict[str, Any]:
     weights = parse_overall_weights(args.overall_weights)
     device = resolve_device(args.device)
     model, ckpt = load_teacher(args.teacher_ckpt, device)
-    nf = args.lidar_num_features if args.lidar_num_features == "auto" else int(args.lidar_num_features)
+    nf = num_features(args.lidar_num_features)
     ds = LidarSequenceDataset(args.data_root, args.split, args.seq_len, args.stride, nf)
     if len(ds) == 0:
         raise ValueError(f"{args.data_root}/{args.split}: no windows of seq_len={args.seq_len}")
@@ -94,19 +81,7 @@ def evaluate_teacher(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with torch.no_grad():
-            out = evaluate_teacher(args)
-    except (DataError, CheckpointError, ValueError) as e:
-        print(f"eval_teacher: error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.split}: {out['num_windows']} windows, overall = weighted MSE with weights {args.overall_weights}")
-    print(metrics_table(out["results"]))
-    for what in ("csv_path", "plot_path"):
-        if out[what]:
-            print(f"wrote {out[what]}")
-    return 0
+    return eval_main("eval_teacher", build_parser(), evaluate_teacher, argv)
 
 
 if __name__ == "__main__":

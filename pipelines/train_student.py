@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
-from e2r.checkpoints import CheckpointError, load_checkpoint, load_init_weights, save_checkpoint
+from e2r.checkpoints import load_checkpoint
 from e2r.data.datasets import CameraSequenceDataset
-from e2r.data.readers import DataError
 from e2r.kd import KDWeights
 from e2r.kd_data import (LIGHT_KD_FIELDS, FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch,
                          make_kd_loader, student_losses, teacher_config_of_store)
@@ -37,10 +36,10 @@ from e2r.losses import action_weights, weighted_action_mse
 from e2r.models.config import TeacherConfig
 from e2r.models.student import CameraBEVStudent
 from e2r.models.student_config import StudentConfig
-from e2r.training import (ActionNormalizer, DistContext, capture_rng_state, make_summary_writer, resolve_device,
-                          restore_rng_state, run_epoch, seed_everything, setup_distributed, teardown_distributed,
-                          unwrap)
-from pipelines.train_teacher import PRESET_DEFAULTS, _plain_args
+from e2r.training import (DistContext, finish_epoch, make_summary_writer, plain_args, prepare_training,
+                          resolve_device, seed_everything, setup_distributed, teardown_distributed, train_valid_epoch)
+from pipelines._common import (add_training_data_args, add_training_run_args, add_training_window_args,
+                               preset_hparams, training_main)
 
 PART_NAMES = ("bc", "kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat", "kd_total")
 
@@ -48,11 +47,7 @@ PART_NAMES = ("bc", "kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat", "kd
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.train_student", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_root", required=True, help="dataset root holding <split>/<segment>/meta/data.csv")
-    p.add_argument("--train_split", default="train", help="split to train on (default: train)")
-    p.add_argument("--valid_split", default="valid", help="split for the per-epoch validation loss and the best "
-                                                          "checkpoint; '' to skip validation (best = train loss)")
-    p.add_argument("--preset", choices=("tiny", "full"), default="tiny", help="student size (default: tiny)")
+    add_training_data_args(p, "student")
     p.add_argument("--view_transform", choices=("lss", "identity"), default="lss",
                    help="camera -> BEV: lss (Lift-Splat, default) or identity (resize placeholder, ablation)")
     p.add_argument("--memorybank", "--teacher_cache_dir", dest="memorybank", default=None,
@@ -68,32 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense KD weight of cells the teacher finds unoccupied (default 0.05)")
     p.add_argument("--hflip_prob", type=float, default=0.0,
                    help="probability of mirroring a training sample left-right with its targets (default 0 = off)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default per preset: tiny 8, full 30)")
-    p.add_argument("--batch_size", type=int, default=None, help="windows per batch (default: tiny 8, full 4)")
-    p.add_argument("--seq_len", type=int, default=5, help="frames per window T (default: 5)")
-    p.add_argument("--stride", type=int, default=1, help="step between window starts (default: 1)")
-    p.add_argument("--steer_loss_weight", type=float, default=1.0, help="loss weight of steering (default 1.0)")
-    p.add_argument("--speed_loss_weight", type=float, default=0.05, help="loss weight of speed (default 0.05)")
-    p.add_argument("--smooth_weight", type=float, default=0.0,
-                   help="weight of a penalty on step-to-step changes of the predicted actions (default 0)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, cosine-decayed (default: tiny "
-                                                          "2e-3, full 1e-3)")
-    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
-    p.add_argument("--grad_clip", type=float, default=5.0, help="gradient norm clip, 0 = off (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and flips (default 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--checkpoint_path", default=None, help="latest full training state, written every epoch")
-    p.add_argument("--save_path", default="runs/student_best.pt", help="best model by validation loss")
-    p.add_argument("--resume_path", default=None, help="continue a run from its --checkpoint_path file")
-    p.add_argument("--init_path", default=None, help="initialise weights only from this checkpoint (transfer)")
-    p.add_argument("--init_skip_output_layer", action="store_true",
-                   help="with --init_path: keep this model's fresh output layer (e.g. another head shape)")
-    p.add_argument("--tensorboard_dir", default=None, help="write TensorBoard scalars here (rank 0); off if unset")
-    p.add_argument("--stop_after_epoch", type=int, default=None,
-                   help="stop once this many epochs are done (the schedule still spans --epochs); continue "
-                        "later with --resume_path")
-    p.add_argument("--no_progress", action="store_true", help="hide the tqdm progress bars")
+    add_training_window_args(p)
+    add_training_run_args(p, "seed for init, shuffling and flips (default 0)", "runs/student_best.pt")
     return p
 
 
@@ -137,10 +108,7 @@ def train_student(args: argparse.Namespace) -> dict[str, Any]:
     """Run the training described by parsed ``args``; returns ``{"history", "valid_losses", "best_metric",
     "save_path", "checkpoint_path", "config"}`` (``valid_losses``: per-epoch BC weighted MSE on the valid
     split, normalised units). Raises DataError / CheckpointError / ValueError on bad input."""
-    defaults = PRESET_DEFAULTS[args.preset]
-    epochs = args.epochs if args.epochs is not None else defaults["epochs"]
-    lr = args.lr if args.lr is not None else defaults["lr"]
-    batch_size = args.batch_size if args.batch_size is not None else defaults["batch_size"]
+    epochs, lr, batch_size = preset_hparams(args)
     if not 0.0 <= args.hflip_prob <= 1.0:
         raise ValueError(f"--hflip_prob must be in [0, 1], got {args.hflip_prob}")
     kd = kd_weights_of(args)
@@ -167,33 +135,10 @@ def train_student(args: argparse.Namespace) -> dict[str, Any]:
             check_store(args.memorybank, schema, args.seq_len, train_ds.frame_actions().shape[1], cfg,
                         kd.bev_feat > 0, teacher_cfg)
         model = CameraBEVStudent(cfg)
-        norm = ActionNormalizer.from_dataset(train_ds)
-        model.set_action_stats(norm.mean, norm.std)
-        if args.init_path and not resume:
-            report = load_init_weights(model, args.init_path, args.init_skip_output_layer,
-                                       model.output_layer_prefix, keep_prefixes=("action_mean", "action_std"))
-            if ctx.is_main:
-                print(f"init from {args.init_path}: {len(report['loaded'])} tensors loaded, "
-                      f"skipped {report['skipped']}")
-        model.to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr * 0.05)
-        start_epoch, best, history = 0, float("inf"), []
-        if resume:
-            try:
-                model.load_state_dict(resume["model"])
-                opt.load_state_dict(resume["optimizer"])
-                sched.load_state_dict(resume["scheduler"])
-                start_epoch, best = int(resume["epoch"]) + 1, float(resume["best_metric"])
-                history = list(resume.get("history", []))
-            except (KeyError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"{args.resume_path}: cannot resume from it ({type(e).__name__}: {e}); "
-                                      f"resume needs a --checkpoint_path file of train_student") from None
-            restore_rng_state(resume["rng_state"])
-        net = model
-        if ctx.enabled:
-            net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+        net, opt, sched, start_epoch, best, history = prepare_training(
+            model, train_ds, resume, init_path=args.init_path, skip_output_layer=args.init_skip_output_layer, lr=lr,
+            weight_decay=args.weight_decay, epochs=epochs, resume_path=args.resume_path,
+            pipeline_name="train_student", ctx=ctx, device=device)
         bank = args.memorybank if kd.action + kd.bev_vec + kd.temporal + kd.bev_feat > 0 else None
         train_loader, train_sampler = make_kd_loader(KDCameraBatches(train_ds, bank, fields), batch_size, True,
                                                      args.seed, args.num_workers, ctx)
@@ -232,21 +177,12 @@ def train_student(args: argparse.Namespace) -> dict[str, Any]:
         stop = epochs if args.stop_after_epoch is None else min(epochs, args.stop_after_epoch)
         for epoch in range(start_epoch, stop):
             t0 = time.time()
-            train_sampler.set_epoch(epoch)
             sums.clear()
-            net.train()
-            train_loss = run_epoch(train_loader, train_step, opt, model.parameters(), args.grad_clip,
-                                   f"epoch {epoch + 1}/{epochs} train", ctx, show)
-            stats = _reduce_sums(sums, ctx)
-            valid_loss = float("nan")
-            if valid_loader is not None:
-                net.eval()
-                valid_loss = run_epoch(valid_loader, valid_step, None, desc=f"epoch {epoch + 1}/{epochs} valid",
-                                       ctx=ctx, show_progress=show)
-            sched.step()
-            metric = valid_loss if valid_loader is not None else train_loss
-            improved = metric < best
-            best = min(best, metric)
+            train_loss, valid_loss, metric = train_valid_epoch(
+                epoch, epochs, net=net, model=model, train_loader=train_loader, train_sampler=train_sampler,
+                train_step=train_step, valid_loader=valid_loader, valid_step=valid_step, opt=opt, sched=sched,
+                grad_clip=args.grad_clip, ctx=ctx, show_progress=show)
+            stats = _reduce_sums(sums, ctx)   # train_step's counters (valid_step does not touch them)
             n_all = stats.get("kd_samples", 0.0) + stats.get("bc_only_samples", 0.0)
             entry = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,
                      "lr": opt.param_groups[0]["lr"], "kd_samples": int(stats.get("kd_samples", 0)),
@@ -255,22 +191,15 @@ def train_student(args: argparse.Namespace) -> dict[str, Any]:
                      "train_bc": stats.get("bc", 0.0) / max(n_all, 1)}
             for name in PART_NAMES[1:]:
                 entry[f"train_{name}"] = stats.get(name, 0.0) / max(stats.get("kd_samples", 0.0), 1)
-            history.append(entry)
+            scalars = {k.replace("_", "/", 1) if k.startswith(("train_", "valid_")) else k: entry[k]
+                       for k in ("train_loss", "valid_loss", "lr", "kd_samples", "bc_only_samples", "train_bc",
+                                 *(f"train_{n}" for n in PART_NAMES[1:]))}
+            improved, best = finish_epoch(
+                epoch, entry, metric, best, history, ctx=ctx, kind="student", net=net, config=cfg.to_dict(),
+                opt=opt, sched=sched, train_args=plain_args(args), save_path=args.save_path,
+                checkpoint_path=args.checkpoint_path, writer=writer, scalars=scalars,
+                extra_state=lambda h: {"valid_losses": [e["valid_loss"] for e in h]})
             if ctx.is_main:
-                state = {"model": unwrap(net).state_dict(), "config": cfg.to_dict(), "epoch": epoch,
-                         "best_metric": best, "history": history,
-                         "valid_losses": [h["valid_loss"] for h in history], "train_args": _plain_args(args),
-                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "rng_state": capture_rng_state()}
-                if improved and args.save_path:
-                    save_checkpoint(args.save_path, state, kind="student")
-                if args.checkpoint_path:
-                    save_checkpoint(args.checkpoint_path, state, kind="student")
-                if writer is not None:
-                    for k in ("train_loss", "valid_loss", "lr", "kd_samples", "bc_only_samples", "train_bc",
-                              *(f"train_{n}" for n in PART_NAMES[1:])):
-                        writer.add_scalar(k.replace("_", "/", 1) if k.startswith(("train_", "valid_")) else k,
-                                          entry[k], epoch)
                 print(f"epoch {epoch + 1}/{epochs}: train {train_loss:.4f} (bc {entry['train_bc']:.4f}, "
                       f"kd {entry['train_kd_total']:.4f})  valid {valid_loss:.4f}  samples kd {entry['kd_samples']} "
                       f"bc-only {entry['bc_only_samples']}  {'(best) ' if improved else ''}{time.time() - t0:.1f}s",
@@ -297,19 +226,9 @@ def _reduce_sums(sums: dict[str, float], ctx: DistContext) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = train_student(args)
-    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
-        print(f"train_student: error: {e}", file=sys.stderr)
-        return 1
-    h = result["history"]
-    last = h[-1] if h else {}
-    print(f"done: {len(h)} epochs, last train {last.get('train_loss', float('nan')):.4f}, "
-          f"last valid {last.get('valid_loss', float('nan')):.4f}, best {result['best_metric']:.4f}; "
-          f"KD samples/epoch {last.get('kd_samples', 0)}, BC-only {last.get('bc_only_samples', 0)}; "
-          f"best model: {result['save_path']}, last state: {result['checkpoint_path']}")
-    return 0
+    return training_main("train_student", build_parser(), train_student, argv,
+                         lambda last: f"KD samples/epoch {last.get('kd_samples', 0)}, "
+                                      f"BC-only {last.get('bc_only_samples', 0)}; ")
 
 
 if __name__ == "__main__":

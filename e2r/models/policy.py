@@ -71,3 +71,14 @@ class TemporalPolicy(nn.Module):
         if self.residual_actions:
             out = out + torch.stack([st, s], dim=-1)
         return out * self.action_std + self.action_mean, gru_out
+
+    def sequence_outputs(self, bev_vec: Tensor, bev_feat: Tensor, B: int, T: int, speed: Tensor, steering: Tensor,
+                         return_aux: bool) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """``forward``'s result from the per-frame encodings of B*T frames (b-major): actions (B,T,A), or with
+        ``return_aux`` ``(actions, {"bev_vec_seq" (B,T,D), "bev_feat_seq" (B,T,C,H,W), "gru_out" (B,T,H)})``."""
+        bev_vec_seq = bev_vec.view(B, T, -1)
+        actions, gru_out = self.temporal(bev_vec_seq, speed, steering)
+        if not return_aux:
+            return actions
+        return actions, {"bev_vec_seq": bev_vec_seq, "bev_feat_seq": bev_feat.view(B, T, *bev_feat.shape[1:]),
+                         "gru_out": gru_out}

@@ -141,23 +141,12 @@ class CameraBEVStudent(TemporalPolicy):
                              f"images (B, T, Ncam) = {(B, T, n_cam)}")
         bev_vec, bev_feat = self.encode_frames(images.flatten(0, 1), intrinsics.reshape(B * T, n_cam, 3, 3).to(dev),
                                                cam2ego.reshape(B * T, n_cam, 4, 4).to(dev))
-        bev_vec_seq = bev_vec.view(B, T, -1)
-        actions, gru_out = self.temporal(bev_vec_seq, speed, steering)
-        if not return_aux:
-            return actions
-        return actions, {"bev_vec_seq": bev_vec_seq, "bev_feat_seq": bev_feat.view(B, T, *bev_feat.shape[1:]),
-                         "gru_out": gru_out}
+        return self.sequence_outputs(bev_vec, bev_feat, B, T, speed, steering, return_aux)
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[CameraBEVStudent, dict[str, Any]]:
     """Build a student from a checkpoint (architecture from its ``config``), in eval mode on ``device``.
     Returns ``(model, checkpoint_dict)``; raises CheckpointError naming the file when it does not fit."""
-    from e2r.checkpoints import CheckpointError, load_checkpoint
+    from e2r.checkpoints import load_model
 
-    ckpt = load_checkpoint(path)
-    try:
-        model = CameraBEVStudent(StudentConfig.from_dict(dict(ckpt["config"])))
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a student checkpoint matching its config: {e}") from e
-    return model.to(device).eval(), ckpt
+    return load_model(path, lambda cfg: CameraBEVStudent(StudentConfig.from_dict(cfg)), "student", device)

@@ -51,12 +51,7 @@ class LiDARBEVTeacher(TemporalPolicy):
         if len(points) != B * T:
             raise ValueError(f"got {len(points)} point clouds for speed of shape (B, T) = {(B, T)}; need B*T")
         bev_vec, bev_feat = self.encode_frames(points)
-        bev_vec_seq = bev_vec.view(B, T, -1)
-        actions, gru_out = self.temporal(bev_vec_seq, speed, steering)
-        if not return_aux:
-            return actions
-        return actions, {"bev_vec_seq": bev_vec_seq, "bev_feat_seq": bev_feat.view(B, T, *bev_feat.shape[1:]),
-                         "gru_out": gru_out}
+        return self.sequence_outputs(bev_vec, bev_feat, B, T, speed, steering, return_aux)
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> tuple[LiDARBEVTeacher, dict[str, Any]]:
@@ -65,13 +60,6 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     Returns ``(model, checkpoint_dict)``; raises CheckpointError naming the file when it is not a valid
     weights-only teacher checkpoint.
     """
-    from e2r.checkpoints import CheckpointError, load_checkpoint
+    from e2r.checkpoints import load_model
 
-    ckpt = load_checkpoint(path)
-    try:
-        cfg = TeacherConfig.from_dict(dict(ckpt["config"]))
-        model = LiDARBEVTeacher(cfg)
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a teacher checkpoint matching its config: {e}") from e
-    return model.to(device).eval(), ckpt
+    return load_model(path, lambda cfg: LiDARBEVTeacher(TeacherConfig.from_dict(cfg)), "teacher", device)

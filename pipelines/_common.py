@@ -1,0 +1,146 @@
+"""Command-line pieces shared by the training and evaluation pipelines: argument groups (same flags, defaults
+and help text in every pipeline that has them), the per-preset training defaults and the ``main`` bodies
+(error handling and the final summary)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+import torch
+
+from e2r.checkpoints import CheckpointError
+from e2r.data.readers import DataError
+from e2r.metrics import metrics_table
+
+__all__ = ["PRESET_DEFAULTS", "training_main", "eval_main", "preset_hparams", "num_features", "add_training_data_args",
+           "add_training_window_args", "add_training_run_args", "add_eval_input_args", "add_eval_window_args",
+           "add_eval_output_args"]
+
+#: training defaults per preset (tiny: tuned on the default synthetic dataset, a few CPU minutes)
+PRESET_DEFAULTS = {"tiny": {"epochs": 8, "lr": 2e-3, "batch_size": 8},
+                   "full": {"epochs": 30, "lr": 1e-3, "batch_size": 4}}
+
+
+def preset_hparams(args: argparse.Namespace) -> tuple[int, float, int]:
+    """``(epochs, lr, batch_size)``: the flags, or ``--preset``'s defaults where unset."""
+    defaults = PRESET_DEFAULTS[args.preset]
+    epochs = args.epochs if args.epochs is not None else defaults["epochs"]
+    lr = args.lr if args.lr is not None else defaults["lr"]
+    batch_size = args.batch_size if args.batch_size is not None else defaults["batch_size"]
+    return epochs, lr, batch_size
+
+
+def num_features(text: str) -> int | str:
+    """``--lidar_num_features``: ``"auto"`` or a column count."""
+    return text if text == "auto" else int(text)
+
+
+def add_training_data_args(p: argparse.ArgumentParser, model_word: str) -> None:
+    """``--data_root``, ``--train_split``, ``--valid_split``, ``--preset`` (help: "<model_word> size")."""
+    p.add_argument("--data_root", required=True, help="dataset root holding <split>/<segment>/meta/data.csv")
+    p.add_argument("--train_split", default="train", help="split to train on (default: train)")
+    p.add_argument("--valid_split", default="valid", help="split for the per-epoch validation loss and the best "
+                                                          "checkpoint; '' to skip validation (best = train loss)")
+    p.add_argument("--preset", choices=("tiny", "full"), default="tiny", help=f"{model_word} size (default: tiny)")
+
+
+def add_training_window_args(p: argparse.ArgumentParser) -> None:
+    """``--epochs``, ``--batch_size``, ``--seq_len``, ``--stride``."""
+    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default per preset: tiny 8, full 30)")
+    p.add_argument("--batch_size", type=int, default=None, help="windows per batch (default: tiny 8, full 4)")
+    p.add_argument("--seq_len", type=int, default=5, help="frames per window T (default: 5)")
+    p.add_argument("--stride", type=int, default=1, help="step between window starts (default: 1)")
+
+
+def add_training_run_args(p: argparse.ArgumentParser, seed_help: str, save_path: str) -> None:
+    """Loss weights, optimizer, seed (``seed_help``), device, workers, checkpoints (``--save_path`` default
+    ``save_path``), resume/init, TensorBoard, ``--stop_after_epoch``, ``--no_progress``."""
+    p.add_argument("--steer_loss_weight", type=float, default=1.0, help="loss weight of steering (default 1.0)")
+    p.add_argument("--speed_loss_weight", type=float, default=0.05, help="loss weight of speed (default 0.05)")
+    p.add_argument("--smooth_weight", type=float, default=0.0,
+                   help="weight of a penalty on step-to-step changes of the predicted actions (default 0)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, cosine-decayed (default: tiny "
+                                                          "2e-3, full 1e-3)")
+    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    p.add_argument("--grad_clip", type=float, default=5.0, help="gradient norm clip, 0 = off (default 5)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--checkpoint_path", default=None, help="latest full training state, written every epoch")
+    p.add_argument("--save_path", default=save_path, help="best model by validation loss")
+    p.add_argument("--resume_path", default=None, help="continue a run from its --checkpoint_path file")
+    p.add_argument("--init_path", default=None, help="initialise weights only from this checkpoint (transfer)")
+    p.add_argument("--init_skip_output_layer", action="store_true",
+                   help="with --init_path: keep this model's fresh output layer (e.g. another head shape)")
+    p.add_argument("--tensorboard_dir", default=None, help="write TensorBoard scalars here (rank 0); off if unset")
+    p.add_argument("--stop_after_epoch", type=int, default=None,
+                   help="stop once this many epochs are done (the schedule still spans --epochs); continue "
+                        "later with --resume_path")
+    p.add_argument("--no_progress", action="store_true", help="hide the tqdm progress bars")
+
+
+def add_eval_input_args(p: argparse.ArgumentParser, kind: str) -> None:
+    """``--data_root``, ``--split``, ``--<kind>_ckpt`` (written by ``pipelines.train_<kind>``)."""
+    p.add_argument("--data_root", required=True, help="dataset root holding <split>/<segment>/meta/data.csv")
+    p.add_argument("--split", default="valid", help="split to evaluate (default: valid)")
+    p.add_argument(f"--{kind}_ckpt", required=True, help=f"checkpoint written by pipelines.train_{kind}")
+
+
+def add_eval_window_args(p: argparse.ArgumentParser) -> None:
+    """``--seq_len``, ``--stride``, ``--batch_size``."""
+    p.add_argument("--seq_len", type=int, default=5, help="frames per window T (default: 5)")
+    p.add_argument("--stride", type=int, default=1, help="step between window starts (default: 1)")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per batch (default: 8)")
+
+
+def add_eval_output_args(p: argparse.ArgumentParser) -> None:
+    """``--overall_weights``, ``--csv_path``, ``--plot_path``, ``--plot_segment``, ``--device``,
+    ``--num_workers``, ``--no_progress``."""
+    p.add_argument("--overall_weights", default="1.0,0.05",
+                   help="weights of steering,speed MSE in the overall score (default 1.0,0.05)")
+    p.add_argument("--csv_path", default=None, help="write one metrics row per predictor to this CSV")
+    p.add_argument("--plot_path", default=None, help="PNG of predicted vs true steering and speed along a segment")
+    p.add_argument("--plot_segment", default=None, help="segment to plot (default: the split's first)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+
+
+def training_main(name: str, parser: argparse.ArgumentParser, train: Callable[[argparse.Namespace], dict[str, Any]],
+                  argv: list[str] | None, summary_extra: Callable[[dict[str, Any]], str] = lambda last: "") -> int:
+    """Parse ``argv``, run ``train``; print ``<name>: error: ...`` (exit 1) on bad input, else the ``done:``
+    summary (``summary_extra(last history entry)`` inserted before the paths) and return 0."""
+    args = parser.parse_args(argv)
+    try:
+        result = train(args)
+    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    h = result["history"]
+    last = h[-1] if h else {}
+    print(f"done: {len(h)} epochs, last train {last.get('train_loss', float('nan')):.4f}, "
+          f"last valid {last.get('valid_loss', float('nan')):.4f}, best {result['best_metric']:.4f}; "
+          f"{summary_extra(last)}best model: {result['save_path']}, last state: {result['checkpoint_path']}")
+    return 0
+
+
+def eval_main(name: str, parser: argparse.ArgumentParser, evaluate: Callable[[argparse.Namespace], dict[str, Any]],
+              argv: list[str] | None, report_extra: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Parse ``argv``, run ``evaluate`` without gradients; print ``<name>: error: ...`` (exit 1) on bad input,
+    else the metrics table, ``report_extra(result)`` and the written files, and return 0."""
+    args = parser.parse_args(argv)
+    try:
+        with torch.no_grad():
+            out = evaluate(args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.split}: {out['num_windows']} windows, overall = weighted MSE with weights {args.overall_weights}")
+    print(metrics_table(out["results"]))
+    if report_extra is not None:
+        report_extra(out)
+    for what in ("csv_path", "plot_path"):
+        if out[what]:
+            print(f"wrote {out[what]}")
+    return 0
