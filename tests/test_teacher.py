@@ -48,7 +48,7 @@ def test_tiny_shapes_and_split_api_agree_with_forward():
         h, outs = None, []
         for t in range(T):
             a_t, g_t = model.temporal(bev_vec.view(B, T, -1)[:, t:t + 1], speed[:, t:t + 1], steer[:, t:t + 1],
-                                      None if h is None else h)
+                                      None if h is None else h, None if t == 0 else steer[:, t - 1])
             h = g_t[:, -1].unsqueeze(0).contiguous()
             outs.append(a_t)
         torch.testing.assert_close(torch.cat(outs, 1), actions, rtol=1e-4, atol=1e-5)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 __all__ = ["TemporalPolicy", "STEER", "SPEED"]
 
 STEER, SPEED = 0, 1  # action columns: [wheel_angle (deg), velocity (m/s)]
+STEER_RATE_GAIN = 20.0  # scales the per-step steering change (normalised units) to order 1
 
 
 class TemporalPolicy(nn.Module):
@@ -32,7 +33,7 @@ class TemporalPolicy(nn.Module):
             raise ValueError(f"the policy predicts [wheel_angle, velocity]; action_dim must be 2, got {action_dim}")
         self.residual_actions = bool(residual_actions)
         self.speed_embed = nn.Sequential(nn.Linear(1, speed_emb), nn.ReLU())
-        self.steer_embed = nn.Sequential(nn.Linear(1, steer_emb), nn.ReLU())
+        self.steer_embed = nn.Sequential(nn.Linear(2, steer_emb), nn.ReLU())   # [steering, its change]
         self.gru = nn.GRU(bev_dim + speed_emb + steer_emb, gru_hidden, batch_first=True)
         self.head = nn.Sequential(nn.Linear(gru_hidden, head_hidden), nn.ReLU(), nn.Linear(head_hidden, action_dim))
         if self.residual_actions:  # start exactly at "repeat the inputs"; the network learns the correction
@@ -55,9 +56,15 @@ class TemporalPolicy(nn.Module):
         return (actions - self.action_mean) / self.action_std
 
     def temporal(self, bev_vec_seq: Tensor, speed: Tensor, steering: Tensor,
-                 hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 hidden: Tensor | None = None, prev_steering: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """bev_vec_seq (B,T,D), speed (B,T) m/s, steering (B,T) deg, hidden (1,B,H) or None
-        -> ``actions (B,T,A)`` in physical units and ``gru_out (B,T,H)``."""
+        -> ``actions (B,T,A)`` in physical units and ``gru_out (B,T,H)``.
+
+        The steering embedding also sees the change of the steering input from the step before
+        (``steering[t] - steering[t-1]``, x ``STEER_RATE_GAIN`` in normalised units): at 20 Hz the command
+        moves by a fraction of a degree per frame, too small a signal for the GRU to difference by itself.
+        The first step's change is 0 (a window starts cold, as in training) unless ``prev_steering`` (B,),
+        the steering input of the step before, is given (stepping through a sequence with ``hidden``)."""
         B, T, _ = bev_vec_seq.shape
         if speed.shape != (B, T) or steering.shape != (B, T):
             raise ValueError(f"speed {tuple(speed.shape)} and steering {tuple(steering.shape)} must be (B, T) = "
@@ -65,7 +72,13 @@ class TemporalPolicy(nn.Module):
         dev = bev_vec_seq.device
         s = (speed.to(dev, torch.float32) - self.action_mean[SPEED]) / self.action_std[SPEED]
         st = (steering.to(dev, torch.float32) - self.action_mean[STEER]) / self.action_std[STEER]
-        x = torch.cat([bev_vec_seq, self.speed_embed(s.unsqueeze(-1)), self.steer_embed(st.unsqueeze(-1))], dim=-1)
+        if prev_steering is None:
+            first = st[:, :1]
+        else:
+            first = (prev_steering.to(dev, torch.float32).view(B, 1) - self.action_mean[STEER]) / self.action_std[STEER]
+        rate = (st - torch.cat([first, st[:, :-1]], dim=1)) * STEER_RATE_GAIN
+        x = torch.cat([bev_vec_seq, self.speed_embed(s.unsqueeze(-1)),
+                       self.steer_embed(torch.stack([st, rate], dim=-1))], dim=-1)
         gru_out, _ = self.gru(x, hidden)
         out = self.head(gru_out)
         if self.residual_actions:
