@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: data/synthetic-default or data/synthetic-quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic world (default 0)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds for the students (default 0)")
+    p.add_argument("--tracks", type=int, default=None, help="override the profile's number of tracks (>= 3)")
+    p.add_argument("--frames", type=int, default=None, help="override the profile's frames per track")
     p.add_argument("--teacher_epochs", type=int, default=None, help="override the profile's teacher epochs")
     p.add_argument("--student_epochs", type=int, default=None, help="override the profile's student epochs")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
@@ -77,6 +79,9 @@ def run_stage(name: str, main, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prof = dict(PROFILES["quick" if args.quick else "default"])
+    for name in ("tracks", "frames"):
+        if getattr(args, name) is not None:
+            prof[name] = getattr(args, name)
     if args.teacher_epochs is not None:
         prof["teacher_epochs"] = args.teacher_epochs
     if args.student_epochs is not None:
