@@ -40,8 +40,9 @@ def test_terms_vanish_when_student_equals_teacher_and_positive_otherwise():
         a2, aux2 = _student_equal(t)
         if name == "a":
             a2 = a2 + torch.tensor([3.0, 0.5])
-        elif name == "bev_vec_seq":
-            aux2[name] = aux2[name] + torch.randn_like(aux2[name])   # a pure rescale would keep the cosine
+        elif name in ("bev_vec_seq", "bev_feat_seq"):
+            # a pure rescale keeps the cosine, and the dense term is scale-free too
+            aux2[name] = aux2[name] + torch.randn_like(aux2[name])
         else:
             aux2[name] = aux2[name] * 0.5
         o = kd_losses(a2, aux2, t, torch.ones(B, dtype=torch.bool), normalize, ALL)
@@ -177,3 +178,15 @@ def test_hflip_keeps_liftsplat_and_targets_consistent():
     assert torch.equal(facts[:, 0], -acts[:, 0]) and torch.equal(facts[:, 1], acts[:, 1])
     with pytest.raises(ValueError, match="symmetric"):
         hflip_sample(img, K[None], T[None], steer, acts, {**grid, "y_min": 0.0})
+
+
+def test_dense_term_is_scale_free():
+    """The student's features may live on any scale: a rescaled copy of the teacher map costs nothing."""
+    t = _teacher()
+    a, aux = _student_equal(t)
+    aux["bev_feat_seq"] = aux["bev_feat_seq"] * 1000.0
+    out = kd_losses(a, aux, t, torch.ones(B, dtype=torch.bool), normalize, ALL)
+    assert abs(out["kd_bev_feat"].item()) < 1e-5
+    aux["bev_feat_seq"] = torch.zeros_like(aux["bev_feat_seq"])
+    out = kd_losses(a, aux, t, torch.ones(B, dtype=torch.bool), normalize, ALL)
+    assert abs(out["kd_bev_feat"].item() - 1.0) < 1e-3
