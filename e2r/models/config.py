@@ -6,12 +6,32 @@ Ego frame: x forward, y left, z up (metres).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
+class PlainConfig:
+    """Round trip of a config dataclass through plain JSON-able dicts (what checkpoints and stores keep)."""
+
+    def validate(self) -> None:
+        """Subclasses raise ValueError on inconsistent fields."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+        cfg = cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+        cfg.validate()
+        return cfg
+
+
 @dataclass
-class TeacherConfig:
+class TeacherConfig(PlainConfig):
     preset: str = "full"
     # pillar grid
     point_cloud_range: tuple[float, ...] = (0.0, -39.68, -3.0, 69.12, 39.68, 1.0)  # xmin ymin zmin xmax ymax zmax
@@ -67,16 +87,6 @@ class TeacherConfig:
         return {"x_min": r[0], "y_min": r[1], "z_min": r[2], "z_max": r[5],
                 "dx": v[0] * self.bev_stride, "dy": v[1] * self.bev_stride, "H": H, "W": W}
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TeacherConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TeacherConfig fields {sorted(unknown)}")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
     @classmethod
     def preset_named(cls, name: str) -> "TeacherConfig":

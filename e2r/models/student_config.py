@@ -2,10 +2,10 @@
 BEV grid, bev_feat channels, bev_dim D, GRU hidden H and action_dim match the teacher (direct KD)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from e2r.models.config import TeacherConfig
+from e2r.models.config import PlainConfig, TeacherConfig
 
 __all__ = ["StudentConfig"]
 
@@ -15,7 +15,7 @@ TEACHER_FIELDS = ("bev_x_min", "bev_y_min", "bev_z_min", "bev_z_max", "bev_dx", 
 
 
 @dataclass
-class StudentConfig:
+class StudentConfig(PlainConfig):
     """Defaults are the ``full`` preset against the full teacher; build with :meth:`preset_named` or
     :meth:`from_teacher`. ``image_size`` is (W, H) of the network input (what the dataset resizes to)."""
     preset: str = "full"
@@ -109,16 +109,3 @@ class StudentConfig:
         if len(self.depth_bins) != 3 or len(self.image_size) != 2:
             raise ValueError(f"depth_bins needs (d_min, d_max, step) and image_size (W, H); got "
                              f"{self.depth_bins}, {self.image_size}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StudentConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown StudentConfig fields {sorted(unknown)}")
-        cfg = cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
-        cfg.validate()
-        return cfg

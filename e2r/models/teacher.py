@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from e2r.models.config import TeacherConfig
 from e2r.models.pointpillars import PointPillarsEncoder
