@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from stores.index import KeyIndex, check_keys
-from stores.schema import (SCHEMA_VERSION, Provenance, StoreMismatchError, StoreSchema,
+from stores.schema import (SCHEMA_VERSION, Provenance, StoreSchema,
                            check_compatible, json_attrs, now_iso)
 
 FORMAT_NAME = "e2r-memorybank"
