@@ -29,7 +29,6 @@ from torch.utils.data import DataLoader
 from e2r.data.datasets import LidarFrameDataset, LidarSequenceDataset
 from e2r.export_plan import SplitPlan, VoxelizedFrames, build_split_plan, collate_voxels, rows_to_frames
 from e2r.kd import pool_bev_feat
-from e2r.models.pointpillars import scatter_to_canvas
 from e2r.models.teacher import LiDARBEVTeacher, load_teacher
 
 __all__ = ["ExportOptions", "ExportContext", "TaskStats", "encode_voxel_batch", "export_rows",
@@ -120,10 +119,7 @@ def encode_voxel_batch(teacher: LiDARBEVTeacher, batch: dict[str, torch.Tensor],
     num_frames = int(batch["u"].shape[0])
     ctx = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
     with ctx:
-        feats = enc.pfn(pillars, counts, coords)
-        canvas = scatter_to_canvas(feats, coords, num_frames, enc.nx, enc.ny)
-        bev_feat = enc.backbone(canvas)
-        bev_vec = enc.to_vec(bev_feat.mean(dim=(2, 3)))
+        bev_vec, bev_feat = enc.encode_voxels(pillars, counts, coords, num_frames)
     return bev_vec.float(), bev_feat
 
 

@@ -128,8 +128,14 @@ class PointPillarsEncoder(nn.Module):
         """points: F tensors (N_f, 4) -> (bev_vec (F, D), bev_feat (F, C, H, W))."""
         device = self.to_vec.weight.device
         vox = self.voxelize([p.to(device=device, dtype=torch.float32) for p in points])
-        pillar_feats = self.pfn(vox.pillars, vox.counts, vox.coords)
-        canvas = scatter_to_canvas(pillar_feats, vox.coords, len(points), self.nx, self.ny)
+        return self.encode_voxels(vox.pillars, vox.counts, vox.coords, len(points))
+
+    def encode_voxels(self, pillars: Tensor, counts: Tensor, coords: Tensor, num_frames: int
+                      ) -> tuple[Tensor, Tensor]:
+        """Already voxelised frames (e.g. by DataLoader workers): pillars (P, M, F), counts (P,), coords (P, 4)
+        as (frame, z, y, x) -> (bev_vec (F, D), bev_feat (F, C, H, W))."""
+        pillar_feats = self.pfn(pillars, counts, coords)
+        canvas = scatter_to_canvas(pillar_feats, coords, num_frames, self.nx, self.ny)
         bev_feat = self.backbone(canvas)
         bev_vec = self.to_vec(bev_feat.mean(dim=(2, 3)))
         return bev_vec, bev_feat
