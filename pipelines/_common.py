@@ -15,7 +15,7 @@ from e2r.metrics import metrics_table
 
 __all__ = ["PRESET_DEFAULTS", "training_main", "eval_main", "preset_hparams", "num_features", "add_training_data_args",
            "add_training_window_args", "add_training_run_args", "add_eval_input_args", "add_eval_window_args",
-           "add_eval_output_args"]
+           "add_eval_output_args", "train_valid_datasets"]
 
 #: training defaults per preset (tiny: tuned on the default synthetic dataset, a few CPU minutes)
 PRESET_DEFAULTS = {"tiny": {"epochs": 8, "lr": 2e-3, "batch_size": 8},
@@ -34,6 +34,14 @@ def preset_hparams(args: argparse.Namespace) -> tuple[int, float, int]:
 def num_features(text: str) -> int | str:
     """``--lidar_num_features``: ``"auto"`` or a column count."""
     return text if text == "auto" else int(text)
+
+
+def train_valid_datasets(args: argparse.Namespace, make: Callable[[str], Any]) -> tuple[Any, Any]:
+    """``(train_ds, valid_ds or None)`` from ``make(split)``; refuses a training split with no window."""
+    train_ds = make(args.train_split)
+    if len(train_ds) == 0:
+        raise ValueError(f"{args.data_root}/{args.train_split}: no windows of seq_len={args.seq_len}")
+    return train_ds, (make(args.valid_split) if args.valid_split else None)
 
 
 def add_training_data_args(p: argparse.ArgumentParser, model_word: str) -> None:

@@ -39,7 +39,7 @@ from e2r.models.student_config import StudentConfig
 from e2r.training import (DistContext, finish_epoch, make_summary_writer, plain_args, prepare_training,
                           resolve_device, seed_everything, setup_distributed, teardown_distributed, train_valid_epoch)
 from pipelines._common import (add_training_data_args, add_training_run_args, add_training_window_args,
-                               preset_hparams, training_main)
+                               preset_hparams, train_valid_datasets, training_main)
 
 PART_NAMES = ("bc", "kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat", "kd_total")
 
@@ -125,11 +125,8 @@ def train_student(args: argparse.Namespace) -> dict[str, Any]:
             cfg = build_student_config(args, teacher_cfg if teacher_cfg is not None
                                        else _teacher_config(None, args.teacher_ckpt))
         image_size = tuple(cfg.image_size)
-        train_ds = CameraSequenceDataset(args.data_root, args.train_split, args.seq_len, args.stride, image_size)
-        if len(train_ds) == 0:
-            raise ValueError(f"{args.data_root}/{args.train_split}: no windows of seq_len={args.seq_len}")
-        valid_ds = (CameraSequenceDataset(args.data_root, args.valid_split, args.seq_len, args.stride, image_size)
-                    if args.valid_split else None)
+        train_ds, valid_ds = train_valid_datasets(
+            args, lambda split: CameraSequenceDataset(args.data_root, split, args.seq_len, args.stride, image_size))
         fields = LIGHT_KD_FIELDS + (("bev_feat",) if kd.bev_feat > 0 else ())
         if schema is not None:
             check_store(args.memorybank, schema, args.seq_len, train_ds.frame_actions().shape[1], cfg,

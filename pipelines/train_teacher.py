@@ -28,7 +28,7 @@ from e2r.training import (DistContext, finish_epoch, make_loader, make_summary_w
                           resolve_device, seed_everything, setup_distributed, teardown_distributed, train_valid_epoch)
 from pipelines._common import (PRESET_DEFAULTS, add_training_data_args, add_training_run_args,  # noqa: F401
                                add_training_window_args, num_features, preset_hparams,
-                               training_main)
+                               train_valid_datasets, training_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +53,8 @@ def train_teacher(args: argparse.Namespace) -> dict[str, Any]:
         resume = load_checkpoint(args.resume_path, kind="teacher") if args.resume_path else None
         cfg = TeacherConfig.from_dict(resume["config"]) if resume else TeacherConfig.preset_named(args.preset)
         nf = num_features(args.lidar_num_features)
-        train_ds = LidarSequenceDataset(args.data_root, args.train_split, args.seq_len, args.stride, nf)
-        if len(train_ds) == 0:
-            raise ValueError(f"{args.data_root}/{args.train_split}: no windows of seq_len={args.seq_len}")
-        valid_ds = (LidarSequenceDataset(args.data_root, args.valid_split, args.seq_len, args.stride, nf)
-                    if args.valid_split else None)
+        train_ds, valid_ds = train_valid_datasets(
+            args, lambda split: LidarSequenceDataset(args.data_root, split, args.seq_len, args.stride, nf))
         model = LiDARBEVTeacher(cfg)
         net, opt, sched, start_epoch, best, history = prepare_training(
             model, train_ds, resume, init_path=args.init_path, skip_output_layer=args.init_skip_output_layer, lr=lr,
