@@ -259,11 +259,6 @@ class PairedSequenceDataset(_SequenceDataset):
     uses_lidar = True
     uses_camera = True
 
-    def __init__(self, root: Union[str, Path], split: str, seq_len: int = 5, stride: int = 1,
-                 lidar_num_features: NumFeatures = "auto", image_size: tuple[int, int] = (256, 128),
-                 skip_bad: bool = False):
-        super().__init__(root, split, seq_len, stride, lidar_num_features, image_size, skip_bad)
-
     def _build(self, segment: str, start: int) -> dict[str, Any]:
         frames = range(start, start + self.seq_len)
         points = [self._load_points(segment, f) for f in frames]
