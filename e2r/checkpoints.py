@@ -19,6 +19,8 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
+from e2r.errors import CheckpointError
+
 __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "file_sha256",
            "load_init_weights", "load_model"]
 
@@ -26,10 +28,6 @@ M = TypeVar("M", bound=nn.Module)
 
 FORMAT = "e2r-checkpoint"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:

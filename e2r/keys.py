@@ -12,17 +12,14 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from e2r.errors import InvalidKeyError
+
 __all__ = ["InvalidKeyError", "SampleKey", "make_key", "parse_key", "validate_key",
            "validate_part", "split_of"]
 
 _PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 _START_RE = re.compile(r"0|[1-9][0-9]{0,17}")
 MAX_KEY_LEN = 128 + 1 + 128 + 1 + 18
-
-
-class InvalidKeyError(ValueError):
-    """A key (or a key part) that does not follow the grammar; the message names it and the reason."""
-
 
 
 class SampleKey(NamedTuple):

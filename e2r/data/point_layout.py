@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from e2r.errors import LayoutUndecidable
+
 __all__ = ["SUPPORTED_NUM_FEATURES", "PointLayout", "LayoutUndecidable", "plausibility_failures",
            "detect_bin_layout", "detect_from_arrays"]
 
@@ -31,10 +33,6 @@ SUPPORTED_NUM_FEATURES = (4, 5, 8)
 MIN_POINTS_FOR_STATISTICS = 64     # fewer pooled points than this: only an unambiguous size may decide
 SAME_DISTRIBUTION_MAX = 0.25       # columns 4..7 vs 0..3 closer than this: they are the next point (4 features)
 DIFFERENT_DISTRIBUTION_MIN = 0.6   # farther than this: real extra features (8 features)
-
-
-class LayoutUndecidable(ValueError):
-    """Auto-detection could not decide the number of features per point; the message says why."""
 
 
 @dataclass(frozen=True)

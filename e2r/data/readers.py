@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from e2r.errors import DataError, Problem
 from e2r.data.point_layout import (SUPPORTED_NUM_FEATURES, LayoutUndecidable, PointLayout,
                                    detect_from_arrays)
 
@@ -21,33 +22,6 @@ __all__ = ["DataError", "Problem", "NumFeatures", "read_points", "read_bin", "re
 
 NumFeatures = Union[int, str]   # 4 | 5 | 8 | "auto"
 POINT_SUFFIXES = (".bin", ".npy", ".pcd")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One bad input: the file, the data.csv row (frame index, 0-based; None if not row-specific), why."""
-    file: str
-    row: Optional[int]
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.file}" + (f": row {self.row}" if self.row is not None else "") + f": {self.reason}"
-
-
-class DataError(ValueError):
-    """Bad input data. ``.problem`` holds the file, the data.csv row (or None) and the reason."""
-
-    def __init__(self, file: Union[str, Path], reason: str, row: Optional[int] = None):
-        self.problem = Problem(str(file), row, reason)
-        super().__init__(str(self.problem))
-
-    @property
-    def file(self) -> str:
-        return self.problem.file
-
-    @property
-    def row(self) -> Optional[int]:
-        return self.problem.row
 
 
 def _check_file(path: Path, row: Optional[int]) -> int:

@@ -1,0 +1,61 @@
+"""Every error the core library raises, under one base class a caller can catch: :class:`E2RError`.
+
+Each is also a ``ValueError`` (bad input), so code that catches ``ValueError`` keeps working. Messages name
+the file, row, key or flag at fault and, where there is one, what to do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+__all__ = ["E2RError", "Problem", "DataError", "LayoutUndecidable", "CheckpointError", "InvalidKeyError",
+           "ConfigError"]
+
+
+class E2RError(Exception):
+    """Base of the e2r core's errors."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad input: the file, the data.csv row (or None) and the reason."""
+
+    file: str
+    row: Optional[int]
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}" + (f": row {self.row}" if self.row is not None else "") + f": {self.reason}"
+
+
+class DataError(E2RError, ValueError):
+    """Bad input data. ``.problem`` holds the file, the data.csv row (or None) and the reason."""
+
+    def __init__(self, file: Union[str, Path], reason: str, row: Optional[int] = None):
+        self.problem = Problem(str(file), row, reason)
+        super().__init__(str(self.problem))
+
+    @property
+    def file(self) -> str:
+        return self.problem.file
+
+    @property
+    def row(self) -> Optional[int]:
+        return self.problem.row
+
+
+class LayoutUndecidable(E2RError, ValueError):
+    """Auto-detection could not decide the number of features per point; the message says why."""
+
+
+class CheckpointError(E2RError, ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+class InvalidKeyError(E2RError, ValueError):
+    """A key (or a key part) that does not follow the grammar; the message names it and the reason."""
+
+
+class ConfigError(E2RError, ValueError):
+    """A run configuration (flag values) that cannot work; the message names the flag."""
