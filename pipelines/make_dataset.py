@@ -10,15 +10,15 @@ valid and test tracks are never seen in train. Written per segment <out>/<split>
   camera/NNNNNN.png    front camera, RGB; camera/calib.json: K and cam2ego (OpenCV camera -> ego)
 The expert (pure pursuit + curvature-limited speed, 20 Hz) drives; a 16-ring LiDAR and a pinhole camera
 on the same car ray cast the same walls (red/white left, blue/white right), lane paint and barrels.
-Same seed -> byte-identical files. See e2r/data/synthetic.py for details.
+Same seed -> byte-identical files. See e2r/sim/world.py for details.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from e2r.data.synthetic import generate_dataset
-from e2r.data.synthetic_preview import write_preview
+from e2r.sim.preview import write_preview
+from e2r.sim.world import generate_dataset
 
 
 def _image_size(text: str) -> tuple[int, int]:

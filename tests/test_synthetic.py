@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2r.data.synthetic import (CSV_COLUMNS, MARKER, SyntheticConfig, generate_dataset, split_for_track,
-                                track_for_index)
-from e2r.data.synthetic_expert import ExpertConfig, drive_expert
-from e2r.data.synthetic_preview import project_to_image, write_preview
-from e2r.data.synthetic_sensors import LIDAR_HEIGHT, CameraConfig, cast_lidar, render_camera
+from e2r.sim.expert import ExpertConfig, drive_expert
+from e2r.sim.preview import project_to_image, write_preview
+from e2r.sim.sensors import LIDAR_HEIGHT, CameraConfig, cast_lidar, render_camera
+from e2r.sim.world import CSV_COLUMNS, MARKER, SyntheticConfig, generate_dataset, split_for_track, track_for_index
 from pipelines.make_dataset import main as make_dataset_main
 
 TRACKS, FRAMES, SIZE = 3, 5, (96, 48)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from e2r.data.synthetic_track import Track
+from e2r.sim.track import Track
 
 __all__ = ["ExpertConfig", "Drive", "drive_expert"]
 

@@ -8,9 +8,11 @@ wider than ``min_radius`` and no two parts of the loop come closer than their ha
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 __all__ = ["TrackConfig", "Track", "make_track", "PaintMap", "paint_map", "GRASS", "ASPHALT", "EDGE_LINE", "CENTRE_LINE"]
 
@@ -59,7 +61,6 @@ class Track:
 
     def fingerprint(self) -> str:
         """A short, stable digest of the geometry (to check that two tracks are different)."""
-        import hashlib
         return hashlib.sha1(np.round(self.centre, 3).astype(np.float64).tobytes()).hexdigest()[:16]
 
 
@@ -186,7 +187,6 @@ def paint_map(track: Track, res: float = 0.05) -> PaintMap:
     each wall, a dashed yellow centre line) drawn once with Pillow and cached on the track."""
     if track.paint is not None and track.paint.res == res:
         return track.paint
-    from PIL import Image, ImageDraw
     half = (track.width / 2)[:, None]
     left, right = track.centre + track.normal * (half + 0.1), track.centre - track.normal * (half + 0.1)
     lo = np.minimum(left.min(0), right.min(0)) - 2.0

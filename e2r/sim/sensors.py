@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from e2r.data.synthetic_track import ASPHALT, CENTRE_LINE, EDGE_LINE, Track, paint_map
+from e2r.sim.track import ASPHALT, CENTRE_LINE, EDGE_LINE, Track, paint_map
 
 __all__ = ["LidarConfig", "CameraConfig", "cast_lidar", "render_camera", "camera_intrinsics", "camera_to_ego"]
 

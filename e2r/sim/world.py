@@ -1,8 +1,8 @@
 """The synthetic racing world, written as a dataset in the SPEC layout (our embedded default data).
 
-Each segment is one expert drive on its own random closed track (``synthetic_track``), recorded at 20 Hz
-by a 3-D LiDAR and a front camera on the same car (``synthetic_sensors``), the expert giving the actions
-(``synthetic_expert``). Layout written under ``out_dir`` (see docs/CONTRACTS.md)::
+Each segment is one expert drive on its own random closed track (``e2r.sim.track``), recorded at 20 Hz
+by a 3-D LiDAR and a front camera on the same car (``e2r.sim.sensors``), the expert giving the actions
+(``e2r.sim.expert``). Layout written under ``out_dir`` (see docs/CONTRACTS.md)::
 
     <out>/<split>/segment_NNNN/meta/data.csv     timestamp, lidar_filepath, image_filepath, velocity, wheel_angle
     <out>/<split>/segment_NNNN/lidar/000123.bin  float32 (N, 4) x, y, z, intensity; ego frame, ground z = -1
@@ -33,11 +33,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
-from e2r.data.synthetic_expert import ExpertConfig, drive_expert
-from e2r.data.synthetic_sensors import (CameraConfig, LidarConfig, camera_intrinsics, camera_to_ego,
-                                        cast_lidar, render_camera)
-from e2r.data.synthetic_track import TrackConfig, make_track
+from e2r.sim.expert import ExpertConfig, drive_expert
+from e2r.sim.sensors import (CameraConfig, LidarConfig, camera_intrinsics, camera_to_ego, cast_lidar,
+                             render_camera)
+from e2r.sim.track import TrackConfig, make_track
 
 __all__ = ["SyntheticConfig", "generate_dataset", "generate_segment", "split_for_track", "segment_name",
            "track_for_index", "calib_dict", "config_dict", "CSV_COLUMNS", "MARKER"]
@@ -182,13 +183,13 @@ def generate_dataset(out_dir: str | Path, tracks: int = 6, frames: int = 300, se
     cfg = config or SyntheticConfig(tracks=tracks, frames=frames, seed=seed, image_size=tuple(image_size))
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
+    # "generator" keeps the name of this module before it moved to e2r.sim: same seed, same bytes
     made_by = {"generator": "e2r.data.synthetic", "status": "incomplete", "config": config_dict(cfg)}
     (out / MARKER).write_text(json.dumps(made_by, indent=1) + "\n")
     n_workers = min(os.cpu_count() or 1, cfg.tracks) if workers is None else max(1, min(workers, cfg.tracks))
     t0 = time.perf_counter()
     jobs = [(cfg, i, str(out)) for i in range(cfg.tracks)]
     total = cfg.tracks * cfg.frames
-    from tqdm import tqdm
     bar = tqdm(total=total, unit="frame", desc="synthetic dataset", disable=not progress)
     if n_workers == 1:
         segments = []
