@@ -31,7 +31,7 @@ from e2r.export import ExportOptions, export_rows, load_context  # noqa: E402
 from e2r.models.config import TeacherConfig  # noqa: E402
 from e2r.models.teacher import LiDARBEVTeacher, load_teacher  # noqa: E402
 from stores import MemoryBank, Provenance, StoreSchema  # noqa: E402
-from tests.fixtures import write_tiny_dataset  # noqa: E402
+from e2r.sim.tiny import write_tiny_dataset  # noqa: E402
 
 
 def make_world(work: Path, preset: str, frames: int, segments: int, points: int) -> tuple[Path, Path]:
