@@ -27,12 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from stores.errors import UnsupportedLayout
+
 _EMPTY = np.uint64(2**64 - 1)
 _EMPTY_INT = 2**64 - 1
-
-
-class UnsupportedLayout(Exception):
-    """The array is not stored one row per chunk with codecs this reader decodes."""
 
 
 def _decoder(codecs: list[dict[str, Any]], dtype: np.dtype) -> Any:
@@ -49,6 +47,7 @@ def _decoder(codecs: list[dict[str, Any]], dtype: np.dtype) -> Any:
     if len(rest) > 1:
         raise UnsupportedLayout(f"more than one compressor: {rest}")
     name, cfg = rest[0]["name"], rest[0].get("configuration", {})
+    # numcodecs codecs are imported lazily: only the compressor a store actually uses is loaded
     if name == "blosc":
         from numcodecs import blosc
         return blosc.decompress   # blosc frames are self-describing (cname, shuffle, typesize in the header)
@@ -122,7 +121,7 @@ class RowChunkReader:
                 raise ValueError(f"shard {p}: {len(mm)} bytes, shorter than its {nidx}-byte index")
             raw = mm[len(mm) - nidx:]
             if self._crc:
-                from numcodecs.checksum32 import CRC32C
+                from numcodecs.checksum32 import CRC32C   # lazy: optional codec, loaded only for crc32c indexes
                 if bytes(CRC32C().encode(raw[:-4])[-4:]) != raw[-4:]:
                     raise ValueError(f"shard {p}: index checksum (crc32c) mismatch - file corrupted")
             index = np.frombuffer(raw, "<u8", count=2 * n).reshape(n, 2)

@@ -12,10 +12,18 @@ Both dataclasses round-trip through JSON-able dicts kept in the store's group at
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
+
+from stores.errors import StoreMismatchError
+
+try:
+    CODE_VERSION = importlib.metadata.version("e2r-kd")     # recorded as Provenance.code_version
+except importlib.metadata.PackageNotFoundError:
+    CODE_VERSION = "unknown"
 
 SCHEMA_VERSION = 2      # 2: light fields packed in one array `light` (Zarr back end)
 LIGHT_FIELDS: tuple[str, ...] = ("actions", "bev_vec", "gru_out")
@@ -30,10 +38,6 @@ DIM_NAMES: dict[str, tuple[str, ...]] = {
 LIGHT_ARRAY = "light"                  # Zarr: actions|bev_vec|gru_out packed along the last axis
 LIGHT_DIM_NAMES: tuple[str, ...] = ("row", "t", "channel")
 _DTYPES = ("float32", "float16")
-
-
-class StoreMismatchError(ValueError):
-    """The store on disk was made with a different schema or teacher than the caller's; the message says what."""
 
 
 @dataclass
@@ -123,12 +127,11 @@ class Provenance:
     teacher_sha256: str
     model_config: dict[str, Any] = field(default_factory=dict)
     dataset_root: str = ""
-    code_version: str = ""
+    code_version: str = ""          # default: the installed e2r-kd version
 
     def __post_init__(self) -> None:
         if not self.code_version:
-            from e2r import __version__
-            self.code_version = __version__
+            self.code_version = CODE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
