@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from stores import MemoryBank, Provenance, StoreSchema  # noqa: E402
+from stores import Provenance, StoreSchema, create_memorybank, open_memorybank  # noqa: E402
 from stores.convert import key_to_filename  # noqa: E402
 from stores.torch_data import KeyBatchSampler, MemoryBankDataset  # noqa: E402
 
@@ -102,7 +102,7 @@ def loader_rate(loader: DataLoader) -> float:
 
 
 def write_store(path: str, schema: StoreSchema, keys: list[str], bev: bool = False) -> float:
-    bank = MemoryBank.create(path, schema, Provenance(teacher_sha256="0" * 64, model_config={"bench": True}))
+    bank = create_memorybank(path, schema, Provenance(teacher_sha256="0" * 64, model_config={"bench": True}))
     bank.reserve_split("train", keys)
     step = bank.alignment if not bev else 32
     t = 0.0
@@ -197,7 +197,7 @@ def main() -> int:
     # in-process get_batch ----------------------------------------------------------------------------
     rng = np.random.default_rng(0)
     for name in ("store f32", "store f16"):
-        bank = MemoryBank.open(res[name]["path"])
+        bank = open_memorybank(res[name]["path"])
         bank.get_batch(keys[:B])
         batches = [[keys[i] for i in rng.integers(0, N, B)] for _ in range(max(50, N // B))]
         t0 = time.perf_counter()

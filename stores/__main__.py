@@ -14,7 +14,11 @@ import numpy as np
 from tqdm import tqdm
 
 from e2r.keys import InvalidKeyError, parse_key
-from stores.base import MemoryBank, _ranges_of
+from stores.abc import MemoryBank
+from stores.convert import convert
+from stores.errors import StoreError
+from stores.factory import open_memorybank
+from stores.layout import ranges_of
 
 
 def _mib(n: int) -> str:
@@ -22,7 +26,7 @@ def _mib(n: int) -> str:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    bank = MemoryBank.open(a.path, mode="r")
+    bank = open_memorybank(a.path, mode="r")
     at = bank.attrs
     print(f"memorybank {a.path}  backend={bank.backend}  schema_version={at['schema_version']}  "
           f"rows={bank.n_rows}  complete={len(bank)}  shard_rows(alignment)={bank.alignment}")
@@ -46,7 +50,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
-    bank = MemoryBank.open(a.path, mode="r")
+    bank = open_memorybank(a.path, mode="r")
     keys = bank.keys(a.split)
     for k in keys[: a.limit] if a.limit else keys:
         print(k)
@@ -54,7 +58,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
 
 
 def cmd_show(a: argparse.Namespace) -> int:
-    bank = MemoryBank.open(a.path, mode="r")
+    bank = open_memorybank(a.path, mode="r")
     if not bank.has(a.key):
         print(f"key {a.key!r} is not in {a.path}", file=sys.stderr)
         return 1
@@ -112,11 +116,11 @@ def verify_bank(bank: MemoryBank, block_rows: int = 1024) -> list[str]:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    bank = MemoryBank.open(a.path, mode="r")
+    bank = open_memorybank(a.path, mode="r")
     problems = verify_bank(bank)
     for p in problems:
         print("PROBLEM:", p)
-    incomplete = sum(b - x for s, c in bank.splits.values() for x, b in _ranges_of(~bank._read_complete(s, s + c)))
+    incomplete = sum(b - x for s, c in bank.splits.values() for x, b in ranges_of(~bank._read_complete(s, s + c)))
     print(f"verify {a.path}: {len(bank)} complete rows, {incomplete} reserved rows not yet written, "
           f"{len(problems)} problem(s)")
     return 1 if problems else 0
@@ -125,7 +129,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def field_stats(bank: MemoryBank, field: str) -> dict[str, list[float]]:
     """Per-channel mean/std/min/max over complete rows, computed with dask chunk by chunk.
     Channel = last axis for light fields, axis c (2) for bev_feat."""
-    import dask.array as da
+    import dask.array as da      # lazy: dask is only needed by `stats`
     arr = bank.dask_array(field)
     mask = bank._read_complete(0, arr.shape[0])
     arr = arr[mask].astype("float64")
@@ -136,7 +140,7 @@ def field_stats(bank: MemoryBank, field: str) -> dict[str, list[float]]:
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
-    bank = MemoryBank.open(a.path, mode="r")
+    bank = open_memorybank(a.path, mode="r")
     fields = [a.field] if a.field else list(bank.schema.fields)
     result = {}
     for f in fields:
@@ -160,7 +164,7 @@ def cmd_stats(a: argparse.Namespace) -> int:
 
 
 def cmd_rm_split(a: argparse.Namespace) -> int:
-    bank = MemoryBank.open(a.path, mode="r+")
+    bank = open_memorybank(a.path, mode="r+")
     start, count = bank.splits.get(a.split, (None, None)) if a.split in bank.splits else (None, None)
     if start is None:
         print(f"split {a.split!r} is not in {a.path} (splits: {sorted(bank.splits)})", file=sys.stderr)
@@ -171,7 +175,6 @@ def cmd_rm_split(a: argparse.Namespace) -> int:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    from stores.convert import convert
     kw = {"shard_rows": a.shard_rows}
     if a.dtype:
         kw["dtype"] = a.dtype
@@ -223,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return COMMANDS[a.cmd](a)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, PermissionError) as e:
+    except (StoreError, FileNotFoundError, FileExistsError, ValueError, KeyError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -18,7 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from e2r.keys import InvalidKeyError, parse_key, validate_key
-from stores.base import MemoryBank, _ranges_of
+from stores.factory import create_memorybank, open_memorybank
+from stores.layout import ranges_of
 from stores.schema import ALL_FIELDS, BEV_FEAT, Provenance, StoreSchema
 
 
@@ -57,17 +58,17 @@ def _load_npz(path: Path) -> tuple[str, dict[str, np.ndarray]]:
 def convert_store(src: str, dst: str, dtype: str | None = None, shard_rows: int | None = None,
                   block_rows: int = 1024) -> dict[str, Any]:
     """Copy every complete row of store ``src`` into a new store ``dst`` (other back end or dtype)."""
-    s = MemoryBank.open(src, mode="r")
+    s = open_memorybank(src, mode="r")
     schema = s.schema
     if dtype:
         schema.dtype = dtype
-    d = MemoryBank.create(dst, schema, s.provenance, shard_rows=shard_rows or s.alignment, exist_ok=False)
+    d = create_memorybank(dst, schema, s.provenance, shard_rows=shard_rows or s.alignment, exist_ok=False)
     copied = 0
     with tqdm(total=len(s), desc=f"convert {os.path.basename(src)}", unit="row") as bar:
         for split, (start, count) in sorted(s.splits.items(), key=lambda kv: kv[1][0]):
             keys = s.split_keys(split)
             d.reserve_split(split, keys)
-            for a, b in _ranges_of(s._read_complete(start, start + count)):
+            for a, b in ranges_of(s._read_complete(start, start + count)):
                 for x in range(a, b, block_rows):
                     y = min(b, x + block_rows)
                     rows, missing = s.get_batch(keys[x:y])
@@ -103,7 +104,7 @@ def convert_npz_dir(src: str, dst: str, teacher_sha256: str = "unknown", dtype: 
                          bev_feat_shape=tuple(bev.shape[1:]) if bev is not None else None,
                          store_bev_feat=bev is not None)
     prov = Provenance(teacher_sha256=teacher_sha256, dataset_root="", model_config={"imported_from": str(src)})
-    bank = MemoryBank.create(dst, schema, prov, shard_rows=shard_rows, exist_ok=False)
+    bank = create_memorybank(dst, schema, prov, shard_rows=shard_rows, exist_ok=False)
     n = 0
     with tqdm(total=len(files), desc="import npz", unit="key") as bar:
         for split, items in sorted(by_split.items()):

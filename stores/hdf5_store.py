@@ -1,4 +1,5 @@
-"""HDF5 back end of `MemoryBank` (h5py): the same datasets and attributes as the Zarr layout, in one file.
+"""HDF5 back end of the abstract `stores.abc.MemoryBank` (h5py): the same datasets and attributes as the
+Zarr layout, in one file.
 
 ``keys`` (N,) vlen utf-8, ``complete`` (N,) uint8, ``actions``/``bev_vec``/``gru_out`` (N, T, X) chunked one
 row per chunk with gzip level 1 + shuffle, ``bev_feat/bev_feat`` (N, T, C, H, W) chunked one frame per chunk.
@@ -17,7 +18,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from stores.base import MemoryBank
+from stores.abc import MemoryBank
+from stores.errors import NotAMemoryBankError
 from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_FIELDS, StoreSchema
 
 ATTR = "e2r_memorybank"
@@ -56,7 +58,7 @@ class HDF5MemoryBank(MemoryBank):
         if not self.exists(self.path):
             raise FileNotFoundError(f"no HDF5 memorybank at {self.path}")
         if ATTR not in self._f().attrs:
-            raise ValueError(f"{self.path} is an HDF5 file but not an e2r memorybank (no '{ATTR}' attribute)")
+            raise NotAMemoryBankError(f"{self.path} is an HDF5 file but not an e2r memorybank (no '{ATTR}' attribute)")
 
     def _create_new(self, schema: StoreSchema) -> None:
         f = h5py.File(self.path, "w-")
@@ -124,7 +126,7 @@ class HDF5MemoryBank(MemoryBank):
         f.flush()
 
     def dask_array(self, name: str) -> Any:
-        import dask.array as da
+        import dask.array as da      # lazy: dask is only needed for this out-of-core view
         d = self._f()[_dset_path(name)]
         rows = max(1, min(d.shape[0] or 1, 1024 if name != BEV_FEAT else 8))
         return da.from_array(d, chunks=(rows, *d.shape[1:]), lock=True)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from stores.base import MemoryBank
+from stores.abc import MemoryBank
+from stores.factory import open_memorybank
 
 
 def _view(buf: torch.Tensor, off: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -76,7 +77,7 @@ class MemoryBankDataset(Dataset):
     def __init__(self, path: str, keys: Sequence[str] | None = None, split: str | None = None,
                  fields: Sequence[str] | None = None) -> None:
         self.path = str(path)
-        bank = MemoryBank.open(self.path, mode="r")   # index only; rows are read lazily per process
+        bank = open_memorybank(self.path, mode="r")   # index only; rows are read lazily per process
         self.schema = bank.schema
         self.fields = tuple(fields) if fields is not None else self.schema.fields
         self.keys = list(keys) if keys is not None else bank.keys(split)
@@ -87,7 +88,7 @@ class MemoryBankDataset(Dataset):
 
     def _get_bank(self) -> MemoryBank:
         if self._bank is None:
-            self._bank = MemoryBank.open(self.path, mode="r")
+            self._bank = open_memorybank(self.path, mode="r")
         return self._bank
 
     def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any]:

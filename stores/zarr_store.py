@@ -1,4 +1,4 @@
-"""Zarr v3 back end of `MemoryBank`: zarr-python creates, writes and inspects; `RowChunkReader` reads rows.
+"""Zarr v3 back end of the abstract `stores.abc.MemoryBank`: zarr-python creates, writes and inspects; `RowChunkReader` reads rows.
 
 Layout of ``<path>/`` (a Zarr v3 group; attributes = schema, provenance, splits, times, shard_rows,
 ``light_channels``)::
@@ -26,8 +26,9 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
-from stores.base import MemoryBank
-from stores.row_reader import RowChunkReader, UnsupportedLayout
+from stores.abc import MemoryBank
+from stores.errors import UnsupportedLayout
+from stores.row_reader import RowChunkReader
 from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, LIGHT_FIELDS, StoreSchema
 
 
@@ -185,7 +186,7 @@ class ZarrMemoryBank(MemoryBank):
     def dask_array(self, name: str) -> Any:
         """Dask array (N, T, ...) of field ``name`` (light fields: a channel slice of ``light``) or of an
         on-disk array name; one dask chunk per shard, nothing loaded."""
-        import dask.array as da
+        import dask.array as da      # lazy: dask is only needed for this out-of-core view
         arr = self._arr(name)
         d = da.from_zarr(arr, chunks=(arr.shards or arr.chunks))
         if name in LIGHT_FIELDS:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from e2r.keys import InvalidKeyError
-from stores import MemoryBank, StoreMismatchError
+from stores import StoreMismatchError, create_memorybank, open_memorybank
 from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
 
 
@@ -18,7 +18,7 @@ def store_path(request, tmp_path):
 
 def _filled(path, bev=False, n=25, shard_rows=8):
     schema = tiny_schema(bev=bev)
-    bank = MemoryBank.create(path, schema, tiny_prov(), shard_rows=shard_rows)
+    bank = create_memorybank(path, schema, tiny_prov(), shard_rows=shard_rows)
     keys = make_keys("train", n)
     bank.reserve_split("train", keys)
     data = rows_for(schema, keys)
@@ -31,7 +31,7 @@ def _filled(path, bev=False, n=25, shard_rows=8):
 @pytest.mark.parametrize("bev", [False, True])
 def test_roundtrip_batch_order_missing_and_duplicates(store_path, bev):
     schema, keys, data = _filled(store_path, bev=bev)
-    bank = MemoryBank.open(store_path, mode="r")
+    bank = open_memorybank(store_path, mode="r")
     assert len(bank) == 25 and bank.keys("train") == keys and bank.has(keys[7])
     req = [keys[20], "train/nope:1", keys[3], keys[20], keys[0]]
     out, missing = bank.get_batch(req)
@@ -50,14 +50,14 @@ def test_roundtrip_batch_order_missing_and_duplicates(store_path, bev):
 
 def test_incomplete_rows_invisible_and_ranges(store_path):
     schema = tiny_schema()
-    bank = MemoryBank.create(store_path, schema, tiny_prov(), shard_rows=8)
+    bank = create_memorybank(store_path, schema, tiny_prov(), shard_rows=8)
     keys = make_keys("train", 30)
     assert bank.reserve_split("train", keys) == (0, 30)
     data = rows_for(schema, keys)
     bank.write_rows("train", 8, {f: a[8:16] for f, a in data.items()})
     assert bank.incomplete_ranges("train") == [(0, 8), (16, 30)]
     assert bank.task_ranges("train", 10) == [(0, 16), (16, 30)]
-    r = MemoryBank.open(store_path)
+    r = open_memorybank(store_path)
     assert r.keys() == keys[8:16]
     out, missing = r.get_batch([keys[0], keys[9]])
     assert missing == [keys[0]] and out["actions"].shape == (1, 3, 2)
@@ -65,7 +65,7 @@ def test_incomplete_rows_invisible_and_ranges(store_path):
 
 def test_hostile_keys_refused_on_write_and_lookup(store_path):
     _filled(store_path)
-    bank = MemoryBank.open(store_path, mode="r+")
+    bank = open_memorybank(store_path, mode="r+")
     for bad in ["../etc/passwd:1", "train/seg:01", "train/a/b:1", "", "train/seg:-1", "train/se\x00g:1"]:
         with pytest.raises(InvalidKeyError):
             bank.get_batch([bad])
@@ -82,7 +82,7 @@ def test_hostile_keys_refused_on_write_and_lookup(store_path):
 
 def test_split_refused_then_replaced_and_new_split_appended(store_path):
     schema, keys, data = _filled(store_path)
-    bank = MemoryBank.open(store_path, mode="r+")
+    bank = open_memorybank(store_path, mode="r+")
     with pytest.raises(ValueError, match="already has 25 rows"):
         bank.reserve_split("train", keys)
     vkeys = make_keys("valid", 5)
@@ -93,7 +93,7 @@ def test_split_refused_then_replaced_and_new_split_appended(store_path):
     new_keys = make_keys("train", 12)
     assert bank.reserve_split("train", new_keys, replace=True) == (0, 12)
     bank.write_rows("train", 0, {f: a[:12] + 1 for f, a in data.items()})
-    r = MemoryBank.open(store_path)
+    r = open_memorybank(store_path)
     assert r.keys("train") == new_keys and r.keys("valid") == vkeys
     np.testing.assert_array_equal(r.get(vkeys[2])["bev_vec"], vdata["bev_vec"][2])
     np.testing.assert_array_equal(r.get(new_keys[11])["bev_vec"], data["bev_vec"][11] + 1)
@@ -112,7 +112,7 @@ def test_append_split_leaves_existing_chunk_files_untouched(tmp_path):
                     out[p] = (os.stat(p).st_mtime_ns, open(p, "rb").read())
         return out
     before = data_files()
-    bank = MemoryBank.open(path, mode="r+")
+    bank = open_memorybank(path, mode="r+")
     vkeys = make_keys("valid", 9)
     bank.reserve_split("valid", vkeys)
     bank.write_rows("valid", 0, rows_for(schema, vkeys))
@@ -126,18 +126,18 @@ def test_schema_and_teacher_mismatch_refused_with_what_differs(store_path):
     with pytest.raises(StoreMismatchError, match=r"gru_hidden: store=12, given=16"):
         s = tiny_schema()
         s.gru_hidden = 16
-        MemoryBank.create(store_path, s, tiny_prov())
+        create_memorybank(store_path, s, tiny_prov())
     with pytest.raises(StoreMismatchError, match="teacher_sha256"):
-        MemoryBank.create(store_path, tiny_schema(), tiny_prov(sha="cd" * 32))
+        create_memorybank(store_path, tiny_schema(), tiny_prov(sha="cd" * 32))
     with pytest.raises(StoreMismatchError, match="dtype: store='float32', given='float16'"):
-        MemoryBank.create(store_path, tiny_schema(dtype="float16"), tiny_prov())
-    bank = MemoryBank.create(store_path, tiny_schema(), tiny_prov())   # same -> opens for writing
+        create_memorybank(store_path, tiny_schema(dtype="float16"), tiny_prov())
+    bank = create_memorybank(store_path, tiny_schema(), tiny_prov())   # same -> opens for writing
     assert bank.mode == "r+" and bank.attrs["seq_len"] == 3
 
 
 def test_write_validation_messages(store_path):
     schema = tiny_schema()
-    bank = MemoryBank.create(store_path, schema, tiny_prov(), shard_rows=8)
+    bank = create_memorybank(store_path, schema, tiny_prov(), shard_rows=8)
     keys = make_keys("train", 4)
     bank.reserve_split("train", keys)
     data = rows_for(schema, keys)
@@ -162,12 +162,12 @@ def test_write_validation_messages(store_path):
 def test_float16_store_roundtrip(tmp_path):
     path = str(tmp_path / "h.zarr")
     schema = tiny_schema(dtype="float16")
-    bank = MemoryBank.create(path, schema, tiny_prov(), shard_rows=8)
+    bank = create_memorybank(path, schema, tiny_prov(), shard_rows=8)
     keys = make_keys("train", 9)
     bank.reserve_split("train", keys)
     data = rows_for(tiny_schema(), keys)   # float32 in, stored as float16
     bank.write_rows("train", 0, data)
-    out, _ = MemoryBank.open(path).get_batch(keys[:3])
+    out, _ = open_memorybank(path).get_batch(keys[:3])
     assert out["gru_out"].dtype == np.float16
     np.testing.assert_allclose(out["gru_out"], data["gru_out"][:3], rtol=1e-3, atol=1e-3)
 
@@ -196,12 +196,12 @@ def test_third_party_openers(tmp_path):
 def test_reader_sees_rows_written_into_a_mapped_shard_after_refresh(tmp_path):
     path = str(tmp_path / "mb.zarr")
     schema = tiny_schema(bev=True)
-    w = MemoryBank.create(path, schema, tiny_prov(), shard_rows=16)
+    w = create_memorybank(path, schema, tiny_prov(), shard_rows=16)
     keys = make_keys("train", 16)
     w.reserve_split("train", keys)
     data = rows_for(schema, keys)
     w.write_rows("train", 0, {f: a[:4] for f, a in data.items()})
-    r = MemoryBank.open(path)
+    r = open_memorybank(path)
     out, _ = r.get_batch(keys[:4])                       # maps shard 0 (rows 0..15) with 4 rows in it
     np.testing.assert_array_equal(out["gru_out"], data["gru_out"][:4])
     w.write_rows("train", 4, {f: a[4:] for f, a in data.items()})   # the writer replaces shard 0's file

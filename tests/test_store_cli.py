@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from e2r.keys import InvalidKeyError
-from stores import MemoryBank
+from stores import create_memorybank, open_memorybank
 from stores.__main__ import main
 from stores.convert import filename_to_key, key_to_filename
 from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _store(path, n=20, bev=True):
     schema = tiny_schema(bev=bev)
-    bank = MemoryBank.create(path, schema, tiny_prov(), shard_rows=8)
+    bank = create_memorybank(path, schema, tiny_prov(), shard_rows=8)
     keys = make_keys("train", n)
     bank.reserve_split("train", keys)
     data = rows_for(schema, keys)
@@ -53,7 +53,7 @@ def test_info_ls_show_stats_rm_split(tmp_path, capsys):
     np.testing.assert_allclose(st["max"], allrows.max((0, 1)), rtol=1e-6)
     assert main(["stats", path, "--field", "bev_feat"]) == 0 and "4 channels" in capsys.readouterr().out
     assert main(["rm-split", path, "valid"]) == 0
-    assert "valid" not in MemoryBank.open(path).splits
+    assert "valid" not in open_memorybank(path).splits
     assert main(["rm-split", path, "valid"]) == 1
 
 
@@ -97,7 +97,7 @@ def test_convert_zarr_hdf5_roundtrip_and_float16(tmp_path):
     z2 = str(tmp_path / "c.zarr")
     assert main(["convert", z, h]) == 0
     assert main(["convert", h, z2, "--dtype", "float16"]) == 0
-    bh, b2 = MemoryBank.open(h), MemoryBank.open(z2)
+    bh, b2 = open_memorybank(h), open_memorybank(z2)
     assert bh.backend == "hdf5" and bh.keys("train") == keys[:17]
     assert bh.split_keys("train") == keys and bh.incomplete_ranges("train") == [(17, 20)]
     out, _ = bh.get_batch(keys[:17])
@@ -125,7 +125,7 @@ def test_npz_filename_mapping_and_import(tmp_path):
         np.savez_compressed(src / key_to_filename(k), **{f: data[f][i] for f in data}, **extra)
     dst = str(tmp_path / "imported.zarr")
     assert main(["convert", str(src), dst, "--teacher-sha256", "cd" * 32]) == 0
-    bank = MemoryBank.open(dst)
+    bank = open_memorybank(dst)
     assert sorted(bank.keys()) == sorted(keys) and set(bank.splits) == {"train", "valid"}
     out, missing = bank.get_batch(keys)
     assert not missing

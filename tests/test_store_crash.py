@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from stores import MemoryBank
+from stores import create_memorybank, open_memorybank
 from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,10 +18,10 @@ SHARD = 16
 
 WRITER = r"""
 import sys, time
-from stores import MemoryBank
+from stores import create_memorybank
 from tests.test_store_helpers import rows_for, tiny_prov, tiny_schema
 path, a, b, block, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-bank = MemoryBank.create(path, tiny_schema(bev=True), tiny_prov())
+bank = create_memorybank(path, tiny_schema(bev=True), tiny_prov())
 keys = bank.split_keys("train")
 todo = [(x, y) for x, y in bank.incomplete_ranges("train") if y > a and x < b]
 written = 0
@@ -38,7 +38,7 @@ print("written", written, flush=True)
 
 
 def _new_store(path: str) -> list[str]:
-    bank = MemoryBank.create(path, tiny_schema(bev=True), tiny_prov(), shard_rows=SHARD)
+    bank = create_memorybank(path, tiny_schema(bev=True), tiny_prov(), shard_rows=SHARD)
     keys = make_keys("train", N)
     bank.reserve_split("train", keys)
     return keys
@@ -50,7 +50,7 @@ def _writer(path: str, a: int, b: int, block: int, pause: float = 0.0) -> subpro
 
 
 def _check_content(path: str, keys: list[str], expect_all: bool) -> int:
-    bank = MemoryBank.open(path)
+    bank = open_memorybank(path)
     present = bank.keys("train")
     if expect_all:
         assert present == keys
@@ -67,7 +67,7 @@ def test_sigkill_mid_write_then_resume_redoes_only_incomplete(tmp_path):
     keys = _new_store(ref_path)
     p = _writer(ref_path, 0, N, 3)
     assert p.wait(60) == 0, p.stderr.read()
-    ref = MemoryBank.open(ref_path)
+    ref = open_memorybank(ref_path)
 
     for trial, delay in enumerate([0.15, 0.4]):
         path = str(tmp_path / f"killed{trial}.zarr")
@@ -78,14 +78,14 @@ def test_sigkill_mid_write_then_resume_redoes_only_incomplete(tmp_path):
         os.kill(p.pid, signal.SIGKILL)
         p.wait(10)
         done_before = _check_content(path, keys, expect_all=False)   # store reopens; complete rows are right
-        incomplete = sum(b - a for a, b in MemoryBank.open(path, "r+").incomplete_ranges("train"))
+        incomplete = sum(b - a for a, b in open_memorybank(path, "r+").incomplete_ranges("train"))
         assert done_before + incomplete == N and incomplete > 0, "the kill should land mid-run"
         p = _writer(path, 0, N, 4)
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
         assert f"written {incomplete}" in out          # only incomplete rows were redone
         _check_content(path, keys, expect_all=True)
-        got, _ = MemoryBank.open(path).get_batch(keys)
+        got, _ = open_memorybank(path).get_batch(keys)
         want, _ = ref.get_batch(keys)
         for f in want:
             np.testing.assert_array_equal(got[f], want[f])
@@ -94,7 +94,7 @@ def test_sigkill_mid_write_then_resume_redoes_only_incomplete(tmp_path):
 def test_two_concurrent_writers_on_shard_aligned_ranges_lose_nothing(tmp_path):
     path = str(tmp_path / "conc.zarr")
     keys = _new_store(path)
-    bank = MemoryBank.open(path, "r+")
+    bank = open_memorybank(path, "r+")
     tasks = bank.task_ranges("train", rows_per_task=N // 2)
     assert tasks == [(0, 48), (48, 96)] and all(a % bank.alignment == 0 for a, _ in tasks)
     # interleave the two halves shard by shard so both processes write at the same time
@@ -103,5 +103,5 @@ def test_two_concurrent_writers_on_shard_aligned_ranges_lose_nothing(tmp_path):
         out, err = p.communicate(timeout=90)
         assert p.returncode == 0, err
         assert "written 48" in out
-    assert MemoryBank.open(path, "r+").incomplete_ranges("train") == []
+    assert open_memorybank(path, "r+").incomplete_ranges("train") == []
     assert _check_content(path, keys, expect_all=True) == N

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stores import MemoryBank
+from stores import create_memorybank
 from stores.torch_data import KeyBatchSampler, MemoryBankDataset, make_loader
 from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
 
@@ -12,7 +12,7 @@ from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
 def _store(tmp_path, n=40):
     path = str(tmp_path / "mb.zarr")
     schema = tiny_schema()
-    bank = MemoryBank.create(path, schema, tiny_prov(), shard_rows=16)
+    bank = create_memorybank(path, schema, tiny_prov(), shard_rows=16)
     keys = make_keys("train", n)
     bank.reserve_split("train", keys)
     bank.write_rows("train", 0, rows_for(schema, keys))

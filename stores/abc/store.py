@@ -1,54 +1,33 @@
-"""`MemoryBank`: the reader/writer API shared by the Zarr and HDF5 back ends.
+"""`MemoryBank`: the abstract reader/writer API of a memorybank, shared by every back end.
 
 Rows are a single global axis. A split owns the contiguous rows ``[start, start + count)``; ``start`` is a
 multiple of ``alignment`` (the shard row count), so a new split never touches an existing split's chunks.
 A row is *complete* once its data and then its flag in the ``complete`` mask are written; readers index
 complete rows only. Writers that fill split positions ``[a, b)`` with ``a`` and ``b`` multiples of
 ``alignment`` (``b`` may be the split's end) never share a chunk or shard with another writer.
+
+This class holds all back-end independent logic; a back end implements the ``@abstractmethod``
+primitives at the end. It never imports a back end: `stores.factory` chooses one for a path.
 """
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from e2r.keys import split_of, validate_part
+from stores.errors import NotAMemoryBankError, StoreReadOnlyError
 from stores.index import KeyIndex, check_keys
-from stores.schema import (SCHEMA_VERSION, Provenance, StoreSchema,
-                           check_compatible, json_attrs, now_iso)
-
-FORMAT_NAME = "e2r-memorybank"
-_SHARD_TARGET_BYTES = 256 * 2**20
+from stores.layout import FORMAT_NAME, check_block, new_store_attrs, ranges_of
+from stores.schema import Provenance, StoreSchema, check_compatible, json_attrs, now_iso
 
 
-def _pow2_floor(x: float) -> int:
-    return 1 << max(0, int(np.floor(np.log2(max(x, 1)))))
-
-
-def default_shard_rows(schema: StoreSchema) -> int:
-    """Rows per shard (= writers' alignment unit): 4096, or fewer (a power of two, at least 256) when a
-    packed light row is so wide that a shard would exceed 256 MiB raw. Read speed does not depend on it
-    (one row per inner chunk); 4096 keeps the store at <= 1 file per 1000 keys (a light shard and a
-    ``complete`` chunk per S rows, docs/STORE.md) while a partial block re-writes at most S rows."""
-    widest = schema.row_nbytes("light")
-    return int(min(4096, max(256, _pow2_floor(_SHARD_TARGET_BYTES / widest))))
-
-
-def bev_feat_shard_rows(schema: StoreSchema, shard_rows: int) -> int:
-    """Rows per bev_feat shard: a power of two dividing ``shard_rows``, shard at most 256 MiB raw."""
-    return int(min(shard_rows, _pow2_floor(_SHARD_TARGET_BYTES / schema.row_nbytes("bev_feat"))))
-
-
-def _ranges_of(mask: np.ndarray) -> list[tuple[int, int]]:
-    """[a, b) runs where ``mask`` is True."""
-    m = np.concatenate([[False], np.asarray(mask, bool), [False]])
-    d = np.flatnonzero(m[1:] != m[:-1])
-    return [(int(a), int(b)) for a, b in zip(d[::2], d[1::2])]
-
-
-class MemoryBank:
-    """A memorybank of teacher outputs indexed by sample key. Open with `MemoryBank.open` / `MemoryBank.create`.
+class MemoryBank(ABC):
+    """A memorybank of teacher outputs indexed by sample key. Open with `stores.open_memorybank` /
+    `stores.create_memorybank` (which pick the back end), or ``<BackEnd>.open`` / ``<BackEnd>.create``.
 
     Reading: ``has(key)``, ``keys(split)``, ``get(key)``, ``get_batch(keys, fields)``.
     Writing (mode "r+"): ``reserve_split``, ``incomplete_ranges``, ``task_ranges``, ``write_rows``,
@@ -65,53 +44,43 @@ class MemoryBank:
         self._attrs: dict[str, Any] = {}
         self._index: KeyIndex | None = None
 
-    # ------------------------------------------------------------------ opening
-    @staticmethod
-    def backend_for(path: str | os.PathLike) -> type["MemoryBank"]:
-        """ZarrMemoryBank for directories / ``*.zarr``, HDF5MemoryBank for ``*.h5`` / ``*.hdf5`` files."""
-        p = str(path).rstrip("/")
-        if p.endswith((".h5", ".hdf5")):
-            from stores.hdf5_store import HDF5MemoryBank
-            return HDF5MemoryBank
-        from stores.zarr_store import ZarrMemoryBank
-        return ZarrMemoryBank
+    # ------------------------------------------------------------------ opening (this back end)
+    @classmethod
+    def _concrete(cls) -> None:
+        if getattr(cls, "__abstractmethods__", None):
+            raise TypeError(f"{cls.__name__} is abstract: open or create stores with stores.open_memorybank / "
+                            "stores.create_memorybank (they pick the back end for the path)")
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r") -> "MemoryBank":
-        """Open an existing store; ``mode="r"`` (read-only) or ``"r+"`` (write rows into reserved splits)."""
-        impl = cls.backend_for(path) if cls is MemoryBank else cls
-        bank = impl(str(path), mode)
+        """Open an existing store of this back end; ``mode="r"`` (read-only) or ``"r+"`` (write rows into
+        reserved splits)."""
+        cls._concrete()
+        bank = cls(str(path), mode)
         bank._open_existing()
         bank._attrs = bank._read_attrs()
         if bank._attrs.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path} is not an e2r memorybank (group attribute format={bank._attrs.get('format')!r})")
+            raise NotAMemoryBankError(f"{path} is not an e2r memorybank "
+                                      f"(group attribute format={bank._attrs.get('format')!r})")
         bank.refresh()
         return bank
 
     @classmethod
     def create(cls, path: str | os.PathLike, schema: StoreSchema, provenance: Provenance, *,
                shard_rows: int | None = None, exist_ok: bool = True) -> "MemoryBank":
-        """Create a store, or open an existing one for writing after checking that its schema and teacher
-        match (StoreMismatchError says what differs). ``shard_rows`` (a power of two) is the alignment unit;
-        default ``default_shard_rows(schema)``."""
-        impl = cls.backend_for(path) if cls is MemoryBank else cls
-        if impl.exists(str(path)):
+        """Create a store of this back end, or open an existing one for writing after checking that its
+        schema and teacher match (StoreMismatchError says what differs). ``shard_rows`` (a power of two) is
+        the alignment unit; default ``default_shard_rows(schema)``."""
+        cls._concrete()
+        if cls.exists(str(path)):
             if not exist_ok:
                 raise FileExistsError(f"memorybank {path} already exists")
-            bank = impl.open(path, mode="r+")
+            bank = cls.open(path, mode="r+")
             check_compatible(bank.schema, bank.provenance, schema, provenance, str(path))
             return bank
-        S = int(shard_rows or default_shard_rows(schema))
-        if S <= 0 or S & (S - 1):
-            raise ValueError(f"shard_rows must be a positive power of two, got {S}")
-        t = now_iso()
-        attrs = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, **schema.to_dict(),
-                 "field_dtypes": {f: schema.dtype for f in schema.fields}, **provenance.to_dict(),
-                 "shard_rows": S, "splits": {}, "created": t, "updated": t}
-        if schema.store_bev_feat:
-            attrs["bev_feat_shard_rows"] = bev_feat_shard_rows(schema, S)
-        bank = impl(str(path), "r+")
-        bank._attrs = json_attrs(attrs)
+        attrs = new_store_attrs(schema, provenance, shard_rows)
+        bank = cls(str(path), "r+")
+        bank._attrs = attrs
         bank._create_new(schema)
         bank._write_attrs(bank._attrs)
         bank.refresh()
@@ -242,7 +211,7 @@ class MemoryBank:
     # ------------------------------------------------------------------ writing
     def _need_write(self) -> None:
         if self.mode != "r+":
-            raise PermissionError(f"memorybank {self.path} is open read-only (mode='r'); open with mode='r+'")
+            raise StoreReadOnlyError(f"memorybank {self.path} is open read-only (mode='r'); open with mode='r+'")
 
     def _split(self, split: str) -> tuple[int, int]:
         try:
@@ -257,7 +226,6 @@ class MemoryBank:
         from one process, before starting writers. Every key must be valid, belong to ``split`` and be unique.
         """
         self._need_write()
-        from e2r.keys import split_of, validate_part
         validate_part(split, "split")
         keys = check_keys(list(keys), f"reserve_split({split!r})")
         for k in keys:
@@ -296,7 +264,7 @@ class MemoryBank:
     def incomplete_ranges(self, split: str) -> list[tuple[int, int]]:
         """Split-relative ``[a, b)`` position ranges whose rows are not complete yet (read fresh from disk)."""
         start, count = self._split(split)
-        return _ranges_of(~self._read_complete(start, start + count))
+        return ranges_of(~self._read_complete(start, start + count))
 
     def task_ranges(self, split: str, rows_per_task: int | None = None) -> list[tuple[int, int]]:
         """Cut a split's positions into ``[a, b)`` writer tasks on multiples of ``alignment``
@@ -313,31 +281,7 @@ class MemoryBank:
         ``keys``, when given, must equal the reserved keys at those positions."""
         self._need_write()
         start, count = self._split(split)
-        schema = self.schema
-        extra = set(block) - set(schema.fields)
-        if extra:
-            raise ValueError(f"write_rows: fields {sorted(extra)} are not stored in {self.path} "
-                             f"(store fields {schema.fields}; bev_feat needs store_bev_feat=True at creation)")
-        lack = [f for f in schema.fields if f not in block]
-        if lack:
-            raise ValueError(f"write_rows: block lacks fields {lack} (store {self.path} needs {schema.fields})")
-        n = None
-        arrays = {}
-        for f in schema.fields:
-            a = np.asarray(block[f])
-            if n is None:
-                n = a.shape[0] if a.ndim else -1
-            want = (n, *schema.row_shape(f))
-            if a.shape != want:
-                raise ValueError(f"write_rows({split!r}, offset={offset}): field {f!r} has shape {a.shape}, "
-                                 f"expected {want}")
-            a = a.astype(schema.dtype, copy=False)
-            if not np.isfinite(a).all():
-                bad = int(np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(1))[0])
-                raise ValueError(f"write_rows({split!r}): field {f!r} of split position {offset + bad} "
-                                 f"has non-finite values (after cast to {schema.dtype})")
-            arrays[f] = a
-        assert n is not None
+        arrays, n = check_block(self.schema, block, split, offset, self.path)
         if offset < 0 or offset + n > count:
             raise IndexError(f"write_rows({split!r}): positions [{offset}, {offset + n}) outside split of {count} rows")
         if keys is not None:
@@ -371,54 +315,61 @@ class MemoryBank:
 
     # ------------------------------------------------------------------ back-end primitives
     @staticmethod
+    @abstractmethod
     def exists(path: str) -> bool:
-        raise NotImplementedError
+        """True when a store of this back end exists at ``path``."""
 
+    @abstractmethod
     def _open_existing(self) -> None:
-        raise NotImplementedError
+        """Open the store's files (FileNotFoundError when absent)."""
 
+    @abstractmethod
     def _create_new(self, schema: StoreSchema) -> None:
-        raise NotImplementedError
+        """Create empty arrays for ``schema``; ``self._attrs`` already holds the new root attributes."""
 
-    def _read_attrs(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def _read_attrs(self) -> dict[str, Any]: ...
 
-    def _write_attrs(self, attrs: dict[str, Any]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _write_attrs(self, attrs: dict[str, Any]) -> None: ...
 
-    def _n_rows(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def _n_rows(self) -> int: ...
 
-    def _resize(self, n: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _resize(self, n: int) -> None: ...
 
-    def _read_keys(self, a: int, b: int) -> np.ndarray:
-        raise NotImplementedError
+    @abstractmethod
+    def _read_keys(self, a: int, b: int) -> np.ndarray: ...
 
-    def _write_keys(self, a: int, keys: np.ndarray) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _write_keys(self, a: int, keys: np.ndarray) -> None: ...
 
-    def _read_complete(self, a: int, b: int) -> np.ndarray:
-        raise NotImplementedError
+    @abstractmethod
+    def _read_complete(self, a: int, b: int) -> np.ndarray: ...
 
-    def _write_complete(self, a: int, b: int, flag: bool) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _write_complete(self, a: int, b: int, flag: bool) -> None: ...
 
-    def _write_field(self, name: str, a: int, data: np.ndarray) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _write_field(self, name: str, a: int, data: np.ndarray) -> None: ...
 
     def _write_fields(self, a: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write every field's block at rows ``[a, a + n)`` (back ends that pack fields override this)."""
         for f, d in arrays.items():
             self._write_field(f, a, d)
 
+    @abstractmethod
     def _read_rows(self, fields: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
         """Hot path: ``{field: array (len(rows), T, ...)}`` for sorted unique ``rows``."""
-        raise NotImplementedError
 
-    def _clear_rows(self, a: int, b: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _clear_rows(self, a: int, b: int) -> None: ...
 
+    @abstractmethod
     def dask_array(self, name: str) -> Any:
         """A dask array (N, T, ...) over field ``name``'s chunks (lazy; nothing is loaded)."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def describe(self) -> list[dict[str, Any]]:
+        """Per stored array: name, shape, dtype, chunks, shards, codecs, stored bytes, raw bytes."""

@@ -1,0 +1,89 @@
+"""Back-end independent layout rules of a memorybank: shard sizes, the root attributes of a new store,
+validation of a block of rows before it is written, and row-range helpers.
+
+Used by the abstract `stores.abc.MemoryBank` (and the CLI / converter for `ranges_of`); knows nothing of
+Zarr or HDF5.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from stores.schema import SCHEMA_VERSION, Provenance, StoreSchema, json_attrs, now_iso
+
+FORMAT_NAME = "e2r-memorybank"          # root attribute ``format`` of every store
+_SHARD_TARGET_BYTES = 256 * 2**20
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(np.floor(np.log2(max(x, 1)))))
+
+
+def default_shard_rows(schema: StoreSchema) -> int:
+    """Rows per shard (= writers' alignment unit): 4096, or fewer (a power of two, at least 256) when a
+    packed light row is so wide that a shard would exceed 256 MiB raw. Read speed does not depend on it
+    (one row per inner chunk); 4096 keeps the store at <= 1 file per 1000 keys (a light shard and a
+    ``complete`` chunk per S rows, docs/STORE.md) while a partial block re-writes at most S rows."""
+    widest = schema.row_nbytes("light")
+    return int(min(4096, max(256, _pow2_floor(_SHARD_TARGET_BYTES / widest))))
+
+
+def bev_feat_shard_rows(schema: StoreSchema, shard_rows: int) -> int:
+    """Rows per bev_feat shard: a power of two dividing ``shard_rows``, shard at most 256 MiB raw."""
+    return int(min(shard_rows, _pow2_floor(_SHARD_TARGET_BYTES / schema.row_nbytes("bev_feat"))))
+
+
+def ranges_of(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) runs where ``mask`` is True."""
+    m = np.concatenate([[False], np.asarray(mask, bool), [False]])
+    d = np.flatnonzero(m[1:] != m[:-1])
+    return [(int(a), int(b)) for a, b in zip(d[::2], d[1::2])]
+
+
+def new_store_attrs(schema: StoreSchema, provenance: Provenance, shard_rows: int | None) -> dict[str, Any]:
+    """Root attributes of a new store (JSON-able). ``shard_rows`` (a power of two) defaults to
+    `default_shard_rows`; ValueError otherwise."""
+    S = int(shard_rows or default_shard_rows(schema))
+    if S <= 0 or S & (S - 1):
+        raise ValueError(f"shard_rows must be a positive power of two, got {S}")
+    t = now_iso()
+    attrs = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, **schema.to_dict(),
+             "field_dtypes": {f: schema.dtype for f in schema.fields}, **provenance.to_dict(),
+             "shard_rows": S, "splits": {}, "created": t, "updated": t}
+    if schema.store_bev_feat:
+        attrs["bev_feat_shard_rows"] = bev_feat_shard_rows(schema, S)
+    return json_attrs(attrs)
+
+
+def check_block(schema: StoreSchema, block: Mapping[str, np.ndarray], split: str, offset: int,
+                path: str) -> tuple[dict[str, np.ndarray], int]:
+    """Validate a ``write_rows`` block ``{field: (n, T, ...)}`` against ``schema``: exactly the stored
+    fields, the right shapes, finite values after the cast to the store dtype. Returns the cast arrays and
+    ``n``; ValueError says what is wrong (``split``/``offset``/``path`` only name the write in messages)."""
+    extra = set(block) - set(schema.fields)
+    if extra:
+        raise ValueError(f"write_rows: fields {sorted(extra)} are not stored in {path} "
+                         f"(store fields {schema.fields}; bev_feat needs store_bev_feat=True at creation)")
+    lack = [f for f in schema.fields if f not in block]
+    if lack:
+        raise ValueError(f"write_rows: block lacks fields {lack} (store {path} needs {schema.fields})")
+    n = None
+    arrays = {}
+    for f in schema.fields:
+        a = np.asarray(block[f])
+        if n is None:
+            n = a.shape[0] if a.ndim else -1
+        want = (n, *schema.row_shape(f))
+        if a.shape != want:
+            raise ValueError(f"write_rows({split!r}, offset={offset}): field {f!r} has shape {a.shape}, "
+                             f"expected {want}")
+        a = a.astype(schema.dtype, copy=False)
+        if not np.isfinite(a).all():
+            bad = int(np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(1))[0])
+            raise ValueError(f"write_rows({split!r}): field {f!r} of split position {offset + bad} "
+                             f"has non-finite values (after cast to {schema.dtype})")
+        arrays[f] = a
+    assert n is not None
+    return arrays, n
