@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from e2r.data.sampler import EpochBatchSampler  # noqa: E402
 from stores import Provenance, StoreSchema, create_memorybank, open_memorybank  # noqa: E402
 from stores.convert import key_to_filename  # noqa: E402
-from stores.torch_data import KeyBatchSampler, MemoryBankDataset  # noqa: E402
+from stores.torch_data import MemoryBankDataset  # noqa: E402
 
 LIGHT = ("actions", "bev_vec", "gru_out")
 
@@ -168,10 +169,10 @@ def main() -> int:
                                                             num_workers=a.workers))
     for name in ("store f32", "store f16"):
         ds = MemoryBankDataset(res[name]["path"], split="train")
-        res[name]["dl"] = loader_rate(DataLoader(ds, sampler=KeyBatchSampler(N, B, seed=1), batch_size=None,
+        res[name]["dl"] = loader_rate(DataLoader(ds, sampler=EpochBatchSampler(N, B, seed=1), batch_size=None,
                                                  num_workers=a.workers))
     mds = MemmapDataset(mmp, (N, width), "float32")
-    res["memmap f32 (raw)"]["dl"] = loader_rate(DataLoader(mds, sampler=KeyBatchSampler(N, B, seed=1),
+    res["memmap f32 (raw)"]["dl"] = loader_rate(DataLoader(mds, sampler=EpochBatchSampler(N, B, seed=1),
                                                            batch_size=None, num_workers=a.workers))
     # bev_feat: compressed store vs uncompressed memmap (DataLoader, batches of 8) --------------------
     C, H, W = (int(v) for v in a.bev_shape.split(","))
@@ -189,10 +190,10 @@ def main() -> int:
     del bmm
     BB = 8
     bds = MemoryBankDataset(bp, split="train", fields=("bev_feat",))
-    bev_dl = loader_rate_field(DataLoader(bds, sampler=KeyBatchSampler(len(bkeys), BB, seed=2), batch_size=None,
+    bev_dl = loader_rate_field(DataLoader(bds, sampler=EpochBatchSampler(len(bkeys), BB, seed=2), batch_size=None,
                                           num_workers=a.workers), "bev_feat")
     bmds = MemmapDataset(bmp, (len(bkeys), 5, C, H, W), "float16")
-    bev_mm_dl = loader_rate(DataLoader(bmds, sampler=KeyBatchSampler(len(bkeys), BB, seed=2), batch_size=None,
+    bev_mm_dl = loader_rate(DataLoader(bmds, sampler=EpochBatchSampler(len(bkeys), BB, seed=2), batch_size=None,
                                        num_workers=a.workers))
     # in-process get_batch ----------------------------------------------------------------------------
     rng = np.random.default_rng(0)

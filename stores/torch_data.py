@@ -1,19 +1,22 @@
-"""PyTorch access to a memorybank: a batch-reading Dataset and a rank/worker-aware batch Sampler.
+"""PyTorch access to a memorybank: a fork-safe batch reader and a batch-reading Dataset.
+
+    reader = TeacherRowReader("mb.zarr", fields=("actions", "bev_vec"))
+    batch = reader.read(keys)   # {"keys": list[B], "actions": (B, T, A) float32, "bev_vec": ..., "found": (B,)}
 
     ds = MemoryBankDataset("mb.zarr", split="train", fields=("actions", "bev_vec"))
-    sampler = KeyBatchSampler(len(ds), batch_size=64, shuffle=True)      # rank/world from torch.distributed
+    sampler = EpochBatchSampler(len(ds), batch_size=64, shuffle=True)   # e2r.data.sampler; rank/world from DDP
     loader = make_loader(ds, sampler, num_workers=2)
     for batch in loader:  # {"keys": list[B], "actions": (B, T, A) float32, "bev_vec": (B, T, D), "found": (B,)}
         ...
 
 Each sampler item is a whole batch of indices; the DataLoader hands each batch to one worker, which does a
-single vectorised ``get_batch`` (one read per field). The bank is opened lazily in every process that reads,
-so workers never share handles or async state with the parent.
+single vectorised ``get_batch_into`` (one read of the needed rows for all fields). The bank is opened
+lazily in every process that reads, so workers never share handles or async state with the parent.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stores.abc import MemoryBank
 from stores.factory import open_memorybank
+from stores.schema import StoreSchema
 
 
 def _view(buf: torch.Tensor, off: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -66,104 +70,86 @@ class PackedBatch(dict):
         return (_rebuild_batch, (self._buf, packed, rest, list(self)))
 
 
-class MemoryBankDataset(Dataset):
-    """Map-style dataset whose item is a *batch*: ``ds[[i, j, ...]]`` reads those keys in one call.
+class TeacherRowReader:
+    """Reads batches of teacher rows by key from the store at ``path``, in any process.
 
-    ``keys``: the keys to serve (e.g. a camera dataset's ``.keys``; absent ones come back with
-    ``found=False`` and zeros), or all complete keys of ``split`` (or of the whole store) when None.
-    Returns ``{"keys": list[B], field: float32 tensor (B, T, ...), "found": bool tensor (B,)}``.
+    ``read(keys)`` -> `PackedBatch` ``{"keys": list[B], field: float32 tensor (B, T, ...), "found": bool
+    tensor (B,)}`` with ONE ``get_batch_into`` into one buffer; rows of absent keys are zeros with
+    ``found=False``. ``fields``: the fields to read (default: all stored). The store is opened read-only on
+    first use in a process; pickling drops the handle (a spawned DataLoader worker opens its own; a forked
+    one keeps the parent's, which is fork safe: no threads, shard files are mapped lazily).
     """
 
-    def __init__(self, path: str, keys: Sequence[str] | None = None, split: str | None = None,
-                 fields: Sequence[str] | None = None) -> None:
+    def __init__(self, path: str, fields: Sequence[str] | None = None) -> None:
         self.path = str(path)
-        bank = open_memorybank(self.path, mode="r")   # index only; rows are read lazily per process
-        self.schema = bank.schema
-        self.fields = tuple(fields) if fields is not None else self.schema.fields
-        self.keys = list(keys) if keys is not None else bank.keys(split)
-        self._bank: MemoryBank | None = bank
+        self._fields = tuple(fields) if fields is not None else None
+        self._bank: MemoryBank | None = None
+        self._schema: StoreSchema | None = None
 
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def _get_bank(self) -> MemoryBank:
+    @property
+    def bank(self) -> MemoryBank:
+        """The read-only store handle of this process (opened on first use)."""
         if self._bank is None:
             self._bank = open_memorybank(self.path, mode="r")
         return self._bank
 
-    def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any]:
-        idx = [indices] if isinstance(indices, (int, np.integer)) else list(indices)
-        keys = [self.keys[i] for i in idx]
+    @property
+    def schema(self) -> StoreSchema:
+        if self._schema is None:
+            self._schema = self.bank.schema
+        return self._schema
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self._fields if self._fields is not None else self.schema.fields
+
+    def read(self, keys: Sequence[str]) -> PackedBatch:
+        keys = list(keys)
         B = len(keys)
-        shapes = {f: (B, *self.schema.row_shape(f)) for f in self.fields}
+        schema, fields = self.schema, self.fields
         layout, off = {}, 0
-        for f, shp in shapes.items():
+        for f in fields:
+            shp = (B, *schema.row_shape(f))
             layout[f] = (off, shp, torch.float32)
             off += 4 * math.prod(shp)
         layout["found"] = (off, (B,), torch.bool)
         buf = torch.empty(off + B, dtype=torch.uint8)
         batch = PackedBatch(buf, layout, keys)
-        batch["found"].numpy()[:] = self._get_bank().get_batch_into(
-            keys, {f: batch[f].numpy() for f in self.fields})
+        batch["found"].numpy()[:] = self.bank.get_batch_into(keys, {f: batch[f].numpy() for f in fields})
         return batch
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["_bank"] = None        # each (spawned) worker opens its own handle
+        d["_bank"] = None        # each (spawned) process opens its own handle
         return d
 
 
-class KeyBatchSampler(Sampler[list[int]]):
-    """Yields batches of dataset indices, sharded across DDP ranks (rank r takes every world-th batch of a
-    common permutation). DataLoader workers then split a rank's batches between them.
+class MemoryBankDataset(Dataset):
+    """Map-style dataset whose item is a *batch*: ``ds[[i, j, ...]]`` reads those keys in one call.
 
-    ``rank``/``world_size`` default to torch.distributed's when it is initialised, else 0/1. With
-    ``drop_last=False`` the permutation is padded (wrapping around) so every rank gets the same number of
-    batches. Call ``set_epoch(e)`` each epoch for a new shuffle.
+    ``keys``: the keys to serve (e.g. a camera dataset's ``.keys``; absent ones come back with
+    ``found=False`` and zeros), or all complete keys of ``split`` (or of the whole store) when None.
+    Returns ``{"keys": list[B], field: float32 tensor (B, T, ...), "found": bool tensor (B,)}`` (a
+    `TeacherRowReader` batch).
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 rank: int | None = None, world_size: int | None = None) -> None:
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        dist = torch.distributed
-        if world_size is None:
-            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.drop_last, self.rank, self.world_size, self.epoch = drop_last, rank, world_size, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _num_batches_total(self) -> int:
-        per = self.batch_size * self.world_size
-        return (self.n // per if self.drop_last else math.ceil(self.n / per)) * self.world_size
+    def __init__(self, path: str, keys: Sequence[str] | None = None, split: str | None = None,
+                 fields: Sequence[str] | None = None) -> None:
+        self.path = str(path)
+        self.reader = TeacherRowReader(self.path, fields)
+        self.schema = self.reader.schema        # opens the store: index only; rows are read lazily per process
+        self.fields = self.reader.fields
+        self.keys = list(keys) if keys is not None else self.reader.bank.keys(split)
 
     def __len__(self) -> int:
-        return self._num_batches_total() // self.world_size
+        return len(self.keys)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.n == 0:
-            return
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).numpy()
-        else:
-            order = np.arange(self.n)
-        total = self._num_batches_total() * self.batch_size
-        if total > self.n:
-            order = np.resize(order, total)   # wrap around to pad
-        order = order[:total]
-        batches = order.reshape(-1, self.batch_size)
-        for b in batches[self.rank::self.world_size]:
-            yield b.tolist()
+    def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any]:
+        idx = [indices] if isinstance(indices, (int, np.integer)) else list(indices)
+        return self.reader.read([self.keys[i] for i in idx])
 
 
-def make_loader(dataset: MemoryBankDataset, sampler: KeyBatchSampler, num_workers: int = 2,
+def make_loader(dataset: Dataset, sampler: Sampler[list[int]], num_workers: int = 2,
                 **kwargs: Any) -> DataLoader:
     """A DataLoader that fetches one whole batch per worker call (``batch_size=None``). Any start method
     works (the row reader has no threads or async state; each worker maps the shard files it reads), so
