@@ -4,7 +4,7 @@
     python bench/bench_export.py --presets full --frames 120 --naive_windows 10 --points 60000
 
 Original: one ``forward(return_aux=True)`` per batch of windows (every frame re-encoded in each of the up to
-T windows it belongs to) and one ``np.savez_compressed`` file per key. Ours: ``e2r.export.export_rows``
+T windows it belongs to) and one ``np.savez_compressed`` file per key. Ours: ``e2r.workflow.export.export_rows``
 (frames read + voxelised in DataLoader workers, each frame encoded once, GRU per window, Zarr store).
 Prints windows/s for both and their ratio, and the share of our export's wall time not spent in the
 teacher's forward pass (reading, voxelising in the loader, window assembly, store writes), against the goals
@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from e2r.checkpoints import file_sha256, save_checkpoint  # noqa: E402
 from e2r.data.datasets import LidarSequenceDataset, collate_lidar  # noqa: E402
-from e2r.export import ExportOptions, export_rows, load_context  # noqa: E402
+from e2r.workflow.export import ExportOptions, export_rows, load_context  # noqa: E402
 from e2r.models.config import TeacherConfig  # noqa: E402
 from e2r.models.teacher import LiDARBEVTeacher, load_teacher  # noqa: E402
-from stores import MemoryBank, Provenance, StoreSchema  # noqa: E402
+from stores import Provenance, StoreSchema, create_memorybank, open_memorybank  # noqa: E402
 from e2r.sim.tiny import write_tiny_dataset  # noqa: E402
 
 
@@ -63,12 +63,12 @@ def run_original(data: Path, ckpt: Path, out: Path, seq_len: int, n_windows: int
 
 
 def run_ours(data: Path, ckpt: Path, store: Path, seq_len: int, batch: int, num_workers: int):
-    opts = ExportOptions(str(data), "train", str(ckpt), str(store), seq_len=seq_len, batch_size=batch,
+    opts = ExportOptions(str(data), "train", str(ckpt), str(store), batch_size=batch,
                          num_workers=num_workers, device="cpu")
-    ctx = load_context(opts)
+    ctx = load_context(opts, seq_len)
     cfg = ctx.teacher.cfg
     schema = StoreSchema(seq_len=seq_len, action_dim=cfg.action_dim, bev_dim=cfg.bev_dim, gru_hidden=cfg.gru_hidden)
-    bank = MemoryBank.create(store, schema, Provenance(file_sha256(ckpt), cfg.to_dict()))
+    bank = create_memorybank(store, schema, Provenance(file_sha256(ckpt), cfg.to_dict()))
     bank.reserve_split("train", ctx.plan.keys)
     opts.window_batch = min(opts.window_batch, bank.alignment)
     return export_rows(ctx, bank, 0, len(ctx.plan.keys), opts)

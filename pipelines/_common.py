@@ -1,47 +1,31 @@
-"""Command-line pieces shared by the training and evaluation pipelines: argument groups (same flags, defaults
-and help text in every pipeline that has them), the per-preset training defaults and the ``main`` bodies
-(error handling and the final summary)."""
+"""Command-line pieces shared by the pipelines: argument groups (same flags, defaults and help text in every
+pipeline that has them; each flag is a field of a run config in ``e2r.workflow.configs``) and the ``main``
+bodies of the training and evaluation pipelines (error handling and the final summary)."""
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
-from e2r.checkpoints import CheckpointError
-from e2r.data.readers import DataError
+from e2r.errors import E2RError
 from e2r.metrics import metrics_table
+from e2r.workflow.configs import config_from_namespace
 
-__all__ = ["PRESET_DEFAULTS", "training_main", "eval_main", "preset_hparams", "num_features", "add_training_data_args",
-           "add_training_window_args", "add_training_run_args", "add_eval_input_args", "add_eval_window_args",
-           "add_eval_output_args", "train_valid_datasets"]
+__all__ = ["training_main", "eval_main", "print_training_summary", "num_features", "add_training_data_args", "add_training_window_args",
+           "add_training_run_args", "add_eval_input_args", "add_eval_window_args", "add_eval_output_args"]
 
-#: training defaults per preset (tiny: tuned on the default synthetic dataset, a few CPU minutes)
-PRESET_DEFAULTS = {"tiny": {"epochs": 8, "lr": 2e-3, "batch_size": 8},
-                   "full": {"epochs": 30, "lr": 1e-3, "batch_size": 4}}
-
-
-def preset_hparams(args: argparse.Namespace) -> tuple[int, float, int]:
-    """``(epochs, lr, batch_size)``: the flags, or ``--preset``'s defaults where unset."""
-    defaults = PRESET_DEFAULTS[args.preset]
-    epochs = args.epochs if args.epochs is not None else defaults["epochs"]
-    lr = args.lr if args.lr is not None else defaults["lr"]
-    batch_size = args.batch_size if args.batch_size is not None else defaults["batch_size"]
-    return epochs, lr, batch_size
+C = TypeVar("C")
 
 
 def num_features(text: str) -> int | str:
-    """``--lidar_num_features``: ``"auto"`` or a column count."""
-    return text if text == "auto" else int(text)
-
-
-def train_valid_datasets(args: argparse.Namespace, make: Callable[[str], Any]) -> tuple[Any, Any]:
-    """``(train_ds, valid_ds or None)`` from ``make(split)``; refuses a training split with no window."""
-    train_ds = make(args.train_split)
-    if len(train_ds) == 0:
-        raise ValueError(f"{args.data_root}/{args.train_split}: no windows of seq_len={args.seq_len}")
-    return train_ds, (make(args.valid_split) if args.valid_split else None)
+    """``--lidar_num_features``: ``"auto"`` or a column count (4, 5, 8)."""
+    if text == "auto":
+        return text
+    if text in ("4", "5", "8"):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"--lidar_num_features must be 4, 5, 8 or auto, got {text!r}")
 
 
 def add_training_data_args(p: argparse.ArgumentParser, model_word: str) -> None:
@@ -115,36 +99,41 @@ def add_eval_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
 
 
-def training_main(name: str, parser: argparse.ArgumentParser, train: Callable[[argparse.Namespace], dict[str, Any]],
+def training_main(name: str, parser: argparse.ArgumentParser, config_cls: type[C], train: Callable[[C], dict[str, Any]],
                   argv: list[str] | None, summary_extra: Callable[[dict[str, Any]], str] = lambda last: "") -> int:
-    """Parse ``argv``, run ``train``; print ``<name>: error: ...`` (exit 1) on bad input, else the ``done:``
-    summary (``summary_extra(last history entry)`` inserted before the paths) and return 0."""
-    args = parser.parse_args(argv)
+    """Parse ``argv`` into ``config_cls``, run ``train``; print ``<name>: error: ...`` (exit 1) on bad input,
+    else the ``done:`` summary (``summary_extra(last history entry)`` inserted before the paths); return 0."""
     try:
-        result = train(args)
-    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
+        result = train(config_from_namespace(config_cls, parser.parse_args(argv)))
+    except (E2RError, ValueError, FloatingPointError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
+    print_training_summary(result, summary_extra)
+    return 0
+
+
+def print_training_summary(result: dict[str, Any], summary_extra: Callable[[dict[str, Any]], str] = lambda last: ""
+                           ) -> None:
+    """The ``done:`` line of a training run (``summary_extra(last history entry)`` before the paths)."""
     h = result["history"]
     last = h[-1] if h else {}
     print(f"done: {len(h)} epochs, last train {last.get('train_loss', float('nan')):.4f}, "
           f"last valid {last.get('valid_loss', float('nan')):.4f}, best {result['best_metric']:.4f}; "
           f"{summary_extra(last)}best model: {result['save_path']}, last state: {result['checkpoint_path']}")
-    return 0
 
 
-def eval_main(name: str, parser: argparse.ArgumentParser, evaluate: Callable[[argparse.Namespace], dict[str, Any]],
+def eval_main(name: str, parser: argparse.ArgumentParser, config_cls: type[C], evaluate: Callable[[C], dict[str, Any]],
               argv: list[str] | None, report_extra: Callable[[dict[str, Any]], None] | None = None) -> int:
-    """Parse ``argv``, run ``evaluate`` without gradients; print ``<name>: error: ...`` (exit 1) on bad input,
-    else the metrics table, ``report_extra(result)`` and the written files, and return 0."""
-    args = parser.parse_args(argv)
+    """Parse ``argv`` into ``config_cls``, run ``evaluate`` without gradients; print ``<name>: error: ...``
+    (exit 1) on bad input, else the metrics table, ``report_extra(result)`` and the written files; return 0."""
+    cfg = config_from_namespace(config_cls, parser.parse_args(argv))
     try:
         with torch.no_grad():
-            out = evaluate(args)
-    except (DataError, CheckpointError, ValueError) as e:
+            out = evaluate(cfg)
+    except (E2RError, ValueError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
-    print(f"{args.split}: {out['num_windows']} windows, overall = weighted MSE with weights {args.overall_weights}")
+    print(f"{cfg.split}: {out['num_windows']} windows, overall = weighted MSE with weights {cfg.overall_weights}")
     print(metrics_table(out["results"]))
     if report_extra is not None:
         report_extra(out)

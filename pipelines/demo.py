@@ -19,7 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from e2r.data.synthetic import MARKER, SyntheticConfig, config_dict, generate_dataset
+import numpy as np
+
+from e2r.data.check import DatasetCheck, check_dataset
+from e2r.metrics import metrics_table, write_metrics_csv
+from e2r.sim.world import MARKER, SyntheticConfig, config_dict, generate_dataset
+from e2r.workflow.configs import (ExportConfig, StudentEvalConfig, StudentTrainConfig, TeacherEvalConfig,
+                                  TeacherTrainConfig, command_line)
+from e2r.workflow.evaluate import evaluate_student, evaluate_teacher
+from e2r.workflow.export_run import export_memorybank, print_export_summary
+from e2r.workflow.train import train_student, train_teacher
+from pipelines._common import print_training_summary
 
 #: budgets: the default run and --quick
 PROFILES = {
@@ -68,12 +78,9 @@ def ensure_dataset(data_root: Path, cfg: SyntheticConfig) -> dict[str, Any]:
     return summary
 
 
-def run_stage(name: str, main, argv: list[str]) -> None:
-    """Run a pipeline's ``main(argv)`` in-process; raise if it fails."""
-    print("$ python -m pipelines." + name + " " + " ".join(argv), flush=True)
-    rc = main(argv)
-    if rc != 0:
-        raise RuntimeError(f"pipelines.{name} failed with exit code {rc}")
+def show(module: str, cfg: Any, positional: tuple[str, ...] = ()) -> None:
+    """Print the command line that runs this stage by hand."""
+    print("$ " + command_line(module, cfg, positional), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,19 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         made = ensure_dataset(data_root, cfg)
         summary["splits"] = made.get("splits")
         stage("2. validate the dataset")
-        from pipelines import check_dataset
-        run_stage("check_dataset", check_dataset.main, [str(data_root), "--no_progress"])
+        check = DatasetCheck(data_root=str(data_root), no_progress=True)
+        show("pipelines.check_dataset", check, ("data_root",))
+        rc = check_dataset(check)
+        if rc != 0:
+            raise RuntimeError(f"pipelines.check_dataset failed with exit code {rc}")
         ckpt = run / "teacher.pt"
         if "teacher" in stages:
             summary["teacher"] = teacher_stage(args, prof, data_root, run, ckpt)
         store = run / "memorybank.zarr"
         if "export" in stages:
             stage("5. export the teacher's outputs into the memorybank")
-            from pipelines import export
-            run_stage("export", export.main,
-                      ["--data_root", str(data_root), "--split", "train", "--split", "valid", "--split", "test",
-                       "--teacher_ckpt", str(ckpt), "--store", str(store), "--device", args.device,
-                       "--overwrite", "--no_progress"])
+            export = ExportConfig(data_root=str(data_root), split=["train", "valid", "test"], teacher_ckpt=str(ckpt),
+                                  store=str(store), device=args.device, overwrite=True, no_progress=True)
+            show("pipelines.export", export)
+            print_export_summary(export, export_memorybank(export))
         if "students" in stages:
             seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
             summary["students"] = students_stage(args, prof, data_root, run, store, seeds)
@@ -126,18 +135,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def teacher_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Path, run: Path, ckpt: Path
                   ) -> dict[str, Any]:
-    from pipelines import eval_teacher, train_teacher
     stage("3. train the tiny LiDAR teacher")
-    run_stage("train_teacher", train_teacher.main,
-              ["--data_root", str(data_root), "--preset", "tiny", "--epochs", str(prof["teacher_epochs"]),
-               "--seed", str(args.seed), "--device", args.device, "--save_path", str(ckpt),
-               "--checkpoint_path", str(run / "teacher_last.pt"), "--no_progress"])
+    train = TeacherTrainConfig(data_root=str(data_root), preset="tiny", epochs=prof["teacher_epochs"], seed=args.seed,
+                               device=args.device, save_path=str(ckpt),
+                               checkpoint_path=str(run / "teacher_last.pt"), no_progress=True)
+    show("pipelines.train_teacher", train)
+    print_training_summary(train_teacher(train))
     stage("4. evaluate the teacher on the held-out test track")
-    out = eval_teacher.evaluate_teacher(eval_teacher.build_parser().parse_args(
-        ["--data_root", str(data_root), "--split", "test", "--teacher_ckpt", str(ckpt), "--device", args.device,
-         "--csv_path", str(run / "eval_teacher_test.csv"), "--plot_path", str(run / "eval_teacher_test.png"),
-         "--no_progress"]))
-    from e2r.metrics import metrics_table
+    out = evaluate_teacher(TeacherEvalConfig(
+        data_root=str(data_root), split="test", teacher_ckpt=str(ckpt), device=args.device,
+        csv_path=str(run / "eval_teacher_test.csv"), plot_path=str(run / "eval_teacher_test.png"), no_progress=True))
     print(metrics_table(out["results"]))
     return {"checkpoint": str(ckpt), "test": out["results"]}
 
@@ -145,25 +152,23 @@ def teacher_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Pat
 def students_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Path, run: Path, store: Path,
                    seeds: list[int]) -> dict[str, Any]:
     """Train a BC-only and a BC+KD student per seed with the same budget; evaluate both on the test track."""
-    from pipelines import eval_student, train_student
     out: dict[str, Any] = {}
     for seed in seeds:
         for variant in ("bc", "kd"):
             name = f"student_{variant}_seed{seed}"
             stage(f"6. train the camera student: {'BC + KD from the memorybank' if variant == 'kd' else 'BC only'}"
                   f" (seed {seed})")
-            argv = ["--data_root", str(data_root), "--preset", "tiny", "--epochs", str(prof["student_epochs"]),
-                    "--seed", str(seed), "--device", args.device, "--save_path", str(run / f"{name}.pt"),
-                    "--tensorboard_dir", str(run / "tb" / name), "--no_progress"]
-            if variant == "kd":
-                argv += ["--memorybank", str(store)]
-            print("$ python -m pipelines.train_student " + " ".join(argv), flush=True)
-            trained = train_student.train_student(train_student.build_parser().parse_args(argv))
+            train = StudentTrainConfig(data_root=str(data_root), preset="tiny", epochs=prof["student_epochs"],
+                                       seed=seed, device=args.device, save_path=str(run / f"{name}.pt"),
+                                       tensorboard_dir=str(run / "tb" / name), no_progress=True,
+                                       memorybank=str(store) if variant == "kd" else None)
+            show("pipelines.train_student", train)
+            trained = train_student(train)
             stage(f"7. evaluate {name} on the held-out test track")
-            ev = eval_student.evaluate_student(eval_student.build_parser().parse_args(
-                ["--data_root", str(data_root), "--split", "test", "--student_ckpt", str(run / f"{name}.pt"),
-                 "--memorybank", str(store), "--device", args.device, "--csv_path", str(run / f"eval_{name}.csv"),
-                 "--plot_path", str(run / f"eval_{name}.png"), "--no_progress"]))
+            ev = evaluate_student(StudentEvalConfig(
+                data_root=str(data_root), split="test", student_ckpt=str(run / f"{name}.pt"), memorybank=str(store),
+                device=args.device, csv_path=str(run / f"eval_{name}.csv"), plot_path=str(run / f"eval_{name}.png"),
+                no_progress=True))
             out[name] = {"variant": variant, "seed": seed, "valid_losses": trained["valid_losses"],
                          "test": ev["results"]["student"], "kd_gap": ev["kd_gap"],
                          "baselines": {k: v for k, v in ev["results"].items() if k != "student"}}
@@ -177,9 +182,6 @@ def epochs_to_reach(losses: list[float], target: float) -> int | None:
 
 def print_final_table(summary: dict[str, Any], run: Path) -> None:
     """One table: teacher, baselines, student BC, student KD (mean over seeds) on the test track."""
-    import numpy as np
-
-    from e2r.metrics import write_metrics_csv
     rows: list[dict[str, Any]] = []
 
     def row(name: str, m: dict[str, float], n: int = 1) -> None:

@@ -15,12 +15,12 @@ import torch
 
 from e2r.checkpoints import save_checkpoint
 from e2r.data.datasets import LidarSequenceDataset, collate_lidar
-from e2r.export import ExportOptions, export_rows, load_context
+from e2r.workflow.export import ExportOptions, export_rows, load_context
 from e2r.kd import pool_bev_feat
 from e2r.models.config import TeacherConfig
 from e2r.models.teacher import LiDARBEVTeacher, load_teacher
 from pipelines.export import main
-from stores import MemoryBank, Provenance, StoreSchema
+from stores import Provenance, StoreSchema, create_memorybank, open_memorybank
 from tests.fixtures import write_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def args_for(world, store, *extra, split=("train",)):
 
 
 def read_all(store) -> dict[str, np.ndarray]:
-    bank = MemoryBank.open(store)
+    bank = open_memorybank(store)
     out = {"keys": np.array(bank.keys())}
     arrays, missing = bank.get_batch(bank.keys())
     assert not missing
@@ -84,10 +84,10 @@ def test_each_frame_encoded_once_and_equal_to_naive_forward(world, tmp_path):
     store = tmp_path / "mb.zarr"
     schema = StoreSchema(seq_len=5, action_dim=2, bev_dim=64, gru_hidden=128, bev_feat_shape=(48, 32, 32),
                          store_bev_feat=True)
-    bank = MemoryBank.create(store, schema, Provenance(teacher_sha256="x"))
+    bank = create_memorybank(store, schema, Provenance(teacher_sha256="x"))
     opts = ExportOptions(str(world["data"]), "train", str(world["ckpt"]), str(store), batch_size=4,
-                         window_batch=8, write_rows=3, num_workers=2, save_bev_feat=True)
-    ctx = load_context(opts)
+                         window_batch=8, write_rows=3, num_workers=2)
+    ctx = load_context(opts, bank.schema.seq_len)
     bank.reserve_split("train", ctx.plan.keys)
     stats = export_rows(ctx, bank, 0, len(ctx.plan.keys), opts)
     # 2 segments x 9 frames: 18 frames, 2 x 5 windows of 5 frames; the naive way encodes 50 frames
@@ -110,7 +110,7 @@ def test_bev_feat_pool_and_float16_and_summary(world, tmp_path, capsys):
     assert main(args_for(world, store, "--save_bev_feat", "--bev_feat_pool", "4", "--dtype", "float16")) == 0
     out = capsys.readouterr().out
     assert "bev_feat per sample: shape (5, 48, 8, 8) float16 = 30,720 bytes" in out
-    bank = MemoryBank.open(store)
+    bank = open_memorybank(store)
     assert bank.schema.bev_feat_pool["kind"] == "avg" and bank.schema.bev_feat_pool["factor"] == 4
     keys, ref = naive(world)
     got, _ = bank.get_batch(keys)
@@ -143,7 +143,7 @@ def test_sigkill_then_resume_equals_uninterrupted(world, tmp_path):
     proc.wait()
     assert done_at_kill is not None, f"export finished or failed before it could be killed: {proc.stderr.read()}"
     assert proc.returncode == -signal.SIGKILL
-    partial = MemoryBank.open(store)
+    partial = open_memorybank(store)
     assert 0 < len(partial) < 10, "the kill should leave the store incomplete"
     assert main(args_for(world, store, *common)) == 0
     a, b = read_all(ref_store), read_all(store)
@@ -157,7 +157,7 @@ def test_append_split_mismatch_refused_and_overwrite(world, tmp_path, capsys):
     assert main(args_for(world, store)) == 0
     train_before = read_all(store)
     assert main(args_for(world, store, split=("valid",))) == 0          # append
-    bank = MemoryBank.open(store)
+    bank = open_memorybank(store)
     assert set(bank.splits) == {"train", "valid"} and len(bank.keys("valid")) == 5
     after = read_all(store)
     for f in FIELDS:
@@ -171,7 +171,7 @@ def test_append_split_mismatch_refused_and_overwrite(world, tmp_path, capsys):
     assert main(args_for(world, store, "--dtype", "float16")) == 1
     assert "dtype: store='float32', given='float16'" in capsys.readouterr().err
     assert main(other + ["--overwrite"]) == 0
-    bank = MemoryBank.open(store)
+    bank = open_memorybank(store)
     assert set(bank.splits) == {"valid"}
     from e2r.checkpoints import file_sha256
     assert bank.provenance.teacher_sha256 == file_sha256(world["ckpt2"])

@@ -11,15 +11,15 @@ import torch
 
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
 from e2r.kd import KDWeights
-from e2r.kd_data import (FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch, make_kd_loader,
+from e2r.workflow.kd_data import (FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch, make_kd_loader,
                          student_losses, teacher_config_of_store)
 from e2r.losses import action_weights
 from e2r.models.config import TeacherConfig
 from e2r.models.student import CameraBEVStudent
 from e2r.models.student_config import StudentConfig
 from e2r.models.teacher import LiDARBEVTeacher
-from e2r.training import DistContext
-from stores import MemoryBank, Provenance, StoreMismatchError, StoreSchema
+from e2r.runtime import DistContext
+from stores import Provenance, StoreMismatchError, StoreSchema, create_memorybank, open_memorybank
 from tests.fixtures import write_tiny_dataset
 
 SEQ, STRIDE = 3, 2
@@ -50,7 +50,7 @@ def write_bank(path: Path, rows: dict[str, dict[str, np.ndarray]], seq_len: int 
                          store_bev_feat=bev_feat)
     prov = Provenance(teacher_sha256=teacher_sha, model_config=model_config if model_config is not None
                       else TEACHER.to_dict(), dataset_root="test")
-    bank = MemoryBank.create(str(path), schema, prov, shard_rows=16)
+    bank = create_memorybank(str(path), schema, prov, shard_rows=16)
     by_split: dict[str, list[str]] = {}
     for k in rows:
         by_split.setdefault(k.split("/")[0], []).append(k)
@@ -89,7 +89,7 @@ def test_streamed_batches_equal_direct_reads_with_two_workers(data_root, tmp_pat
     data = KDCameraBatches(ds, path, ("actions", "bev_vec", "gru_out", "bev_feat"))
     loader, sampler = make_kd_loader(data, batch_size=4, shuffle=True, seed=1, num_workers=2, ctx=DistContext())
     sampler.set_epoch(3)
-    bank = MemoryBank.open(path, mode="r")
+    bank = open_memorybank(path, mode="r")
     seen = []
     for batch in loader:
         assert batch["images"].shape[:2] == (len(batch["keys"]), SEQ)
@@ -108,7 +108,7 @@ def test_streamed_batches_equal_direct_reads_with_two_workers(data_root, tmp_pat
     shards = []
     for rank in range(2):
         _, s = make_kd_loader(data, 2, True, 1, 0, DistContext(True, rank, 2, 0))
-        shards.append(set(iter(s)))
+        shards.append({i for batch in s for i in batch})
     assert shards[0] | shards[1] == set(range(len(ds))) and not (shards[0] & shards[1])
 
 
@@ -116,23 +116,23 @@ def test_store_mismatch_refused_with_clear_messages(data_root, tmp_path):
     cfg = student_cfg()
     keys = camera_ds(data_root).keys
     p = write_bank(tmp_path / "t4.zarr", fake_rows(keys, T=4), seq_len=4)
-    schema = MemoryBank.open(p).schema
+    schema = open_memorybank(p).schema
     with pytest.raises(StoreMismatchError, match=r"seq_len: store 4, dataset --seq_len 3"):
         check_store(p, schema, SEQ, 2, cfg, False, TEACHER)
     p = write_bank(tmp_path / "a3.zarr", fake_rows(keys, A=3), action_dim=3)
     with pytest.raises(StoreMismatchError, match=r"action size: store 3, dataset 2"):
-        check_store(p, MemoryBank.open(p).schema, SEQ, 2, cfg, False, TEACHER)
+        check_store(p, open_memorybank(p).schema, SEQ, 2, cfg, False, TEACHER)
     p = write_bank(tmp_path / "light.zarr", fake_rows(keys), bev_feat=False)
-    check_store(p, MemoryBank.open(p).schema, SEQ, 2, cfg, False, TEACHER)       # fine without dense KD
+    check_store(p, open_memorybank(p).schema, SEQ, 2, cfg, False, TEACHER)       # fine without dense KD
     with pytest.raises(StoreMismatchError, match="does not hold"):
-        check_store(p, MemoryBank.open(p).schema, SEQ, 2, cfg, True, TEACHER)
+        check_store(p, open_memorybank(p).schema, SEQ, 2, cfg, True, TEACHER)
     other = TeacherConfig.preset_named("tiny")
     other.voxel_size = (0.4, 0.8, 4.0)                                           # another grid
     with pytest.raises(StoreMismatchError, match="teacher BEV grid differs"):
         p = write_bank(tmp_path / "g.zarr", fake_rows(keys))
-        check_store(p, MemoryBank.open(p).schema, SEQ, 2, cfg, True, other)
+        check_store(p, open_memorybank(p).schema, SEQ, 2, cfg, True, other)
     with pytest.raises(StoreMismatchError, match="pass --teacher_ckpt"):
-        check_store(p, MemoryBank.open(p).schema, SEQ, 2, cfg, True, None)
+        check_store(p, open_memorybank(p).schema, SEQ, 2, cfg, True, None)
     assert teacher_config_of_store({"preset": "tiny", "bev_dim": 8}) is None     # partial: not trusted
     assert teacher_config_of_store(TEACHER.to_dict()) == TEACHER
 

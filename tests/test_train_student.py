@@ -12,7 +12,8 @@ import torch
 from e2r.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from e2r.models.student import load_student
 from e2r.models.teacher import LiDARBEVTeacher
-from e2r.training import ActionNormalizer
+from e2r.workflow.trainer import ActionNormalizer
+from e2r.workflow.train import train_student as run_train_student
 from pipelines import eval_student, train_student
 from tests.test_kd_data import SEQ, STRIDE, TEACHER, camera_ds, fake_rows, teacher_rows, write_bank
 from tests.fixtures import write_tiny_dataset
@@ -44,7 +45,7 @@ def _args(setup, tmp, *extra):
 
 
 def _train(setup, tmp, *extra):
-    return train_student.train_student(train_student.build_parser().parse_args(_args(setup, tmp, *extra)))
+    return run_train_student(train_student.parse_config(_args(setup, tmp, *extra)))
 
 
 def test_kd_training_end_to_end_then_eval_with_kd_gap(setup, tmp_path, capsys):

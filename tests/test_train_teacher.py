@@ -10,7 +10,9 @@ import torch
 from e2r.checkpoints import load_checkpoint
 from e2r.data.datasets import LidarSequenceDataset
 from e2r.metrics import ActionErrorAccumulator, parse_overall_weights
-from e2r.training import ActionNormalizer, capture_rng_state, restore_rng_state
+from e2r.runtime import capture_rng_state, restore_rng_state
+from e2r.workflow.train import train_teacher as run_train_teacher
+from e2r.workflow.trainer import ActionNormalizer
 from pipelines import eval_teacher, train_teacher
 from tests.fixtures import write_tiny_dataset
 
@@ -28,7 +30,7 @@ def _args(root, tmp, *extra):
 
 
 def _train(root, tmp, *extra):
-    return train_teacher.train_teacher(train_teacher.build_parser().parse_args(_args(root, tmp, *extra)))
+    return run_train_teacher(train_teacher.parse_config(_args(root, tmp, *extra)))
 
 
 def test_train_saves_best_and_last_with_stats_and_config(data_root, tmp_path):

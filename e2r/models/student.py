@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from e2r.checkpoints import load_model
 from e2r.models.policy import TemporalPolicy
 from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import build_view_transform
@@ -147,6 +148,4 @@ class CameraBEVStudent(TemporalPolicy):
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[CameraBEVStudent, dict[str, Any]]:
     """Build a student from a checkpoint (architecture from its ``config``), in eval mode on ``device``.
     Returns ``(model, checkpoint_dict)``; raises CheckpointError naming the file when it does not fit."""
-    from e2r.checkpoints import load_model
-
     return load_model(path, lambda cfg: CameraBEVStudent(StudentConfig.from_dict(cfg)), "student", device)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from e2r.checkpoints import load_model
 from e2r.models.config import TeacherConfig
 from e2r.models.pointpillars import PointPillarsEncoder
 from e2r.models.policy import TemporalPolicy
@@ -60,6 +61,4 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     Returns ``(model, checkpoint_dict)``; raises CheckpointError naming the file when it is not a valid
     weights-only teacher checkpoint.
     """
-    from e2r.checkpoints import load_model
-
     return load_model(path, lambda cfg: LiDARBEVTeacher(TeacherConfig.from_dict(cfg)), "teacher", device)

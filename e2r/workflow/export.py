@@ -3,7 +3,7 @@
 One *task* fills the split positions ``[a, b)`` of a memorybank (a multiple of the store's shard rows, so
 concurrent tasks never share a shard). For the task's incomplete rows it
 
-1. encodes the needed frames in fixed batch cells (see :mod:`e2r.export_plan`): point clouds are read and
+1. encodes the needed frames in fixed batch cells (see :mod:`e2r.workflow.export_plan`): point clouds are read and
    voxelised by DataLoader workers, the PointPillars encoder runs once per frame -> ``bev_vec (D,)`` and,
    when stored, ``bev_feat (C, H, W)`` average-pooled by ``e2r.kd.pool_bev_feat``;
 2. as soon as a GRU cell's frames are all encoded, stacks their ``bev_vec`` into ``(n, T, D)`` and runs the
@@ -12,7 +12,9 @@ concurrent tasks never share a shard). For the task's incomplete rows it
    dropping frames no later window needs.
 
 ``run_export_task`` is the picklable entry point a dask worker runs; it loads the teacher and the plan once
-per process.
+per process. What is stored (seq_len, dtype, bev_feat and its pooling) is read from the store's schema, the
+one source of truth; :class:`ExportOptions` holds only how to compute it. The whole export of a
+``ExportConfig`` (store creation, splits, dask, summary) is :mod:`e2r.workflow.export_run`.
 """
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from e2r.data.datasets import LidarFrameDataset, LidarSequenceDataset
-from e2r.export_plan import SplitPlan, VoxelizedFrames, build_split_plan, collate_voxels, rows_to_frames
 from e2r.kd import pool_bev_feat
 from e2r.models.teacher import LiDARBEVTeacher, load_teacher
+from e2r.runtime import resolve_device
+from e2r.workflow.export_plan import SplitPlan, VoxelizedFrames, build_split_plan, collate_voxels, rows_to_frames
+from stores import MemoryBank, open_memorybank
 
 __all__ = ["ExportOptions", "ExportContext", "TaskStats", "encode_voxel_batch", "export_rows",
            "load_context", "run_export_task", "AMP_DTYPES"]
@@ -39,13 +43,13 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class ExportOptions:
-    """Everything a task needs besides its row range (plain values: it travels to dask workers)."""
+    """How a task computes its rows, besides its row range (plain values: it travels to dask workers). What
+    it stores comes from the store's schema."""
 
     data_root: str
     split: str
     teacher_ckpt: str
     store: str
-    seq_len: int = 5
     stride: int = 1
     batch_size: int = 16          # frames per encoder batch (a batch cell)
     window_batch: int = 64        # windows per GRU batch (a cell; must divide the store's shard rows)
@@ -53,8 +57,6 @@ class ExportOptions:
     num_workers: int = 2          # DataLoader workers reading + voxelising point clouds
     device: str = "cpu"
     amp: Optional[str] = None     # None | "bf16" | "fp16" (CUDA only)
-    save_bev_feat: bool = False   # for the store's schema; export_rows follows the store's schema
-    bev_feat_pool: int = 1
     torch_threads: int = 0        # 0: leave torch's default
     lidar_num_features: Any = "auto"
 
@@ -91,15 +93,14 @@ class ExportContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_context(opts: ExportOptions, teacher: Optional[LiDARBEVTeacher] = None) -> ExportContext:
-    """Teacher (from ``opts.teacher_ckpt`` unless given) in eval mode on ``opts.device``, plus the split plan."""
-    from e2r.training import resolve_device
-
+def load_context(opts: ExportOptions, seq_len: int, teacher: Optional[LiDARBEVTeacher] = None) -> ExportContext:
+    """Teacher (from ``opts.teacher_ckpt`` unless given) in eval mode on ``opts.device``, plus the split plan
+    of windows of ``seq_len`` frames (the store's ``schema.seq_len``)."""
     device = resolve_device(opts.device)
     if teacher is None:
         teacher, _ = load_teacher(opts.teacher_ckpt, device)
     teacher = teacher.to(device).eval()
-    windows_ds = LidarSequenceDataset(opts.data_root, opts.split, opts.seq_len, opts.stride,
+    windows_ds = LidarSequenceDataset(opts.data_root, opts.split, seq_len, opts.stride,
                                       lidar_num_features=opts.lidar_num_features)
     frames_ds = LidarFrameDataset(opts.data_root, opts.split, lidar_num_features=opts.lidar_num_features)
     plan = build_split_plan(windows_ds, frames_ds)
@@ -133,12 +134,15 @@ def _cells(positions: np.ndarray, size: int) -> list[np.ndarray]:
     return [np.arange(c * size, (c + 1) * size) for c in np.unique(np.asarray(positions) // size)]
 
 
-def export_rows(ctx: ExportContext, bank: Any, a: int, b: int, opts: ExportOptions,
+def export_rows(ctx: ExportContext, bank: MemoryBank, a: int, b: int, opts: ExportOptions,
                 on_progress: Optional[Callable[[int, int], None]] = None) -> TaskStats:
     """Fill the incomplete rows among split positions ``[a, b)`` of ``bank`` (opened "r+", split reserved
-    with ``ctx.plan.keys``). ``on_progress(frames, windows)`` is called with increments."""
+    with ``ctx.plan.keys``). ``on_progress(frames, windows)`` is called with increments. ValueError when
+    the plan's seq_len is not the store's."""
     t_start = time.perf_counter()
     plan, teacher, device, split = ctx.plan, ctx.teacher, ctx.device, opts.split
+    if plan.seq_len != bank.schema.seq_len:
+        raise ValueError(f"export plan has seq_len {plan.seq_len}, store {bank.path} has {bank.schema.seq_len}")
     stats = TaskStats(split, a, b)
     todo = np.zeros(b - a, bool)
     for x, y in bank.incomplete_ranges(split):
@@ -246,16 +250,15 @@ _CONTEXTS: dict[tuple, ExportContext] = {}
 def run_export_task(opts: ExportOptions, a: int, b: int) -> TaskStats:
     """Dask task: open the store "r+", fill split positions ``[a, b)``; the teacher and plan are loaded
     once per worker process."""
-    from stores import MemoryBank
-
     if opts.torch_threads > 0:
         torch.set_num_threads(opts.torch_threads)
-    key = (opts.teacher_ckpt, opts.device, opts.data_root, opts.split, opts.seq_len, opts.stride)
-    ctx = _CONTEXTS.get(key)
-    if ctx is None:
-        ctx = _CONTEXTS[key] = load_context(opts)
     try:
-        with MemoryBank.open(opts.store, mode="r+") as bank:
+        with open_memorybank(opts.store, mode="r+") as bank:
+            seq_len = bank.schema.seq_len
+            key = (opts.teacher_ckpt, opts.device, opts.data_root, opts.split, seq_len, opts.stride)
+            ctx = _CONTEXTS.get(key)
+            if ctx is None:
+                ctx = _CONTEXTS[key] = load_context(opts, seq_len)
             return export_rows(ctx, bank, a, b, opts)
     except Exception as e:  # noqa: BLE001 - some errors (DataError) do not survive pickling; keep the message
         raise RuntimeError(f"export task {opts.split}[{a}:{b}) failed: {type(e).__name__}: {e}") from None

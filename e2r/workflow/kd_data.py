@@ -1,14 +1,15 @@
 """Glue between camera windows and the teacher targets streamed from the memorybank (student training/eval).
 
 * :class:`KDCameraBatches`: a map-style dataset whose item is a whole *batch*: ``ds[[i, j, ...]]`` reads the
-  camera windows of those indices and then the teacher rows of their keys with **one** batched memorybank
-  read (``stores.torch_data.MemoryBankDataset`` -> ``MemoryBank.get_batch``). Used with
-  :func:`make_kd_loader`: a ``BatchSampler`` over a ``DistributedSampler`` (rank sharding, seed + epoch
-  shuffle, as ``e2r.training.make_loader``) passed as the DataLoader's sampler with ``batch_size=None``, so
-  every batch is fetched whole by one worker. The store is opened read-only, lazily in each worker; nothing
-  is loaded up front and nothing is written per sample.
-* :func:`check_store`: refuses a store whose seq_len / action size / bev_vec D / gru_out H (or, for dense KD,
-  bev_feat grid) differ from the dataset's and the student's.
+  camera windows of those indices and then the teacher rows of *their keys* with **one** batched memorybank
+  read (``stores.torch_data.TeacherRowReader`` -> ``MemoryBank.get_batch_into``). Used with
+  :func:`make_kd_loader`: the project's one sampler (``EpochBatchSampler``: rank sharding, seed + epoch
+  shuffle) as the DataLoader's sampler with ``batch_size=None``, so every batch is fetched whole by one
+  worker. The store is opened read-only, lazily in each worker; nothing is loaded up front and nothing is
+  written per sample.
+* :func:`read_store_schema` / :func:`check_store`: the schema and teacher of a store, and a refusal of a
+  store whose seq_len / action size / bev_vec D / gru_out H (or, for dense KD, bev_feat grid) differ from the
+  dataset's and the student's.
 * :class:`FovMasks`: the camera field-of-view mask on the teacher's BEV grid per sample (cached per rig).
 * :func:`hflip_batch`: mirror chosen samples of a batch, cached targets included (``e2r.kd.hflip_sample``).
 """
@@ -20,18 +21,22 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from e2r.checkpoints import load_checkpoint
 from e2r.data.datasets import CameraSequenceDataset, collate_camera
+from e2r.data.sampler import EpochBatchSampler
 from e2r.kd import KDWeights, hflip_sample, kd_losses
 from e2r.losses import action_loss
 from e2r.models.config import TeacherConfig
 from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import camera_fov_mask
-from e2r.training import DistContext
+from e2r.runtime import DistContext
+from stores import StoreError, StoreMismatchError, StoreSchema, open_memorybank
+from stores.torch_data import TeacherRowReader, make_loader
 
-__all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "check_store", "KDCameraBatches", "make_kd_loader",
-           "FovMasks", "hflip_batch", "batch_to", "student_losses"]
+__all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "read_store_schema", "check_store", "KDCameraBatches",
+           "make_kd_loader", "FovMasks", "hflip_batch", "batch_to", "student_losses"]
 
 #: memorybank fields read for KD (bev_feat only when dense KD is asked)
 LIGHT_KD_FIELDS = ("actions", "bev_vec", "gru_out")
@@ -51,14 +56,27 @@ def teacher_config_of_store(model_config: dict[str, Any] | None) -> TeacherConfi
         return None
 
 
-def check_store(path: str, schema: Any, seq_len: int, action_dim: int, student_cfg: StudentConfig,
+def read_store_schema(path: str, teacher_ckpt: str | None = None) -> tuple[StoreSchema, TeacherConfig | None]:
+    """Open a memorybank read-only -> ``(schema, teacher config or None)``; the teacher config is the one the
+    store records, else ``teacher_ckpt``'s. ValueError naming the path when it cannot be opened."""
+    try:
+        bank = open_memorybank(path, mode="r")
+    except (OSError, ValueError, KeyError, StoreError) as e:
+        raise ValueError(f"--memorybank {path}: cannot open it read-only ({type(e).__name__}: {e})") from None
+    schema, prov = bank.schema, bank.provenance
+    bank.close()
+    cfg = teacher_config_of_store(prov.model_config)
+    if cfg is None and teacher_ckpt:
+        cfg = TeacherConfig.from_dict(dict(load_checkpoint(teacher_ckpt, kind="teacher")["config"]))
+    return schema, cfg
+
+
+def check_store(path: str, schema: StoreSchema, seq_len: int, action_dim: int, student_cfg: StudentConfig,
                 need_bev_feat: bool, teacher_cfg: TeacherConfig | None) -> None:
     """Raise ``stores.StoreMismatchError`` naming the store and every mismatch with the dataset/student.
 
     ``schema``: the store's ``StoreSchema``; ``teacher_cfg``: the teacher that made it (from its provenance or
     ``--teacher_ckpt``), needed to check the BEV grid when ``need_bev_feat`` (dense KD)."""
-    from stores import StoreMismatchError
-
     problems = []
     if schema.seq_len != seq_len:
         problems.append(f"seq_len: store {schema.seq_len}, dataset --seq_len {seq_len}")
@@ -99,46 +117,33 @@ class KDCameraBatches(Dataset):
     def __init__(self, camera: CameraSequenceDataset, memorybank: str | None = None,
                  fields: Sequence[str] = LIGHT_KD_FIELDS) -> None:
         self.camera = camera
-        self.bank = None
-        if memorybank:
-            from stores.torch_data import MemoryBankDataset
-
-            self.bank = MemoryBankDataset(str(memorybank), keys=camera.keys, fields=tuple(fields))
+        self.teacher = TeacherRowReader(str(memorybank), tuple(fields)) if memorybank else None
 
     def __len__(self) -> int:
         return len(self.camera)
 
     def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any] | None:
         idx = [int(indices)] if isinstance(indices, Integral) else [int(i) for i in indices]
-        items = [self.camera[i] for i in idx]
-        kept = [i for i, it in zip(idx, items) if it is not None]
-        batch = collate_camera(items)
+        batch = collate_camera([self.camera[i] for i in idx])
         if batch is None:
             return None
         batch["keys"] = list(batch.pop("key"))
-        B = len(kept)
-        if self.bank is None:
-            batch["has_kd"], batch["teacher"] = torch.zeros(B, dtype=torch.bool), {}
+        if self.teacher is None:
+            batch["has_kd"], batch["teacher"] = torch.zeros(len(batch["keys"]), dtype=torch.bool), {}
             return batch
-        rows = self.bank[kept]                       # one get_batch for the whole batch
-        if rows.pop("keys") != batch["keys"]:
-            raise RuntimeError("memorybank rows and camera windows are out of order (index mismatch)")
+        rows = dict(self.teacher.read(batch["keys"]))     # one get_batch_into for the whole batch, by key
+        rows.pop("keys")
         batch["has_kd"] = rows.pop("found").to(torch.bool)
         batch["teacher"] = rows
         return batch
 
 
 def make_kd_loader(dataset: KDCameraBatches, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                   ctx: DistContext, drop_last: bool = False) -> tuple[DataLoader, DistributedSampler]:
-    """DataLoader over this rank's shard, one whole batch per worker fetch; call ``sampler.set_epoch(e)``
-    before each epoch. Workers are created by ``stores.torch_data.make_loader``; the store's row reader is
-    fork-safe (no threads, files mapped lazily per process)."""
-    from stores.torch_data import make_loader
-
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed,
-                                 drop_last=drop_last)
-    batches = BatchSampler(sampler, batch_size, drop_last=False)
-    return make_loader(dataset, batches, num_workers=num_workers, pin_memory=torch.cuda.is_available()), sampler
+                   ctx: DistContext) -> tuple[DataLoader, EpochBatchSampler]:
+    """DataLoader over this rank's batches, one whole batch per worker fetch; call ``sampler.set_epoch(e)``
+    before each epoch. The store's row reader is fork-safe (no threads, files mapped lazily per process)."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank=ctx.rank, world_size=ctx.world_size)
+    return make_loader(dataset, sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available()), sampler
 
 
 class FovMasks:

@@ -1,0 +1,111 @@
+"""Validate a whole dataset: read every csv, calib.json, point cloud and image, and report what is wrong.
+
+    status = check_dataset(DatasetCheck("data/synth"))      # prints the report; 0 ok, 1 problems, 2 unusable
+
+Prints, per split, the segments, frames and windows (samples of seq_len frames) and, per segment, the point
+layout used (features per point, detected or given) and the mean number of points per frame; then every
+problem (file, data.csv row, reason) and a one-line summary. ``python -m pipelines.check_dataset`` is its CLI.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, PairedSequenceDataset
+from e2r.data.layout import discover_segments, discover_splits, split_modalities
+from e2r.errors import DataError, Problem
+
+__all__ = ["DatasetCheck", "check_dataset", "check_split", "MAX_PROBLEMS_SHOWN"]
+
+MAX_PROBLEMS_SHOWN = 50
+
+
+@dataclass(kw_only=True)
+class DatasetCheck:
+    """What to check (fields = the flags of ``python -m pipelines.check_dataset``)."""
+
+    data_root: str
+    seq_len: int = 5
+    stride: int = 1
+    lidar_num_features: Union[int, str] = "auto"
+    image_size: tuple[int, int] = (256, 128)
+    splits: Optional[Sequence[str]] = None
+    no_progress: bool = False
+
+
+def check_split(args: DatasetCheck, split: str) -> tuple[dict, list[Problem]]:
+    """Scan one split; return its summary numbers and its problems."""
+    lidar, camera = split_modalities(args.data_root, split)
+    if not lidar and not camera:
+        raise DataError(f"{args.data_root}/{split}", "no segment csv has a lidar_filepath or image_filepath column")
+    if lidar and camera:
+        ds = PairedSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
+                                   args.image_size, skip_bad=True)
+    elif lidar:
+        ds = LidarSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
+                                  skip_bad=True)
+    else:
+        ds = CameraSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.image_size, skip_bad=True)
+    windows_before = len(ds.windows)
+    ds.scan(progress=not args.no_progress)
+    kind = "+".join(k for k, on in (("lidar", lidar), ("camera", camera)) if on)
+    segments_total = len(discover_segments(args.data_root, split))
+    print(f"split {split} ({kind}): {len(ds.tables)} usable segment(s) of {segments_total}, "
+          f"{sum(t.num_frames for t in ds.tables.values())} frames, {len(ds.windows)} windows "
+          f"(seq_len={args.seq_len}, stride={args.stride}; {windows_before - len(ds.windows)} dropped for bad files)")
+    for name, table in ds.tables.items():
+        n_windows = sum(1 for seg, _ in ds.windows if seg == name)
+        line = f"  {name}: {table.num_frames} frames, {n_windows} windows"
+        if lidar:
+            layout = ds.layouts.get(name)
+            used = f"{layout.num_features} features/point ({layout.source})" if layout else "layout unknown"
+            mean = ds.mean_points.get(name)
+            line += f", points: {used}, mean {mean:.1f} points/frame" if mean is not None else f", points: {used}"
+        if camera:
+            line += f", cameras: {','.join(c.name for c in table.cameras)}"
+        print(line)
+    stats = {"segments": len(ds.tables), "frames": sum(t.num_frames for t in ds.tables.values()),
+             "windows": len(ds.windows)}
+    return stats, list(ds.problems)
+
+
+def check_dataset(args: DatasetCheck) -> int:
+    """Check every split of ``args`` and print the report -> exit status: 0 no problem, 1 problems found,
+    2 the dataset root (or every split) cannot be used."""
+    if args.seq_len < 1 or args.stride < 1:
+        print("error: --seq_len and --stride must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        splits = args.splits or discover_splits(args.data_root)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not splits:
+        print(f"error: no split with <segment>/meta/data.csv under {args.data_root}", file=sys.stderr)
+        return 2
+    print(f"checking {args.data_root}: split(s) {', '.join(splits)}")
+    totals = {"segments": 0, "frames": 0, "windows": 0}
+    problems: list[Problem] = []
+    fatal = False
+    for split in splits:
+        try:
+            stats, found = check_split(args, split)
+        except DataError as e:
+            print(f"split {split}: cannot be used: {e}")
+            problems.append(e.problem)
+            fatal = True
+            continue
+        for k in totals:
+            totals[k] += stats[k]
+        problems += found
+    if problems:
+        print(f"\nproblems found: {len(problems)}")
+        for p in problems[:MAX_PROBLEMS_SHOWN]:
+            print(f"  {p}")
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            print(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more")
+    verdict = "FAILED" if problems else "OK"
+    print(f"\nsummary: {len(splits)} split(s), {totals['segments']} segment(s), {totals['frames']} frames, "
+          f"{totals['windows']} windows, {len(problems)} problem(s) -> {verdict}")
+    return 2 if fatal and not totals["segments"] else (1 if problems else 0)

@@ -1,0 +1,213 @@
+"""Typed run configurations: one dataclass per run kind, built from the parsed flags by one function
+(:func:`config_from_namespace`) and passed to the workflow functions (``train_teacher(cfg)``,
+``export_memorybank(cfg)``, ...). Field names equal the CLI flags (``--seq_len`` -> ``seq_len``), so a
+pipeline's ``--help`` is the documentation of its config. The demo and tests build configs directly.
+
+Training fields left ``None`` (``epochs``, ``lr``, ``batch_size``) take the preset's defaults
+(:data:`PRESET_DEFAULTS`) through :meth:`TrainConfig.hparams`.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Optional, Sequence, TypeVar, Union
+
+from e2r.errors import ConfigError
+
+__all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig",
+           "TeacherEvalConfig", "StudentEvalConfig", "ExportConfig", "config_from_namespace", "command_line", "plain_dict",
+           "NumFeatures"]
+
+#: training defaults per preset (tiny: tuned on the default synthetic dataset, a few CPU minutes)
+PRESET_DEFAULTS = {"tiny": {"epochs": 8, "lr": 2e-3, "batch_size": 8},
+                   "full": {"epochs": 30, "lr": 1e-3, "batch_size": 4}}
+
+#: ``--lidar_num_features``: "auto" or a column count (4, 5, 8)
+NumFeatures = Union[int, str]
+
+C = TypeVar("C")
+
+
+def config_from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
+    """The config ``cls`` from parsed flags: every dataclass field is taken from the attribute of that name
+    (a flag that a pipeline does not offer keeps the field's default); the config then checks itself."""
+    values = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
+    cfg = cls(**values)
+    check = getattr(cfg, "check", None)
+    if check is not None:
+        check()
+    return cfg
+
+
+def command_line(module: str, cfg: Any, positional: Sequence[str] = ()) -> str:
+    """The ``python -m <module> ...`` command that makes ``cfg`` (fields that differ from their defaults;
+    ``positional`` fields are written without a flag), for logs: a reader can re-run a stage by hand."""
+    words = [f"python -m {module}"]
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if f.name in positional:
+            words.append(str(value))
+        elif value != default:
+            if isinstance(value, bool):
+                words.append(f"--{f.name}")
+            elif isinstance(value, (list, tuple)) and f.name == "split":
+                words += [f"--{f.name} {v}" for v in value]
+            else:
+                words.append(f"--{f.name} {value}")
+    return " ".join(words)
+
+
+def plain_dict(cfg: Any) -> dict[str, Any]:
+    """The config's fields with plain values (str/int/float/bool/None), as stored in a checkpoint."""
+    return {k: v for k, v in asdict(cfg).items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """What the teacher and student trainers share (``pipelines.train_teacher --help`` explains each)."""
+
+    data_root: str
+    train_split: str = "train"
+    valid_split: str = "valid"
+    preset: str = "tiny"
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    seq_len: int = 5
+    stride: int = 1
+    steer_loss_weight: float = 1.0
+    speed_loss_weight: float = 0.05
+    smooth_weight: float = 0.0
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    checkpoint_path: Optional[str] = None
+    save_path: Optional[str] = None
+    resume_path: Optional[str] = None
+    init_path: Optional[str] = None
+    init_skip_output_layer: bool = False
+    tensorboard_dir: Optional[str] = None
+    stop_after_epoch: Optional[int] = None
+    no_progress: bool = False
+
+    def hparams(self) -> tuple[int, float, int]:
+        """``(epochs, lr, batch_size)``: the fields, or the preset's defaults where unset."""
+        defaults = PRESET_DEFAULTS[self.preset]
+        return (self.epochs if self.epochs is not None else defaults["epochs"],
+                self.lr if self.lr is not None else defaults["lr"],
+                self.batch_size if self.batch_size is not None else defaults["batch_size"])
+
+    def check(self) -> None:
+        if self.preset not in PRESET_DEFAULTS:
+            raise ConfigError(f"--preset {self.preset!r}: expected one of {sorted(PRESET_DEFAULTS)}")
+
+
+@dataclass(kw_only=True)
+class TeacherTrainConfig(TrainConfig):
+    """``python -m pipelines.train_teacher``."""
+
+    save_path: Optional[str] = "runs/teacher_best.pt"
+    lidar_num_features: NumFeatures = "auto"
+
+
+@dataclass(kw_only=True)
+class StudentTrainConfig(TrainConfig):
+    """``python -m pipelines.train_student``: BC, plus KD for the keys in ``memorybank``."""
+
+    save_path: Optional[str] = "runs/student_best.pt"
+    view_transform: str = "lss"
+    memorybank: Optional[str] = None
+    teacher_ckpt: Optional[str] = None
+    kd_action_w: float = 1.0
+    kd_bevvec_w: float = 1.0
+    kd_temporal_w: float = 1.0
+    kd_bevfeat_w: float = 0.0
+    kd_bevfeat_background: float = 0.05
+    hflip_prob: float = 0.0
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 <= self.hflip_prob <= 1.0:
+            raise ValueError(f"--hflip_prob must be in [0, 1], got {self.hflip_prob}")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """What the offline evaluations share (``pipelines.eval_teacher --help`` explains each)."""
+
+    data_root: str
+    split: str = "valid"
+    seq_len: int = 5
+    stride: int = 1
+    batch_size: int = 8
+    overall_weights: str = "1.0,0.05"
+    csv_path: Optional[str] = None
+    plot_path: Optional[str] = None
+    plot_segment: Optional[str] = None
+    device: str = "auto"
+    num_workers: int = 0
+    no_progress: bool = False
+
+
+@dataclass(kw_only=True)
+class TeacherEvalConfig(EvalConfig):
+    """``python -m pipelines.eval_teacher``."""
+
+    teacher_ckpt: str
+    lidar_num_features: NumFeatures = "auto"
+
+
+@dataclass(kw_only=True)
+class StudentEvalConfig(EvalConfig):
+    """``python -m pipelines.eval_student``: with ``memorybank``, also the KD gap to the teacher."""
+
+    student_ckpt: str
+    memorybank: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    """``python -m pipelines.export``. ``seq_len``, ``dtype``, ``save_bev_feat`` and ``bev_feat_pool`` shape
+    the store: they become its schema (``e2r.workflow.export.store_schema``) once, and from then on the
+    store's schema is the only source every export task reads them from (an existing store whose schema
+    differs is refused, or replaced with ``overwrite``)."""
+
+    data_root: str
+    split: list[str] = field(default_factory=list)
+    store: str
+    teacher_ckpt: Optional[str] = None
+    seq_len: int = 5
+    stride: int = 1
+    save_bev_feat: bool = False
+    bev_feat_pool: int = 1
+    dtype: str = "float32"
+    batch_size: int = 16
+    window_batch: int = 64
+    write_rows: int = 1024
+    device: str = "auto"
+    amp: Optional[str] = None
+    num_workers: int = 2
+    workers: int = 0
+    scheduler: Optional[str] = None
+    threads: int = 0
+    rows_per_task: int = 0
+    shard_rows: int = 0
+    lidar_num_features: NumFeatures = "auto"
+    overwrite: bool = False
+    no_progress: bool = False
+
+    def check(self) -> None:
+        """ConfigError naming the flag for values that cannot work (the teacher checkpoint is checked by
+        the export itself, which prints how to train one)."""
+        for name in ("seq_len", "stride", "batch_size", "window_batch", "write_rows", "bev_feat_pool"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.window_batch & (self.window_batch - 1):
+            raise ConfigError(f"--window_batch must be a power of two, got {self.window_batch}")
+        if self.workers < 0 or self.threads < 0 or self.num_workers < 0:
+            raise ConfigError("--workers, --threads and --num_workers must be >= 0")
+        if not self.split:
+            raise ConfigError("--split: name at least one split to export")

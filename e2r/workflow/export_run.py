@@ -1,0 +1,230 @@
+"""A whole export from an :class:`~e2r.workflow.configs.ExportConfig`: teacher -> store schema -> store
+(created, resumed, appended or replaced) -> each split's shard-aligned tasks, in process or on dask.
+
+    result = export_memorybank(ExportConfig(data_root="data", split=["train"], store="mb.zarr",
+                                            teacher_ckpt="runs/teacher.pt"))
+    print_export_summary(cfg, result)
+
+The store's schema is built once from the config by :func:`store_schema` (seq_len, dtype, bev_feat and its
+pooling); an existing store with another schema or teacher is refused unless ``overwrite``. Every task then
+reads what to store from the store (``e2r.workflow.export``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import dask
+import torch
+from distributed import Client, LocalCluster, as_completed
+from tqdm import tqdm
+
+from e2r.checkpoints import file_sha256
+from e2r.models.config import TeacherConfig
+from e2r.models.teacher import load_teacher
+from e2r.runtime import resolve_device
+from e2r.workflow.configs import ExportConfig
+from e2r.workflow.export import ExportContext, ExportOptions, TaskStats, export_rows, load_context, run_export_task
+from stores import (MemoryBank, Provenance, StoreMismatchError, StoreSchema, create_memorybank,
+                    memorybank_exists)
+
+__all__ = ["store_schema", "export_memorybank", "print_export_summary", "SplitResult", "ExportResult"]
+
+
+def store_schema(cfg: ExportConfig, teacher_cfg: TeacherConfig) -> tuple[StoreSchema, Provenance]:
+    """The store's schema and provenance: the one place the options that shape the store become its schema."""
+    pool = None
+    feat_shape = None
+    if cfg.save_bev_feat:
+        C, H, W = teacher_cfg.bev_feat_shape
+        K = cfg.bev_feat_pool
+        if H // K < 1 or W // K < 1:
+            raise ValueError(f"--bev_feat_pool {K} is larger than the teacher's bev_feat grid {H}x{W}")
+        feat_shape = (C, H // K, W // K)
+        pool = {"kind": "avg", "factor": K, "source_shape": [C, H, W]}
+    schema = StoreSchema(seq_len=cfg.seq_len, action_dim=teacher_cfg.action_dim, bev_dim=teacher_cfg.bev_dim,
+                         gru_hidden=teacher_cfg.gru_hidden, bev_feat_shape=feat_shape, store_bev_feat=cfg.save_bev_feat,
+                         dtype=cfg.dtype, bev_feat_pool=pool)
+    prov = Provenance(teacher_sha256=file_sha256(cfg.teacher_ckpt), model_config=teacher_cfg.to_dict(),
+                      dataset_root=str(Path(cfg.data_root).resolve()))
+    return schema, prov
+
+
+def _open_store(cfg: ExportConfig, schema: StoreSchema, prov: Provenance) -> MemoryBank:
+    kw = {"shard_rows": cfg.shard_rows} if cfg.shard_rows else {}
+    try:
+        return create_memorybank(cfg.store, schema, prov, **kw)
+    except StoreMismatchError as e:
+        if not cfg.overwrite:
+            raise StoreMismatchError(f"{e}. Refusing to mix teachers/schemas in one store: export to another "
+                                     f"--store, or pass --overwrite to delete {cfg.store} and start again") from None
+    print(f"--overwrite: deleting {cfg.store} (made with another schema or teacher)", file=sys.stderr)
+    if memorybank_exists(cfg.store) and Path(cfg.store).is_dir():
+        shutil.rmtree(cfg.store)
+    else:
+        Path(cfg.store).unlink()
+    return create_memorybank(cfg.store, schema, prov, **kw)
+
+
+def _reserve(bank: MemoryBank, split: str, keys: list[str], overwrite: bool) -> str:
+    """Reserve ``split`` (new), keep it (same keys: resume) or replace it (--overwrite). Returns the action."""
+    if split not in bank.splits:
+        bank.reserve_split(split, keys)
+        return "new"
+    if overwrite:
+        bank.reserve_split(split, keys, replace=True)
+        return "replaced"
+    have = bank.split_keys(split)
+    if have != keys:
+        diff = next((i for i, (x, y) in enumerate(zip(have, keys)) if x != y), min(len(have), len(keys)))
+        raise ValueError(f"split {split!r} of {bank.path} holds {len(have)} keys that differ from the dataset's "
+                         f"{len(keys)} (first difference at position {diff}: store "
+                         f"{have[diff] if diff < len(have) else None!r}, dataset "
+                         f"{keys[diff] if diff < len(keys) else None!r}); the data or --stride changed. "
+                         f"Pass --overwrite to rewrite this split")
+    return "resume"
+
+
+def _run_split(cfg: ExportConfig, bank: MemoryBank, opts: ExportOptions, ctx: ExportContext,
+               client: Optional[Client], total_rows: int) -> TaskStats:
+    stats = TaskStats(opts.split, 0, total_rows)
+    tasks = bank.task_ranges(opts.split, cfg.rows_per_task or None)
+    incomplete = bank.incomplete_ranges(opts.split)
+    busy = [(a, b) for a, b in tasks if any(x < b and y > a for x, y in incomplete)]
+    stats.rows_skipped = total_rows - sum(min(y, total_rows) - x for x, y in incomplete)
+    bar = tqdm(total=sum(b - a for a, b in busy), desc=f"export {opts.split}", unit="win",
+               disable=cfg.no_progress, dynamic_ncols=True)
+    frames_seen = [0]
+    t0 = time.perf_counter()
+
+    def progress(frames: int, windows: int) -> None:
+        frames_seen[0] += frames
+        bar.update(windows)
+        dt = max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix_str(f"{frames_seen[0] / dt:.1f} frames/s, {bar.n / dt:.1f} windows/s", refresh=False)
+
+    try:
+        if client is None:
+            for a, b in busy:
+                s = export_rows(ctx, bank, a, b, opts, progress)
+                s.rows_skipped = 0
+                stats.add(s)
+        else:
+            futures = [client.submit(run_export_task, opts, a, b, pure=False) for a, b in busy]
+            for fut in as_completed(futures):
+                s = fut.result()
+                s.rows_skipped = 0
+                stats.add(s)
+                progress(s.frames_encoded, s.windows_computed)
+    finally:
+        bar.close()
+    stats.wall_s = time.perf_counter() - t0
+    return stats
+
+
+def _start_dask(cfg: ExportConfig) -> tuple[Optional[Client], Optional[LocalCluster]]:
+    if not cfg.workers and not cfg.scheduler:
+        return None, None
+    if cfg.scheduler:
+        return Client(cfg.scheduler), None
+    with dask.config.set({"distributed.worker.daemon": False}):   # workers may start DataLoader processes
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass
+class SplitResult:
+    split: str
+    action: str          # new | resume | replaced
+    stats: TaskStats
+    num_frames: int
+
+
+@dataclass
+class ExportResult:
+    bank: MemoryBank
+    splits: list[SplitResult]
+    seconds: float
+
+
+def export_memorybank(cfg: ExportConfig) -> ExportResult:
+    """Run the export of ``cfg`` (see the module docstring); raises on bad input, nothing half-written."""
+    if not cfg.teacher_ckpt:
+        raise ValueError("export needs a trained teacher: pass --teacher_ckpt PATH")
+    client = cluster = None
+    threads_before = torch.get_num_threads()
+    try:
+        device = resolve_device(cfg.device)
+        if cfg.amp and device.type != "cuda":
+            raise ValueError(f"--amp {cfg.amp} needs a CUDA device (got --device {cfg.device} -> {device})")
+        teacher, _ = load_teacher(cfg.teacher_ckpt, device)
+        schema, prov = store_schema(cfg, teacher.cfg)
+        bank = _open_store(cfg, schema, prov)
+        if (cfg.workers or cfg.scheduler) and bank.backend != "zarr":
+            raise ValueError(f"--workers/--scheduler need a Zarr store (concurrent writers); {cfg.store} is "
+                             f"{bank.backend}: export to a .zarr path and convert with `python -m stores convert`")
+        client, cluster = _start_dask(cfg)
+        threads = cfg.threads or (0 if client is None else max(1, _cpus() // max(cfg.workers, 1)))
+        if client is None and threads:
+            torch.set_num_threads(threads)
+        results = []
+        t_all = time.perf_counter()
+        for split in dict.fromkeys(cfg.split):
+            opts = ExportOptions(data_root=cfg.data_root, split=split, teacher_ckpt=cfg.teacher_ckpt, store=cfg.store,
+                                 stride=cfg.stride, batch_size=cfg.batch_size,
+                                 window_batch=min(cfg.window_batch, bank.alignment), write_rows=cfg.write_rows,
+                                 num_workers=cfg.num_workers, device=str(device), amp=cfg.amp, torch_threads=threads,
+                                 lidar_num_features=cfg.lidar_num_features)
+            ctx = load_context(opts, bank.schema.seq_len, teacher)
+            if not ctx.plan.keys:
+                raise ValueError(f"split {split!r} under {cfg.data_root} has no windows of {cfg.seq_len} frames")
+            action = _reserve(bank, split, ctx.plan.keys, cfg.overwrite)
+            stats = _run_split(cfg, bank, opts, ctx, client, len(ctx.plan.keys))
+            results.append(SplitResult(split, action, stats, ctx.plan.num_frames))
+        bank.refresh()
+        return ExportResult(bank, results, time.perf_counter() - t_all)
+    finally:
+        torch.set_num_threads(threads_before)
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _store_bytes(path: str) -> int:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def print_export_summary(cfg: ExportConfig, result: ExportResult) -> None:
+    """The table the export pipeline prints at the end: per split rows, frames, throughput; store size."""
+    bank = result.bank
+    schema = bank.schema
+    print(f"\nmemorybank {Path(cfg.store).resolve()}  ({type(bank).__name__}, {bank.schema.dtype}, "
+          f"seq_len {schema.seq_len}, shard rows {bank.alignment})")
+    print(f"{'split':<12}{'action':<10}{'rows':>8}{'written':>9}{'skipped':>9}{'frames':>8}{'enc.':>7}"
+          f"{'seconds':>9}{'win/s':>9}{'frames/s':>10}")
+    for r in result.splits:
+        s = r.stats
+        dt = max(s.wall_s, 1e-9)
+        print(f"{r.split:<12}{r.action:<10}{s.b:>8}{s.rows_written:>9}{s.rows_skipped:>9}{r.num_frames:>8}"
+              f"{s.frames_encoded:>7}{s.wall_s:>9.2f}{s.windows_computed / dt:>9.1f}{s.frames_encoded / dt:>10.1f}")
+    per_row = sum(schema.row_nbytes(f) for f in schema.fields)
+    print(f"complete rows in store: {len(bank)}; raw bytes per sample {per_row:,} "
+          f"(light fields {per_row - (schema.row_nbytes('bev_feat') if schema.store_bev_feat else 0):,})")
+    if schema.store_bev_feat:
+        print(f"bev_feat per sample: shape {schema.row_shape('bev_feat')} {schema.dtype} = "
+              f"{schema.row_nbytes('bev_feat'):,} bytes raw; pool {schema.bev_feat_pool}")
+    print(f"bytes stored on disk: {_store_bytes(cfg.store):,}; total {result.seconds:.2f} s")

@@ -1,0 +1,192 @@
+"""Teacher and student training runs: a dataset, a model, a :class:`~e2r.workflow.trainer.TrainTask` (the
+batch and its loss) and the one :class:`~e2r.workflow.trainer.Trainer`.
+
+    result = train_teacher(TeacherTrainConfig(data_root="data", epochs=8, save_path="runs/teacher.pt"))
+    result = train_student(StudentTrainConfig(data_root="data", memorybank="runs/mb.zarr"))
+
+Both return ``{"history", "best_metric", "save_path", "checkpoint_path", "config"}`` (the student also
+``"valid_losses"``: per-epoch BC weighted MSE on the valid split, normalised units) and raise DataError /
+CheckpointError / ValueError on bad input.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from e2r.checkpoints import load_checkpoint
+from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
+from e2r.kd import KDWeights
+from e2r.losses import action_loss, action_weights, weighted_action_mse
+from e2r.models.config import TeacherConfig
+from e2r.models.student import CameraBEVStudent
+from e2r.models.student_config import StudentConfig
+from e2r.models.teacher import LiDARBEVTeacher
+from e2r.runtime import (DistContext, all_reduce_sums, resolve_device, seed_everything, setup_distributed,
+                         teardown_distributed)
+from e2r.workflow.configs import StudentTrainConfig, TeacherTrainConfig
+from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch,
+                                  make_kd_loader, read_store_schema, student_losses)
+from e2r.workflow.trainer import TrainTask, Trainer, make_loader, train_valid_datasets
+
+__all__ = ["train_teacher", "train_student", "kd_weights_of", "build_student_config", "PART_NAMES"]
+
+PART_NAMES = ("bc", "kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat", "kd_total")
+
+
+@contextmanager
+def _distributed(device: str) -> Iterator[DistContext]:
+    ctx = setup_distributed(device)
+    try:
+        yield ctx
+    finally:
+        teardown_distributed(ctx)
+
+
+class TeacherTask(TrainTask):
+    """Weighted MSE of the teacher's actions on a LiDAR batch (normalised units)."""
+
+    def __init__(self, net: torch.nn.Module, model: LiDARBEVTeacher, cfg: TeacherTrainConfig,
+                 device: torch.device) -> None:
+        self.net, self.model, self.cfg, self.device = net, model, cfg, device
+        self.weights = action_weights(cfg.steer_loss_weight, cfg.speed_loss_weight).to(device)
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        d = self.device
+        pred = self.net([p.to(d, non_blocking=True) for p in batch["points"]], batch["speed"].to(d),
+                        batch["steering"].to(d))
+        target = batch["actions"].to(d)
+        loss = action_loss(self.model.normalize_actions(pred), self.model.normalize_actions(target), self.weights,
+                           self.cfg.smooth_weight)
+        return loss, int(target.shape[0])
+
+
+def train_teacher(cfg: TeacherTrainConfig) -> dict[str, Any]:
+    """Train the LiDAR teacher described by ``cfg`` (see the module docstring)."""
+    epochs, lr, batch_size = cfg.hparams()
+    with _distributed(cfg.device) as ctx:
+        device = resolve_device(cfg.device, ctx.local_rank)
+        seed_everything(cfg.seed)
+        resume = load_checkpoint(cfg.resume_path, kind="teacher") if cfg.resume_path else None
+        model_cfg = TeacherConfig.from_dict(resume["config"]) if resume else TeacherConfig.preset_named(cfg.preset)
+        train_ds, valid_ds = train_valid_datasets(
+            cfg, lambda split: LidarSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
+                                                    cfg.lidar_num_features))
+        model = LiDARBEVTeacher(model_cfg)
+        trainer = Trainer(cfg, "teacher", model, train_ds, resume, ctx, device)
+        train_loader, train_sampler = make_loader(train_ds, batch_size, True, cfg.seed, cfg.num_workers,
+                                                  collate_lidar, ctx)
+        valid_loader = (make_loader(valid_ds, batch_size, False, cfg.seed, cfg.num_workers, collate_lidar, ctx)[0]
+                        if valid_ds is not None and len(valid_ds) else None)
+        task = TeacherTask(trainer.net, model, cfg, device)
+        return trainer.fit(task, train_loader, train_sampler, valid_loader, model_cfg.to_dict())
+
+
+def kd_weights_of(cfg: StudentTrainConfig) -> KDWeights:
+    """KDWeights from the ``kd_*`` fields (all 0 without a memorybank)."""
+    on = bool(cfg.memorybank)
+    return KDWeights(action=cfg.kd_action_w * on, bev_vec=cfg.kd_bevvec_w * on, temporal=cfg.kd_temporal_w * on,
+                     bev_feat=cfg.kd_bevfeat_w * on, steer_weight=cfg.steer_loss_weight,
+                     speed_weight=cfg.speed_loss_weight, bev_feat_background=cfg.kd_bevfeat_background)
+
+
+def build_student_config(cfg: StudentTrainConfig, teacher_cfg: TeacherConfig | None) -> StudentConfig:
+    """Student preset ``cfg.preset`` on the teacher's grid/sizes (``cfg.preset``'s teacher when unknown)."""
+    teacher = teacher_cfg if teacher_cfg is not None else TeacherConfig.preset_named(cfg.preset)
+    return StudentConfig.from_teacher(teacher, cfg.preset, view_transform=cfg.view_transform)
+
+
+class StudentTask(TrainTask):
+    """BC + KD loss of a camera batch (optionally mirrored); per-epoch KD/BC-only counts and loss parts."""
+
+    def __init__(self, net: torch.nn.Module, model: CameraBEVStudent, cfg: StudentTrainConfig, kd: KDWeights,
+                 device: torch.device) -> None:
+        self.net, self.model, self.cfg, self.kd, self.device = net, model, cfg, kd, device
+        self.weights = action_weights(cfg.steer_loss_weight, cfg.speed_loss_weight).to(device)
+        self.fov_masks = FovMasks(model.cfg)
+        self.sums: dict[str, float] = {}
+
+    def begin_epoch(self) -> None:
+        self.sums.clear()
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        flip = torch.zeros(len(batch["keys"]), dtype=torch.bool)
+        if self.cfg.hflip_prob > 0:   # global torch RNG: part of the checkpointed RNG state
+            flip = torch.rand(len(batch["keys"])) < self.cfg.hflip_prob
+            batch = hflip_batch(batch, flip, self.model.cfg.bev_grid)
+        batch = batch_to(batch, self.device)
+        loss, parts = student_losses(self.net, self.model.normalize_actions, batch, self.weights, self.kd,
+                                     self.fov_masks, flip.to(self.device), self.cfg.smooth_weight)
+        n = len(batch["keys"])
+        n_kd = float(parts["kd_samples"])
+        sums = self.sums
+        for name in PART_NAMES:   # bc averaged over samples, kd terms over KD samples
+            sums[name] = sums.get(name, 0.0) + float(parts[name]) * (n if name == "bc" else n_kd)
+        sums["kd_samples"] = sums.get("kd_samples", 0.0) + n_kd
+        sums["bc_only_samples"] = sums.get("bc_only_samples", 0.0) + float(parts["bc_only_samples"])
+        sums["flipped_samples"] = sums.get("flipped_samples", 0.0) + float(flip.sum())
+        return loss, n
+
+    def valid_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        batch = batch_to(batch, self.device)
+        pred = self.net(batch["images"], batch["intrinsics"], batch["cam2ego"], batch["speed"], batch["steering"])
+        loss = weighted_action_mse(self.model.normalize_actions(pred),
+                                   self.model.normalize_actions(batch["actions"]), self.weights)
+        return loss, len(batch["keys"])
+
+    def epoch_stats(self, ctx: DistContext) -> dict[str, Any]:
+        stats = all_reduce_sums(self.sums, ctx)
+        n_all = stats.get("kd_samples", 0.0) + stats.get("bc_only_samples", 0.0)
+        entry = {"kd_samples": int(stats.get("kd_samples", 0)),
+                 "bc_only_samples": int(stats.get("bc_only_samples", 0)),
+                 "flipped_samples": int(stats.get("flipped_samples", 0)),
+                 "train_bc": stats.get("bc", 0.0) / max(n_all, 1)}
+        for name in PART_NAMES[1:]:
+            entry[f"train_{name}"] = stats.get(name, 0.0) / max(stats.get("kd_samples", 0.0), 1)
+        return entry
+
+    def scalars(self, entry: dict[str, Any]) -> dict[str, float]:
+        return {k.replace("_", "/", 1) if k.startswith(("train_", "valid_")) else k: entry[k]
+                for k in ("train_loss", "valid_loss", "lr", "kd_samples", "bc_only_samples", "train_bc",
+                          *(f"train_{n}" for n in PART_NAMES[1:]))}
+
+    def notes(self, entry: dict[str, Any]) -> tuple[str, str]:
+        return (f" (bc {entry['train_bc']:.4f}, kd {entry['train_kd_total']:.4f})",
+                f"samples kd {entry['kd_samples']} bc-only {entry['bc_only_samples']}  ")
+
+    def extra_state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"valid_losses": [e["valid_loss"] for e in history]}
+
+
+def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
+    """Train the camera student described by ``cfg`` (see the module docstring)."""
+    epochs, lr, batch_size = cfg.hparams()
+    kd = kd_weights_of(cfg)
+    with _distributed(cfg.device) as ctx:
+        device = resolve_device(cfg.device, ctx.local_rank)
+        seed_everything(cfg.seed)
+        resume = load_checkpoint(cfg.resume_path, kind="student") if cfg.resume_path else None
+        schema, teacher_cfg = (read_store_schema(cfg.memorybank, cfg.teacher_ckpt) if cfg.memorybank
+                               else (None, None))
+        if teacher_cfg is None and cfg.teacher_ckpt:
+            teacher_cfg = TeacherConfig.from_dict(dict(load_checkpoint(cfg.teacher_ckpt, kind="teacher")["config"]))
+        model_cfg = (StudentConfig.from_dict(dict(resume["config"])) if resume
+                     else build_student_config(cfg, teacher_cfg))
+        image_size = tuple(model_cfg.image_size)
+        train_ds, valid_ds = train_valid_datasets(
+            cfg, lambda split: CameraSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride, image_size))
+        fields = LIGHT_KD_FIELDS + (("bev_feat",) if kd.bev_feat > 0 else ())
+        if schema is not None:
+            check_store(cfg.memorybank, schema, cfg.seq_len, train_ds.frame_actions().shape[1], model_cfg,
+                        kd.bev_feat > 0, teacher_cfg)
+        model = CameraBEVStudent(model_cfg)
+        trainer = Trainer(cfg, "student", model, train_ds, resume, ctx, device)
+        bank = cfg.memorybank if kd.action + kd.bev_vec + kd.temporal + kd.bev_feat > 0 else None
+        train_loader, train_sampler = make_kd_loader(KDCameraBatches(train_ds, bank, fields), batch_size, True,
+                                                     cfg.seed, cfg.num_workers, ctx)
+        valid_loader = (make_kd_loader(KDCameraBatches(valid_ds), batch_size, False, cfg.seed, cfg.num_workers,
+                                       ctx)[0] if valid_ds is not None and len(valid_ds) else None)
+        task = StudentTask(trainer.net, model, cfg, kd, device)
+        result = trainer.fit(task, train_loader, train_sampler, valid_loader, model_cfg.to_dict())
+        return {**result, "valid_losses": [h["valid_loss"] for h in result["history"]]}

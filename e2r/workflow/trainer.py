@@ -1,0 +1,245 @@
+"""The one training loop, used by the teacher and the student (nanoGPT-style: read it top to bottom).
+
+    trainer = Trainer(cfg, "teacher", model, train_ds, resume, ctx, device)   # stats, init, optimizer, resume, DDP
+    task = MyTask(trainer.net, ...)                                            # what differs: the batch and loss
+    result = trainer.fit(task, train_loader, train_sampler, valid_loader, model_config)
+
+:class:`Trainer` owns the network (DDP-wrapped under ``torchrun``), the AdamW optimizer with its cosine
+schedule, the history, the checkpoints (latest state every epoch to ``checkpoint_path``, best to
+``save_path``), the all-reduce of losses over ranks, TensorBoard and resume (model, optimizer, scheduler,
+epoch, best metric, RNG state). A :class:`TrainTask` supplies the per-batch loss and any extra per-epoch
+statistics. :func:`make_loader` is the DataLoader of a per-window dataset with the project's one sampler
+(``e2r.data.sampler.EpochBatchSampler``: order depends only on seed and epoch).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from e2r.checkpoints import CheckpointError, load_init_weights, save_checkpoint
+from e2r.data.sampler import EpochBatchSampler
+from e2r.runtime import DistContext, all_reduce_sums, capture_rng_state, restore_rng_state
+from e2r.workflow.configs import TrainConfig, plain_dict
+
+__all__ = ["ActionNormalizer", "make_loader", "run_epoch", "unwrap", "TrainTask", "Trainer",
+           "train_valid_datasets"]
+
+
+class ActionNormalizer:
+    """Mean/std (A,) of ``[wheel_angle, velocity]`` over all frames of the training split."""
+
+    def __init__(self, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> None:
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).clone()
+        self.std = torch.as_tensor(std, dtype=torch.float32).clone()
+        if self.mean.shape != self.std.shape or not (self.std > 0).all():
+            raise ValueError(f"bad action stats: mean {self.mean.tolist()}, std {self.std.tolist()}")
+
+    @classmethod
+    def from_frame_actions(cls, frame_actions: np.ndarray, min_std: float = 1e-3) -> "ActionNormalizer":
+        """Statistics of (F, A) per-frame actions; a (near-)constant column gets std 1 (only centred)."""
+        data = np.asarray(frame_actions, dtype=np.float64)
+        if data.ndim != 2 or data.shape[0] == 0:
+            raise ValueError(f"cannot compute action statistics from an array of shape {data.shape}")
+        std = data.std(axis=0)
+        return cls(data.mean(axis=0), np.where(std < min_std, 1.0, std))
+
+    @classmethod
+    def from_dataset(cls, dataset: Any) -> "ActionNormalizer":
+        """Statistics over every frame of every segment of a sequence dataset (``dataset.frame_actions()``;
+        no point cloud or image is read)."""
+        return cls.from_frame_actions(dataset.frame_actions())
+
+    def normalize(self, actions: Tensor) -> Tensor:
+        return (actions - self.mean.to(actions.device)) / self.std.to(actions.device)
+
+    def denormalize(self, actions: Tensor) -> Tensor:
+        return actions * self.std.to(actions.device) + self.mean.to(actions.device)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+                collate_fn: Callable | None, ctx: DistContext) -> tuple[DataLoader, EpochBatchSampler]:
+    """DataLoader over this rank's batches of a per-window dataset; call ``sampler.set_epoch(epoch)``
+    before each epoch."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank=ctx.rank, world_size=ctx.world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                        pin_memory=torch.cuda.is_available())
+    return loader, sampler
+
+
+def train_valid_datasets(cfg: TrainConfig, make: Callable[[str], Any]) -> tuple[Any, Any]:
+    """``(train_ds, valid_ds or None)`` from ``make(split)``; refuses a training split with no window."""
+    train_ds = make(cfg.train_split)
+    if len(train_ds) == 0:
+        raise ValueError(f"{cfg.data_root}/{cfg.train_split}: no windows of seq_len={cfg.seq_len}")
+    return train_ds, (make(cfg.valid_split) if cfg.valid_split else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def run_epoch(loader: Iterable, step: Callable[[Any], tuple[Tensor, int]], optimizer: torch.optim.Optimizer | None,
+              params: Iterable[Tensor] = (), grad_clip: float = 0.0, desc: str = "", ctx: DistContext | None = None,
+              show_progress: bool = True) -> float:
+    """One pass over ``loader``; ``step(batch) -> (mean loss, batch size)`` (``None`` batches, all-bad
+    windows, are skipped). Trains when ``optimizer`` is given (backward, optional gradient clipping, step),
+    else runs under ``torch.no_grad``. Returns the sample-weighted mean loss over all ranks."""
+    ctx = ctx or DistContext()
+    total, count = 0.0, 0
+    params = list(params)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (show_progress and ctx.is_main), dynamic_ncols=True)
+    with torch.set_grad_enabled(optimizer is not None):
+        for batch in bar:
+            if batch is None:  # every window of the batch was a skipped bad one
+                continue
+            loss, n = step(batch)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                optimizer.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{desc}: loss became {value}; lower --lr or check the data")
+            total += value * n
+            count += n
+            bar.set_postfix(loss=f"{total / count:.4f}")
+    sums = all_reduce_sums({"total": total, "count": float(count)}, ctx)
+    return sums["total"] / max(int(sums["count"]), 1)
+
+
+class TrainTask:
+    """What differs between trainers; override ``train_step`` (and the rest where needed)."""
+
+    def begin_epoch(self) -> None:
+        """Reset per-epoch counters."""
+
+    def train_step(self, batch: Any) -> tuple[Tensor, int]:
+        """``(mean loss, batch size)`` of one training batch."""
+        raise NotImplementedError
+
+    def valid_step(self, batch: Any) -> tuple[Tensor, int]:
+        """``(mean loss, batch size)`` of one validation batch (default: the training loss)."""
+        return self.train_step(batch)
+
+    def epoch_stats(self, ctx: DistContext) -> dict[str, Any]:
+        """Extra history entries of the epoch (reduced over ranks)."""
+        return {}
+
+    def scalars(self, entry: dict[str, Any]) -> dict[str, float]:
+        """TensorBoard scalars of a history entry."""
+        return {"loss/train": entry["train_loss"], "loss/valid": entry["valid_loss"], "lr": entry["lr"]}
+
+    def notes(self, entry: dict[str, Any]) -> tuple[str, str]:
+        """Text after the train loss and after the valid loss in the per-epoch line."""
+        return "", ""
+
+    def extra_state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """Keys saved in the checkpoint after ``history``."""
+        return {}
+
+
+class Trainer:
+    """Set-up in ``__init__`` (action statistics from ``train_ds``, ``init_path`` weights unless resuming,
+    device, optimizer/schedule, ``resume`` state, DDP wrap); the epoch loop in :meth:`fit`."""
+
+    def __init__(self, cfg: TrainConfig, kind: str, model: nn.Module, train_ds: Any, resume: dict[str, Any] | None,
+                 ctx: DistContext, device: torch.device) -> None:
+        self.cfg, self.kind, self.model, self.ctx = cfg, kind, model, ctx
+        self.epochs, lr, self.batch_size = cfg.hparams()
+        norm = ActionNormalizer.from_dataset(train_ds)
+        model.set_action_stats(norm.mean, norm.std)
+        if cfg.init_path and not resume:
+            report = load_init_weights(model, cfg.init_path, cfg.init_skip_output_layer, model.output_layer_prefix,
+                                       keep_prefixes=("action_mean", "action_std"))
+            if ctx.is_main:
+                print(f"init from {cfg.init_path}: {len(report['loaded'])} tensors loaded, "
+                      f"skipped {report['skipped']}")
+        model.to(device)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(self.epochs, 1),
+                                                                eta_min=lr * 0.05)
+        self.start_epoch, self.best, self.history = self._resume(resume)
+        self.net = (torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model)
+
+    def _resume(self, resume: dict[str, Any] | None) -> tuple[int, float, list[dict]]:
+        if not resume:
+            return 0, float("inf"), []
+        try:
+            self.model.load_state_dict(resume["model"])
+            self.opt.load_state_dict(resume["optimizer"])
+            self.sched.load_state_dict(resume["scheduler"])
+            start_epoch, best = int(resume["epoch"]) + 1, float(resume["best_metric"])
+            history = list(resume.get("history", []))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{self.cfg.resume_path}: cannot resume from it ({type(e).__name__}: {e}); "
+                                  f"resume needs a --checkpoint_path file of train_{self.kind}") from None
+        restore_rng_state(resume["rng_state"])
+        return start_epoch, best, history
+
+    def fit(self, task: TrainTask, train_loader: Iterable, train_sampler: EpochBatchSampler,
+            valid_loader: Iterable | None, model_config: dict[str, Any]) -> dict[str, Any]:
+        """Train from ``start_epoch`` to ``epochs`` (or ``stop_after_epoch``) -> ``{"history", "best_metric",
+        "save_path", "checkpoint_path", "config"}``."""
+        cfg, ctx, epochs = self.cfg, self.ctx, self.epochs
+        writer = SummaryWriter(log_dir=cfg.tensorboard_dir) if cfg.tensorboard_dir and ctx.is_main else None
+        show = not cfg.no_progress
+        stop = epochs if cfg.stop_after_epoch is None else min(epochs, cfg.stop_after_epoch)
+        for epoch in range(self.start_epoch, stop):
+            t0 = time.time()
+            task.begin_epoch()
+            train_sampler.set_epoch(epoch)
+            self.net.train()
+            train_loss = run_epoch(train_loader, task.train_step, self.opt, self.model.parameters(), cfg.grad_clip,
+                                   f"epoch {epoch + 1}/{epochs} train", ctx, show)
+            valid_loss = float("nan")
+            if valid_loader is not None:
+                self.net.eval()
+                valid_loss = run_epoch(valid_loader, task.valid_step, None, desc=f"epoch {epoch + 1}/{epochs} valid",
+                                       ctx=ctx, show_progress=show)
+            self.sched.step()
+            entry = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,
+                     "lr": self.opt.param_groups[0]["lr"], **task.epoch_stats(ctx)}
+            improved = self._end_epoch(task, epoch, entry, valid_loss if valid_loader is not None else train_loss,
+                                       model_config, writer)
+            if ctx.is_main:
+                after_train, after_valid = task.notes(entry)
+                print(f"epoch {epoch + 1}/{epochs}: train {train_loss:.4f}{after_train}  valid {valid_loss:.4f}  "
+                      f"{after_valid}{'(best) ' if improved else ''}{time.time() - t0:.1f}s", flush=True)
+        if writer is not None:
+            writer.close()
+        return {"history": self.history, "best_metric": self.best, "save_path": cfg.save_path,
+                "checkpoint_path": cfg.checkpoint_path, "config": model_config}
+
+    def _end_epoch(self, task: TrainTask, epoch: int, entry: dict[str, Any], metric: float,
+                   model_config: dict[str, Any], writer: SummaryWriter | None) -> bool:
+        """Append ``entry`` to the history; on rank 0 write the full state to ``checkpoint_path`` (and to
+        ``save_path`` when ``metric`` improved on the best) and the scalars to TensorBoard."""
+        improved = metric < self.best
+        self.best = min(self.best, metric)
+        self.history.append(entry)
+        if not self.ctx.is_main:
+            return improved
+        state = {"model": unwrap(self.net).state_dict(), "config": model_config, "epoch": epoch,
+                 "best_metric": self.best, "history": self.history, **task.extra_state(self.history),
+                 "train_args": plain_dict(self.cfg), "optimizer": self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict(), "rng_state": capture_rng_state()}
+        if improved and self.cfg.save_path:
+            save_checkpoint(self.cfg.save_path, state, kind=self.kind)
+        if self.cfg.checkpoint_path:
+            save_checkpoint(self.cfg.checkpoint_path, state, kind=self.kind)
+        if writer is not None:
+            for tag, value in task.scalars(entry).items():
+                writer.add_scalar(tag, value, epoch)
+        return improved
