@@ -9,7 +9,7 @@ Prints per-action MSE / MAE / RMSE (degrees, m/s) over every (window, step) of t
 overall ``sum_a w_a * MSE_a``, for:
   student                 the checkpoint (architecture, image size and normalisation come from it);
   baseline_train_mean     always the training split's mean action (stored in the checkpoint);
-  baseline_prev_steering  steering = the previous command (wheel_angle[t-1]), speed = the speed input.
+  baseline_prev_steering  steering = the previous command (wheel_angle[t-1]), speed = keep the current speed (the speed input) as the command.
 KD gap (windows whose key is in the store): per-action MSE and weighted overall between the student's and
 the teacher's actions, mean bev_vec cosine similarity, gru_out MSE. In the CSV the gap is extra columns
 (``kd_*``) of the student row.

@@ -8,7 +8,7 @@ overall ``sum_a w_a * MSE_a``, for:
   teacher                 the checkpoint (architecture and normalisation come from the checkpoint);
   baseline_train_mean     always the training split's mean action (stored in the checkpoint);
   baseline_prev_steering  steering = the previous command (the model's steering input, wheel_angle[t-1]),
-                          speed = the current speed input (velocity[t]).
+                          speed = keep the current speed (the speed input velocity[t]) as the command.
 """
 from __future__ import annotations
 

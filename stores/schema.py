@@ -40,6 +40,10 @@ LIGHT_DIM_NAMES: tuple[str, ...] = ("row", "t", "channel")
 _DTYPES = ("float32", "float16")
 
 
+#: the actions of stores written before ``action_semantics`` was recorded
+LEGACY_ACTION_SEMANTICS = "steer=wheel_angle[t] deg; speed=velocity[t] m/s (measured)"
+
+
 @dataclass
 class StoreSchema:
     """Shapes and dtype of one memorybank. ``bev_feat_shape`` is (C, H, W) of one frame as stored."""
@@ -52,6 +56,7 @@ class StoreSchema:
     store_bev_feat: bool = False
     dtype: str = "float32"
     bev_feat_pool: dict[str, Any] | None = None   # e.g. {"kind": "avg", "factor": 4, "source_shape": [C, H, W]}
+    action_semantics: str = ""     # what the actions mean (the writer's words); "" = not recorded
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "action_dim", "bev_dim", "gru_hidden"):
@@ -111,8 +116,12 @@ class StoreSchema:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StoreSchema":
+        """From group attributes; a store written before actions were described has
+        :data:`LEGACY_ACTION_SEMANTICS` (its speed action is the measured speed)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {k: v for k, v in d.items() if k in known}
+        values.setdefault("action_semantics", LEGACY_ACTION_SEMANTICS)
+        return cls(**values)
 
     def differences(self, other: "StoreSchema") -> list[str]:
         """Human-readable list of fields that differ, ``"name: store=X, given=Y"``; empty when equal."""

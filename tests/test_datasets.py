@@ -56,7 +56,8 @@ def test_lidar_item_semantics_match_csv(data, start):
     assert item["key"] == f"train/{SEG}:{start}" == ds.keys[index]
     assert torch.equal(item["speed"], torch.tensor(vel, dtype=torch.float32))
     assert torch.equal(item["steering"], torch.tensor(prev, dtype=torch.float32))
-    assert torch.equal(item["actions"], torch.tensor(list(zip(wheel, vel)), dtype=torch.float32))
+    command = [float(rows[t]["speed_command"]) for t in range(start, start + 5)]      # the speed action
+    assert torch.equal(item["actions"], torch.tensor(list(zip(wheel, command)), dtype=torch.float32))
     if start == 0:
         assert item["steering"][0] == 0.0
     else:
@@ -75,6 +76,22 @@ def test_stride_and_windows(data, stride, starts):
     assert all(parse_key(k).start == st for k, (_, st) in zip(ds.keys, ds.windows))
 
 
+def test_speed_action_without_speed_command_is_the_next_velocity(tmp_path):
+    """No speed_command column: the speed action is velocity[t+1], so the last frame starts no window's last
+    step and its actions are left out of the statistics."""
+    root = write_tiny_dataset(tmp_path / "d", splits={"train": 1}, frames=8, camera=False, speed_command=False)
+    ds = LidarSequenceDataset(root, "train", seq_len=5, stride=1)
+    rows = read_csv_rows(root / "train" / SEG / "meta" / "data.csv")
+    assert "speed_command" not in rows[0]
+    assert [s for _, s in ds.windows] == [0, 1, 2]                   # 8 frames, 7 with a next velocity
+    item = ds[2]
+    nxt = [float(rows[t + 1]["velocity"]) for t in range(2, 7)]
+    assert torch.equal(item["actions"][:, 1], torch.tensor(nxt, dtype=torch.float32))
+    assert torch.equal(item["speed"], torch.tensor([float(rows[t]["velocity"]) for t in range(2, 7)]))
+    fa = ds.frame_actions()
+    assert fa.shape == (7, 2) and np.isfinite(fa).all() and fa[6, 1] == float(rows[7]["velocity"])
+
+
 def test_keys_equal_across_lidar_camera_paired_and_cheap_arrays(data, monkeypatch):
     def no_reads(*a, **k):
         raise AssertionError("construction must not read point clouds or images")
@@ -89,7 +106,8 @@ def test_keys_equal_across_lidar_camera_paired_and_cheap_arrays(data, monkeypatc
     np.testing.assert_array_equal(lid.tables[SEG].velocity, [float(r["velocity"]) for r in rows])
     np.testing.assert_array_equal(cam.tables[SEG].wheel_angle, [float(r["wheel_angle"]) for r in rows])
     fa = lid.frame_actions()
-    assert fa.shape == (12, 2) and fa[3, 0] == float(rows[3]["wheel_angle"]) and fa[3, 1] == float(rows[3]["velocity"])
+    assert fa.shape == (12, 2) and fa[3, 0] == float(rows[3]["wheel_angle"])
+    assert fa[3, 1] == float(rows[3]["speed_command"])
 
 
 def test_camera_item_and_intrinsics(data):

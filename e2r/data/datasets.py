@@ -2,7 +2,9 @@
 
 Window i of a segment = frames [start, start + seq_len), key = ``make_key(split, segment, start)``. Per step
 t: ``speed = velocity[t]``, ``steering = wheel_angle[t-1]`` (0.0 for the segment's first frame),
-``actions[t] = [wheel_angle[t], velocity[t]]``. Construction reads only the csv files (and calib.json);
+``actions[t] = [wheel_angle[t], speed command]`` (:data:`ACTION_SEMANTICS`: the ``speed_command`` column, else
+the next frame's ``velocity[t+1]``, so without the column a window needs the frame after it). Construction
+reads only the csv files (and calib.json);
 ``.windows``, ``.keys`` and ``.tables`` (per-segment velocity / wheel_angle arrays) need no point cloud or
 image. Point clouds and images are read on access.
 
@@ -28,21 +30,27 @@ from e2r.data.readers import (SUPPORTED_NUM_FEATURES, DataError, NumFeatures, Pr
                               sample_paths, scale_intrinsics)
 from e2r.keys import make_key
 
-__all__ = ["LidarSequenceDataset", "CameraSequenceDataset", "PairedSequenceDataset", "LidarFrameDataset",
+__all__ = ["ACTION_SEMANTICS", "LidarSequenceDataset", "CameraSequenceDataset", "PairedSequenceDataset", "LidarFrameDataset",
            "collate_lidar", "collate_camera", "collate_paired", "collate_frames", "window_controls"]
 
 
+#: what the action targets mean; recorded in every memorybank, which refuses a mismatch (re-export)
+ACTION_SEMANTICS = "steer=wheel_angle[t] deg; speed=speed_command[t] m/s, else velocity[t+1]"
+
+
 def window_controls(table: SegmentTable, start: int, seq_len: int) -> dict[str, torch.Tensor]:
-    """``speed (T,)``, ``steering (T,)`` (previous wheel_angle, 0 at frame 0), ``actions (T, 2)``, float32."""
+    """``speed (T,)`` measured, ``steering (T,)`` (previous wheel_angle, 0 at frame 0), ``actions (T, 2)``
+    ``[wheel_angle, speed command]`` (``table.speed_target``), float32."""
     stop = start + seq_len
     velocity = table.velocity[start:stop]
     wheel = table.wheel_angle[start:stop]
+    command = table.speed_target[start:stop]
     previous = table.wheel_angle[max(start - 1, 0):stop - 1]
     if start == 0:
         previous = np.concatenate([[0.0], previous])
     return {"speed": torch.tensor(velocity, dtype=torch.float32),
             "steering": torch.tensor(previous, dtype=torch.float32),
-            "actions": torch.tensor(np.stack([wheel, velocity], axis=1), dtype=torch.float32)}
+            "actions": torch.tensor(np.stack([wheel, command], axis=1), dtype=torch.float32)}
 
 
 class _SequenceDataset(Dataset):
@@ -86,7 +94,8 @@ class _SequenceDataset(Dataset):
                 continue
             camera_names = camera_names if camera_names is not None else names
             self.tables[segment] = table
-            self.windows += [(segment, s) for s in window_starts(table.num_frames, self.seq_len, self.stride)]
+            starts = window_starts(self._window_frames(table), self.seq_len, self.stride)
+            self.windows += [(segment, s) for s in starts]
         self.keys: list[str] = [make_key(split, seg, s) for seg, s in self.windows]
         self.camera_names: list[str] = camera_names or []
 
@@ -101,11 +110,17 @@ class _SequenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.windows)
 
+    def _window_frames(self, table: SegmentTable) -> int:
+        """Frames windows may cover: those with defined actions (all but the last without speed_command)."""
+        return table.target_frames
+
     def frame_actions(self) -> np.ndarray:
-        """(F, 2) float64 ``[wheel_angle, velocity]`` of every frame of every kept segment (for mean/std)."""
+        """(F, 2) float64 ``[wheel_angle, speed command]`` of every frame with defined actions of every kept
+        segment (for mean/std)."""
         if not self.tables:
             return np.zeros((0, 2))
-        return np.concatenate([np.stack([t.wheel_angle, t.velocity], 1) for t in self.tables.values()])
+        return np.concatenate([np.stack([t.wheel_angle, t.speed_target], 1)[:t.target_frames]
+                               for t in self.tables.values()])
 
     # ----- per-frame loading -------------------------------------------------------------------------------
     def point_layout(self, segment: str) -> PointLayout:
@@ -276,6 +291,9 @@ class LidarFrameDataset(_SequenceDataset):
     def __init__(self, root: Union[str, Path], split: str, lidar_num_features: NumFeatures = "auto",
                  skip_bad: bool = False):
         super().__init__(root, split, 1, 1, lidar_num_features=lidar_num_features, skip_bad=skip_bad)
+
+    def _window_frames(self, table: SegmentTable) -> int:
+        return table.num_frames                # every frame, actions or not
 
     @property
     def frames(self) -> list[tuple[str, int]]:

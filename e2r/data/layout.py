@@ -38,6 +38,7 @@ class SegmentTable:
     csv_path: Path
     velocity: np.ndarray
     wheel_angle: np.ndarray
+    speed_command: Optional[np.ndarray] = None      # (F,) m/s, when data.csv has the column
     lidar_paths: Optional[list[Path]] = None
     image_paths: dict[str, list[Path]] = field(default_factory=dict)
     cameras: list[CameraCalib] = field(default_factory=list)
@@ -45,6 +46,19 @@ class SegmentTable:
     @property
     def num_frames(self) -> int:
         return int(len(self.velocity))
+
+    @property
+    def speed_target(self) -> np.ndarray:
+        """(F,) the speed action of each frame (docs/CONTRACTS.md): ``speed_command[t]`` when data.csv has the
+        column, else the next frame's measured ``velocity[t + 1]`` (NaN for the last frame, which has none)."""
+        if self.speed_command is not None:
+            return self.speed_command
+        return np.concatenate([self.velocity[1:], [np.nan]])
+
+    @property
+    def target_frames(self) -> int:
+        """Frames whose actions are defined: all of them with ``speed_command``, else all but the last."""
+        return self.num_frames if self.speed_command is not None else max(self.num_frames - 1, 0)
 
 
 def discover_splits(root: Union[str, Path]) -> list[str]:
@@ -144,7 +158,9 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
             raise DataError(csv_path, f"line {i + 2} has more cells than the header", i)
     velocity = np.array([_parse_number(r["velocity"], "velocity", i, csv_path) for i, r in enumerate(rows)])
     wheel = np.array([_parse_number(r["wheel_angle"], "wheel_angle", i, csv_path) for i, r in enumerate(rows)])
-    table = SegmentTable(split, segment, directory, csv_path, velocity, wheel)
+    command = (np.array([_parse_number(r["speed_command"], "speed_command", i, csv_path) for i, r in enumerate(rows)])
+               if "speed_command" in header else None)
+    table = SegmentTable(split, segment, directory, csv_path, velocity, wheel, command)
     if lidar:
         table.lidar_paths = [_parse_path(r["lidar_filepath"], "lidar_filepath", i, csv_path, directory)
                              for i, r in enumerate(rows)]

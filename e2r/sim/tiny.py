@@ -82,13 +82,15 @@ def write_calib(path: Path, image_size: tuple[int, int], names: Sequence[str] = 
 def write_tiny_dataset(root: Path, splits: Optional[dict[str, int]] = None, frames: int = 12,
                        image_size: tuple[int, int] = (32, 16), num_features: int = 4, seed: int = 0,
                        points_per_frame: tuple[int, int] = (200, 400), cameras: Sequence[str] = ("front",),
-                       lidar: bool = True, camera: bool = True) -> Path:
+                       lidar: bool = True, camera: bool = True, speed_command: bool = True) -> Path:
     """Write ``splits`` ({split: number of segments}) of ``frames`` frames each under ``root``; return root.
 
     Segment names are ``segment_0000``, ``segment_0001``, ... per split. One camera writes the column
     ``image_filepath``; several write ``image_filepath_<name>`` each (images under ``camera/<name>/``).
     ``num_features`` (4 | 5 | 8) is the .bin layout (see make_points); velocity and wheel_angle are written with
-    full precision so tests can compare dataset items with the csv exactly.
+    full precision so tests can compare dataset items with the csv exactly. With ``speed_command`` the csv also
+    has the commanded speed (the next frame's velocity + 0.25 m/s; it draws no random numbers, so the rest of
+    the dataset is the same either way).
     """
     root = Path(root)
     splits = {"train": 2, "valid": 1} if splits is None else splits
@@ -118,6 +120,8 @@ def write_tiny_dataset(root: Path, splits: Optional[dict[str, int]] = None, fram
                         row["image_filepath" if len(cameras) == 1 else f"image_filepath_{name}"] = rel
                 row["velocity"] = repr(float(velocity[t]))
                 row["wheel_angle"] = repr(float(wheel[t]))
+                if speed_command:
+                    row["speed_command"] = repr(round(float(velocity[min(t + 1, frames - 1)]) + 0.25, 4))
                 rows.append(row)
             with open(seg / "meta" / "data.csv", "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))

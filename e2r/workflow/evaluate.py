@@ -9,7 +9,7 @@ Per-action MSE / MAE / RMSE (degrees, m/s) over every (window, step) of the spli
 ``sum_a w_a * MSE_a``, for the model and:
   baseline_train_mean     always the training split's mean action (stored in the checkpoint);
   baseline_prev_steering  steering = the previous command (the model's steering input, wheel_angle[t-1]),
-                          speed = the current speed input (velocity[t]).
+                          speed = keep the current speed (the speed input velocity[t]) as the command.
 Each returns ``{"results": {predictor: metrics}, "plot_path", "csv_path", "num_windows"}`` (the student also
 ``"kd_gap"``); the CSV and plot are written when their paths are set.
 """

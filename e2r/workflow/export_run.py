@@ -25,6 +25,7 @@ from distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
 from e2r.checkpoints import file_sha256
+from e2r.data.datasets import ACTION_SEMANTICS
 from e2r.models.config import TeacherConfig
 from e2r.models.teacher import load_teacher
 from e2r.runtime import resolve_device
@@ -49,7 +50,7 @@ def store_schema(cfg: ExportConfig, teacher_cfg: TeacherConfig) -> tuple[StoreSc
         pool = {"kind": "avg", "factor": K, "source_shape": [C, H, W]}
     schema = StoreSchema(seq_len=cfg.seq_len, action_dim=teacher_cfg.action_dim, bev_dim=teacher_cfg.bev_dim,
                          gru_hidden=teacher_cfg.gru_hidden, bev_feat_shape=feat_shape, store_bev_feat=cfg.save_bev_feat,
-                         dtype=cfg.dtype, bev_feat_pool=pool)
+                         dtype=cfg.dtype, bev_feat_pool=pool, action_semantics=ACTION_SEMANTICS)
     prov = Provenance(teacher_sha256=file_sha256(cfg.teacher_ckpt), model_config=teacher_cfg.to_dict(),
                       dataset_root=str(Path(cfg.data_root).resolve()))
     return schema, prov

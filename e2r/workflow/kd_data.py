@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from e2r.checkpoints import load_checkpoint
-from e2r.data.datasets import CameraSequenceDataset, collate_camera
+from e2r.data.datasets import ACTION_SEMANTICS, CameraSequenceDataset, collate_camera
 from e2r.data.sampler import EpochBatchSampler
 from e2r.kd import KDWeights, hflip_sample, kd_losses
 from e2r.losses import action_loss
@@ -78,6 +78,9 @@ def check_store(path: str, schema: StoreSchema, seq_len: int, action_dim: int, s
     ``schema``: the store's ``StoreSchema``; ``teacher_cfg``: the teacher that made it (from its provenance or
     ``--teacher_ckpt``), needed to check the BEV grid when ``need_bev_feat`` (dense KD)."""
     problems = []
+    if schema.action_semantics not in ("", ACTION_SEMANTICS):
+        problems.append(f"actions mean {schema.action_semantics!r} in the store, {ACTION_SEMANTICS!r} in this "
+                        f"version: re-export the store (python -m pipelines.export ... --overwrite)")
     if schema.seq_len != seq_len:
         problems.append(f"seq_len: store {schema.seq_len}, dataset --seq_len {seq_len}")
     if schema.action_dim != action_dim:
