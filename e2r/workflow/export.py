@@ -134,49 +134,108 @@ def _cells(positions: np.ndarray, size: int) -> list[np.ndarray]:
     return [np.arange(c * size, (c + 1) * size) for c in np.unique(np.asarray(positions) // size)]
 
 
-def export_rows(ctx: ExportContext, bank: MemoryBank, a: int, b: int, opts: ExportOptions,
-                on_progress: Optional[Callable[[int, int], None]] = None) -> TaskStats:
-    """Fill the incomplete rows among split positions ``[a, b)`` of ``bank`` (opened "r+", split reserved
-    with ``ctx.plan.keys``). ``on_progress(frames, windows)`` is called with increments. ValueError when
-    the plan's seq_len is not the store's."""
-    t_start = time.perf_counter()
-    plan, teacher, device, split = ctx.plan, ctx.teacher, ctx.device, opts.split
-    if plan.seq_len != bank.schema.seq_len:
-        raise ValueError(f"export plan has seq_len {plan.seq_len}, store {bank.path} has {bank.schema.seq_len}")
-    stats = TaskStats(split, a, b)
+def _todo_mask(bank: MemoryBank, split: str, a: int, b: int) -> np.ndarray:
+    """(b - a,) bool: which split positions of ``[a, b)`` are not complete yet (read fresh from the store)."""
     todo = np.zeros(b - a, bool)
     for x, y in bank.incomplete_ranges(split):
         lo, hi = max(x, a), min(y, b)
         if lo < hi:
             todo[lo - a:hi - a] = True
-    stats.rows_skipped = int((~todo).sum())
-    if not todo.any():
-        stats.wall_s = time.perf_counter() - t_start
-        return stats
-    W = int(opts.window_batch)
-    n_windows = plan.num_windows
-    win_cells = [c[c < n_windows] for c in _cells(a + np.flatnonzero(todo), W)]
-    all_windows = np.concatenate(win_cells)
-    frame_cells = [c[c < plan.num_frames] for c in _cells(rows_to_frames(plan, all_windows), opts.batch_size)]
-    write_rows = int(opts.write_rows)
-    if "bev_feat_shard_rows" in bank.attrs:
-        write_rows = min(write_rows, int(bank.attrs["bev_feat_shard_rows"]))
-    workers = int(opts.num_workers)
-    if workers > 0 and multiprocessing.current_process().daemon:
-        workers = 0  # a daemonic (e.g. dask) process may not start DataLoader workers
-    loader = DataLoader(ctx.frames, batch_sampler=[c.tolist() for c in frame_cells], collate_fn=collate_voxels,
-                        num_workers=workers, pin_memory=device.type == "cuda")
-    schema = bank.schema                      # what is stored, and how bev_feat is pooled, comes from the store
-    save_feat = schema.store_bev_feat
-    T, K = plan.seq_len, int((schema.bev_feat_pool or {}).get("factor", 1))
-    np_dtype = np.dtype(schema.dtype)
-    vec_cache: dict[int, torch.Tensor] = {}
-    feat_cache: dict[int, np.ndarray] = {}
-    pending: list[tuple[int, dict[str, np.ndarray]]] = []   # (position, row arrays) awaiting a write
-    cell_i, last_u = 0, -1
+    return todo
 
-    def flush() -> None:
+
+class _RowsTask:
+    """The state of one :func:`export_rows` call: frame caches, GRU cells ready to run, rows awaiting a write."""
+
+    def __init__(self, ctx: ExportContext, bank: MemoryBank, a: int, b: int, opts: ExportOptions, todo: np.ndarray,
+                 stats: TaskStats, on_progress: Optional[Callable[[int, int], None]]) -> None:
+        self.ctx, self.bank, self.a, self.b, self.opts, self.todo = ctx, bank, a, b, opts, todo
+        self.stats, self.on_progress = stats, on_progress
+        plan = ctx.plan
+        self.win_cells = [c[c < plan.num_windows] for c in _cells(a + np.flatnonzero(todo), int(opts.window_batch))]
+        self.write_rows = int(opts.write_rows)
+        if "bev_feat_shard_rows" in bank.attrs:
+            self.write_rows = min(self.write_rows, int(bank.attrs["bev_feat_shard_rows"]))
+        schema = bank.schema                  # what is stored, and how bev_feat is pooled, comes from the store
+        self.save_feat = schema.store_bev_feat
+        self.pool = int((schema.bev_feat_pool or {}).get("factor", 1))
+        self.np_dtype = np.dtype(schema.dtype)
+        self.vec_cache: dict[int, torch.Tensor] = {}
+        self.feat_cache: dict[int, np.ndarray] = {}
+        self.pending: list[tuple[int, dict[str, np.ndarray]]] = []   # (position, row arrays) awaiting a write
+        self.cell_i, self.last_u = 0, -1
+
+    def loader(self) -> DataLoader:
+        """Voxelised frames of the needed encoder cells, read by DataLoader workers."""
+        plan, opts = self.ctx.plan, self.opts
+        frames = rows_to_frames(plan, np.concatenate(self.win_cells))
+        frame_cells = [c[c < plan.num_frames] for c in _cells(frames, opts.batch_size)]
+        workers = int(opts.num_workers)
+        if workers > 0 and multiprocessing.current_process().daemon:
+            workers = 0  # a daemonic (e.g. dask) process may not start DataLoader workers
+        return DataLoader(self.ctx.frames, batch_sampler=[c.tolist() for c in frame_cells], collate_fn=collate_voxels,
+                          num_workers=workers, pin_memory=self.ctx.device.type == "cuda")
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> None:
+        """Encode one cell of frames into the caches, then run every GRU cell whose frames are all there."""
         t0 = time.perf_counter()
+        bev_vec, bev_feat = encode_voxel_batch(self.ctx.teacher, batch, self.ctx.device, self.opts.amp)
+        vec_cpu = bev_vec.cpu()
+        feat_np = (pool_bev_feat(bev_feat.float(), self.pool).cpu().numpy().astype(self.np_dtype)
+                   if self.save_feat else None)
+        _sync(self.ctx.device)
+        self.stats.forward_s += time.perf_counter() - t0
+        for i, u in enumerate(batch["u"].tolist()):
+            self.vec_cache[u] = vec_cpu[i]
+            if feat_np is not None:
+                self.feat_cache[u] = feat_np[i]
+        self.last_u = int(batch["u"][-1])
+        self.stats.frames_encoded += len(batch["u"])
+        if self.on_progress:
+            self.on_progress(len(batch["u"]), 0)
+        self.ready_cells()
+
+    def ready_cells(self) -> None:
+        """Run the GRU over each window cell whose frames are all encoded; queue its rows; drop old frames."""
+        plan, T = self.ctx.plan, self.ctx.plan.seq_len
+        while (self.cell_i < len(self.win_cells)
+               and plan.window_u0[self.win_cells[self.cell_i][-1]] + T - 1 <= self.last_u):
+            pos = self.win_cells[self.cell_i]
+            self.cell_i += 1
+            self.run_cell(pos)
+            if self.on_progress:
+                self.on_progress(0, len(pos))
+            if len(self.pending) >= self.write_rows:
+                self.flush()
+            if self.cell_i < len(self.win_cells):      # drop frames no later window needs
+                keep_from = int(plan.window_u0[self.win_cells[self.cell_i][0]])
+                for cache in (self.vec_cache, self.feat_cache):
+                    for x in [x for x in cache if x < keep_from]:
+                        del cache[x]
+
+    def run_cell(self, pos: np.ndarray) -> None:
+        """The teacher's temporal part over the windows at split positions ``pos`` (n,), from a zero state."""
+        plan, device, T = self.ctx.plan, self.ctx.device, self.ctx.plan.seq_len
+        u = plan.window_u0[pos][:, None] + np.arange(T)[None, :]                        # (n, T)
+        seq = torch.stack([self.vec_cache[int(x)] for x in u.ravel()]).view(len(pos), T, -1).to(device)
+        t0 = time.perf_counter()
+        actions, gru_out = self.ctx.teacher.temporal(seq, torch.from_numpy(plan.speed[pos]).to(device),
+                                                     torch.from_numpy(plan.steering[pos]).to(device))
+        rows = {"actions": actions.float().cpu().numpy(), "bev_vec": seq.cpu().numpy(),
+                "gru_out": gru_out.float().cpu().numpy()}
+        self.stats.forward_s += time.perf_counter() - t0
+        self.stats.windows_computed += len(pos)
+        for k, p in enumerate(pos):
+            if self.a <= p < self.b and self.todo[p - self.a]:
+                row = {f: v[k].astype(self.np_dtype, copy=False) for f, v in rows.items()}
+                if self.save_feat:
+                    row["bev_feat"] = np.stack([self.feat_cache[int(x)] for x in u[k]])
+                self.pending.append((int(p), row))
+
+    def flush(self) -> None:
+        """Write the queued rows, one ``write_rows`` call per run of consecutive positions."""
+        t0 = time.perf_counter()
+        pending, keys = self.pending, self.ctx.plan.keys
         i = 0
         while i < len(pending):
             j = i + 1
@@ -185,61 +244,30 @@ def export_rows(ctx: ExportContext, bank: MemoryBank, a: int, b: int, opts: Expo
             run = pending[i:j]
             block = {f: np.stack([r[f] for _, r in run]) for f in run[0][1]}
             first = run[0][0]
-            bank.write_rows(split, first, block, keys=plan.keys[first:first + len(run)])
-            stats.rows_written += len(run)
+            self.bank.write_rows(self.opts.split, first, block, keys=keys[first:first + len(run)])
+            self.stats.rows_written += len(run)
             i = j
         pending.clear()
-        stats.write_s += time.perf_counter() - t0
+        self.stats.write_s += time.perf_counter() - t0
 
-    def ready_cells() -> None:
-        nonlocal cell_i
-        while cell_i < len(win_cells) and plan.window_u0[win_cells[cell_i][-1]] + T - 1 <= last_u:
-            pos = win_cells[cell_i]
-            cell_i += 1
-            u = plan.window_u0[pos][:, None] + np.arange(T)[None, :]                        # (n, T)
-            seq = torch.stack([vec_cache[int(x)] for x in u.ravel()]).view(len(pos), T, -1).to(device)
-            t0 = time.perf_counter()
-            actions, gru_out = teacher.temporal(seq, torch.from_numpy(plan.speed[pos]).to(device),
-                                                torch.from_numpy(plan.steering[pos]).to(device))
-            rows = {"actions": actions.float().cpu().numpy(), "bev_vec": seq.cpu().numpy(),
-                    "gru_out": gru_out.float().cpu().numpy()}
-            stats.forward_s += time.perf_counter() - t0
-            stats.windows_computed += len(pos)
-            for k, p in enumerate(pos):
-                if a <= p < b and todo[p - a]:
-                    row = {f: v[k].astype(np_dtype, copy=False) for f, v in rows.items()}
-                    if save_feat:
-                        row["bev_feat"] = np.stack([feat_cache[int(x)] for x in u[k]])
-                    pending.append((int(p), row))
-            if on_progress:
-                on_progress(0, len(pos))
-            if len(pending) >= write_rows:
-                flush()
-            if cell_i < len(win_cells):      # drop frames no later window needs
-                keep_from = int(plan.window_u0[win_cells[cell_i][0]])
-                for cache in (vec_cache, feat_cache):
-                    for x in [x for x in cache if x < keep_from]:
-                        del cache[x]
 
-    with torch.inference_mode():
-        for batch in loader:
-            t0 = time.perf_counter()
-            bev_vec, bev_feat = encode_voxel_batch(teacher, batch, device, opts.amp)
-            vec_cpu = bev_vec.cpu()
-            feat_np = pool_bev_feat(bev_feat.float(), K).cpu().numpy().astype(np_dtype) \
-                if save_feat else None
-            _sync(device)
-            stats.forward_s += time.perf_counter() - t0
-            for i, u in enumerate(batch["u"].tolist()):
-                vec_cache[u] = vec_cpu[i]
-                if feat_np is not None:
-                    feat_cache[u] = feat_np[i]
-            last_u = int(batch["u"][-1])
-            stats.frames_encoded += len(batch["u"])
-            if on_progress:
-                on_progress(len(batch["u"]), 0)
-            ready_cells()
-        flush()
+def export_rows(ctx: ExportContext, bank: MemoryBank, a: int, b: int, opts: ExportOptions,
+                on_progress: Optional[Callable[[int, int], None]] = None) -> TaskStats:
+    """Fill the incomplete rows among split positions ``[a, b)`` of ``bank`` (opened "r+", split reserved
+    with ``ctx.plan.keys``). ``on_progress(frames, windows)`` is called with increments. ValueError when
+    the plan's seq_len is not the store's."""
+    t_start = time.perf_counter()
+    if ctx.plan.seq_len != bank.schema.seq_len:
+        raise ValueError(f"export plan has seq_len {ctx.plan.seq_len}, store {bank.path} has {bank.schema.seq_len}")
+    stats = TaskStats(opts.split, a, b)
+    todo = _todo_mask(bank, opts.split, a, b)
+    stats.rows_skipped = int((~todo).sum())
+    if todo.any():
+        task = _RowsTask(ctx, bank, a, b, opts, todo, stats, on_progress)
+        with torch.inference_mode():
+            for batch in task.loader():
+                task.encode(batch)
+            task.flush()
     stats.wall_s = time.perf_counter() - t_start
     return stats
 
