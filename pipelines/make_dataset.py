@@ -5,7 +5,9 @@
 
 Each of the N tracks (N >= 3) gives one segment: tracks 0..N-3 -> train, N-2 -> valid, N-1 -> test, so the
 valid and test tracks are never seen in train. Written per segment <out>/<split>/segment_NNNN/:
-  meta/data.csv        timestamp (s), lidar_filepath, image_filepath, velocity (m/s), wheel_angle (deg, + = left)
+  meta/data.csv        timestamp (s), lidar_filepath, image_filepath, velocity (m/s), wheel_angle (deg, + = left),
+                       speed_command (m/s), x, y (m), yaw (rad): the pose in the track frame
+  meta/track.json      track index and fingerprint (the track is rebuilt from synthetic_dataset.json)
   lidar/NNNNNN.bin     float32 N x 4 (x fwd, y left, z up, intensity 0..1), ego frame, ground at z = -1.0
   camera/NNNNNN.png    front camera, RGB; camera/calib.json: K and cam2ego (OpenCV camera -> ego)
 The expert (pure pursuit + curvature-limited speed, 20 Hz) drives; a 16-ring LiDAR and a pinhole camera

@@ -4,7 +4,9 @@ Each segment is one expert drive on its own random closed track (``e2r.sim.track
 by a 3-D LiDAR and a front camera on the same car (``e2r.sim.sensors``), the expert giving the actions
 (``e2r.sim.expert``). Layout written under ``out_dir`` (see docs/CONTRACTS.md)::
 
-    <out>/<split>/segment_NNNN/meta/data.csv     timestamp, lidar_filepath, image_filepath, velocity, wheel_angle
+    <out>/<split>/segment_NNNN/meta/data.csv     timestamp, lidar_filepath, image_filepath, velocity, wheel_angle,
+                                                 speed_command, x, y, yaw
+    <out>/<split>/segment_NNNN/meta/track.json   track index + fingerprint (to rebuild the track, below)
     <out>/<split>/segment_NNNN/lidar/000123.bin  float32 (N, 4) x, y, z, intensity; ego frame, ground z = -1
     <out>/<split>/segment_NNNN/camera/000123.png RGB, image_size (W, H)
     <out>/<split>/segment_NNNN/camera/calib.json {"cameras": [{"name": "front", "image_size", "K", "cam2ego"}]}
@@ -15,6 +17,18 @@ track N-2 -> ``valid``, track N-1 -> ``test``. Every segment has its own track, 
 track is never seen in train. Odd tracks are driven clockwise, even ones counter-clockwise (left and right
 turns balance). Everything is a function of ``seed`` and the track index only: the same seed gives
 byte-identical files whatever the number of worker processes.
+
+data.csv columns: ``velocity`` (m/s, measured at t), ``wheel_angle`` (deg, the steering command issued at
+t), ``speed_command`` (m/s, the speed the expert asked for at t), ``x, y, yaw`` (m, m, rad: the car's pose at
+t in the track frame). The drive is executed by the shared vehicle model (``e2r.sim.vehicle``, configured by
+``SyntheticConfig.vehicle``), the one the closed loop (``e2r.sim.closed_loop``) drives policies with.
+
+Rebuilding a segment's track (closed loop): tracks are not stored; ``track_for_index(cfg, track_index)`` makes
+it again from the world's config (``config_from_dict`` of the marker's ``"config"``) and the segment's
+``track_index`` (in ``meta/track.json`` and the marker's ``"segments"``); the stored ``track_fingerprint``
+checks that the rebuilt track is the recorded one (:func:`track_for_segment` does all three).
+``config_dict`` carries ``generator_version`` (:data:`GENERATOR_VERSION`), so a dataset written by an older
+generator never compares equal to the wanted config (the demo then regenerates it).
 
 Crash safety: a segment is written into ``<out>/.tmp-<split>-<segment>`` and renamed into place when
 complete; an existing non-empty ``out_dir`` is refused unless ``overwrite=True`` (and even then only if it
@@ -27,7 +41,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +52,19 @@ from tqdm import tqdm
 from e2r.sim.expert import ExpertConfig, drive_expert
 from e2r.sim.sensors import (CameraConfig, LidarConfig, camera_intrinsics, camera_to_ego, cast_lidar,
                              render_camera)
-from e2r.sim.track import TrackConfig, make_track
+from e2r.sim.track import Track, TrackConfig, make_track
+from e2r.sim.vehicle import VehicleConfig
 
 __all__ = ["SyntheticConfig", "generate_dataset", "generate_segment", "split_for_track", "segment_name",
-           "track_for_index", "calib_dict", "config_dict", "CSV_COLUMNS", "MARKER"]
+           "track_for_index", "calib_dict", "config_dict", "config_from_dict", "track_for_segment", "CSV_COLUMNS",
+           "MARKER", "TRACK_JSON", "GENERATOR_VERSION"]
 
-CSV_COLUMNS = ("timestamp", "lidar_filepath", "image_filepath", "velocity", "wheel_angle")
+CSV_COLUMNS = ("timestamp", "lidar_filepath", "image_filepath", "velocity", "wheel_angle", "speed_command",
+               "x", "y", "yaw")
 MARKER = "synthetic_dataset.json"
+TRACK_JSON = Path("meta") / "track.json"
+#: 2: the shared vehicle model (steering-rate limit, P speed loop), speed_command and pose columns, track.json
+GENERATOR_VERSION = 2
 _STREAM_TRACK, _STREAM_EXPERT, _STREAM_LIDAR = 1, 2, 3
 
 
@@ -59,6 +79,7 @@ class SyntheticConfig:
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     lidar: LidarConfig = field(default_factory=LidarConfig)
     camera: CameraConfig = field(default_factory=CameraConfig)
+    vehicle: VehicleConfig = field(default_factory=VehicleConfig)
 
     def __post_init__(self) -> None:
         if self.tracks < 3:
@@ -87,8 +108,8 @@ def _rng(cfg: SyntheticConfig, index: int, stream: int, *more: int) -> np.random
     return np.random.default_rng(np.random.SeedSequence([cfg.seed, index, stream, *more]))
 
 
-def track_for_index(cfg: SyntheticConfig, index: int):
-    """The (deterministic) Track of segment ``index``."""
+def track_for_index(cfg: SyntheticConfig, index: int) -> Track:
+    """The (deterministic) Track of segment ``index``: a function of ``cfg.seed``, ``cfg.track`` and ``index``."""
     return make_track(_rng(cfg, index, _STREAM_TRACK), cfg.track, clockwise=bool(index % 2))
 
 
@@ -116,8 +137,13 @@ def generate_segment(cfg: SyntheticConfig, index: int, out_dir: str | Path, prog
     (tmp / "lidar").mkdir()
     (tmp / "camera").mkdir()
     track = track_for_index(cfg, index)
-    drive = drive_expert(track, cfg.frames, _rng(cfg, index, _STREAM_EXPERT), cfg.expert)
+    drive = drive_expert(track, cfg.frames, _rng(cfg, index, _STREAM_EXPERT), cfg.expert, vehicle=cfg.vehicle)
     (tmp / "camera" / "calib.json").write_text(json.dumps(calib_dict(cfg), indent=1) + "\n")
+    track_info = {"generator_version": GENERATOR_VERSION, "track_index": index,
+                  "track_fingerprint": track.fingerprint(), "clockwise": track.clockwise,
+                  "track_length_m": round(track.length, 2),
+                  "rebuild": f"e2r.sim.world.track_for_index(config_from_dict(<root>/{MARKER}['config']), {index})"}
+    (tmp / TRACK_JSON).write_text(json.dumps(track_info, indent=1) + "\n")
     rows = [",".join(CSV_COLUMNS)]
     n_points = np.zeros(cfg.frames, np.int64)
     for f in range(cfg.frames):
@@ -129,7 +155,8 @@ def generate_segment(cfg: SyntheticConfig, index: int, out_dir: str | Path, prog
         Image.fromarray(img).save(tmp / "camera" / f"{stamp}.png", format="PNG", compress_level=1)
         n_points[f] = len(pts)
         rows.append(f"{f / cfg.expert.rate_hz:.3f},lidar/{stamp}.bin,camera/{stamp}.png,"
-                    f"{drive.velocity[f]:.4f},{drive.wheel_angle[f]:.4f}")
+                    f"{drive.velocity[f]:.4f},{drive.wheel_angle[f]:.4f},{drive.speed_command[f]:.4f},"
+                    f"{x:.4f},{y:.4f},{yaw:.6f}")
         if progress is not None:
             with progress.get_lock():
                 progress.value += 1
@@ -218,6 +245,59 @@ def generate_dataset(out_dir: str | Path, tracks: int = 6, frames: int = 300, se
 def config_dict(cfg: SyntheticConfig) -> dict[str, Any]:
     """``cfg`` as the JSON-ready dict stored under ``"config"`` in ``synthetic_dataset.json`` (compare it
     with a stored one to decide whether a dataset on disk is the same world)."""
-    return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists
+    return {"generator_version": GENERATOR_VERSION, **json.loads(json.dumps(asdict(cfg)))}  # tuples -> lists
+
+
+def _dataclass_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    """``cls(**values)`` with nested config dataclasses rebuilt and lists turned back into tuples."""
+    template = cls()
+    unknown = set(values) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {sorted(unknown)} for {cls.__name__}")
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        default = getattr(template, name)
+        if name in _NESTED and cls is SyntheticConfig:
+            out[name] = _dataclass_from_dict(_NESTED[name], value, f"{where}.{name}")
+        elif isinstance(value, list) or isinstance(default, tuple):
+            out[name] = tuple(value)
+        else:
+            out[name] = value
+    return cls(**out)
+
+
+_NESTED = {"track": TrackConfig, "expert": ExpertConfig, "lidar": LidarConfig, "camera": CameraConfig,
+           "vehicle": VehicleConfig}
+
+
+def config_from_dict(d: dict[str, Any]) -> SyntheticConfig:
+    """The inverse of :func:`config_dict`: a SyntheticConfig from the marker's ``"config"`` (fields it lacks
+    keep their defaults; ``generator_version`` is dropped). Raises ValueError for unknown fields."""
+    values = {k: v for k, v in d.items() if k != "generator_version"}
+    return _dataclass_from_dict(SyntheticConfig, values, "config")
+
+
+def track_for_segment(root: str | Path, split: str, segment: str) -> tuple[Track, SyntheticConfig, dict[str, Any]]:
+    """Rebuild the track of ``<root>/<split>/<segment>`` from the world's marker: ``(track, config, the
+    marker's summary entry of the segment)``. Raises ValueError when ``root`` is not a complete synthetic
+    world, the segment is not one of its ``split``'s, or the rebuilt track's fingerprint differs."""
+    marker = Path(root) / MARKER
+    if not marker.is_file():
+        raise ValueError(f"{root} has no {MARKER}: it was not made by the synthetic world "
+                         f"(python -m pipelines.make_dataset), so its tracks cannot be rebuilt")
+    made = json.loads(marker.read_text())
+    if made.get("status") != "complete" or "config" not in made:
+        raise ValueError(f"{marker}: the synthetic world is incomplete (status {made.get('status')!r}); regenerate it")
+    entry = next((g for g in made.get("segments", []) if g.get("split") == split and g.get("segment") == segment),
+                 None)
+    if entry is None:
+        raise ValueError(f"{marker} lists no segment {split}/{segment}: that split/segment was not made by the "
+                         f"synthetic world")
+    cfg = config_from_dict(made["config"])
+    track = track_for_index(cfg, int(entry["track_index"]))
+    if track.fingerprint() != entry.get("track_fingerprint"):
+        raise ValueError(f"{split}/{segment}: the rebuilt track's fingerprint {track.fingerprint()} differs from "
+                         f"the recorded {entry.get('track_fingerprint')} (made by another generator version?)")
+    return track, cfg, entry
 
 
