@@ -18,7 +18,7 @@ from e2r.data.point_layout import (SUPPORTED_NUM_FEATURES, LayoutUndecidable, Po
                                    detect_from_arrays)
 
 __all__ = ["DataError", "Problem", "NumFeatures", "read_points", "read_bin", "read_npy", "read_pcd",
-           "read_image", "scale_intrinsics", "CameraCalib", "read_calib", "PointLayout"]
+           "read_image", "prepare_image", "scale_intrinsics", "CameraCalib", "read_calib", "PointLayout"]
 
 NumFeatures = Union[int, str]   # 4 | 5 | 8 | "auto"
 POINT_SUFFIXES = (".bin", ".npy", ".pcd")
@@ -185,10 +185,20 @@ def read_image(path: Union[str, Path], size: Optional[tuple[int, int]] = None,
             rgb = im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(path, f"corrupt or unreadable image: {type(e).__name__}: {e}", row) from None
-    if size is not None and tuple(size) != original:
+    return prepare_image(rgb, size), (int(original[0]), int(original[1]))
+
+
+def prepare_image(image: Union["PIL.Image.Image", np.ndarray], size: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """An RGB image (a PIL image, or an (H, W, 3) uint8 array) -> (3, H', W') float32 in [0, 1], resized
+    (bilinear) to ``size=(W', H')`` when given and different. The one conversion from pixels to a model's
+    image input: :func:`read_image` (the datasets) and the closed loop's rendered camera frames use it."""
+    from PIL import Image
+
+    rgb = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if size is not None and tuple(size) != rgb.size:
         rgb = rgb.resize((int(size[0]), int(size[1])), Image.BILINEAR)
     arr = np.asarray(rgb, dtype=np.float32) / 255.0
-    return np.ascontiguousarray(arr.transpose(2, 0, 1)), (int(original[0]), int(original[1]))
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def scale_intrinsics(K, sx: float, sy: float):
