@@ -1,0 +1,298 @@
+"""Closed-loop racing: B cars at once on one recorded track, each driven by a policy from its own sensors.
+
+Per step (the dataset's rate, 20 Hz; the vehicle sub-steps, ``e2r.sim.vehicle``): render the sensors from
+every active car's pose with the code that wrote the dataset (``cast_lidar``, ``render_camera``, the world's
+configs from its marker), build the model inputs as the datasets do (points (N, 4) float32; the image
+through ``e2r.data.readers.prepare_image`` at the policy's size, K scaled with ``scale_intrinsics`` from
+calib.json), keep the last ``seq_len`` speeds (measured) and steering inputs (the policy's previous
+commands, 0 at the start), ask the policy for ``(steering, speed command)``, advance the vehicle.
+
+Bookkeeping per car: progress along the centre line (:class:`LapCounter`, from the nearest centre-line
+sample, wrap-around handled; a lap is a full lap from the car's start point, counted once; reversing
+back across the start does not count), collision = the body rectangle touching a wall polyline
+(:func:`wall_contact`; barrels are not obstacles). A car stops on a collision, after ``laps`` laps or at
+``time_limit``. Deterministic per ``seed`` (the LiDAR noise of car k comes from its own seeded stream).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from e2r.data.readers import CameraCalib, prepare_image, read_calib, scale_intrinsics
+from e2r.sim.expert import nearest_index, speed_profile
+from e2r.sim.policies import Observation, Policy
+from e2r.sim.sensors import cast_lidar, render_camera
+from e2r.sim.track import Track
+from e2r.sim.vehicle import VehicleConfig, VehicleState, advance, body_corners
+from e2r.sim.world import SyntheticConfig, track_for_segment
+
+__all__ = ["SimWorld", "load_world", "ClosedLoopConfig", "RunResult", "LapCounter", "wall_contact",
+           "centre_position", "lateral_offset", "start_indices", "run_closed_loop"]
+
+
+@dataclass
+class SimWorld:
+    """One recorded segment as a place to drive: its rebuilt track, the world's configs, its cameras
+    (calib.json, as the datasets read it)."""
+    split: str
+    segment: str
+    track: Track
+    config: SyntheticConfig
+    cameras: list[CameraCalib]
+
+    @property
+    def rate_hz(self) -> float:
+        return float(self.config.expert.rate_hz)
+
+
+def load_world(root: str | Path, split: str, segment: str) -> SimWorld:
+    """The segment ``root/split/segment`` of a synthetic world (ValueError when it is not one)."""
+    track, cfg, _ = track_for_segment(root, split, segment)
+    cameras = read_calib(Path(root) / split / segment / "camera" / "calib.json")
+    return SimWorld(split, segment, track, cfg, cameras)
+
+
+@dataclass
+class ClosedLoopConfig:
+    """laps to drive; time_limit (s of simulated time); seq_len: frames per model window; seed of the
+    sensor noise; start_speed (m/s; None = the expert's speed profile at the start point); record_camera:
+    the car (index into the starts) whose camera frames are kept (for a video), or None."""
+    laps: int = 1
+    time_limit: float = 120.0
+    seq_len: int = 5
+    seed: int = 0
+    start_speed: Optional[float] = None
+    record_camera: Optional[int] = None
+
+
+@dataclass
+class RunResult:
+    """One car's run. ``trajectory`` (S + 1, 3) poses x, y, yaw at each step and at the end, ``commands``
+    (S, 2) [steer deg, speed m/s] issued at each step; ``camera_frames``: (H, W, 3) uint8 per step when recorded. ``steps_per_s``: simulated car-steps per
+    wall-clock second of the whole batch it ran in."""
+    policy: str
+    split: str
+    segment: str
+    start_index: int
+    success: bool
+    laps: int
+    progress: float
+    collisions: int
+    lap_time: float
+    mean_abs_lateral: float
+    max_abs_lateral: float
+    mean_speed: float
+    sim_time: float
+    steps: int
+    end: str
+    steps_per_s: float = float("nan")
+    trajectory: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)), repr=False)
+    commands: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)), repr=False)
+    camera_frames: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    METRICS = ("success", "laps", "progress", "collisions", "lap_time", "mean_abs_lateral", "max_abs_lateral",
+               "mean_speed", "sim_time", "steps", "steps_per_s")
+
+
+def centre_position(track: Track, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Continuous position along the centre line (B,) in samples, in [0, K): nearest sample ``index`` plus
+    the projection onto the segment to the next sample."""
+    n = len(track.centre)
+    seg = track.centre[(index + 1) % n] - track.centre[index]
+    rel = np.stack([x, y], 1) - track.centre[index]
+    frac = np.clip((rel * seg).sum(1) / np.maximum((seg * seg).sum(1), 1e-9), -0.5, 1.0)
+    return (index + frac) % n
+
+
+def lateral_offset(track: Track, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Signed offset (B,) m from the centre line (+ = left of the driving direction)."""
+    return ((np.stack([x, y], 1) - track.centre[index]) * track.normal[index]).sum(1)
+
+
+class LapCounter:
+    """Unwrapped progress along a closed centre line of ``samples`` samples, for B cars.
+
+    ``update(pos)`` with positions (B,) in [0, K): the step is taken the short way round (|step| < K/2), so
+    crossing the start line forwards adds and backwards subtracts. ``progress`` (B,) = laps as a float
+    (negative when reversing from the start); ``laps`` (B,) = full laps completed, never decreasing, each
+    counted once: reversing across the start and driving forward again only restores what was lost.
+    """
+
+    def __init__(self, samples: int, start_pos: np.ndarray) -> None:
+        self.samples = int(samples)
+        self.pos = np.asarray(start_pos, dtype=np.float64).copy()
+        self.travelled = np.zeros(len(self.pos))
+        self.best = np.zeros(len(self.pos))
+
+    def update(self, pos: np.ndarray, mask: Optional[np.ndarray] = None) -> None:
+        """New positions (B,) (entries where ``mask`` is False are ignored)."""
+        mask = np.ones(len(self.pos), bool) if mask is None else mask
+        k = self.samples
+        step = (np.asarray(pos, dtype=np.float64) - self.pos + k / 2) % k - k / 2
+        self.travelled = np.where(mask, self.travelled + step, self.travelled)
+        self.pos = np.where(mask, pos, self.pos)
+        self.best = np.maximum(self.best, self.travelled)
+
+    @property
+    def progress(self) -> np.ndarray:
+        return self.travelled / self.samples
+
+    @property
+    def laps(self) -> np.ndarray:
+        return np.floor(np.maximum(self.best, 0.0) / self.samples + 1e-9).astype(np.int64)
+
+
+def wall_contact(track: Track, state: VehicleState, vehicle: VehicleConfig) -> np.ndarray:
+    """(B,) bool: the body rectangle of each car touches (intersects or contains part of) a wall segment.
+
+    Each wall segment is moved into the car's body frame and clipped against the rectangle (Liang-Barsky),
+    all (B, S) pairs at once."""
+    c, s = np.cos(state.yaw)[:, None], np.sin(state.yaw)[:, None]
+
+    def local(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        dx, dy = p[None, :, 0] - state.x[:, None], p[None, :, 1] - state.y[:, None]
+        return c * dx + s * dy, -s * dx + c * dy
+
+    x0, y0 = local(track.seg_a)
+    x1, y1 = local(track.seg_b)
+    dx, dy = x1 - x0, y1 - y0
+    t0, t1 = np.zeros_like(x0), np.ones_like(x0)
+    reject = np.zeros(x0.shape, bool)
+    half = vehicle.width / 2
+    for p, q in ((-dx, x0 + vehicle.length_rear), (dx, vehicle.length_front - x0), (-dy, y0 + half), (dy, half - y0)):
+        parallel = np.abs(p) < 1e-12
+        reject |= parallel & (q < 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(parallel, 0.0, q / np.where(parallel, 1.0, p))
+        t0 = np.where(~parallel & (p < 0), np.maximum(t0, r), t0)
+        t1 = np.where(~parallel & (p > 0), np.minimum(t1, r), t1)
+    return (~reject & (t0 <= t1)).any(axis=1)
+
+
+def start_indices(track: Track, starts: int, offset: int = 0) -> list[int]:
+    """``starts`` centre-line samples evenly spaced along the lap (the first at ``offset``)."""
+    n = len(track.centre)
+    return [int((offset + round(k * n / starts)) % n) for k in range(starts)]
+
+
+def _sensors(world: SimWorld, policy: Policy, state: VehicleState, cars: np.ndarray,
+             rngs: list[np.random.Generator], record: Optional[int], frames: dict[int, np.ndarray]) -> dict:
+    """Render what the policy needs for the cars ``cars`` (and the recorded car's camera into ``frames``)."""
+    cfg = world.config
+    points, images = [], []
+    for b, car in enumerate(cars.tolist()):
+        x, y, yaw = float(state.x[b]), float(state.y[b]), float(state.yaw[b])
+        if policy.needs_lidar:
+            points.append(cast_lidar(world.track, x, y, yaw, rngs[car], cfg.lidar))
+        if policy.needs_camera or car == record:
+            img = render_camera(world.track, x, y, yaw, cfg.camera)
+            if car == record:
+                frames[car] = img
+            if policy.needs_camera:
+                images.append(np.stack([prepare_image(img, policy.image_size)]))
+    out: dict = {}
+    if policy.needs_lidar:
+        out["points"] = points
+    if policy.needs_camera:
+        W, H = policy.image_size
+        out["images"] = np.stack(images)
+        out["intrinsics"] = np.stack([scale_intrinsics(c.K, W / c.image_size[0], H / c.image_size[1])
+                                      for c in world.cameras])
+        out["cam2ego"] = np.stack([c.cam2ego for c in world.cameras])
+    return out
+
+
+def run_closed_loop(policy: Policy, world: SimWorld, starts: Sequence[int], cfg: ClosedLoopConfig,
+                    progress: Optional[Callable[[int], None]] = None) -> list[RunResult]:
+    """Drive ``len(starts)`` cars at once, car k from centre-line sample ``starts[k]`` (on the centre line,
+    heading along it, wheels straight); ``progress(n)`` is called after each step with the cars stepped.
+    Returns one :class:`RunResult` per start, in order."""
+    track, vehicle = world.track, world.config.vehicle
+    B, n = len(starts), len(track.centre)
+    dt = 1.0 / world.rate_hz
+    max_steps = max(1, int(round(cfg.time_limit * world.rate_hz)))
+    idx = np.asarray(starts, dtype=np.int64) % n
+    v0 = speed_profile(track, world.config.expert)[idx] if cfg.start_speed is None else np.full(B, cfg.start_speed)
+    state = VehicleState.create(track.centre[idx, 0], track.centre[idx, 1],
+                                np.arctan2(track.tangent[idx, 1], track.tangent[idx, 0]), v0)
+    rngs = [np.random.default_rng(np.random.SeedSequence([cfg.seed, k, int(idx[k])])) for k in range(B)]
+    laps = LapCounter(n, centre_position(track, state.x, state.y, idx))
+    speed_hist = [deque(maxlen=cfg.seq_len) for _ in range(B)]
+    steer_hist = [deque(maxlen=cfg.seq_len) for _ in range(B)]
+    prev_cmd = np.zeros(B)
+    done, collided, end = np.zeros(B, bool), np.zeros(B, bool), ["time"] * B
+    lap_time = np.full(B, np.nan)
+    steps = np.zeros(B, np.int64)
+    traj = [[] for _ in range(B)]
+    cmds = [[] for _ in range(B)]
+    lat_abs = [[] for _ in range(B)]
+    speeds = [[] for _ in range(B)]
+    frames: dict[int, np.ndarray] = {}
+    camera_frames: list[np.ndarray] = []
+    policy.reset(track, world.config, B, cfg.seq_len)
+    t_wall = time.perf_counter()
+    for t in range(max_steps):
+        cars = np.nonzero(~done)[0]
+        if len(cars) == 0:
+            break
+        sub = state.take(cars)
+        lat = np.abs(lateral_offset(track, sub.x, sub.y, idx[cars]))
+        for b, car in enumerate(cars.tolist()):
+            speed_hist[car].append(sub.v[b])
+            steer_hist[car].append(prev_cmd[car])
+            traj[car].append((sub.x[b], sub.y[b], sub.yaw[b]))
+            speeds[car].append(sub.v[b])
+            lat_abs[car].append(lat[b])
+        obs = Observation(t=t, cars=cars, state=sub, index=idx[cars].copy(),
+                          speed=np.array([list(speed_hist[c]) for c in cars], dtype=np.float32),
+                          steering=np.array([list(steer_hist[c]) for c in cars], dtype=np.float32),
+                          **_sensors(world, policy, sub, cars, rngs, cfg.record_camera, frames))
+        if cfg.record_camera in frames:
+            camera_frames.append(frames.pop(cfg.record_camera))
+        steer_cmd, speed_cmd = (np.nan_to_num(np.asarray(a, dtype=np.float64)) for a in policy.act(obs))
+        steer_cmd = np.clip(steer_cmd, -vehicle.steer_max_deg, vehicle.steer_max_deg)
+        for b, car in enumerate(cars.tolist()):
+            cmds[car].append((steer_cmd[b], speed_cmd[b]))
+        sub = advance(sub, steer_cmd, speed_cmd, dt, vehicle)
+        state.put(cars, sub)
+        prev_cmd[cars] = steer_cmd
+        steps[cars] += 1
+        idx[cars] = nearest_index(track, sub.x, sub.y, idx[cars])
+        active = np.zeros(B, bool)
+        active[cars] = True
+        laps.update(centre_position(track, state.x, state.y, idx), active)
+        first = active & np.isnan(lap_time) & (laps.laps >= 1)
+        lap_time[first] = (t + 1) * dt
+        hit = np.zeros(B, bool)
+        hit[cars] = wall_contact(track, sub, vehicle)
+        finished = active & ~hit & (laps.laps >= cfg.laps)
+        for car in np.nonzero(hit)[0]:
+            end[car] = "collision"
+        for car in np.nonzero(finished)[0]:
+            end[car] = "laps"
+        collided |= hit
+        done |= hit | finished
+        if progress is not None:
+            progress(len(cars))
+    wall = max(time.perf_counter() - t_wall, 1e-9)
+    rate = float(steps.sum() / wall)
+    results = []
+    for k in range(B):
+        lat = np.asarray(lat_abs[k]) if lat_abs[k] else np.zeros(1)
+        tr = np.asarray(traj[k]).reshape(-1, 3)
+        results.append(RunResult(
+            policy=policy.name, split=world.split, segment=world.segment, start_index=int(starts[k]),
+            success=bool(not collided[k] and laps.laps[k] >= cfg.laps), laps=int(laps.laps[k]),
+            progress=float(laps.progress[k]), collisions=int(collided[k]), lap_time=float(lap_time[k]),
+            mean_abs_lateral=float(lat.mean()), max_abs_lateral=float(lat.max()),
+            mean_speed=float(np.mean(speeds[k])) if speeds[k] else float(v0[k]),
+            sim_time=float(steps[k] * dt), steps=int(steps[k]), end=end[k], steps_per_s=rate,
+            trajectory=np.vstack([tr, [[state.x[k], state.y[k], state.yaw[k]]]]), commands=np.asarray(cmds[k]).reshape(-1, 2),
+            camera_frames=camera_frames if k == cfg.record_camera else []))
+    return results
+
