@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq_len", type=int, default=5, help="frames per model window T, as in training (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the LiDAR noise; same seed -> same results")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads (0 = torch's default); the per-step batches are small, so 1 is "
-                        "often fastest on a busy CPU")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads while driving (default 1: each step's batch is small, and a thread "
+                        "pool on a busy CPU was 30-80x slower); 0 = torch's default")
     p.add_argument("--csv_path", default=None, help="write one row per run plus one aggregated row per policy")
     p.add_argument("--plot_path", default=None, help="PNG of the trajectories over the track map (x = collision)")
     p.add_argument("--video", default=None, metavar="GIF", help="GIF of one run: camera view beside the car on the map")

@@ -54,7 +54,7 @@ class DriveConfig:
     seq_len: int = 5
     seed: int = 0
     device: str = "auto"
-    threads: int = 0
+    threads: int = 1
     csv_path: Optional[str] = None
     plot_path: Optional[str] = None
     video: Optional[str] = None
@@ -185,12 +185,21 @@ def drive(cfg: DriveConfig) -> dict[str, Any]:
 
     Returns ``{"runs": [RunResult], "rows": per-run CSV rows, "summary": per-policy rows, "worlds":
     {segment: SimWorld}, "csv_path", "plot_path", "video"}`` (paths None when not written). Raises ValueError
-    (ConfigError, CheckpointError) on bad input before any driving starts. ``cfg.threads`` > 0 sets torch's
-    intra-op threads for this process (``torch.set_num_threads``)."""
+    (ConfigError, CheckpointError) on bad input before any driving starts. ``cfg.threads`` > 0: torch's
+    intra-op threads while driving (restored afterwards); each step's batch is small, and on a busy CPU a
+    thread pool made the tiny models 30-80x slower than one thread."""
     cfg.check()
     device = resolve_device(cfg.device)
+    threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _drive(cfg, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _drive(cfg: DriveConfig, device: torch.device) -> dict[str, Any]:
     segments = split_segments(cfg.data_root, cfg.split)
     if cfg.segment:
         unknown = [s for s in cfg.segment if s not in segments]
