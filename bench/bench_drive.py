@@ -1,7 +1,7 @@
 """Benchmark closed-loop racing: simulated car-steps per wall-clock second, sensors rendered every step.
 
     python bench/bench_drive.py                     # default world size (256x128 camera), 4 cars, 3 s
-    python bench/bench_drive.py --cars 8 --seconds 5 --threads 1 --image_size 128x64
+    python bench/bench_drive.py --cars 8 --seconds 5 --threads 0 --image_size 128x64
 
 A small synthetic world (3 tracks, 2 frames each: only its tracks and configs matter) is generated in a
 temporary folder; on its test track ``--cars`` cars drive for ``--seconds`` simulated seconds (20 Hz) with
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cars", type=int, default=4, help="cars driven at once (default 4)")
     p.add_argument("--seconds", type=float, default=3.0, help="simulated seconds per policy (default 3)")
     p.add_argument("--image_size", type=_image_size, default=(256, 128), help="world camera WxH (default 256x128)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as pipelines.drive; 0 = torch's "
+                                                          "default)")
     p.add_argument("--device", default="cpu", help="device of the models (default cpu)")
     args = p.parse_args(argv)
     if args.threads:
