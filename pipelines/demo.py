@@ -7,8 +7,10 @@
 Stages, each printed as it runs: generate the synthetic dataset (reused when an identical one exists) ->
 validate it -> train the tiny LiDAR teacher -> evaluate it on the held-out test track next to trivial
 baselines -> export the teacher's outputs into the memorybank -> train a BC-only and a BC+KD camera student
-with identical budget and seed -> evaluate all on the held-out test track -> one table. Everything lands in
-one run folder (checkpoints, memorybank, CSVs, plots, summary.json) named at the end.
+with identical budget and seed -> evaluate all on the held-out test track -> drive every policy in closed
+loop on the held-out test track (the expert, the teacher, the students and two baselines, from evenly spaced
+start points) -> the offline and closed-loop tables side by side. Everything lands in one run folder
+(checkpoints, memorybank, CSVs, plots, a GIF of the KD student driving, summary.json) named at the end.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import numpy as np
 
 from e2r.data.check import DatasetCheck, check_dataset
 from e2r.metrics import metrics_table, write_metrics_csv
+from e2r.sim.drive import DriveConfig, drive, format_table
 from e2r.sim.world import MARKER, SyntheticConfig, config_dict, generate_dataset
 from e2r.workflow.configs import (ExportConfig, StudentEvalConfig, StudentTrainConfig, TeacherEvalConfig,
                                   TeacherTrainConfig, command_line)
@@ -33,9 +36,11 @@ from pipelines._common import print_training_summary
 
 #: budgets: the default run and --quick
 PROFILES = {
-    "default": {"tracks": 6, "frames": 300, "teacher_epochs": 8, "student_epochs": 6},
-    "quick": {"tracks": 4, "frames": 120, "teacher_epochs": 4, "student_epochs": 3},
+    "default": {"tracks": 6, "frames": 300, "teacher_epochs": 8, "student_epochs": 6, "starts": 8,
+                "time_limit": 60.0},
+    "quick": {"tracks": 4, "frames": 120, "teacher_epochs": 4, "student_epochs": 3, "starts": 4, "time_limit": 30.0},
 }
+ALL_STAGES = ("data", "teacher", "export", "students", "drive")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=None, help="override the profile's frames per track")
     p.add_argument("--teacher_epochs", type=int, default=None, help="override the profile's teacher epochs")
     p.add_argument("--student_epochs", type=int, default=None, help="override the profile's student epochs")
+    p.add_argument("--starts", type=int, default=None, help="override the closed-loop start points per track")
+    p.add_argument("--time_limit", type=float, default=None, help="override the closed-loop time limit (s) per run")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
     p.add_argument("--stages", default="all",
-                   help="comma-separated subset of data,teacher,export,students (default all)")
+                   help=f"comma-separated subset of {','.join(ALL_STAGES)} (default all)")
     return p
 
 
@@ -89,11 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("tracks", "frames"):
         if getattr(args, name) is not None:
             prof[name] = getattr(args, name)
-    if args.teacher_epochs is not None:
-        prof["teacher_epochs"] = args.teacher_epochs
-    if args.student_epochs is not None:
-        prof["student_epochs"] = args.student_epochs
-    stages = {"data", "teacher", "export", "students"} if args.stages == "all" else set(args.stages.split(","))
+    for name in ("teacher_epochs", "student_epochs", "starts", "time_limit"):
+        if getattr(args, name) is not None:
+            prof[name] = getattr(args, name)
+    stages = set(ALL_STAGES) if args.stages == "all" else set(args.stages.split(","))
     run = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     run.mkdir(parents=True, exist_ok=True)
     data_root = Path(args.data_root or f"data/synthetic-{'quick' if args.quick else 'default'}")
@@ -120,10 +126,14 @@ def main(argv: list[str] | None = None) -> int:
                                   store=str(store), device=args.device, overwrite=True, no_progress=True)
             show("pipelines.export", export)
             print_export_summary(export, export_memorybank(export))
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
         if "students" in stages:
-            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
             summary["students"] = students_stage(args, prof, data_root, run, store, seeds)
             print_final_table(summary, run)
+        if "drive" in stages:
+            summary["closed_loop"] = drive_stage(args, prof, data_root, run, ckpt, seeds)
+            if "students" in stages and "teacher" in summary:
+                print_offline_vs_closed_loop(summary, run)
     except Exception as e:  # noqa: BLE001 - the demo reports any failure and exits non-zero
         print(f"\ndemo: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -173,6 +183,57 @@ def students_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Pa
                          "test": ev["results"]["student"], "kd_gap": ev["kd_gap"],
                          "baselines": {k: v for k, v in ev["results"].items() if k != "student"}}
     return out
+
+
+def drive_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Path, run: Path, ckpt: Path,
+                seeds: list[int]) -> list[dict[str, Any]]:
+    """Closed loop on the held-out test track: expert, two baselines, the teacher and every student."""
+    stage("8. drive every policy in closed loop on the held-out test track")
+    students = [f"student_{v}_seed{s}" for s in seeds for v in ("bc", "kd")
+                if (run / f"student_{v}_seed{s}.pt").is_file()]
+    cfg = DriveConfig(data_root=str(data_root), split="test", starts=int(prof["starts"]), laps=1,
+                      time_limit=float(prof["time_limit"]), seed=args.seed, device=args.device,
+                      policy=["expert", "constant", f"train_mean={ckpt}", f"teacher={ckpt}",
+                              *(f"{name}={run / (name + '.pt')}" for name in students)],
+                      csv_path=str(run / "drive_test.csv"), plot_path=str(run / "drive_test.png"),
+                      video=str(run / "drive_student.gif") if students else None,
+                      video_policy=next((n for n in students if "_kd_" in n), students[0] if students else None))
+    show("pipelines.drive", cfg)
+    out = drive(cfg)
+    print(format_table(out["summary"]))
+    for what in ("csv_path", "plot_path", "video"):
+        if out[what]:
+            print(f"wrote {out[what]}")
+    return out["summary"]
+
+
+def print_offline_vs_closed_loop(summary: dict[str, Any], run: Path) -> None:
+    """Offline weighted MSE beside closed-loop success, progress and lap time (students: mean over seeds), and
+    whether ranking the models by offline MSE orders them as the closed loop does."""
+    loop = {r["policy"]: r for r in summary["closed_loop"]}
+    rows = [("teacher (LiDAR)", [summary["teacher"]["test"]["teacher"]["overall_weighted_mse"]], ["teacher"])]
+    for variant, label in (("bc", "student BC (camera)"), ("kd", "student KD (camera)")):
+        names = [n for n, v in summary["students"].items() if v["variant"] == variant and n in loop]
+        rows.append((label, [summary["students"][n]["test"]["overall_weighted_mse"] for n in names], names))
+    table = []
+    for label, mses, names in rows:
+        if not names:
+            continue
+        m = {k: float(np.nanmean([loop[n][k] for n in names])) if not all(np.isnan(loop[n][k]) for n in names)
+             else float("nan") for k in ("success", "progress", "lap_time", "collisions")}
+        table.append({"model": label, "seeds": len(names), "offline_overall_mse": float(np.mean(mses)), **m})
+    stage("offline vs closed loop on the held-out test track")
+    print(f"{'model':<26}{'seeds':>6}{'offline_mse':>13}{'success':>9}{'progress':>10}{'lap_time_s':>12}")
+    for r in table:
+        print(f"{r['model']:<26}{r['seeds']:>6}{r['offline_overall_mse']:>13.4f}{r['success']:>9.0%}"
+              f"{r['progress']:>10.3f}{r['lap_time']:>12.2f}")
+    by_offline = [r["model"] for r in sorted(table, key=lambda r: r["offline_overall_mse"])]
+    by_loop = [r["model"] for r in sorted(table, key=lambda r: (-r["success"], -r["progress"]))]
+    same = by_offline == by_loop
+    print(f"ranking by offline MSE: {' < '.join(by_offline)}\nranking in closed loop: {' > '.join(by_loop)}"
+          f"\n-> offline MSE {'orders the models as' if same else 'does NOT order the models as'} the closed loop")
+    summary["offline_vs_closed_loop"] = {"table": table, "same_order": same}
+    write_metrics_csv(run / "offline_vs_closed_loop.csv", table)
 
 
 def epochs_to_reach(losses: list[float], target: float) -> int | None:

@@ -8,11 +8,13 @@ from pipelines import demo
 def test_demo_end_to_end_small(tmp_path, capsys):
     run, data = tmp_path / "run", tmp_path / "data"
     rc = demo.main(["--out", str(run), "--data_root", str(data), "--tracks", "3", "--frames", "16",
-                    "--teacher_epochs", "1", "--student_epochs", "1", "--device", "cpu"])
+                    "--teacher_epochs", "1", "--student_epochs", "1", "--device", "cpu", "--starts", "2",
+                    "--time_limit", "2"])
     out = capsys.readouterr().out
     assert rc == 0, out
     for stage in ("synthetic racing world", "validate", "train the tiny LiDAR teacher", "export",
-                  "BC only", "BC + KD", "results on the held-out test track"):
+                  "BC only", "BC + KD", "results on the held-out test track", "closed loop",
+                  "offline vs closed loop"):
         assert stage in out
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["students"]) == {"student_bc_seed0", "student_kd_seed0"}
@@ -25,6 +27,11 @@ def test_demo_end_to_end_small(tmp_path, capsys):
                  "eval_student_kd_seed0.csv"):
         assert (run / name).is_file(), name
     assert (run / "memorybank.zarr").is_dir()
+    loop = {r["policy"]: r for r in summary["closed_loop"]}
+    assert set(loop) == {"expert", "constant", "train_mean", "teacher", "student_bc_seed0", "student_kd_seed0"}
+    assert all(r["runs"] == 2 and 0 <= r["progress"] for r in loop.values())
+    for name in ("drive_test.csv", "drive_test.png", "drive_student.gif", "offline_vs_closed_loop.csv"):
+        assert (run / name).is_file(), name
     # a second run reuses the generated world instead of regenerating it
     assert demo.main(["--out", str(tmp_path / "run2"), "--data_root", str(data), "--tracks", "3", "--frames", "16",
                       "--stages", "data", "--device", "cpu"]) == 0
