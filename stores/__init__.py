@@ -9,13 +9,13 @@ ends), `stores.factory` (picks one for a path), `stores.errors` (`StoreError` an
 See docs/STORE.md for the layout, the writer protocol and the concurrent-writer alignment rule.
 """
 from stores.abc import MemoryBank
-from stores.errors import (NotAMemoryBankError, StoreError, StoreMismatchError, StoreReadOnlyError,
-                           UnsupportedLayout)
+from stores.errors import (NotAMemoryBankError, StoreCorruptError, StoreError, StoreMismatchError,
+                           StoreReadOnlyError, StoreVersionError, UnsupportedLayout)
 from stores.factory import backend_for, create_memorybank, memorybank_exists, open_memorybank
 from stores.layout import bev_feat_shard_rows, default_shard_rows
 from stores.schema import ALL_FIELDS, BEV_FEAT, LIGHT_FIELDS, Provenance, StoreSchema
 
 __all__ = ["MemoryBank", "open_memorybank", "create_memorybank", "memorybank_exists", "backend_for",
            "StoreSchema", "Provenance", "StoreError", "StoreMismatchError", "NotAMemoryBankError",
-           "StoreReadOnlyError", "UnsupportedLayout", "LIGHT_FIELDS", "BEV_FEAT", "ALL_FIELDS",
-           "default_shard_rows", "bev_feat_shard_rows"]
+           "StoreReadOnlyError", "UnsupportedLayout", "StoreCorruptError", "StoreVersionError", "LIGHT_FIELDS",
+           "BEV_FEAT", "ALL_FIELDS", "default_shard_rows", "bev_feat_shard_rows"]

@@ -11,14 +11,11 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
-from tqdm import tqdm
 
-from e2r.keys import InvalidKeyError, parse_key
-from stores.abc import MemoryBank
 from stores.convert import convert
 from stores.errors import StoreError
 from stores.factory import open_memorybank
-from stores.layout import ranges_of
+from stores.verify import field_stats, incomplete_count, verify_bank, verify_path  # noqa: F401 (verify_bank: API)
 
 
 def _mib(n: int) -> str:
@@ -72,71 +69,16 @@ def cmd_show(a: argparse.Namespace) -> int:
     return 0
 
 
-def verify_bank(bank: MemoryBank, block_rows: int = 1024) -> list[str]:
-    """Every problem found: unreadable/corrupt chunks, non-finite values, bad/orphan/duplicate keys."""
-    problems: list[str] = []
-    n = bank.n_rows
-    keys = bank._read_keys(0, n)
-    complete = bank._read_complete(0, n)
-    owner = np.full(n, None, dtype=object)
-    for split, (start, count) in bank.splits.items():
-        if start + count > n:
-            problems.append(f"split {split!r} rows [{start}, {start + count}) beyond the {n} rows of the store")
-        owner[start:start + count] = split
-    for r in np.flatnonzero(complete):
-        k = str(keys[r])
-        if owner[r] is None:
-            problems.append(f"row {r}: complete but belongs to no split (orphan, key {k!r})")
-        try:
-            if parse_key(k).split != owner[r] and owner[r] is not None:
-                problems.append(f"row {r}: key {k!r} lies in split {owner[r]!r}")
-        except InvalidKeyError as e:
-            problems.append(f"row {r}: invalid key: {e}")
-    for k, first, again in bank._index.duplicates:  # type: ignore[union-attr]
-        problems.append(f"key {k!r} is stored twice (rows {first} and {again})")
-    rows_all = np.flatnonzero(complete)
-    fields = list(bank.schema.fields)
-    for x in tqdm(range(0, len(rows_all), block_rows), desc="verify", unit="block", disable=len(rows_all) < 4 * block_rows):
-        rows = rows_all[x:x + block_rows]
-        try:
-            data = bank._read_rows(fields, rows)        # the packed light row is read once for its fields
-        except Exception:  # noqa: BLE001 - narrow it down field by field below
-            data = {}
-            for f in fields:
-                try:
-                    data[f] = bank._read_rows([f], rows)[f]
-                except Exception as e:  # noqa: BLE001 - any decode/IO error is a finding
-                    problems.append(f"field {f!r} rows {int(rows[0])}..{int(rows[-1])}: unreadable "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        for f, d in data.items():
-            bad = ~np.isfinite(d.reshape(len(rows), -1)).all(1)
-            for r in rows[bad][:10]:
-                problems.append(f"field {f!r} row {int(r)} (key {keys[r]!r}): non-finite values")
-    return problems
-
-
 def cmd_verify(a: argparse.Namespace) -> int:
-    bank = open_memorybank(a.path, mode="r")
-    problems = verify_bank(bank)
+    problems, bank = verify_path(a.path)
     for p in problems:
         print("PROBLEM:", p)
-    incomplete = sum(b - x for s, c in bank.splits.values() for x, b in ranges_of(~bank._read_complete(s, s + c)))
-    print(f"verify {a.path}: {len(bank)} complete rows, {incomplete} reserved rows not yet written, "
+    if bank is None:
+        print(f"verify {a.path}: the store could not be opened, {len(problems)} problem(s)")
+        return 1
+    print(f"verify {a.path}: {len(bank)} complete rows, {incomplete_count(bank)} reserved rows not yet written, "
           f"{len(problems)} problem(s)")
     return 1 if problems else 0
-
-
-def field_stats(bank: MemoryBank, field: str) -> dict[str, list[float]]:
-    """Per-channel mean/std/min/max over complete rows, computed with dask chunk by chunk.
-    Channel = last axis for light fields, axis c (2) for bev_feat."""
-    import dask.array as da      # lazy: dask is only needed by `stats`
-    arr = bank.dask_array(field)
-    mask = bank._read_complete(0, arr.shape[0])
-    arr = arr[mask].astype("float64")
-    axis = 2 if field == "bev_feat" else arr.ndim - 1
-    red = tuple(i for i in range(arr.ndim) if i != axis)
-    mean, std, lo, hi = da.compute(arr.mean(red), arr.std(red), arr.min(red), arr.max(red))
-    return {"mean": mean.tolist(), "std": std.tolist(), "min": lo.tolist(), "max": hi.tolist()}
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
@@ -150,7 +92,11 @@ def cmd_stats(a: argparse.Namespace) -> int:
         if len(bank) == 0:
             print(f"{f}: no complete rows")
             continue
-        s = field_stats(bank, f)
+        try:
+            s = field_stats(bank, f)
+        except StoreError as e:
+            print(f"error: cannot compute stats of {f!r}: {e}", file=sys.stderr)
+            return 1
         result[f] = s
         print(f"{f}: {len(s['mean'])} channels over {len(bank)} complete rows")
         for c in range(min(len(s["mean"]), a.max_channels)):
@@ -169,7 +115,7 @@ def cmd_rm_split(a: argparse.Namespace) -> int:
     if start is None:
         print(f"split {a.split!r} is not in {a.path} (splits: {sorted(bank.splits)})", file=sys.stderr)
         return 1
-    bank.remove_split(a.split)
+    bank.remove_split(a.split)          # a read-only store: StoreReadOnlyError, nothing changed
     print(f"removed split {a.split!r} ({count} rows) from {a.path}")
     return 0
 
@@ -199,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("key", help="e.g. train/segment_0001:123")
     s.add_argument("--values", action="store_true", help="also print the arrays")
-    s = sub.add_parser("verify", help="check every complete row is readable, finite and indexed (exit 1 on a problem)")
+    s = sub.add_parser("verify", help="read every chunk of every array: checksums, missing shards/chunks, attributes "
+                       "vs arrays, finite values, keys (exit 1 listing every problem)")
     s.add_argument("path")
-    s = sub.add_parser("stats", help="per-channel mean/std/min/max with dask over chunks")
+    s = sub.add_parser("stats", help="per-channel mean/std/min/max over complete rows (checked reads, block by block)")
     s.add_argument("path")
     s.add_argument("--field", default=None, help="actions | bev_vec | gru_out | bev_feat (default: all stored)")
     s.add_argument("--max-channels", type=int, default=8, help="channels to print per field")
@@ -226,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return COMMANDS[a.cmd](a)
-    except (StoreError, FileNotFoundError, FileExistsError, ValueError, KeyError, PermissionError) as e:
+    except (StoreError, FileNotFoundError, FileExistsError, ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from e2r.keys import InvalidKeyError, parse_key, validate_key
-from stores.factory import create_memorybank, open_memorybank
+from stores.factory import backend_for, create_memorybank
 from stores.layout import ranges_of
 from stores.schema import ALL_FIELDS, BEV_FEAT, Provenance, StoreSchema
 
@@ -57,12 +57,15 @@ def _load_npz(path: Path) -> tuple[str, dict[str, np.ndarray]]:
 
 def convert_store(src: str, dst: str, dtype: str | None = None, shard_rows: int | None = None,
                   block_rows: int = 1024) -> dict[str, Any]:
-    """Copy every complete row of store ``src`` into a new store ``dst`` (other back end or dtype)."""
-    s = open_memorybank(src, mode="r")
+    """Copy every complete row of store ``src`` into a new store ``dst`` (other back end or dtype). ``src``
+    may be of an older schema_version (read in its own layout): ``dst`` is always written in the current
+    one, so this is how a store written before chunk checksums is upgraded."""
+    s = backend_for(src).open(src, mode="r", legacy=True)
     schema = s.schema
     if dtype:
         schema.dtype = dtype
     d = create_memorybank(dst, schema, s.provenance, shard_rows=shard_rows or s.alignment, exist_ok=False)
+    d._sole_writer = True      # one process writes the new store: copying rows around gaps is allowed
     copied = 0
     with tqdm(total=len(s), desc=f"convert {os.path.basename(src)}", unit="row") as bar:
         for split, (start, count) in sorted(s.splits.items(), key=lambda kv: kv[1][0]):
@@ -105,6 +108,7 @@ def convert_npz_dir(src: str, dst: str, teacher_sha256: str = "unknown", dtype: 
                          store_bev_feat=bev is not None)
     prov = Provenance(teacher_sha256=teacher_sha256, dataset_root="", model_config={"imported_from": str(src)})
     bank = create_memorybank(dst, schema, prov, shard_rows=shard_rows, exist_ok=False)
+    bank._sole_writer = True
     n = 0
     with tqdm(total=len(files), desc="import npz", unit="key") as bar:
         for split, items in sorted(by_split.items()):

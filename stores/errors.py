@@ -5,7 +5,10 @@ Each also derives from the builtin its callers caught before this module existed
 """
 from __future__ import annotations
 
-__all__ = ["StoreError", "StoreMismatchError", "NotAMemoryBankError", "StoreReadOnlyError", "UnsupportedLayout"]
+from collections.abc import Sequence
+
+__all__ = ["StoreError", "StoreMismatchError", "NotAMemoryBankError", "StoreReadOnlyError", "UnsupportedLayout",
+           "StoreCorruptError", "StoreVersionError"]
 
 
 class StoreError(Exception):
@@ -21,8 +24,47 @@ class NotAMemoryBankError(StoreError, ValueError):
 
 
 class StoreReadOnlyError(StoreError, PermissionError):
-    """A write was attempted on a store opened with ``mode="r"``."""
+    """A write was attempted on a store opened with ``mode="r"``, or on files this process may not write
+    (read-only file system, permissions)."""
 
 
 class UnsupportedLayout(StoreError):
     """The array is not stored one row per chunk with codecs this reader decodes."""
+
+
+class StoreVersionError(StoreError, ValueError):
+    """The store was written in an older on-disk format (``schema_version``); the message says how to
+    convert or re-export it."""
+
+
+def _short(keys: Sequence[str], limit: int = 8) -> str:
+    keys = list(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(repr(k) for k in keys[:limit]) + more
+
+
+class StoreCorruptError(StoreError):
+    """Data or metadata on disk fail a check: a chunk's crc32c checksum, a missing shard or chunk file for rows
+    marked complete, something that is not a regular file where a chunk is expected, a truncated file, or
+    attributes that contradict the arrays. The store's data are never served past such a check.
+
+    ``path`` (the store), ``array`` (e.g. ``"light"``), ``chunk`` (e.g. ``"light/c/3/0/0 inner chunk 17"``) and
+    ``keys`` (sample keys of the rows it holds, when known) name what is damaged; the message says them too.
+    """
+
+    def __init__(self, message: str, *, path: str = "", array: str = "", chunk: str = "",
+                 keys: Sequence[str] = ()) -> None:
+        self.path, self.array, self.chunk, self.keys = str(path), array, chunk, list(keys)
+        if self.keys and "key" not in message:
+            message = f"{message} (keys {_short(self.keys)})"
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple:          # survive pickling across DataLoader / dask workers
+        return (_rebuild_corrupt, (str(self), self.path, self.array, self.chunk, self.keys))
+
+
+def _rebuild_corrupt(message: str, path: str, array: str, chunk: str, keys: list[str]) -> StoreCorruptError:
+    err = StoreCorruptError.__new__(StoreCorruptError)
+    err.path, err.array, err.chunk, err.keys = path, array, chunk, keys
+    Exception.__init__(err, message)
+    return err

@@ -28,18 +28,23 @@ def backend_for(path: str | os.PathLike) -> type[MemoryBank]:
     return ZarrMemoryBank
 
 
-def open_memorybank(path: str | os.PathLike, mode: str = "r") -> MemoryBank:
+def open_memorybank(path: str | os.PathLike, mode: str = "r", *, fsync: bool = True) -> MemoryBank:
     """Open an existing store; ``mode="r"`` (read-only) or ``"r+"`` (write rows into reserved splits).
-    FileNotFoundError when there is none; NotAMemoryBankError when the path holds something else."""
-    return backend_for(path).open(path, mode=mode)
+    FileNotFoundError when there is none; NotAMemoryBankError when the path holds something else;
+    StoreVersionError for an older on-disk format; StoreCorruptError when its attributes contradict its
+    arrays or (read-only) rows lost their keys, flags or data. ``fsync=False``: writes skip fsync (faster,
+    not power-loss safe; docs/STORE.md)."""
+    return backend_for(path).open(path, mode=mode, fsync=fsync)
 
 
 def create_memorybank(path: str | os.PathLike, schema: StoreSchema, provenance: Provenance, *,
-                      shard_rows: int | None = None, exist_ok: bool = True) -> MemoryBank:
+                      shard_rows: int | None = None, exist_ok: bool = True, fsync: bool = True) -> MemoryBank:
     """Create a store, or open an existing one for writing after checking that its schema and teacher
     match (StoreMismatchError says what differs; FileExistsError when ``exist_ok=False``). ``shard_rows``
-    (a power of two) is the alignment unit; default ``default_shard_rows(schema)``."""
-    return backend_for(path).create(path, schema, provenance, shard_rows=shard_rows, exist_ok=exist_ok)
+    (a power of two) is the alignment unit; default ``default_shard_rows(schema)``. Creation is atomic
+    (temporary name, then rename); ``fsync`` as in `open_memorybank`."""
+    return backend_for(path).create(path, schema, provenance, shard_rows=shard_rows, exist_ok=exist_ok,
+                                    fsync=fsync)
 
 
 def memorybank_exists(path: str | os.PathLike) -> bool:

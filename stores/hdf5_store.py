@@ -3,26 +3,30 @@ Zarr layout, in one file.
 
 ``keys`` (N,) vlen utf-8, ``complete`` (N,) uint8, ``actions``/``bev_vec``/``gru_out`` (N, T, X) chunked one
 row per chunk with gzip level 1 + shuffle, ``bev_feat/bev_feat`` (N, T, C, H, W) chunked one frame per chunk.
-Group attributes are one JSON string under ``e2r_memorybank``. HDF5 allows ONE writer process at a time and
-a writer killed mid-write can corrupt the file: use it for exchange and read-mostly copies; build stores with
-the Zarr back end (crash safe, concurrent writers). Handles are reopened in each process (fork safe).
+Every numeric chunk carries a fletcher32 checksum (HDF5 allows no filter on vlen strings: the keys of each
+split are checked against the ``keys_crc32c`` recorded in its split entry). Group attributes are one JSON
+string under ``e2r_memorybank``. HDF5 allows ONE writer process at a time and a writer killed mid-write can
+corrupt the file: use it for exchange and read-mostly copies; build stores with the Zarr back end (crash
+safe, concurrent writers). Handles are reopened in each process (fork safe).
 """
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
 from stores.abc import MemoryBank
-from stores.errors import NotAMemoryBankError
+from stores.errors import StoreCorruptError, StoreReadOnlyError
+from stores.fsio import regular_size
 from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_FIELDS, StoreSchema
+from stores.validate import ArrayInfo, check_store
 
 ATTR = "e2r_memorybank"
+NAMES = ("keys", "complete", *LIGHT_FIELDS, BEV_FEAT)
 
 
 def _dset_path(name: str) -> str:
@@ -34,8 +38,8 @@ class HDF5MemoryBank(MemoryBank):
 
     backend = "hdf5"
 
-    def __init__(self, path: str, mode: str) -> None:
-        super().__init__(path, mode)
+    def __init__(self, path: str, mode: str, fsync: bool = True) -> None:
+        super().__init__(path, mode, fsync)
         self._file: h5py.File | None = None
         self._pid: int | None = None
 
@@ -46,38 +50,90 @@ class HDF5MemoryBank(MemoryBank):
 
     @staticmethod
     def exists(path: str) -> bool:
-        return Path(path).is_file()
+        return os.path.lexists(path)
 
     def _f(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r" if self.mode == "r" else "r+")
+            if regular_size(self.path, self.path) is None:
+                raise FileNotFoundError(f"no HDF5 memorybank at {self.path}")
+            try:
+                self._file = h5py.File(self.path, "r" if self.mode == "r" else "r+")
+            except PermissionError as e:
+                raise StoreReadOnlyError(f"cannot open memorybank {self.path} for writing: {e}. The file is "
+                                         "read-only or on a read-only file system") from None
+            except OSError as e:
+                raise StoreCorruptError(f"memorybank {self.path}: HDF5 cannot open the file ({e}); it is truncated "
+                                        "or damaged. Restore it, or convert it again from its Zarr original",
+                                        path=self.path) from None
             self._pid = os.getpid()
         return self._file
 
-    def _open_existing(self) -> None:
+    def _open_existing(self) -> dict[str, Any]:
         if not self.exists(self.path):
             raise FileNotFoundError(f"no HDF5 memorybank at {self.path}")
-        if ATTR not in self._f().attrs:
-            raise NotAMemoryBankError(f"{self.path} is an HDF5 file but not an e2r memorybank (no '{ATTR}' attribute)")
+        f = self._f()
+        if ATTR not in f.attrs:
+            raise self._not_a_bank(f"an HDF5 file without the '{ATTR}' attribute")
+        try:
+            attrs = json.loads(f.attrs[ATTR])
+        except (ValueError, TypeError) as e:
+            raise StoreCorruptError(f"memorybank {self.path}: attribute '{ATTR}' is not valid JSON ({e})",
+                                    path=self.path) from None
+        if not isinstance(attrs, dict):
+            raise StoreCorruptError(f"memorybank {self.path}: attribute '{ATTR}' is not a JSON object", path=self.path)
+        self._check_version(attrs)
+        infos: dict[str, ArrayInfo | None] = {}
+        for name in NAMES:
+            d = f.get(_dset_path(name))
+            if not isinstance(d, h5py.Dataset):
+                infos[name] = None
+                continue
+            chunks = d.chunks or (0,)
+            dtype = "" if d.dtype.kind == "O" else str(d.dtype)
+            infos[name] = ArrayInfo(tuple(d.shape), dtype, chunks[0], chunks[0] if name not in ("keys", "complete")
+                                    else 0, bool(d.fletcher32) or name == "keys")
+        problems, _ = check_store(attrs, infos, "hdf5", legacy=self._legacy)
+        if problems:
+            raise StoreCorruptError(f"memorybank {self.path}: its attributes and datasets disagree: "
+                                    + "; ".join(problems) + f". Run `python -m stores verify {self.path}`",
+                                    path=self.path)
+        return attrs
+
+    @classmethod
+    def abandoned(cls, path: str) -> bool:
+        """An HDF5 file left by a creation killed in place: no attribute, only our datasets, all empty."""
+        try:
+            if regular_size(path) is None:
+                return False
+            with h5py.File(path, "r") as f:
+                if ATTR in f.attrs:
+                    return False
+                found: list[h5py.Dataset] = []
+                f.visititems(lambda n, o: found.append(o) if isinstance(o, h5py.Dataset) else None)
+                return all(d.name.lstrip("/") in map(_dset_path, NAMES) and d.shape[0] == 0 for d in found)
+        except (OSError, StoreCorruptError):
+            return False
+
+    @staticmethod
+    def _discard(path: str) -> None:
+        os.unlink(path)
 
     def _create_new(self, schema: StoreSchema) -> None:
         f = h5py.File(self.path, "w-")
         self._file, self._pid = f, os.getpid()
         S = int(self._attrs["shard_rows"])
         f.create_dataset("keys", shape=(0,), maxshape=(None,), chunks=(S,), dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset("complete", shape=(0,), maxshape=(None,), chunks=(S,), dtype="uint8", fillvalue=0)
+        f.create_dataset("complete", shape=(0,), maxshape=(None,), chunks=(S,), dtype="uint8", fillvalue=0,
+                         fletcher32=True)
         fields = list(LIGHT_FIELDS) + ([BEV_FEAT] if schema.store_bev_feat else [])
         for name in fields:
             shp = schema.row_shape(name)
             chunk = (1, *shp) if name != BEV_FEAT else (1, 1, *shp[1:])
             d = f.create_dataset(_dset_path(name), shape=(0, *shp), maxshape=(None, *shp), chunks=chunk,
                                  dtype=schema.dtype, compression="gzip", compression_opts=1, shuffle=True,
-                                 fillvalue=0)
+                                 fletcher32=True, fillvalue=0)
             d.attrs["dimension_names"] = json.dumps(DIM_NAMES[name])
         f.flush()
-
-    def _read_attrs(self) -> dict[str, Any]:
-        return json.loads(self._f().attrs[ATTR])
 
     def _write_attrs(self, attrs: dict[str, Any]) -> None:
         self._f().attrs[ATTR] = json.dumps(attrs)
@@ -88,32 +144,56 @@ class HDF5MemoryBank(MemoryBank):
 
     def _resize(self, n: int) -> None:
         f = self._f()
-        for name in ["keys", "complete", *self.schema.fields]:
+        for name in [*self.schema.fields, "complete", "keys"]:      # keys last
             f[_dset_path(name)].resize(n, axis=0)
+
+    def _read(self, name: str, sel: Any, rows: Sequence[int]) -> np.ndarray:
+        try:
+            return self._f()[_dset_path(name)][sel]
+        except OSError as e:
+            keys = [str(self._row_keys[r]) for r in rows if r < len(self._row_keys)]
+            raise StoreCorruptError(f"memorybank {self.path}: dataset {_dset_path(name)!r} rows {rows[0]}..{rows[-1]} "
+                                    f"do not read ({e}; a fletcher32 checksum failed or the file is damaged)",
+                                    path=self.path, array=name, chunk=f"{_dset_path(name)} rows {rows[0]}..{rows[-1]}",
+                                    keys=keys[:16]) from None
 
     def _read_keys(self, a: int, b: int) -> np.ndarray:
         if b <= a:
             return np.zeros(0, object)
-        return np.array(self._f()["keys"].asstr()[a:b], dtype=object)
+        try:
+            return np.array(self._f()["keys"].asstr()[a:b], dtype=object)
+        except (OSError, UnicodeDecodeError) as e:
+            raise StoreCorruptError(f"memorybank {self.path}: keys rows [{a}, {b}) do not read ({e})",
+                                    path=self.path, array="keys") from None
 
     def _write_keys(self, a: int, keys: np.ndarray) -> None:
         self._f()["keys"][a:a + len(keys)] = np.asarray(keys, dtype=object)
         self._f().flush()
 
-    def _read_complete(self, a: int, b: int) -> np.ndarray:
-        return self._f()["complete"][a:b].astype(bool) if b > a else np.zeros(0, bool)
+    def _read_flags(self, a: int, b: int) -> np.ndarray:
+        if b <= a:
+            return np.zeros(0, np.uint8)
+        return np.asarray(self._read("complete", slice(a, b), [a, b - 1]), np.uint8)
 
-    def _write_complete(self, a: int, b: int, flag: bool) -> None:
-        self._f()["complete"][a:b] = np.uint8(flag)
-        self._f().flush()
+    def _write_flags(self, a: int, b: int, value: int) -> None:
+        if b > a:
+            self._f()["complete"][a:b] = np.uint8(value)
+            self._f().flush()
 
     def _write_field(self, name: str, a: int, data: np.ndarray) -> None:
         self._f()[_dset_path(name)][a:a + len(data)] = data
         self._f().flush()
 
     def _read_rows(self, fields: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-        f = self._f()
-        return {name: f[_dset_path(name)][rows] for name in fields}
+        out = {}
+        for name in fields:
+            try:
+                out[name] = self._f()[_dset_path(name)][rows]
+            except OSError:             # find the row that fails, name it and its key
+                for r in rows.tolist():
+                    self._read(name, r, [r])
+                raise
+        return out
 
     def _clear_rows(self, a: int, b: int) -> None:
         self._write_complete(a, b, False)
@@ -124,6 +204,14 @@ class HDF5MemoryBank(MemoryBank):
                 d[s:min(b, s + 256)] = 0
         f["keys"][a:b] = np.array([""] * (b - a), dtype=object)
         f.flush()
+
+    def _sync_rows(self, names: Sequence[str], a: int, b: int) -> None:
+        f = self._f()
+        f.flush()
+        os.fsync(f.id.get_vfd_handle())
+
+    def _sync_meta(self) -> None:
+        self._sync_rows((), 0, 0)
 
     def dask_array(self, name: str) -> Any:
         import dask.array as da      # lazy: dask is only needed for this out-of-core view
@@ -137,7 +225,8 @@ class HDF5MemoryBank(MemoryBank):
         for name in ["keys", "complete", *self.schema.fields]:
             d = self._f()[_dset_path(name)]
             raw = int(np.prod(d.shape)) * (d.dtype.itemsize if d.dtype.kind in "fiub" else 0)
-            codecs = [c for c in (d.compression, "shuffle" if d.shuffle else None) if c]
+            codecs = [c for c in (d.compression, "shuffle" if d.shuffle else None,
+                                  "fletcher32" if d.fletcher32 else None) if c]
             out.append({"name": _dset_path(name), "shape": tuple(d.shape), "dtype": str(d.dtype),
                         "chunks": d.chunks, "shards": None, "codecs": codecs,
                         "stored_bytes": int(d.id.get_storage_size()), "raw_bytes": raw})
@@ -147,3 +236,4 @@ class HDF5MemoryBank(MemoryBank):
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
         self._file = None
+

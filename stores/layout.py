@@ -6,9 +6,10 @@ Zarr or HDF5.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import google_crc32c
 import numpy as np
 
 from stores.schema import SCHEMA_VERSION, Provenance, StoreSchema, json_attrs, now_iso
@@ -87,3 +88,41 @@ def check_block(schema: StoreSchema, block: Mapping[str, np.ndarray], split: str
         arrays[f] = a
     assert n is not None
     return arrays, n
+
+
+KEYS_CHUNK_ROWS = 65536                 # keys chunk = max(shard_rows, this) rows
+MAX_SHARD_ROWS = 2**20                  # shard_rows above this is not a store we wrote (attribute edit)
+MAX_ROW_BYTES = {"light": 64 * 2**20, "bev_feat": 2**30}   # sanity caps before anything is allocated
+COMPLETE_UNSET = 255                    # fill value of ``complete``: no chunk there (0 = reserved, 1 = complete)
+
+
+def keys_chunk_rows(shard_rows: int) -> int:
+    return max(int(shard_rows), KEYS_CHUNK_ROWS)
+
+
+def check_alignment(split: str, offset: int, n: int, alignment: int, owned: set[int],
+                    earlier_complete: Callable[[int, int], bool]) -> None:
+    """The alignment rule of ``write_rows`` (docs/STORE.md). A write of split positions ``[offset, offset +
+    n)`` may start inside a shard (a block of ``alignment`` positions) only when this handle already wrote
+    into that shard (it is filling it), or when every earlier position of the shard is complete (a resumed
+    writer continues where the shard's writer stopped). Otherwise ValueError naming the rule. ``owned`` (the
+    shards this handle wrote into) is updated; ``earlier_complete(lo, hi)`` reads fresh completion flags."""
+    if n <= 0:
+        return
+    S = int(alignment)
+    first = offset // S
+    lo = first * S
+    if offset != lo and first not in owned and not earlier_complete(lo, offset):
+        raise ValueError(
+            f"write_rows({split!r}, offset={offset}, n={n}) breaks the alignment rule: positions [{lo}, {offset}) "
+            f"of shard [{lo}, {lo + S}) are not complete and this handle has not written into that shard. "
+            f"Concurrent writers must own split positions [a, b) with a and b multiples of bank.alignment "
+            f"(= {S}; b may be the split's end) - cut tasks with bank.task_ranges(split) - and a write may start "
+            f"inside a shard only to continue a shard this handle is filling, or to resume a shard whose earlier "
+            f"rows are all complete (bank.incomplete_ranges). Writing inside another writer's shard loses rows")
+    owned.update(range(first, (offset + n - 1) // S + 1))
+
+
+def keys_crc32c(keys: Sequence[str] | np.ndarray) -> int:
+    """crc32c of a split's keys joined by newlines (recorded in its split entry; checked at every open)."""
+    return int(google_crc32c.value("\n".join(str(k) for k in keys).encode()))

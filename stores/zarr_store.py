@@ -1,23 +1,24 @@
 """Zarr v3 back end of the abstract `stores.abc.MemoryBank`: zarr-python creates, writes and inspects; `RowChunkReader` reads rows.
 
 Layout of ``<path>/`` (a Zarr v3 group; attributes = schema, provenance, splits, times, shard_rows,
-``light_channels``)::
+``light_channels``), schema_version 3::
 
     keys        (N,)            string (vlen-utf8), chunks (max(S, 65536),)   "" for unreserved rows
-    complete    (N,)            uint8, chunks (S,)                       1 = row fully written (per writer)
+    complete    (N,)            uint8, chunks (S,), fill 255: 0 reserved, 1 complete, 255 no chunk (lost / unused)
     light       (N, T, A+D+H)   float32|float16: actions | bev_vec | gru_out packed on the channel axis,
-                                shards (S, T, A+D+H) of inner chunks (1, T, A+D+H)
+                                shards (S, T, A+D+H) of inner chunks (1, T, A+D+H), fill NaN
     bev_feat/bev_feat (N, T, C, H, W)  shards (B, T, C, H, W), inner chunk = one sample (only if stored)
 
-S = ``shard_rows`` (the writers' alignment unit); B divides S. Every array carries ``dimension_names``;
-the group attribute ``light_channels = {field: [first, end)}`` says which channels of ``light`` hold which
-field. The API (``get_batch(fields=...)``, ``dask_array(field)``, CLI) still speaks per field. One packed
-array means ONE inner-chunk read and decode per row for all three light fields (docs/STORE.md has the
-numbers). Rows are read by `stores.row_reader.RowChunkReader` (mmap + one decode per row; no threads, so
-fork safe); zarr-python is the fallback for layouts it does not handle.
+Every chunk of every array ends with a crc32c checksum (codec ``crc32c`` last in the chain; the shard
+indexes have one too). S = ``shard_rows`` (the writers' alignment unit); B divides S. Rows are read by
+`stores.row_reader.RowChunkReader` (mmap, checksum, one decode per row; no threads, so fork safe).
+Opening validates the attributes against the arrays' metadata (`stores.validate`) and checks that every file
+it will read is a regular file; a read-only handle also refuses a store whose keys / completion chunks or
+data shards for complete rows are missing (`stores.abc.MemoryBank.refresh`).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ import zarr
 import zarr.codecs as zc
 
 from stores.abc import MemoryBank
-from stores.errors import UnsupportedLayout
+from stores.errors import StoreCorruptError, UnsupportedLayout
+from stores.fsio import read_json
+from stores.layout import COMPLETE_UNSET, keys_chunk_rows
 from stores.row_reader import RowChunkReader
+from stores.zarr_checks import ARRAY_NAMES, ZarrIntegrity, field_path
 from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, LIGHT_FIELDS, StoreSchema
+from stores.validate import ArrayInfo, check_store, zarr_array_info
 
-
-KEYS_CHUNK_ROWS = 65536
 
 
 def light_compressor(dtype: str) -> zc.BloscCodec | zc.ZstdCodec:
@@ -49,23 +52,18 @@ def bev_feat_compressor(dtype: str) -> zc.BloscCodec:
     return zc.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
 
 
-def field_path(name: str) -> str:
-    """Array path of a field inside the group: light fields live in ``light``, bev_feat in its own group."""
-    if name in LIGHT_FIELDS:
-        return LIGHT_ARRAY
-    return f"{BEV_FEAT}/{BEV_FEAT}" if name == BEV_FEAT else name
-
-
-class ZarrMemoryBank(MemoryBank):
+class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
     """`MemoryBank` over a Zarr v3 directory store."""
 
     backend = "zarr"
 
-    def __init__(self, path: str, mode: str) -> None:
-        super().__init__(path, mode)
+    def __init__(self, path: str, mode: str, fsync: bool = True) -> None:
+        super().__init__(path, mode, fsync)
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._readers: dict[str, RowChunkReader | None] = {}
+        self._metas: dict[str, dict[str, Any]] = {}
+        self._bad_chunks: set[tuple[str, int]] = set()     # (array, chunk) of keys/complete found damaged
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -74,7 +72,7 @@ class ZarrMemoryBank(MemoryBank):
 
     @staticmethod
     def exists(path: str) -> bool:
-        return (Path(path) / "zarr.json").is_file()
+        return os.path.lexists(Path(path) / "zarr.json")
 
     # ------------------------------------------------------------------ zarr-python side
     def _g(self) -> zarr.Group:
@@ -87,46 +85,75 @@ class ZarrMemoryBank(MemoryBank):
         path = field_path(name)
         a = self._arrays.get(path)
         if a is None:
+            if path not in self._metas and path in (field_path(n) for n in ARRAY_NAMES):
+                self._meta(path)          # checks zarr.json is a regular file before zarr reads it
             a = self._g()[path]
             self._arrays[path] = a
         return a
 
-    def _open_existing(self) -> None:
-        if not self.exists(self.path):
+    def _meta(self, path: str) -> dict[str, Any] | None:
+        m = read_json(Path(self.path) / path / "zarr.json", self.path)
+        if m is not None:
+            self._metas[path] = m
+        return m
+
+    def _open_existing(self) -> dict[str, Any]:
+        root = read_json(Path(self.path) / "zarr.json", self.path)
+        if root is None:
             raise FileNotFoundError(f"no Zarr memorybank at {self.path} (missing zarr.json)")
-        g = self._g()
-        version = g.attrs.get("schema_version")
-        if g.attrs.get("format") == "e2r-memorybank" and version != 2:
-            raise ValueError(f"{self.path}: memorybank schema_version {version} (one array per light field) is "
-                             "not readable by this version (2: light fields packed in `light`); re-export it")
+        if root.get("node_type") != "group":
+            raise self._not_a_bank(f"{self.path} is a Zarr {root.get('node_type')!r}, not a group")
+        attrs = dict(root.get("attributes") or {})
+        self._check_version(attrs)
+        infos: dict[str, ArrayInfo | None] = {}
+        bad = []
+        for name in ARRAY_NAMES:
+            if name == BEV_FEAT and not attrs.get("store_bev_feat"):
+                continue
+            path = field_path(name)
+            m = self._meta(path)
+            try:
+                infos[name] = zarr_array_info(m) if m is not None else None
+            except ValueError as e:
+                bad.append(f"array {name!r}: {e}")
+        problems, _ = check_store(attrs, infos, "zarr", legacy=self._legacy)
+        if bad or problems:
+            raise StoreCorruptError(f"memorybank {self.path}: its attributes and arrays disagree: "
+                                    + "; ".join(bad + problems) + f". Run `python -m stores verify {self.path}`; "
+                                    "restore the store or re-export it", path=self.path)
+        if attrs.get("store_bev_feat"):
+            read_json(Path(self.path) / BEV_FEAT / "zarr.json", self.path)
+        return attrs
 
     def _create_new(self, schema: StoreSchema) -> None:
         S = int(self._attrs["shard_rows"])
+        crc = zc.Crc32cCodec()
         self._attrs["light_channels"] = {f: list(v) for f, v in schema.light_channels().items()}
         g = zarr.open_group(self.path, mode="w-", zarr_format=3)
         self._group = g
         # keys are written only by reserve_split/remove_split (one process): big chunks, few files
-        g.create_array("keys", shape=(0,), chunks=(max(S, KEYS_CHUNK_ROWS),), dtype=str, fill_value="", dimension_names=["row"])
-        g.create_array("complete", shape=(0,), chunks=(S,), dtype="uint8", fill_value=0,
-                       compressors=zc.ZstdCodec(level=3), dimension_names=["row"])
+        g.create_array("keys", shape=(0,), chunks=(keys_chunk_rows(S),), dtype=str, fill_value="",
+                       compressors=[zc.ZstdCodec(level=3), crc], dimension_names=["row"])
+        g.create_array("complete", shape=(0,), chunks=(S,), dtype="uint8", fill_value=COMPLETE_UNSET,
+                       compressors=[zc.ZstdCodec(level=3), crc], dimension_names=["row"])
         shp = schema.row_shape(LIGHT_ARRAY)
         g.create_array(LIGHT_ARRAY, shape=(0, *shp), chunks=(1, *shp), shards=(S, *shp), dtype=schema.dtype,
-                       fill_value=0, compressors=light_compressor(schema.dtype),
+                       fill_value=float("nan"), compressors=[light_compressor(schema.dtype), crc],
                        dimension_names=list(LIGHT_DIM_NAMES))
         if schema.store_bev_feat:
             B = int(self._attrs["bev_feat_shard_rows"])
             shp = schema.row_shape(BEV_FEAT)
             sub = g.create_group(BEV_FEAT, attributes={"pool": schema.bev_feat_pool, "shard_rows": B})
             kw = {"shards": (B, *shp)} if B > 1 else {}
-            sub.create_array(BEV_FEAT, shape=(0, *shp), chunks=(1, *shp), dtype=schema.dtype, fill_value=0,
-                             compressors=bev_feat_compressor(schema.dtype),
+            sub.create_array(BEV_FEAT, shape=(0, *shp), chunks=(1, *shp), dtype=schema.dtype,
+                             fill_value=float("nan"), compressors=[bev_feat_compressor(schema.dtype), crc],
                              dimension_names=list(DIM_NAMES[BEV_FEAT]), **kw)
 
     def _arrays_on_disk(self) -> list[str]:
         return [LIGHT_ARRAY] + ([BEV_FEAT] if self.schema.store_bev_feat else [])
 
-    def _read_attrs(self) -> dict[str, Any]:
-        return dict(self._g().attrs.asdict())
+    def _data_arrays(self) -> list[str]:
+        return self._arrays_on_disk()
 
     def _write_attrs(self, attrs: dict[str, Any]) -> None:
         self._g().attrs.put(attrs)
@@ -135,22 +162,26 @@ class ZarrMemoryBank(MemoryBank):
         return int(self._arr("keys").shape[0])
 
     def _resize(self, n: int) -> None:
-        for name in ["keys", "complete", *self._arrays_on_disk()]:
+        for name in [*self._arrays_on_disk(), "complete", "keys"]:      # keys last: never longer than the others
             a = self._arr(name)
-            a.resize((n, *a.shape[1:]))
+            if a.shape[0] != n:
+                a.resize((n, *a.shape[1:]))
         self._readers.clear()
 
     def _read_keys(self, a: int, b: int) -> np.ndarray:
-        return np.asarray(self._arr("keys")[a:b]).astype(object) if b > a else np.zeros(0, object)
+        return self._zread("keys", a, b).astype(object) if b > a else np.zeros(0, object)
 
     def _write_keys(self, a: int, keys: np.ndarray) -> None:
+        self._drop_bad_chunks("keys", a, a + len(keys))
         self._arr("keys")[a:a + len(keys)] = np.asarray(keys, dtype=str)
 
-    def _read_complete(self, a: int, b: int) -> np.ndarray:
-        return np.asarray(self._arr("complete")[a:b]).astype(bool) if b > a else np.zeros(0, bool)
+    def _read_flags(self, a: int, b: int) -> np.ndarray:
+        return self._zread("complete", a, b).astype(np.uint8) if b > a else np.zeros(0, np.uint8)
 
-    def _write_complete(self, a: int, b: int, flag: bool) -> None:
-        self._arr("complete")[a:b] = np.uint8(flag)
+    def _write_flags(self, a: int, b: int, value: int) -> None:
+        if b > a:
+            self._drop_bad_chunks("complete", a, b)
+            self._arr("complete")[a:b] = np.uint8(value)
 
     def _write_fields(self, a: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Pack the light fields into one block (n, T, A+D+H) and write it with one zarr write."""
@@ -172,9 +203,10 @@ class ZarrMemoryBank(MemoryBank):
         self._readers.clear()
 
     def _clear_rows(self, a: int, b: int) -> None:
-        self._write_complete(a, b, False)
+        self._write_flags(a, b, COMPLETE_UNSET)
         for name in self._arrays_on_disk():
-            self._arr(name)[a:b] = 0        # all-fill inner chunks/shards are deleted (write_empty_chunks=False)
+            self._arr(name)[a:b] = np.nan   # all-fill inner chunks/shards are deleted (write_empty_chunks=False)
+        self._drop_bad_chunks("keys", a, b)
         self._arr("keys")[a:b] = ""
         self._readers.clear()
 
@@ -185,7 +217,8 @@ class ZarrMemoryBank(MemoryBank):
 
     def dask_array(self, name: str) -> Any:
         """Dask array (N, T, ...) of field ``name`` (light fields: a channel slice of ``light``) or of an
-        on-disk array name; one dask chunk per shard, nothing loaded."""
+        on-disk array name; one dask chunk per shard, nothing loaded. Reads go through zarr-python (which
+        checks the chunks' checksums; rows never written read as NaN)."""
         import dask.array as da      # lazy: dask is only needed for this out-of-core view
         arr = self._arr(name)
         d = da.from_zarr(arr, chunks=(arr.shards or arr.chunks))
@@ -195,16 +228,20 @@ class ZarrMemoryBank(MemoryBank):
         return d
 
     # ------------------------------------------------------------------ hot path
-    def _reader(self, path: str) -> RowChunkReader | None:
+    def _reader(self, name: str) -> RowChunkReader | None:
+        path = field_path(name)
         if path not in self._readers:
+            meta = self._metas.get(path) or self._meta(path)
             try:
-                self._readers[path] = RowChunkReader(Path(self.path) / path)
+                self._readers[path] = RowChunkReader(Path(self.path) / path, store=self.path, name=path,
+                                                     strict=not self._legacy, keys_of=self._keys_of, meta=meta,
+                                                     fields=LIGHT_FIELDS if path == LIGHT_ARRAY else ())
             except UnsupportedLayout:
                 self._readers[path] = None
         return self._readers[path]
 
     def _read_array_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
-        r = self._reader(field_path(name))
+        r = self._reader(name)
         if r is None:        # a layout RowChunkReader does not handle: zarr-python (correct, slower)
             return np.asarray(self._arr(name).get_orthogonal_selection((rows,)))
         return r.read(rows)

@@ -2,9 +2,13 @@
 
 Rows are a single global axis. A split owns the contiguous rows ``[start, start + count)``; ``start`` is a
 multiple of ``alignment`` (the shard row count), so a new split never touches an existing split's chunks.
-A row is *complete* once its data and then its flag in the ``complete`` mask are written; readers index
-complete rows only. Writers that fill split positions ``[a, b)`` with ``a`` and ``b`` multiples of
-``alignment`` (``b`` may be the split's end) never share a chunk or shard with another writer.
+A row is *complete* once its data and then its flag in the ``complete`` mask are written (each fsync-ed
+unless ``fsync=False``); readers index complete rows only. Writers that fill split positions ``[a, b)`` with
+``a`` and ``b`` multiples of ``alignment`` (``b`` may be the split's end) never share a chunk or shard with
+another writer; ``write_rows`` refuses writes that break this rule (`stores.layout.check_alignment`).
+A store is created under a temporary name and renamed into place (`stores.abc.lifecycle`): it exists whole
+or not at all. Opening validates the attributes against the arrays (`stores.validate`); a read-only handle
+refuses a store whose rows have lost their keys, completion flags or data files.
 
 This class holds all back-end independent logic; a back end implements the ``@abstractmethod``
 primitives at the end. It never imports a back end: `stores.factory` chooses one for a path.
@@ -12,20 +16,23 @@ primitives at the end. It never imports a back end: `stores.factory` chooses one
 from __future__ import annotations
 
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from e2r.keys import split_of, validate_part
-from stores.errors import NotAMemoryBankError, StoreReadOnlyError
+from stores.abc.lifecycle import check_version, create_store, not_a_bank
+from stores.abc.primitives import StorePrimitives
+from stores.errors import StoreCorruptError, StoreReadOnlyError
+from stores.fsio import writing
 from stores.index import KeyIndex, check_keys
-from stores.layout import FORMAT_NAME, check_block, new_store_attrs, ranges_of
-from stores.schema import Provenance, StoreSchema, check_compatible, json_attrs, now_iso
+from stores.layout import COMPLETE_UNSET, check_alignment, check_block, keys_crc32c, ranges_of
+from stores.schema import Provenance, StoreSchema, json_attrs, now_iso
+from stores.validate import used_rows
 
 
-class MemoryBank(ABC):
+class MemoryBank(StorePrimitives):
     """A memorybank of teacher outputs indexed by sample key. Open with `stores.open_memorybank` /
     `stores.create_memorybank` (which pick the back end), or ``<BackEnd>.open`` / ``<BackEnd>.create``.
 
@@ -36,13 +43,22 @@ class MemoryBank(ABC):
 
     backend = "abstract"
 
-    def __init__(self, path: str, mode: str) -> None:
+    def __init__(self, path: str, mode: str, fsync: bool = True) -> None:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         self.path = str(path)
         self.mode = mode
+        self.fsync = bool(fsync)          # fsync data, then flags, on every write (crash/power-loss safety)
         self._attrs: dict[str, Any] = {}
         self._index: KeyIndex | None = None
+        self._row_keys: np.ndarray = np.zeros(0, object)
+        self._owned: dict[str, set[int]] = {}   # split -> shards this handle wrote into (alignment rule)
+        self._sole_writer = False               # True: the alignment rule is not enforced (stores.convert)
+        self._legacy = False                    # True: an older schema_version opened for `convert` only
+        self._lenient = False                   # True: a read-only handle that lists damage (verify)
+        self.damage: list[str] = []             # what the last refresh() found lost (keys, flags, data files)
+        self._lost_files: list[str] = []        # the data-file part of ``damage``
+        self._read_damage: list[str] = []       # chunks of keys / complete that failed their checks (r+)
 
     # ------------------------------------------------------------------ opening (this back end)
     @classmethod
@@ -52,39 +68,37 @@ class MemoryBank(ABC):
                             "stores.create_memorybank (they pick the back end for the path)")
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r") -> "MemoryBank":
+    def open(cls, path: str | os.PathLike, mode: str = "r", *, fsync: bool = True,
+             legacy: bool = False) -> "MemoryBank":
         """Open an existing store of this back end; ``mode="r"`` (read-only) or ``"r+"`` (write rows into
-        reserved splits)."""
+        reserved splits). ``fsync=False`` skips the fsyncs of writes (faster; a power loss may then lose
+        recently completed rows, which ``verify`` reports and a resume redoes). ``legacy=True`` (used by
+        `stores.convert`) reads a store of an older schema_version, read-only."""
         cls._concrete()
-        bank = cls(str(path), mode)
-        bank._open_existing()
-        bank._attrs = bank._read_attrs()
-        if bank._attrs.get("format") != FORMAT_NAME:
-            raise NotAMemoryBankError(f"{path} is not an e2r memorybank "
-                                      f"(group attribute format={bank._attrs.get('format')!r})")
+        bank = cls(str(path), mode, fsync)
+        bank._legacy = bool(legacy)
+        if legacy and mode != "r":
+            raise ValueError("stores of an older schema_version open read-only (for `python -m stores convert`)")
+        bank._attrs = bank._open_existing()
         bank.refresh()
         return bank
 
     @classmethod
     def create(cls, path: str | os.PathLike, schema: StoreSchema, provenance: Provenance, *,
-               shard_rows: int | None = None, exist_ok: bool = True) -> "MemoryBank":
+               shard_rows: int | None = None, exist_ok: bool = True, fsync: bool = True) -> "MemoryBank":
         """Create a store of this back end, or open an existing one for writing after checking that its
         schema and teacher match (StoreMismatchError says what differs). ``shard_rows`` (a power of two) is
-        the alignment unit; default ``default_shard_rows(schema)``."""
+        the alignment unit; default ``default_shard_rows(schema)``. Creation is atomic (built under a
+        temporary name, renamed into place): after a crash a re-run succeeds; of two concurrent creators one
+        creates and the other opens its store."""
         cls._concrete()
-        if cls.exists(str(path)):
-            if not exist_ok:
-                raise FileExistsError(f"memorybank {path} already exists")
-            bank = cls.open(path, mode="r+")
-            check_compatible(bank.schema, bank.provenance, schema, provenance, str(path))
-            return bank
-        attrs = new_store_attrs(schema, provenance, shard_rows)
-        bank = cls(str(path), "r+")
-        bank._attrs = attrs
-        bank._create_new(schema)
-        bank._write_attrs(bank._attrs)
-        bank.refresh()
-        return bank
+        return create_store(cls, str(path), schema, provenance, shard_rows, exist_ok, fsync)
+
+    def _check_version(self, attrs: dict[str, Any]) -> None:
+        check_version(self.path, attrs, self._legacy)
+
+    def _not_a_bank(self, why: str) -> Exception:
+        return not_a_bank(self.path, why)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -122,9 +136,44 @@ class MemoryBank(ABC):
 
     # ------------------------------------------------------------------ reading
     def refresh(self) -> None:
-        """(Re)load the key index from disk (complete rows only)."""
+        """(Re)load the key index from disk: complete rows of the splits. A read-only handle refuses
+        (StoreCorruptError) a store whose split rows lost their keys, completion flags or data files; a
+        writable one opens it (``damage`` lists what was found) so that ``incomplete_ranges`` lets a resumed
+        writer redo those rows, or ``remove_split`` / ``reserve_split(replace=True)`` rewrite them."""
         n = self._n_rows()
-        self._index = KeyIndex(self._read_keys(0, n), self._read_complete(0, n))
+        self._read_damage = []
+        used = min(used_rows(self._attrs.get("splits", {})), n)
+        keys, flags = self._read_keys(0, used), self._read_flags(0, used)
+        in_split = np.zeros(used, bool)
+        for s, c in self.splits.values():
+            in_split[s:min(s + c, used)] = True
+        complete = (flags == 1) & in_split
+        self._row_keys = keys
+        damage = list(self._read_damage)
+        for what, bad in (("lost their keys (a keys chunk is missing)", in_split & (keys == "")),
+                          ("lost their completion flags (a `complete` chunk is missing)",
+                           in_split & (flags == COMPLETE_UNSET))):
+            if bad.any():
+                rows = np.flatnonzero(bad)
+                damage.append(f"{len(rows)} reserved rows ({ranges_of(bad)[:3]}...) {what}")
+        for name, v in self._attrs.get("splits", {}).items():
+            want, (s, c) = v.get("keys_crc32c"), self.splits[name]
+            if want is not None and not (in_split[s:s + c] & (keys[s:s + c] == "")).any() \
+                    and keys_crc32c(keys[s:s + c]) != want:
+                damage.append(f"the keys of split {name!r} do not match their checksum (keys_crc32c)")
+        self._lost_files = self._missing_data(np.flatnonzero(complete))
+        self.damage = damage + self._lost_files
+        if damage and self.mode == "r" and not (self._legacy or self._lenient):
+            raise StoreCorruptError(f"memorybank {self.path} is damaged: " + "; ".join(damage) + ". Nothing is "
+                                    f"served from it. Run `python -m stores verify {self.path}` for details; resume "
+                                    "the export (it redoes rows whose flags or data are missing) or re-export",
+                                    path=self.path)
+        self._index = KeyIndex(keys, complete)
+
+    def _keys_of(self, rows: Sequence[int]) -> list[str]:
+        """Keys of ``rows`` (for error messages; unreserved rows are skipped)."""
+        keys = self._row_keys
+        return [str(keys[r]) for r in rows if 0 <= r < len(keys) and keys[r]]
 
     def has(self, key: str) -> bool:
         """True when ``key`` has a complete row. Malformed keys raise InvalidKeyError."""
@@ -237,13 +286,27 @@ class MemoryBank(ABC):
                                  "pass replace=True (or run `python -m stores rm-split`) to rewrite it")
             self.remove_split(split)
         start = self._free_start(len(keys))
-        if start + len(keys) > self._n_rows():
-            self._resize(start + len(keys))
-        if keys:
-            self._write_keys(start, np.array(keys, dtype=object))
-        self._attrs["splits"][split] = {"start": start, "count": len(keys)}
-        self._attrs["updated"] = now_iso()
-        self._write_attrs(self._attrs)
+        end = start + len(keys)
+        S = self.alignment
+        with writing(f"reserve split {split!r}", self.path):
+            if end > self._n_rows():
+                self._resize(end)
+            tail = min(-(-end // S) * S, self._n_rows())
+            self._write_flags(start, end, 0)                 # every reserved row's flag chunk exists
+            self._write_flags(end, tail, COMPLETE_UNSET)     # rest of the last chunk: unused
+            if keys:
+                self._write_keys(start, np.array(keys, dtype=object))
+            if self.fsync:
+                self._sync_rows(["keys", "complete"], start, tail)
+                self._sync_meta()
+            attrs = json_attrs(self._attrs)
+            attrs["splits"][split] = {"start": start, "count": len(keys), "keys_crc32c": keys_crc32c(keys)}
+            attrs["updated"] = now_iso()
+            self._write_attrs(attrs)                         # the entry last: a crash leaves no half split
+            self._attrs = attrs
+            if self.fsync:
+                self._sync_meta()
+        self._owned.pop(split, None)
         return start, len(keys)
 
     def _free_start(self, count: int) -> int:
@@ -262,9 +325,14 @@ class MemoryBank(ABC):
         return [str(k) for k in self._read_keys(start, start + count)]
 
     def incomplete_ranges(self, split: str) -> list[tuple[int, int]]:
-        """Split-relative ``[a, b)`` position ranges whose rows are not complete yet (read fresh from disk)."""
+        """Split-relative ``[a, b)`` position ranges whose rows are not complete yet (read fresh from disk):
+        rows without their completion flag, and rows flagged complete whose data are missing (a lost shard
+        or inner chunk), so a resumed writer redoes both."""
         start, count = self._split(split)
-        return ranges_of(~self._read_complete(start, start + count))
+        done = self._read_complete(start, start + count)
+        if done.any():
+            done &= self._rows_with_data(start, start + count)
+        return ranges_of(~done)
 
     def task_ranges(self, split: str, rows_per_task: int | None = None) -> list[tuple[int, int]]:
         """Cut a split's positions into ``[a, b)`` writer tasks on multiples of ``alignment``
@@ -277,8 +345,10 @@ class MemoryBank(ABC):
     def write_rows(self, split: str, offset: int, block: Mapping[str, np.ndarray],
                    keys: Sequence[str] | None = None) -> None:
         """Write ``block = {field: array (n, T, ...)}`` at split positions ``[offset, offset + n)``: data
-        first, then the rows' completion flags. Every stored field is required; values must be finite.
-        ``keys``, when given, must equal the reserved keys at those positions."""
+        first (fsync-ed), then the rows' completion flags (fsync-ed). Every stored field is required; values
+        must be finite. ``keys``, when given, must equal the reserved keys at those positions. A write that
+        breaks the alignment rule (`stores.layout.check_alignment`: it starts inside a shard this handle is
+        not filling and whose earlier rows are not complete) raises ValueError."""
         self._need_write()
         start, count = self._split(split)
         arrays, n = check_block(self.schema, block, split, offset, self.path)
@@ -290,18 +360,36 @@ class MemoryBank(ABC):
                 raise ValueError(f"write_rows({split!r}, offset={offset}): keys differ from the reserved keys")
         if n == 0:
             return
-        self._write_fields(start + offset, arrays)
-        self._write_complete(start + offset, start + offset + n, True)
+        if not self._sole_writer:
+            check_alignment(split, offset, n, self.alignment, self._owned.setdefault(split, set()),
+                            lambda lo, hi: bool(self._read_complete(start + lo, start + hi).all()))
+        a, b = start + offset, start + offset + n
+        with writing(f"write rows [{offset}, {offset + n}) of split {split!r}", self.path):
+            self._write_fields(a, arrays)
+            if self.fsync:
+                self._sync_rows(self._data_arrays(), a, b)
+            self._write_complete(a, b, True)
+            if self.fsync:
+                self._sync_rows(["complete"], a, b)
 
     def remove_split(self, split: str) -> None:
-        """Delete a split's rows (data, keys, completion flags) and its entry."""
+        """Delete a split's entry, then its rows (data, keys, completion flags). Run it while no other process
+        reads or writes the store."""
         self._need_write()
         start, count = self._split(split)
-        if count:
-            self._clear_rows(start, start + count)
-        del self._attrs["splits"][split]
-        self._attrs["updated"] = now_iso()
-        self._write_attrs(self._attrs)
+        with writing(f"remove split {split!r}", self.path):
+            attrs = json_attrs(self._attrs)
+            del attrs["splits"][split]
+            attrs["updated"] = now_iso()
+            self._write_attrs(attrs)           # entry first: a crash leaves invisible rows, never a broken split
+            self._attrs = attrs
+            if self.fsync:
+                self._sync_meta()
+            if count:
+                self._clear_rows(start, start + count)
+                if self.fsync:
+                    self._sync_rows(["keys", "complete", *self._data_arrays()], start, start + count)
+        self._owned.pop(split, None)
         self.refresh()
 
     def close(self) -> None:
@@ -312,64 +400,3 @@ class MemoryBank(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ------------------------------------------------------------------ back-end primitives
-    @staticmethod
-    @abstractmethod
-    def exists(path: str) -> bool:
-        """True when a store of this back end exists at ``path``."""
-
-    @abstractmethod
-    def _open_existing(self) -> None:
-        """Open the store's files (FileNotFoundError when absent)."""
-
-    @abstractmethod
-    def _create_new(self, schema: StoreSchema) -> None:
-        """Create empty arrays for ``schema``; ``self._attrs`` already holds the new root attributes."""
-
-    @abstractmethod
-    def _read_attrs(self) -> dict[str, Any]: ...
-
-    @abstractmethod
-    def _write_attrs(self, attrs: dict[str, Any]) -> None: ...
-
-    @abstractmethod
-    def _n_rows(self) -> int: ...
-
-    @abstractmethod
-    def _resize(self, n: int) -> None: ...
-
-    @abstractmethod
-    def _read_keys(self, a: int, b: int) -> np.ndarray: ...
-
-    @abstractmethod
-    def _write_keys(self, a: int, keys: np.ndarray) -> None: ...
-
-    @abstractmethod
-    def _read_complete(self, a: int, b: int) -> np.ndarray: ...
-
-    @abstractmethod
-    def _write_complete(self, a: int, b: int, flag: bool) -> None: ...
-
-    @abstractmethod
-    def _write_field(self, name: str, a: int, data: np.ndarray) -> None: ...
-
-    def _write_fields(self, a: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write every field's block at rows ``[a, a + n)`` (back ends that pack fields override this)."""
-        for f, d in arrays.items():
-            self._write_field(f, a, d)
-
-    @abstractmethod
-    def _read_rows(self, fields: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Hot path: ``{field: array (len(rows), T, ...)}`` for sorted unique ``rows``."""
-
-    @abstractmethod
-    def _clear_rows(self, a: int, b: int) -> None: ...
-
-    @abstractmethod
-    def dask_array(self, name: str) -> Any:
-        """A dask array (N, T, ...) over field ``name``'s chunks (lazy; nothing is loaded)."""
-
-    @abstractmethod
-    def describe(self) -> list[dict[str, Any]]:
-        """Per stored array: name, shape, dtype, chunks, shards, codecs, stored bytes, raw bytes."""

@@ -1,0 +1,228 @@
+"""``python -m stores verify`` and ``stats``: read every chunk of every array and check it, without ever
+hanging on a special file or allocating from an edited attribute.
+
+`verify_path` reports, with the keys affected: special files (FIFOs, devices, symlinks to them, directories
+where a chunk belongs: found by ``stat``, never opened), attributes that contradict the arrays, every chunk
+whose crc32c checksum fails or that does not decode (keys, complete, light, bev_feat; shard indexes too),
+rows marked complete whose shard or inner chunk is missing, split rows whose keys or completion chunks are
+missing, non-finite values, invalid / misplaced / orphan / duplicate keys. The checksum scan of the data
+arrays uses only each array's own ``zarr.json``, so it runs even when the attributes are broken.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from collections.abc import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from e2r.keys import InvalidKeyError, parse_key
+from stores.abc import MemoryBank
+from stores.errors import StoreCorruptError, StoreError, UnsupportedLayout
+from stores.factory import backend_for
+from stores.fsio import read_json, regular_size, special_files
+from stores.layout import ranges_of
+from stores.row_reader import RowChunkReader
+from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS
+from stores.zarr_store import ZarrMemoryBank, field_path
+
+_MAX_CHUNK_ROWS = 2**22       # keys / complete chunks larger than this are not ours: not read
+
+
+def open_lenient(path: str) -> MemoryBank:
+    """Open ``path`` read-only without refusing damaged rows (so they can be listed)."""
+    cls = backend_for(path)
+    bank = cls(str(path), "r", True)
+    bank._lenient = True
+    bank._attrs = bank._open_existing()
+    bank.refresh()
+    return bank
+
+
+def verify_path(path: str, block_rows: int = 1024) -> tuple[list[str], MemoryBank | None]:
+    """Every problem found in the store at ``path`` (empty = sound), and the opened bank (None when it
+    could not be opened)."""
+    problems: list[str] = []
+    zarr = backend_for(path) is ZarrMemoryBank
+    if zarr and os.path.isdir(path):
+        problems += [f"{p} is {kind}, not a regular file (never read)" for p, kind in special_files(path)]
+    try:
+        bank: MemoryBank | None = open_lenient(path)
+    except (StoreError, OSError, ValueError) as e:
+        problems.append(f"cannot open the store: {e}")
+        bank = None
+    if zarr and os.path.isdir(path):
+        problems += [p for p in _scan_zarr_arrays(path, bank) if p not in problems]
+    if bank is not None:
+        problems += verify_bank(bank, block_rows, scan_data=not zarr)
+    return problems, bank
+
+
+def _scan_zarr_arrays(path: str, bank: MemoryBank | None) -> list[str]:
+    """Checksum of every chunk present of every array, from each array's own metadata."""
+    out: list[str] = []
+    keys_of = bank._keys_of if bank is not None else None
+    for name in ("keys", "complete"):
+        out += _scan_small(path, name, bank)
+    for name in (LIGHT_ARRAY, BEV_FEAT):
+        adir = Path(path) / field_path(name)
+        if not (adir / "zarr.json").exists():
+            continue
+        try:
+            r = RowChunkReader(adir, store=path, name=field_path(name), keys_of=keys_of,
+                               fields=LIGHT_FIELDS if name == LIGHT_ARRAY else ())
+        except (StoreCorruptError, UnsupportedLayout) as e:
+            out.append(f"array {field_path(name)!r}: {e}")
+            continue
+        complete = _complete_rows(bank)
+        check = _finite_check(bank, name)
+        files = set(r.files_present()) | {int(x) for x in np.unique(complete // r.rows_per_file)}
+        for i in tqdm(sorted(files), desc=f"verify {name}", unit="shard", disable=len(files) < 64):
+            present, probs = r.scan(i, check)
+            out += [msg for _, msg in probs]
+            S = r.rows_per_file
+            held = complete[(complete >= i * S) & (complete < (i + 1) * S)]
+            lost = held[~present[held - i * S]] if len(held) and not any(row < 0 for row, _ in probs) else []
+            if len(lost):
+                what = "shard file is missing" if not present.any() else "inner chunks are missing"
+                keys = bank._keys_of(lost.tolist()) if bank is not None else []
+                out.append(f"array {field_path(name)!r}, {r.chunk_name(i)}: {what} for {len(lost)} row(s) marked "
+                           f"complete (rows {lost[:8].tolist()}{' ...' if len(lost) > 8 else ''}, keys "
+                           f"{keys[:8]}{' ...' if len(keys) > 8 else ''}); resume the export to recompute them")
+    return out
+
+
+def _complete_rows(bank: MemoryBank | None) -> np.ndarray:
+    if bank is None or bank._index is None:
+        return np.zeros(0, np.int64)
+    return np.array(sorted(r for _, r in bank._index.items()), np.int64)
+
+
+def _finite_check(bank: MemoryBank | None, name: str) -> Callable[[int, np.ndarray], str | None] | None:
+    if bank is None:
+        return None
+    keys = bank._row_keys
+    ch = bank.schema.light_channels() if name == LIGHT_ARRAY else {BEV_FEAT: (None, None)}
+
+    def check(row: int, values: np.ndarray) -> str | None:
+        if np.isfinite(values).all():
+            return None
+        bad = [f for f, (a, b) in ch.items() if not np.isfinite(values[..., a:b] if a is not None else values).all()]
+        key = str(keys[row]) if row < len(keys) else ""
+        return "; ".join(f"field {f!r} row {row} (key {key!r}): non-finite values" for f in bad)
+    return check
+
+
+def _scan_small(path: str, name: str, bank: MemoryBank | None) -> list[str]:
+    """keys / complete: every chunk file present read through zarr (its crc32c codec checks it)."""
+    import zarr      # lazy: only the Zarr verify needs zarr-python here
+    meta = read_json(Path(path) / name / "zarr.json", path) if regular_size(Path(path) / name / "zarr.json") else None
+    if meta is None:
+        return []
+    try:
+        C = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        N = int(meta["shape"][0])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return [f"array {name!r}: malformed zarr.json"]
+    if not 0 < C <= _MAX_CHUNK_ROWS:
+        return [f"array {name!r}: chunks of {C} rows (implausible; not read)"]
+    try:
+        arr = zarr.open_array(str(Path(path) / name), mode="r", zarr_format=3)
+        chunks = sorted(int(e.name) for e in os.scandir(Path(path) / name / "c") if e.name.isdigit())
+    except FileNotFoundError:
+        return []
+    except Exception as e:  # noqa: BLE001 - unreadable metadata is a finding
+        return [f"array {name!r}: cannot open ({type(e).__name__}: {e})"]
+    out = []
+    for c in chunks:
+        lo, hi = c * C, min(N, (c + 1) * C)
+        try:
+            if regular_size(Path(path) / name / "c" / str(c), path, name) is None or lo >= hi:
+                continue
+            arr[lo:hi]
+        except Exception as e:  # noqa: BLE001 - any decode/IO error is a finding
+            reason = "crc32c checksum mismatch" if "checksum" in str(e).lower() else f"{type(e).__name__}: {e}"
+            keys = bank._keys_of(range(lo, min(hi, len(bank._row_keys)))) if bank is not None and name != "keys" else []
+            out.append(f"array {name!r}, chunk {name}/c/{c} (rows [{lo}, {hi})) does not decode: {reason}"
+                       + (f" (keys {keys[:8]}{' ...' if len(keys) > 8 else ''})" if keys else ""))
+    return out
+
+
+def verify_bank(bank: MemoryBank, block_rows: int = 1024, scan_data: bool = True) -> list[str]:
+    """Problems of an opened bank: lost keys / flags / data (``bank.damage``), bad/orphan/duplicate keys,
+    and (``scan_data``: back ends without a per-file scan) every complete row read and checked finite."""
+    problems = list(bank.damage) if scan_data else [d for d in bank.damage if d not in bank._lost_files]
+    n = bank.n_rows
+    used = min(n, max((s + c for s, c in bank.splits.values()), default=0))
+    keys = bank._row_keys
+    flags = bank._read_flags(0, max(used, min(n, bank._flags_extent())))
+    owner = np.full(len(flags), None, dtype=object)
+    for split, (start, count) in bank.splits.items():
+        owner[start:start + count] = split
+    for r in np.flatnonzero(flags == 1):
+        k = str(keys[r]) if r < len(keys) else ""
+        if owner[r] is None:
+            problems.append(f"row {r}: complete but belongs to no split (orphan, key {k!r}; the leftover of an "
+                            "interrupted rm-split is harmless)")
+            continue
+        try:
+            if parse_key(k).split != owner[r]:
+                problems.append(f"row {r}: key {k!r} lies in split {owner[r]!r}")
+        except InvalidKeyError as e:
+            problems.append(f"row {r}: invalid key: {e}")
+    for k, first, again in bank._index.duplicates:  # type: ignore[union-attr]
+        problems.append(f"key {k!r} is stored twice (rows {first} and {again})")
+    if scan_data:
+        problems += _read_all(bank, block_rows, keys)
+    return problems
+
+
+def _read_all(bank: MemoryBank, block_rows: int, keys: np.ndarray) -> list[str]:
+    problems = []
+    rows_all = _complete_rows(bank)
+    fields = list(bank.schema.fields)
+    for x in tqdm(range(0, len(rows_all), block_rows), desc="verify", unit="block",
+                  disable=len(rows_all) < 4 * block_rows):
+        rows = rows_all[x:x + block_rows]
+        try:
+            data = bank._read_rows(fields, rows)
+        except StoreError:
+            data = {}
+            for r in rows.tolist():         # narrow down to each damaged row
+                try:
+                    bank._read_rows(fields, np.array([r]))
+                except StoreError as e:
+                    problems.append(f"row {r} (key {keys[r]!r}) does not decode: {e}")
+            continue
+        for f, d in data.items():
+            bad = ~np.isfinite(d.reshape(len(rows), -1)).all(1)
+            for r in rows[bad][:10]:
+                problems.append(f"field {f!r} row {int(r)} (key {keys[r]!r}): non-finite values")
+    return problems
+
+
+def incomplete_count(bank: MemoryBank) -> int:
+    return sum(b - x for s, c in bank.splits.values() for x, b in ranges_of(~bank._read_complete(s, s + c)))
+
+
+def field_stats(bank: MemoryBank, field: str, block_rows: int = 2048) -> dict[str, list[float]]:
+    """Per-channel mean/std/min/max over complete rows, read block by block through the checked row reader
+    (a damaged chunk raises StoreCorruptError). Channel = last axis for light fields, axis c for bev_feat."""
+    rows_all = _complete_rows(bank)
+    n, mean, m2, lo, hi = 0, None, None, None, None
+    for x in range(0, len(rows_all), block_rows):      # Chan et al.'s merge of per-block mean / M2
+        d = bank._read_rows([field], rows_all[x:x + block_rows])[field].astype(np.float64)
+        d = np.moveaxis(d, 2, -1) if field == BEV_FEAT else d
+        d = d.reshape(-1, d.shape[-1])
+        nb, mb = d.shape[0], d.mean(0)
+        m2b = ((d - mb) ** 2).sum(0)
+        if mean is None:
+            n, mean, m2, lo, hi = nb, mb, m2b, d.min(0), d.max(0)
+            continue
+        delta, tot = mb - mean, n + nb
+        mean = mean + delta * nb / tot
+        m2 = m2 + m2b + delta ** 2 * n * nb / tot
+        n, lo, hi = tot, np.minimum(lo, d.min(0)), np.maximum(hi, d.max(0))
+    assert mean is not None and m2 is not None and lo is not None and hi is not None
+    return {"mean": mean.tolist(), "std": np.sqrt(m2 / n).tolist(), "min": lo.tolist(), "max": hi.tolist()}
