@@ -163,8 +163,8 @@ class MemoryBank(StorePrimitives):
                 damage.append(f"the keys of split {name!r} do not match their checksum (keys_crc32c)")
         self._lost_files = self._missing_data(np.flatnonzero(complete))
         self.damage = damage + self._lost_files
-        if damage and self.mode == "r" and not (self._legacy or self._lenient):
-            raise StoreCorruptError(f"memorybank {self.path} is damaged: " + "; ".join(damage) + ". Nothing is "
+        if self.damage and self.mode == "r" and not (self._legacy or self._lenient):
+            raise StoreCorruptError(f"memorybank {self.path} is damaged: " + "; ".join(self.damage) + ". Nothing is "
                                     f"served from it. Run `python -m stores verify {self.path}` for details; resume "
                                     "the export (it redoes rows whose flags or data are missing) or re-export",
                                     path=self.path)
