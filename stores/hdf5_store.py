@@ -184,15 +184,17 @@ class HDF5MemoryBank(MemoryBank):
         self._f()[_dset_path(name)][a:a + len(data)] = data
         self._f().flush()
 
-    def _read_rows(self, fields: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
+    def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False) -> dict[str, np.ndarray]:
+        uniq, inv = np.unique(rows, return_inverse=True)      # h5py reads increasing unique rows
         out = {}
         for name in fields:
             try:
-                out[name] = self._f()[_dset_path(name)][rows]
+                d = self._f()[_dset_path(name)][uniq]
             except OSError:             # find the row that fails, name it and its key
-                for r in rows.tolist():
+                for r in uniq.tolist():
                     self._read(name, r, [r])
                 raise
+            out[name] = d if len(uniq) == len(rows) and (inv == np.arange(len(rows))).all() else d[inv]
         return out
 
     def _clear_rows(self, a: int, b: int) -> None:

@@ -89,6 +89,7 @@ class RowChunkReader:
         except (KeyError, TypeError, ValueError) as e:
             raise UnsupportedLayout(f"{self.dir}: unexpected array metadata ({type(e).__name__}: {e})") from None
         self._files: dict[int, tuple[Any, np.ndarray | None, np.ndarray | None]] = {}
+        self._views: dict[int, memoryview] = {}
 
     def _parse(self, meta: dict[str, Any]) -> None:
         self.shape = tuple(int(x) for x in meta["shape"])
@@ -124,6 +125,7 @@ class RowChunkReader:
     def invalidate(self) -> None:
         """Forget every mapped file (call after rows were written by anyone)."""
         self._files.clear()
+        self._views.clear()
 
     # ------------------------------------------------------------------ files
     def file_path(self, i: int) -> Path:
@@ -183,72 +185,66 @@ class RowChunkReader:
                 raise self._corrupt("an inner chunk is shorter than its checksum - file corrupted", i)
         got = (mm, index, np.frombuffer(mm, np.uint8))
         self._files[i] = got
+        self._views[i] = memoryview(mm)
         return got
 
     # ------------------------------------------------------------------ reading
     def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (sorted, in-range) as an array (len(rows), *row_shape) of the array's dtype."""
+        """Rows ``rows`` (in-range, any order, repeats allowed) as an array (len(rows), *row_shape) of the
+        array's dtype, in the order asked: each row is decoded straight into its place (files are visited in
+        row order)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), *self.row_shape), self.dtype)
+        if not len(rows):
+            return out
         flat = out.reshape(len(rows), self.row_items)
         S = self.rows_per_file
-        files = rows // S
+        pos = np.argsort(rows, kind="stable") if (np.diff(rows) < 0).any() else np.arange(len(rows))
+        files = rows[pos] // S
         cuts = np.flatnonzero(np.diff(files)) + 1
-        for group in np.split(np.arange(len(rows)), cuts) if len(rows) else []:
-            i = int(files[group[0]])
-            mm, index, u8 = self._open(i)
+        for group in np.split(pos, cuts):
+            i = int(rows[group[0]] // S)
+            mm, index, _ = self._open(i)
             if mm is None:
                 if self.strict:
                     raise self._corrupt("shard file is missing, but rows it holds are marked complete "
                                         "(deleted or lost; resume the export to recompute them)", i, rows[group])
                 flat[group] = self.fill
                 continue
-            if index is None:
-                spans = np.array([[0, len(mm)]] * len(group), np.uint64)
-            else:
-                spans = index[rows[group] % S]
-            empty = spans[:, 0] == _EMPTY
-            if empty.any():
-                if self.strict:
-                    j = int(np.flatnonzero(empty)[0])
-                    raise self._corrupt("inner chunk is missing from the shard, but its row is marked complete "
-                                        "(lost by a writer that broke the alignment rule?)", i,
-                                        rows[group][empty], int(rows[group][j] % S))
-                flat[group[empty]] = self.fill
-                group, spans = group[~empty], spans[~empty]
-            self._decode_group(i, u8, group, spans, rows, flat)
+            spans = [[0, len(mm)]] * len(group) if index is None else index[rows[group] % S].tolist()
+            self._decode_group(i, group.tolist(), spans, rows, flat)
         return out
 
-    def _decode_group(self, i: int, u8: np.ndarray, positions: np.ndarray, spans: np.ndarray, rows: np.ndarray,
+    def _decode_group(self, i: int, positions: list[int], spans: list[list[int]], rows: np.ndarray,
                       flat: np.ndarray) -> None:
-        """Check and decode the chunks ``spans`` (offset, nbytes) of mapped file ``i`` into ``flat[positions]``."""
-        if not len(positions):
-            return
-        decompress, nbytes = self._decompress, self.row_nbytes
-        offs = spans[:, 0].astype(np.int64)
-        ends = offs + spans[:, 1].astype(np.int64)
-        if self.crc:
-            ends = ends - 4
-            stored = u8[ends[:, None] + np.arange(4)].view("<u4").ravel().tolist()
-        else:
-            stored = [0] * len(positions)
-        value = google_crc32c.value
-        check = self.crc
-        for j, off, end, want in zip(positions.tolist(), offs.tolist(), ends.tolist(), stored):
-            src = u8[off:end]
-            if check and value(src) != want:
+        """Check and decode the chunks ``spans`` [(offset, nbytes)] of mapped file ``i`` into
+        ``flat[positions]`` (``rows[positions]`` name them in errors). Per row: the crc32c of the chunk's bytes
+        against the 4 stored after them, BEFORE anything is decoded; then one decode into place."""
+        mm, _, u8 = self._files[i]
+        decompress, nbytes, view = self._decompress, self.row_nbytes, self._views[i]
+        value, tail, S = google_crc32c.value, 4 if self.crc else 0, self.rows_per_file
+        for j, (off, nb) in zip(positions, spans):
+            if off == _EMPTY_INT:
+                if self.strict:
+                    raise self._corrupt("inner chunk is missing from the shard, but its row is marked complete "
+                                        "(lost by a writer that broke the alignment rule?)", i, [int(rows[j])],
+                                        int(rows[j]) % S)
+                flat[j] = self.fill
+                continue
+            end = off + nb - tail
+            if tail and value(u8[off:end]) != int.from_bytes(mm[end:end + 4], "little"):
                 raise self._corrupt(f"row {int(rows[j])} does not decode: crc32c checksum mismatch (chunk data "
-                                    "corrupted)", i, [int(rows[j])], int(rows[j]) % self.rows_per_file)
+                                    "corrupted)", i, [int(rows[j])], int(rows[j]) % S)
             try:
                 if decompress is None:
                     if end - off != nbytes:
                         raise ValueError(f"{end - off} bytes, expected {nbytes}")
-                    flat[j] = src.view(self.dtype)
+                    flat[j] = u8[off:end].view(self.dtype)
                 else:
-                    decompress(src, flat[j])
+                    decompress(view[off:end], flat[j])      # memoryview: cheaper for numcodecs than ndarray
             except Exception as e:  # noqa: BLE001 - any decoder error means a corrupt chunk
                 raise self._corrupt(f"row {int(rows[j])} does not decode ({type(e).__name__}: {e})", i,
-                                    [int(rows[j])], int(rows[j]) % self.rows_per_file) from None
+                                    [int(rows[j])], int(rows[j]) % S) from None
 
     # ------------------------------------------------------------------ integrity (writers, verify)
     def present(self, a: int, b: int) -> np.ndarray:
@@ -275,19 +271,19 @@ class RowChunkReader:
         S = self.rows_per_file
         present = np.zeros(S, bool)
         try:
-            mm, index, u8 = self._open(i)
+            mm, index, _ = self._open(i)
         except StoreCorruptError as e:
             return present, [(-1, str(e))]
         if mm is None:
             return present, []
-        spans = np.array([[0, len(mm)]], np.uint64) if index is None else index
-        present[:] = spans[:, 0] != _EMPTY if index is not None else True
+        spans = [[0, len(mm)]] if index is None else index.tolist()
+        present[:] = index[:, 0] != _EMPTY if index is not None else True
         problems: list[tuple[int, str]] = []
         scratch = np.empty((1, self.row_items), self.dtype)
         for k in np.flatnonzero(present).tolist():
             row = i * S + k
             try:
-                self._decode_group(i, u8, np.array([0]), spans[k:k + 1], np.array([row]), scratch)
+                self._decode_group(i, [0], [spans[k]], np.array([row]), scratch)
             except StoreCorruptError as e:
                 problems.append((row, str(e)))
                 continue

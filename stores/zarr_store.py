@@ -243,19 +243,24 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
     def _read_array_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
         r = self._reader(name)
         if r is None:        # a layout RowChunkReader does not handle: zarr-python (correct, slower)
-            return np.asarray(self._arr(name).get_orthogonal_selection((rows,)))
+            uniq, inv = np.unique(rows, return_inverse=True)
+            return np.asarray(self._arr(name).get_orthogonal_selection((uniq,)))[inv]
         return r.read(rows)
 
-    def _read_rows(self, fields: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-        """``{field: (len(rows), T, ...)}``; the packed light row is read ONCE for all light fields, which
-        come back as channel views of it."""
+    def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False) -> dict[str, np.ndarray]:
+        """``{field: (len(rows), T, ...)}`` in the order of ``rows``; the packed light row is read and
+        checked ONCE for all light fields. They come back as channel views of the packed block when
+        ``views`` or when all three are asked for (no copy), else as copies (a small field must not keep
+        the whole packed block alive)."""
         out: dict[str, np.ndarray] = {}
         light = [f for f in fields if f in LIGHT_FIELDS]
         if light:
             packed = self._read_array_rows(LIGHT_ARRAY, rows)
             ch = self.schema.light_channels()
+            keep = views or len(set(light)) == len(LIGHT_FIELDS)
             for f in light:
-                out[f] = packed[..., ch[f][0]:ch[f][1]]
+                v = packed[..., ch[f][0]:ch[f][1]]
+                out[f] = v if keep else np.ascontiguousarray(v)
         if BEV_FEAT in fields:
             out[BEV_FEAT] = self._read_array_rows(BEV_FEAT, rows)
         return {f: out[f] for f in fields}

@@ -108,8 +108,9 @@ class StorePrimitives(ABC):
             self._write_field(f, a, d)
 
     @abstractmethod
-    def _read_rows(self, fields: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Hot path: ``{field: array (len(rows), T, ...)}`` for sorted unique ``rows``."""
+    def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False) -> dict[str, np.ndarray]:
+        """Hot path: ``{field: array (len(rows), T, ...)}`` for ``rows`` in any order (repeats allowed), in
+        that order. ``views=True``: the arrays may be views of a larger buffer (the caller copies them)."""
 
     @abstractmethod
     def _clear_rows(self, a: int, b: int) -> None: ...

@@ -213,10 +213,8 @@ class MemoryBank(StorePrimitives):
                 raise KeyError(f"field {f!r} is not stored in {self.path} (fields: {stored})")
         rows, missing = self._index.rows(list(keys))
         found = rows >= 0
-        uniq, inv = np.unique(rows[found], return_inverse=True)
-        data = self._read_rows(fields, uniq) if len(uniq) else {
+        out = self._read_rows(fields, rows[found]) if found.any() else {
             f: np.zeros((0, *self.schema.row_shape(f)), self.schema.dtype) for f in fields}
-        out = {f: d[inv] for f, d in data.items()}
         if fill_missing:
             full = {}
             for f, d in out.items():
@@ -230,7 +228,7 @@ class MemoryBank(StorePrimitives):
     def get_batch_into(self, keys: Sequence[str], out: Mapping[str, np.ndarray]) -> np.ndarray:
         """Read ``keys`` straight into caller-owned arrays ``out = {field: (B, T, ...)}`` (B = len(keys),
         any float dtype: values are cast on copy); rows of absent keys are zeroed. Returns ``found`` (B,)
-        bool. One read of the needed rows (sorted, de-duplicated) for all fields; used by
+        bool. One read of the needed rows for all fields, each decoded once and copied once; used by
         `stores.torch_data.MemoryBankDataset` to fill one shared float32 buffer per batch."""
         assert self._index is not None
         stored = self.schema.fields
@@ -244,14 +242,13 @@ class MemoryBank(StorePrimitives):
         found = rows >= 0
         pos = np.flatnonzero(found)
         if len(pos):
-            uniq, inv = np.unique(rows[pos], return_inverse=True)
-            data = self._read_rows(tuple(out), uniq)
+            data = self._read_rows(tuple(out), rows[pos], views=True)    # decoded in request order
             all_found = len(pos) == len(keys)
             for f, o in out.items():
                 if all_found:
-                    o[...] = data[f][inv]
+                    o[...] = data[f]
                 else:
-                    o[pos] = data[f][inv]
+                    o[pos] = data[f]
         for o in out.values():
             if len(pos) < len(keys):
                 o[~found] = 0
