@@ -1,15 +1,21 @@
 """The two sensors of the synthetic car, ray cast against the same scene (vectorised numpy, no ray loops).
 
 - LiDAR at the ego origin, 1.0 m above the ground (so flat ground is at ego z = -1.0): ``rings`` elevation
-  rings x ``azimuth_steps`` azimuths over 360 deg; hits on ground, walls and barrels; Gaussian range noise;
-  a small random ray dropout; rays with no hit within ``max_range`` are dropped. Output (N, 4) float32
-  (x, y, z, intensity in [0, 1]) in the ego frame (x forward, y left, z up).
-- Pinhole camera (OpenCV frame) at ego ``position`` pitched ``pitch_deg`` down, rendering walls (red/white
-  stripes on the left wall, blue/white on the right), asphalt with lane paint, orange barrels and sky.
-Both use the same materials, so LiDAR intensity and image colour agree (paint bright, white stripes bright).
-Walls are vertical, so a ray's hit on them only depends on its horizontal direction: the wall distance is
-computed per azimuth once (LiDAR azimuths; a fine azimuth table for the camera) and reused for all
-elevations / pixel rows.
+  rings x ``azimuth_steps`` azimuths over 360 deg; hits on ground, walls, barrels and other cars; Gaussian
+  range noise; a small random ray dropout (in the gap world also weak far returns lost, more the darker the
+  surface in the near infrared); rays with no hit within ``max_range`` are dropped. Output (N, 4) float32
+  (x, y, z, intensity in [0, 1]) in the ego frame (x forward, y left, z up). It ignores the light: of
+  the track's look only paint that is physically gone changes its points.
+- Pinhole camera (OpenCV frame) at ego ``position`` pitched ``pitch_deg`` down. Clean world: walls (red/white
+  stripes on the left wall, blue/white on the right), asphalt with lane paint, orange barrels and sky under
+  uniform light. Gap world (the track has a look, ``e2r.sim.appearance``): the track's own materials under
+  its light (sun, shadows, sky, headlights), other cars in the field of view, exposure, motion blur from
+  the speed, sensor noise from ``rng``.
+Both use the same material layout (``e2r.sim.materials``), so LiDAR intensity and image agree where they
+should (paint bright, light wall stripes bright). Walls are vertical, so a ray's hit on them only depends on
+its horizontal direction: the wall distance is computed per azimuth once (LiDAR azimuths; a fine azimuth
+table for the camera) and reused for all elevations / pixel rows. Other cars move: both sensors take the
+time ``t`` (s since the start of the recording or run) and place them with ``e2r.sim.traffic.car_poses``.
 """
 from __future__ import annotations
 
@@ -17,13 +23,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from e2r.sim.track import ASPHALT, CENTRE_LINE, EDGE_LINE, Track, paint_map
+from e2r.sim.appearance import finish, lighting, sky
+from e2r.sim.materials import (barrel_material, car_albedo, car_intensity, ground_albedo, ground_material,
+                               wall_albedo, wall_material)
+from e2r.sim.track import Track
+from e2r.sim.traffic import car_poses, ray_boxes
 
 __all__ = ["LidarConfig", "CameraConfig", "cast_lidar", "render_camera", "camera_intrinsics", "camera_to_ego"]
 
 LIDAR_HEIGHT = 1.0     # metres above ground; ground is at ego z = -LIDAR_HEIGHT
-STRIPE_LEN = 2.0       # metres of one wall stripe
-CAP = 0.12             # dark band at the top of the walls (m)
+GROUND, WALL, BARREL, CAR, SKY = 0, 1, 2, 3, 4    # what a ray hit
 
 
 @dataclass
@@ -131,54 +140,11 @@ def _barrels_along(track: Track, origin: np.ndarray, dirs: np.ndarray, max_range
     return np.where((disc >= 0) & (t > 1e-6), t, np.inf), ids
 
 
-def _hash01(ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
-    """Deterministic integer hash of grid cells -> [0, 1)."""
-    h = (ix.astype(np.int64) * 73856093) ^ (iy.astype(np.int64) * 19349663)
-    h = (h ^ (h >> 13)) * 1274126177
-    return ((h >> 8) & 0xFFFF).astype(np.float64) / 65536.0
-
-
-# ---------------------------------------------------------------------------------------------- materials
-def _ground_material(track: Track, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """RGB (P, 3) in [0, 1] and LiDAR intensity (P,) of ground points ``xy`` (P, 2) (world frame)."""
-    code = paint_map(track).lookup(xy)
-    noise = _hash01(np.floor(xy[:, 0] * 4), np.floor(xy[:, 1] * 4))
-    grey = 0.30 + 0.07 * noise
-    rgb = np.repeat(grey[:, None], 3, axis=1)
-    inten = 0.08 + 0.06 * noise
-    rgb[code == EDGE_LINE] = (0.93, 0.93, 0.93)
-    rgb[code == CENTRE_LINE] = (0.95, 0.80, 0.15)
-    rgb[code < ASPHALT] = (0.25, 0.45, 0.20)
-    inten = np.where(code > ASPHALT, 0.75, inten)
-    return rgb, inten
-
-
-def _wall_material(track: Track, seg: np.ndarray, u: np.ndarray, z: np.ndarray):
-    """RGB (P, 3) and intensity (P,) of wall hits on segments ``seg`` at position ``u``, height ``z``
-    above ground."""
-    seglen = np.linalg.norm(track.seg_b[seg] - track.seg_a[seg], axis=1)
-    s_wall = track.seg_s0[seg] + u * seglen
-    white = (np.floor(s_wall / STRIPE_LEN).astype(np.int64) % 2) == 0
-    left = track.seg_side[seg] == 0
-    colour = np.where(left[:, None], np.array([[0.80, 0.10, 0.10]]), np.array([[0.10, 0.25, 0.80]]))
-    rgb = np.where(white[:, None], 0.92, colour)
-    inten = np.where(white, 0.8, 0.35)
-    cap = z > track.wall_height - CAP
-    rgb[cap] = 0.12
-    inten = np.where(cap, 0.2, inten)
-    return rgb, inten
-
-
-def _barrel_material(z: np.ndarray, height: np.ndarray):
-    band = np.abs(z / height - 0.6) < 0.1
-    rgb = np.where(band[:, None], 0.95, np.array([[1.0, 0.5, 0.05]]))
-    return rgb, np.full(len(z), 0.95)
-
-
 # ------------------------------------------------------------------------------------------------- LiDAR
-def cast_lidar(track: Track, x: float, y: float, yaw: float,
-               rng: np.random.Generator, cfg: LidarConfig | None = None) -> np.ndarray:
-    """Point cloud (N, 4) float32 [x, y, z, intensity] in the ego frame of the car at world (x, y, yaw)."""
+def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Generator,
+               cfg: LidarConfig | None = None, t: float = 0.0) -> np.ndarray:
+    """Point cloud (N, 4) float32 [x, y, z, intensity] in the ego frame of the car at world (x, y, yaw), at
+    time ``t`` (s; places the other cars of a gap-world track)."""
     cfg = cfg or LidarConfig()
     elev = np.radians(np.linspace(cfg.elevation_deg[0], cfg.elevation_deg[1], cfg.rings))       # (R,)
     az = np.arange(cfg.azimuth_steps) * (2 * np.pi / cfg.azimuth_steps)                          # (A,)
@@ -196,7 +162,17 @@ def cast_lidar(track: Track, x: float, y: float, yaw: float,
     obs_ok = (z_obs >= -LIDAR_HEIGHT) & (z_obs <= track.obs_height[obs_ids][None, None] - LIDAR_HEIGHT)
     h_obs_r = np.where(obs_ok, h_obs[None], np.inf)
     h_obs_min = h_obs_r.min(axis=2) if h_obs_r.shape[2] else np.full(h_ground.shape, np.inf)
-    cand = np.stack([h_ground, h_wall_ok, h_obs_min])                                           # (3, R, A)
+    cands = [h_ground, h_wall_ok, h_obs_min]
+    traffic = track.traffic
+    if traffic is not None and len(traffic):
+        poses = car_poses(track, traffic, t)
+        h_car, face, along = ray_boxes(origin, world_dirs, poses, traffic)                      # (A, M)
+        z_car = h_car[None] * tan_e[..., None]                                                  # (R, A, M)
+        car_ok = (z_car >= -LIDAR_HEIGHT) & (z_car <= traffic.height[None, None] - LIDAR_HEIGHT)
+        h_car_r = np.where(car_ok, h_car[None], np.inf)
+        which_car = np.argmin(h_car_r, axis=2)                                                  # (R, A)
+        cands.append(h_car_r.min(axis=2))
+    cand = np.stack(cands)                                                                      # (3|4, R, A)
     kind = np.argmin(cand, axis=0)
     h = np.min(cand, axis=0)
     cos_e = np.cos(elev)[:, None]
@@ -213,24 +189,78 @@ def cast_lidar(track: Track, x: float, y: float, yaw: float,
     # intensities from the material at the exact (noise-free) hit point
     inten = np.zeros(len(h))
     hit_xy = origin + world_dirs[ai] * h[:, None]
-    g = kind == 0
+    g = kind == GROUND
     if g.any():
-        inten[g] = _ground_material(track, hit_xy[g])[1]
-    wm = kind == 1
+        inten[g] = ground_material(track, hit_xy[g])[1]
+    wm = kind == WALL
     if wm.any():
-        inten[wm] = _wall_material(track, seg[ai[wm]], u[ai[wm]], h[wm] * tan_e[ri[wm], 0] + LIDAR_HEIGHT)[1]
-    om = kind == 2
+        inten[wm] = wall_material(track, seg[ai[wm]], u[ai[wm]], h[wm] * tan_e[ri[wm], 0] + LIDAR_HEIGHT)[1]
+    om = kind == BARREL
     if om.any():
         inten[om] = 0.95
+    cm = kind == CAR
+    if cm.any():
+        car = which_car[ri[cm], ai[cm]]
+        inten[cm] = car_intensity(traffic, car, face[ai[cm], car], along[ai[cm], car],
+                                  h[cm] * tan_e[ri[cm], 0] + LIDAR_HEIGHT)
+    clean = np.clip(inten, 0.0, 1.0)
     inten = np.clip(inten + rng.normal(0.0, 0.02, size=inten.shape), 0.0, 1.0)
     pts[:, 3] = inten
+    if track.look is not None:
+        # weak returns (dark surfaces far away) fall below the detection threshold: lost more often
+        lost = track.look.cfg.lidar_weak_dropout * (1.0 - clean) * np.minimum(h / cos_e[ri, 0] / cfg.max_range, 1.0)
+        pts = pts[rng.random(len(pts)) >= lost]
     return pts
 
 
 # ------------------------------------------------------------------------------------------------ camera
-def render_camera(track: Track, x: float, y: float, yaw: float,
-                  cfg: CameraConfig | None = None) -> np.ndarray:
-    """RGB image (H, W, 3) uint8 seen by the camera of the car at world (x, y, yaw)."""
+def _shade_gap(track: Track, kind: np.ndarray, dist: np.ndarray, dirs: np.ndarray, slope: np.ndarray,
+               origin: np.ndarray, cam_h: float, walls: tuple, barrels: tuple, cars: tuple,
+               ego: tuple[float, float, float]) -> np.ndarray:
+    """Scene radiance (P, 3) of the pixels' hits under the track's look (gap world)."""
+    look = track.look
+    rgb = np.empty((len(kind), 3))
+    rgb[kind == SKY] = sky(look, slope[kind == SKY])
+    xy = origin + dirs * np.where(np.isfinite(dist), dist, 0.0)[:, None]
+    z = cam_h + dist * slope
+    g = kind == GROUND
+    if g.any():
+        rgb[g] = ground_albedo(look, track, xy[g]) * lighting(look, xy[g], np.zeros(g.sum()), None, ego)
+    wm = kind == WALL
+    if wm.any():
+        seg, u = walls[0][wm], walls[1][wm]
+        e = track.seg_b[seg] - track.seg_a[seg]
+        normal = np.stack([-e[:, 1], e[:, 0]], 1) / np.linalg.norm(e, axis=1, keepdims=True)
+        normal *= -np.sign((normal * dirs[wm]).sum(1) + 1e-12)[:, None]           # facing the camera
+        rgb[wm] = wall_albedo(look, track, seg, u, z[wm]) * lighting(look, xy[wm], z[wm], normal, ego)
+    om = kind == BARREL
+    if om.any():
+        k = barrels[0][om]
+        ids = barrels[1][k]
+        normal = xy[om] - track.obs_xy[ids]
+        normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9)
+        rgb[om] = barrel_material(z[om], track.obs_height[ids])[0] * lighting(look, xy[om], z[om], normal, ego)
+    cm = kind == CAR
+    if cm.any():
+        which, face, along, yaw_cars = cars
+        car = which[cm]
+        fwd = np.stack([np.cos(yaw_cars[car]), np.sin(yaw_cars[car])], 1)
+        f = face[cm, car]
+        normal = np.where((f == 2)[:, None], np.stack([-fwd[:, 1], fwd[:, 0]], 1), fwd)
+        normal *= -np.sign((normal * dirs[cm]).sum(1) + 1e-12)[:, None]
+        albedo, glow = car_albedo(look, track.traffic, car, f, cars[2][cm, car], z[cm])
+        rgb[cm] = albedo * lighting(look, xy[cm], z[cm], normal, ego) + glow
+    hit = kind != SKY
+    fog = 1.0 - np.exp(-dist[hit] * np.sqrt(1 + slope[hit] ** 2) / 140.0)
+    rgb[hit] = rgb[hit] * (1 - fog[:, None]) + look.horizon * fog[:, None]
+    return rgb
+
+
+def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfig | None = None, *,
+                  t: float = 0.0, speed: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    """RGB image (H, W, 3) uint8 seen by the camera of the car at world (x, y, yaw). Gap world only: ``t``
+    (s) places the other cars, ``speed`` (m/s) sets the motion blur and ``rng`` draws the sensor noise
+    (None: a noise-free image)."""
     cfg = cfg or CameraConfig()
     w, h = cfg.image_size
     K = camera_intrinsics(cfg)
@@ -271,30 +301,49 @@ def render_camera(track: Track, x: float, y: float, yaw: float,
         h_obs_min = np.full(len(horiz), np.inf)
     with np.errstate(divide="ignore"):
         h_ground = np.where(slope < 0, cam_h / -slope, np.inf)
-    cand = np.stack([h_ground, h_wall, h_obs_min])
+    cands = [h_ground, h_wall, h_obs_min]
+    traffic, cars = track.traffic, None
+    if traffic is not None and len(traffic):                 # other cars: only rays in the field of view exist
+        poses = car_poses(track, traffic, t)          # boxes are vertical: cast on the azimuth table too
+        bin_dirs = np.stack([np.cos(bins_phi), np.sin(bins_phi)], axis=1)
+        h_car, face, along = (a[b] for a in ray_boxes(origin, bin_dirs, poses, traffic))       # (P, M)
+        z_car = cam_h + h_car * slope[:, None]
+        h_car = np.where((z_car >= 0) & (z_car <= traffic.height[None]), h_car, np.inf)
+        which_car = np.argmin(h_car, axis=1)
+        cands.append(h_car[np.arange(len(h_car)), which_car])
+        cars = (which_car, face, along, poses.yaw)
+    cand = np.stack(cands)
     kind = np.argmin(cand, axis=0)
     dist = np.min(cand, axis=0)
-    kind = np.where(np.isfinite(dist), kind, 3)                                  # 3 = sky
+    kind = np.where(np.isfinite(dist), kind, SKY)
+
+    if track.look is not None:
+        rgb = _shade_gap(track, kind, dist, dirs, slope, origin, cam_h, (tbl_seg[b], tbl_u[b]),
+                         (which_obs, obs_ids), cars, (x, y, yaw))
+        # horizontal optical flow of forward motion: (u - cx) v / Z, Z = depth along the optical axis
+        with np.errstate(divide="ignore", invalid="ignore"):
+            flow = np.where(kind != SKY, (uu.reshape(-1) - K[0, 2]) * float(speed) * horiz / dist, 0.0)
+        return finish(track.look, rgb.reshape(h, w, 3), flow.reshape(h, w), rng)
 
     horizon_rgb = np.array([0.78, 0.86, 0.95])
     elev_frac = np.clip(slope, 0, 1)[:, None]
     rgb = horizon_rgb * (1 - elev_frac) + np.array([0.30, 0.50, 0.85]) * elev_frac
-    g = kind == 0
+    g = kind == GROUND
     if g.any():
-        rgb[g] = _ground_material(track, origin + dirs[g] * dist[g, None])[0]
-    wm = kind == 1
+        rgb[g] = ground_material(track, origin + dirs[g] * dist[g, None])[0]
+    wm = kind == WALL
     if wm.any():
-        col, _ = _wall_material(track, tbl_seg[b[wm]], tbl_u[b[wm]], z_wall[wm])
+        col, _ = wall_material(track, tbl_seg[b[wm]], tbl_u[b[wm]], z_wall[wm])
         seg = tbl_seg[b[wm]]
         e = track.seg_b[seg] - track.seg_a[seg]
         e /= np.linalg.norm(e, axis=1, keepdims=True)
         shade = 0.55 + 0.45 * np.abs(dirs[wm, 0] * e[:, 1] - dirs[wm, 1] * e[:, 0])
         rgb[wm] = col * shade[:, None]
-    om = kind == 2
+    om = kind == BARREL
     if om.any():
         k = which_obs[om]
-        rgb[om] = _barrel_material(z_obs[om, k], track.obs_height[obs_ids[k]])[0]
-    hit = kind < 3
+        rgb[om] = barrel_material(z_obs[om, k], track.obs_height[obs_ids[k]])[0]
+    hit = kind != SKY
     fog = 1.0 - np.exp(-dist[hit] * np.sqrt(1 + slope[hit] ** 2) / 140.0)
     rgb[hit] = rgb[hit] * (1 - fog[:, None]) + horizon_rgb * fog[:, None]
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8).reshape(h, w, 3)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["TrackConfig", "Track", "make_track", "PaintMap", "paint_map", "GRASS", "ASPHALT", "EDGE_LINE", "CENTRE_LINE"]
+__all__ = ["TrackConfig", "Track", "make_track", "PaintMap", "paint_map", "GRASS", "ASPHALT", "EDGE_LINE",
+           "CENTRE_LINE", "FADED_EDGE", "FADED_CENTRE"]
 
 
 @dataclass
@@ -58,6 +60,10 @@ class Track:
     obs_height: np.ndarray
     clockwise: bool
     paint: "PaintMap | None" = field(default=None, repr=False)   # built lazily by paint_map()
+    # the sensor-gap world's additions (None in the clean world): the look (e2r.sim.appearance.Appearance,
+    # whose paint_state wears the paint) and the other cars (e2r.sim.traffic.Traffic); not in fingerprint()
+    look: Any = field(default=None, repr=False)
+    traffic: Any = field(default=None, repr=False)
 
     def fingerprint(self) -> str:
         """A short, stable digest of the geometry (to check that two tracks are different)."""
@@ -159,6 +165,7 @@ def make_track(rng: np.random.Generator, cfg: TrackConfig | None = None, clockwi
 
 # ------------------------------------------------------------------------------------- ground paint raster
 GRASS, ASPHALT, EDGE_LINE, CENTRE_LINE = 0, 1, 2, 3
+FADED_EDGE, FADED_CENTRE = 4, 5          # worn paint (gap world): low contrast for the camera only
 EDGE_INSET, EDGE_WIDTH, CENTRE_WIDTH, DASH = 0.6, 0.36, 0.24, 3.0   # metres
 
 
@@ -182,9 +189,20 @@ class PaintMap:
         return out
 
 
+def _runs(values: np.ndarray) -> list[tuple[int, int, int]]:
+    """Maximal runs ``(first, last, value)`` of equal values of a closed loop (a run may wrap past the end)."""
+    n = len(values)
+    change = np.nonzero(values != np.roll(values, 1))[0]
+    if len(change) == 0:
+        return [(0, n - 1, int(values[0]))]
+    ends = np.roll(change, -1)
+    return [(int(a), int(a + (b - a) % n - 1), int(values[a])) for a, b in zip(change, ends)]
+
+
 def paint_map(track: Track, res: float = 0.05) -> PaintMap:
     """The track's ground paint (asphalt corridor between the walls, white edge lines ``EDGE_INSET`` inside
-    each wall, a dashed yellow centre line) drawn once with Pillow and cached on the track."""
+    each wall, a dashed yellow centre line) drawn once with Pillow and cached on the track. With a look
+    (gap world) its ``paint_state`` leaves the paint out where it is gone and marks it FADED_* where faded."""
     if track.paint is not None and track.paint.res == res:
         return track.paint
     half = (track.width / 2)[:, None]
@@ -204,17 +222,31 @@ def paint_map(track: Track, res: float = 0.05) -> PaintMap:
     quads = np.stack([left, left[nxt], right[nxt], right], axis=1)          # (K, 4, 2)
     for quad in quads:
         draw.polygon(px(quad), fill=ASPHALT)
-    for sign in (1.0, -1.0):
-        line = track.centre + sign * track.normal * (half - EDGE_INSET)
-        draw.line(px(np.vstack([line, line[:2]])), fill=EDGE_LINE, width=max(1, round(EDGE_WIDTH / res)),
-                  joint="curve")
+    state = getattr(track.look, "paint_state", None)          # (3, K): left edge, right edge, centre line
+    if state is None:
+        for sign in (1.0, -1.0):
+            line = track.centre + sign * track.normal * (half - EDGE_INSET)
+            draw.line(px(np.vstack([line, line[:2]])), fill=EDGE_LINE, width=max(1, round(EDGE_WIDTH / res)),
+                      joint="curve")
+    else:
+        for row, sign in ((0, 1.0), (1, -1.0)):
+            line = track.centre + sign * track.normal * (half - EDGE_INSET)
+            for i0, i1, value in _runs(state[row]):
+                if value < 2:
+                    idx = np.arange(i0, i1 + 2) % n           # through the next sample: no gaps between runs
+                    draw.line(px(line[idx]), fill=(EDGE_LINE, FADED_EDGE)[value],
+                              width=max(1, round(EDGE_WIDTH / res)), joint="curve")
     on = (track.s % (2 * DASH)) < DASH
     starts = np.nonzero(on & ~np.roll(on, 1))[0]
     for i0 in starts:
+        value = 0 if state is None else int(state[2, i0])
+        if value == 2:
+            continue
         idx = [i0]
         while on[(idx[-1] + 1) % n] and len(idx) < n:
             idx.append((idx[-1] + 1) % n)
         idx.append((idx[-1] + 1) % n)   # close the dash to its full length
-        draw.line(px(track.centre[idx]), fill=CENTRE_LINE, width=max(1, round(CENTRE_WIDTH / res)))
+        draw.line(px(track.centre[idx]), fill=(CENTRE_LINE, FADED_CENTRE)[value],
+                  width=max(1, round(CENTRE_WIDTH / res)))
     track.paint = PaintMap(codes=np.asarray(img, dtype=np.uint8), x0=float(lo[0]), y0=float(lo[1]), res=res)
     return track.paint
