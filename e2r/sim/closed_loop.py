@@ -10,8 +10,12 @@ commands, 0 at the start), ask the policy for ``(steering, speed command)``, adv
 Bookkeeping per car: progress along the centre line (:class:`LapCounter`, from the nearest centre-line
 sample, wrap-around handled; a lap is a full lap from the car's start point, counted once; reversing
 back across the start does not count), collision = the body rectangle touching a wall polyline
-(:func:`wall_contact`; barrels are not obstacles). A car stops on a collision, after ``laps`` laps or at
-``time_limit``. Deterministic per ``seed`` (the LiDAR noise of car k comes from its own seeded stream).
+(:func:`wall_contact`) or another car of a gap-world track (:func:`car_contact`: the other cars move on
+their own schedule, time = step / rate, as in the recording; they do not react, so a car that stops on
+the track is hit from behind, a collision too); barrels are not obstacles. A car stops on a collision,
+after ``laps`` laps or at ``time_limit``. Deterministic per ``seed`` (the LiDAR and camera noise of car k
+come from their own seeded streams). The camera is rendered as the dataset's: at the step's time, with
+the car's speed (motion blur) and sensor noise.
 """
 from __future__ import annotations
 
@@ -28,11 +32,13 @@ from e2r.sim.expert import nearest_index, speed_profile
 from e2r.sim.policies import Observation, Policy
 from e2r.sim.sensors import cast_lidar, render_camera
 from e2r.sim.track import Track
+from e2r.sim.traffic import car_contact as _boxes_overlap
+from e2r.sim.traffic import car_corners, car_poses, clear_start
 from e2r.sim.vehicle import VehicleConfig, VehicleState, advance, body_corners
 from e2r.sim.world import SyntheticConfig, track_for_segment
 
 __all__ = ["SimWorld", "load_world", "ClosedLoopConfig", "RunResult", "LapCounter", "wall_contact",
-           "centre_position", "lateral_offset", "start_indices", "run_closed_loop"]
+           "car_contact", "centre_position", "lateral_offset", "start_indices", "run_closed_loop"]
 
 
 @dataclass
@@ -91,6 +97,7 @@ class RunResult:
     steps: int
     end: str
     steps_per_s: float = float("nan")
+    collision_with: str = ""            # "wall" or "car" when end == "collision"
     trajectory: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)), repr=False)
     commands: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)), repr=False)
     camera_frames: list[np.ndarray] = field(default_factory=list, repr=False)
@@ -174,23 +181,36 @@ def wall_contact(track: Track, state: VehicleState, vehicle: VehicleConfig) -> n
     return (~reject & (t0 <= t1)).any(axis=1)
 
 
+def car_contact(track: Track, state: VehicleState, vehicle: VehicleConfig, t: float) -> np.ndarray:
+    """(B,) bool: the body rectangle of each car touches one of the track's other cars at time ``t`` (s);
+    all False on a track without other cars."""
+    if track.traffic is None or len(track.traffic) == 0:
+        return np.zeros(len(state), bool)
+    others = car_corners(car_poses(track, track.traffic, t), track.traffic)
+    return _boxes_overlap(body_corners(state, vehicle), others)
+
+
 def start_indices(track: Track, starts: int, offset: int = 0) -> list[int]:
-    """``starts`` centre-line samples evenly spaced along the lap (the first at ``offset``)."""
+    """``starts`` centre-line samples evenly spaced along the lap (the first at ``offset``), each moved
+    forward, if needed, to be clear of the track's other cars at t = 0 (``traffic.clear_start``)."""
     n = len(track.centre)
-    return [int((offset + round(k * n / starts)) % n) for k in range(starts)]
+    return [clear_start(track, track.traffic, int((offset + round(k * n / starts)) % n)) for k in range(starts)]
 
 
-def _sensors(world: SimWorld, policy: Policy, state: VehicleState, cars: np.ndarray,
-             rngs: list[np.random.Generator], record: Optional[int], frames: dict[int, np.ndarray]) -> dict:
-    """Render what the policy needs for the cars ``cars`` (and the recorded car's camera into ``frames``)."""
+def _sensors(world: SimWorld, policy: Policy, state: VehicleState, cars: np.ndarray, t: float,
+             rngs: list[np.random.Generator], cam_rngs: list[np.random.Generator], record: Optional[int],
+             frames: dict[int, np.ndarray]) -> dict:
+    """Render what the policy needs for the cars ``cars`` at time ``t`` (s) (and the recorded car's camera
+    into ``frames``)."""
     cfg = world.config
     points, images = [], []
     for b, car in enumerate(cars.tolist()):
         x, y, yaw = float(state.x[b]), float(state.y[b]), float(state.yaw[b])
         if policy.needs_lidar:
-            points.append(cast_lidar(world.track, x, y, yaw, rngs[car], cfg.lidar))
+            points.append(cast_lidar(world.track, x, y, yaw, rngs[car], cfg.lidar, t=t))
         if policy.needs_camera or car == record:
-            img = render_camera(world.track, x, y, yaw, cfg.camera)
+            img = render_camera(world.track, x, y, yaw, cfg.camera, t=t, speed=float(state.v[b]),
+                                rng=cam_rngs[car])
             if car == record:
                 frames[car] = img
             if policy.needs_camera:
@@ -221,11 +241,12 @@ def run_closed_loop(policy: Policy, world: SimWorld, starts: Sequence[int], cfg:
     state = VehicleState.create(track.centre[idx, 0], track.centre[idx, 1],
                                 np.arctan2(track.tangent[idx, 1], track.tangent[idx, 0]), v0)
     rngs = [np.random.default_rng(np.random.SeedSequence([cfg.seed, k, int(idx[k])])) for k in range(B)]
+    cam_rngs = [np.random.default_rng(np.random.SeedSequence([cfg.seed, k, int(idx[k]), 1])) for k in range(B)]
     laps = LapCounter(n, centre_position(track, state.x, state.y, idx))
     speed_hist = [deque(maxlen=cfg.seq_len) for _ in range(B)]
     steer_hist = [deque(maxlen=cfg.seq_len) for _ in range(B)]
     prev_cmd = np.zeros(B)
-    done, collided, end = np.zeros(B, bool), np.zeros(B, bool), ["time"] * B
+    done, collided, end, hit_what = np.zeros(B, bool), np.zeros(B, bool), ["time"] * B, [""] * B
     lap_time = np.full(B, np.nan)
     steps = np.zeros(B, np.int64)
     traj = [[] for _ in range(B)]
@@ -251,7 +272,7 @@ def run_closed_loop(policy: Policy, world: SimWorld, starts: Sequence[int], cfg:
         obs = Observation(t=t, cars=cars, state=sub, index=idx[cars].copy(),
                           speed=np.array([list(speed_hist[c]) for c in cars], dtype=np.float32),
                           steering=np.array([list(steer_hist[c]) for c in cars], dtype=np.float32),
-                          **_sensors(world, policy, sub, cars, rngs, cfg.record_camera, frames))
+                          **_sensors(world, policy, sub, cars, t * dt, rngs, cam_rngs, cfg.record_camera, frames))
         if cfg.record_camera in frames:
             camera_frames.append(frames.pop(cfg.record_camera))
         steer_cmd, speed_cmd = (np.nan_to_num(np.asarray(a, dtype=np.float64)) for a in policy.act(obs))
@@ -268,11 +289,13 @@ def run_closed_loop(policy: Policy, world: SimWorld, starts: Sequence[int], cfg:
         laps.update(centre_position(track, state.x, state.y, idx), active)
         first = active & np.isnan(lap_time) & (laps.laps >= 1)
         lap_time[first] = (t + 1) * dt
-        hit = np.zeros(B, bool)
+        hit, hit_car = np.zeros(B, bool), np.zeros(B, bool)
         hit[cars] = wall_contact(track, sub, vehicle)
+        hit_car[cars] = car_contact(track, sub, vehicle, (t + 1) * dt)
+        for car in np.nonzero(hit | hit_car)[0]:
+            end[car], hit_what[car] = "collision", "wall" if hit[car] else "car"
+        hit |= hit_car
         finished = active & ~hit & (laps.laps >= cfg.laps)
-        for car in np.nonzero(hit)[0]:
-            end[car] = "collision"
         for car in np.nonzero(finished)[0]:
             end[car] = "laps"
         collided |= hit
@@ -292,6 +315,7 @@ def run_closed_loop(policy: Policy, world: SimWorld, starts: Sequence[int], cfg:
             mean_abs_lateral=float(lat.mean()), max_abs_lateral=float(lat.max()),
             mean_speed=float(np.mean(speeds[k])) if speeds[k] else float(v0[k]),
             sim_time=float(steps[k] * dt), steps=int(steps[k]), end=end[k], steps_per_s=rate,
+            collision_with=hit_what[k],
             trajectory=np.vstack([tr, [[state.x[k], state.y[k], state.yaw[k]]]]), commands=np.asarray(cmds[k]).reshape(-1, 2),
             camera_frames=camera_frames if k == cfg.record_camera else []))
     return results

@@ -9,6 +9,10 @@ both sensors see:
   ``wheel_angle = atan(2 L sin(alpha) / Ld)`` in degrees, positive = left, with a little Gaussian noise;
 - speed command: ``min(v_max, sqrt(a_lat / |curvature|))`` minimised over the next ``speed_horizon`` metres
   (< 25 m, inside the teacher's BEV range), at least ``v_min``; the vehicle's speed loop tracks it.
+- other cars (gap world, ``track.traffic``): the speed command is also capped by
+  ``e2r.sim.traffic.follow_limit`` (able to stop behind the next car ahead, keeping a gap that grows with
+  speed): the expert never overtakes, it follows; a drive starts at a point clear of them
+  (``traffic.clear_start``).
 The recorded frame t holds the pose at t, ``velocity[t]`` (m/s, the car's speed at t), ``wheel_angle[t]``
 (the steering command issued at t from what is visible at t) and ``speed_command[t]`` (the speed asked for
 at t). The pursuit and speed-profile functions here are vectorised over B cars and are the ones the
@@ -21,9 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from e2r.sim.track import Track
+from e2r.sim.traffic import clear_start, follow_limit
 from e2r.sim.vehicle import VehicleConfig, VehicleState, advance
 
-__all__ = ["ExpertConfig", "Drive", "drive_expert", "speed_profile", "nearest_index", "pursuit_steer_deg"]
+__all__ = ["ExpertConfig", "Drive", "drive_expert", "speed_profile", "nearest_index", "pursuit_steer_deg",
+           "arc_position", "expert_speed_command"]
 
 
 @dataclass
@@ -84,6 +90,27 @@ def nearest_index(track: Track, x: np.ndarray, y: np.ndarray, hint: np.ndarray |
     return cand[np.arange(len(x)), np.argmin(d, axis=1)].astype(np.int64)
 
 
+def arc_position(track: Track, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Arc length (B,) m of cars at (x, y) (B,) whose nearest centre sample is ``index`` (B,): the sample's
+    arc length plus the projection onto the segment to the next sample."""
+    n = len(track.centre)
+    seg = track.centre[(index + 1) % n] - track.centre[index]
+    rel = np.stack([np.atleast_1d(x), np.atleast_1d(y)], 1) - track.centre[index]
+    frac = np.clip((rel * seg).sum(1) / np.maximum((seg * seg).sum(1), 1e-9), -0.5, 1.0)
+    return ((index + frac) * (track.length / n)) % track.length
+
+
+def expert_speed_command(track: Track, v_ref: np.ndarray, t: float, x: np.ndarray, y: np.ndarray,
+                         v: np.ndarray, index: np.ndarray, front: float) -> np.ndarray:
+    """The expert's speed command (B,) at time ``t`` (s): the speed profile ``v_ref`` (K,) at ``index`` (B,),
+    capped behind the other cars of the track (``follow_limit``; ``front``: reference point to bumper, m)."""
+    v_cmd = v_ref[index]
+    if track.traffic is None or len(track.traffic) == 0:
+        return v_cmd
+    limit = follow_limit(track, track.traffic, t, arc_position(track, x, y, index), v, front)
+    return np.minimum(v_cmd, limit)
+
+
 def pursuit_steer_deg(track: Track, x: np.ndarray, y: np.ndarray, yaw: np.ndarray, v: np.ndarray,
                       index: np.ndarray, offset: np.ndarray | float, cfg: ExpertConfig,
                       wheelbase: float) -> np.ndarray:
@@ -112,14 +139,15 @@ def pursuit_steer_deg(track: Track, x: np.ndarray, y: np.ndarray, yaw: np.ndarra
 
 def drive_expert(track: Track, frames: int, rng: np.random.Generator, cfg: ExpertConfig | None = None,
                  start_index: int | None = None, vehicle: VehicleConfig | None = None) -> Drive:
-    """Simulate ``frames`` frames of the expert on ``track`` starting at a random (or given) centre sample,
-    on the centre line, heading along it, at the speed profile's speed, wheels straight."""
+    """Simulate ``frames`` frames of the expert on ``track`` starting at a random (or given) centre sample
+    (moved forward clear of other cars), on the centre line, heading along it, at the speed profile's speed,
+    wheels straight."""
     cfg = cfg or ExpertConfig()
     vehicle = vehicle or VehicleConfig()
     n = len(track.centre)
     dt = 1.0 / cfg.rate_hz
     v_ref_track = speed_profile(track, cfg)
-    i = int(rng.integers(n)) if start_index is None else int(start_index) % n
+    i = clear_start(track, track.traffic, int(rng.integers(n)) if start_index is None else int(start_index))
     state = VehicleState.create(track.centre[i, 0], track.centre[i, 1],
                                 np.arctan2(track.tangent[i, 1], track.tangent[i, 0]), v_ref_track[i])
     # the followed line wanders smoothly (sum of 3 sinusoids, random periods and phases): a driver's line
@@ -136,7 +164,8 @@ def drive_expert(track: Track, frames: int, rng: np.random.Generator, cfg: Exper
         delta = pursuit_steer_deg(track, state.x, state.y, state.yaw, state.v, idx, offset, cfg,
                                   vehicle.wheelbase)[0] + rng.normal(0, cfg.steer_noise_deg)
         delta = float(np.clip(delta, -cfg.max_wheel_angle_deg, cfg.max_wheel_angle_deg))
-        v_cmd = float(v_ref_track[idx[0]])
+        v_cmd = float(expert_speed_command(track, v_ref_track, t * dt, state.x, state.y, state.v, idx,
+                                           vehicle.length_front)[0])
         for k, val in (("x", state.x[0]), ("y", state.y[0]), ("yaw", state.yaw[0]), ("velocity", state.v[0]),
                        ("wheel_angle", delta), ("speed_command", v_cmd), ("curvature", track.curvature[idx[0]])):
             out[k][t] = val

@@ -1,8 +1,9 @@
 """Policies that drive cars in the closed loop (``e2r.sim.closed_loop``): each step they get an
 :class:`Observation` of B cars and return ``(steering command (B,) deg, speed command (B,) m/s)``.
 
-- :class:`ExpertPolicy`: the expert's pure pursuit on the centre line and its speed profile, from the car's
-  true pose (``e2r.sim.expert``'s functions; no noise, no wander): the reference.
+- :class:`ExpertPolicy`: the expert's pure pursuit on the centre line and its speed profile, capped behind
+  the track's other cars (gap world), from the car's true pose and the cars' true positions
+  (``e2r.sim.expert``'s functions; no noise, no wander): the reference.
 - :class:`TeacherPolicy` / :class:`StudentPolicy`: a LiDAR teacher / camera student checkpoint, batched over
   the cars. Inputs are built as the datasets build them (docs/CONTRACTS.md): per step the frame's points
   (N, 4) float32 or image (Ncam, 3, H, W) at the model's ``image_size``, ``speed`` = measured speed,
@@ -28,7 +29,7 @@ from e2r.checkpoints import load_checkpoint
 from e2r.models.policy import STEER, TemporalPolicy
 from e2r.models.student import load_student
 from e2r.models.teacher import load_teacher
-from e2r.sim.expert import pursuit_steer_deg, speed_profile
+from e2r.sim.expert import expert_speed_command, pursuit_steer_deg, speed_profile
 from e2r.sim.track import Track
 from e2r.sim.vehicle import VehicleState
 from e2r.sim.world import SyntheticConfig
@@ -80,21 +81,24 @@ class Policy:
 
 
 class ExpertPolicy(Policy):
-    """The expert's pure pursuit (on the centre line, no wander, no noise) and speed profile."""
+    """The expert's pure pursuit (on the centre line, no wander, no noise) and speed profile (following the
+    other cars of a gap-world track)."""
 
     def __init__(self, name: str = "expert") -> None:
         super().__init__(name)
         self._track: Optional[Track] = None
 
     def reset(self, track: Track, world: SyntheticConfig, cars: int, seq_len: int) -> None:
-        self._track, self._cfg, self._wheelbase = track, world.expert, world.vehicle.wheelbase
+        self._track, self._cfg, self._vehicle = track, world.expert, world.vehicle
         self._v_ref = speed_profile(track, world.expert)
 
     def act(self, obs: Observation) -> tuple[np.ndarray, np.ndarray]:
         s = obs.state
         steer = pursuit_steer_deg(self._track, s.x, s.y, s.yaw, s.v, obs.index, np.zeros(len(s)), self._cfg,
-                                  self._wheelbase)
-        return np.clip(steer, -self._cfg.max_wheel_angle_deg, self._cfg.max_wheel_angle_deg), self._v_ref[obs.index]
+                                  self._vehicle.wheelbase)
+        speed = expert_speed_command(self._track, self._v_ref, obs.t / self._cfg.rate_hz, s.x, s.y, s.v, obs.index,
+                                     self._vehicle.length_front)
+        return np.clip(steer, -self._cfg.max_wheel_angle_deg, self._cfg.max_wheel_angle_deg), speed
 
 
 class ConstantPolicy(Policy):
