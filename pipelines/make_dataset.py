@@ -1,17 +1,27 @@
 """Generate the synthetic racing dataset (LiDAR + camera + expert actions) in the SPEC layout.
 
-    python -m pipelines.make_dataset --out data/synth [--tracks 6] [--frames 300] [--seed 0]
-        [--image_size 256x128] [--workers N] [--preview preview.png] [--overwrite]
+    python -m pipelines.make_dataset --out data/synth [--train_tracks 4] [--valid_tracks 2] [--test_tracks 4]
+        [--lidar_only_tracks 0] [--frames 300] [--seed 0] [--appearance gap|clean] [--image_size 256x128]
+        [--workers N] [--preview preview.png] [--overwrite]
+    python -m pipelines.make_dataset --out data/synth --tracks 6     # the original layout: 4 train, 1 valid, 1 test
 
-Each of the N tracks (N >= 3) gives one segment: tracks 0..N-3 -> train, N-2 -> valid, N-1 -> test, so the
-valid and test tracks are never seen in train. Written per segment <out>/<split>/segment_NNNN/:
+Each track gives one segment, on its own track: --train_tracks paired (LiDAR + camera) train tracks, then
+--valid_tracks valid and --test_tracks test tracks (held out: never seen in train; every split of two or
+more tracks has both driving directions), then --lidar_only_tracks more train tracks recorded by the LiDAR
+only (data.csv without image_filepath, no camera/ folder: the teacher learns from more tracks than the
+student sees, e.g. --train_tracks 2 --lidar_only_tracks 10). --tracks N (the original flag) means N paired
+tracks in all, the last --test_tracks (default 1) test and the --valid_tracks (default 1) before them valid.
+--appearance gap (default) gives the camera a per-track look (noon to night, exposure, shadows, materials,
+worn paint), motion blur and noise, and puts 2-4 other cars on each track (LiDAR: all around; camera: in
+its field of view); clean is the original uniform look without other cars. Written per segment
+<out>/<split>/segment_NNNN/:
   meta/data.csv        timestamp (s), lidar_filepath, image_filepath, velocity (m/s), wheel_angle (deg, + = left),
                        speed_command (m/s), x, y (m), yaw (rad): the pose in the track frame
-  meta/track.json      track index and fingerprint (the track is rebuilt from synthetic_dataset.json)
+  meta/track.json      track index and fingerprint (the track is rebuilt from synthetic_dataset.json), its look
   lidar/NNNNNN.bin     float32 N x 4 (x fwd, y left, z up, intensity 0..1), ego frame, ground at z = -1.0
   camera/NNNNNN.png    front camera, RGB; camera/calib.json: K and cam2ego (OpenCV camera -> ego)
-The expert (pure pursuit + curvature-limited speed, 20 Hz) drives; a 16-ring LiDAR and a pinhole camera
-on the same car ray cast the same walls (red/white left, blue/white right), lane paint and barrels.
+The expert (pure pursuit + curvature-limited speed, following the other cars, 20 Hz) drives; a 16-ring
+LiDAR and a pinhole camera on the same car ray cast the same walls, lane paint, barrels and cars.
 Same seed -> byte-identical files. See e2r/sim/world.py for details.
 """
 from __future__ import annotations
@@ -20,7 +30,7 @@ import argparse
 import sys
 
 from e2r.sim.preview import write_preview
-from e2r.sim.world import generate_dataset
+from e2r.sim.world import APPEARANCES, SyntheticConfig, generate_dataset
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -38,7 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipelines.make_dataset", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output dataset root (must be empty or absent unless --overwrite)")
-    p.add_argument("--tracks", type=int, default=6, help="number of tracks = segments, >= 3 (default 6)")
+    p.add_argument("--train_tracks", type=int, default=None,
+                   help="paired (LiDAR + camera) train tracks (default 4; not with --tracks)")
+    p.add_argument("--valid_tracks", type=int, default=None, help="valid tracks (default 2; 1 with --tracks)")
+    p.add_argument("--test_tracks", type=int, default=None, help="test tracks (default 4; 1 with --tracks)")
+    p.add_argument("--lidar_only_tracks", type=int, default=0,
+                   help="extra train tracks recorded by the LiDAR only (default 0)")
+    p.add_argument("--tracks", type=int, default=None,
+                   help="the original layout: N paired tracks in all (train = N - valid - test)")
+    p.add_argument("--appearance", choices=APPEARANCES, default="gap",
+                   help="gap: per-track camera look, blur, noise and other cars (default); clean: the original look")
     p.add_argument("--frames", type=int, default=300, help="frames per segment at 20 Hz (default 300)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed -> byte-identical files")
     p.add_argument("--image_size", type=_image_size, default=(256, 128), help="camera image WxH (default 256x128)")
@@ -52,21 +71,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> SyntheticConfig:
+    """The world the flags ask for (ValueError for a bad combination)."""
+    if args.tracks is not None and args.train_tracks is not None:
+        raise ValueError("--tracks (paired tracks in all) and --train_tracks are two ways to say the same; give one")
+    if args.train_tracks is not None and args.train_tracks < 1:
+        raise ValueError(f"--train_tracks must be >= 1, got {args.train_tracks}")
+    valid = args.valid_tracks if args.valid_tracks is not None else 1 if args.tracks is not None else 2
+    test = args.test_tracks if args.test_tracks is not None else 1 if args.tracks is not None else 4
+    train = 4 if args.train_tracks is None else args.train_tracks
+    tracks = args.tracks if args.tracks is not None else train + valid + test
+    return SyntheticConfig(tracks=tracks, frames=args.frames, seed=args.seed, image_size=args.image_size,
+                           valid_tracks=valid, test_tracks=test, lidar_only_tracks=args.lidar_only_tracks,
+                           appearance=args.appearance)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = generate_dataset(args.out, tracks=args.tracks, frames=args.frames, seed=args.seed,
-                                   image_size=args.image_size, workers=args.workers,
-                                   overwrite=args.overwrite, progress=not args.quiet)
+        cfg = config_from_args(args)
+        summary = generate_dataset(args.out, config=cfg, workers=args.workers, overwrite=args.overwrite,
+                                   progress=not args.quiet)
         preview = write_preview(args.out, args.preview) if args.preview else None
     except (ValueError, FileExistsError, NotADirectoryError, FileNotFoundError, RuntimeError) as e:
         print(f"make_dataset: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.tracks} segments x {args.frames} frames to {summary['out_dir']} in "
-          f"{summary['seconds']:.1f} s with {summary['workers']} worker(s)")
+    n = len(summary["segments"])
+    frames_per_s = n * cfg.frames / max(summary["seconds"], 1e-9)
+    print(f"wrote {n} segments x {cfg.frames} frames ({cfg.appearance} world) to {summary['out_dir']} in "
+          f"{summary['seconds']:.1f} s ({frames_per_s:.1f} frames/s) with {summary['workers']} worker(s)")
     for seg in summary["segments"]:
+        look = seg.get("look")
+        extra = "" if not look or not seg["camera"] else f", {look['light']} {look['exposure_ev']:+.1f} EV"
+        extra += f", {seg['cars']} cars" if look else ""
         print(f"  {seg['split']:>5}/{seg['segment']}: track {seg['track_fingerprint']} "
-              f"{seg['track_length_m']:.0f} m {'cw' if seg['clockwise'] else 'ccw'}, "
+              f"{seg['track_length_m']:.0f} m {'cw' if seg['clockwise'] else 'ccw'}"
+              f"{'' if seg.get('camera', True) else ', LiDAR only'}{extra}, "
               f"v {seg['velocity_min']:.1f}..{seg['velocity_max']:.1f} m/s, "
               f"|wheel_angle| <= {seg['wheel_angle_absmax']:.1f} deg, {seg['lidar_points_mean']:.0f} pts/frame")
     if preview:

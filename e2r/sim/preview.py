@@ -3,9 +3,12 @@
 Layout (1024 x 532 px): left, the LiDAR bird's-eye view (ego at the white triangle, x forward = up, y left
 = left, 8 px per metre, 10 m range rings, the camera's field of view as two yellow lines, the tiny teacher's
 range as a blue box; ground points grey by intensity, everything above the ground coloured by height and
-brightened by intensity); right top, the camera image (2x); right
-bottom, the same image with the LiDAR points projected through cam2ego and K (same height colours).
-It reads the files back from disk, so it also checks what was written.
+brightened by intensity; other cars show up as raised boxes, behind the car too); right top, the camera
+image (2x) as recorded (in the gap world: the track's light, exposure, blur, noise, the cars in view);
+right bottom, the same image with the LiDAR points projected through cam2ego and K (same height colours).
+The title names the segment, the frame, speed and steering, and the segment's look from meta/track.json
+(light, exposure, other cars). A LiDAR-only segment gets the BEV alone. It reads the files back from disk,
+so it also checks what was written.
 """
 from __future__ import annotations
 
@@ -47,10 +50,11 @@ def _height_colours(z: np.ndarray, intensity: np.ndarray) -> np.ndarray:
 
 
 def _pick_segment(root: Path) -> Path:
+    """``root`` itself when it is a segment folder, else its first segment with a camera (train first)."""
     if (root / "meta" / "data.csv").is_file():
         return root
     for split in ("train", "valid", "test"):
-        segs = sorted((root / split).glob("*/meta/data.csv")) if (root / split).is_dir() else []
+        segs = sorted((root / split).glob("*/camera/calib.json")) if (root / split).is_dir() else []
         if segs:
             return segs[0].parent.parent
     segs = sorted(root.glob("*/*/meta/data.csv"))
@@ -59,9 +63,21 @@ def _pick_segment(root: Path) -> Path:
     return segs[0].parent.parent
 
 
+def _look_text(seg: Path) -> str:
+    """The segment's look from meta/track.json ("" for a clean or non-synthetic segment)."""
+    path = seg / "meta" / "track.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    look = info.get("look")
+    if not look:
+        return ""
+    return (f"  |  {look['light']} (daylight {look['daylight']:.2f}), exposure {look['exposure_ev']:+.1f} EV, "
+            f"{look['exposure_ms']:.0f} ms, gain x{look['gain']:.1f}, paint gone {look['paint_gone']:.0%}, "
+            f"{info.get('cars', 0)} other cars")
+
+
 def write_preview(root: str | Path, out_png: str | Path, frame: int | None = None) -> Path:
     """Write the preview of ``frame`` (default: the middle one) of a segment folder, or of the first
-    segment of a dataset root (train first). Returns the PNG path."""
+    segment with a camera of a dataset root (train first). Returns the PNG path."""
     seg = _pick_segment(Path(root))
     with open(seg / "meta" / "data.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -72,9 +88,12 @@ def write_preview(root: str | Path, out_png: str | Path, frame: int | None = Non
         raise IndexError(f"frame {f} out of range: {seg} has {len(rows)} frames")
     row = rows[f]
     pts = np.fromfile(seg / row["lidar_filepath"], dtype="<f4").reshape(-1, 4)
-    img = np.asarray(Image.open(seg / row["image_filepath"]).convert("RGB"))
-    cam = json.loads((seg / "camera" / "calib.json").read_text())["cameras"][0]
-    K, c2e = np.asarray(cam["K"], float), np.asarray(cam["cam2ego"], float)
+    has_camera = bool(row.get("image_filepath"))
+    img, K, c2e = np.zeros((128, 256, 3), np.uint8), None, None     # LiDAR-only: a black camera panel
+    if has_camera:
+        img = np.asarray(Image.open(seg / row["image_filepath"]).convert("RGB"))
+        cam = json.loads((seg / "camera" / "calib.json").read_text())["cameras"][0]
+        K, c2e = np.asarray(cam["K"], float), np.asarray(cam["cam2ego"], float)
     cols = _height_colours(pts[:, 2], pts[:, 3])
 
     # --- BEV
@@ -93,9 +112,10 @@ def write_preview(root: str | Path, out_png: str | Path, frame: int | None = Non
     for rad in range(10, 70, 10):
         p = rad * _PX_PER_M
         d.ellipse([ox - p, oy - p, ox + p, oy + p], outline=(60, 60, 60))
-    half = np.arctan(K[0, 2] / K[0, 0])
-    for sgn in (-1, 1):
-        d.line([ox, oy, ox + sgn * np.sin(half) * 400, oy - np.cos(half) * 400], fill=(230, 200, 40))
+    if has_camera:
+        half = np.arctan(K[0, 2] / K[0, 0])
+        for sgn in (-1, 1):
+            d.line([ox, oy, ox + sgn * np.sin(half) * 400, oy - np.cos(half) * 400], fill=(230, 200, 40))
     # the tiny teacher's BEV range, x 0..51.2, y +-25.6
     d.rectangle([ox - 25.6 * _PX_PER_M, oy - 51.2 * _PX_PER_M, ox + 25.6 * _PX_PER_M, oy], outline=(90, 90, 160))
     d.polygon([(ox, oy - 10), (ox - 6, oy + 6), (ox + 6, oy + 6)], fill=(255, 255, 255))
@@ -106,11 +126,13 @@ def write_preview(root: str | Path, out_png: str | Path, frame: int | None = Non
     scale = max(1, size // (2 * h))
     cam_im = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
     over = np.asarray(cam_im).copy()
-    uv, depth = project_to_image(pts, K, c2e)
-    vis = (depth > 0.5) & (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h)
-    vis_order = np.nonzero(vis)[0][np.argsort(-depth[vis])]      # far first, near drawn on top
-    uu = (uv[vis_order, 0] * scale).astype(int)
-    vv = (uv[vis_order, 1] * scale).astype(int)
+    vis_order = np.zeros(0, np.int64)
+    if has_camera:
+        uv, depth = project_to_image(pts, K, c2e)
+        vis = (depth > 0.5) & (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h)
+        vis_order = np.nonzero(vis)[0][np.argsort(-depth[vis])]      # far first, near drawn on top
+    uu = (uv[vis_order, 0] * scale).astype(int) if has_camera else vis_order
+    vv = (uv[vis_order, 1] * scale).astype(int) if has_camera else vis_order
     for dv in (0, 1):
         for du in (0, 1):
             over[np.clip(vv + dv, 0, h * scale - 1), np.clip(uu + du, 0, w * scale - 1)] = cols[vis_order]
@@ -120,9 +142,10 @@ def write_preview(root: str | Path, out_png: str | Path, frame: int | None = Non
     canvas.paste(Image.fromarray(over), (size, 20 + h * scale))
     d = ImageDraw.Draw(canvas)
     d.text((6, 4), f"{seg.parent.name}/{seg.name} frame {f}  v={float(row['velocity']):.1f} m/s  "
-                   f"wheel_angle={float(row['wheel_angle']):+.1f} deg  ({len(pts)} LiDAR points)",
+                   f"wheel_angle={float(row['wheel_angle']):+.1f} deg  ({len(pts)} LiDAR points){_look_text(seg)}",
            fill=(255, 255, 255))
-    d.text((size + 6, 24), "camera", fill=(255, 255, 255))
+    d.text((size + 6, 24), "camera" if has_camera else "no camera (LiDAR-only segment)",
+           fill=(255, 255, 255))
     d.text((size + 6, 24 + h * scale), "camera + projected LiDAR", fill=(255, 255, 255))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,23 @@ by a 3-D LiDAR and a front camera on the same car (``e2r.sim.sensors``), the exp
     <out>/<split>/segment_NNNN/camera/calib.json {"cameras": [{"name": "front", "image_size", "K", "cam2ego"}]}
     <out>/synthetic_dataset.json                 how it was made + per-segment summary
 
-Split assignment with N >= 3 tracks: track i -> segment ``segment_{i:04d}``; tracks 0..N-3 -> ``train``,
-track N-2 -> ``valid``, track N-1 -> ``test``. Every segment has its own track, so the test (and valid)
-track is never seen in train. Odd tracks are driven clockwise, even ones counter-clockwise (left and right
-turns balance). Everything is a function of ``seed`` and the track index only: the same seed gives
-byte-identical files whatever the number of worker processes.
+Split layout (:func:`split_for_track`): ``tracks`` paired (LiDAR + camera) tracks, of which the last
+``test_tracks`` are ``test``, the ``valid_tracks`` before them ``valid`` and the rest ``train``; then
+``lidar_only_tracks`` more ``train`` tracks recorded by the LiDAR only (data.csv without ``image_filepath``,
+no ``camera/`` folder: the teacher learns from more tracks than the student sees). Track i -> segment
+``segment_{i:04d}``. Defaults (valid 1, test 1, LiDAR-only 0) are the original layout: tracks 0..N-3 train,
+N-2 valid, N-1 test. Every segment has its own track, so valid and test tracks are never seen in train. Odd
+tracks are driven clockwise, even ones counter-clockwise: every block of consecutive tracks (a split) has
+both directions as soon as it has two tracks, and left and right turns balance. Everything is a function of
+``seed`` and the track index only: the same seed gives byte-identical files whatever the number of worker
+processes.
+
+Sensor gap (``appearance="gap"``, the default; ``"clean"`` is the original uniform look with no other
+cars): each track gets a look (``e2r.sim.appearance``: light from noon to night, exposure, shadows,
+materials, worn paint; the light condition cycles noon, dusk, night over each split's tracks, wall hues of
+valid/test tracks come from colour sectors and a random stream no train track uses) and 2-4 other cars
+(``e2r.sim.traffic``) that the LiDAR sees all around and the camera only ahead; the expert follows them.
+Frame f is at time ``f / rate_hz``; the camera's noise comes from its own stream per frame.
 
 data.csv columns: ``velocity`` (m/s, measured at t), ``wheel_angle`` (deg, the steering command issued at
 t), ``speed_command`` (m/s, the speed the expert asked for at t), ``x, y, yaw`` (m, m, rad: the car's pose at
@@ -49,41 +61,65 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from e2r.sim.expert import ExpertConfig, drive_expert
+from e2r.sim.appearance import LIGHTS, AppearanceConfig, draw_appearance
+from e2r.sim.expert import ExpertConfig, drive_expert, speed_profile
 from e2r.sim.sensors import (CameraConfig, LidarConfig, camera_intrinsics, camera_to_ego, cast_lidar,
                              render_camera)
 from e2r.sim.track import Track, TrackConfig, make_track
+from e2r.sim.traffic import TrafficConfig, make_traffic
 from e2r.sim.vehicle import VehicleConfig
 
 __all__ = ["SyntheticConfig", "generate_dataset", "generate_segment", "split_for_track", "segment_name",
            "track_for_index", "calib_dict", "config_dict", "config_from_dict", "track_for_segment", "CSV_COLUMNS",
-           "MARKER", "TRACK_JSON", "GENERATOR_VERSION"]
+           "MARKER", "TRACK_JSON", "GENERATOR_VERSION", "LIDAR_ONLY_COLUMNS", "APPEARANCES", "has_camera",
+           "light_for_index", "camera_rng"]
 
 CSV_COLUMNS = ("timestamp", "lidar_filepath", "image_filepath", "velocity", "wheel_angle", "speed_command",
                "x", "y", "yaw")
 MARKER = "synthetic_dataset.json"
 TRACK_JSON = Path("meta") / "track.json"
+LIDAR_ONLY_COLUMNS = tuple(c for c in CSV_COLUMNS if c != "image_filepath")
 #: 2: the shared vehicle model (steering-rate limit, P speed loop), speed_command and pose columns, track.json
-GENERATOR_VERSION = 2
-_STREAM_TRACK, _STREAM_EXPERT, _STREAM_LIDAR = 1, 2, 3
+#: 3: the sensor gap (per-track look, camera blur and noise, other cars), split layout, LiDAR-only tracks
+GENERATOR_VERSION = 3
+APPEARANCES = ("gap", "clean")
+_STREAM_TRACK, _STREAM_EXPERT, _STREAM_LIDAR, _STREAM_LOOK, _STREAM_LOOK_HELDOUT, _STREAM_TRAFFIC, _STREAM_CAMERA = \
+    1, 2, 3, 4, 5, 6, 7
 
 
 @dataclass
 class SyntheticConfig:
-    """Everything that defines a synthetic dataset (with ``seed``)."""
+    """Everything that defines a synthetic dataset (with ``seed``). ``tracks``: paired (LiDAR + camera)
+    tracks, the last ``test_tracks`` test, the ``valid_tracks`` before them valid, the rest train;
+    ``lidar_only_tracks``: more train tracks without camera; ``appearance``: "gap" or "clean"."""
     tracks: int = 6
     frames: int = 300
     seed: int = 0
     image_size: tuple[int, int] = (256, 128)       # (W, H)
+    valid_tracks: int = 1
+    test_tracks: int = 1
+    lidar_only_tracks: int = 0
+    appearance: str = "gap"
     track: TrackConfig = field(default_factory=TrackConfig)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     lidar: LidarConfig = field(default_factory=LidarConfig)
     camera: CameraConfig = field(default_factory=CameraConfig)
     vehicle: VehicleConfig = field(default_factory=VehicleConfig)
+    look: AppearanceConfig = field(default_factory=AppearanceConfig)
+    traffic: TrafficConfig = field(default_factory=TrafficConfig)
 
     def __post_init__(self) -> None:
-        if self.tracks < 3:
-            raise ValueError(f"tracks must be >= 3 (train, valid, test each need one), got {self.tracks}")
+        for name in ("valid_tracks", "test_tracks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lidar_only_tracks < 0:
+            raise ValueError(f"lidar_only_tracks must be >= 0, got {self.lidar_only_tracks}")
+        need = self.valid_tracks + self.test_tracks + 1
+        if self.tracks < need:
+            raise ValueError(f"tracks must be >= {need} (train, valid, test each need one: {self.valid_tracks} "
+                             f"valid + {self.test_tracks} test + 1 train), got {self.tracks}")
+        if self.appearance not in APPEARANCES:
+            raise ValueError(f"appearance must be one of {APPEARANCES}, got {self.appearance!r}")
         if self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
         w, h = (int(v) for v in self.image_size)
@@ -93,11 +129,34 @@ class SyntheticConfig:
         self.camera = replace(self.camera, image_size=(w, h))
 
 
-def split_for_track(index: int, tracks: int) -> str:
-    """Split of track ``index`` out of ``tracks``: the last is ``test``, the one before ``valid``."""
-    if not 0 <= index < tracks:
-        raise ValueError(f"track index {index} out of range for {tracks} tracks")
-    return "test" if index == tracks - 1 else "valid" if index == tracks - 2 else "train"
+def split_for_track(index: int, tracks: int, valid_tracks: int = 1, test_tracks: int = 1,
+                    lidar_only_tracks: int = 0) -> str:
+    """Split of track ``index`` (module docstring): of the ``tracks`` paired ones the last ``test_tracks``
+    are ``test`` and the ``valid_tracks`` before them ``valid``; the rest and the ``lidar_only_tracks``
+    after them are ``train``."""
+    if not 0 <= index < tracks + lidar_only_tracks:
+        raise ValueError(f"track index {index} out of range for {tracks} + {lidar_only_tracks} tracks")
+    if index >= tracks:
+        return "train"
+    return "test" if index >= tracks - test_tracks else "valid" if index >= tracks - test_tracks - valid_tracks \
+        else "train"
+
+
+def _split(cfg: SyntheticConfig, index: int) -> str:
+    return split_for_track(index, cfg.tracks, cfg.valid_tracks, cfg.test_tracks, cfg.lidar_only_tracks)
+
+
+def has_camera(cfg: SyntheticConfig, index: int) -> bool:
+    """Whether track ``index`` is recorded by the camera too (the LiDAR-only tracks come last)."""
+    return index < cfg.tracks
+
+
+def light_for_index(cfg: SyntheticConfig, index: int) -> str:
+    """Light condition (``appearance.LIGHTS``) of track ``index``: cycling noon, dusk, night over the tracks of
+    its split (offset by the seed), so every split of three or more tracks has all three."""
+    split = _split(cfg, index)
+    position = sum(1 for i in range(index) if _split(cfg, i) == split)
+    return LIGHTS[(position + cfg.seed) % len(LIGHTS)]
 
 
 def segment_name(index: int) -> str:
@@ -108,9 +167,22 @@ def _rng(cfg: SyntheticConfig, index: int, stream: int, *more: int) -> np.random
     return np.random.default_rng(np.random.SeedSequence([cfg.seed, index, stream, *more]))
 
 
+def camera_rng(cfg: SyntheticConfig, index: int, frame: int) -> np.random.Generator:
+    """The stream of the camera noise of frame ``frame`` of track ``index`` (as the dataset was written)."""
+    return _rng(cfg, index, _STREAM_CAMERA, frame)
+
+
 def track_for_index(cfg: SyntheticConfig, index: int) -> Track:
-    """The (deterministic) Track of segment ``index``: a function of ``cfg.seed``, ``cfg.track`` and ``index``."""
-    return make_track(_rng(cfg, index, _STREAM_TRACK), cfg.track, clockwise=bool(index % 2))
+    """The (deterministic) Track of segment ``index``: a function of ``cfg.seed``, ``cfg.track`` and ``index``;
+    in the gap world with its look (valid/test tracks from their own stream and hue sectors) and other cars."""
+    track = make_track(_rng(cfg, index, _STREAM_TRACK), cfg.track, clockwise=bool(index % 2))
+    if cfg.appearance == "gap":
+        split = _split(cfg, index)
+        stream = _STREAM_LOOK if split == "train" else _STREAM_LOOK_HELDOUT
+        track.look = draw_appearance(_rng(cfg, index, stream), track, light_for_index(cfg, index), split, cfg.look)
+        track.traffic = make_traffic(track, _rng(cfg, index, _STREAM_TRAFFIC), speed_profile(track, cfg.expert),
+                                     cfg.traffic)
+    return track
 
 
 def calib_dict(cfg: SyntheticConfig) -> dict[str, Any]:
@@ -126,7 +198,8 @@ def generate_segment(cfg: SyntheticConfig, index: int, out_dir: str | Path, prog
     ``progress`` (optional, a multiprocessing Value or None) is incremented once per frame written.
     """
     out_dir = Path(out_dir)
-    split, seg = split_for_track(index, cfg.tracks), segment_name(index)
+    split, seg = _split(cfg, index), segment_name(index)
+    camera = has_camera(cfg, index)
     final = out_dir / split / seg
     if final.exists():
         raise FileExistsError(f"segment folder {final} already exists; refusing to overwrite it")
@@ -135,26 +208,34 @@ def generate_segment(cfg: SyntheticConfig, index: int, out_dir: str | Path, prog
         shutil.rmtree(tmp)  # left over from a crashed run
     (tmp / "meta").mkdir(parents=True)
     (tmp / "lidar").mkdir()
-    (tmp / "camera").mkdir()
     track = track_for_index(cfg, index)
     drive = drive_expert(track, cfg.frames, _rng(cfg, index, _STREAM_EXPERT), cfg.expert, vehicle=cfg.vehicle)
-    (tmp / "camera" / "calib.json").write_text(json.dumps(calib_dict(cfg), indent=1) + "\n")
+    if camera:
+        (tmp / "camera").mkdir()
+        (tmp / "camera" / "calib.json").write_text(json.dumps(calib_dict(cfg), indent=1) + "\n")
+    look = track.look.summary() if track.look is not None else None
+    cars = 0 if track.traffic is None else len(track.traffic)
     track_info = {"generator_version": GENERATOR_VERSION, "track_index": index,
                   "track_fingerprint": track.fingerprint(), "clockwise": track.clockwise,
                   "track_length_m": round(track.length, 2),
+                  "camera": camera, "appearance": cfg.appearance, "look": look, "cars": cars,
                   "rebuild": f"e2r.sim.world.track_for_index(config_from_dict(<root>/{MARKER}['config']), {index})"}
     (tmp / TRACK_JSON).write_text(json.dumps(track_info, indent=1) + "\n")
-    rows = [",".join(CSV_COLUMNS)]
+    rows = [",".join(CSV_COLUMNS if camera else LIDAR_ONLY_COLUMNS)]
     n_points = np.zeros(cfg.frames, np.int64)
     for f in range(cfg.frames):
-        x, y, yaw = drive.x[f], drive.y[f], drive.yaw[f]
-        pts = cast_lidar(track, x, y, yaw, _rng(cfg, index, _STREAM_LIDAR, f), cfg.lidar)
-        img = render_camera(track, x, y, yaw, cfg.camera)
+        x, y, yaw, t = drive.x[f], drive.y[f], drive.yaw[f], f / cfg.expert.rate_hz
+        pts = cast_lidar(track, x, y, yaw, _rng(cfg, index, _STREAM_LIDAR, f), cfg.lidar, t=t)
         stamp = f"{f:06d}"
         pts.astype("<f4").tofile(tmp / "lidar" / f"{stamp}.bin")
-        Image.fromarray(img).save(tmp / "camera" / f"{stamp}.png", format="PNG", compress_level=1)
+        image_cell = ""
+        if camera:
+            img = render_camera(track, x, y, yaw, cfg.camera, t=t, speed=drive.velocity[f],
+                                rng=camera_rng(cfg, index, f))
+            Image.fromarray(img).save(tmp / "camera" / f"{stamp}.png", format="PNG", compress_level=1)
+            image_cell = f"camera/{stamp}.png,"
         n_points[f] = len(pts)
-        rows.append(f"{f / cfg.expert.rate_hz:.3f},lidar/{stamp}.bin,camera/{stamp}.png,"
+        rows.append(f"{f / cfg.expert.rate_hz:.3f},lidar/{stamp}.bin,{image_cell}"
                     f"{drive.velocity[f]:.4f},{drive.wheel_angle[f]:.4f},{drive.speed_command[f]:.4f},"
                     f"{x:.4f},{y:.4f},{yaw:.6f}")
         if progress is not None:
@@ -167,7 +248,8 @@ def generate_segment(cfg: SyntheticConfig, index: int, out_dir: str | Path, prog
             "track_length_m": round(track.length, 2), "clockwise": track.clockwise, "frames": cfg.frames,
             "lidar_points_mean": float(n_points.mean()), "velocity_mean": float(drive.velocity.mean()),
             "velocity_min": float(drive.velocity.min()), "velocity_max": float(drive.velocity.max()),
-            "wheel_angle_absmax": float(np.abs(drive.wheel_angle).max())}
+            "wheel_angle_absmax": float(np.abs(drive.wheel_angle).max()), "camera": camera, "look": look,
+            "cars": cars}
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -203,8 +285,9 @@ def generate_dataset(out_dir: str | Path, tracks: int = 6, frames: int = 300, se
                      config: SyntheticConfig | None = None) -> dict[str, Any]:
     """Write a synthetic dataset (layout in the module docstring) and return its summary dict.
 
-    ``config`` (if given) overrides tracks/frames/seed/image_size. ``workers``: processes over segments
-    (None = min(cpu count, tracks); 0 or 1 = in this process). The summary is also written to
+    ``config`` (if given) overrides tracks/frames/seed/image_size (and carries the split layout and the
+    appearance). ``workers``: processes over segments (None = min(cpu count, tracks); 0 or 1 = in this
+    process). The summary is also written to
     ``<out_dir>/synthetic_dataset.json``: {"splits": {split: [segment, ...]}, "segments": [...], ...}.
     """
     cfg = config or SyntheticConfig(tracks=tracks, frames=frames, seed=seed, image_size=tuple(image_size))
@@ -213,10 +296,11 @@ def generate_dataset(out_dir: str | Path, tracks: int = 6, frames: int = 300, se
     # "generator" keeps the name of this module before it moved to e2r.sim: same seed, same bytes
     made_by = {"generator": "e2r.data.synthetic", "status": "incomplete", "config": config_dict(cfg)}
     (out / MARKER).write_text(json.dumps(made_by, indent=1) + "\n")
-    n_workers = min(os.cpu_count() or 1, cfg.tracks) if workers is None else max(1, min(workers, cfg.tracks))
+    n_tracks = cfg.tracks + cfg.lidar_only_tracks
+    n_workers = min(os.cpu_count() or 1, n_tracks) if workers is None else max(1, min(workers, n_tracks))
     t0 = time.perf_counter()
-    jobs = [(cfg, i, str(out)) for i in range(cfg.tracks)]
-    total = cfg.tracks * cfg.frames
+    jobs = [(cfg, i, str(out)) for i in range(n_tracks)]
+    total = n_tracks * cfg.frames
     bar = tqdm(total=total, unit="frame", desc="synthetic dataset", disable=not progress)
     if n_workers == 1:
         segments = []
@@ -267,13 +351,16 @@ def _dataclass_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 _NESTED = {"track": TrackConfig, "expert": ExpertConfig, "lidar": LidarConfig, "camera": CameraConfig,
-           "vehicle": VehicleConfig}
+           "vehicle": VehicleConfig, "look": AppearanceConfig, "traffic": TrafficConfig}
 
 
 def config_from_dict(d: dict[str, Any]) -> SyntheticConfig:
     """The inverse of :func:`config_dict`: a SyntheticConfig from the marker's ``"config"`` (fields it lacks
-    keep their defaults; ``generator_version`` is dropped). Raises ValueError for unknown fields."""
+    keep their defaults, except that a world from before generator version 3 had the clean look;
+    ``generator_version`` is dropped). Raises ValueError for unknown fields."""
     values = {k: v for k, v in d.items() if k != "generator_version"}
+    if int(d.get("generator_version", 0)) < 3:
+        values.setdefault("appearance", "clean")
     return _dataclass_from_dict(SyntheticConfig, values, "config")
 
 
