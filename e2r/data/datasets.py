@@ -4,7 +4,9 @@ Window i of a segment = frames [start, start + seq_len), key = ``make_key(split,
 t: ``speed = velocity[t]``, ``steering = wheel_angle[t-1]`` (0.0 for the segment's first frame),
 ``actions[t] = [wheel_angle[t], speed command]`` (:data:`ACTION_SEMANTICS`: the ``speed_command`` column, else
 the next frame's ``velocity[t+1]``, so without the column a window needs the frame after it). Construction
-reads only the csv files (and calib.json);
+reads only the csv files (and calib.json); the camera and paired datasets leave out LiDAR-only segments
+(``e2r.data.layout.is_lidar_only``: no image column, no camera folder; listed in ``.lidar_only_segments``),
+so a split may mix paired and LiDAR-only segments (a split with no camera segment at all is a DataError);
 ``.windows``, ``.keys`` and ``.tables`` (per-segment velocity / wheel_angle arrays) need no point cloud or
 image. Point clouds and images are read on access.
 
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from e2r.data.layout import SegmentTable, discover_segments, read_segment_table, window_starts
+from e2r.data.layout import SegmentTable, discover_segments, is_lidar_only, read_segment_table, window_starts
 from e2r.data.point_layout import LayoutUndecidable, PointLayout, detect_bin_layout
 from e2r.data.readers import (SUPPORTED_NUM_FEATURES, DataError, NumFeatures, Problem, read_image, read_points,
                               sample_paths, scale_intrinsics)
@@ -78,8 +80,13 @@ class _SequenceDataset(Dataset):
         self._bad_frames: set[tuple[str, int]] = set()
         self._bad_segments: set[str] = set()
         self._seen: set[Problem] = set()
+        self.lidar_only_segments: list[str] = []        # left out by the camera datasets (no camera there)
         camera_names: Optional[list[str]] = None
-        for segment in discover_segments(self.root, split):
+        segments = discover_segments(self.root, split)
+        for segment in segments:
+            if self.uses_camera and is_lidar_only(self.root, split, segment):
+                self.lidar_only_segments.append(segment)
+                continue
             try:
                 table = read_segment_table(self.root, split, segment, lidar=self.uses_lidar, camera=self.uses_camera)
                 if table.num_frames < self.seq_len:
@@ -96,6 +103,9 @@ class _SequenceDataset(Dataset):
             self.tables[segment] = table
             starts = window_starts(self._window_frames(table), self.seq_len, self.stride)
             self.windows += [(segment, s) for s in starts]
+        if self.lidar_only_segments and len(self.lidar_only_segments) == len(segments):
+            self._record(DataError(self.root / split, f"no camera in split {split!r}: all its "
+                                                     f"{len(segments)} segment(s) are LiDAR-only"))
         self.keys: list[str] = [make_key(split, seg, s) for seg, s in self.windows]
         self.camera_names: list[str] = camera_names or []
 

@@ -19,7 +19,7 @@ from e2r.data.readers import CameraCalib, DataError, read_calib
 from e2r.keys import InvalidKeyError, validate_part
 
 __all__ = ["SegmentTable", "discover_splits", "discover_segments", "read_segment_table",
-           "camera_columns", "window_starts", "split_modalities", "CSV_RELPATH", "CALIB_RELPATH"]
+           "camera_columns", "window_starts", "split_modalities", "is_lidar_only", "CSV_RELPATH", "CALIB_RELPATH"]
 
 CSV_RELPATH = Path("meta") / "data.csv"
 CALIB_RELPATH = Path("camera") / "calib.json"
@@ -178,15 +178,36 @@ def window_starts(num_frames: int, seq_len: int, stride: int) -> list[int]:
     return list(range(0, num_frames - seq_len + 1, stride))
 
 
+def _header(csv_path: Path) -> Optional[list[str]]:
+    """The csv's column names, or None when it cannot be read (the datasets report that)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            return [h.strip() for h in next(csv.reader(f), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def _has_image_column(header: list[str]) -> bool:
+    return any(h == "image_filepath" or h.startswith("image_filepath_") for h in header)
+
+
+def is_lidar_only(root: Union[str, Path], split: str, segment: str) -> bool:
+    """A LiDAR-only segment (recorded without camera, e.g. the synthetic world's ``--lidar_only_tracks``):
+    its csv has ``lidar_filepath`` but no image column, and it has no ``camera/`` folder. A segment with a
+    camera folder but no image column is not one: that is a broken camera segment (DataError on reading)."""
+    directory = Path(root) / split / segment
+    header = _header(directory / CSV_RELPATH)
+    return (header is not None and "lidar_filepath" in header and not _has_image_column(header)
+            and not (directory / "camera").exists())
+
+
 def split_modalities(root: Union[str, Path], split: str) -> tuple[bool, bool]:
     """(has_lidar, has_camera): whether any segment csv of the split has ``lidar_filepath`` / an image column."""
     lidar = camera = False
     for segment in discover_segments(root, split):
-        try:
-            with open(Path(root) / split / segment / CSV_RELPATH, newline="", encoding="utf-8-sig") as f:
-                header = [h.strip() for h in next(csv.reader(f), [])]
-        except (OSError, UnicodeDecodeError, csv.Error):
+        header = _header(Path(root) / split / segment / CSV_RELPATH)
+        if header is None:
             continue  # the dataset reports the unreadable csv
         lidar |= "lidar_filepath" in header
-        camera |= any(h == "image_filepath" or h.startswith("image_filepath_") for h in header)
+        camera |= _has_image_column(header)
     return lidar, camera
