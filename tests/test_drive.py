@@ -24,7 +24,7 @@ from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.policies import ConstantPolicy, ExpertPolicy, Observation, Policy, StudentPolicy, TeacherPolicy
 from e2r.sim.sensors import render_camera
 from e2r.sim.vehicle import VehicleConfig, VehicleState, advance, step
-from e2r.sim.world import CSV_COLUMNS, generate_dataset
+from e2r.sim.world import CSV_COLUMNS, camera_rng, generate_dataset
 from pipelines.drive import main as drive_main
 
 SIZE = (64, 32)
@@ -168,8 +168,9 @@ def test_constant_baseline_crashes(world):
 
 # ----------------------------------------------------------------------------------- inputs = dataset inputs
 def test_camera_input_is_built_like_the_dataset(world_root, world):
-    """A frame rendered from the csv pose (x, y, yaw) and prepared as the closed loop does equals the
-    CameraSequenceDataset item of that frame (up to the csv's 0.1 mm pose rounding)."""
+    """A frame rendered from the csv pose (x, y, yaw) at the frame's time and speed with the frame's camera-noise
+    stream, prepared as the closed loop does, equals the CameraSequenceDataset item of that frame (up to the
+    csv's 0.1 mm pose rounding)."""
     seg = world_root / "test" / "segment_0002"
     with open(seg / "meta" / "data.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -178,7 +179,9 @@ def test_camera_input_is_built_like_the_dataset(world_root, world):
     item = ds[0]
     for t in range(2):
         x, y, yaw = (float(rows[t][k]) for k in ("x", "y", "yaw"))
-        mine = prepare_image(render_camera(world.track, x, y, yaw, world.config.camera), (32, 16))
+        mine = prepare_image(render_camera(world.track, x, y, yaw, world.config.camera, t=t / world.rate_hz,
+                                           speed=float(rows[t]["velocity"]), rng=camera_rng(world.config, 2, t)),
+                             (32, 16))
         theirs = item["images"][t, 0].numpy()
         assert mine.shape == theirs.shape and mine.dtype == theirs.dtype
         assert np.mean(mine == theirs) > 0.99 and np.abs(mine - theirs).mean() < 2e-3
