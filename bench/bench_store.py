@@ -6,7 +6,10 @@
 For each format: write samples/s, bytes and files on disk, random-batch read samples/s through a
 DataLoader (2 workers, batches of 64 shuffled keys; timed after the first batch), and in-process
 ``get_batch`` samples/s for the store. Then the same for ``bev_feat`` at a pooled size, compressed store vs
-an uncompressed memmap. Prints a table and the goals of issue 5 with PASS/FAIL.
+an uncompressed memmap. Then the cost of integrity, measured interleaved (alternating rounds, medians, so
+that other load on the machine hits both sides alike): write rows/s with and without fsync, and in-process
+``get_batch`` rows/s with and without the per-row crc32c check. Prints a table and the goals of issue 5
+with PASS/FAIL.
 """
 from __future__ import annotations
 
@@ -102,8 +105,9 @@ def loader_rate(loader: DataLoader) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def write_store(path: str, schema: StoreSchema, keys: list[str], bev: bool = False) -> float:
-    bank = create_memorybank(path, schema, Provenance(teacher_sha256="0" * 64, model_config={"bench": True}))
+def write_store(path: str, schema: StoreSchema, keys: list[str], bev: bool = False, fsync: bool = True) -> float:
+    bank = create_memorybank(path, schema, Provenance(teacher_sha256="0" * 64, model_config={"bench": True}),
+                             fsync=fsync)
     bank.reserve_split("train", keys)
     step = bank.alignment if not bev else 32
     t = 0.0
@@ -207,6 +211,8 @@ def main() -> int:
         res[name]["inproc"] = len(batches) * B / (time.perf_counter() - t0)
     for r in res.values():
         r["bytes"], r["files"] = dir_usage(r["path"])
+    fsync_on, fsync_off = fsync_cost(tmp, s32, keys)
+    crc_on, crc_off = crc_cost(res["store f32"]["path"], keys, B)
 
     print(f"\nbench_store: N={N} light samples (T=5, A=2, D=256, H=640), batches of {B} random keys, "
           f"DataLoader num_workers={a.workers}")
@@ -219,6 +225,9 @@ def main() -> int:
     print(f"bev_feat ({len(bkeys)} samples of 5x{C}x{H}x{W} f16, batches of {BB}): store write {bev_write:.0f}/s, "
           f"{bsz / 2**20:.1f} MiB in {bfiles} files (raw {msz / 2**20:.1f} MiB); DataLoader read: store "
           f"{bev_dl:.0f}/s vs uncompressed memmap {bev_mm_dl:.0f}/s")
+    print(f"integrity (interleaved, medians): write f32 with fsync {fsync_on:.0f} rows/s, without {fsync_off:.0f} "
+          f"rows/s ({100 * (1 - fsync_on / fsync_off):+.1f}% cost); get_batch f32 with crc32c check {crc_on:.0f} "
+          f"rows/s, without {crc_off:.0f} rows/s ({100 * (1 - crc_on / crc_off):+.1f}% cost)")
     npz_r, mm_r = res["npz per key (f32)"], res["memmap f32 (raw)"]
     best_dl = max(res["store f32"]["dl"], res["store f16"]["dl"])
     goals = [
@@ -237,6 +246,50 @@ def main() -> int:
     if not a.dir:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def fsync_cost(tmp: str, schema: StoreSchema, keys: list[str], rounds: int = 3) -> tuple[float, float]:
+    """Write rows/s of the f32 store with and without fsync: two stores written block by block in turn
+    (``rounds`` times each, new stores every round), so both see the same load; medians of the rates."""
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(rounds):
+        banks = {f: create_memorybank(os.path.join(tmp, f"fsync_{f}_{r}.zarr"), schema,
+                                      Provenance(teacher_sha256="0" * 64), fsync=f) for f in (True, False)}
+        t = {True: 0.0, False: 0.0}
+        for b in banks.values():
+            b.reserve_split("train", keys)
+        step = banks[True].alignment
+        for a in range(0, len(keys), step):
+            rows = realistic_rows(schema, a, min(step, len(keys) - a))
+            for f in ((True, False) if (a // step + r) % 2 == 0 else (False, True)):
+                t0 = time.perf_counter()
+                banks[f].write_rows("train", a, rows)
+                t[f] += time.perf_counter() - t0
+        for f, b in banks.items():
+            rates[f].append(len(keys) / t[f])
+            b.close()
+            shutil.rmtree(b.path, ignore_errors=True)
+    return float(np.median(rates[True])), float(np.median(rates[False]))
+
+
+def crc_cost(path: str, keys: list[str], B: int, rounds: int = 15) -> tuple[float, float]:
+    """In-process get_batch rows/s with and without the per-row crc32c check, alternating rounds of the same
+    batches (the check is switched off on a private reader attribute: for this measurement only)."""
+    bank = open_memorybank(path)
+    rng = np.random.default_rng(3)
+    batches = [[keys[i] for i in rng.integers(0, len(keys), B)] for _ in range(100)]
+    reader = bank._reader("light")
+    bank.get_batch(batches[0])
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(rounds):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            reader.crc = on
+            t0 = time.perf_counter()
+            for kb in batches:
+                bank.get_batch(kb)
+            rates[on].append(len(batches) * B / (time.perf_counter() - t0))
+    reader.crc = True
+    return float(np.median(rates[True])), float(np.median(rates[False]))
 
 
 def loader_rate_field(loader: DataLoader, field: str) -> float:

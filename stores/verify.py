@@ -15,6 +15,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 import numpy as np
+import zarr
 from tqdm import tqdm
 
 from e2r.keys import InvalidKeyError, parse_key
@@ -116,7 +117,6 @@ def _finite_check(bank: MemoryBank | None, name: str) -> Callable[[int, np.ndarr
 
 def _scan_small(path: str, name: str, bank: MemoryBank | None) -> list[str]:
     """keys / complete: every chunk file present read through zarr (its crc32c codec checks it)."""
-    import zarr      # lazy: only the Zarr verify needs zarr-python here
     meta = read_json(Path(path) / name / "zarr.json", path) if regular_size(Path(path) / name / "zarr.json") else None
     if meta is None:
         return []

@@ -20,6 +20,7 @@ import pytest
 from stores import (StoreCorruptError, StoreError, StoreMismatchError, StoreVersionError, create_memorybank,
                     open_memorybank)
 from stores.__main__ import main
+from stores.convert import convert
 from stores.fsio import temp_sibling
 from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
 
@@ -372,3 +373,25 @@ def test_fsync_option_and_data_before_flags(tmp_path, monkeypatch):
     assert synced == [] and len(open_memorybank(path)) == 16
     time.sleep(0)
     shutil.rmtree(path)
+
+
+def test_convert_refuses_a_damaged_store_and_h5_chunks_are_checksummed(tmp_path):
+    import h5py
+    path = str(tmp_path / "mb.zarr")
+    keys, data = _store(path)
+    _shard(path).unlink()
+    with pytest.raises(StoreCorruptError, match="missing"):
+        convert(path, str(tmp_path / "copy.h5"))            # never copies zeros for lost rows
+    h5 = str(tmp_path / "mb.h5")
+    _store(h5)
+    with h5py.File(h5, "r") as f:
+        assert f["gru_out"].fletcher32 and f["complete"].fletcher32
+        off = f["gru_out"].id.get_chunk_info(5).byte_offset
+    raw = bytearray(Path(h5).read_bytes())
+    raw[off + 3] ^= 0x01
+    Path(h5).write_bytes(bytes(raw))
+    with pytest.raises(StoreCorruptError, match="fletcher32") as e:
+        open_memorybank(h5).get_batch(keys)
+    assert e.value.keys == [keys[5]]
+    r = _verify(h5)
+    assert r.returncode == 1 and keys[5] in r.stdout

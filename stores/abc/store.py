@@ -28,7 +28,7 @@ from stores.errors import StoreCorruptError, StoreReadOnlyError
 from stores.fsio import writing
 from stores.index import KeyIndex, check_keys
 from stores.layout import COMPLETE_UNSET, check_alignment, check_block, keys_crc32c, ranges_of
-from stores.schema import Provenance, StoreSchema, json_attrs, now_iso
+from stores.schema import SCHEMA_VERSION, Provenance, StoreSchema, json_attrs, now_iso
 from stores.validate import used_rows
 
 
@@ -54,7 +54,8 @@ class MemoryBank(StorePrimitives):
         self._row_keys: np.ndarray = np.zeros(0, object)
         self._owned: dict[str, set[int]] = {}   # split -> shards this handle wrote into (alignment rule)
         self._sole_writer = False               # True: the alignment rule is not enforced (stores.convert)
-        self._legacy = False                    # True: an older schema_version opened for `convert` only
+        self._legacy_ok = False                 # open() may accept an older schema_version (`convert`)
+        self._legacy = False                    # True: this store IS of an older schema_version
         self._lenient = False                   # True: a read-only handle that lists damage (verify)
         self.damage: list[str] = []             # what the last refresh() found lost (keys, flags, data files)
         self._lost_files: list[str] = []        # the data-file part of ``damage``
@@ -76,7 +77,7 @@ class MemoryBank(StorePrimitives):
         `stores.convert`) reads a store of an older schema_version, read-only."""
         cls._concrete()
         bank = cls(str(path), mode, fsync)
-        bank._legacy = bool(legacy)
+        bank._legacy_ok = bool(legacy)
         if legacy and mode != "r":
             raise ValueError("stores of an older schema_version open read-only (for `python -m stores convert`)")
         bank._attrs = bank._open_existing()
@@ -95,7 +96,8 @@ class MemoryBank(StorePrimitives):
         return create_store(cls, str(path), schema, provenance, shard_rows, exist_ok, fsync)
 
     def _check_version(self, attrs: dict[str, Any]) -> None:
-        check_version(self.path, attrs, self._legacy)
+        check_version(self.path, attrs, self._legacy_ok)
+        self._legacy = attrs.get("schema_version") != SCHEMA_VERSION
 
     def _not_a_bank(self, why: str) -> Exception:
         return not_a_bank(self.path, why)
@@ -163,7 +165,7 @@ class MemoryBank(StorePrimitives):
                 damage.append(f"the keys of split {name!r} do not match their checksum (keys_crc32c)")
         self._lost_files = self._missing_data(np.flatnonzero(complete))
         self.damage = damage + self._lost_files
-        if self.damage and self.mode == "r" and not (self._legacy or self._lenient):
+        if self.damage and self.mode == "r" and not self._lenient:
             raise StoreCorruptError(f"memorybank {self.path} is damaged: " + "; ".join(self.damage) + ". Nothing is "
                                     f"served from it. Run `python -m stores verify {self.path}` for details; resume "
                                     "the export (it redoes rows whose flags or data are missing) or re-export",
