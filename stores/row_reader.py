@@ -168,25 +168,50 @@ class RowChunkReader:
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
-        index = None
-        if self.sharded:
-            n = self.rows_per_file
-            nidx = 16 * n + (4 if self._index_crc else 0)
-            if len(mm) < nidx:
-                raise self._corrupt(f"{len(mm)} bytes, shorter than its {nidx}-byte index (truncated)", i)
-            raw = mm[len(mm) - nidx:]
-            if self._index_crc and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                raise self._corrupt("shard index checksum (crc32c) mismatch - file corrupted", i)
-            index = np.frombuffer(raw, "<u8", count=2 * n).reshape(n, 2)
-            full = index[:, 0] != _EMPTY
-            if full.any() and int((index[full, 0] + index[full, 1]).max()) > len(mm) - nidx:
-                raise self._corrupt("shard index points past the end of the data - file corrupted", i)
-            if self.crc and full.any() and int(index[full, 1].min()) < 4:
-                raise self._corrupt("an inner chunk is shorter than its checksum - file corrupted", i)
+        index = self._index_of(i, mm, len(mm)) if self.sharded else None
         got = (mm, index, np.frombuffer(mm, np.uint8))
         self._files[i] = got
         self._views[i] = memoryview(mm)
         return got
+
+    def _index_of(self, i: int, buf: Any, size: int) -> np.ndarray:
+        """The checked shard index (S, 2) of file ``i`` from ``buf`` (its mmap, or its last bytes)."""
+        n = self.rows_per_file
+        nidx = 16 * n + (4 if self._index_crc else 0)
+        if size < nidx:
+            raise self._corrupt(f"{size} bytes, shorter than its {nidx}-byte index (truncated)", i)
+        raw = bytes(buf[len(buf) - nidx:])
+        if self._index_crc and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise self._corrupt("shard index checksum (crc32c) mismatch - file corrupted", i)
+        index = np.frombuffer(raw, "<u8", count=2 * n).reshape(n, 2)
+        full = index[:, 0] != _EMPTY
+        if full.any() and int((index[full, 0] + index[full, 1]).max()) > size - nidx:
+            raise self._corrupt("shard index points past the end of the data - file corrupted", i)
+        if self.crc and full.any() and int(index[full, 1].min()) < 4:
+            raise self._corrupt("an inner chunk is shorter than its checksum - file corrupted", i)
+        return index
+
+    def _fresh_index(self, i: int) -> np.ndarray | None:
+        """File ``i``'s index read now from disk (not cached; None when the file is absent); all-present
+        for unsharded files."""
+        p = self.file_path(i)
+        try:
+            opened = open_regular(p, self.store, self.name)
+        except StoreCorruptError as e:
+            raise self._corrupt(str(e), i) from None
+        if opened is None:
+            return None
+        fd, size = opened
+        try:
+            if not self.sharded:
+                if size == 0:
+                    raise self._corrupt("empty file (truncated)", i)
+                return np.zeros((1, 2), np.uint64)
+            nidx = 16 * self.rows_per_file + (4 if self._index_crc else 0)
+            tail = os.pread(fd, nidx, max(0, size - nidx))
+        finally:
+            os.close(fd)
+        return self._index_of(i, tail, size)
 
     # ------------------------------------------------------------------ reading
     def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -248,19 +273,16 @@ class RowChunkReader:
 
     # ------------------------------------------------------------------ integrity (writers, verify)
     def present(self, a: int, b: int) -> np.ndarray:
-        """(b - a,) bool: rows ``[a, b)`` whose chunk exists (file present, index entry non-empty). Only
-        shard indexes are read; a damaged shard raises StoreCorruptError."""
+        """(b - a,) bool: rows ``[a, b)`` whose chunk exists (file present, index entry non-empty), read fresh
+        from disk (shard indexes only, nothing cached); a damaged shard raises StoreCorruptError."""
         out = np.zeros(max(0, b - a), bool)
         S = self.rows_per_file
         for i in range(a // S, -(-b // S)):
-            mm, index, _ = self._open(i)
-            if mm is None:
+            index = self._fresh_index(i)
+            if index is None:
                 continue
             lo, hi = max(a, i * S), min(b, (i + 1) * S)
-            if index is None:
-                out[lo - a:hi - a] = True
-            else:
-                out[lo - a:hi - a] = index[lo - i * S:hi - i * S, 0] != _EMPTY
+            out[lo - a:hi - a] = index[lo - i * S:hi - i * S, 0] != _EMPTY if self.sharded else True
         return out
 
     def scan(self, i: int, check: Callable[[int, np.ndarray], str | None] | None = None

@@ -329,8 +329,8 @@ class MemoryBank(StorePrimitives):
         or inner chunk), so a resumed writer redoes both."""
         start, count = self._split(split)
         done = self._read_complete(start, start + count)
-        if done.any():
-            done &= self._rows_with_data(start, start + count)
+        for x, y in ranges_of(done):            # only rows flagged complete need their data checked
+            done[x:y] &= self._rows_with_data(start + x, start + y)
         return ranges_of(~done)
 
     def task_ranges(self, split: str, rows_per_task: int | None = None) -> list[tuple[int, int]]:
