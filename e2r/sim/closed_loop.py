@@ -230,13 +230,15 @@ def _sensors(world: SimWorld, policy: Policy, state: VehicleState, cars: np.ndar
 def run_closed_loop(policy: Policy, world: SimWorld, starts: Sequence[int], cfg: ClosedLoopConfig,
                     progress: Optional[Callable[[int], None]] = None) -> list[RunResult]:
     """Drive ``len(starts)`` cars at once, car k from centre-line sample ``starts[k]`` (on the centre line,
-    heading along it, wheels straight); ``progress(n)`` is called after each step with the cars stepped.
-    Returns one :class:`RunResult` per start, in order."""
+    heading along it, wheels straight; moved forward if it is inside or just behind another car at t = 0,
+    ``traffic.clear_start``, the sample used is ``RunResult.start_index``); ``progress(n)`` is called after
+    each step with the cars stepped. Returns one :class:`RunResult` per start, in order."""
     track, vehicle = world.track, world.config.vehicle
     B, n = len(starts), len(track.centre)
     dt = 1.0 / world.rate_hz
     max_steps = max(1, int(round(cfg.time_limit * world.rate_hz)))
-    idx = np.asarray(starts, dtype=np.int64) % n
+    idx = np.array([clear_start(track, track.traffic, int(s)) for s in starts], dtype=np.int64).reshape(-1)
+    first_idx = idx.copy()
     v0 = speed_profile(track, world.config.expert)[idx] if cfg.start_speed is None else np.full(B, cfg.start_speed)
     state = VehicleState.create(track.centre[idx, 0], track.centre[idx, 1],
                                 np.arctan2(track.tangent[idx, 1], track.tangent[idx, 0]), v0)
@@ -309,7 +311,7 @@ def run_closed_loop(policy: Policy, world: SimWorld, starts: Sequence[int], cfg:
         lat = np.asarray(lat_abs[k]) if lat_abs[k] else np.zeros(1)
         tr = np.asarray(traj[k]).reshape(-1, 3)
         results.append(RunResult(
-            policy=policy.name, split=world.split, segment=world.segment, start_index=int(starts[k]),
+            policy=policy.name, split=world.split, segment=world.segment, start_index=int(first_idx[k]),
             success=bool(not collided[k] and laps.laps[k] >= cfg.laps), laps=int(laps.laps[k]),
             progress=float(laps.progress[k]), collisions=int(collided[k]), lap_time=float(lap_time[k]),
             mean_abs_lateral=float(lat.mean()), max_abs_lateral=float(lat.max()),

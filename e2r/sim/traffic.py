@@ -6,7 +6,10 @@ factor per track, drawn in ``TrafficConfig.speed_factor``), so they never catch 
 expert, who drives the full profile, catches up with them and follows (:func:`follow_limit`). They do not
 react to the ego car: their motion is a pure function of the time ``t`` (seconds since the start of a
 recording or of a closed-loop run), read from one table of the time each needs to reach every centre sample
-(``cum_time``). Deterministic per seed: everything is drawn once per track from the world's traffic stream.
+(``cum_time``). They are spread round the lap in *time* (at least ``min_time_gap`` seconds apart, so the
+number drawn is capped on short laps): wherever they are, the gap between two of them leaves room for the
+ego car following the first one, and they never close up in slow corners. Deterministic per seed:
+everything is drawn once per track from the world's traffic stream.
 
 Geometry: a box, footprint ``2 half_length x 2 half_width`` around the car's position, from the ground to
 ``height``. The LiDAR (all around) and the camera (in its field of view only) ray cast it
@@ -29,8 +32,9 @@ FACE_REAR, FACE_FRONT, FACE_SIDE = 0, 1, 2
 @dataclass
 class TrafficConfig:
     """Other cars of a gap-world track (metres, seconds) and how the expert follows them."""
-    cars: tuple[int, int] = (2, 4)                   # inclusive range of the number of cars per track
-    speed_factor: tuple[float, float] = (0.7, 0.85)  # their speed / the expert's speed profile (one per track)
+    cars: tuple[int, int] = (2, 5)                   # inclusive range of the number of cars per track
+    min_time_gap: float = 5.0                        # s between two cars at least (fewer cars on short laps)
+    speed_factor: tuple[float, float] = (0.65, 0.85) # their speed / the expert's speed profile (one per track)
     length: tuple[float, float] = (4.2, 4.8)
     width: tuple[float, float] = (1.75, 1.9)
     height: tuple[float, float] = (1.35, 1.5)
@@ -92,15 +96,16 @@ def make_traffic(track: Track, rng: np.random.Generator, v_ref: np.ndarray, cfg:
     factor = float(rng.uniform(*cfg.speed_factor))
     speed = factor * np.asarray(v_ref, dtype=np.float64)
     cum_time = np.concatenate([[0.0], np.cumsum(ds / speed)])
-    # spread round the lap (equal shares with jitter), so no two cars start on top of each other
-    s0 = ((np.arange(m) + rng.uniform(-0.25, 0.25, size=m)) * track.length / max(m, 1)
-          + rng.uniform(0, track.length)) % track.length
+    lap_time = float(cum_time[-1])
+    m = max(0, min(m, int(0.6 * lap_time / cfg.min_time_gap)))   # equal time shares, jitter <= 0.2 share
+    tau = ((np.arange(m) + rng.uniform(-0.2, 0.2, size=m)) * lap_time / max(m, 1) + rng.uniform(0, lap_time))
+    s0 = np.interp(tau % lap_time, cum_time, np.arange(n + 1) * ds) % track.length
     return Traffic(s0=s0, lat_amp=rng.uniform(0.0, cfg.lateral_max, size=m),
                    lat_cycles=rng.integers(1, 5, size=m).astype(np.float64),
                    lat_phase=rng.uniform(0, 2 * np.pi, size=m), half_length=rng.uniform(*cfg.length, size=m) / 2,
                    half_width=rng.uniform(*cfg.width, size=m) / 2, height=rng.uniform(*cfg.height, size=m),
                    colour=_body_colours(rng, m), factor=factor, speed=speed, cum_time=cum_time,
-                   lap_time=float(cum_time[-1]), cfg=cfg)
+                   lap_time=lap_time, cfg=cfg)
 
 
 def _along(track: Track, s: np.ndarray, values: np.ndarray) -> np.ndarray:
