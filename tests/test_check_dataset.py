@@ -5,6 +5,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from e2r.sim.world import SyntheticConfig, generate_dataset
 from pipelines.check_dataset import main
 from tests.fixtures import read_csv_rows, write_points_bin, write_tiny_dataset
 
@@ -82,3 +83,17 @@ def test_unusable_root_and_help(tmp_path, capsys):
     assert run(capsys, tmp_path / "empty")[0] == 2
     res = subprocess.run([sys.executable, "-m", "pipelines.check_dataset", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "Exit status" in res.stdout and "1 = problems found" in res.stdout
+
+
+def test_lidar_only_segments_of_a_paired_split_are_checked_too(tmp_path, capsys):
+    """A train split mixing paired and LiDAR-only tracks: every segment is read, LiDAR-only ones included."""
+    root = tmp_path / "w"
+    generate_dataset(root, config=SyntheticConfig(tracks=3, frames=8, image_size=(32, 16), lidar_only_tracks=1))
+    code, out = run(capsys, root, "--splits", "train", "--image_size", "32x16")
+    assert code == 0, out
+    assert "2 usable segment(s) of 2" in out and "LiDAR only" in out
+    # a broken point cloud in the LiDAR-only segment is found
+    lidar_only = next(p for p in (root / "train").iterdir() if not (p / "camera").exists())
+    next((lidar_only / "lidar").iterdir()).write_bytes(b"\x00" * 7)
+    code, out = run(capsys, root, "--splits", "train", "--image_size", "32x16")
+    assert code == 1 and str(lidar_only.name) in out

@@ -34,40 +34,60 @@ class DatasetCheck:
     no_progress: bool = False
 
 
+def _scanned(args: DatasetCheck, split: str, lidar: bool, camera: bool) -> list:
+    """The split's datasets, scanned: one over every segment of the split's modality; when the split mixes
+    paired and LiDAR-only segments, a LiDAR dataset over the LiDAR-only ones as well."""
+    if lidar and camera:
+        datasets = [PairedSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
+                                          args.image_size, skip_bad=True)]
+        only = set(datasets[0].lidar_only_segments)
+        if only:
+            extra = LidarSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
+                                         skip_bad=True)
+            extra.tables = {k: v for k, v in extra.tables.items() if k in only}
+            keep = [i for i, (seg, _) in enumerate(extra.windows) if seg in only]
+            extra.windows, extra.keys = [extra.windows[i] for i in keep], [extra.keys[i] for i in keep]
+            datasets.append(extra)
+    elif lidar:
+        datasets = [LidarSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
+                                         skip_bad=True)]
+    else:
+        datasets = [CameraSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.image_size,
+                                          skip_bad=True)]
+    return datasets
+
+
 def check_split(args: DatasetCheck, split: str) -> tuple[dict, list[Problem]]:
     """Scan one split; return its summary numbers and its problems."""
     lidar, camera = split_modalities(args.data_root, split)
     if not lidar and not camera:
         raise DataError(f"{args.data_root}/{split}", "no segment csv has a lidar_filepath or image_filepath column")
-    if lidar and camera:
-        ds = PairedSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
-                                   args.image_size, skip_bad=True)
-    elif lidar:
-        ds = LidarSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
-                                  skip_bad=True)
-    else:
-        ds = CameraSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.image_size, skip_bad=True)
-    windows_before = len(ds.windows)
-    ds.scan(progress=not args.no_progress)
+    datasets = _scanned(args, split, lidar, camera)
+    before = [len(ds.windows) for ds in datasets]
+    for ds in datasets:
+        ds.scan(progress=not args.no_progress)
     kind = "+".join(k for k, on in (("lidar", lidar), ("camera", camera)) if on)
     segments_total = len(discover_segments(args.data_root, split))
-    print(f"split {split} ({kind}): {len(ds.tables)} usable segment(s) of {segments_total}, "
-          f"{sum(t.num_frames for t in ds.tables.values())} frames, {len(ds.windows)} windows "
-          f"(seq_len={args.seq_len}, stride={args.stride}; {windows_before - len(ds.windows)} dropped for bad files)")
-    for name, table in ds.tables.items():
-        n_windows = sum(1 for seg, _ in ds.windows if seg == name)
-        line = f"  {name}: {table.num_frames} frames, {n_windows} windows"
-        if lidar:
-            layout = ds.layouts.get(name)
-            used = f"{layout.num_features} features/point ({layout.source})" if layout else "layout unknown"
-            mean = ds.mean_points.get(name)
-            line += f", points: {used}, mean {mean:.1f} points/frame" if mean is not None else f", points: {used}"
-        if camera:
-            line += f", cameras: {','.join(c.name for c in table.cameras)}"
-        print(line)
-    stats = {"segments": len(ds.tables), "frames": sum(t.num_frames for t in ds.tables.values()),
-             "windows": len(ds.windows)}
-    return stats, list(ds.problems)
+    tables = {k: v for ds in datasets for k, v in ds.tables.items()}
+    windows = sum(len(ds.windows) for ds in datasets)
+    print(f"split {split} ({kind}): {len(tables)} usable segment(s) of {segments_total}, "
+          f"{sum(t.num_frames for t in tables.values())} frames, {windows} windows "
+          f"(seq_len={args.seq_len}, stride={args.stride}; {sum(before) - windows} dropped for bad files)")
+    for ds in datasets:
+        for name, table in ds.tables.items():
+            n_windows = sum(1 for seg, _ in ds.windows if seg == name)
+            line = f"  {name}: {table.num_frames} frames, {n_windows} windows"
+            if lidar:
+                layout = ds.layouts.get(name)
+                used = f"{layout.num_features} features/point ({layout.source})" if layout else "layout unknown"
+                mean = ds.mean_points.get(name)
+                line += f", points: {used}, mean {mean:.1f} points/frame" if mean is not None else f", points: {used}"
+            if camera:
+                cams = ",".join(c.name for c in table.cameras)
+                line += f", cameras: {cams}" if cams else ", LiDAR only"
+            print(line)
+    stats = {"segments": len(tables), "frames": sum(t.num_frames for t in tables.values()), "windows": windows}
+    return stats, [p for ds in datasets for p in ds.problems]
 
 
 def check_dataset(args: DatasetCheck) -> int:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
+from tqdm import tqdm
 
 from e2r.data.layout import SegmentTable, discover_segments, is_lidar_only, read_segment_table, window_starts
 from e2r.data.point_layout import LayoutUndecidable, PointLayout, detect_bin_layout
@@ -212,8 +213,6 @@ class _SequenceDataset(Dataset):
         Never raises for bad files. Fills ``.layouts`` and ``.mean_points`` (per segment, LiDAR only). With
         ``skip_bad=True`` the windows touching a bad frame are then removed from ``.windows`` / ``.keys``.
         """
-        from tqdm import tqdm
-
         found: list[Problem] = []
         total = sum(t.num_frames for t in self.tables.values())
         bar = tqdm(total=total, desc=f"scan {self.split}", unit="frame", disable=not progress)
