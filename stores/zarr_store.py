@@ -152,6 +152,12 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
     def _arrays_on_disk(self) -> list[str]:
         return [LIGHT_ARRAY] + ([BEV_FEAT] if self.schema.store_bev_feat else [])
 
+    def _channels(self) -> dict[str, tuple[int, int]]:
+        cache = self.__dict__.get("_channel_cache")
+        if cache is None or cache[0] is not self._attrs:
+            cache = self._channel_cache = (self._attrs, self._fixed().light_channels())
+        return cache[1]
+
     def _data_arrays(self) -> list[str]:
         return self._arrays_on_disk()
 
@@ -256,7 +262,7 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
         light = [f for f in fields if f in LIGHT_FIELDS]
         if light:
             packed = self._read_array_rows(LIGHT_ARRAY, rows)
-            ch = self.schema.light_channels()
+            ch = self._channels()
             keep = views or len(set(light)) == len(LIGHT_FIELDS)
             for f in light:
                 v = packed[..., ch[f][0]:ch[f][1]]

@@ -110,7 +110,15 @@ class MemoryBank(StorePrimitives):
 
     @property
     def schema(self) -> StoreSchema:
+        """The store's schema (a fresh object: callers may change it, e.g. `convert`)."""
         return StoreSchema.from_dict(self._attrs)
+
+    def _fixed(self) -> StoreSchema:
+        """The schema for the hot path: built once per attributes object (never handed out)."""
+        cache = self.__dict__.get("_schema_cache")
+        if cache is None or cache[0] is not self._attrs:
+            cache = self._schema_cache = (self._attrs, StoreSchema.from_dict(self._attrs))
+        return cache[1]
 
     @property
     def provenance(self) -> Provenance:
@@ -208,15 +216,16 @@ class MemoryBank(StorePrimitives):
         raise InvalidKeyError; absent ones are reported, not raised.
         """
         assert self._index is not None
-        fields = tuple(fields) if fields is not None else self.schema.fields
-        stored = self.schema.fields
+        schema = self._fixed()
+        fields = tuple(fields) if fields is not None else schema.fields
+        stored = schema.fields
         for f in fields:
             if f not in stored:
                 raise KeyError(f"field {f!r} is not stored in {self.path} (fields: {stored})")
         rows, missing = self._index.rows(list(keys))
         found = rows >= 0
         out = self._read_rows(fields, rows[found]) if found.any() else {
-            f: np.zeros((0, *self.schema.row_shape(f)), self.schema.dtype) for f in fields}
+            f: np.zeros((0, *schema.row_shape(f)), schema.dtype) for f in fields}
         if fill_missing:
             full = {}
             for f, d in out.items():
@@ -233,11 +242,12 @@ class MemoryBank(StorePrimitives):
         bool. One read of the needed rows for all fields, each decoded once and copied once; used by
         `stores.torch_data.MemoryBankDataset` to fill one shared float32 buffer per batch."""
         assert self._index is not None
-        stored = self.schema.fields
+        schema = self._fixed()
+        stored = schema.fields
         for f, o in out.items():
             if f not in stored:
                 raise KeyError(f"field {f!r} is not stored in {self.path} (fields: {stored})")
-            want = (len(keys), *self.schema.row_shape(f))
+            want = (len(keys), *schema.row_shape(f))
             if o.shape != want:
                 raise ValueError(f"get_batch_into: out[{f!r}] has shape {o.shape}, expected {want}")
         rows, _ = self._index.rows(list(keys))
