@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from e2r.keys import InvalidKeyError, validate_part
-from stores.layout import MAX_ROW_BYTES, MAX_SHARD_ROWS, keys_chunk_rows
+from stores.layout import COMPLETE_UNSET, MAX_ROW_BYTES, MAX_SHARD_ROWS, keys_chunk_rows, keys_crc32c, ranges_of
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, StoreSchema
 
 
@@ -170,3 +170,29 @@ def check_splits(splits: Any, S: int, n: int) -> list[str]:
 def used_rows(splits: dict[str, Any]) -> int:
     """Rows ``[0, used)`` that any split occupies (call after `check_splits` found no problem)."""
     return max((int(v["start"]) + int(v["count"]) for v in splits.values()), default=0)
+
+
+def split_damage(splits: dict[str, tuple[int, int]], entries: dict[str, Any], keys: np.ndarray,
+                 flags: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """``(complete (N,) bool, problems)`` from the keys and raw completion flags of rows ``[0, N)``: only rows
+    of a split count as complete; split rows whose keys are "" or whose flag is 255 (their chunk is missing)
+    and splits whose keys fail their ``keys_crc32c`` are problems (with the keys affected, when known)."""
+    used = len(keys)
+    in_split = np.zeros(used, bool)
+    for s, c in splits.values():
+        in_split[s:min(s + c, used)] = True
+    damage = []
+    for what, bad in (("lost their keys (a keys chunk is missing)", in_split & (keys == "")),
+                      ("lost their completion flags (a `complete` chunk is missing)",
+                       in_split & (flags == COMPLETE_UNSET))):
+        if bad.any():
+            spans = ranges_of(bad)
+            named = [str(k) for k in keys[bad][:4] if k]
+            damage.append(f"{int(bad.sum())} reserved rows (rows " + ", ".join(f"[{a}, {b})" for a, b in spans[:3])
+                          + (" ..." if len(spans) > 3 else "") + f") {what}"
+                          + (f" (keys {', '.join(map(repr, named))}{' ...' if bad.sum() > 4 else ''})" if named else ""))
+    for name, (s, c) in splits.items():
+        want = (entries.get(name) or {}).get("keys_crc32c")
+        if want is not None and not (keys[s:s + c] == "").any() and keys_crc32c(keys[s:s + c]) != want:
+            damage.append(f"the keys of split {name!r} do not match their checksum (keys_crc32c)")
+    return (flags == 1) & in_split, damage

@@ -29,7 +29,7 @@ from stores.fsio import writing
 from stores.index import KeyIndex, check_keys
 from stores.layout import COMPLETE_UNSET, check_alignment, check_block, keys_crc32c, ranges_of
 from stores.schema import SCHEMA_VERSION, Provenance, StoreSchema, json_attrs, now_iso
-from stores.validate import used_rows
+from stores.validate import split_damage, used_rows
 
 
 class MemoryBank(StorePrimitives):
@@ -154,23 +154,9 @@ class MemoryBank(StorePrimitives):
         self._read_damage = []
         used = min(used_rows(self._attrs.get("splits", {})), n)
         keys, flags = self._read_keys(0, used), self._read_flags(0, used)
-        in_split = np.zeros(used, bool)
-        for s, c in self.splits.values():
-            in_split[s:min(s + c, used)] = True
-        complete = (flags == 1) & in_split
         self._row_keys = keys
-        damage = list(self._read_damage)
-        for what, bad in (("lost their keys (a keys chunk is missing)", in_split & (keys == "")),
-                          ("lost their completion flags (a `complete` chunk is missing)",
-                           in_split & (flags == COMPLETE_UNSET))):
-            if bad.any():
-                rows = np.flatnonzero(bad)
-                damage.append(f"{len(rows)} reserved rows ({ranges_of(bad)[:3]}...) {what}")
-        for name, v in self._attrs.get("splits", {}).items():
-            want, (s, c) = v.get("keys_crc32c"), self.splits[name]
-            if want is not None and not (in_split[s:s + c] & (keys[s:s + c] == "")).any() \
-                    and keys_crc32c(keys[s:s + c]) != want:
-                damage.append(f"the keys of split {name!r} do not match their checksum (keys_crc32c)")
+        complete, damage = split_damage(self.splits, self._attrs.get("splits", {}), keys, flags)
+        damage = self._read_damage + damage
         self._lost_files = self._missing_data(np.flatnonzero(complete))
         self.damage = damage + self._lost_files
         if self.damage and self.mode == "r" and not self._lenient:
