@@ -135,6 +135,12 @@ class ZarrIntegrity:
         root = Path(self.path) / field_path(name) / "c"
         return [root.joinpath(str(i), *tail) for i in range(a // rows, -(-b // rows))] if b > a else []
 
+    def _check_files(self, names: Sequence[str], a: int, b: int) -> None:
+        """StoreCorruptError when a file holding rows ``[a, b)`` of ``names`` is not a regular file."""
+        for name in names:
+            for p in self._files_of(name, a, b):
+                regular_size(p, self.path, name)
+
     def _sync_rows(self, names: Sequence[str], a: int, b: int) -> None:
         files = [p for n in names for p in self._files_of(n, a, b)]
         fsync_files(files, self.path)

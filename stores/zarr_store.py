@@ -187,10 +187,14 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
     def _write_flags(self, a: int, b: int, value: int) -> None:
         if b > a:
             self._drop_bad_chunks("complete", a, b)
+            self._check_files(["complete"], a, b)
             self._arr("complete")[a:b] = np.uint8(value)
 
     def _write_fields(self, a: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Pack the light fields into one block (n, T, A+D+H) and write it with one zarr write."""
+        """Pack the light fields into one block (n, T, A+D+H) and write it with one zarr write. The shard
+        files it rewrites must be regular files (zarr would read a FIFO there forever)."""
+        n = len(next(iter(arrays.values())))
+        self._check_files(self._arrays_on_disk(), a, a + n)
         light = [arrays[f] for f in LIGHT_FIELDS if f in arrays]
         if light:
             if len(light) != len(LIGHT_FIELDS):

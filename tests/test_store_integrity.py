@@ -395,3 +395,18 @@ def test_convert_refuses_a_damaged_store_and_h5_chunks_are_checksummed(tmp_path)
     assert e.value.keys == [keys[5]]
     r = _verify(h5)
     assert r.returncode == 1 and keys[5] in r.stdout
+
+
+def test_a_writer_never_reads_a_fifo_it_would_rewrite(tmp_path):
+    path = str(tmp_path / "mb.zarr")
+    schema = tiny_schema()
+    bank = create_memorybank(path, schema, tiny_prov(), shard_rows=8)
+    keys = make_keys("train", 20)
+    bank.reserve_split("train", keys)
+    data = rows_for(schema, keys)
+    bank.write_rows("train", 0, {f: a[:8] for f, a in data.items()})
+    _shard(path).parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(_shard(path))                               # where the next shard will be written
+    with pytest.raises(StoreCorruptError, match="FIFO"):
+        open_memorybank(path, "r+").write_rows("train", 8, {f: a[8:12] for f, a in data.items()})
+    assert _verify(path).returncode == 1
