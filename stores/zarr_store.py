@@ -179,6 +179,7 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
 
     def _write_keys(self, a: int, keys: np.ndarray) -> None:
         self._drop_bad_chunks("keys", a, a + len(keys))
+        self._check_files(["keys"], a, a + len(keys))
         self._arr("keys")[a:a + len(keys)] = np.asarray(keys, dtype=str)
 
     def _read_flags(self, a: int, b: int) -> np.ndarray:
@@ -213,6 +214,7 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
         self._readers.clear()
 
     def _clear_rows(self, a: int, b: int) -> None:
+        self._check_files(["keys", *self._arrays_on_disk()], a, b)
         self._write_flags(a, b, COMPLETE_UNSET)
         for name in self._arrays_on_disk():
             self._arr(name)[a:b] = np.nan   # all-fill inner chunks/shards are deleted (write_empty_chunks=False)
