@@ -12,6 +12,7 @@ import torch
 from e2r.errors import E2RError
 from e2r.metrics import metrics_table
 from e2r.workflow.configs import config_from_namespace
+from stores import StoreError
 
 __all__ = ["training_main", "eval_main", "print_training_summary", "num_features", "add_training_data_args", "add_training_window_args",
            "add_training_run_args", "add_eval_input_args", "add_eval_window_args", "add_eval_output_args"]
@@ -105,7 +106,7 @@ def training_main(name: str, parser: argparse.ArgumentParser, config_cls: type[C
     else the ``done:`` summary (``summary_extra(last history entry)`` inserted before the paths); return 0."""
     try:
         result = train(config_from_namespace(config_cls, parser.parse_args(argv)))
-    except (E2RError, ValueError, FloatingPointError) as e:
+    except (E2RError, StoreError, ValueError, FloatingPointError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     print_training_summary(result, summary_extra)
@@ -130,7 +131,7 @@ def eval_main(name: str, parser: argparse.ArgumentParser, config_cls: type[C], e
     try:
         with torch.no_grad():
             out = evaluate(cfg)
-    except (E2RError, ValueError) as e:
+    except (E2RError, StoreError, ValueError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     print(f"{cfg.split}: {out['num_windows']} windows, overall = weighted MSE with weights {cfg.overall_weights}")

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto | 4 | 5 | 8 columns of .bin files")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a store made with another schema/teacher, or rewrite the named splits")
+    p.add_argument("--no_fsync", action="store_true",
+                   help="skip fsync of written data before rows are flagged complete (faster; a power loss may then "
+                        "lose recent rows, which verify reports and a re-run redoes)")
     p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
     return p
 

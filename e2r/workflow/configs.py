@@ -197,6 +197,7 @@ class ExportConfig:
     shard_rows: int = 0
     lidar_num_features: NumFeatures = "auto"
     overwrite: bool = False
+    no_fsync: bool = False
     no_progress: bool = False
 
     def check(self) -> None:

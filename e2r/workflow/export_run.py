@@ -31,8 +31,8 @@ from e2r.models.teacher import load_teacher
 from e2r.runtime import resolve_device
 from e2r.workflow.configs import ExportConfig
 from e2r.workflow.export import ExportContext, ExportOptions, TaskStats, export_rows, load_context, run_export_task
-from stores import (MemoryBank, Provenance, StoreMismatchError, StoreSchema, create_memorybank,
-                    memorybank_exists)
+from stores import (MemoryBank, NotAMemoryBankError, Provenance, StoreCorruptError, StoreMismatchError, StoreSchema,
+                    StoreVersionError, create_memorybank, memorybank_exists)
 
 __all__ = ["store_schema", "export_memorybank", "print_export_summary", "SplitResult", "ExportResult"]
 
@@ -57,19 +57,26 @@ def store_schema(cfg: ExportConfig, teacher_cfg: TeacherConfig) -> tuple[StoreSc
 
 
 def _open_store(cfg: ExportConfig, schema: StoreSchema, prov: Provenance) -> MemoryBank:
+    """Create the store, or reopen it to resume/append; ``overwrite`` replaces one made with another schema or
+    teacher, an older format, a damaged one, or something that is not a memorybank."""
     kw = {"shard_rows": cfg.shard_rows} if cfg.shard_rows else {}
     try:
-        return create_memorybank(cfg.store, schema, prov, **kw)
+        return create_memorybank(cfg.store, schema, prov, fsync=not cfg.no_fsync, **kw)
     except StoreMismatchError as e:
         if not cfg.overwrite:
             raise StoreMismatchError(f"{e}. Refusing to mix teachers/schemas in one store: export to another "
                                      f"--store, or pass --overwrite to delete {cfg.store} and start again") from None
-    print(f"--overwrite: deleting {cfg.store} (made with another schema or teacher)", file=sys.stderr)
+        why = "made with another schema or teacher"
+    except (StoreVersionError, StoreCorruptError, NotAMemoryBankError) as e:
+        if not cfg.overwrite:
+            raise type(e)(f"{e}. Pass --overwrite to delete {cfg.store} and export again") from None
+        why = type(e).__name__
+    print(f"--overwrite: deleting {cfg.store} ({why})", file=sys.stderr)
     if memorybank_exists(cfg.store) and Path(cfg.store).is_dir():
         shutil.rmtree(cfg.store)
     else:
         Path(cfg.store).unlink()
-    return create_memorybank(cfg.store, schema, prov, **kw)
+    return create_memorybank(cfg.store, schema, prov, fsync=not cfg.no_fsync, **kw)
 
 
 def _reserve(bank: MemoryBank, split: str, keys: list[str], overwrite: bool) -> str:
