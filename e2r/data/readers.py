@@ -35,12 +35,41 @@ def _check_file(path: Path, row: Optional[int]) -> int:
     return size
 
 
-def _xyzi(points: np.ndarray, path: Path, row: Optional[int]) -> np.ndarray:
-    out = np.ascontiguousarray(points[:, :4], dtype=np.float32)
+MAX_INTENSITY = 65535.0      # the largest intensity any supported sensor writes (16-bit)
+MAX_FAR_FRACTION = 0.01      # more than this fraction of a frame's points beyond MAX_RANGE_M: not a LiDAR scan
+MAX_RANGE_M = 500.0
+
+
+def _xyzi(points: np.ndarray, path: Path, row: Optional[int], ring: Optional[np.ndarray] = None) -> np.ndarray:
+    """(N, >=4) -> (N, 4) float32 after checking, for *this* frame, what docs/CONTRACTS.md and the layout
+    detection promise about every frame (not only the few sampled to decide the layout): x, y, z and intensity
+    finite in float32, intensity in [0, 65535], at most 1 % of the points beyond 500 m, and for nuScenes-like
+    5-feature files the ring column integer in 0..127. Vectorised: one pass over the frame's values."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(points[:, :4], dtype=np.float32)
     bad = ~np.isfinite(out).all(axis=1)
     if bad.any():
         raise DataError(path, f"{int(bad.sum())} of {len(out)} points have non-finite x/y/z/intensity "
                               f"(first at point {int(np.argmax(bad))})", row)
+    if not len(out):
+        return out
+    inten = out[:, 3]
+    off = (inten < 0) | (inten > MAX_INTENSITY)
+    if off.any():
+        raise DataError(path, f"{int(off.sum())} of {len(out)} points have intensity outside [0, 65535] (first at "
+                              f"point {int(np.argmax(off))}: {float(inten[np.argmax(off)]):.6g}); wrong point "
+                              f"layout (lidar_num_features) or corrupt file", row)
+    far = np.einsum("ij,ij->i", out[:, :3].astype(np.float64), out[:, :3].astype(np.float64)) > MAX_RANGE_M ** 2
+    if far.sum() > MAX_FAR_FRACTION * len(out):
+        raise DataError(path, f"{int(far.sum())} of {len(out)} points are farther than {MAX_RANGE_M:g} m (more "
+                              f"than {MAX_FAR_FRACTION:.0%}); wrong point layout (lidar_num_features) or corrupt "
+                              f"file", row)
+    if ring is not None:
+        bad_ring = ~np.isfinite(ring) | (ring < 0) | (ring > 127) | (ring != np.round(ring))
+        if bad_ring.any():
+            raise DataError(path, f"{int(bad_ring.sum())} of {len(out)} points have a ring (5th column) that is "
+                                  f"not an integer in 0..127 (first at point {int(np.argmax(bad_ring))}); wrong "
+                                  f"point layout (lidar_num_features) or corrupt file", row)
     return out
 
 
@@ -70,7 +99,8 @@ def read_bin(path: Union[str, Path], num_features: NumFeatures = "auto",
     if flat.size % f:
         raise DataError(path, f"size {size} bytes is not a multiple of the point size {4 * f} bytes "
                               f"({f} float32 features per point); truncated or wrong lidar_num_features", row)
-    return _xyzi(flat.reshape(-1, f), path, row), layout
+    pts = flat.reshape(-1, f)
+    return _xyzi(pts, path, row, ring=pts[:, 4] if f == 5 else None), layout
 
 
 def read_npy(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndarray, PointLayout]:
@@ -78,13 +108,17 @@ def read_npy(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndar
     path = Path(path)
     _check_file(path, row)
     try:
-        arr = np.load(path, allow_pickle=False)
+        # memory-mapped first: a header that declares more data than the file holds fails here, before any
+        # allocation of the declared size
+        arr = np.array(np.load(path, allow_pickle=False, mmap_mode="r"))
     except Exception as e:  # noqa: BLE001 - numpy raises several types for corrupt files
         raise DataError(path, f"cannot read .npy: {type(e).__name__}: {e}", row) from None
     if arr.ndim != 2 or arr.shape[1] < 4:
         raise DataError(path, f".npy point array must be (N, F>=4), got shape {arr.shape}", row)
-    if not np.issubdtype(arr.dtype, np.number):
-        raise DataError(path, f".npy point array has non-numeric dtype {arr.dtype}", row)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise DataError(path, f".npy point array has dtype {arr.dtype}; expected real numbers (float or int"
+                              f"{', not complex: the imaginary part would be lost' if np.iscomplexobj(arr) else ''})",
+                        row)
     return _xyzi(arr, path, row), PointLayout(int(arr.shape[1]), "npy")
 
 
@@ -126,9 +160,17 @@ def read_pcd(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndar
     missing = [f for f in ("x", "y", "z", "intensity") if f not in names]
     if missing:
         raise DataError(path, f"PCD has no field(s) {missing} (fields: {fields})", row)
-    try:
-        dtype = np.dtype([(f"{nm}_{k}" if c > 1 else nm, _PCD_TYPES[(t, s)], (c,) if c > 1 else ())
-                          for k, (nm, t, s, c) in enumerate(zip(names, types, sizes, counts))])
+    for f in ("x", "y", "z", "intensity"):
+        if names.count(f) > 1:
+            raise DataError(path, f"PCD field {f!r} appears {names.count(f)} times (fields: {fields})", row)
+        if counts[names.index(f)] != 1:
+            raise DataError(path, f"PCD field {f!r} has COUNT {counts[names.index(f)]}; x, y, z and intensity "
+                                  f"must have COUNT 1", row)
+    if n < 0 or any(c < 1 for c in counts) or any(sz < 1 for sz in sizes):
+        raise DataError(path, f"malformed PCD header: POINTS {n}, SIZE {sizes}, COUNT {counts}", row)
+    try:   # positional field names: padding fields ("_") may repeat and have COUNT > 1
+        dtype = np.dtype([(f"f{k}", _PCD_TYPES[(t, s)], (c,) if c > 1 else ())
+                          for k, (t, s, c) in enumerate(zip(types, sizes, counts))])
     except KeyError as e:
         raise DataError(path, f"unsupported PCD TYPE/SIZE {e}", row) from None
     if mode == "ascii":
@@ -148,7 +190,7 @@ def read_pcd(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndar
             raise DataError(path, f"truncated: PCD says {n} points ({need} bytes) but holds {len(raw) - pos} "
                                   f"bytes of data", row)
         rec = np.frombuffer(raw, dtype=dtype, count=n, offset=pos)
-        cols = [rec[f].astype(np.float64) for f in ("x", "y", "z", "intensity")]
+        cols = [rec[f"f{names.index(f)}"].astype(np.float64) for f in ("x", "y", "z", "intensity")]
     else:
         raise DataError(path, f"unsupported PCD DATA mode {mode!r} (ascii and binary are supported)", row)
     return _xyzi(np.stack(cols, axis=1), path, row), PointLayout(len(fields), "pcd", " ".join(fields))
@@ -171,21 +213,63 @@ def read_points(path: Union[str, Path], num_features: NumFeatures = "auto",
     raise DataError(path, f"unsupported point file type {suffix!r} (expected one of {POINT_SUFFIXES})", row)
 
 
-def read_image(path: Union[str, Path], size: Optional[tuple[int, int]] = None,
-               row: Optional[int] = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """PNG/JPEG -> ((3, H', W') float32 RGB in [0, 1], original (W, H)); resized to ``size=(W', H')`` if given."""
+MAX_IMAGE_SIDE = 16384             # wider or taller than this: refused before decoding
+MAX_IMAGE_PIXELS = 40_000_000      # more pixels than this (8K UHD has 33 M): refused before decoding
+EXPECTED_SIZE_FACTOR = 4           # more than this many times the pixels of ``expected_size``: refused
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _check_image_header(path: Path, im: "PIL.Image.Image", expected_size: Optional[tuple[int, int]],
+                        row: Optional[int]) -> None:
+    """Refuse, from the header alone (nothing decoded yet), an image too large to be a camera frame: a tiny
+    compressed file can declare a size whose decoding allocates gigabytes."""
+    w, h = im.size
+    if w < 1 or h < 1 or w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+        raise DataError(path, f"image header declares {w}x{h} pixels, more than the limit ({MAX_IMAGE_SIDE} per "
+                              f"side, {MAX_IMAGE_PIXELS} in all); refused before decoding", row)
+    if expected_size is not None and w * h > EXPECTED_SIZE_FACTOR * expected_size[0] * expected_size[1]:
+        raise DataError(path, f"image header declares {w}x{h} pixels, more than {EXPECTED_SIZE_FACTOR}x the "
+                              f"expected {expected_size[0]}x{expected_size[1]}; refused before decoding", row)
+    if im.mode not in _SIXTEEN_BIT_MODES + ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX",
+                                            "CMYK", "YCbCr", "LAB", "HSV"):
+        raise DataError(path, f"unsupported image mode {im.mode!r} (8-bit gray/colour or 16-bit gray expected)",
+                        row)
+
+
+def read_image(path: Union[str, Path], size: Optional[tuple[int, int]] = None, row: Optional[int] = None,
+               expected_size: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """PNG/JPEG -> ((3, H', W') float32 RGB in [0, 1], original (W, H)); resized to ``size=(W', H')`` if given.
+
+    8-bit images are scaled by 255, 16-bit grayscale ones by 65535 (by their bit depth, not clipped). The size
+    is checked from the header before decoding (limits above; ``expected_size=(W, H)`` adds a bound relative
+    to the size the caller expects)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     _check_file(path, row)
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:          # lazy: only the header has been read
+            _check_image_header(path, im, expected_size, row)
             im.load()
             original = im.size
+            if im.mode in _SIXTEEN_BIT_MODES:
+                gray = np.asarray(im, dtype=np.float32) / 65535.0
+                return _prepare_gray(gray, size), (int(original[0]), int(original[1]))
             rgb = im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise DataError(path, f"image too large (decompression bomb guard): {e}", row) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(path, f"corrupt or unreadable image: {type(e).__name__}: {e}", row) from None
     return prepare_image(rgb, size), (int(original[0]), int(original[1]))
+
+
+def _prepare_gray(gray: np.ndarray, size: Optional[tuple[int, int]]) -> np.ndarray:
+    """(H, W) float32 in [0, 1] -> (3, H', W') float32, resized (bilinear) like :func:`prepare_image`."""
+    from PIL import Image
+
+    if size is not None and (int(size[0]), int(size[1])) != (gray.shape[1], gray.shape[0]):
+        gray = np.asarray(Image.fromarray(gray).resize((int(size[0]), int(size[1])), Image.BILINEAR))
+    return np.ascontiguousarray(np.broadcast_to(np.clip(gray, 0.0, 1.0), (3,) + gray.shape), dtype=np.float32)
 
 
 def prepare_image(image: Union["PIL.Image.Image", np.ndarray], size: Optional[tuple[int, int]] = None) -> np.ndarray:
@@ -242,6 +326,24 @@ def _matrix(value: object, shape: tuple[int, int], what: str, path: Path) -> np.
     return m
 
 
+def _check_float32_invertible(m: np.ndarray, what: str, path: Path) -> None:
+    """The models use K and cam2ego as float32 and invert them: refuse a matrix valid in float64 whose
+    float32 version overflows, underflows to a singular matrix (fx = 1e-300 -> 0) or has a non-finite inverse."""
+    with np.errstate(all="ignore"):
+        m32 = m.astype(np.float32)
+        ok = bool(np.isfinite(m32).all())
+        if ok:
+            try:
+                inv = np.linalg.inv(m32)
+                ok = bool(np.isfinite(inv).all()) and bool(np.isfinite(inv.astype(np.float32)).all()) \
+                    and np.allclose(inv @ m32, np.eye(len(m32)), atol=1e-3)
+            except np.linalg.LinAlgError:
+                ok = False
+    if not ok:
+        raise DataError(path, f"{what} is not usable in float32 (its float32 version is not finite or not "
+                              f"invertible): {m.tolist()}")
+
+
 def read_calib(path: Union[str, Path]) -> list[CameraCalib]:
     """Read and validate calib.json (format in docs/CONTRACTS.md) -> cameras in file order."""
     path = Path(path)
@@ -250,6 +352,8 @@ def read_calib(path: Union[str, Path]) -> list[CameraCalib]:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(path, f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise DataError(path, "JSON nested too deeply to be a calib.json") from None
     cams = doc.get("cameras") if isinstance(doc, dict) else None
     if not isinstance(cams, list) or not cams:
         raise DataError(path, "expected {\"cameras\": [ ... ]} with at least one camera")
@@ -274,6 +378,8 @@ def read_calib(path: Union[str, Path]) -> list[CameraCalib]:
         T = _matrix(cam["cam2ego"], (4, 4), f"{where}.cam2ego", path)
         if not np.allclose(T[3], [0, 0, 0, 1]):
             raise DataError(path, f"{where}.cam2ego last row must be [0, 0, 0, 1], got {T[3].tolist()}")
+        _check_float32_invertible(K, f"{where}.K", path)
+        _check_float32_invertible(T, f"{where}.cam2ego", path)
         out.append(CameraCalib(name, (int(size[0]), int(size[1])), K, T))
     names = [c.name for c in out]
     if len(set(names)) != len(names):

@@ -1,0 +1,152 @@
+"""Hostile inputs ("Nothing served wrong"): each is refused with a clear error naming the file (and row), the
+checkpoint (and tensor) or the flag, never a traceback, a silent misread or a huge allocation."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from e2r.data.readers import DataError, read_calib, read_image, read_npy, read_pcd, read_points
+from tests.fixtures import make_points, write_calib, write_points_bin
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(3)
+
+
+# ----- 1. silent misreads ------------------------------------------------------------------------------------
+def test_16_bit_png_is_scaled_by_its_bit_depth(tmp_path):
+    gray = (np.arange(16 * 32).reshape(16, 32) * 100).astype(np.uint16)
+    Image.fromarray(gray).save(tmp_path / "a.png")
+    image, original = read_image(tmp_path / "a.png")
+    assert original == (32, 16) and image.shape == (3, 16, 32)
+    np.testing.assert_allclose(image[0], gray / 65535.0, atol=1e-6)
+    assert image.min() < 0.01 and 0.7 < image.max() < 0.8          # not all ones
+    resized, _ = read_image(tmp_path / "a.png", (16, 8))
+    assert resized.shape == (3, 8, 16) and 0.0 <= resized.min() and resized.max() < 0.8
+
+
+def test_complex_npy_is_refused(tmp_path, rng):
+    np.save(tmp_path / "c.npy", make_points(rng, 50, 4).astype(np.complex64) * (1 + 1j))
+    with pytest.raises(DataError, match="complex"):
+        read_npy(tmp_path / "c.npy", row=3)
+
+
+def test_npy_header_declaring_more_data_than_the_file_is_refused(tmp_path, rng):
+    np.save(tmp_path / "t.npy", make_points(rng, 1000, 4))
+    raw = (tmp_path / "t.npy").read_bytes()
+    (tmp_path / "t.npy").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="t.npy"):
+        read_npy(tmp_path / "t.npy")
+
+
+@pytest.mark.parametrize("column,value,match", [(3, -5.0, "intensity"), (3, 1e9, "intensity"),
+                                                 (0, 1e6, "farther than")])
+def test_every_read_frame_is_validated_not_only_the_sampled_ones(tmp_path, rng, column, value, match):
+    pts = make_points(rng, 200, 4)
+    pts[: (50 if match == "farther than" else 1), column] = value
+    path = write_points_bin(tmp_path / "x.bin", pts)
+    with pytest.raises(DataError, match=match) as e:
+        read_points(path, 4, row=7)
+    assert e.value.row == 7 and e.value.file == str(path)
+
+
+def test_five_feature_ring_column_checked_on_every_read(tmp_path, rng):
+    pts = make_points(rng, 200, 5)
+    pts[10, 4] = 0.5
+    with pytest.raises(DataError, match="ring"):
+        read_points(write_points_bin(tmp_path / "r.bin", pts), 5, row=2)
+
+
+def test_a_bad_frame_the_layout_detection_never_sampled_is_refused_by_the_dataset(tmp_path):
+    from e2r.data.datasets import LidarSequenceDataset
+    from tests.fixtures import write_tiny_dataset
+
+    root = write_tiny_dataset(tmp_path / "d", {"train": 1}, frames=12, camera=False)
+    seg = root / "train" / "segment_0000"
+    bins = sorted((seg / "lidar").glob("*.bin"))
+    pts = np.fromfile(bins[4], dtype="<f4").reshape(-1, 4).copy()   # frame 4: not first, middle or last
+    pts[:, 3] = -1.0
+    pts.astype("<f4").tofile(bins[4])
+    ds = LidarSequenceDataset(root, "train", seq_len=5)
+    ds.point_layout("segment_0000")
+    with pytest.raises(DataError, match="intensity") as e:
+        ds[0]
+    assert e.value.row == 4
+
+
+# ----- 2. tracebacks -----------------------------------------------------------------------------------------
+def _pcd(path, fields, sizes, types, counts, n, data: bytes):
+    header = (f"VERSION 0.7\nFIELDS {' '.join(fields)}\nSIZE {' '.join(map(str, sizes))}\n"
+              f"TYPE {' '.join(types)}\nCOUNT {' '.join(map(str, counts))}\nWIDTH {n}\nHEIGHT 1\n"
+              f"POINTS {n}\nDATA binary\n")
+    path.write_bytes(header.encode() + data)
+    return path
+
+
+@pytest.mark.parametrize("fields,counts,match", [
+    (["x", "y", "z", "intensity"], [2, 1, 1, 1], "COUNT 2"),
+    (["x", "y", "z", "intensity", "x"], [1, 1, 1, 1, 1], "appears 2 times"),
+])
+def test_pcd_count_above_one_or_repeated_field_is_a_data_error(tmp_path, fields, counts, match):
+    n = 10
+    path = _pcd(tmp_path / "p.pcd", fields, [4] * len(fields), ["F"] * len(fields), counts, n,
+                np.zeros(n * sum(counts), "<f4").tobytes())
+    with pytest.raises(DataError, match=match):
+        read_pcd(path, row=1)
+
+
+def test_pcd_padding_fields_may_repeat_and_have_counts(tmp_path, rng):
+    n = 20
+    pts = make_points(rng, n, 4)
+    rec = np.zeros(n, dtype=[("x", "<f4"), ("_a", "<f4", (3,)), ("y", "<f4"), ("z", "<f4"), ("_b", "<f4"),
+                             ("intensity", "<f4")])
+    rec["x"], rec["y"], rec["z"], rec["intensity"] = pts.T
+    path = _pcd(tmp_path / "p.pcd", ["x", "_", "y", "z", "_", "intensity"], [4] * 6, ["F"] * 6,
+                [1, 3, 1, 1, 1, 1], n, rec.tobytes())
+    out, _ = read_pcd(path)
+    np.testing.assert_array_equal(out, pts)
+
+
+def test_decompression_bomb_is_a_data_error(tmp_path):
+    Image.new("L", (20000, 14000)).save(tmp_path / "bomb.png")
+    with pytest.raises(DataError, match="bomb.png"):
+        read_image(tmp_path / "bomb.png", row=5)
+
+
+def test_deeply_nested_calib_json_is_a_data_error(tmp_path):
+    path = tmp_path / "calib.json"
+    path.write_text("[" * 200000 + "]" * 200000)
+    with pytest.raises(DataError, match="nested"):
+        read_calib(path)
+
+
+@pytest.mark.parametrize("fx", [1e-300, 1e300])
+def test_k_that_is_not_invertible_in_float32_is_refused(tmp_path, fx):
+    path = write_calib(tmp_path / "calib.json", (32, 16))
+    doc = json.loads(path.read_text())
+    doc["cameras"][0]["K"][0][0] = fx
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"calib.json.*K is not usable in float32"):
+        read_calib(path)
+
+
+# ----- 3. huge allocations from tiny files -------------------------------------------------------------------
+def test_huge_image_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch):
+    Image.new("L", (12000, 6000)).save(tmp_path / "big.png")          # 72 M pixels: below Pillow's bomb limit
+    assert (tmp_path / "big.png").stat().st_size < 200_000
+    loaded = []
+    from PIL import ImageFile
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loaded.append(1))
+    with pytest.raises(DataError, match="refused before decoding"):
+        read_image(tmp_path / "big.png")
+    assert not loaded
+
+
+def test_image_far_larger_than_expected_is_refused(tmp_path):
+    Image.new("RGB", (640, 480)).save(tmp_path / "a.png")
+    with pytest.raises(DataError, match="expected 32x16"):
+        read_image(tmp_path / "a.png", expected_size=(32, 16))
+    assert read_image(tmp_path / "a.png", expected_size=(640, 480))[1] == (640, 480)
