@@ -150,3 +150,63 @@ def test_image_far_larger_than_expected_is_refused(tmp_path):
     with pytest.raises(DataError, match="expected 32x16"):
         read_image(tmp_path / "a.png", expected_size=(32, 16))
     assert read_image(tmp_path / "a.png", expected_size=(640, 480))[1] == (640, 480)
+
+
+# ----- 2./4. flags: output paths naming a directory, --epochs 0 ----------------------------------------------
+def test_output_flags_naming_a_directory_are_config_errors(tmp_path):
+    from e2r.errors import ConfigError
+    from e2r.workflow.configs import TeacherEvalConfig, TeacherTrainConfig
+
+    for flag in ("save_path", "checkpoint_path"):
+        with pytest.raises(ConfigError, match=f"--{flag}"):
+            TeacherTrainConfig(data_root="d", **{flag: str(tmp_path)}).check()
+    with pytest.raises(ConfigError, match="--csv_path"):
+        TeacherEvalConfig(data_root="d", teacher_ckpt="t.pt", csv_path=str(tmp_path)).check()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="--plot_path"):
+        TeacherEvalConfig(data_root="d", teacher_ckpt="t.pt", plot_path=str(tmp_path / "file" / "p.png")).check()
+    TeacherTrainConfig(data_root="d", save_path=str(tmp_path / "new" / "best.pt")).check()   # fine
+
+
+def test_train_pipeline_refuses_epochs_0_and_a_directory_save_path_before_training(tmp_path, capsys):
+    from pipelines import train_teacher
+    from tests.fixtures import write_tiny_dataset
+
+    root = write_tiny_dataset(tmp_path / "d", {"train": 1, "valid": 1}, camera=False)
+    base = ["--data_root", str(root), "--device", "cpu", "--no_progress"]
+    assert train_teacher.main(base + ["--epochs", "0", "--save_path", str(tmp_path / "t.pt")]) == 1
+    assert "--epochs must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "t.pt").exists()
+    assert train_teacher.main(base + ["--epochs", "1", "--save_path", str(tmp_path)]) == 1
+    assert "--save_path" in capsys.readouterr().err
+
+
+def test_trainer_checks_a_config_built_directly(tmp_path):
+    from e2r.errors import ConfigError
+    from e2r.workflow.configs import TeacherTrainConfig
+    from e2r.workflow.train import train_teacher
+    from tests.fixtures import write_tiny_dataset
+
+    root = write_tiny_dataset(tmp_path / "d", {"train": 1}, camera=False)
+    with pytest.raises(ConfigError, match="--epochs"):
+        train_teacher(TeacherTrainConfig(data_root=str(root), valid_split="", epochs=0, device="cpu",
+                                         save_path=str(tmp_path / "t.pt")))
+
+
+# ----- 4. csv line numbers after blank lines -----------------------------------------------------------------
+def test_csv_messages_give_the_true_line_after_blank_lines(tmp_path):
+    from e2r.data.layout import read_segment_table
+    from tests.fixtures import write_tiny_dataset
+
+    root = write_tiny_dataset(tmp_path / "d", {"train": 1}, frames=6, camera=False)
+    csv_path = root / "train" / "segment_0000" / "meta" / "data.csv"
+    lines = csv_path.read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[4].split(",")
+    cells[header.index("velocity")] = "fast"
+    lines[4] = ",".join(cells)                                   # frame 3
+    csv_path.write_text("\n".join(lines[:2] + ["", ""] + lines[2:]) + "\n")   # two blank lines before frame 1
+    with pytest.raises(DataError, match=r"'velocity' \(line 7\)") as e:
+        read_segment_table(root, "train", "segment_0000", lidar=True)
+    assert e.value.row == 3
+    assert csv_path.read_text().splitlines()[6].split(",")[header.index("velocity")] == "fast"

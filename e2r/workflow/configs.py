@@ -9,6 +9,7 @@ Training fields left ``None`` (``epochs``, ``lr``, ``batch_size``) take the pres
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence, TypeVar, Union
 
@@ -16,6 +17,7 @@ from e2r.errors import ConfigError
 
 __all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig",
            "TeacherEvalConfig", "StudentEvalConfig", "ExportConfig", "config_from_namespace", "command_line", "plain_dict",
+           "check_output_file", "check_positive",
            "NumFeatures"]
 
 #: training defaults per preset (tiny: tuned on the default synthetic dataset, a few CPU minutes)
@@ -56,6 +58,28 @@ def command_line(module: str, cfg: Any, positional: Sequence[str] = ()) -> str:
             else:
                 words.append(f"--{f.name} {value}")
     return " ".join(words)
+
+
+def check_output_file(flag: str, value: Optional[str]) -> None:
+    """ConfigError naming ``--flag`` when ``value`` (a file the run will write) names a directory, or lies
+    under an existing path that is not a directory: found now, not after hours of training."""
+    if not value:
+        return
+    if value.endswith(("/", os.sep)) or os.path.isdir(value):
+        raise ConfigError(f"--{flag} {value!r} is a directory; it must name a file to write")
+    parent = os.path.dirname(os.path.abspath(value))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        raise ConfigError(f"--{flag} {value!r}: {parent!r} is not a directory, the file cannot be written there")
+
+
+def check_positive(cfg: Any, names: Sequence[str]) -> None:
+    """ConfigError naming the flag for each of ``names`` that is set (not None) and < 1."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")
 
 
 def plain_dict(cfg: Any) -> dict[str, Any]:
@@ -103,6 +127,13 @@ class TrainConfig:
     def check(self) -> None:
         if self.preset not in PRESET_DEFAULTS:
             raise ConfigError(f"--preset {self.preset!r}: expected one of {sorted(PRESET_DEFAULTS)}")
+        check_positive(self, ("epochs", "batch_size", "seq_len", "stride"))
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
+        for flag in ("save_path", "checkpoint_path"):
+            check_output_file(flag, getattr(self, flag))
 
 
 @dataclass(kw_only=True)
@@ -150,6 +181,14 @@ class EvalConfig:
     device: str = "auto"
     num_workers: int = 0
     no_progress: bool = False
+
+    def check(self) -> None:
+        """ConfigError naming the flag for values that cannot work, before any data is read."""
+        check_positive(self, ("seq_len", "stride", "batch_size"))
+        if self.num_workers < 0:
+            raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
+        for flag in ("csv_path", "plot_path"):
+            check_output_file(flag, getattr(self, flag))
 
 
 @dataclass(kw_only=True)

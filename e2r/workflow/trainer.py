@@ -155,6 +155,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, kind: str, model: nn.Module, train_ds: Any, resume: dict[str, Any] | None,
                  ctx: DistContext, device: torch.device) -> None:
+        cfg.check()   # ConfigError naming the flag (--epochs 0, --save_path a directory) before any training
         self.cfg, self.kind, self.model, self.ctx = cfg, kind, model, ctx
         self.epochs, lr, self.batch_size = cfg.hparams()
         norm = ActionNormalizer.from_dataset(train_ds)
