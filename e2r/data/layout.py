@@ -3,7 +3,7 @@
 ``<root>/<split>/<segment>/meta/data.csv`` (docs/CONTRACTS.md). Only the csv (and calib.json for cameras) is
 read here; point clouds and images are read by the datasets on access. Every problem raises
 :class:`~e2r.data.readers.DataError` naming the csv file and the row (0-based frame index; the file line is
-row + 2 because of the header).
+the true file line, counting the header and any blank lines the csv module skips, is given in the message).
 """
 from __future__ import annotations
 
@@ -106,22 +106,22 @@ def camera_columns(header: list[str], cameras: list[CameraCalib], csv_path: Path
     return out
 
 
-def _parse_number(text: str, column: str, row: int, csv_path: Path) -> float:
+def _parse_number(text: str, column: str, row: int, csv_path: Path, line: int) -> float:
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise DataError(csv_path, f"column {column!r} (line {row + 2}): {text!r} is not a number", row) from None
+        raise DataError(csv_path, f"column {column!r} (line {line}): {text!r} is not a number", row) from None
     if not math.isfinite(value):
-        raise DataError(csv_path, f"column {column!r} (line {row + 2}): value {text!r} is not finite", row)
+        raise DataError(csv_path, f"column {column!r} (line {line}): value {text!r} is not finite", row)
     return value
 
 
-def _parse_path(text: Optional[str], column: str, row: int, csv_path: Path, directory: Path) -> Path:
+def _parse_path(text: Optional[str], column: str, row: int, csv_path: Path, directory: Path, line: int) -> Path:
     if text is None or not text.strip():
-        raise DataError(csv_path, f"column {column!r} (line {row + 2}) is empty", row)
+        raise DataError(csv_path, f"column {column!r} (line {line}) is empty", row)
     rel = Path(text.strip())
     if rel.is_absolute() or ".." in rel.parts:
-        raise DataError(csv_path, f"column {column!r} (line {row + 2}): path {text!r} must be relative to the "
+        raise DataError(csv_path, f"column {column!r} (line {line}): path {text!r} must be relative to the "
                                   f"segment folder and stay inside it", row)
     return directory / rel
 
@@ -142,7 +142,10 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
             reader.fieldnames = header
-            rows = list(reader)
+            rows, lines = [], []
+            for r in reader:          # the csv module skips blank lines: keep each row's true file line
+                rows.append(r)
+                lines.append(reader.line_num)
     except (UnicodeDecodeError, csv.Error) as e:
         raise DataError(csv_path, f"cannot parse csv: {e}") from None
     if not header:
@@ -155,19 +158,23 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
         raise DataError(csv_path, "data.csv has a header but no rows")
     for i, r in enumerate(rows):
         if None in r:
-            raise DataError(csv_path, f"line {i + 2} has more cells than the header", i)
-    velocity = np.array([_parse_number(r["velocity"], "velocity", i, csv_path) for i, r in enumerate(rows)])
-    wheel = np.array([_parse_number(r["wheel_angle"], "wheel_angle", i, csv_path) for i, r in enumerate(rows)])
-    command = (np.array([_parse_number(r["speed_command"], "speed_command", i, csv_path) for i, r in enumerate(rows)])
-               if "speed_command" in header else None)
+            raise DataError(csv_path, f"line {lines[i]} has more cells than the header", i)
+
+    def numbers(column: str) -> np.ndarray:
+        return np.array([_parse_number(r[column], column, i, csv_path, lines[i]) for i, r in enumerate(rows)])
+
+    def paths(column: str) -> list[Path]:
+        return [_parse_path(r[column], column, i, csv_path, directory, lines[i]) for i, r in enumerate(rows)]
+
+    velocity, wheel = numbers("velocity"), numbers("wheel_angle")
+    command = numbers("speed_command") if "speed_command" in header else None
     table = SegmentTable(split, segment, directory, csv_path, velocity, wheel, command)
     if lidar:
-        table.lidar_paths = [_parse_path(r["lidar_filepath"], "lidar_filepath", i, csv_path, directory)
-                             for i, r in enumerate(rows)]
+        table.lidar_paths = paths("lidar_filepath")
     if camera:
         table.cameras = read_calib(directory / CALIB_RELPATH)
         for name, col in camera_columns(header, table.cameras, csv_path).items():
-            table.image_paths[name] = [_parse_path(r[col], col, i, csv_path, directory) for i, r in enumerate(rows)]
+            table.image_paths[name] = paths(col)
     return table
 
 
