@@ -22,7 +22,7 @@ from torch import nn
 from e2r.errors import CheckpointError
 
 __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "file_sha256",
-           "load_init_weights", "load_model"]
+           "load_init_weights", "load_model", "check_fits"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -82,9 +82,62 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     bad = [k for k, v in ckpt["model"].items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"checkpoint {path}: model entries {bad[:5]} are not tensors")
+    for name, value in ckpt["model"].items():
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"checkpoint {path}: tensor {name!r} holds {count} non-finite value(s) (NaN/inf) "
+                                  f"of {value.numel()}; the run that wrote it diverged or the file is damaged")
     if kind is not None and ckpt.get("kind") != kind:
         raise CheckpointError(f"checkpoint {path} is a {ckpt.get('kind')!r} checkpoint, expected {kind!r}")
     return ckpt
+
+
+MIN_SIZE_BOUND = 1 << 16   # a config integer may always be this large (pillar counts, ...), weights or not
+
+
+def _config_ints(value: Any) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [i for v in value for i in _config_ints(v)]
+    if isinstance(value, dict):
+        return [i for v in value.values() for i in _config_ints(v)]
+    return []
+
+
+def check_fits(path: str | Path, ckpt: dict[str, Any], build: Callable[[dict[str, Any]], nn.Module]) -> None:
+    """Refuse, before anything is allocated, a checkpoint whose config declares sizes its weights do not have
+    (a 2 KB file saying ``gru_hidden: 12000`` would otherwise allocate gigabytes while building the model).
+
+    Every integer of the config is bounded by the number of weight values the checkpoint holds (at least
+    :data:`MIN_SIZE_BOUND`); then the model is built on the ``meta`` device (shapes only, no memory) and its
+    state's names and shapes must equal the checkpoint's, and its other buffers stay within the same bound."""
+    state: dict[str, torch.Tensor] = ckpt["model"]
+    held = sum(int(t.numel()) for t in state.values())
+    bound = max(held, MIN_SIZE_BOUND)
+    for key, value in ckpt["config"].items():
+        if any(i > bound for i in _config_ints(value)):
+            raise CheckpointError(f"checkpoint {path}: config {key}={value!r} declares a size larger than the "
+                                  f"{held} weight values the checkpoint holds could fit")
+    try:
+        with torch.device("meta"):
+            skeleton = build(dict(ckpt["config"]))
+    except (ValueError, TypeError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path}: its config does not build a model: {type(e).__name__}: {e}") from e
+    expected = skeleton.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"checkpoint {path}: its weights do not match the model its config describes: "
+                              f"shape mismatch {wrong[:3]}, missing {missing[:3]}, unexpected {unexpected[:3]}")
+    other = sum(int(b.numel()) for name, b in skeleton.named_buffers() if name not in expected)
+    if other > bound:
+        raise CheckpointError(f"checkpoint {path}: its config implies {other} buffer values beyond its weights "
+                              f"(more than {bound}); refusing to allocate them")
 
 
 def load_init_weights(model: nn.Module, path: str | Path, skip_output_layer: bool, output_layer_prefix: str,
@@ -130,8 +183,10 @@ def load_model(path: str | Path, build: Callable[[dict[str, Any]], M], kind: str
                device: str | torch.device = "cpu") -> tuple[M, dict[str, Any]]:
     """Build a model from a checkpoint: ``build(config dict)`` makes the architecture, the checkpoint's
     ``model`` state is loaded into it. Returns ``(model in eval mode on device, checkpoint dict)``; raises
-    CheckpointError naming the file (and ``kind``, e.g. "teacher") when the weights do not fit the config."""
+    CheckpointError naming the file (and ``kind``, e.g. "teacher") when the weights do not fit the config,
+    checked on the ``meta`` device before the model is built (:func:`check_fits`)."""
     ckpt = load_checkpoint(path)
+    check_fits(path, ckpt, build)
     try:
         model = build(dict(ckpt["config"]))
         model.load_state_dict(ckpt["model"])

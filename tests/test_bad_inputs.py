@@ -210,3 +210,65 @@ def test_csv_messages_give_the_true_line_after_blank_lines(tmp_path):
         read_segment_table(root, "train", "segment_0000", lidar=True)
     assert e.value.row == 3
     assert csv_path.read_text().splitlines()[6].split(",")[header.index("velocity")] == "fast"
+
+
+# ----- 2./3. checkpoints: non-finite weights, sizes the weights do not have ----------------------------------
+@pytest.fixture
+def teacher_ckpt(tmp_path):
+    from e2r.checkpoints import save_checkpoint
+    from e2r.models.config import TeacherConfig
+    from e2r.models.teacher import LiDARBEVTeacher
+
+    cfg = TeacherConfig.preset_named("tiny")
+    model = LiDARBEVTeacher(cfg)
+    return save_checkpoint(tmp_path / "t.pt", {"model": model.state_dict(), "config": cfg.to_dict()}, "teacher")
+
+
+def _rewrite(path, change):
+    ckpt = torch.load(path, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_checkpoint_with_non_finite_weights_is_refused_naming_file_and_tensor(teacher_ckpt, bad):
+    from e2r.checkpoints import load_checkpoint
+    from e2r.errors import CheckpointError
+    from e2r.models.teacher import load_teacher
+
+    name = next(k for k, v in torch.load(teacher_ckpt, weights_only=True)["model"].items() if v.is_floating_point())
+    _rewrite(teacher_ckpt, lambda c: c["model"][name].view(-1).__setitem__(0, bad))
+    for load in (load_checkpoint, load_teacher):
+        with pytest.raises(CheckpointError, match=rf"{teacher_ckpt}.*{name!r}.*non-finite"):
+            load(teacher_ckpt)
+
+
+def test_tiny_checkpoint_declaring_huge_sizes_is_refused_before_building(tmp_path, teacher_ckpt, monkeypatch):
+    from e2r.errors import CheckpointError
+    from e2r.models import teacher as teacher_mod
+
+    built = []
+    real = teacher_mod.LiDARBEVTeacher.__init__
+    monkeypatch.setattr(teacher_mod.LiDARBEVTeacher, "__init__",
+                        lambda self, cfg: (built.append(torch.empty(0).device.type), real(self, cfg))[1])
+    small = {"a": torch.zeros(4)}
+    path = tmp_path / "small.pt"
+    torch.save({"format": "e2r-checkpoint", "format_version": 1, "kind": "teacher",
+                "config": {**torch.load(teacher_ckpt, weights_only=True)["config"], "gru_hidden": 10 ** 6},
+                "model": small}, path)
+    assert path.stat().st_size < 4000
+    with pytest.raises(CheckpointError, match=r"small.pt.*gru_hidden"):      # beyond any bound: not even built
+        teacher_mod.load_teacher(path)
+    assert built == []
+    # gru_hidden 12000 (1.9 GB if built): refused after a build on the meta device (shapes only, no memory)
+    _rewrite(path, lambda c: c["config"].__setitem__("gru_hidden", 12000))
+    with pytest.raises(CheckpointError, match=r"small.pt.*do not match"):
+        teacher_mod.load_teacher(path)
+    assert built == ["meta"]
+    _rewrite(teacher_ckpt, lambda c: c["config"].__setitem__("gru_hidden", 256))
+    with pytest.raises(CheckpointError, match=r"t.pt.*shape mismatch \['gru"):
+        teacher_mod.load_teacher(teacher_ckpt)
+    assert built == ["meta", "meta"]
+    teacher_mod.load_teacher(_rewrite(teacher_ckpt, lambda c: c["config"].__setitem__("gru_hidden", 128)))
+    assert built == ["meta", "meta", "meta", "cpu"]
