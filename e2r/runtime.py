@@ -8,8 +8,11 @@
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +21,24 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["resolve_device", "seed_everything", "capture_rng_state", "restore_rng_state", "DistContext",
-           "setup_distributed", "teardown_distributed", "all_reduce_sums"]
+           "setup_distributed", "teardown_distributed", "all_reduce_sums", "die_with_parent"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: on Linux, ask the kernel to SIGKILL this worker when the process
+    that started it dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), so a killed run (SIGKILL, OOM) leaves no
+    orphaned workers behind. Touches no random state and changes no result; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:   # the parent died before the request was made: the kernel will not signal us
+        os._exit(0)
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:

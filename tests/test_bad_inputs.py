@@ -272,3 +272,73 @@ def test_tiny_checkpoint_declaring_huge_sizes_is_refused_before_building(tmp_pat
     assert built == ["meta", "meta"]
     teacher_mod.load_teacher(_rewrite(teacher_ckpt, lambda c: c["config"].__setitem__("gru_hidden", 128)))
     assert built == ["meta", "meta", "meta", "cpu"]
+
+
+# ----- 4. export --lidar_num_features 4; 5. DataLoader workers die with their parent --------------------------
+def test_export_flag_lidar_num_features_4_is_an_int():
+    import argparse
+
+    from pipelines._common import num_features
+
+    assert num_features("4") == 4 and num_features("auto") == "auto"
+    with pytest.raises(argparse.ArgumentTypeError):
+        num_features("6")
+
+
+def test_die_with_parent_changes_no_random_state():
+    from e2r.runtime import capture_rng_state, die_with_parent
+
+    before = capture_rng_state()
+    die_with_parent(0)
+    after = capture_rng_state()
+    assert torch.equal(before["torch"], after["torch"]) and before["python"] == after["python"]
+
+
+def test_sigkilled_export_leaves_no_worker_process(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    from tests.fixtures import write_tiny_dataset
+    from tests.test_export import make_teacher_ckpt
+
+    repo = Path(__file__).resolve().parents[1]
+    data = write_tiny_dataset(tmp_path / "data", {"train": 2}, frames=9, camera=False)
+    ckpt = make_teacher_ckpt(tmp_path / "teacher.pt")
+    store = tmp_path / "orphan_check_unique.zarr"
+    cmd = [sys.executable, "-m", "pipelines.export", "--data_root", str(data), "--teacher_ckpt", str(ckpt),
+           "--store", str(store), "--split", "train", "--seq_len", "5", "--batch_size", "1", "--write_rows", "1",
+           "--shard_rows", "2", "--num_workers", "2", "--no_progress", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    children: list = []
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(children) < 2:
+        try:
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    assert len(children) >= 2, f"export ended before its workers started: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def survivors():
+        alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        for p in psutil.process_iter(["pid", "cmdline", "status"]):
+            if str(store) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        return alive
+
+    deadline = time.time() + 3      # less than the DataLoader's own 5 s parent check
+    while survivors() and time.time() < deadline:
+        time.sleep(0.05)
+    left = survivors()
+    for p in left:
+        p.kill()
+    assert not left, f"workers outlived the killed export: {left}"

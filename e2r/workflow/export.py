@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from e2r.data.datasets import LidarFrameDataset, LidarSequenceDataset
 from e2r.kd import pool_bev_feat
 from e2r.models.teacher import LiDARBEVTeacher, load_teacher
-from e2r.runtime import resolve_device
+from e2r.runtime import die_with_parent, resolve_device
 from e2r.workflow.export_plan import SplitPlan, VoxelizedFrames, build_split_plan, collate_voxels, rows_to_frames
 from stores import MemoryBank, open_memorybank
 
@@ -174,7 +174,8 @@ class _RowsTask:
         if workers > 0 and multiprocessing.current_process().daemon:
             workers = 0  # a daemonic (e.g. dask) process may not start DataLoader workers
         return DataLoader(self.ctx.frames, batch_sampler=[c.tolist() for c in frame_cells], collate_fn=collate_voxels,
-                          num_workers=workers, pin_memory=self.ctx.device.type == "cuda")
+                          num_workers=workers, pin_memory=self.ctx.device.type == "cuda",
+                          worker_init_fn=die_with_parent if workers else None)
 
     def encode(self, batch: dict[str, torch.Tensor]) -> None:
         """Encode one cell of frames into the caches, then run every GRU cell whose frames are all there."""

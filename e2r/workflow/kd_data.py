@@ -31,7 +31,7 @@ from e2r.losses import action_loss
 from e2r.models.config import TeacherConfig
 from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import camera_fov_mask
-from e2r.runtime import DistContext
+from e2r.runtime import DistContext, die_with_parent
 from stores import StoreError, StoreMismatchError, StoreSchema, open_memorybank
 from stores.torch_data import TeacherRowReader, make_loader
 
@@ -146,7 +146,8 @@ def make_kd_loader(dataset: KDCameraBatches, batch_size: int, shuffle: bool, see
     """DataLoader over this rank's batches, one whole batch per worker fetch; call ``sampler.set_epoch(e)``
     before each epoch. The store's row reader is fork-safe (no threads, files mapped lazily per process)."""
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank=ctx.rank, world_size=ctx.world_size)
-    return make_loader(dataset, sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available()), sampler
+    return make_loader(dataset, sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                       worker_init_fn=die_with_parent if num_workers else None), sampler
 
 
 class FovMasks:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from e2r.checkpoints import CheckpointError, load_init_weights, save_checkpoint
 from e2r.data.sampler import EpochBatchSampler
-from e2r.runtime import DistContext, all_reduce_sums, capture_rng_state, restore_rng_state
+from e2r.runtime import DistContext, all_reduce_sums, capture_rng_state, die_with_parent, restore_rng_state
 from e2r.workflow.configs import TrainConfig, plain_dict
 
 __all__ = ["ActionNormalizer", "make_loader", "run_epoch", "unwrap", "TrainTask", "Trainer",
@@ -70,7 +70,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
     before each epoch."""
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank=ctx.rank, world_size=ctx.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(), worker_init_fn=die_with_parent if num_workers else None)
     return loader, sampler
 
 
