@@ -51,6 +51,10 @@ def add_training_run_args(p: argparse.ArgumentParser, seed_help: str, save_path:
     ``save_path``), resume/init, TensorBoard, ``--stop_after_epoch``, ``--no_progress``."""
     p.add_argument("--steer_loss_weight", type=float, default=1.0, help="loss weight of steering (default 1.0)")
     p.add_argument("--speed_loss_weight", type=float, default=0.05, help="loss weight of speed (default 0.05)")
+    p.add_argument("--steer_input_dropout", type=float, default=0.5,
+                   help="probability of hiding a training window's previous-steering input (zeros), so the policy "
+                        "must steer from what it sees instead of copying its last command, which fails in closed "
+                        "loop (ChauffeurNet's past-motion dropout; default 0.5, 0 = off)")
     p.add_argument("--smooth_weight", type=float, default=0.0,
                    help="weight of a penalty on step-to-step changes of the predicted actions (default 0)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, cosine-decayed (default: tiny "
@@ -127,8 +131,9 @@ def eval_main(name: str, parser: argparse.ArgumentParser, config_cls: type[C], e
               argv: list[str] | None, report_extra: Callable[[dict[str, Any]], None] | None = None) -> int:
     """Parse ``argv`` into ``config_cls``, run ``evaluate`` without gradients; print ``<name>: error: ...``
     (exit 1) on bad input, else the metrics table, ``report_extra(result)`` and the written files; return 0."""
-    cfg = config_from_namespace(config_cls, parser.parse_args(argv))
+    args = parser.parse_args(argv)
     try:
+        cfg = config_from_namespace(config_cls, args)
         with torch.no_grad():
             out = evaluate(cfg)
     except (E2RError, StoreError, ValueError) as e:

@@ -229,3 +229,21 @@ def test_refuses_to_overwrite(tmp_path, capsys):
     assert (tmp_path / "pv.png").is_file() and len(_segments(ds)) == 3
     with pytest.raises(SystemExit):
         make_dataset_main(["--out", str(ds), "--image_size", "32by16"])
+
+
+def test_dart_perturbs_the_executed_steering_not_the_label():
+    """With DART the recorded wheel angle is the expert's command; the car's path differs from an unperturbed
+    drive from the same start (the executed steering was perturbed), and the drive stays on the track."""
+    import numpy as np
+
+    from e2r.sim.expert import ExpertConfig, drive_expert
+    from e2r.sim.world import SyntheticConfig, track_for_index
+
+    cfg = SyntheticConfig(tracks=3, frames=200, appearance="clean")
+    track = track_for_index(cfg, 0)
+    plain = drive_expert(track, 200, np.random.default_rng(1), ExpertConfig(dart_steer_deg=0.0), start_index=0)
+    dart = drive_expert(track, 200, np.random.default_rng(1), ExpertConfig(dart_steer_deg=2.0), start_index=0)
+    gap = np.hypot(plain.x - dart.x, plain.y - dart.y)
+    assert gap.max() > 0.2                                   # the perturbation moved the car
+    lateral = np.hypot(dart.x - track.centre[dart.index, 0], dart.y - track.centre[dart.index, 1])
+    assert lateral.max() < track.width.min() / 2 - 0.5      # and the expert brought it back each time

@@ -101,7 +101,10 @@ def test_eval_reports_metrics_baselines_csv_and_plot(data_root, tmp_path, capsys
                             float(r["steering_mse"]) + 0.05 * float(r["speed_mse"]), rel_tol=1e-9)
         assert math.isclose(float(r["steering_rmse"]) ** 2, float(r["steering_mse"]), rel_tol=1e-9)
     prev = next(r for r in rows if r["predictor"] == "baseline_prev_steering")
-    assert float(prev["speed_mse"]) == 0.0   # speed input is velocity[t], the target itself
+    # keep-the-speed baseline: its speed error is that of the measured speed against the commanded one
+    ds = LidarSequenceDataset(data_root, "valid", 3, 1)
+    want = float(torch.stack([(ds[i]["speed"] - ds[i]["actions"][:, 1]) ** 2 for i in range(len(ds))]).double().mean())
+    assert want > 0 and math.isclose(float(prev["speed_mse"]), want, rel_tol=1e-5)
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -117,3 +120,16 @@ def test_metrics_by_hand_and_rng_roundtrip():
     a = torch.rand(3)
     restore_rng_state(state)
     assert torch.equal(a, torch.rand(3))
+
+
+def test_steering_input_dropout_hides_whole_windows():
+    """Past-command dropout: p=0 leaves the input alone, p=1 hides it, otherwise whole windows are zeroed."""
+    from e2r.workflow.train import drop_steering_input
+
+    steering = torch.arange(1, 41, dtype=torch.float32).view(20, 2)
+    assert torch.equal(drop_steering_input(steering, 0.0), steering)
+    assert not drop_steering_input(steering, 1.0).any()
+    torch.manual_seed(0)
+    out = drop_steering_input(steering, 0.5)
+    hidden = (out == 0).all(dim=1)
+    assert 0 < int(hidden.sum()) < 20 and torch.equal(out[~hidden], steering[~hidden])

@@ -42,6 +42,11 @@ class ExpertConfig:
     max_wheel_angle_deg: float = 30.0   # the steering command is clipped to +-this
     steer_noise_deg: float = 0.05       # white noise on the command (small: the policy's inputs can't predict it)
     lateral_wander_m: float = 0.6       # std of the smooth lateral offset of the followed line
+    # DART (Laskey et al. 2017): the car executes the command plus a slow random perturbation while the recorded
+    # label stays the expert's command from the perturbed state, so the data hold recoveries from the errors a
+    # learned policy makes in closed loop (without them a cloned policy drifts off and never came back)
+    dart_steer_deg: float = 2.0         # std of the perturbation of the executed steering (0 = off)
+    dart_tau_s: float = 0.6             # its correlation time (Ornstein-Uhlenbeck)
     lateral_wander_period_s: tuple[float, float] = (4.0, 12.0)  # periods of its 3 sinusoids
     v_min: float = 6.0
     v_max: float = 20.0
@@ -158,6 +163,8 @@ def drive_expert(track: Track, frames: int, rng: np.random.Generator, cfg: Exper
     out = {k: np.zeros(frames) for k in ("x", "y", "yaw", "velocity", "wheel_angle", "speed_command", "curvature")}
     index = np.zeros(frames, dtype=np.int64)
     idx = np.array([i])
+    decay = float(np.exp(-dt / cfg.dart_tau_s))
+    perturb = 0.0
     for t in range(frames):
         idx = nearest_index(track, state.x, state.y, idx)
         offset = np.array([amp * np.sin(2 * np.pi * t * dt / periods + phases).sum()])
@@ -170,5 +177,8 @@ def drive_expert(track: Track, frames: int, rng: np.random.Generator, cfg: Exper
                        ("wheel_angle", delta), ("speed_command", v_cmd), ("curvature", track.curvature[idx[0]])):
             out[k][t] = val
         index[t] = idx[0]
-        state = advance(state, np.array([delta]), np.array([v_cmd]), dt, vehicle)
+        if cfg.dart_steer_deg > 0:
+            perturb = decay * perturb + np.sqrt(1 - decay ** 2) * cfg.dart_steer_deg * rng.normal()
+        executed = float(np.clip(delta + perturb, -cfg.max_wheel_angle_deg, cfg.max_wheel_angle_deg))
+        state = advance(state, np.array([executed]), np.array([v_cmd]), dt, vehicle)
     return Drive(index=index, **out)

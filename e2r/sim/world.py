@@ -81,7 +81,7 @@ TRACK_JSON = Path("meta") / "track.json"
 LIDAR_ONLY_COLUMNS = tuple(c for c in CSV_COLUMNS if c != "image_filepath")
 #: 2: the shared vehicle model (steering-rate limit, P speed loop), speed_command and pose columns, track.json
 #: 3: the sensor gap (per-track look, camera blur and noise, other cars), split layout, LiDAR-only tracks
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4     # 4: DART perturbations of the executed steering (e2r.sim.expert)
 APPEARANCES = ("gap", "clean")
 _STREAM_TRACK, _STREAM_EXPERT, _STREAM_LIDAR, _STREAM_LOOK, _STREAM_LOOK_HELDOUT, _STREAM_TRAFFIC, _STREAM_CAMERA = \
     1, 2, 3, 4, 5, 6, 7
@@ -361,6 +361,8 @@ def config_from_dict(d: dict[str, Any]) -> SyntheticConfig:
     values = {k: v for k, v in d.items() if k != "generator_version"}
     if int(d.get("generator_version", 0)) < 3:
         values.setdefault("appearance", "clean")
+    if int(d.get("generator_version", 0)) < 4 and isinstance(values.get("expert"), dict):
+        values["expert"] = {"dart_steer_deg": 0.0, **values["expert"]}
     return _dataclass_from_dict(SyntheticConfig, values, "config")
 
 

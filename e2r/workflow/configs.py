@@ -103,6 +103,7 @@ class TrainConfig:
     steer_loss_weight: float = 1.0
     speed_loss_weight: float = 0.05
     smooth_weight: float = 0.0
+    steer_input_dropout: float = 0.5
     weight_decay: float = 1e-4
     grad_clip: float = 5.0
     seed: int = 0
@@ -127,6 +128,8 @@ class TrainConfig:
     def check(self) -> None:
         if self.preset not in PRESET_DEFAULTS:
             raise ConfigError(f"--preset {self.preset!r}: expected one of {sorted(PRESET_DEFAULTS)}")
+        if not 0.0 <= self.steer_input_dropout <= 1.0:
+            raise ConfigError(f"--steer_input_dropout must be in [0, 1], got {self.steer_input_dropout}")
         check_positive(self, ("epochs", "batch_size", "seq_len", "stride"))
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")

@@ -44,6 +44,15 @@ def _distributed(device: str) -> Iterator[DistContext]:
         teardown_distributed(ctx)
 
 
+def drop_steering_input(steering: torch.Tensor, p: float) -> torch.Tensor:
+    """The previous-steering input (B, T) with whole windows zeroed with probability ``p`` (global torch RNG:
+    part of the checkpointed RNG state), so the policy cannot only copy its last command."""
+    if p <= 0:
+        return steering
+    keep = (torch.rand(steering.shape[0]) >= p).to(steering.dtype)
+    return steering * keep[:, None]
+
+
 class TeacherTask(TrainTask):
     """Weighted MSE of the teacher's actions on a LiDAR batch (normalised units)."""
 
@@ -53,9 +62,15 @@ class TeacherTask(TrainTask):
         self.weights = action_weights(cfg.steer_loss_weight, cfg.speed_loss_weight).to(device)
 
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        return self._loss(batch, self.cfg.steer_input_dropout)
+
+    def valid_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        return self._loss(batch, 0.0)
+
+    def _loss(self, batch: dict[str, Any], steer_dropout: float) -> tuple[torch.Tensor, int]:
         d = self.device
-        pred = self.net([p.to(d, non_blocking=True) for p in batch["points"]], batch["speed"].to(d),
-                        batch["steering"].to(d))
+        steering = drop_steering_input(batch["steering"], steer_dropout)
+        pred = self.net([p.to(d, non_blocking=True) for p in batch["points"]], batch["speed"].to(d), steering.to(d))
         target = batch["actions"].to(d)
         loss = action_loss(self.model.normalize_actions(pred), self.model.normalize_actions(target), self.weights,
                            self.cfg.smooth_weight)
@@ -115,6 +130,7 @@ class StudentTask(TrainTask):
         if self.cfg.hflip_prob > 0:   # global torch RNG: part of the checkpointed RNG state
             flip = torch.rand(len(batch["keys"])) < self.cfg.hflip_prob
             batch = hflip_batch(batch, flip, self.model.cfg.bev_grid)
+        batch["steering"] = drop_steering_input(batch["steering"], self.cfg.steer_input_dropout)
         batch = batch_to(batch, self.device)
         loss, parts = student_losses(self.net, self.model.normalize_actions, batch, self.weights, self.kd,
                                      self.fov_masks, flip.to(self.device), self.cfg.smooth_weight)
