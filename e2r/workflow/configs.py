@@ -53,7 +53,7 @@ def command_line(module: str, cfg: Any, positional: Sequence[str] = ()) -> str:
         elif value != default:
             if isinstance(value, bool):
                 words.append(f"--{f.name}")
-            elif isinstance(value, (list, tuple)) and f.name == "split":
+            elif isinstance(value, list):                        # a repeatable flag (--split, --policy)
                 words += [f"--{f.name} {v}" for v in value]
             else:
                 words.append(f"--{f.name} {value}")
