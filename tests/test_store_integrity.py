@@ -161,13 +161,18 @@ def test_lost_inner_chunk_of_a_complete_row_is_detected_and_redone(tmp_path):
     assert _verify(path).returncode == 0
 
 
-def test_writes_breaking_the_alignment_rule_are_refused(tmp_path):
+def _reserved_bank(tmp_path, n: int):
+    """A new store (shards of 8 rows) with ``n`` train keys reserved -> ``(path, bank, keys, rows to write)``."""
     path = str(tmp_path / "mb.zarr")
     schema = tiny_schema()
     bank = create_memorybank(path, schema, tiny_prov(), shard_rows=8)
-    keys = make_keys("train", 24)
+    keys = make_keys("train", n)
     bank.reserve_split("train", keys)
-    data = rows_for(schema, keys)
+    return path, bank, keys, rows_for(schema, keys)
+
+
+def test_writes_breaking_the_alignment_rule_are_refused(tmp_path):
+    path, bank, keys, data = _reserved_bank(tmp_path, 24)
     other = open_memorybank(path, "r+")
     with pytest.raises(ValueError, match=r"breaks the alignment rule: positions \[0, 6\) of shard \[0, 8\)"):
         other.write_rows("train", 6, {f: a[6:12] for f, a in data.items()})
@@ -398,12 +403,7 @@ def test_convert_refuses_a_damaged_store_and_h5_chunks_are_checksummed(tmp_path)
 
 
 def test_a_writer_never_reads_a_fifo_it_would_rewrite(tmp_path):
-    path = str(tmp_path / "mb.zarr")
-    schema = tiny_schema()
-    bank = create_memorybank(path, schema, tiny_prov(), shard_rows=8)
-    keys = make_keys("train", 20)
-    bank.reserve_split("train", keys)
-    data = rows_for(schema, keys)
+    path, bank, keys, data = _reserved_bank(tmp_path, 20)
     bank.write_rows("train", 0, {f: a[:8] for f, a in data.items()})
     _shard(path).parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(_shard(path))                               # where the next shard will be written
