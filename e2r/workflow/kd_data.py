@@ -35,7 +35,7 @@ from e2r.runtime import DistContext, die_with_parent
 from stores import StoreError, StoreMismatchError, StoreSchema, open_memorybank
 from stores.torch_data import TeacherRowReader, make_loader
 
-__all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "read_store_schema", "check_store", "KDCameraBatches",
+__all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "teacher_config_of_checkpoint", "read_store_schema", "check_store", "KDCameraBatches",
            "make_kd_loader", "FovMasks", "hflip_batch", "batch_to", "student_losses"]
 
 #: memorybank fields read for KD (bev_feat only when dense KD is asked)
@@ -56,19 +56,21 @@ def teacher_config_of_store(model_config: dict[str, Any] | None) -> TeacherConfi
         return None
 
 
-def read_store_schema(path: str, teacher_ckpt: str | None = None) -> tuple[StoreSchema, TeacherConfig | None]:
-    """Open a memorybank read-only -> ``(schema, teacher config or None)``; the teacher config is the one the
-    store records, else ``teacher_ckpt``'s. ValueError naming the path when it cannot be opened."""
+def teacher_config_of_checkpoint(path: str) -> TeacherConfig:
+    """The model config of a teacher checkpoint (weights-only load; CheckpointError naming the file)."""
+    return TeacherConfig.from_dict(dict(load_checkpoint(path, kind="teacher")["config"]))
+
+
+def read_store_schema(path: str) -> tuple[StoreSchema, TeacherConfig | None]:
+    """Open a memorybank read-only -> ``(schema, the teacher config it records or None)``. ValueError naming
+    the path when it cannot be opened."""
     try:
         bank = open_memorybank(path, mode="r")
     except (OSError, ValueError, KeyError, StoreError) as e:
         raise ValueError(f"--memorybank {path}: cannot open it read-only ({type(e).__name__}: {e})") from None
     schema, prov = bank.schema, bank.provenance
     bank.close()
-    cfg = teacher_config_of_store(prov.model_config)
-    if cfg is None and teacher_ckpt:
-        cfg = TeacherConfig.from_dict(dict(load_checkpoint(teacher_ckpt, kind="teacher")["config"]))
-    return schema, cfg
+    return schema, teacher_config_of_store(prov.model_config)
 
 
 def check_store(path: str, schema: StoreSchema, seq_len: int, action_dim: int, student_cfg: StudentConfig,

@@ -27,7 +27,7 @@ from e2r.runtime import (DistContext, all_reduce_sums, resolve_device, seed_ever
                          teardown_distributed)
 from e2r.workflow.configs import StudentTrainConfig, TeacherTrainConfig
 from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch,
-                                  make_kd_loader, read_store_schema, student_losses)
+                                  make_kd_loader, read_store_schema, student_losses, teacher_config_of_checkpoint)
 from e2r.workflow.trainer import TrainTask, Trainer, make_loader, train_valid_datasets
 
 __all__ = ["train_teacher", "train_student", "kd_weights_of", "build_student_config", "PART_NAMES"]
@@ -183,10 +183,9 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
         device = resolve_device(cfg.device, ctx.local_rank)
         seed_everything(cfg.seed)
         resume = load_checkpoint(cfg.resume_path, kind="student") if cfg.resume_path else None
-        schema, teacher_cfg = (read_store_schema(cfg.memorybank, cfg.teacher_ckpt) if cfg.memorybank
-                               else (None, None))
-        if teacher_cfg is None and cfg.teacher_ckpt:
-            teacher_cfg = TeacherConfig.from_dict(dict(load_checkpoint(cfg.teacher_ckpt, kind="teacher")["config"]))
+        schema, teacher_cfg = read_store_schema(cfg.memorybank) if cfg.memorybank else (None, None)
+        if teacher_cfg is None and cfg.teacher_ckpt:     # the store records none (or there is no store)
+            teacher_cfg = teacher_config_of_checkpoint(cfg.teacher_ckpt)
         model_cfg = (StudentConfig.from_dict(dict(resume["config"])) if resume
                      else build_student_config(cfg, teacher_cfg))
         image_size = tuple(model_cfg.image_size)
