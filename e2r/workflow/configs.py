@@ -245,9 +245,7 @@ class ExportConfig:
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work (the teacher checkpoint is checked by
         the export itself, which prints how to train one)."""
-        for name in ("seq_len", "stride", "batch_size", "window_batch", "write_rows", "bev_feat_pool"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        check_positive(self, ("seq_len", "stride", "batch_size", "window_batch", "write_rows", "bev_feat_pool"))
         if self.window_batch & (self.window_batch - 1):
             raise ConfigError(f"--window_batch must be a power of two, got {self.window_batch}")
         if self.workers < 0 or self.threads < 0 or self.num_workers < 0:
