@@ -30,9 +30,12 @@ def num_features(text: str) -> int | str:
 
 
 def add_training_data_args(p: argparse.ArgumentParser, model_word: str) -> None:
-    """``--data_root``, ``--train_split``, ``--valid_split``, ``--preset`` (help: "<model_word> size")."""
+    """``--data_root``, ``--train_split``, ``--train_segments``, ``--valid_split``, ``--preset`` (help: "<model_word> size")."""
     p.add_argument("--data_root", required=True, help="dataset root holding <split>/<segment>/meta/data.csv")
     p.add_argument("--train_split", default="train", help="split to train on (default: train)")
+    p.add_argument("--train_segments", nargs="+", default=None, metavar="SEGMENT",
+                   help="train on these segments of --train_split only (default: all of them), e.g. a camera-data "
+                        "budget: --train_segments segment_0000 segment_0001")
     p.add_argument("--valid_split", default="valid", help="split for the per-epoch validation loss and the best "
                                                           "checkpoint; '' to skip validation (best = train loss)")
     p.add_argument("--preset", choices=("tiny", "full"), default="tiny", help=f"{model_word} size (default: tiny)")

@@ -333,3 +333,14 @@ def test_split_and_segment_names_must_be_key_safe(fresh):
     (fresh / "train").rename(fresh / "tr:ain")
     with pytest.raises(DataError, match="split name cannot be used"):
         LidarSequenceDataset(fresh, "tr:ain", seq_len=2)
+
+
+def test_segments_restrict_the_split_and_unknown_ones_are_named(data):
+    whole = CameraSequenceDataset(data, "train", seq_len=3)
+    one = CameraSequenceDataset(data, "train", seq_len=3, segments=["segment_0001"])
+    assert set(whole.tables) == {"segment_0000", "segment_0001"}
+    assert list(one.tables) == ["segment_0001"]
+    assert one.keys == [k for k in whole.keys if parse_key(k)[1] == "segment_0001"]
+    assert LidarSequenceDataset(data, "train", seq_len=3, segments=[SEG]).keys[0] == whole.keys[0]
+    with pytest.raises(DataError, match="segment_0007.*not in split 'train'"):
+        CameraSequenceDataset(data, "train", seq_len=3, segments=["segment_0007"])

@@ -122,6 +122,13 @@ def test_bc_only_identity_transform_init_and_refusals(setup, tmp_path, capsys):
     h = out["history"][0]
     assert h["kd_samples"] == 0 and h["bc_only_samples"] == len(camera_ds(setup["root"]))
     assert load_checkpoint(src)["config"]["view_transform"] == "identity"
+    one = _train(setup, tmp_path, "--epochs", "1", "--view_transform", "identity", "--train_segments",
+                 "segment_0001", "--save_path", str(tmp_path / "one.pt"))
+    assert one["history"][0]["bc_only_samples"] == len(camera_ds(setup["root"]).windows) // 2
+    assert load_checkpoint(tmp_path / "one.pt")["train_args"]["train_segments"] == ["segment_0001"]
+    assert train_student.main(_args(setup, tmp_path, "--epochs", "1", "--train_segments", "segment_0009",
+                                    "--save_path", str(tmp_path / "z.pt"))) == 1
+    assert "segment_0009" in capsys.readouterr().err
     out = _train(setup, tmp_path, "--epochs", "1", "--view_transform", "identity", "--init_path", str(src),
                  "--init_skip_output_layer", "--valid_split", "", "--save_path", str(tmp_path / "d.pt"))
     assert math.isnan(out["valid_losses"][0])

@@ -56,6 +56,18 @@ def window_controls(table: SegmentTable, start: int, seq_len: int) -> dict[str, 
             "actions": torch.tensor(np.stack([wheel, command], axis=1), dtype=torch.float32)}
 
 
+def select_segments(root: Path, split: str, found: list[str], wanted: Optional[Sequence[str]]) -> list[str]:
+    """``found`` (the split's segments) restricted to ``wanted`` (all when None), in ``found``'s order;
+    DataError naming the split folder for a wanted segment the split does not hold."""
+    if wanted is None:
+        return found
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise DataError(root / split, f"segment(s) {', '.join(missing)} not in split {split!r} "
+                                      f"(it holds {', '.join(found) or 'none'})")
+    return [s for s in found if s in set(wanted)]
+
+
 class _SequenceDataset(Dataset):
     """Shared machinery: segment tables, windows, keys, problem records, per-frame loading and scanning."""
 
@@ -64,7 +76,7 @@ class _SequenceDataset(Dataset):
 
     def __init__(self, root: Union[str, Path], split: str, seq_len: int = 5, stride: int = 1,
                  lidar_num_features: NumFeatures = "auto", image_size: tuple[int, int] = (256, 128),
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, segments: Optional[Sequence[str]] = None):
         if lidar_num_features != "auto" and lidar_num_features not in SUPPORTED_NUM_FEATURES:
             raise ValueError(f"lidar_num_features must be one of {SUPPORTED_NUM_FEATURES} or 'auto', "
                              f"got {lidar_num_features!r}")
@@ -83,7 +95,7 @@ class _SequenceDataset(Dataset):
         self._seen: set[Problem] = set()
         self.lidar_only_segments: list[str] = []        # left out by the camera datasets (no camera there)
         camera_names: Optional[list[str]] = None
-        segments = discover_segments(self.root, split)
+        segments = select_segments(self.root, split, discover_segments(self.root, split), segments)
         for segment in segments:
             if self.uses_camera and is_lidar_only(self.root, split, segment):
                 self.lidar_only_segments.append(segment)
@@ -252,8 +264,10 @@ class LidarSequenceDataset(_SequenceDataset):
     uses_lidar = True
 
     def __init__(self, root: Union[str, Path], split: str, seq_len: int = 5, stride: int = 1,
-                 lidar_num_features: NumFeatures = "auto", skip_bad: bool = False):
-        super().__init__(root, split, seq_len, stride, lidar_num_features=lidar_num_features, skip_bad=skip_bad)
+                 lidar_num_features: NumFeatures = "auto", skip_bad: bool = False,
+                 segments: Optional[Sequence[str]] = None):
+        super().__init__(root, split, seq_len, stride, lidar_num_features=lidar_num_features, skip_bad=skip_bad,
+                         segments=segments)
 
     def _build(self, segment: str, start: int) -> dict[str, Any]:
         points = [self._load_points(segment, f) for f in range(start, start + self.seq_len)]
@@ -268,8 +282,9 @@ class CameraSequenceDataset(_SequenceDataset):
     uses_camera = True
 
     def __init__(self, root: Union[str, Path], split: str, seq_len: int = 5, stride: int = 1,
-                 image_size: tuple[int, int] = (256, 128), skip_bad: bool = False):
-        super().__init__(root, split, seq_len, stride, image_size=image_size, skip_bad=skip_bad)
+                 image_size: tuple[int, int] = (256, 128), skip_bad: bool = False,
+                 segments: Optional[Sequence[str]] = None):
+        super().__init__(root, split, seq_len, stride, image_size=image_size, skip_bad=skip_bad, segments=segments)
 
     def _build(self, segment: str, start: int) -> dict[str, Any]:
         images = torch.stack([self._load_images(segment, f) for f in range(start, start + self.seq_len)])

@@ -83,8 +83,9 @@ def check_positive(cfg: Any, names: Sequence[str]) -> None:
 
 
 def plain_dict(cfg: Any) -> dict[str, Any]:
-    """The config's fields with plain values (str/int/float/bool/None), as stored in a checkpoint."""
-    return {k: v for k, v in asdict(cfg).items() if isinstance(v, (str, int, float, bool)) or v is None}
+    """The config's fields with plain values (str/int/float/bool/None, lists of str), as stored in a checkpoint."""
+    return {k: v for k, v in asdict(cfg).items() if isinstance(v, (str, int, float, bool)) or v is None
+            or (isinstance(v, list) and all(isinstance(x, str) for x in v))}
 
 
 @dataclass(kw_only=True)
@@ -93,6 +94,7 @@ class TrainConfig:
 
     data_root: str
     train_split: str = "train"
+    train_segments: Optional[list[str]] = None
     valid_split: str = "valid"
     preset: str = "tiny"
     epochs: Optional[int] = None

@@ -86,8 +86,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict[str, Any]:
         resume = load_checkpoint(cfg.resume_path, kind="teacher") if cfg.resume_path else None
         model_cfg = TeacherConfig.from_dict(resume["config"]) if resume else TeacherConfig.preset_named(cfg.preset)
         train_ds, valid_ds = train_valid_datasets(
-            cfg, lambda split: LidarSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
-                                                    cfg.lidar_num_features))
+            cfg, lambda split, segments: LidarSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
+                                                              cfg.lidar_num_features, segments=segments))
         model = LiDARBEVTeacher(model_cfg)
         trainer = Trainer(cfg, "teacher", model, train_ds, resume, ctx, device)
         train_loader, train_sampler = make_loader(train_ds, batch_size, True, cfg.seed, cfg.num_workers,
@@ -190,7 +190,8 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
                      else build_student_config(cfg, teacher_cfg))
         image_size = tuple(model_cfg.image_size)
         train_ds, valid_ds = train_valid_datasets(
-            cfg, lambda split: CameraSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride, image_size))
+            cfg, lambda split, segments: CameraSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
+                                                               image_size, segments=segments))
         fields = LIGHT_KD_FIELDS + (("bev_feat",) if kd.bev_feat > 0 else ())
         if schema is not None:
             check_store(cfg.memorybank, schema, cfg.seq_len, train_ds.frame_actions().shape[1], model_cfg,

@@ -74,12 +74,13 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
     return loader, sampler
 
 
-def train_valid_datasets(cfg: TrainConfig, make: Callable[[str], Any]) -> tuple[Any, Any]:
-    """``(train_ds, valid_ds or None)`` from ``make(split)``; refuses a training split with no window."""
-    train_ds = make(cfg.train_split)
+def train_valid_datasets(cfg: TrainConfig, make: Callable[[str, Any], Any]) -> tuple[Any, Any]:
+    """``(train_ds, valid_ds or None)`` from ``make(split, segments)`` (the training split restricted to
+    ``cfg.train_segments``, the valid split whole); refuses a training set with no window."""
+    train_ds = make(cfg.train_split, cfg.train_segments)
     if len(train_ds) == 0:
         raise ValueError(f"{cfg.data_root}/{cfg.train_split}: no windows of seq_len={cfg.seq_len}")
-    return train_ds, (make(cfg.valid_split) if cfg.valid_split else None)
+    return train_ds, (make(cfg.valid_split, None) if cfg.valid_split else None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
