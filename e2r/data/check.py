@@ -34,27 +34,25 @@ class DatasetCheck:
     no_progress: bool = False
 
 
-def _scanned(args: DatasetCheck, split: str, lidar: bool, camera: bool) -> list:
-    """The split's datasets, scanned: one over every segment of the split's modality; when the split mixes
-    paired and LiDAR-only segments, a LiDAR dataset over the LiDAR-only ones as well."""
-    if lidar and camera:
-        datasets = [PairedSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
-                                          args.image_size, skip_bad=True)]
-        only = set(datasets[0].lidar_only_segments)
-        if only:
-            extra = LidarSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
-                                         skip_bad=True)
-            extra.tables = {k: v for k, v in extra.tables.items() if k in only}
-            keep = [i for i, (seg, _) in enumerate(extra.windows) if seg in only]
-            extra.windows, extra.keys = [extra.windows[i] for i in keep], [extra.keys[i] for i in keep]
-            datasets.append(extra)
-    elif lidar:
-        datasets = [LidarSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
-                                         skip_bad=True)]
-    else:
-        datasets = [CameraSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.image_size,
-                                          skip_bad=True)]
-    return datasets
+def _scanned(args: DatasetCheck, split: str, lidar: bool, camera: bool) -> tuple[list, set[str]]:
+    """The split's datasets, scanned later, and the segments whose camera part is unusable. One dataset over
+    every segment of the split's modality; when the split has LiDAR and cameras, a LiDAR dataset as well over
+    the segments the paired one left out: the LiDAR-only ones, and those whose camera part is unusable (e.g. no
+    camera/calib.json: that is reported, and their csv and LiDAR files are still checked)."""
+    if not camera:
+        return [LidarSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
+                                     skip_bad=True)], set()
+    if not lidar:
+        return [CameraSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.image_size,
+                                      skip_bad=True)], set()
+    paired = PairedSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
+                                   args.image_size, skip_bad=True)
+    rest = [s for s in discover_segments(args.data_root, split) if s not in paired.tables]
+    if not rest:
+        return [paired], set()
+    extra = LidarSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
+                                 skip_bad=True, segments=rest)
+    return [paired, extra], set(rest) - set(paired.lidar_only_segments)
 
 
 def check_split(args: DatasetCheck, split: str) -> tuple[dict, list[Problem]]:
@@ -62,7 +60,7 @@ def check_split(args: DatasetCheck, split: str) -> tuple[dict, list[Problem]]:
     lidar, camera = split_modalities(args.data_root, split)
     if not lidar and not camera:
         raise DataError(f"{args.data_root}/{split}", "no segment csv has a lidar_filepath or image_filepath column")
-    datasets = _scanned(args, split, lidar, camera)
+    datasets, camera_unusable = _scanned(args, split, lidar, camera)
     before = [len(ds.windows) for ds in datasets]
     for ds in datasets:
         ds.scan(progress=not args.no_progress)
@@ -82,12 +80,15 @@ def check_split(args: DatasetCheck, split: str) -> tuple[dict, list[Problem]]:
                 used = f"{layout.num_features} features/point ({layout.source})" if layout else "layout unknown"
                 mean = ds.mean_points.get(name)
                 line += f", points: {used}, mean {mean:.1f} points/frame" if mean is not None else f", points: {used}"
+                if table.lidar2ego is not None:
+                    line += ", lidar2ego applied"
             if camera:
                 cams = ",".join(c.name for c in table.cameras)
-                line += f", cameras: {cams}" if cams else ", LiDAR only"
+                line += f", cameras: {cams}" if cams else (", camera part unusable (see problems)"
+                                                           if name in camera_unusable else ", LiDAR only")
             print(line)
     stats = {"segments": len(tables), "frames": sum(t.num_frames for t in tables.values()), "windows": windows}
-    return stats, [p for ds in datasets for p in ds.problems]
+    return stats, list(dict.fromkeys(p for ds in datasets for p in ds.problems))   # one problem, listed once
 
 
 def check_dataset(args: DatasetCheck) -> int:

@@ -172,7 +172,7 @@ class _SequenceDataset(Dataset):
         table = self.tables[segment]
         path = table.lidar_paths[frame]
         nf: NumFeatures = self.point_layout(segment).num_features if path.suffix.lower() == ".bin" else "auto"
-        points, layout = read_points(path, nf, row=frame)
+        points, layout = read_points(path, nf, row=frame, lidar2ego=table.lidar2ego)   # ego frame
         if path.suffix.lower() != ".bin":
             self.layouts.setdefault(segment, layout)
         return torch.from_numpy(points)

@@ -1,7 +1,8 @@
 """The on-disk layout: discover splits and segments, read and validate each segment's ``meta/data.csv``.
 
-``<root>/<split>/<segment>/meta/data.csv`` (docs/CONTRACTS.md). Only the csv (and calib.json for cameras) is
-read here; point clouds and images are read by the datasets on access. Every problem raises
+``<root>/<split>/<segment>/meta/data.csv`` (docs/CONTRACTS.md). Only the csv, calib.json for cameras and, for
+the LiDAR, its extrinsic (:func:`read_segment_lidar2ego`, once per segment) are read here; point clouds and images
+are read by the datasets on access. Every problem raises
 :class:`~e2r.data.readers.DataError` naming the csv file and the row (0-based frame index; the file line is
 the true file line, counting the header and any blank lines the csv module skips, is given in the message).
 """
@@ -15,14 +16,17 @@ from typing import Optional, Union
 
 import numpy as np
 
+from e2r.data.calib import read_lidar2ego
 from e2r.data.readers import CameraCalib, DataError, read_calib
 from e2r.keys import InvalidKeyError, validate_part
 
 __all__ = ["SegmentTable", "discover_splits", "discover_segments", "read_segment_table",
-           "camera_columns", "window_starts", "split_modalities", "is_lidar_only", "CSV_RELPATH", "CALIB_RELPATH"]
+           "camera_columns", "window_starts", "split_modalities", "is_lidar_only", "read_segment_lidar2ego",
+           "CSV_RELPATH", "CALIB_RELPATH", "LIDAR_CALIB_RELPATH"]
 
 CSV_RELPATH = Path("meta") / "data.csv"
 CALIB_RELPATH = Path("camera") / "calib.json"
+LIDAR_CALIB_RELPATH = Path("lidar") / "calib.json"     # the LiDAR's extrinsic of a segment without camera/calib.json
 REQUIRED_NUMERIC = ("velocity", "wheel_angle")
 
 
@@ -30,7 +34,9 @@ REQUIRED_NUMERIC = ("velocity", "wheel_angle")
 class SegmentTable:
     """One segment's data.csv, validated. Arrays are (F,) for F frames, in csv row order.
 
-    ``image_paths`` maps camera name (calib.json order) to F absolute paths; ``lidar_paths`` has F paths.
+    ``image_paths`` maps camera name (calib.json order) to F absolute paths; ``lidar_paths`` has F paths;
+    ``lidar2ego`` is the LiDAR's (4, 4) extrinsic (None = identity, the LiDAR frame is the ego frame), read with
+    the lidar paths.
     """
     split: str
     segment: str
@@ -42,6 +48,7 @@ class SegmentTable:
     lidar_paths: Optional[list[Path]] = None
     image_paths: dict[str, list[Path]] = field(default_factory=dict)
     cameras: list[CameraCalib] = field(default_factory=list)
+    lidar2ego: Optional[np.ndarray] = None
 
     @property
     def num_frames(self) -> int:
@@ -130,8 +137,9 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
                        camera: bool = False) -> SegmentTable:
     """Read and validate ``root/split/segment/meta/data.csv`` (and calib.json when ``camera``).
 
-    ``lidar`` / ``camera`` require the ``lidar_filepath`` / image columns. Raises DataError naming the csv
-    (or calib.json) and the row for: missing columns, empty cells, non-numeric / NaN / inf values, no rows.
+    ``lidar`` / ``camera`` require the ``lidar_filepath`` / image columns; ``lidar`` also reads the LiDAR's
+    extrinsic (:func:`read_segment_lidar2ego`). Raises DataError naming the csv (or calibration file) and the
+    row for: missing columns, empty cells, non-numeric / NaN / inf values, no rows, bad calibration.
     """
     directory = Path(root) / split / segment
     csv_path = directory / CSV_RELPATH
@@ -171,11 +179,28 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
     table = SegmentTable(split, segment, directory, csv_path, velocity, wheel, command)
     if lidar:
         table.lidar_paths = paths("lidar_filepath")
+        table.lidar2ego = read_segment_lidar2ego(directory)
     if camera:
         table.cameras = read_calib(directory / CALIB_RELPATH)
         for name, col in camera_columns(header, table.cameras, csv_path).items():
             table.image_paths[name] = paths(col)
     return table
+
+
+def read_segment_lidar2ego(directory: Union[str, Path]) -> Optional[np.ndarray]:
+    """A segment's LiDAR -> ego extrinsic (docs/CONTRACTS.md), (4, 4) float64, or None for identity: the
+    optional ``"lidar2ego"`` of ``camera/calib.json`` when the segment has that file, else the required one of
+    ``lidar/calib.json`` when it has that, else None. Both files at once is a DataError (which would hold?)."""
+    directory = Path(directory)
+    camera, lidar = directory / CALIB_RELPATH, directory / LIDAR_CALIB_RELPATH
+    if camera.exists() and lidar.exists():
+        raise DataError(lidar, f"the segment also has {CALIB_RELPATH.as_posix()}: its \"lidar2ego\" belongs "
+                               f"there (one place per segment); remove this file")
+    if camera.exists():
+        return read_lidar2ego(camera)
+    if lidar.exists():
+        return read_lidar2ego(lidar, required=True)
+    return None
 
 
 def window_starts(num_frames: int, seq_len: int, stride: int) -> list[int]:

@@ -17,8 +17,8 @@ from e2r.errors import DataError, Problem
 from e2r.data.point_layout import (SUPPORTED_NUM_FEATURES, LayoutUndecidable, PointLayout,
                                    detect_from_arrays)
 
-__all__ = ["DataError", "Problem", "NumFeatures", "read_points", "read_bin", "read_npy", "read_pcd",
-           "read_image", "prepare_image", "scale_intrinsics", "CameraCalib", "read_calib", "PointLayout"]
+__all__ = ["DataError", "Problem", "NumFeatures", "read_points", "read_bin", "read_npy", "read_pcd", "lidar_to_ego",
+           "read_image", "prepare_image", "scale_intrinsics", "CameraCalib", "read_calib", "read_json", "PointLayout"]
 
 NumFeatures = Union[int, str]   # 4 | 5 | 8 | "auto"
 POINT_SUFFIXES = (".bin", ".npy", ".pcd")
@@ -196,21 +196,40 @@ def read_pcd(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndar
     return _xyzi(np.stack(cols, axis=1), path, row), PointLayout(len(fields), "pcd", " ".join(fields))
 
 
-def read_points(path: Union[str, Path], num_features: NumFeatures = "auto",
-                row: Optional[int] = None) -> tuple[np.ndarray, PointLayout]:
+def lidar_to_ego(points: np.ndarray, lidar2ego: Optional[np.ndarray]) -> np.ndarray:
+    """(N, 4) float32 x, y, z, intensity in the LiDAR frame -> the same points in the ego frame: x, y, z rotated
+    and translated by the 4x4 ``lidar2ego`` (docs/CONTRACTS.md), intensity kept. ``None`` = identity (the array
+    is returned as is). Computed in float64; a coordinate past float32's range (a far outlier the checks let
+    through) is clamped to it, so every coordinate stays finite."""
+    if lidar2ego is None:
+        return points
+    T = np.asarray(lidar2ego, dtype=np.float64)
+    xyz = points[:, :3].astype(np.float64) @ T[:3, :3].T + T[:3, 3]
+    out = np.array(points, dtype=np.float32, copy=True)
+    big = float(np.finfo(np.float32).max)
+    out[:, :3] = np.clip(xyz, -big, big)
+    return out
+
+
+def read_points(path: Union[str, Path], num_features: NumFeatures = "auto", row: Optional[int] = None,
+                lidar2ego: Optional[np.ndarray] = None) -> tuple[np.ndarray, PointLayout]:
     """Any supported point file -> ((N, 4) float32 x, y, z, intensity, the PointLayout used).
 
     ``num_features`` (4 | 5 | 8 | "auto") only matters for ``.bin``; .npy and .pcd state their own layout.
+    With ``lidar2ego`` (the segment's LiDAR extrinsic, :func:`e2r.data.calib.read_lidar2ego`) the points come
+    back in the ego frame (:func:`lidar_to_ego`; the checks above are made in the LiDAR's own frame).
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".bin":
-        return read_bin(path, num_features, row)
-    if suffix == ".npy":
-        return read_npy(path, row)
-    if suffix == ".pcd":
-        return read_pcd(path, row)
-    raise DataError(path, f"unsupported point file type {suffix!r} (expected one of {POINT_SUFFIXES})", row)
+        points, layout = read_bin(path, num_features, row)
+    elif suffix == ".npy":
+        points, layout = read_npy(path, row)
+    elif suffix == ".pcd":
+        points, layout = read_pcd(path, row)
+    else:
+        raise DataError(path, f"unsupported point file type {suffix!r} (expected one of {POINT_SUFFIXES})", row)
+    return lidar_to_ego(points, lidar2ego), layout
 
 
 MAX_IMAGE_SIDE = 16384             # wider or taller than this: refused before decoding
@@ -314,7 +333,8 @@ class CameraCalib:
     cam2ego: np.ndarray
 
 
-def _matrix(value: object, shape: tuple[int, int], what: str, path: Path) -> np.ndarray:
+def _matrix(value: object, shape: tuple[int, ...], what: str, path: Path) -> np.ndarray:
+    """``value`` as a float64 array of ``shape`` with finite values, else DataError naming ``path`` and ``what``."""
     try:
         m = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -344,16 +364,23 @@ def _check_float32_invertible(m: np.ndarray, what: str, path: Path) -> None:
                               f"invertible): {m.tolist()}")
 
 
-def read_calib(path: Union[str, Path]) -> list[CameraCalib]:
-    """Read and validate calib.json (format in docs/CONTRACTS.md) -> cameras in file order."""
+def read_json(path: Union[str, Path]) -> object:
+    """A small JSON file (calib.json, calibration records) -> the parsed document; DataError naming the file when
+    it is missing, empty, not UTF-8 text, not JSON or nested too deeply."""
     path = Path(path)
     _check_file(path, None)
     try:
-        doc = json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(path, f"not valid JSON: {e}") from None
     except RecursionError:
-        raise DataError(path, "JSON nested too deeply to be a calib.json") from None
+        raise DataError(path, "JSON nested too deeply to be a calibration file") from None
+
+
+def read_calib(path: Union[str, Path]) -> list[CameraCalib]:
+    """Read and validate calib.json (format in docs/CONTRACTS.md) -> cameras in file order."""
+    path = Path(path)
+    doc = read_json(path)
     cams = doc.get("cameras") if isinstance(doc, dict) else None
     if not isinstance(cams, list) or not cams:
         raise DataError(path, "expected {\"cameras\": [ ... ]} with at least one camera")
