@@ -10,12 +10,22 @@ an uncompressed memmap. Then the cost of integrity, measured interleaved (altern
 that other load on the machine hits both sides alike): write rows/s with and without fsync, and in-process
 ``get_batch`` rows/s with and without the per-row crc32c check. Prints a table and the goals of issue 5
 with PASS/FAIL.
+
+    python bench/bench_store.py --key_index 1e5,1e6,1e7 --dir /tmp/ki    # the key index at scale (issue 14)
+
+``--key_index`` writes one store per size (small rows: T=5, A=2, D=H=8; keys ``train/seg_XXXXX:i``, 1000
+windows per segment; reused when ``--dir`` already holds it) and measures each in a fresh process: the time
+of ``open_memorybank``, the resident memory it added (total, and private = anonymous), and ``get_batch`` of
+64 random keys (median of 500 batches after every shard was mapped once; mean of the 50 first batches).
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -129,7 +139,14 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir, removed after)")
+    ap.add_argument("--key_index", default=None, help="sizes, e.g. 1e5,1e6,1e7: the key index at scale (only this)")
+    ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)     # internal: one --key_index measurement
     a = ap.parse_args()
+    if a.probe:
+        print(json.dumps(key_index_probe(a.probe)))
+        return 0
+    if a.key_index:
+        return key_index_bench([int(float(x)) for x in a.key_index.split(",")], a.dir or tempfile.mkdtemp())
     tmp = a.dir or tempfile.mkdtemp(prefix="bench_store_")
     os.makedirs(tmp, exist_ok=True)
     N, B = a.n, a.batch
@@ -299,6 +316,92 @@ def loader_rate_field(loader: DataLoader, field: str) -> float:
     for b in it:
         n += b[field].shape[0]
     return n / (time.perf_counter() - t0)
+
+
+def _ki_key(i: int) -> str:
+    return f"train/seg_{i // 1000:05d}:{i % 1000}"
+
+
+def _rss_mib() -> dict[str, float]:
+    """VmRSS / RssAnon / RssFile of this process in MiB (/proc/self/status)."""
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssFile"):
+                out[name] = int(value.split()[0]) / 1024
+    return out
+
+
+def key_index_store(path: str, n: int) -> float:
+    """A store of ``n`` complete small rows (T=5, A=2, D=H=8; row i holds (i % S) % 1000); seconds taken.
+    Shard 0 and the last shard are written by ``write_rows``; the full shards between are byte copies of shard
+    0 with their completion flags set (zarr-python encodes ~0.5 ms per row: 1e7 rows would take 1.5 h). Every
+    shard is still its own file, mapped and checksummed on its own when read."""
+    schema = StoreSchema(seq_len=5, action_dim=2, bev_dim=8, gru_hidden=8)
+    t0 = time.perf_counter()
+    bank = create_memorybank(path, schema, Provenance(teacher_sha256="0" * 64, model_config={"bench": "key_index"}),
+                             fsync=False)
+    bank.reserve_split("train", [_ki_key(i) for i in range(n)])
+    S = bank.alignment
+
+    def block(a: int, b: int) -> dict[str, np.ndarray]:
+        v = ((np.arange(a, b) % S) % 1000).astype(np.float32)[:, None, None]
+        return {f: np.broadcast_to(v, (b - a, *schema.row_shape(f))) for f in LIGHT}
+    bank.write_rows("train", 0, block(0, min(S, n)))
+    full = n // S
+    first = os.path.join(path, "light", "c", "0", "0", "0")
+    for i in range(1, full):
+        os.makedirs(os.path.join(path, "light", "c", str(i), "0"), exist_ok=True)
+        shutil.copyfile(first, os.path.join(path, "light", "c", str(i), "0", "0"))
+    if full > 1:
+        bank._write_complete(S, full * S, True)        # the copied shards' rows (a bench shortcut)
+    if n > max(full, 1) * S:
+        bank.write_rows("train", full * S, block(full * S, n))
+    bank.close()
+    return time.perf_counter() - t0
+
+
+def key_index_probe(path: str, B: int = 64) -> dict[str, float]:
+    """Open ``path`` and read random batches in this (fresh) process; checks the values served."""
+    gc.collect()
+    before = _rss_mib()
+    t0 = time.perf_counter()
+    bank = open_memorybank(path)
+    t_open = time.perf_counter() - t0
+    after = _rss_mib()
+    n, S = bank.splits["train"][1], bank.alignment
+    for a in range(0, n, B * S):                       # map every shard once: what is timed is lookup + decode
+        bank.get_batch([_ki_key(i) for i in range(a, min(n, a + B * S), S)])
+    rng = np.random.default_rng(0)
+    picks = [rng.integers(0, n, B) for _ in range(550)]
+    batches = [[_ki_key(int(i)) for i in p] for p in picks]
+    times = []
+    for p, kb in zip(picks, batches):
+        t0 = time.perf_counter()
+        out, missing = bank.get_batch(kb)
+        times.append(time.perf_counter() - t0)
+        assert not missing and (out["actions"][:, 0, 0] == (p % S) % 1000).all(), "wrong rows served"
+    return {"n": n, "open_s": t_open, "rss_mib": after["VmRSS"] - before["VmRSS"],
+            "anon_mib": after["RssAnon"] - before["RssAnon"], "first50_us": 1e6 * float(np.mean(times[:50])),
+            "median_us": 1e6 * float(np.median(times[50:])), "rss_end_mib": _rss_mib()["VmRSS"] - before["VmRSS"]}
+
+
+def key_index_bench(sizes: list[int], tmp: str) -> int:
+    """``--key_index``: one store per size (reused when present), each measured by ``--probe`` in a new process."""
+    os.makedirs(tmp, exist_ok=True)
+    print(f"key index: T=5 A=2 D=H=8 float32, get_batch of 64 random keys, scratch {tmp}")
+    print(f"{'keys':>10}{'build s':>9}{'open s':>8}{'RSS +MiB':>10}{'anon +MiB':>10}{'first50 us':>11}"
+          f"{'median us':>10}{'RSS end +MiB':>13}")
+    for n in sizes:
+        path = os.path.join(tmp, f"ki_{n}.zarr")
+        t_write = key_index_store(path, n) if not os.path.exists(path) else float("nan")
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", path], capture_output=True,
+                           text=True, check=True)
+        m = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"{n:>10}{t_write:>9.0f}{m['open_s']:>8.2f}{m['rss_mib']:>10.1f}{m['anon_mib']:>10.1f}"
+              f"{m['first50_us']:>11.0f}{m['median_us']:>10.0f}{m['rss_end_mib']:>13.1f}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
