@@ -214,9 +214,9 @@ class CalibImport:
         if not np.isfinite(self.ground_z) or abs(self.ground_z) > 10:
             raise ConfigError(f"--ground_z must be a height in metres within [-10, 10], got {self.ground_z}")
         if Path(self.out).is_dir():
-            raise ConfigError(f"--out {self.out} is a directory; give the calib.json file to write")
+            raise ConfigError(f"OUT {self.out} is a directory; give the calib.json file to write")
         if Path(self.out).exists() and not self.force:
-            raise ConfigError(f"--out {self.out} exists; pass --force to replace it")
+            raise ConfigError(f"OUT {self.out} exists; pass --force to replace it")
 
 
 def format_calib(doc: dict) -> str:
@@ -239,6 +239,7 @@ def import_calib(cfg: CalibImport) -> tuple[dict, str]:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
+        os.chmod(tmp, 0o644)                       # mkstemp makes it owner-only; a calib.json is shared data
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

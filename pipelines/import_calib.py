@@ -1,0 +1,89 @@
+"""Write a segment's calib.json (docs/CONTRACTS.md) from the calibration a dataset ships with.
+
+    python -m pipelines.import_calib kitti    CALIB_TXT    OUT --image_size 1242x375 [--camera P2] [--name front]
+    python -m pipelines.import_calib nuscenes RECORDS_JSON OUT [--image_size 1600x900] [--ground_z -1.0]
+
+KITTI: an object/tracking ``calib/<frame>.txt`` (P0..P3, R0_rect, Tr_velo_to_cam) -> one camera (K and cam2ego
+of ``--camera``), ego = the velodyne frame, lidar2ego identity. nuScenes: a JSON file
+``{"lidar": record, "cameras": {name: record, ...}}`` of ``calibrated_sensor`` records -> lidar2ego and every
+camera. The result is checked with the readers the datasets use, written atomically, and printed
+(``e2r.data.calib.import_calib``). Exit status 0 written, 2 nothing written (the message names file and field).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from e2r.data.calib import CalibImport, import_calib
+from e2r.errors import E2RError
+from e2r.workflow.configs import config_from_namespace
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """``"1600x900"`` -> (1600, 900) = (W, H)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+        if w <= 0 or h <= 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image_size must be WxH with positive integers, got {text!r}") from None
+    return w, h
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.import_calib", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write our calib.json (cameras: name, image_size, K, cam2ego; lidar2ego) from KITTI or "
+                    "nuScenes calibration. Put it at <segment>/camera/calib.json, or at <segment>/lidar/"
+                    "calib.json for a segment without cameras (docs/CONTRACTS.md).",
+        epilog="examples:\n"
+               "  python -m pipelines.import_calib kitti calib/000000.txt seg/camera/calib.json --image_size 1242x375\n"
+               "  python -m pipelines.import_calib nuscenes records.json seg/camera/calib.json --image_size 1600x900\n"
+               "  python -m pipelines.import_calib SUBCOMMAND --help   (the flags of each format)\n\n"
+               "Exit status: 0 = written (and printed), 2 = nothing written; the message names the file and field.")
+    sub = p.add_subparsers(dest="format", required=True, metavar="{kitti,nuscenes}")
+    kitti = sub.add_parser("kitti", help="KITTI object/tracking calib .txt (P2, R0_rect, Tr_velo_to_cam)",
+                           description="One camera from a KITTI calib .txt: K from its projection matrix P = K [I|b], "
+                                       "cam2ego = inverse of [I|b] R0_rect Tr_velo_to_cam; ego = the velodyne frame "
+                                       "(x forward, y left, z up, ground at about -1.73 m), lidar2ego identity.")
+    kitti.add_argument("source", metavar="CALIB_TXT", help="KITTI calib file, e.g. training/calib/000000.txt")
+    kitti.add_argument("out", metavar="OUT", help="calib.json to write, e.g. <segment>/camera/calib.json")
+    kitti.add_argument("--image_size", type=image_size, required=True,
+                       help="WxH of that camera's images, which K is for (KITTI: about 1242x375; check yours)")
+    kitti.add_argument("--camera", choices=("P0", "P1", "P2", "P3"), default="P2",
+                       help="projection matrix of the camera (default P2, the left colour camera)")
+    kitti.add_argument("--name", default="front", help="the camera's name in calib.json (default front)")
+    kitti.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    nus = sub.add_parser("nuscenes", help="nuScenes calibrated_sensor records of the LiDAR and the cameras",
+                         description="lidar2ego and cameras from nuScenes calibrated_sensor records (translation in "
+                                     "metres, rotation quaternion [w, x, y, z], camera_intrinsic), given as "
+                                     "{\"lidar\": record, \"cameras\": {name: record, ...}} (no cameras: a "
+                                     "lidar/calib.json). nuScenes' vehicle frame has its origin on the ground; the "
+                                     "written ego frame has the ground at --ground_z.")
+    nus.add_argument("source", metavar="RECORDS_JSON", help="JSON file holding the records")
+    nus.add_argument("out", metavar="OUT", help="calib.json to write")
+    nus.add_argument("--image_size", type=image_size, default=None,
+                     help="WxH of the cameras' images, which camera_intrinsic is for (nuScenes: 1600x900); "
+                          "required when the records have cameras")
+    nus.add_argument("--ground_z", type=float, default=-1.0,
+                     help="z of the ground in the ego frame written (default -1.0, the contract's: the teacher's "
+                          "z range is [-3, 1]); 0 keeps nuScenes' vehicle frame")
+    nus.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        cfg = config_from_namespace(CalibImport, build_parser().parse_args(argv))
+        _, text = import_calib(cfg)
+    except E2RError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {cfg.out} (from {cfg.format} {cfg.source}):")
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
