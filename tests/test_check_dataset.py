@@ -1,3 +1,4 @@
+import json
 import re
 import subprocess
 import sys
@@ -97,3 +98,41 @@ def test_lidar_only_segments_of_a_paired_split_are_checked_too(tmp_path, capsys)
     next((lidar_only / "lidar").iterdir()).write_bytes(b"\x00" * 7)
     code, out = run(capsys, root, "--splits", "train", "--image_size", "32x16")
     assert code == 1 and str(lidar_only.name) in out
+
+
+def test_missing_calib_still_checks_csv_and_lidar(tmp_path, capsys):
+    """A paired segment without camera/calib.json: the missing calib is a problem of its camera part, and its
+    csv and every LiDAR file are still read (a bad point file there is found too)."""
+    root = write_tiny_dataset(tmp_path, splits={"train": 2}, frames=6)
+    seg0, seg1 = (root / "train" / f"segment_000{i}" for i in range(2))
+    (seg1 / "camera" / "calib.json").unlink()
+    rows1 = read_csv_rows(seg1 / "meta" / "data.csv")
+    (seg1 / rows1[3]["lidar_filepath"]).write_bytes(b"\x00" * 7)
+    code, out = run(capsys, root, "--seq_len", 2, "--image_size", "32x16")
+    assert code == 1, out
+    assert f"{seg1 / 'camera' / 'calib.json'}: file is missing" in out
+    assert f"{seg1 / rows1[3]['lidar_filepath']}: row 3: truncated" in out
+    assert "problems found: 2" in out
+    # both segments' frames are counted; segment_0001's LiDAR windows avoid its bad frame 3 (5 -> 3)
+    assert "2 usable segment(s) of 2, 12 frames, 8 windows" in out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("segment_0001:"))
+    assert "camera part unusable" in line and "points/frame" in line
+    # a broken csv is still reported once, whichever dataset reads it
+    csv1 = seg1 / "meta" / "data.csv"
+    csv1.write_text(csv1.read_text().replace(f",{rows1[2]['velocity']},", ",oops,", 1))
+    code, out = run(capsys, root, "--seq_len", 2, "--image_size", "32x16")
+    assert code == 1 and out.count("'oops' is not a number") == 1 and "problems found: 1" in out
+
+
+def test_lidar2ego_reported_and_bad_extrinsic_is_a_problem(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path, splits={"train": 1}, frames=4, camera=False)
+    seg = root / "train" / "segment_0000"
+    T = np.eye(4)
+    T[:3, :3] = [[0, 1, 0], [-1, 0, 0], [0, 0, 1]]
+    (seg / "lidar" / "calib.json").write_text(json.dumps({"lidar2ego": T.tolist()}))
+    code, out = run(capsys, root, "--seq_len", 2)
+    assert code == 0 and "lidar2ego applied" in out, out
+    T[0, 0] = 2.0
+    (seg / "lidar" / "calib.json").write_text(json.dumps({"lidar2ego": T.tolist()}))
+    code, out = run(capsys, root, "--seq_len", 2)
+    assert code == 1 and f"{seg / 'lidar' / 'calib.json'}: lidar2ego is not a rigid transform" in out

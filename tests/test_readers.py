@@ -5,7 +5,10 @@ import pytest
 from PIL import Image
 
 from e2r.data.point_layout import LayoutUndecidable, detect_bin_layout, detect_from_arrays
-from e2r.data.readers import DataError, read_calib, read_image, read_npy, read_pcd, read_points, scale_intrinsics
+from e2r.data.calib import read_lidar2ego
+from e2r.data.layout import read_segment_lidar2ego
+from e2r.data.readers import (DataError, lidar_to_ego, read_calib, read_image, read_npy, read_pcd, read_points,
+                              scale_intrinsics)
 from tests.fixtures import make_points, write_calib, write_pcd, write_points_bin
 
 
@@ -207,3 +210,72 @@ def test_calib_valid_and_invalid(tmp_path):
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         read_calib(tmp_path / "x.json")
+
+
+def rot_z(deg: float) -> np.ndarray:
+    a = np.radians(deg)
+    T = np.eye(4)
+    T[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    return T
+
+
+def test_lidar_to_ego_moves_xyz_keeps_intensity():
+    pts = np.array([[0, 5, 0, 9], [1, 0, -1, 0.5]], np.float32)
+    assert lidar_to_ego(pts, None) is pts                          # identity: no copy, no arithmetic
+    T = rot_z(-90)
+    T[:3, 3] = [1.0, 0.0, 1.5]
+    out = lidar_to_ego(pts, T)
+    assert out.dtype == np.float32 and out.shape == (2, 4) and out is not pts
+    np.testing.assert_allclose(out, [[6, 0, 1.5, 9], [1, -1, 0.5, 0.5]], atol=1e-6)
+    far = np.array([[3e38, 3e38, 0, 1]], np.float32)                 # an outlier the reader lets through
+    assert np.isfinite(lidar_to_ego(far, rot_z(45))).all()
+
+
+def test_read_lidar2ego_validates_the_matrix(tmp_path):
+    def write(doc):
+        p = tmp_path / "calib.json"
+        p.write_text(json.dumps(doc))
+        return p
+
+    T = rot_z(30)
+    T[:3, 3] = [0.5, 0, 1.2]
+    np.testing.assert_allclose(read_lidar2ego(write({"lidar2ego": T.tolist()})), T)
+    assert read_lidar2ego(write({"cameras": []})) is None
+    with pytest.raises(DataError, match="has no \"lidar2ego\"") as e:
+        read_lidar2ego(write({"cameras": []}), required=True)
+    assert str(tmp_path / "calib.json") in str(e.value)
+    scaled, mirror, far, bottom, nan = T.copy(), T.copy(), T.copy(), T.copy(), T.tolist()
+    scaled[:3, :3] *= 1.01
+    mirror[:, 1] *= -1
+    far[:3, 3] = [0, 150, 0]
+    bottom[3] = [0, 0, 1, 1]
+    nan[0][0] = float("nan")
+    for bad, match in ((scaled, "not a rigid transform"), (mirror, r"determinant -1"),
+                       (far, "farther than 100 m"), (bottom, r"last row must be \[0, 0, 0, 1\]"),
+                       (nan, "non-finite"), ([[1, 0, 0], [0, 1, 0], [0, 0, 1]], r"shape \(4, 4\)"),
+                       ("identity", "not a numeric matrix")):
+        with pytest.raises(DataError, match=match) as e:
+            read_lidar2ego(write({"lidar2ego": bad.tolist() if isinstance(bad, np.ndarray) else bad}))
+        assert "lidar2ego" in str(e.value) and str(tmp_path / "calib.json") in str(e.value)
+    with pytest.raises(DataError, match="JSON object"):
+        read_lidar2ego(write([1, 2]))
+
+
+def test_segment_extrinsic_location(tmp_path):
+    seg = tmp_path / "seg"
+    assert read_segment_lidar2ego(seg) is None                            # nothing: identity
+    write_calib(seg / "camera" / "calib.json", (32, 16))
+    assert read_segment_lidar2ego(seg) is None                            # camera calib without lidar2ego
+    doc = json.loads((seg / "camera" / "calib.json").read_text())
+    (seg / "camera" / "calib.json").write_text(json.dumps({**doc, "lidar2ego": rot_z(-90).tolist()}))
+    np.testing.assert_allclose(read_segment_lidar2ego(seg), rot_z(-90))
+    (seg / "lidar").mkdir()
+    (seg / "lidar" / "calib.json").write_text(json.dumps({"lidar2ego": np.eye(4).tolist()}))
+    with pytest.raises(DataError, match="belongs there") as e:            # two places: which one holds?
+        read_segment_lidar2ego(seg)
+    assert e.value.file == str(seg / "lidar" / "calib.json")
+    (seg / "camera" / "calib.json").unlink()
+    np.testing.assert_allclose(read_segment_lidar2ego(seg), np.eye(4))    # a segment without cameras
+    (seg / "lidar" / "calib.json").write_text("{}")
+    with pytest.raises(DataError, match="has no \"lidar2ego\""):          # a lidar/calib.json must say it
+        read_segment_lidar2ego(seg)
