@@ -17,7 +17,7 @@ from torch import Tensor
 from e2r.keys import parse_key
 
 __all__ = ["ACTION_NAMES", "parse_overall_weights", "ActionErrorAccumulator", "metrics_table",
-           "write_metrics_csv", "segment_series", "plot_segment"]
+           "write_metrics_csv", "segment_series", "plot_segment", "per_segment_metrics"]
 
 ACTION_NAMES = ("steering", "speed")
 UNITS = {"steering": "deg", "speed": "m/s"}
@@ -89,6 +89,23 @@ def write_metrics_csv(path: str | Path, rows: Sequence[dict[str, object]]) -> Pa
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def per_segment_metrics(keys: Sequence[str], pred: Tensor, target: Tensor, overall_weights: Sequence[float]
+                        ) -> dict[str, dict[str, float]]:
+    """``{segment: metrics}`` (as :meth:`ActionErrorAccumulator.compute`) over each segment's windows.
+
+    keys: N window keys; pred, target (N, T, A)."""
+    rows: dict[str, list[int]] = {}
+    for row, key in enumerate(keys):
+        rows.setdefault(parse_key(key).segment, []).append(row)
+    out = {}
+    for segment, idx in sorted(rows.items()):
+        acc = ActionErrorAccumulator(overall_weights)
+        i = torch.tensor(idx)
+        acc.update(pred[i], target[i])
+        out[segment] = acc.compute()
+    return out
 
 
 def segment_series(keys: Sequence[str], pred: Tensor, target: Tensor, segment: str

@@ -26,7 +26,7 @@ import numpy as np
 from e2r.data.check import DatasetCheck, check_dataset
 from e2r.metrics import metrics_table, write_metrics_csv
 from e2r.sim.drive import DriveConfig, drive, format_table
-from e2r.sim.world import MARKER, SyntheticConfig, config_dict, generate_dataset
+from e2r.sim.world import SyntheticConfig, ensure_dataset
 from e2r.workflow.configs import (ExportConfig, StudentEvalConfig, StudentTrainConfig, TeacherEvalConfig,
                                   TeacherTrainConfig, command_line)
 from e2r.workflow.evaluate import evaluate_student, evaluate_teacher
@@ -67,22 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def stage(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
-
-
-def ensure_dataset(data_root: Path, cfg: SyntheticConfig) -> dict[str, Any]:
-    """Generate the synthetic world into ``data_root`` unless an identical complete one is there."""
-    marker = data_root / MARKER
-    want = config_dict(cfg)
-    if marker.is_file():
-        made = json.loads(marker.read_text())
-        if made.get("status") == "complete" and made.get("config") == want:
-            print(f"reusing {data_root} (same world, seed {cfg.seed})")
-            return made
-        print(f"{data_root} holds a different or incomplete world: regenerating")
-    t0 = time.perf_counter()
-    summary = generate_dataset(data_root, config=cfg, overwrite=True)
-    print(f"generated {cfg.tracks} tracks x {cfg.frames} frames in {time.perf_counter() - t0:.1f} s -> {data_root}")
-    return summary
 
 
 def show(module: str, cfg: Any, positional: tuple[str, ...] = ()) -> None:

@@ -72,7 +72,7 @@ from e2r.sim.vehicle import VehicleConfig
 __all__ = ["SyntheticConfig", "generate_dataset", "generate_segment", "split_for_track", "segment_name",
            "track_for_index", "calib_dict", "config_dict", "config_from_dict", "track_for_segment", "CSV_COLUMNS",
            "MARKER", "TRACK_JSON", "GENERATOR_VERSION", "LIDAR_ONLY_COLUMNS", "APPEARANCES", "has_camera",
-           "light_for_index", "camera_rng"]
+           "light_for_index", "camera_rng", "ensure_dataset"]
 
 CSV_COLUMNS = ("timestamp", "lidar_filepath", "image_filepath", "velocity", "wheel_angle", "speed_command",
                "x", "y", "yaw")
@@ -323,6 +323,24 @@ def generate_dataset(out_dir: str | Path, tracks: int = 6, frames: int = 300, se
                "segments": segments}
     (out / MARKER).write_text(json.dumps(summary, indent=1) + "\n")  # no timings: same seed, same bytes
     summary.update(out_dir=str(out), workers=n_workers, seconds=round(time.perf_counter() - t0, 2))
+    return summary
+
+
+def ensure_dataset(data_root: str | Path, cfg: SyntheticConfig, progress: bool = True) -> dict[str, Any]:
+    """Generate the world ``cfg`` into ``data_root`` unless an identical complete one is there (then reuse
+    it); returns the marker's summary. Prints which of the two it did."""
+    data_root = Path(data_root)
+    marker = data_root / MARKER
+    if marker.is_file():
+        made = json.loads(marker.read_text())
+        if made.get("status") == "complete" and made.get("config") == config_dict(cfg):
+            print(f"reusing {data_root} (same world, seed {cfg.seed})", flush=True)
+            return made
+        print(f"{data_root} holds a different or incomplete world: regenerating", flush=True)
+    t0 = time.perf_counter()
+    summary = generate_dataset(data_root, config=cfg, overwrite=True, progress=progress)
+    print(f"generated {cfg.tracks} + {cfg.lidar_only_tracks} LiDAR-only tracks x {cfg.frames} frames in "
+          f"{time.perf_counter() - t0:.1f} s -> {data_root}", flush=True)
     return summary
 
 

@@ -10,8 +10,8 @@ Per-action MSE / MAE / RMSE (degrees, m/s) over every (window, step) of the spli
   baseline_train_mean     always the training split's mean action (stored in the checkpoint);
   baseline_prev_steering  steering = the previous command (the model's steering input, wheel_angle[t-1]),
                           speed = keep the current speed (the speed input velocity[t]) as the command.
-Each returns ``{"results": {predictor: metrics}, "plot_path", "csv_path", "num_windows"}`` (the student also
-``"kd_gap"``); the CSV and plot are written when their paths are set.
+Each returns ``{"results": {predictor: metrics}, "per_segment": {segment: the model's metrics}, "plot_path",
+"csv_path", "num_windows"}`` (the student also ``"kd_gap"``); the CSV and plot are written when their paths are set.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
 from e2r.keys import parse_key
-from e2r.metrics import ActionErrorAccumulator, parse_overall_weights, plot_segment, segment_series, write_metrics_csv
+from e2r.metrics import (ActionErrorAccumulator, parse_overall_weights, per_segment_metrics, plot_segment,
+                         segment_series, write_metrics_csv)
 from e2r.models.student import load_student
 from e2r.models.teacher import load_teacher
 from e2r.runtime import DistContext, resolve_device
@@ -38,7 +39,7 @@ STUDENT_PREDICTORS = ("student", "baseline_train_mean", "baseline_prev_steering"
 
 
 def evaluate_teacher(cfg: TeacherEvalConfig) -> dict[str, Any]:
-    """Returns ``{"results": {predictor: metrics}, "plot_path", "csv_path", "num_windows"}``."""
+    """Returns ``{"results": {predictor: metrics}, "per_segment", "plot_path", "csv_path", "num_windows"}``."""
     weights = parse_overall_weights(cfg.overall_weights)
     device = resolve_device(cfg.device)
     model, ckpt = load_teacher(cfg.teacher_ckpt, device)
@@ -67,6 +68,7 @@ def evaluate_teacher(cfg: TeacherEvalConfig) -> dict[str, Any]:
 
     run_epoch(loader, step, None, desc=f"eval {cfg.split}", show_progress=not cfg.no_progress)
     results = {name: acc.compute() for name, acc in accs.items()}
+    per_segment = per_segment_metrics(keys, torch.cat(preds), torch.cat(targets), weights)
     if cfg.csv_path:
         write_metrics_csv(cfg.csv_path, [{"predictor": name, "split": cfg.split, "checkpoint": cfg.teacher_ckpt,
                                            **r} for name, r in results.items()])
@@ -76,7 +78,8 @@ def evaluate_teacher(cfg: TeacherEvalConfig) -> dict[str, Any]:
         frames, pred_series, target_series = segment_series(keys, pred_all, target_all, segment)
         plot_segment(cfg.plot_path, frames, {"teacher": pred_series}, target_series,
                      f"teacher on {cfg.split}/{segment} ({ckpt['config'].get('preset', '?')} preset)")
-    return {"results": results, "plot_path": cfg.plot_path, "csv_path": cfg.csv_path, "num_windows": len(ds)}
+    return {"results": results, "per_segment": per_segment, "plot_path": cfg.plot_path, "csv_path": cfg.csv_path,
+            "num_windows": len(ds)}
 
 
 class KDGapAccumulator:
@@ -116,7 +119,7 @@ class KDGapAccumulator:
 
 
 def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
-    """Returns ``{"results": {predictor: metrics}, "kd_gap": dict or None, "plot_path", "csv_path",
+    """Returns ``{"results": {predictor: metrics}, "per_segment", "kd_gap": dict or None, "plot_path", "csv_path",
     "num_windows"}``; raises DataError / CheckpointError / ValueError on bad input."""
     weights = parse_overall_weights(cfg.overall_weights)
     device = resolve_device(cfg.device)
@@ -153,6 +156,7 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
 
     run_epoch(loader, step, None, desc=f"eval {cfg.split}", show_progress=not cfg.no_progress)
     results = {name: acc.compute() for name, acc in accs.items()}
+    per_segment = per_segment_metrics(keys, torch.cat(preds), torch.cat(targets), weights)
     kd_gap = gap.compute() if gap is not None else None
     if cfg.csv_path:
         rows = [{"predictor": name, "split": cfg.split, "checkpoint": cfg.student_ckpt, **r,
@@ -164,8 +168,8 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
         plot_segment(cfg.plot_path, frames, {"student": pred_series}, target_series,
                      f"student on {cfg.split}/{segment} ({ckpt['config'].get('preset', '?')} preset, "
                      f"{model_cfg.view_transform})")
-    return {"results": results, "kd_gap": kd_gap, "plot_path": cfg.plot_path, "csv_path": cfg.csv_path,
-            "num_windows": len(ds)}
+    return {"results": results, "per_segment": per_segment, "kd_gap": kd_gap, "plot_path": cfg.plot_path,
+            "csv_path": cfg.csv_path, "num_windows": len(ds)}
 
 
 def print_kd_gap(out: dict[str, Any]) -> None:

@@ -1,0 +1,292 @@
+"""The KD study: does distilling the LiDAR teacher help the camera student, and how much camera data does it
+save? One call runs the whole grid, resumably (``python -m pipelines.study`` is its command line):
+
+    world (reused if identical) -> teacher (trained on every LiDAR track: the paired train tracks and the
+    LiDAR-only ones) -> teacher offline + closed loop on the held-out test tracks -> memorybank export ->
+    for each seed, camera budget (the first ``b`` paired train tracks) and variant: a student trained with
+    the same budget, evaluated offline and in closed loop on the same held-out tracks -> report
+    (``e2r.workflow.study_report``: CSV, mean +- std table, plot, goals).
+
+Variants (:data:`VARIANTS`): ``bc`` (behaviour cloning only), ``kd`` (BC + all light KD terms: action,
+bev_vec, GRU state), and the ablations ``kd_action`` (action only), ``kd_state`` (bev_vec + GRU state only),
+``kd_dense`` (light terms + dense bev_feat). Every variant of a (budget, seed) sees the same camera tracks,
+epochs, seed and flips; only the loss differs.
+
+Resumable: each finished unit writes ``result.json`` in its own folder under ``out`` and is skipped on the
+next call; an interrupted unit starts over (its partial files are overwritten). Changing the study's
+settings in a way that changes what a finished unit means (world, epochs, flips) is refused: ``study.json``
+records them; use a new ``--out``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from e2r.errors import ConfigError
+from e2r.sim.drive import DriveConfig, drive
+from e2r.sim.world import SyntheticConfig, ensure_dataset
+from e2r.workflow.configs import (ExportConfig, StudentEvalConfig, StudentTrainConfig, TeacherEvalConfig,
+                                  TeacherTrainConfig, check_positive)
+from e2r.workflow.evaluate import evaluate_student, evaluate_teacher
+from e2r.workflow.export_run import export_memorybank, print_export_summary
+from e2r.workflow.train import train_student, train_teacher
+
+__all__ = ["StudyConfig", "VARIANTS", "StudyUnit", "plan_units", "run_study", "camera_train_segments",
+           "RESULT_FILE", "read_results"]
+
+#: variant -> KD loss weights (action, bev_vec, temporal, bev_feat); ``bc`` trains without the memorybank
+VARIANTS: dict[str, tuple[float, float, float, float]] = {
+    "bc": (0.0, 0.0, 0.0, 0.0),
+    "kd": (1.0, 1.0, 1.0, 0.0),
+    "kd_action": (1.0, 0.0, 0.0, 0.0),
+    "kd_state": (0.0, 1.0, 1.0, 0.0),
+    "kd_dense": (1.0, 1.0, 1.0, 1.0),
+}
+RESULT_FILE = "result.json"
+#: settings that change what a finished unit means (recorded in study.json, must not change on resume)
+_FIXED = ("camera_tracks", "lidar_only_tracks", "valid_tracks", "test_tracks", "frames", "world_seed",
+          "appearance", "teacher_epochs", "student_epochs", "hflip_prob", "starts", "time_limit")
+
+
+@dataclass(kw_only=True)
+class StudyConfig:
+    """``python -m pipelines.study`` (``--help`` explains each field; field names equal the flags)."""
+
+    out: str = "runs/study"
+    data_root: Optional[str] = None
+    camera_tracks: int = 4
+    lidar_only_tracks: int = 12
+    valid_tracks: int = 2
+    test_tracks: int = 4
+    frames: int = 300
+    world_seed: int = 0
+    appearance: str = "gap"
+    budgets: list[int] = field(default_factory=lambda: [1, 2, 4])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: list[str] = field(default_factory=lambda: ["bc", "kd"])
+    ablations: list[str] = field(default_factory=lambda: ["kd_action", "kd_state", "kd_dense"])
+    ablation_budgets: list[int] = field(default_factory=lambda: [1])
+    teacher_epochs: int = 12
+    student_epochs: int = 6
+    hflip_prob: float = 0.5
+    starts: int = 2
+    time_limit: float = 40.0
+    no_drive: bool = False
+    device: str = "auto"
+    no_progress: bool = False
+
+    @property
+    def data_dir(self) -> str:
+        return self.data_root or str(Path(self.out) / "data")
+
+    def world(self) -> SyntheticConfig:
+        return SyntheticConfig(tracks=self.camera_tracks + self.valid_tracks + self.test_tracks, frames=self.frames,
+                               seed=self.world_seed, valid_tracks=self.valid_tracks, test_tracks=self.test_tracks,
+                               lidar_only_tracks=self.lidar_only_tracks, appearance=self.appearance)
+
+    def check(self) -> None:
+        """ConfigError naming the flag for values that cannot work."""
+        check_positive(self, ("camera_tracks", "frames", "teacher_epochs", "student_epochs", "starts"))
+        if self.lidar_only_tracks < 0:
+            raise ConfigError(f"--lidar_only_tracks must be >= 0, got {self.lidar_only_tracks}")
+        for name in ("budgets", "seeds", "variants"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name}: give at least one")
+        bad = [b for b in self.budgets + self.ablation_budgets if not 1 <= b <= self.camera_tracks]
+        if bad:
+            raise ConfigError(f"--budgets/--ablation_budgets {bad}: a budget is a number of camera training tracks, "
+                              f"1..--camera_tracks ({self.camera_tracks})")
+        unknown = [v for v in self.variants + self.ablations if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"--variants/--ablations {unknown}: choose from {', '.join(VARIANTS)}")
+        if not 0.0 <= self.hflip_prob <= 1.0:
+            raise ConfigError(f"--hflip_prob must be in [0, 1], got {self.hflip_prob}")
+        if not self.time_limit > 0:
+            raise ConfigError(f"--time_limit must be > 0 seconds, got {self.time_limit}")
+        try:
+            self.world()
+        except ValueError as e:
+            raise ConfigError(f"the study's world: {e}") from None
+
+
+@dataclass(frozen=True)
+class StudyUnit:
+    """One student run: ``variant`` trained on the first ``budget`` camera tracks with ``seed``."""
+
+    budget: int
+    variant: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-b{self.budget}-s{self.seed}"
+
+
+def plan_units(cfg: StudyConfig) -> list[StudyUnit]:
+    """The student runs in the order they run: seed-major (a whole seed is done before the next starts, so an
+    interrupted study has complete seeds), then budget, then variant (ablations at ``ablation_budgets``)."""
+    units = []
+    for seed in cfg.seeds:
+        for budget in sorted(set(cfg.budgets) | set(cfg.ablation_budgets)):
+            names = (list(cfg.variants) if budget in cfg.budgets else []) + \
+                    (list(cfg.ablations) if budget in cfg.ablation_budgets else [])
+            units += [StudyUnit(budget, v, seed) for v in dict.fromkeys(names)]
+    return units
+
+
+def camera_train_segments(made: dict[str, Any], budget: int) -> list[str]:
+    """The first ``budget`` paired (camera) training segments of the world's marker ``made``: consecutive
+    tracks alternate driving direction, so every even budget has both directions equally."""
+    paired = [s["segment"] for s in made["segments"] if s["split"] == "train" and s.get("camera", True)]
+    if budget > len(paired):
+        raise ConfigError(f"budget {budget} > the world's {len(paired)} camera training tracks")
+    return paired[:budget]
+
+
+def _done(folder: Path) -> Optional[dict[str, Any]]:
+    path = folder / RESULT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_result(folder: Path, result: dict[str, Any]) -> None:
+    """``result.json`` written atomically: its presence means the unit finished."""
+    tmp = folder / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    os.replace(tmp, folder / RESULT_FILE)
+
+
+def _drive_rows(cfg: StudyConfig, policies: list[str], csv_path: Path) -> list[dict[str, Any]]:
+    """Closed loop on every test track: per-run and per-policy rows (empty with ``--no_drive``)."""
+    if cfg.no_drive:
+        return []
+    out = drive(DriveConfig(data_root=cfg.data_dir, split="test", policy=policies, starts=cfg.starts, laps=1,
+                            time_limit=cfg.time_limit, seed=cfg.world_seed, device=cfg.device,
+                            csv_path=str(csv_path), no_progress=cfg.no_progress))
+    return out["rows"] + out["summary"]
+
+
+def _check_settings(cfg: StudyConfig, out: Path) -> None:
+    want = {k: getattr(cfg, k) for k in _FIXED}
+    path = out / "study.json"
+    if path.is_file():
+        have = json.loads(path.read_text()).get("settings", {})
+        changed = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if changed:
+            raise ConfigError(f"{path}: this study was run with other settings {changed} (recorded, wanted); "
+                              f"finished runs would not compare: use another --out")
+    path.write_text(json.dumps({"settings": want, "config": asdict(cfg)}, indent=1) + "\n")
+
+
+def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or finish) the study; returns ``{"teacher": result, "units": [result, ...], "out"}``."""
+    cfg.check()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(cfg, out)
+    log(f"== world: {cfg.camera_tracks} camera + {cfg.lidar_only_tracks} LiDAR-only training tracks, "
+        f"{cfg.valid_tracks} valid, {cfg.test_tracks} test, {cfg.frames} frames each ({cfg.appearance})")
+    made = ensure_dataset(cfg.data_dir, cfg.world(), progress=not cfg.no_progress)
+    teacher = _teacher_unit(cfg, out / "teacher", log)
+    store = out / "memorybank.zarr"
+    _export_unit(cfg, out / "export", store, teacher["checkpoint"], log)
+    units = plan_units(cfg)
+    results = []
+    for i, unit in enumerate(units, 1):
+        folder = out / unit.name
+        done = _done(folder)
+        if done is not None:
+            log(f"== [{i}/{len(units)}] {unit.name}: done before, skipped")
+        else:
+            log(f"== [{i}/{len(units)}] {unit.name}: training on {unit.budget} camera track(s)")
+            done = _student_unit(cfg, unit, camera_train_segments(made, unit.budget), folder, store)
+            log(f"   test overall {done['test']['overall_weighted_mse']:.4f}"
+                + (f", closed-loop success {_success(done):.0%}" if not cfg.no_drive else "")
+                + f" ({done['seconds']:.0f} s)")
+        results.append(done)
+    return {"teacher": teacher, "units": results, "out": str(out)}
+
+
+def _success(result: dict[str, Any]) -> float:
+    rows = [r for r in result["closed_loop"] if r["row"] == "aggregate" and r["policy"] == result["name"]]
+    return float(rows[0]["success"]) if rows else float("nan")
+
+
+def _teacher_unit(cfg: StudyConfig, folder: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    done = _done(folder)
+    ckpt = folder / "teacher.pt"
+    if done is not None:
+        log("== teacher: done before, skipped")
+        return done
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log(f"== teacher: training on every LiDAR training track, {cfg.teacher_epochs} epochs")
+    trained = train_teacher(TeacherTrainConfig(
+        data_root=cfg.data_dir, preset="tiny", epochs=cfg.teacher_epochs, seed=cfg.world_seed, device=cfg.device,
+        save_path=str(ckpt), checkpoint_path=str(folder / "teacher_last.pt"), no_progress=cfg.no_progress))
+    ev = evaluate_teacher(TeacherEvalConfig(data_root=cfg.data_dir, split="test", teacher_ckpt=str(ckpt),
+                                            device=cfg.device, csv_path=str(folder / "eval_test.csv"),
+                                            no_progress=cfg.no_progress))
+    log(f"   teacher test overall {ev['results']['teacher']['overall_weighted_mse']:.4f}; closed loop ...")
+    rows = _drive_rows(cfg, ["expert", "constant", f"train_mean={ckpt}", f"teacher={ckpt}"],
+                       folder / "drive_test.csv")
+    result = {"name": "teacher", "checkpoint": str(ckpt), "valid_losses": [h["valid_loss"] for h in trained["history"]],
+              "test": ev["results"]["teacher"], "baselines": {k: v for k, v in ev["results"].items() if k != "teacher"},
+              "per_segment": ev["per_segment"], "closed_loop": rows, "seconds": round(time.perf_counter() - t0, 1)}
+    _write_result(folder, result)
+    return result
+
+
+def _export_unit(cfg: StudyConfig, folder: Path, store: Path, teacher_ckpt: str, log: Callable[[str], None]) -> None:
+    if _done(folder) is not None:
+        log(f"== memorybank: done before ({store}), skipped")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    dense = any(VARIANTS[v][3] > 0 for v in cfg.variants + cfg.ablations)
+    log(f"== memorybank: exporting the teacher's outputs{' with dense bev_feat' if dense else ''} -> {store}")
+    t0 = time.perf_counter()
+    export = ExportConfig(data_root=cfg.data_dir, split=["train", "valid", "test"], teacher_ckpt=teacher_ckpt,
+                          store=str(store), save_bev_feat=dense, device=cfg.device, overwrite=True,
+                          no_progress=cfg.no_progress)
+    result = export_memorybank(export)
+    print_export_summary(export, result)
+    _write_result(folder, {"name": "export", "store": str(store), "bev_feat": dense, "rows": len(result.bank),
+                           "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def _student_unit(cfg: StudyConfig, unit: StudyUnit, segments: list[str], folder: Path, store: Path
+                  ) -> dict[str, Any]:
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    action, bev_vec, temporal, bev_feat = VARIANTS[unit.variant]
+    kd = unit.variant != "bc"
+    ckpt = folder / "student.pt"
+    trained = train_student(StudentTrainConfig(
+        data_root=cfg.data_dir, train_segments=segments, preset="tiny", epochs=cfg.student_epochs, seed=unit.seed,
+        device=cfg.device, save_path=str(ckpt), checkpoint_path=str(folder / "student_last.pt"),
+        memorybank=str(store) if kd else None, kd_action_w=action, kd_bevvec_w=bev_vec, kd_temporal_w=temporal,
+        kd_bevfeat_w=bev_feat, hflip_prob=cfg.hflip_prob, no_progress=cfg.no_progress))
+    ev = evaluate_student(StudentEvalConfig(data_root=cfg.data_dir, split="test", student_ckpt=str(ckpt),
+                                            memorybank=str(store), device=cfg.device,
+                                            csv_path=str(folder / "eval_test.csv"), no_progress=cfg.no_progress))
+    rows = _drive_rows(cfg, [f"{unit.name}={ckpt}"], folder / "drive_test.csv")
+    result = {"name": unit.name, **asdict(unit), "segments": segments, "checkpoint": str(ckpt),
+              "valid_losses": [h["valid_loss"] for h in trained["history"]],
+              "train_losses": [h["train_loss"] for h in trained["history"]],
+              "test": ev["results"]["student"], "kd_gap": ev["kd_gap"], "per_segment": ev["per_segment"],
+              "baselines": {k: v for k, v in ev["results"].items() if k != "student"},
+              "closed_loop": rows, "seconds": round(time.perf_counter() - t0, 1)}
+    _write_result(folder, result)
+    return result
+
+
+def read_results(out: str | Path) -> dict[str, Any]:
+    """Every finished unit under ``out``: ``{"teacher": result or None, "units": [result, ...]}``."""
+    out = Path(out)
+    units = []
+    for path in sorted(out.glob(f"*-b*-s*/{RESULT_FILE}")):
+        units.append(json.loads(path.read_text()))
+    return {"teacher": _done(out / "teacher"), "units": units}

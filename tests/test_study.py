@@ -1,0 +1,88 @@
+"""The KD study (pipelines.study) on a tiny world: every unit runs once, finished units are skipped on a
+re-run, changed settings are refused, the report's rows, table and goals follow from the results."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from e2r.errors import ConfigError
+from e2r.workflow.study import StudyConfig, StudyUnit, plan_units, read_results
+from e2r.workflow.study_report import epochs_to_reach, goals, study_rows, summary_table
+from pipelines import study
+
+TINY = ["--camera_tracks", "2", "--lidar_only_tracks", "1", "--valid_tracks", "1", "--test_tracks", "1",
+        "--frames", "16", "--budgets", "1", "2", "--seeds", "0", "--ablations",
+        "--teacher_epochs", "1", "--student_epochs", "2", "--starts", "1", "--time_limit", "0.5",
+        "--device", "cpu", "--no_progress"]
+
+
+def test_plan_is_seed_major_with_ablations_at_their_budgets():
+    cfg = StudyConfig(budgets=[1, 4], seeds=[0, 1], variants=["bc", "kd"], ablations=["kd_state"],
+                      ablation_budgets=[1, 2])
+    names = [u.name for u in plan_units(cfg)]
+    assert names[:5] == ["bc-b1-s0", "kd-b1-s0", "kd_state-b1-s0", "kd_state-b2-s0", "bc-b4-s0"]
+    assert len(names) == 2 * 6 and names[6] == "bc-b1-s1"
+    with pytest.raises(ConfigError, match="--budgets"):
+        StudyConfig(budgets=[5]).check()
+    with pytest.raises(ConfigError, match="kd_magic"):
+        StudyConfig(variants=["kd_magic"]).check()
+
+
+def test_epochs_to_reach_and_goals_from_made_up_results():
+    assert epochs_to_reach([0.5, 0.3, 0.2], 0.3) == 2.0 and math.isnan(epochs_to_reach([0.5], 0.1))
+
+    def unit(variant, budget, seed, mse, success, valid):
+        loop = [{"row": "run", "policy": f"{variant}-b{budget}-s{seed}", "segment": t, "success": success,
+                 "progress": success / 2, "collisions": 0} for t in ("s8", "s9")]
+        return {"name": f"{variant}-b{budget}-s{seed}", "variant": variant, "budget": budget, "seed": seed,
+                "test": {"overall_weighted_mse": mse, "steering_mse": mse, "speed_mse": 0.0},
+                "per_segment": {t: {"overall_weighted_mse": mse * f, "steering_mse": mse * f, "speed_mse": 0.0}
+                                for t, f in (("s8", 0.5), ("s9", 1.5))},
+                "closed_loop": loop, "valid_losses": valid}
+    units = [unit("bc", b, s, 1.0 / b, 0.5, [1.0, 0.8, 0.6, 0.4]) for b in (1, 2) for s in (0, 1)]
+    units += [unit("kd", b, s, 0.7 / b + 0.01 * s, 0.5, [0.5, 0.3, 0.3, 0.3]) for b in (1, 2) for s in (0, 1)]
+    results = {"teacher": None, "units": units}
+    rows = study_rows(results)
+    assert len(rows) == 8 * 3 and {r["track"] for r in rows} == {"s8", "s9", "ALL"}
+    table = summary_table(rows)
+    mean, std, n = table[(1, "kd")]["overall_weighted_mse"]
+    assert n == 2 and mean == pytest.approx(0.705) and std == pytest.approx(0.005)
+    assert table[(1, "bc")]["track_std"]["overall_weighted_mse"] == pytest.approx(0.5)
+    met = {g["goal"].split(" ")[0] + str(i): g for i, g in enumerate(goals(table, results))}
+    assert [g["met"] for g in met.values()] == [True, False, False, True]  # 0.705 <= 0.8; success = teacher nan
+    assert "4/4 pairs reach it; median fraction 0.50" in list(met.values())[-1]["value"]
+
+
+def test_study_end_to_end_resumes_and_refuses_changed_settings(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert study.main(["--out", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    units = read_results(out)
+    names = sorted(u["name"] for u in units["units"])
+    assert names == ["bc-b1-s0", "bc-b2-s0", "kd-b1-s0", "kd-b2-s0"]
+    by = {u["name"]: u for u in units["units"]}
+    assert by["bc-b1-s0"]["segments"] == ["segment_0000"] and by["kd-b2-s0"]["segments"] == ["segment_0000",
+                                                                                           "segment_0001"]
+    assert len(by["kd-b1-s0"]["valid_losses"]) == 2 and by["kd-b1-s0"]["kd_gap"]["kd_n"] > 0
+    for u in units["units"] + [units["teacher"]]:      # the pooled error is the window-weighted track mean
+        per = u["per_segment"].values()
+        pooled = sum(m["overall_weighted_mse"] * m["n"] for m in per) / sum(m["n"] for m in per)
+        assert pooled == pytest.approx(u["test"]["overall_weighted_mse"])
+        assert any(r["row"] == "run" and r["segment"] == "segment_0003" for r in u["closed_loop"])
+    rows = list(csv.DictReader(open(out / "study.csv")))
+    assert {r["unit"] for r in rows} == set(names) | {"teacher", "expert"}
+    assert "| 1 | kd |" in (out / "study.md").read_text() and (out / "study.png").stat().st_size > 0
+    assert "KD/BC offline MSE at 1 camera track(s)" in text
+    stamp = (out / "kd-b1-s0" / "result.json").stat().st_mtime_ns
+    assert study.main(["--out", str(out), *TINY]) == 0
+    assert capsys.readouterr().out.count("done before") == 4 + 2
+    assert (out / "kd-b1-s0" / "result.json").stat().st_mtime_ns == stamp
+    changed = [x if x != "2" or TINY[i - 1] != "--student_epochs" else "3" for i, x in enumerate(TINY)]
+    assert study.main(["--out", str(out), *changed]) == 1
+    assert "student_epochs" in capsys.readouterr().err
+    assert json.loads((out / "study.json").read_text())["settings"]["student_epochs"] == 2
+    assert np.isfinite(float(rows[0]["overall_weighted_mse"]))
