@@ -1,7 +1,7 @@
 """Inspect and maintain memorybanks: ``python -m stores <command>`` (also installed as ``e2r-mb``).
 
-Commands: info, ls, show, verify, stats, rm-split, convert. Every command opens stores read-only except
-rm-split and convert's destination. ``verify`` exits 1 when it finds a problem.
+Commands: info, ls, show, verify, stats, rm-split, reindex, convert. Every command opens stores read-only
+except rm-split, reindex and convert's destination. ``verify`` exits 1 when it finds a problem.
 """
 from __future__ import annotations
 
@@ -39,7 +39,10 @@ def cmd_info(a: argparse.Namespace) -> int:
             print("    packed channels: " + ", ".join(f"{f} [{a}:{b}]" for f, (a, b) in d["fields"].items()))
     print("splits:")
     for name, (start, count) in sorted(bank.splits.items()):
-        print(f"  {name:<12} rows [{start}, {start + count})  reserved={count}  complete={len(bank.keys(name))}")
+        print(f"  {name:<12} rows [{start}, {start + count})  reserved={count}  complete={bank.complete_count(name)}")
+    if not bank._disk_index:
+        print("key index: built in memory at every open" + (f" (schema_version {at['schema_version']}: "
+              f"`python -m stores reindex {a.path}` writes it into the store)" if bank.index_files else ""))
     print(f"teacher_sha256={at['teacher_sha256']}  dataset_root={at['dataset_root']!r}  "
           f"code_version={at['code_version']}  created={at['created']}  updated={at['updated']}")
     print("model_config=" + json.dumps(at["model_config"], sort_keys=True))
@@ -120,6 +123,17 @@ def cmd_rm_split(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reindex(a: argparse.Namespace) -> int:
+    bank = open_memorybank(a.path, mode="r+")
+    if not bank.index_files:
+        print(f"{a.path}: a {bank.backend} store builds its key index in memory at open; nothing to write")
+        return 0
+    done = bank.reindex()
+    print(f"wrote the key index of {len(done)} split(s) ({', '.join(done) or 'none'}) into {a.path}; schema_version "
+          f"{bank.attrs['schema_version']}")
+    return 0
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     kw = {"shard_rows": a.shard_rows}
     if a.dtype:
@@ -156,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rm-split", help="delete a split's rows and entry")
     s.add_argument("path")
     s.add_argument("split")
+    s = sub.add_parser("reindex", help="write every split's key index from its checked keys (upgrades a "
+                       "schema_version 3 store in place; repairs a lost or damaged index); no writer may run")
+    s.add_argument("path")
     s = sub.add_parser("convert", help="zarr <-> hdf5 (by suffix .h5/.hdf5), or a directory of <key>.npz -> store")
     s.add_argument("src")
     s.add_argument("dst", help="new store: *.zarr directory or *.h5 file")
@@ -166,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"info": cmd_info, "ls": cmd_ls, "show": cmd_show, "verify": cmd_verify, "stats": cmd_stats,
-            "rm-split": cmd_rm_split, "convert": cmd_convert}
+            "rm-split": cmd_rm_split, "reindex": cmd_reindex, "convert": cmd_convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -151,7 +151,7 @@ class HDF5MemoryBank(MemoryBank):
         try:
             return self._f()[_dset_path(name)][sel]
         except OSError as e:
-            keys = [str(self._row_keys[r]) for r in rows if r < len(self._row_keys)]
+            keys = self._keys_of(rows)
             raise StoreCorruptError(f"memorybank {self.path}: dataset {_dset_path(name)!r} rows {rows[0]}..{rows[-1]} "
                                     f"do not read ({e}; a fletcher32 checksum failed or the file is damaged)",
                                     path=self.path, array=name, chunk=f"{_dset_path(name)} rows {rows[0]}..{rows[-1]}",

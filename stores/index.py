@@ -1,62 +1,208 @@
-"""Key -> row index of a memorybank, built once from the ``keys`` and ``complete`` arrays (O(1) lookups)."""
+"""Key -> row index of a memorybank: per split, its keys sorted as fixed-width ASCII bytes with their split
+positions, searched by a vectorised binary search (``numpy.searchsorted``); nothing per key in Python objects.
+
+One lookup, two sources. `SplitIndex.open` maps a split's index file read-only (schema_version 4, Zarr back
+end; format in `stores.index_file`): opening costs a few KiB whatever the store's size, the pages are shared
+by every process through the page cache, and each checksummed block is checked the first time a lookup lands
+in it. `SplitIndex.build` sorts keys read (checked) from the store in memory: the HDF5 back end and stores of
+schema_version 3. `KeyIndex` joins the splits' indexes with the completion mask: only complete rows are found.
+"""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import google_crc32c
 import numpy as np
 
 from e2r.keys import InvalidKeyError, validate_key
+from stores.errors import StoreCorruptError
+from stores.index_file import BLOCK, MappedIndex, map_index, sort_keys
+
+
+class SplitIndex:
+    """The keys of one split (rows ``[start, start + count)``) -> rows, by binary search.
+
+    ``find(q)`` takes keys as a bytes array and returns their rows (-1 when absent). A mapped index checks the
+    crc32c of every block a search result lies in (once per process) and that the checked neighbours bracket
+    the key, so a search misled by a damaged block elsewhere is detected too: it never returns a wrong row.
+    """
+
+    def __init__(self, split: str, start: int, count: int, mapped: MappedIndex | None = None, *,
+                 path: Path | None = None, store: str = "", keys_crc32c: int | None = None) -> None:
+        self.split, self.start, self.count = split, int(start), int(count)
+        self.path, self.store, self.keys_crc32c = path, store, keys_crc32c
+        self.duplicates: list[tuple[str, int, int]] = []      # (key, first row, other row); built indexes only
+        self._m = mapped
+        self._verified: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, path: Path, store: str, split: str, start: int, count: int,
+             keys_crc32c: int | None) -> "SplitIndex":
+        """Map the index file of a split; FileNotFoundError when absent, StoreCorruptError when damaged or
+        left over from other keys."""
+        idx = cls(split, start, count, path=path, store=store, keys_crc32c=keys_crc32c)
+        idx._mapped()
+        return idx
+
+    @classmethod
+    def build(cls, split: str, start: int, keys: np.ndarray) -> "SplitIndex":
+        """In memory, from a split's keys as read from the store ("" = lost, not indexed). Duplicate keys are
+        recorded in ``duplicates``; lookups find the first."""
+        keys = np.asarray(keys, dtype=object)
+        have = np.flatnonzero(keys != "")
+        sorted_keys, order = sort_keys(keys[have].tolist())
+        pos = have[order.astype(np.int64)].astype("<u4")
+        idx = cls(split, start, len(keys), MappedIndex(sorted_keys, pos, np.zeros((0, 2), "<u4"), BLOCK))
+        for i in np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1]).tolist():
+            idx.duplicates.append((sorted_keys[i].decode(), idx.start + int(pos[i]), idx.start + int(pos[i + 1])))
+        return idx
+
+    @property
+    def on_disk(self) -> bool:
+        return self.path is not None
+
+    @property
+    def width(self) -> int:
+        return self._mapped().keys.dtype.itemsize
+
+    def _mapped(self) -> MappedIndex:
+        if self._m is None:
+            assert self.path is not None
+            m = map_index(self.path, self.store, self.split, self.start, self.count, self.keys_crc32c)
+            if m is None:
+                raise FileNotFoundError(f"memorybank {self.store}: the key index of split {self.split!r} "
+                                        f"({self.path}) is missing")
+            self._m = m
+            self._verified = np.zeros(len(m.crcs), bool)
+        return self._m
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        if self.path is not None:          # another process maps the file itself (shared page cache)
+            d["_m"], d["_verified"] = None, None
+        return d
+
+    def check_blocks(self, blocks: np.ndarray) -> None:
+        """StoreCorruptError unless every block in ``blocks`` matches its crc32c (each checked once)."""
+        m, seen = self._mapped(), self._verified
+        if seen is None:                   # built in memory from checked keys
+            return
+        todo = blocks[~seen[blocks]]
+        if not len(todo):
+            return
+        w = m.keys.dtype.itemsize
+        kb, pb = m.keys.view(np.uint8), m.pos.view(np.uint8)
+        for j in np.unique(todo).tolist():
+            a, b = j * m.block, min(len(m.keys), (j + 1) * m.block)
+            if (google_crc32c.value(kb[a * w:b * w]) != int(m.crcs[j, 0])
+                    or google_crc32c.value(pb[4 * a:4 * b]) != int(m.crcs[j, 1])):
+                raise self._corrupt(f"block {j} (entries [{a}, {b})) crc32c checksum mismatch - file corrupted")
+            seen[j] = True
+
+    def _corrupt(self, what: str) -> StoreCorruptError:
+        return StoreCorruptError(f"memorybank {self.store}: key index of split {self.split!r} ({self.path}): {what}. "
+                                 f"Rebuild it from the checksummed keys: `python -m stores reindex {self.store}`",
+                                 path=self.store, array="keys/index", chunk=str(self.path))
+
+    def check_all(self) -> None:
+        """Check every block (``verify``)."""
+        m = self._mapped()
+        self.check_blocks(np.arange(len(m.crcs)))
+
+    def find(self, q: np.ndarray) -> np.ndarray:
+        """Rows (int64, -1 when absent) of the keys ``q`` (a bytes array ``S<n>``, any width)."""
+        m = self._mapped()
+        n, w = len(m.keys), m.keys.dtype.itemsize
+        out = np.full(len(q), -1, np.int64)
+        if not n or not len(q):
+            return out
+        qq = q.astype(f"S{w}") if q.dtype.itemsize != w else q
+        fits = qq == q if q.dtype.itemsize > w else np.ones(len(q), bool)     # longer keys are not here
+        i = np.searchsorted(m.keys, qq)
+        at, before = np.minimum(i, n - 1), np.maximum(i - 1, 0)
+        self.check_blocks(np.concatenate([at, before]) // m.block)
+        ka, kb = m.keys[at], m.keys[before]
+        if not (((i == n) | (ka >= qq)) & ((i == 0) | (kb < qq))).all():
+            raise self._corrupt("keys out of order where a search landed (a damaged block misled it)")
+        hit = fits & (i < n) & (ka == qq)
+        p = m.pos[at[hit]].astype(np.int64)
+        if len(p) and int(p.max()) >= self.count:
+            raise self._corrupt(f"a position beyond the split's {self.count} rows")
+        out[hit] = self.start + p
+        return out
 
 
 class KeyIndex:
-    """Maps each key of a *complete* row to its row number.
+    """Maps each key of a *complete* row to its row number, over all splits.
 
-    ``keys`` (N,) str with "" for unreserved rows; ``complete`` (N,) bool. Rows that are reserved but not
-    complete are not indexed, so readers never see them. Duplicate keys among complete rows are an error
-    reported by ``duplicates`` (``verify`` flags them); lookups then return the first row.
+    ``splits`` ``{name: SplitIndex}``; ``complete`` (rows used,) bool: rows of a split whose flag says complete.
+    A key is looked up in the index of the split its prefix names; rows reserved but not complete are not
+    found, so readers never see them.
     """
 
-    def __init__(self, keys: np.ndarray, complete: np.ndarray) -> None:
-        keys = np.asarray(keys)
-        complete = np.asarray(complete, dtype=bool)
-        if keys.shape != complete.shape:
-            raise ValueError(f"keys {keys.shape} and complete mask {complete.shape} differ in length")
-        self._row: dict[str, int] = {}
-        self.duplicates: list[tuple[str, int, int]] = []
-        for row in np.flatnonzero(complete & (keys != "")):
-            k = str(keys[row])
-            first = self._row.setdefault(k, int(row))
-            if first != row:
-                self.duplicates.append((k, first, int(row)))
+    def __init__(self, splits: dict[str, SplitIndex], complete: np.ndarray) -> None:
+        self.splits = splits
+        self._complete = np.asarray(complete, bool)
+        self._n = int(np.count_nonzero(self._complete))
 
     def __len__(self) -> int:
-        return len(self._row)
+        return self._n
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._row
+    @property
+    def duplicates(self) -> list[tuple[str, int, int]]:
+        return [d for s in self.splits.values() for d in s.duplicates]
+
+    def complete_rows(self, a: int = 0, b: int | None = None) -> np.ndarray:
+        """Rows (int64, ascending) of complete rows in ``[a, b)``."""
+        return a + np.flatnonzero(self._complete[a:b])
+
+    def count(self, a: int = 0, b: int | None = None) -> int:
+        """How many rows of ``[a, b)`` are complete."""
+        return int(np.count_nonzero(self._complete[a:b]))
 
     def row(self, key: str) -> int | None:
         """Row of a valid key, or None when absent. Raises InvalidKeyError for malformed keys."""
-        validate_key(key)
-        return self._row.get(key)
+        r = int(self.rows([key])[0][0])
+        return r if r >= 0 else None
 
     def rows(self, keys: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """Rows (int64, -1 where absent) for ``keys`` in request order, and the list of absent keys.
 
-        A malformed key raises InvalidKeyError naming it. (Indexed keys were validated when reserved, so
-        only keys not found are validated here: the hot path does one dict lookup per key.)
+        A malformed key raises InvalidKeyError naming it. (Indexed keys were validated when reserved, so only
+        keys not found are validated here.)
         """
-        get = self._row.get
-        out = np.fromiter((get(k, -1) if isinstance(k, str) else -1 for k in keys), dtype=np.int64,
-                          count=len(keys))
+        keys = list(keys)
+        out = np.full(len(keys), -1, np.int64)
+        if keys and all(type(k) is str for k in keys):
+            try:
+                q = np.array(keys, dtype="S")
+            except UnicodeEncodeError:       # not ASCII: no such key (validated below)
+                q = None
+            if q is not None:
+                # numpy drops trailing NULs: such a key must not match the key without them
+                exact = np.char.str_len(q) == np.fromiter(map(len, keys), np.int64, len(keys))
+                heads = [k.partition("/")[0] for k in keys]          # a key's split is its prefix
+                names = set(heads)
+                for split in names:
+                    idx = self.splits.get(split)
+                    if idx is None:
+                        continue
+                    if len(names) == 1:
+                        out[:] = idx.find(q)
+                    else:
+                        sel = np.fromiter((h == split for h in heads), bool, len(keys))
+                        out[sel] = idx.find(q[sel])
+                out[~exact] = -1
+                hit = out >= 0
+                hit[hit] = self._complete[out[hit]]
+                out[~hit] = -1
         missing: list[str] = []
         for i in np.flatnonzero(out < 0).tolist():
             validate_key(keys[i])
             missing.append(keys[i])
         return out, missing
-
-    def items(self) -> Iterable[tuple[str, int]]:
-        return self._row.items()
 
 
 def check_keys(keys: Sequence[str], where: str) -> list[str]:

@@ -28,8 +28,10 @@ except importlib.metadata.PackageNotFoundError:
 #: on-disk format version. 2: light fields packed in one array `light` (Zarr back end). 3: a crc32c checksum on
 #: every chunk of every array (Zarr: inner chunks, shard indexes, keys, complete; HDF5: fletcher32), light /
 #: bev_feat fill value NaN, ``complete`` fill 255 (= no chunk) so a lost chunk is told from "not written".
-SCHEMA_VERSION = 3
-LEGACY_SCHEMA_VERSIONS = (2,)   # readable only by `python -m stores convert` (to rewrite them in version 3)
+#: 4: an on-disk key index per split (Zarr: ``keys/index/<split>.idx``, `stores.index_file`).
+SCHEMA_VERSION = 4
+INDEXLESS_SCHEMA_VERSIONS = (3,)  # read and written as before, key index built in memory (`stores reindex` upgrades)
+LEGACY_SCHEMA_VERSIONS = (2,)   # readable only by `python -m stores convert` (to rewrite them in version 4)
 LIGHT_FIELDS: tuple[str, ...] = ("actions", "bev_vec", "gru_out")
 BEV_FEAT = "bev_feat"
 ALL_FIELDS: tuple[str, ...] = LIGHT_FIELDS + (BEV_FEAT,)

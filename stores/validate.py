@@ -8,13 +8,14 @@ holds (the ``keys`` array's length, which is resized last and so never exceeds t
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from e2r.keys import InvalidKeyError, validate_part
-from stores.layout import COMPLETE_UNSET, MAX_ROW_BYTES, MAX_SHARD_ROWS, keys_chunk_rows, keys_crc32c, ranges_of
+from stores.layout import COMPLETE_UNSET, MAX_ROW_BYTES, MAX_SHARD_ROWS, keys_chunk_rows, ranges_of
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, StoreSchema
 
 
@@ -172,27 +173,24 @@ def used_rows(splits: dict[str, Any]) -> int:
     return max((int(v["start"]) + int(v["count"]) for v in splits.values()), default=0)
 
 
-def split_damage(splits: dict[str, tuple[int, int]], entries: dict[str, Any], keys: np.ndarray,
-                 flags: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """``(complete (N,) bool, problems)`` from the keys and raw completion flags of rows ``[0, N)``: only rows
-    of a split count as complete; split rows whose keys are "" or whose flag is 255 (their chunk is missing)
-    and splits whose keys fail their ``keys_crc32c`` are problems (with the keys affected, when known)."""
-    used = len(keys)
-    in_split = np.zeros(used, bool)
+def split_damage(splits: dict[str, tuple[int, int]], flags: np.ndarray, keys_lost: np.ndarray,
+                 keys_of: Callable[[list[int]], list[str]]) -> tuple[np.ndarray, list[str]]:
+    """``(complete (N,) bool, problems)`` from the raw completion flags of rows ``[0, N)`` and the rows whose
+    keys are lost (``keys_lost``): only rows of a split with their keys count as complete; split rows whose
+    keys are lost or whose flag is 255 (their chunk is missing) are problems, named with their keys when
+    ``keys_of(rows)`` knows them."""
+    in_split = np.zeros(len(flags), bool)
     for s, c in splits.values():
-        in_split[s:min(s + c, used)] = True
+        in_split[s:s + c] = True
     damage = []
-    for what, bad in (("lost their keys (a keys chunk is missing)", in_split & (keys == "")),
+    for what, bad in (("lost their keys (a keys chunk is missing)", in_split & keys_lost),
                       ("lost their completion flags (a `complete` chunk is missing)",
                        in_split & (flags == COMPLETE_UNSET))):
         if bad.any():
             spans = ranges_of(bad)
-            named = [str(k) for k in keys[bad][:4] if k]
-            damage.append(f"{int(bad.sum())} reserved rows (rows " + ", ".join(f"[{a}, {b})" for a, b in spans[:3])
+            n_bad = int(np.count_nonzero(bad))
+            named = keys_of(np.flatnonzero(bad)[:4].tolist())
+            damage.append(f"{n_bad} reserved rows (rows " + ", ".join(f"[{a}, {b})" for a, b in spans[:3])
                           + (" ..." if len(spans) > 3 else "") + f") {what}"
-                          + (f" (keys {', '.join(map(repr, named))}{' ...' if bad.sum() > 4 else ''})" if named else ""))
-    for name, (s, c) in splits.items():
-        want = (entries.get(name) or {}).get("keys_crc32c")
-        if want is not None and not (keys[s:s + c] == "").any() and keys_crc32c(keys[s:s + c]) != want:
-            damage.append(f"the keys of split {name!r} do not match their checksum (keys_crc32c)")
-    return (flags == 1) & in_split, damage
+                          + (f" (keys {', '.join(map(repr, named))}{' ...' if n_bad > 4 else ''})" if named else ""))
+    return (flags == 1) & in_split & ~keys_lost, damage

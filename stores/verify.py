@@ -5,8 +5,10 @@ hanging on a special file or allocating from an edited attribute.
 where a chunk belongs: found by ``stat``, never opened), attributes that contradict the arrays, every chunk
 whose crc32c checksum fails or that does not decode (keys, complete, light, bev_feat; shard indexes too),
 rows marked complete whose shard or inner chunk is missing, split rows whose keys or completion chunks are
-missing, non-finite values, invalid / misplaced / orphan / duplicate keys. The checksum scan of the data
-arrays uses only each array's own ``zarr.json``, so it runs even when the attributes are broken.
+missing, non-finite values, invalid / misplaced / orphan / duplicate keys, and every split's on-disk key index
+against the keys array (every block's checksum, the same keys at the same positions; index files of no split).
+The checksum scan of the data arrays uses only each array's own ``zarr.json``, so it runs even when the
+attributes are broken.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from stores.abc import MemoryBank
 from stores.errors import StoreCorruptError, StoreError, UnsupportedLayout
 from stores.factory import backend_for
 from stores.fsio import read_json, regular_size, special_files
-from stores.layout import ranges_of
+from stores.index_file import compare_with_keys, index_files
+from stores.layout import keys_crc32c, ranges_of
 from stores.row_reader import RowChunkReader
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS
 from stores.zarr_store import ZarrMemoryBank, field_path
@@ -97,20 +100,19 @@ def _scan_zarr_arrays(path: str, bank: MemoryBank | None) -> list[str]:
 def _complete_rows(bank: MemoryBank | None) -> np.ndarray:
     if bank is None or bank._index is None:
         return np.zeros(0, np.int64)
-    return np.array(sorted(r for _, r in bank._index.items()), np.int64)
+    return bank._index.complete_rows()
 
 
 def _finite_check(bank: MemoryBank | None, name: str) -> Callable[[int, np.ndarray], str | None] | None:
     if bank is None:
         return None
-    keys = bank._row_keys
     ch = bank.schema.light_channels() if name == LIGHT_ARRAY else {BEV_FEAT: (None, None)}
 
     def check(row: int, values: np.ndarray) -> str | None:
         if np.isfinite(values).all():
             return None
         bad = [f for f, (a, b) in ch.items() if not np.isfinite(values[..., a:b] if a is not None else values).all()]
-        key = str(keys[row]) if row < len(keys) else ""
+        key = (bank._keys_of([row]) or [""])[0]
         return "; ".join(f"field {f!r} row {row} (key {key!r}): non-finite values" for f in bad)
     return check
 
@@ -143,7 +145,7 @@ def _scan_small(path: str, name: str, bank: MemoryBank | None) -> list[str]:
             arr[lo:hi]
         except Exception as e:  # noqa: BLE001 - any decode/IO error is a finding
             reason = "crc32c checksum mismatch" if "checksum" in str(e).lower() else f"{type(e).__name__}: {e}"
-            keys = bank._keys_of(range(lo, min(hi, len(bank._row_keys)))) if bank is not None and name != "keys" else []
+            keys = bank._keys_of(range(lo, hi)) if bank is not None and name != "keys" else []
             out.append(f"array {name!r}, chunk {name}/c/{c} (rows [{lo}, {hi})) does not decode: {reason}"
                        + (f" (keys {keys[:8]}{' ...' if len(keys) > 8 else ''})" if keys else ""))
     return out
@@ -155,7 +157,7 @@ def verify_bank(bank: MemoryBank, block_rows: int = 1024, scan_data: bool = True
     problems = list(bank.damage) if scan_data else [d for d in bank.damage if d not in bank._lost_files]
     n = bank.n_rows
     used = min(n, max((s + c for s, c in bank.splits.values()), default=0))
-    keys = bank._row_keys
+    keys = bank._read_keys(0, used)
     flags = bank._read_flags(0, max(used, min(n, bank._flags_extent())))
     owner = np.full(len(flags), None, dtype=object)
     for split, (start, count) in bank.splits.items():
@@ -173,9 +175,39 @@ def verify_bank(bank: MemoryBank, block_rows: int = 1024, scan_data: bool = True
             problems.append(f"row {r}: invalid key: {e}")
     for k, first, again in bank._index.duplicates:  # type: ignore[union-attr]
         problems.append(f"key {k!r} is stored twice (rows {first} and {again})")
+    problems += check_key_index(bank, keys)
     if scan_data:
         problems += _read_all(bank, block_rows, keys)
     return problems
+
+
+def check_key_index(bank: MemoryBank, keys: np.ndarray) -> list[str]:
+    """Each split's on-disk key index against the keys array (``keys``: rows ``[0, used)``): the checksum of
+    every block, the same keys at the same positions, the split's ``keys_crc32c``; index files of no split.
+    (An index that does not open is already in ``bank.damage``.)"""
+    if not bank._disk_index or bank._index is None:
+        return []
+    out = []
+    for name, (s, c) in sorted(bank.splits.items()):
+        idx = bank._index.splits.get(name)
+        split_keys = keys[s:s + c]
+        if idx is None or not idx.on_disk or (split_keys == "").any():     # reported already
+            continue
+        want = bank._attrs["splits"][name].get("keys_crc32c")
+        if want is not None and keys_crc32c(split_keys) != want:
+            out.append(f"the keys of split {name!r} do not match their checksum (keys_crc32c)")
+        try:
+            idx.check_all()
+        except StoreCorruptError as e:
+            out.append(str(e))
+            continue
+        out += [f"key index of split {name!r} ({idx.path}) disagrees with the keys array: {p}; rebuild it: "
+                f"`python -m stores reindex {bank.path}`" for p in compare_with_keys(idx._mapped(), split_keys)]
+    for name, p in sorted(index_files(bank.path).items()):
+        if name not in bank.splits:
+            out.append(f"{p} is the key index of no split (left by an interrupted reserve_split or rm-split; "
+                       f"harmless: `python -m stores reindex {bank.path}` removes it)")
+    return out
 
 
 def _read_all(bank: MemoryBank, block_rows: int, keys: np.ndarray) -> list[str]:

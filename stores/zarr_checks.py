@@ -2,8 +2,9 @@
 checked reads of ``keys`` / ``complete`` through zarr-python, fsync of the files a write touched, which rows
 have data, which data files complete rows lack, and the remains of an interrupted creation.
 
-``keys`` and ``complete`` chunks are read only after ``os.stat`` says they are regular files; a chunk that
-fails its crc32c checksum raises `StoreCorruptError` on a read-only handle. A writable handle (or ``verify``)
+``keys`` and ``complete`` chunks are read only after ``os.stat`` says they are regular files (``complete``
+chunks directly, `stores.row_reader.FlatChunkReader`: opening a store of 1e7 rows reads 2 500 of them); a
+chunk that fails its crc32c checksum raises `StoreCorruptError` on a read-only handle. A writable handle (or ``verify``)
 records it in ``damage`` and reads it as lost (keys "", flags 255 = redo its rows); a writer then deletes the
 damaged chunk before it writes into it, so a resumed export repairs a damaged completion chunk.
 """
@@ -18,6 +19,7 @@ import numpy as np
 
 from stores.errors import StoreCorruptError
 from stores.fsio import fsync_files, read_json, regular_size, remove_path, temp_sibling
+from stores.row_reader import FlatChunkReader
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS
 
 ARRAY_NAMES = ("keys", "complete", LIGHT_ARRAY, BEV_FEAT)
@@ -36,16 +38,19 @@ def _reason(e: BaseException) -> str:
 
 
 class ZarrIntegrity:
-    """Mixin: see the module docstring. Uses ``path``, ``mode``, ``_arr``, ``_reader``, ``_row_keys`` of the bank."""
+    """Mixin: see the module docstring. Uses ``path``, ``mode``, ``_arr``, ``_reader``, ``_keys_of`` of the bank."""
 
     path: str
     mode: str
     _lenient: bool
     _legacy: bool
-    _row_keys: np.ndarray
     _arr: Any
     _reader: Any
     _arrays_on_disk: Any
+    _keys_of: Any
+    _meta: Any
+    _metas: dict[str, dict[str, Any]]
+    _flat: dict[str, FlatChunkReader]
 
     @classmethod
     def abandoned(cls, path: str) -> bool:
@@ -82,22 +87,30 @@ class ZarrIntegrity:
         return True
 
     def _zread(self, name: str, a: int, b: int) -> np.ndarray:
-        """``name[a:b]`` through zarr after checking its chunk files are regular. A chunk that fails its
-        checksum or decode raises StoreCorruptError naming it (read-only handle), or is read as its fill
-        value and recorded in ``_read_damage`` / ``_bad_chunks`` (writable handle, verify)."""
+        """``name[a:b]`` after checking its chunk files are regular (``complete``: read directly, chunk by
+        chunk; ``keys``: through zarr-python). A chunk that fails its checksum or decode raises
+        StoreCorruptError naming it (read-only handle), or is read as its fill value and recorded in
+        ``_read_damage`` / ``_bad_chunks`` (writable handle, verify)."""
         arr = self._arr(name)
         C = int(arr.chunks[0])
-        for c in range(a // C, -(-b // C)):
-            regular_size(self._chunk_path(name, c), self.path, name)
-        try:
-            return np.asarray(arr[a:b])
-        except Exception:  # noqa: BLE001 - narrowed down to each chunk below
-            pass
+        flat = self._flat_reader(name)
+        if flat is None:
+            for c in range(a // C, -(-b // C)):
+                regular_size(self._chunk_path(name, c), self.path, name)
+            try:
+                return np.asarray(arr[a:b])
+            except Exception:  # noqa: BLE001 - narrowed down to each chunk below
+                pass
         out = np.full(b - a, arr.fill_value, dtype=arr.dtype if name != "keys" else object)
         for c in range(a // C, -(-b // C)):
             lo, hi = max(a, c * C), min(b, (c + 1) * C)
             try:
-                out[lo - a:hi - a] = np.asarray(arr[lo:hi])
+                if flat is None:
+                    out[lo - a:hi - a] = np.asarray(arr[lo:hi])
+                elif (got := flat.chunk(c)) is not None:
+                    out[lo - a:hi - a] = got[lo - c * C:hi - c * C]
+            except StoreCorruptError:
+                raise                          # not a regular file: never tolerated
             except Exception as e:  # noqa: BLE001 - any decode/IO error of a chunk is corruption
                 msg = (f"array {name!r}, chunk {name}/c/{c} (rows [{c * C}, {(c + 1) * C})) does not decode: "
                        f"{_reason(e)}")
@@ -112,6 +125,24 @@ class ZarrIntegrity:
                 raise StoreCorruptError(f"memorybank {self.path}: {msg}. Run `python -m stores verify {self.path}`; "
                                         f"{fix}", path=self.path, array=name, chunk=f"{name}/c/{c}",
                                         keys=keys) from None
+        return out
+
+    def _flat_reader(self, name: str) -> FlatChunkReader | None:
+        """The direct chunk reader of ``complete`` (None for ``keys``: variable-length strings)."""
+        if name != "complete":
+            return None
+        if name not in self._flat:
+            self._flat[name] = FlatChunkReader(Path(self.path) / name, self._metas.get(name) or self._meta(name),
+                                               store=self.path, name=name)
+        return self._flat[name]
+
+    def _keys_present(self, a: int, b: int) -> np.ndarray:
+        """(b - a,) bool: rows whose ``keys`` chunk file exists (stat only; a special file raises)."""
+        C = int(self._arr("keys").chunks[0])
+        out = np.zeros(max(0, b - a), bool)
+        for c in range(a // C, -(-b // C)):
+            if regular_size(self._chunk_path("keys", c), self.path, "keys") is not None:
+                out[max(a, c * C) - a:min(b, (c + 1) * C) - a] = True
         return out
 
     def _chunk_path(self, name: str, c: int) -> Path:
@@ -159,21 +190,24 @@ class ZarrIntegrity:
                 ok &= r.present(a, b)
         return ok
 
-    def _missing_data(self, rows: np.ndarray) -> list[str]:
-        """Data files (shards) that complete ``rows`` need and that are absent (non-regular files raise)."""
-        if self._legacy:          # older versions dropped all-zero chunks: absence is not loss there
+    def _missing_data(self, complete: np.ndarray) -> list[str]:
+        """Data files (shards) that the rows flagged in ``complete`` need and that are absent (non-regular
+        files raise): one stat per shard holding a complete row."""
+        if self._legacy or not len(complete):     # older versions dropped all-zero chunks: absence is not loss
             return []
         out = []
         for name in self._arrays_on_disk():
             r = self._reader(name)
             if r is None:
                 continue
-            for i in np.unique(rows // r.rows_per_file).tolist():
+            F = r.rows_per_file
+            held = np.add.reduceat(complete, np.arange(0, len(complete), F), dtype=np.int64)
+            for i in np.flatnonzero(held).tolist():
                 if regular_size(r.file_path(i), self.path, name) is None:
-                    held = rows[rows // r.rows_per_file == i]
-                    keys = [str(self._row_keys[x]) for x in held[:4]]
-                    out.append(f"{r.chunk_name(i)} is missing but holds {len(held)} complete row(s) "
-                               f"(keys {', '.join(map(repr, keys))}{' ...' if len(held) > 4 else ''})")
+                    rows = i * F + np.flatnonzero(complete[i * F:(i + 1) * F])
+                    keys = self._keys_of(rows[:4].tolist())
+                    out.append(f"{r.chunk_name(i)} is missing but holds {len(rows)} complete row(s) "
+                               f"(keys {', '.join(map(repr, keys))}{' ...' if len(rows) > 4 else ''})")
         return out
 
     def _flags_extent(self) -> int:

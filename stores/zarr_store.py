@@ -30,8 +30,9 @@ import zarr.codecs as zc
 from stores.abc import MemoryBank
 from stores.errors import StoreCorruptError, UnsupportedLayout
 from stores.fsio import read_json
+from stores.index_file import index_dir, index_path
 from stores.layout import COMPLETE_UNSET, keys_chunk_rows
-from stores.row_reader import RowChunkReader
+from stores.row_reader import FlatChunkReader, RowChunkReader
 from stores.zarr_checks import ARRAY_NAMES, ZarrIntegrity, field_path
 from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, LIGHT_FIELDS, StoreSchema
 from stores.validate import ArrayInfo, check_store, zarr_array_info
@@ -56,12 +57,14 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
     """`MemoryBank` over a Zarr v3 directory store."""
 
     backend = "zarr"
+    index_files = True
 
     def __init__(self, path: str, mode: str, fsync: bool = True) -> None:
         super().__init__(path, mode, fsync)
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._readers: dict[str, RowChunkReader | None] = {}
+        self._flat: dict[str, FlatChunkReader] = {}
         self._metas: dict[str, dict[str, Any]] = {}
         self._bad_chunks: set[tuple[str, int]] = set()     # (array, chunk) of keys/complete found damaged
 
@@ -73,6 +76,9 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
     @staticmethod
     def exists(path: str) -> bool:
         return os.path.lexists(Path(path) / "zarr.json")
+
+    def _index_path(self, split: str) -> Path:
+        return index_path(self.path, split)
 
     # ------------------------------------------------------------------ zarr-python side
     def _g(self) -> zarr.Group:
@@ -281,10 +287,12 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
         """Per array: name, shape, dtype, chunks, shards, codecs, stored bytes (files on disk), raw bytes,
         and for ``light`` the channel slice of each field."""
         out = []
+        idx_dir = index_dir(self.path)
         for name in ["keys", "complete", *self._arrays_on_disk()]:
             a = self._arr(name)
             root = Path(self.path) / field_path(name)
-            stored = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "zarr.json")
+            stored = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "zarr.json"
+                         and idx_dir not in p.parents)
             raw = int(np.prod(a.shape)) * (a.dtype.itemsize if a.dtype.kind in "fiub" else 0)
             d = {"name": field_path(name), "shape": tuple(a.shape), "dtype": str(a.dtype),
                  "chunks": tuple(a.chunks), "shards": tuple(a.shards) if a.shards else None,
@@ -293,6 +301,13 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
             if name == LIGHT_ARRAY:
                 d["fields"] = {f: tuple(v) for f, v in self.schema.light_channels().items()}
             out.append(d)
+        if self._disk_index and self._index is not None:
+            files = [p for p in idx_dir.iterdir() if p.is_file()] if idx_dir.is_dir() else []
+            width = max((s.width for s in self._index.splits.values()), default=1)
+            count = sum(s.count for s in self._index.splits.values())
+            out.append({"name": "keys/index", "shape": (count,), "dtype": f"|S{width}", "chunks": None,
+                        "shards": None, "codecs": ["sorted", "crc32c/block"],
+                        "stored_bytes": sum(p.stat().st_size for p in files), "raw_bytes": count * (width + 4)})
         return out
 
     def close(self) -> None:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from stores.errors import NotAMemoryBankError, StoreError, StoreVersionError
 from stores.fsio import fsync_tree, publish, remove_path, remove_stale_temps, temp_sibling, writing
 from stores.layout import FORMAT_NAME, new_store_attrs
-from stores.schema import LEGACY_SCHEMA_VERSIONS, SCHEMA_VERSION, Provenance, StoreSchema, check_compatible
+from stores.schema import (INDEXLESS_SCHEMA_VERSIONS, LEGACY_SCHEMA_VERSIONS, SCHEMA_VERSION, Provenance,
+                           StoreSchema, check_compatible)
 
 if TYPE_CHECKING:
     from stores.abc.store import MemoryBank
@@ -32,7 +33,7 @@ def check_version(path: str, attrs: dict[str, Any], legacy_ok: bool = False) -> 
     if attrs.get("format") != FORMAT_NAME:
         raise not_a_bank(path, f"group attribute format={attrs.get('format')!r}")
     v = attrs.get("schema_version")
-    if v == SCHEMA_VERSION or (legacy_ok and v in LEGACY_SCHEMA_VERSIONS):
+    if v == SCHEMA_VERSION or v in INDEXLESS_SCHEMA_VERSIONS or (legacy_ok and v in LEGACY_SCHEMA_VERSIONS):
         return
     if v in LEGACY_SCHEMA_VERSIONS:
         raise StoreVersionError(

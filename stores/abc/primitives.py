@@ -95,8 +95,14 @@ class StorePrimitives(ABC):
         """Rows of the completion flags worth scanning for orphans (verify); all by default."""
         return 2**62
 
-    def _missing_data(self, rows: np.ndarray) -> list[str]:
-        """Problems: data files that complete ``rows`` need and that are absent."""
+    def _keys_present(self, a: int, b: int) -> np.ndarray:
+        """(b - a,) bool: rows whose keys chunk exists (back ends that can lose a chunk override this; a
+        chunk that is not a regular file raises StoreCorruptError)."""
+        return np.ones(max(0, b - a), bool)
+
+    def _missing_data(self, complete: np.ndarray) -> list[str]:
+        """Problems: data files that the rows flagged in ``complete`` (bool over rows ``[0, n)``) need and
+        that are absent."""
         return []
 
     @abstractmethod

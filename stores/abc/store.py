@@ -7,8 +7,9 @@ unless ``fsync=False``); readers index complete rows only. Writers that fill spl
 ``a`` and ``b`` multiples of ``alignment`` (``b`` may be the split's end) never share a chunk or shard with
 another writer; ``write_rows`` refuses writes that break this rule (`stores.layout.check_alignment`).
 A store is created under a temporary name and renamed into place (`stores.abc.lifecycle`): it exists whole
-or not at all. Opening validates the attributes against the arrays (`stores.validate`); a read-only handle
-refuses a store whose rows have lost their keys, completion flags or data files.
+or not at all. Opening validates the attributes against the arrays (`stores.validate`), reads the completion
+flags and maps the key index (`stores.abc.indexing`); a read-only handle refuses a store whose rows have lost
+their keys, completion flags, key index or data files.
 
 This class holds all back-end independent logic; a back end implements the ``@abstractmethod``
 primitives at the end. It never imports a back end: `stores.factory` chooses one for a path.
@@ -22,23 +23,24 @@ from typing import Any
 import numpy as np
 
 from e2r.keys import split_of, validate_part
+from stores.abc.indexing import KeyIndexing
 from stores.abc.lifecycle import check_version, create_store, not_a_bank
 from stores.abc.primitives import StorePrimitives
-from stores.errors import StoreCorruptError, StoreReadOnlyError
+from stores.errors import StoreReadOnlyError
 from stores.fsio import writing
 from stores.index import KeyIndex, check_keys
 from stores.layout import COMPLETE_UNSET, check_alignment, check_block, keys_crc32c, ranges_of
-from stores.schema import SCHEMA_VERSION, Provenance, StoreSchema, json_attrs, now_iso
-from stores.validate import split_damage, used_rows
+from stores.schema import LEGACY_SCHEMA_VERSIONS, Provenance, StoreSchema, json_attrs, now_iso
 
 
-class MemoryBank(StorePrimitives):
+class MemoryBank(KeyIndexing, StorePrimitives):
     """A memorybank of teacher outputs indexed by sample key. Open with `stores.open_memorybank` /
     `stores.create_memorybank` (which pick the back end), or ``<BackEnd>.open`` / ``<BackEnd>.create``.
 
-    Reading: ``has(key)``, ``keys(split)``, ``get(key)``, ``get_batch(keys, fields)``.
-    Writing (mode "r+"): ``reserve_split``, ``incomplete_ranges``, ``task_ranges``, ``write_rows``,
-    ``remove_split``. The key index is loaded once at open; call ``refresh()`` to see rows written since.
+    Reading: ``has(key)``, ``keys(split)``, ``complete_count(split)``, ``get(key)``, ``get_batch(keys,
+    fields)``. Writing (mode "r+"): ``reserve_split``, ``incomplete_ranges``, ``task_ranges``, ``write_rows``,
+    ``remove_split``, ``reindex``. The completion flags are read and the key index mapped once at open; call
+    ``refresh()`` to see rows written since.
     """
 
     backend = "abstract"
@@ -51,7 +53,7 @@ class MemoryBank(StorePrimitives):
         self.fsync = bool(fsync)          # fsync data, then flags, on every write (crash/power-loss safety)
         self._attrs: dict[str, Any] = {}
         self._index: KeyIndex | None = None
-        self._row_keys: np.ndarray = np.zeros(0, object)
+        self._used_rows = 0                     # rows [0, used) that the splits occupy (at the last refresh)
         self._owned: dict[str, set[int]] = {}   # split -> shards this handle wrote into (alignment rule)
         self._sole_writer = False               # True: the alignment rule is not enforced (stores.convert)
         self._legacy_ok = False                 # open() may accept an older schema_version (`convert`)
@@ -97,7 +99,7 @@ class MemoryBank(StorePrimitives):
 
     def _check_version(self, attrs: dict[str, Any]) -> None:
         check_version(self.path, attrs, self._legacy_ok)
-        self._legacy = attrs.get("schema_version") != SCHEMA_VERSION
+        self._legacy = attrs.get("schema_version") in LEGACY_SCHEMA_VERSIONS
 
     def _not_a_bank(self, why: str) -> Exception:
         return not_a_bank(self.path, why)
@@ -145,45 +147,10 @@ class MemoryBank(StorePrimitives):
         return f"{type(self).__name__}({self.path!r}, mode={self.mode!r}, complete_rows={len(self)})"
 
     # ------------------------------------------------------------------ reading
-    def refresh(self) -> None:
-        """(Re)load the key index from disk: complete rows of the splits. A read-only handle refuses
-        (StoreCorruptError) a store whose split rows lost their keys, completion flags or data files; a
-        writable one opens it (``damage`` lists what was found) so that ``incomplete_ranges`` lets a resumed
-        writer redo those rows, or ``remove_split`` / ``reserve_split(replace=True)`` rewrite them."""
-        n = self._n_rows()
-        self._read_damage = []
-        used = min(used_rows(self._attrs.get("splits", {})), n)
-        keys, flags = self._read_keys(0, used), self._read_flags(0, used)
-        self._row_keys = keys
-        complete, damage = split_damage(self.splits, self._attrs.get("splits", {}), keys, flags)
-        damage = self._read_damage + damage
-        self._lost_files = self._missing_data(np.flatnonzero(complete))
-        self.damage = damage + self._lost_files
-        if self.damage and self.mode == "r" and not self._lenient:
-            raise StoreCorruptError(f"memorybank {self.path} is damaged: " + "; ".join(self.damage) + ". Nothing is "
-                                    f"served from it. Run `python -m stores verify {self.path}` for details; resume "
-                                    "the export (it redoes rows whose flags or data are missing) or re-export",
-                                    path=self.path)
-        self._index = KeyIndex(keys, complete)
-
-    def _keys_of(self, rows: Sequence[int]) -> list[str]:
-        """Keys of ``rows`` (for error messages; unreserved rows are skipped)."""
-        keys = self._row_keys
-        return [str(keys[r]) for r in rows if 0 <= r < len(keys) and keys[r]]
-
     def has(self, key: str) -> bool:
         """True when ``key`` has a complete row. Malformed keys raise InvalidKeyError."""
         assert self._index is not None
         return self._index.row(key) is not None
-
-    def keys(self, split: str | None = None) -> list[str]:
-        """Keys of complete rows, in row order; only those of ``split`` when given."""
-        assert self._index is not None
-        items = sorted(self._index.items(), key=lambda kv: kv[1])
-        if split is None:
-            return [k for k, _ in items]
-        start, count = self._split(split)
-        return [k for k, r in items if start <= r < start + count]
 
     def get(self, key: str, fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """``{field: array (T, ...)}`` of one key; KeyError when the key has no complete row."""
@@ -294,8 +261,10 @@ class MemoryBank(StorePrimitives):
             if self.fsync:
                 self._sync_rows(["keys", "complete"], start, tail)
                 self._sync_meta()
+            crc = keys_crc32c(keys)
+            self._write_split_index(split, start, keys, crc)   # on disk before the entry that makes it used
             attrs = json_attrs(self._attrs)
-            attrs["splits"][split] = {"start": start, "count": len(keys), "keys_crc32c": keys_crc32c(keys)}
+            attrs["splits"][split] = {"start": start, "count": len(keys), "keys_crc32c": crc}
             attrs["updated"] = now_iso()
             self._write_attrs(attrs)                         # the entry last: a crash leaves no half split
             self._attrs = attrs
@@ -384,6 +353,7 @@ class MemoryBank(StorePrimitives):
                 self._clear_rows(start, start + count)
                 if self.fsync:
                     self._sync_rows(["keys", "complete", *self._data_arrays()], start, start + count)
+            self._remove_split_index(split)
         self._owned.pop(split, None)
         self.refresh()
 

@@ -1,0 +1,208 @@
+"""The key side of `stores.abc.MemoryBank` (a mixin): the key index loaded at open / ``refresh``, listing keys,
+the keys of rows for error messages, and the on-disk index of each split (written by ``reserve_split``,
+removed by ``remove_split``, rebuilt by ``reindex``).
+
+A schema_version 4 store of a back end with index files (Zarr) keeps one per split (`stores.index_file`).
+Opening maps them and reads only the completion flags: O(rows / shard_rows) small file reads and one byte per
+row of memory, never a Python object per key, and the mapped pages are shared by every process. Stores of
+schema_version 3, and HDF5 stores, get the same index built in memory at open from their keys (checked
+against each split's ``keys_crc32c``); ``reindex`` writes the files of a schema_version 3 Zarr store and
+upgrades it to 4 in place.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from e2r.keys import InvalidKeyError
+from stores.errors import StoreCorruptError, StoreError
+from stores.fsio import fsync_files, remove_path, writing
+from stores.index import KeyIndex, SplitIndex, check_keys
+from stores.index_file import index_files, write_index
+from stores.layout import keys_chunk_rows, keys_crc32c
+from stores.schema import SCHEMA_VERSION, json_attrs, now_iso
+from stores.validate import split_damage, used_rows
+
+
+class KeyIndexing:
+    """Mixin of `MemoryBank`: see the module docstring. Back ends with index files set ``index_files = True``
+    and implement ``_index_path``."""
+
+    index_files = False
+    path: str
+    mode: str
+    fsync: bool
+    damage: list[str]
+    _attrs: dict[str, Any]
+    _lenient: bool
+    _index: KeyIndex | None
+    _lost_files: list[str]
+    _read_damage: list[str]
+    _used_rows: int
+    splits: Any
+    alignment: Any
+    _split: Any
+    _need_write: Any
+    _n_rows: Any
+    _read_keys: Any
+    _read_flags: Any
+    _keys_present: Any
+    _missing_data: Any
+    _write_attrs: Any
+    _sync_meta: Any
+
+    def _index_path(self, split: str) -> Path:
+        raise NotImplementedError
+
+    @property
+    def _disk_index(self) -> bool:
+        """True when this store keeps its key index on disk (schema_version 4 on a back end with index files)."""
+        return self.index_files and self._attrs.get("schema_version") == SCHEMA_VERSION
+
+    def refresh(self) -> None:
+        """(Re)load the completion flags and the key index from disk. A read-only handle refuses
+        (StoreCorruptError) a store whose split rows lost their keys, completion flags, key index or data
+        files; a writable one opens it (``damage`` lists what was found) so that ``incomplete_ranges`` lets a
+        resumed writer redo those rows, or ``remove_split`` / ``reserve_split(replace=True)`` / ``reindex``
+        rewrite them."""
+        n = self._n_rows()
+        self._read_damage = []
+        entries = self._attrs.get("splits", {})
+        used = self._used_rows = min(used_rows(entries), n)
+        flags = self._read_flags(0, used)
+        indexes: dict[str, SplitIndex] = {}
+        problems: list[str] = []
+        keys_lost = np.zeros(used, bool)
+        for name, (s, c) in self.splits.items():
+            idx, keys_lost[s:s + c], probs = self._split_index(name, s, c, entries[name])
+            problems += probs
+            if idx is not None:
+                indexes[name] = idx
+        complete, damage = split_damage(self.splits, flags, keys_lost, self._keys_of)
+        del flags, keys_lost
+        self._lost_files = self._missing_data(complete)
+        self.damage = self._read_damage + problems + damage + self._lost_files
+        if self.damage and self.mode == "r" and not self._lenient:
+            raise StoreCorruptError(f"memorybank {self.path} is damaged: " + "; ".join(self.damage) + ". Nothing is "
+                                    f"served from it. Run `python -m stores verify {self.path}` for details; resume "
+                                    "the export (it redoes rows whose flags or data are missing) or re-export",
+                                    path=self.path)
+        self._index = KeyIndex(indexes, complete)
+
+    def _split_index(self, name: str, s: int, c: int, entry: dict[str, Any]
+                     ) -> tuple[SplitIndex | None, np.ndarray, list[str]]:
+        """``(index, keys lost (c,) bool, problems)`` of one split: its index file mapped, or (schema_version
+        3, HDF5, or a damaged file on a writable / verify handle) built from its keys."""
+        crc = entry.get("keys_crc32c")
+        problems = []
+        if self._disk_index:
+            lost = ~self._keys_present(s, s + c)
+            try:
+                return SplitIndex.open(self._index_path(name), self.path, name, s, c, crc), lost, []
+            except FileNotFoundError as e:
+                problems.append(f"{e}: rebuild it from the checksummed keys: `python -m stores reindex {self.path}`")
+            except StoreCorruptError as e:
+                problems.append(str(e))
+            if self.mode == "r" and not self._lenient:
+                return None, lost, problems                  # refused by refresh
+        keys = self._read_keys(s, s + c)
+        lost = keys == ""
+        if crc is not None and not lost.any() and keys_crc32c(keys) != crc:
+            problems.append(f"the keys of split {name!r} do not match their checksum (keys_crc32c)")
+        return SplitIndex.build(name, s, keys), lost, problems
+
+    def _keys_of(self, rows: Iterable[int]) -> list[str]:
+        """Keys of ``rows`` in that order (for error messages): read on demand; rows without a readable key are
+        skipped."""
+        rows = [int(r) for r in rows]
+        want = sorted({r for r in rows if 0 <= r < getattr(self, "_used_rows", 0)})
+        got: dict[int, str] = {}
+        C = keys_chunk_rows(self.alignment)
+        try:
+            for _, grp in itertools.groupby(want, key=lambda r: r // C):
+                g = list(grp)
+                ks = self._read_keys(g[0], g[-1] + 1)
+                got.update((r, str(ks[r - g[0]])) for r in g)
+        except (StoreError, OSError):
+            pass
+        return [got[r] for r in rows if got.get(r)]
+
+    def keys(self, split: str | None = None) -> list[str]:
+        """Keys of complete rows, in row order; only those of ``split`` when given (read from the keys array)."""
+        assert self._index is not None
+        out: list[str] = []
+        for s, c in (sorted(self.splits.values()) if split is None else [self._split(split)]):
+            done = self._index.complete_rows(s, s + c)
+            if len(done):
+                ks = self._read_keys(s, s + c)[done - s]
+                out += [str(k) for k in ks if k]
+        return out
+
+    def complete_count(self, split: str | None = None) -> int:
+        """How many complete rows the store (or ``split``) holds (from the index: nothing is read)."""
+        assert self._index is not None
+        if split is None:
+            return len(self._index)
+        s, c = self._split(split)
+        return self._index.count(s, s + c)
+
+    # ------------------------------------------------------------------ the on-disk index of a split
+    def _write_split_index(self, split: str, start: int, keys: list[str], crc: int) -> None:
+        """Write ``split``'s index file (before its split entry; no-op without on-disk indexes)."""
+        if self._disk_index:
+            write_index(self._index_path(split), split, start, crc, keys, fsync=self.fsync)
+
+    def _remove_split_index(self, split: str) -> None:
+        """Delete ``split``'s index file (after its entry and rows)."""
+        if self.index_files:
+            p = self._index_path(split)
+            remove_path(p)
+            if self.fsync:
+                fsync_files([p.parent], self.path)
+
+    def reindex(self) -> list[str]:
+        """Write the on-disk key index of every split from its keys (read through their checksums and checked
+        against the split's ``keys_crc32c``, the key grammar and uniqueness), delete index files of no split,
+        then upgrade a schema_version 3 store to 4. Returns the splits indexed; ``[]`` on a back end without
+        index files (HDF5: its index is built at open). Run it while no other process writes the store."""
+        self._need_write()
+        if not self.index_files:
+            return []
+        done = []
+        entries = self._attrs.get("splits", {})
+        with writing("rebuild the key index", self.path):
+            for name, (s, c) in sorted(self.splits.items()):
+                self._read_damage = []
+                keys = [str(k) for k in self._read_keys(s, s + c)]
+                try:
+                    if self._read_damage:
+                        raise InvalidKeyError("; ".join(self._read_damage))
+                    check_keys(keys, f"split {name!r}")
+                    wrong = [k for k in keys if not k.startswith(name + "/")]
+                    if wrong:
+                        raise InvalidKeyError(f"key {wrong[0]!r} does not belong to split {name!r}")
+                    crc = keys_crc32c(keys)
+                    if entries[name].get("keys_crc32c", crc) != crc:
+                        raise InvalidKeyError("the keys do not match their checksum (keys_crc32c)")
+                except InvalidKeyError as e:
+                    raise StoreCorruptError(f"memorybank {self.path}: cannot index split {name!r}: {e}. Its keys are "
+                                            f"damaged: remove the split (`python -m stores rm-split {self.path} "
+                                            f"{name}`) and export it again", path=self.path, array="keys") from None
+                write_index(self._index_path(name), name, s, crc, keys, fsync=self.fsync)
+                done.append(name)
+            for name, p in index_files(self.path).items():
+                if name not in self.splits:
+                    remove_path(p)
+            if self._attrs.get("schema_version") != SCHEMA_VERSION:      # files first, then the version
+                attrs = json_attrs(self._attrs)
+                attrs["schema_version"], attrs["updated"] = SCHEMA_VERSION, now_iso()
+                self._write_attrs(attrs)
+                self._attrs = attrs
+                if self.fsync:
+                    self._sync_meta()
+        self.refresh()
+        return done
