@@ -6,8 +6,8 @@
 KITTI: an object/tracking ``calib/<frame>.txt`` (P0..P3, R0_rect, Tr_velo_to_cam) -> one camera (K and cam2ego
 of ``--camera``), ego = the velodyne frame, lidar2ego identity. nuScenes: a JSON file
 ``{"lidar": record, "cameras": {name: record, ...}}`` of ``calibrated_sensor`` records -> lidar2ego and every
-camera. The result is checked with the readers the datasets use, written atomically, and printed
-(``e2r.data.calib.import_calib``). Exit status 0 written, 2 nothing written (the message names file and field).
+camera. The result is checked as the datasets' readers will check it, written atomically and printed
+(``e2r.data.calib``). Exit status 0 written, 2 nothing written (the message names the file and the field).
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from e2r.data.calib import CalibImport, import_calib
+from e2r.data.calib import CalibImport, calib_from_kitti, calib_from_nuscenes, write_calib
+from e2r.data.readers import read_json, read_text
 from e2r.errors import E2RError
 from e2r.workflow.configs import config_from_namespace
 
@@ -76,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = config_from_namespace(CalibImport, build_parser().parse_args(argv))
-        _, text = import_calib(cfg)
+        if cfg.format == "kitti":
+            doc = calib_from_kitti(read_text(cfg.source), cfg.source, cfg.image_size, cfg.camera, cfg.name)
+        else:
+            doc = calib_from_nuscenes(read_json(cfg.source), cfg.source, cfg.image_size, cfg.ground_z)
+        text = write_calib(doc, cfg.out, cfg.source)
     except E2RError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

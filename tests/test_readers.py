@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from e2r.data.point_layout import LayoutUndecidable, detect_bin_layout, detect_from_arrays
-from e2r.data.calib import read_lidar2ego
+from e2r.data.calib import lidar_to_ego
 from e2r.data.layout import read_segment_lidar2ego
-from e2r.data.readers import (DataError, lidar_to_ego, read_calib, read_image, read_npy, read_pcd, read_points,
+from e2r.data.readers import (DataError, read_calib, read_image, read_lidar2ego, read_npy, read_pcd, read_points,
                               scale_intrinsics)
 from tests.fixtures import make_points, write_calib, write_pcd, write_points_bin
 

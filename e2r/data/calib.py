@@ -1,19 +1,18 @@
-"""Calibration beyond the camera entries of calib.json: the LiDAR's extrinsic, and converters to calib.json.
+"""calib.json (docs/CONTRACTS.md) as data: its cameras and the LiDAR's extrinsic validated, LiDAR points moved to
+the ego frame, and calib.json documents converted from the calibration formats datasets ship with.
 
-- :func:`read_lidar2ego`: the 4x4 LiDAR -> ego transform ``"lidar2ego"`` of a calib.json, validated (a proper
-  rigid transform). Which file holds a segment's extrinsic (``camera/calib.json``, or ``lidar/calib.json`` for
-  a segment without one) is decided by :func:`e2r.data.layout.read_segment_lidar2ego`; docs/CONTRACTS.md.
-- :func:`calib_from_kitti` / :func:`calib_from_nuscenes`: a calib.json document from KITTI's calib .txt
-  (``P2``, ``R0_rect``, ``Tr_velo_to_cam``; ego = the velodyne frame) or from nuScenes ``calibrated_sensor``
-  records (translation, rotation quaternion ``w, x, y, z``, ``camera_intrinsic``).
-- :func:`import_calib`: one conversion (``python -m pipelines.import_calib``): read, convert, check the result
-  with the same readers the datasets use, write atomically (temporary file + rename).
-
-Every bad input is a :class:`~e2r.errors.DataError` naming the file and the field.
+No file is read here: ``e2r.data.readers.read_calib`` / ``read_lidar2ego`` read a calib.json and validate it
+with :func:`cameras_from_doc` / :func:`lidar2ego_from_doc` (which file holds a segment's extrinsic is decided by
+``e2r.data.layout.read_segment_lidar2ego``). ``python -m pipelines.import_calib`` converts with
+:func:`calib_from_kitti` (KITTI calib .txt: ``P2``, ``R0_rect``, ``Tr_velo_to_cam``; ego = the velodyne frame)
+or :func:`calib_from_nuscenes` (``calibrated_sensor`` records: translation, quaternion ``w, x, y, z``,
+``camera_intrinsic``) and writes with :func:`write_calib` (validated as above, then temporary file + rename).
+Every bad value is a :class:`~e2r.errors.DataError` naming the file and the field.
 """
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import tempfile
@@ -23,18 +22,107 @@ from typing import Optional, Union
 
 import numpy as np
 
-from e2r.data.readers import _check_file, _matrix, read_calib, read_json
 from e2r.errors import ConfigError, DataError
 
-__all__ = ["RIGID_TOL", "MAX_MOUNT_OFFSET_M", "check_rigid", "read_lidar2ego", "quaternion_to_matrix",
-           "calib_from_kitti", "calib_from_nuscenes", "CalibImport", "import_calib", "format_calib"]
+__all__ = ["CameraCalib", "MAX_IMAGE_SIDE", "RIGID_TOL", "MAX_MOUNT_OFFSET_M", "cameras_from_doc",
+           "lidar2ego_from_doc", "check_rigid", "lidar_to_ego", "quaternion_to_matrix", "calib_from_kitti",
+           "calib_from_nuscenes", "CalibImport", "format_calib", "write_calib"]
 
+PathLike = Union[str, Path]
+MAX_IMAGE_SIDE = 16384       # pixels per side: the most a calib.json's image_size or a read image may have
 RIGID_TOL = 1e-4             # |R^T R - I| per entry and |det R - 1| of a rigid transform's rotation part
 MAX_MOUNT_OFFSET_M = 100.0   # a sensor farther than this from the ego origin is not mounted on the car
 QUATERNION_TOL = 1e-3        # |norm - 1| of a rotation quaternion (it is normalised after the check)
 
 
-def check_rigid(T: np.ndarray, what: str, path: Union[str, Path]) -> np.ndarray:
+@dataclass(frozen=True)
+class CameraCalib:
+    """One camera of calib.json: name, image_size (W, H), K (3, 3) for that size, cam2ego (4, 4)."""
+    name: str
+    image_size: tuple[int, int]
+    K: np.ndarray
+    cam2ego: np.ndarray
+
+
+def _numbers_only(value: object) -> bool:
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "fiu"
+    if isinstance(value, (list, tuple)):
+        return all(_numbers_only(v) for v in value)
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _matrix(value: object, shape: tuple[int, ...], what: str, path: PathLike) -> np.ndarray:
+    """``value`` as a float64 array of ``shape`` of finite numbers (a bool, string or null standing in for a
+    number is refused, not converted), else DataError naming ``path`` and ``what``."""
+    try:
+        m = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        raise DataError(path, f"{what} is not a numeric matrix: {str(value)[:200]}") from None
+    if m.shape != shape:
+        raise DataError(path, f"{what} must have shape {shape}, got {m.shape}")
+    if not _numbers_only(value):
+        raise DataError(path, f"{what} must hold numbers only, got {value!r}")
+    if not np.isfinite(m).all():
+        raise DataError(path, f"{what} has non-finite values")
+    return m
+
+
+def _check_float32_invertible(m: np.ndarray, what: str, path: PathLike) -> None:
+    """The models use K and cam2ego as float32 and invert them: refuse a matrix valid in float64 whose
+    float32 version overflows, underflows to a singular matrix (fx = 1e-300 -> 0) or has a non-finite inverse."""
+    with np.errstate(all="ignore"):
+        m32 = m.astype(np.float32)
+        ok = bool(np.isfinite(m32).all())
+        if ok:
+            try:
+                inv = np.linalg.inv(m32)
+                ok = bool(np.isfinite(inv).all()) and bool(np.isfinite(inv.astype(np.float32)).all()) \
+                    and np.allclose(inv @ m32, np.eye(len(m32)), atol=1e-3)
+            except np.linalg.LinAlgError:
+                ok = False
+    if not ok:
+        raise DataError(path, f"{what} is not usable in float32 (its float32 version is not finite or not "
+                              f"invertible): {m.tolist()}")
+
+
+def cameras_from_doc(doc: object, path: PathLike) -> list[CameraCalib]:
+    """The cameras of a parsed calib.json (format in docs/CONTRACTS.md), validated, in file order."""
+    cams = doc.get("cameras") if isinstance(doc, dict) else None
+    if not isinstance(cams, list) or not cams:
+        raise DataError(path, "expected {\"cameras\": [ ... ]} with at least one camera")
+    out: list[CameraCalib] = []
+    for i, cam in enumerate(cams):
+        where = f"cameras[{i}]"
+        if not isinstance(cam, dict):
+            raise DataError(path, f"{where} is not an object")
+        for field in ("name", "image_size", "K", "cam2ego"):
+            if field not in cam:
+                raise DataError(path, f"{where} has no {field!r}")
+        name = cam["name"]
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+            raise DataError(path, f"{where}.name {name!r} must be a non-empty string of [A-Za-z0-9_.-]")
+        size = cam["image_size"]
+        if (not isinstance(size, list) or len(size) != 2 or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_IMAGE_SIDE for s in size)):
+            raise DataError(path, f"{where}.image_size must be [W, H], integers in 1..{MAX_IMAGE_SIDE}, "
+                                  f"got {str(size)[:200]}")
+        K = _matrix(cam["K"], (3, 3), f"{where}.K", path)
+        if K[0, 0] <= 0 or K[1, 1] <= 0 or not np.allclose(K[2], [0, 0, 1]):
+            raise DataError(path, f"{where}.K must have fx, fy > 0 and last row [0, 0, 1], got {K.tolist()}")
+        T = _matrix(cam["cam2ego"], (4, 4), f"{where}.cam2ego", path)
+        if not np.allclose(T[3], [0, 0, 0, 1]):
+            raise DataError(path, f"{where}.cam2ego last row must be [0, 0, 0, 1], got {T[3].tolist()}")
+        _check_float32_invertible(K, f"{where}.K", path)
+        _check_float32_invertible(T, f"{where}.cam2ego", path)
+        out.append(CameraCalib(name, (int(size[0]), int(size[1])), K, T))
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise DataError(path, f"duplicate camera names {names}")
+    return out
+
+
+def check_rigid(T: np.ndarray, what: str, path: PathLike) -> np.ndarray:
     """``T`` (4, 4) if it is a proper rigid transform within :data:`RIGID_TOL` (rotation with det +1, last row
     ``[0, 0, 0, 1]``, translation within :data:`MAX_MOUNT_OFFSET_M`), else DataError naming ``path`` and ``what``."""
     R, t = T[:3, :3], T[:3, 3]
@@ -43,20 +131,18 @@ def check_rigid(T: np.ndarray, what: str, path: Union[str, Path]) -> np.ndarray:
     with np.errstate(all="ignore"):
         orthonormal = bool(np.abs(R.T @ R - np.eye(3)).max() <= RIGID_TOL)
         det = float(np.linalg.det(R))
-    if not orthonormal or abs(det - 1.0) > RIGID_TOL:
+    if not orthonormal or not abs(det - 1.0) <= RIGID_TOL:
         raise DataError(path, f"{what} is not a rigid transform: its 3x3 part must be a rotation (orthonormal, "
                               f"determinant +1, within {RIGID_TOL:g}; determinant {det:.6g}), got {R.tolist()}")
-    if float(np.linalg.norm(t)) > MAX_MOUNT_OFFSET_M:
+    if not float(np.linalg.norm(t)) <= MAX_MOUNT_OFFSET_M:
         raise DataError(path, f"{what} translation {t.tolist()} is farther than {MAX_MOUNT_OFFSET_M:g} m from the "
                               f"ego origin (metres expected)")
     return T
 
 
-def read_lidar2ego(path: Union[str, Path], required: bool = False) -> Optional[np.ndarray]:
-    """``"lidar2ego"`` (4, 4) float64 of a calib.json, validated; ``None`` when the file has none (identity)
-    and not ``required``. Only that field is read: a LiDAR dataset does not depend on the camera entries."""
-    path = Path(path)
-    doc = read_json(path)
+def lidar2ego_from_doc(doc: object, path: PathLike, required: bool = False) -> Optional[np.ndarray]:
+    """``"lidar2ego"`` (4, 4) float64 of a parsed calib.json, validated (:func:`check_rigid`); None when the
+    document has none (identity) and it is not ``required``. Only that field is looked at."""
     if not isinstance(doc, dict):
         raise DataError(path, "expected a JSON object (docs/CONTRACTS.md)")
     if "lidar2ego" not in doc:
@@ -66,7 +152,20 @@ def read_lidar2ego(path: Union[str, Path], required: bool = False) -> Optional[n
     return check_rigid(_matrix(doc["lidar2ego"], (4, 4), "lidar2ego", path), "lidar2ego", path)
 
 
-def quaternion_to_matrix(q: object, what: str, path: Union[str, Path]) -> np.ndarray:
+def lidar_to_ego(points: np.ndarray, lidar2ego: Optional[np.ndarray]) -> np.ndarray:
+    """(N, 4) float32 x, y, z, intensity in the LiDAR frame -> the same points in the ego frame: x, y, z rotated
+    and translated by ``lidar2ego``, intensity kept; None = identity (the array is returned as is). Computed in
+    float64; a coordinate past float32's range (a far outlier the readers let through) is clamped to it."""
+    if lidar2ego is None:
+        return points
+    T = np.asarray(lidar2ego, dtype=np.float64)
+    out = np.array(points, dtype=np.float32, copy=True)
+    big = float(np.finfo(np.float32).max)
+    out[:, :3] = np.clip(points[:, :3].astype(np.float64) @ T[:3, :3].T + T[:3, 3], -big, big)
+    return out
+
+
+def quaternion_to_matrix(q: object, what: str, path: PathLike) -> np.ndarray:
     """Rotation quaternion ``[w, x, y, z]`` (Hamilton, as nuScenes and pyquaternion) -> (3, 3) rotation."""
     v = _matrix(q, (4,), what, path)
     norm = float(np.linalg.norm(v))
@@ -93,62 +192,45 @@ def _camera_entry(name: str, image_size: tuple[int, int], K: np.ndarray, cam2ego
 KITTI_ALIASES = {"R0_rect": ("R0_rect", "R_rect"), "Tr_velo_to_cam": ("Tr_velo_to_cam", "Tr_velo_cam")}
 
 
-def _kitti_fields(text: str) -> dict[str, tuple[str, int]]:
-    """``name: numbers`` lines (object format; the tracking format has no colon) -> {name: (numbers, line)}."""
-    out: dict[str, tuple[str, int]] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        name, sep, rest = line.strip().partition(":")
-        if not sep:
-            name, _, rest = line.strip().partition(" ")
-        if name.strip():
-            out.setdefault(name.strip(), (rest, n))
-    return out
-
-
-def _kitti_matrix(fields: dict[str, tuple[str, int]], name: str, shape: tuple[int, int], path: Path) -> np.ndarray:
+def _kitti_matrix(text: str, name: str, shape: tuple[int, int], path: PathLike) -> np.ndarray:
+    """The ``name: numbers`` line (object format; tracking files have no colon and other names) as a matrix."""
     names = KITTI_ALIASES.get(name, (name,))
-    found = next((nm for nm in names if nm in fields), None)
-    if found is None:
-        raise DataError(path, f"has no {' or '.join(names)} line (expected a KITTI calib .txt)")
-    text, line = fields[found]
-    try:
-        values = np.array([float(v) for v in text.split()])
-    except ValueError:
-        raise DataError(path, f"{found} (line {line}): not a list of numbers: {text.strip()[:80]!r}") from None
-    if values.size != shape[0] * shape[1]:
-        raise DataError(path, f"{found} (line {line}): expected {shape[0] * shape[1]} numbers, got {values.size}")
-    return _matrix(values.reshape(shape), shape, f"{found} (line {line})", path)
+    for n, line in enumerate(text.splitlines(), 1):
+        key, sep, rest = line.strip().partition(":")
+        if not sep:
+            key, _, rest = line.strip().partition(" ")
+        if key.strip() in names:
+            try:
+                values = np.array([float(v) for v in rest.split()])
+            except ValueError:
+                raise DataError(path, f"{key} (line {n}): not a list of numbers: {rest.strip()[:80]!r}") from None
+            if values.size != shape[0] * shape[1]:
+                raise DataError(path, f"{key} (line {n}): expected {shape[0] * shape[1]} numbers, got {values.size}")
+            return _matrix(values.reshape(shape), shape, f"{key} (line {n})", path)
+    raise DataError(path, f"has no {' or '.join(names)} line (expected a KITTI calib .txt)")
 
 
-def calib_from_kitti(path: Union[str, Path], image_size: tuple[int, int], camera: str = "P2",
+def calib_from_kitti(text: str, path: PathLike, image_size: tuple[int, int], camera: str = "P2",
                      name: str = "front") -> dict:
-    """KITTI object/tracking calib .txt -> calib.json document: one camera (``camera``'s projection matrix,
-    ``P = K [I | b]`` in the rectified frame), ego = the velodyne frame, ``lidar2ego`` identity.
-
-    camera <- velodyne is ``[I | b] R0_rect Tr_velo_to_cam``; ``cam2ego`` is its inverse."""
-    path = Path(path)
-    _check_file(path, None)
-    try:
-        fields = _kitti_fields(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(path, f"not a text file: {e}") from None
-    P = _kitti_matrix(fields, camera, (3, 4), path)
+    """KITTI object/tracking calib .txt (``text`` of file ``path``) -> calib.json document: one camera
+    (``camera``'s projection matrix ``P = K [I | b]`` in the rectified frame), ego = the velodyne frame,
+    ``lidar2ego`` identity. camera <- velodyne is ``[I | b] R0_rect Tr_velo_to_cam``; cam2ego its inverse."""
+    P = _kitti_matrix(text, camera, (3, 4), path)
     K = P[:, :3]
     if not np.allclose(K[2], [0, 0, 1], rtol=0, atol=1e-9) or K[1, 0] != 0 or K[0, 0] <= 0 or K[1, 1] <= 0:
         raise DataError(path, f"{camera} is not of the form K [I | b] (K upper triangular, fx, fy > 0, last row "
                               f"0 0 1): {P.tolist()}")
     baseline = np.linalg.solve(K, P[:, 3])
-    R0 = _kitti_matrix(fields, "R0_rect", (3, 3), path)
-    check_rigid(_rigid(R0, np.zeros(3)), "R0_rect", path)
-    velo2cam = np.vstack([_kitti_matrix(fields, "Tr_velo_to_cam", (3, 4), path), [0, 0, 0, 1]])
-    check_rigid(velo2cam, "Tr_velo_to_cam", path)
-    velo2camera = _rigid(np.eye(3), baseline) @ _rigid(R0, np.zeros(3)) @ velo2cam
+    R0 = check_rigid(_rigid(_kitti_matrix(text, "R0_rect", (3, 3), path), np.zeros(3)), "R0_rect", path)
+    velo2cam = check_rigid(np.vstack([_kitti_matrix(text, "Tr_velo_to_cam", (3, 4), path), [0, 0, 0, 1]]),
+                           "Tr_velo_to_cam", path)
+    velo2camera = _rigid(np.eye(3), baseline) @ R0 @ velo2cam
     return {"cameras": [_camera_entry(name, image_size, K, np.linalg.inv(velo2camera))],
             "lidar2ego": np.eye(4).tolist()}
 
 
 # ----- nuScenes -------------------------------------------------------------------------------------------------
-def _nuscenes_sensor2ego(record: object, what: str, path: Path, ground_z: float) -> np.ndarray:
+def _nuscenes_sensor2ego(record: object, what: str, path: PathLike, ground_z: float) -> np.ndarray:
     if not isinstance(record, dict):
         raise DataError(path, f"{what} is not a calibrated_sensor record (a JSON object)")
     for field in ("translation", "rotation"):
@@ -160,16 +242,13 @@ def _nuscenes_sensor2ego(record: object, what: str, path: Path, ground_z: float)
     return check_rigid(T, what, path)
 
 
-def calib_from_nuscenes(path: Union[str, Path], image_size: Optional[tuple[int, int]] = None,
+def calib_from_nuscenes(doc: object, path: PathLike, image_size: Optional[tuple[int, int]] = None,
                         ground_z: float = -1.0) -> dict:
-    """``{"lidar": record, "cameras": {name: record, ...}}`` (nuScenes ``calibrated_sensor`` records, sensor ->
-    vehicle frame) -> calib.json document: ``lidar2ego`` and, when there are cameras, their entries (K =
-    ``camera_intrinsic`` for ``image_size``, which nuScenes keeps elsewhere: 1600x900 for its cameras).
-
-    nuScenes' vehicle frame (x forward, y left, z up) has its origin on the ground; ours has the ground at
-    ``ground_z`` (docs/CONTRACTS.md: -1.0, the teacher's z range), so ``ground_z`` is added to every z."""
-    path = Path(path)
-    doc = read_json(path)
+    """``{"lidar": record, "cameras": {name: record, ...}}`` (parsed from file ``path``; nuScenes
+    ``calibrated_sensor`` records, sensor -> vehicle frame) -> calib.json document: ``lidar2ego`` and, when
+    there are cameras, their entries (K = ``camera_intrinsic`` for ``image_size``: nuScenes keeps the size
+    elsewhere, 1600x900 for its cameras). nuScenes' vehicle frame (x forward, y left, z up) has its origin on
+    the ground; ours has the ground at ``ground_z`` (docs/CONTRACTS.md: -1.0), so ``ground_z`` is added to z."""
     if not isinstance(doc, dict) or "lidar" not in doc:
         raise DataError(path, "expected {\"lidar\": {calibrated_sensor record}, \"cameras\": {name: record}}")
     out: dict = {"lidar2ego": _nuscenes_sensor2ego(doc["lidar"], "lidar", path, ground_z).tolist()}
@@ -186,12 +265,10 @@ def calib_from_nuscenes(path: Union[str, Path], image_size: Optional[tuple[int, 
             raise DataError(path, f"{what} has no 'camera_intrinsic'")
         K = _matrix(record["camera_intrinsic"], (3, 3), f"{what}.camera_intrinsic", path)
         entries.append(_camera_entry(name, image_size, K, cam2ego))
-    if entries:
-        out = {"cameras": entries, **out}
-    return out
+    return {"cameras": entries, **out} if entries else out
 
 
-# ----- one conversion -------------------------------------------------------------------------------------------
+# ----- writing --------------------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class CalibImport:
     """One conversion (fields = the flags of ``python -m pipelines.import_calib``)."""
@@ -225,17 +302,18 @@ def format_calib(doc: dict) -> str:
     return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
 
 
-def import_calib(cfg: CalibImport) -> tuple[dict, str]:
-    """Convert ``cfg.source`` and write ``cfg.out`` atomically -> (document, text written). The document is read
-    back with :func:`~e2r.data.readers.read_calib` / :func:`read_lidar2ego` before it replaces anything; a
-    conversion they refuse is a DataError naming the source file."""
-    cfg.check()
-    out = Path(cfg.out)
-    if cfg.format == "kitti":
-        doc = calib_from_kitti(cfg.source, cfg.image_size, cfg.camera, cfg.name)
-    else:
-        doc = calib_from_nuscenes(cfg.source, cfg.image_size, cfg.ground_z)
+def write_calib(doc: dict, out: PathLike, source: PathLike) -> str:
+    """Validate ``doc`` as the readers will (cameras if any, lidar2ego), then write it to ``out`` atomically
+    (temporary file in the same folder, fsync, rename) -> the text written. A document the readers would
+    refuse is a DataError naming ``source``, the file it was converted from; nothing is written then."""
+    try:
+        if "cameras" in doc:
+            cameras_from_doc(json.loads(json.dumps(doc)), out)
+        lidar2ego_from_doc(doc, out, required=True)
+    except DataError as e:
+        raise DataError(source, f"the converted calibration is unusable: {e.problem.reason}") from None
     text = format_calib(doc)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
@@ -244,14 +322,8 @@ def import_calib(cfg: CalibImport) -> tuple[dict, str]:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            if "cameras" in doc:
-                read_calib(tmp)
-            read_lidar2ego(tmp, required=True)
-        except DataError as e:
-            raise DataError(cfg.source, f"the converted calibration is unusable: {e.problem.reason}") from None
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return doc, text
+    return text

@@ -16,8 +16,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from e2r.data.calib import read_lidar2ego
-from e2r.data.readers import CameraCalib, DataError, read_calib
+from e2r.data.readers import CameraCalib, DataError, read_calib, read_lidar2ego
 from e2r.keys import InvalidKeyError, validate_part
 
 __all__ = ["SegmentTable", "discover_splits", "discover_segments", "read_segment_table",

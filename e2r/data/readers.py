@@ -1,4 +1,5 @@
-"""Readers for one file each: point clouds (.bin / .npy / .pcd), images (PNG/JPEG) and calib.json.
+"""Readers for one file each: point clouds (.bin / .npy / .pcd), images (PNG/JPEG) and calib.json (whose content
+is validated by ``e2r.data.calib``).
 
 Every reader raises :class:`DataError` (a ``ValueError``) naming the file (and the data.csv row when the
 caller passes it) for missing, empty, truncated, corrupt or implausible input. Point readers always return
@@ -7,32 +8,47 @@ caller passes it) for missing, empty, truncated, corrupt or implausible input. P
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from e2r.errors import DataError, Problem
+from e2r.data.calib import MAX_IMAGE_SIDE, CameraCalib, cameras_from_doc, lidar2ego_from_doc, lidar_to_ego
 from e2r.data.point_layout import (SUPPORTED_NUM_FEATURES, LayoutUndecidable, PointLayout,
                                    detect_from_arrays)
 
-__all__ = ["DataError", "Problem", "NumFeatures", "read_points", "read_bin", "read_npy", "read_pcd", "lidar_to_ego",
-           "read_image", "prepare_image", "scale_intrinsics", "CameraCalib", "read_calib", "read_json", "PointLayout"]
+__all__ = ["DataError", "Problem", "NumFeatures", "read_points", "read_bin", "read_npy", "read_pcd", "read_image",
+           "prepare_image", "scale_intrinsics", "CameraCalib", "read_calib", "read_lidar2ego", "read_json",
+           "read_text", "PointLayout"]
 
 NumFeatures = Union[int, str]   # 4 | 5 | 8 | "auto"
 POINT_SUFFIXES = (".bin", ".npy", ".pcd")
 
 
 def _check_file(path: Path, row: Optional[int]) -> int:
-    if not path.exists():
-        raise DataError(path, "file is missing", row)
-    if not path.is_file():
-        raise DataError(path, "is not a regular file", row)
-    size = path.stat().st_size
+    """The size of ``path``; DataError when it is missing, not a regular file (a FIFO would block), empty or
+    cannot even be looked at (a name too long, no permission)."""
+    try:
+        if not path.exists():
+            raise DataError(path, "file is missing", row)
+        if not path.is_file():
+            raise DataError(path, "is not a regular file", row)
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(path, f"cannot be read: {e.strerror or e}", row) from None
     if size == 0:
         raise DataError(path, "file is empty", row)
     return size
+
+
+def _read_bytes(path: Path, row: Optional[int]) -> bytes:
+    """The whole file, after :func:`_check_file`; an OS error while reading is a DataError too."""
+    _check_file(path, row)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(path, f"cannot be read: {e.strerror or e}", row) from None
 
 
 MAX_INTENSITY = 65535.0      # the largest intensity any supported sensor writes (16-bit)
@@ -81,10 +97,11 @@ def read_bin(path: Union[str, Path], num_features: NumFeatures = "auto",
     from several files instead and pass the result here as an int).
     """
     path = Path(path)
-    size = _check_file(path, row)
+    raw = _read_bytes(path, row)
+    size = len(raw)
     if size % 4:
         raise DataError(path, f"truncated: {size} bytes is not a whole number of float32 values", row)
-    flat = np.fromfile(path, dtype="<f4")
+    flat = np.frombuffer(raw, dtype="<f4").copy()      # a copy: the points handed on are writable
     if num_features == "auto":
         try:
             layout = detect_from_arrays([flat], [str(path)])
@@ -129,8 +146,7 @@ _PCD_TYPES = {("F", 4): "<f4", ("F", 8): "<f8", ("I", 1): "<i1", ("I", 2): "<i2"
 def read_pcd(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndarray, PointLayout]:
     """PCD v0.7 with ``DATA ascii`` or ``DATA binary`` and fields x y z intensity (or ``i``) -> ((N, 4), layout)."""
     path = Path(path)
-    _check_file(path, row)
-    raw = path.read_bytes()
+    raw = _read_bytes(path, row)
     header: dict[str, list[str]] = {}
     pos = 0
     while True:
@@ -173,6 +189,8 @@ def read_pcd(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndar
                           for k, (t, s, c) in enumerate(zip(types, sizes, counts))])
     except KeyError as e:
         raise DataError(path, f"unsupported PCD TYPE/SIZE {e}", row) from None
+    except ValueError as e:       # numpy refuses the record (a COUNT beyond a C int, a record over 2 GB)
+        raise DataError(path, f"malformed PCD header: SIZE {sizes}, COUNT {counts}: {e}", row) from None
     if mode == "ascii":
         text = raw[pos:].decode("ascii", errors="replace").split()
         width = sum(counts)
@@ -196,28 +214,13 @@ def read_pcd(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndar
     return _xyzi(np.stack(cols, axis=1), path, row), PointLayout(len(fields), "pcd", " ".join(fields))
 
 
-def lidar_to_ego(points: np.ndarray, lidar2ego: Optional[np.ndarray]) -> np.ndarray:
-    """(N, 4) float32 x, y, z, intensity in the LiDAR frame -> the same points in the ego frame: x, y, z rotated
-    and translated by the 4x4 ``lidar2ego`` (docs/CONTRACTS.md), intensity kept. ``None`` = identity (the array
-    is returned as is). Computed in float64; a coordinate past float32's range (a far outlier the checks let
-    through) is clamped to it, so every coordinate stays finite."""
-    if lidar2ego is None:
-        return points
-    T = np.asarray(lidar2ego, dtype=np.float64)
-    xyz = points[:, :3].astype(np.float64) @ T[:3, :3].T + T[:3, 3]
-    out = np.array(points, dtype=np.float32, copy=True)
-    big = float(np.finfo(np.float32).max)
-    out[:, :3] = np.clip(xyz, -big, big)
-    return out
-
-
 def read_points(path: Union[str, Path], num_features: NumFeatures = "auto", row: Optional[int] = None,
                 lidar2ego: Optional[np.ndarray] = None) -> tuple[np.ndarray, PointLayout]:
     """Any supported point file -> ((N, 4) float32 x, y, z, intensity, the PointLayout used).
 
     ``num_features`` (4 | 5 | 8 | "auto") only matters for ``.bin``; .npy and .pcd state their own layout.
-    With ``lidar2ego`` (the segment's LiDAR extrinsic, :func:`e2r.data.calib.read_lidar2ego`) the points come
-    back in the ego frame (:func:`lidar_to_ego`; the checks above are made in the LiDAR's own frame).
+    With ``lidar2ego`` (the segment's LiDAR extrinsic, :func:`read_lidar2ego`) the points come back in the ego
+    frame (:func:`e2r.data.calib.lidar_to_ego`; the readers' checks are made in the LiDAR's own frame).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -232,7 +235,6 @@ def read_points(path: Union[str, Path], num_features: NumFeatures = "auto", row:
     return lidar_to_ego(points, lidar2ego), layout
 
 
-MAX_IMAGE_SIDE = 16384             # wider or taller than this: refused before decoding
 MAX_IMAGE_PIXELS = 40_000_000      # more pixels than this (8K UHD has 33 M): refused before decoding
 EXPECTED_SIZE_FACTOR = 4           # more than this many times the pixels of ``expected_size``: refused
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -324,54 +326,24 @@ def scale_intrinsics(K, sx: float, sy: float):
     return K2
 
 
-@dataclass(frozen=True)
-class CameraCalib:
-    """One camera of calib.json: name, image_size (W, H), K (3, 3) for that size, cam2ego (4, 4)."""
-    name: str
-    image_size: tuple[int, int]
-    K: np.ndarray
-    cam2ego: np.ndarray
-
-
-def _matrix(value: object, shape: tuple[int, ...], what: str, path: Path) -> np.ndarray:
-    """``value`` as a float64 array of ``shape`` with finite values, else DataError naming ``path`` and ``what``."""
+def read_text(path: Union[str, Path]) -> str:
+    """A small UTF-8 text file (calibration) -> its text; DataError naming the file when it is missing, empty,
+    unreadable or not UTF-8."""
+    path = Path(path)
     try:
-        m = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise DataError(path, f"{what} is not a numeric matrix: {value!r}") from None
-    if m.shape != shape:
-        raise DataError(path, f"{what} must have shape {shape}, got {m.shape}")
-    if not np.isfinite(m).all():
-        raise DataError(path, f"{what} has non-finite values")
-    return m
-
-
-def _check_float32_invertible(m: np.ndarray, what: str, path: Path) -> None:
-    """The models use K and cam2ego as float32 and invert them: refuse a matrix valid in float64 whose
-    float32 version overflows, underflows to a singular matrix (fx = 1e-300 -> 0) or has a non-finite inverse."""
-    with np.errstate(all="ignore"):
-        m32 = m.astype(np.float32)
-        ok = bool(np.isfinite(m32).all())
-        if ok:
-            try:
-                inv = np.linalg.inv(m32)
-                ok = bool(np.isfinite(inv).all()) and bool(np.isfinite(inv.astype(np.float32)).all()) \
-                    and np.allclose(inv @ m32, np.eye(len(m32)), atol=1e-3)
-            except np.linalg.LinAlgError:
-                ok = False
-    if not ok:
-        raise DataError(path, f"{what} is not usable in float32 (its float32 version is not finite or not "
-                              f"invertible): {m.tolist()}")
+        return _read_bytes(path, None).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not UTF-8 text: {e}") from None
 
 
 def read_json(path: Union[str, Path]) -> object:
     """A small JSON file (calib.json, calibration records) -> the parsed document; DataError naming the file when
     it is missing, empty, not UTF-8 text, not JSON or nested too deeply."""
     path = Path(path)
-    _check_file(path, None)
+    text = read_text(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise DataError(path, f"not valid JSON: {e}") from None
     except RecursionError:
         raise DataError(path, "JSON nested too deeply to be a calibration file") from None
@@ -379,39 +351,13 @@ def read_json(path: Union[str, Path]) -> object:
 
 def read_calib(path: Union[str, Path]) -> list[CameraCalib]:
     """Read and validate calib.json (format in docs/CONTRACTS.md) -> cameras in file order."""
-    path = Path(path)
-    doc = read_json(path)
-    cams = doc.get("cameras") if isinstance(doc, dict) else None
-    if not isinstance(cams, list) or not cams:
-        raise DataError(path, "expected {\"cameras\": [ ... ]} with at least one camera")
-    out: list[CameraCalib] = []
-    for i, cam in enumerate(cams):
-        where = f"cameras[{i}]"
-        if not isinstance(cam, dict):
-            raise DataError(path, f"{where} is not an object")
-        for field in ("name", "image_size", "K", "cam2ego"):
-            if field not in cam:
-                raise DataError(path, f"{where} has no {field!r}")
-        name = cam["name"]
-        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name):
-            raise DataError(path, f"{where}.name {name!r} must be a non-empty string of [A-Za-z0-9_.-]")
-        size = cam["image_size"]
-        if (not isinstance(size, (list, tuple)) or len(size) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
-            raise DataError(path, f"{where}.image_size must be [W, H] positive integers, got {size!r}")
-        K = _matrix(cam["K"], (3, 3), f"{where}.K", path)
-        if K[0, 0] <= 0 or K[1, 1] <= 0 or not np.allclose(K[2], [0, 0, 1]):
-            raise DataError(path, f"{where}.K must have fx, fy > 0 and last row [0, 0, 1], got {K.tolist()}")
-        T = _matrix(cam["cam2ego"], (4, 4), f"{where}.cam2ego", path)
-        if not np.allclose(T[3], [0, 0, 0, 1]):
-            raise DataError(path, f"{where}.cam2ego last row must be [0, 0, 0, 1], got {T[3].tolist()}")
-        _check_float32_invertible(K, f"{where}.K", path)
-        _check_float32_invertible(T, f"{where}.cam2ego", path)
-        out.append(CameraCalib(name, (int(size[0]), int(size[1])), K, T))
-    names = [c.name for c in out]
-    if len(set(names)) != len(names):
-        raise DataError(path, f"duplicate camera names {names}")
-    return out
+    return cameras_from_doc(read_json(path), Path(path))
+
+
+def read_lidar2ego(path: Union[str, Path], required: bool = False) -> Optional[np.ndarray]:
+    """The ``"lidar2ego"`` (4, 4) of a calib.json, validated; None when it has none (identity) and it is not
+    ``required``. Only that field is read: a LiDAR dataset does not depend on the camera entries."""
+    return lidar2ego_from_doc(read_json(path), Path(path), required)
 
 
 def sample_paths(paths: Sequence[Path], k: int = 3) -> list[Path]:
