@@ -274,6 +274,19 @@ def test_tiny_checkpoint_declaring_huge_sizes_is_refused_before_building(tmp_pat
     assert built == ["meta", "meta", "meta", "cpu"]
 
 
+def test_resume_from_a_checkpoint_declaring_huge_sizes_is_refused(tmp_path, teacher_ckpt, capsys):
+    from pipelines import train_student, train_teacher
+
+    for kind, module in (("teacher", train_teacher), ("student", train_student)):
+        path = tmp_path / f"{kind}_resume.pt"
+        torch.save({"format": "e2r-checkpoint", "format_version": 1, "kind": kind, "epoch": 0,
+                    "config": {**torch.load(teacher_ckpt, weights_only=True)["config"], "gru_hidden": 10 ** 6},
+                    "model": {"a": torch.zeros(4)}}, path)
+        rc = module.main(["--data_root", str(tmp_path / "absent"), "--resume_path", str(path), "--device", "cpu",
+                          "--save_path", str(tmp_path / "x.pt"), "--no_progress"])
+        assert rc == 1 and f"{path}" in (err := capsys.readouterr().err) and "gru_hidden" in err, err
+
+
 # ----- 4. export --lidar_num_features 4; 5. DataLoader workers die with their parent --------------------------
 def test_export_flag_lidar_num_features_4_is_an_int():
     import argparse

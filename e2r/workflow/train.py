@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from e2r.checkpoints import load_checkpoint
+from e2r.checkpoints import check_fits, load_checkpoint
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
 from e2r.kd import KDWeights
 from e2r.losses import action_loss, action_weights, weighted_action_mse
@@ -84,6 +84,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict[str, Any]:
         device = resolve_device(cfg.device, ctx.local_rank)
         seed_everything(cfg.seed)
         resume = load_checkpoint(cfg.resume_path, kind="teacher") if cfg.resume_path else None
+        if resume:
+            check_fits(cfg.resume_path, resume, lambda c: LiDARBEVTeacher(TeacherConfig.from_dict(c)))
         model_cfg = TeacherConfig.from_dict(resume["config"]) if resume else TeacherConfig.preset_named(cfg.preset)
         train_ds, valid_ds = train_valid_datasets(
             cfg, lambda split, segments: LidarSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
@@ -183,6 +185,8 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
         device = resolve_device(cfg.device, ctx.local_rank)
         seed_everything(cfg.seed)
         resume = load_checkpoint(cfg.resume_path, kind="student") if cfg.resume_path else None
+        if resume:
+            check_fits(cfg.resume_path, resume, lambda c: CameraBEVStudent(StudentConfig.from_dict(c)))
         schema, teacher_cfg = read_store_schema(cfg.memorybank) if cfg.memorybank else (None, None)
         if teacher_cfg is None and cfg.teacher_ckpt:     # the store records none (or there is no store)
             teacher_cfg = teacher_config_of_checkpoint(cfg.teacher_ckpt)
