@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
-__all__ = ["E2RError", "Problem", "DataError", "LayoutUndecidable", "CheckpointError", "InvalidKeyError",
+__all__ = ["E2RError", "Problem", "DataError", "LayoutUndecidable", "CheckpointError", "InvalidKeyError", "check_positive",
            "ConfigError"]
 
 
@@ -59,3 +59,12 @@ class InvalidKeyError(E2RError, ValueError):
 
 class ConfigError(E2RError, ValueError):
     """A run configuration (flag values) that cannot work; the message names the flag."""
+
+
+def check_positive(cfg: object, names: Sequence[str]) -> None:
+    """ConfigError naming the flag ``--<name>`` for each of ``names`` whose value on ``cfg`` is set (not None)
+    and < 1: the one check every run config uses for its counts."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")

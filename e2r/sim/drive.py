@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from e2r.checkpoints import load_checkpoint
-from e2r.errors import ConfigError
+from e2r.errors import ConfigError, check_positive
 from e2r.metrics import write_metrics_csv
 from e2r.runtime import resolve_device
 from e2r.sim.closed_loop import ClosedLoopConfig, RunResult, SimWorld, load_world, run_closed_loop, start_indices
@@ -64,9 +64,7 @@ class DriveConfig:
 
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work (checkpoints are checked when loaded)."""
-        for name in ("starts", "laps", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        check_positive(self, ("starts", "laps", "seq_len"))
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
         if not self.time_limit > 0:

@@ -13,7 +13,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence, TypeVar, Union
 
-from e2r.errors import ConfigError
+from e2r.errors import ConfigError, check_positive
 
 __all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig",
            "TeacherEvalConfig", "StudentEvalConfig", "ExportConfig", "config_from_namespace", "command_line", "plain_dict",
@@ -72,14 +72,6 @@ def check_output_file(flag: str, value: Optional[str]) -> None:
         parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
     if parent and not os.path.isdir(parent):
         raise ConfigError(f"--{flag} {value!r}: {parent!r} is not a directory, the file cannot be written there")
-
-
-def check_positive(cfg: Any, names: Sequence[str]) -> None:
-    """ConfigError naming the flag for each of ``names`` that is set (not None) and < 1."""
-    for name in names:
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {value}")
 
 
 def plain_dict(cfg: Any) -> dict[str, Any]:
