@@ -118,20 +118,32 @@ class SplitIndex:
         out = np.full(len(q), -1, np.int64)
         if not n or not len(q):
             return out
-        qq = q.astype(f"S{w}") if q.dtype.itemsize != w else q
-        fits = qq == q if q.dtype.itemsize > w else np.ones(len(q), bool)     # longer keys are not here
+        qq = q.astype(f"S{w}") if q.dtype.itemsize != w else q     # exactly the index's width: no copy of it
         i = np.searchsorted(m.keys, qq)
-        at, before = np.minimum(i, n - 1), np.maximum(i - 1, 0)
-        self.check_blocks(np.concatenate([at, before]) // m.block)
-        ka, kb = m.keys[at], m.keys[before]
-        if not (((i == n) | (ka >= qq)) & ((i == 0) | (kb < qq))).all():
-            raise self._corrupt("keys out of order where a search landed (a damaged block misled it)")
-        hit = fits & (i < n) & (ka == qq)
+        at = np.minimum(i, n - 1)
+        hit = m.keys[at] == qq
+        if q.dtype.itemsize > w:
+            hit &= qq == q                                          # a longer key is not a truncated one
+        if self._verified is not None and not self._verified[at // m.block].all():
+            self.check_blocks(at // m.block)                        # a hit's entry is then authentic
+        if not hit.all():
+            self._check_misses(i[~hit], qq[~hit])
         p = m.pos[at[hit]].astype(np.int64)
         if len(p) and int(p.max()) >= self.count:
             raise self._corrupt(f"a position beyond the split's {self.count} rows")
         out[hit] = self.start + p
         return out
+
+    def _check_misses(self, i: np.ndarray, qq: np.ndarray) -> None:
+        """A key is absent only if the checked entries around where its search landed bracket it: a search
+        misled by a damaged block elsewhere lands where they do not (StoreCorruptError), so damage never
+        makes a stored key look absent."""
+        m = self._mapped()
+        n = len(m.keys)
+        at, before = np.minimum(i, n - 1), np.maximum(i - 1, 0)
+        self.check_blocks(np.concatenate([at, before]) // m.block)
+        if not (((i == n) | (m.keys[at] >= qq)) & ((i == 0) | (m.keys[before] < qq))).all():
+            raise self._corrupt("keys out of order where a search landed (a damaged block misled it)")
 
 
 class KeyIndex:
@@ -173,31 +185,27 @@ class KeyIndex:
         A malformed key raises InvalidKeyError naming it. (Indexed keys were validated when reserved, so only
         keys not found are validated here.)
         """
-        keys = list(keys)
+        keys = keys if isinstance(keys, list) else list(keys)
         out = np.full(len(keys), -1, np.int64)
-        if keys and all(type(k) is str for k in keys):
-            try:
-                q = np.array(keys, dtype="S")
-            except UnicodeEncodeError:       # not ASCII: no such key (validated below)
-                q = None
-            if q is not None:
-                # numpy drops trailing NULs: such a key must not match the key without them
-                exact = np.char.str_len(q) == np.fromiter(map(len, keys), np.int64, len(keys))
-                heads = [k.partition("/")[0] for k in keys]          # a key's split is its prefix
-                names = set(heads)
-                for split in names:
-                    idx = self.splits.get(split)
-                    if idx is None:
-                        continue
-                    if len(names) == 1:
+        try:
+            joined = "".join(keys)
+        except TypeError:                    # a key is not a string: validated below
+            joined = ""
+        # keys of the grammar are ASCII without NULs (numpy would drop trailing NULs): others are validated below
+        if joined and joined.isascii() and "\x00" not in joined:
+            q = np.array(keys, dtype="S")
+            if len(self.splits) == 1:
+                out[:] = next(iter(self.splits.values())).find(q)    # keys of other splits are not in it
+            else:
+                for name, idx in self.splits.items():           # a key's split is its prefix
+                    sel = np.char.startswith(q, f"{name}/".encode())
+                    if sel.all():
                         out[:] = idx.find(q)
-                    else:
-                        sel = np.fromiter((h == split for h in heads), bool, len(keys))
+                    elif sel.any():
                         out[sel] = idx.find(q[sel])
-                out[~exact] = -1
-                hit = out >= 0
-                hit[hit] = self._complete[out[hit]]
-                out[~hit] = -1
+            hit = out >= 0
+            hit[hit] = self._complete[out[hit]]
+            out[~hit] = -1
         missing: list[str] = []
         for i in np.flatnonzero(out < 0).tolist():
             validate_key(keys[i])

@@ -155,13 +155,14 @@ def map_index(path: Path, store: str, split: str, start: int, count: int,
         if google_crc32c.value(head[:-4]) != int.from_bytes(head[-4:], "little"):
             raise _corrupt(store, path, "header checksum (crc32c) mismatch - file corrupted")
         meta = json.loads(head[12:12 + int.from_bytes(head[8:12], "little")])
+        got = tuple(meta[k] for k in ("split", "start", "count", "keys_crc32c"))
+        if got[:3] != (split, start, count) or (keys_crc32c is not None and got[3] != keys_crc32c):
+            raise _corrupt(store, path, f"it indexes other keys (split, start, count, keys_crc32c = {got}) than "
+                                        f"the store's split entry holds ({(split, start, count, keys_crc32c)}): "
+                                        "left over from a replaced split")
         width, block = int(meta["width"]), int(meta["block"])
-        if not 0 < width <= MAX_KEY_LEN or block <= 0 or meta["count"] != count or meta["split"] != split:
-            raise _corrupt(store, path, f"header {meta} does not describe split {split!r} of {count} keys")
-        if meta["start"] != start or (keys_crc32c is not None and meta["keys_crc32c"] != keys_crc32c):
-            raise _corrupt(store, path, f"it indexes other keys (start {meta['start']}, keys_crc32c "
-                                        f"{meta['keys_crc32c']}) than split {split!r} holds (start {start}, "
-                                        f"keys_crc32c {keys_crc32c}): left over from a replaced split")
+        if not 0 < width <= MAX_KEY_LEN or block <= 0:
+            raise _corrupt(store, path, f"header {meta} is not a key index's")
         lay = _layout(count, width, block)
         if any(meta[k] != v for k, v in lay.items()) or size != lay["file_bytes"]:
             raise _corrupt(store, path, f"{size} bytes, expected {lay['file_bytes']} (truncated or damaged)")

@@ -129,7 +129,11 @@ class RowChunkReader:
 
     # ------------------------------------------------------------------ files
     def file_path(self, i: int) -> Path:
-        return self.dir.joinpath("c", str(i), *(["0"] * self._tail))
+        return Path(self.file_str(i))
+
+    def file_str(self, i: int) -> str:
+        """`file_path` as a string (cheap: one per shard at every open)."""
+        return f"{self.dir}{os.sep}c{os.sep}{i}" + f"{os.sep}0" * self._tail
 
     def chunk_name(self, i: int, k: int | None = None) -> str:
         rel = self.file_path(i)
@@ -340,9 +344,12 @@ class FlatChunkReader:
             self._decompress, self.crc = _decoder(meta["codecs"], self.dtype)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise UnsupportedLayout(f"{self.dir}: unexpected array metadata ({type(e).__name__}: {e})") from None
+        self._prefix = f"{self.dir}{os.sep}c{os.sep}"
+        self._same: dict[bytes, np.ndarray] = {}       # chunk bytes (checked) -> decoded: identical bytes decode alike
 
     def chunk(self, c: int) -> np.ndarray | None:
-        opened = open_regular(self.dir / "c" / str(c), self.store, self.name)
+        """Chunk ``c`` (read-only array), None when its file is absent."""
+        opened = open_regular(f"{self._prefix}{c}", self.store, self.name)
         if opened is None:
             return None
         fd, size = opened
@@ -353,6 +360,9 @@ class FlatChunkReader:
         tail = 4 if self.crc else 0
         if len(raw) < tail or (tail and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little")):
             raise ValueError("crc32c checksum mismatch (chunk corrupted)")
+        out = self._same.get(raw)             # a finished split's flag chunks are all the same few bytes
+        if out is not None:
+            return out
         out = np.empty(self.rows, self.dtype)
         body = memoryview(raw)[:len(raw) - tail]
         if self._decompress is None:
@@ -361,4 +371,7 @@ class FlatChunkReader:
             out[:] = np.frombuffer(body, self.dtype)
         else:
             self._decompress(body, out)
+        out.flags.writeable = False
+        if len(raw) <= 256 and len(self._same) < 64:
+            self._same[raw] = out
         return out

@@ -201,9 +201,9 @@ class ZarrIntegrity:
             if r is None:
                 continue
             F = r.rows_per_file
-            held = np.add.reduceat(complete, np.arange(0, len(complete), F), dtype=np.int64)
+            held = np.pad(complete, (0, -len(complete) % F)).reshape(-1, F).any(axis=1)
             for i in np.flatnonzero(held).tolist():
-                if regular_size(r.file_path(i), self.path, name) is None:
+                if regular_size(r.file_str(i), self.path, name) is None:
                     rows = i * F + np.flatnonzero(complete[i * F:(i + 1) * F])
                     keys = self._keys_of(rows[:4].tolist())
                     out.append(f"{r.chunk_name(i)} is missing but holds {len(rows)} complete row(s) "

@@ -142,6 +142,14 @@ class KeyIndexing:
                 out += [str(k) for k in ks if k]
         return out
 
+    def complete_rows(self, split: str | None = None) -> np.ndarray:
+        """Store rows (int64) of the complete rows, in row order: aligned with ``keys(split)``."""
+        assert self._index is not None
+        if split is None:
+            return self._index.complete_rows()
+        s, c = self._split(split)
+        return self._index.complete_rows(s, s + c)
+
     def complete_count(self, split: str | None = None) -> int:
         """How many complete rows the store (or ``split``) holds (from the index: nothing is read)."""
         assert self._index is not None
