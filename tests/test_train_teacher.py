@@ -133,3 +133,24 @@ def test_steering_input_dropout_hides_whole_windows():
     out = drop_steering_input(steering, 0.5)
     hidden = (out == 0).all(dim=1)
     assert 0 < int(hidden.sum()) < 20 and torch.equal(out[~hidden], steering[~hidden])
+
+
+def test_same_seed_same_weights_in_fresh_processes(data_root, tmp_path):
+    """The seed determines the result on a given machine and thread count: two fresh processes (their own
+    interpreter, allocator and thread pool) train bit-identical weights; another seed does not."""
+    import subprocess
+    import sys
+
+    flags = ("--epochs", "1", "--num_workers", "1")
+
+    def run(name):
+        path = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-m", "pipelines.train_teacher", *_args(data_root, tmp_path, *flags,
+                        "--save_path", str(path))], check=True, capture_output=True)
+        return load_checkpoint(path)["model"]
+
+    a, b = run("a"), run("b")
+    _train(data_root, tmp_path, *flags, "--seed", "1", "--save_path", str(tmp_path / "c.pt"))
+    c = load_checkpoint(tmp_path / "c.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
