@@ -3,6 +3,7 @@ previous schema (index built in memory, `reindex` upgrades), and `verify` checki
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import tracemalloc
 import warnings
@@ -202,3 +203,31 @@ def test_the_index_stays_invisible_to_zarr_tools(tmp_path):
         assert sorted(zarr.open_group(path, mode="r").array_keys()) == ["complete", "keys", "light"]
         assert xr.open_zarr(path, consolidated=False, zarr_format=3)["keys"].shape == (44,)
     assert not [w for w in seen if "not recognized" in str(w.message) or "index" in str(w.message)]
+
+
+def test_reserve_writes_the_index_durably_before_the_entry_and_a_crash_leaves_no_half_split(tmp_path, monkeypatch,
+                                                                                          capsys):
+    path = str(tmp_path / "mb.zarr")
+    bank, keys, data = _store(path, splits=(("train", 10),))
+    events: list[str] = []
+    real_fsync, real_attrs = os.fsync, ZarrMemoryBank._write_attrs
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+
+    def crash(self, attrs):
+        events.append("entry")
+        raise RuntimeError("killed before the split entry")
+    monkeypatch.setattr(ZarrMemoryBank, "_write_attrs", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        bank.reserve_split("valid", make_keys("valid", 6))
+    idx = str(index_path(path, "valid"))
+    assert idx in events and events.index(idx) < events.index("entry")
+    assert events.index(str(Path(idx).parent)) < events.index("entry")       # the rename is durable too
+    monkeypatch.setattr(ZarrMemoryBank, "_write_attrs", real_attrs)
+    r = open_memorybank(path)                         # the split does not exist; the unused index is harmless
+    assert list(r.splits) == ["train"] and len(r) == 10 and not r.has("valid/seg_000:1")
+    assert main(["verify", path]) == 1 and "key index of no split" in capsys.readouterr().out
+    w = open_memorybank(path, "r+")
+    w.reserve_split("valid", make_keys("valid", 4))  # a re-run writes over it
+    w.write_rows("valid", 0, rows_for(w.schema, make_keys("valid", 4)))
+    assert main(["verify", path]) == 0
+    np.testing.assert_array_equal(open_memorybank(path).get(keys["train"][9])["gru_out"], data["train"]["gru_out"][9])
