@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_input_args(p, "student")
     p.add_argument("--memorybank", "--teacher_cache_dir", dest="memorybank", default=None,
                    help="memorybank of teacher outputs: also report the KD gap to the teacher on its keys")
+    p.add_argument("--skip_damaged", action="store_true",
+                   help="a damaged memorybank (rows failing their checksums, missing shards) stops the run by "
+                        "default; with this flag the damaged rows are left without KD and counted")
     add_eval_window_args(p)
     add_eval_output_args(p)
     return p

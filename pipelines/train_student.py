@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memorybank of teacher outputs (pipelines.export); KD for the keys it holds. Unset: BC only")
     p.add_argument("--teacher_ckpt", default=None,
                    help="teacher checkpoint, only for its config (BEV grid) when the memorybank does not record it")
+    p.add_argument("--skip_damaged", action="store_true",
+                   help="a damaged memorybank (rows failing their checksums, missing shards) stops the run by "
+                        "default; with this flag the damaged rows are left without KD and counted")
     p.add_argument("--kd_action_w", type=float, default=1.0, help="weight of action KD (default 1.0)")
     p.add_argument("--kd_bevvec_w", type=float, default=1.0, help="weight of bev_vec 1-cosine KD (default 1.0)")
     p.add_argument("--kd_temporal_w", type=float, default=1.0, help="weight of GRU-out MSE KD (default 1.0)")
@@ -60,7 +63,8 @@ def parse_config(argv: list[str] | None = None) -> StudentTrainConfig:
 def main(argv: list[str] | None = None) -> int:
     return training_main("train_student", build_parser(), StudentTrainConfig, train_student, argv,
                          lambda last: f"KD samples/epoch {last.get('kd_samples', 0)}, "
-                                      f"BC-only {last.get('bc_only_samples', 0)}; ")
+                                      f"BC-only {last.get('bc_only_samples', 0)}"
+                                      f"{', damaged rows skipped ' + str(last['damaged_samples']) if last.get('damaged_samples') else ''}; ")
 
 
 if __name__ == "__main__":

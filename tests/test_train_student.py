@@ -153,3 +153,32 @@ def test_bc_only_identity_transform_init_and_refusals(setup, tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists()
     assert train_student.main(_args(setup, tmp_path, "--memorybank", str(tmp_path / "absent.zarr"))) == 1
     assert "absent.zarr: cannot open it read-only" in capsys.readouterr().err
+
+
+def test_damaged_store_stops_training_unless_skip_damaged(setup, tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    from e2r.workflow.configs import StudentEvalConfig
+    from e2r.workflow.evaluate import evaluate_student
+
+    bank = tmp_path / "damaged.zarr"
+    shutil.copytree(setup["bank"], bank)
+    shard = Path(bank) / "light" / "c" / "0" / "0" / "0"       # the first shard: the first train rows
+    raw = bytearray(shard.read_bytes())
+    raw[3] ^= 0x5A
+    shard.write_bytes(bytes(raw))
+    base = ("--epochs", "1", "--memorybank", str(bank), "--save_path", str(tmp_path / "s.pt"), "--valid_split", "")
+    assert train_student.main(_args(setup, tmp_path, *base)) == 1
+    err = capsys.readouterr().err
+    assert "crc32c" in err and "--skip_damaged" in err and str(bank) in err
+    out = _train(setup, tmp_path, *base, "--skip_damaged")
+    h = out["history"][0]
+    n = len(camera_ds(setup["root"]))
+    assert 1 <= h["damaged_samples"] < n and h["kd_samples"] + h["bc_only_samples"] == n
+    assert h["kd_samples"] == n - 1 - h["damaged_samples"]          # one key was never exported (setup)
+    ev = evaluate_student(StudentEvalConfig(data_root=str(setup["root"]), split="train", seq_len=SEQ, stride=STRIDE,
+                                            student_ckpt=str(tmp_path / "s.pt"), memorybank=str(bank),
+                                            device="cpu", no_progress=True, skip_damaged=True))
+    assert len(ev["damaged_keys"]) == h["damaged_samples"]
+    assert ev["kd_gap"]["kd_n"] == n - 1 - h["damaged_samples"]

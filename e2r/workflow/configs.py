@@ -155,6 +155,7 @@ class StudentTrainConfig(TrainConfig):
     kd_bevfeat_w: float = 0.0
     kd_bevfeat_background: float = 0.05
     hflip_prob: float = 0.0
+    skip_damaged: bool = False
 
     def check(self) -> None:
         super().check()
@@ -202,6 +203,7 @@ class StudentEvalConfig(EvalConfig):
 
     student_ckpt: str
     memorybank: Optional[str] = None
+    skip_damaged: bool = False
 
 
 @dataclass(kw_only=True)

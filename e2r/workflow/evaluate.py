@@ -119,7 +119,8 @@ class KDGapAccumulator:
 
 
 def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
-    """Returns ``{"results": {predictor: metrics}, "per_segment", "kd_gap": dict or None, "plot_path", "csv_path",
+    """Returns ``{"results": {predictor: metrics}, "per_segment", "kd_gap": dict or None, "damaged_keys" (with
+    ``skip_damaged``: keys whose teacher row is damaged, left out of the KD gap), "plot_path", "csv_path",
     "num_windows"}``; raises DataError / CheckpointError / ValueError on bad input."""
     weights = parse_overall_weights(cfg.overall_weights)
     device = resolve_device(cfg.device)
@@ -131,11 +132,12 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
     if cfg.memorybank:
         schema, teacher_cfg = read_store_schema(cfg.memorybank)
         check_store(cfg.memorybank, schema, cfg.seq_len, ds.frame_actions().shape[1], model_cfg, False, teacher_cfg)
-    data = KDCameraBatches(ds, cfg.memorybank, LIGHT_KD_FIELDS)
+    data = KDCameraBatches(ds, cfg.memorybank, LIGHT_KD_FIELDS, cfg.skip_damaged)
     loader, _ = make_kd_loader(data, cfg.batch_size, False, 0, cfg.num_workers, DistContext())
     accs = {name: ActionErrorAccumulator(weights) for name in STUDENT_PREDICTORS}
     gap = KDGapAccumulator(weights) if cfg.memorybank else None
     keys: list[str] = []
+    damaged: list[str] = []          # with --skip_damaged: windows whose teacher row failed its checks
     preds, targets = [], []
     mean = model.action_mean.cpu()
 
@@ -150,6 +152,7 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
         if gap is not None:
             gap.update(pred, aux, b["teacher"], b["has_kd"])
         keys.extend(batch["keys"])
+        damaged.extend(k for k, d in zip(batch["keys"], batch["damaged"].tolist()) if d)
         preds.append(pred.cpu())
         targets.append(target)
         return ((pred.cpu() - target) ** 2).mean(), int(target.shape[0])
@@ -168,8 +171,8 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
         plot_segment(cfg.plot_path, frames, {"student": pred_series}, target_series,
                      f"student on {cfg.split}/{segment} ({ckpt['config'].get('preset', '?')} preset, "
                      f"{model_cfg.view_transform})")
-    return {"results": results, "per_segment": per_segment, "kd_gap": kd_gap, "plot_path": cfg.plot_path,
-            "csv_path": cfg.csv_path, "num_windows": len(ds)}
+    return {"results": results, "per_segment": per_segment, "kd_gap": kd_gap, "damaged_keys": damaged,
+            "plot_path": cfg.plot_path, "csv_path": cfg.csv_path, "num_windows": len(ds)}
 
 
 def print_kd_gap(out: dict[str, Any]) -> None:
@@ -179,3 +182,7 @@ def print_kd_gap(out: dict[str, Any]) -> None:
               f"action MSE steering {gap['kd_steering_mse']:.5f}, speed {gap['kd_speed_mse']:.5f}, "
               f"overall {gap['kd_overall_weighted_mse']:.5f}; bev_vec cosine {gap['kd_bev_vec_cosine']:.4f}; "
               f"gru_out MSE {gap['kd_gru_out_mse']:.5f}")
+    if out.get("damaged_keys"):
+        keys = out["damaged_keys"]
+        print(f"--skip_damaged: {len(keys)} window(s) whose teacher row is damaged were left out of the KD gap "
+              f"(first: {', '.join(keys[:3])}); `python -m stores verify` lists the damage")

@@ -32,7 +32,7 @@ from e2r.models.config import TeacherConfig
 from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import camera_fov_mask
 from e2r.runtime import DistContext, die_with_parent
-from stores import StoreError, StoreMismatchError, StoreSchema, open_memorybank
+from stores import StoreCorruptError, StoreError, StoreMismatchError, StoreSchema, open_memorybank
 from stores.torch_data import TeacherRowReader, make_loader
 
 __all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "teacher_config_of_checkpoint", "read_store_schema", "check_store", "KDCameraBatches",
@@ -117,12 +117,18 @@ class KDCameraBatches(Dataset):
     (B,Ncam,3,3), "cam2ego" (B,Ncam,4,4), "speed" (B,T), "steering" (B,T), "actions" (B,T,A), "has_kd" (B,)
     bool, "teacher": {field: float32 (B,T,...)}}``; ``teacher`` rows of keys absent from the store are zeros
     (``has_kd`` False). Without a memorybank ``has_kd`` is all False and ``teacher`` empty. Windows skipped
-    as bad (``skip_bad``) are dropped; a batch of only bad windows is ``None``."""
+    as bad (``skip_bad``) are dropped; a batch of only bad windows is ``None``.
+
+    A damaged store (a row whose bytes fail their checksum or whose shard is missing: StoreCorruptError)
+    stops the run by default. With ``skip_damaged`` such a batch is re-read key by key; the damaged rows get
+    no KD (``has_kd`` False, like absent keys) and are counted in ``"damaged"`` (B,) bool: never zeros as
+    targets."""
 
     def __init__(self, camera: CameraSequenceDataset, memorybank: str | None = None,
-                 fields: Sequence[str] = LIGHT_KD_FIELDS) -> None:
+                 fields: Sequence[str] = LIGHT_KD_FIELDS, skip_damaged: bool = False) -> None:
         self.camera = camera
         self.teacher = TeacherRowReader(str(memorybank), tuple(fields)) if memorybank else None
+        self.skip_damaged = bool(skip_damaged)
 
     def __len__(self) -> int:
         return len(self.camera)
@@ -133,14 +139,40 @@ class KDCameraBatches(Dataset):
         if batch is None:
             return None
         batch["keys"] = list(batch.pop("key"))
+        batch["damaged"] = torch.zeros(len(batch["keys"]), dtype=torch.bool)
         if self.teacher is None:
             batch["has_kd"], batch["teacher"] = torch.zeros(len(batch["keys"]), dtype=torch.bool), {}
             return batch
-        rows = dict(self.teacher.read(batch["keys"]))     # one get_batch_into for the whole batch, by key
+        try:
+            rows = dict(self.teacher.read(batch["keys"]))     # one get_batch_into for the whole batch, by key
+        except StoreCorruptError as e:
+            if not self.skip_damaged:
+                raise StoreCorruptError(f"{e} -- to train or evaluate on the intact rows only (the damaged ones "
+                                        f"without KD, counted), pass --skip_damaged; `python -m stores verify` "
+                                        f"lists all the damage") from e
+            rows, batch["damaged"] = self._read_intact(batch["keys"])
         rows.pop("keys")
         batch["has_kd"] = rows.pop("found").to(torch.bool)
         batch["teacher"] = rows
         return batch
+
+    def _read_intact(self, keys: list[str]) -> tuple[dict[str, Any], Tensor]:
+        """Rows of ``keys`` read one by one: intact ones as stored, damaged ones zeros with ``found`` False;
+        returns (rows as :meth:`TeacherRowReader.read` gives them, damaged (B,) bool)."""
+        reader = self.teacher
+        B = len(keys)
+        rows: dict[str, Any] = {f: torch.zeros((B, *reader.schema.row_shape(f))) for f in reader.fields}
+        rows["found"], rows["keys"] = torch.zeros(B, dtype=torch.bool), list(keys)
+        damaged = torch.zeros(B, dtype=torch.bool)
+        for i, key in enumerate(keys):
+            try:
+                one = reader.read([key])
+            except StoreCorruptError:
+                damaged[i] = True
+                continue
+            for name in (*reader.fields, "found"):
+                rows[name][i] = one[name][0]
+        return rows, damaged
 
 
 def make_kd_loader(dataset: KDCameraBatches, batch_size: int, shuffle: bool, seed: int, num_workers: int,

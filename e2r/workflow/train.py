@@ -144,6 +144,7 @@ class StudentTask(TrainTask):
         sums["kd_samples"] = sums.get("kd_samples", 0.0) + n_kd
         sums["bc_only_samples"] = sums.get("bc_only_samples", 0.0) + float(parts["bc_only_samples"])
         sums["flipped_samples"] = sums.get("flipped_samples", 0.0) + float(flip.sum())
+        sums["damaged_samples"] = sums.get("damaged_samples", 0.0) + float(batch["damaged"].sum())
         return loss, n
 
     def valid_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -159,6 +160,7 @@ class StudentTask(TrainTask):
         entry = {"kd_samples": int(stats.get("kd_samples", 0)),
                  "bc_only_samples": int(stats.get("bc_only_samples", 0)),
                  "flipped_samples": int(stats.get("flipped_samples", 0)),
+                 "damaged_samples": int(stats.get("damaged_samples", 0)),
                  "train_bc": stats.get("bc", 0.0) / max(n_all, 1)}
         for name in PART_NAMES[1:]:
             entry[f"train_{name}"] = stats.get(name, 0.0) / max(stats.get("kd_samples", 0.0), 1)
@@ -171,7 +173,8 @@ class StudentTask(TrainTask):
 
     def notes(self, entry: dict[str, Any]) -> tuple[str, str]:
         return (f" (bc {entry['train_bc']:.4f}, kd {entry['train_kd_total']:.4f})",
-                f"samples kd {entry['kd_samples']} bc-only {entry['bc_only_samples']}  ")
+                f"samples kd {entry['kd_samples']} bc-only {entry['bc_only_samples']}"
+                + (f" (damaged rows skipped {entry['damaged_samples']})" if entry["damaged_samples"] else "") + "  ")
 
     def extra_state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         return {"valid_losses": [e["valid_loss"] for e in history]}
@@ -203,8 +206,8 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
         model = CameraBEVStudent(model_cfg)
         trainer = Trainer(cfg, "student", model, train_ds, resume, ctx, device)
         bank = cfg.memorybank if kd.action + kd.bev_vec + kd.temporal + kd.bev_feat > 0 else None
-        train_loader, train_sampler = make_kd_loader(KDCameraBatches(train_ds, bank, fields), batch_size, True,
-                                                     cfg.seed, cfg.num_workers, ctx)
+        train_loader, train_sampler = make_kd_loader(KDCameraBatches(train_ds, bank, fields, cfg.skip_damaged),
+                                                     batch_size, True, cfg.seed, cfg.num_workers, ctx)
         valid_loader = (make_kd_loader(KDCameraBatches(valid_ds), batch_size, False, cfg.seed, cfg.num_workers,
                                        ctx)[0] if valid_ds is not None and len(valid_ds) else None)
         task = StudentTask(trainer.net, model, cfg, kd, device)
