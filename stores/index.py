@@ -52,7 +52,11 @@ class SplitIndex:
         recorded in ``duplicates``; lookups find the first."""
         keys = np.asarray(keys, dtype=object)
         have = np.flatnonzero(keys != "")
-        sorted_keys, order = sort_keys(keys[have].tolist())
+        try:
+            sorted_keys, order = sort_keys(keys[have].tolist())
+        except UnicodeEncodeError:           # a key outside the grammar (damaged): not indexed, never found
+            have = np.array([i for i in have.tolist() if str(keys[i]).isascii()], np.int64)
+            sorted_keys, order = sort_keys(keys[have].tolist())
         pos = have[order.astype(np.int64)].astype("<u4")
         idx = cls(split, start, len(keys), MappedIndex(sorted_keys, pos, np.zeros((0, 2), "<u4"), BLOCK))
         for i in np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1]).tolist():
