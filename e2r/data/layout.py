@@ -157,6 +157,9 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
         raise DataError(csv_path, f"cannot parse csv: {e}") from None
     if not header:
         raise DataError(csv_path, "data.csv is empty (no header)")
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:
+        raise DataError(csv_path, f"column(s) {twice} appear more than once in the header (which one holds?)")
     need = list(REQUIRED_NUMERIC) + (["lidar_filepath"] if lidar else [])
     missing = [c for c in need if c not in header]
     if missing:
@@ -166,6 +169,8 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
     for i, r in enumerate(rows):
         if None in r:
             raise DataError(csv_path, f"line {lines[i]} has more cells than the header", i)
+        if any(v is None for v in r.values()):
+            raise DataError(csv_path, f"line {lines[i]} has fewer cells than the header ({len(header)})", i)
 
     def numbers(column: str) -> np.ndarray:
         return np.array([_parse_number(r[column], column, i, csv_path, lines[i]) for i, r in enumerate(rows)])

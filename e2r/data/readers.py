@@ -236,6 +236,7 @@ def read_points(path: Union[str, Path], num_features: NumFeatures = "auto", row:
 
 
 MAX_IMAGE_PIXELS = 40_000_000      # more pixels than this (8K UHD has 33 M): refused before decoding
+IMAGE_FORMATS = ("PNG", "JPEG")    # the only decoders tried (not every format Pillow knows, e.g. EPS via Ghostscript)
 EXPECTED_SIZE_FACTOR = 4           # more than this many times the pixels of ``expected_size``: refused
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -261,15 +262,15 @@ def read_image(path: Union[str, Path], size: Optional[tuple[int, int]] = None, r
                expected_size: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, tuple[int, int]]:
     """PNG/JPEG -> ((3, H', W') float32 RGB in [0, 1], original (W, H)); resized to ``size=(W', H')`` if given.
 
-    8-bit images are scaled by 255, 16-bit grayscale ones by 65535 (by their bit depth, not clipped). The size
-    is checked from the header before decoding (limits above; ``expected_size=(W, H)`` adds a bound relative
-    to the size the caller expects)."""
+    PNG and JPEG only (other formats are refused, whatever the file name). 8-bit images are scaled by 255,
+    16-bit grayscale ones by 65535 (by their bit depth, not clipped). The size is checked from the header before
+    decoding (limits above; ``expected_size=(W, H)`` adds a bound relative to the size the caller expects)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     _check_file(path, row)
     try:
-        with Image.open(path) as im:          # lazy: only the header has been read
+        with Image.open(path, formats=IMAGE_FORMATS) as im:    # lazy: only the header has been read
             _check_image_header(path, im, expected_size, row)
             im.load()
             original = im.size
@@ -279,7 +280,9 @@ def read_image(path: Union[str, Path], size: Optional[tuple[int, int]] = None, r
             rgb = im.convert("RGB")
     except Image.DecompressionBombError as e:
         raise DataError(path, f"image too large (decompression bomb guard): {e}", row) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise DataError(path, f"corrupt or unreadable image: not a {' or '.join(IMAGE_FORMATS)} image", row) from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(path, f"corrupt or unreadable image: {type(e).__name__}: {e}", row) from None
     return prepare_image(rgb, size), (int(original[0]), int(original[1]))
 
@@ -338,15 +341,28 @@ def read_text(path: Union[str, Path]) -> str:
 
 def read_json(path: Union[str, Path]) -> object:
     """A small JSON file (calib.json, calibration records) -> the parsed document; DataError naming the file when
-    it is missing, empty, not UTF-8 text, not JSON or nested too deeply."""
+    it is missing, empty, not UTF-8 text, not JSON, nested too deeply or names a key twice in one object."""
     path = Path(path)
     text = read_text(path)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise DataError(path, f"not valid JSON: {e}") from None
     except RecursionError:
         raise DataError(path, "JSON nested too deeply to be a calibration file") from None
+    except _DuplicateKeys as e:
+        raise DataError(path, f"key(s) {e} appear more than once in one object (which one holds?)") from None
+
+
+class _DuplicateKeys(Exception):
+    """A JSON object naming a key twice (json.loads would keep the last one silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKeys(sorted({k for k in keys if keys.count(k) > 1}))
+    return dict(pairs)
 
 
 def read_calib(path: Union[str, Path]) -> list[CameraCalib]:
