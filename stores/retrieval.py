@@ -1,0 +1,426 @@
+"""Retrieval index of a memorybank: for a camera sample without a paired LiDAR key, find the teacher's most
+similar situations (rows of the store) by cosine similarity of caller-built vectors.
+
+    from stores.retrieval import RetrievalIndex, build_index, append_index
+    build_index("mb.zarr", "state", vectors, keys, kind="faiss-ivf")     # vectors (N, D), keys (N,) of the store
+    index = RetrievalIndex.open("mb.zarr", "state")                      # read-only, cheap: nothing is read yet
+    keys, sim = index.retrieve(queries, k=8, exclude=query_keys)         # (B, D) -> (B, k) str, (B, k) float32
+
+An index has a name (``state``, ``pose``, ``student``: what the vectors are is the caller's business) and a
+dimension D. It lives inside the store (``<store>/retrieval/<name>/``, format and crash safety in
+`stores.retrieval_store`): unit-normalised float16 rows (N, D) and their keys, every byte checksummed.
+
+Back ends (``kind``): ``exact`` - chunked ``torch.topk`` over the memory-mapped matrix (memory bounded by one
+chunk of `default_chunk_rows` rows in float32 plus (B, chunk) similarities); ``faiss-ivf`` / ``faiss-hnsw`` -
+faiss (optional: ``pip install 'e2r-kd[retrieval]'``) finds candidates, which are then re-scored exactly
+from the stored float16 rows, so both back ends return the same similarity for the same row.
+
+**Exclusion.** ``exclude[b]`` (a key, a `SampleKey`, a ``(segment, start)`` pair, or None) stops query b from
+retrieving any row of the same segment (by segment name, whatever the split) whose start is within
+``+-exclude_frames`` (default: the store's seq_len at build, recorded in the index). The approximate back end
+over-fetches ``k + (2T + 1) * S`` candidates (T = exclude_frames, S = the most splits one segment name occurs
+in, 1 in a usual dataset): at most that many rows can be excluded, so k remain whenever faiss returns its
+candidates (beyond `MAX_CANDIDATES` the exact back end answers). Missing results (an index smaller than k
+plus the exclusions) come back as key "" and similarity -inf.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from e2r.keys import InvalidKeyError, SampleKey, parse_key, validate_part
+from stores.errors import StoreError
+from stores.fsio import publish, remove_path, remove_stale_temps, temp_sibling
+from stores.retrieval_store import (FORMAT, VERSION, MappedArray, add_faiss, add_part, blob_array, check_in_store, corrupt,
+                                    default_chunk_rows, ensure_root, faiss_blob, faiss_module, faiss_params, index_dir,
+                                    list_indexes, load_faiss, load_inputs, open_bank_keys, prepare_rows, read_manifest,
+                                    splits_per_segment, write_manifest)
+from stores.schema import now_iso
+
+KINDS = ("exact", "faiss-ivf", "faiss-hnsw")
+Exclude = Union[str, SampleKey, tuple[str, int], None]
+MAX_CANDIDATES = 1024     # an approximate search needing more candidates (k + over-fetch) is answered exactly
+
+
+class RetrievalIndex:
+    """A read-only retrieval index (open with `RetrievalIndex.open`). ``len(index)`` rows of dimension ``dim``.
+    Chunk files are mapped and checked (crc32c) the first time a search touches them, the faiss index is
+    loaded (memory-mapped) at the first approximate search: opening starts no thread and reads only the
+    metadata, so an index may be opened before DataLoader workers fork; it pickles without its maps."""
+
+    def __init__(self, store: str, name: str, attrs: dict[str, Any]) -> None:
+        self.store, self.name, self.attrs = str(store), name, attrs
+        self.dir = index_dir(store, name)
+        try:
+            self.dim, self.kind = int(attrs["dim"]), str(attrs["kind"])
+            self.exclude_frames, C = int(attrs["exclude_frames"]), int(attrs["chunk_rows"])
+            self._parts = [{"vectors": MappedArray(self.dir / p["name"] / "vectors", store, (p["rows"], self.dim), "float16", C),
+                            "segment": MappedArray(self.dir / p["name"] / "segment", store, (p["rows"],), "int32", C),
+                            "start": MappedArray(self.dir / p["name"] / "start", store, (p["rows"],), "int64", C),
+                            "segments": MappedArray(self.dir / p["name"] / "segments", store, (p["segments"], p["width"]),
+                                                    "uint8", max(1, p["segments"]))} for p in attrs["parts"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise corrupt(self.store, self.dir / "zarr.json", f"manifest incomplete ({type(e).__name__}: {e})") from None
+        self._off = np.cumsum([0] + [int(p["rows"]) for p in attrs["parts"]])
+        self._tables: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+        self._faiss: Any = None
+
+    @classmethod
+    def open(cls, store: str | os.PathLike, name: str) -> "RetrievalIndex":
+        """FileNotFoundError when the store has no index ``name``; StoreCorruptError naming the file when its
+        metadata is damaged (data chunks are checked when first used, or all by `verify`)."""
+        return cls(str(store), name, read_manifest(str(store), name))
+
+    def __len__(self) -> int:
+        return int(self._off[-1])
+
+    def __repr__(self) -> str:
+        return f"RetrievalIndex({self.store!r}, {self.name!r}, kind={self.kind}, rows={len(self)}, dim={self.dim})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_faiss": None, "_tables": None}
+
+    # ------------------------------------------------------------------ rows, keys, segments
+    def _gather(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """``name`` values of global ``rows`` (int64, >= 0), across parts."""
+        P = self._parts[0][name]
+        out = np.empty((len(rows), *P.shape[1:]), P.dtype)
+        part = np.searchsorted(self._off, rows, side="right") - 1
+        for p in np.unique(part).tolist():
+            sel = part == p
+            out[sel] = self._parts[p][name].take(rows[sel] - self._off[p])
+        return out
+
+    def _load_tables(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per part: its "<split>/<segment>" strings (m,) and their global segment-name ids (m,) int64."""
+        if self._tables is None:
+            heads, gids, ids = [], [], {}
+            for P in self._parts:
+                h = np.array([bytes(r).rstrip(b"\0").decode("ascii", "replace") for r in P["segments"].read()], object)
+                try:
+                    g = [ids.setdefault(parse_key(f"{x}:0").segment, len(ids)) for x in h]
+                except InvalidKeyError as e:
+                    raise corrupt(self.store, P["segments"].dir, f"not a key prefix ({e})") from None
+                heads.append(h)
+                gids.append(np.array(g, np.int64))
+            self._tables, self._seg_ids = (heads, gids), ids
+        return self._tables
+
+    def keys_of(self, rows: np.ndarray) -> np.ndarray:
+        """Keys (str array) of global ``rows`` (int64); "" where a row is -1."""
+        rows = np.asarray(rows, np.int64).ravel()
+        out = np.full(len(rows), "", object)
+        ok = rows >= 0
+        if ok.any():
+            heads = self._load_tables()[0]
+            seg, start = self._gather("segment", rows[ok]), self._gather("start", rows[ok])
+            part = np.searchsorted(self._off, rows[ok], side="right") - 1
+            out[ok] = [f"{heads[p][s]}:{t}" for p, s, t in zip(part.tolist(), seg.tolist(), start.tolist())]
+        return out.astype(str)
+
+    def row_of(self, key: str) -> int | None:
+        """Global row of ``key`` (None when not indexed); InvalidKeyError for a malformed key. O(N): for a few keys."""
+        hit = np.flatnonzero(self.keys_of(np.arange(len(self))) == parse_key(key).__str__())
+        return int(hit[0]) if len(hit) else None
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """(n, D) float32 stored (unit, float16-rounded) vectors of global ``rows``."""
+        return self._gather("vectors", np.asarray(rows, np.int64)).astype(np.float32)
+
+    # ------------------------------------------------------------------ search
+    def retrieve(self, queries: torch.Tensor | np.ndarray, k: int, exclude: Sequence[Exclude] | None = None, *,
+                 exclude_frames: int | None = None, exact: bool | None = None, nprobe: int | None = None,
+                 ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The k most similar rows of each query (cosine, descending).
+
+        queries (B, D) float (normalised here); exclude: None or B entries (see the module docstring);
+        exact: True forces the exact back end on an approximate index. nprobe / ef_search override the
+        faiss search parameters. Returns keys (B, k) str and similarity (B, k) float32."""
+        q = torch.as_tensor(queries).detach().to("cpu", torch.float32).numpy()
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (B, {self.dim}) for retrieval index {self.name!r}, got {tuple(q.shape)}")
+        norm = np.linalg.norm(q, axis=1, keepdims=True)
+        if not (np.isfinite(norm).all() and (norm > 0).all()):
+            raise ValueError(f"query rows {np.flatnonzero(~(np.isfinite(norm[:, 0]) & (norm[:, 0] > 0)))[:8].tolist()} "
+                             "are zero or not finite: no direction to search")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        T = self.exclude_frames if exclude_frames is None else int(exclude_frames)
+        qg, qs = self._exclusions(exclude, len(q))
+        q = np.ascontiguousarray(q / norm)
+        over = (2 * T + 1) * int(self.attrs["max_splits_per_segment"]) if (qg != -1).any() else 0
+        if exact or (exact is None and (self.kind == "exact" or k + over > MAX_CANDIDATES)):
+            rows, sims = self._search_exact(q, int(k), qg, qs, T)
+        else:
+            rows, sims = self._search_faiss(q, int(k), k + over, qg, qs, T, nprobe, ef_search)
+        return self.keys_of(rows).reshape(rows.shape), sims
+
+    def _exclusions(self, exclude: Sequence[Exclude] | None, B: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per query: the global segment-name id to exclude (-1: none, -2: a segment not in the index) and start."""
+        qg, qs = np.full(B, -1, np.int64), np.zeros(B, np.int64)
+        if exclude is None:
+            return qg, qs
+        if len(exclude) != B:
+            raise ValueError(f"exclude has {len(exclude)} entries for {B} queries")
+        self._load_tables()
+        for b, e in enumerate(exclude):
+            if e is None:
+                continue
+            if isinstance(e, str):
+                e = parse_key(e)
+            seg, start = (e.segment, e.start) if isinstance(e, SampleKey) else e
+            validate_part(seg, "segment")
+            if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+                raise ValueError(f"exclude[{b}]: start must be a non-negative integer, got {start!r}")
+            qg[b], qs[b] = self._seg_ids.get(seg, -2), int(start)
+        return qg, qs
+
+    def _excluded(self, rows: np.ndarray, qg: np.ndarray, qs: np.ndarray, T: int) -> np.ndarray:
+        """(B, n) bool: row ``rows[b, j]`` (global, >= 0) is in query b's segment within +-T frames."""
+        flat = rows.ravel()
+        gids = self._load_tables()[1]
+        part = np.searchsorted(self._off, flat, side="right") - 1
+        g = np.empty(len(flat), np.int64)
+        seg = self._gather("segment", flat)
+        for p in np.unique(part).tolist():
+            g[part == p] = gids[p][seg[part == p]]
+        g, s = g.reshape(rows.shape), self._gather("start", flat).reshape(rows.shape)
+        return (g == qg[:, None]) & (np.abs(s - qs[:, None]) <= T)
+
+    def _search_exact(self, q: np.ndarray, k: int, qg: np.ndarray, qs: np.ndarray, T: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk by chunk: (B, C) similarities, excluded rows -inf, top k merged with the best so far."""
+        B, qt = len(q), torch.from_numpy(q)
+        best_s, best_r = torch.full((B, k), -np.inf), torch.full((B, k), -1, dtype=torch.int64)
+        excl = qg >= 0
+        for p, P in enumerate(self._parts):
+            V, n = P["vectors"], P["vectors"].shape[0]
+            for c in range(V.n_chunks):
+                a, m = c * V.chunk_rows, min(V.chunk_rows, n - c * V.chunk_rows)
+                s = qt @ torch.from_numpy(V.chunk(c)[:m].astype(np.float32)).T            # (B, m)
+                if excl.any():
+                    seg = self._load_tables()[1][p][P["segment"].chunk(c)[:m]]
+                    cols = np.flatnonzero(np.isin(seg, qg[excl]))
+                    if len(cols):
+                        rows = np.broadcast_to(self._off[p] + a + cols, (B, len(cols)))
+                        bi, ci = np.nonzero(self._excluded(rows, qg, qs, T))
+                        s[torch.from_numpy(bi), torch.from_numpy(cols[ci])] = -np.inf
+                vals, idx = torch.topk(s, min(k, m), dim=1)
+                best_s, j = torch.topk(torch.cat([best_s, vals], 1), k, dim=1)
+                best_r = torch.gather(torch.cat([best_r, idx + int(self._off[p] + a)], 1), 1, j)
+        best_r[torch.isinf(best_s)] = -1
+        return best_r.numpy(), best_s.numpy().astype(np.float32)
+
+    def _faiss_index(self) -> Any:
+        if self._faiss is None:
+            f = self.attrs["faiss"]
+            path = blob_array(self.dir, self.store, f["node"], int(f["bytes"])).blob_path()    # crc32c checked
+            self._faiss = load_faiss(path, self.store, len(self), self.dim)
+        return self._faiss
+
+    def _search_faiss(self, q: np.ndarray, k: int, kp: int, qg: np.ndarray, qs: np.ndarray, T: int,
+                      nprobe: int | None, ef_search: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """kp (k + over-fetch) faiss candidates (-1 beyond its rows), re-scored from the stored rows, exclusions
+        dropped, top k."""
+        faiss, index, f = faiss_module(), self._faiss_index(), self.attrs["faiss"]
+        if self.kind == "faiss-ivf":
+            params = faiss.SearchParametersIVF(nprobe=int(nprobe or f["nprobe"]))
+        else:
+            params = faiss.SearchParametersHNSW(efSearch=max(kp, int(ef_search or f["ef_search"])))
+        _, cand = index.search(q, kp, params=params)                       # (B, kp) int64, -1 = none
+        valid = cand >= 0
+        safe = np.where(valid, cand, 0)
+        sims = np.einsum("bjd,bd->bj", self.vectors(safe.ravel()).reshape(*cand.shape, self.dim), q)
+        sims[~valid | self._excluded(safe, qg, qs, T)] = -np.inf
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        rows, best = np.take_along_axis(safe, order, 1), np.take_along_axis(sims, order, 1).astype(np.float32)
+        rows[np.isinf(best)] = -1
+        return rows, best
+
+    # ------------------------------------------------------------------ integrity
+    def verify(self) -> list[str]:
+        """Every problem found reading every byte of the index (chunk checksums, faiss file); [] = sound."""
+        f = self.attrs.get("faiss")
+        problems: list[str] = []
+        for A in [A for P in self._parts for A in P.values()] + ([blob_array(self.dir, self.store, f["node"],
+                                                                             int(f["bytes"]))] if f else []):
+            try:
+                A.check_all()
+            except StoreError as e:
+                problems.append(str(e))
+        if not problems:                   # the key tables parse (StoreCorruptError otherwise)
+            self._tables = None
+            self._load_tables()
+        return problems
+
+
+def verify_indexes(store: str | os.PathLike) -> list[str]:
+    """Problems of every retrieval index of ``store`` (for ``python -m stores verify``); [] = all sound."""
+    out: list[str] = []
+    for name in list_indexes(store):
+        try:
+            out += [f"retrieval index {name!r}: {p}" for p in RetrievalIndex.open(store, name).verify()]
+        except StoreError as e:
+            out.append(f"retrieval index {name!r}: {e}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def build_index(store: str | os.PathLike, name: str, vectors: torch.Tensor | np.ndarray,
+                keys: Sequence[str] | None = None, *, kind: str = "exact", exclude_frames: int | None = None,
+                replace: bool = False, chunk_rows: int | None = None, source: str = "", fsync: bool = True,
+                **params: int | None) -> RetrievalIndex:
+    """Build index ``name`` of ``store`` from ``vectors`` (N, D) of ``keys`` (N keys with complete rows in the
+    store; default: the store's complete keys in row order). ``kind`` exact | faiss-ivf | faiss-hnsw;
+    ``params`` (nlist, nprobe, hnsw_m, ef_construction, ef_search) override `faiss_params`. ``exclude_frames``:
+    the default T of exclusions (default the store's seq_len). FileExistsError when it exists, unless
+    ``replace``. Written under a temporary name and renamed into place. ``source`` names the input in errors."""
+    store = str(store)
+    validate_part(name, "index name")
+    fp = faiss_params(kind, len(vectors), params) if kind != "exact" else {}
+    final = index_dir(store, name)
+    if final.exists() and not replace:
+        raise FileExistsError(f"{final} exists: retrieval index {name!r} is built already; append rows (--append) "
+                              "or rebuild it (--replace)")
+    store_keys, schema = open_bank_keys(store)
+    keys = [k.decode() for k in store_keys] if keys is None else list(keys)
+    where = f"retrieval index {name!r} of {store}" + (f" from {source}" if source else "")
+    rows = prepare_rows(vectors, keys, where)
+    check_in_store(keys, store_keys, where, store)
+    T = schema.seq_len if exclude_frames is None else int(exclude_frames)
+    if T < 0:
+        raise ValueError(f"exclude_frames must be >= 0, got {T}")
+    ensure_root(store, fsync)
+    remove_stale_temps(final)
+    attrs: dict[str, Any] = {"format": FORMAT, "version": VERSION, "name": name, "kind": kind, "dim": rows[0].shape[1],
+                             "metric": "cosine", "dtype": "float16", "exclude_frames": T, "parts": [], "faiss": None,
+                             "chunk_rows": int(chunk_rows or default_chunk_rows(rows[0].shape[1])), "meta_crc32c": {},
+                             "max_splits_per_segment": splits_per_segment(rows[3]), "created": now_iso()}
+    tmp, old = Path(temp_sibling(final)), None
+    try:
+        tmp.mkdir()
+        add_part(tmp, attrs, rows, fsync)
+        if kind != "exact":
+            add_faiss(tmp, attrs, faiss_blob(kind, rows[0], fp), fp, fsync)
+        write_manifest(tmp, {**attrs, "updated": attrs["created"]}, fsync)
+        if final.exists():
+            old = temp_sibling(final)
+            os.rename(final, old)
+        if not publish(str(tmp), str(final)):
+            raise FileExistsError(f"{final} was created by another process meanwhile")
+    finally:
+        remove_path(tmp)
+        if old:
+            remove_path(old)
+    return RetrievalIndex.open(store, name)
+
+
+def append_index(store: str | os.PathLike, name: str, vectors: torch.Tensor | np.ndarray, keys: Sequence[str], *,
+                 source: str = "", fsync: bool = True) -> RetrievalIndex:
+    """Add rows (a new part) to index ``name``: ``vectors`` (n, D) of n new ``keys`` (complete in the store, not
+    indexed yet). A faiss index gets the rows added (an IVF keeps its trained lists: rebuild with ``replace``
+    when the new rows are distributed differently). The manifest is replaced atomically last."""
+    store = str(store)
+    idx = RetrievalIndex.open(store, name)
+    store_keys, _ = open_bank_keys(store)
+    where = f"retrieval index {name!r} of {store}" + (f" from {source}" if source else "")
+    rows = prepare_rows(vectors, keys, where)
+    if rows[0].shape[1] != idx.dim:
+        raise ValueError(f"{where}: vectors have dimension {rows[0].shape[1]}, the index {idx.dim}")
+    check_in_store(keys, store_keys, where, store)
+    have = np.flatnonzero(np.isin(np.array(list(keys), "S"), idx.keys_of(np.arange(len(idx))).astype("S")))
+    if len(have):
+        raise ValueError(f"{where}: {len(have)} keys are indexed already (first: {[keys[i] for i in have[:5]]})")
+    attrs = {k: v for k, v in idx.attrs.items() if k != "crc32c"}
+    attrs["parts"], attrs["meta_crc32c"] = list(attrs["parts"]), dict(attrs["meta_crc32c"])
+    add_part(idx.dir, attrs, rows, fsync)
+    old = attrs["faiss"]
+    if old:
+        base = blob_array(idx.dir, store, old["node"], int(old["bytes"])).blob_path()
+        keep = {k: old[k] for k in faiss_params(idx.kind, 1)}
+        add_faiss(idx.dir, attrs, faiss_blob(idx.kind, rows[0], keep, base), keep, fsync)
+        attrs["meta_crc32c"] = {k: v for k, v in attrs["meta_crc32c"].items() if not k.startswith(old["node"] + "/")}
+    heads = [h for t in idx._load_tables()[0] for h in t] + rows[3]
+    write_manifest(idx.dir, {**attrs, "max_splits_per_segment": splits_per_segment(heads), "updated": now_iso()}, fsync)
+    if old:
+        remove_path(idx.dir / old["node"])
+    return RetrievalIndex.open(store, name)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stores.retrieval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or --append to, --replace) a retrieval index inside a memorybank")
+    q = sub.add_parser("query", help="print the neighbours of KEY (its own vector is the query)")
+    v = sub.add_parser("verify", help="read and check every byte of the store's retrieval indexes")
+    for s in (b, q, v):
+        s.add_argument("store", help="the memorybank (a Zarr directory)")
+    q.add_argument("key", help="an indexed key, e.g. train/segment_0001:123")
+    for s in (b, q):
+        s.add_argument("--name", required=True, help="index name, e.g. state, pose, student")
+        s.add_argument("--exclude-frames", type=int, help="T: rows of the query key's segment within +-T frames are "
+                       "excluded (build: the index's default, else the store's seq_len; query: default the index's)")
+    b.add_argument("--vectors", required=True, help=".npy (N, D) float matrix, one row per key")
+    b.add_argument("--keys", help="text file, N keys (one per line, row order); default: the store's complete keys")
+    b.add_argument("--kind", choices=KINDS, default="exact", help="search back end (faiss kinds need faiss-cpu)")
+    b.add_argument("--append", action="store_true", help="add these rows to the existing index (a new part)")
+    b.add_argument("--replace", action="store_true", help="rebuild an existing index from these rows")
+    for f in ("nlist", "nprobe", "hnsw-m", "ef-construction", "ef-search"):
+        b.add_argument(f"--{f}", type=int, help="faiss parameter (default: measured, see docs/STORE.md)")
+    q.add_argument("--k", type=int, default=8, help="neighbours to print")
+    q.add_argument("--exact", action="store_true", help="exact search on an approximate index")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        if a.cmd == "build":
+            vec, keys = load_inputs(a.vectors, a.keys)
+            src = a.vectors + (f" + {a.keys}" if a.keys else "")
+            if a.append:
+                if keys is None:
+                    raise ValueError("--append needs --keys (the new rows' keys)")
+                idx = append_index(a.store, a.name, vec, keys, source=src)
+            else:
+                idx = build_index(a.store, a.name, vec, keys, kind=a.kind, replace=a.replace, source=src,
+                                  exclude_frames=a.exclude_frames, nlist=a.nlist, nprobe=a.nprobe, hnsw_m=a.hnsw_m,
+                                  ef_construction=a.ef_construction, ef_search=a.ef_search)
+            print(f"{'appended' if a.append else 'built'} {len(vec)} rows: retrieval index {a.name!r} ({idx.kind}, "
+                  f"{len(idx)} keys, D={idx.dim}) at {idx.dir} in {time.perf_counter() - t0:.1f} s")
+        elif a.cmd == "query":
+            idx = RetrievalIndex.open(a.store, a.name)
+            row = idx.row_of(a.key)
+            if row is None:
+                raise ValueError(f"key {a.key!r} is not in retrieval index {a.name!r} of {a.store} ({len(idx)} keys)")
+            T = idx.exclude_frames if a.exclude_frames is None else a.exclude_frames
+            keys, sims = idx.retrieve(idx.vectors(np.array([row])), a.k, exclude=[a.key], exclude_frames=T,
+                                      exact=a.exact or None)
+            for i, (k, s) in enumerate(zip(keys[0], sims[0]), 1):
+                print(f"{i:>4}  {s:+.4f}  {k or '(none)'}")
+            print(f"query {a.key}: {int((keys[0] != '').sum())} neighbours from retrieval index {a.name!r} ({idx.kind}"
+                  f"{', exact search' if a.exact else ''}, {len(idx)} keys, D={idx.dim}), rows of segment "
+                  f"{parse_key(a.key).segment} within +-{T} frames excluded, {1e3 * (time.perf_counter() - t0):.0f} ms")
+        else:
+            names = list_indexes(a.store)
+            problems = verify_indexes(a.store)
+            for msg in problems:
+                print("PROBLEM:", msg)
+            print(f"verified {len(names)} retrieval index(es) of {a.store} ({', '.join(names) or 'none'}): "
+                  f"{len(problems)} problem(s)")
+            return 1 if problems else 0
+    except (StoreError, FileNotFoundError, FileExistsError, ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
