@@ -1,4 +1,6 @@
+import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ from PIL import Image
 
 from e2r.data.point_layout import LayoutUndecidable, detect_bin_layout, detect_from_arrays
 from e2r.data.calib import lidar_to_ego
-from e2r.data.layout import read_segment_lidar2ego
+from e2r.data.layout import read_segment_lidar2ego, read_segment_table
 from e2r.data.readers import (DataError, read_calib, read_image, read_lidar2ego, read_npy, read_pcd, read_points,
                               scale_intrinsics)
 from tests.fixtures import make_points, write_calib, write_pcd, write_points_bin
@@ -279,3 +281,54 @@ def test_segment_extrinsic_location(tmp_path):
     (seg / "lidar" / "calib.json").write_text("{}")
     with pytest.raises(DataError, match="has no \"lidar2ego\""):          # a lidar/calib.json must say it
         read_segment_lidar2ego(seg)
+
+
+# ----- found by tests/test_reader_properties.py, kept as fixed examples (each was another exception or a
+# silent misread) ---------------------------------------------------------------------------------------------------
+def _calib_with(**changes) -> bytes:
+    cam = {"name": "front", "image_size": [64, 32], "K": [[32, 0, 32], [0, 32, 16], [0, 0, 1]],
+           "cam2ego": [[0, 0, 1, 0], [-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, 1]], **changes}
+    return json.dumps({"cameras": [cam]}).encode()
+
+
+def _bmp() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 4)).save(buf, "BMP")
+    return buf.getvalue()
+
+
+FOUND = [
+    ("p.pcd", b"FIELDS x y z intensity _\nSIZE 4 4 4 4 1\nTYPE F F F F U\nCOUNT 1 1 1 1 2147483648\nPOINTS 0\n"
+              b"DATA binary\n", "malformed PCD header"),                          # was numpy's ValueError
+    ("calib.json", _calib_with(K=[[10 ** 400, 0, 1], [0, 1, 1], [0, 0, 1]]), "K is not a numeric matrix"),
+    ("calib.json", _calib_with(K=[[True, 0, 1], [0, 1, 1], [0, 0, 1]]), "K must hold numbers only"),
+    ("calib.json", _calib_with(K=[["32", 0, 1], [0, 1, 1], [0, 0, 1]]), "K must hold numbers only"),
+    ("calib.json", _calib_with(name="frönt"), "name 'frönt' must be"),
+    ("calib.json", _calib_with(image_size=[10 ** 30, 32]), "image_size must be"),
+    ("calib.json", b'{"cameras": [], "cameras": [1]}', "key(s) ['cameras'] appear more than once"),
+    ("i.png", _bmp(), "corrupt or unreadable image: not a PNG or JPEG image"),  # a BMP was decoded
+]
+
+
+@pytest.mark.parametrize("name,body,message", FOUND, ids=[m.split()[0] + str(i) for i, (_, _, m) in enumerate(FOUND)])
+def test_found_file_cases(tmp_path, name, body, message):
+    path = tmp_path / name
+    path.write_bytes(body)
+    read = {"p.pcd": lambda: read_points(path), "calib.json": lambda: read_calib(path),
+            "i.png": lambda: read_image(path)}[name]
+    with pytest.raises(DataError, match=re.escape(message)) as e:
+        read()
+    assert e.value.file == str(path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lidar_filepath,velocity,wheel_angle,velocity\nlidar/0.bin,1,2,3\n", "column(s) ['velocity'] appear more"),
+    ("lidar_filepath,velocity,wheel_angle\nlidar/0.bin,1\n", "line 2 has fewer cells than the header"),
+    (f"lidar_filepath,velocity,wheel_angle\n{'x' * 5000}.bin,1,2\n", "cannot be read: File name too long"),
+])
+def test_found_csv_cases(tmp_path, text, message):
+    (tmp_path / "train" / "seg" / "meta").mkdir(parents=True)
+    (tmp_path / "train" / "seg" / "meta" / "data.csv").write_text(text)
+    with pytest.raises(DataError, match=re.escape(message)):
+        table = read_segment_table(tmp_path, "train", "seg", lidar=True)
+        read_points(table.lidar_paths[0], 4, row=0)
