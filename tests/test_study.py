@@ -20,12 +20,13 @@ TINY = ["--camera_tracks", "2", "--lidar_only_tracks", "1", "--valid_tracks", "1
         "--device", "cpu", "--no_progress"]
 
 
-def test_plan_is_seed_major_with_ablations_at_their_budgets():
-    cfg = StudyConfig(budgets=[1, 4], seeds=[0, 1], variants=["bc", "kd"], ablations=["kd_state"],
+def test_plan_runs_smallest_budget_first_then_ablations():
+    cfg = StudyConfig(budgets=[4, 1], seeds=[0, 1], variants=["bc", "kd"], ablations=["kd_state", "kd"],
                       ablation_budgets=[1, 2])
     names = [u.name for u in plan_units(cfg)]
-    assert names[:5] == ["bc-b1-s0", "kd-b1-s0", "kd_state-b1-s0", "kd_state-b2-s0", "bc-b4-s0"]
-    assert len(names) == 2 * 6 and names[6] == "bc-b1-s1"
+    assert names[:6] == ["bc-b1-s0", "kd-b1-s0", "bc-b1-s1", "kd-b1-s1", "bc-b4-s0", "kd-b4-s0"]
+    assert names[8:] == ["kd_state-b1-s0", "kd_state-b1-s1", "kd_state-b2-s0", "kd-b2-s0", "kd_state-b2-s1",
+                         "kd-b2-s1"]
     with pytest.raises(ConfigError, match="--budgets"):
         StudyConfig(budgets=[5]).check()
     with pytest.raises(ConfigError, match="kd_magic"):

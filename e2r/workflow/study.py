@@ -54,7 +54,8 @@ _FIXED = ("camera_tracks", "lidar_only_tracks", "valid_tracks", "test_tracks", "
 
 @dataclass(kw_only=True)
 class StudyConfig:
-    """``python -m pipelines.study`` (``--help`` explains each field; field names equal the flags)."""
+    """``python -m pipelines.study`` (``--help`` explains each field; field names equal the flags). The grid
+    (budgets, seeds, variants, ablations) may grow between calls; the world and training settings may not."""
 
     out: str = "runs/study"
     data_root: Optional[str] = None
@@ -127,14 +128,12 @@ class StudyUnit:
 
 
 def plan_units(cfg: StudyConfig) -> list[StudyUnit]:
-    """The student runs in the order they run: seed-major (a whole seed is done before the next starts, so an
-    interrupted study has complete seeds), then budget, then variant (ablations at ``ablation_budgets``)."""
-    units = []
-    for seed in cfg.seeds:
-        for budget in sorted(set(cfg.budgets) | set(cfg.ablation_budgets)):
-            names = (list(cfg.variants) if budget in cfg.budgets else []) + \
-                    (list(cfg.ablations) if budget in cfg.ablation_budgets else [])
-            units += [StudyUnit(budget, v, seed) for v in dict.fromkeys(names)]
+    """The student runs in the order they run: the main variants budget by budget from the smallest (the
+    budget the study is about), every seed of a budget before the next budget; then the ablations at
+    ``ablation_budgets``, likewise. An interrupted study has whole (budget, variant) cells of all seeds."""
+    units = [StudyUnit(b, v, s) for b in sorted(set(cfg.budgets)) for s in cfg.seeds for v in cfg.variants]
+    units += [StudyUnit(b, v, s) for b in sorted(set(cfg.ablation_budgets)) for s in cfg.seeds
+              for v in cfg.ablations if StudyUnit(b, v, s) not in units]
     return units
 
 
