@@ -68,6 +68,9 @@ def add_training_run_args(p: argparse.ArgumentParser, seed_help: str, save_path:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--checkpoint_path", default=None, help="latest full training state, written every epoch")
+    p.add_argument("--checkpoint_every_steps", type=int, default=0,
+                   help="also write --checkpoint_path every N training batches, with the position in the epoch: "
+                        "--resume_path then continues mid-epoch exactly where it stopped (default 0 = per epoch)")
     p.add_argument("--save_path", default=save_path, help="best model by validation loss")
     p.add_argument("--resume_path", default=None, help="continue a run from its --checkpoint_path file")
     p.add_argument("--init_path", default=None, help="initialise weights only from this checkpoint (transfer)")

@@ -344,3 +344,17 @@ def test_segments_restrict_the_split_and_unknown_ones_are_named(data):
     assert LidarSequenceDataset(data, "train", seq_len=3, segments=[SEG]).keys[0] == whole.keys[0]
     with pytest.raises(DataError, match="segment_0007.*not in split 'train'"):
         CameraSequenceDataset(data, "train", seq_len=3, segments=["segment_0007"])
+
+
+def test_sampler_start_batch_yields_the_rest_of_the_epoch_in_order():
+    from e2r.data.sampler import EpochBatchSampler
+
+    s = EpochBatchSampler(23, 4, shuffle=True, seed=3, rank=1, world_size=2)
+    s.set_epoch(5)
+    whole = list(s)
+    assert len(s) == s.batches_per_epoch() == 3
+    s.set_epoch(5, start_batch=2)
+    assert list(s) == whole[2:] and len(s) == 1
+    t = EpochBatchSampler(23, 4, shuffle=True, seed=0, rank=1, world_size=2)
+    t.load_state_dict(s.state_dict())
+    assert list(t) == whole[2:] and t.state_dict()["start_batch"] == 2

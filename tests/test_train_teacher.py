@@ -154,3 +154,41 @@ def test_same_seed_same_weights_in_fresh_processes(data_root, tmp_path):
     c = load_checkpoint(tmp_path / "c.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(data_root, tmp_path):
+    """A run killed mid-epoch (SIGKILL, no clean-up) and resumed from its --checkpoint_path sees the rest of
+    that epoch in the same order and ends with exactly the weights and history of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    flags = ("--epochs", "2", "--batch_size", "1", "--checkpoint_every_steps", "1")
+    full = _train(data_root, tmp_path, *flags, "--checkpoint_path", str(tmp_path / "full.pt"),
+                  "--save_path", str(tmp_path / "full_best.pt"))
+    last = tmp_path / "killed.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.train_teacher", *_args(data_root, tmp_path, *flags,
+                             "--checkpoint_path", str(last), "--save_path", str(tmp_path / "k_best.pt"))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    position = None
+    try:
+        deadline = time.time() + 120
+        while position is None and proc.poll() is None and time.time() < deadline:
+            if last.is_file():
+                position = load_checkpoint(last).get("position")
+                if position is not None and position["batches"] < 2:
+                    position = None                  # wait for a state a few batches into an epoch
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert position is not None, "the run ended before a mid-epoch checkpoint was seen"
+    killed = load_checkpoint(last)
+    assert killed["position"]["batches"] >= 2 and killed["epoch"] == killed["position"]["epoch"] - 1
+    resumed = _train(data_root, tmp_path, *flags, "--checkpoint_path", str(last), "--resume_path", str(last),
+                     "--save_path", str(tmp_path / "k_best.pt"))
+    a, b = load_checkpoint(tmp_path / "full.pt"), load_checkpoint(last)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
+    assert "position" not in b

@@ -13,7 +13,8 @@ unchanged from the trainers that used it): a permutation of ``range(n)`` drawn f
 (or cut, with ``drop_last``), rank ``r`` takes positions ``r, r + world, ...`` and cuts them into batches of
 ``batch_size`` (the last one may be short). DataLoader workers then take a rank's batches in turn, so the
 order of batches a rank sees does not depend on the number of workers. ``state_dict()`` holds everything
-the order depends on.
+the order depends on, and the position in the epoch (``set_epoch(epoch, start_batch)``: a resumed run skips
+the batches it already trained on).
 """
 from __future__ import annotations
 
@@ -51,20 +52,26 @@ class EpochBatchSampler(Sampler[list[int]]):
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.n, self.batch_size, self.shuffle, self.seed = int(n), int(batch_size), bool(shuffle), int(seed)
         self.drop_last, self.rank, self.world_size, self.epoch = bool(drop_last), rank, world_size, 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch; ``start_batch`` > 0 skips that many of its batches (a mid-epoch resume: the
+        rest of the epoch comes in the same order as in an uninterrupted run)."""
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def state_dict(self) -> dict[str, Any]:
         return {"n": self.n, "batch_size": self.batch_size, "shuffle": self.shuffle, "seed": self.seed,
-                "drop_last": self.drop_last, "world_size": self.world_size, "epoch": self.epoch}
+                "drop_last": self.drop_last, "world_size": self.world_size, "epoch": self.epoch,
+                "start_batch": self.start_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the epoch (and seed); refuses a state made for another dataset size, batch or world size."""
+        """Restore the epoch, position and seed; refuses a state made for another dataset size, batch or
+        world size."""
         for name in ("n", "batch_size", "shuffle", "drop_last", "world_size"):
             if name in state and state[name] != getattr(self, name):
                 raise ValueError(f"sampler state has {name}={state[name]!r}, this sampler {getattr(self, name)!r}")
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self.start_batch = int(state.get("start_batch", 0))
 
     def _samples_per_rank(self) -> int:
         if self.drop_last:
@@ -86,10 +93,14 @@ class EpochBatchSampler(Sampler[list[int]]):
         order = order[:total]
         return order[self.rank:total:self.world_size]
 
-    def __len__(self) -> int:
+    def batches_per_epoch(self) -> int:
+        """Batches of a whole epoch on this rank (``len()`` is what remains after ``start_batch``)."""
         return math.ceil(self._samples_per_rank() / self.batch_size)
+
+    def __len__(self) -> int:
+        return max(self.batches_per_epoch() - self.start_batch, 0)
 
     def __iter__(self) -> Iterator[list[int]]:
         idx = self.rank_indices()
-        for i in range(0, len(idx), self.batch_size):
+        for i in range(self.start_batch * self.batch_size, len(idx), self.batch_size):
             yield idx[i:i + self.batch_size]

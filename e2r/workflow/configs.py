@@ -104,6 +104,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     checkpoint_path: Optional[str] = None
+    checkpoint_every_steps: int = 0
     save_path: Optional[str] = None
     resume_path: Optional[str] = None
     init_path: Optional[str] = None
@@ -131,6 +132,9 @@ class TrainConfig:
             raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
         for flag in ("save_path", "checkpoint_path"):
             check_output_file(flag, getattr(self, flag))
+        if self.checkpoint_every_steps < 0 or (self.checkpoint_every_steps and not self.checkpoint_path):
+            raise ConfigError(f"--checkpoint_every_steps {self.checkpoint_every_steps}: must be >= 0, and > 0 needs "
+                              f"--checkpoint_path (the file the mid-epoch state is written to)")
 
 
 @dataclass(kw_only=True)

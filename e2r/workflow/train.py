@@ -179,6 +179,12 @@ class StudentTask(TrainTask):
     def extra_state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         return {"valid_losses": [e["valid_loss"] for e in history]}
 
+    def running_state(self) -> dict[str, float]:
+        return dict(self.sums)
+
+    def load_running_state(self, state: dict[str, float]) -> None:
+        self.sums = dict(state)
+
 
 def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
     """Train the camera student described by ``cfg`` (see the module docstring)."""

@@ -90,17 +90,29 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def run_epoch(loader: Iterable, step: Callable[[Any], tuple[Tensor, int]], optimizer: torch.optim.Optimizer | None,
               params: Iterable[Tensor] = (), grad_clip: float = 0.0, desc: str = "", ctx: DistContext | None = None,
-              show_progress: bool = True) -> float:
+              show_progress: bool = True, sums: tuple[float, int] = (0.0, 0),
+              on_start: Callable[[], None] | None = None,
+              after_batch: Callable[[float, int], None] | None = None) -> float:
     """One pass over ``loader``; ``step(batch) -> (mean loss, batch size)`` (``None`` batches, all-bad
     windows, are skipped). Trains when ``optimizer`` is given (backward, optional gradient clipping, step),
-    else runs under ``torch.no_grad``. Returns the sample-weighted mean loss over all ranks."""
+    else runs under ``torch.no_grad``. Returns the sample-weighted mean loss over all ranks.
+
+    Mid-epoch resume: ``sums`` = the (loss total, sample count) of the batches already done; ``on_start()``
+    runs once the loader's iterator exists (it draws its seeds from the global RNG: a resumed run restores
+    its RNG state after that); ``after_batch(total, count)`` after every batch (a checkpoint hook)."""
     ctx = ctx or DistContext()
-    total, count = 0.0, 0
+    total, count = float(sums[0]), int(sums[1])
     params = list(params)
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (show_progress and ctx.is_main), dynamic_ncols=True)
+    iterator = iter(loader)
+    if on_start is not None:
+        on_start()
+    bar = tqdm(iterator, total=len(loader), desc=desc, leave=False, disable=not (show_progress and ctx.is_main),
+               dynamic_ncols=True)
     with torch.set_grad_enabled(optimizer is not None):
         for batch in bar:
             if batch is None:  # every window of the batch was a skipped bad one
+                if after_batch is not None:
+                    after_batch(total, count)
                 continue
             loss, n = step(batch)
             if optimizer is not None:
@@ -115,6 +127,8 @@ def run_epoch(loader: Iterable, step: Callable[[Any], tuple[Tensor, int]], optim
             total += value * n
             count += n
             bar.set_postfix(loss=f"{total / count:.4f}")
+            if after_batch is not None:
+                after_batch(total, count)
     sums = all_reduce_sums({"total": total, "count": float(count)}, ctx)
     return sums["total"] / max(int(sums["count"]), 1)
 
@@ -149,6 +163,13 @@ class TrainTask:
         """Keys saved in the checkpoint after ``history``."""
         return {}
 
+    def running_state(self) -> dict[str, float]:
+        """The per-epoch counters so far (saved in a mid-epoch checkpoint)."""
+        return {}
+
+    def load_running_state(self, state: dict[str, float]) -> None:
+        """Restore :meth:`running_state` (after ``begin_epoch``) when resuming mid-epoch."""
+
 
 class Trainer:
     """Set-up in ``__init__`` (action statistics from ``train_ds``, ``init_path`` weights unless resuming,
@@ -176,6 +197,7 @@ class Trainer:
             model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model)
 
     def _resume(self, resume: dict[str, Any] | None) -> tuple[int, float, list[dict]]:
+        self.position: dict[str, Any] | None = None
         if not resume:
             return 0, float("inf"), []
         try:
@@ -187,6 +209,9 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{self.cfg.resume_path}: cannot resume from it ({type(e).__name__}: {e}); "
                                   f"resume needs a --checkpoint_path file of train_{self.kind}") from None
+        if resume.get("position"):         # a mid-epoch state: that epoch again from its next batch
+            self.position = dict(resume["position"])
+            return int(self.position["epoch"]), best, history
         restore_rng_state(resume["rng_state"])
         return start_epoch, best, history
 
@@ -201,10 +226,12 @@ class Trainer:
         for epoch in range(self.start_epoch, stop):
             t0 = time.time()
             task.begin_epoch()
-            train_sampler.set_epoch(epoch)
+            mid, self.position = self.position, None
+            train_sampler.set_epoch(epoch, mid["batches"] if mid else 0)
             self.net.train()
             train_loss = run_epoch(train_loader, task.train_step, self.opt, self.model.parameters(), cfg.grad_clip,
-                                   f"epoch {epoch + 1}/{epochs} train", ctx, show)
+                                   f"epoch {epoch + 1}/{epochs} train", ctx, show,
+                                   **self._mid_epoch_hooks(task, epoch, mid, train_sampler, model_config))
             valid_loss = float("nan")
             if valid_loader is not None:
                 self.net.eval()
@@ -224,6 +251,36 @@ class Trainer:
         return {"history": self.history, "best_metric": self.best, "save_path": cfg.save_path,
                 "checkpoint_path": cfg.checkpoint_path, "config": model_config}
 
+    def _mid_epoch_hooks(self, task: TrainTask, epoch: int, mid: dict[str, Any] | None,
+                         sampler: EpochBatchSampler, model_config: dict[str, Any]) -> dict[str, Any]:
+        """run_epoch's resume arguments: the sums of a resumed epoch, the RNG / counters restored once the
+        iterator exists, and a checkpoint every ``checkpoint_every_steps`` batches (rank 0)."""
+        done = [int(mid["batches"]) if mid else 0]
+        every, whole = self.cfg.checkpoint_every_steps, sampler.batches_per_epoch()
+
+        def on_start() -> None:
+            if mid:
+                restore_rng_state(mid["rng_state"])
+                task.load_running_state(mid["task"])
+
+        def after_batch(total: float, count: int) -> None:
+            done[0] += 1
+            if every and done[0] % every == 0 and done[0] < whole and self.ctx.is_main and self.cfg.checkpoint_path:
+                position = {"epoch": epoch, "batches": done[0], "loss_total": total, "loss_count": count,
+                            "task": task.running_state(), "rng_state": capture_rng_state()}
+                save_checkpoint(self.cfg.checkpoint_path, {**self._state(task, epoch - 1, model_config),
+                                                           "position": position}, kind=self.kind)
+
+        return {"sums": (mid["loss_total"], mid["loss_count"]) if mid else (0.0, 0), "on_start": on_start,
+                "after_batch": after_batch}
+
+    def _state(self, task: TrainTask, epoch: int, model_config: dict[str, Any]) -> dict[str, Any]:
+        """The full training state after ``epoch`` (-1: none finished yet)."""
+        return {"model": unwrap(self.net).state_dict(), "config": model_config, "epoch": epoch,
+                "best_metric": self.best, "history": self.history, **task.extra_state(self.history),
+                "train_args": plain_dict(self.cfg), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng_state": capture_rng_state()}
+
     def _end_epoch(self, task: TrainTask, epoch: int, entry: dict[str, Any], metric: float,
                    model_config: dict[str, Any], writer: SummaryWriter | None) -> bool:
         """Append ``entry`` to the history; on rank 0 write the full state to ``checkpoint_path`` (and to
@@ -233,10 +290,7 @@ class Trainer:
         self.history.append(entry)
         if not self.ctx.is_main:
             return improved
-        state = {"model": unwrap(self.net).state_dict(), "config": model_config, "epoch": epoch,
-                 "best_metric": self.best, "history": self.history, **task.extra_state(self.history),
-                 "train_args": plain_dict(self.cfg), "optimizer": self.opt.state_dict(),
-                 "scheduler": self.sched.state_dict(), "rng_state": capture_rng_state()}
+        state = self._state(task, epoch, model_config)
         if improved and self.cfg.save_path:
             save_checkpoint(self.cfg.save_path, state, kind=self.kind)
         if self.cfg.checkpoint_path:
