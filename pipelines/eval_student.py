@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_input_args(p, "student")
     p.add_argument("--memorybank", "--teacher_cache_dir", dest="memorybank", default=None,
                    help="memorybank of teacher outputs: also report the KD gap to the teacher on its keys")
+    p.add_argument("--kd_retrieval", default=None, metavar="INDEX",
+                   help="also check retrieval from this index of the store: the similarity of windows without a row, "
+                        "and for windows with one how close the retrieved targets come to their own")
+    p.add_argument("--kd_retrieval_k", type=int, default=8, help="rows retrieved per window (default 8)")
+    p.add_argument("--kd_retrieval_tau", type=float, default=0.05, help="mixing temperature (default 0.05)")
     p.add_argument("--skip_damaged", action="store_true",
                    help="a damaged memorybank (rows failing their checksums, missing shards) stops the run by "
                         "default; with this flag the damaged rows are left without KD and counted")

@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of dense bev_feat KD (needs bev_feat in the store; default 0 = off)")
     p.add_argument("--kd_bevfeat_background", type=float, default=0.05,
                    help="dense KD weight of cells the teacher finds unoccupied (default 0.05)")
+    p.add_argument("--kd_retrieval", default=None, metavar="INDEX",
+                   help="KD for windows without a row in the memorybank from the teacher rows of the most similar "
+                        "situations, found in this retrieval index of the store (python -m pipelines.retrieval_index, "
+                        "e.g. state); paired windows keep their own targets. Default: off")
+    p.add_argument("--kd_retrieval_k", type=int, default=8, help="rows retrieved per window (default 8)")
+    p.add_argument("--kd_retrieval_tau", type=float, default=0.05,
+                   help="temperature of the softmax over similarities that mixes the k rows (default 0.05)")
+    p.add_argument("--kd_retrieval_min_sim", type=float, default=0.9,
+                   help="no KD for a window whose best cosine similarity is below this (default 0.9)")
     p.add_argument("--hflip_prob", type=float, default=0.0,
                    help="probability of mirroring a training sample left-right with its targets (default 0 = off)")
     add_training_window_args(p)
@@ -64,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     return training_main("train_student", build_parser(), StudentTrainConfig, train_student, argv,
                          lambda last: f"KD samples/epoch {last.get('kd_samples', 0)}, "
                                       f"BC-only {last.get('bc_only_samples', 0)}"
+                                      f"{', retrieved ' + str(last['retrieved_samples']) if last.get('retrieved_samples') else ''}"
                                       f"{', damaged rows skipped ' + str(last['damaged_samples']) if last.get('damaged_samples') else ''}; ")
 
 

@@ -277,12 +277,13 @@ def verify_indexes(store: str | os.PathLike) -> list[str]:
 def build_index(store: str | os.PathLike, name: str, vectors: torch.Tensor | np.ndarray,
                 keys: Sequence[str] | None = None, *, kind: str = "exact", exclude_frames: int | None = None,
                 replace: bool = False, chunk_rows: int | None = None, source: str = "", fsync: bool = True,
-                **params: int | None) -> RetrievalIndex:
+                meta: dict[str, Any] | None = None, **params: int | None) -> RetrievalIndex:
     """Build index ``name`` of ``store`` from ``vectors`` (N, D) of ``keys`` (N keys with complete rows in the
     store; default: the store's complete keys in row order). ``kind`` exact | faiss-ivf | faiss-hnsw;
     ``params`` (nlist, nprobe, hnsw_m, ef_construction, ef_search) override `faiss_params`. ``exclude_frames``:
-    the default T of exclusions (default the store's seq_len). FileExistsError when it exists, unless
-    ``replace``. Written under a temporary name and renamed into place. ``source`` names the input in errors."""
+    the default T of exclusions (default the store's seq_len). ``meta``: the caller's JSON-ready description
+    of the vectors (e.g. how queries are built), kept as ``index.attrs["meta"]``. FileExistsError when it
+    exists, unless ``replace``. Written under a temporary name and renamed into place. ``source`` names the input in errors."""
     store = str(store)
     validate_part(name, "index name")
     fp = faiss_params(kind, len(vectors), params) if kind != "exact" else {}
@@ -303,7 +304,8 @@ def build_index(store: str | os.PathLike, name: str, vectors: torch.Tensor | np.
     attrs: dict[str, Any] = {"format": FORMAT, "version": VERSION, "name": name, "kind": kind, "dim": rows[0].shape[1],
                              "metric": "cosine", "dtype": "float16", "exclude_frames": T, "parts": [], "faiss": None,
                              "chunk_rows": int(chunk_rows or default_chunk_rows(rows[0].shape[1])), "meta_crc32c": {},
-                             "max_splits_per_segment": splits_per_segment(rows[3]), "created": now_iso()}
+                             "max_splits_per_segment": splits_per_segment(rows[3]), "created": now_iso(),
+                             "meta": dict(meta or {})}
     tmp, old = Path(temp_sibling(final)), None
     try:
         tmp.mkdir()

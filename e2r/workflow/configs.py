@@ -160,11 +160,20 @@ class StudentTrainConfig(TrainConfig):
     kd_bevfeat_background: float = 0.05
     hflip_prob: float = 0.0
     skip_damaged: bool = False
+    kd_retrieval: Optional[str] = None
+    kd_retrieval_k: int = 8
+    kd_retrieval_tau: float = 0.05
+    kd_retrieval_min_sim: float = 0.9
 
     def check(self) -> None:
         super().check()
         if not 0.0 <= self.hflip_prob <= 1.0:
-            raise ValueError(f"--hflip_prob must be in [0, 1], got {self.hflip_prob}")
+            raise ConfigError(f"--hflip_prob must be in [0, 1], got {self.hflip_prob}")
+        if self.kd_retrieval and not self.memorybank:
+            raise ConfigError("--kd_retrieval needs --memorybank (the store holding the retrieval index)")
+        check_positive(self, ("kd_retrieval_k",))
+        if not self.kd_retrieval_tau > 0:
+            raise ConfigError(f"--kd_retrieval_tau must be > 0, got {self.kd_retrieval_tau}")
 
 
 @dataclass(kw_only=True)
@@ -208,6 +217,9 @@ class StudentEvalConfig(EvalConfig):
     student_ckpt: str
     memorybank: Optional[str] = None
     skip_damaged: bool = False
+    kd_retrieval: Optional[str] = None
+    kd_retrieval_k: int = 8
+    kd_retrieval_tau: float = 0.05
 
 
 @dataclass(kw_only=True)

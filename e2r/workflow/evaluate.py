@@ -29,6 +29,7 @@ from e2r.models.teacher import load_teacher
 from e2r.runtime import DistContext, resolve_device
 from e2r.workflow.configs import StudentEvalConfig, TeacherEvalConfig
 from e2r.workflow.kd_data import LIGHT_KD_FIELDS, KDCameraBatches, batch_to, check_store, make_kd_loader, read_store_schema
+from e2r.workflow.retrieval_kd import RetrievalCheck, Retriever
 from e2r.workflow.trainer import make_loader, run_epoch
 
 __all__ = ["TEACHER_PREDICTORS", "STUDENT_PREDICTORS", "evaluate_teacher", "evaluate_student", "KDGapAccumulator",
@@ -132,7 +133,12 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
     if cfg.memorybank:
         schema, teacher_cfg = read_store_schema(cfg.memorybank)
         check_store(cfg.memorybank, schema, cfg.seq_len, ds.frame_actions().shape[1], model_cfg, False, teacher_cfg)
-    data = KDCameraBatches(ds, cfg.memorybank, LIGHT_KD_FIELDS, cfg.skip_damaged)
+    retriever = (Retriever(cfg.memorybank, cfg.kd_retrieval, cfg.kd_retrieval_k, cfg.kd_retrieval_tau, -1.0)
+                 if cfg.kd_retrieval and cfg.memorybank else None)
+    if retriever is not None:
+        retriever.check(cfg.seq_len)
+    data = KDCameraBatches(ds, cfg.memorybank, LIGHT_KD_FIELDS, cfg.skip_damaged, retriever)
+    check = RetrievalCheck(weights) if retriever is not None else None
     loader, _ = make_kd_loader(data, cfg.batch_size, False, 0, cfg.num_workers, DistContext())
     accs = {name: ActionErrorAccumulator(weights) for name in STUDENT_PREDICTORS}
     gap = KDGapAccumulator(weights) if cfg.memorybank else None
@@ -149,8 +155,10 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
         accs["student"].update(pred.cpu(), target)
         accs["baseline_train_mean"].update(mean.expand_as(target), target)
         accs["baseline_prev_steering"].update(prev, target)
-        if gap is not None:
-            gap.update(pred, aux, b["teacher"], b["has_kd"])
+        if gap is not None:     # the gap to the teacher's own rows (retrieved targets are checked apart)
+            gap.update(pred, aux, b["teacher"], b["has_kd"] & ~b.get("retrieved", torch.zeros_like(b["has_kd"])))
+        if check is not None:
+            check.update(retriever, data.teacher, batch)
         keys.extend(batch["keys"])
         damaged.extend(k for k, d in zip(batch["keys"], batch["damaged"].tolist()) if d)
         preds.append(pred.cpu())
@@ -172,6 +180,7 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
                      f"student on {cfg.split}/{segment} ({ckpt['config'].get('preset', '?')} preset, "
                      f"{model_cfg.view_transform})")
     return {"results": results, "per_segment": per_segment, "kd_gap": kd_gap, "damaged_keys": damaged,
+            "retrieval": check.compute() if check is not None else None,
             "plot_path": cfg.plot_path, "csv_path": cfg.csv_path, "num_windows": len(ds)}
 
 
@@ -182,6 +191,12 @@ def print_kd_gap(out: dict[str, Any]) -> None:
               f"action MSE steering {gap['kd_steering_mse']:.5f}, speed {gap['kd_speed_mse']:.5f}, "
               f"overall {gap['kd_overall_weighted_mse']:.5f}; bev_vec cosine {gap['kd_bev_vec_cosine']:.4f}; "
               f"gru_out MSE {gap['kd_gru_out_mse']:.5f}")
+    r = out.get("retrieval")
+    if r is not None:
+        print(f"retrieval ({int(r['retrieved_n'])} windows without a row): best similarity p10/p50/p90 "
+              f"{r['similarity_p10']:.3f}/{r['similarity_p50']:.3f}/{r['similarity_p90']:.3f}; on "
+              f"{int(r['pairs_n'])} windows with a true pair (own segment +-T excluded): retrieved vs true targets "
+              f"action MSE {r['pairs_action_overall_mse']:.5f}, bev_vec cosine {r['pairs_bev_vec_cosine']:.4f}")
     if out.get("damaged_keys"):
         keys = out["damaged_keys"]
         print(f"--skip_damaged: {len(keys)} window(s) whose teacher row is damaged were left out of the KD gap "

@@ -32,6 +32,7 @@ from e2r.models.config import TeacherConfig
 from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import camera_fov_mask
 from e2r.runtime import DistContext, die_with_parent
+from e2r.workflow.retrieval_kd import Retriever
 from stores import StoreCorruptError, StoreError, StoreMismatchError, StoreSchema, open_memorybank
 from stores.torch_data import TeacherRowReader, make_loader
 
@@ -125,10 +126,12 @@ class KDCameraBatches(Dataset):
     targets."""
 
     def __init__(self, camera: CameraSequenceDataset, memorybank: str | None = None,
-                 fields: Sequence[str] = LIGHT_KD_FIELDS, skip_damaged: bool = False) -> None:
+                 fields: Sequence[str] = LIGHT_KD_FIELDS, skip_damaged: bool = False,
+                 retriever: Retriever | None = None) -> None:
         self.camera = camera
         self.teacher = TeacherRowReader(str(memorybank), tuple(fields)) if memorybank else None
         self.skip_damaged = bool(skip_damaged)
+        self.retriever = retriever if memorybank else None
 
     def __len__(self) -> int:
         return len(self.camera)
@@ -154,7 +157,27 @@ class KDCameraBatches(Dataset):
         rows.pop("keys")
         batch["has_kd"] = rows.pop("found").to(torch.bool)
         batch["teacher"] = rows
+        if self.retriever is not None:
+            self._retrieve(batch)
         return batch
+
+    def _retrieve(self, batch: dict[str, Any]) -> None:
+        """Fill the unpaired (not damaged) windows' targets from the retrieved rows; sets ``"retrieved"`` (B,)
+        bool and ``"retrieval_similarity"`` (B,) best similarity (NaN where no retrieval was tried)."""
+        B = len(batch["keys"])
+        batch["retrieved"] = torch.zeros(B, dtype=torch.bool)
+        batch["retrieval_similarity"] = torch.full((B,), float("nan"))
+        idx = torch.nonzero(~batch["has_kd"] & ~batch["damaged"]).flatten()
+        if len(idx) == 0:
+            return
+        rows, used, best = self.retriever.targets(self.teacher, batch["speed"][idx], batch["steering"][idx],
+                                                  [batch["keys"][i] for i in idx.tolist()])
+        batch["retrieval_similarity"][idx] = best
+        take = idx[used]
+        for name, value in rows.items():
+            batch["teacher"][name][take] = value[used]
+        batch["has_kd"][take] = True
+        batch["retrieved"][take] = True
 
     def _read_intact(self, keys: list[str]) -> tuple[dict[str, Any], Tensor]:
         """Rows of ``keys`` read one by one: intact ones as stored, damaged ones zeros with ``found`` False;

@@ -28,6 +28,7 @@ from e2r.runtime import (DistContext, all_reduce_sums, resolve_device, seed_ever
 from e2r.workflow.configs import StudentTrainConfig, TeacherTrainConfig
 from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch,
                                   make_kd_loader, read_store_schema, student_losses, teacher_config_of_checkpoint)
+from e2r.workflow.retrieval_kd import Retriever
 from e2r.workflow.trainer import TrainTask, Trainer, make_loader, train_valid_datasets
 
 __all__ = ["train_teacher", "train_student", "kd_weights_of", "build_student_config", "PART_NAMES"]
@@ -145,6 +146,8 @@ class StudentTask(TrainTask):
         sums["bc_only_samples"] = sums.get("bc_only_samples", 0.0) + float(parts["bc_only_samples"])
         sums["flipped_samples"] = sums.get("flipped_samples", 0.0) + float(flip.sum())
         sums["damaged_samples"] = sums.get("damaged_samples", 0.0) + float(batch["damaged"].sum())
+        if "retrieved" in batch:
+            sums["retrieved_samples"] = sums.get("retrieved_samples", 0.0) + float(batch["retrieved"].sum())
         return loss, n
 
     def valid_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -161,6 +164,7 @@ class StudentTask(TrainTask):
                  "bc_only_samples": int(stats.get("bc_only_samples", 0)),
                  "flipped_samples": int(stats.get("flipped_samples", 0)),
                  "damaged_samples": int(stats.get("damaged_samples", 0)),
+                 "retrieved_samples": int(stats.get("retrieved_samples", 0)),
                  "train_bc": stats.get("bc", 0.0) / max(n_all, 1)}
         for name in PART_NAMES[1:]:
             entry[f"train_{name}"] = stats.get(name, 0.0) / max(stats.get("kd_samples", 0.0), 1)
@@ -174,6 +178,7 @@ class StudentTask(TrainTask):
     def notes(self, entry: dict[str, Any]) -> tuple[str, str]:
         return (f" (bc {entry['train_bc']:.4f}, kd {entry['train_kd_total']:.4f})",
                 f"samples kd {entry['kd_samples']} bc-only {entry['bc_only_samples']}"
+                + (f" (of them retrieved {entry['retrieved_samples']})" if entry["retrieved_samples"] else "")
                 + (f" (damaged rows skipped {entry['damaged_samples']})" if entry["damaged_samples"] else "") + "  ")
 
     def extra_state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -212,8 +217,14 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
         model = CameraBEVStudent(model_cfg)
         trainer = Trainer(cfg, "student", model, train_ds, resume, ctx, device)
         bank = cfg.memorybank if kd.action + kd.bev_vec + kd.temporal + kd.bev_feat > 0 else None
-        train_loader, train_sampler = make_kd_loader(KDCameraBatches(train_ds, bank, fields, cfg.skip_damaged),
-                                                     batch_size, True, cfg.seed, cfg.num_workers, ctx)
+        retriever = None
+        if cfg.kd_retrieval and bank:
+            retriever = Retriever(bank, cfg.kd_retrieval, cfg.kd_retrieval_k, cfg.kd_retrieval_tau,
+                                  cfg.kd_retrieval_min_sim)
+            retriever.check(cfg.seq_len)
+        train_loader, train_sampler = make_kd_loader(
+            KDCameraBatches(train_ds, bank, fields, cfg.skip_damaged, retriever), batch_size, True, cfg.seed,
+            cfg.num_workers, ctx)
         valid_loader = (make_kd_loader(KDCameraBatches(valid_ds), batch_size, False, cfg.seed, cfg.num_workers,
                                        ctx)[0] if valid_ds is not None and len(valid_ds) else None)
         task = StudentTask(trainer.net, model, cfg, kd, device)
