@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="temperature of the softmax over similarities that mixes the k rows (default 0.05)")
     p.add_argument("--kd_retrieval_min_sim", type=float, default=0.9,
                    help="no KD for a window whose best cosine similarity is below this (default 0.9)")
+    p.add_argument("--kd_unpaired", action="store_true",
+                   help="with --kd_retrieval: ignore every window's own row and its whole segment (the unpaired-data "
+                        "experiment: camera drives that share no key with the LiDAR drives)")
     p.add_argument("--hflip_prob", type=float, default=0.0,
                    help="probability of mirroring a training sample left-right with its targets (default 0 = off)")
     add_training_window_args(p)

@@ -88,3 +88,22 @@ def test_training_counts_paired_retrieved_and_bc_only_and_eval_checks_retrieval(
     assert "pose" in capsys.readouterr().err
     rc = train_student.main(["--data_root", str(setup["root"]), "--kd_retrieval", "state", "--device", "cpu"])
     assert rc == 1 and "--kd_retrieval needs --memorybank" in capsys.readouterr().err
+
+
+def test_unpaired_training_never_uses_a_windows_own_segment(setup, tmp_path, monkeypatch):
+    seen = []
+    real = Retriever.targets
+
+    def spy(self, reader, speed, steering, exclude):
+        out = real(self, reader, speed, steering, exclude)
+        keys, _ = self.index.retrieve(self.query(speed, steering), self.k, exclude=list(exclude),
+                                      exclude_frames=10 ** 9)
+        seen.extend((parse_key(q).segment, parse_key(str(k)).segment) for q, row in zip(exclude, keys) for k in row)
+        return out
+    monkeypatch.setattr(Retriever, "targets", spy)
+    n = len(camera_ds(setup["root"]))
+    out = run_train_student(train_student.parse_config(
+        _args(setup, tmp_path, "--kd_retrieval", "state", "--kd_unpaired", "--kd_retrieval_min_sim", "-1")))
+    h = out["history"][0]
+    assert h["retrieved_samples"] == n and h["kd_samples"] == n
+    assert seen and all(q != r for q, r in seen)

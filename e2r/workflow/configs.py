@@ -164,6 +164,7 @@ class StudentTrainConfig(TrainConfig):
     kd_retrieval_k: int = 8
     kd_retrieval_tau: float = 0.05
     kd_retrieval_min_sim: float = 0.9
+    kd_unpaired: bool = False
 
     def check(self) -> None:
         super().check()
@@ -171,6 +172,8 @@ class StudentTrainConfig(TrainConfig):
             raise ConfigError(f"--hflip_prob must be in [0, 1], got {self.hflip_prob}")
         if self.kd_retrieval and not self.memorybank:
             raise ConfigError("--kd_retrieval needs --memorybank (the store holding the retrieval index)")
+        if self.kd_unpaired and not self.kd_retrieval:
+            raise ConfigError("--kd_unpaired needs --kd_retrieval (unpaired windows get KD only by retrieval)")
         check_positive(self, ("kd_retrieval_k",))
         if not self.kd_retrieval_tau > 0:
             raise ConfigError(f"--kd_retrieval_tau must be > 0, got {self.kd_retrieval_tau}")

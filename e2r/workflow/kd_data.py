@@ -123,15 +123,18 @@ class KDCameraBatches(Dataset):
     A damaged store (a row whose bytes fail their checksum or whose shard is missing: StoreCorruptError)
     stops the run by default. With ``skip_damaged`` such a batch is re-read key by key; the damaged rows get
     no KD (``has_kd`` False, like absent keys) and are counted in ``"damaged"`` (B,) bool: never zeros as
-    targets."""
+    targets. ``retriever``: windows without their own row get the targets of the most similar stored
+    situations (``e2r.workflow.retrieval_kd``); ``unpaired``: ignore every window's own row (the unpaired-data
+    experiment: retrieval only, never from the window's own segment)."""
 
     def __init__(self, camera: CameraSequenceDataset, memorybank: str | None = None,
                  fields: Sequence[str] = LIGHT_KD_FIELDS, skip_damaged: bool = False,
-                 retriever: Retriever | None = None) -> None:
+                 retriever: Retriever | None = None, unpaired: bool = False) -> None:
         self.camera = camera
         self.teacher = TeacherRowReader(str(memorybank), tuple(fields)) if memorybank else None
         self.skip_damaged = bool(skip_damaged)
         self.retriever = retriever if memorybank else None
+        self.unpaired = bool(unpaired)
 
     def __len__(self) -> int:
         return len(self.camera)
@@ -145,6 +148,12 @@ class KDCameraBatches(Dataset):
         batch["damaged"] = torch.zeros(len(batch["keys"]), dtype=torch.bool)
         if self.teacher is None:
             batch["has_kd"], batch["teacher"] = torch.zeros(len(batch["keys"]), dtype=torch.bool), {}
+            return batch
+        if self.unpaired:            # the unpaired experiment: no window has its own row; retrieval only
+            batch["has_kd"] = torch.zeros(len(batch["keys"]), dtype=torch.bool)
+            batch["teacher"] = {f: torch.zeros((len(batch["keys"]), *self.teacher.schema.row_shape(f)))
+                                for f in self.teacher.fields}
+            self._retrieve(batch)
             return batch
         try:
             rows = dict(self.teacher.read(batch["keys"]))     # one get_batch_into for the whole batch, by key

@@ -33,6 +33,7 @@ from stores.torch_data import TeacherRowReader
 __all__ = ["QUERY_KINDS", "RetrievalBuild", "state_vectors", "build_retrieval_index", "Retriever", "RetrievalCheck"]
 
 QUERY_KINDS = ("state",)
+_WHOLE = 10 ** 9          # exclude_frames that covers any segment
 
 
 def state_vectors(speed: Tensor, steering: Tensor, stats: dict[str, float]) -> Tensor:
@@ -92,12 +93,14 @@ def build_retrieval_index(cfg: RetrievalBuild) -> RetrievalIndex:
 class Retriever:
     """Teacher targets for unpaired windows from index ``name`` of ``store``: the ``k`` most similar rows,
     mixed by ``softmax(similarity / tau)``; a window whose best similarity is below ``min_similarity`` gets
-    none. Opens the index lazily (fork-safe, like the row reader)."""
+    none. ``whole_segment``: never retrieve from the query's own segment at all (the unpaired experiment:
+    its own drive's LiDAR rows do not exist). Opens the index lazily (fork-safe, like the row reader)."""
 
     def __init__(self, store: str, name: str = "state", k: int = 8, tau: float = 0.05,
-                 min_similarity: float = 0.9) -> None:
+                 min_similarity: float = 0.9, whole_segment: bool = False) -> None:
         self.store, self.name, self.k = str(store), name, int(k)
         self.tau, self.min_similarity = float(tau), float(min_similarity)
+        self.whole_segment = bool(whole_segment)     # exclude the query's whole segment, not only +-T frames
         check_positive(self, ("k",))
         if not self.tau > 0:
             raise ConfigError(f"--kd_retrieval_tau must be > 0, got {self.tau}")
@@ -138,7 +141,8 @@ class Retriever:
         """For B windows (speed, steering (B, T); ``exclude``: their keys, so that their own segment within
         +-T frames is never retrieved): ``(rows {field: (B, T, ...)} mixed targets, used (B,) bool,
         best (B,) float32 best similarity)``. Rows of unused windows are zeros."""
-        keys, sims = self.index.retrieve(self.query(speed, steering), self.k, exclude=list(exclude))
+        keys, sims = self.index.retrieve(self.query(speed, steering), self.k, exclude=list(exclude),
+                                         exclude_frames=_WHOLE if self.whole_segment else None)
         B, k = keys.shape
         found = keys != ""
         best = torch.from_numpy(np.where(found[:, 0], sims[:, 0], -np.inf).astype(np.float32))

@@ -220,11 +220,11 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
         retriever = None
         if cfg.kd_retrieval and bank:
             retriever = Retriever(bank, cfg.kd_retrieval, cfg.kd_retrieval_k, cfg.kd_retrieval_tau,
-                                  cfg.kd_retrieval_min_sim)
+                                  cfg.kd_retrieval_min_sim, whole_segment=cfg.kd_unpaired)
             retriever.check(cfg.seq_len)
         train_loader, train_sampler = make_kd_loader(
-            KDCameraBatches(train_ds, bank, fields, cfg.skip_damaged, retriever), batch_size, True, cfg.seed,
-            cfg.num_workers, ctx)
+            KDCameraBatches(train_ds, bank, fields, cfg.skip_damaged, retriever, cfg.kd_unpaired), batch_size, True,
+            cfg.seed, cfg.num_workers, ctx)
         valid_loader = (make_kd_loader(KDCameraBatches(valid_ds), batch_size, False, cfg.seed, cfg.num_workers,
                                        ctx)[0] if valid_ds is not None and len(valid_ds) else None)
         task = StudentTask(trainer.net, model, cfg, kd, device)
