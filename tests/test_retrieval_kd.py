@@ -98,7 +98,8 @@ def test_unpaired_training_never_uses_a_windows_own_segment(setup, tmp_path, mon
         out = real(self, reader, speed, steering, exclude)
         keys, _ = self.index.retrieve(self.query(speed, steering), self.k, exclude=list(exclude),
                                       exclude_frames=10 ** 9)
-        seen.extend((parse_key(q).segment, parse_key(str(k)).segment) for q, row in zip(exclude, keys) for k in row)
+        seen.extend((parse_key(q).segment, parse_key(str(k)).segment) for q, row in zip(exclude, keys) for k in row
+                    if k)
         return out
     monkeypatch.setattr(Retriever, "targets", spy)
     n = len(camera_ds(setup["root"]))
