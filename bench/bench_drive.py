@@ -31,6 +31,7 @@ from e2r.models.teacher import LiDARBEVTeacher  # noqa: E402
 from e2r.sim.closed_loop import ClosedLoopConfig, load_world, run_closed_loop, start_indices  # noqa: E402
 from e2r.sim.policies import ExpertPolicy, Observation, Policy, StudentPolicy, TeacherPolicy  # noqa: E402
 from e2r.sim.world import generate_dataset  # noqa: E402
+from e2r.workflow.configs import image_size  # noqa: E402
 
 
 class RenderingExpert(ExpertPolicy):
@@ -47,16 +48,11 @@ class RenderingExpert(ExpertPolicy):
         return super().act(obs)
 
 
-def _image_size(text: str) -> tuple[int, int]:
-    w, h = (int(v) for v in text.lower().split("x"))
-    return w, h
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cars", type=int, default=4, help="cars driven at once (default 4)")
     p.add_argument("--seconds", type=float, default=3.0, help="simulated seconds per policy (default 3)")
-    p.add_argument("--image_size", type=_image_size, default=(256, 128), help="world camera WxH (default 256x128)")
+    p.add_argument("--image_size", type=lambda t: image_size(t, 8), default=(256, 128), help="world camera WxH (default 256x128)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as pipelines.drive; 0 = torch's "
                                                           "default)")
     p.add_argument("--device", default="cpu", help="device of the models (default cpu)")

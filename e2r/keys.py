@@ -60,8 +60,8 @@ def make_key(split: str, segment: str, start: int) -> str:
                 raise TypeError
         except TypeError:
             raise InvalidKeyError(f"start must be an integer, got {type(start).__name__}: {start!r}") from None
-    if start < 0:
-        raise InvalidKeyError(f"start must be >= 0, got {start}")
+    if not 0 <= start < 10 ** 18:
+        raise InvalidKeyError(f"start must be in 0..{10 ** 18 - 1} (at most 18 digits), got {start}")
     return f"{split}/{segment}:{start}"
 
 

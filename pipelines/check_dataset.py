@@ -15,19 +15,8 @@ import sys
 from typing import Optional, Sequence
 
 from e2r.data.check import DatasetCheck, check_dataset
-from e2r.workflow.configs import config_from_namespace
+from e2r.workflow.configs import config_from_namespace, image_size
 from pipelines._common import num_features
-
-
-def parse_image_size(text: str) -> tuple[int, int]:
-    """``"256x128"`` -> (256, 128) = (W, H)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-        if w <= 0 or h <= 0:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--image_size must be WxH with positive integers, got {text!r}") from None
-    return w, h
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lidar_num_features", type=num_features, default="auto",
                    help="float32 features per point in .bin files: 4, 5, 8 or auto (decided per segment from "
                         "file sizes and values; default auto)")
-    p.add_argument("--image_size", type=parse_image_size, default=(256, 128),
+    p.add_argument("--image_size", type=image_size, default=(256, 128),
                    help="WxH images are resized to (default 256x128); checks that every image decodes")
     p.add_argument("--splits", nargs="+", default=None, help="splits to check (default: every split found)")
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")

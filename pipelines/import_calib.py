@@ -18,18 +18,7 @@ from typing import Optional, Sequence
 from e2r.data.calib import CalibImport, calib_from_kitti, calib_from_nuscenes, write_calib
 from e2r.data.readers import read_json, read_text
 from e2r.errors import E2RError
-from e2r.workflow.configs import config_from_namespace
-
-
-def image_size(text: str) -> tuple[int, int]:
-    """``"1600x900"`` -> (1600, 900) = (W, H)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-        if w <= 0 or h <= 0:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--image_size must be WxH with positive integers, got {text!r}") from None
-    return w, h
+from e2r.workflow.configs import config_from_namespace, image_size
 
 
 def build_parser() -> argparse.ArgumentParser:

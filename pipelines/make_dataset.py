@@ -31,16 +31,7 @@ import sys
 
 from e2r.sim.preview import write_preview
 from e2r.sim.world import APPEARANCES, SyntheticConfig, generate_dataset
-
-
-def _image_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--image_size must look like WxH, e.g. 256x128; got {text!r}") from None
-    if w < 8 or h < 8:
-        raise argparse.ArgumentTypeError(f"--image_size must be at least 8x8, got {text!r}")
-    return w, h
+from e2r.workflow.configs import image_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gap: per-track camera look, blur, noise and other cars (default); clean: the original look")
     p.add_argument("--frames", type=int, default=300, help="frames per segment at 20 Hz (default 300)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed -> byte-identical files")
-    p.add_argument("--image_size", type=_image_size, default=(256, 128), help="camera image WxH (default 256x128)")
+    p.add_argument("--image_size", type=lambda t: image_size(t, 8), default=(256, 128), help="camera image WxH (default 256x128)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes over segments (default: min(CPU count, tracks); 1 = no pool)")
     p.add_argument("--preview", default=None, metavar="PNG",

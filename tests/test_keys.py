@@ -29,6 +29,9 @@ def test_rejects_non_string_and_bad_parts():
         parse_key(b"train/seg:1")  # type: ignore[arg-type]
     with pytest.raises(InvalidKeyError):
         make_key("train", "seg", -1)
+    with pytest.raises(InvalidKeyError, match="at most 18 digits"):      # parse_key would refuse it
+        make_key("train", "seg", 10 ** 18)
+    assert parse_key(make_key("train", "seg", 10 ** 18 - 1)).start == 10 ** 18 - 1
     with pytest.raises(InvalidKeyError):
         make_key("train", "seg", True)  # type: ignore[arg-type]
     with pytest.raises(InvalidKeyError):

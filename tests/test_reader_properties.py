@@ -471,10 +471,9 @@ def test_parse_key(key):
     assert parsed.start >= 0 and key.isascii()
 
 
-# starts from 10**18 on: make_key writes keys that parse_key refuses (reported; e2r/keys.py is not edited here)
 @FUZZ
 @given(split=st.one_of(st.text(PART_CHARS, max_size=10), st.integers()), segment=st.text(PART_CHARS, max_size=10),
-       start=st.one_of(st.integers(-5, 10 ** 18 - 1), st.floats(), st.text(max_size=4), st.booleans(),
+       start=st.one_of(st.integers(-5, 10 ** 19), st.floats(), st.text(max_size=4), st.booleans(),
                        st.integers(0, 2 ** 62).map(np.int64), st.none()))
 def test_make_key(split, segment, start):
     with bounded(0):

@@ -183,7 +183,7 @@ class _SequenceDataset(Dataset):
         out = []
         for cam in table.cameras:
             path = table.image_paths[cam.name][frame]
-            image, original = read_image(path, self.image_size, row=frame)
+            image, original = read_image(path, self.image_size, row=frame, expected_size=cam.image_size)
             if original != cam.image_size:
                 raise DataError(path, f"image size {original[0]}x{original[1]} differs from the segment's "
                                       f"{cam.image_size[0]}x{cam.image_size[1]} (calib.json image_size of camera "

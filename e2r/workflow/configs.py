@@ -17,7 +17,7 @@ from e2r.errors import ConfigError, check_positive
 
 __all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig",
            "TeacherEvalConfig", "StudentEvalConfig", "ExportConfig", "config_from_namespace", "command_line", "plain_dict",
-           "check_output_file", "check_positive",
+           "check_output_file", "check_positive", "image_size",
            "NumFeatures"]
 
 #: training defaults per preset (tiny: tuned on the default synthetic dataset, a few CPU minutes)
@@ -58,6 +58,18 @@ def command_line(module: str, cfg: Any, positional: Sequence[str] = ()) -> str:
             else:
                 words.append(f"--{f.name} {value}")
     return " ".join(words)
+
+
+def image_size(text: str, minimum: int = 1) -> tuple[int, int]:
+    """``--image_size``: ``"256x128"`` -> (256, 128) = (W, H); ArgumentTypeError unless both are integers
+    >= ``minimum``."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image_size must look like WxH, e.g. 256x128; got {text!r}") from None
+    if w < minimum or h < minimum:
+        raise argparse.ArgumentTypeError(f"--image_size must be at least {minimum}x{minimum}, got {text!r}")
+    return w, h
 
 
 def check_output_file(flag: str, value: Optional[str]) -> None:
