@@ -12,6 +12,13 @@ that other load on the machine hits both sides alike): write rows/s with and wit
 with PASS/FAIL.
 
     python bench/bench_store.py --key_index 1e5,1e6,1e7 --dir /tmp/ki    # the key index at scale (issue 14)
+    python bench/bench_store.py --write                                   # the write path (issue 14)
+
+``--write`` measures ``write_rows`` rows/s (fsync on, blocks of one whole shard, as the export writes) at SPEC
+sizes (float32 and float16) and at small sizes (T=5, A=2, D=H=8), through zarr-python (``bulk_writes =
+False``, the reference path: one inner chunk at a time) and through the bulk shard encoder (the default), in
+alternating rounds (medians); then in-process ``get_batch`` rows/s (batches of 64 random keys) on the SPEC
+float32 store it wrote.
 
 ``--key_index`` writes one store per size (small rows: T=5, A=2, D=H=8; keys ``train/seg_XXXXX:i``, 1000
 windows per segment; reused when ``--dir`` already holds it) and measures each in a fresh process: the time
@@ -143,10 +150,19 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir, removed after)")
     ap.add_argument("--key_index", default=None, help="sizes, e.g. 1e5,1e6,1e7: the key index at scale (only this)")
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)     # internal: one --key_index measurement
+    ap.add_argument("--write", action="store_true", help="the write path: zarr-python vs bulk shards (only this)")
+    ap.add_argument("--rounds", type=int, default=3, help="--write: alternating rounds per path (default 3)")
     a = ap.parse_args()
     if a.probe:
         print(json.dumps(key_index_probe(a.probe)))
         return 0
+    if a.write:
+        tmp = a.dir or tempfile.mkdtemp(prefix="bench_write_")
+        try:
+            return write_bench(tmp, a.n if a.n != 20000 else 16384, a.rounds, a.batch)
+        finally:
+            if not a.dir:
+                shutil.rmtree(tmp, ignore_errors=True)
     if a.key_index:
         return key_index_bench([int(float(x)) for x in a.key_index.split(",")], a.dir or tempfile.mkdtemp())
     tmp = a.dir or tempfile.mkdtemp(prefix="bench_store_")
@@ -309,6 +325,69 @@ def crc_cost(path: str, keys: list[str], B: int, rounds: int = 15) -> tuple[floa
             rates[on].append(len(batches) * B / (time.perf_counter() - t0))
     reader.crc = True
     return float(np.median(rates[True])), float(np.median(rates[False]))
+
+
+def write_rate(path: str, schema: StoreSchema, blocks: list[dict[str, np.ndarray]], keys: list[str],
+               bulk: bool) -> float:
+    """Rows/s of ``write_rows`` of ``blocks`` (one whole shard each) into a new store at ``path`` (fsync on);
+    ``bulk=False`` writes through zarr-python."""
+    bank = create_memorybank(path, schema, Provenance(teacher_sha256="0" * 64, model_config={"bench": "write"}))
+    bank.bulk_writes = bulk
+    bank.reserve_split("train", keys)
+    t, a = 0.0, 0
+    for rows in blocks:
+        t0 = time.perf_counter()
+        bank.write_rows("train", a, rows)
+        t += time.perf_counter() - t0
+        a += len(rows["actions"])
+    bank.close()
+    return len(keys) / t
+
+
+def get_batch_rate(path: str, keys: list[str], B: int, rounds: int = 5) -> float:
+    """In-process ``get_batch`` rows/s, batches of ``B`` random keys (median of ``rounds`` passes)."""
+    bank = open_memorybank(path)
+    rng = np.random.default_rng(0)
+    batches = [[keys[i] for i in rng.integers(0, len(keys), B)] for _ in range(max(50, len(keys) // B))]
+    bank.get_batch(batches[0])
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for kb in batches:
+            bank.get_batch(kb)
+        rates.append(len(batches) * B / (time.perf_counter() - t0))
+    return float(np.median(rates))
+
+
+def write_bench(tmp: str, n_spec: int, rounds: int, B: int) -> int:
+    """``--write``: zarr-python vs bulk shard writes, alternating rounds, medians; then get_batch."""
+    os.makedirs(tmp, exist_ok=True)
+    cases = [("SPEC f32 (T=5, 898 ch)", StoreSchema(seq_len=5, action_dim=2, bev_dim=256, gru_hidden=640), n_spec),
+             ("SPEC f16 (T=5, 898 ch)", StoreSchema(seq_len=5, action_dim=2, bev_dim=256, gru_hidden=640,
+                                                    dtype="float16"), n_spec),
+             ("small f32 (T=5, 18 ch)", StoreSchema(seq_len=5, action_dim=2, bev_dim=8, gru_hidden=8), 2 * n_spec)]
+    print(f"write_rows rows/s (fsync on, blocks of one shard, {rounds} alternating rounds, median), scratch {tmp}")
+    print(f"{'rows':<24}{'n':>8}{'zarr-python':>13}{'bulk':>10}{'bulk/zarr':>11}")
+    spec_path = ""
+    for ci, (label, schema, n) in enumerate(cases):
+        keys = [f"train/seg_{i // 1000:05d}:{i % 1000}" for i in range(n)]
+        S = 4096
+        blocks = [realistic_rows(schema, a, min(S, n - a)) for a in range(0, n, S)]
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(rounds):
+            for bulk in ((False, True) if r % 2 == 0 else (True, False)):
+                p = os.path.join(tmp, f"w_{ci}_{r}_{int(bulk)}.zarr")
+                rates[bulk].append(write_rate(p, schema, blocks, keys, bulk))
+                if bulk and label.startswith("SPEC f32") and not spec_path:
+                    spec_path = p
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+        z, b = float(np.median(rates[False])), float(np.median(rates[True]))
+        print(f"{label:<24}{n:>8}{z:>13.0f}{b:>10.0f}{b / z:>10.1f}x", flush=True)
+    keys = [f"train/seg_{i // 1000:05d}:{i % 1000}" for i in range(n_spec)]
+    print(f"in-process get_batch (SPEC f32, N={n_spec}, batches of {B} random keys, median of 5): "
+          f"{get_batch_rate(spec_path, keys, B):.0f} rows/s")
+    return 0
 
 
 def loader_rate_field(loader: DataLoader, field: str) -> float:

@@ -217,6 +217,26 @@ class RowChunkReader:
             os.close(fd)
         return self._index_of(i, tail, size)
 
+    def read_shard(self, i: int) -> tuple[bytes, np.ndarray] | None:
+        """``(bytes, checked index (S, 2))`` of shard file ``i`` read now from disk (not the cached map; a
+        writer merging rows into it), None when it is absent; StoreCorruptError when it is damaged."""
+        if not self.sharded:
+            raise UnsupportedLayout(f"{self.dir} is not sharded")
+        try:
+            opened = open_regular(self.file_path(i), self.store, self.name)
+        except StoreCorruptError as e:
+            raise self._corrupt(str(e), i) from None
+        if opened is None:
+            return None
+        fd, size = opened
+        try:
+            raw = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+        if len(raw) != size:
+            raise self._corrupt(f"read {len(raw)} of {size} bytes (file changed while read)", i)
+        return raw, self._index_of(i, raw, size)
+
     # ------------------------------------------------------------------ reading
     def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows ``rows`` (in-range, any order, repeats allowed) as an array (len(rows), *row_shape) of the

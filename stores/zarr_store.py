@@ -33,6 +33,7 @@ from stores.fsio import read_json
 from stores.index_file import index_dir, index_path
 from stores.layout import COMPLETE_UNSET, keys_chunk_rows
 from stores.row_reader import FlatChunkReader, RowChunkReader
+from stores.shard_codec import ShardCodec, write_file
 from stores.zarr_checks import ARRAY_NAMES, ZarrIntegrity, field_path
 from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, LIGHT_FIELDS, StoreSchema
 from stores.validate import ArrayInfo, check_store, zarr_array_info
@@ -58,12 +59,14 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
 
     backend = "zarr"
     index_files = True
+    bulk_writes = True     # write_rows encodes whole shards itself (stores.shard_codec); False: through zarr-python
 
     def __init__(self, path: str, mode: str, fsync: bool = True) -> None:
         super().__init__(path, mode, fsync)
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._readers: dict[str, RowChunkReader | None] = {}
+        self._codecs: dict[str, ShardCodec | None] = {}
         self._flat: dict[str, FlatChunkReader] = {}
         self._metas: dict[str, dict[str, Any]] = {}
         self._bad_chunks: set[tuple[str, int]] = set()     # (array, chunk) of keys/complete found damaged
@@ -206,10 +209,37 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
         if light:
             if len(light) != len(LIGHT_FIELDS):
                 raise ValueError(f"{self.path}: the packed light array needs all of {LIGHT_FIELDS} in one write")
-            self._arr(LIGHT_ARRAY)[a:a + len(light[0])] = np.concatenate(light, axis=-1)
+            self._write_array(LIGHT_ARRAY, a, np.concatenate(light, axis=-1))
         if BEV_FEAT in arrays:
-            self._arr(BEV_FEAT)[a:a + len(arrays[BEV_FEAT])] = arrays[BEV_FEAT]
+            self._write_array(BEV_FEAT, a, arrays[BEV_FEAT])
         self._readers.clear()
+
+    def _codec(self, path: str) -> ShardCodec | None:
+        """The bulk shard encoder of array ``path`` (None: a layout it does not handle)."""
+        if path not in self._codecs:
+            try:
+                self._codecs[path] = ShardCodec(self._metas.get(path) or self._meta(path) or {})
+            except UnsupportedLayout:
+                self._codecs[path] = None
+        return self._codecs[path]
+
+    def _write_array(self, name: str, a: int, data: np.ndarray) -> None:
+        """Rows ``[a, a + len(data))`` of array ``name``: each shard they touch encoded in bulk and put in
+        place by one crash-safe file write (`stores.shard_codec`); rows of a shard outside the block keep their
+        stored chunks (the old shard's index is checked first). Through zarr-python when ``bulk_writes`` is
+        off or the layout is not one the encoder handles (same bytes either way)."""
+        path = field_path(name)
+        codec = self._codec(path) if self.bulk_writes else None
+        reader = self._reader(name) if codec is not None else None
+        if codec is None or reader is None:
+            self._arr(name)[a:a + len(data)] = data
+            return
+        S, end, b = codec.rows_per_shard, int(self._arr(name).shape[0]), a + len(data)
+        for i in range(a // S, -(-b // S)):
+            lo, hi = max(a, i * S), min(b, (i + 1) * S)
+            whole = lo == i * S and hi >= min((i + 1) * S, end)
+            old = None if whole else reader.read_shard(i)
+            write_file(reader.file_str(i), codec.shard(data[lo - a:hi - a], lo - i * S, old), self.fsync)
 
     def _write_field(self, name: str, a: int, data: np.ndarray) -> None:
         if name in LIGHT_FIELDS:
