@@ -78,6 +78,11 @@ def test_study_end_to_end_resumes_and_refuses_changed_settings(tmp_path, capsys)
     assert {r["unit"] for r in rows} == set(names) | {"teacher", "expert"}
     assert "| 1 | kd |" in (out / "study.md").read_text() and (out / "study.png").stat().st_size > 0
     assert "KD/BC offline MSE at 1 camera track(s)" in text
+    # an interrupted unit continues from its last training state: remove a result, keep the checkpoints
+    (out / "bc-b2-s0" / "result.json").unlink()
+    assert study.main(["--out", str(out), *TINY]) == 0
+    assert "continuing the interrupted training from" in capsys.readouterr().out
+    assert read_results(out)["units"][1]["name"] == "bc-b2-s0"
     stamp = (out / "kd-b1-s0" / "result.json").stat().st_mtime_ns
     assert study.main(["--out", str(out), *TINY]) == 0
     assert capsys.readouterr().out.count("done before") == 4 + 2

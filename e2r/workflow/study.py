@@ -13,7 +13,8 @@ bev_vec, GRU state), and the ablations ``kd_action`` (action only), ``kd_state``
 epochs, seed and flips; only the loss differs.
 
 Resumable: each finished unit writes ``result.json`` in its own folder under ``out`` and is skipped on the
-next call; an interrupted unit starts over (its partial files are overwritten). Changing the study's
+next call; an interrupted training continues from its last state (``*_last.pt``, written every epoch and
+every :data:`CHECKPOINT_EVERY` batches: the mid-epoch resume of ``e2r.workflow.trainer``). Changing the study's
 settings in a way that changes what a finished unit means (world, epochs, flips) is refused: ``study.json``
 records them; use a new ``--out``.
 """
@@ -47,6 +48,7 @@ VARIANTS: dict[str, tuple[float, float, float, float]] = {
     "kd_dense": (1.0, 1.0, 1.0, 1.0),
 }
 RESULT_FILE = "result.json"
+CHECKPOINT_EVERY = 100      # batches between mid-epoch training states
 #: settings that change what a finished unit means (recorded in study.json, must not change on resume)
 _FIXED = ("camera_tracks", "lidar_only_tracks", "valid_tracks", "test_tracks", "frames", "world_seed",
           "appearance", "teacher_epochs", "student_epochs", "hflip_prob", "starts", "time_limit")
@@ -214,6 +216,14 @@ def _success(result: dict[str, Any]) -> float:
     return float(rows[0]["success"]) if rows else float("nan")
 
 
+def _resumable(last: Path, log: Callable[[str], None]) -> Optional[str]:
+    """``last`` when an interrupted training left it (then training continues from it), else None."""
+    if not last.is_file():
+        return None
+    log(f"   continuing the interrupted training from {last}")
+    return str(last)
+
+
 def _teacher_unit(cfg: StudyConfig, folder: Path, log: Callable[[str], None]) -> dict[str, Any]:
     done = _done(folder)
     ckpt = folder / "teacher.pt"
@@ -223,9 +233,11 @@ def _teacher_unit(cfg: StudyConfig, folder: Path, log: Callable[[str], None]) ->
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"== teacher: training on every LiDAR training track, {cfg.teacher_epochs} epochs")
+    last = folder / "teacher_last.pt"
     trained = train_teacher(TeacherTrainConfig(
         data_root=cfg.data_dir, preset="tiny", epochs=cfg.teacher_epochs, seed=cfg.world_seed, device=cfg.device,
-        save_path=str(ckpt), checkpoint_path=str(folder / "teacher_last.pt"), no_progress=cfg.no_progress))
+        save_path=str(ckpt), checkpoint_path=str(last), checkpoint_every_steps=CHECKPOINT_EVERY,
+        resume_path=_resumable(last, log), no_progress=cfg.no_progress))
     ev = evaluate_teacher(TeacherEvalConfig(data_root=cfg.data_dir, split="test", teacher_ckpt=str(ckpt),
                                             device=cfg.device, csv_path=str(folder / "eval_test.csv"),
                                             no_progress=cfg.no_progress))
@@ -263,9 +275,11 @@ def _student_unit(cfg: StudyConfig, unit: StudyUnit, segments: list[str], folder
     action, bev_vec, temporal, bev_feat = VARIANTS[unit.variant]
     kd = unit.variant != "bc"
     ckpt = folder / "student.pt"
+    last = folder / "student_last.pt"
     trained = train_student(StudentTrainConfig(
         data_root=cfg.data_dir, train_segments=segments, preset="tiny", epochs=cfg.student_epochs, seed=unit.seed,
-        device=cfg.device, save_path=str(ckpt), checkpoint_path=str(folder / "student_last.pt"),
+        device=cfg.device, save_path=str(ckpt), checkpoint_path=str(last), checkpoint_every_steps=CHECKPOINT_EVERY,
+        resume_path=_resumable(last, print),
         memorybank=str(store) if kd else None, kd_action_w=action, kd_bevvec_w=bev_vec, kd_temporal_w=temporal,
         kd_bevfeat_w=bev_feat, hflip_prob=cfg.hflip_prob, no_progress=cfg.no_progress))
     ev = evaluate_student(StudentEvalConfig(data_root=cfg.data_dir, split="test", student_ckpt=str(ckpt),
