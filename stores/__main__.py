@@ -1,7 +1,9 @@
 """Inspect and maintain memorybanks: ``python -m stores <command>`` (also installed as ``e2r-mb``).
 
-Commands: info, ls, show, verify, stats, rm-split, reindex, convert. Every command opens stores read-only
-except rm-split, reindex and convert's destination. ``verify`` exits 1 when it finds a problem.
+Commands: info, ls, show, verify, stats, rm-split, reindex, convert, and the retrieval index's
+``index build|query|verify`` (``query STORE KEY`` for short; ``stores.retrieval``). Every command opens stores
+read-only except rm-split, reindex, convert's destination and index build. ``verify`` (which also checks the
+store's retrieval indexes) exits 1 when it finds a problem.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import numpy as np
 from stores.convert import convert
 from stores.errors import StoreError
 from stores.factory import open_memorybank
+from stores.retrieval import list_indexes, verify_indexes
+from stores.retrieval import main as retrieval_main
 from stores.verify import field_stats, incomplete_count, verify_bank, verify_path  # noqa: F401 (verify_bank: API)
 
 
@@ -74,6 +78,8 @@ def cmd_show(a: argparse.Namespace) -> int:
 
 def cmd_verify(a: argparse.Namespace) -> int:
     problems, bank = verify_path(a.path)
+    if bank is not None and list_indexes(a.path):
+        problems += verify_indexes(a.path)
     for p in problems:
         print("PROBLEM:", p)
     if bank is None:
@@ -179,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "float16"], default=None, help="stored dtype of dst")
     s.add_argument("--shard-rows", type=int, default=None, help="rows per shard of dst (power of two)")
     s.add_argument("--teacher-sha256", default=None, help="teacher checkpoint hash to record (npz import)")
+    sub.add_parser("index", help="retrieval index: build | query | verify (python -m stores index build --help)",
+                   add_help=False)
+    sub.add_parser("query", help="the neighbours of a key in a retrieval index: query STORE KEY --name state --k 8",
+                   add_help=False)
     return p
 
 
@@ -187,6 +197,11 @@ COMMANDS = {"info": cmd_info, "ls": cmd_ls, "show": cmd_show, "verify": cmd_veri
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["index"]:                  # the retrieval index's own CLI (stores.retrieval)
+        return retrieval_main(argv[1:])
+    if argv[:1] == ["query"]:
+        return retrieval_main(argv)
     a = build_parser().parse_args(argv)
     try:
         return COMMANDS[a.cmd](a)

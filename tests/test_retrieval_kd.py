@@ -110,3 +110,26 @@ def test_unpaired_training_never_uses_a_windows_own_segment(setup, tmp_path, mon
     # segment's name: excluded); segment_0001's retrieve from segment_0000 although their own rows are absent
     assert h["retrieved_samples"] == h["kd_samples"] == n // 2 and h["bc_only_samples"] == n // 2
     assert seen and all(q != r for q, r in seen)
+
+
+def test_stores_cli_queries_the_index_and_verify_checks_it(setup, tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    from stores.__main__ import main as stores_main
+
+    bank = tmp_path / "copy.zarr"
+    shutil.copytree(setup["bank"], bank)
+    key = sorted(setup["rows"])[0]
+    assert stores_main(["query", str(bank), key, "--name", "state", "--k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"query {key}: 3 neighbours" in out and key not in out.split("query")[0]
+    assert stores_main(["index", "verify", str(bank)]) == 0 and stores_main(["verify", str(bank)]) == 0
+    capsys.readouterr()
+    chunk = next(p for p in sorted((Path(bank) / "retrieval" / "state").rglob("*")) if p.is_file()
+                 and "vectors" in p.parts and p.name != "zarr.json")
+    raw = bytearray(chunk.read_bytes())
+    raw[0] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    assert stores_main(["verify", str(bank)]) == 1
+    assert str(chunk) in capsys.readouterr().out
