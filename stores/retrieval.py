@@ -11,14 +11,15 @@ dimension D. It lives inside the store (``<store>/retrieval/<name>/``, format an
 `stores.retrieval_store`): unit-normalised float16 rows (N, D) and their keys, every byte checksummed.
 
 Back ends (``kind``): ``exact`` - chunked ``torch.topk`` over the memory-mapped matrix (memory bounded by one
-chunk of `default_chunk_rows` rows in float32 plus (B, chunk) similarities); ``faiss-ivf`` / ``faiss-hnsw`` -
-faiss (optional: ``pip install 'e2r-kd[retrieval]'``) finds candidates, which are then re-scored exactly
-from the stored float16 rows, so both back ends return the same similarity for the same row.
+chunk of `default_chunk_rows` rows in float32 plus (B, chunk) similarities); ``faiss-ivf`` (IVF, 8-bit scalar
+quantizer codes) / ``faiss-hnsw`` - faiss (optional: ``pip install 'e2r-kd[retrieval]'``) returns
+``RERANK * k`` candidates, re-scored exactly from the stored float16 rows: both back ends give the same
+similarity for the same row, and quantization errors cost no ranking inside the candidates.
 
 **Exclusion.** ``exclude[b]`` (a key, a `SampleKey`, a ``(segment, start)`` pair, or None) stops query b from
 retrieving any row of the same segment (by segment name, whatever the split) whose start is within
 ``+-exclude_frames`` (default: the store's seq_len at build, recorded in the index). The approximate back end
-over-fetches ``k + (2T + 1) * S`` candidates (T = exclude_frames, S = the most splits one segment name occurs
+over-fetches ``(2T + 1) * S`` more candidates (T = exclude_frames, S = the most splits one segment name occurs
 in, 1 in a usual dataset): at most that many rows can be excluded, so k remain whenever faiss returns its
 candidates (beyond `MAX_CANDIDATES` the exact back end answers). Missing results (an index smaller than k
 plus the exclusions) come back as key "" and similarity -inf.
@@ -39,15 +40,16 @@ import torch
 from e2r.keys import InvalidKeyError, SampleKey, parse_key, validate_part
 from stores.errors import StoreError
 from stores.fsio import publish, remove_path, remove_stale_temps, temp_sibling
-from stores.retrieval_store import (FORMAT, VERSION, MappedArray, add_faiss, add_part, blob_array, check_in_store, corrupt,
+from stores.retrieval_store import (FORMAT, VERSION, add_faiss, add_part, blob_array, check_in_store, corrupt,
                                     default_chunk_rows, ensure_root, faiss_blob, faiss_module, faiss_params, index_dir,
-                                    list_indexes, load_faiss, load_inputs, open_bank_keys, prepare_rows, read_manifest,
+                                    list_indexes, load_faiss, load_inputs, open_bank_keys, part_arrays, prepare_rows, read_manifest,
                                     splits_per_segment, write_manifest)
 from stores.schema import now_iso
 
 KINDS = ("exact", "faiss-ivf", "faiss-hnsw")
 Exclude = Union[str, SampleKey, tuple[str, int], None]
-MAX_CANDIDATES = 1024     # an approximate search needing more candidates (k + over-fetch) is answered exactly
+RERANK = 2                # an approximate search fetches RERANK * k candidates (+ the exclusion over-fetch)
+MAX_CANDIDATES = 1024     # an approximate search needing more candidates than this is answered exactly
 
 
 class RetrievalIndex:
@@ -62,11 +64,7 @@ class RetrievalIndex:
         try:
             self.dim, self.kind = int(attrs["dim"]), str(attrs["kind"])
             self.exclude_frames, C = int(attrs["exclude_frames"]), int(attrs["chunk_rows"])
-            self._parts = [{"vectors": MappedArray(self.dir / p["name"] / "vectors", store, (p["rows"], self.dim), "float16", C),
-                            "segment": MappedArray(self.dir / p["name"] / "segment", store, (p["rows"],), "int32", C),
-                            "start": MappedArray(self.dir / p["name"] / "start", store, (p["rows"],), "int64", C),
-                            "segments": MappedArray(self.dir / p["name"] / "segments", store, (p["segments"], p["width"]),
-                                                    "uint8", max(1, p["segments"]))} for p in attrs["parts"]]
+            self._parts = [part_arrays(self.dir, store, p, self.dim, C) for p in attrs["parts"]]
         except (KeyError, TypeError, ValueError) as e:
             raise corrupt(self.store, self.dir / "zarr.json", f"manifest incomplete ({type(e).__name__}: {e})") from None
         self._off = np.cumsum([0] + [int(p["rows"]) for p in attrs["parts"]])
@@ -128,7 +126,7 @@ class RetrievalIndex:
 
     def row_of(self, key: str) -> int | None:
         """Global row of ``key`` (None when not indexed); InvalidKeyError for a malformed key. O(N): for a few keys."""
-        hit = np.flatnonzero(self.keys_of(np.arange(len(self))) == parse_key(key).__str__())
+        hit = np.flatnonzero(self.keys_of(np.arange(len(self))) == str(parse_key(key)))
         return int(hit[0]) if len(hit) else None
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
@@ -157,10 +155,10 @@ class RetrievalIndex:
         qg, qs = self._exclusions(exclude, len(q))
         q = np.ascontiguousarray(q / norm)
         over = (2 * T + 1) * int(self.attrs["max_splits_per_segment"]) if (qg != -1).any() else 0
-        if exact or (exact is None and (self.kind == "exact" or k + over > MAX_CANDIDATES)):
+        if exact or (exact is None and (self.kind == "exact" or RERANK * k + over > MAX_CANDIDATES)):
             rows, sims = self._search_exact(q, int(k), qg, qs, T)
         else:
-            rows, sims = self._search_faiss(q, int(k), k + over, qg, qs, T, nprobe, ef_search)
+            rows, sims = self._search_faiss(q, int(k), RERANK * k + over, qg, qs, T, nprobe, ef_search)
         return self.keys_of(rows).reshape(rows.shape), sims
 
     def _exclusions(self, exclude: Sequence[Exclude] | None, B: int) -> tuple[np.ndarray, np.ndarray]:
@@ -228,8 +226,8 @@ class RetrievalIndex:
 
     def _search_faiss(self, q: np.ndarray, k: int, kp: int, qg: np.ndarray, qs: np.ndarray, T: int,
                       nprobe: int | None, ef_search: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """kp (k + over-fetch) faiss candidates (-1 beyond its rows), re-scored from the stored rows, exclusions
-        dropped, top k."""
+        """kp (RERANK * k + over-fetch) faiss candidates (-1 beyond its rows), re-scored from the stored rows,
+        exclusions dropped, top k."""
         faiss, index, f = faiss_module(), self._faiss_index(), self.attrs["faiss"]
         if self.kind == "faiss-ivf":
             params = faiss.SearchParametersIVF(nprobe=int(nprobe or f["nprobe"]))
@@ -280,13 +278,13 @@ def build_index(store: str | os.PathLike, name: str, vectors: torch.Tensor | np.
                 meta: dict[str, Any] | None = None, **params: int | None) -> RetrievalIndex:
     """Build index ``name`` of ``store`` from ``vectors`` (N, D) of ``keys`` (N keys with complete rows in the
     store; default: the store's complete keys in row order). ``kind`` exact | faiss-ivf | faiss-hnsw;
-    ``params`` (nlist, nprobe, hnsw_m, ef_construction, ef_search) override `faiss_params`. ``exclude_frames``:
+    ``params`` (nlist, nprobe, codec, hnsw_m, ef_construction, ef_search) override `faiss_params`. ``exclude_frames``:
     the default T of exclusions (default the store's seq_len). ``meta``: the caller's JSON-ready description
     of the vectors (e.g. how queries are built), kept as ``index.attrs["meta"]``. FileExistsError when it
     exists, unless ``replace``. Written under a temporary name and renamed into place. ``source`` names the input in errors."""
     store = str(store)
     validate_part(name, "index name")
-    fp = faiss_params(kind, len(vectors), params) if kind != "exact" else {}
+    fp = faiss_params(kind, len(vectors), params)
     final = index_dir(store, name)
     if final.exists() and not replace:
         raise FileExistsError(f"{final} exists: retrieval index {name!r} is built already; append rows (--append) "
@@ -377,8 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--kind", choices=KINDS, default="exact", help="search back end (faiss kinds need faiss-cpu)")
     b.add_argument("--append", action="store_true", help="add these rows to the existing index (a new part)")
     b.add_argument("--replace", action="store_true", help="rebuild an existing index from these rows")
-    for f in ("nlist", "nprobe", "hnsw-m", "ef-construction", "ef-search"):
-        b.add_argument(f"--{f}", type=int, help="faiss parameter (default: measured, see docs/STORE.md)")
+    for f in ("nlist", "nprobe", "codec", "hnsw-m", "ef-construction", "ef-search"):
+        b.add_argument(f"--{f}", type=str if f == "codec" else int, help="faiss parameter (default: measured, "
+                       "docs/STORE.md); codec: the IVF codes, a faiss factory suffix (SQ8, Flat, PQ128x4fs)")
     q.add_argument("--k", type=int, default=8, help="neighbours to print")
     q.add_argument("--exact", action="store_true", help="exact search on an approximate index")
     a = p.parse_args(argv)
@@ -393,8 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 idx = append_index(a.store, a.name, vec, keys, source=src)
             else:
                 idx = build_index(a.store, a.name, vec, keys, kind=a.kind, replace=a.replace, source=src,
-                                  exclude_frames=a.exclude_frames, nlist=a.nlist, nprobe=a.nprobe, hnsw_m=a.hnsw_m,
-                                  ef_construction=a.ef_construction, ef_search=a.ef_search)
+                                  exclude_frames=a.exclude_frames, **{k: getattr(a, k) for k in ("nlist", "nprobe",
+                                  "codec", "hnsw_m", "ef_construction", "ef_search")})
             print(f"{'appended' if a.append else 'built'} {len(vec)} rows: retrieval index {a.name!r} ({idx.kind}, "
                   f"{len(idx)} keys, D={idx.dim}) at {idx.dir} in {time.perf_counter() - t0:.1f} s")
         elif a.cmd == "query":

@@ -281,6 +281,15 @@ def add_faiss(idir: Path, attrs: dict[str, Any], blob: np.ndarray, params: dict[
     attrs["faiss"] = {"node": node, "bytes": len(blob), **params, "faiss_version": faiss_module().__version__}
 
 
+def part_arrays(idir: Path, store: str, part: dict[str, Any], dim: int, C: int) -> dict[str, MappedArray]:
+    """The arrays of a part listed in the manifest (see the module docstring), not read yet."""
+    d, n = idir / part["name"], int(part["rows"])
+    return {"vectors": MappedArray(d / "vectors", store, (n, dim), "float16", C),
+            "segment": MappedArray(d / "segment", store, (n,), "int32", C),
+            "start": MappedArray(d / "start", store, (n,), "int64", C),
+            "segments": MappedArray(d / "segments", store, (part["segments"], part["width"]), "uint8", part["segments"])}
+
+
 def blob_array(idir: Path, store: str, node: str, nbytes: int) -> MappedArray:
     return MappedArray(idir / node, store, (nbytes,), "uint8", nbytes)
 
@@ -343,7 +352,7 @@ def prepare_rows(vectors: torch.Tensor | np.ndarray, keys: Sequence[str], where:
         raise ValueError(f"{where}: vectors must be numbers, got dtype {vectors.dtype}")
     out = np.empty(vectors.shape, np.float16)
     for a in range(0, len(keys), BLOCK):
-        x = np.asarray(vectors[a:a + BLOCK], np.float64)
+        x = np.asarray(vectors[a:a + BLOCK], np.float32)
         n = np.linalg.norm(x, axis=1)
         bad = np.flatnonzero(~np.isfinite(n) | (n == 0))
         if len(bad):
@@ -367,28 +376,34 @@ def faiss_module() -> Any:
 
 
 def faiss_params(kind: str, n: int, given: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Index parameters of an approximate kind for n rows, defaults (measured in bench/bench_retrieval.py)
-    overridden by the non-None entries of ``given``."""
-    if kind == "faiss-ivf":
-        nlist = 2 ** round(np.log2(4 * np.sqrt(n)))                  # ~4 sqrt(N) lists, >= 39 rows each
-        p = {"nlist": int(max(1, min(nlist, 2 ** int(np.log2(max(1, n // 39)))))), "nprobe": 16}
+    """Index parameters of an approximate kind for n rows: the defaults measured in bench/bench_retrieval.py
+    (docs/STORE.md), overridden by the non-None entries of ``given`` (ValueError for one the kind has not)."""
+    if kind == "faiss-ivf":           # ~4 sqrt(N) lists of >= 39 rows; codes: 8-bit scalar quantizer
+        nlist = min(2 ** round(np.log2(4 * np.sqrt(n))), 2 ** int(np.log2(max(1, n // 39))))
+        p: dict[str, Any] = {"nlist": int(max(1, nlist)), "nprobe": 16, "codec": "SQ8"}
     elif kind == "faiss-hnsw":
         p = {"hnsw_m": 32, "ef_construction": 80, "ef_search": 64}
+    elif kind == "exact":
+        p = {}
     else:
         raise ValueError(f"kind must be exact, faiss-ivf or faiss-hnsw, got {kind!r}")
-    p.update({k: int(v) for k, v in (given or {}).items() if v is not None and k in p})
+    for k, v in (given or {}).items():
+        if v is not None and k not in p:
+            raise ValueError(f"parameter {k}={v!r} does not apply to {kind} (its parameters: {', '.join(p)})")
+        if v is not None:
+            p[k] = type(p[k])(v)
     return p
 
 
 def faiss_blob(kind: str, rows: np.ndarray, params: dict[str, Any], base: Path | None = None) -> np.ndarray:
-    """A serialized faiss index (uint8) over ``rows`` (N, D) float16: a new one (IVF trained on a sample of
-    up to 64 rows per list), or the checked index file ``base`` with ``rows`` added after its own."""
+    """A serialized faiss index (uint8) over ``rows`` (N, D) float16: a new one (an IVF trained on a sample of
+    up to 40 rows per list), or the checked index file ``base`` with ``rows`` added after its own."""
     faiss = faiss_module()
     if base is not None:
         index = faiss.read_index(str(base))
     elif kind == "faiss-ivf":
-        index = faiss.index_factory(rows.shape[1], f"IVF{params['nlist']},Flat", faiss.METRIC_INNER_PRODUCT)
-        pick = np.sort(np.random.default_rng(0).choice(len(rows), min(len(rows), 64 * params["nlist"]), replace=False))
+        index = faiss.index_factory(rows.shape[1], f"IVF{params['nlist']},{params['codec']}", faiss.METRIC_INNER_PRODUCT)
+        pick = np.sort(np.random.default_rng(0).choice(len(rows), min(len(rows), 40 * params["nlist"]), replace=False))
         index.train(rows[pick].astype(np.float32))
     else:
         index = faiss.index_factory(rows.shape[1], f"HNSW{params['hnsw_m']},Flat", faiss.METRIC_INNER_PRODUCT)

@@ -191,6 +191,8 @@ def test_faiss_recall_on_clustered_data(store, kind):
     same = approx == exact
     np.testing.assert_allclose(sims[same], exact_s[same], atol=1e-6)     # candidates re-scored exactly
     assert index.retrieve(q, 8, nprobe=1, ef_search=8)[0].shape == (200, 8)
+    with pytest.raises(ValueError, match="does not apply to"):
+        build_index(store, "wrong", q, keys[:200], kind=kind, nprobe=4, ef_search=8)
 
 
 def test_missing_faiss_names_the_extra(monkeypatch):
