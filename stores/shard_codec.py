@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import google_crc32c
@@ -36,6 +37,16 @@ from stores.fsio import remove_path
 EMPTY = 2**64 - 1                        # shard index entry of an absent inner chunk
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 Chunk = bytes | memoryview
+_MIN_THREAD_BYTES = 4 * 2**20           # raw bytes per thread below which one thread encodes (start-up cost)
+
+
+def encode_threads() -> int:
+    """Threads a writer compresses shards on: the CPUs this process may use, at most 8 (zarr-python's own
+    write path encoded on a thread pool too)."""
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except AttributeError:                  # no sched_getaffinity (macOS)
+        return max(1, min(8, os.cpu_count() or 1))
 
 
 def _little(codec: dict[str, Any], dtype: np.dtype, what: str) -> None:
@@ -108,25 +119,36 @@ class ShardCodec:
             return np.isnan(flat).all(axis=1) if self.dtype.kind == "f" else np.zeros(len(flat), bool)
         return (flat == np.asarray(self.fill).astype(self.dtype)).all(axis=1)
 
-    def encode_rows(self, rows: np.ndarray) -> list[bytes | None]:
+    def encode_rows(self, rows: np.ndarray, threads: int = 1) -> list[bytes | None]:
         """Each row of ``rows`` (n, *row_shape) as its stored inner chunk (compressed bytes + crc32c), None for
-        a row equal to the fill value everywhere."""
+        a row equal to the fill value everywhere. ``threads`` > 1 compresses contiguous row ranges on that many
+        threads (the numcodecs compressors release the GIL; the threads end before this returns, so nothing
+        outlives the call — fork safe); the bytes do not depend on it."""
         data = np.ascontiguousarray(rows, dtype=self.dtype)
         if data.shape[1:] != self.row_shape:
             raise ValueError(f"rows of shape {data.shape[1:]}, expected {self.row_shape}")
         flat = data.reshape(len(data), -1)
-        skip = self._empty_rows(flat)
-        compress, crc = self._compress, google_crc32c.value
+        skip = self._empty_rows(flat).tolist()
         view, nb = memoryview(flat.reshape(-1).view(np.uint8)), flat.shape[1] * self.dtype.itemsize
-        out: list[bytes | None] = []
-        for j in range(len(flat)):
-            if skip[j]:
-                out.append(None)
-                continue
-            row = view[j * nb:(j + 1) * nb]
-            c = compress(row) if compress is not None else bytes(row)
-            out.append(c + crc(c).to_bytes(4, "little"))
-        return out
+
+        def encode(lo: int, hi: int) -> list[bytes | None]:
+            compress, crc, out = self._compress, google_crc32c.value, []
+            for j in range(lo, hi):
+                if skip[j]:
+                    out.append(None)
+                    continue
+                row = view[j * nb:(j + 1) * nb]
+                c = compress(row) if compress is not None else bytes(row)
+                out.append(c + crc(c).to_bytes(4, "little"))
+            return out
+        n = len(flat)
+        k = max(1, min(int(threads), n * nb // _MIN_THREAD_BYTES))
+        if k == 1:
+            return encode(0, n)
+        step = -(-n // k)
+        with ThreadPoolExecutor(k) as ex:
+            parts = list(ex.map(lambda lo: encode(lo, min(n, lo + step)), range(0, n, step)))
+        return [c for part in parts for c in part]
 
     def build(self, chunks: Sequence[Chunk | None]) -> bytes | None:
         """The shard file holding ``chunks`` (S entries: stored inner chunk bytes or None) in row order,
@@ -145,9 +167,11 @@ class ShardCodec:
         return b"".join([*(c for c in chunks if c is not None and len(c)), raw,
                          google_crc32c.value(raw).to_bytes(4, "little")])
 
-    def shard(self, rows: np.ndarray, first: int, old: tuple[bytes, np.ndarray] | None = None) -> bytes | None:
-        """The shard whose inner chunks ``first .. first + len(rows)`` are ``rows`` (encoded) and whose other
-        chunks are those of ``old`` = ``(file bytes, checked index (S, 2))`` (copied), or absent."""
+    def shard(self, rows: np.ndarray, first: int, old: tuple[bytes, np.ndarray] | None = None,
+              threads: int = 1) -> bytes | None:
+        """The shard whose inner chunks ``first .. first + len(rows)`` are ``rows`` (encoded on ``threads``)
+        and whose other chunks are those of ``old`` = ``(file bytes, checked index (S, 2))`` (copied), or
+        absent."""
         S = self.rows_per_shard
         if first < 0 or first + len(rows) > S:
             raise ValueError(f"rows [{first}, {first + len(rows)}) outside a shard of {S} rows")
@@ -159,7 +183,7 @@ class ShardCodec:
                 if not first <= k < first + len(rows):
                     off, nb = int(index[k, 0]), int(index[k, 1])
                     chunks[k] = view[off:off + nb]
-        chunks[first:first + len(rows)] = self.encode_rows(rows)
+        chunks[first:first + len(rows)] = self.encode_rows(rows, threads)
         return self.build(chunks)
 
 

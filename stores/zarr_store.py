@@ -33,7 +33,7 @@ from stores.fsio import read_json
 from stores.index_file import index_dir, index_path
 from stores.layout import COMPLETE_UNSET, keys_chunk_rows
 from stores.row_reader import FlatChunkReader, RowChunkReader
-from stores.shard_codec import ShardCodec, write_file
+from stores.shard_codec import ShardCodec, encode_threads, write_file
 from stores.zarr_checks import ARRAY_NAMES, ZarrIntegrity, field_path
 from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, LIGHT_FIELDS, StoreSchema
 from stores.validate import ArrayInfo, check_store, zarr_array_info
@@ -60,6 +60,7 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
     backend = "zarr"
     index_files = True
     bulk_writes = True     # write_rows encodes whole shards itself (stores.shard_codec); False: through zarr-python
+    write_threads: int | None = None     # threads compressing a shard (None: the CPUs available, at most 8)
 
     def __init__(self, path: str, mode: str, fsync: bool = True) -> None:
         super().__init__(path, mode, fsync)
@@ -239,7 +240,8 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
             lo, hi = max(a, i * S), min(b, (i + 1) * S)
             whole = lo == i * S and hi >= min((i + 1) * S, end)
             old = None if whole else reader.read_shard(i)
-            write_file(reader.file_str(i), codec.shard(data[lo - a:hi - a], lo - i * S, old), self.fsync)
+            shard = codec.shard(data[lo - a:hi - a], lo - i * S, old, threads=self.write_threads or encode_threads())
+            write_file(reader.file_str(i), shard, self.fsync)
 
     def _write_field(self, name: str, a: int, data: np.ndarray) -> None:
         if name in LIGHT_FIELDS:
