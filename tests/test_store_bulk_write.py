@@ -6,10 +6,13 @@ import errno
 import os
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
+from numcodecs import blosc
 
+import stores.shard_codec as shard_codec
 from stores import create_memorybank, open_memorybank
 from stores.errors import StoreCorruptError, StoreError, UnsupportedLayout
 from stores.fsio import read_json
@@ -180,3 +183,33 @@ def test_layouts_the_encoder_does_not_handle_are_refused_at_construction(tmp_pat
     with pytest.raises(UnsupportedLayout, match="gzip"):
         ShardCodec(meta)
     assert ZarrMemoryBank.bulk_writes is True
+
+
+def test_threaded_encoding_gives_the_same_bytes(tmp_path, monkeypatch):
+    path = str(tmp_path / "mb.zarr")
+    create_memorybank(path, tiny_schema(), tiny_prov(), shard_rows=8)
+    codec = ShardCodec(read_json(Path(path) / "light" / "zarr.json"))
+    rows = np.random.default_rng(0).standard_normal((8, *codec.row_shape)).astype(np.float32)
+    one = codec.shard(rows, 0, threads=1)
+    monkeypatch.setattr(shard_codec, "_MIN_THREAD_BYTES", 1)             # tiny rows: force the thread split
+    assert codec.encode_rows(rows, threads=3) == codec.encode_rows(rows, threads=1)
+    assert codec.shard(rows, 0, threads=3) == one
+
+
+def test_a_checksummed_chunk_of_the_wrong_length_is_refused_not_served(tmp_path):
+    schema = tiny_schema()
+    path = str(tmp_path / "mb.zarr")
+    bank = create_memorybank(path, schema, tiny_prov(), shard_rows=8)
+    keys = make_keys("train", 8)
+    bank.reserve_split("train", keys)
+    bank.write_rows("train", 0, rows_for(schema, keys))
+    codec = ShardCodec(read_json(Path(path) / "light" / "zarr.json"))
+    short = blosc.compress(np.ones(5, np.float32).tobytes(), b"lz4hc", 5, 1, 0, 4)
+    chunks = codec.encode_rows(np.concatenate([rows_for(schema, keys)[f] for f in LIGHT], -1))
+    chunks[3] = short + google_crc32c.value(short).to_bytes(4, "little")     # valid crc, wrong row size
+    (Path(path) / "light" / "c" / "0" / "0" / "0").write_bytes(codec.build(chunks))
+    reader = open_memorybank(path)
+    assert reader.get_batch(keys[:3])[1] == []
+    with pytest.raises(StoreCorruptError, match=r"does not decode \(ValueError: 20 bytes, expected") as e:
+        reader.get_batch([keys[3]])
+    assert e.value.keys == [keys[3]]
