@@ -112,12 +112,19 @@ class ShardCodec:
 
     # ------------------------------------------------------------------ encoding
     def _empty_rows(self, flat: np.ndarray) -> np.ndarray:
-        """(n,) bool: rows equal to the fill value everywhere (zarr-python stores no chunk for them)."""
-        if self.fill is None:
-            return np.zeros(len(flat), bool)
-        if isinstance(self.fill, float) and np.isnan(self.fill):
-            return np.isnan(flat).all(axis=1) if self.dtype.kind == "f" else np.zeros(len(flat), bool)
-        return (flat == np.asarray(self.fill).astype(self.dtype)).all(axis=1)
+        """(n,) bool: rows equal to the fill value everywhere (zarr-python stores no chunk for them). Only rows
+        whose first value is the fill value are compared whole (a finite block costs one column)."""
+        out = np.zeros(len(flat), bool)
+        if self.fill is None or not flat.size:
+            return out
+        nan = isinstance(self.fill, float) and np.isnan(self.fill)
+        if nan and self.dtype.kind != "f":
+            return out
+        fill = None if nan else np.asarray(self.fill).astype(self.dtype)
+        first = np.isnan(flat[:, 0]) if nan else flat[:, 0] == fill
+        for j in np.flatnonzero(first).tolist():
+            out[j] = bool(np.isnan(flat[j]).all()) if nan else bool((flat[j] == fill).all())
+        return out
 
     def encode_rows(self, rows: np.ndarray, threads: int = 1) -> list[bytes | None]:
         """Each row of ``rows`` (n, *row_shape) as its stored inner chunk (compressed bytes + crc32c), None for
@@ -150,9 +157,10 @@ class ShardCodec:
             parts = list(ex.map(lambda lo: encode(lo, min(n, lo + step)), range(0, n, step)))
         return [c for part in parts for c in part]
 
-    def build(self, chunks: Sequence[Chunk | None]) -> bytes | None:
-        """The shard file holding ``chunks`` (S entries: stored inner chunk bytes or None) in row order,
-        then its index and the index's crc32c; None when no chunk is present (zarr-python deletes the file)."""
+    def build(self, chunks: Sequence[Chunk | None]) -> list[Chunk] | None:
+        """The shard file holding ``chunks`` (S entries: stored inner chunk bytes or None) in row order, then
+        its index and the index's crc32c, as the list of its parts in file order (joined by `write_file`
+        without a copy); None when no chunk is present (zarr-python deletes the file)."""
         S = self.rows_per_shard
         if len(chunks) != S:
             raise ValueError(f"{len(chunks)} chunks for a shard of {S} rows")
@@ -164,14 +172,13 @@ class ShardCodec:
         index[present, 0] = (np.cumsum(lens) - lens)[present]
         index[present, 1] = lens[present]
         raw = index.tobytes()
-        return b"".join([*(c for c in chunks if c is not None and len(c)), raw,
-                         google_crc32c.value(raw).to_bytes(4, "little")])
+        return [*(c for c in chunks if c is not None and len(c)), raw, google_crc32c.value(raw).to_bytes(4, "little")]
 
     def shard(self, rows: np.ndarray, first: int, old: tuple[bytes, np.ndarray] | None = None,
-              threads: int = 1) -> bytes | None:
-        """The shard whose inner chunks ``first .. first + len(rows)`` are ``rows`` (encoded on ``threads``)
-        and whose other chunks are those of ``old`` = ``(file bytes, checked index (S, 2))`` (copied), or
-        absent."""
+              threads: int = 1) -> list[Chunk] | None:
+        """The parts (`build`) of the shard whose inner chunks ``first .. first + len(rows)`` are ``rows``
+        (encoded on ``threads``) and whose other chunks are those of ``old`` = ``(file bytes, checked index
+        (S, 2))`` (copied), or absent."""
         S = self.rows_per_shard
         if first < 0 or first + len(rows) > S:
             raise ValueError(f"rows [{first}, {first + len(rows)}) outside a shard of {S} rows")
@@ -187,21 +194,41 @@ class ShardCodec:
         return self.build(chunks)
 
 
-def write_file(path: str, data: bytes | None, fsync: bool) -> None:
-    """Put ``data`` at ``path`` crash-safely: write a temporary file next to it (``<name>.<hex>.partial``),
-    fsync it when ``fsync``, rename it over ``path`` (readers see the old or the new file, whole). ``None``
-    deletes ``path``. The caller fsyncs the directories (`stores.fsio.fsync_files`)."""
-    if data is None:
+def write_file(path: str, parts: Sequence[Chunk] | None, fsync: bool) -> None:
+    """Put the concatenation of ``parts`` at ``path`` crash-safely: write a temporary file next to it
+    (``<name>.<hex>.partial``, gathered writes, no joined copy), fsync it when ``fsync``, rename it over
+    ``path`` (readers see the old or the new file, whole). ``None`` deletes ``path``. The caller fsyncs the
+    directories (`stores.fsio.fsync_files`)."""
+    if parts is None:
         remove_path(path)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex}.partial"
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            _write_all(fd, parts)
             if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         remove_path(tmp)
+
+
+def _write_all(fd: int, parts: Sequence[Chunk]) -> None:
+    """Write every byte of ``parts`` to ``fd`` in order (``os.writev`` of up to 1024 buffers; short writes
+    continued)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    i = 0
+    while i < len(views):
+        batch = views[i:i + 1024]
+        done = os.writev(fd, batch)
+        for v in batch:                    # advance past what was written; a short write resumes mid-buffer
+            if done >= len(v):
+                done -= len(v)
+                i += 1
+            else:
+                views[i] = v[done:]
+                break

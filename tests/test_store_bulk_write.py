@@ -190,10 +190,10 @@ def test_threaded_encoding_gives_the_same_bytes(tmp_path, monkeypatch):
     create_memorybank(path, tiny_schema(), tiny_prov(), shard_rows=8)
     codec = ShardCodec(read_json(Path(path) / "light" / "zarr.json"))
     rows = np.random.default_rng(0).standard_normal((8, *codec.row_shape)).astype(np.float32)
-    one = codec.shard(rows, 0, threads=1)
+    one = b"".join(codec.shard(rows, 0, threads=1))
     monkeypatch.setattr(shard_codec, "_MIN_THREAD_BYTES", 1)             # tiny rows: force the thread split
     assert codec.encode_rows(rows, threads=3) == codec.encode_rows(rows, threads=1)
-    assert codec.shard(rows, 0, threads=3) == one
+    assert b"".join(codec.shard(rows, 0, threads=3)) == one
 
 
 def test_a_checksummed_chunk_of_the_wrong_length_is_refused_not_served(tmp_path):
@@ -207,9 +207,31 @@ def test_a_checksummed_chunk_of_the_wrong_length_is_refused_not_served(tmp_path)
     short = blosc.compress(np.ones(5, np.float32).tobytes(), b"lz4hc", 5, 1, 0, 4)
     chunks = codec.encode_rows(np.concatenate([rows_for(schema, keys)[f] for f in LIGHT], -1))
     chunks[3] = short + google_crc32c.value(short).to_bytes(4, "little")     # valid crc, wrong row size
-    (Path(path) / "light" / "c" / "0" / "0" / "0").write_bytes(codec.build(chunks))
+    (Path(path) / "light" / "c" / "0" / "0" / "0").write_bytes(b"".join(codec.build(chunks)))
     reader = open_memorybank(path)
     assert reader.get_batch(keys[:3])[1] == []
     with pytest.raises(StoreCorruptError, match=r"does not decode \(ValueError: 20 bytes, expected") as e:
         reader.get_batch([keys[3]])
     assert e.value.keys == [keys[3]]
+
+
+def test_fill_rows_get_no_chunk_as_in_zarr_python(tmp_path):
+    path = str(tmp_path / "mb.zarr")
+    create_memorybank(path, tiny_schema(), tiny_prov(), shard_rows=8).reserve_split("train", make_keys("train", 8))
+    codec = ShardCodec(read_json(Path(path) / "light" / "zarr.json"))
+    rows = np.random.default_rng(1).standard_normal((8, *codec.row_shape)).astype(np.float32)
+    rows[2] = np.nan                                             # all fill: no chunk
+    rows[5, 0, 0] = np.nan                                       # NaN first value only: a chunk
+    zarr.open_group(path, mode="r+", zarr_format=3)["light"][0:8] = rows       # zarr-python's own write
+    assert b"".join(codec.shard(rows, 0)) == (Path(path) / "light" / "c" / "0" / "0" / "0").read_bytes()
+    assert [c is None for c in codec.encode_rows(rows)] == [False, False, True] + [False] * 5
+
+
+def test_short_writes_are_continued(tmp_path, monkeypatch):
+    parts = [b"abc", memoryview(b"0123456789"), b"", bytes(range(256)) * 9, b"z"]
+    real = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, bufs: real(fd, [bytes(bufs[0])[:7]]))   # at most 7 bytes a call
+    target = tmp_path / "shard"
+    shard_codec.write_file(str(target), parts, fsync=True)
+    assert target.read_bytes() == b"".join(bytes(p) for p in parts)
+    assert not list(tmp_path.glob("*.partial"))
