@@ -58,6 +58,14 @@ def new_store_attrs(schema: StoreSchema, provenance: Provenance, shard_rows: int
     return json_attrs(attrs)
 
 
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or infinity in ``a``. float16 is tested on its bits (exponent all ones = not finite): numpy's
+    isfinite converts every float16 to float32 first, 3x slower on a write's block."""
+    if a.dtype == np.float16:
+        return not bool(((a.view(np.uint16) & 0x7C00) == 0x7C00).any())
+    return bool(np.isfinite(a).all())
+
+
 def check_block(schema: StoreSchema, block: Mapping[str, np.ndarray], split: str, offset: int,
                 path: str) -> tuple[dict[str, np.ndarray], int]:
     """Validate a ``write_rows`` block ``{field: (n, T, ...)}`` against ``schema``: exactly the stored
@@ -80,8 +88,9 @@ def check_block(schema: StoreSchema, block: Mapping[str, np.ndarray], split: str
         if a.shape != want:
             raise ValueError(f"write_rows({split!r}, offset={offset}): field {f!r} has shape {a.shape}, "
                              f"expected {want}")
-        a = a.astype(schema.dtype, copy=False)
-        if not np.isfinite(a).all():
+        with np.errstate(over="ignore", invalid="ignore"):     # an overflow is refused just below, by name
+            a = a.astype(schema.dtype, copy=False)
+        if not _all_finite(a):
             bad = int(np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(1))[0])
             raise ValueError(f"write_rows({split!r}): field {f!r} of split position {offset + bad} "
                              f"has non-finite values (after cast to {schema.dtype})")

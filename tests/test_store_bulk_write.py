@@ -235,3 +235,18 @@ def test_short_writes_are_continued(tmp_path, monkeypatch):
     shard_codec.write_file(str(target), parts, fsync=True)
     assert target.read_bytes() == b"".join(bytes(p) for p in parts)
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e5])     # 1e5 overflows float16 to inf
+def test_a_float16_store_refuses_non_finite_values_after_the_cast(tmp_path, bad):
+    schema = tiny_schema(dtype="float16")
+    bank = create_memorybank(str(tmp_path / "mb.zarr"), schema, tiny_prov(), shard_rows=8)
+    keys = make_keys("train", 4)
+    bank.reserve_split("train", keys)
+    data = {f: a.astype(np.float32) for f, a in rows_for(schema, keys).items()}
+    data["gru_out"][3, 2, 1] = bad
+    with pytest.raises(ValueError, match="'gru_out' of split position 3 has non-finite"):
+        bank.write_rows("train", 0, data)
+    data["gru_out"][3, 2, 1] = 65504.0                            # the largest float16 is finite
+    bank.write_rows("train", 0, data)
+    assert len(open_memorybank(bank.path)) == 4
