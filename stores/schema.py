@@ -143,6 +143,7 @@ class Provenance:
     model_config: dict[str, Any] = field(default_factory=dict)
     dataset_root: str = ""
     code_version: str = ""          # default: the installed e2r-kd version
+    lidar2ego: dict[str, Any] = field(default_factory=dict)    # "<split>/<segment>" -> 4x4 extrinsic applied on read
 
     def __post_init__(self) -> None:
         if not self.code_version:

@@ -86,6 +86,17 @@ def test_extrinsic_applied_on_read_by_the_datasets(tmp_path, capsys):
         np.testing.assert_allclose(got, [[5.9, 0.1, 0.8, 7], [0.9, 2.1, -0.2, 0], [0.9, -2.9, 0.8, 65535]],
                                    atol=1e-5)
         assert ds.tables["segment_0000"].lidar2ego is not None
+    # the export records the extrinsic it applied in the store's provenance
+    from e2r.workflow.configs import ExportConfig
+    from e2r.workflow.export_run import lidar_extrinsics
+    from stores import Provenance
+
+    got = lidar_extrinsics(ExportConfig(data_root=str(root), split=["train"], store="x", seq_len=2,
+                                        lidar_num_features=4))
+    assert list(got) == ["train/segment_0000"]
+    np.testing.assert_allclose(np.array(got["train/segment_0000"]) @ [0, 5, 0, 1], [5.9, 0.1, 0.8, 1], atol=1e-6)
+    prov = Provenance("ab" * 32, lidar2ego=got)
+    assert Provenance.from_dict(prov.to_dict()).lidar2ego == got
 
 
 def test_lidar_only_segment_takes_lidar_calib_json(tmp_path, capsys):

@@ -25,7 +25,7 @@ from distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
 from e2r.checkpoints import file_sha256
-from e2r.data.datasets import ACTION_SEMANTICS
+from e2r.data.datasets import ACTION_SEMANTICS, LidarSequenceDataset
 from e2r.models.config import TeacherConfig
 from e2r.models.teacher import load_teacher
 from e2r.runtime import resolve_device
@@ -34,7 +34,7 @@ from e2r.workflow.export import ExportContext, ExportOptions, TaskStats, export_
 from stores import (MemoryBank, NotAMemoryBankError, Provenance, StoreCorruptError, StoreMismatchError, StoreSchema,
                     StoreVersionError, create_memorybank, memorybank_exists)
 
-__all__ = ["store_schema", "export_memorybank", "print_export_summary", "SplitResult", "ExportResult"]
+__all__ = ["store_schema", "lidar_extrinsics", "export_memorybank", "print_export_summary", "SplitResult", "ExportResult"]
 
 
 def store_schema(cfg: ExportConfig, teacher_cfg: TeacherConfig) -> tuple[StoreSchema, Provenance]:
@@ -52,8 +52,18 @@ def store_schema(cfg: ExportConfig, teacher_cfg: TeacherConfig) -> tuple[StoreSc
                          gru_hidden=teacher_cfg.gru_hidden, bev_feat_shape=feat_shape, store_bev_feat=cfg.save_bev_feat,
                          dtype=cfg.dtype, bev_feat_pool=pool, action_semantics=ACTION_SEMANTICS)
     prov = Provenance(teacher_sha256=file_sha256(cfg.teacher_ckpt), model_config=teacher_cfg.to_dict(),
-                      dataset_root=str(Path(cfg.data_root).resolve()))
+                      dataset_root=str(Path(cfg.data_root).resolve()), lidar2ego=lidar_extrinsics(cfg))
     return schema, prov
+
+
+def lidar_extrinsics(cfg: ExportConfig) -> dict[str, list[list[float]]]:
+    """``{"<split>/<segment>": lidar2ego 4x4}`` of the exported segments whose LiDAR is not at the ego frame
+    (calib.json's lidar2ego, applied on read): recorded in the store's provenance (data.csv and calib only)."""
+    out = {}
+    for split in cfg.split:
+        ds = LidarSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride, cfg.lidar_num_features)
+        out.update({f"{split}/{seg}": t.lidar2ego.tolist() for seg, t in ds.tables.items() if t.lidar2ego is not None})
+    return out
 
 
 def _open_store(cfg: ExportConfig, schema: StoreSchema, prov: Provenance) -> MemoryBank:
