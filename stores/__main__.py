@@ -50,6 +50,9 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"teacher_sha256={at['teacher_sha256']}  dataset_root={at['dataset_root']!r}  "
           f"code_version={at['code_version']}  created={at['created']}  updated={at['updated']}")
     print("model_config=" + json.dumps(at["model_config"], sort_keys=True))
+    if at.get("lidar2ego"):
+        print(f"lidar2ego (applied on read) of {len(at['lidar2ego'])} segment(s): "
+              + json.dumps(at["lidar2ego"], sort_keys=True))
     return 0
 
 
