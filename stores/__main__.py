@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -81,7 +82,7 @@ def cmd_show(a: argparse.Namespace) -> int:
 
 def cmd_verify(a: argparse.Namespace) -> int:
     problems, bank = verify_path(a.path)
-    if bank is not None and list_indexes(a.path):
+    if bank is not None and os.path.isdir(a.path) and list_indexes(a.path):     # Zarr stores only
         problems += verify_indexes(a.path)
     for p in problems:
         print("PROBLEM:", p)
