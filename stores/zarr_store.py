@@ -1,4 +1,5 @@
-"""Zarr v3 back end of the abstract `stores.abc.MemoryBank`: zarr-python creates, writes and inspects; `RowChunkReader` reads rows.
+"""Zarr v3 back end of the abstract `stores.abc.MemoryBank`: zarr-python creates and inspects and writes keys and
+flags; `stores.shard_codec.ShardCodec` writes data shards (in bulk, zarr-python's bytes); `RowChunkReader` reads rows.
 
 Layout of ``<path>/`` (a Zarr v3 group; attributes = schema, provenance, splits, times, shard_rows,
 ``light_channels``), schema_version 3::
