@@ -46,6 +46,7 @@ from stores.retrieval_store import (FORMAT, VERSION, add_faiss, add_part, blob_a
                                     splits_per_segment, write_manifest)
 from stores.schema import now_iso
 
+__all__ = ["KINDS", "RetrievalIndex", "build_index", "append_index", "verify_indexes", "list_indexes", "main"]
 KINDS = ("exact", "faiss-ivf", "faiss-hnsw")
 Exclude = Union[str, SampleKey, tuple[str, int], None]
 RERANK = 2                # an approximate search fetches RERANK * k candidates (+ the exclusion over-fetch)
@@ -149,9 +150,9 @@ class RetrievalIndex:
         if not (np.isfinite(norm).all() and (norm > 0).all()):
             raise ValueError(f"query rows {np.flatnonzero(~(np.isfinite(norm[:, 0]) & (norm[:, 0] > 0)))[:8].tolist()} "
                              "are zero or not finite: no direction to search")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
         T = self.exclude_frames if exclude_frames is None else int(exclude_frames)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or T < 0:
+            raise ValueError(f"k must be a positive integer and exclude_frames >= 0, got {k!r} and {T}")
         qg, qs = self._exclusions(exclude, len(q))
         q = np.ascontiguousarray(q / norm)
         over = (2 * T + 1) * int(self.attrs["max_splits_per_segment"]) if (qg != -1).any() else 0
@@ -260,18 +261,25 @@ class RetrievalIndex:
         return problems
 
 
-def verify_indexes(store: str | os.PathLike) -> list[str]:
-    """Problems of every retrieval index of ``store`` (for ``python -m stores verify``); [] = all sound."""
+def verify_indexes(store: str | os.PathLike, store_keys: Sequence[str] | None = None) -> list[str]:
+    """Problems of every retrieval index of ``store`` ([] = all sound): damaged bytes, and with ``store_keys``
+    (the store's complete keys) indexed keys without a complete row (a split removed since the build)."""
     out: list[str] = []
     for name in list_indexes(store):
         try:
-            out += [f"retrieval index {name!r}: {p}" for p in RetrievalIndex.open(store, name).verify()]
+            index = RetrievalIndex.open(store, name)
+            problems = index.verify()
+            out += [f"retrieval index {name!r}: {p}" for p in problems]
+            if store_keys is not None and not problems:
+                keys = index.keys_of(np.arange(len(index)))
+                gone = keys[~np.isin(keys.astype("S"), np.array(list(store_keys), "S"))]
+                out += [f"retrieval index {name!r}: {len(gone)} indexed keys have no complete row in the store (first: "
+                        f"{gone[:5].tolist()}); rebuild it (build --replace)"] if len(gone) else []
         except StoreError as e:
             out.append(f"retrieval index {name!r}: {e}")
     return out
 
 
-# ---------------------------------------------------------------------------------------------- writing
 def build_index(store: str | os.PathLike, name: str, vectors: torch.Tensor | np.ndarray,
                 keys: Sequence[str] | None = None, *, kind: str = "exact", exclude_frames: int | None = None,
                 replace: bool = False, chunk_rows: int | None = None, source: str = "", fsync: bool = True,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,11 @@ def read_manifest(store: str, name: str) -> dict[str, Any]:
         raise corrupt(store, path, f"format version {attrs.get('version')!r}, this code reads {VERSION}")
     if not isinstance(attrs.get("meta_crc32c"), dict) or not isinstance(attrs.get("parts"), list):
         raise corrupt(store, path, "manifest without its parts or zarr.json checksums")
+    f = attrs.get("faiss")
+    nodes = [p.get("name") for p in attrs["parts"] if isinstance(p, dict)] + ([f.get("node")] if f else [])
+    if (len(nodes) != len(attrs["parts"]) + bool(f) or not all(re.fullmatch(r"(part|faiss)_\d{5}", str(n)) for n in nodes)
+            or any(rel.split("/")[0] not in nodes or ".." in rel for rel in attrs["meta_crc32c"])):
+        raise corrupt(store, path, f"the manifest names nodes that are not parts of an index: {nodes}")
     for rel, crc in attrs["meta_crc32c"].items():
         got = open_regular(idir / rel, store)
         if got is None:
@@ -402,7 +408,10 @@ def faiss_blob(kind: str, rows: np.ndarray, params: dict[str, Any], base: Path |
     if base is not None:
         index = faiss.read_index(str(base))
     elif kind == "faiss-ivf":
-        index = faiss.index_factory(rows.shape[1], f"IVF{params['nlist']},{params['codec']}", faiss.METRIC_INNER_PRODUCT)
+        try:
+            index = faiss.index_factory(rows.shape[1], f"IVF{params['nlist']},{params['codec']}", faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(f"faiss cannot make an IVF index with codec {params['codec']!r}: {e}") from None
         pick = np.sort(np.random.default_rng(0).choice(len(rows), min(len(rows), 40 * params["nlist"]), replace=False))
         index.train(rows[pick].astype(np.float32))
     else:

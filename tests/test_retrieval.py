@@ -166,7 +166,8 @@ def test_a_flipped_byte_is_refused_naming_the_file(tmp_path, capsys):
         assert main(["verify", store]) == 1 and rel in capsys.readouterr().out
         again = build_index(store, name, X, keys, kind="faiss-ivf", replace=True, fsync=False)    # repaired
         assert (again.retrieve(X[:4], 5)[0] == before[0]).all()
-    assert verify_indexes(store) == []
+    assert verify_indexes(store) == [] and verify_indexes(store, keys) == []
+    assert "1 indexed keys have no complete row" in verify_indexes(store, keys[1:])[0]
 
 
 def _mixture(n: int, seed: int, k: int = 64, rank: int = 6) -> np.ndarray:
