@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from e2r.checkpoints import load_checkpoint
-from e2r.data.datasets import LidarSequenceDataset
+from e2r.data.datasets import LidarSequenceDataset, collate_lidar as collate_lidar_items
 from e2r.metrics import ActionErrorAccumulator, parse_overall_weights
 from e2r.runtime import capture_rng_state, restore_rng_state
 from e2r.workflow.train import train_teacher as run_train_teacher
@@ -192,3 +192,22 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(data_
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
     assert "position" not in b
+
+
+def test_residual_actions_steering_predicts_the_speed_command_outright(data_root, tmp_path):
+    from e2r.models.policy import residual_mask
+    from e2r.models.teacher import load_teacher
+
+    _train(data_root, tmp_path, "--epochs", "1", "--residual_actions", "steering", "--save_path", str(tmp_path / "r.pt"))
+    model, ckpt = load_teacher(tmp_path / "r.pt")
+    assert ckpt["config"]["residual_actions"] == "steering" and model.residual == (1.0, 0.0)
+    assert residual_mask(True) == (1.0, 1.0) and residual_mask(False) == residual_mask("none") == (0.0, 0.0)
+    with pytest.raises(ValueError, match="residual_actions"):
+        residual_mask("speed")
+    # the speed command does not move with the speed input one-for-one any more (it does with "all" at init)
+    ds = LidarSequenceDataset(data_root, "valid", 3, 2)
+    b = collate_lidar_items([ds[0]])
+    with torch.no_grad():
+        a = model(b["points"], b["speed"], b["steering"])[..., 1]
+        c = model(b["points"], b["speed"] + 5.0, b["steering"])[..., 1]
+    assert not torch.allclose(c - a, torch.full_like(a, 5.0), atol=0.5)

@@ -54,7 +54,7 @@ class TeacherConfig(PlainConfig):
     gru_hidden: int = 640       # H
     head_hidden: int = 320
     action_dim: int = 2         # A: [wheel_angle deg, velocity m/s]
-    residual_actions: bool = True  # head predicts the change w.r.t. the (steering, speed) inputs (models/policy.py)
+    residual_actions: bool | str = True  # head predicts the change w.r.t. the (steering, speed) inputs (models/policy.py)
 
     @property
     def grid_size(self) -> tuple[int, int]:

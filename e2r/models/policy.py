@@ -21,6 +21,19 @@ STEER, SPEED = 0, 1  # action columns: [wheel_angle (deg), velocity (m/s)]
 STEER_RATE_GAIN = 20.0  # scales the per-step steering change (normalised units) to order 1
 
 
+RESIDUAL_MODES = {"all": (1.0, 1.0), "steering": (1.0, 0.0), "none": (0.0, 0.0)}
+
+
+def residual_mask(mode: bool | str) -> tuple[float, float]:
+    """``residual_actions`` -> (steering, speed) residual factors: "all" (or True, the original), "steering"
+    (the speed command is predicted outright: it depends on the road ahead, not on the current speed, and a
+    residual over the current speed lets a small bias ramp the speed up in closed loop), "none" (or False)."""
+    key = {True: "all", False: "none"}.get(mode, mode) if isinstance(mode, bool) else mode
+    if key not in RESIDUAL_MODES:
+        raise ValueError(f"residual_actions must be one of {sorted(RESIDUAL_MODES)} (or true/false), got {mode!r}")
+    return RESIDUAL_MODES[key]
+
+
 class TemporalPolicy(nn.Module):
     """Base class: subclasses call :meth:`build_policy` in ``__init__`` and provide ``encode_frames``."""
 
@@ -31,7 +44,8 @@ class TemporalPolicy(nn.Module):
                      action_dim: int, residual_actions: bool) -> None:
         if action_dim != 2:
             raise ValueError(f"the policy predicts [wheel_angle, velocity]; action_dim must be 2, got {action_dim}")
-        self.residual_actions = bool(residual_actions)
+        self.residual = residual_mask(residual_actions)          # (steering, speed): 1 = residual
+        self.residual_actions = bool(max(self.residual))
         self.speed_embed = nn.Sequential(nn.Linear(1, speed_emb), nn.ReLU())
         self.steer_embed = nn.Sequential(nn.Linear(2, steer_emb), nn.ReLU())   # [steering, its change]
         self.gru = nn.GRU(bev_dim + speed_emb + steer_emb, gru_hidden, batch_first=True)
@@ -82,7 +96,7 @@ class TemporalPolicy(nn.Module):
         gru_out, _ = self.gru(x, hidden)
         out = self.head(gru_out)
         if self.residual_actions:
-            out = out + torch.stack([st, s], dim=-1)
+            out = out + torch.stack([st * self.residual[0], s * self.residual[1]], dim=-1)
         return out * self.action_std + self.action_mean, gru_out
 
     def sequence_outputs(self, bev_vec: Tensor, bev_feat: Tensor, B: int, T: int, speed: Tensor, steering: Tensor,

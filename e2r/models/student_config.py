@@ -35,7 +35,7 @@ class StudentConfig(PlainConfig):
     speed_emb: int = 32
     steer_emb: int = 32
     head_hidden: int = 320
-    residual_actions: bool = True
+    residual_actions: bool | str = True
     # --- student's own ---
     image_size: tuple[int, ...] = (256, 128)
     image_channels: tuple[int, ...] = (32, 64, 128, 256)   # stem + stages (each stage /2) -> stride 2^(n-1)

@@ -155,6 +155,7 @@ class TeacherTrainConfig(TrainConfig):
 
     save_path: Optional[str] = "runs/teacher_best.pt"
     lidar_num_features: NumFeatures = "auto"
+    residual_actions: Optional[str] = None
 
 
 @dataclass(kw_only=True)

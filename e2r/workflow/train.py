@@ -11,6 +11,7 @@ CheckpointError / ValueError on bad input.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Iterator
 
 import torch
@@ -88,6 +89,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict[str, Any]:
         if resume:
             check_fits(cfg.resume_path, resume, lambda c: LiDARBEVTeacher(TeacherConfig.from_dict(c)))
         model_cfg = TeacherConfig.from_dict(resume["config"]) if resume else TeacherConfig.preset_named(cfg.preset)
+        if cfg.residual_actions is not None and not resume:
+            model_cfg = replace(model_cfg, residual_actions=cfg.residual_actions)
         train_ds, valid_ds = train_valid_datasets(
             cfg, lambda split, segments: LidarSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
                                                               cfg.lidar_num_features, segments=segments))
