@@ -176,9 +176,12 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(data_
         deadline = time.time() + 120
         while position is None and proc.poll() is None and time.time() < deadline:
             if last.is_file():
+                proc.send_signal(signal.SIGSTOP)     # frozen: the file read is the one the kill leaves
                 position = load_checkpoint(last).get("position")
                 if position is not None and position["batches"] < 2:
                     position = None                  # wait for a state a few batches into an epoch
+                if position is None:
+                    proc.send_signal(signal.SIGCONT)
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finally:
