@@ -83,7 +83,7 @@ def cmd_show(a: argparse.Namespace) -> int:
 def cmd_verify(a: argparse.Namespace) -> int:
     problems, bank = verify_path(a.path)
     if bank is not None and os.path.isdir(a.path) and list_indexes(a.path):     # Zarr stores only
-        problems += verify_indexes(a.path)
+        problems += verify_indexes(a.path, bank.keys())     # also indexed keys whose rows were removed
     for p in problems:
         print("PROBLEM:", p)
     if bank is None:
