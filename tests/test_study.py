@@ -11,7 +11,7 @@ import pytest
 
 from e2r.errors import ConfigError
 from e2r.workflow.study import StudyConfig, StudyUnit, plan_units, read_results
-from e2r.workflow.study_report import epochs_to_reach, goals, study_rows, summary_table
+from e2r.workflow.study_report import epochs_to_reach, format_summary, goals, study_rows, summary_table
 from pipelines import study
 
 TINY = ["--camera_tracks", "2", "--lidar_only_tracks", "1", "--valid_tracks", "1", "--test_tracks", "1",
@@ -53,6 +53,8 @@ def test_epochs_to_reach_and_goals_from_made_up_results():
     mean, std, n = table[(1, "kd")]["overall_weighted_mse"]
     assert n == 2 and mean == pytest.approx(0.705) and std == pytest.approx(0.005)
     assert table[(1, "bc")]["track_std"]["overall_weighted_mse"] == pytest.approx(0.5)
+    assert table[(1, "kd")]["per_seed"] == pytest.approx([0.70, 0.71])
+    assert "| 1 | kd | 2 | 0.7050 ± 0.0050 | 0.7000, 0.7100 |" in format_summary(table)
     met = {g["goal"].split(" ")[0] + str(i): g for i, g in enumerate(goals(table, results))}
     assert [g["met"] for g in met.values()] == [True, False, False, True]  # 0.705 <= 0.8; success = teacher nan
     assert "4/4 pairs reach it; median fraction 0.50" in list(met.values())[-1]["value"]
@@ -75,7 +77,7 @@ def test_study_end_to_end_resumes_and_refuses_changed_settings(tmp_path, capsys)
         assert pooled == pytest.approx(u["test"]["overall_weighted_mse"])
         assert any(r["row"] == "run" and r["segment"] == "segment_0003" for r in u["closed_loop"])
     rows = list(csv.DictReader(open(out / "study.csv")))
-    assert {r["unit"] for r in rows} == set(names) | {"teacher", "expert"}
+    assert {r["unit"] for r in rows} == set(names) | {"teacher", "expert", "repeat"}
     assert "| 1 | kd |" in (out / "study.md").read_text() and (out / "study.png").stat().st_size > 0
     assert "KD/BC offline MSE at 1 camera track(s)" in text
     # an interrupted unit continues from its last training state: remove a result, keep the checkpoints

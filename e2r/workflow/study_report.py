@@ -49,13 +49,16 @@ def study_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         pooled = {k: float(np.mean([v[k] for v in loop.values()])) if loop else math.nan for k in METRICS[3:]}
         rows.append({**base, "track": "ALL", **{k: u["test"][k] for k in METRICS[:3]}, **pooled})
     teacher = results.get("teacher")
-    if teacher and teacher.get("closed_loop"):           # the expert: closed loop only (it has no offline error)
-        loop = _closed_loop_by_segment({**teacher, "name": "expert"})
-        base = {"unit": "expert", "variant": "expert", "budget": 0, "seed": -1}
-        nan = {k: math.nan for k in METRICS[:3]}
-        rows += [{**base, "track": seg, **nan, **m} for seg, m in sorted(loop.items())]
-        rows.append({**base, "track": "ALL", **nan,
-                     **{k: float(np.mean([m[k] for m in loop.values()])) for k in METRICS[3:]}})
+    if teacher:     # the expert (closed loop only) and "repeat the steering, keep the speed" (offline pooled)
+        for name, policy, offline in (("expert", "expert", None),
+                                      ("repeat", "constant", teacher["baselines"].get("baseline_prev_steering"))):
+            loop = _closed_loop_by_segment({**teacher, "name": policy})
+            base = {"unit": name, "variant": name, "budget": 0, "seed": -1}
+            nan = {k: math.nan for k in METRICS[:3]}
+            rows += [{**base, "track": seg, **nan, **m} for seg, m in sorted(loop.items())]
+            rows.append({**base, "track": "ALL", **({k: offline[k] for k in METRICS[:3]} if offline else nan),
+                         **{k: float(np.mean([m[k] for m in loop.values()])) if loop else math.nan
+                            for k in METRICS[3:]}})
     return rows
 
 
@@ -67,7 +70,8 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> dict[tuple[int, str], dict[
     for key in keys:
         pooled = [r for r in rows if (r["budget"], r["variant"]) == key and r["track"] == "ALL"]
         tracks = [r for r in rows if (r["budget"], r["variant"]) == key and r["track"] != "ALL"]
-        entry: dict[str, Any] = {}
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in pooled],
+                                 "per_seed": [float(r["overall_weighted_mse"]) for r in pooled]}
         for m in METRICS:
             v = np.array([r[m] for r in pooled], dtype=float)
             entry[m] = (float(np.mean(v)), float(np.std(v)), len(v))
@@ -86,13 +90,17 @@ def _pm(cell: tuple[float, float, int], fmt: str) -> str:
 
 
 def format_summary(table: dict[tuple[int, str], dict[str, Any]]) -> str:
-    """Markdown table: one row per (budget, variant), mean ± std over seeds, the across-track spread."""
-    lines = ["| camera tracks | variant | seeds | offline weighted MSE | ± across tracks | steering MSE | "
+    """Markdown table: one row per (budget, variant), mean ± std over seeds, each seed's value (in seed
+    order of the runs), the across-track spread."""
+    lines = ["| camera tracks | variant | seeds | offline weighted MSE | per seed | ± across tracks | steering MSE | "
              "speed MSE | closed-loop success | progress |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (budget, variant), e in table.items():
-        lines.append(f"| {budget if budget else 'LiDAR'} | {variant} | {e['overall_weighted_mse'][2]} | "
-                     f"{_pm(e['overall_weighted_mse'], '{:.4f}')} | {e['track_std']['overall_weighted_mse']:.4f} | "
+        per_seed = ", ".join(f"{v:.4f}" for v in e["per_seed"]) if budget else "-"
+        where = budget if budget else ("LiDAR" if variant == "teacher" else "-")
+        lines.append(f"| {where} | {variant} | {e['overall_weighted_mse'][2]} | "
+                     f"{_pm(e['overall_weighted_mse'], '{:.4f}')} | {per_seed} | "
+                     f"{e['track_std']['overall_weighted_mse']:.4f} | "
                      f"{_pm(e['steering_mse'], '{:.4f}')} | {_pm(e['speed_mse'], '{:.3f}')} | "
                      f"{_pm(e['success'], '{:.2f}')} | {_pm(e['progress'], '{:.3f}')} |")
     return "\n".join(lines)
@@ -115,8 +123,14 @@ def goals(table: dict[tuple[int, str], dict[str, Any]], results: dict[str, Any])
     small, full = budgets[0], budgets[-1]
     bc, kd = table[(small, "bc")], table[(small, "kd")]
     ratio = kd["overall_weighted_mse"][0] / bc["overall_weighted_mse"][0]
-    out.append({"goal": f"KD/BC offline MSE at {small} camera track(s)", "value": ratio, "target": "<= 0.8",
-                "met": ratio <= 0.8})
+    by_name = {u["name"]: u for u in results["units"]}
+    pairs = [by_name[f"kd-b{small}-s{s}"]["test"]["overall_weighted_mse"] /
+             by_name[f"bc-b{small}-s{s}"]["test"]["overall_weighted_mse"]
+             for s in sorted({u["seed"] for u in results["units"]})
+             if f"kd-b{small}-s{s}" in by_name and f"bc-b{small}-s{s}" in by_name]
+    out.append({"goal": f"KD/BC offline MSE at {small} camera track(s)",
+                "value": f"{ratio:.3f} (ratio of the means; per seed {', '.join(f'{p:.3f}' for p in pairs)})",
+                "target": "<= 0.8", "met": ratio <= 0.8})
     teacher = table.get((0, "teacher"))
     ks, bs = kd["success"][0], bc["success"][0]
     if not math.isnan(ks):
@@ -135,7 +149,6 @@ def goals(table: dict[tuple[int, str], dict[str, Any]], results: dict[str, Any])
                              f", success {kd_half['success'][0]:.2f} vs {bc_full['success'][0]:.2f}",
                     "target": "KD <= BC MSE, KD >= BC success", "met": bool(off and loop)})
     fractions = []
-    by_name = {u["name"]: u for u in results["units"]}
     for u in results["units"]:
         if u["variant"] != "kd":
             continue
