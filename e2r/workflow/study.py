@@ -51,7 +51,7 @@ RESULT_FILE = "result.json"
 CHECKPOINT_EVERY = 100      # batches between mid-epoch training states
 #: settings that change what a finished unit means (recorded in study.json, must not change on resume)
 _FIXED = ("camera_tracks", "lidar_only_tracks", "valid_tracks", "test_tracks", "frames", "world_seed",
-          "appearance", "teacher_epochs", "student_epochs", "hflip_prob", "starts", "time_limit")
+          "appearance", "teacher_epochs", "student_epochs", "hflip_prob", "starts", "time_limit", "residual_actions")
 
 
 @dataclass(kw_only=True)
@@ -75,6 +75,7 @@ class StudyConfig:
     ablation_budgets: list[int] = field(default_factory=lambda: [1])
     teacher_epochs: int = 12
     student_epochs: int = 6
+    residual_actions: Optional[str] = None
     hflip_prob: float = 0.5
     starts: int = 2
     time_limit: float = 40.0
@@ -237,7 +238,7 @@ def _teacher_unit(cfg: StudyConfig, folder: Path, log: Callable[[str], None]) ->
     trained = train_teacher(TeacherTrainConfig(
         data_root=cfg.data_dir, preset="tiny", epochs=cfg.teacher_epochs, seed=cfg.world_seed, device=cfg.device,
         save_path=str(ckpt), checkpoint_path=str(last), checkpoint_every_steps=CHECKPOINT_EVERY,
-        resume_path=_resumable(last, log), no_progress=cfg.no_progress))
+        resume_path=_resumable(last, log), residual_actions=cfg.residual_actions, no_progress=cfg.no_progress))
     ev = evaluate_teacher(TeacherEvalConfig(data_root=cfg.data_dir, split="test", teacher_ckpt=str(ckpt),
                                             device=cfg.device, csv_path=str(folder / "eval_test.csv"),
                                             no_progress=cfg.no_progress))
