@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budgets the ablations run at (default 1)")
     g.add_argument("--teacher_epochs", type=int, default=d.teacher_epochs, help=f"default {d.teacher_epochs}")
     g.add_argument("--student_epochs", type=int, default=d.student_epochs, help=f"default {d.student_epochs}")
-    g.add_argument("--residual_actions", choices=("all", "steering", "none"), default=None,
+    g.add_argument("--residual_actions", choices=("all", "steering", "none", "scene"), default=None,
                    help="the teacher's (and so the students') head: what it predicts as a change of its inputs "
                         "(pipelines.train_teacher --help; default: the preset's, all)")
     g.add_argument("--hflip_prob", type=float, default=d.hflip_prob,

@@ -28,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_window_args(p)
     p.add_argument("--lidar_num_features", default="auto", type=num_features,
                    help="columns per point in the .bin files: 4, 5, 8 or auto (default: auto-detect)")
-    p.add_argument("--residual_actions", choices=("all", "steering", "none"), default=None,
+    p.add_argument("--residual_actions", choices=("all", "steering", "none", "scene"), default=None,
                    help="what the head predicts as a change w.r.t. its inputs: all (steering and speed, the "
-                        "presets' default), steering (the speed command outright), none; the student follows")
+                        "presets' default), steering (the speed command outright), none, scene (none, and the "
+                        "previous-steering input unused); the student follows")
     add_training_run_args(p, "seed for init and shuffling (default 0)", "runs/teacher_best.pt")
     return p
 

@@ -207,6 +207,13 @@ def test_residual_actions_steering_predicts_the_speed_command_outright(data_root
     assert residual_mask(True) == (1.0, 1.0) and residual_mask(False) == residual_mask("none") == (0.0, 0.0)
     with pytest.raises(ValueError, match="residual_actions"):
         residual_mask("speed")
+    _train(data_root, tmp_path, "--epochs", "1", "--residual_actions", "scene", "--save_path", str(tmp_path / "s.pt"))
+    blind, _ = load_teacher(tmp_path / "s.pt")
+    ds0 = LidarSequenceDataset(data_root, "valid", 3, 2)
+    b0 = collate_lidar_items([ds0[0]])
+    with torch.no_grad():       # "scene": the previous-steering input changes nothing
+        assert torch.equal(blind(b0["points"], b0["speed"], b0["steering"]),
+                           blind(b0["points"], b0["speed"], b0["steering"] + 9.0))
     # the speed command does not move with the speed input one-for-one any more (it does with "all" at init)
     ds = LidarSequenceDataset(data_root, "valid", 3, 2)
     b = collate_lidar_items([ds[0]])
