@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import time
 import socket
 import stat
 import uuid
@@ -213,14 +214,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_path(p: str | os.PathLike) -> None:
-    """Remove a file, symlink or directory tree; missing is fine."""
+def remove_path(p: str | os.PathLike, settle_s: float = 0.0) -> None:
+    """Remove a file, symlink or directory tree; missing is fine. ``settle_s`` > 0 (after a failed zarr
+    operation, whose other writes may still be landing from zarr's I/O thread): keep watching for that long
+    and remove whatever appears again."""
     p = str(p)
-    if os.path.isdir(p) and not os.path.islink(p):
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(p)
+    deadline = time.monotonic() + settle_s
+    while True:
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        if time.monotonic() >= deadline and not os.path.lexists(p):
+            return
+        if time.monotonic() >= deadline + 5.0:      # something keeps writing there: give up, it is a temp name
+            return
+        time.sleep(0.05)
 
 
 def publish(tmp: str, path: str) -> bool:

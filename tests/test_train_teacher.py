@@ -168,9 +168,11 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(data_
     full = _train(data_root, tmp_path, *flags, "--checkpoint_path", str(tmp_path / "full.pt"),
                   "--save_path", str(tmp_path / "full_best.pt"))
     last = tmp_path / "killed.pt"
+    import os
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}   # bit-identity needs equal threads
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.train_teacher", *_args(data_root, tmp_path, *flags,
                              "--checkpoint_path", str(last), "--save_path", str(tmp_path / "k_best.pt"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     position = None
     try:
         deadline = time.time() + 120

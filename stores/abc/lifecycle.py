@@ -68,8 +68,10 @@ def create_store(cls: type["MemoryBank"], path: str, schema: StoreSchema, proven
             if fsync:
                 fsync_tree(tmp)
             won = publish(tmp, path)
-    finally:
-        remove_path(tmp)
+    except BaseException:
+        remove_path(tmp, settle_s=0.5)      # the failed creation's other writes may still be landing
+        raise
+    remove_path(tmp)
     if won:
         return cls.open(path, mode="r+", fsync=fsync)
     if not cls.exists(path):
