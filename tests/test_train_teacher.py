@@ -159,17 +159,26 @@ def test_same_seed_same_weights_in_fresh_processes(data_root, tmp_path):
 def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(data_root, tmp_path):
     """A run killed mid-epoch (SIGKILL, no clean-up) and resumed from its --checkpoint_path sees the rest of
     that epoch in the same order and ends with exactly the weights and history of an uninterrupted run."""
+    flags = ("--epochs", "2", "--batch_size", "1", "--checkpoint_every_steps", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # bit-identity needs equal threads: one everywhere (this process, the child)
+    try:
+        _sigkill_and_resume(data_root, tmp_path, flags)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sigkill_and_resume(data_root, tmp_path, flags):
+    import os
     import signal
     import subprocess
     import sys
     import time
 
-    flags = ("--epochs", "2", "--batch_size", "1", "--checkpoint_every_steps", "1")
     full = _train(data_root, tmp_path, *flags, "--checkpoint_path", str(tmp_path / "full.pt"),
                   "--save_path", str(tmp_path / "full_best.pt"))
     last = tmp_path / "killed.pt"
-    import os
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}   # bit-identity needs equal threads
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.train_teacher", *_args(data_root, tmp_path, *flags,
                              "--checkpoint_path", str(last), "--save_path", str(tmp_path / "k_best.pt"))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
