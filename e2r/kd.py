@@ -35,7 +35,7 @@ from torch import Tensor
 
 from e2r.losses import action_weights
 
-__all__ = ["KDWeights", "pool_bev_feat", "hflip_sample", "kd_action_per_sample", "kd_bev_vec_per_sample", "kd_temporal_per_sample",
+__all__ = ["KDWeights", "pool_bev_feat", "hflip_sample", "hflip_lidar", "kd_action_per_sample", "kd_bev_vec_per_sample", "kd_temporal_per_sample",
            "occupancy_weights", "pool_to_grid", "kd_bev_feat_per_sample", "kd_losses"]
 
 
@@ -234,3 +234,22 @@ def hflip_sample(images: Tensor, intrinsics: Tensor, cam2ego: Tensor, steering: 
     flip_a = torch.tensor([-1.0, 1.0], dtype=actions.dtype, device=actions.device)
     feat = None if teacher_bev_feat is None else teacher_bev_feat.flip(-2)
     return images.flip(-1), K, s_y @ cam2ego @ s_x, -steering, actions * flip_a, feat
+
+
+def hflip_lidar(points: list[Tensor], steering: Tensor, actions: Tensor, flip: Tensor, seq_len: int
+                ) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Mirror the chosen windows of a LiDAR batch left-right (ego y -> -y), as :func:`hflip_sample` does for
+    camera windows: points B*T tensors (N, >=2) b-major (frame ``b * seq_len + t``) with column 1 (y) negated
+    for flipped windows; steering (B, T) and actions' wheel_angle column (B, T, 2) negated; flip (B,) bool.
+    Returns new tensors (the inputs are not modified)."""
+    if len(points) != flip.shape[0] * seq_len:
+        raise ValueError(f"{len(points)} point clouds for {flip.shape[0]} windows of {seq_len} frames")
+    out = []
+    for i, p in enumerate(points):
+        if bool(flip[i // seq_len]):
+            p = p.clone()
+            p[:, 1] = -p[:, 1]
+        out.append(p)
+    sign = 1.0 - 2.0 * flip.to(steering.dtype)                     # (B,) -1 where flipped
+    flip_a = torch.stack([sign, torch.ones_like(sign)], dim=-1)     # (B, 2)
+    return out, steering * sign[:, None], actions * flip_a[:, None, :].to(actions.dtype)

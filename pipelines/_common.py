@@ -58,6 +58,9 @@ def add_training_run_args(p: argparse.ArgumentParser, seed_help: str, save_path:
                    help="probability of hiding a training window's previous-steering input (zeros), so the policy "
                         "must steer from what it sees instead of copying its last command, which fails in closed "
                         "loop (ChauffeurNet's past-motion dropout; default 0.5, 0 = off)")
+    p.add_argument("--hflip_prob", type=float, default=0.0,
+                   help="probability of mirroring a training window left-right with its targets (ego y -> -y, "
+                        "steering negated): balances left and right turns (default 0 = off)")
     p.add_argument("--smooth_weight", type=float, default=0.0,
                    help="weight of a penalty on step-to-step changes of the predicted actions (default 0)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, cosine-decayed (default: tiny "

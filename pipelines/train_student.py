@@ -60,8 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd_unpaired", action="store_true",
                    help="with --kd_retrieval: ignore every window's own row and its whole segment (the unpaired-data "
                         "experiment: camera drives that share no key with the LiDAR drives)")
-    p.add_argument("--hflip_prob", type=float, default=0.0,
-                   help="probability of mirroring a training sample left-right with its targets (default 0 = off)")
     add_training_window_args(p)
     add_training_run_args(p, "seed for init, shuffling and flips (default 0)", "runs/student_best.pt")
     return p

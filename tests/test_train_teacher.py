@@ -232,3 +232,42 @@ def test_residual_actions_steering_predicts_the_speed_command_outright(data_root
         a = model(b["points"], b["speed"], b["steering"])[..., 1]
         c = model(b["points"], b["speed"] + 5.0, b["steering"])[..., 1]
     assert not torch.allclose(c - a, torch.full_like(a, 5.0), atol=0.5)
+
+
+def test_hflip_mirrors_chosen_windows_and_the_teacher_trains_on_them(data_root, tmp_path):
+    """hflip_lidar: flipped windows get y and steering negated (speed kept), the others and the inputs are
+    untouched, twice is the identity; the teacher's training step with --hflip_prob 1 is the loss of the
+    mirrored batch."""
+    from e2r.kd import hflip_lidar
+    from e2r.models.config import TeacherConfig
+    from e2r.models.teacher import LiDARBEVTeacher
+    from e2r.workflow.train import TeacherTask
+
+    ds = LidarSequenceDataset(data_root, "train", 3, 2)
+    batch = collate_lidar_items([ds[0], ds[1]])
+    flip = torch.tensor([True, False])
+    before = [p.clone() for p in batch["points"]]
+    pts, steer, act = hflip_lidar(batch["points"], batch["steering"], batch["actions"], flip, 3)
+    assert all(torch.equal(p, q) for p, q in zip(batch["points"], before))
+    for i, (p, q) in enumerate(zip(pts, before)):
+        sign = -1.0 if i < 3 else 1.0
+        assert torch.equal(p[:, 1], sign * q[:, 1]) and torch.equal(p[:, [0, 2, 3]], q[:, [0, 2, 3]])
+    assert torch.equal(steer[0], -batch["steering"][0]) and torch.equal(steer[1], batch["steering"][1])
+    assert torch.equal(act[0, :, 0], -batch["actions"][0, :, 0]) and torch.equal(act[:, :, 1], batch["actions"][:, :, 1])
+    again = hflip_lidar(pts, steer, act, flip, 3)
+    assert all(torch.equal(p, q) for p, q in zip(again[0], before)) and torch.equal(again[1], batch["steering"])
+    with pytest.raises(ValueError, match="point clouds"):
+        hflip_lidar(batch["points"][:-1], batch["steering"], batch["actions"], flip, 3)
+
+    torch.manual_seed(0)
+    model = LiDARBEVTeacher(TeacherConfig.preset_named("tiny")).eval()
+    torch.nn.init.normal_(model.head[2].weight)   # the residual head starts at zero: a mirror-symmetric output
+    cfg = train_teacher.parse_config(_args(data_root, tmp_path, "--hflip_prob", "1", "--steer_input_dropout", "0"))
+    task = TeacherTask(model, model, cfg, torch.device("cpu"))
+    all_flipped = torch.ones(2, dtype=torch.bool)
+    pts, steer, act = hflip_lidar(batch["points"], batch["steering"], batch["actions"], all_flipped, 3)
+    with torch.no_grad():
+        mirrored = task._loss({**batch, "points": pts, "steering": steer, "actions": act}, 0.0)[0]
+        plain = task._loss(batch, 0.0)[0]
+        trained = task.train_step(batch)[0]
+    assert torch.allclose(trained, mirrored) and not torch.allclose(trained, plain)

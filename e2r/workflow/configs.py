@@ -110,6 +110,7 @@ class TrainConfig:
     speed_loss_weight: float = 0.05
     smooth_weight: float = 0.0
     steer_input_dropout: float = 0.5
+    hflip_prob: float = 0.0
     weight_decay: float = 1e-4
     grad_clip: float = 5.0
     seed: int = 0
@@ -137,6 +138,8 @@ class TrainConfig:
             raise ConfigError(f"--preset {self.preset!r}: expected one of {sorted(PRESET_DEFAULTS)}")
         if not 0.0 <= self.steer_input_dropout <= 1.0:
             raise ConfigError(f"--steer_input_dropout must be in [0, 1], got {self.steer_input_dropout}")
+        if not 0.0 <= self.hflip_prob <= 1.0:
+            raise ConfigError(f"--hflip_prob must be in [0, 1], got {self.hflip_prob}")
         check_positive(self, ("epochs", "batch_size", "seq_len", "stride"))
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
@@ -171,7 +174,6 @@ class StudentTrainConfig(TrainConfig):
     kd_temporal_w: float = 1.0
     kd_bevfeat_w: float = 0.0
     kd_bevfeat_background: float = 0.05
-    hflip_prob: float = 0.0
     skip_damaged: bool = False
     kd_retrieval: Optional[str] = None
     kd_retrieval_k: int = 8
@@ -181,8 +183,6 @@ class StudentTrainConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        if not 0.0 <= self.hflip_prob <= 1.0:
-            raise ConfigError(f"--hflip_prob must be in [0, 1], got {self.hflip_prob}")
         if self.kd_retrieval and not self.memorybank:
             raise ConfigError("--kd_retrieval needs --memorybank (the store holding the retrieval index)")
         if self.kd_unpaired and not self.kd_retrieval:

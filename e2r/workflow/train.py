@@ -18,7 +18,7 @@ import torch
 
 from e2r.checkpoints import check_fits, load_checkpoint
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
-from e2r.kd import KDWeights
+from e2r.kd import KDWeights, hflip_lidar
 from e2r.losses import action_loss, action_weights, weighted_action_mse
 from e2r.models.config import TeacherConfig
 from e2r.models.student import CameraBEVStudent
@@ -64,6 +64,11 @@ class TeacherTask(TrainTask):
         self.weights = action_weights(cfg.steer_loss_weight, cfg.speed_loss_weight).to(device)
 
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        if self.cfg.hflip_prob > 0:   # global torch RNG: part of the checkpointed RNG state
+            flip = torch.rand(len(batch["keys"])) < self.cfg.hflip_prob
+            points, steering, actions = hflip_lidar(batch["points"], batch["steering"], batch["actions"], flip,
+                                                    batch["steering"].shape[1])
+            batch = {**batch, "points": points, "steering": steering, "actions": actions}
         return self._loss(batch, self.cfg.steer_input_dropout)
 
     def valid_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
