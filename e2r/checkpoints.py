@@ -11,7 +11,6 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (load
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -19,6 +18,7 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
+from e2r.atomic import replacing
 from e2r.errors import CheckpointError
 
 __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "file_sha256",
@@ -45,10 +45,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], kind: str) -> Path:
         if required not in state:
             raise CheckpointError(f"{path}: refusing to save a checkpoint without {required!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, **state}, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, **state}, tmp)
     return path
 
 

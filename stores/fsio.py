@@ -16,7 +16,7 @@ import time
 import socket
 import stat
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,42 @@ def remove_path(p: str | os.PathLike, settle_s: float = 0.0) -> None:
         if time.monotonic() >= deadline + 5.0:      # something keeps writing there: give up, it is a temp name
             return
         time.sleep(0.05)
+
+
+def write_atomic(path: str | os.PathLike, parts: Sequence[Any], fsync: bool, tmp: str | None = None) -> None:
+    """Put the concatenation of ``parts`` (bytes-like buffers) at ``path`` crash-safely: write the temporary
+    file ``tmp`` (default `temp_sibling`) with gathered writes (no joined copy), fsync it when ``fsync``,
+    rename it over ``path`` (readers see the old or the new file, whole); the temporary is removed on any
+    failure. The caller fsyncs the directories (`fsync_files`, `fsync_path`)."""
+    tmp = temp_sibling(path) if tmp is None else tmp
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            _write_all(fd, parts)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        remove_path(tmp)
+
+
+def _write_all(fd: int, parts: Sequence[Any]) -> None:
+    """Write every byte of ``parts`` to ``fd`` in order (``os.writev`` of up to 1024 buffers; short writes
+    continued)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    i = 0
+    while i < len(views):
+        batch = views[i:i + 1024]
+        done = os.writev(fd, batch)
+        for v in batch:                    # advance past what was written; a short write resumes mid-buffer
+            if done >= len(v):
+                done -= len(v)
+                i += 1
+            else:
+                views[i] = v[done:]
+                break
 
 
 def publish(tmp: str, path: str) -> bool:

@@ -34,7 +34,7 @@ import numpy as np
 
 from e2r.keys import MAX_KEY_LEN
 from stores.errors import StoreCorruptError
-from stores.fsio import fsync_files, open_regular, remove_path, remove_stale_temps, temp_sibling
+from stores.fsio import fsync_files, open_regular, remove_stale_temps, write_atomic
 
 MAGIC = b"E2RKIDX1"
 HEADER_BYTES = 4096
@@ -115,19 +115,12 @@ def write_index(path: Path, split: str, start: int, keys_crc32c: int, keys: Sequ
     head[-4:] = google_crc32c.value(bytes(head[:-4])).to_bytes(4, "little")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    tmp = temp_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            for part, offset in ((head, 0), (sorted_keys.data, meta["keys_offset"]), (pos.data, meta["pos_offset"]),
-                                 (crcs.data, meta["crc_offset"])):
-                f.write(b"\0" * (offset - f.tell()))
-                f.write(part)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        remove_path(tmp)
+    parts, end = [], 0
+    for part, offset in ((head, 0), (sorted_keys.data, meta["keys_offset"]), (pos.data, meta["pos_offset"]),
+                         (crcs.data, meta["crc_offset"])):
+        parts += [bytes(offset - end), part]
+        end = offset + memoryview(part).nbytes
+    write_atomic(path, parts, fsync)
     if fsync:
         fsync_files([path], path.parents[len(INDEX_DIR)])
 

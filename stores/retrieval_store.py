@@ -40,7 +40,7 @@ import torch
 from e2r.keys import parse_key
 from stores.errors import StoreCorruptError, StoreError
 from stores.factory import open_memorybank
-from stores.fsio import fsync_path, fsync_tree, open_regular, read_json, remove_path, remove_stale_temps, temp_sibling
+from stores.fsio import fsync_path, fsync_tree, open_regular, read_json, remove_path, remove_stale_temps, temp_sibling, write_atomic
 from stores.index import check_keys
 
 FORMAT, VERSION = "e2r-retrieval", 1
@@ -70,17 +70,8 @@ def default_chunk_rows(dim: int) -> int:
 
 
 def write_bytes_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Write ``path`` under a temporary name, fsync it, rename it into place, fsync the directory."""
-    tmp = temp_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        remove_path(tmp)
+    """Write ``path`` crash-safely (`stores.fsio.write_atomic`), then fsync its directory."""
+    write_atomic(path, [data], fsync)
     if fsync:
         fsync_path(path.parent)
 

@@ -32,7 +32,7 @@ import numpy as np
 from numcodecs import blosc, zstd
 
 from stores.errors import UnsupportedLayout
-from stores.fsio import remove_path
+from stores.fsio import remove_path, write_atomic
 
 EMPTY = 2**64 - 1                        # shard index entry of an absent inner chunk
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
@@ -195,40 +195,11 @@ class ShardCodec:
 
 
 def write_file(path: str, parts: Sequence[Chunk] | None, fsync: bool) -> None:
-    """Put the concatenation of ``parts`` at ``path`` crash-safely: write a temporary file next to it
-    (``<name>.<hex>.partial``, gathered writes, no joined copy), fsync it when ``fsync``, rename it over
-    ``path`` (readers see the old or the new file, whole). ``None`` deletes ``path``. The caller fsyncs the
-    directories (`stores.fsio.fsync_files`)."""
+    """Put the concatenation of ``parts`` at ``path`` crash-safely (`stores.fsio.write_atomic`, under the
+    temporary name ``<name>.<hex>.partial``, like zarr-python's); ``None`` deletes ``path``. The caller fsyncs
+    the directories (`stores.fsio.fsync_files`)."""
     if parts is None:
         remove_path(path)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-        try:
-            _write_all(fd, parts)
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        remove_path(tmp)
-
-
-def _write_all(fd: int, parts: Sequence[Chunk]) -> None:
-    """Write every byte of ``parts`` to ``fd`` in order (``os.writev`` of up to 1024 buffers; short writes
-    continued)."""
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
-    i = 0
-    while i < len(views):
-        batch = views[i:i + 1024]
-        done = os.writev(fd, batch)
-        for v in batch:                    # advance past what was written; a short write resumes mid-buffer
-            if done >= len(v):
-                done -= len(v)
-                i += 1
-            else:
-                views[i] = v[done:]
-                break
+    write_atomic(path, parts, fsync, tmp=f"{path}.{uuid.uuid4().hex}.partial")

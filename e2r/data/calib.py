@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
+from e2r.atomic import write_text_atomic
 from e2r.errors import ConfigError, DataError
 
 __all__ = ["CameraCalib", "MAX_IMAGE_SIDE", "RIGID_TOL", "MAX_MOUNT_OFFSET_M", "cameras_from_doc",
@@ -313,17 +312,5 @@ def write_calib(doc: dict, out: PathLike, source: PathLike) -> str:
     except DataError as e:
         raise DataError(source, f"the converted calibration is unusable: {e.problem.reason}") from None
     text = format_calib(doc)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        os.chmod(tmp, 0o644)                       # mkstemp makes it owner-only; a calib.json is shared data
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomic(out, text)
     return text

@@ -21,12 +21,12 @@ records them; use a new ``--out``.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from e2r.atomic import write_text_atomic
 from e2r.errors import ConfigError
 from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.world import SyntheticConfig, ensure_dataset
@@ -156,9 +156,7 @@ def _done(folder: Path) -> Optional[dict[str, Any]]:
 
 def _write_result(folder: Path, result: dict[str, Any]) -> None:
     """``result.json`` written atomically: its presence means the unit finished."""
-    tmp = folder / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    os.replace(tmp, folder / RESULT_FILE)
+    write_text_atomic(folder / RESULT_FILE, json.dumps(result, indent=1, default=float) + "\n")
 
 
 def _drive_rows(cfg: StudyConfig, policies: list[str], csv_path: Path) -> list[dict[str, Any]]:
