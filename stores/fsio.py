@@ -74,6 +74,25 @@ def open_regular(path: str | os.PathLike, store: str = "", array: str = "") -> t
     return fd, st.st_size
 
 
+def read_regular(path: str | os.PathLike, store: str = "", array: str = "",
+                 max_bytes: int | None = None) -> bytes | None:
+    """The bytes of the regular file ``path`` (`open_regular`; at most ``max_bytes`` when given), None when
+    it does not exist; StoreCorruptError when it is not a regular file or shrank while read."""
+    opened = open_regular(path, store, array)
+    if opened is None:
+        return None
+    fd, size = opened
+    want = size if max_bytes is None else min(size, max_bytes)
+    try:
+        raw = os.pread(fd, want, 0)
+    finally:
+        os.close(fd)
+    if len(raw) != want:
+        raise StoreCorruptError(f"{path}: read {len(raw)} of {want} bytes (file changed while read)", path=store,
+                                array=array, chunk=str(path))
+    return raw
+
+
 def read_json(path: str | os.PathLike, store: str = "") -> dict[str, Any] | None:
     """A small JSON object file (zarr.json) read safely: None when absent, StoreCorruptError when it is not
     a regular file, too big, or not a JSON object."""

@@ -40,7 +40,7 @@ import torch
 from e2r.keys import parse_key
 from stores.errors import StoreCorruptError, StoreError
 from stores.factory import open_memorybank
-from stores.fsio import fsync_path, fsync_tree, open_regular, read_json, remove_path, remove_stale_temps, temp_sibling, write_atomic
+from stores.fsio import fsync_path, fsync_tree, open_regular, read_json, read_regular, remove_path, remove_stale_temps, temp_sibling, write_atomic
 from stores.index import check_keys
 
 FORMAT, VERSION = "e2r-retrieval", 1
@@ -182,14 +182,9 @@ def read_manifest(store: str, name: str) -> dict[str, Any]:
             or any(rel.split("/")[0] not in nodes or ".." in rel for rel in attrs["meta_crc32c"])):
         raise corrupt(store, path, f"the manifest names nodes that are not parts of an index: {nodes}")
     for rel, crc in attrs["meta_crc32c"].items():
-        got = open_regular(idir / rel, store)
-        if got is None:
+        raw = read_regular(idir / rel, store, max_bytes=2**20)
+        if raw is None:
             raise corrupt(store, idir / rel, "missing")
-        fd, size = got
-        try:
-            raw = os.pread(fd, min(size, 2**20), 0)
-        finally:
-            os.close(fd)
         if google_crc32c.value(raw) != crc:
             raise corrupt(store, idir / rel, "crc32c checksum mismatch (recorded in the manifest) - file corrupted")
     return attrs

@@ -32,7 +32,7 @@ import google_crc32c
 import numpy as np
 
 from stores.errors import StoreCorruptError, UnsupportedLayout
-from stores.fsio import open_regular, read_json
+from stores.fsio import open_regular, read_json, read_regular
 
 _EMPTY = np.uint64(2**64 - 1)
 _EMPTY_INT = 2**64 - 1
@@ -223,19 +223,12 @@ class RowChunkReader:
         if not self.sharded:
             raise UnsupportedLayout(f"{self.dir} is not sharded")
         try:
-            opened = open_regular(self.file_path(i), self.store, self.name)
+            raw = read_regular(self.file_path(i), self.store, self.name)
         except StoreCorruptError as e:
             raise self._corrupt(str(e), i) from None
-        if opened is None:
+        if raw is None:
             return None
-        fd, size = opened
-        try:
-            raw = os.pread(fd, size, 0)
-        finally:
-            os.close(fd)
-        if len(raw) != size:
-            raise self._corrupt(f"read {len(raw)} of {size} bytes (file changed while read)", i)
-        return raw, self._index_of(i, raw, size)
+        return raw, self._index_of(i, raw, len(raw))
 
     # ------------------------------------------------------------------ reading
     def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -372,14 +365,9 @@ class FlatChunkReader:
 
     def chunk(self, c: int) -> np.ndarray | None:
         """Chunk ``c`` (read-only array), None when its file is absent."""
-        opened = open_regular(f"{self._prefix}{c}", self.store, self.name)
-        if opened is None:
+        raw = read_regular(f"{self._prefix}{c}", self.store, self.name)
+        if raw is None:
             return None
-        fd, size = opened
-        try:
-            raw = os.pread(fd, size, 0)
-        finally:
-            os.close(fd)
         tail = 4 if self.crc else 0
         if len(raw) < tail or (tail and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little")):
             raise ValueError("crc32c checksum mismatch (chunk corrupted)")
