@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-__all__ = ["E2RError", "Problem", "DataError", "LayoutUndecidable", "CheckpointError", "InvalidKeyError", "check_positive",
+__all__ = ["E2RError", "Problem", "DataError", "LayoutUndecidable", "CheckpointError", "InvalidKeyError", "check_positive", "check_probability",
            "ConfigError"]
 
 
@@ -68,3 +68,12 @@ def check_positive(cfg: object, names: Sequence[str]) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name} must be >= 1, got {value}")
+
+
+def check_probability(cfg: object, names: Sequence[str]) -> None:
+    """ConfigError naming the flag ``--<name>`` for each of ``names`` whose value on ``cfg`` is not in
+    [0, 1] (NaN included): the one check of every probability flag."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1], got {value}")

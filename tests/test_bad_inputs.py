@@ -179,6 +179,10 @@ def test_train_pipeline_refuses_epochs_0_and_a_directory_save_path_before_traini
     assert not (tmp_path / "t.pt").exists()
     assert train_teacher.main(base + ["--epochs", "1", "--save_path", str(tmp_path)]) == 1
     assert "--save_path" in capsys.readouterr().err
+    for flag, value in (("--hflip_prob", "1.5"), ("--steer_input_dropout", "-0.1"), ("--hflip_prob", "nan")):
+        assert train_teacher.main(base + [flag, value, "--save_path", str(tmp_path / "t.pt")]) == 1
+        assert f"{flag} must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "t.pt").exists()
 
 
 def test_trainer_checks_a_config_built_directly(tmp_path):

@@ -13,7 +13,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence, TypeVar, Union
 
-from e2r.errors import ConfigError, check_positive
+from e2r.errors import ConfigError, check_positive, check_probability
 
 __all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig",
            "TeacherEvalConfig", "StudentEvalConfig", "ExportConfig", "config_from_namespace", "command_line", "plain_dict",
@@ -136,10 +136,7 @@ class TrainConfig:
     def check(self) -> None:
         if self.preset not in PRESET_DEFAULTS:
             raise ConfigError(f"--preset {self.preset!r}: expected one of {sorted(PRESET_DEFAULTS)}")
-        if not 0.0 <= self.steer_input_dropout <= 1.0:
-            raise ConfigError(f"--steer_input_dropout must be in [0, 1], got {self.steer_input_dropout}")
-        if not 0.0 <= self.hflip_prob <= 1.0:
-            raise ConfigError(f"--hflip_prob must be in [0, 1], got {self.hflip_prob}")
+        check_probability(self, ("steer_input_dropout", "hflip_prob"))
         check_positive(self, ("epochs", "batch_size", "seq_len", "stride"))
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from e2r.atomic import write_text_atomic
-from e2r.errors import ConfigError
+from e2r.errors import ConfigError, check_probability
 from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.world import SyntheticConfig, ensure_dataset
 from e2r.workflow.configs import (ExportConfig, StudentEvalConfig, StudentTrainConfig, TeacherEvalConfig,
@@ -107,8 +107,7 @@ class StudyConfig:
         unknown = [v for v in self.variants + self.ablations if v not in VARIANTS]
         if unknown:
             raise ConfigError(f"--variants/--ablations {unknown}: choose from {', '.join(VARIANTS)}")
-        if not 0.0 <= self.hflip_prob <= 1.0:
-            raise ConfigError(f"--hflip_prob must be in [0, 1], got {self.hflip_prob}")
+        check_probability(self, ("hflip_prob",))
         if not self.time_limit > 0:
             raise ConfigError(f"--time_limit must be > 0 seconds, got {self.time_limit}")
         try:
