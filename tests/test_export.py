@@ -199,3 +199,16 @@ def test_no_teacher_and_bad_file_exit_nonzero(world, tmp_path, capsys):
     argv[argv.index("--data_root") + 1] = str(data)
     assert main(argv) == 1
     assert victim.name in capsys.readouterr().err
+
+
+def test_an_export_task_in_the_callers_process_restores_its_thread_count(tmp_path):
+    """run_export_task sets torch's thread count for its work (dask workers); run in the caller's process, it
+    puts the caller's count back, also when it fails."""
+    from e2r.workflow.export import run_export_task
+
+    before = torch.get_num_threads()
+    opts = ExportOptions(str(tmp_path), "train", str(tmp_path / "t.pt"), str(tmp_path / "missing.zarr"),
+                         torch_threads=before + 1)
+    with pytest.raises(RuntimeError, match="export task train"):
+        run_export_task(opts, 0, 1)
+    assert torch.get_num_threads() == before

@@ -278,7 +278,9 @@ _CONTEXTS: dict[tuple, ExportContext] = {}
 
 def run_export_task(opts: ExportOptions, a: int, b: int) -> TaskStats:
     """Dask task: open the store "r+", fill split positions ``[a, b)``; the teacher and plan are loaded
-    once per worker process."""
+    once per worker process. A task run in the caller's process (threaded scheduler) leaves its torch thread
+    count as it found it."""
+    threads_before = torch.get_num_threads()
     if opts.torch_threads > 0:
         torch.set_num_threads(opts.torch_threads)
     try:
@@ -291,3 +293,5 @@ def run_export_task(opts: ExportOptions, a: int, b: int) -> TaskStats:
             return export_rows(ctx, bank, a, b, opts)
     except Exception as e:  # noqa: BLE001 - some errors (DataError) do not survive pickling; keep the message
         raise RuntimeError(f"export task {opts.split}[{a}:{b}) failed: {type(e).__name__}: {e}") from None
+    finally:
+        torch.set_num_threads(threads_before)
