@@ -60,13 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ablation_budgets", type=int, nargs="+", default=d.ablation_budgets,
                    help="budgets the ablations run at (default 1)")
     g.add_argument("--teacher_epochs", type=int, default=d.teacher_epochs, help=f"default {d.teacher_epochs}")
+    g.add_argument("--teacher_stride", type=int, default=d.teacher_stride,
+                   help=f"frames between the teacher's training windows (default {d.teacher_stride})")
     g.add_argument("--student_epochs", type=int, default=d.student_epochs, help=f"default {d.student_epochs}")
-    g.add_argument("--residual_actions", choices=("all", "steering", "none", "scene"), default=None,
-                   help="the teacher's (and so the students') head: what it predicts as a change of its inputs "
-                        "(pipelines.train_teacher --help; default: the preset's, all)")
+    g.add_argument("--residual_actions", choices=("all", "steering", "none", "scene"), default=d.residual_actions,
+                   help="the teacher's (and so every student's) head: what it predicts as a change of its inputs "
+                        f"(pipelines.train_teacher --help; default {d.residual_actions}: a teacher that sees its "
+                        "previous command copies it and drives off the track in closed loop)")
     g.add_argument("--hflip_prob", type=float, default=d.hflip_prob,
-                   help="mirroring probability of every student (balances turn directions at odd budgets; "
-                        f"default {d.hflip_prob})")
+                   help="mirroring probability of the teacher's and every student's training windows (balances turn "
+                        f"directions; default {d.hflip_prob})")
     c = p.add_argument_group("closed loop")
     c.add_argument("--starts", type=int, default=d.starts, help=f"start points per test track (default {d.starts})")
     c.add_argument("--time_limit", type=float, default=d.time_limit,

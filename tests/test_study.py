@@ -71,6 +71,9 @@ def test_study_end_to_end_resumes_and_refuses_changed_settings(tmp_path, capsys)
     assert by["bc-b1-s0"]["segments"] == ["segment_0000"] and by["kd-b2-s0"]["segments"] == ["segment_0000",
                                                                                            "segment_0001"]
     assert len(by["kd-b1-s0"]["valid_losses"]) == 2 and by["kd-b1-s0"]["kd_gap"]["kd_n"] > 0
+    from e2r.checkpoints import load_checkpoint        # BC and KD students share the teacher's head ("scene")
+    assert {load_checkpoint(out / n / "student.pt")["config"]["residual_actions"] for n in names} == {"scene"}
+    assert load_checkpoint(out / "teacher" / "teacher.pt")["config"]["residual_actions"] == "scene"
     for u in units["units"] + [units["teacher"]]:      # the pooled error is the window-weighted track mean
         per = u["per_segment"].values()
         pooled = sum(m["overall_weighted_mse"] * m["n"] for m in per) / sum(m["n"] for m in per)

@@ -51,7 +51,8 @@ RESULT_FILE = "result.json"
 CHECKPOINT_EVERY = 100      # batches between mid-epoch training states
 #: settings that change what a finished unit means (recorded in study.json, must not change on resume)
 _FIXED = ("camera_tracks", "lidar_only_tracks", "valid_tracks", "test_tracks", "frames", "world_seed",
-          "appearance", "teacher_epochs", "student_epochs", "hflip_prob", "starts", "time_limit", "residual_actions")
+          "appearance", "teacher_epochs", "teacher_stride", "student_epochs", "hflip_prob", "starts", "time_limit",
+          "residual_actions")
 
 
 @dataclass(kw_only=True)
@@ -73,9 +74,10 @@ class StudyConfig:
     variants: list[str] = field(default_factory=lambda: ["bc", "kd"])
     ablations: list[str] = field(default_factory=lambda: ["kd_action", "kd_state", "kd_dense"])
     ablation_budgets: list[int] = field(default_factory=lambda: [1])
-    teacher_epochs: int = 12
+    teacher_epochs: int = 6
+    teacher_stride: int = 2
     student_epochs: int = 6
-    residual_actions: Optional[str] = None
+    residual_actions: Optional[str] = "scene"
     hflip_prob: float = 0.5
     starts: int = 2
     time_limit: float = 40.0
@@ -94,7 +96,8 @@ class StudyConfig:
 
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work."""
-        check_positive(self, ("camera_tracks", "frames", "teacher_epochs", "student_epochs", "starts"))
+        check_positive(self, ("camera_tracks", "frames", "teacher_epochs", "teacher_stride", "student_epochs",
+                              "starts"))
         if self.lidar_only_tracks < 0:
             raise ConfigError(f"--lidar_only_tracks must be >= 0, got {self.lidar_only_tracks}")
         for name in ("budgets", "seeds", "variants"):
@@ -201,7 +204,8 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict[str,
             log(f"== [{i}/{len(units)}] {unit.name}: done before, skipped")
         else:
             log(f"== [{i}/{len(units)}] {unit.name}: training on {unit.budget} camera track(s)")
-            done = _student_unit(cfg, unit, camera_train_segments(made, unit.budget), folder, store)
+            done = _student_unit(cfg, unit, camera_train_segments(made, unit.budget), folder, store,
+                                 teacher["checkpoint"])
             log(f"   test overall {done['test']['overall_weighted_mse']:.4f}"
                 + (f", closed-loop success {_success(done):.0%}" if not cfg.no_drive else "")
                 + f" ({done['seconds']:.0f} s)")
@@ -230,12 +234,14 @@ def _teacher_unit(cfg: StudyConfig, folder: Path, log: Callable[[str], None]) ->
         return done
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    log(f"== teacher: training on every LiDAR training track, {cfg.teacher_epochs} epochs")
+    log(f"== teacher: training on every LiDAR training track, {cfg.teacher_epochs} epochs, windows every "
+        f"{cfg.teacher_stride} frames")
     last = folder / "teacher_last.pt"
     trained = train_teacher(TeacherTrainConfig(
-        data_root=cfg.data_dir, preset="tiny", epochs=cfg.teacher_epochs, seed=cfg.world_seed, device=cfg.device,
-        save_path=str(ckpt), checkpoint_path=str(last), checkpoint_every_steps=CHECKPOINT_EVERY,
-        resume_path=_resumable(last, log), residual_actions=cfg.residual_actions, no_progress=cfg.no_progress))
+        data_root=cfg.data_dir, preset="tiny", epochs=cfg.teacher_epochs, stride=cfg.teacher_stride,
+        seed=cfg.world_seed, device=cfg.device, save_path=str(ckpt), checkpoint_path=str(last),
+        checkpoint_every_steps=CHECKPOINT_EVERY, resume_path=_resumable(last, log),
+        residual_actions=cfg.residual_actions, hflip_prob=cfg.hflip_prob, no_progress=cfg.no_progress))
     ev = evaluate_teacher(TeacherEvalConfig(data_root=cfg.data_dir, split="test", teacher_ckpt=str(ckpt),
                                             device=cfg.device, csv_path=str(folder / "eval_test.csv"),
                                             no_progress=cfg.no_progress))
@@ -266,8 +272,10 @@ def _export_unit(cfg: StudyConfig, folder: Path, store: Path, teacher_ckpt: str,
                            "seconds": round(time.perf_counter() - t0, 1)})
 
 
-def _student_unit(cfg: StudyConfig, unit: StudyUnit, segments: list[str], folder: Path, store: Path
-                  ) -> dict[str, Any]:
+def _student_unit(cfg: StudyConfig, unit: StudyUnit, segments: list[str], folder: Path, store: Path,
+                  teacher_ckpt: str) -> dict[str, Any]:
+    """One student; BC ones read the teacher checkpoint for their architecture only (the same head as the KD
+    students: the student follows the teacher's config), never its outputs."""
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     action, bev_vec, temporal, bev_feat = VARIANTS[unit.variant]
@@ -278,7 +286,7 @@ def _student_unit(cfg: StudyConfig, unit: StudyUnit, segments: list[str], folder
         data_root=cfg.data_dir, train_segments=segments, preset="tiny", epochs=cfg.student_epochs, seed=unit.seed,
         device=cfg.device, save_path=str(ckpt), checkpoint_path=str(last), checkpoint_every_steps=CHECKPOINT_EVERY,
         resume_path=_resumable(last, print),
-        memorybank=str(store) if kd else None, kd_action_w=action, kd_bevvec_w=bev_vec, kd_temporal_w=temporal,
+        memorybank=str(store) if kd else None, teacher_ckpt=teacher_ckpt, kd_action_w=action, kd_bevvec_w=bev_vec, kd_temporal_w=temporal,
         kd_bevfeat_w=bev_feat, hflip_prob=cfg.hflip_prob, no_progress=cfg.no_progress))
     ev = evaluate_student(StudentEvalConfig(data_root=cfg.data_dir, split="test", student_ckpt=str(ckpt),
                                             memorybank=str(store), device=cfg.device,
