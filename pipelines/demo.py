@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from e2r.workflow.configs import (ExportConfig, StudentEvalConfig, StudentTrainC
                                   TeacherTrainConfig, command_line)
 from e2r.workflow.evaluate import evaluate_student, evaluate_teacher
 from e2r.workflow.export_run import export_memorybank, print_export_summary
+from e2r.workflow.study_report import epochs_to_reach
 from e2r.workflow.train import train_student, train_teacher
 from pipelines._common import print_training_summary
 
@@ -220,9 +222,10 @@ def print_offline_vs_closed_loop(summary: dict[str, Any], run: Path) -> None:
     write_metrics_csv(run / "offline_vs_closed_loop.csv", table)
 
 
-def epochs_to_reach(losses: list[float], target: float) -> int | None:
+def _first_epoch(losses: list[float], target: float) -> int | None:
     """1-based first epoch whose validation loss is <= target (None if never)."""
-    return next((i + 1 for i, v in enumerate(losses) if v <= target), None)
+    reach = epochs_to_reach(losses, target)
+    return None if math.isnan(reach) else int(reach)
 
 
 def print_final_table(summary: dict[str, Any], run: Path) -> None:
@@ -248,7 +251,7 @@ def print_final_table(summary: dict[str, Any], run: Path) -> None:
     for seed in sorted({v["seed"] for v in students.values()}):
         bc, kd = students[f"student_bc_seed{seed}"], students[f"student_kd_seed{seed}"]
         ratio_epochs.append((seed, bc["test"]["overall_weighted_mse"], kd["test"]["overall_weighted_mse"],
-                             len(bc["valid_losses"]), epochs_to_reach(kd["valid_losses"], bc["valid_losses"][-1])))
+                             len(bc["valid_losses"]), _first_epoch(kd["valid_losses"], bc["valid_losses"][-1])))
     stage("results on the held-out test track (steering deg^2, speed (m/s)^2, overall = 1.0*steer + 0.05*speed)")
     print(f"{'model':<26}{'seeds':>6}{'steering_mse':>15}{'speed_mse':>12}{'overall':>12}")
     for r in rows:
