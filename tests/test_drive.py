@@ -20,7 +20,7 @@ from e2r.models.student_config import StudentConfig
 from e2r.models.teacher import LiDARBEVTeacher
 from e2r.sim.closed_loop import (ClosedLoopConfig, LapCounter, load_world, run_closed_loop, start_indices,
                                  wall_contact)
-from e2r.sim.drive import DriveConfig, drive
+from e2r.sim.drive import DriveConfig, drive, summarize
 from e2r.sim.policies import ConstantPolicy, ExpertPolicy, Observation, Policy, StudentPolicy, TeacherPolicy
 from e2r.sim.sensors import render_camera
 from e2r.sim.vehicle import VehicleConfig, VehicleState, advance, step
@@ -140,11 +140,14 @@ def test_wall_contact_ends_the_run_as_a_collision(world):
     run = run_closed_loop(_HardLeft("left"), world, [0, 100], ClosedLoopConfig(time_limit=30.0))
     for r in run:
         assert r.end == "collision" and r.collisions == 1 and not r.success and r.laps == 0
+        assert r.collision_with == "wall"
         assert r.sim_time < 10.0 and len(r.trajectory) == r.steps + 1
         x, y, yaw = r.trajectory[-1]
         assert wall_contact(world.track, VehicleState.create(x, y, yaw, 0.0), world.config.vehicle)[0]
         x, y, yaw = r.trajectory[-2]
         assert not wall_contact(world.track, VehicleState.create(x, y, yaw, 0.0), world.config.vehicle)[0]
+    rows = summarize(run)
+    assert rows[0]["collision_with"] == f"wall:{len(run)}" and rows[0]["end"] == f"collision:{len(run)}"
 
 
 # ------------------------------------------------------------------------------------------------- expert
@@ -242,6 +245,7 @@ def test_drive_pipeline_outputs_and_errors(world_root, checkpoints, tmp_path, ca
     with open(out / "d.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["row"] for r in rows] == ["run"] * 6 + ["aggregate"] * 3
+    assert all(r["collision_with"] in ("", "wall", "car") for r in rows[:6])
     assert {r["policy"] for r in rows} == {"expert", "t", "train_mean"}
     with Image.open(out / "v.gif") as im:
         assert im.n_frames >= 2

@@ -131,9 +131,9 @@ def split_segments(data_root: str | Path, split: str) -> list[str]:
 
 
 def _row(kind: str, policy: str, split: str, segment: str, start: Any, runs: int, end: str,
-         metrics: dict[str, float]) -> dict[str, Any]:
+         metrics: dict[str, float], hit: str = "") -> dict[str, Any]:
     return {"row": kind, "policy": policy, "split": split, "segment": segment, "start_index": start, "runs": runs,
-            "end": end, **{k: metrics[k] for k in RunResult.METRICS}}
+            "end": end, "collision_with": hit, **{k: metrics[k] for k in RunResult.METRICS}}
 
 
 def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
@@ -156,7 +156,9 @@ def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
                    "steps_per_s": steps / wall if wall > 0 else float("nan")}
         ends = ",".join(f"{e}:{sum(r.end == e for r in rs)}" for e in ("laps", "collision", "time")
                         if any(r.end == e for r in rs))
-        out.append(_row("aggregate", name, rs[0].split, "ALL", "", len(rs), ends, metrics))
+        hits = ",".join(f"{h}:{sum(r.collision_with == h for r in rs)}" for h in ("wall", "car")
+                        if any(r.collision_with == h for r in rs))
+        out.append(_row("aggregate", name, rs[0].split, "ALL", "", len(rs), ends, metrics, hits))
     return out
 
 
@@ -224,7 +226,7 @@ def _drive(cfg: DriveConfig, device: torch.device) -> dict[str, Any]:
                 bar.update(before + steps_per_batch - bar.n)      # cars that stopped early
     bar.close()
     rows = [_row("run", r.policy, r.split, r.segment, r.start_index, 1, r.end,
-                 {k: getattr(r, k) for k in RunResult.METRICS}) for r in runs]
+                 {k: getattr(r, k) for k in RunResult.METRICS}, r.collision_with) for r in runs]
     summary = summarize(runs)
     out: dict[str, Any] = {"runs": runs, "rows": rows, "summary": summary, "worlds": worlds,
                            "csv_path": None, "plot_path": None, "video": None}
