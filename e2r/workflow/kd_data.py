@@ -3,8 +3,8 @@
 * :class:`KDCameraBatches`: a map-style dataset whose item is a whole *batch*: ``ds[[i, j, ...]]`` reads the
   camera windows of those indices and then the teacher rows of *their keys* with **one** batched memorybank
   read (``stores.torch_data.TeacherRowReader`` -> ``MemoryBank.get_batch_into``). Used with
-  :func:`make_kd_loader`: the project's one sampler (``EpochBatchSampler``: rank sharding, seed + epoch
-  shuffle) as the DataLoader's sampler with ``batch_size=None``, so every batch is fetched whole by one
+  :func:`make_kd_loader`: the project's one sampler (``training_sampler``: exact rank sharding, seed +
+  epoch shuffle) as the DataLoader's sampler with ``batch_size=None``, so every batch is fetched whole by one
   worker. The store is opened read-only, lazily in each worker; nothing is loaded up front and nothing is
   written per sample.
 * :func:`read_store_schema` / :func:`check_store`: the schema and teacher of a store, and a refusal of a
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from e2r.checkpoints import load_checkpoint
 from e2r.data.datasets import ACTION_SEMANTICS, CameraSequenceDataset, collate_camera
-from e2r.data.sampler import EpochBatchSampler
+from e2r.data.sampler import EpochBatchSampler, training_sampler
 from e2r.kd import KDWeights, hflip_sample, kd_losses
 from e2r.losses import action_loss
 from e2r.models.config import TeacherConfig
@@ -211,7 +211,7 @@ def make_kd_loader(dataset: KDCameraBatches, batch_size: int, shuffle: bool, see
                    ctx: DistContext) -> tuple[DataLoader, EpochBatchSampler]:
     """DataLoader over this rank's batches, one whole batch per worker fetch; call ``sampler.set_epoch(e)``
     before each epoch. The store's row reader is fork-safe (no threads, files mapped lazily per process)."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank=ctx.rank, world_size=ctx.world_size)
+    sampler = training_sampler(len(dataset), batch_size, shuffle, seed, ctx.rank, ctx.world_size)
     return make_loader(dataset, sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                        worker_init_fn=die_with_parent if num_workers else None), sampler
 

@@ -9,7 +9,9 @@ schedule, the history, the checkpoints (latest state every epoch to ``checkpoint
 ``save_path``), the all-reduce of losses over ranks, TensorBoard and resume (model, optimizer, scheduler,
 epoch, best metric, RNG state). A :class:`TrainTask` supplies the per-batch loss and any extra per-epoch
 statistics. :func:`make_loader` is the DataLoader of a per-window dataset with the project's one sampler
-(``e2r.data.sampler.EpochBatchSampler``: order depends only on seed and epoch).
+(``e2r.data.sampler.training_sampler``: order depends only on seed and epoch; under ``torchrun`` every sample
+is read once per epoch over all ranks, every rank has the same number of steps, and each step's gradient and
+the epoch's losses weigh every sample equally, whatever the ranks' batch sizes).
 """
 from __future__ import annotations
 
@@ -25,11 +27,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from e2r.checkpoints import CheckpointError, load_init_weights, save_checkpoint
-from e2r.data.sampler import EpochBatchSampler
+from e2r.data.sampler import EpochBatchSampler, training_sampler
 from e2r.runtime import DistContext, all_reduce_sums, capture_rng_state, die_with_parent, restore_rng_state
 from e2r.workflow.configs import TrainConfig, plain_dict
 
-__all__ = ["ActionNormalizer", "make_loader", "run_epoch", "unwrap", "TrainTask", "Trainer",
+__all__ = ["ActionNormalizer", "make_loader", "run_epoch", "rank_loss_weight", "unwrap", "TrainTask", "Trainer",
            "train_valid_datasets"]
 
 
@@ -68,7 +70,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
                 collate_fn: Callable | None, ctx: DistContext) -> tuple[DataLoader, EpochBatchSampler]:
     """DataLoader over this rank's batches of a per-window dataset; call ``sampler.set_epoch(epoch)``
     before each epoch."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank=ctx.rank, world_size=ctx.world_size)
+    sampler = training_sampler(len(dataset), batch_size, shuffle, seed, ctx.rank, ctx.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                         pin_memory=torch.cuda.is_available(), worker_init_fn=die_with_parent if num_workers else None)
     return loader, sampler
@@ -99,7 +101,11 @@ def run_epoch(loader: Iterable, step: Callable[[Any], tuple[Tensor, int]], optim
 
     Mid-epoch resume: ``sums`` = the (loss total, sample count) of the batches already done; ``on_start()``
     runs once the loader's iterator exists (it draws its seeds from the global RNG: a resumed run restores
-    its RNG state after that); ``after_batch(total, count)`` after every batch (a checkpoint hook)."""
+    its RNG state after that); ``after_batch(total, count)`` after every batch (a checkpoint hook).
+
+    Under DDP (``ctx.enabled``) each rank's mean loss is scaled by :func:`rank_loss_weight` before backward,
+    so the step's averaged gradient is the mean over all the step's samples even when the ranks' batches
+    differ in size; a rank with no usable window in a training batch raises (DDP needs it in the step)."""
     ctx = ctx or DistContext()
     total, count = float(sums[0]), int(sums[1])
     params = list(params)
@@ -111,13 +117,16 @@ def run_epoch(loader: Iterable, step: Callable[[Any], tuple[Tensor, int]], optim
     with torch.set_grad_enabled(optimizer is not None):
         for batch in bar:
             if batch is None:  # every window of the batch was a skipped bad one
+                if ctx.enabled and optimizer is not None:
+                    raise RuntimeError(f"{desc}: rank {ctx.rank} has a batch with no usable window; under torchrun "
+                                       f"every rank must take part in every step: remove the bad windows")
                 if after_batch is not None:
                     after_batch(total, count)
                 continue
             loss, n = step(batch)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * rank_loss_weight(n, ctx) if ctx.enabled else loss).backward()
                 if grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 optimizer.step()
@@ -131,6 +140,14 @@ def run_epoch(loader: Iterable, step: Callable[[Any], tuple[Tensor, int]], optim
                 after_batch(total, count)
     sums = all_reduce_sums({"total": total, "count": float(count)}, ctx)
     return sums["total"] / max(int(sums["count"]), 1)
+
+
+def rank_loss_weight(n: int, ctx: DistContext) -> float:
+    """``n * world_size / N``, ``N`` = the step's samples over all ranks (one all-reduce): DDP averages the
+    ranks' gradients, so each rank's mean loss times this weight gives the gradient of the mean loss over
+    all ``N`` samples (1.0 when every rank has ``n`` samples). Call it on every rank, once per step."""
+    total = all_reduce_sums({"n": float(n)}, ctx)["n"]
+    return n * ctx.world_size / max(total, 1.0)
 
 
 class TrainTask:
@@ -254,25 +271,35 @@ class Trainer:
     def _mid_epoch_hooks(self, task: TrainTask, epoch: int, mid: dict[str, Any] | None,
                          sampler: EpochBatchSampler, model_config: dict[str, Any]) -> dict[str, Any]:
         """run_epoch's resume arguments: the sums of a resumed epoch, the RNG / counters restored once the
-        iterator exists, and a checkpoint every ``checkpoint_every_steps`` batches (rank 0)."""
+        iterator exists, and a checkpoint every ``checkpoint_every_steps`` batches (rank 0). Under DDP the
+        checkpoint holds the sums of all ranks (one all-reduce on every rank): rank 0 resumes from them, the
+        other ranks from zero, so the epoch's all-reduced averages count every sample once."""
         done = [int(mid["batches"]) if mid else 0]
-        every, whole = self.cfg.checkpoint_every_steps, sampler.batches_per_epoch()
+        every, whole, ctx = self.cfg.checkpoint_every_steps, sampler.batches_per_epoch(), self.ctx
 
         def on_start() -> None:
             if mid:
                 restore_rng_state(mid["rng_state"])
-                task.load_running_state(mid["task"])
+                task.load_running_state(mid["task"] if ctx.is_main else {k: 0.0 for k in mid["task"]})
 
         def after_batch(total: float, count: int) -> None:
             done[0] += 1
-            if every and done[0] % every == 0 and done[0] < whole and self.ctx.is_main and self.cfg.checkpoint_path:
+            if not (every and done[0] % every == 0 and done[0] < whole and self.cfg.checkpoint_path):
+                return
+            running = task.running_state()
+            if ctx.enabled:
+                summed = all_reduce_sums({"loss_total": total, "loss_count": float(count),
+                                          **{f"task/{k}": v for k, v in running.items()}}, ctx)
+                total, count = summed["loss_total"], int(summed["loss_count"])
+                running = {k: summed[f"task/{k}"] for k in running}
+            if ctx.is_main:
                 position = {"epoch": epoch, "batches": done[0], "loss_total": total, "loss_count": count,
-                            "task": task.running_state(), "rng_state": capture_rng_state()}
+                            "task": running, "rng_state": capture_rng_state()}
                 save_checkpoint(self.cfg.checkpoint_path, {**self._state(task, epoch - 1, model_config),
                                                            "position": position}, kind=self.kind)
 
-        return {"sums": (mid["loss_total"], mid["loss_count"]) if mid else (0.0, 0), "on_start": on_start,
-                "after_batch": after_batch}
+        resumed = (mid["loss_total"], mid["loss_count"]) if mid and ctx.is_main else (0.0, 0)
+        return {"sums": resumed, "on_start": on_start, "after_batch": after_batch}
 
     def _state(self, task: TrainTask, epoch: int, model_config: dict[str, Any]) -> dict[str, Any]:
         """The full training state after ``epoch`` (-1: none finished yet)."""
