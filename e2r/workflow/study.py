@@ -63,7 +63,7 @@ class StudyConfig:
     out: str = "runs/study"
     data_root: Optional[str] = None
     camera_tracks: int = 4
-    lidar_only_tracks: int = 12
+    lidar_only_tracks: int = 44
     valid_tracks: int = 2
     test_tracks: int = 4
     frames: int = 300
