@@ -58,6 +58,10 @@ def test_epochs_to_reach_and_goals_from_made_up_results():
     met = {g["goal"].split(" ")[0] + str(i): g for i, g in enumerate(goals(table, results))}
     assert [g["met"] for g in met.values()] == [True, False, False, True]  # 0.705 <= 0.8; success = teacher nan
     assert "4/4 pairs reach it; median fraction 0.50" in list(met.values())[-1]["value"]
+    better = lambda ts, tp: [g for g in goals({**table, (0, "teacher"): {**table[(1, "kd")], "success": (ts, 0.0, 1),  # noqa: E731
+                                                                   "progress": (tp, 0.0, 1)}}, results)
+                             if g["goal"].startswith("the LiDAR teacher")][0]
+    assert better(0.9, 0.95)["met"] and not better(0.4, 0.9)["met"] and "best student" in better(0.4, 0.9)["value"]
 
 
 def test_study_end_to_end_resumes_and_refuses_changed_settings(tmp_path, capsys):

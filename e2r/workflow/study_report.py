@@ -148,6 +148,15 @@ def goals(table: dict[tuple[int, str], dict[str, Any]], results: dict[str, Any])
                     "value": f"MSE {kd_half['overall_weighted_mse'][0]:.4f} vs {bc_full['overall_weighted_mse'][0]:.4f}"
                              f", success {kd_half['success'][0]:.2f} vs {bc_full['success'][0]:.2f}",
                     "target": "KD <= BC MSE, KD >= BC success", "met": bool(off and loop)})
+    students = {k: e for k, e in table.items() if k[1] not in ("teacher", "expert", "repeat")}
+    if teacher and students and not math.isnan(teacher["progress"][0]):
+        best = max(students, key=lambda k: (students[k]["success"][0], students[k]["progress"][0]))
+        bs_, bp = students[best]["success"][0], students[best]["progress"][0]
+        ts, tp = teacher["success"][0], teacher["progress"][0]
+        out.append({"goal": "the LiDAR teacher drives better than every camera student (closed loop)",
+                    "value": f"teacher success {ts:.2f} progress {tp:.3f}; best student {best[1]} at {best[0]} "
+                             f"track(s): success {bs_:.2f} progress {bp:.3f}",
+                    "target": "teacher > best student", "met": bool((ts, tp) > (bs_, bp))})
     fractions = []
     for u in results["units"]:
         if u["variant"] != "kd":
