@@ -18,7 +18,7 @@ import numpy as np
 
 from e2r.keys import InvalidKeyError, validate_key
 from stores.errors import StoreCorruptError
-from stores.index_file import BLOCK, MappedIndex, map_index, sort_keys
+from stores.index_file import BLOCK, MappedIndex, index_from_bytes, map_index, sort_keys
 
 
 class SplitIndex:
@@ -33,6 +33,8 @@ class SplitIndex:
                  path: Path | None = None, store: str = "", keys_crc32c: int | None = None) -> None:
         self.split, self.start, self.count = split, int(start), int(count)
         self.path, self.store, self.keys_crc32c = path, store, keys_crc32c
+        self.where = str(path)                                # names the index in errors (a file or an object)
+        self.fetched = False                                  # True: the bytes of a stored index (object store)
         self.duplicates: list[tuple[str, int, int]] = []      # (key, first row, other row); built indexes only
         self._m = mapped
         self._verified: np.ndarray | None = None
@@ -44,6 +46,16 @@ class SplitIndex:
         left over from other keys."""
         idx = cls(split, start, count, path=path, store=store, keys_crc32c=keys_crc32c)
         idx._mapped()
+        return idx
+
+    @classmethod
+    def from_bytes(cls, buf: bytes, store: str, where: str, split: str, start: int, count: int,
+                   keys_crc32c: int | None) -> "SplitIndex":
+        """The stored index file of a split as bytes (fetched from an object store; ``where`` names it):
+        checked like `open` (header, block table), each block's crc32c on first use."""
+        m = index_from_bytes(buf, store, Path(where), split, start, count, keys_crc32c)
+        idx = cls(split, start, count, m, store=store, keys_crc32c=keys_crc32c)
+        idx.where, idx.fetched, idx._verified = where, True, np.zeros(len(m.crcs), bool)
         return idx
 
     @classmethod
@@ -65,7 +77,8 @@ class SplitIndex:
 
     @property
     def on_disk(self) -> bool:
-        return self.path is not None
+        """True for a stored index (a mapped file, or the fetched bytes of an object), False when built."""
+        return self.path is not None or self.fetched
 
     @property
     def width(self) -> int:
@@ -106,9 +119,9 @@ class SplitIndex:
             seen[j] = True
 
     def _corrupt(self, what: str) -> StoreCorruptError:
-        return StoreCorruptError(f"memorybank {self.store}: key index of split {self.split!r} ({self.path}): {what}. "
+        return StoreCorruptError(f"memorybank {self.store}: key index of split {self.split!r} ({self.where}): {what}. "
                                  f"Rebuild it from the checksummed keys: `python -m stores reindex {self.store}`",
-                                 path=self.store, array="keys/index", chunk=str(self.path))
+                                 path=self.store, array="keys/index", chunk=self.where)
 
     def check_all(self) -> None:
         """Check every block (``verify``)."""

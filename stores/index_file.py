@@ -126,7 +126,7 @@ def write_index(path: Path, split: str, start: int, keys_crc32c: int, keys: Sequ
 
 
 def _corrupt(store: str, path: Path, what: str) -> StoreCorruptError:
-    rel = os.path.relpath(path, store) if store else str(path)
+    rel = os.path.relpath(path, store) if store and os.path.isabs(path) else str(path)
     return StoreCorruptError(f"memorybank {store}: key index {rel}: {what}. Nothing is looked up through it; rebuild "
                              f"it from the checksummed keys: `python -m stores reindex {store}`", path=store,
                              array="keys/index", chunk=rel)
@@ -142,7 +142,31 @@ def map_index(path: Path, store: str, split: str, start: int, count: int,
         return None
     fd, size = opened
     try:
-        head = os.pread(fd, HEADER_BYTES, 0)
+        width, block, lay, raw = _check_index(lambda n, off: os.pread(fd, n, off), size, store, path,
+                                              (split, start, count, keys_crc32c))
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    return _entries(mm, width, block, count, lay, raw)
+
+
+def index_from_bytes(buf: bytes, store: str, path: Path, split: str, start: int, count: int,
+                     keys_crc32c: int | None) -> MappedIndex:
+    """`map_index` over the bytes of an index file (fetched from an object store; ``path`` names it in
+    errors): the same checks, the entries are views of ``buf``."""
+    width, block, lay, raw = _check_index(lambda n, off: bytes(buf[off:off + n]), len(buf), store, path,
+                                          (split, start, count, keys_crc32c))
+    return _entries(buf, width, block, count, lay, raw)
+
+
+def _check_index(read: Any, size: int, store: str, path: Path, entry: tuple[str, int, int, int | None]
+                 ) -> tuple[int, int, dict[str, int], bytes]:
+    """``(width, block, layout, crc table bytes)`` of an index file of ``size`` bytes read by ``read(n,
+    offset)``, after checking its header against the split ``entry`` (split, start, count, keys_crc32c) and
+    its block table; StoreCorruptError naming ``path`` otherwise."""
+    split, start, count, keys_crc32c = entry
+    try:
+        head = read(HEADER_BYTES, 0)
         if len(head) < HEADER_BYTES or head[:8] != MAGIC:
             raise _corrupt(store, path, f"not a key index file ({size} bytes, no header)")
         if google_crc32c.value(head[:-4]) != int.from_bytes(head[-4:], "little"):
@@ -159,16 +183,17 @@ def map_index(path: Path, store: str, split: str, start: int, count: int,
         lay = _layout(count, width, block)
         if any(meta[k] != v for k, v in lay.items()) or size != lay["file_bytes"]:
             raise _corrupt(store, path, f"{size} bytes, expected {lay['file_bytes']} (truncated or damaged)")
-        raw = os.pread(fd, 8 * -(-count // block), lay["crc_offset"])
+        raw = read(8 * -(-count // block), lay["crc_offset"])
         if google_crc32c.value(raw) != meta["crc_table_crc32c"]:
             raise _corrupt(store, path, "block checksum table crc32c mismatch - file corrupted")
-        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     except (ValueError, KeyError, TypeError) as e:
         raise _corrupt(store, path, f"unreadable header ({type(e).__name__}: {e})") from None
-    finally:
-        os.close(fd)
-    keys = np.frombuffer(mm, f"S{width}", count=count, offset=lay["keys_offset"])
-    pos = np.frombuffer(mm, "<u4", count=count, offset=lay["pos_offset"])
+    return width, block, lay, raw
+
+
+def _entries(buf: Any, width: int, block: int, count: int, lay: dict[str, int], raw: bytes) -> MappedIndex:
+    keys = np.frombuffer(buf, f"S{width}", count=count, offset=lay["keys_offset"])
+    pos = np.frombuffer(buf, "<u4", count=count, offset=lay["pos_offset"])
     return MappedIndex(keys, pos, np.frombuffer(raw, "<u4").reshape(-1, 2), block)
 
 

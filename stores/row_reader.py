@@ -39,7 +39,7 @@ _EMPTY_INT = 2**64 - 1
 KeysOf = Callable[[Sequence[int]], list[str]]
 
 
-def _decoder(codecs: list[dict[str, Any]], dtype: np.dtype) -> tuple[Any, bool]:
+def chunk_decoder(codecs: list[dict[str, Any]], dtype: np.dtype) -> tuple[Any, bool]:
     """``(decompress(src, dest) or None, crc)`` for a Zarr v3 codec chain ``[bytes, <compressor>?,
     crc32c?]`` (little-endian bytes only): numcodecs' C functions, no per-call wrapper."""
     if not codecs or codecs[0].get("name") != "bytes":
@@ -114,7 +114,7 @@ class RowChunkReader:
             raise UnsupportedLayout(f"chunk {inner} in shard {grid} is not one whole row of {self.shape}")
         if self.rows_per_file <= 0:
             raise UnsupportedLayout(f"shard of {self.rows_per_file} rows")
-        self._decompress, self.crc = _decoder(codecs, self.dtype)
+        self._decompress, self.crc = chunk_decoder(codecs, self.dtype)
         fill = meta.get("fill_value", 0)
         self.fill = 0 if fill is None else (np.nan if fill == "NaN" else fill)
         self.row_shape = self.shape[1:]
@@ -241,55 +241,70 @@ class RowChunkReader:
             return out
         flat = out.reshape(len(rows), self.row_items)
         S = self.rows_per_file
-        pos = np.argsort(rows, kind="stable") if (np.diff(rows) < 0).any() else np.arange(len(rows))
-        files = rows[pos] // S
-        cuts = np.flatnonzero(np.diff(files)) + 1
-        for group in np.split(pos, cuts):
-            i = int(rows[group[0]] // S)
+        for i, group in self.by_file(rows):
             mm, index, _ = self._open(i)
             if mm is None:
                 if self.strict:
-                    raise self._corrupt("shard file is missing, but rows it holds are marked complete "
-                                        "(deleted or lost; resume the export to recompute them)", i, rows[group])
+                    raise self.missing_file(i, rows[group])
                 flat[group] = self.fill
                 continue
             spans = [[0, len(mm)]] * len(group) if index is None else index[rows[group] % S].tolist()
             self._decode_group(i, group.tolist(), spans, rows, flat)
         return out
 
+    def by_file(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """``[(file i, positions in rows of the rows it holds)]`` in file order (rows: int64 (n,), any order)."""
+        S = self.rows_per_file
+        pos = np.argsort(rows, kind="stable") if (np.diff(rows) < 0).any() else np.arange(len(rows))
+        files = rows[pos] // S
+        cuts = np.flatnonzero(np.diff(files)) + 1
+        return [(int(rows[g[0]] // S), g) for g in np.split(pos, cuts)]
+
+    def missing_file(self, i: int, rows: Sequence[int]) -> StoreCorruptError:
+        return self._corrupt("shard file is missing, but rows it holds are marked complete (deleted or lost; "
+                             "resume the export to recompute them)", i, rows)
+
+    def missing_chunk(self, i: int, row: int) -> StoreCorruptError:
+        return self._corrupt("inner chunk is missing from the shard, but its row is marked complete (lost by a "
+                             "writer that broke the alignment rule?)", i, [row], row % self.rows_per_file)
+
+    def bad_checksum(self, i: int, row: int) -> StoreCorruptError:
+        return self._corrupt(f"row {row} does not decode: crc32c checksum mismatch (chunk data corrupted)", i, [row],
+                             row % self.rows_per_file)
+
     def _decode_group(self, i: int, positions: list[int], spans: list[list[int]], rows: np.ndarray,
                       flat: np.ndarray) -> None:
         """Check and decode the chunks ``spans`` [(offset, nbytes)] of mapped file ``i`` into
         ``flat[positions]`` (``rows[positions]`` name them in errors). Per row: the crc32c of the chunk's bytes
-        against the 4 stored after them, BEFORE anything is decoded; then one decode, copied into place. (Without
-        ``dest`` numcodecs allocates the output in C; with one it runs Python checks on it that cost more than
-        the copy; the decoded length must be one row.)"""
+        against the 4 stored after them, BEFORE anything is decoded; then `decode_into`."""
         mm, _, u8 = self._files[i]
-        decompress, nbytes, view = self._decompress, self.row_nbytes, self._views[i]
-        value, tail, S = google_crc32c.value, 4 if self.crc else 0, self.rows_per_file
+        view, value, tail = self._views[i], google_crc32c.value, 4 if self.crc else 0
         dest = memoryview(flat.reshape(-1).view(np.uint8))
         for j, (off, nb) in zip(positions, spans):
             if off == _EMPTY_INT:
                 if self.strict:
-                    raise self._corrupt("inner chunk is missing from the shard, but its row is marked complete "
-                                        "(lost by a writer that broke the alignment rule?)", i, [int(rows[j])],
-                                        int(rows[j]) % S)
+                    raise self.missing_chunk(i, int(rows[j]))
                 flat[j] = self.fill
                 continue
             end = off + nb - tail
-            src = view[off:end]
             if tail and value(u8[off:end]) != int.from_bytes(mm[end:end + 4], "little"):   # value() needs a
                 # read-only buffer without a release hook: the numpy view of the map, not the memoryview
-                raise self._corrupt(f"row {int(rows[j])} does not decode: crc32c checksum mismatch (chunk data "
-                                    "corrupted)", i, [int(rows[j])], int(rows[j]) % S)
-            try:
-                got = src if decompress is None else decompress(src)
-                if len(got) != nbytes:
-                    raise ValueError(f"{len(got)} bytes, expected {nbytes}")
-                dest[j * nbytes:(j + 1) * nbytes] = got
-            except Exception as e:  # noqa: BLE001 - any decoder error means a corrupt chunk
-                raise self._corrupt(f"row {int(rows[j])} does not decode ({type(e).__name__}: {e})", i,
-                                    [int(rows[j])], int(rows[j]) % S) from None
+                raise self.bad_checksum(i, int(rows[j]))
+            self.decode_into(i, view[off:end], dest, j, int(rows[j]))
+
+    def decode_into(self, i: int, src: Any, dest: memoryview, j: int, row: int) -> None:
+        """Decode the checked chunk bytes ``src`` (without their checksum) of ``row`` (file ``i``) into slot
+        ``j`` of ``dest`` (the output's bytes). Without ``dest=`` numcodecs allocates the output in C; with one
+        it runs Python checks on it that cost more than the copy. The decoded length must be one row."""
+        nbytes = self.row_nbytes
+        try:
+            got = src if self._decompress is None else self._decompress(src)
+            if len(got) != nbytes:
+                raise ValueError(f"{len(got)} bytes, expected {nbytes}")
+            dest[j * nbytes:(j + 1) * nbytes] = got
+        except Exception as e:  # noqa: BLE001 - any decoder error means a corrupt chunk
+            raise self._corrupt(f"row {row} does not decode ({type(e).__name__}: {e})", i, [row],
+                                row % self.rows_per_file) from None
 
     # ------------------------------------------------------------------ integrity (writers, verify)
     def present(self, a: int, b: int) -> np.ndarray:
@@ -342,47 +357,3 @@ class RowChunkReader:
         except FileNotFoundError:
             return []
 
-
-class FlatChunkReader:
-    """Reads whole chunks of a 1-D unsharded Zarr v3 array of numbers (the ``complete`` flags) without
-    zarr-python: regular-file check, crc32c checked before the one decode. ``chunk(c)`` -> (C,) array, or None
-    when the chunk file is absent; StoreCorruptError when it is not a regular file; ValueError naming the
-    problem when its checksum fails or it does not decode."""
-
-    def __init__(self, array_dir: str | os.PathLike, meta: dict[str, Any], *, store: str = "", name: str = "") -> None:
-        self.dir, self.store, self.name = Path(array_dir), str(store), name or Path(array_dir).name
-        try:
-            self.dtype = np.dtype(meta["data_type"])
-            self.rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
-            enc = meta.get("chunk_key_encoding", {})
-            if len(meta["shape"]) != 1 or enc.get("name") != "default" or self.dtype.kind not in "biuf":
-                raise UnsupportedLayout(f"{self.dir}: not a 1-D numeric array with default chunk keys")
-            self._decompress, self.crc = _decoder(meta["codecs"], self.dtype)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise UnsupportedLayout(f"{self.dir}: unexpected array metadata ({type(e).__name__}: {e})") from None
-        self._prefix = f"{self.dir}{os.sep}c{os.sep}"
-        self._same: dict[bytes, np.ndarray] = {}       # chunk bytes (checked) -> decoded: identical bytes decode alike
-
-    def chunk(self, c: int) -> np.ndarray | None:
-        """Chunk ``c`` (read-only array), None when its file is absent."""
-        raw = read_regular(f"{self._prefix}{c}", self.store, self.name)
-        if raw is None:
-            return None
-        tail = 4 if self.crc else 0
-        if len(raw) < tail or (tail and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little")):
-            raise ValueError("crc32c checksum mismatch (chunk corrupted)")
-        out = self._same.get(raw)             # a finished split's flag chunks are all the same few bytes
-        if out is not None:
-            return out
-        out = np.empty(self.rows, self.dtype)
-        body = memoryview(raw)[:len(raw) - tail]
-        if self._decompress is None:
-            if len(body) != out.nbytes:
-                raise ValueError(f"{len(body)} bytes, expected {out.nbytes}")
-            out[:] = np.frombuffer(body, self.dtype)
-        else:
-            self._decompress(body, out)
-        out.flags.writeable = False
-        if len(raw) <= 256 and len(self._same) < 64:
-            self._same[raw] = out
-        return out

@@ -201,7 +201,7 @@ def check_key_index(bank: MemoryBank, keys: np.ndarray) -> list[str]:
         except StoreCorruptError as e:
             out.append(str(e))
             continue
-        out += [f"key index of split {name!r} ({idx.path}) disagrees with the keys array: {p}; rebuild it: "
+        out += [f"key index of split {name!r} ({idx.where}) disagrees with the keys array: {p}; rebuild it: "
                 f"`python -m stores reindex {bank.path}`" for p in compare_with_keys(idx._mapped(), split_keys)]
     for name, p in sorted(index_files(bank.path).items()):
         if name not in bank.splits:

@@ -3,7 +3,7 @@ checked reads of ``keys`` / ``complete`` through zarr-python, fsync of the files
 have data, which data files complete rows lack, and the remains of an interrupted creation.
 
 ``keys`` and ``complete`` chunks are read only after ``os.stat`` says they are regular files (``complete``
-chunks directly, `stores.row_reader.FlatChunkReader`: opening a store of 1e7 rows reads 2 500 of them); a
+chunks directly, `stores.flat_chunks.FlatChunkReader`: opening a store of 1e7 rows reads 2 500 of them); a
 chunk that fails its crc32c checksum raises `StoreCorruptError` on a read-only handle. A writable handle (or ``verify``)
 records it in ``damage`` and reads it as lost (keys "", flags 255 = redo its rows); a writer then deletes the
 damaged chunk before it writes into it, so a resumed export repairs a damaged completion chunk.
@@ -19,7 +19,8 @@ import numpy as np
 
 from stores.errors import StoreCorruptError
 from stores.fsio import fsync_files, read_json, regular_size, remove_path, temp_sibling
-from stores.row_reader import FlatChunkReader
+from stores.flat_chunks import FlatChunkReader
+from stores.layout import COMPLETE_UNSET
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS
 
 ARRAY_NAMES = ("keys", "complete", LIGHT_ARRAY, BEV_FEAT)
@@ -91,22 +92,22 @@ class ZarrIntegrity:
         chunk; ``keys``: through zarr-python). A chunk that fails its checksum or decode raises
         StoreCorruptError naming it (read-only handle), or is read as its fill value and recorded in
         ``_read_damage`` / ``_bad_chunks`` (writable handle, verify)."""
-        arr = self._arr(name)
-        C = int(arr.chunks[0])
+        C = self._chunk_rows(name)
         flat = self._flat_reader(name)
         if flat is None:
+            arr = self._arr(name)
             for c in range(a // C, -(-b // C)):
                 regular_size(self._chunk_path(name, c), self.path, name)
             try:
                 return np.asarray(arr[a:b])
             except Exception:  # noqa: BLE001 - narrowed down to each chunk below
                 pass
-        out = np.full(b - a, arr.fill_value, dtype=arr.dtype if name != "keys" else object)
+        out = np.full(b - a, "", dtype=object) if name == "keys" else np.full(b - a, COMPLETE_UNSET, np.uint8)
         for c in range(a // C, -(-b // C)):
             lo, hi = max(a, c * C), min(b, (c + 1) * C)
             try:
                 if flat is None:
-                    out[lo - a:hi - a] = np.asarray(arr[lo:hi])
+                    out[lo - a:hi - a] = np.asarray(self._arr(name)[lo:hi])
                 elif (got := flat.chunk(c)) is not None:
                     out[lo - a:hi - a] = got[lo - c * C:hi - c * C]
             except StoreCorruptError:
@@ -138,12 +139,21 @@ class ZarrIntegrity:
 
     def _keys_present(self, a: int, b: int) -> np.ndarray:
         """(b - a,) bool: rows whose ``keys`` chunk file exists (stat only; a special file raises)."""
-        C = int(self._arr("keys").chunks[0])
+        C = self._chunk_rows("keys")
         out = np.zeros(max(0, b - a), bool)
         for c in range(a // C, -(-b // C)):
-            if regular_size(self._chunk_path("keys", c), self.path, "keys") is not None:
+            if self._file_size(self._chunk_path("keys", c), "keys") is not None:
                 out[max(a, c * C) - a:min(b, (c + 1) * C) - a] = True
         return out
+
+    def _chunk_rows(self, name: str) -> int:
+        """Rows per chunk of the unsharded array ``name`` (keys, complete)."""
+        return int(self._arr(name).chunks[0])
+
+    def _file_size(self, path: str | os.PathLike, name: str) -> int | None:
+        """Size of the store file ``path`` of array ``name``, None when absent; StoreCorruptError when it is
+        not a regular file (`stores.fsio.regular_size`)."""
+        return regular_size(path, self.path, name)
 
     def _chunk_path(self, name: str, c: int) -> Path:
         return Path(self.path) / field_path(name) / "c" / str(c)
@@ -203,7 +213,7 @@ class ZarrIntegrity:
             F = r.rows_per_file
             held = np.pad(complete, (0, -len(complete) % F)).reshape(-1, F).any(axis=1)
             for i in np.flatnonzero(held).tolist():
-                if regular_size(r.file_str(i), self.path, name) is None:
+                if self._file_size(r.file_str(i), name) is None:
                     rows = i * F + np.flatnonzero(complete[i * F:(i + 1) * F])
                     keys = self._keys_of(rows[:4].tolist())
                     out.append(f"{r.chunk_name(i)} is missing but holds {len(rows)} complete row(s) "

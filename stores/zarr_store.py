@@ -33,7 +33,8 @@ from stores.errors import StoreCorruptError, UnsupportedLayout
 from stores.fsio import read_json
 from stores.index_file import index_dir, index_path
 from stores.layout import COMPLETE_UNSET, keys_chunk_rows
-from stores.row_reader import FlatChunkReader, RowChunkReader
+from stores.flat_chunks import FlatChunkReader
+from stores.row_reader import RowChunkReader
 from stores.shard_codec import ShardCodec, encode_threads, write_file
 from stores.zarr_checks import ARRAY_NAMES, ZarrIntegrity, field_path
 from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, LIGHT_FIELDS, StoreSchema
@@ -102,14 +103,19 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
             self._arrays[path] = a
         return a
 
+    def _json(self, rel: str) -> dict[str, Any] | None:
+        """The JSON object at ``rel`` inside the store (a zarr.json), None when absent; StoreCorruptError when
+        it is not a regular file or not a JSON object (`stores.fsio.read_json`)."""
+        return read_json(Path(self.path) / rel, self.path)
+
     def _meta(self, path: str) -> dict[str, Any] | None:
-        m = read_json(Path(self.path) / path / "zarr.json", self.path)
+        m = self._json(f"{path}/zarr.json")
         if m is not None:
             self._metas[path] = m
         return m
 
     def _open_existing(self) -> dict[str, Any]:
-        root = read_json(Path(self.path) / "zarr.json", self.path)
+        root = self._json("zarr.json")
         if root is None:
             raise FileNotFoundError(f"no Zarr memorybank at {self.path} (missing zarr.json)")
         if root.get("node_type") != "group":
@@ -133,7 +139,7 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
                                     + "; ".join(bad + problems) + f". Run `python -m stores verify {self.path}`; "
                                     "restore the store or re-export it", path=self.path)
         if attrs.get("store_bev_feat"):
-            read_json(Path(self.path) / BEV_FEAT / "zarr.json", self.path)
+            self._json(f"{BEV_FEAT}/zarr.json")
         return attrs
 
     def _create_new(self, schema: StoreSchema) -> None:
@@ -284,12 +290,15 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
         if path not in self._readers:
             meta = self._metas.get(path) or self._meta(path)
             try:
-                self._readers[path] = RowChunkReader(Path(self.path) / path, store=self.path, name=path,
-                                                     strict=not self._legacy, keys_of=self._keys_of, meta=meta,
-                                                     fields=LIGHT_FIELDS if path == LIGHT_ARRAY else ())
+                self._readers[path] = self._row_reader(path, meta)
             except UnsupportedLayout:
                 self._readers[path] = None
         return self._readers[path]
+
+    def _row_reader(self, path: str, meta: dict[str, Any] | None) -> RowChunkReader:
+        """The row reader of array ``path`` (UnsupportedLayout: read through zarr-python instead)."""
+        return RowChunkReader(Path(self.path) / path, store=self.path, name=path, strict=not self._legacy,
+                              keys_of=self._keys_of, meta=meta, fields=LIGHT_FIELDS if path == LIGHT_ARRAY else ())
 
     def _read_array_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
         r = self._reader(name)
