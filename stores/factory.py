@@ -4,15 +4,21 @@
     bank = create_memorybank("mb.zarr", schema, provenance)      # or open + check an existing one
     bank = open_memorybank("mb.zarr", mode="r")
 
-``*.h5`` / ``*.hdf5`` -> `HDF5MemoryBank`; anything else (a directory, ``*.zarr``) -> `ZarrMemoryBank`.
-Both implement the abstract `stores.abc.MemoryBank`, which is the type to annotate with.
+``*.h5`` / ``*.hdf5`` -> `HDF5MemoryBank`; anything else (a directory, ``*.zarr``) -> `ZarrMemoryBank`; a URL
+of object storage (``s3://bucket/mb.zarr``, any fsspec protocol but ``file``) -> `RemoteZarrMemoryBank`, with
+``storage_options`` (fsspec's arguments: endpoint, credentials; else the usual environment variables) and an
+optional local ``cache_dir`` (size-capped at ``cache_bytes``). All implement the abstract
+`stores.abc.MemoryBank`, which is the type to annotate with.
 """
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from stores.abc import MemoryBank
 from stores.hdf5_store import HDF5MemoryBank
+from stores.objstore import is_remote
+from stores.remote import RemoteZarrMemoryBank
 from stores.schema import Provenance, StoreSchema
 from stores.zarr_store import ZarrMemoryBank
 
@@ -22,31 +28,52 @@ HDF5_SUFFIXES = (".h5", ".hdf5")
 
 
 def backend_for(path: str | os.PathLike) -> type[MemoryBank]:
-    """ZarrMemoryBank for directories / ``*.zarr``, HDF5MemoryBank for ``*.h5`` / ``*.hdf5`` files."""
-    if str(path).rstrip("/").endswith(HDF5_SUFFIXES):
-        return HDF5MemoryBank
-    return ZarrMemoryBank
+    """ZarrMemoryBank for directories / ``*.zarr``, HDF5MemoryBank for ``*.h5`` / ``*.hdf5`` files,
+    RemoteZarrMemoryBank for URLs of object storage (ValueError for an HDF5 file there)."""
+    hdf5 = str(path).rstrip("/").endswith(HDF5_SUFFIXES)
+    if is_remote(path):
+        if hdf5:
+            raise ValueError(f"{path}: HDF5 stores are read from local files only; copy it to a local disk, or "
+                             "convert it to Zarr (`python -m stores convert A.h5 B.zarr`) and upload that")
+        return RemoteZarrMemoryBank
+    return HDF5MemoryBank if hdf5 else ZarrMemoryBank
 
 
-def open_memorybank(path: str | os.PathLike, mode: str = "r", *, fsync: bool = True) -> MemoryBank:
+def _remote_kw(path: str | os.PathLike, storage_options: dict[str, Any] | None, cache_dir: str | os.PathLike | None,
+               cache_bytes: int | None) -> dict[str, Any]:
+    """The object-store arguments for a URL; none for a local path (they do not apply to it)."""
+    if not is_remote(path):
+        return {}
+    return {"storage_options": storage_options, "cache_dir": cache_dir, "cache_bytes": cache_bytes}
+
+
+def open_memorybank(path: str | os.PathLike, mode: str = "r", *, fsync: bool = True,
+                    storage_options: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+                    cache_bytes: int | None = None) -> MemoryBank:
     """Open an existing store; ``mode="r"`` (read-only) or ``"r+"`` (write rows into reserved splits).
     FileNotFoundError when there is none; NotAMemoryBankError when the path holds something else;
     StoreVersionError for an older on-disk format; StoreCorruptError when its attributes contradict its
     arrays or (read-only) rows lost their keys, flags or data. ``fsync=False``: writes skip fsync (faster,
-    not power-loss safe; docs/STORE.md)."""
-    return backend_for(path).open(path, mode=mode, fsync=fsync)
+    not power-loss safe; docs/STORE.md). For a URL (``s3://...``): ``storage_options`` for fsspec,
+    ``cache_dir`` / ``cache_bytes`` for the local cache of fetched chunks (ignored for local paths)."""
+    return backend_for(path).open(path, mode=mode, fsync=fsync,
+                                  **_remote_kw(path, storage_options, cache_dir, cache_bytes))
 
 
 def create_memorybank(path: str | os.PathLike, schema: StoreSchema, provenance: Provenance, *,
-                      shard_rows: int | None = None, exist_ok: bool = True, fsync: bool = True) -> MemoryBank:
+                      shard_rows: int | None = None, exist_ok: bool = True, fsync: bool = True,
+                      storage_options: dict[str, Any] | None = None) -> MemoryBank:
     """Create a store, or open an existing one for writing after checking that its schema and teacher
     match (StoreMismatchError says what differs; FileExistsError when ``exist_ok=False``). ``shard_rows``
     (a power of two) is the alignment unit; default ``default_shard_rows(schema)``. Creation is atomic
-    (temporary name, then rename); ``fsync`` as in `open_memorybank`."""
+    (temporary name, then rename; on object storage: uploaded, root metadata last); ``fsync`` and
+    ``storage_options`` as in `open_memorybank`."""
     return backend_for(path).create(path, schema, provenance, shard_rows=shard_rows, exist_ok=exist_ok,
-                                    fsync=fsync)
+                                    fsync=fsync, **_remote_kw(path, storage_options, None, None))
 
 
-def memorybank_exists(path: str | os.PathLike) -> bool:
+def memorybank_exists(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:
     """True when a store of the path's back end exists there (what `create_memorybank` would reopen)."""
+    if is_remote(path):
+        return RemoteZarrMemoryBank.exists_at(str(path), storage_options)
     return backend_for(path).exists(str(path))

@@ -107,6 +107,15 @@ def read_json(path: str | os.PathLike, store: str = "") -> dict[str, Any] | None
         raw = os.read(fd, size + 1)
     finally:
         os.close(fd)
+    return json_object(raw, path, store)
+
+
+def json_object(raw: bytes, path: str | os.PathLike, store: str = "") -> dict[str, Any]:
+    """The JSON object in ``raw`` (the bytes of the metadata file ``path``); StoreCorruptError when it is
+    too big, not JSON, or not an object."""
+    if len(raw) > MAX_JSON_BYTES:
+        raise StoreCorruptError(f"{path} is {len(raw)} bytes: too large for a metadata file", path=store,
+                                chunk=str(path))
     try:
         d = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:

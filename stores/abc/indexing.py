@@ -102,7 +102,7 @@ class KeyIndexing:
         if self._disk_index:
             lost = ~self._keys_present(s, s + c)
             try:
-                return SplitIndex.open(self._index_path(name), self.path, name, s, c, crc), lost, []
+                return self._open_split_index(name, s, c, crc), lost, []
             except FileNotFoundError as e:
                 problems.append(f"{e}: rebuild it from the checksummed keys: `python -m stores reindex {self.path}`")
             except StoreCorruptError as e:
@@ -114,6 +114,11 @@ class KeyIndexing:
         if crc is not None and not lost.any() and keys_crc32c(keys) != crc:
             problems.append(f"the keys of split {name!r} do not match their checksum (keys_crc32c)")
         return SplitIndex.build(name, s, keys), lost, problems
+
+    def _open_split_index(self, name: str, s: int, c: int, crc: int | None) -> SplitIndex:
+        """The stored key index of split ``name`` (rows ``[s, s + c)``, ``keys_crc32c`` ``crc``): its file mapped.
+        FileNotFoundError when absent, StoreCorruptError when damaged or of other keys."""
+        return SplitIndex.open(self._index_path(name), self.path, name, s, c, crc)
 
     def _keys_of(self, rows: Iterable[int]) -> list[str]:
         """Keys of ``rows`` in that order (for error messages): read on demand; rows without a readable key are
