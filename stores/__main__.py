@@ -4,6 +4,12 @@ Commands: info, ls, show, verify, stats, rm-split, reindex, convert, and the ret
 ``index build|query|verify`` (``query STORE KEY`` for short; ``stores.retrieval``). Every command opens stores
 read-only except rm-split, reindex, convert's destination and index build. ``verify`` (which also checks the
 store's retrieval indexes) exits 1 when it finds a problem.
+
+A store on object storage is named by its URL (``s3://bucket/mb.zarr``, any fsspec protocol): endpoint and
+credentials come from ``--storage_options JSON`` (fsspec's arguments, e.g. ``'{"endpoint_url":
+"http://127.0.0.1:9000"}'``) or the usual environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``); ``--cache_dir`` keeps fetched chunks locally (``--cache_gb``).
+``convert``, ``reindex`` and the retrieval index work on local stores.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import numpy as np
 from stores.convert import convert
 from stores.errors import StoreError
 from stores.factory import open_memorybank
+from stores.objstore import parse_storage_options
 from stores.retrieval import list_indexes, verify_indexes
 from stores.retrieval import main as retrieval_main
 from stores.verify import field_stats, incomplete_count, verify_bank, verify_path  # noqa: F401 (verify_bank: API)
@@ -27,8 +34,14 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def open_kw(a: argparse.Namespace) -> dict:
+    """`open_memorybank`'s object-store arguments from the command line (ignored for local paths)."""
+    return {"storage_options": parse_storage_options(a.storage_options), "cache_dir": a.cache_dir,
+            "cache_bytes": int(a.cache_gb * 2**30) if a.cache_gb else None}
+
+
 def cmd_info(a: argparse.Namespace) -> int:
-    bank = open_memorybank(a.path, mode="r")
+    bank = open_memorybank(a.path, mode="r", **open_kw(a))
     at = bank.attrs
     print(f"memorybank {a.path}  backend={bank.backend}  schema_version={at['schema_version']}  "
           f"rows={bank.n_rows}  complete={len(bank)}  shard_rows(alignment)={bank.alignment}")
@@ -58,7 +71,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
-    bank = open_memorybank(a.path, mode="r")
+    bank = open_memorybank(a.path, mode="r", **open_kw(a))
     keys = bank.keys(a.split)
     for k in keys[: a.limit] if a.limit else keys:
         print(k)
@@ -66,7 +79,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
 
 
 def cmd_show(a: argparse.Namespace) -> int:
-    bank = open_memorybank(a.path, mode="r")
+    bank = open_memorybank(a.path, mode="r", **open_kw(a))
     if not bank.has(a.key):
         print(f"key {a.key!r} is not in {a.path}", file=sys.stderr)
         return 1
@@ -81,7 +94,7 @@ def cmd_show(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    problems, bank = verify_path(a.path)
+    problems, bank = verify_path(a.path, **open_kw(a))
     if bank is not None and os.path.isdir(a.path) and list_indexes(a.path):     # Zarr stores only
         problems += verify_indexes(a.path, bank.keys())     # also indexed keys whose rows were removed
     for p in problems:
@@ -95,7 +108,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
-    bank = open_memorybank(a.path, mode="r")
+    bank = open_memorybank(a.path, mode="r", **open_kw(a))
     fields = [a.field] if a.field else list(bank.schema.fields)
     result = {}
     for f in fields:
@@ -123,7 +136,7 @@ def cmd_stats(a: argparse.Namespace) -> int:
 
 
 def cmd_rm_split(a: argparse.Namespace) -> int:
-    bank = open_memorybank(a.path, mode="r+")
+    bank = open_memorybank(a.path, mode="r+", **open_kw(a))
     start, count = bank.splits.get(a.split, (None, None)) if a.split in bank.splits else (None, None)
     if start is None:
         print(f"split {a.split!r} is not in {a.path} (splits: {sorted(bank.splits)})", file=sys.stderr)
@@ -134,7 +147,7 @@ def cmd_rm_split(a: argparse.Namespace) -> int:
 
 
 def cmd_reindex(a: argparse.Namespace) -> int:
-    bank = open_memorybank(a.path, mode="r+")
+    bank = open_memorybank(a.path, mode="r+", **open_kw(a))
     if not bank.index_files:
         print(f"{a.path}: a {bank.backend} store builds its key index in memory at open; nothing to write")
         return 0
@@ -159,28 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stores", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("info", help="fields, shapes, dtypes, chunks, codecs, bytes, splits, provenance")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--storage_options", default=None, help="store URLs: fsspec options as a JSON object, e.g. "
+                        "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (default: AWS_* environment variables)")
+    remote.add_argument("--cache_dir", default=None, help="store URLs: local cache of fetched chunks (LRU)")
+    remote.add_argument("--cache_gb", type=float, default=None, help="size cap of --cache_dir in GiB (default 20)")
+    s = sub.add_parser("info", parents=[remote], help="fields, shapes, dtypes, chunks, codecs, bytes, splits, provenance")
     s.add_argument("path")
-    s = sub.add_parser("ls", help="list keys of complete rows")
+    s = sub.add_parser("ls", parents=[remote], help="list keys of complete rows")
     s.add_argument("path")
     s.add_argument("--split", default=None, help="only this split")
     s.add_argument("--limit", type=int, default=0, help="print at most N keys (0 = all)")
-    s = sub.add_parser("show", help="per-field shape and summary statistics of one key")
+    s = sub.add_parser("show", parents=[remote], help="per-field shape and summary statistics of one key")
     s.add_argument("path")
     s.add_argument("key", help="e.g. train/segment_0001:123")
     s.add_argument("--values", action="store_true", help="also print the arrays")
-    s = sub.add_parser("verify", help="read every chunk of every array: checksums, missing shards/chunks, attributes "
+    s = sub.add_parser("verify", parents=[remote], help="read every chunk of every array: checksums, missing shards/chunks, attributes "
                        "vs arrays, finite values, keys (exit 1 listing every problem)")
     s.add_argument("path")
-    s = sub.add_parser("stats", help="per-channel mean/std/min/max over complete rows (checked reads, block by block)")
+    s = sub.add_parser("stats", parents=[remote], help="per-channel mean/std/min/max over complete rows (checked reads, block by block)")
     s.add_argument("path")
     s.add_argument("--field", default=None, help="actions | bev_vec | gru_out | bev_feat (default: all stored)")
     s.add_argument("--max-channels", type=int, default=8, help="channels to print per field")
     s.add_argument("--json", default=None, help="write all channels' stats to this JSON file")
-    s = sub.add_parser("rm-split", help="delete a split's rows and entry")
+    s = sub.add_parser("rm-split", parents=[remote], help="delete a split's rows and entry")
     s.add_argument("path")
     s.add_argument("split")
-    s = sub.add_parser("reindex", help="write every split's key index from its checked keys (upgrades a "
+    s = sub.add_parser("reindex", parents=[remote], help="write every split's key index from its checked keys (upgrades a "
                        "schema_version 3 store in place; repairs a lost or damaged index); no writer may run")
     s.add_argument("path")
     s = sub.add_parser("convert", help="zarr <-> hdf5 (by suffix .h5/.hdf5), or a directory of <key>.npz -> store")

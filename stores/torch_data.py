@@ -77,11 +77,16 @@ class TeacherRowReader:
     tensor (B,)}`` with ONE ``get_batch_into`` into one buffer; rows of absent keys are zeros with
     ``found=False``. ``fields``: the fields to read (default: all stored). The store is opened read-only on
     first use in a process; pickling drops the handle (a spawned DataLoader worker opens its own; a forked
-    one keeps the parent's, which is fork safe: no threads, shard files are mapped lazily).
+    one keeps the parent's, which is fork safe: no threads, shard files are mapped lazily; on object
+    storage the fsspec filesystem is created again in the worker). ``storage_options`` / ``cache_dir`` /
+    ``cache_bytes``: for a store URL (``s3://...``), as `stores.open_memorybank`.
     """
 
-    def __init__(self, path: str, fields: Sequence[str] | None = None) -> None:
+    def __init__(self, path: str, fields: Sequence[str] | None = None, *,
+                 storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
+                 cache_bytes: int | None = None) -> None:
         self.path = str(path)
+        self.open_kw = {"storage_options": storage_options, "cache_dir": cache_dir, "cache_bytes": cache_bytes}
         self._fields = tuple(fields) if fields is not None else None
         self._bank: MemoryBank | None = None
         self._schema: StoreSchema | None = None
@@ -90,7 +95,7 @@ class TeacherRowReader:
     def bank(self) -> MemoryBank:
         """The read-only store handle of this process (opened on first use)."""
         if self._bank is None:
-            self._bank = open_memorybank(self.path, mode="r")
+            self._bank = open_memorybank(self.path, mode="r", **self.open_kw)
         return self._bank
 
     @property
@@ -130,13 +135,13 @@ class MemoryBankDataset(Dataset):
     ``keys``: the keys to serve (e.g. a camera dataset's ``.keys``; absent ones come back with
     ``found=False`` and zeros), or all complete keys of ``split`` (or of the whole store) when None.
     Returns ``{"keys": list[B], field: float32 tensor (B, T, ...), "found": bool tensor (B,)}`` (a
-    `TeacherRowReader` batch).
+    `TeacherRowReader` batch). ``open_kw``: `TeacherRowReader`'s object-store arguments.
     """
 
     def __init__(self, path: str, keys: Sequence[str] | None = None, split: str | None = None,
-                 fields: Sequence[str] | None = None) -> None:
+                 fields: Sequence[str] | None = None, **open_kw: Any) -> None:
         self.path = str(path)
-        self.reader = TeacherRowReader(self.path, fields)
+        self.reader = TeacherRowReader(self.path, fields, **open_kw)
         self.schema = self.reader.schema        # opens the store: index only; rows are read lazily per process
         self.fields = self.reader.fields
         self.keys = list(keys) if keys is not None else self.reader.bank.keys(split)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import zarr
@@ -26,6 +27,8 @@ from stores.errors import StoreCorruptError, StoreError, UnsupportedLayout
 from stores.factory import backend_for
 from stores.fsio import read_json, regular_size, special_files
 from stores.index_file import compare_with_keys, index_files
+from stores.objstore import is_remote
+from stores.remote import RemoteZarrMemoryBank
 from stores.layout import keys_crc32c, ranges_of
 from stores.row_reader import RowChunkReader
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS
@@ -34,32 +37,36 @@ from stores.zarr_store import ZarrMemoryBank, field_path
 _MAX_CHUNK_ROWS = 2**22       # keys / complete chunks larger than this are not ours: not read
 
 
-def open_lenient(path: str) -> MemoryBank:
-    """Open ``path`` read-only without refusing damaged rows (so they can be listed)."""
+def open_lenient(path: str, **remote: Any) -> MemoryBank:
+    """Open ``path`` read-only without refusing damaged rows (so they can be listed). ``remote``: the
+    object-store arguments of `stores.open_memorybank` (storage_options, cache_dir, cache_bytes) for a URL."""
     cls = backend_for(path)
-    bank = cls(str(path), "r", True)
+    bank = cls(str(path), "r", True, **(remote if is_remote(path) else {}))
     bank._lenient = True
     bank._attrs = bank._open_existing()
     bank.refresh()
     return bank
 
 
-def verify_path(path: str, block_rows: int = 1024) -> tuple[list[str], MemoryBank | None]:
+def verify_path(path: str, block_rows: int = 1024, **remote: Any) -> tuple[list[str], MemoryBank | None]:
     """Every problem found in the store at ``path`` (empty = sound), and the opened bank (None when it
-    could not be opened)."""
+    could not be opened). A store on object storage (``remote``: `open_lenient`'s arguments) has every
+    chunk of every shard object scanned, like a local one (no special files exist there)."""
     problems: list[str] = []
     zarr = backend_for(path) is ZarrMemoryBank
     if zarr and os.path.isdir(path):
         problems += [f"{p} is {kind}, not a regular file (never read)" for p, kind in special_files(path)]
     try:
-        bank: MemoryBank | None = open_lenient(path)
+        bank: MemoryBank | None = open_lenient(path, **remote)
     except (StoreError, OSError, ValueError) as e:
         problems.append(f"cannot open the store: {e}")
         bank = None
     if zarr and os.path.isdir(path):
         problems += [p for p in _scan_zarr_arrays(path, bank) if p not in problems]
+    elif isinstance(bank, RemoteZarrMemoryBank):
+        problems += [p for p in _scan_remote(bank) if p not in problems]
     if bank is not None:
-        problems += verify_bank(bank, block_rows, scan_data=not zarr)
+        problems += verify_bank(bank, block_rows, scan_data=not (zarr or isinstance(bank, RemoteZarrMemoryBank)))
     return problems, bank
 
 
@@ -79,21 +86,48 @@ def _scan_zarr_arrays(path: str, bank: MemoryBank | None) -> list[str]:
         except (StoreCorruptError, UnsupportedLayout) as e:
             out.append(f"array {field_path(name)!r}: {e}")
             continue
-        complete = _complete_rows(bank)
-        check = _finite_check(bank, name)
-        files = set(r.files_present()) | {int(x) for x in np.unique(complete // r.rows_per_file)}
-        for i in tqdm(sorted(files), desc=f"verify {name}", unit="shard", disable=len(files) < 64):
-            present, probs = r.scan(i, check)
-            out += [msg for _, msg in probs]
-            S = r.rows_per_file
-            held = complete[(complete >= i * S) & (complete < (i + 1) * S)]
-            lost = held[~present[held - i * S]] if len(held) and not any(row < 0 for row, _ in probs) else []
-            if len(lost):
-                what = "shard file is missing" if not present.any() else "inner chunks are missing"
-                keys = bank._keys_of(lost.tolist()) if bank is not None else []
-                out.append(f"array {field_path(name)!r}, {r.chunk_name(i)}: {what} for {len(lost)} row(s) marked "
-                           f"complete (rows {lost[:8].tolist()}{' ...' if len(lost) > 8 else ''}, keys "
-                           f"{keys[:8]}{' ...' if len(keys) > 8 else ''}); resume the export to recompute them")
+        out += _scan_shards(r, name, bank)
+    return out
+
+
+def _scan_shards(r: RowChunkReader, name: str, bank: MemoryBank | None) -> list[str]:
+    """Every chunk of every shard file (object) of array ``name`` present, checked and decoded; rows marked
+    complete whose shard or chunk is missing."""
+    out: list[str] = []
+    complete = _complete_rows(bank)
+    check = _finite_check(bank, name)
+    files = set(r.files_present()) | {int(x) for x in np.unique(complete // r.rows_per_file)}
+    for i in tqdm(sorted(files), desc=f"verify {name}", unit="shard", disable=len(files) < 64):
+        present, probs = r.scan(i, check)
+        out += [msg for _, msg in probs]
+        S = r.rows_per_file
+        held = complete[(complete >= i * S) & (complete < (i + 1) * S)]
+        lost = held[~present[held - i * S]] if len(held) and not any(row < 0 for row, _ in probs) else []
+        if len(lost):
+            what = "shard file is missing" if not present.any() else "inner chunks are missing"
+            keys = bank._keys_of(lost.tolist()) if bank is not None else []
+            out.append(f"array {field_path(name)!r}, {r.chunk_name(i)}: {what} for {len(lost)} row(s) marked "
+                       f"complete (rows {lost[:8].tolist()}{' ...' if len(lost) > 8 else ''}, keys "
+                       f"{keys[:8]}{' ...' if len(keys) > 8 else ''}); resume the export to recompute them")
+    return out
+
+
+def _scan_remote(bank: RemoteZarrMemoryBank) -> list[str]:
+    """`_scan_zarr_arrays` for a store on object storage: every ``keys`` / ``complete`` chunk object listed,
+    then every shard object of the data arrays (one GET each)."""
+    out: list[str] = []
+    for name in ("keys", "complete"):
+        C, prefix = bank._chunk_rows(name), f"{name}/c/"
+        for c in sorted(int(n[len(prefix):]) for n in bank._listing if n.startswith(prefix) and n[len(prefix):].isdigit()):
+            try:
+                bank._flat_reader(name).chunk(c)
+            except ValueError as e:
+                keys = bank._keys_of(range(c * C, (c + 1) * C)) if name != "keys" else []
+                out.append(f"array {name!r}, chunk {name}/c/{c} (rows [{c * C}, {(c + 1) * C})) does not decode: {e}"
+                           + (f" (keys {keys[:8]}{' ...' if len(keys) > 8 else ''})" if keys else ""))
+    for name in bank._arrays_on_disk():
+        r = bank._reader(name)
+        out += _scan_shards(r, name, bank) if r is not None else []
     return out
 
 
