@@ -14,7 +14,8 @@ from e2r.metrics import metrics_table
 from e2r.workflow.configs import config_from_namespace
 from stores import StoreError
 
-__all__ = ["training_main", "eval_main", "print_training_summary", "num_features", "add_training_data_args", "add_training_window_args",
+__all__ = ["training_main", "eval_main", "print_training_summary", "num_features", "add_store_access_args",
+           "add_training_data_args", "add_training_window_args",
            "add_training_run_args", "add_eval_input_args", "add_eval_window_args", "add_eval_output_args"]
 
 C = TypeVar("C")
@@ -27,6 +28,17 @@ def num_features(text: str) -> int | str:
     if text in ("4", "5", "8"):
         return int(text)
     raise argparse.ArgumentTypeError(f"--lidar_num_features must be 4, 5, 8 or auto, got {text!r}")
+
+
+def add_store_access_args(p: argparse.ArgumentParser) -> None:
+    """``--storage_options``, ``--store_cache_dir``, ``--store_cache_gb``: how a memorybank URL is reached."""
+    p.add_argument("--storage_options", default=None,
+                   help="a --memorybank on object storage (s3://bucket/mb.zarr): fsspec options as JSON, e.g. "
+                        "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (default: the AWS_* environment variables)")
+    p.add_argument("--store_cache_dir", default=None,
+                   help="a --memorybank URL: keep fetched chunks in this local directory (LRU, checked on every read) "
+                        "so later epochs read them locally")
+    p.add_argument("--store_cache_gb", type=float, default=20.0, help="size cap of --store_cache_dir (GiB, default 20)")
 
 
 def add_training_data_args(p: argparse.ArgumentParser, model_word: str) -> None:

@@ -21,7 +21,8 @@ import sys
 
 from e2r.workflow.configs import StudentEvalConfig, config_from_namespace
 from e2r.workflow.evaluate import evaluate_student, print_kd_gap
-from pipelines._common import add_eval_input_args, add_eval_output_args, add_eval_window_args, eval_main
+from pipelines._common import (add_eval_input_args, add_eval_output_args, add_eval_window_args, add_store_access_args,
+                              eval_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_damaged", action="store_true",
                    help="a damaged memorybank (rows failing their checksums, missing shards) stops the run by "
                         "default; with this flag the damaged rows are left without KD and counted")
+    add_store_access_args(p)
     add_eval_window_args(p)
     add_eval_output_args(p)
     return p

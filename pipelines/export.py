@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip fsync of written data before rows are flagged complete (faster; a power loss may then "
                         "lose recent rows, which verify reports and a re-run redoes)")
     p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--storage_options", default=None,
+                   help="--store on object storage (s3://bucket/mb.zarr): fsspec options as JSON, e.g. "
+                        "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (default: the AWS_* environment variables)")
     return p
 
 

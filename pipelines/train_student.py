@@ -25,7 +25,8 @@ import sys
 
 from e2r.workflow.configs import StudentTrainConfig, config_from_namespace
 from e2r.workflow.train import train_student
-from pipelines._common import add_training_data_args, add_training_run_args, add_training_window_args, training_main
+from pipelines._common import (add_store_access_args, add_training_data_args, add_training_run_args,
+                              add_training_window_args, training_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_damaged", action="store_true",
                    help="a damaged memorybank (rows failing their checksums, missing shards) stops the run by "
                         "default; with this flag the damaged rows are left without KD and counted")
+    add_store_access_args(p)
     p.add_argument("--kd_action_w", type=float, default=1.0, help="weight of action KD (default 1.0)")
     p.add_argument("--kd_bevvec_w", type=float, default=1.0, help="weight of bev_vec 1-cosine KD (default 1.0)")
     p.add_argument("--kd_temporal_w", type=float, default=1.0, help="weight of GRU-out MSE KD (default 1.0)")

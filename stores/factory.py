@@ -13,16 +13,19 @@ optional local ``cache_dir`` (size-capped at ``cache_bytes``). All implement the
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 from stores.abc import MemoryBank
 from stores.hdf5_store import HDF5MemoryBank
-from stores.objstore import is_remote
+from stores.objstore import ObjectFiles, is_remote
 from stores.remote import RemoteZarrMemoryBank
 from stores.schema import Provenance, StoreSchema
 from stores.zarr_store import ZarrMemoryBank
 
-__all__ = ["backend_for", "open_memorybank", "create_memorybank", "memorybank_exists"]
+__all__ = ["backend_for", "open_memorybank", "create_memorybank", "memorybank_exists", "remove_memorybank",
+           "stored_bytes"]
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
@@ -77,3 +80,23 @@ def memorybank_exists(path: str | os.PathLike, storage_options: dict[str, Any] |
     if is_remote(path):
         return RemoteZarrMemoryBank.exists_at(str(path), storage_options)
     return backend_for(path).exists(str(path))
+
+
+def remove_memorybank(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete the store at ``path`` (a directory tree, a file, or every object under a URL); absent is fine."""
+    if is_remote(path):
+        ObjectFiles(str(path).rstrip("/"), storage_options).delete_tree()
+    elif Path(path).is_dir() and not Path(path).is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        Path(path).unlink()
+
+
+def stored_bytes(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> int:
+    """Bytes the store at ``path`` occupies (its files, or its objects under a URL)."""
+    if is_remote(path):
+        return sum(e.size for e in ObjectFiles(str(path).rstrip("/"), storage_options).listing().values())
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())

@@ -207,3 +207,10 @@ class ObjectFiles:
         with self._guard(f"delete {len(rels)} object(s)", write=True):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm([self.path(r) for r in rels])
+
+    def delete_tree(self) -> None:
+        """Delete every object under the store's URL."""
+        self.counts["delete"] += 1
+        with self._guard("delete the store", write=True):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.path(""), recursive=True)

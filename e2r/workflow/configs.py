@@ -9,13 +9,14 @@ Training fields left ``None`` (``epochs``, ``lr``, ``batch_size``) take the pres
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence, TypeVar, Union
 
 from e2r.errors import ConfigError, check_positive, check_probability
 
-__all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig",
+__all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig", "StoreAccess",
            "TeacherEvalConfig", "StudentEvalConfig", "ExportConfig", "config_from_namespace", "command_line", "plain_dict",
            "check_output_file", "check_positive", "image_size",
            "NumFeatures"]
@@ -159,7 +160,35 @@ class TeacherTrainConfig(TrainConfig):
 
 
 @dataclass(kw_only=True)
-class StudentTrainConfig(TrainConfig):
+class StoreAccess:
+    """How a store URL (``s3://bucket/mb.zarr``) is reached: fsspec options (JSON) and a local cache of fetched
+    chunks (``store_cache_dir``, at most ``store_cache_gb`` GiB). Unused for a local store."""
+
+    storage_options: Optional[str] = None
+    store_cache_dir: Optional[str] = None
+    store_cache_gb: float = 20.0
+
+    def check(self) -> None:
+        check_storage_options(self.storage_options)
+        if not self.store_cache_gb > 0:
+            raise ConfigError(f"--store_cache_gb must be > 0, got {self.store_cache_gb}")
+
+
+def check_storage_options(text: Optional[str]) -> None:
+    """ConfigError unless ``--storage_options`` is empty or a JSON object."""
+    if not text:
+        return
+    try:
+        ok = isinstance(json.loads(text), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"--storage_options must be a JSON object, e.g. '{{\"endpoint_url\": "
+                          f"\"http://127.0.0.1:9000\"}}', got {text!r}")
+
+
+@dataclass(kw_only=True)
+class StudentTrainConfig(StoreAccess, TrainConfig):
     """``python -m pipelines.train_student``: BC, plus KD for the keys in ``memorybank``."""
 
     save_path: Optional[str] = "runs/student_best.pt"
@@ -179,7 +208,8 @@ class StudentTrainConfig(TrainConfig):
     kd_unpaired: bool = False
 
     def check(self) -> None:
-        super().check()
+        StoreAccess.check(self)
+        TrainConfig.check(self)
         if self.kd_retrieval and not self.memorybank:
             raise ConfigError("--kd_retrieval needs --memorybank (the store holding the retrieval index)")
         if self.kd_unpaired and not self.kd_retrieval:
@@ -224,7 +254,7 @@ class TeacherEvalConfig(EvalConfig):
 
 
 @dataclass(kw_only=True)
-class StudentEvalConfig(EvalConfig):
+class StudentEvalConfig(StoreAccess, EvalConfig):
     """``python -m pipelines.eval_student``: with ``memorybank``, also the KD gap to the teacher."""
 
     student_ckpt: str
@@ -233,6 +263,10 @@ class StudentEvalConfig(EvalConfig):
     kd_retrieval: Optional[str] = None
     kd_retrieval_k: int = 8
     kd_retrieval_tau: float = 0.05
+
+    def check(self) -> None:
+        StoreAccess.check(self)
+        EvalConfig.check(self)
 
 
 @dataclass(kw_only=True)
@@ -266,11 +300,13 @@ class ExportConfig:
     overwrite: bool = False
     no_fsync: bool = False
     no_progress: bool = False
+    storage_options: Optional[str] = None
 
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work (the teacher checkpoint is checked by
         the export itself, which prints how to train one)."""
         check_positive(self, ("seq_len", "stride", "batch_size", "window_batch", "write_rows", "bev_feat_pool"))
+        check_storage_options(self.storage_options)
         if self.window_batch & (self.window_batch - 1):
             raise ConfigError(f"--window_batch must be a power of two, got {self.window_batch}")
         if self.workers < 0 or self.threads < 0 or self.num_workers < 0:

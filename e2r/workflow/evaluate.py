@@ -28,7 +28,8 @@ from e2r.models.student import load_student
 from e2r.models.teacher import load_teacher
 from e2r.runtime import DistContext, resolve_device
 from e2r.workflow.configs import StudentEvalConfig, TeacherEvalConfig
-from e2r.workflow.kd_data import LIGHT_KD_FIELDS, KDCameraBatches, batch_to, check_store, make_kd_loader, read_store_schema
+from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, KDCameraBatches, batch_to, check_store, make_kd_loader,
+                                  read_store_schema, store_open_kw)
 from e2r.workflow.retrieval_kd import RetrievalCheck, Retriever
 from e2r.workflow.trainer import make_loader, run_epoch
 
@@ -131,13 +132,13 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
     if len(ds) == 0:
         raise ValueError(f"{cfg.data_root}/{cfg.split}: no windows of seq_len={cfg.seq_len}")
     if cfg.memorybank:
-        schema, teacher_cfg = read_store_schema(cfg.memorybank)
+        schema, teacher_cfg = read_store_schema(cfg.memorybank, **store_open_kw(cfg))
         check_store(cfg.memorybank, schema, cfg.seq_len, ds.frame_actions().shape[1], model_cfg, False, teacher_cfg)
     retriever = (Retriever(cfg.memorybank, cfg.kd_retrieval, cfg.kd_retrieval_k, cfg.kd_retrieval_tau, -1.0)
                  if cfg.kd_retrieval and cfg.memorybank else None)
     if retriever is not None:
         retriever.check(cfg.seq_len)
-    data = KDCameraBatches(ds, cfg.memorybank, LIGHT_KD_FIELDS, cfg.skip_damaged, retriever)
+    data = KDCameraBatches(ds, cfg.memorybank, LIGHT_KD_FIELDS, cfg.skip_damaged, retriever, **store_open_kw(cfg))
     check = RetrievalCheck(weights) if retriever is not None else None
     loader, _ = make_kd_loader(data, cfg.batch_size, False, 0, cfg.num_workers, DistContext())
     accs = {name: ActionErrorAccumulator(weights) for name in STUDENT_PREDICTORS}

@@ -59,6 +59,7 @@ class ExportOptions:
     amp: Optional[str] = None     # None | "bf16" | "fp16" (CUDA only)
     torch_threads: int = 0        # 0: leave torch's default
     lidar_num_features: Any = "auto"
+    storage_options: Optional[dict] = None    # a store URL's fsspec options (endpoint, credentials)
 
 
 @dataclass
@@ -284,7 +285,7 @@ def run_export_task(opts: ExportOptions, a: int, b: int) -> TaskStats:
     if opts.torch_threads > 0:
         torch.set_num_threads(opts.torch_threads)
     try:
-        with open_memorybank(opts.store, mode="r+") as bank:
+        with open_memorybank(opts.store, mode="r+", storage_options=opts.storage_options) as bank:
             seq_len = bank.schema.seq_len
             key = (opts.teacher_ckpt, opts.device, opts.data_root, opts.split, seq_len, opts.stride)
             ctx = _CONTEXTS.get(key)

@@ -12,7 +12,6 @@ reads what to store from the store (``e2r.workflow.export``).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ from e2r.runtime import resolve_device
 from e2r.workflow.configs import ExportConfig
 from e2r.workflow.export import ExportContext, ExportOptions, TaskStats, export_rows, load_context, run_export_task
 from stores import (MemoryBank, NotAMemoryBankError, Provenance, StoreCorruptError, StoreMismatchError, StoreSchema,
-                    StoreVersionError, create_memorybank, memorybank_exists)
+                    StoreVersionError, create_memorybank, remove_memorybank, stored_bytes)
+from stores.objstore import is_remote, parse_storage_options
 
 __all__ = ["store_schema", "lidar_extrinsics", "export_memorybank", "print_export_summary", "SplitResult", "ExportResult"]
 
@@ -69,7 +69,8 @@ def lidar_extrinsics(cfg: ExportConfig) -> dict[str, list[list[float]]]:
 def _open_store(cfg: ExportConfig, schema: StoreSchema, prov: Provenance) -> MemoryBank:
     """Create the store, or reopen it to resume/append; ``overwrite`` replaces one made with another schema or
     teacher, an older format, a damaged one, or something that is not a memorybank."""
-    kw = {"shard_rows": cfg.shard_rows} if cfg.shard_rows else {}
+    kw: dict[str, Any] = {"shard_rows": cfg.shard_rows} if cfg.shard_rows else {}
+    kw["storage_options"] = parse_storage_options(cfg.storage_options)
     try:
         return create_memorybank(cfg.store, schema, prov, fsync=not cfg.no_fsync, **kw)
     except StoreMismatchError as e:
@@ -82,10 +83,7 @@ def _open_store(cfg: ExportConfig, schema: StoreSchema, prov: Provenance) -> Mem
             raise type(e)(f"{e}. Pass --overwrite to delete {cfg.store} and export again") from None
         why = type(e).__name__
     print(f"--overwrite: deleting {cfg.store} ({why})", file=sys.stderr)
-    if memorybank_exists(cfg.store) and Path(cfg.store).is_dir():
-        shutil.rmtree(cfg.store)
-    else:
-        Path(cfg.store).unlink()
+    remove_memorybank(cfg.store, kw.get("storage_options"))
     return create_memorybank(cfg.store, schema, prov, fsync=not cfg.no_fsync, **kw)
 
 
@@ -202,7 +200,8 @@ def export_memorybank(cfg: ExportConfig) -> ExportResult:
                                  stride=cfg.stride, batch_size=cfg.batch_size,
                                  window_batch=min(cfg.window_batch, bank.alignment), write_rows=cfg.write_rows,
                                  num_workers=cfg.num_workers, device=str(device), amp=cfg.amp, torch_threads=threads,
-                                 lidar_num_features=cfg.lidar_num_features)
+                                 lidar_num_features=cfg.lidar_num_features,
+                                 storage_options=parse_storage_options(cfg.storage_options))
             ctx = load_context(opts, bank.schema.seq_len, teacher)
             if not ctx.plan.keys:
                 raise ValueError(f"split {split!r} under {cfg.data_root} has no windows of {cfg.seq_len} frames")
@@ -219,18 +218,12 @@ def export_memorybank(cfg: ExportConfig) -> ExportResult:
             cluster.close()
 
 
-def _store_bytes(path: str) -> int:
-    p = Path(path)
-    if p.is_file():
-        return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
 def print_export_summary(cfg: ExportConfig, result: ExportResult) -> None:
     """The table the export pipeline prints at the end: per split rows, frames, throughput; store size."""
     bank = result.bank
     schema = bank.schema
-    print(f"\nmemorybank {Path(cfg.store).resolve()}  ({type(bank).__name__}, {bank.schema.dtype}, "
+    where = cfg.store if is_remote(cfg.store) else Path(cfg.store).resolve()
+    print(f"\nmemorybank {where}  ({type(bank).__name__}, {bank.schema.dtype}, "
           f"seq_len {schema.seq_len}, shard rows {bank.alignment})")
     print(f"{'split':<12}{'action':<10}{'rows':>8}{'written':>9}{'skipped':>9}{'frames':>8}{'enc.':>7}"
           f"{'seconds':>9}{'win/s':>9}{'frames/s':>10}")
@@ -245,4 +238,4 @@ def print_export_summary(cfg: ExportConfig, result: ExportResult) -> None:
     if schema.store_bev_feat:
         print(f"bev_feat per sample: shape {schema.row_shape('bev_feat')} {schema.dtype} = "
               f"{schema.row_nbytes('bev_feat'):,} bytes raw; pool {schema.bev_feat_pool}")
-    print(f"bytes stored on disk: {_store_bytes(cfg.store):,}; total {result.seconds:.2f} s")
+    print(f"bytes stored: {stored_bytes(cfg.store, parse_storage_options(cfg.storage_options)):,}; total {result.seconds:.2f} s")

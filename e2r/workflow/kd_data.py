@@ -33,10 +33,13 @@ from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import camera_fov_mask
 from e2r.runtime import DistContext, die_with_parent
 from e2r.workflow.retrieval_kd import Retriever
+from e2r.workflow.configs import StoreAccess
 from stores import StoreCorruptError, StoreError, StoreMismatchError, StoreSchema, open_memorybank
+from stores.objstore import parse_storage_options
 from stores.torch_data import TeacherRowReader, make_loader
 
-__all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "teacher_config_of_checkpoint", "read_store_schema", "check_store", "KDCameraBatches",
+__all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "teacher_config_of_checkpoint", "read_store_schema", "store_open_kw",
+           "check_store", "KDCameraBatches",
            "make_kd_loader", "FovMasks", "hflip_batch", "batch_to", "student_losses"]
 
 #: memorybank fields read for KD (bev_feat only when dense KD is asked)
@@ -62,11 +65,18 @@ def teacher_config_of_checkpoint(path: str) -> TeacherConfig:
     return TeacherConfig.from_dict(dict(load_checkpoint(path, kind="teacher")["config"]))
 
 
-def read_store_schema(path: str) -> tuple[StoreSchema, TeacherConfig | None]:
-    """Open a memorybank read-only -> ``(schema, the teacher config it records or None)``. ValueError naming
-    the path when it cannot be opened."""
+def store_open_kw(cfg: StoreAccess) -> dict[str, Any]:
+    """`stores.open_memorybank`'s object-store arguments from a run config's ``--storage_options``,
+    ``--store_cache_dir``, ``--store_cache_gb`` (ignored by a local store)."""
+    return {"storage_options": parse_storage_options(cfg.storage_options), "cache_dir": cfg.store_cache_dir,
+            "cache_bytes": int(cfg.store_cache_gb * 2**30)}
+
+
+def read_store_schema(path: str, **open_kw: Any) -> tuple[StoreSchema, TeacherConfig | None]:
+    """Open a memorybank read-only (``open_kw``: `store_open_kw`) -> ``(schema, the teacher config it records
+    or None)``. ValueError naming the path when it cannot be opened."""
     try:
-        bank = open_memorybank(path, mode="r")
+        bank = open_memorybank(path, mode="r", **open_kw)
     except (OSError, ValueError, KeyError, StoreError) as e:
         raise ValueError(f"--memorybank {path}: cannot open it read-only ({type(e).__name__}: {e})") from None
     schema, prov = bank.schema, bank.provenance
@@ -125,13 +135,14 @@ class KDCameraBatches(Dataset):
     no KD (``has_kd`` False, like absent keys) and are counted in ``"damaged"`` (B,) bool: never zeros as
     targets. ``retriever``: windows without their own row get the targets of the most similar stored
     situations (``e2r.workflow.retrieval_kd``); ``unpaired``: ignore every window's own row (the unpaired-data
-    experiment: retrieval only, never from the window's own segment)."""
+    experiment: retrieval only, never from the window's own segment). ``open_kw``: how a store URL is reached
+    (`store_open_kw`)."""
 
     def __init__(self, camera: CameraSequenceDataset, memorybank: str | None = None,
                  fields: Sequence[str] = LIGHT_KD_FIELDS, skip_damaged: bool = False,
-                 retriever: Retriever | None = None, unpaired: bool = False) -> None:
+                 retriever: Retriever | None = None, unpaired: bool = False, **open_kw: Any) -> None:
         self.camera = camera
-        self.teacher = TeacherRowReader(str(memorybank), tuple(fields)) if memorybank else None
+        self.teacher = TeacherRowReader(str(memorybank), tuple(fields), **open_kw) if memorybank else None
         self.skip_damaged = bool(skip_damaged)
         self.retriever = retriever if memorybank else None
         self.unpaired = bool(unpaired)

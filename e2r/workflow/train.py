@@ -28,7 +28,8 @@ from e2r.runtime import (DistContext, all_reduce_sums, resolve_device, seed_ever
                          teardown_distributed)
 from e2r.workflow.configs import StudentTrainConfig, TeacherTrainConfig
 from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch,
-                                  make_kd_loader, read_store_schema, student_losses, teacher_config_of_checkpoint)
+                                  make_kd_loader, read_store_schema, store_open_kw, student_losses,
+                                  teacher_config_of_checkpoint)
 from e2r.workflow.retrieval_kd import Retriever
 from e2r.workflow.trainer import TrainTask, Trainer, make_loader, train_valid_datasets
 
@@ -209,7 +210,8 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
         resume = load_checkpoint(cfg.resume_path, kind="student") if cfg.resume_path else None
         if resume:
             check_fits(cfg.resume_path, resume, lambda c: CameraBEVStudent(StudentConfig.from_dict(c)))
-        schema, teacher_cfg = read_store_schema(cfg.memorybank) if cfg.memorybank else (None, None)
+        schema, teacher_cfg = (read_store_schema(cfg.memorybank, **store_open_kw(cfg)) if cfg.memorybank
+                               else (None, None))
         if teacher_cfg is None and cfg.teacher_ckpt:     # the store records none (or there is no store)
             teacher_cfg = teacher_config_of_checkpoint(cfg.teacher_ckpt)
         model_cfg = (StudentConfig.from_dict(dict(resume["config"])) if resume
@@ -231,8 +233,8 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
                                   cfg.kd_retrieval_min_sim, whole_segment=cfg.kd_unpaired)
             retriever.check(cfg.seq_len)
         train_loader, train_sampler = make_kd_loader(
-            KDCameraBatches(train_ds, bank, fields, cfg.skip_damaged, retriever, cfg.kd_unpaired), batch_size, True,
-            cfg.seed, cfg.num_workers, ctx)
+            KDCameraBatches(train_ds, bank, fields, cfg.skip_damaged, retriever, cfg.kd_unpaired, **store_open_kw(cfg)),
+            batch_size, True, cfg.seed, cfg.num_workers, ctx)
         valid_loader = (make_kd_loader(KDCameraBatches(valid_ds), batch_size, False, cfg.seed, cfg.num_workers,
                                        ctx)[0] if valid_ds is not None and len(valid_ds) else None)
         task = StudentTask(trainer.net, model, cfg, kd, device)
