@@ -344,9 +344,10 @@ def write_rate(path: str, schema: StoreSchema, blocks: list[dict[str, np.ndarray
     return len(keys) / t
 
 
-def get_batch_rate(path: str, keys: list[str], B: int, rounds: int = 5) -> float:
-    """In-process ``get_batch`` rows/s, batches of ``B`` random keys (median of ``rounds`` passes)."""
-    bank = open_memorybank(path)
+def get_batch_rate(path: str, keys: list[str], B: int, rounds: int = 5, open_kw: dict | None = None) -> float:
+    """In-process ``get_batch`` rows/s, batches of ``B`` random keys (median of ``rounds`` passes);
+    ``open_kw``: `open_memorybank`'s object-store arguments."""
+    bank = open_memorybank(path, **(open_kw or {}))
     rng = np.random.default_rng(0)
     batches = [[keys[i] for i in rng.integers(0, len(keys), B)] for _ in range(max(50, len(keys) // B))]
     bank.get_batch(batches[0])

@@ -17,7 +17,7 @@ from stores import StoreCorruptError, StoreError, create_memorybank, open_memory
 from stores.__main__ import main as stores_main
 from stores.cache import ShardCache
 from stores.torch_data import MemoryBankDataset, make_loader
-from tests.s3_server import moto_s3
+from stores.local_s3 import moto_s3
 from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
 
 S = 16                     # rows per shard of the test stores

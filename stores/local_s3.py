@@ -1,5 +1,10 @@
-"""A local S3-compatible server for tests: moto's server (``pip install 'moto[server]'``) in a subprocess on
-127.0.0.1 and a free port, with dummy credentials. Nothing leaves the machine."""
+"""A local S3-compatible server for the tests and benchmarks of the store on object storage: moto's server
+(``pip install 'e2r-kd[dev]'``, ``moto[server]``) in a subprocess on 127.0.0.1 and a free port, with dummy
+credentials in the AWS environment variables. Nothing leaves the machine.
+
+    with moto_s3("bkt") as endpoint:          # http://127.0.0.1:<port>; s3://bkt/... now reaches it
+        bank = open_memorybank("s3://bkt/mb.zarr")
+"""
 from __future__ import annotations
 
 import os
