@@ -157,6 +157,7 @@ class MemoryBankDataset(Dataset):
 def make_loader(dataset: Dataset, sampler: Sampler[list[int]], num_workers: int = 2,
                 **kwargs: Any) -> DataLoader:
     """A DataLoader that fetches one whole batch per worker call (``batch_size=None``). Any start method
-    works (the row reader has no threads or async state; each worker maps the shard files it reads), so
-    the default (fork on Linux) is used unless ``multiprocessing_context`` is given."""
+    works (the local row reader has no threads or async state; each worker maps the shard files it reads;
+    on object storage each worker creates its own fsspec filesystem), so the default (fork on Linux) is used
+    unless ``multiprocessing_context`` is given."""
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, **kwargs)
