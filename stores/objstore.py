@@ -135,6 +135,7 @@ class ObjectFiles:
         """``{relative name: Entry}`` of every object under the store (one recursive listing)."""
         self.counts["list"] += 1
         with self._guard("list the objects"):
+            self.fs.invalidate_cache()             # a listing is always read now, never from fsspec's cache
             found = self.fs.find(self.path(""), detail=True)
         root = self.path("") + "/"
         return {name[len(root):]: _entry(info) for name, info in found.items()
@@ -156,6 +157,7 @@ class ObjectFiles:
         self.counts["head"] += 1
         try:
             with self._guard(f"look up {rel}"):
+                self.fs.invalidate_cache(self.path(rel))
                 return _entry(self.fs.info(self.path(rel)))
         except FileNotFoundError:
             return None
