@@ -125,6 +125,9 @@ class ObjectFiles:
                       "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or --storage_options "
                       "'{\"key\": ..., \"secret\": ...}')" + ("; nothing was changed by this step" if write else "")
                       ) from None
+        except TypeError as e:                 # s3fs builds its session lazily: a bad option shows up here
+            raise StoreError(f"cannot {what} in {self.url}: the {self.protocol} filesystem does not take the storage "
+                             f"options {sorted(self.storage_options)} ({e}); fix --storage_options") from None
         except Exception as e:  # noqa: BLE001 - connection / service errors of any fsspec back end
             raise StoreError(f"cannot {what} in {self.url}: {type(e).__name__}: {e}. Check that the object store "
                              "is reachable (AWS_ENDPOINT_URL or --storage_options '{\"endpoint_url\": ...}') and "

@@ -17,7 +17,7 @@ from stores import StoreCorruptError, StoreError, create_memorybank, open_memory
 from stores.__main__ import main as stores_main
 from stores.cache import ShardCache
 from stores.torch_data import MemoryBankDataset, make_loader
-from stores.local_s3 import moto_s3
+from stores.local_s3 import free_port, moto_s3
 from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
 
 S = 16                     # rows per shard of the test stores
@@ -231,3 +231,8 @@ def test_cli_info_ls_verify_with_storage_options(s3, tmp_path, capsys, monkeypat
     assert "must be a JSON object" in capsys.readouterr().err
     assert stores_main(["info", "s3://bkt/none.zarr", *opts]) == 1
     assert "no Zarr memorybank" in capsys.readouterr().err
+    dead = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "config_kwargs": {"retries": {"max_attempts": 1}}}
+    assert stores_main(["info", url, "--storage_options", json.dumps(dead)]) == 1
+    assert "Check that the object store is reachable" in capsys.readouterr().err
+    assert stores_main(["info", url, "--storage_options", json.dumps({"endpoint_url": s3, "no_such": 1})]) == 1
+    assert "does not take the storage options ['endpoint_url', 'no_such']" in capsys.readouterr().err
