@@ -82,11 +82,12 @@ def _chunked(da: Any, bank: MemoryBank, fields: Sequence[str], rows: np.ndarray,
                          new_axis=list(range(1, 1 + len(row_shape))), dtype=dtype, meta=meta, name=name)
 
 
-def open_dataset(path: str | os.PathLike) -> Any:
+def open_dataset(path: str | os.PathLike, **open_kw: Any) -> Any:
     """The store at ``path`` as a lazy ``xarray.Dataset`` (see the module docstring). Raises what
-    `open_memorybank(path, mode="r")` raises, and ImportError naming the extra when xarray is missing."""
+    `open_memorybank(path, mode="r")` raises, and ImportError naming the extra when xarray is missing.
+    ``open_kw``: `open_memorybank`'s object-store arguments for a URL (storage_options, cache_dir, ...)."""
     xr, da = _imports()
-    bank = open_memorybank(path, mode="r")
+    bank = open_memorybank(path, mode="r", **open_kw)
     schema = bank.schema
     keys = np.array(bank.keys(), dtype=object)
     rows = bank.complete_rows()

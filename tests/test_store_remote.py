@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from e2r.data.sampler import EpochBatchSampler
-from stores import StoreCorruptError, StoreError, create_memorybank, open_memorybank
+from stores import StoreCorruptError, StoreError, create_memorybank, open_dataset, open_memorybank
 from stores.__main__ import main as stores_main
 from stores.cache import ShardCache
 from stores.torch_data import MemoryBankDataset, make_loader
@@ -78,6 +78,8 @@ def test_uploaded_store_reads_bit_for_bit_fetching_only_the_asked_chunks(s3, tmp
     assert bank.get_batch_into([keys[6], keys[7]], out).all()         # adjacent chunks: one merged request
     assert bank.files.counts["range"] - before["range"] == 1          # and the shard index is not fetched again
     np.testing.assert_array_equal(out["gru_out"], data["gru_out"][6:8])
+    view = open_dataset(url, cache_dir=str(tmp_path / "cache"))      # the xarray view, dask threads reading
+    assert list(view["key"].values) == keys and view["gru_out"].values.tobytes() == data["gru_out"].tobytes()
 
 
 def test_remote_writer_puts_whole_shards_byte_identical_to_a_local_store(s3, tmp_path):
