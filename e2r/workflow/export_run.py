@@ -154,6 +154,12 @@ def _start_dask(cfg: ExportConfig) -> tuple[Optional[Client], Optional[LocalClus
     return Client(cluster), cluster
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute (URLs as they are): tasks may run in dask workers with another working
+    directory, on machines that mount the shared filesystem at the same path."""
+    return str(path) if is_remote(path) else str(Path(path).resolve())
+
+
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -196,7 +202,8 @@ def export_memorybank(cfg: ExportConfig) -> ExportResult:
         results = []
         t_all = time.perf_counter()
         for split in dict.fromkeys(cfg.split):
-            opts = ExportOptions(data_root=cfg.data_root, split=split, teacher_ckpt=cfg.teacher_ckpt, store=cfg.store,
+            opts = ExportOptions(data_root=_absolute(cfg.data_root), split=split,
+                                 teacher_ckpt=_absolute(cfg.teacher_ckpt), store=_absolute(cfg.store),
                                  stride=cfg.stride, batch_size=cfg.batch_size,
                                  window_batch=min(cfg.window_batch, bank.alignment), write_rows=cfg.write_rows,
                                  num_workers=cfg.num_workers, device=str(device), amp=cfg.amp, torch_threads=threads,
