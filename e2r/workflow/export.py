@@ -11,10 +11,12 @@ concurrent tasks never share a shard). For the task's incomplete rows it
 3. writes finished rows in blocks through ``MemoryBank.write_rows`` (data first, then completion flags),
    dropping frames no later window needs.
 
-``run_export_task`` is the picklable entry point a dask worker runs; it loads the teacher and the plan once
-per process. What is stored (seq_len, dtype, bev_feat and its pooling) is read from the store's schema, the
-one source of truth; :class:`ExportOptions` holds only how to compute it. The whole export of a
-``ExportConfig`` (store creation, splits, dask, summary) is :mod:`e2r.workflow.export_run`.
+``run_export_task`` is the picklable entry point a dask worker runs; it keeps the loaded teacher and plan
+between tasks, reloading them when the store's teacher or the client's plan differ (a checkpoint or
+dataset rewritten at the same path between exports on long-lived workers). What is stored (seq_len, dtype,
+bev_feat and its pooling) is read from the store's schema, the one source of truth; :class:`ExportOptions`
+holds only how to compute it. The whole export of a ``ExportConfig`` (store creation, splits, dask,
+summary) is :mod:`e2r.workflow.export_run`.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from e2r.checkpoints import file_sha256
 from e2r.data.datasets import LidarFrameDataset, LidarSequenceDataset
 from e2r.kd import pool_bev_feat
 from e2r.models.teacher import LiDARBEVTeacher, load_teacher
@@ -60,6 +63,7 @@ class ExportOptions:
     torch_threads: int = 0        # 0: leave torch's default
     lidar_num_features: Any = "auto"
     storage_options: Optional[dict] = None    # a store URL's fsspec options (endpoint, credentials)
+    plan_digest: str = ""         # the client's SplitPlan.digest(): a task refuses a dataset that differs
 
 
 @dataclass
@@ -277,20 +281,38 @@ def export_rows(ctx: ExportContext, bank: MemoryBank, a: int, b: int, opts: Expo
 _CONTEXTS: dict[tuple, ExportContext] = {}
 
 
+def _task_context(opts: ExportOptions, seq_len: int, teacher_sha256: str) -> ExportContext:
+    """This process's context for ``opts``, loaded once and kept between tasks (one at a time). It is keyed by
+    the store's teacher hash and the client's plan digest too, so a long-lived worker reloads a checkpoint
+    or dataset rewritten at the same path; one that differs from the export's (a worker that sees other
+    files) is refused with ValueError."""
+    key = (opts.teacher_ckpt, teacher_sha256, opts.device, opts.data_root, opts.split, seq_len, opts.stride,
+           str(opts.lidar_num_features), opts.plan_digest)
+    ctx = _CONTEXTS.get(key)
+    if ctx is None:
+        _CONTEXTS.clear()
+        sha = file_sha256(opts.teacher_ckpt)
+        if sha != teacher_sha256:
+            raise ValueError(f"teacher checkpoint {opts.teacher_ckpt} has sha256 {sha[:16]}..., the store's teacher "
+                             f"{teacher_sha256[:16]}...: every worker must see the checkpoint the export started with")
+        ctx = load_context(opts, seq_len)
+        if opts.plan_digest and ctx.plan.digest() != opts.plan_digest:
+            raise ValueError(f"split {opts.split!r} under {opts.data_root} differs from the one the export started "
+                             "with (keys, frames or speed/steering): every worker must see the same dataset")
+        _CONTEXTS[key] = ctx
+    return ctx
+
+
 def run_export_task(opts: ExportOptions, a: int, b: int) -> TaskStats:
-    """Dask task: open the store "r+", fill split positions ``[a, b)``; the teacher and plan are loaded
-    once per worker process. A task run in the caller's process (threaded scheduler) leaves its torch thread
+    """Dask task: open the store "r+", fill split positions ``[a, b)`` (teacher and plan from
+    :func:`_task_context`). A task run in the caller's process (threaded scheduler) leaves its torch thread
     count as it found it."""
     threads_before = torch.get_num_threads()
     if opts.torch_threads > 0:
         torch.set_num_threads(opts.torch_threads)
     try:
         with open_memorybank(opts.store, mode="r+", storage_options=opts.storage_options) as bank:
-            seq_len = bank.schema.seq_len
-            key = (opts.teacher_ckpt, opts.device, opts.data_root, opts.split, seq_len, opts.stride)
-            ctx = _CONTEXTS.get(key)
-            if ctx is None:
-                ctx = _CONTEXTS[key] = load_context(opts, seq_len)
+            ctx = _task_context(opts, bank.schema.seq_len, bank.provenance.teacher_sha256)
             return export_rows(ctx, bank, a, b, opts)
     except Exception as e:  # noqa: BLE001 - some errors (DataError) do not survive pickling; keep the message
         raise RuntimeError(f"export task {opts.split}[{a}:{b}) failed: {type(e).__name__}: {e}") from None

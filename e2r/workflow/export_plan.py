@@ -14,6 +14,8 @@ cross a writer task's boundary.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -50,6 +52,13 @@ class SplitPlan:
     @property
     def num_frames(self) -> int:
         return int(len(self.frame_index))
+
+    def digest(self) -> str:
+        """sha256 of the plan (keys, frames, GRU inputs): equal for plans of the same data and options."""
+        h = hashlib.sha256(json.dumps([self.split, self.seq_len, self.keys]).encode())
+        for a in (self.window_u0, self.frame_index, self.speed, self.steering):
+            h.update(str(a.dtype).encode() + np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
 
 
 def build_split_plan(windows_ds: LidarSequenceDataset, frames_ds: LidarFrameDataset) -> SplitPlan:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -210,6 +210,8 @@ def export_memorybank(cfg: ExportConfig) -> ExportResult:
                                  lidar_num_features=cfg.lidar_num_features,
                                  storage_options=parse_storage_options(cfg.storage_options))
             ctx = load_context(opts, bank.schema.seq_len, teacher)
+            if client is not None:          # workers check that they see the same dataset
+                opts = replace(opts, plan_digest=ctx.plan.digest())
             if not ctx.plan.keys:
                 raise ValueError(f"split {split!r} under {cfg.data_root} has no windows of {cfg.seq_len} frames")
             action = _reserve(bank, split, ctx.plan.keys, cfg.overwrite)
