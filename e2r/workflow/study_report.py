@@ -186,7 +186,7 @@ def plot_study(path: str | Path, table: dict[tuple[int, str], dict[str, Any]]) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    variants = [v for v in dict.fromkeys(v for _, v in table) if v != "teacher"]
+    variants = list(dict.fromkeys(v for b, v in table if b > 0))      # budget 0: teacher and baselines
     for ax, metric, label in zip(axes, ("overall_weighted_mse", "success", "progress"),
                                  ("held-out weighted MSE (lower is better)", "closed-loop success rate",
                                   "closed-loop lap progress")):
@@ -195,13 +195,15 @@ def plot_study(path: str | Path, table: dict[tuple[int, str], dict[str, Any]]) -
             xs = [b for b, _ in pts]
             ax.errorbar(xs, [c[0] for _, c in pts], yerr=[c[1] for _, c in pts], marker="o", capsize=3, label=v,
                         linestyle="-" if len(xs) > 1 else "none")
-        if (0, "teacher") in table:
-            ax.axhline(table[(0, "teacher")][metric][0], color="k", linestyle="--", label="LiDAR teacher")
+        for name, style, line in (("teacher", "--", "LiDAR teacher"), ("expert", ":", "expert"),
+                                  ("repeat", "-.", "repeat the command")):
+            if (0, name) in table and not math.isnan(table[(0, name)][metric][0]):
+                ax.axhline(table[(0, name)][metric][0], color="k", linestyle=style, label=line, alpha=0.7)
         ax.set_xlabel("camera training tracks")
         ax.set_title(label, fontsize=10)
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
