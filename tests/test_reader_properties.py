@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import copy
 import json
 import signal
 import struct
@@ -378,7 +379,8 @@ NAME = st.text("abcXYZ019_.-", min_size=1, max_size=8)
 QUAT = st.tuples(*[st.floats(-1, 1)] * 4).filter(lambda q: np.linalg.norm(q) > 0.1)
 TRANS = st.tuples(*[st.floats(-5, 5)] * 3)
 ODD_VALUES = st.sampled_from([10 ** 400, -(10 ** 400), 1e308, -0.0, 1e-300, "12", "front", "é", "", True, False,
-                              None, [], {}, [[1, 0, 0], [0, 1, 0], [0, 0, 1]], [0, 0, 0, 1], [64, 32], [0, 10 ** 9]])
+                              None, [], {}, [[1, 0, 0], [0, 1, 0], [0, 0, 1]], [0, 0, 0, 1], [64, 32], [0, 10 ** 9]]
+                             ).map(copy.deepcopy)   # a fresh copy: an edit must never change the shared list itself
 JSON_VALUES = st.recursive(st.one_of(ODD_VALUES, st.none(), st.booleans(), st.integers(-10 ** 30, 10 ** 30),
                                      st.floats(), st.text(max_size=5)),
                            lambda inner: st.one_of(st.lists(inner, max_size=5),
