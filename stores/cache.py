@@ -26,14 +26,13 @@ import mmap
 import os
 import stat
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from stores.fsio import write_atomic
+from stores.fsio import temp_sibling, write_atomic
 
 TOUCH_S = 30.0          # refresh a file's last-use time at most this often
 SUFFIX = ".shard"
@@ -115,7 +114,7 @@ class ShardCache:
     def _create(self, path: str, size: int) -> bool:
         """Create the whole-size (sparse) file under a temporary name, link it into place (never replacing
         a file another process linked first)."""
-        tmp = os.path.join(self.root, f".{os.path.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = temp_sibling(path)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             os.ftruncate(fd, size)
