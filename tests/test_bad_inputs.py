@@ -216,6 +216,40 @@ def test_csv_messages_give_the_true_line_after_blank_lines(tmp_path):
     assert csv_path.read_text().splitlines()[6].split(",")[header.index("velocity")] == "fast"
 
 
+def test_timestamp_and_pose_columns_are_read_and_checked(tmp_path):
+    from e2r.data.layout import read_segment_table
+    from tests.fixtures import write_tiny_dataset
+
+    root = write_tiny_dataset(tmp_path / "d", {"train": 1}, frames=6, camera=False)
+    csv_path = root / "train" / "segment_0000" / "meta" / "data.csv"
+    original = csv_path.read_text().splitlines()
+
+    def rewrite(extra: dict[str, list[str]]) -> None:
+        lines = [original[0] + "".join(f",{c}" for c in extra)]
+        lines += [row + "".join(f",{v[i]}" for v in extra.values()) for i, row in enumerate(original[1:])]
+        csv_path.write_text("\n".join(lines) + "\n")
+
+    has_stamp = "timestamp" in original[0].split(",")
+    stamps = {} if has_stamp else {"timestamp": [f"{0.05 * i:.3f}" for i in range(6)]}
+    rewrite({**stamps, "x": [str(i) for i in range(6)], "y": ["2"] * 6, "yaw": ["0.5"] * 6})
+    t = read_segment_table(root, "train", "segment_0000", lidar=True)
+    assert t.pose.shape == (6, 3) and t.pose[3].tolist() == [3.0, 2.0, 0.5]
+    assert np.all(np.diff(t.timestamp) > 0)
+    rewrite({**stamps, "x": ["1"] * 6, "y": ["2"] * 6})                        # yaw missing
+    with pytest.raises(DataError, match=r"pose columns \['x', 'y'\] without \['yaw'\]"):
+        read_segment_table(root, "train", "segment_0000", lidar=True)
+    if has_stamp:
+        header = original[0].split(",")
+        lines = [line.split(",") for line in original]
+        lines[4][header.index("timestamp")] = lines[3][header.index("timestamp")]    # frame 3 repeats frame 2
+        csv_path.write_text("\n".join(",".join(c) for c in lines) + "\n")
+    else:
+        rewrite({"timestamp": ["0", "0.05", "0.1", "0.1", "0.2", "0.25"]})
+    with pytest.raises(DataError, match="line 5: timestamp .* is not after") as e:
+        read_segment_table(root, "train", "segment_0000", lidar=True)
+    assert e.value.row == 3
+
+
 # ----- 2./3. checkpoints: non-finite weights, sizes the weights do not have ----------------------------------
 @pytest.fixture
 def teacher_ckpt(tmp_path):

@@ -21,12 +21,13 @@ from e2r.keys import InvalidKeyError, validate_part
 
 __all__ = ["SegmentTable", "discover_splits", "discover_segments", "read_segment_table",
            "camera_columns", "window_starts", "split_modalities", "is_lidar_only", "read_segment_lidar2ego",
-           "CSV_RELPATH", "CALIB_RELPATH", "LIDAR_CALIB_RELPATH"]
+           "CSV_RELPATH", "CALIB_RELPATH", "LIDAR_CALIB_RELPATH", "POSE_COLUMNS"]
 
 CSV_RELPATH = Path("meta") / "data.csv"
 CALIB_RELPATH = Path("camera") / "calib.json"
 LIDAR_CALIB_RELPATH = Path("lidar") / "calib.json"     # the LiDAR's extrinsic of a segment without camera/calib.json
 REQUIRED_NUMERIC = ("velocity", "wheel_angle")
+POSE_COLUMNS = ("x", "y", "yaw")                      # optional: position (m) and heading (rad) on the track
 
 
 @dataclass
@@ -44,6 +45,8 @@ class SegmentTable:
     velocity: np.ndarray
     wheel_angle: np.ndarray
     speed_command: Optional[np.ndarray] = None      # (F,) m/s, when data.csv has the column
+    timestamp: Optional[np.ndarray] = None          # (F,) s, strictly increasing, when data.csv has the column
+    pose: Optional[np.ndarray] = None               # (F, 3) x m, y m, yaw rad, when data.csv has x, y and yaw
     lidar_paths: Optional[list[Path]] = None
     image_paths: dict[str, list[Path]] = field(default_factory=dict)
     cameras: list[CameraCalib] = field(default_factory=list)
@@ -181,6 +184,19 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
     velocity, wheel = numbers("velocity"), numbers("wheel_angle")
     command = numbers("speed_command") if "speed_command" in header else None
     table = SegmentTable(split, segment, directory, csv_path, velocity, wheel, command)
+    if "timestamp" in header:
+        table.timestamp = numbers("timestamp")
+        bad = np.flatnonzero(np.diff(table.timestamp) <= 0)
+        if len(bad):
+            i = int(bad[0]) + 1
+            raise DataError(csv_path, f"line {lines[i]}: timestamp {table.timestamp[i]} is not after the previous "
+                            f"row's {table.timestamp[i - 1]} (timestamps must increase strictly)", i)
+    have = [c for c in POSE_COLUMNS if c in header]
+    if have and len(have) < len(POSE_COLUMNS):
+        raise DataError(csv_path, f"pose columns {have} without {[c for c in POSE_COLUMNS if c not in have]} "
+                        f"(a pose needs all of {list(POSE_COLUMNS)})")
+    if have:
+        table.pose = np.stack([numbers(c) for c in POSE_COLUMNS], axis=1)
     if lidar:
         table.lidar_paths = paths("lidar_filepath")
         table.lidar2ego = read_segment_lidar2ego(directory)
