@@ -23,14 +23,25 @@ its field of view); clean is the original uniform look without other cars. Writt
 The expert (pure pursuit + curvature-limited speed, following the other cars, 20 Hz) drives; a 16-ring
 LiDAR and a pinhole camera on the same car ray cast the same walls, lane paint, barrels and cars.
 Same seed -> byte-identical files. See e2r/sim/world.py for details.
+
+Weak and missing pairing (e2r/sim/camera_world.py): --camera_root CAM writes the camera streams to CAM as
+camera-only segments (same split/segment names; data.csv with timestamp, image_filepath, velocity,
+wheel_angle, speed_command, x, y, yaw, no lidar column) recorded at --camera_rate_hz R (default 20) with the
+clock offset --camera_offset_ms O (default 0): camera frame f at f/R + O/1000 s on the drive's clock, its
+state interpolated linearly between the expert's 20 Hz states; --out then holds LiDAR-only segments.
+--camera_only_drives N adds, for every train track (paired and LiDAR-only), N camera-only drives
+<split>/segment_NNNN_dK (K = 1..N: other start on the track, other traffic) to CAM (or to --out without
+--camera_root), with the track's fingerprint in meta/track.json. Pair them at training time with
+train_student --pair_lidar_root.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from e2r.sim.camera_world import CameraRecording, generate_recording
 from e2r.sim.preview import write_preview
-from e2r.sim.world import APPEARANCES, SyntheticConfig, generate_dataset
+from e2r.sim.world import APPEARANCES, SyntheticConfig
 from e2r.workflow.configs import image_size
 
 
@@ -58,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a PNG with one frame's LiDAR BEV next to its camera image")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it holds a previous synthetic dataset")
+    p.add_argument("--camera_root", default=None, metavar="PATH",
+                   help="write the camera streams here as camera-only segments (same split/segment names) and "
+                        "LiDAR-only segments to --out (default: paired segments in --out)")
+    p.add_argument("--camera_rate_hz", type=float, default=20.0,
+                   help="frame rate of the camera streams written apart from the LiDAR (default 20; LiDAR: 20)")
+    p.add_argument("--camera_offset_ms", type=float, default=0.0,
+                   help="camera clock offset: camera frame f at f/rate + offset/1000 s on the drive's clock (default 0)")
+    p.add_argument("--camera_only_drives", type=int, default=0, metavar="N",
+                   help="N more camera-only drives per train track (paired and LiDAR-only tracks), "
+                        "segment_NNNN_dK, in --camera_root (or --out); default 0")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -81,25 +102,31 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        summary = generate_dataset(args.out, config=cfg, workers=args.workers, overwrite=args.overwrite,
-                                   progress=not args.quiet)
+        rec = CameraRecording(args.camera_root, args.camera_rate_hz, args.camera_offset_ms, args.camera_only_drives)
+        summary = generate_recording(args.out, cfg, rec, workers=args.workers, overwrite=args.overwrite,
+                                     progress=not args.quiet)
         preview = write_preview(args.out, args.preview) if args.preview else None
     except (ValueError, FileExistsError, NotADirectoryError, FileNotFoundError, RuntimeError) as e:
         print(f"make_dataset: error: {e}", file=sys.stderr)
         return 2
     n = len(summary["segments"])
-    frames_per_s = n * cfg.frames / max(summary["seconds"], 1e-9)
+    frames_per_s = sum(g["frames"] for g in summary["segments"]) / max(summary["seconds"], 1e-9)
     print(f"wrote {n} segments x {cfg.frames} frames ({cfg.appearance} world) to {summary['out_dir']} in "
           f"{summary['seconds']:.1f} s ({frames_per_s:.1f} frames/s) with {summary['workers']} worker(s)")
+    if rec.active:
+        print(f"camera streams at {rec.rate_hz:g} Hz, offset {rec.offset_ms:g} ms, {rec.only_drives} camera-only "
+              f"drive(s) per train track -> {summary.get('camera_root') or summary['out_dir']}")
     for seg in summary["segments"]:
         look = seg.get("look")
         extra = "" if not look or not seg["camera"] else f", {look['light']} {look['exposure_ev']:+.1f} EV"
         extra += f", {seg['cars']} cars" if look else ""
+        points = "" if seg.get("lidar") is False else f", {seg['lidar_points_mean']:.0f} pts/frame"
         print(f"  {seg['split']:>5}/{seg['segment']}: track {seg['track_fingerprint']} "
               f"{seg['track_length_m']:.0f} m {'cw' if seg['clockwise'] else 'ccw'}"
-              f"{'' if seg.get('camera', True) else ', LiDAR only'}{extra}, "
+              f"{'' if seg.get('camera', True) else ', LiDAR only'}{', camera only' if seg.get('lidar') is False else ''}"
+              f"{extra}, {seg['frames']} frames, "
               f"v {seg['velocity_min']:.1f}..{seg['velocity_max']:.1f} m/s, "
-              f"|wheel_angle| <= {seg['wheel_angle_absmax']:.1f} deg, {seg['lidar_points_mean']:.0f} pts/frame")
+              f"|wheel_angle| <= {seg['wheel_angle_absmax']:.1f} deg{points}")
     if preview:
         print(f"preview: {preview}")
     return 0

@@ -5,8 +5,10 @@ t: ``speed = velocity[t]``, ``steering = wheel_angle[t-1]`` (0.0 for the segment
 ``actions[t] = [wheel_angle[t], speed command]`` (:data:`ACTION_SEMANTICS`: the ``speed_command`` column, else
 the next frame's ``velocity[t+1]``, so without the column a window needs the frame after it). Construction
 reads only the csv files (and calib.json); the camera and paired datasets leave out LiDAR-only segments
-(``e2r.data.layout.is_lidar_only``: no image column, no camera folder; listed in ``.lidar_only_segments``),
-so a split may mix paired and LiDAR-only segments (a split with no camera segment at all is a DataError);
+(``e2r.data.layout.is_lidar_only``: no image column, no camera folder; listed in ``.lidar_only_segments``)
+and the LiDAR and paired datasets leave out camera-only segments (``is_camera_only``: no ``lidar_filepath``
+column, no lidar folder; listed in ``.camera_only_segments``), so a split may mix paired, LiDAR-only and
+camera-only segments (a split with no segment of the dataset's modality at all is a DataError);
 ``.windows``, ``.keys`` and ``.tables`` (per-segment velocity / wheel_angle arrays) need no point cloud or
 image. Point clouds and images are read on access.
 
@@ -27,7 +29,8 @@ import torch
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
-from e2r.data.layout import SegmentTable, discover_segments, is_lidar_only, read_segment_table, window_starts
+from e2r.data.layout import (SegmentTable, discover_segments, is_camera_only, is_lidar_only, read_segment_table,
+                             window_starts)
 from e2r.data.point_layout import LayoutUndecidable, PointLayout, detect_bin_layout
 from e2r.data.readers import (SUPPORTED_NUM_FEATURES, DataError, NumFeatures, Problem, read_image, read_points,
                               sample_paths, scale_intrinsics)
@@ -94,11 +97,15 @@ class _SequenceDataset(Dataset):
         self._bad_segments: set[str] = set()
         self._seen: set[Problem] = set()
         self.lidar_only_segments: list[str] = []        # left out by the camera datasets (no camera there)
+        self.camera_only_segments: list[str] = []       # left out by the LiDAR datasets (no LiDAR there)
         camera_names: Optional[list[str]] = None
         segments = select_segments(self.root, split, discover_segments(self.root, split), segments)
         for segment in segments:
             if self.uses_camera and is_lidar_only(self.root, split, segment):
                 self.lidar_only_segments.append(segment)
+                continue
+            if self.uses_lidar and is_camera_only(self.root, split, segment):
+                self.camera_only_segments.append(segment)
                 continue
             try:
                 table = read_segment_table(self.root, split, segment, lidar=self.uses_lidar, camera=self.uses_camera)
@@ -119,6 +126,12 @@ class _SequenceDataset(Dataset):
         if self.lidar_only_segments and len(self.lidar_only_segments) == len(segments):
             self._record(DataError(self.root / split, f"no camera in split {split!r}: all its "
                                                      f"{len(segments)} segment(s) are LiDAR-only"))
+        elif self.camera_only_segments and len(self.camera_only_segments) == len(segments):
+            self._record(DataError(self.root / split, f"no LiDAR in split {split!r}: all its "
+                                                     f"{len(segments)} segment(s) are camera-only"))
+        elif segments and len(self.lidar_only_segments) + len(self.camera_only_segments) == len(segments):
+            self._record(DataError(self.root / split, f"no paired segment in split {split!r}: its segments are "
+                                                     f"LiDAR-only or camera-only"))
         self.keys: list[str] = [make_key(split, seg, s) for seg, s in self.windows]
         self.camera_names: list[str] = camera_names or []
 

@@ -20,7 +20,8 @@ from e2r.data.readers import CameraCalib, DataError, read_calib, read_lidar2ego
 from e2r.keys import InvalidKeyError, validate_part
 
 __all__ = ["SegmentTable", "discover_splits", "discover_segments", "read_segment_table",
-           "camera_columns", "window_starts", "split_modalities", "is_lidar_only", "read_segment_lidar2ego",
+           "camera_columns", "window_starts", "split_modalities", "is_lidar_only", "is_camera_only",
+           "read_segment_lidar2ego",
            "CSV_RELPATH", "CALIB_RELPATH", "LIDAR_CALIB_RELPATH", "POSE_COLUMNS"]
 
 CSV_RELPATH = Path("meta") / "data.csv"
@@ -251,6 +252,17 @@ def is_lidar_only(root: Union[str, Path], split: str, segment: str) -> bool:
     header = _header(directory / CSV_RELPATH)
     return (header is not None and "lidar_filepath" in header and not _has_image_column(header)
             and not (directory / "camera").exists())
+
+
+def is_camera_only(root: Union[str, Path], split: str, segment: str) -> bool:
+    """A camera-only segment (recorded without LiDAR, e.g. the synthetic world's ``--camera_root`` streams and
+    ``--camera_only_drives``): its csv has an image column but no ``lidar_filepath``, and it has no ``lidar/``
+    folder. The LiDAR datasets leave it out (``.camera_only_segments``), as the camera ones leave out
+    LiDAR-only segments."""
+    directory = Path(root) / split / segment
+    header = _header(directory / CSV_RELPATH)
+    return (header is not None and "lidar_filepath" not in header and _has_image_column(header)
+            and not (directory / "lidar").exists())
 
 
 def split_modalities(root: Union[str, Path], split: str) -> tuple[bool, bool]:

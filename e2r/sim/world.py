@@ -49,7 +49,6 @@ holds a previous synthetic dataset, recognised by ``synthetic_dataset.json``).
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 import time
@@ -59,10 +58,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from e2r.sim.appearance import LIGHTS, AppearanceConfig, draw_appearance
 from e2r.sim.expert import ExpertConfig, drive_expert, speed_profile
+from e2r.sim.jobs import run_jobs
 from e2r.sim.sensors import (CameraConfig, LidarConfig, camera_intrinsics, camera_to_ego, cast_lidar,
                              render_camera)
 from e2r.sim.track import Track, TrackConfig, make_track
@@ -72,7 +71,7 @@ from e2r.sim.vehicle import VehicleConfig
 __all__ = ["SyntheticConfig", "generate_dataset", "generate_segment", "split_for_track", "segment_name",
            "track_for_index", "calib_dict", "config_dict", "config_from_dict", "track_for_segment", "CSV_COLUMNS",
            "MARKER", "TRACK_JSON", "GENERATOR_VERSION", "LIDAR_ONLY_COLUMNS", "APPEARANCES", "has_camera",
-           "light_for_index", "camera_rng", "ensure_dataset"]
+           "light_for_index", "camera_rng", "ensure_dataset", "run_jobs", "prepare_out_dir"]
 
 CSV_COLUMNS = ("timestamp", "lidar_filepath", "image_filepath", "velocity", "wheel_angle", "speed_command",
                "x", "y", "yaw")
@@ -192,14 +191,17 @@ def calib_dict(cfg: SyntheticConfig) -> dict[str, Any]:
     return {"cameras": [{"name": "front", "image_size": list(cfg.image_size), "K": K, "cam2ego": c2e}]}
 
 
-def generate_segment(cfg: SyntheticConfig, index: int, out_dir: str | Path, progress=None) -> dict[str, Any]:
+def generate_segment(cfg: SyntheticConfig, index: int, out_dir: str | Path, progress=None,
+                     with_camera: bool | None = None) -> dict[str, Any]:
     """Drive, render and write segment ``index`` under ``out_dir``/<split>/<segment>; return its summary.
 
     ``progress`` (optional, a multiprocessing Value or None) is incremented once per frame written.
+    ``with_camera``: None = as the layout says (:func:`has_camera`); False writes a LiDAR-only segment (the
+    camera stream of a paired track then goes to its own root, ``e2r.sim.camera_world``).
     """
     out_dir = Path(out_dir)
     split, seg = _split(cfg, index), segment_name(index)
-    camera = has_camera(cfg, index)
+    camera = has_camera(cfg, index) if with_camera is None else bool(with_camera) and has_camera(cfg, index)
     final = out_dir / split / seg
     if final.exists():
         raise FileExistsError(f"segment folder {final} already exists; refusing to overwrite it")
@@ -252,7 +254,8 @@ def generate_segment(cfg: SyntheticConfig, index: int, out_dir: str | Path, prog
             "cars": cars}
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Make ``out_dir`` empty (refusing a non-empty one unless ``overwrite`` and it holds a synthetic world)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -264,19 +267,6 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
                                   f"so it does not look like a synthetic dataset made by this tool")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-
-_PROGRESS = None
-
-
-def _init_worker(counter) -> None:
-    global _PROGRESS
-    _PROGRESS = counter
-
-
-def _worker(args: tuple[SyntheticConfig, int, str]) -> dict[str, Any]:
-    cfg, index, out_dir = args
-    return generate_segment(cfg, index, out_dir, _PROGRESS)
 
 
 def generate_dataset(out_dir: str | Path, tracks: int = 6, frames: int = 300, seed: int = 0,
@@ -292,32 +282,14 @@ def generate_dataset(out_dir: str | Path, tracks: int = 6, frames: int = 300, se
     """
     cfg = config or SyntheticConfig(tracks=tracks, frames=frames, seed=seed, image_size=tuple(image_size))
     out = Path(out_dir)
-    _prepare_out_dir(out, overwrite)
+    prepare_out_dir(out, overwrite)
     # "generator" keeps the name of this module before it moved to e2r.sim: same seed, same bytes
     made_by = {"generator": "e2r.data.synthetic", "status": "incomplete", "config": config_dict(cfg)}
     (out / MARKER).write_text(json.dumps(made_by, indent=1) + "\n")
     n_tracks = cfg.tracks + cfg.lidar_only_tracks
-    n_workers = min(os.cpu_count() or 1, n_tracks) if workers is None else max(1, min(workers, n_tracks))
     t0 = time.perf_counter()
-    jobs = [(cfg, i, str(out)) for i in range(n_tracks)]
-    total = n_tracks * cfg.frames
-    bar = tqdm(total=total, unit="frame", desc="synthetic dataset", disable=not progress)
-    if n_workers == 1:
-        segments = []
-        for job in jobs:
-            segments.append(generate_segment(*job))
-            bar.update(cfg.frames)
-    else:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        counter = ctx.Value("i", 0)
-        with ctx.Pool(n_workers, initializer=_init_worker, initargs=(counter,)) as pool:
-            result = pool.map_async(_worker, jobs, chunksize=1)
-            while not result.ready():
-                result.wait(0.25)
-                bar.update(counter.value - bar.n)
-            segments = result.get()
-        bar.update(total - bar.n)
-    bar.close()
+    jobs = [(generate_segment, (cfg, i, str(out))) for i in range(n_tracks)]
+    segments, n_workers = run_jobs(jobs, [cfg.frames] * n_tracks, workers, progress)
     summary = {**made_by, "status": "complete",
                "splits": {s: [g["segment"] for g in segments if g["split"] == s] for s in ("train", "valid", "test")},
                "segments": segments}
