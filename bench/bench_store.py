@@ -13,6 +13,7 @@ with PASS/FAIL.
 
     python bench/bench_store.py --key_index 1e5,1e6,1e7 --dir /tmp/ki    # the key index at scale (issue 14)
     python bench/bench_store.py --write                                   # the write path (issue 14)
+    python bench/bench_store.py --streaming [--n 2000]    # local / S3 / memmap / LitData side by side (issue 14)
 
 ``--write`` measures ``write_rows`` rows/s (fsync on, blocks of one whole shard, as the export writes) at SPEC
 sizes (float32 and float16) and at small sizes (T=5, A=2, D=H=8), through zarr-python (``bulk_writes =
@@ -152,7 +153,15 @@ def main() -> int:
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)     # internal: one --key_index measurement
     ap.add_argument("--write", action="store_true", help="the write path: zarr-python vs bulk shards (only this)")
     ap.add_argument("--rounds", type=int, default=3, help="--write: alternating rounds per path (default 3)")
-    a = ap.parse_args()
+    ap.add_argument("--streaming", action="store_true",
+                    help="the store on disk and on a local S3 server, a memmap and LitData, side by side (only this; "
+                         "bench/bench_streaming.py, its flags after --)")
+    a, rest = ap.parse_known_args()
+    if a.streaming:
+        from bench.bench_streaming import main as streaming
+        return streaming((["--n", str(a.n)] if a.n != 20000 else []) + [x for x in rest if x != "--"])
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.probe:
         print(json.dumps(key_index_probe(a.probe)))
         return 0
