@@ -152,7 +152,7 @@ def _masked_mean(per_sample: Tensor, mask: Tensor, n: Tensor) -> Tensor:
 
 def kd_losses(student_actions: Tensor, student_aux: dict[str, Tensor], teacher: dict[str, Tensor],
               has_kd: Tensor, normalize_actions: Callable[[Tensor], Tensor], weights: KDWeights,
-              fov_mask: Tensor | None = None) -> dict[str, Tensor]:
+              fov_mask: Tensor | None = None, sample_weight: Tensor | None = None) -> dict[str, Tensor]:
     """All KD terms for a batch.
 
     student_actions (B,T,A) physical units; student_aux: the student's ``return_aux`` dict
@@ -160,7 +160,10 @@ def kd_losses(student_actions: Tensor, student_aux: dict[str, Tensor], teacher: 
     targets ``actions`` (B,T,A) physical, ``bev_vec`` (B,T,D), ``gru_out`` (B,T,H), optional ``bev_feat``
     (B,T,C,h,w) — rows of samples without targets may hold anything (zeros, NaN), they are ignored;
     has_kd (B,) bool; normalize_actions: the student's ``normalize_actions`` (same stats for both sides);
-    fov_mask (H,W) or (B,H,W) for the dense term.
+    fov_mask (H,W) or (B,H,W) for the dense term; sample_weight (B,) or None: each KD sample's terms are
+    multiplied by its weight (e.g. the confidence of a camera/LiDAR pair by timestamp,
+    ``e2r.workflow.pairing``) and still divided by the count of KD samples, so a batch of weak pairs pulls
+    less than one of exact pairs (None: weight 1, the same numbers bit for bit).
 
     Returns ``{"kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat"`` (unweighted, each averaged over the
     KD samples), ``"kd_total"`` (weighted sum), ``"kd_samples"`` (count, float tensor)``}``; all terms are 0
@@ -172,6 +175,11 @@ def kd_losses(student_actions: Tensor, student_aux: dict[str, Tensor], teacher: 
         raise ValueError(f"has_kd has {mask.numel()} entries for a batch of {B}")
     n = mask.sum().to(student_actions.dtype)
     m = mask.to(student_actions.dtype)
+    if sample_weight is not None:
+        w = sample_weight.to(student_actions.device, student_actions.dtype).reshape(-1)
+        if w.numel() != B:
+            raise ValueError(f"sample_weight has {w.numel()} entries for a batch of {B}")
+        m = m * w
 
     def target(name: str, like: Tensor) -> Tensor:
         if name not in teacher:

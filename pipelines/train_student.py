@@ -17,6 +17,10 @@ The validation loss (the best-checkpoint metric, listed per epoch in the checkpo
 the BC weighted MSE on --valid_split, in the same normalised units as the teacher's. ``--hflip_prob`` (off by
 default) mirrors samples left-right together with their cached targets (steering negated, teacher bev_feat
 flipped); the bev_vec and temporal KD terms are dropped for mirrored samples (their targets cannot be mirrored).
+
+Camera and LiDAR recorded apart (make_dataset --camera_root, other rates or clock offsets): train on the camera
+root with --pair_lidar_root LIDAR_ROOT [--pair_tolerance_ms 50]; each epoch also logs the windows paired and
+unpaired and the pairs' mean confidence (e2r/workflow/pairing.py).
 """
 from __future__ import annotations
 
@@ -59,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="temperature of the softmax over similarities that mixes the k rows (default 0.05)")
     p.add_argument("--kd_retrieval_min_sim", type=float, default=0.9,
                    help="no KD for a window whose best cosine similarity is below this (default 0.9)")
+    p.add_argument("--pair_lidar_root", default=None, metavar="DIR",
+                   help="camera and LiDAR recorded apart (--data_root = the camera root, e.g. make_dataset "
+                        "--camera_root): pair each camera window with the LiDAR window of the same split/segment in "
+                        "DIR (the root the memorybank was exported from) whose last frame's timestamp is nearest to "
+                        "the camera window's last frame's; both roots' data.csv need a timestamp column. Default: off "
+                        "(windows pair by key)")
+    p.add_argument("--pair_tolerance_ms", type=float, default=50.0,
+                   help="with --pair_lidar_root: no pair (BC only) when the two last frames are more than this apart; "
+                        "a pair's KD terms are weighted by its confidence 1 - |dt|/tolerance (default 50)")
     p.add_argument("--kd_unpaired", action="store_true",
                    help="with --kd_retrieval: ignore every window's own row and its whole segment (the unpaired-data "
                         "experiment: camera drives that share no key with the LiDAR drives)")
@@ -77,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                          lambda last: f"KD samples/epoch {last.get('kd_samples', 0)}, "
                                       f"BC-only {last.get('bc_only_samples', 0)}"
                                       f"{', retrieved ' + str(last['retrieved_samples']) if last.get('retrieved_samples') else ''}"
+                                      f"{', paired ' + str(last['paired_samples']) + ' unpaired ' + str(last['unpaired_samples']) if last.get('paired_samples') is not None else ''}"
                                       f"{', damaged rows skipped ' + str(last['damaged_samples']) if last.get('damaged_samples') else ''}; ")
 
 

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence, TypeVar, Union
 
 from e2r.errors import ConfigError, check_positive, check_probability
 
-__all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig", "StoreAccess",
+__all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig", "StoreAccess", "PairingArgs",
            "TeacherEvalConfig", "StudentEvalConfig", "ExportConfig", "config_from_namespace", "command_line", "plain_dict",
            "check_output_file", "check_positive", "image_size",
            "NumFeatures"]
@@ -188,7 +188,26 @@ def check_storage_options(text: Optional[str]) -> None:
 
 
 @dataclass(kw_only=True)
-class StudentTrainConfig(StoreAccess, TrainConfig):
+class PairingArgs:
+    """Camera and LiDAR recorded apart (``e2r.workflow.pairing``): ``pair_lidar_root`` is the LiDAR data root
+    the memorybank was exported from (same split/segment names as ``data_root``, the camera root); each
+    camera window reads the row of the LiDAR window whose last frame is nearest in time, within
+    ``pair_tolerance_ms``, its KD weighted by the pair's confidence."""
+
+    pair_lidar_root: Optional[str] = None
+    pair_tolerance_ms: float = 50.0
+
+    def check_pairing(self, memorybank: Optional[str]) -> None:
+        if not self.pair_tolerance_ms >= 0:
+            raise ConfigError(f"--pair_tolerance_ms must be >= 0, got {self.pair_tolerance_ms}")
+        if self.pair_lidar_root and not memorybank:
+            raise ConfigError("--pair_lidar_root needs --memorybank (the store of the LiDAR root's windows)")
+        if self.pair_lidar_root and not os.path.isdir(self.pair_lidar_root):
+            raise ConfigError(f"--pair_lidar_root {self.pair_lidar_root!r} is not a directory")
+
+
+@dataclass(kw_only=True)
+class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
     """``python -m pipelines.train_student``: BC, plus KD for the keys in ``memorybank``."""
 
     save_path: Optional[str] = "runs/student_best.pt"
@@ -214,6 +233,9 @@ class StudentTrainConfig(StoreAccess, TrainConfig):
             raise ConfigError("--kd_retrieval needs --memorybank (the store holding the retrieval index)")
         if self.kd_unpaired and not self.kd_retrieval:
             raise ConfigError("--kd_unpaired needs --kd_retrieval (unpaired windows get KD only by retrieval)")
+        self.check_pairing(self.memorybank)
+        if self.kd_unpaired and self.pair_lidar_root:
+            raise ConfigError("--kd_unpaired ignores every window's own pair: it cannot go with --pair_lidar_root")
         check_positive(self, ("kd_retrieval_k",))
         if not self.kd_retrieval_tau > 0:
             raise ConfigError(f"--kd_retrieval_tau must be > 0, got {self.kd_retrieval_tau}")
@@ -254,7 +276,7 @@ class TeacherEvalConfig(EvalConfig):
 
 
 @dataclass(kw_only=True)
-class StudentEvalConfig(StoreAccess, EvalConfig):
+class StudentEvalConfig(PairingArgs, StoreAccess, EvalConfig):
     """``python -m pipelines.eval_student``: with ``memorybank``, also the KD gap to the teacher."""
 
     student_ckpt: str
@@ -267,6 +289,7 @@ class StudentEvalConfig(StoreAccess, EvalConfig):
     def check(self) -> None:
         StoreAccess.check(self)
         EvalConfig.check(self)
+        self.check_pairing(self.memorybank)
 
 
 @dataclass(kw_only=True)

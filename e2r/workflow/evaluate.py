@@ -30,6 +30,7 @@ from e2r.runtime import DistContext, resolve_device
 from e2r.workflow.configs import StudentEvalConfig, TeacherEvalConfig
 from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, KDCameraBatches, batch_to, check_store, make_kd_loader,
                                   read_store_schema, store_open_kw)
+from e2r.workflow.pairing import TimestampPairing
 from e2r.workflow.retrieval_kd import RetrievalCheck, Retriever
 from e2r.workflow.trainer import make_loader, run_epoch
 
@@ -138,7 +139,10 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
                  if cfg.kd_retrieval and cfg.memorybank else None)
     if retriever is not None:
         retriever.check(cfg.seq_len)
-    data = KDCameraBatches(ds, cfg.memorybank, LIGHT_KD_FIELDS, cfg.skip_damaged, retriever, **store_open_kw(cfg))
+    pairing = (TimestampPairing.build(ds, cfg.pair_lidar_root, cfg.pair_tolerance_ms)
+               if cfg.pair_lidar_root and cfg.memorybank else None)
+    data = KDCameraBatches(ds, cfg.memorybank, LIGHT_KD_FIELDS, cfg.skip_damaged, retriever, pairing=pairing,
+                           **store_open_kw(cfg))
     check = RetrievalCheck(weights) if retriever is not None else None
     loader, _ = make_kd_loader(data, cfg.batch_size, False, 0, cfg.num_workers, DistContext())
     accs = {name: ActionErrorAccumulator(weights) for name in STUDENT_PREDICTORS}
@@ -182,6 +186,7 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
                      f"{model_cfg.view_transform})")
     return {"results": results, "per_segment": per_segment, "kd_gap": kd_gap, "damaged_keys": damaged,
             "retrieval": check.compute() if check is not None else None,
+            "pairing": pairing.describe(ds.keys, cfg.pair_lidar_root) if pairing is not None else None,
             "plot_path": cfg.plot_path, "csv_path": cfg.csv_path, "num_windows": len(ds)}
 
 
@@ -192,6 +197,8 @@ def print_kd_gap(out: dict[str, Any]) -> None:
               f"action MSE steering {gap['kd_steering_mse']:.5f}, speed {gap['kd_speed_mse']:.5f}, "
               f"overall {gap['kd_overall_weighted_mse']:.5f}; bev_vec cosine {gap['kd_bev_vec_cosine']:.4f}; "
               f"gru_out MSE {gap['kd_gru_out_mse']:.5f}")
+    if out.get("pairing"):
+        print(out["pairing"])
     r = out.get("retrieval")
     if r is not None:
         print(f"retrieval ({int(r['retrieved_n'])} windows without a row): best similarity p10/p50/p90 "

@@ -34,6 +34,7 @@ from e2r.models.view_transform import camera_fov_mask
 from e2r.runtime import DistContext, die_with_parent
 from e2r.workflow.retrieval_kd import Retriever
 from e2r.workflow.configs import StoreAccess
+from e2r.workflow.pairing import TimestampPairing
 from stores import StoreCorruptError, StoreError, StoreMismatchError, StoreSchema, open_memorybank
 from stores.objstore import parse_storage_options
 from stores.torch_data import TeacherRowReader, make_loader
@@ -126,26 +127,31 @@ def check_store(path: str, schema: StoreSchema, seq_len: int, action_dim: int, s
 class KDCameraBatches(Dataset):
     """Item = a batch: ``ds[indices]`` -> ``{"keys": list[B], "images" (B,T,Ncam,3,H,W), "intrinsics"
     (B,Ncam,3,3), "cam2ego" (B,Ncam,4,4), "speed" (B,T), "steering" (B,T), "actions" (B,T,A), "has_kd" (B,)
-    bool, "teacher": {field: float32 (B,T,...)}}``; ``teacher`` rows of keys absent from the store are zeros
-    (``has_kd`` False). Without a memorybank ``has_kd`` is all False and ``teacher`` empty. Windows skipped
-    as bad (``skip_bad``) are dropped; a batch of only bad windows is ``None``.
+    bool, "kd_weight" (B,) float32, "teacher": {field: float32 (B,T,...)}}``; ``teacher`` rows of keys
+    absent from the store are zeros (``has_kd`` False). Without a memorybank ``has_kd`` is all False and
+    ``teacher`` empty. Windows skipped as bad (``skip_bad``) are dropped; a batch of only bad windows is ``None``.
 
     A damaged store (a row whose bytes fail their checksum or whose shard is missing: StoreCorruptError)
     stops the run by default. With ``skip_damaged`` such a batch is re-read key by key; the damaged rows get
     no KD (``has_kd`` False, like absent keys) and are counted in ``"damaged"`` (B,) bool: never zeros as
     targets. ``retriever``: windows without their own row get the targets of the most similar stored
     situations (``e2r.workflow.retrieval_kd``); ``unpaired``: ignore every window's own row (the unpaired-data
-    experiment: retrieval only, never from the window's own segment). ``open_kw``: how a store URL is reached
-    (`store_open_kw`)."""
+    experiment: retrieval only, never from the window's own segment). ``pairing``: camera and LiDAR recorded
+    apart (``e2r.workflow.pairing.TimestampPairing``): each window reads the row of its paired LiDAR window
+    (``"store_keys"``: list[B], None where unpaired -> ``has_kd`` False) and ``"kd_weight"`` (B,) float32 is the
+    pair's confidence (1 for every other window, and always 1 without pairing). ``open_kw``: how a store URL is
+    reached (`store_open_kw`)."""
 
     def __init__(self, camera: CameraSequenceDataset, memorybank: str | None = None,
                  fields: Sequence[str] = LIGHT_KD_FIELDS, skip_damaged: bool = False,
-                 retriever: Retriever | None = None, unpaired: bool = False, **open_kw: Any) -> None:
+                 retriever: Retriever | None = None, unpaired: bool = False,
+                 pairing: TimestampPairing | None = None, **open_kw: Any) -> None:
         self.camera = camera
         self.teacher = TeacherRowReader(str(memorybank), tuple(fields), **open_kw) if memorybank else None
         self.skip_damaged = bool(skip_damaged)
         self.retriever = retriever if memorybank else None
         self.unpaired = bool(unpaired)
+        self.pairing = pairing if memorybank else None
 
     def __len__(self) -> int:
         return len(self.camera)
@@ -157,6 +163,7 @@ class KDCameraBatches(Dataset):
             return None
         batch["keys"] = list(batch.pop("key"))
         batch["damaged"] = torch.zeros(len(batch["keys"]), dtype=torch.bool)
+        batch["kd_weight"] = torch.ones(len(batch["keys"]), dtype=torch.float32)
         if self.teacher is None:
             batch["has_kd"], batch["teacher"] = torch.zeros(len(batch["keys"]), dtype=torch.bool), {}
             return batch
@@ -166,14 +173,10 @@ class KDCameraBatches(Dataset):
                                 for f in self.teacher.fields}
             self._retrieve(batch)
             return batch
-        try:
-            rows = dict(self.teacher.read(batch["keys"]))     # one get_batch_into for the whole batch, by key
-        except StoreCorruptError as e:
-            if not self.skip_damaged:
-                raise StoreCorruptError(f"{e} -- to train or evaluate on the intact rows only (the damaged ones "
-                                        f"without KD, counted), pass --skip_damaged; `python -m stores verify` "
-                                        f"lists all the damage") from e
-            rows, batch["damaged"] = self._read_intact(batch["keys"])
+        if self.pairing is None:
+            rows, batch["damaged"] = self._read_rows(batch["keys"])
+        else:
+            rows, batch["damaged"] = self._read_paired(batch)
         rows.pop("keys")
         batch["has_kd"] = rows.pop("found").to(torch.bool)
         batch["teacher"] = rows
@@ -198,6 +201,38 @@ class KDCameraBatches(Dataset):
             batch["teacher"][name][take] = value[used]
         batch["has_kd"][take] = True
         batch["retrieved"][take] = True
+
+    def _read_rows(self, keys: list[str]) -> tuple[dict[str, Any], Tensor]:
+        """Rows of ``keys`` with one batched read (key by key after a StoreCorruptError with ``skip_damaged``)
+        -> (rows as :meth:`TeacherRowReader.read` gives them, damaged (B,) bool)."""
+        try:
+            rows = dict(self.teacher.read(keys))     # one get_batch_into for the whole batch, by key
+        except StoreCorruptError as e:
+            if not self.skip_damaged:
+                raise StoreCorruptError(f"{e} -- to train or evaluate on the intact rows only (the damaged ones "
+                                        f"without KD, counted), pass --skip_damaged; `python -m stores verify` "
+                                        f"lists all the damage") from e
+            return self._read_intact(keys)
+        return rows, torch.zeros(len(keys), dtype=torch.bool)
+
+    def _read_paired(self, batch: dict[str, Any]) -> tuple[dict[str, Any], Tensor]:
+        """Rows of the windows' paired LiDAR keys (``self.pairing``); unpaired windows get zeros and ``found``
+        False. Sets ``batch["store_keys"]`` and the paired windows' ``batch["kd_weight"]`` (confidence)."""
+        store_keys, conf = self.pairing.pair(batch["keys"])
+        batch["store_keys"] = store_keys
+        B = len(store_keys)
+        sel = [i for i, k in enumerate(store_keys) if k is not None]
+        rows: dict[str, Any] = {f: torch.zeros((B, *self.teacher.schema.row_shape(f))) for f in self.teacher.fields}
+        rows["found"], rows["keys"] = torch.zeros(B, dtype=torch.bool), list(batch["keys"])
+        damaged = torch.zeros(B, dtype=torch.bool)
+        if sel:
+            got, bad = self._read_rows([store_keys[i] for i in sel])
+            idx = torch.tensor(sel, dtype=torch.long)
+            for name in (*self.teacher.fields, "found"):
+                rows[name][idx] = got[name]
+            damaged[idx] = bad
+            batch["kd_weight"][idx] = torch.from_numpy(conf[sel])
+        return rows, damaged
 
     def _read_intact(self, keys: list[str]) -> tuple[dict[str, Any], Tensor]:
         """Rows of ``keys`` read one by one: intact ones as stored, damaged ones zeros with ``found`` False;
@@ -298,7 +333,8 @@ def student_losses(net: torch.nn.Module, normalize_actions: Any, batch: dict[str
 
     BC: ``e2r.losses.action_loss`` on normalised actions (weights ``action_w`` (A,)) over every sample; KD:
     ``e2r.kd.kd_losses`` over the samples with ``has_kd`` (action and dense bev_feat terms; bev_vec and
-    temporal terms only for samples that were not flipped). Returns ``(loss, parts)`` with parts ``bc``,
+    temporal terms only for samples that were not flipped), each sample's terms weighted by
+    ``batch["kd_weight"]`` (B,) when the batch has it (the timestamp pair's confidence). Returns ``(loss, parts)`` with parts ``bc``,
     ``kd_action``, ``kd_bev_vec``, ``kd_temporal``, ``kd_bev_feat``, ``kd_total``, ``kd_samples``,
     ``bc_only_samples`` (detached scalars)."""
     pred, aux = net(batch["images"], batch["intrinsics"], batch["cam2ego"], batch["speed"], batch["steering"],
@@ -312,10 +348,11 @@ def student_losses(net: torch.nn.Module, normalize_actions: Any, batch: dict[str
     fov = fov_masks(batch["intrinsics"], batch["cam2ego"]) if (any_kd and kd.bev_feat > 0 and fov_masks) else None
     names = ("kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat")
     if any_kd:
+        weight = batch.get("kd_weight")       # (B,) pair confidence (1 without timestamp pairing)
         mirror_safe = kd_losses(pred, aux, batch["teacher"], has_kd, normalize_actions,
-                                replace(kd, bev_vec=0.0, temporal=0.0), fov)
+                                replace(kd, bev_vec=0.0, temporal=0.0), fov, weight)
         embed = kd_losses(pred, aux, batch["teacher"], has_kd & ~flipped, normalize_actions,
-                          replace(kd, action=0.0, bev_feat=0.0), fov)
+                          replace(kd, action=0.0, bev_feat=0.0), fov, weight)
         total = total + mirror_safe["kd_total"] + embed["kd_total"]
         for n in names:
             parts[n] = (mirror_safe[n] + embed[n]).detach()

@@ -30,6 +30,7 @@ from e2r.workflow.configs import StudentTrainConfig, TeacherTrainConfig
 from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch,
                                   make_kd_loader, read_store_schema, store_open_kw, student_losses,
                                   teacher_config_of_checkpoint)
+from e2r.workflow.pairing import TimestampPairing
 from e2r.workflow.retrieval_kd import Retriever
 from e2r.workflow.trainer import TrainTask, Trainer, make_loader, train_valid_datasets
 
@@ -157,6 +158,12 @@ class StudentTask(TrainTask):
         sums["damaged_samples"] = sums.get("damaged_samples", 0.0) + float(batch["damaged"].sum())
         if "retrieved" in batch:
             sums["retrieved_samples"] = sums.get("retrieved_samples", 0.0) + float(batch["retrieved"].sum())
+        if "store_keys" in batch:     # timestamp pairing (--pair_lidar_root): windows with a pair, their confidence
+            paired = [i for i, k in enumerate(batch["store_keys"]) if k is not None]
+            sums["paired_samples"] = sums.get("paired_samples", 0.0) + len(paired)
+            sums["unpaired_samples"] = sums.get("unpaired_samples", 0.0) + n - len(paired)
+            sums["pair_confidence_sum"] = (sums.get("pair_confidence_sum", 0.0)
+                                           + (float(batch["kd_weight"][paired].sum()) if paired else 0.0))
         return loss, n
 
     def valid_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -175,6 +182,9 @@ class StudentTask(TrainTask):
                  "damaged_samples": int(stats.get("damaged_samples", 0)),
                  "retrieved_samples": int(stats.get("retrieved_samples", 0)),
                  "train_bc": stats.get("bc", 0.0) / max(n_all, 1)}
+        if "paired_samples" in stats:
+            entry.update(paired_samples=int(stats["paired_samples"]), unpaired_samples=int(stats["unpaired_samples"]),
+                         pair_confidence_mean=stats["pair_confidence_sum"] / max(stats["paired_samples"], 1))
         for name in PART_NAMES[1:]:
             entry[f"train_{name}"] = stats.get(name, 0.0) / max(stats.get("kd_samples", 0.0), 1)
         return entry
@@ -188,6 +198,8 @@ class StudentTask(TrainTask):
         return (f" (bc {entry['train_bc']:.4f}, kd {entry['train_kd_total']:.4f})",
                 f"samples kd {entry['kd_samples']} bc-only {entry['bc_only_samples']}"
                 + (f" (of them retrieved {entry['retrieved_samples']})" if entry["retrieved_samples"] else "")
+                + (f"; pairs by time {entry['paired_samples']} (mean confidence {entry['pair_confidence_mean']:.3f}) "
+                   f"unpaired {entry['unpaired_samples']}" if "paired_samples" in entry else "")
                 + (f" (damaged rows skipped {entry['damaged_samples']})" if entry["damaged_samples"] else "") + "  ")
 
     def extra_state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -232,8 +244,13 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
             retriever = Retriever(bank, cfg.kd_retrieval, cfg.kd_retrieval_k, cfg.kd_retrieval_tau,
                                   cfg.kd_retrieval_min_sim, whole_segment=cfg.kd_unpaired)
             retriever.check(cfg.seq_len)
+        pairing = (TimestampPairing.build(train_ds, cfg.pair_lidar_root, cfg.pair_tolerance_ms)
+                   if cfg.pair_lidar_root and bank else None)
+        if pairing is not None and ctx.rank == 0:
+            print(pairing.describe(train_ds.keys, cfg.pair_lidar_root), flush=True)
         train_loader, train_sampler = make_kd_loader(
-            KDCameraBatches(train_ds, bank, fields, cfg.skip_damaged, retriever, cfg.kd_unpaired, **store_open_kw(cfg)),
+            KDCameraBatches(train_ds, bank, fields, cfg.skip_damaged, retriever, cfg.kd_unpaired, pairing=pairing,
+                            **store_open_kw(cfg)),
             batch_size, True, cfg.seed, cfg.num_workers, ctx)
         valid_loader = (make_kd_loader(KDCameraBatches(valid_ds), batch_size, False, cfg.seed, cfg.num_workers,
                                        ctx)[0] if valid_ds is not None and len(valid_ds) else None)
