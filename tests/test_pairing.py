@@ -189,3 +189,21 @@ def test_camera_only_drives_have_own_names_the_tracks_fingerprint_and_no_store_k
     a = read_segment_table(cam, "train", "segment_0000_d1").pose[0]
     b = read_segment_table(cam, "train", "segment_0000").pose[0]
     assert np.hypot(*(a[:2] - b[:2])) > 20                                  # another place on the track
+
+
+def test_camera_only_drives_without_camera_root_sit_beside_the_paired_segments(tmp_path):
+    out = tmp_path / "w"
+    assert make_dataset.main(["--out", str(out), "--camera_only_drives", "2", "--lidar_only_tracks", "1",
+                              *WORLD[:6], "--frames", "5", "--image_size", "32x16", "--workers", "1", "--quiet"]) == 0
+    names = sorted(p.name for p in (out / "train").iterdir())
+    assert names == ["segment_0000", "segment_0000_d1", "segment_0000_d2", "segment_0003", "segment_0003_d1",
+                     "segment_0003_d2"]                      # paired and LiDAR-only train tracks both get drives
+    t = read_segment_table(out, "train", "segment_0003_d2").timestamp
+    np.testing.assert_allclose(t, np.arange(5) / 20, atol=1e-6)
+    lid = LidarSequenceDataset(out, "train", SEQ)
+    assert lid.camera_only_segments == ["segment_0000_d1", "segment_0000_d2", "segment_0003_d1", "segment_0003_d2"]
+    cam = CameraSequenceDataset(out, "train", SEQ, image_size=(32, 16))
+    assert cam.lidar_only_segments == ["segment_0003"] and len(cam.tables) == 5
+    starts = [tuple(read_segment_table(out, "train", s).pose[0, :2]) for s in ("segment_0003", "segment_0003_d1",
+                                                                               "segment_0003_d2")]
+    assert len({np.round(p, 1).tobytes() for p in map(np.array, starts)}) == 3

@@ -42,6 +42,9 @@ checks that the rebuilt track is the recorded one (:func:`track_for_segment` doe
 ``config_dict`` carries ``generator_version`` (:data:`GENERATOR_VERSION`), so a dataset written by an older
 generator never compares equal to the wanted config (the demo then regenerates it).
 
+The camera recorded apart from the LiDAR (own data root, rate and clock offset; camera-only drives):
+``e2r.sim.camera_world`` (``make_dataset --camera_root``), on top of :func:`generate_segment` (``with_camera``).
+
 Crash safety: a segment is written into ``<out>/.tmp-<split>-<segment>`` and renamed into place when
 complete; an existing non-empty ``out_dir`` is refused unless ``overwrite=True`` (and even then only if it
 holds a previous synthetic dataset, recognised by ``synthetic_dataset.json``).
