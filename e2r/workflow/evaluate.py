@@ -163,7 +163,7 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
         if gap is not None:     # the gap to the teacher's own rows (retrieved targets are checked apart)
             gap.update(pred, aux, b["teacher"], b["has_kd"] & ~b.get("retrieved", torch.zeros_like(b["has_kd"])))
         if check is not None:
-            check.update(retriever, data.teacher, batch)
+            check.update(retriever, data.teacher, batch, aux)
         keys.extend(batch["keys"])
         damaged.extend(k for k, d in zip(batch["keys"], batch["damaged"].tolist()) if d)
         preds.append(pred.cpu())

@@ -32,7 +32,7 @@ from e2r.models.config import TeacherConfig
 from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import camera_fov_mask
 from e2r.runtime import DistContext, die_with_parent
-from e2r.workflow.retrieval_kd import Retriever
+from e2r.workflow.retrieval_kd import Retriever, apply_retrieved
 from e2r.workflow.configs import StoreAccess
 from e2r.workflow.pairing import TimestampPairing
 from stores import StoreCorruptError, StoreError, StoreMismatchError, StoreSchema, open_memorybank
@@ -186,21 +186,22 @@ class KDCameraBatches(Dataset):
 
     def _retrieve(self, batch: dict[str, Any]) -> None:
         """Fill the unpaired (not damaged) windows' targets from the retrieved rows; sets ``"retrieved"`` (B,)
-        bool and ``"retrieval_similarity"`` (B,) best similarity (NaN where no retrieval was tried)."""
+        bool and ``"retrieval_similarity"`` (B,) best similarity (NaN where no retrieval was tried), and what
+        the query kind needs from the windows' data.csv (``pose``: "pose" (B, T, 3), "map" [B]). A retriever
+        whose query needs the model (``at_load`` False: ``student``) is left to the training step."""
         B = len(batch["keys"])
         batch["retrieved"] = torch.zeros(B, dtype=torch.bool)
         batch["retrieval_similarity"] = torch.full((B,), float("nan"))
+        if not self.retriever.at_load:
+            return
+        batch.update(self.retriever.window_inputs(self.camera.tables, batch["keys"]))
         idx = torch.nonzero(~batch["has_kd"] & ~batch["damaged"]).flatten()
         if len(idx) == 0:
             return
-        rows, used, best = self.retriever.targets(self.teacher, batch["speed"][idx], batch["steering"][idx],
-                                                  [batch["keys"][i] for i in idx.tolist()])
-        batch["retrieval_similarity"][idx] = best
-        take = idx[used]
-        for name, value in rows.items():
-            batch["teacher"][name][take] = value[used]
-        batch["has_kd"][take] = True
-        batch["retrieved"][take] = True
+        query = {n: (v[idx] if isinstance(v, Tensor) else [v[i] for i in idx.tolist()]) for n, v in batch.items()
+                 if n in ("speed", "steering", "pose", "map")}
+        rows, used, best = self.retriever.targets(self.teacher, query, [batch["keys"][i] for i in idx.tolist()])
+        apply_retrieved(batch, idx, rows, used, best)
 
     def _read_rows(self, keys: list[str]) -> tuple[dict[str, Any], Tensor]:
         """Rows of ``keys`` with one batched read (key by key after a StoreCorruptError with ``skip_damaged``)

@@ -3,45 +3,45 @@
 most similar situations, found in the store's retrieval index (``stores.retrieval``), mixed by
 ``softmax(similarity / tau)`` and used only when the best similarity reaches ``min_similarity``.
 
-    build_retrieval_index(RetrievalBuild(store="mb.zarr", data_root="data/synth"))   # once, after the export
-    retriever = Retriever("mb.zarr", "state", k=8, tau=0.05, min_similarity=0.9)
-    mixed, best = retriever.targets(reader, speed, steering, exclude_keys)          # rows (B, ...), (B,)
+    build_retrieval_index(RetrievalBuild(store="mb.zarr", data_root="data/synth", query="pose"))  # once
+    retriever = Retriever("mb.zarr", "pose", k=8, tau=0.05, min_similarity=0.9)   # kind from the index meta
+    mixed, used, best = retriever.targets(reader, batch, exclude_keys)            # rows (B, ...), (B,), (B,)
 
-Query kinds (:data:`QUERY_KINDS`): ``state`` - the window's control history, available for any recording:
-measured speed (T,) and previous steering (T,), each standardised with the statistics of the indexed windows
-(recorded in the index), plus a constant 1 (so a window at the mean still has a direction); cosine
-similarity compares the shapes of the two histories. A retrieved row never comes from the query's own
-segment within +-T frames (``stores.retrieval`` exclusion), so a sample cannot retrieve its own pair.
+Query kinds (:data:`QUERY_KINDS`, vectors in ``e2r.workflow.retrieval_queries``): ``state`` (speed/steering
+history; ``batch`` needs "speed", "steering" (B, T)), ``pose`` (place and heading on the same map; "pose"
+(B, T, 3) and "map" [B], from the camera dataset's own data.csv by :meth:`Retriever.window_inputs`) and
+``student`` (the student's bev_vec against the teacher's; "bev_vec" (B, T, D): known only after the
+student's forward, so ``Retriever.at_load`` is False and :func:`retrieve_for_student` runs in the training
+step). An index is built by ``python -m pipelines.retrieval_index --query KIND`` (index name = the kind by
+default) and records its kind and parameters in its meta; a query is always built with the index's own. A
+retrieved row never comes from the query's own segment within +-T frames (``stores.retrieval`` exclusion),
+so a sample cannot retrieve its own pair.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from e2r.data.datasets import LidarSequenceDataset, window_controls
+from e2r.data.layout import SegmentTable
 from e2r.errors import ConfigError, check_positive
 from e2r.keys import parse_key
 from e2r.metrics import ActionErrorAccumulator
+from e2r.workflow.retrieval_queries import (POSE_DEFAULTS, QUERY_KINDS, pose_vectors, state_vectors,
+                                            student_vectors, window_poses)
 from stores import open_memorybank
 from stores.retrieval import KINDS, RetrievalIndex, build_index
 from stores.torch_data import TeacherRowReader
 
-__all__ = ["QUERY_KINDS", "RetrievalBuild", "state_vectors", "build_retrieval_index", "Retriever", "RetrievalCheck"]
+__all__ = ["QUERY_KINDS", "RetrievalBuild", "state_vectors", "build_retrieval_index", "Retriever",
+           "apply_retrieved", "retrieve_for_student", "RetrievalCheck"]
 
-QUERY_KINDS = ("state",)
 _WHOLE = 10 ** 9          # exclude_frames that covers any segment
-
-
-def state_vectors(speed: Tensor, steering: Tensor, stats: dict[str, float]) -> Tensor:
-    """``state`` query vectors: speed (B, T) m/s, steering (B, T) deg -> (B, 2T + 1) float32 = standardised
-    speed, standardised steering, 1."""
-    v = (speed.float() - stats["speed_mean"]) / stats["speed_std"]
-    s = (steering.float() - stats["steering_mean"]) / stats["steering_std"]
-    return torch.cat([v, s, torch.ones(v.shape[0], 1)], dim=1)
+_READ_CHUNK = 4096        # store rows read at once when indexing bev_vec
 
 
 @dataclass(kw_only=True)
@@ -49,52 +49,99 @@ class RetrievalBuild:
     """``python -m pipelines.retrieval_index`` (field names equal the flags)."""
 
     store: str
-    data_root: str
+    data_root: Optional[str] = None       # the dataset the store was exported from (state, pose)
     query: str = "state"
+    name: Optional[str] = None            # index name (default: the query kind)
     kind: str = "exact"
     replace: bool = False
+    pose_sigma_xy: float = float(POSE_DEFAULTS["sigma_xy"])
+    pose_sigma_yaw: float = float(POSE_DEFAULTS["sigma_yaw"])
+    pose_features: int = int(POSE_DEFAULTS["features"])
+    pose_frames: int = int(POSE_DEFAULTS["frames"])
 
     def check(self) -> None:
         if self.query not in QUERY_KINDS:
             raise ConfigError(f"--query {self.query!r}: choose from {', '.join(QUERY_KINDS)}")
         if self.kind not in KINDS:
             raise ConfigError(f"--kind {self.kind!r}: choose from {', '.join(KINDS)}")
+        if self.query != "student" and not self.data_root:
+            raise ConfigError(f"--query {self.query} needs --data_root (the dataset the store was exported from)")
+        check_positive(self, ("pose_features", "pose_frames"))
+        for name in ("pose_sigma_xy", "pose_sigma_yaw"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def index_name(self) -> str:
+        return self.name or self.query
+
+    def pose_params(self) -> dict[str, Any]:
+        return {"sigma_xy": self.pose_sigma_xy, "sigma_yaw": self.pose_sigma_yaw, "features": self.pose_features,
+                "frames": self.pose_frames, "seed": int(POSE_DEFAULTS["seed"])}
 
 
-def build_retrieval_index(cfg: RetrievalBuild) -> RetrievalIndex:
-    """Index every complete row of ``cfg.store`` by its window's query vector, computed from the dataset at
-    ``cfg.data_root`` (data.csv only; ValueError naming a store key whose segment the dataset lacks)."""
-    cfg.check()
-    bank = open_memorybank(cfg.store, mode="r")
-    keys, T = list(bank.keys()), bank.schema.seq_len
-    if not keys:
-        raise ValueError(f"{cfg.store}: no complete row to index")
-    tables: dict[tuple[str, str], Any] = {}
-    speed, steering = np.zeros((len(keys), T), np.float32), np.zeros((len(keys), T), np.float32)
+def _store_tables(cfg: RetrievalBuild, keys: Sequence[str], T: int) -> dict[tuple[str, str], SegmentTable]:
+    """{(split, segment): table} of the data root for the store's keys (ValueError naming a missing window)."""
+    tables: dict[tuple[str, str], SegmentTable] = {}
     for split in sorted({parse_key(k).split for k in keys}):
-        ds = LidarSequenceDataset(cfg.data_root, split, seq_len=T)
+        ds = LidarSequenceDataset(str(cfg.data_root), split, seq_len=T)
         tables.update({(split, seg): table for seg, table in ds.tables.items()})
-    for i, key in enumerate(keys):
+    for key in keys:
         k = parse_key(key)
         table = tables.get((k.split, k.segment))
         if table is None or k.start + T > table.num_frames:
             raise ValueError(f"store key {key!r} has no window of {T} frames in {cfg.data_root} (is it the dataset "
                              f"the store was exported from?)")
-        w = window_controls(table, k.start, T)
-        speed[i], steering[i] = w["speed"].numpy(), w["steering"].numpy()
-    stats = {"speed_mean": float(speed.mean()), "speed_std": float(max(speed.std(), 1e-3)),
-             "steering_mean": float(steering.mean()), "steering_std": float(max(steering.std(), 1e-3))}
-    vectors = state_vectors(torch.from_numpy(speed), torch.from_numpy(steering), stats)
-    return build_index(cfg.store, cfg.query, vectors, keys, kind=cfg.kind, replace=cfg.replace,
-                       source=f"{cfg.data_root} ({cfg.query} of {len(keys)} windows)",
-                       meta={"query": cfg.query, "seq_len": T, "stats": stats})
+    return tables
+
+
+def build_retrieval_index(cfg: RetrievalBuild) -> RetrievalIndex:
+    """Index every complete row of ``cfg.store`` by its window's ``cfg.query`` vector: ``state`` and ``pose``
+    from the dataset at ``cfg.data_root`` (data.csv only; ValueError naming a store key whose segment the
+    dataset lacks, or for ``pose`` the csv without pose columns), ``student`` from the store's own bev_vec rows
+    (mean over T)."""
+    cfg.check()
+    bank = open_memorybank(cfg.store, mode="r")
+    keys, T = list(bank.keys()), bank.schema.seq_len
+    if not keys:
+        raise ValueError(f"{cfg.store}: no complete row to index")
+    meta: dict[str, Any] = {"query": cfg.query, "seq_len": T}
+    if cfg.query == "student":
+        reader = TeacherRowReader(cfg.store, ("bev_vec",))
+        vectors = torch.cat([student_vectors(reader.read(keys[i:i + _READ_CHUNK])["bev_vec"])
+                             for i in range(0, len(keys), _READ_CHUNK)])
+        meta["reduce"] = "mean over T"
+        source = f"{cfg.store} (bev_vec of {len(keys)} rows)"
+    else:
+        tables = _store_tables(cfg, keys, T)
+        source = f"{cfg.data_root} ({cfg.query} of {len(keys)} windows)"
+        if cfg.query == "pose":
+            if cfg.pose_frames > T:
+                raise ConfigError(f"--pose_frames {cfg.pose_frames} exceeds the store's seq_len {T}")
+            pose, maps = window_poses(tables, keys, T)
+            meta["pose"] = cfg.pose_params()
+            meta["maps"] = len(set(maps))
+            vectors = pose_vectors(pose, maps, meta["pose"])
+        else:
+            speed, steering = np.zeros((len(keys), T), np.float32), np.zeros((len(keys), T), np.float32)
+            for i, key in enumerate(keys):
+                k = parse_key(key)
+                w = window_controls(tables[(k.split, k.segment)], k.start, T)
+                speed[i], steering[i] = w["speed"].numpy(), w["steering"].numpy()
+            meta["stats"] = {"speed_mean": float(speed.mean()), "speed_std": float(max(speed.std(), 1e-3)),
+                             "steering_mean": float(steering.mean()),
+                             "steering_std": float(max(steering.std(), 1e-3))}
+            vectors = state_vectors(torch.from_numpy(speed), torch.from_numpy(steering), meta["stats"])
+    return build_index(cfg.store, cfg.index_name, vectors, keys, kind=cfg.kind, replace=cfg.replace,
+                       source=source, meta=meta)
 
 
 class Retriever:
     """Teacher targets for unpaired windows from index ``name`` of ``store``: the ``k`` most similar rows,
     mixed by ``softmax(similarity / tau)``; a window whose best similarity is below ``min_similarity`` gets
     none. ``whole_segment``: never retrieve from the query's own segment at all (the unpaired experiment:
-    its own drive's LiDAR rows do not exist). Opens the index lazily (fork-safe, like the row reader)."""
+    its own drive's LiDAR rows do not exist). The query kind and its parameters come from the index meta.
+    Opens the index lazily (fork-safe, like the row reader)."""
 
     def __init__(self, store: str, name: str = "state", k: int = 8, tau: float = 0.05,
                  min_similarity: float = 0.9, whole_segment: bool = False) -> None:
@@ -112,36 +159,70 @@ class Retriever:
             try:
                 self._index = RetrievalIndex.open(self.store, self.name)
             except FileNotFoundError as e:
-                raise ConfigError(f"--kd_retrieval {self.name}: {e}. For the state query: python -m "
-                                  f"pipelines.retrieval_index --store {self.store} --data_root DATA") from None
+                raise ConfigError(f"--kd_retrieval {self.name}: {e}. Build it: python -m pipelines.retrieval_index "
+                                  f"--store {self.store} --query state|pose|student [--data_root DATA] "
+                                  f"[--name {self.name}]") from None
             meta = self._index.attrs.get("meta") or {}
             if meta.get("query") not in QUERY_KINDS:
                 raise ValueError(f"retrieval index {self.name!r} of {self.store} was not built by "
-                                 f"pipelines.retrieval_index (no query recorded): rebuild it with that command")
+                                 f"pipelines.retrieval_index (no known query recorded): rebuild it with that command")
         return self._index
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.index.attrs["meta"]
+
+    @property
+    def kind(self) -> str:
+        """The query kind of the index: state | pose | student."""
+        return str(self.meta["query"])
+
+    @property
+    def at_load(self) -> bool:
+        """True when the query is known when the window is loaded (state, pose); False for ``student``, whose
+        query is the student's own bev_vec: retrieved in the training step (:func:`retrieve_for_student`)."""
+        return self.kind != "student"
 
     def check(self, seq_len: int) -> None:
         """ValueError when the index cannot serve windows of ``seq_len`` frames."""
-        meta = self.index.attrs["meta"]
-        if int(meta["seq_len"]) != int(seq_len):
-            raise ValueError(f"retrieval index {self.name!r} of {self.store} holds windows of {meta['seq_len']} "
+        if int(self.meta["seq_len"]) != int(seq_len):
+            raise ValueError(f"retrieval index {self.name!r} of {self.store} holds windows of {self.meta['seq_len']} "
                              f"frames, the dataset --seq_len {seq_len}")
 
-    def query(self, speed: Tensor, steering: Tensor) -> Tensor:
-        """(B, D) query vectors of windows: speed, steering (B, T)."""
-        return state_vectors(speed, steering, self.index.attrs["meta"]["stats"])
+    def window_inputs(self, tables: Mapping[str, SegmentTable], keys: Sequence[str]) -> dict[str, Any]:
+        """What this kind's query needs besides the batch's own tensors, from the windows' segment tables
+        (the camera dataset's ``tables`` {segment: table}): ``pose`` -> {"pose" (B, T, 3), "map" [B]} (ValueError
+        naming a csv without pose columns); other kinds -> {}."""
+        if self.kind != "pose":
+            return {}
+        pose, maps = window_poses(tables, keys, int(self.meta["seq_len"]))
+        return {"pose": pose, "map": maps}
+
+    def query(self, batch: Mapping[str, Any]) -> Tensor:
+        """(B, D) query vectors of B windows: ``state`` from "speed", "steering" (B, T); ``pose`` from "pose"
+        (B, T, 3) and "map" [B]; ``student`` from "bev_vec" (B, T, D) (the student's)."""
+        kind, meta = self.kind, self.meta
+        missing = [f for f in {"state": ("speed", "steering"), "pose": ("pose", "map"),
+                               "student": ("bev_vec",)}[kind] if f not in batch]
+        if missing:
+            raise ValueError(f"retrieval index {self.name!r} ({kind} query) needs {missing} in the batch")
+        if kind == "state":
+            return state_vectors(batch["speed"].cpu(), batch["steering"].cpu(), meta["stats"])
+        if kind == "pose":
+            return pose_vectors(batch["pose"].cpu(), batch["map"], meta["pose"])
+        return student_vectors(batch["bev_vec"].detach().cpu())
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["_index"] = None
         return d
 
-    def targets(self, reader: TeacherRowReader, speed: Tensor, steering: Tensor, exclude: Sequence[str]
+    def targets(self, reader: TeacherRowReader, batch: Mapping[str, Any], exclude: Sequence[str]
                 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """For B windows (speed, steering (B, T); ``exclude``: their keys, so that their own segment within
-        +-T frames is never retrieved): ``(rows {field: (B, T, ...)} mixed targets, used (B,) bool,
-        best (B,) float32 best similarity)``. Rows of unused windows are zeros."""
-        keys, sims = self.index.retrieve(self.query(speed, steering), self.k, exclude=list(exclude),
+        """For B windows (``batch``: what :meth:`query` needs, (B, ...) each; ``exclude``: their keys, so that
+        their own segment within +-T frames is never retrieved): ``(rows {field: (B, T, ...)} mixed targets,
+        used (B,) bool, best (B,) float32 best similarity)``, on the CPU. Rows of unused windows are zeros."""
+        keys, sims = self.index.retrieve(self.query(batch), self.k, exclude=list(exclude),
                                          exclude_frames=_WHOLE if self.whole_segment else None)
         B, k = keys.shape
         found = keys != ""
@@ -161,11 +242,50 @@ class Retriever:
         return out, used, best
 
 
+def apply_retrieved(batch: dict[str, Any], idx: Tensor, rows: Mapping[str, Tensor], used: Tensor,
+                    best: Tensor) -> None:
+    """Write retrieval results of the windows ``idx`` (n,) into ``batch`` in place (on the batch's device):
+    ``teacher`` targets and ``has_kd`` / ``retrieved`` of the used ones, ``retrieval_similarity`` of all n."""
+    dev = batch["has_kd"].device
+    idx = idx.to(dev)
+    batch["retrieval_similarity"][idx] = best.to(batch["retrieval_similarity"].device)
+    take = idx[used.to(dev)]
+    for name, value in rows.items():
+        if name in batch["teacher"]:
+            target = batch["teacher"][name]
+            target[take] = value[used].to(target.device, target.dtype)
+    batch["has_kd"][take] = True
+    batch["retrieved"][take] = True
+
+
+def retrieve_for_student(retriever: Retriever, reader: TeacherRowReader, batch: dict[str, Any],
+                         net: torch.nn.Module) -> None:
+    """``student`` retrieval in the training step, before the loss: the windows without a row (``~has_kd &
+    ~damaged``) are run through the student once more without gradients (train mode, so the same bev_vec as
+    the loss's forward up to dropout) and their mean bev_vec (B, D) queries the index; the retrieved targets
+    are written into ``batch`` (on its device) by :func:`apply_retrieved`. A no-op for other kinds."""
+    if retriever.at_load:
+        return
+    B = len(batch["keys"])
+    batch.setdefault("retrieved", torch.zeros(B, dtype=torch.bool, device=batch["has_kd"].device))
+    batch.setdefault("retrieval_similarity", torch.full((B,), float("nan"), device=batch["has_kd"].device))
+    idx = torch.nonzero(~batch["has_kd"] & ~batch["damaged"].to(batch["has_kd"].device)).flatten()
+    if len(idx) == 0:
+        return
+    with torch.no_grad():
+        _, aux = net(batch["images"][idx], batch["intrinsics"][idx], batch["cam2ego"][idx], batch["speed"][idx],
+                     batch["steering"][idx], return_aux=True)
+    rows, used, best = retriever.targets(reader, {"bev_vec": aux["bev_vec_seq"]},
+                                         [batch["keys"][i] for i in idx.tolist()])
+    apply_retrieved(batch, idx, rows, used, best)
+
+
 class RetrievalCheck:
     """Offline check of retrieval (eval_student): the best-similarity distribution of the windows that were
     retrieved for, and, for windows that do have their own row (a true pair, held out from their own
     retrieval by the +-T exclusion), how close the retrieved targets are to the true ones.
-    ``update(retriever, reader, batch)`` per batch, then ``compute()``."""
+    ``update(retriever, reader, batch, aux)`` per batch (``aux``: the student's forward outputs, needed by the
+    ``student`` kind), then ``compute()``."""
 
     def __init__(self, overall_weights: Sequence[float]) -> None:
         self.tried: list[Tensor] = []
@@ -173,17 +293,33 @@ class RetrievalCheck:
         self.actions = ActionErrorAccumulator(overall_weights)
         self.cos_sum, self.cos_n, self.used = 0.0, 0, 0
 
-    def update(self, retriever: Retriever, reader: TeacherRowReader, batch: dict[str, Any]) -> None:
-        sim = batch["retrieval_similarity"]
-        self.tried.append(sim[~torch.isnan(sim)])
-        idx = torch.nonzero(batch["has_kd"] & ~batch["retrieved"]).flatten().cpu()
+    def update(self, retriever: Retriever, reader: TeacherRowReader, batch: dict[str, Any],
+               aux: Optional[Mapping[str, Tensor]] = None) -> None:
+        has_kd = batch["has_kd"].cpu()
+        retrieved = batch.get("retrieved", torch.zeros_like(has_kd)).cpu()
+        keys = batch["keys"]
+        query: dict[str, Any] = {n: batch[n] for n in ("speed", "steering", "pose", "map") if n in batch}
+        if aux is not None and "bev_vec_seq" in aux:
+            query["bev_vec"] = aux["bev_vec_seq"]
+        if not retriever.at_load:       # no load-time retrieval: try it here for the windows without a row
+            miss = torch.nonzero(~has_kd & ~batch["damaged"].cpu()).flatten()
+            if len(miss):
+                sub = {n: (v[miss.to(v.device)] if isinstance(v, Tensor) else [v[i] for i in miss.tolist()])
+                       for n, v in query.items()}
+                _, _, best = retriever.targets(reader, sub, [keys[i] for i in miss.tolist()])
+                self.tried.append(best)
+        else:
+            sim = batch["retrieval_similarity"].cpu()
+            self.tried.append(sim[~torch.isnan(sim)])
+        idx = torch.nonzero(has_kd & ~retrieved).flatten()
         if len(idx) == 0:
             return
-        rows, used, best = retriever.targets(reader, batch["speed"][idx].cpu(), batch["steering"][idx].cpu(),
-                                             [batch["keys"][i] for i in idx.tolist()])
+        sub = {n: (v[idx.to(v.device)] if isinstance(v, Tensor) else [v[i] for i in idx.tolist()])
+               for n, v in query.items()}
+        rows, used, best = retriever.targets(reader, sub, [keys[i] for i in idx.tolist()])
         self.pair_best.append(best)
         if used.any():
-            true = {k: v[idx][used].cpu() for k, v in batch["teacher"].items()}
+            true = {k: v[idx.to(v.device)][used.to(v.device)].cpu() for k, v in batch["teacher"].items()}
             self.actions.update(rows["actions"][used], true["actions"])
             cos = torch.nn.functional.cosine_similarity(rows["bev_vec"][used], true["bev_vec"], dim=-1)
             self.cos_sum += float(cos.double().sum())

@@ -31,8 +31,9 @@ from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, FovMasks, KDCameraBatches, ba
                                   make_kd_loader, read_store_schema, store_open_kw, student_losses,
                                   teacher_config_of_checkpoint)
 from e2r.workflow.pairing import TimestampPairing
-from e2r.workflow.retrieval_kd import Retriever
+from e2r.workflow.retrieval_kd import Retriever, retrieve_for_student
 from e2r.workflow.trainer import TrainTask, Trainer, make_loader, train_valid_datasets
+from stores.torch_data import TeacherRowReader
 
 __all__ = ["train_teacher", "train_student", "kd_weights_of", "build_student_config", "PART_NAMES"]
 
@@ -134,6 +135,7 @@ class StudentTask(TrainTask):
         self.weights = action_weights(cfg.steer_loss_weight, cfg.speed_loss_weight).to(device)
         self.fov_masks = FovMasks(model.cfg)
         self.sums: dict[str, float] = {}
+        self.retrieval: tuple[Retriever, TeacherRowReader] | None = None   # set for --kd_retrieval of kind student
 
     def begin_epoch(self) -> None:
         self.sums.clear()
@@ -145,6 +147,8 @@ class StudentTask(TrainTask):
             batch = hflip_batch(batch, flip, self.model.cfg.bev_grid)
         batch["steering"] = drop_steering_input(batch["steering"], self.cfg.steer_input_dropout)
         batch = batch_to(batch, self.device)
+        if self.retrieval is not None:    # student-kind retrieval: the query is the student's own bev_vec
+            retrieve_for_student(*self.retrieval, batch, self.net)
         loss, parts = student_losses(self.net, self.model.normalize_actions, batch, self.weights, self.kd,
                                      self.fov_masks, flip.to(self.device), self.cfg.smooth_weight)
         n = len(batch["keys"])
@@ -255,5 +259,7 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
         valid_loader = (make_kd_loader(KDCameraBatches(valid_ds), batch_size, False, cfg.seed, cfg.num_workers,
                                        ctx)[0] if valid_ds is not None and len(valid_ds) else None)
         task = StudentTask(trainer.net, model, cfg, kd, device)
+        if retriever is not None and not retriever.at_load:
+            task.retrieval = (retriever, TeacherRowReader(bank, fields, **store_open_kw(cfg)))
         result = trainer.fit(task, train_loader, train_sampler, valid_loader, model_cfg.to_dict())
         return {**result, "valid_losses": [h["valid_loss"] for h in result["history"]]}
