@@ -17,6 +17,8 @@ from e2r.data.readers import DataError
 from e2r.errors import ConfigError
 from e2r.kd import KDWeights, kd_losses
 from e2r.keys import parse_key
+from e2r.workflow.configs import StudentEvalConfig
+from e2r.workflow.evaluate import evaluate_student
 from e2r.workflow.kd_data import KDCameraBatches
 from e2r.workflow.pairing import TimestampPairing, pair_confidence
 from e2r.workflow.train import train_student as run_train_student
@@ -170,6 +172,12 @@ def test_training_on_split_roots_counts_paired_and_unpaired(world, tmp_path, cap
     assert h["pair_confidence_mean"] == pytest.approx(summary["mean_confidence"], abs=1e-5)
     text = capsys.readouterr().out
     assert "1 camera segment(s) have no LiDAR segment" in text and "pairs by time" in text
+    ev = evaluate_student(StudentEvalConfig(data_root=str(world["cam"]), split="train", seq_len=SEQ,
+                                            student_ckpt=str(tmp_path / "s.pt"), memorybank=world["bank"],
+                                            pair_lidar_root=str(world["lidar"]), pair_tolerance_ms=10.0,
+                                            device="cpu", no_progress=True))
+    assert ev["kd_gap"]["kd_n"] == summary["paired"]
+    assert f"{summary['paired']} of {summary['paired'] + summary['unpaired']} windows paired" in ev["pairing"]
     with pytest.raises(ConfigError, match="--memorybank"):
         train_student.parse_config(["--data_root", str(world["cam"]), "--pair_lidar_root", str(world["lidar"])])
 
