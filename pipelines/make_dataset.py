@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera_rate_hz", type=float, default=20.0,
                    help="frame rate of the camera streams written apart from the LiDAR (default 20; LiDAR: 20)")
     p.add_argument("--camera_offset_ms", type=float, default=0.0,
-                   help="camera clock offset: camera frame f at f/rate + offset/1000 s on the drive's clock (default 0)")
+                   help="camera clock offset: camera frame f at f/rate + offset/1000 s on the drive's clock "
+                        "(default 0)")
     p.add_argument("--camera_only_drives", type=int, default=0, metavar="N",
                    help="N more camera-only drives per train track (paired and LiDAR-only tracks), "
                         "segment_NNNN_dK, in --camera_root (or --out); default 0")
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         points = "" if seg.get("lidar") is False else f", {seg['lidar_points_mean']:.0f} pts/frame"
         print(f"  {seg['split']:>5}/{seg['segment']}: track {seg['track_fingerprint']} "
               f"{seg['track_length_m']:.0f} m {'cw' if seg['clockwise'] else 'ccw'}"
-              f"{'' if seg.get('camera', True) else ', LiDAR only'}{', camera only' if seg.get('lidar') is False else ''}"
+              f"{'' if seg.get('camera', True) else ', LiDAR only'}"
+              f"{', camera only' if seg.get('lidar') is False else ''}"
               f"{extra}, {seg['frames']} frames, "
               f"v {seg['velocity_min']:.1f}..{seg['velocity_max']:.1f} m/s, "
               f"|wheel_angle| <= {seg['wheel_angle_absmax']:.1f} deg{points}")

@@ -87,11 +87,20 @@ def parse_config(argv: list[str] | None = None) -> StudentTrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     return training_main("train_student", build_parser(), StudentTrainConfig, train_student, argv,
-                         lambda last: f"KD samples/epoch {last.get('kd_samples', 0)}, "
-                                      f"BC-only {last.get('bc_only_samples', 0)}"
-                                      f"{', retrieved ' + str(last['retrieved_samples']) if last.get('retrieved_samples') else ''}"
-                                      f"{', paired ' + str(last['paired_samples']) + ' unpaired ' + str(last['unpaired_samples']) if last.get('paired_samples') is not None else ''}"
-                                      f"{', damaged rows skipped ' + str(last['damaged_samples']) if last.get('damaged_samples') else ''}; ")
+                         _last_epoch_counts)
+
+
+def _last_epoch_counts(last: dict) -> str:
+    """The final summary's per-epoch sample counts (KD, BC-only, retrieved, timestamp pairs, damaged rows)."""
+    text = f"KD samples/epoch {last.get('kd_samples', 0)}, BC-only {last.get('bc_only_samples', 0)}"
+    if last.get("retrieved_samples"):
+        text += f", retrieved {last['retrieved_samples']}"
+    if last.get("paired_samples") is not None:
+        text += f", paired by time {last['paired_samples']} (mean confidence {last['pair_confidence_mean']:.3f}), " \
+                f"unpaired {last['unpaired_samples']}"
+    if last.get("damaged_samples"):
+        text += f", damaged rows skipped {last['damaged_samples']}"
+    return text + "; "
 
 
 if __name__ == "__main__":
