@@ -158,8 +158,9 @@ def main() -> int:
                          "bench/bench_streaming.py, its flags after --)")
     a, rest = ap.parse_known_args()
     if a.streaming:
-        from bench.bench_streaming import main as streaming
-        return streaming((["--n", str(a.n)] if a.n != 20000 else []) + [x for x in rest if x != "--"])
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_streaming.py")
+        return subprocess.call([sys.executable, script, *(["--n", str(a.n)] if a.n != 20000 else []),
+                                *[x for x in rest if x != "--"]])
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.probe:
