@@ -136,3 +136,22 @@ def test_lidar2ego_reported_and_bad_extrinsic_is_a_problem(tmp_path, capsys):
     (seg / "lidar" / "calib.json").write_text(json.dumps({"lidar2ego": T.tolist()}))
     code, out = run(capsys, root, "--seq_len", 2)
     assert code == 1 and f"{seg / 'lidar' / 'calib.json'}: lidar2ego is not a rigid transform" in out
+
+
+def test_camera_only_drives_beside_paired_segments_are_checked_as_camera(tmp_path, capsys):
+    """make_dataset --camera_only_drives without --camera_root: the camera-only drives sit beside the paired
+    segments; they are checked with the camera reader, not reported as segments without LiDAR."""
+    from pipelines.make_dataset import main as make
+
+    root = tmp_path / "w"
+    assert make(["--out", str(root), "--tracks", "3", "--frames", "8", "--image_size", "32x16",
+                 "--camera_only_drives", "1", "--quiet"]) == 0
+    drives = sorted(p.name for p in (root / "train").iterdir() if p.name.endswith("_d1"))
+    assert drives
+    code, out = run(capsys, root, "--splits", "train", "--image_size", "32x16")
+    assert code == 0, out
+    assert all(d in out for d in drives)
+    image = next((root / "train" / drives[0] / "camera").glob("*.png"))
+    image.write_bytes(b"not a png")
+    code, out = run(capsys, root, "--splits", "train", "--image_size", "32x16")
+    assert code == 1 and drives[0] in out

@@ -38,7 +38,8 @@ def _scanned(args: DatasetCheck, split: str, lidar: bool, camera: bool) -> tuple
     """The split's datasets, scanned later, and the segments whose camera part is unusable. One dataset over
     every segment of the split's modality; when the split has LiDAR and cameras, a LiDAR dataset as well over
     the segments the paired one left out: the LiDAR-only ones, and those whose camera part is unusable (e.g. no
-    camera/calib.json: that is reported, and their csv and LiDAR files are still checked)."""
+    camera/calib.json: that is reported, and their csv and LiDAR files are still checked), and a camera dataset
+    over its camera-only segments."""
     if not camera:
         return [LidarSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
                                      skip_bad=True)], set()
@@ -47,12 +48,16 @@ def _scanned(args: DatasetCheck, split: str, lidar: bool, camera: bool) -> tuple
                                       skip_bad=True)], set()
     paired = PairedSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
                                    args.image_size, skip_bad=True)
-    rest = [s for s in discover_segments(args.data_root, split) if s not in paired.tables]
-    if not rest:
-        return [paired], set()
-    extra = LidarSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
-                                 skip_bad=True, segments=rest)
-    return [paired, extra], set(rest) - set(paired.lidar_only_segments)
+    cams = list(getattr(paired, "camera_only_segments", []))
+    rest = [s for s in discover_segments(args.data_root, split) if s not in paired.tables and s not in cams]
+    out = [paired]
+    if rest:
+        out.append(LidarSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
+                                        skip_bad=True, segments=rest))
+    if cams:             # camera-only drives beside the paired ones (make_dataset --camera_only_drives)
+        out.append(CameraSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.image_size,
+                                         skip_bad=True, segments=cams))
+    return out, set(rest) - set(paired.lidar_only_segments)
 
 
 def check_split(args: DatasetCheck, split: str) -> tuple[dict, list[Problem]]:
