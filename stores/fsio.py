@@ -172,21 +172,52 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def fsync_files(paths: Iterable[str | os.PathLike], root: str | os.PathLike) -> None:
+def fsync_files(paths: Iterable[str | os.PathLike], root: str | os.PathLike, synced: Iterable[str] = (),
+                durable: dict[str, tuple[int, int, int]] | None = None) -> None:
     """fsync each file, then every directory from the files' parents up to ``root`` (each once), so that
-    the files and the renames that put them in place are on disk."""
+    the files and the renames that put them in place are on disk.
+
+    ``synced``: files whose data the caller already fsync-ed (`write_atomic`): only their directories are
+    synced. ``durable`` (a dict the caller keeps between calls, path -> (st_dev, st_ino, st_ctime_ns)):
+    directories whose own entry in their parent is known to be on disk; the climb stops at one that is
+    unchanged since, and every directory whose parent this call syncs is recorded. A directory removed and
+    made again (even with a reused inode number) or changed since has another ctime, so its parent is synced
+    again."""
     root = os.path.abspath(root)
+    synced = {os.path.abspath(p) for p in synced}
     dirs: set[str] = set()
+    entries: list[str] = []             # directories whose entry becomes durable with this call
     for p in paths:
-        fsync_path(p)
-        d = os.path.dirname(os.path.abspath(p))
+        p = os.path.abspath(p)
+        if p not in synced:
+            fsync_path(p)
+        d = os.path.dirname(p)
         while d not in dirs:
             dirs.add(d)
-            if d == root or len(d) <= len(root):
+            if d == root or len(d) <= len(root) or (durable is not None and _same_dir(durable.get(d), d)):
                 break
+            entries.append(d)
             d = os.path.dirname(d)
     for d in sorted(dirs, key=len, reverse=True):
         fsync_path(d)
+    if durable is not None:
+        for d in entries:
+            try:
+                st = os.stat(d)
+            except FileNotFoundError:
+                continue
+            durable[d] = (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+def _same_dir(known: tuple[int, int, int] | None, d: str) -> bool:
+    """Whether directory ``d`` is still, unchanged, the one recorded as ``known`` (device, inode, ctime)."""
+    if known is None:
+        return False
+    try:
+        st = os.stat(d)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino, st.st_ctime_ns) == known
 
 
 def fsync_tree(root: str | os.PathLike) -> None:

@@ -51,6 +51,8 @@ class ZarrIntegrity:
     _keys_of: Any
     _meta: Any
     _metas: dict[str, dict[str, Any]]
+    _synced: set[str]                        # files write_atomic fsync-ed, not yet covered by _sync_rows
+    _durable: dict[str, tuple[int, int, int]]     # directories whose own entry is on disk (fsio.fsync_files)
     _flat: dict[str, FlatChunkReader]
 
     @classmethod
@@ -184,7 +186,8 @@ class ZarrIntegrity:
 
     def _sync_rows(self, names: Sequence[str], a: int, b: int) -> None:
         files = [p for n in names for p in self._files_of(n, a, b)]
-        fsync_files(files, self.path)
+        fsync_files(files, self.path, synced=self._synced, durable=self._durable)
+        self._synced.clear()
 
     def _sync_meta(self) -> None:
         root = Path(self.path)

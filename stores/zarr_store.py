@@ -74,6 +74,8 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
         self._flat: dict[str, FlatChunkReader] = {}
         self._metas: dict[str, dict[str, Any]] = {}
         self._bad_chunks: set[tuple[str, int]] = set()     # (array, chunk) of keys/complete found damaged
+        self._synced: set[str] = set()       # shard files write_atomic fsync-ed since the last _sync_rows
+        self._durable: dict[str, tuple[int, int, int]] = {}     # directories whose entry is on disk (fsync_files)
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -170,7 +172,7 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
     def _arrays_on_disk(self) -> list[str]:
         return [LIGHT_ARRAY] + ([BEV_FEAT] if self.schema.store_bev_feat else [])
 
-    def _channels(self) -> dict[str, tuple[int, int]]:
+    def _channels(self) -> dict[str, tuple[int, int, int]]:
         cache = self.__dict__.get("_channel_cache")
         if cache is None or cache[0] is not self._attrs:
             cache = self._channel_cache = (self._attrs, self._fixed().light_channels())
@@ -250,6 +252,8 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
             old = None if whole else reader.read_shard(i)
             shard = codec.shard(data[lo - a:hi - a], lo - i * S, old, threads=self.write_threads or encode_threads())
             write_file(reader.file_str(i), shard, self.fsync)
+            if self.fsync:
+                self._synced.add(reader.file_str(i))
 
     def _write_field(self, name: str, a: int, data: np.ndarray) -> None:
         if name in LIGHT_FIELDS:
