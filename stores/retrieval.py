@@ -11,10 +11,11 @@ dimension D. It lives inside the store (``<store>/retrieval/<name>/``, format an
 `stores.retrieval_store`): unit-normalised float16 rows (N, D) and their keys, every byte checksummed.
 
 Back ends (``kind``): ``exact`` - chunked ``torch.topk`` over the memory-mapped matrix (memory bounded by one
-chunk of `default_chunk_rows` rows in float32 plus (B, chunk) similarities); ``faiss-ivf`` (IVF, 8-bit scalar
-quantizer codes) / ``faiss-hnsw`` - faiss (optional: ``pip install 'e2r-kd[retrieval]'``) returns
-``RERANK * k`` candidates, re-scored exactly from the stored float16 rows: both back ends give the same
-similarity for the same row, and quantization errors cost no ranking inside the candidates.
+chunk of `default_chunk_rows` rows in float32 plus (B, chunk) similarities); ``faiss-ivf`` (IVF; 4-bit
+fast-scan PQ codes and a fast-scan coarse quantizer by default, parameters in `stores.retrieval_faiss`) /
+``faiss-hnsw`` - faiss (optional: ``pip install 'e2r-kd[retrieval]'``) returns ``max(RERANK * k, candidates)``
+candidates, re-scored exactly from the stored float16 rows: both back ends give the same similarity for the
+same row, and quantization errors cost no ranking inside the candidates.
 
 **Exclusion.** ``exclude[b]`` (a key, a `SampleKey`, a ``(segment, start)`` pair, or None) stops query b from
 retrieving any row of the same segment (by segment name, whatever the split) whose start is within
@@ -26,10 +27,9 @@ plus the exclusions) come back as key "" and similarity -inf.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -40,10 +40,10 @@ import torch
 from e2r.keys import InvalidKeyError, SampleKey, parse_key, validate_part
 from stores.errors import StoreError
 from stores.fsio import publish, remove_path, remove_stale_temps, temp_sibling
+from stores.retrieval_faiss import LEGACY, faiss_blob, faiss_params, load_faiss, search_candidates
 from stores.retrieval_store import (FORMAT, VERSION, add_faiss, add_part, blob_array, check_in_store, corrupt,
-                                    default_chunk_rows, ensure_root, faiss_blob, faiss_module, faiss_params, index_dir,
-                                    list_indexes, load_faiss, load_inputs, open_bank_keys, part_arrays, prepare_rows, read_manifest,
-                                    splits_per_segment, write_manifest)
+                                    default_chunk_rows, ensure_root, index_dir, list_indexes, open_bank_keys,
+                                    part_arrays, prepare_rows, read_manifest, splits_per_segment, write_manifest)
 from stores.schema import now_iso
 
 __all__ = ["KINDS", "RetrievalIndex", "build_index", "append_index", "verify_indexes", "list_indexes", "main"]
@@ -71,6 +71,7 @@ class RetrievalIndex:
         self._off = np.cumsum([0] + [int(p["rows"]) for p in attrs["parts"]])
         self._tables: tuple[list[np.ndarray], list[np.ndarray]] | None = None
         self._faiss: Any = None
+        self._local: threading.local | None = None       # per-thread re-scoring buffers (not pickled)
 
     @classmethod
     def open(cls, store: str | os.PathLike, name: str) -> "RetrievalIndex":
@@ -85,13 +86,16 @@ class RetrievalIndex:
         return f"RetrievalIndex({self.store!r}, {self.name!r}, kind={self.kind}, rows={len(self)}, dim={self.dim})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_faiss": None, "_tables": None}
+        return {**self.__dict__, "_faiss": None, "_tables": None, "_local": None}
 
     # ------------------------------------------------------------------ rows, keys, segments
-    def _gather(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """``name`` values of global ``rows`` (int64, >= 0), across parts."""
+    def _gather(self, name: str, rows: np.ndarray, out: np.ndarray | None = None,
+                scratch: np.ndarray | None = None) -> np.ndarray:
+        """``name`` values of global ``rows`` (int64, >= 0), across parts (into ``out`` when given)."""
+        if len(self._parts) == 1:
+            return self._parts[0][name].take(rows, out, scratch)
         P = self._parts[0][name]
-        out = np.empty((len(rows), *P.shape[1:]), P.dtype)
+        out = np.empty((len(rows), *P.shape[1:]), P.dtype) if out is None else out
         part = np.searchsorted(self._off, rows, side="right") - 1
         for p in np.unique(part).tolist():
             sel = part == p
@@ -137,12 +141,12 @@ class RetrievalIndex:
     # ------------------------------------------------------------------ search
     def retrieve(self, queries: torch.Tensor | np.ndarray, k: int, exclude: Sequence[Exclude] | None = None, *,
                  exclude_frames: int | None = None, exact: bool | None = None, nprobe: int | None = None,
-                 ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 ef_search: int | None = None, candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k most similar rows of each query (cosine, descending).
 
         queries (B, D) float (normalised here); exclude: None or B entries (see the module docstring);
-        exact: True forces the exact back end on an approximate index. nprobe / ef_search override the
-        faiss search parameters. Returns keys (B, k) str and similarity (B, k) float32."""
+        exact: True forces the exact back end on an approximate index. nprobe / ef_search / candidates override
+        the faiss search parameters. Returns keys (B, k) str and similarity (B, k) float32."""
         q = torch.as_tensor(queries).detach().to("cpu", torch.float32).numpy()
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be (B, {self.dim}) for retrieval index {self.name!r}, got {tuple(q.shape)}")
@@ -154,12 +158,14 @@ class RetrievalIndex:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or T < 0:
             raise ValueError(f"k must be a positive integer and exclude_frames >= 0, got {k!r} and {T}")
         qg, qs = self._exclusions(exclude, len(q))
-        q = np.ascontiguousarray(q / norm)
+        q = np.ascontiguousarray(q / norm, np.float32)
         over = (2 * T + 1) * int(self.attrs["max_splits_per_segment"]) if (qg != -1).any() else 0
-        if exact or (exact is None and (self.kind == "exact" or RERANK * k + over > MAX_CANDIDATES)):
+        f = self.attrs.get("faiss") or {}
+        kp = max(RERANK * int(k), int(candidates if candidates is not None else f.get("candidates", LEGACY["candidates"])))
+        if exact or (exact is None and (self.kind == "exact" or kp + over > MAX_CANDIDATES)):
             rows, sims = self._search_exact(q, int(k), qg, qs, T)
         else:
-            rows, sims = self._search_faiss(q, int(k), RERANK * k + over, qg, qs, T, nprobe, ef_search)
+            rows, sims = self._search_faiss(q, int(k), kp + over, qg, qs, T, nprobe, ef_search)
         return self.keys_of(rows).reshape(rows.shape), sims
 
     def _exclusions(self, exclude: Sequence[Exclude] | None, B: int) -> tuple[np.ndarray, np.ndarray]:
@@ -225,21 +231,30 @@ class RetrievalIndex:
             self._faiss = load_faiss(path, self.store, len(self), self.dim)
         return self._faiss
 
+    def _buffers(self, n: int) -> tuple[np.ndarray, ...]:
+        """This thread's (n, D) float16, float16 and float32 scratch rows for re-scoring (reused: no page faults)."""
+        if self._local is None:
+            self._local = threading.local()
+        have = getattr(self._local, "bufs", None)
+        if have is None or len(have[0]) < n:
+            have = self._local.bufs = tuple(np.empty((n, self.dim), t) for t in (np.float16, np.float16, np.float32))
+        return tuple(b[:n] for b in have)
+
     def _search_faiss(self, q: np.ndarray, k: int, kp: int, qg: np.ndarray, qs: np.ndarray, T: int,
                       nprobe: int | None, ef_search: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """kp (RERANK * k + over-fetch) faiss candidates (-1 beyond its rows), re-scored from the stored rows,
-        exclusions dropped, top k."""
-        faiss, index, f = faiss_module(), self._faiss_index(), self.attrs["faiss"]
-        if self.kind == "faiss-ivf":
-            params = faiss.SearchParametersIVF(nprobe=int(nprobe or f["nprobe"]))
-        else:
-            params = faiss.SearchParametersHNSW(efSearch=max(kp, int(ef_search or f["ef_search"])))
-        _, cand = index.search(q, kp, params=params)                       # (B, kp) int64, -1 = none
+        """kp faiss candidates (-1 beyond its rows), re-scored from the stored rows, exclusions dropped, top k."""
+        cand = search_candidates(self._faiss_index(), self.kind, self.attrs["faiss"], q, kp, nprobe, ef_search)
         valid = cand >= 0
         safe = np.where(valid, cand, 0)
-        sims = np.einsum("bjd,bd->bj", self.vectors(safe.ravel()).reshape(*cand.shape, self.dim), q)
-        sims[~valid | self._excluded(safe, qg, qs, T)] = -np.inf
-        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        v16, scratch, v32 = self._buffers(safe.size)
+        self._gather("vectors", safe.ravel(), out=v16, scratch=scratch)
+        torch.from_numpy(v32).copy_(torch.from_numpy(v16))          # float16 -> float32, vectorised
+        sims = np.matmul(v32.reshape(*cand.shape, self.dim), q[:, :, None])[:, :, 0]
+        sims[~valid] = -np.inf
+        if (qg >= 0).any():
+            sims[self._excluded(safe, qg, qs, T)] = -np.inf
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < kp else np.broadcast_to(np.arange(kp), (len(q), kp))
+        order = np.take_along_axis(top, np.argsort(-np.take_along_axis(sims, top, 1), axis=1, kind="stable"), 1)
         rows, best = np.take_along_axis(safe, order, 1), np.take_along_axis(sims, order, 1).astype(np.float32)
         rows[np.isinf(best)] = -1
         return rows, best
@@ -286,13 +301,14 @@ def build_index(store: str | os.PathLike, name: str, vectors: torch.Tensor | np.
                 meta: dict[str, Any] | None = None, **params: int | None) -> RetrievalIndex:
     """Build index ``name`` of ``store`` from ``vectors`` (N, D) of ``keys`` (N keys with complete rows in the
     store; default: the store's complete keys in row order). ``kind`` exact | faiss-ivf | faiss-hnsw;
-    ``params`` (nlist, nprobe, codec, hnsw_m, ef_construction, ef_search) override `faiss_params`. ``exclude_frames``:
+    ``params`` (nlist, nprobe, codec, coarse, candidates; hnsw_m, ef_construction, ef_search) override
+    `stores.retrieval_faiss.faiss_params`. ``exclude_frames``:
     the default T of exclusions (default the store's seq_len). ``meta``: the caller's JSON-ready description
     of the vectors (e.g. how queries are built), kept as ``index.attrs["meta"]``. FileExistsError when it
     exists, unless ``replace``. Written under a temporary name and renamed into place. ``source`` names the input in errors."""
     store = str(store)
     validate_part(name, "index name")
-    fp = faiss_params(kind, len(vectors), params)
+    fp = faiss_params(kind, len(vectors), params, dim=int(getattr(vectors, "shape", (0, 0))[-1]))
     final = index_dir(store, name)
     if final.exists() and not replace:
         raise FileExistsError(f"{final} exists: retrieval index {name!r} is built already; append rows (--append) "
@@ -353,7 +369,7 @@ def append_index(store: str | os.PathLike, name: str, vectors: torch.Tensor | np
     old = attrs["faiss"]
     if old:
         base = blob_array(idx.dir, store, old["node"], int(old["bytes"])).blob_path()
-        keep = {k: old[k] for k in faiss_params(idx.kind, 1)}
+        keep = {k: old.get(k, LEGACY.get(k)) for k in faiss_params(idx.kind, 1, dim=idx.dim)}
         add_faiss(idx.dir, attrs, faiss_blob(idx.kind, rows[0], keep, base), keep, fsync)
         attrs["meta_crc32c"] = {k: v for k, v in attrs["meta_crc32c"].items() if not k.startswith(old["node"] + "/")}
     heads = [h for t in idx._load_tables()[0] for h in t] + rows[3]
@@ -363,72 +379,10 @@ def append_index(store: str | os.PathLike, name: str, vectors: torch.Tensor | np
     return RetrievalIndex.open(store, name)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stores.retrieval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build (or --append to, --replace) a retrieval index inside a memorybank")
-    q = sub.add_parser("query", help="print the neighbours of KEY (its own vector is the query)")
-    v = sub.add_parser("verify", help="read and check every byte of the store's retrieval indexes")
-    for s in (b, q, v):
-        s.add_argument("store", help="the memorybank (a Zarr directory)")
-    q.add_argument("key", help="an indexed key, e.g. train/segment_0001:123")
-    for s in (b, q):
-        s.add_argument("--name", required=True, help="index name, e.g. state, pose, student")
-        s.add_argument("--exclude-frames", type=int, help="T: rows of the query key's segment within +-T frames are "
-                       "excluded (build: the index's default, else the store's seq_len; query: default the index's)")
-    b.add_argument("--vectors", required=True, help=".npy (N, D) float matrix, one row per key")
-    b.add_argument("--keys", help="text file, N keys (one per line, row order); default: the store's complete keys")
-    b.add_argument("--kind", choices=KINDS, default="exact", help="search back end (faiss kinds need faiss-cpu)")
-    b.add_argument("--append", action="store_true", help="add these rows to the existing index (a new part)")
-    b.add_argument("--replace", action="store_true", help="rebuild an existing index from these rows")
-    for f in ("nlist", "nprobe", "codec", "hnsw-m", "ef-construction", "ef-search"):
-        b.add_argument(f"--{f}", type=str if f == "codec" else int, help="faiss parameter (default: measured, "
-                       "docs/STORE.md); codec: the IVF codes, a faiss factory suffix (SQ8, Flat, PQ128x4fs)")
-    q.add_argument("--k", type=int, default=8, help="neighbours to print")
-    q.add_argument("--exact", action="store_true", help="exact search on an approximate index")
-    a = p.parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        if a.cmd == "build":
-            vec, keys = load_inputs(a.vectors, a.keys)
-            src = a.vectors + (f" + {a.keys}" if a.keys else "")
-            if a.append:
-                if keys is None:
-                    raise ValueError("--append needs --keys (the new rows' keys)")
-                idx = append_index(a.store, a.name, vec, keys, source=src)
-            else:
-                idx = build_index(a.store, a.name, vec, keys, kind=a.kind, replace=a.replace, source=src,
-                                  exclude_frames=a.exclude_frames, **{k: getattr(a, k) for k in ("nlist", "nprobe",
-                                  "codec", "hnsw_m", "ef_construction", "ef_search")})
-            print(f"{'appended' if a.append else 'built'} {len(vec)} rows: retrieval index {a.name!r} ({idx.kind}, "
-                  f"{len(idx)} keys, D={idx.dim}) at {idx.dir} in {time.perf_counter() - t0:.1f} s")
-        elif a.cmd == "query":
-            idx = RetrievalIndex.open(a.store, a.name)
-            row = idx.row_of(a.key)
-            if row is None:
-                raise ValueError(f"key {a.key!r} is not in retrieval index {a.name!r} of {a.store} ({len(idx)} keys)")
-            T = idx.exclude_frames if a.exclude_frames is None else a.exclude_frames
-            keys, sims = idx.retrieve(idx.vectors(np.array([row])), a.k, exclude=[a.key], exclude_frames=T,
-                                      exact=a.exact or None)
-            for i, (k, s) in enumerate(zip(keys[0], sims[0]), 1):
-                print(f"{i:>4}  {s:+.4f}  {k or '(none)'}")
-            print(f"query {a.key}: {int((keys[0] != '').sum())} neighbours from retrieval index {a.name!r} ({idx.kind}"
-                  f"{', exact search' if a.exact else ''}, {len(idx)} keys, D={idx.dim}), rows of segment "
-                  f"{parse_key(a.key).segment} within +-{T} frames excluded, {1e3 * (time.perf_counter() - t0):.0f} ms")
-        else:
-            names = list_indexes(a.store)
-            problems = verify_indexes(a.store)
-            for msg in problems:
-                print("PROBLEM:", msg)
-            print(f"verified {len(names)} retrieval index(es) of {a.store} ({', '.join(names) or 'none'}): "
-                  f"{len(problems)} problem(s)")
-            return 1 if problems else 0
-    except (StoreError, FileNotFoundError, FileExistsError, ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    """The CLI (``python -m stores.retrieval build|query|verify``, `stores.retrieval_cli`)."""
+    from stores.retrieval_cli import main as cli_main
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,52 @@ def test_faiss_recall_on_clustered_data(store, kind):
         build_index(store, "wrong", q, keys[:200], kind=kind, nprobe=4, ef_search=8)
 
 
+@pytest.mark.parametrize("codec,coarse", [("SQ8", "flat"), ("PQ8x4fsr", "PQ16x4fs"), ("PQ16x4fsr", "HNSW16"),
+                                          ("SQ8", "PQ16x4fs")])
+def test_ivf_codes_and_coarse_quantizers(store, codec, coarse):
+    """Every IVF variant (codes in the lists x coarse quantizer) finds the exact neighbours after the re-score,
+    records its parameters, honours exclusions, and a fast coarse quantizer picks the lists a flat one would."""
+    keys = _keys("train", range(SEGS))
+    X = _mixture(len(keys), 6)
+    index = build_index(store, f"ivf_{codec}_{coarse}", X, keys, kind="faiss-ivf", nlist=64, nprobe=12, codec=codec,
+                        coarse=coarse, candidates=64, fsync=False)
+    f = index.attrs["faiss"]
+    assert (f["codec"], f["coarse"], f["nlist"], f["candidates"]) == (codec, coarse, 64, 64)
+    faiss = faiss_module()
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index._faiss_index()).quantizer)
+    want = {"flat": "IndexFlat", "PQ16x4fs": "IndexRefineFlat", "HNSW16": "IndexHNSWFlat"}[coarse]
+    assert type(quantizer).__name__.startswith(want), type(quantizer).__name__
+    q = _mixture(200, 7)
+    approx, sims = index.retrieve(q, 8)
+    exact, exact_s = index.retrieve(q, 8, exact=True)
+    recall = np.mean([len(set(a) & set(e)) / 8 for a, e in zip(approx, exact)])
+    assert recall >= 0.95, f"{codec}/{coarse} recall@8 {recall:.3f}"
+    same = approx == exact
+    np.testing.assert_allclose(sims[same], exact_s[same], atol=1e-6)
+    assert (np.diff(sims, axis=1) <= 0).all()
+    few, _ = index.retrieve(q, 8, candidates=16, nprobe=1)              # overrides: fewer candidates, one list
+    assert few.shape == (200, 8) and np.mean([len(set(a) & set(e)) / 8 for a, e in zip(few, exact)]) < recall
+    own = np.array([3, 777, 1500])
+    got, s = index.retrieve(index.vectors(own), 8, exclude=[keys[i] for i in own], exclude_frames=10)
+    for i, row in zip(own, got):
+        p = parse_key(keys[i])
+        assert all(not (parse_key(k).segment == p.segment and abs(parse_key(k).start - p.start) <= 10) for k in row)
+    assert (got != "").all() and np.isfinite(s).all()
+
+
+def test_ivf_defaults_and_bad_parameters(store):
+    from stores.retrieval_faiss import faiss_params
+    big = faiss_params("faiss-ivf", 10**6, dim=256)
+    assert (big["nlist"], big["codec"], big["coarse"]) == (4096, "PQ64x4fsr", "PQ128x4fs")
+    assert faiss_params("faiss-ivf", 2000, dim=32)["coarse"] == "flat"               # few lists: flat is cheap
+    assert faiss_params("faiss-ivf", 2000, dim=6)["codec"] == "SQ8"                  # no 4-dim sub-vectors
+    keys = _keys("train", range(SEGS))
+    with pytest.raises(ValueError, match="coarse must be"):
+        build_index(store, "bad", _mixture(len(keys), 1), keys, kind="faiss-ivf", coarse="IVF8")
+    with pytest.raises(ValueError, match="do not divide"):
+        build_index(store, "bad", _mixture(len(keys), 1), keys, kind="faiss-ivf", nlist=16, coarse="PQ5x4fs")
+
+
 def test_missing_faiss_names_the_extra(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "faiss", None)
     with pytest.raises(ImportError, match=r"e2r-kd\[retrieval\]"):
