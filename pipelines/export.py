@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start a local dask cluster of N worker processes (1 thread each)")
     scale.add_argument("--scheduler", help="address of a running dask scheduler, e.g. tcp://10.0.0.1:8786")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per process (default: all cores; cores // N with --workers N). "
+                   help="torch threads per process (default: all cores; cores // N with --workers N; with --scheduler "
+                        "each task takes its worker machine's cores // the worker's --nthreads). "
                         "Results are bit-identical across runs only with equal --threads, batch sizes and device")
     p.add_argument("--rows_per_task", type=int, default=0,
                    help="rows per task (rounded up to whole shards; default one shard)")

@@ -25,7 +25,7 @@ import psutil
 import pytest
 from distributed import Client
 
-from e2r.workflow.export import ExportOptions, run_export_task
+from e2r.workflow.export import ExportOptions, run_export_task, worker_threads
 from pipelines.export import main
 from stores.local_s3 import moto_s3
 from tests.fixtures import read_csv_rows, write_tiny_dataset
@@ -162,6 +162,9 @@ def test_export_on_a_scheduler_and_two_worker_processes_equals_the_single_proces
     rel = {"data": os.path.relpath(world["data"]), "ckpt": os.path.relpath(world["ckpt"])}
     # --num_workers 2: each task's frames are read by DataLoader processes forked from the (non-daemon) worker
     assert not any(cluster["client"].run(lambda: multiprocessing.current_process().daemon).values())
+    # without --threads a task takes its worker machine's cores / the worker's task threads (1 here)
+    cores = cluster["client"].run(lambda: len(os.sched_getaffinity(0)))
+    assert cluster["client"].submit(worker_threads, pure=False).result() in set(cores.values())
     per_worker = _export_on(cluster, args_for(rel, "cluster.zarr", *COMMON, "--num_workers", "2", split=SPLITS))
     assert sum(per_worker.values()) == TASKS and len(per_worker) == 2, per_worker
     _same_rows(world["single"], read_all(tmp_path / "cluster.zarr"))

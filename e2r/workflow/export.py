@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -60,10 +61,25 @@ class ExportOptions:
     num_workers: int = 2          # DataLoader workers reading + voxelising point clouds
     device: str = "cpu"
     amp: Optional[str] = None     # None | "bf16" | "fp16" (CUDA only)
-    torch_threads: int = 0        # 0: leave torch's default
+    torch_threads: int = 0        # 0: leave torch's default; WORKER_THREADS: the worker's cores / its dask threads
     lidar_num_features: Any = "auto"
     storage_options: Optional[dict] = None    # a store URL's fsspec options (endpoint, credentials)
     plan_digest: str = ""         # the client's SplitPlan.digest(): a task refuses a dataset that differs
+
+
+WORKER_THREADS = -1              # torch_threads decided where the task runs (a dask worker on another machine)
+
+
+def worker_threads() -> int:
+    """Torch threads for a task in this process: its usable cores divided by the dask worker's task threads
+    (1 outside a dask worker)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        from distributed import get_worker
+        slots = int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        slots = 1
+    return max(1, cores // max(slots, 1))
 
 
 @dataclass
@@ -308,8 +324,9 @@ def run_export_task(opts: ExportOptions, a: int, b: int) -> TaskStats:
     :func:`_task_context`). A task run in the caller's process (threaded scheduler) leaves its torch thread
     count as it found it."""
     threads_before = torch.get_num_threads()
-    if opts.torch_threads > 0:
-        torch.set_num_threads(opts.torch_threads)
+    threads = worker_threads() if opts.torch_threads == WORKER_THREADS else opts.torch_threads
+    if threads > 0:
+        torch.set_num_threads(threads)
     try:
         with open_memorybank(opts.store, mode="r+", storage_options=opts.storage_options) as bank:
             ctx = _task_context(opts, bank.schema.seq_len, bank.provenance.teacher_sha256)

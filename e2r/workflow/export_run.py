@@ -29,7 +29,8 @@ from e2r.models.config import TeacherConfig
 from e2r.models.teacher import load_teacher
 from e2r.runtime import resolve_device
 from e2r.workflow.configs import ExportConfig
-from e2r.workflow.export import ExportContext, ExportOptions, TaskStats, export_rows, load_context, run_export_task
+from e2r.workflow.export import (WORKER_THREADS, ExportContext, ExportOptions, TaskStats, export_rows, load_context,
+                                 run_export_task)
 from stores import (MemoryBank, NotAMemoryBankError, Provenance, StoreCorruptError, StoreMismatchError, StoreSchema,
                     StoreVersionError, create_memorybank, remove_memorybank, stored_bytes)
 from stores.objstore import is_remote, parse_storage_options
@@ -196,7 +197,12 @@ def export_memorybank(cfg: ExportConfig) -> ExportResult:
             raise ValueError(f"--workers/--scheduler need a Zarr store (concurrent writers); {cfg.store} is "
                              f"{bank.backend}: export to a .zarr path and convert with `python -m stores convert`")
         client, cluster = _start_dask(cfg)
-        threads = cfg.threads or (0 if client is None else max(1, _cpus() // max(cfg.workers, 1)))
+        if cfg.threads:
+            threads = cfg.threads
+        elif cfg.scheduler:             # the workers' machines, not this one: each task decides where it runs
+            threads = WORKER_THREADS
+        else:
+            threads = 0 if client is None else max(1, _cpus() // max(cfg.workers, 1))
         if client is None and threads:
             torch.set_num_threads(threads)
         results = []
