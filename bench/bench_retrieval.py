@@ -56,7 +56,7 @@ def sweep(kind: str, codec: str) -> list[dict[str, int]]:
     if "fs" in codec:
         return [{"nprobe": p, "candidates": c}
                 for p, c in ((8, 128), (12, 128), (16, 96), (16, 128), (16, 256), (32, 256))]
-    return [{"nprobe": p} for p in (4, 8, 16, 32)]
+    return [{"nprobe": p, "candidates": 0} for p in (4, 8, 16, 32)]            # 0: 2 k candidates
 
 
 def mixture(n: int, d: int, seed: int, components: int = 2048, rank: int = 16, noise: float = 0.05) -> np.ndarray:

@@ -63,6 +63,8 @@ def faiss_params(kind: str, n: int, given: dict[str, Any] | None = None, dim: in
             p[k] = type(p[k])(v)
     if kind == "faiss-ivf" and not re.fullmatch(r"flat|HNSW\d+|PQ\d+x4fs", p["coarse"]):
         raise ValueError(f"coarse must be flat, HNSW<M> or PQ<M>x4fs, got {p['coarse']!r}")
+    if kind == "faiss-ivf" and (given or {}).get("candidates") is None and "fs" not in p["codec"]:
+        p["candidates"] = 0               # accurate codes (SQ8): 2 k candidates are enough
     return p
 
 
