@@ -12,7 +12,8 @@ codes only have to rank the true neighbours among the candidates, not exactly.
 * ``coarse`` - how a query finds its lists: ``flat`` (every centroid, B x nlist x D multiply-adds), ``HNSW<M>``
   (a graph over the centroids), ``PQ<M>x4fs`` (a fast-scan product quantizer over the centroids, its best
   `COARSE_K_FACTOR` x nprobe re-scored exactly: much cheaper than flat for nlist in the thousands);
-* ``nprobe`` - lists scanned per query; ``candidates`` - faiss results re-scored per query (at least 2 k).
+* ``nprobe`` - lists scanned per query; ``candidates`` - faiss results re-scored per query (at least 2 k;
+  96 for fast-scan codes: recall@8 0.955 at 1e6 x 256, 128: 0.967 for ~1.3 ms more per batch of 64).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def faiss_params(kind: str, n: int, given: dict[str, Any] | None = None, dim: in
         fast = dim >= 8 and dim % 4 == 0
         p: dict[str, Any] = {"nlist": nlist, "nprobe": 16, "codec": f"PQ{dim // 4}x4fsr" if fast else "SQ8",
                              "coarse": f"PQ{dim // 2}x4fs" if fast and nlist >= COARSE_PQ_MIN_NLIST else "flat",
-                             "candidates": 128 if fast else 0}
+                             "candidates": 96 if fast else 0}
     elif kind == "faiss-hnsw":
         p = {"hnsw_m": 32, "ef_construction": 80, "ef_search": 64}
     elif kind == "exact":

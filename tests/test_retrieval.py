@@ -236,7 +236,7 @@ def test_ivf_defaults_and_bad_parameters(store):
     assert faiss_params("faiss-ivf", 2000, dim=32)["coarse"] == "flat"               # few lists: flat is cheap
     assert faiss_params("faiss-ivf", 2000, dim=6)["codec"] == "SQ8"                  # no 4-dim sub-vectors
     assert faiss_params("faiss-ivf", 10**6, {"codec": "SQ8"}, dim=256)["candidates"] == 0   # accurate codes: 2 k
-    assert big["candidates"] == 128 and faiss_params("faiss-ivf", 10**6, {"candidates": 64}, dim=256)["candidates"] == 64
+    assert big["candidates"] == 96 and faiss_params("faiss-ivf", 10**6, {"candidates": 64}, dim=256)["candidates"] == 64
     keys = _keys("train", range(SEGS))
     with pytest.raises(ValueError, match="coarse must be"):
         build_index(store, "bad", _mixture(len(keys), 1), keys, kind="faiss-ivf", coarse="IVF8")
