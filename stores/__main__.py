@@ -26,7 +26,7 @@ from stores.errors import StoreError
 from stores.factory import open_memorybank
 from stores.objstore import parse_storage_options
 from stores.retrieval import list_indexes, verify_indexes
-from stores.retrieval import main as retrieval_main
+from stores.retrieval_cli import main as retrieval_main
 from stores.verify import field_stats, incomplete_count, verify_bank, verify_path  # noqa: F401 (verify_bank: API)
 
 

@@ -379,11 +379,6 @@ def append_index(store: str | os.PathLike, name: str, vectors: torch.Tensor | np
     return RetrievalIndex.open(store, name)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI (``python -m stores.retrieval build|query|verify``, `stores.retrieval_cli`)."""
-    from stores.retrieval_cli import main as cli_main
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":       # python -m stores.retrieval build|query|verify: the CLI is stores.retrieval_cli
+    from stores.retrieval_cli import main
     sys.exit(main())

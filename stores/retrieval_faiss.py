@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from stores.errors import StoreError
+from stores.errors import StoreCorruptError, StoreError
 
 BLOCK = 65536                     # rows converted to float32 at a time (faiss add)
 COARSE_K_FACTOR = 8               # a PQ coarse quantizer re-scores its best COARSE_K_FACTOR * nprobe centroids
@@ -117,10 +117,15 @@ def faiss_blob(kind: str, rows: np.ndarray, params: dict[str, Any], base: Path |
     return faiss.serialize_index(index)
 
 
+def corrupt(store: str, path: Path | str, what: str) -> StoreCorruptError:
+    return StoreCorruptError(f"retrieval index file {path}: {what}. The index is not used; rebuild it "
+                             f"(`python -m stores.retrieval build {store} --name NAME ... --replace`)",
+                             path=store, array=str(Path(path).parent), chunk=str(path))
+
+
 def load_faiss(path: Path, store: str, n: int, dim: int) -> Any:
     """The faiss index in the checked file ``path``, memory-mapped read-only when faiss can (>= 1.10; the
     lists of a fast-scan IVF are read into memory: M/2 bytes per row)."""
-    from stores.retrieval_store import corrupt
     faiss = faiss_module()
     try:
         index = faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | getattr(faiss, "IO_FLAG_READ_ONLY", 0))

@@ -42,7 +42,7 @@ from stores.errors import StoreCorruptError, StoreError
 from stores.factory import open_memorybank
 from stores.fsio import fsync_path, fsync_tree, open_regular, read_json, read_regular, remove_path, remove_stale_temps, temp_sibling, write_atomic
 from stores.index import check_keys
-from stores.retrieval_faiss import faiss_blob, faiss_module, faiss_params, load_faiss  # noqa: F401 (re-exported)
+from stores.retrieval_faiss import corrupt, faiss_blob, faiss_module, faiss_params, load_faiss  # noqa: F401 (re-exported)
 
 FORMAT, VERSION = "e2r-retrieval", 1
 ROOT = "retrieval"
@@ -146,12 +146,6 @@ def seal(attrs: dict[str, Any]) -> dict[str, Any]:
 
 def write_manifest(idir: Path, attrs: dict[str, Any], fsync: bool = True) -> None:
     write_bytes_atomic(idir / "zarr.json", group_json(seal(attrs)), fsync)
-
-
-def corrupt(store: str, path: Path | str, what: str) -> StoreCorruptError:
-    return StoreCorruptError(f"retrieval index file {path}: {what}. The index is not used; rebuild it "
-                             f"(`python -m stores.retrieval build {store} --name NAME ... --replace`)",
-                             path=store, array=str(Path(path).parent), chunk=str(path))
 
 
 def read_manifest(store: str, name: str) -> dict[str, Any]:

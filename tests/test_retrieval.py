@@ -14,7 +14,8 @@ import zarr
 
 from e2r.keys import SampleKey, parse_key
 from stores import StoreCorruptError, create_memorybank, open_memorybank
-from stores.retrieval import RetrievalIndex, append_index, build_index, main, verify_indexes
+from stores.retrieval import RetrievalIndex, append_index, build_index, verify_indexes
+from stores.retrieval_cli import main
 from stores.retrieval_store import faiss_module
 from tests.test_store_helpers import tiny_prov, tiny_schema
 
