@@ -17,6 +17,8 @@ from typing import Optional
 from e2r.errors import ConfigError, E2RError
 from e2r.workflow.configs import ExportConfig, config_from_namespace
 from e2r.workflow.export_run import export_memorybank, print_export_summary
+from e2r.workflow.retrieval_kd import RetrievalBuild, build_retrieval_index
+from e2r.workflow.retrieval_queries import QUERY_KINDS
 from pipelines._common import num_features
 from stores import StoreError
 
@@ -74,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage_options", default=None,
                    help="--store on object storage (s3://bucket/mb.zarr): fsspec options as JSON, e.g. "
                         "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (default: the AWS_* environment variables)")
+    p.add_argument("--retrieval_index", nargs="+", default=[], choices=QUERY_KINDS, metavar="QUERY",
+                   help=f"after the export, (re)build the store's retrieval index of each query kind "
+                        f"({', '.join(QUERY_KINDS)}; default none) with its default settings, as "
+                        f"`python -m pipelines.retrieval_index --query QUERY --replace` would")
     return p
 
 
@@ -98,6 +104,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"export failed: {e}", file=sys.stderr)
         return 1
     print_export_summary(cfg, result)
+    for query in cfg.retrieval_index:
+        try:
+            index = build_retrieval_index(RetrievalBuild(store=cfg.store, data_root=cfg.data_root, query=query,
+                                                         replace=True))
+        except (E2RError, StoreError, ValueError, OSError) as e:
+            print(f"export: the rows are stored, but the {query!r} retrieval index failed: {e}", file=sys.stderr)
+            return 1
+        print(f"retrieval index {query!r} ({index.kind}): {len(index)} rows of dimension {index.dim} in "
+              f"{cfg.store}/retrieval/{query}")
     return 0
 
 

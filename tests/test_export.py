@@ -212,3 +212,22 @@ def test_an_export_task_in_the_callers_process_restores_its_thread_count(tmp_pat
     with pytest.raises(RuntimeError, match="export task train"):
         run_export_task(opts, 0, 1)
     assert torch.get_num_threads() == before
+
+
+def test_retrieval_indexes_built_after_the_export(world, tmp_path, capsys):
+    """--retrieval_index builds the named query kinds' indexes over every exported row (state from data.csv,
+    student from the store); a remote store is refused before anything is exported."""
+    from stores.retrieval import RetrievalIndex
+
+    store = tmp_path / "mb.zarr"
+    assert main(args_for(world, store, "--retrieval_index", "state", "student", split=("train", "valid"))) == 0
+    out = capsys.readouterr().out
+    rows = len(open_memorybank(str(store)))
+    for query in ("state", "student"):
+        index = RetrievalIndex.open(str(store), query)
+        assert len(index) == rows and f"retrieval index {query!r}" in out
+        assert index.attrs["meta"]["query"] == query
+    assert main(args_for(world, "s3://bucket/mb.zarr", "--retrieval_index", "state")) == 2
+    assert "local stores only" in capsys.readouterr().err
+    assert main(args_for(world, store, "--retrieval_index", "pose")) == 1       # the tiny data has no pose columns
+    assert "pose" in capsys.readouterr().err and len(RetrievalIndex.open(str(store), "state")) == rows

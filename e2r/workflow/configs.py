@@ -324,10 +324,14 @@ class ExportConfig:
     no_fsync: bool = False
     no_progress: bool = False
     storage_options: Optional[str] = None
+    retrieval_index: list[str] = field(default_factory=list)    # query kinds indexed after the export
 
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work (the teacher checkpoint is checked by
         the export itself, which prints how to train one)."""
+        if self.retrieval_index and "://" in str(self.store):
+            raise ConfigError(f"--retrieval_index: retrieval indexes are built in local stores only, not {self.store}; "
+                              f"build it on a local copy (python -m pipelines.retrieval_index)")
         check_positive(self, ("seq_len", "stride", "batch_size", "window_batch", "write_rows", "bev_feat_pool"))
         check_storage_options(self.storage_options)
         if self.window_batch & (self.window_batch - 1):
