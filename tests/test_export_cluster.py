@@ -83,7 +83,8 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """``{"address", "client"}`` of a scheduler process + 2 worker processes (1 thread each)."""
+    """``{"address", "client"}`` of a scheduler process + 2 worker processes (1 thread each; one without a
+    nanny, one under the default nanny)."""
     root = tmp_path_factory.mktemp("cluster")
     sched_file = root / "scheduler.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -103,10 +104,14 @@ def cluster(tmp_path_factory):
         for i in range(2):
             wdir = root / f"worker{i}"                    # not the tests' working directory
             wdir.mkdir()
+            # w0 without a nanny; w1 under the default nanny, told (docs/SCALE.md) that its worker process may
+            # start child processes (the export's DataLoader readers)
+            nanny = ["--no-nanny"] if i == 0 else []
+            wenv = env if i == 0 else {**env, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
             procs.append(_start([*dask_cli, "worker", address, "--name", f"w{i}", "--nworkers", "1",
-                                 "--nthreads", "1", "--no-nanny", "--no-dashboard", "--memory-limit", "0",
+                                 "--nthreads", "1", *nanny, "--no-dashboard", "--memory-limit", "0",
                                  "--host", "127.0.0.1", "--local-directory", str(wdir), "--death-timeout", "60"],
-                                wdir, env, root / f"worker{i}.log"))
+                                wdir, wenv, root / f"worker{i}.log"))
         client = Client(address, timeout=30)
         try:
             client.wait_for_workers(2, timeout=90)
