@@ -41,6 +41,19 @@ def add_store_access_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store_cache_gb", type=float, default=20.0, help="size cap of --store_cache_dir (GiB, default 20)")
 
 
+def add_pairing_args(p: argparse.ArgumentParser) -> None:
+    """--pair_lidar_root / --pair_tolerance_ms (`e2r.workflow.configs.PairingArgs`): KD pairs by timestamp."""
+    p.add_argument("--pair_lidar_root", default=None, metavar="DIR",
+                   help="camera and LiDAR recorded apart (--data_root = the camera root, e.g. make_dataset "
+                        "--camera_root): pair each camera window with the LiDAR window of the same split/segment in "
+                        "DIR (the root the memorybank was exported from) whose last frame's timestamp is nearest to "
+                        "the camera window's last frame's; both roots' data.csv need a timestamp column. Default: off "
+                        "(windows pair by key)")
+    p.add_argument("--pair_tolerance_ms", type=float, default=50.0,
+                   help="with --pair_lidar_root: no pair (BC only) when the two last frames are more than this apart; "
+                        "a pair's KD terms are weighted by its confidence 1 - |dt|/tolerance (default 50)")
+
+
 def add_training_data_args(p: argparse.ArgumentParser, model_word: str) -> None:
     """``--data_root``, ``--train_split``, ``--train_segments``, ``--valid_split``, ``--preset`` (help: "<model_word> size")."""
     p.add_argument("--data_root", required=True, help="dataset root holding <split>/<segment>/meta/data.csv")

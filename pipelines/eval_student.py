@@ -21,8 +21,8 @@ import sys
 
 from e2r.workflow.configs import StudentEvalConfig, config_from_namespace
 from e2r.workflow.evaluate import evaluate_student, print_kd_gap
-from pipelines._common import (add_eval_input_args, add_eval_output_args, add_eval_window_args, add_store_access_args,
-                              eval_main)
+from pipelines._common import (add_eval_input_args, add_eval_output_args, add_eval_window_args, add_pairing_args,
+                              add_store_access_args, eval_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,15 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and for windows with one how close the retrieved targets come to their own")
     p.add_argument("--kd_retrieval_k", type=int, default=8, help="rows retrieved per window (default 8)")
     p.add_argument("--kd_retrieval_tau", type=float, default=0.05, help="mixing temperature (default 0.05)")
-    p.add_argument("--pair_lidar_root", default=None, metavar="DIR",
-                   help="camera and LiDAR recorded apart (--data_root = the camera root, e.g. make_dataset "
-                        "--camera_root): pair each camera window with the LiDAR window of the same split/segment in "
-                        "DIR (the root the memorybank was exported from) whose last frame's timestamp is nearest to "
-                        "the camera window's last frame's; both roots' data.csv need a timestamp column. Default: off "
-                        "(windows pair by key)")
-    p.add_argument("--pair_tolerance_ms", type=float, default=50.0,
-                   help="with --pair_lidar_root: no pair (BC only) when the two last frames are more than this apart; "
-                        "a pair's KD terms are weighted by its confidence 1 - |dt|/tolerance (default 50)")
+    add_pairing_args(p)
     p.add_argument("--skip_damaged", action="store_true",
                    help="a damaged memorybank (rows failing their checksums, missing shards) stops the run by "
                         "default; with this flag the damaged rows are left without KD and counted")

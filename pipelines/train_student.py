@@ -29,8 +29,8 @@ import sys
 
 from e2r.workflow.configs import StudentTrainConfig, config_from_namespace
 from e2r.workflow.train import train_student
-from pipelines._common import (add_store_access_args, add_training_data_args, add_training_run_args,
-                              add_training_window_args, training_main)
+from pipelines._common import (add_pairing_args, add_store_access_args, add_training_data_args,
+                              add_training_run_args, add_training_window_args, training_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,15 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="temperature of the softmax over similarities that mixes the k rows (default 0.05)")
     p.add_argument("--kd_retrieval_min_sim", type=float, default=0.9,
                    help="no KD for a window whose best cosine similarity is below this (default 0.9)")
-    p.add_argument("--pair_lidar_root", default=None, metavar="DIR",
-                   help="camera and LiDAR recorded apart (--data_root = the camera root, e.g. make_dataset "
-                        "--camera_root): pair each camera window with the LiDAR window of the same split/segment in "
-                        "DIR (the root the memorybank was exported from) whose last frame's timestamp is nearest to "
-                        "the camera window's last frame's; both roots' data.csv need a timestamp column. Default: off "
-                        "(windows pair by key)")
-    p.add_argument("--pair_tolerance_ms", type=float, default=50.0,
-                   help="with --pair_lidar_root: no pair (BC only) when the two last frames are more than this apart; "
-                        "a pair's KD terms are weighted by its confidence 1 - |dt|/tolerance (default 50)")
+    add_pairing_args(p)
     p.add_argument("--kd_unpaired", action="store_true",
                    help="with --kd_retrieval: ignore every window's own row and its whole segment (the unpaired-data "
                         "experiment: camera drives that share no key with the LiDAR drives)")
