@@ -1,6 +1,7 @@
 """Streaming the same samples from every source side by side: the memorybank on the local disk and on object
 storage (a local S3-compatible server: moto's, on 127.0.0.1), a raw float32 memmap (the upper bound of a local
-read) and LitData's ``StreamingDataset`` (the streaming anchor; ``pip install -e '.[bench]'``).
+read) and LitData's ``StreamingDataset`` (the streaming anchor; ``pip install torch==2.13.0 -e '.[bench]'``:
+keep torch pinned, or litdata's torchvision pulls another torch).
 
     python bench/bench_streaming.py --n 2000      # N light samples at SPEC sizes (T=5, A=2, D=256, H=640)
     python bench/bench_store.py --streaming       # the same
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lit_loader, lit_write = litdata_loader(lit, mmp, shape, N * a.reps, B, a.workers, schema)
     except ImportError as e:
-        print(f"  LitData rows skipped: {e} (pip install -e '.[bench]')")
+        print(f"  LitData rows skipped: {e} (pip install torch==<your torch> -e '.[bench]')")
         lit_loader, lit_write = None, float("nan")
     try:
         with moto_s3("bench") as endpoint:
