@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import fields as dc_fields, replace
 from numbers import Integral
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -329,8 +329,12 @@ def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def student_losses(net: torch.nn.Module, normalize_actions: Any, batch: dict[str, Any], action_w: Tensor,
                    kd: KDWeights, fov_masks: FovMasks | None = None, flipped: Tensor | None = None,
-                   smooth_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+                   smooth_weight: float = 0.0,
+                   after_forward: Callable[[dict[str, Any], dict[str, Tensor]], None] | None = None
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
     """BC + KD loss of one batch (already on the model's device, already flipped where ``flipped``).
+    ``after_forward(batch, aux)``: called with the student's forward outputs before the KD terms are taken,
+    e.g. to fill targets retrieved by the student's own bev_vec (``retrieval_kd.retrieve_for_student``).
 
     BC: ``e2r.losses.action_loss`` on normalised actions (weights ``action_w`` (A,)) over every sample; KD:
     ``e2r.kd.kd_losses`` over the samples with ``has_kd`` (action and dense bev_feat terms; bev_vec and
@@ -340,6 +344,8 @@ def student_losses(net: torch.nn.Module, normalize_actions: Any, batch: dict[str
     ``bc_only_samples`` (detached scalars)."""
     pred, aux = net(batch["images"], batch["intrinsics"], batch["cam2ego"], batch["speed"], batch["steering"],
                     return_aux=True)
+    if after_forward is not None:
+        after_forward(batch, aux)
     bc = action_loss(normalize_actions(pred), normalize_actions(batch["actions"]), action_w, smooth_weight)
     has_kd = batch["has_kd"]
     flipped = torch.zeros_like(has_kd) if flipped is None else flipped.to(has_kd.device)

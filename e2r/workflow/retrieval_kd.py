@@ -259,11 +259,11 @@ def apply_retrieved(batch: dict[str, Any], idx: Tensor, rows: Mapping[str, Tenso
 
 
 def retrieve_for_student(retriever: Retriever, reader: TeacherRowReader, batch: dict[str, Any],
-                         net: torch.nn.Module) -> None:
-    """``student`` retrieval in the training step, before the loss: the windows without a row (``~has_kd &
-    ~damaged``) are run through the student once more without gradients (train mode, so the same bev_vec as
-    the loss's forward up to dropout) and their mean bev_vec (B, D) queries the index; the retrieved targets
-    are written into ``batch`` (on its device) by :func:`apply_retrieved`. A no-op for other kinds."""
+                         aux: Mapping[str, Tensor]) -> None:
+    """``student`` retrieval in the training step (``kd_data.student_losses(after_forward=)``): the windows
+    without a row (``~has_kd & ~damaged``) query the index with their mean bev_vec from the loss's own forward
+    (``aux["bev_vec_seq"]`` (B, T, D), detached); the retrieved targets are written into ``batch`` (on its
+    device) by :func:`apply_retrieved` before the KD terms are taken. A no-op for other kinds."""
     if retriever.at_load:
         return
     B = len(batch["keys"])
@@ -272,10 +272,7 @@ def retrieve_for_student(retriever: Retriever, reader: TeacherRowReader, batch: 
     idx = torch.nonzero(~batch["has_kd"] & ~batch["damaged"].to(batch["has_kd"].device)).flatten()
     if len(idx) == 0:
         return
-    with torch.no_grad():
-        _, aux = net(batch["images"][idx], batch["intrinsics"][idx], batch["cam2ego"][idx], batch["speed"][idx],
-                     batch["steering"][idx], return_aux=True)
-    rows, used, best = retriever.targets(reader, {"bev_vec": aux["bev_vec_seq"]},
+    rows, used, best = retriever.targets(reader, {"bev_vec": aux["bev_vec_seq"][idx]},
                                          [batch["keys"][i] for i in idx.tolist()])
     apply_retrieved(batch, idx, rows, used, best)
 

@@ -147,10 +147,10 @@ class StudentTask(TrainTask):
             batch = hflip_batch(batch, flip, self.model.cfg.bev_grid)
         batch["steering"] = drop_steering_input(batch["steering"], self.cfg.steer_input_dropout)
         batch = batch_to(batch, self.device)
-        if self.retrieval is not None:    # student-kind retrieval: the query is the student's own bev_vec
-            retrieve_for_student(*self.retrieval, batch, self.net)
+        retrieval = self.retrieval        # student-kind retrieval: the query is the loss forward's own bev_vec
+        after = (lambda b, aux: retrieve_for_student(*retrieval, b, aux)) if retrieval is not None else None
         loss, parts = student_losses(self.net, self.model.normalize_actions, batch, self.weights, self.kd,
-                                     self.fov_masks, flip.to(self.device), self.cfg.smooth_weight)
+                                     self.fov_masks, flip.to(self.device), self.cfg.smooth_weight, after)
         n = len(batch["keys"])
         n_kd = float(parts["kd_samples"])
         sums = self.sums
