@@ -48,7 +48,7 @@ def _scanned(args: DatasetCheck, split: str, lidar: bool, camera: bool) -> tuple
                                       skip_bad=True)], set()
     paired = PairedSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
                                    args.image_size, skip_bad=True)
-    cams = list(getattr(paired, "camera_only_segments", []))
+    cams = list(paired.camera_only_segments)
     rest = [s for s in discover_segments(args.data_root, split) if s not in paired.tables and s not in cams]
     out = [paired]
     if rest:

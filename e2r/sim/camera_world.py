@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +47,9 @@ from e2r.sim.track import Track
 from e2r.sim.traffic import make_traffic
 # the world's private per-(seed, track, stream) random streams: one scheme for the whole package
 from e2r.sim.world import (_STREAM_CAMERA, _STREAM_EXPERT, _STREAM_TRAFFIC, GENERATOR_VERSION, MARKER, TRACK_JSON,
-                           SyntheticConfig, _rng, _split, calib_dict, camera_rng, config_dict, generate_dataset,
-                           generate_segment, has_camera, prepare_out_dir, segment_name, track_for_index)
+                           SyntheticConfig, _rng, _split, begin_segment, calib_dict, camera_rng, config_dict,
+                           finish_segment, generate_dataset, generate_segment, has_camera, prepare_out_dir,
+                           segment_name, segment_summary, track_for_index)
 
 __all__ = ["CameraRecording", "CAMERA_ONLY_COLUMNS", "camera_frame_times", "interpolate_drive",
            "generate_camera_segment", "generate_recording", "drive_segment_name"]
@@ -149,12 +148,7 @@ def generate_camera_segment(cfg: SyntheticConfig, index: int, root: str | Path, 
     True, ``lidar`` False, ``drive``). ``progress``: a shared counter incremented once per frame written."""
     root = Path(root)
     split, seg = _split(cfg, index), drive_segment_name(index, drive_no)
-    final, tmp = root / split / seg, root / f".tmp-{split}-{seg}"
-    if final.exists():
-        raise FileExistsError(f"segment folder {final} already exists; refusing to overwrite it")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left over from a crashed run
-    (tmp / "meta").mkdir(parents=True)
+    final, tmp = begin_segment(root, split, seg)
     (tmp / "camera").mkdir()
     (tmp / "camera" / "calib.json").write_text(json.dumps(calib_dict(cfg), indent=1) + "\n")
     track, drive20 = _drive(cfg, index, drive_no, rec.only_drives)
@@ -179,15 +173,8 @@ def generate_camera_segment(cfg: SyntheticConfig, index: int, root: str | Path, 
         if progress is not None:
             with progress.get_lock():
                 progress.value += 1
-    (tmp / "meta" / "data.csv").write_text("\n".join(rows) + "\n")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(tmp, final)
-    return {"split": split, "segment": seg, "track_index": index, "track_fingerprint": track.fingerprint(),
-            "track_length_m": round(track.length, 2), "clockwise": track.clockwise, "frames": len(frames),
-            "lidar_points_mean": 0.0, "velocity_mean": float(drive.velocity.mean()),
-            "velocity_min": float(drive.velocity.min()), "velocity_max": float(drive.velocity.max()),
-            "wheel_angle_absmax": float(np.abs(drive.wheel_angle).max()), "camera": True, "lidar": False,
-            "drive": drive_no, "look": look, "cars": cars}
+    finish_segment(tmp, final, rows)
+    return {**segment_summary(split, seg, index, track, drive, 0.0, True), "lidar": False, "drive": drive_no}
 
 
 def _marker(made_by: dict[str, Any], segments: list[dict[str, Any]]) -> dict[str, Any]:

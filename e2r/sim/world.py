@@ -63,7 +63,7 @@ import numpy as np
 from PIL import Image
 
 from e2r.sim.appearance import LIGHTS, AppearanceConfig, draw_appearance
-from e2r.sim.expert import ExpertConfig, drive_expert, speed_profile
+from e2r.sim.expert import Drive, ExpertConfig, drive_expert, speed_profile
 from e2r.sim.jobs import run_jobs
 from e2r.sim.sensors import (CameraConfig, LidarConfig, camera_intrinsics, camera_to_ego, cast_lidar,
                              render_camera)
@@ -74,7 +74,8 @@ from e2r.sim.vehicle import VehicleConfig
 __all__ = ["SyntheticConfig", "generate_dataset", "generate_segment", "split_for_track", "segment_name",
            "track_for_index", "calib_dict", "config_dict", "config_from_dict", "track_for_segment", "CSV_COLUMNS",
            "MARKER", "TRACK_JSON", "GENERATOR_VERSION", "LIDAR_ONLY_COLUMNS", "APPEARANCES", "has_camera",
-           "light_for_index", "camera_rng", "ensure_dataset", "run_jobs", "prepare_out_dir"]
+           "light_for_index", "camera_rng", "ensure_dataset", "prepare_out_dir", "begin_segment", "finish_segment",
+           "segment_summary"]
 
 CSV_COLUMNS = ("timestamp", "lidar_filepath", "image_filepath", "velocity", "wheel_angle", "speed_command",
                "x", "y", "yaw")
@@ -205,13 +206,7 @@ def generate_segment(cfg: SyntheticConfig, index: int, out_dir: str | Path, prog
     out_dir = Path(out_dir)
     split, seg = _split(cfg, index), segment_name(index)
     camera = has_camera(cfg, index) if with_camera is None else bool(with_camera) and has_camera(cfg, index)
-    final = out_dir / split / seg
-    if final.exists():
-        raise FileExistsError(f"segment folder {final} already exists; refusing to overwrite it")
-    tmp = out_dir / f".tmp-{split}-{seg}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left over from a crashed run
-    (tmp / "meta").mkdir(parents=True)
+    final, tmp = begin_segment(out_dir, split, seg)
     (tmp / "lidar").mkdir()
     track = track_for_index(cfg, index)
     drive = drive_expert(track, cfg.frames, _rng(cfg, index, _STREAM_EXPERT), cfg.expert, vehicle=cfg.vehicle)
@@ -246,15 +241,40 @@ def generate_segment(cfg: SyntheticConfig, index: int, out_dir: str | Path, prog
         if progress is not None:
             with progress.get_lock():
                 progress.value += 1
+    finish_segment(tmp, final, rows)
+    return segment_summary(split, seg, index, track, drive, float(n_points.mean()), camera)
+
+
+def begin_segment(out_dir: Path, split: str, seg: str) -> tuple[Path, Path]:
+    """(final folder, temporary folder with ``meta/``) of a segment about to be written; FileExistsError if
+    the final folder exists; a temporary folder left by a crashed run is removed first."""
+    final = out_dir / split / seg
+    if final.exists():
+        raise FileExistsError(f"segment folder {final} already exists; refusing to overwrite it")
+    tmp = out_dir / f".tmp-{split}-{seg}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left over from a crashed run
+    (tmp / "meta").mkdir(parents=True)
+    return final, tmp
+
+
+def finish_segment(tmp: Path, final: Path, rows: list[str]) -> None:
+    """Write the csv ``rows`` (header first) as ``meta/data.csv`` and rename the temporary folder into place."""
     (tmp / "meta" / "data.csv").write_text("\n".join(rows) + "\n")
     final.parent.mkdir(parents=True, exist_ok=True)
     os.rename(tmp, final)
+
+
+def segment_summary(split: str, seg: str, index: int, track: Track, drive: Drive, lidar_points_mean: float,
+                    camera: bool) -> dict[str, Any]:
+    """A written segment's entry in the world marker (``drive``: the F recorded states)."""
     return {"split": split, "segment": seg, "track_index": index, "track_fingerprint": track.fingerprint(),
-            "track_length_m": round(track.length, 2), "clockwise": track.clockwise, "frames": cfg.frames,
-            "lidar_points_mean": float(n_points.mean()), "velocity_mean": float(drive.velocity.mean()),
+            "track_length_m": round(track.length, 2), "clockwise": track.clockwise, "frames": len(drive.velocity),
+            "lidar_points_mean": lidar_points_mean, "velocity_mean": float(drive.velocity.mean()),
             "velocity_min": float(drive.velocity.min()), "velocity_max": float(drive.velocity.max()),
-            "wheel_angle_absmax": float(np.abs(drive.wheel_angle).max()), "camera": camera, "look": look,
-            "cars": cars}
+            "wheel_angle_absmax": float(np.abs(drive.wheel_angle).max()), "camera": camera,
+            "look": track.look.summary() if track.look is not None else None,
+            "cars": 0 if track.traffic is None else len(track.traffic)}
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
