@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_device", "seed_everything", "capture_rng_state", "restore_rng_state", "DistContext",
+__all__ = ["usable_cores", "resolve_device", "seed_everything", "capture_rng_state", "restore_rng_state", "DistContext",
            "setup_distributed", "teardown_distributed", "all_reduce_sums", "die_with_parent"]
 
 _PR_SET_PDEATHSIG = 1
@@ -39,6 +39,11 @@ def die_with_parent(worker_id: int = 0) -> None:
         return
     if os.getppid() == 1:   # the parent died before the request was made: the kernel will not signal us
         os._exit(0)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:

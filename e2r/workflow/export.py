@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -35,7 +34,7 @@ from e2r.checkpoints import file_sha256
 from e2r.data.datasets import LidarFrameDataset, LidarSequenceDataset
 from e2r.kd import pool_bev_feat
 from e2r.models.teacher import LiDARBEVTeacher, load_teacher
-from e2r.runtime import die_with_parent, resolve_device
+from e2r.runtime import die_with_parent, resolve_device, usable_cores
 from e2r.workflow.export_plan import SplitPlan, VoxelizedFrames, build_split_plan, collate_voxels, rows_to_frames
 from stores import MemoryBank, open_memorybank
 
@@ -73,13 +72,12 @@ WORKER_THREADS = -1              # torch_threads decided where the task runs (a 
 def worker_threads() -> int:
     """Torch threads for a task in this process: its usable cores divided by the dask worker's task threads
     (1 outside a dask worker)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         from distributed import get_worker
         slots = int(get_worker().state.nthreads)
     except (ImportError, ValueError, AttributeError):
         slots = 1
-    return max(1, cores // max(slots, 1))
+    return max(1, usable_cores() // max(slots, 1))
 
 
 @dataclass

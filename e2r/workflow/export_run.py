@@ -11,7 +11,6 @@ reads what to store from the store (``e2r.workflow.export``).
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -27,7 +26,7 @@ from e2r.checkpoints import file_sha256
 from e2r.data.datasets import ACTION_SEMANTICS, LidarSequenceDataset
 from e2r.models.config import TeacherConfig
 from e2r.models.teacher import load_teacher
-from e2r.runtime import resolve_device
+from e2r.runtime import resolve_device, usable_cores
 from e2r.workflow.configs import ExportConfig
 from e2r.workflow.export import (WORKER_THREADS, ExportContext, ExportOptions, TaskStats, export_rows, load_context,
                                  run_export_task)
@@ -161,10 +160,6 @@ def _absolute(path: str) -> str:
     return str(path) if is_remote(path) else str(Path(path).resolve())
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 @dataclass
 class SplitResult:
     split: str
@@ -202,7 +197,7 @@ def export_memorybank(cfg: ExportConfig) -> ExportResult:
         elif cfg.scheduler:             # the workers' machines, not this one: each task decides where it runs
             threads = WORKER_THREADS
         else:
-            threads = 0 if client is None else max(1, _cpus() // max(cfg.workers, 1))
+            threads = 0 if client is None else max(1, usable_cores() // max(cfg.workers, 1))
         if client is None and threads:
             torch.set_num_threads(threads)
         results = []
