@@ -46,7 +46,7 @@ from stores.retrieval_store import (FORMAT, VERSION, add_faiss, add_part, blob_a
                                     part_arrays, prepare_rows, read_manifest, splits_per_segment, write_manifest)
 from stores.schema import now_iso
 
-__all__ = ["KINDS", "RetrievalIndex", "build_index", "append_index", "verify_indexes", "list_indexes", "main"]
+__all__ = ["KINDS", "RetrievalIndex", "build_index", "append_index", "verify_indexes", "list_indexes"]
 KINDS = ("exact", "faiss-ivf", "faiss-hnsw")
 Exclude = Union[str, SampleKey, tuple[str, int], None]
 RERANK = 2                # an approximate search fetches RERANK * k candidates (+ the exclusion over-fetch)
