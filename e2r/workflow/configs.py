@@ -15,8 +15,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence, TypeVar, Union
 
 from e2r.errors import ConfigError, check_positive, check_probability
+from stores.objstore import is_remote
 
-__all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig", "StoreAccess", "PairingArgs",
+__all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig", "StoreAccess",
+           "PairingArgs",
            "TeacherEvalConfig", "StudentEvalConfig", "ExportConfig", "config_from_namespace", "command_line", "plain_dict",
            "check_output_file", "check_positive", "image_size",
            "NumFeatures"]
@@ -329,7 +331,7 @@ class ExportConfig:
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work (the teacher checkpoint is checked by
         the export itself, which prints how to train one)."""
-        if self.retrieval_index and "://" in str(self.store):
+        if self.retrieval_index and is_remote(self.store):
             raise ConfigError(f"--retrieval_index: retrieval indexes are built in local stores only, not {self.store}; "
                               f"build it on a local copy (python -m pipelines.retrieval_index)")
         check_positive(self, ("seq_len", "stride", "batch_size", "window_batch", "write_rows", "bev_feat_pool"))
