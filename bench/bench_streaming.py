@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_store import LIGHT, MemmapDataset, get_batch_rate, write_store  # noqa: E402
+from bench.bench_store import LIGHT, MemmapDataset, get_batch_rate, loader_rate, write_store  # noqa: E402
 from e2r.data.sampler import EpochBatchSampler  # noqa: E402
 from stores import StoreSchema, open_memorybank  # noqa: E402
 from stores.local_s3 import moto_s3  # noqa: E402
@@ -51,12 +51,7 @@ def timed_epoch(loader: DataLoader, sampler: EpochBatchSampler | None, epoch: in
     """Rows/s of one epoch (timed from its first batch: worker start-up and the first batch not counted)."""
     if sampler is not None:
         sampler.set_epoch(epoch)
-    it = iter(loader)
-    next(it)
-    t0, n = time.perf_counter(), 0
-    for b in it:
-        n += (b["actions"] if isinstance(b, dict) else b).shape[0]
-    return n / (time.perf_counter() - t0)
+    return loader_rate(loader)
 
 
 def loader(path: str, keys: list[str], B: int, workers: int, **open_kw: object
