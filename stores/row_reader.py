@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from stores.fsio import open_regular, read_json, read_regular
 
 _EMPTY = np.uint64(2**64 - 1)
 _EMPTY_INT = 2**64 - 1
+_U32 = struct.Struct("<I")     # a chunk's stored crc32c, little-endian
 KeysOf = Callable[[Sequence[int]], list[str]]
 
 
@@ -276,21 +278,33 @@ class RowChunkReader:
                       flat: np.ndarray) -> None:
         """Check and decode the chunks ``spans`` [(offset, nbytes)] of mapped file ``i`` into
         ``flat[positions]`` (``rows[positions]`` name them in errors). Per row: the crc32c of the chunk's bytes
-        against the 4 stored after them, BEFORE anything is decoded; then `decode_into`."""
+        against the 4 stored after them, BEFORE anything is decoded; then the decode of `decode_into`, inlined
+        here (this loop is the store's hot path: a call per row cost ~6 % of ``get_batch``)."""
         mm, _, u8 = self._files[i]
         view, value, tail = self._views[i], google_crc32c.value, 4 if self.crc else 0
         dest = memoryview(flat.reshape(-1).view(np.uint8))
-        for j, (off, nb) in zip(positions, spans):
-            if off == _EMPTY_INT:
-                if self.strict:
-                    raise self.missing_chunk(i, int(rows[j]))
-                flat[j] = self.fill
-                continue
-            end = off + nb - tail
-            if tail and value(u8[off:end]) != int.from_bytes(mm[end:end + 4], "little"):   # value() needs a
-                # read-only buffer without a release hook: the numpy view of the map, not the memoryview
-                raise self.bad_checksum(i, int(rows[j]))
-            self.decode_into(i, view[off:end], dest, j, int(rows[j]))
+        nbytes, decompress, stored_crc = self.row_nbytes, self._decompress, _U32.unpack_from
+        j = -1
+        try:
+            for j, (off, nb) in zip(positions, spans):
+                if off == _EMPTY_INT:
+                    if self.strict:
+                        raise self.missing_chunk(i, int(rows[j]))
+                    flat[j] = self.fill
+                    continue
+                end = off + nb - tail
+                if tail and value(u8[off:end]) != stored_crc(mm, end)[0]:   # value() needs a read-only buffer
+                    # without a release hook: the numpy view of the map, not the memoryview
+                    raise self.bad_checksum(i, int(rows[j]))
+                got = view[off:end] if decompress is None else decompress(view[off:end])
+                if len(got) != nbytes:
+                    raise ValueError(f"{len(got)} bytes, expected {nbytes}")
+                dest[j * nbytes:(j + 1) * nbytes] = got
+        except StoreCorruptError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoder error means a corrupt chunk
+            raise self._corrupt(f"row {int(rows[j])} does not decode ({type(e).__name__}: {e})", i, [int(rows[j])],
+                                int(rows[j]) % self.rows_per_file) from None
 
     def decode_into(self, i: int, src: Any, dest: memoryview, j: int, row: int) -> None:
         """Decode the checked chunk bytes ``src`` (without their checksum) of ``row`` (file ``i``) into slot
