@@ -31,7 +31,8 @@ def num_features(text: str) -> int | str:
 
 
 def add_store_access_args(p: argparse.ArgumentParser) -> None:
-    """``--storage_options``, ``--store_cache_dir``, ``--store_cache_gb``: how a memorybank URL is reached."""
+    """``--storage_options``, ``--store_cache_dir``, ``--store_cache_gb``: how a memorybank URL is reached;
+    ``--kd_targets``: which process reads its rows."""
     p.add_argument("--storage_options", default=None,
                    help="a --memorybank on object storage (s3://bucket/mb.zarr): fsspec options as JSON, e.g. "
                         "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (default: the AWS_* environment variables)")
@@ -39,6 +40,11 @@ def add_store_access_args(p: argparse.ArgumentParser) -> None:
                    help="a --memorybank URL: keep fetched chunks in this local directory (LRU, checked on every read) "
                         "so later epochs read them locally")
     p.add_argument("--store_cache_gb", type=float, default=20.0, help="size cap of --store_cache_dir (GiB, default 20)")
+    p.add_argument("--kd_targets", choices=("main", "worker"), default="main",
+                   help="where the teacher rows are read: 'main' = this process, by key, a batch ahead of the step "
+                        "(the DataLoader workers send camera windows only), 'worker' = the workers, with the windows "
+                        "(their rows then cross to this process through shared memory). Same batches either way "
+                        "(default: main)")
 
 
 def add_pairing_args(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from e2r.models.student import CameraBEVStudent
 from e2r.models.student_config import StudentConfig
 from e2r.models.teacher import LiDARBEVTeacher
 from e2r.runtime import DistContext
+from e2r.workflow.targets_ahead import TargetsAhead
 from stores import Provenance, StoreMismatchError, StoreSchema, create_memorybank, open_memorybank
 from tests.fixtures import write_tiny_dataset
 
@@ -110,6 +111,53 @@ def test_streamed_batches_equal_direct_reads_with_two_workers(data_root, tmp_pat
         _, s = make_kd_loader(data, 2, True, 1, 0, DistContext(True, rank, 2, 0))
         shards.append({i for batch in s for i in batch})
     assert shards[0] | shards[1] == set(range(len(ds))) and not (shards[0] & shards[1])
+
+
+def test_targets_read_in_main_equal_targets_read_in_workers(data_root, tmp_path):
+    """--kd_targets main (rows read by this process ahead of the step) and worker give the same batches."""
+    ds = camera_ds(data_root)
+    path = write_bank(tmp_path / "mb.zarr", fake_rows(ds.keys[1::2], seed=4))
+    data = KDCameraBatches(ds, path, ("actions", "bev_vec", "gru_out"))
+    runs = {}
+    for where in ("main", "worker"):
+        loader, sampler = make_kd_loader(data, 2, True, 7, 2, DistContext(), targets_in=where)
+        sampler.set_epoch(2)
+        runs[where] = list(loader)
+    assert isinstance(make_kd_loader(data, 3, True, 7, 2, DistContext())[0], TargetsAhead)     # the default
+    assert len(runs["main"]) == len(runs["worker"]) == len(loader) >= 3
+    for a, b in zip(runs["main"], runs["worker"]):
+        assert a["keys"] == b["keys"] and set(a) == set(b)
+        for name, value in a.items():
+            if name == "teacher":
+                assert set(value) == set(b[name])
+                for f in value:
+                    torch.testing.assert_close(value[f], b[name][f], rtol=0, atol=0)
+            elif isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, b[name], rtol=0, atol=0)
+    assert sum(int(b["has_kd"].sum()) for b in runs["main"]) == len(ds.keys[1::2])
+    with pytest.raises(ValueError, match="targets_in"):
+        make_kd_loader(data, 3, True, 7, 0, DistContext(), targets_in="gpu")
+
+
+def test_targets_ahead_raises_at_the_failing_batch_and_stops_when_closed():
+    def fill(batch):
+        if batch["i"] == 3:
+            raise RuntimeError("row 3 damaged")
+        batch["teacher"] = {"x": torch.full((2,), float(batch["i"]))}
+
+    got = []
+    with pytest.raises(RuntimeError, match="row 3 damaged"):
+        for batch in TargetsAhead([{"i": i} for i in range(6)], fill, depth=2):
+            got.append(int(batch["teacher"]["x"][0]))
+    assert got == [0, 1, 2]                                  # every batch before the failing one, in order
+    passed = [b for b in TargetsAhead([None, {"i": 0}], fill)]
+    assert passed[0] is None and passed[1]["teacher"]["x"].tolist() == [0.0, 0.0]
+    it = iter(TargetsAhead([{"i": i} for i in (0, 1, 2, 4, 5, 6, 7)], fill, depth=1))
+    assert int(next(it)["teacher"]["x"][0]) == 0
+    it.close()                                               # the consumer left mid-epoch: the thread ends
+    assert not it._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(it)
 
 
 def test_store_mismatch_refused_with_clear_messages(data_root, tmp_path):

@@ -164,14 +164,18 @@ class TeacherTrainConfig(TrainConfig):
 @dataclass(kw_only=True)
 class StoreAccess:
     """How a store URL (``s3://bucket/mb.zarr``) is reached: fsspec options (JSON) and a local cache of fetched
-    chunks (``store_cache_dir``, at most ``store_cache_gb`` GiB). Unused for a local store."""
+    chunks (``store_cache_dir``, at most ``store_cache_gb`` GiB; unused for a local store); and which process
+    reads the teacher rows (``kd_targets``, `e2r.workflow.kd_data.make_kd_loader`)."""
 
     storage_options: Optional[str] = None
     store_cache_dir: Optional[str] = None
     store_cache_gb: float = 20.0
+    kd_targets: str = "main"      # where teacher rows are read: "main" (ahead of the step) or "worker"
 
     def check(self) -> None:
         check_storage_options(self.storage_options)
+        if self.kd_targets not in ("main", "worker"):
+            raise ConfigError(f"--kd_targets must be 'main' or 'worker', got {self.kd_targets!r}")
         if not self.store_cache_gb > 0:
             raise ConfigError(f"--store_cache_gb must be > 0, got {self.store_cache_gb}")
 

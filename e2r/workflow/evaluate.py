@@ -144,7 +144,7 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
     data = KDCameraBatches(ds, cfg.memorybank, LIGHT_KD_FIELDS, cfg.skip_damaged, retriever, pairing=pairing,
                            **store_open_kw(cfg))
     check = RetrievalCheck(weights) if retriever is not None else None
-    loader, _ = make_kd_loader(data, cfg.batch_size, False, 0, cfg.num_workers, DistContext())
+    loader, _ = make_kd_loader(data, cfg.batch_size, False, 0, cfg.num_workers, DistContext(), cfg.kd_targets)
     accs = {name: ActionErrorAccumulator(weights) for name in STUDENT_PREDICTORS}
     gap = KDGapAccumulator(weights) if cfg.memorybank else None
     keys: list[str] = []

@@ -5,8 +5,9 @@
   read (``stores.torch_data.TeacherRowReader`` -> ``MemoryBank.get_batch_into``). Used with
   :func:`make_kd_loader`: the project's one sampler (``training_sampler``: exact rank sharding, seed +
   epoch shuffle) as the DataLoader's sampler with ``batch_size=None``, so every batch is fetched whole by one
-  worker. The store is opened read-only, lazily in each worker; nothing is loaded up front and nothing is
-  written per sample.
+  worker. By default the workers deliver the windows only and the rows are read in the training process
+  ahead of the step (``e2r.workflow.targets_ahead``). The store is opened read-only, lazily in each process
+  that reads; nothing is loaded up front and nothing is written per sample.
 * :func:`read_store_schema` / :func:`check_store`: the schema and teacher of a store, and a refusal of a
   store whose seq_len / action size / bev_vec D / gru_out H (or, for dense KD, bev_feat grid) differ from the
   dataset's and the student's.
@@ -15,13 +16,14 @@
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import fields as dc_fields, replace
 from numbers import Integral
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from e2r.checkpoints import load_checkpoint
 from e2r.data.datasets import ACTION_SEMANTICS, CameraSequenceDataset, collate_camera
@@ -35,14 +37,17 @@ from e2r.runtime import DistContext, die_with_parent
 from e2r.workflow.retrieval_kd import Retriever, apply_retrieved
 from e2r.workflow.configs import StoreAccess
 from e2r.workflow.pairing import TimestampPairing
+from e2r.workflow.targets_ahead import TargetsAhead
 from stores import StoreCorruptError, StoreError, StoreMismatchError, StoreSchema, open_memorybank
 from stores.objstore import parse_storage_options
 from stores.torch_data import TeacherRowReader, make_loader
 
-__all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "teacher_config_of_checkpoint", "read_store_schema", "store_open_kw",
+__all__ = ["LIGHT_KD_FIELDS", "KD_TARGETS_IN", "teacher_config_of_store", "teacher_config_of_checkpoint", "read_store_schema", "store_open_kw",
            "check_store", "KDCameraBatches",
            "make_kd_loader", "FovMasks", "hflip_batch", "batch_to", "student_losses"]
 
+#: where ``make_kd_loader`` reads teacher rows (``--kd_targets``)
+KD_TARGETS_IN = ("main", "worker")
 #: memorybank fields read for KD (bev_feat only when dense KD is asked)
 LIGHT_KD_FIELDS = ("actions", "bev_vec", "gru_out")
 
@@ -152,6 +157,7 @@ class KDCameraBatches(Dataset):
         self.retriever = retriever if memorybank else None
         self.unpaired = bool(unpaired)
         self.pairing = pairing if memorybank else None
+        self.targets_deferred = False
 
     def __len__(self) -> int:
         return len(self.camera)
@@ -162,17 +168,31 @@ class KDCameraBatches(Dataset):
         if batch is None:
             return None
         batch["keys"] = list(batch.pop("key"))
+        if not self.targets_deferred:
+            self.attach_targets(batch)
+        return batch
+
+    def deferred(self) -> "KDCameraBatches":
+        """A copy whose items are the camera windows only (no ``teacher``, ``has_kd``, ...): the caller then
+        calls :meth:`attach_targets` on each batch in its own process (`e2r.workflow.targets_ahead`)."""
+        twin = copy.copy(self)
+        twin.targets_deferred = True
+        return twin
+
+    def attach_targets(self, batch: dict[str, Any]) -> None:
+        """Add the teacher targets of ``batch``'s windows by key (the item's keys listed in the class
+        docstring from ``damaged`` on), in place."""
         batch["damaged"] = torch.zeros(len(batch["keys"]), dtype=torch.bool)
         batch["kd_weight"] = torch.ones(len(batch["keys"]), dtype=torch.float32)
         if self.teacher is None:
             batch["has_kd"], batch["teacher"] = torch.zeros(len(batch["keys"]), dtype=torch.bool), {}
-            return batch
+            return
         if self.unpaired:            # the unpaired experiment: no window has its own row; retrieval only
             batch["has_kd"] = torch.zeros(len(batch["keys"]), dtype=torch.bool)
             batch["teacher"] = {f: torch.zeros((len(batch["keys"]), *self.teacher.schema.row_shape(f)))
                                 for f in self.teacher.fields}
             self._retrieve(batch)
-            return batch
+            return
         if self.pairing is None:
             rows, batch["damaged"] = self._read_rows(batch["keys"])
         else:
@@ -182,7 +202,6 @@ class KDCameraBatches(Dataset):
         batch["teacher"] = rows
         if self.retriever is not None:
             self._retrieve(batch)
-        return batch
 
     def _retrieve(self, batch: dict[str, Any]) -> None:
         """Fill the unpaired (not damaged) windows' targets from the retrieved rows; sets ``"retrieved"`` (B,)
@@ -255,12 +274,20 @@ class KDCameraBatches(Dataset):
 
 
 def make_kd_loader(dataset: KDCameraBatches, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                   ctx: DistContext) -> tuple[DataLoader, EpochBatchSampler]:
-    """DataLoader over this rank's batches, one whole batch per worker fetch; call ``sampler.set_epoch(e)``
-    before each epoch. The store's row reader is fork-safe (no threads, files mapped lazily per process)."""
+                   ctx: DistContext, targets_in: str = "main") -> tuple[Iterable, EpochBatchSampler]:
+    """(loader over this rank's batches, its sampler): one whole batch per worker fetch; call
+    ``sampler.set_epoch(e)`` before each epoch. ``targets_in``: where a store's teacher rows are read:
+    ``"main"`` - this process, ahead of the step (`TargetsAhead`; the workers send camera windows only),
+    ``"worker"`` - the DataLoader workers, with the windows. Both give the same batches in the same order.
+    The store's row reader is fork-safe (no threads, files mapped lazily per process)."""
+    if targets_in not in KD_TARGETS_IN:
+        raise ValueError(f"targets_in must be one of {KD_TARGETS_IN}, got {targets_in!r}")
     sampler = training_sampler(len(dataset), batch_size, shuffle, seed, ctx.rank, ctx.world_size)
-    return make_loader(dataset, sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                       worker_init_fn=die_with_parent if num_workers else None), sampler
+    ahead = targets_in == "main" and dataset.teacher is not None
+    pin = torch.cuda.is_available()
+    loader = make_loader(dataset.deferred() if ahead else dataset, sampler, num_workers=num_workers, pin_memory=pin,
+                         worker_init_fn=die_with_parent if num_workers else None)
+    return (TargetsAhead(loader, dataset.attach_targets, pin=pin) if ahead else loader), sampler
 
 
 class FovMasks:

@@ -255,7 +255,7 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
         train_loader, train_sampler = make_kd_loader(
             KDCameraBatches(train_ds, bank, fields, cfg.skip_damaged, retriever, cfg.kd_unpaired, pairing=pairing,
                             **store_open_kw(cfg)),
-            batch_size, True, cfg.seed, cfg.num_workers, ctx)
+            batch_size, True, cfg.seed, cfg.num_workers, ctx, cfg.kd_targets)
         valid_loader = (make_kd_loader(KDCameraBatches(valid_ds), batch_size, False, cfg.seed, cfg.num_workers,
                                        ctx)[0] if valid_ds is not None and len(valid_ds) else None)
         task = StudentTask(trainer.net, model, cfg, kd, device)
