@@ -1,15 +1,18 @@
 """Key -> row index of a memorybank: per split, its keys sorted as fixed-width ASCII bytes with their split
 positions, searched by a vectorised binary search (``numpy.searchsorted``); nothing per key in Python objects.
 
-One lookup, two sources. `SplitIndex.open` maps a split's index file read-only (schema_version 4, Zarr back
+One lookup, three sources. `SplitIndex.open` maps a split's index file read-only (schema_version 4, Zarr back
 end; format in `stores.index_file`): opening costs a few KiB whatever the store's size, the pages are shared
 by every process through the page cache, and each checksummed block is checked the first time a lookup lands
-in it. `SplitIndex.build` sorts keys read (checked) from the store in memory: the HDF5 back end and stores of
-schema_version 3. `KeyIndex` joins the splits' indexes with the completion mask: only complete rows are found.
+in it. `SplitIndex.from_bytes` takes the same file fetched whole from an object store (checked alike) and,
+given how to fetch it again, moves it to an unlinked temporary file it maps (`stores.index_file.spill`): page
+cache too, not private memory. `SplitIndex.build` sorts keys read (checked) from the store in memory: the HDF5
+back end and stores of schema_version 3. `KeyIndex` joins the splits' indexes with the completion mask: only
+complete rows are found.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import numpy as np
 
 from e2r.keys import InvalidKeyError, validate_key
 from stores.errors import StoreCorruptError
-from stores.index_file import BLOCK, MappedIndex, index_from_bytes, map_index, sort_keys
+from stores.index_file import BLOCK, MappedIndex, index_from_bytes, map_index, sort_keys, spill
 
 
 class SplitIndex:
@@ -35,6 +38,7 @@ class SplitIndex:
         self.path, self.store, self.keys_crc32c = path, store, keys_crc32c
         self.where = str(path)                                # names the index in errors (a file or an object)
         self.fetched = False                                  # True: the bytes of a stored index (object store)
+        self._fetch: Callable[[], bytes | None] | None = None  # fetches those bytes again (after pickling)
         self.duplicates: list[tuple[str, int, int]] = []      # (key, first row, other row); built indexes only
         self._m = mapped
         self._verified: np.ndarray | None = None
@@ -50,13 +54,29 @@ class SplitIndex:
 
     @classmethod
     def from_bytes(cls, buf: bytes, store: str, where: str, split: str, start: int, count: int,
-                   keys_crc32c: int | None) -> "SplitIndex":
+                   keys_crc32c: int | None, fetch: Callable[[], bytes | None] | None = None) -> "SplitIndex":
         """The stored index file of a split as bytes (fetched from an object store; ``where`` names it):
-        checked like `open` (header, block table), each block's crc32c on first use."""
-        m = index_from_bytes(buf, store, Path(where), split, start, count, keys_crc32c)
-        idx = cls(split, start, count, m, store=store, keys_crc32c=keys_crc32c)
-        idx.where, idx.fetched, idx._verified = where, True, np.zeros(len(m.crcs), bool)
+        checked like `open` (header, block table), each block's crc32c on first use.
+
+        With ``fetch`` (a picklable callable returning the same object's bytes again, None when it is gone),
+        ``buf`` is copied into an unlinked temporary file mapped read-only (`stores.index_file.spill`; the
+        caller then drops ``buf``): the index lives in the page cache, shared with forked workers, instead of
+        ~22 bytes per key of private memory in each process; where the temporary directory is not writable it
+        stays in memory. Pickling drops it (neither its bytes nor the map travel): the receiving process
+        (a spawned worker, a dask task) calls ``fetch`` at its first lookup and checks those bytes afresh.
+        Without ``fetch`` the index views ``buf`` and is pickled with its entries."""
+        idx = cls(split, start, count, store=store, keys_crc32c=keys_crc32c)
+        idx.where, idx.fetched, idx._fetch = where, True, fetch
+        idx._load(buf)
         return idx
+
+    def _load(self, buf: bytes) -> None:
+        """Check and use the fetched bytes of the index (mapped from a temporary file when it can be fetched
+        again)."""
+        mm = spill(buf) if self._fetch is not None else None
+        m = index_from_bytes(buf if mm is None else mm, self.store, Path(self.where), self.split, self.start,
+                             self.count, self.keys_crc32c)
+        self._m, self._verified = m, np.zeros(len(m.crcs), bool)
 
     @classmethod
     def build(cls, split: str, start: int, keys: np.ndarray) -> "SplitIndex":
@@ -85,6 +105,12 @@ class SplitIndex:
         return self._mapped().keys.dtype.itemsize
 
     def _mapped(self) -> MappedIndex:
+        if self._m is None and self._fetch is not None:          # unpickled: fetched again in this process
+            buf = self._fetch()
+            if buf is None:
+                raise FileNotFoundError(f"memorybank {self.store}: the key index of split {self.split!r} "
+                                        f"({self.where}) is missing: open the store again")
+            self._load(buf)
         if self._m is None:
             assert self.path is not None
             m = map_index(self.path, self.store, self.split, self.start, self.count, self.keys_crc32c)
@@ -97,7 +123,7 @@ class SplitIndex:
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        if self.path is not None:          # another process maps the file itself (shared page cache)
+        if self.path is not None or self._fetch is not None:   # the other process maps / fetches it itself
             d["_m"], d["_verified"] = None, None
         return d
 

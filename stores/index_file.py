@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -150,13 +151,29 @@ def map_index(path: Path, store: str, split: str, start: int, count: int,
     return _entries(mm, width, block, count, lay, raw)
 
 
-def index_from_bytes(buf: bytes, store: str, path: Path, split: str, start: int, count: int,
+def index_from_bytes(buf: bytes | mmap.mmap, store: str, path: Path, split: str, start: int, count: int,
                      keys_crc32c: int | None) -> MappedIndex:
-    """`map_index` over the bytes of an index file (fetched from an object store; ``path`` names it in
-    errors): the same checks, the entries are views of ``buf``."""
+    """`map_index` over the bytes of an index file (fetched from an object store, or their `spill` mapping;
+    ``path`` names it in errors): the same checks, the entries are views of ``buf``."""
     width, block, lay, raw = _check_index(lambda n, off: bytes(buf[off:off + n]), len(buf), store, path,
                                           (split, start, count, keys_crc32c))
     return _entries(buf, width, block, count, lay, raw)
+
+
+def spill(buf: bytes) -> mmap.mmap | None:
+    """``buf`` written to an unlinked temporary file (`tempfile.TemporaryFile` in `tempfile.gettempdir()`,
+    i.e. ``TMPDIR`` or /tmp) and mapped read-only: its pages are then page cache of that file — written back
+    and reclaimed under memory pressure, shared with forked children that inherit the map — instead of the
+    process's private (anonymous) memory. The file has no name; it is freed when the map is. None when the
+    temporary directory cannot take it (not writable, full): the caller keeps ``buf`` in memory.
+    (On a tmpfs /tmp the pages stay in memory as shared memory: set TMPDIR to a disk.)"""
+    try:
+        with tempfile.TemporaryFile(prefix="e2r-key-index-") as fh:
+            fh.write(buf)
+            fh.flush()
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)   # holds its own duplicate of the fd
+    except (OSError, ValueError):                                         # ValueError: an empty buf
+        return None
 
 
 def _check_index(read: Any, size: int, store: str, path: Path, entry: tuple[str, int, int, int | None]

@@ -6,8 +6,9 @@ mb.zarr s3://bucket/mb.zarr``), read with the same checks:
 * opening reads the root and array ``zarr.json`` objects (validated like a local store's), lists the store
   once (size and ETag of every object: which shards and chunks exist), reads the completion flag chunks and
   each split's key index object (header, block table and, on use, every block's crc32c) — the index is
-  kept in memory, or mapped from ``cache_dir`` when one is given; a read-only handle refuses a store whose
-  rows lost their keys, flags, key index or data shards, as locally;
+  mapped from ``cache_dir`` when one is given, else from an unlinked temporary file (page cache, not private
+  memory; in memory only when the temporary directory is not writable); a read-only handle refuses a store
+  whose rows lost their keys, flags, key index or data shards, as locally;
 * rows are read by `stores.remote_reader.RemoteRowReader`: ranged GETs of exactly the requested rows'
   inner chunks, issued concurrently, shard indexes cached per shard, every chunk's crc32c checked before
   decoding; ``cache_dir`` keeps what was fetched (`stores.cache.ShardCache`, size-capped LRU, checked on
@@ -20,6 +21,7 @@ state and cache handles inherited by a forked worker stay valid; pickling drops 
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -118,7 +120,9 @@ class RemoteZarrMemoryBank(RemoteWrites, ZarrMemoryBank):
 
     def _open_split_index(self, name: str, s: int, c: int, crc: int | None) -> SplitIndex:
         """The split's index object: mapped from the cache when it holds it intact (every block checked),
-        else fetched, checked, and put in the cache."""
+        else fetched, checked, and put in the cache; without a cache (or when it cannot take it) mapped from
+        an unlinked temporary file (`SplitIndex.from_bytes` with ``fetch``: a pickled handle fetches it
+        again)."""
         rel = f"{INDEX_PREFIX}{name}{SUFFIX}"
         entry = self._listing.get(rel)
         if entry is None:
@@ -134,10 +138,12 @@ class RemoteZarrMemoryBank(RemoteWrites, ZarrMemoryBank):
         raw = self.files.get(rel)
         if raw is None:
             raise FileNotFoundError(f"memorybank {self.path}: the key index of split {name!r} ({rel}) is missing")
-        idx = SplitIndex.from_bytes(raw, self.path, rel, name, s, c, crc)
-        if local is not None and self.cache is not None and self.cache.put_blob(local, raw):
-            return SplitIndex.open(Path(local), self.path, name, s, c, crc)
-        return idx
+        if local is not None and self.cache is not None:
+            SplitIndex.from_bytes(raw, self.path, rel, name, s, c, crc)        # checked before it is cached
+            if self.cache.put_blob(local, raw):
+                return SplitIndex.open(Path(local), self.path, name, s, c, crc)
+        return SplitIndex.from_bytes(raw, self.path, rel, name, s, c, crc,
+                                     fetch=functools.partial(self.files.get, rel))
 
     def _flags_extent(self) -> int:
         ids = [int(n.split("/")[2]) for n in self._listing if n.startswith("complete/c/") and n.split("/")[2].isdigit()]
