@@ -3,7 +3,8 @@
 `ObjectFiles` is the only place that talks to the object store: whole-object reads (metadata, flag and key
 chunks, key index files), concurrent ranged reads (``cat_ranges``: the inner chunks of the rows asked for,
 adjacent ranges merged), one listing of the whole store (size and ETag of every object: which shards exist,
-their sizes, and the identity of each object for the local cache), and whole-object writes / deletes.
+their sizes, and the identity of each object for the local cache), and whole-object writes / deletes, and
+"put if absent" (`ObjectFiles.put_if_absent`: S3's conditional PUT, ``If-None-Match: *``) for creation.
 
 Fork safety: the fsspec filesystem (s3fs holds an event loop on a thread) is created lazily, on first use
 in a process, and created again when the process id changed (a forked DataLoader worker or dask task never
@@ -18,14 +19,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import fsspec
 
 from stores.errors import StoreError, StoreReadOnlyError
+from stores.fsio import publish, remove_path, temp_sibling
 
 LOCAL_PROTOCOLS = ("", "file", "local")
+# pipe_file(mode="create") is an atomic exclusive create there: s3fs sends PutObject with ``If-None-Match: *``
+# (AWS S3 since 2024-08, MinIO, moto), fsspec's memory:// opens "xb" under its lock.
+CONDITIONAL_PROTOCOLS = ("s3", "s3a", "memory")
+CONFLICT_RETRIES = 5                   # S3 answers 409 ConditionalRequestConflict to a put racing another: retry
 
 
 class Entry(NamedTuple):
@@ -59,6 +66,15 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     return got
 
 
+def _s3_code(e: BaseException) -> str:
+    """The S3 error code behind an s3fs exception (its botocore cause), '' when there is none."""
+    for x in (e, e.__cause__):
+        got = getattr(x, "response", None)
+        if isinstance(got, dict):
+            return str(got.get("Error", {}).get("Code", ""))
+    return ""
+
+
 def _entry(info: Mapping[str, Any]) -> Entry:
     tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("LastModified") \
         or info.get("mtime") or info.get("last_modified") or info.get("created") or ""
@@ -80,6 +96,7 @@ class ObjectFiles:
         self._fs: Any = None
         self._pid = -1
         self._root = ""
+        self.conditional = self.protocol in CONDITIONAL_PROTOCOLS or self.protocol in LOCAL_PROTOCOLS
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -203,6 +220,58 @@ class ObjectFiles:
         self.counts["put"] += 1
         with self._guard(f"write {rel}", write=True):
             self.fs.pipe_file(self.path(rel), bytes(data))
+
+    def put_if_absent(self, rel: str, data: bytes | bytearray | memoryview) -> bool:
+        """Write the whole object ``rel`` only if no object of that name exists: True when this call wrote it,
+        False when one existed (its bytes are left as they are).
+
+        Atomic (of two racing writers exactly one gets True) where the filesystem has an exclusive create:
+        S3 and S3-compatible services (s3fs ``pipe_file(mode="create")``: PutObject with ``If-None-Match: *``;
+        412 PreconditionFailed -> False; a 409 ConditionalRequestConflict is retried), fsspec's memory://,
+        and local files (a temporary sibling hard-linked to the name: ``link`` never replaces). Elsewhere
+        (gcs, azure, http, ... : ``conditional`` is False) and on a service that answers the condition with
+        501 NotImplemented, it is a lookup then a plain put: two writers racing between the two both write and
+        the later one wins, as before conditional puts. A service that silently ignores ``If-None-Match``
+        (some older S3-compatible servers) behaves the same way; nothing here can detect it."""
+        data = bytes(data)
+        if self.protocol in LOCAL_PROTOCOLS:
+            return self._link_new(rel, data)
+        if self.conditional:
+            for attempt in range(CONFLICT_RETRIES):
+                self.counts["put"] += 1
+                with self._guard(f"write {rel}", write=True):
+                    try:
+                        self.fs.pipe_file(self.path(rel), data, mode="create")
+                        return True
+                    except FileExistsError:
+                        return False
+                    except OSError as e:
+                        code = _s3_code(e)
+                        if code == "ConditionalRequestConflict" and attempt + 1 < CONFLICT_RETRIES:
+                            time.sleep(0.05 * 2 ** attempt)
+                            continue
+                        if code != "NotImplemented":
+                            raise
+                self.conditional = False                  # the service has no conditional PUT: the fallback
+                break
+        if self.info(rel) is not None:
+            return False
+        self.put(rel, data)
+        return True
+
+    def _link_new(self, rel: str, data: bytes) -> bool:
+        """put_if_absent on the local file system: the bytes in a temporary sibling, linked to the name."""
+        self.counts["put"] += 1
+        path = self.path(rel)
+        with self._guard(f"write {rel}", write=True):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = temp_sibling(path)
+            try:
+                with open(tmp, "xb") as f:
+                    f.write(data)
+                return publish(tmp, path)
+            finally:
+                remove_path(tmp)
 
     def delete(self, rels: Sequence[str]) -> None:
         """Delete the objects ``rels`` (absent ones are fine)."""
