@@ -256,11 +256,10 @@ class RowChunkReader:
 
     def by_file(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """``[(file i, positions in rows of the rows it holds)]`` in file order (rows: int64 (n,), any order)."""
-        S = self.rows_per_file
-        pos = np.argsort(rows, kind="stable") if (np.diff(rows) < 0).any() else np.arange(len(rows))
-        files = rows[pos] // S
-        cuts = np.flatnonzero(np.diff(files)) + 1
-        return [(int(rows[g[0]] // S), g) for g in np.split(pos, cuts)]
+        pos = np.argsort(rows, kind="stable") if (rows[1:] < rows[:-1]).any() else np.arange(len(rows))
+        files = rows[pos] // self.rows_per_file
+        cuts = [0, *(np.flatnonzero(files[1:] != files[:-1]) + 1).tolist(), len(pos)]
+        return [(int(files[a]), pos[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
 
     def missing_file(self, i: int, rows: Sequence[int]) -> StoreCorruptError:
         return self._corrupt("shard file is missing, but rows it holds are marked complete (deleted or lost; "
