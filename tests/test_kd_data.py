@@ -158,6 +158,12 @@ def test_targets_ahead_raises_at_the_failing_batch_and_stops_when_closed():
     assert not it._thread.is_alive()
     with pytest.raises(StopIteration):
         next(it)
+    it = iter(TargetsAhead([{"i": i} for i in range(50)], fill, depth=1))
+    next(it)
+    thread = it._thread
+    del it                                                   # dropped without close (an error in the step)
+    thread.join(timeout=5)
+    assert not thread.is_alive()
 
 
 def test_store_mismatch_refused_with_clear_messages(data_root, tmp_path):

@@ -52,6 +52,33 @@ class TargetsAhead:
             batch["teacher"] = {k: v.pin_memory() for k, v in batch["teacher"].items()}
 
 
+def _put(q: queue.Queue, stop: threading.Event, item: Any) -> bool:
+    """Queue ``item`` unless the consumer has gone (-> False)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _feed(source: Iterator[Any], fill: Callable[[Any], None], q: queue.Queue, stop: threading.Event) -> None:
+    """The thread: each batch of ``source`` filled and queued, then the end (or the error) marker. It holds no
+    reference to the consumer's iterator, so dropping that iterator stops it."""
+    try:
+        with torch.no_grad():
+            for batch in source:
+                if batch is not None:
+                    fill(batch)
+                if not _put(q, stop, (None, batch)):
+                    return
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+        _put(q, stop, (e, _END))
+        return
+    _put(q, stop, (None, _END))
+
+
 class _AheadIterator:
     """The consumer's side: ``next()`` takes the thread's next filled batch (or re-raises its error)."""
 
@@ -59,32 +86,9 @@ class _AheadIterator:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._finished = False
-        self._thread = threading.Thread(target=self._run, args=(source, fill), name="kd-targets-ahead",
-                                        daemon=True)
+        self._thread = threading.Thread(target=_feed, args=(source, fill, self._queue, self._stop),
+                                        name="kd-targets-ahead", daemon=True)
         self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        """Queue ``item`` unless the consumer has gone (-> False)."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, source: Iterator[Any], fill: Callable[[Any], None]) -> None:
-        try:
-            with torch.no_grad():
-                for batch in source:
-                    if batch is not None:
-                        fill(batch)
-                    if not self._put((None, batch)):
-                        return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            self._put((e, _END))
-            return
-        self._put((None, _END))
 
     def __iter__(self) -> "_AheadIterator":
         return self
@@ -108,5 +112,5 @@ class _AheadIterator:
         if self._thread is not threading.current_thread():
             self._thread.join()
 
-    def __del__(self) -> None:
+    def __del__(self) -> None:          # the consumer dropped it mid-epoch (an error in the step): stop the thread
         self._stop.set()
