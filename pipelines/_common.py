@@ -11,7 +11,7 @@ import torch
 
 from e2r.errors import E2RError
 from e2r.metrics import metrics_table
-from e2r.workflow.configs import config_from_namespace
+from e2r.workflow.configs import KD_TARGETS_IN, config_from_namespace
 from stores import StoreError
 
 __all__ = ["training_main", "eval_main", "print_training_summary", "num_features", "add_store_access_args",
@@ -40,7 +40,7 @@ def add_store_access_args(p: argparse.ArgumentParser) -> None:
                    help="a --memorybank URL: keep fetched chunks in this local directory (LRU, checked on every read) "
                         "so later epochs read them locally")
     p.add_argument("--store_cache_gb", type=float, default=20.0, help="size cap of --store_cache_dir (GiB, default 20)")
-    p.add_argument("--kd_targets", choices=("main", "worker"), default="main",
+    p.add_argument("--kd_targets", choices=KD_TARGETS_IN, default="main",
                    help="where the teacher rows are read: 'main' = this process, by key, a batch ahead of the step "
                         "(the DataLoader workers send camera windows only), 'worker' = the workers, with the windows "
                         "(their rows then cross to this process through shared memory). Same batches either way "

@@ -18,7 +18,7 @@ from e2r.errors import ConfigError, check_positive, check_probability
 from stores.objstore import is_remote
 
 __all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig", "StoreAccess",
-           "PairingArgs",
+           "PairingArgs", "KD_TARGETS_IN",
            "TeacherEvalConfig", "StudentEvalConfig", "ExportConfig", "config_from_namespace", "command_line", "plain_dict",
            "check_output_file", "check_positive", "image_size",
            "NumFeatures"]
@@ -161,6 +161,10 @@ class TeacherTrainConfig(TrainConfig):
     residual_actions: Optional[str] = None
 
 
+#: where the teacher rows of a KD batch are read (``--kd_targets``; `e2r.workflow.kd_data.make_kd_loader`)
+KD_TARGETS_IN = ("main", "worker")
+
+
 @dataclass(kw_only=True)
 class StoreAccess:
     """How a store URL (``s3://bucket/mb.zarr``) is reached: fsspec options (JSON) and a local cache of fetched
@@ -174,8 +178,8 @@ class StoreAccess:
 
     def check(self) -> None:
         check_storage_options(self.storage_options)
-        if self.kd_targets not in ("main", "worker"):
-            raise ConfigError(f"--kd_targets must be 'main' or 'worker', got {self.kd_targets!r}")
+        if self.kd_targets not in KD_TARGETS_IN:
+            raise ConfigError(f"--kd_targets must be one of {KD_TARGETS_IN}, got {self.kd_targets!r}")
         if not self.store_cache_gb > 0:
             raise ConfigError(f"--store_cache_gb must be > 0, got {self.store_cache_gb}")
 

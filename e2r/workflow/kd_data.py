@@ -35,19 +35,17 @@ from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import camera_fov_mask
 from e2r.runtime import DistContext, die_with_parent
 from e2r.workflow.retrieval_kd import Retriever, apply_retrieved
-from e2r.workflow.configs import StoreAccess
+from e2r.workflow.configs import KD_TARGETS_IN, StoreAccess
 from e2r.workflow.pairing import TimestampPairing
 from e2r.workflow.targets_ahead import TargetsAhead
 from stores import StoreCorruptError, StoreError, StoreMismatchError, StoreSchema, open_memorybank
 from stores.objstore import parse_storage_options
 from stores.torch_data import TeacherRowReader, make_loader
 
-__all__ = ["LIGHT_KD_FIELDS", "KD_TARGETS_IN", "teacher_config_of_store", "teacher_config_of_checkpoint", "read_store_schema", "store_open_kw",
-           "check_store", "KDCameraBatches",
+__all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "teacher_config_of_checkpoint", "read_store_schema",
+           "store_open_kw", "check_store", "KDCameraBatches",
            "make_kd_loader", "FovMasks", "hflip_batch", "batch_to", "student_losses"]
 
-#: where ``make_kd_loader`` reads teacher rows (``--kd_targets``)
-KD_TARGETS_IN = ("main", "worker")
 #: memorybank fields read for KD (bev_feat only when dense KD is asked)
 LIGHT_KD_FIELDS = ("actions", "bev_vec", "gru_out")
 
