@@ -2,7 +2,7 @@
 
 With ``--kd_targets worker`` each DataLoader worker reads its batch's teacher rows beside the camera windows
 and sends them to the main process through shared memory; that hand-over, not the store, bounds the rate
-(``bench/bench_streaming.py --targets``: a float32 memmap read the same way delivers about the same). Here
+(``bench/bench_streaming.py``: a float32 memmap read the same way delivers about the same). Here
 the workers deliver the camera windows and their keys only, and one thread of the main process fills each
 batch's targets by key (`KDCameraBatches.attach_targets`: one ``get_batch_into`` at the store's in-process
 rate, plus pairing / retrieval) for up to ``depth`` batches ahead while the step of the current one runs.
