@@ -181,17 +181,25 @@ def _mixture(n: int, seed: int, k: int = 64, rank: int = 6) -> np.ndarray:
             + 0.05 * r.standard_normal((n, D))).astype(np.float32)
 
 
+def _check_recall(index, q: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """Assert recall@8 >= 0.95 of ``index``'s search against its exact one, and that the neighbours both found
+    carry the exact similarity (candidates re-scored exactly); returns (approximate similarities, exact
+    neighbours, recall)."""
+    approx, sims = index.retrieve(q, 8)
+    exact, exact_s = index.retrieve(q, 8, exact=True)
+    recall = np.mean([len(set(a) & set(e)) / 8 for a, e in zip(approx, exact)])
+    assert recall >= 0.95, f"{label} recall@8 {recall:.3f}"
+    same = approx == exact
+    np.testing.assert_allclose(sims[same], exact_s[same], atol=1e-6)
+    return sims, exact, float(recall)
+
+
 @pytest.mark.parametrize("kind", ["faiss-ivf", "faiss-hnsw"])
 def test_faiss_recall_on_clustered_data(store, kind):
     keys = _keys("train", range(SEGS))
     index = build_index(store, f"recall_{kind}", _mixture(len(keys), 6), keys, kind=kind)
     q = _mixture(200, 7)
-    approx, sims = index.retrieve(q, 8)
-    exact, exact_s = index.retrieve(q, 8, exact=True)
-    recall = np.mean([len(set(a) & set(e)) / 8 for a, e in zip(approx, exact)])
-    assert recall >= 0.95, f"{kind} recall@8 {recall:.3f}"
-    same = approx == exact
-    np.testing.assert_allclose(sims[same], exact_s[same], atol=1e-6)     # candidates re-scored exactly
+    _check_recall(index, q, kind)
     assert index.retrieve(q, 8, nprobe=1, ef_search=8)[0].shape == (200, 8)
     with pytest.raises(ValueError, match="does not apply to"):
         build_index(store, "wrong", q, keys[:200], kind=kind, nprobe=4, ef_search=8)
@@ -213,12 +221,7 @@ def test_ivf_codes_and_coarse_quantizers(store, codec, coarse):
     want = {"flat": "IndexFlat", "PQ16x4fs": "IndexRefineFlat", "HNSW16": "IndexHNSWFlat"}[coarse]
     assert type(quantizer).__name__.startswith(want), type(quantizer).__name__
     q = _mixture(200, 7)
-    approx, sims = index.retrieve(q, 8)
-    exact, exact_s = index.retrieve(q, 8, exact=True)
-    recall = np.mean([len(set(a) & set(e)) / 8 for a, e in zip(approx, exact)])
-    assert recall >= 0.95, f"{codec}/{coarse} recall@8 {recall:.3f}"
-    same = approx == exact
-    np.testing.assert_allclose(sims[same], exact_s[same], atol=1e-6)
+    sims, exact, recall = _check_recall(index, q, f"{codec}/{coarse}")
     assert (np.diff(sims, axis=1) <= 0).all()
     few, _ = index.retrieve(q, 8, candidates=16, nprobe=1)              # overrides: fewer candidates, one list
     assert few.shape == (200, 8) and np.mean([len(set(a) & set(e)) / 8 for a, e in zip(few, exact)]) < recall
