@@ -72,9 +72,15 @@ def add_training_data_args(p: argparse.ArgumentParser, model_word: str) -> None:
     p.add_argument("--preset", choices=("tiny", "full"), default="tiny", help=f"{model_word} size (default: tiny)")
 
 
-def add_training_window_args(p: argparse.ArgumentParser) -> None:
-    """``--epochs``, ``--batch_size``, ``--seq_len``, ``--stride``."""
+def add_training_window_args(p: argparse.ArgumentParser, warmup_steps: int) -> None:
+    """``--epochs``, ``--steps``, ``--warmup_steps`` (default ``warmup_steps``), ``--batch_size``, ``--seq_len``,
+    ``--stride``."""
     p.add_argument("--epochs", type=int, default=None, help="epochs to train (default per preset: tiny 8, full 30)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train for this many optimizer steps instead of epochs (the last epoch cut short; the "
+                        "cosine decay then runs per step): the same budget whatever the data size")
+    p.add_argument("--warmup_steps", type=int, default=warmup_steps,
+                   help=f"linear learning-rate warm-up over the first N optimizer steps (default {warmup_steps})")
     p.add_argument("--batch_size", type=int, default=None, help="windows per batch (default: tiny 8, full 4)")
     p.add_argument("--seq_len", type=int, default=5, help="frames per window T (default: 5)")
     p.add_argument("--stride", type=int, default=1, help="step between window starts (default: 1)")

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd_unpaired", action="store_true",
                    help="with --kd_retrieval: ignore every window's own row and its whole segment (the unpaired-data "
                         "experiment: camera drives that share no key with the LiDAR drives)")
-    add_training_window_args(p)
+    add_training_window_args(p, StudentTrainConfig.warmup_steps)
     add_training_run_args(p, "seed for init, shuffling and flips (default 0)", "runs/student_best.pt")
     return p
 

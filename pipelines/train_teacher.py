@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.train_teacher", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_data_args(p, "model")
-    add_training_window_args(p)
+    add_training_window_args(p, TeacherTrainConfig.warmup_steps)
     p.add_argument("--lidar_num_features", default="auto", type=num_features,
                    help="columns per point in the .bin files: 4, 5, 8 or auto (default: auto-detect)")
     p.add_argument("--residual_actions", choices=("all", "steering", "none", "scene"), default=None,

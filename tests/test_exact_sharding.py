@@ -87,6 +87,9 @@ def test_exact_sampler_resume_and_state_dict_round_trip():
         EpochBatchSampler(N, BATCH, rank=1, world_size=WORLD).load_state_dict(s.state_dict())
     with pytest.raises(ValueError, match="start_batch"):
         s.set_epoch(0, start_batch=-1)
+    for start, stop in ((0, 2), (1, 3), (2, 2), (0, len(whole) + 5)):     # an epoch cut short (--steps)
+        s.set_epoch(3, start_batch=start, stop_batch=stop)
+        assert list(s) == whole[start:stop] and len(s) == len(whole[start:stop])
 
 
 def test_training_sampler_is_exact_unless_a_batch_would_be_empty():

@@ -12,7 +12,7 @@ import torch
 from e2r.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from e2r.models.student import load_student
 from e2r.models.teacher import LiDARBEVTeacher
-from e2r.workflow.trainer import ActionNormalizer
+from e2r.workflow.trainer import ActionNormalizer, LRSchedule
 from e2r.workflow.train import train_student as run_train_student
 from pipelines import eval_student, train_student
 from tests.test_kd_data import SEQ, STRIDE, TEACHER, camera_ds, fake_rows, teacher_rows, write_bank
@@ -182,3 +182,38 @@ def test_damaged_store_stops_training_unless_skip_damaged(setup, tmp_path, capsy
                                             device="cpu", no_progress=True, skip_damaged=True))
     assert len(ev["damaged_keys"]) == h["damaged_samples"]
     assert ev["kd_gap"]["kd_n"] == n - 1 - h["damaged_samples"]
+
+
+def test_steps_budget_with_warmup_and_resume_mid_run(setup, tmp_path):
+    """--steps N trains exactly N optimizer steps (the last epoch cut short), the warm-up and the per-step
+    cosine set each step's rate, and a run stopped after its first epoch resumes to the same weights."""
+    n_train = len(camera_ds(setup["root"]))
+    per_epoch = math.ceil(n_train / 4)
+    steps = per_epoch + 1                         # one whole epoch and one step of the next
+    common = ("--steps", str(steps), "--warmup_steps", "2", "--hflip_prob", "0.5")
+    full = _train(setup, tmp_path, *common, "--save_path", str(tmp_path / "a.pt"),
+                  "--checkpoint_path", str(tmp_path / "a_last.pt"))
+    assert [h["steps"] for h in full["history"]] == [per_epoch, steps]
+    state = load_checkpoint(tmp_path / "a_last.pt", kind="student")
+    assert state["scheduler"]["steps_done"] == steps and state["scheduler"]["total_steps"] == steps
+    assert full["history"][-1]["lr"] == pytest.approx(3e-3 * LRSchedule(2, 2, steps).factor(steps - 1, 1))
+    _train(setup, tmp_path, *common, "--save_path", str(tmp_path / "c.pt"),
+           "--checkpoint_path", str(tmp_path / "c_last.pt"), "--stop_after_epoch", "1")
+    resumed = _train(setup, tmp_path, *common, "--save_path", str(tmp_path / "c.pt"),
+                     "--checkpoint_path", str(tmp_path / "c_last.pt"), "--resume_path", str(tmp_path / "c_last.pt"))
+    assert [h["steps"] for h in resumed["history"]] == [per_epoch, steps]
+    a, c = load_checkpoint(tmp_path / "a_last.pt"), load_checkpoint(tmp_path / "c_last.pt")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], c["model"][k], rtol=1e-5, atol=1e-6)
+    assert train_student.main(_args(setup, tmp_path, "--steps", "3", "--epochs", "2")) != 0
+
+
+def test_lr_schedule_warmup_then_cosine():
+    per_epoch = LRSchedule(epochs=4)
+    assert [per_epoch.factor(s, e) for s, e in ((0, 0), (7, 0))] == [1.0, 1.0]     # constant within an epoch
+    assert per_epoch.factor(9, 2) == pytest.approx(0.05 + 0.95 * 0.5)               # half-way down at epoch 2/4
+    warm = LRSchedule(epochs=1, warmup_steps=4, total_steps=100)
+    cosine = [0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / 100)) for s in range(101)]
+    assert [warm.factor(s, 0) for s in range(6)] == pytest.approx([(s + 1) / 4 * cosine[s] for s in range(4)]
+                                                                  + cosine[4:6])
+    assert warm.factor(100, 0) == pytest.approx(0.05) and warm.factor(500, 9) == pytest.approx(0.05)

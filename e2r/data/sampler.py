@@ -70,14 +70,16 @@ class EpochBatchSampler(Sampler[list[int]]):
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.n, self.batch_size, self.shuffle, self.seed = int(n), int(batch_size), bool(shuffle), int(seed)
         self.drop_last, self.rank, self.world_size, self.epoch = bool(drop_last), rank, world_size, 0
-        self.exact, self.start_batch = bool(exact), 0
+        self.exact, self.start_batch, self.stop_batch = bool(exact), 0, None
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, stop_batch: int | None = None) -> None:
         """Select the epoch; ``start_batch`` > 0 skips that many of its batches (a mid-epoch resume: the
-        rest of the epoch comes in the same order as in an uninterrupted run)."""
-        if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        rest of the epoch comes in the same order as in an uninterrupted run); ``stop_batch`` ends it before
+        that batch (a run trained by steps whose last epoch is partial; None: the whole epoch)."""
+        if start_batch < 0 or (stop_batch is not None and stop_batch < 0):
+            raise ValueError(f"start_batch and stop_batch must be >= 0, got {start_batch}, {stop_batch}")
         self.epoch, self.start_batch = int(epoch), int(start_batch)
+        self.stop_batch = None if stop_batch is None else int(stop_batch)
 
     def state_dict(self) -> dict[str, Any]:
         return {"n": self.n, "batch_size": self.batch_size, "shuffle": self.shuffle, "seed": self.seed,
@@ -151,12 +153,16 @@ class EpochBatchSampler(Sampler[list[int]]):
         total, w = self._total(), self.world_size
         return self.exact and 0 < total and (total < w or (self.batch_size == 1 and total % w != 0))
 
+    def _end(self) -> int:
+        whole = self.batches_per_epoch()
+        return whole if self.stop_batch is None else min(whole, self.stop_batch)
+
     def __len__(self) -> int:
-        return max(self.batches_per_epoch() - self.start_batch, 0)
+        return max(self._end() - self.start_batch, 0)
 
     def __iter__(self) -> Iterator[list[int]]:
-        idx, start = self.rank_indices(), 0
-        for k, size in enumerate(self.batch_sizes()):
+        idx, start, end = self.rank_indices(), 0, self._end()
+        for k, size in enumerate(self.batch_sizes()[:end]):
             if k >= self.start_batch:
                 yield idx[start:start + size]
             start += size

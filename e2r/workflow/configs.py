@@ -105,6 +105,8 @@ class TrainConfig:
     valid_split: str = "valid"
     preset: str = "tiny"
     epochs: Optional[int] = None
+    steps: Optional[int] = None
+    warmup_steps: int = 0
     batch_size: Optional[int] = None
     lr: Optional[float] = None
     seq_len: int = 5
@@ -140,7 +142,12 @@ class TrainConfig:
         if self.preset not in PRESET_DEFAULTS:
             raise ConfigError(f"--preset {self.preset!r}: expected one of {sorted(PRESET_DEFAULTS)}")
         check_probability(self, ("steer_input_dropout", "hflip_prob"))
-        check_positive(self, ("epochs", "batch_size", "seq_len", "stride"))
+        check_positive(self, ("epochs", "steps", "batch_size", "seq_len", "stride"))
+        if self.epochs is not None and self.steps is not None:
+            raise ConfigError(f"--epochs {self.epochs} and --steps {self.steps}: give one of them (the length of "
+                              f"the run in epochs or in optimizer steps)")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.num_workers < 0:
@@ -221,6 +228,7 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
     """``python -m pipelines.train_student``: BC, plus KD for the keys in ``memorybank``."""
 
     save_path: Optional[str] = "runs/student_best.pt"
+    warmup_steps: int = 150       # without it the tiny camera student can stay at the label mean (docs/STUDENT.md)
     view_transform: str = "lss"
     memorybank: Optional[str] = None
     teacher_ckpt: Optional[str] = None

@@ -4,8 +4,8 @@
     task = MyTask(trainer.net, ...)                                            # what differs: the batch and loss
     result = trainer.fit(task, train_loader, train_sampler, valid_loader, model_config)
 
-:class:`Trainer` owns the network (DDP-wrapped under ``torchrun``), the AdamW optimizer with its cosine
-schedule, the history, the checkpoints (latest state every epoch to ``checkpoint_path``, best to
+:class:`Trainer` owns the network (DDP-wrapped under ``torchrun``), the AdamW optimizer with its
+:class:`LRSchedule` (linear warm-up, then cosine decay per epoch or, trained by ``--steps``, per step), the history, the checkpoints (latest state every epoch to ``checkpoint_path``, best to
 ``save_path``), the all-reduce of losses over ranks, TensorBoard and resume (model, optimizer, scheduler,
 epoch, best metric, RNG state). A :class:`TrainTask` supplies the per-batch loss and any extra per-epoch
 statistics. :func:`make_loader` is the DataLoader of a per-window dataset with the project's one sampler
@@ -31,7 +31,7 @@ from e2r.data.sampler import EpochBatchSampler, training_sampler
 from e2r.runtime import DistContext, all_reduce_sums, capture_rng_state, die_with_parent, restore_rng_state
 from e2r.workflow.configs import TrainConfig, plain_dict
 
-__all__ = ["ActionNormalizer", "make_loader", "run_epoch", "rank_loss_weight", "unwrap", "TrainTask", "Trainer",
+__all__ = ["ActionNormalizer", "LRSchedule", "make_loader", "run_epoch", "rank_loss_weight", "unwrap", "TrainTask", "Trainer",
            "train_valid_datasets"]
 
 
@@ -66,6 +66,23 @@ class ActionNormalizer:
         return actions * self.std.to(actions.device) + self.mean.to(actions.device)
 
 
+class LRSchedule:
+    """The learning rate of every optimizer step, as a factor of the base rate: a linear warm-up over the first
+    ``warmup_steps`` steps (factor ``(step + 1) / warmup_steps``), times a cosine decay from 1 to ``floor``,
+    either per epoch (constant within an epoch, ``epoch / epochs`` of the way down: a run trained by epochs)
+    or per step (``step / total_steps``: a run trained by ``--steps``)."""
+
+    def __init__(self, epochs: int, warmup_steps: int = 0, total_steps: int | None = None,
+                 floor: float = 0.05) -> None:
+        self.epochs, self.warmup_steps, self.total_steps, self.floor = max(epochs, 1), warmup_steps, total_steps, floor
+
+    def factor(self, step: int, epoch: int) -> float:
+        """Factor of optimizer step ``step`` (0-based, over the whole run) taken in epoch ``epoch``."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        progress = step / self.total_steps if self.total_steps else epoch / self.epochs
+        return warm * (self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
                 collate_fn: Callable | None, ctx: DistContext) -> tuple[DataLoader, EpochBatchSampler]:
     """DataLoader over this rank's batches of a per-window dataset; call ``sampler.set_epoch(epoch)``
@@ -94,14 +111,16 @@ def run_epoch(loader: Iterable, step: Callable[[Any], tuple[Tensor, int]], optim
               params: Iterable[Tensor] = (), grad_clip: float = 0.0, desc: str = "", ctx: DistContext | None = None,
               show_progress: bool = True, sums: tuple[float, int] = (0.0, 0),
               on_start: Callable[[], None] | None = None,
-              after_batch: Callable[[float, int], None] | None = None) -> float:
+              after_batch: Callable[[float, int], None] | None = None,
+              before_step: Callable[[], None] | None = None) -> float:
     """One pass over ``loader``; ``step(batch) -> (mean loss, batch size)`` (``None`` batches, all-bad
     windows, are skipped). Trains when ``optimizer`` is given (backward, optional gradient clipping, step),
     else runs under ``torch.no_grad``. Returns the sample-weighted mean loss over all ranks.
 
     Mid-epoch resume: ``sums`` = the (loss total, sample count) of the batches already done; ``on_start()``
     runs once the loader's iterator exists (it draws its seeds from the global RNG: a resumed run restores
-    its RNG state after that); ``after_batch(total, count)`` after every batch (a checkpoint hook).
+    its RNG state after that); ``after_batch(total, count)`` after every batch (a checkpoint hook);
+    ``before_step()`` right before every ``optimizer.step()`` (the learning-rate schedule).
 
     Under DDP (``ctx.enabled``) each rank's mean loss is scaled by :func:`rank_loss_weight` before backward,
     so the step's averaged gradient is the mean over all the step's samples even when the ranks' batches
@@ -129,6 +148,8 @@ def run_epoch(loader: Iterable, step: Callable[[Any], tuple[Tensor, int]], optim
                 (loss * rank_loss_weight(n, ctx) if ctx.enabled else loss).backward()
                 if grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                if before_step is not None:
+                    before_step()
                 optimizer.step()
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -207,8 +228,9 @@ class Trainer:
                       f"skipped {report['skipped']}")
         model.to(device)
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(self.epochs, 1),
-                                                                eta_min=lr * 0.05)
+        self.base_lrs = [group["lr"] for group in self.opt.param_groups]
+        self.schedule = LRSchedule(self.epochs, cfg.warmup_steps, cfg.steps)
+        self.steps_done: int | None = 0      # optimizer steps taken (None: an old checkpoint's, set in fit)
         self.start_epoch, self.best, self.history = self._resume(resume)
         self.net = (torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model)
@@ -220,7 +242,7 @@ class Trainer:
         try:
             self.model.load_state_dict(resume["model"])
             self.opt.load_state_dict(resume["optimizer"])
-            self.sched.load_state_dict(resume["scheduler"])
+            self.steps_done = resume["scheduler"].get("steps_done")     # absent: a per-epoch cosine's state
             start_epoch, best = int(resume["epoch"]) + 1, float(resume["best_metric"])
             history = list(resume.get("history", []))
         except (KeyError, ValueError, RuntimeError) as e:
@@ -232,11 +254,24 @@ class Trainer:
         restore_rng_state(resume["rng_state"])
         return start_epoch, best, history
 
+    def _set_lr(self, epoch: int) -> None:
+        """The learning rate of the next optimizer step (taken in ``epoch``)."""
+        factor = self.schedule.factor(self.steps_done, epoch)
+        for group, base in zip(self.opt.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
     def fit(self, task: TrainTask, train_loader: Iterable, train_sampler: EpochBatchSampler,
             valid_loader: Iterable | None, model_config: dict[str, Any]) -> dict[str, Any]:
-        """Train from ``start_epoch`` to ``epochs`` (or ``stop_after_epoch``) -> ``{"history", "best_metric",
-        "save_path", "checkpoint_path", "config"}``."""
-        cfg, ctx, epochs = self.cfg, self.ctx, self.epochs
+        """Train from ``start_epoch`` to ``epochs`` (or ``stop_after_epoch``; trained by ``steps``: the epochs
+        that hold them, the last one cut short) -> ``{"history", "best_metric", "save_path", "checkpoint_path",
+        "config"}``."""
+        cfg, ctx = self.cfg, self.ctx
+        whole = train_sampler.batches_per_epoch()
+        if cfg.steps:
+            self.epochs = math.ceil(cfg.steps / max(whole, 1))
+        epochs = self.epochs
+        if self.steps_done is None:       # resumed from a checkpoint of a per-epoch cosine: whole epochs done
+            self.steps_done = self.start_epoch * whole + (int(self.position["batches"]) if self.position else 0)
         writer = SummaryWriter(log_dir=cfg.tensorboard_dir) if cfg.tensorboard_dir and ctx.is_main else None
         show = not cfg.no_progress
         stop = epochs if cfg.stop_after_epoch is None else min(epochs, cfg.stop_after_epoch)
@@ -244,18 +279,20 @@ class Trainer:
             t0 = time.time()
             task.begin_epoch()
             mid, self.position = self.position, None
-            train_sampler.set_epoch(epoch, mid["batches"] if mid else 0)
+            train_sampler.set_epoch(epoch, mid["batches"] if mid else 0,
+                                    cfg.steps - epoch * whole if cfg.steps else None)
+            self._set_lr(epoch)
             self.net.train()
             train_loss = run_epoch(train_loader, task.train_step, self.opt, self.model.parameters(), cfg.grad_clip,
                                    f"epoch {epoch + 1}/{epochs} train", ctx, show,
-                                   **self._mid_epoch_hooks(task, epoch, mid, train_sampler, model_config))
+                                   **self._mid_epoch_hooks(task, epoch, mid, train_sampler, model_config),
+                                   before_step=lambda: self._step_lr(epoch))
             valid_loss = float("nan")
             if valid_loader is not None:
                 self.net.eval()
                 valid_loss = run_epoch(valid_loader, task.valid_step, None, desc=f"epoch {epoch + 1}/{epochs} valid",
                                        ctx=ctx, show_progress=show)
-            self.sched.step()
-            entry = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,
+            entry = {"epoch": epoch, "steps": self.steps_done, "train_loss": train_loss, "valid_loss": valid_loss,
                      "lr": self.opt.param_groups[0]["lr"], **task.epoch_stats(ctx)}
             improved = self._end_epoch(task, epoch, entry, valid_loss if valid_loader is not None else train_loss,
                                        model_config, writer)
@@ -267,6 +304,11 @@ class Trainer:
             writer.close()
         return {"history": self.history, "best_metric": self.best, "save_path": cfg.save_path,
                 "checkpoint_path": cfg.checkpoint_path, "config": model_config}
+
+    def _step_lr(self, epoch: int) -> None:
+        """Before each optimizer step: its learning rate, then count it."""
+        self._set_lr(epoch)
+        self.steps_done += 1
 
     def _mid_epoch_hooks(self, task: TrainTask, epoch: int, mid: dict[str, Any] | None,
                          sampler: EpochBatchSampler, model_config: dict[str, Any]) -> dict[str, Any]:
@@ -306,7 +348,9 @@ class Trainer:
         return {"model": unwrap(self.net).state_dict(), "config": model_config, "epoch": epoch,
                 "best_metric": self.best, "history": self.history, **task.extra_state(self.history),
                 "train_args": plain_dict(self.cfg), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "rng_state": capture_rng_state()}
+                "scheduler": {"steps_done": self.steps_done, "warmup_steps": self.schedule.warmup_steps,
+                              "total_steps": self.schedule.total_steps, "epochs": self.epochs},
+                "rng_state": capture_rng_state()}
 
     def _end_epoch(self, task: TrainTask, epoch: int, entry: dict[str, Any], metric: float,
                    model_config: dict[str, Any], writer: SummaryWriter | None) -> bool:
