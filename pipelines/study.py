@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher_stride", type=int, default=d.teacher_stride,
                    help=f"frames between the teacher's training windows (default {d.teacher_stride})")
     g.add_argument("--student_epochs", type=int, default=d.student_epochs, help=f"default {d.student_epochs}")
+    g.add_argument("--student_steps", type=int, default=d.student_steps,
+                   help="train every student this many optimizer steps instead of --student_epochs: the same "
+                        "training whatever the camera budget (default: by epochs)")
+    g.add_argument("--student_warmup_steps", type=int, default=d.student_warmup_steps,
+                   help=f"learning-rate warm-up of every student (default {d.student_warmup_steps})")
     g.add_argument("--residual_actions", choices=("all", "steering", "none", "scene"), default=d.residual_actions,
                    help="the teacher's (and so every student's) head: what it predicts as a change of its inputs "
                         f"(pipelines.train_teacher --help; default {d.residual_actions}: a teacher that sees its "

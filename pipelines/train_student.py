@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_data_args(p, "student")
     p.add_argument("--view_transform", choices=("lss", "identity"), default="lss",
                    help="camera -> BEV: lss (Lift-Splat, default) or identity (resize placeholder, ablation)")
+    p.add_argument("--splat_pool", choices=("sum", "mean"), default=StudentTrainConfig.splat_pool,
+                   help="Lift-Splat: sum the frustum points falling in a BEV cell (as LSS) or average them, so the "
+                        f"cells next to the camera do not outweigh the image (default {StudentTrainConfig.splat_pool})")
+    p.add_argument("--bev_pool_grid", type=int, default=StudentTrainConfig.bev_pool_grid,
+                   help="bev_vec reads a k x k average pool of the BEV features (default "
+                        f"{StudentTrainConfig.bev_pool_grid}; 1 = their global mean, which keeps what is seen but "
+                        "not where: the tiny student then often never leaves the label mean, docs/STUDENT.md)")
     p.add_argument("--memorybank", "--teacher_cache_dir", dest="memorybank", default=None,
                    help="memorybank of teacher outputs (pipelines.export); KD for the keys it holds. Unset: BC only")
     p.add_argument("--teacher_ckpt", default=None,

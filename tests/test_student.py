@@ -108,3 +108,24 @@ def test_tiny_student_overfits_two_samples():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.05 * losses[0], losses[::10]
+
+
+def test_bev_vec_reads_where_features_are():
+    """The presets' bev_vec sees a k x k pool of bev_feat: a scene and its mirror image (same global mean)
+    give different vectors; a config without the field (an older checkpoint) keeps the global mean."""
+    cfg = StudentConfig.preset_named("tiny")
+    assert cfg.bev_pool_grid == 4 and StudentConfig.preset_named("full").bev_pool_grid == 4
+    model = CameraBEVStudent(cfg)
+    feat = torch.zeros(2, cfg.teacher_bev_channels, cfg.bev_H, cfg.bev_W)
+    feat[0, :, :4, 8:12] = 1.0                       # something on the right (low rows: negative y)
+    feat[1, :, -4:, 8:12] = 1.0                      # the same on the left
+    pooled = model.pool(feat)
+    assert pooled.shape == (2, cfg.teacher_bev_channels * 16)
+    torch.testing.assert_close(pooled.reshape(2, cfg.teacher_bev_channels, 16).mean(-1), feat.mean(dim=(2, 3)))
+    assert not torch.allclose(pooled[0], pooled[1])
+    old = {k: v for k, v in cfg.to_dict().items() if k != "bev_pool_grid"}
+    legacy = CameraBEVStudent(StudentConfig.from_dict(old))
+    assert legacy.cfg.bev_pool_grid == 1 and legacy.to_vec.in_features == cfg.teacher_bev_channels
+    torch.testing.assert_close(legacy.pool(feat)[0], legacy.pool(feat)[1])
+    with pytest.raises(ValueError, match="bev_pool_grid"):
+        StudentConfig.from_teacher(TeacherConfig.preset_named("tiny"), "tiny", bev_pool_grid=0)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 
 import numpy as np
 import pytest
 
 from e2r.errors import ConfigError
-from e2r.workflow.study import StudyConfig, StudyUnit, plan_units, read_results
+from e2r.workflow.configs import command_line
+from e2r.workflow.study import StudyConfig, StudyUnit, plan_units, read_results, student_train_config
 from e2r.workflow.study_report import epochs_to_reach, format_summary, goals, study_rows, summary_table
-from pipelines import study
+from pipelines import study, train_student
 
 TINY = ["--camera_tracks", "2", "--lidar_only_tracks", "1", "--valid_tracks", "1", "--test_tracks", "1",
         "--frames", "16", "--budgets", "1", "2", "--seeds", "0", "--ablations",
@@ -101,3 +103,15 @@ def test_study_end_to_end_resumes_and_refuses_changed_settings(tmp_path, capsys)
     assert "student_epochs" in capsys.readouterr().err
     assert json.loads((out / "study.json").read_text())["settings"]["student_epochs"] == 2
     assert np.isfinite(float(rows[0]["overall_weighted_mse"]))
+
+
+def test_a_study_unit_trains_what_the_plain_command_trains(tmp_path):
+    """The study's training run of a unit is exactly the printed ``pipelines.train_student`` command: the
+    command line parses back to the same config (no hidden setting, such as a thread count, differs)."""
+    cfg = StudyConfig(out=str(tmp_path), data_root=str(tmp_path), student_steps=300)
+    for unit, segments in ((StudyUnit(2, "bc", 1), ["segment_0000", "segment_0001"]),
+                           (StudyUnit(1, "kd_dense", 0), ["segment_0003"])):
+        train_cfg = student_train_config(cfg, unit, segments, tmp_path / unit.name, tmp_path / "mb.zarr", "t.pt")
+        argv = shlex.split(command_line("pipelines.train_student", train_cfg))[3:]
+        assert train_student.parse_config(argv) == train_cfg
+        assert train_cfg.steps == 300 and train_cfg.epochs is None and train_cfg.warmup_steps == cfg.student_warmup_steps

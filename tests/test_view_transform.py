@@ -191,3 +191,21 @@ def test_cell_convention_matches_teacher_pillar_scatter():
         pooled = torch.nn.functional.max_pool2d(canvas[None, None], s)[0, 0]           # bev_feat grid
         (row, col), = torch.nonzero(pooled).tolist()
         assert bev_cell_index(p[None, :3], GRID).item() == row * GRID["W"] + col
+
+
+def test_mean_splat_averages_the_frustum_points_of_a_cell():
+    """pool="mean": each cell holds the average of the depth-weighted features that fall in it (sum / count of
+    frustum points, cameras of a rig together), so the cells near the camera, which collect many more points,
+    are on the same scale as the far ones; empty cells stay 0."""
+    summed, meaned = LiftSplat(8, 2, GRID), LiftSplat(8, 2, GRID, pool="mean")
+    K, T = _K()[None, None], _cam2ego(0.0)[None, None]
+    ones = torch.ones(1, summed.n_depth, *FEAT_HW)
+    counts = summed.splat(ones, torch.ones(1, 1, *FEAT_HW), K, T, IMG_HW)[0, 0]      # frustum points per cell
+    assert counts.max() >= 20 * counts[counts > 0].min()                              # the density the mean removes
+    dp = torch.rand(1, summed.n_depth, *FEAT_HW).softmax(1)
+    ctx = torch.rand(1, 2, *FEAT_HW)
+    torch.testing.assert_close(meaned.splat(dp, ctx, K, T, IMG_HW),
+                               summed.splat(dp, ctx, K, T, IMG_HW) / counts.clamp_min(1))
+    assert meaned.splat(ones, torch.ones(1, 1, *FEAT_HW), K, T, IMG_HW)[0, 0].unique().tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="pool"):
+        LiftSplat(8, 2, GRID, pool="max")

@@ -1,6 +1,10 @@
 """The camera student: image CNN -> view transform (Lift-Splat) -> BEV CNN -> bev_feat aligned to the
 teacher's grid + bev_vec -> speed/steering embeddings -> GRU -> MLP head -> actions.
 
+bev_vec is a linear map of a ``bev_pool_grid`` x ``bev_pool_grid`` average pool of bev_feat (the presets: 4 x 4),
+not of its global mean: the mean keeps what is in the scene but not where, and steering is a matter of
+where (docs/STUDENT.md: with the global mean the tiny student often never leaves the label mean).
+
 Same API shape as ``e2r.models.teacher.LiDARBEVTeacher`` (``encode_frames``, ``temporal``, ``forward`` with
 ``return_aux``); the control part (embeddings, GRU, head, normalisation, residual actions) is the same
 class, ``e2r.models.policy.TemporalPolicy``.
@@ -100,11 +104,11 @@ class CameraBEVStudent(TemporalPolicy):
         self.cfg = cfg
         self.image_encoder = ImageEncoder(cfg.image_channels, cfg.image_blocks, cfg.image_feat_channels)
         self.view_transform = build_view_transform(cfg.view_transform, cfg.image_feat_channels, cfg.lift_channels,
-                                                   cfg.bev_grid, tuple(cfg.depth_bins))
+                                                   cfg.bev_grid, tuple(cfg.depth_bins), cfg.splat_pool)
         self.bev_encoder = BEVEncoder(cfg.lift_channels, cfg.bev_channels, cfg.bev_blocks, cfg.bev_out_channels)
         self.adapter = (nn.Identity() if cfg.bev_out_channels == cfg.teacher_bev_channels
                         else nn.Conv2d(cfg.bev_out_channels, cfg.teacher_bev_channels, 1))
-        self.to_vec = nn.Linear(cfg.teacher_bev_channels, cfg.bev_dim)
+        self.to_vec = nn.Linear(cfg.teacher_bev_channels * cfg.bev_pool_grid ** 2, cfg.bev_dim)
         self.build_policy(cfg.bev_dim, cfg.speed_emb, cfg.steer_emb, cfg.gru_hidden, cfg.head_hidden,
                           cfg.action_dim, cfg.residual_actions)
 
@@ -122,7 +126,13 @@ class CameraBEVStudent(TemporalPolicy):
         bev = self.view_transform(feats, intrinsics.to(feats.device, torch.float32),
                                   cam2ego.to(feats.device, torch.float32), (H, W))
         bev_feat = self.adapter(self.bev_encoder(bev))
-        return self.to_vec(bev_feat.mean(dim=(2, 3))), bev_feat
+        return self.to_vec(self.pool(bev_feat)), bev_feat
+
+    def pool(self, bev_feat: Tensor) -> Tensor:
+        """bev_feat (F, C, H, W) -> (F, C * k * k): the average over each of k x k BEV regions (k =
+        ``bev_pool_grid``; rows before columns of a channel), the global mean when k = 1."""
+        k = self.cfg.bev_pool_grid
+        return bev_feat.mean(dim=(2, 3)) if k == 1 else F.adaptive_avg_pool2d(bev_feat, k).flatten(1)
 
     def forward(self, images: Tensor, intrinsics: Tensor, cam2ego: Tensor, speed: Tensor, steering: Tensor,
                 return_aux: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:

@@ -42,11 +42,13 @@ class StudentConfig(PlainConfig):
     image_blocks: tuple[int, ...] = (1, 2, 2, 2)
     image_feat_channels: int = 128                         # input of the view transform
     view_transform: str = "lss"                            # "lss" | "identity"
+    splat_pool: str = "sum"                                # LiftSplat: "sum" | "mean" over a cell's frustum points
     depth_bins: tuple[float, ...] = (2.0, 50.0, 1.0)       # d_min, d_max, step (m)
     lift_channels: int = 64                                # C of the splatted BEV map
     bev_channels: tuple[int, ...] = (64, 128, 256)         # BEV CNN stages (first at stride 1, then /2 each)
     bev_blocks: tuple[int, ...] = (1, 2, 2)
     bev_out_channels: int = 128                            # before the adapter to teacher_bev_channels
+    bev_pool_grid: int = 1        # bev_vec reads a k x k average pool of bev_feat (1: the global mean)
 
     @property
     def bev_grid(self) -> dict[str, Any]:
@@ -74,11 +76,12 @@ class StudentConfig(PlainConfig):
                        steer_emb=teacher.steer_emb, head_hidden=teacher.head_hidden,
                        residual_actions=teacher.residual_actions)
         if preset == "full":
-            own: dict[str, Any] = {}
+            own: dict[str, Any] = dict(bev_pool_grid=4)
         elif preset == "tiny":
             own = dict(image_size=(128, 64), image_channels=(16, 32, 64), image_blocks=(1, 1, 1),
                        image_feat_channels=32, depth_bins=(2.0, 50.0, 2.0), lift_channels=16,
-                       bev_channels=(16, 32), bev_blocks=(1, 1), bev_out_channels=teacher.bev_channels)
+                       bev_channels=(16, 32), bev_blocks=(1, 1), bev_out_channels=teacher.bev_channels,
+                       bev_pool_grid=4)
         else:
             raise ValueError(f"unknown student preset {preset!r}; choose 'tiny' or 'full'")
         cfg = cls(preset=preset, **derived, **{**own, **overrides})
@@ -101,11 +104,16 @@ class StudentConfig(PlainConfig):
     def validate(self) -> None:
         if self.view_transform not in ("lss", "identity"):
             raise ValueError(f"view_transform must be 'lss' or 'identity', got {self.view_transform!r}")
+        if self.splat_pool not in ("sum", "mean"):
+            raise ValueError(f"splat_pool must be 'sum' or 'mean', got {self.splat_pool!r}")
         if len(self.image_channels) < 2 or len(self.image_channels) != len(self.image_blocks):
             raise ValueError(f"image_channels {self.image_channels} and image_blocks {self.image_blocks} need "
                              f"equal lengths >= 2")
         if len(self.bev_channels) < 1 or len(self.bev_channels) != len(self.bev_blocks):
             raise ValueError(f"bev_channels {self.bev_channels} and bev_blocks {self.bev_blocks} need equal lengths")
+        if not 1 <= self.bev_pool_grid <= min(self.bev_H, self.bev_W):
+            raise ValueError(f"bev_pool_grid must be 1..{min(self.bev_H, self.bev_W)} (the BEV grid), "
+                             f"got {self.bev_pool_grid}")
         if len(self.depth_bins) != 3 or len(self.image_size) != 2:
             raise ValueError(f"depth_bins needs (d_min, d_max, step) and image_size (W, H); got "
                              f"{self.depth_bins}, {self.image_size}")

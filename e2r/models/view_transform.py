@@ -92,17 +92,24 @@ def camera_fov_mask(intrinsics: torch.Tensor, cam2ego: torch.Tensor, image_size:
 
 
 class LiftSplat(nn.Module):
-    """Lift-Splat: per-pixel categorical depth x context features, lifted into the camera frustum and
-    sum-pooled onto the teacher's BEV grid (vectorised with ``index_add_``). Cameras of a rig are summed into
+    """Lift-Splat: per-pixel categorical depth x context features, lifted into the camera frustum and pooled
+    onto the teacher's BEV grid (vectorised with ``index_add_``): summed (``pool="sum"``, as in LSS) or
+    averaged over the frustum points that fall in each cell (``pool="mean"``: a cell next to the camera takes
+    ~100x the points of a far one, and summed, that fixed geometry outweighs the image in every BEV map). Cameras of a rig are summed into
     the same grid. Frustum -> cell indices are cached per calibration (keyed on the K/cam2ego values, the
     image size and the feature size), so the geometry is computed once per rig.
 
     Args: in_channels (image feature channels), out_channels (C of the BEV map), bev_grid (teacher's
-    ``bev_grid`` dict), depth_bins (d_min, d_max, step) in metres, cache_size (rigs kept)."""
+    ``bev_grid`` dict), depth_bins (d_min, d_max, step) in metres, cache_size (rigs kept), pool ("sum" |
+    "mean")."""
 
     def __init__(self, in_channels: int, out_channels: int, bev_grid: dict[str, Any],
-                 depth_bins: tuple[float, float, float] = (2.0, 40.0, 1.0), cache_size: int = 64) -> None:
+                 depth_bins: tuple[float, float, float] = (2.0, 40.0, 1.0), cache_size: int = 64,
+                 pool: str = "sum") -> None:
         super().__init__()
+        if pool not in ("sum", "mean"):
+            raise ValueError(f"LiftSplat pool must be 'sum' or 'mean', got {pool!r}")
+        self.pool = pool
         self.bev_grid = dict(bev_grid)
         self.out_channels = out_channels
         self.register_buffer("depths", depth_bin_centers(depth_bins).float(), persistent=False)
@@ -154,7 +161,7 @@ class LiftSplat(nn.Module):
               cam2ego: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
         """depth_probs (F*Ncam, Dbins, h, w), context (F*Ncam, C, h, w) (frame-major, camera-minor),
         intrinsics (F,Ncam,3,3), cam2ego (F,Ncam,4,4), image_hw (H, W) of the images K is for
-        -> BEV (F, C, H_bev, W_bev): sum over cameras, depth bins and pixels falling in each cell."""
+        -> BEV (F, C, H_bev, W_bev): sum (or mean) over cameras, depth bins and pixels falling in each cell."""
         FN, D, h, w = depth_probs.shape
         C = context.shape[1]
         Fr, n_cam = intrinsics.shape[:2]
@@ -169,7 +176,10 @@ class LiftSplat(nn.Module):
         ctx = context.permute(0, 2, 3, 1).reshape(-1, C)
         vals = depth_probs.reshape(-1)[kept, None] * ctx[pixel]       # (K, C)
         out = torch.zeros(Fr * HW, C, dtype=vals.dtype, device=vals.device)
-        out.index_add_(0, frame * HW + cells[kept], vals)
+        target = frame * HW + cells[kept]
+        out.index_add_(0, target, vals)
+        if self.pool == "mean":
+            out = out / torch.bincount(target, minlength=Fr * HW).clamp_min(1).to(out.dtype)[:, None]
         return out.reshape(Fr, self.bev_grid["H"], self.bev_grid["W"], C).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, feats: torch.Tensor, intrinsics: torch.Tensor, cam2ego: torch.Tensor,
@@ -200,10 +210,10 @@ class IdentityViewTransform(nn.Module):
 
 
 def build_view_transform(kind: str, in_channels: int, out_channels: int, bev_grid: dict[str, Any],
-                         depth_bins: tuple[float, float, float] = (2.0, 40.0, 1.0)) -> nn.Module:
-    """``kind`` = "lss" (LiftSplat) or "identity" (IdentityViewTransform)."""
+                         depth_bins: tuple[float, float, float] = (2.0, 40.0, 1.0), pool: str = "sum") -> nn.Module:
+    """``kind`` = "lss" (LiftSplat, pooling ``pool``) or "identity" (IdentityViewTransform)."""
     if kind == "lss":
-        return LiftSplat(in_channels, out_channels, bev_grid, depth_bins)
+        return LiftSplat(in_channels, out_channels, bev_grid, depth_bins, pool=pool)
     if kind == "identity":
         return IdentityViewTransform(in_channels, out_channels, bev_grid)
     raise ValueError(f"unknown view_transform {kind!r}; choose 'lss' or 'identity'")

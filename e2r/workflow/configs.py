@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence, TypeVar, Union
 
@@ -44,6 +45,10 @@ def config_from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
     return cfg
 
 
+#: list flags given once per value (``action="append"``); every other list flag takes its values after one flag
+REPEATED_FLAGS = frozenset({"split", "policy", "segment"})
+
+
 def command_line(module: str, cfg: Any, positional: Sequence[str] = ()) -> str:
     """The ``python -m <module> ...`` command that makes ``cfg`` (fields that differ from their defaults;
     ``positional`` fields are written without a flag), for logs: a reader can re-run a stage by hand."""
@@ -56,10 +61,12 @@ def command_line(module: str, cfg: Any, positional: Sequence[str] = ()) -> str:
         elif value != default:
             if isinstance(value, bool):
                 words.append(f"--{f.name}")
-            elif isinstance(value, list):                        # a repeatable flag (--split, --policy)
-                words += [f"--{f.name} {v}" for v in value]
+            elif isinstance(value, list) and f.name in REPEATED_FLAGS:
+                words += [f"--{f.name} {shlex.quote(str(v))}" for v in value]
+            elif isinstance(value, list):                        # nargs="+": --train_segments a b
+                words.append(" ".join([f"--{f.name}", *(shlex.quote(str(v)) for v in value)]))
             else:
-                words.append(f"--{f.name} {value}")
+                words.append(f"--{f.name} {shlex.quote(str(value))}")
     return " ".join(words)
 
 
@@ -230,6 +237,8 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
     save_path: Optional[str] = "runs/student_best.pt"
     warmup_steps: int = 150       # without it the tiny camera student can stay at the label mean (docs/STUDENT.md)
     view_transform: str = "lss"
+    splat_pool: str = "sum"
+    bev_pool_grid: int = 4
     memorybank: Optional[str] = None
     teacher_ckpt: Optional[str] = None
     kd_action_w: float = 1.0
@@ -254,7 +263,7 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
         self.check_pairing(self.memorybank)
         if self.kd_unpaired and self.pair_lidar_root:
             raise ConfigError("--kd_unpaired ignores every window's own pair: it cannot go with --pair_lidar_root")
-        check_positive(self, ("kd_retrieval_k",))
+        check_positive(self, ("kd_retrieval_k", "bev_pool_grid"))
         if not self.kd_retrieval_tau > 0:
             raise ConfigError(f"--kd_retrieval_tau must be > 0, got {self.kd_retrieval_tau}")
 

@@ -31,12 +31,13 @@ from e2r.errors import ConfigError, check_probability
 from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.world import SyntheticConfig, ensure_dataset
 from e2r.workflow.configs import (ExportConfig, StudentEvalConfig, StudentTrainConfig, TeacherEvalConfig,
-                                  TeacherTrainConfig, check_positive)
+                                  TeacherTrainConfig, check_positive, command_line)
 from e2r.workflow.evaluate import evaluate_student, evaluate_teacher
 from e2r.workflow.export_run import export_memorybank, print_export_summary
 from e2r.workflow.train import train_student, train_teacher
 
 __all__ = ["StudyConfig", "VARIANTS", "StudyUnit", "plan_units", "run_study", "camera_train_segments",
+           "student_train_config",
            "RESULT_FILE", "read_results"]
 
 #: variant -> KD loss weights (action, bev_vec, temporal, bev_feat); ``bc`` trains without the memorybank
@@ -51,7 +52,8 @@ RESULT_FILE = "result.json"
 CHECKPOINT_EVERY = 100      # batches between mid-epoch training states
 #: settings that change what a finished unit means (recorded in study.json, must not change on resume)
 _FIXED = ("camera_tracks", "lidar_only_tracks", "valid_tracks", "test_tracks", "frames", "world_seed",
-          "appearance", "teacher_epochs", "teacher_stride", "student_epochs", "hflip_prob", "starts", "time_limit",
+          "appearance", "teacher_epochs", "teacher_stride", "student_epochs", "student_steps",
+          "student_warmup_steps", "hflip_prob", "starts", "time_limit",
           "residual_actions")
 
 
@@ -77,6 +79,8 @@ class StudyConfig:
     teacher_epochs: int = 6
     teacher_stride: int = 2
     student_epochs: int = 6
+    student_steps: Optional[int] = None      # every unit the same optimizer steps, whatever its camera budget
+    student_warmup_steps: int = StudentTrainConfig.warmup_steps
     residual_actions: Optional[str] = "scene"
     hflip_prob: float = 0.5
     starts: int = 2
@@ -97,7 +101,9 @@ class StudyConfig:
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work."""
         check_positive(self, ("camera_tracks", "frames", "teacher_epochs", "teacher_stride", "student_epochs",
-                              "starts"))
+                              "student_steps", "starts"))
+        if self.student_warmup_steps < 0:
+            raise ConfigError(f"--student_warmup_steps must be >= 0, got {self.student_warmup_steps}")
         if self.lidar_only_tracks < 0:
             raise ConfigError(f"--lidar_only_tracks must be >= 0, got {self.lidar_only_tracks}")
         for name in ("budgets", "seeds", "variants"):
@@ -272,22 +278,32 @@ def _export_unit(cfg: StudyConfig, folder: Path, store: Path, teacher_ckpt: str,
                            "seconds": round(time.perf_counter() - t0, 1)})
 
 
+def student_train_config(cfg: StudyConfig, unit: StudyUnit, segments: list[str], folder: Path, store: Path,
+                         teacher_ckpt: str) -> StudentTrainConfig:
+    """The training run of ``unit``: what ``python -m pipelines.train_student`` with the same flags trains
+    (the study prints that command; a test checks that it parses back to this config)."""
+    action, bev_vec, temporal, bev_feat = VARIANTS[unit.variant]
+    last = folder / "student_last.pt"
+    return StudentTrainConfig(
+        data_root=cfg.data_dir, train_segments=segments, preset="tiny", seed=unit.seed,
+        epochs=None if cfg.student_steps else cfg.student_epochs, steps=cfg.student_steps,
+        warmup_steps=cfg.student_warmup_steps, device=cfg.device, save_path=str(folder / "student.pt"),
+        checkpoint_path=str(last), checkpoint_every_steps=CHECKPOINT_EVERY, resume_path=_resumable(last, print),
+        memorybank=str(store) if unit.variant != "bc" else None, teacher_ckpt=teacher_ckpt, kd_action_w=action,
+        kd_bevvec_w=bev_vec, kd_temporal_w=temporal, kd_bevfeat_w=bev_feat, hflip_prob=cfg.hflip_prob,
+        no_progress=cfg.no_progress)
+
+
 def _student_unit(cfg: StudyConfig, unit: StudyUnit, segments: list[str], folder: Path, store: Path,
                   teacher_ckpt: str) -> dict[str, Any]:
     """One student; BC ones read the teacher checkpoint for their architecture only (the same head as the KD
     students: the student follows the teacher's config), never its outputs."""
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    action, bev_vec, temporal, bev_feat = VARIANTS[unit.variant]
-    kd = unit.variant != "bc"
     ckpt = folder / "student.pt"
-    last = folder / "student_last.pt"
-    trained = train_student(StudentTrainConfig(
-        data_root=cfg.data_dir, train_segments=segments, preset="tiny", epochs=cfg.student_epochs, seed=unit.seed,
-        device=cfg.device, save_path=str(ckpt), checkpoint_path=str(last), checkpoint_every_steps=CHECKPOINT_EVERY,
-        resume_path=_resumable(last, print),
-        memorybank=str(store) if kd else None, teacher_ckpt=teacher_ckpt, kd_action_w=action, kd_bevvec_w=bev_vec, kd_temporal_w=temporal,
-        kd_bevfeat_w=bev_feat, hflip_prob=cfg.hflip_prob, no_progress=cfg.no_progress))
+    train_cfg = student_train_config(cfg, unit, segments, folder, store, teacher_ckpt)
+    print(f"   {command_line('pipelines.train_student', train_cfg)}", flush=True)
+    trained = train_student(train_cfg)
     ev = evaluate_student(StudentEvalConfig(data_root=cfg.data_dir, split="test", student_ckpt=str(ckpt),
                                             memorybank=str(store), device=cfg.device,
                                             csv_path=str(folder / "eval_test.csv"), no_progress=cfg.no_progress))

@@ -123,7 +123,8 @@ def kd_weights_of(cfg: StudentTrainConfig) -> KDWeights:
 def build_student_config(cfg: StudentTrainConfig, teacher_cfg: TeacherConfig | None) -> StudentConfig:
     """Student preset ``cfg.preset`` on the teacher's grid/sizes (``cfg.preset``'s teacher when unknown)."""
     teacher = teacher_cfg if teacher_cfg is not None else TeacherConfig.preset_named(cfg.preset)
-    return StudentConfig.from_teacher(teacher, cfg.preset, view_transform=cfg.view_transform)
+    return StudentConfig.from_teacher(teacher, cfg.preset, view_transform=cfg.view_transform,
+                                      splat_pool=cfg.splat_pool, bev_pool_grid=cfg.bev_pool_grid)
 
 
 class StudentTask(TrainTask):
