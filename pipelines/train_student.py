@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_data_args(p, "student")
     p.add_argument("--view_transform", choices=("lss", "identity"), default="lss",
                    help="camera -> BEV: lss (Lift-Splat, default) or identity (resize placeholder, ablation)")
+    p.add_argument("--photometric", type=float, default=StudentTrainConfig.photometric,
+                   help="strength in [0, 1] of the photometric augmentation of training windows: brightness, "
+                        "contrast, gamma, colour and noise, one draw per window (e2r/data/augment.py; default "
+                        f"{StudentTrainConfig.photometric} = off)")
     p.add_argument("--splat_pool", choices=("sum", "mean"), default=StudentTrainConfig.splat_pool,
                    help="Lift-Splat: sum the frustum points falling in a BEV cell (as LSS) or average them, so the "
                         f"cells next to the camera do not outweigh the image (default {StudentTrainConfig.splat_pool})")

@@ -239,6 +239,7 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
     view_transform: str = "lss"
     splat_pool: str = "sum"
     bev_pool_grid: int = 4
+    photometric: float = 0.0      # strength of e2r.data.augment.photometric_jitter on training windows
     memorybank: Optional[str] = None
     teacher_ckpt: Optional[str] = None
     kd_action_w: float = 1.0
@@ -256,6 +257,7 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
     def check(self) -> None:
         StoreAccess.check(self)
         TrainConfig.check(self)
+        check_probability(self, ("photometric",))
         if self.kd_retrieval and not self.memorybank:
             raise ConfigError("--kd_retrieval needs --memorybank (the store holding the retrieval index)")
         if self.kd_unpaired and not self.kd_retrieval:

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from e2r.checkpoints import check_fits, load_checkpoint
+from e2r.data.augment import photometric_jitter
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
 from e2r.kd import KDWeights, hflip_lidar
 from e2r.losses import action_loss, action_weights, weighted_action_mse
@@ -147,6 +148,7 @@ class StudentTask(TrainTask):
             flip = torch.rand(len(batch["keys"])) < self.cfg.hflip_prob
             batch = hflip_batch(batch, flip, self.model.cfg.bev_grid)
         batch["steering"] = drop_steering_input(batch["steering"], self.cfg.steer_input_dropout)
+        batch["images"] = photometric_jitter(batch["images"], self.cfg.photometric)   # global RNG, like the flips
         batch = batch_to(batch, self.device)
         retrieval = self.retrieval        # student-kind retrieval: the query is the loss forward's own bev_vec
         after = (lambda b, aux: retrieve_for_student(*retrieval, b, aux)) if retrieval is not None else None
