@@ -9,9 +9,16 @@ Loss = BC (weighted MSE, steering 1.0 / speed 0.05, on actions normalised with t
 statistics, stored in the checkpoint) + for the samples whose key is in the memorybank the weighted KD
 terms (e2r.kd: action MSE, bev_vec 1 - cosine, GRU-out MSE, dense bev_feat masked to the camera FOV and
 weighted towards teacher-occupied cells). Samples without teacher targets get BC only; each epoch logs how
-many samples had KD and how many BC only. Teacher targets are streamed: DataLoader workers read each batch's
-keys with one batched read of the store (opened read-only), sharded across workers and DDP ranks. Without
---memorybank (or with all KD weights 0) this is the BC-only student.
+many samples had KD and how many BC only. Teacher targets are streamed: the training process reads each
+batch's rows by key with one batched read of the store (opened read-only), up to two batches ahead of the
+step, while the DataLoader workers read the camera windows (--kd_targets main, the default; --kd_targets worker
+has the workers read the rows too). Without --memorybank (or with all KD weights 0) this is the BC-only student.
+
+Length of the run: --epochs, or --steps N optimizer steps (the same budget whatever the data size); the learning
+rate warms up linearly over --warmup_steps (default 150) and then decays by a cosine. bev_vec reads a 4 x 4
+pool of the BEV map (--bev_pool_grid): with the global mean and no warm-up the tiny student stayed at the label
+mean in 4 of 6 seed x thread-count runs (docs/STUDENT.md). --photometric S jitters the training images'
+brightness, contrast, gamma, colour and noise (off by default: its effect is not measured yet).
 
 The validation loss (the best-checkpoint metric, listed per epoch in the checkpoint's ``valid_losses``) is
 the BC weighted MSE on --valid_split, in the same normalised units as the teacher's. ``--hflip_prob`` (off by
@@ -43,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strength in [0, 1] of the photometric augmentation of training windows: brightness, "
                         "contrast, gamma, colour and noise, one draw per window (e2r/data/augment.py; default "
                         f"{StudentTrainConfig.photometric} = off)")
+    p.add_argument("--select_by", choices=("loss", "drive"), default=StudentTrainConfig.select_by,
+                   help="what picks the kept checkpoint (--save_path) after each epoch: the BC loss on --valid_split "
+                        "(default), or driving the --valid_split tracks in closed loop (synthetic worlds only; most "
+                        "success + progress in laps)")
+    p.add_argument("--select_starts", type=int, default=StudentTrainConfig.select_starts,
+                   help=f"with --select_by drive: start points per valid track (default {StudentTrainConfig.select_starts})")
+    p.add_argument("--select_time_limit", type=float, default=StudentTrainConfig.select_time_limit,
+                   help="with --select_by drive: seconds of simulated driving per start (default "
+                        f"{StudentTrainConfig.select_time_limit})")
     p.add_argument("--splat_pool", choices=("sum", "mean"), default=StudentTrainConfig.splat_pool,
                    help="Lift-Splat: sum the frustum points falling in a BEV cell (as LSS) or average them, so the "
                         f"cells next to the camera do not outweigh the image (default {StudentTrainConfig.splat_pool})")

@@ -12,6 +12,7 @@ import torch
 from e2r.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from e2r.models.student import load_student
 from e2r.models.teacher import LiDARBEVTeacher
+from e2r.sim.world import generate_dataset
 from e2r.workflow.trainer import ActionNormalizer, LRSchedule
 from e2r.workflow.train import train_student as run_train_student
 from pipelines import eval_student, train_student
@@ -217,3 +218,22 @@ def test_lr_schedule_warmup_then_cosine():
     assert [warm.factor(s, 0) for s in range(6)] == pytest.approx([(s + 1) / 4 * cosine[s] for s in range(4)]
                                                                   + cosine[4:6])
     assert warm.factor(100, 0) == pytest.approx(0.05) and warm.factor(500, 9) == pytest.approx(0.05)
+
+
+def test_select_by_drive_keeps_the_epoch_that_drives_the_valid_tracks_best(tmp_path, capsys):
+    """--select_by drive: after each epoch the weights drive the valid tracks in closed loop; the checkpoint
+    kept at --save_path is the epoch with the most success + progress, recorded in the history."""
+    root = tmp_path / "world"
+    generate_dataset(root, tracks=3, frames=8, seed=3, image_size=(64, 32), workers=1, progress=False)
+    best = tmp_path / "best.pt"
+    argv = ["--data_root", str(root), "--preset", "tiny", "--batch_size", "2", "--epochs", "2", "--device", "cpu",
+            "--no_progress", "--select_by", "drive", "--select_starts", "1", "--select_time_limit", "0.3",
+            "--save_path", str(best), "--checkpoint_path", str(tmp_path / "last.pt")]
+    assert train_student.main(argv) == 0
+    assert "valid tracks driven: success" in capsys.readouterr().out
+    state = load_checkpoint(tmp_path / "last.pt", kind="student")
+    scores = [-(h["drive_success"] + h["drive_progress"]) for h in state["history"]]
+    assert all(h["drive_progress"] > 0 for h in state["history"])
+    assert state["best_metric"] == min(scores)
+    assert load_checkpoint(best, kind="student")["epoch"] == scores.index(min(scores))
+    assert train_student.main([*argv[:-4], "--valid_split", ""]) != 0         # nothing to drive

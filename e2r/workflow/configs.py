@@ -240,6 +240,9 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
     splat_pool: str = "sum"
     bev_pool_grid: int = 4
     photometric: float = 0.0      # strength of e2r.data.augment.photometric_jitter on training windows
+    select_by: str = "loss"       # what picks --save_path: the valid loss, or driving the valid tracks
+    select_starts: int = 2
+    select_time_limit: float = 30.0
     memorybank: Optional[str] = None
     teacher_ckpt: Optional[str] = None
     kd_action_w: float = 1.0
@@ -258,6 +261,13 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
         StoreAccess.check(self)
         TrainConfig.check(self)
         check_probability(self, ("photometric",))
+        if self.select_by not in ("loss", "drive"):
+            raise ConfigError(f"--select_by must be 'loss' or 'drive', got {self.select_by!r}")
+        if self.select_by == "drive" and not self.valid_split:
+            raise ConfigError("--select_by drive drives the --valid_split tracks: give one")
+        check_positive(self, ("select_starts",))
+        if not self.select_time_limit > 0:
+            raise ConfigError(f"--select_time_limit must be > 0 seconds, got {self.select_time_limit}")
         if self.kd_retrieval and not self.memorybank:
             raise ConfigError("--kd_retrieval needs --memorybank (the store holding the retrieval index)")
         if self.kd_unpaired and not self.kd_retrieval:

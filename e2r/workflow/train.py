@@ -10,13 +10,15 @@ CheckpointError / ValueError on bad input.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Iterator
 
 import torch
 
-from e2r.checkpoints import check_fits, load_checkpoint
+from e2r.checkpoints import check_fits, load_checkpoint, save_checkpoint
 from e2r.data.augment import photometric_jitter
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
 from e2r.kd import KDWeights, hflip_lidar
@@ -27,13 +29,14 @@ from e2r.models.student_config import StudentConfig
 from e2r.models.teacher import LiDARBEVTeacher
 from e2r.runtime import (DistContext, all_reduce_sums, resolve_device, seed_everything, setup_distributed,
                          teardown_distributed)
+from e2r.sim.drive import DriveConfig, drive
 from e2r.workflow.configs import StudentTrainConfig, TeacherTrainConfig
 from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch,
                                   make_kd_loader, read_store_schema, store_open_kw, student_losses,
                                   teacher_config_of_checkpoint)
 from e2r.workflow.pairing import TimestampPairing
 from e2r.workflow.retrieval_kd import Retriever, retrieve_for_student
-from e2r.workflow.trainer import TrainTask, Trainer, make_loader, train_valid_datasets
+from e2r.workflow.trainer import TrainTask, Trainer, make_loader, train_valid_datasets, unwrap
 from stores.torch_data import TeacherRowReader
 
 __all__ = ["train_teacher", "train_student", "kd_weights_of", "build_student_config", "PART_NAMES"]
@@ -202,7 +205,9 @@ class StudentTask(TrainTask):
                           *(f"train_{n}" for n in PART_NAMES[1:]))}
 
     def notes(self, entry: dict[str, Any]) -> tuple[str, str]:
-        return (f" (bc {entry['train_bc']:.4f}, kd {entry['train_kd_total']:.4f})",
+        driven = (f"valid tracks driven: success {entry['drive_success']:.0%}, progress {entry['drive_progress']:.3f}  "
+                  if "drive_success" in entry else "")
+        return (f" (bc {entry['train_bc']:.4f}, kd {entry['train_kd_total']:.4f})", driven +
                 f"samples kd {entry['kd_samples']} bc-only {entry['bc_only_samples']}"
                 + (f" (of them retrieved {entry['retrieved_samples']})" if entry["retrieved_samples"] else "")
                 + (f"; pairs by time {entry['paired_samples']} (mean confidence {entry['pair_confidence_mean']:.3f}) "
@@ -211,6 +216,23 @@ class StudentTask(TrainTask):
 
     def extra_state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         return {"valid_losses": [e["valid_loss"] for e in history]}
+
+    def selection_metric(self, entry: dict[str, Any], model_config: dict[str, Any]) -> float | None:
+        """With ``--select_by drive``: drive this epoch's weights on the valid tracks in closed loop and keep
+        the checkpoint with the most success + progress (laps); entry gets ``drive_success`` and
+        ``drive_progress``. Deterministic, so every rank computes the same value."""
+        cfg = self.cfg
+        if cfg.select_by != "drive":
+            return None
+        with tempfile.TemporaryDirectory(prefix="e2r_select_") as tmp:
+            path = save_checkpoint(os.path.join(tmp, "candidate.pt"),
+                                   {"model": unwrap(self.net).state_dict(), "config": model_config}, kind="student")
+            out = drive(DriveConfig(data_root=cfg.data_root, split=cfg.valid_split, policy=[f"candidate={path}"],
+                                    starts=cfg.select_starts, time_limit=cfg.select_time_limit, seed=cfg.seed,
+                                    device=cfg.device, no_progress=True))
+        row = next(r for r in out["summary"] if r["policy"] == "candidate")
+        entry["drive_success"], entry["drive_progress"] = float(row["success"]), float(row["progress"])
+        return -(entry["drive_success"] + entry["drive_progress"])
 
     def running_state(self) -> dict[str, float]:
         return dict(self.sums)

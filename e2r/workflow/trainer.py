@@ -189,6 +189,11 @@ class TrainTask:
         """Extra history entries of the epoch (reduced over ranks)."""
         return {}
 
+    def selection_metric(self, entry: dict[str, Any], model_config: dict[str, Any]) -> float | None:
+        """The metric that picks the kept checkpoint (lower is better; may add to ``entry``), or None for
+        the validation loss (the training loss without a validation split). Same value on every rank."""
+        return None
+
     def scalars(self, entry: dict[str, Any]) -> dict[str, float]:
         """TensorBoard scalars of a history entry."""
         return {"loss/train": entry["train_loss"], "loss/valid": entry["valid_loss"], "lr": entry["lr"]}
@@ -294,8 +299,9 @@ class Trainer:
                                        ctx=ctx, show_progress=show)
             entry = {"epoch": epoch, "steps": self.steps_done, "train_loss": train_loss, "valid_loss": valid_loss,
                      "lr": self.opt.param_groups[0]["lr"], **task.epoch_stats(ctx)}
-            improved = self._end_epoch(task, epoch, entry, valid_loss if valid_loader is not None else train_loss,
-                                       model_config, writer)
+            chosen = task.selection_metric(entry, model_config)
+            metric = chosen if chosen is not None else valid_loss if valid_loader is not None else train_loss
+            improved = self._end_epoch(task, epoch, entry, metric, model_config, writer)
             if ctx.is_main:
                 after_train, after_valid = task.notes(entry)
                 print(f"epoch {epoch + 1}/{epochs}: train {train_loss:.4f}{after_train}  valid {valid_loss:.4f}  "
