@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default), or driving the --valid_split tracks in closed loop (synthetic worlds only; most "
                         "success + progress in laps)")
     p.add_argument("--select_starts", type=int, default=StudentTrainConfig.select_starts,
-                   help=f"with --select_by drive: start points per valid track (default {StudentTrainConfig.select_starts})")
+                   help="with --select_by drive: start points per valid track (default "
+                        f"{StudentTrainConfig.select_starts})")
     p.add_argument("--select_time_limit", type=float, default=StudentTrainConfig.select_time_limit,
                    help="with --select_by drive: seconds of simulated driving per start (default "
                         f"{StudentTrainConfig.select_time_limit})")

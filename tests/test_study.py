@@ -12,7 +12,8 @@ import pytest
 
 from e2r.errors import ConfigError
 from e2r.workflow.configs import command_line
-from e2r.workflow.study import StudyConfig, StudyUnit, plan_units, read_results, student_train_config
+from e2r.workflow.study import (StudyConfig, StudyUnit, plan_units, read_results,
+                                student_train_config)
 from e2r.workflow.study_report import epochs_to_reach, format_summary, goals, study_rows, summary_table
 from pipelines import study, train_student
 
@@ -114,4 +115,5 @@ def test_a_study_unit_trains_what_the_plain_command_trains(tmp_path):
         train_cfg = student_train_config(cfg, unit, segments, tmp_path / unit.name, tmp_path / "mb.zarr", "t.pt")
         argv = shlex.split(command_line("pipelines.train_student", train_cfg))[3:]
         assert train_student.parse_config(argv) == train_cfg
-        assert train_cfg.steps == 300 and train_cfg.epochs is None and train_cfg.warmup_steps == cfg.student_warmup_steps
+        assert train_cfg.steps == 300 and train_cfg.epochs is None
+        assert train_cfg.warmup_steps == cfg.student_warmup_steps

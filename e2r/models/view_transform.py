@@ -94,10 +94,11 @@ def camera_fov_mask(intrinsics: torch.Tensor, cam2ego: torch.Tensor, image_size:
 class LiftSplat(nn.Module):
     """Lift-Splat: per-pixel categorical depth x context features, lifted into the camera frustum and pooled
     onto the teacher's BEV grid (vectorised with ``index_add_``): summed (``pool="sum"``, as in LSS) or
-    averaged over the frustum points that fall in each cell (``pool="mean"``: a cell next to the camera takes
-    ~100x the points of a far one, and summed, that fixed geometry outweighs the image in every BEV map). Cameras of a rig are summed into
-    the same grid. Frustum -> cell indices are cached per calibration (keyed on the K/cam2ego values, the
-    image size and the feature size), so the geometry is computed once per rig.
+    averaged over the frustum points that fall in each cell (``pool="mean"``: a cell next to the camera
+    takes ~100x the points of a far one, and summed, that fixed geometry outweighs the image in every BEV
+    map). Cameras of a rig are pooled into the same grid. Frustum -> cell indices are cached per
+    calibration (keyed on the K/cam2ego values, the image size and the feature size), so the geometry is
+    computed once per rig.
 
     Args: in_channels (image feature channels), out_channels (C of the BEV map), bev_grid (teacher's
     ``bev_grid`` dict), depth_bins (d_min, d_max, step) in metres, cache_size (rigs kept), pool ("sum" |

@@ -5,9 +5,10 @@
     result = trainer.fit(task, train_loader, train_sampler, valid_loader, model_config)
 
 :class:`Trainer` owns the network (DDP-wrapped under ``torchrun``), the AdamW optimizer with its
-:class:`LRSchedule` (linear warm-up, then cosine decay per epoch or, trained by ``--steps``, per step), the history, the checkpoints (latest state every epoch to ``checkpoint_path``, best to
-``save_path``), the all-reduce of losses over ranks, TensorBoard and resume (model, optimizer, scheduler,
-epoch, best metric, RNG state). A :class:`TrainTask` supplies the per-batch loss and any extra per-epoch
+:class:`LRSchedule` (linear warm-up, then cosine decay per epoch or, trained by ``--steps``, per step), the
+history, the checkpoints (latest state every epoch to ``checkpoint_path``, best to ``save_path``, picked by
+the validation loss or by :meth:`TrainTask.selection_metric`), the all-reduce of losses over ranks,
+TensorBoard and resume (model, optimizer, scheduler, epoch, best metric, RNG state). A :class:`TrainTask` supplies the per-batch loss and any extra per-epoch
 statistics. :func:`make_loader` is the DataLoader of a per-window dataset with the project's one sampler
 (``e2r.data.sampler.training_sampler``: order depends only on seed and epoch; under ``torchrun`` every sample
 is read once per epoch over all ranks, every rank has the same number of steps, and each step's gradient and
@@ -31,8 +32,8 @@ from e2r.data.sampler import EpochBatchSampler, training_sampler
 from e2r.runtime import DistContext, all_reduce_sums, capture_rng_state, die_with_parent, restore_rng_state
 from e2r.workflow.configs import TrainConfig, plain_dict
 
-__all__ = ["ActionNormalizer", "LRSchedule", "make_loader", "run_epoch", "rank_loss_weight", "unwrap", "TrainTask", "Trainer",
-           "train_valid_datasets"]
+__all__ = ["ActionNormalizer", "LRSchedule", "make_loader", "run_epoch", "rank_loss_weight", "unwrap", "TrainTask",
+           "Trainer", "train_valid_datasets"]
 
 
 class ActionNormalizer:
