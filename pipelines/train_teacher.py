@@ -28,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_window_args(p, TeacherTrainConfig.warmup_steps)
     p.add_argument("--lidar_num_features", default="auto", type=num_features,
                    help="columns per point in the .bin files: 4, 5, 8 or auto (default: auto-detect)")
-    p.add_argument("--residual_actions", choices=("all", "steering", "none", "scene"), default=None,
-                   help="what the head predicts as a change w.r.t. its inputs: all (steering and speed, the "
-                        "presets' default), steering (the speed command outright), none, scene (none, and the "
-                        "previous-steering input unused); the student follows")
+    p.add_argument("--residual_actions", choices=("all", "steering", "none", "scene"),
+                   default=TeacherTrainConfig.residual_actions,
+                   help="what the head predicts as a change w.r.t. its inputs: all (steering and speed), steering "
+                        "(the speed command outright), none, scene (none, and the previous-steering input unused: "
+                        f"the head that drives, default {TeacherTrainConfig.residual_actions}; a head that sees its "
+                        "previous command learns to repeat it and leaves the road); the student follows")
     add_training_run_args(p, "seed for init and shuffling (default 0)", "runs/teacher_best.pt")
     return p
 

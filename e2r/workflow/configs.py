@@ -172,7 +172,7 @@ class TeacherTrainConfig(TrainConfig):
 
     save_path: Optional[str] = "runs/teacher_best.pt"
     lidar_num_features: NumFeatures = "auto"
-    residual_actions: Optional[str] = None
+    residual_actions: Optional[str] = "scene"     # the head that drives (README: 62 % laps vs 0 % for "all")
 
 
 #: where the teacher rows of a KD batch are read (``--kd_targets``; `e2r.workflow.kd_data.make_kd_loader`)

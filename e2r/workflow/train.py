@@ -125,8 +125,10 @@ def kd_weights_of(cfg: StudentTrainConfig) -> KDWeights:
 
 
 def build_student_config(cfg: StudentTrainConfig, teacher_cfg: TeacherConfig | None) -> StudentConfig:
-    """Student preset ``cfg.preset`` on the teacher's grid/sizes (``cfg.preset``'s teacher when unknown)."""
-    teacher = teacher_cfg if teacher_cfg is not None else TeacherConfig.preset_named(cfg.preset)
+    """Student preset ``cfg.preset`` on the teacher's grid/sizes and head (``cfg.preset``'s teacher with the
+    default teacher head, ``TeacherTrainConfig.residual_actions``, when there is no teacher)."""
+    teacher = teacher_cfg if teacher_cfg is not None else replace(
+        TeacherConfig.preset_named(cfg.preset), residual_actions=TeacherTrainConfig.residual_actions)
     return StudentConfig.from_teacher(teacher, cfg.preset, view_transform=cfg.view_transform,
                                       splat_pool=cfg.splat_pool, bev_pool_grid=cfg.bev_pool_grid)
 
