@@ -18,7 +18,7 @@ Length of the run: --epochs, or --steps N optimizer steps (the same budget whate
 rate warms up linearly over --warmup_steps (default 150) and then decays by a cosine. bev_vec reads a 4 x 4
 pool of the BEV map (--bev_pool_grid): with the global mean and no warm-up the tiny student stayed at the label
 mean in 4 of 6 seed x thread-count runs (docs/STUDENT.md). --photometric S jitters the training images'
-brightness, contrast, gamma, colour and noise (off by default: its effect is not measured yet).
+brightness, contrast, gamma, colour and noise (off by default: no measured gain yet, docs/STUDENT.md).
 
 The validation loss (the best-checkpoint metric, listed per epoch in the checkpoint's ``valid_losses``) is
 the BC weighted MSE on --valid_split, in the same normalised units as the teacher's. ``--hflip_prob`` (off by
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photometric", type=float, default=StudentTrainConfig.photometric,
                    help="strength in [0, 1] of the photometric augmentation of training windows: brightness, "
                         "contrast, gamma, colour and noise, one draw per window (e2r/data/augment.py; default "
-                        f"{StudentTrainConfig.photometric} = off)")
+                        f"{StudentTrainConfig.photometric} = off: no measured gain at 4 tracks, docs/STUDENT.md)")
     p.add_argument("--select_by", choices=("loss", "drive"), default=StudentTrainConfig.select_by,
                    help="what picks the kept checkpoint (--save_path) after each epoch: the BC loss on --valid_split "
                         "(default), or driving the --valid_split tracks in closed loop (synthetic worlds only; most "
