@@ -36,11 +36,13 @@ VARIANTS = {"BC": [], "KD main": ["--kd_targets", "main"], "KD worker": ["--kd_t
 KD_FLAGS = ["--kd_action_w", "1", "--kd_bevvec_w", "1", "--kd_temporal_w", "1"]
 
 
-def run(cmd: list[str], quiet: bool = True) -> tuple[str, float, float]:
-    """Run ``python -m <cmd>`` -> (its output, wall s, CPU s of it and its children); exits on failure."""
+def run(cmd: list[str], quiet: bool = True, env: dict[str, str] | None = None) -> tuple[str, float, float]:
+    """Run ``python -m <cmd>`` (with ``env`` added to this process's environment) -> (its output, wall s, CPU s
+    of it and its children); exits on failure."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True,
+                       env={**os.environ, **env} if env else None)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode:

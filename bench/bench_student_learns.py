@@ -70,17 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         for threads in a.threads:
             for seed in a.seeds:
                 last = os.path.join(d, f"student_t{threads}_s{seed}_last.pt")
-                env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-                os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-                try:
-                    _, wall, cpu = run(["pipelines.train_student", "--data_root", data, "--train_segments", *segments,
-                                        "--teacher_ckpt", teacher, "--steps", str(a.steps), "--hflip_prob", "0.5",
-                                        "--seed", str(seed), "--valid_split", "", "--save_path",
-                                        os.path.join(d, f"student_t{threads}_s{seed}.pt"), "--checkpoint_path", last,
-                                        "--no_progress", *extra])
-                finally:
-                    for k, v in env.items():
-                        os.environ.pop(k) if v is None else os.environ.update({k: v})
+                _, wall, cpu = run(["pipelines.train_student", "--data_root", data, "--train_segments", *segments,
+                                    "--teacher_ckpt", teacher, "--steps", str(a.steps), "--hflip_prob", "0.5",
+                                    "--seed", str(seed), "--valid_split", "", "--save_path",
+                                    os.path.join(d, f"student_t{threads}_s{seed}.pt"), "--checkpoint_path", last,
+                                    "--no_progress", *extra],
+                                   env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
                 history = torch.load(last, map_location="cpu", weights_only=True)["history"]
                 whole = [h["train_loss"] for h, prev in zip(history, [{"steps": 0}] + history[:-1])
                          if h["steps"] - prev["steps"] == history[0]["steps"]]

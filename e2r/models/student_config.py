@@ -7,7 +7,10 @@ from typing import Any
 
 from e2r.models.config import PlainConfig, TeacherConfig
 
-__all__ = ["StudentConfig"]
+__all__ = ["StudentConfig", "PRESET_BEV_POOL_GRID"]
+
+#: the presets' bev_vec readout (docs/STUDENT.md); the field's own default 1 keeps older checkpoints' global mean
+PRESET_BEV_POOL_GRID = 4
 
 #: fields copied from the teacher; KD needs them equal
 TEACHER_FIELDS = ("bev_x_min", "bev_y_min", "bev_z_min", "bev_z_max", "bev_dx", "bev_dy", "bev_H", "bev_W",
@@ -76,12 +79,12 @@ class StudentConfig(PlainConfig):
                        steer_emb=teacher.steer_emb, head_hidden=teacher.head_hidden,
                        residual_actions=teacher.residual_actions)
         if preset == "full":
-            own: dict[str, Any] = dict(bev_pool_grid=4)
+            own: dict[str, Any] = dict(bev_pool_grid=PRESET_BEV_POOL_GRID)
         elif preset == "tiny":
             own = dict(image_size=(128, 64), image_channels=(16, 32, 64), image_blocks=(1, 1, 1),
                        image_feat_channels=32, depth_bins=(2.0, 50.0, 2.0), lift_channels=16,
                        bev_channels=(16, 32), bev_blocks=(1, 1), bev_out_channels=teacher.bev_channels,
-                       bev_pool_grid=4)
+                       bev_pool_grid=PRESET_BEV_POOL_GRID)
         else:
             raise ValueError(f"unknown student preset {preset!r}; choose 'tiny' or 'full'")
         cfg = cls(preset=preset, **derived, **{**own, **overrides})

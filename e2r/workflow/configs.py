@@ -16,6 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence, TypeVar, Union
 
 from e2r.errors import ConfigError, check_positive, check_probability
+from e2r.models.student_config import PRESET_BEV_POOL_GRID
 from stores.objstore import is_remote
 
 __all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig", "StoreAccess",
@@ -238,7 +239,7 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
     warmup_steps: int = 150       # without it the tiny camera student can stay at the label mean (docs/STUDENT.md)
     view_transform: str = "lss"
     splat_pool: str = "sum"
-    bev_pool_grid: int = 4
+    bev_pool_grid: int = PRESET_BEV_POOL_GRID
     photometric: float = 0.0      # strength of e2r.data.augment.photometric_jitter on training windows
     select_by: str = "loss"       # what picks --save_path: the valid loss, or driving the valid tracks
     select_starts: int = 2

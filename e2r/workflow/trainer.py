@@ -8,8 +8,8 @@
 :class:`LRSchedule` (linear warm-up, then cosine decay per epoch or, trained by ``--steps``, per step), the
 history, the checkpoints (latest state every epoch to ``checkpoint_path``, best to ``save_path``, picked by
 the validation loss or by :meth:`TrainTask.selection_metric`), the all-reduce of losses over ranks,
-TensorBoard and resume (model, optimizer, scheduler, epoch, best metric, RNG state). A :class:`TrainTask` supplies the per-batch loss and any extra per-epoch
-statistics. :func:`make_loader` is the DataLoader of a per-window dataset with the project's one sampler
+TensorBoard and resume (model, optimizer, scheduler, epoch, best metric, RNG state). A :class:`TrainTask`
+supplies the per-batch loss and any extra per-epoch statistics. :func:`make_loader` is the DataLoader of a per-window dataset with the project's one sampler
 (``e2r.data.sampler.training_sampler``: order depends only on seed and epoch; under ``torchrun`` every sample
 is read once per epoch over all ranks, every rank has the same number of steps, and each step's gradient and
 the epoch's losses weigh every sample equally, whatever the ranks' batch sizes).
@@ -260,12 +260,6 @@ class Trainer:
         restore_rng_state(resume["rng_state"])
         return start_epoch, best, history
 
-    def _set_lr(self, epoch: int) -> None:
-        """The learning rate of the next optimizer step (taken in ``epoch``)."""
-        factor = self.schedule.factor(self.steps_done, epoch)
-        for group, base in zip(self.opt.param_groups, self.base_lrs):
-            group["lr"] = base * factor
-
     def fit(self, task: TrainTask, train_loader: Iterable, train_sampler: EpochBatchSampler,
             valid_loader: Iterable | None, model_config: dict[str, Any]) -> dict[str, Any]:
         """Train from ``start_epoch`` to ``epochs`` (or ``stop_after_epoch``; trained by ``steps``: the epochs
@@ -287,7 +281,6 @@ class Trainer:
             mid, self.position = self.position, None
             train_sampler.set_epoch(epoch, mid["batches"] if mid else 0,
                                     cfg.steps - epoch * whole if cfg.steps else None)
-            self._set_lr(epoch)
             self.net.train()
             train_loss = run_epoch(train_loader, task.train_step, self.opt, self.model.parameters(), cfg.grad_clip,
                                    f"epoch {epoch + 1}/{epochs} train", ctx, show,
@@ -313,8 +306,10 @@ class Trainer:
                 "checkpoint_path": cfg.checkpoint_path, "config": model_config}
 
     def _step_lr(self, epoch: int) -> None:
-        """Before each optimizer step: its learning rate, then count it."""
-        self._set_lr(epoch)
+        """Before each optimizer step (taken in ``epoch``): set its learning rate, then count it."""
+        factor = self.schedule.factor(self.steps_done, epoch)
+        for group, base in zip(self.opt.param_groups, self.base_lrs):
+            group["lr"] = base * factor
         self.steps_done += 1
 
     def _mid_epoch_hooks(self, task: TrainTask, epoch: int, mid: dict[str, Any] | None,
