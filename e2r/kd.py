@@ -23,20 +23,25 @@ targets, ``has_kd``; samples without targets contribute 0 and are not counted):
   rather than a fixed quantile, which would always flag the top fraction of cells, noise included, and
   none of a constant map. Background cells get ``background`` (0.05). Teacher maps stored average-pooled by K
   (h = H // K) are matched by average-pooling the student's (and the FOV mask) by K; float16 is cast.
+
+The loss of a whole student batch, BC plus these terms: :func:`student_losses` (FOV masks per rig:
+:class:`FovMasks`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from e2r.losses import action_weights
+from e2r.losses import action_loss, action_weights
+from e2r.models.student_config import StudentConfig
+from e2r.models.view_transform import camera_fov_mask
 
 __all__ = ["KDWeights", "pool_bev_feat", "hflip_sample", "hflip_lidar", "kd_action_per_sample", "kd_bev_vec_per_sample", "kd_temporal_per_sample",
-           "occupancy_weights", "pool_to_grid", "kd_bev_feat_per_sample", "kd_losses"]
+           "occupancy_weights", "pool_to_grid", "kd_bev_feat_per_sample", "kd_losses", "FovMasks", "student_losses"]
 
 
 @dataclass
@@ -213,6 +218,99 @@ def kd_losses(student_actions: Tensor, student_aux: dict[str, Tensor], teacher: 
                        + weights.temporal * out["kd_temporal"] + weights.bev_feat * out["kd_bev_feat"])
     out["kd_samples"] = n.detach()
     return out
+
+
+class FovMasks:
+    """Per-sample camera FOV masks on the student's (= teacher's) BEV grid, cached per calibration.
+
+    ``masks(intrinsics (B,Ncam,3,3), cam2ego (B,Ncam,4,4))`` -> float (B, H_bev, W_bev) in {0, 1}; a cell is
+    visible when it projects into an image of the rig at a depth up to ``cfg.depth_bins[1]`` (the lift's
+    farthest depth)."""
+
+    def __init__(self, cfg: StudentConfig, cache_size: int = 64) -> None:
+        self.cfg, self.cache_size = cfg, cache_size
+        self._cache: dict[bytes, Tensor] = {}
+
+    def __call__(self, intrinsics: Tensor, cam2ego: Tensor) -> Tensor:
+        out = []
+        for K, T in zip(intrinsics, cam2ego):
+            key = K.detach().cpu().numpy().tobytes() + T.detach().cpu().numpy().tobytes()
+            mask = self._cache.get(key)
+            if mask is None:
+                mask = camera_fov_mask(K, T, tuple(self.cfg.image_size), self.cfg.bev_grid,
+                                       max_depth=float(self.cfg.depth_bins[1])).float()
+                if len(self._cache) >= self.cache_size:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[key] = mask
+            out.append(mask.to(intrinsics.device))
+        return torch.stack(out)
+
+
+def _bc_loss(pred: Tensor, batch: dict[str, Any], normalize_actions: Any, action_w: Tensor,
+             smooth_weight: float) -> Tensor:
+    """The BC term of :func:`student_losses`: expert labels where the window has them, the teacher's actions
+    for the windows of recorded drives (``expert_label`` False), nothing where neither exists."""
+    labelled = batch.get("expert_label")
+    if labelled is None or bool(labelled.all()):
+        return action_loss(normalize_actions(pred), normalize_actions(batch["actions"]), action_w, smooth_weight)
+    labelled = labelled.to(pred.device, torch.bool)
+    teacher = batch["teacher"].get("actions")
+    if teacher is None:
+        use, target = labelled, batch["actions"]
+    else:
+        use = labelled | batch["has_kd"].to(torch.bool)
+        target = torch.where(labelled[:, None, None], batch["actions"], teacher.to(batch["actions"].dtype))
+    if not bool(use.any()):
+        return pred.sum() * 0.0
+    return action_loss(normalize_actions(pred[use]), normalize_actions(target[use]), action_w, smooth_weight)
+
+
+def student_losses(net: torch.nn.Module, normalize_actions: Any, batch: dict[str, Any], action_w: Tensor,
+                   kd: KDWeights, fov_masks: FovMasks | None = None, flipped: Tensor | None = None,
+                   smooth_weight: float = 0.0,
+                   after_forward: Callable[[dict[str, Any], dict[str, Tensor]], None] | None = None
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+    """BC + KD loss of one batch (already on the model's device, already flipped where ``flipped``).
+    ``after_forward(batch, aux)``: called with the student's forward outputs before the KD terms are taken,
+    e.g. to fill targets retrieved by the student's own bev_vec (``retrieval_kd.retrieve_for_student``).
+
+    BC: ``e2r.losses.action_loss`` on normalised actions (weights ``action_w`` (A,)) over every sample whose
+    actions are expert labels; a window of a recorded drive (``batch["expert_label"]`` False) takes the
+    teacher's actions as its targets instead, and is left out of BC when it has no teacher row. KD:
+    ``e2r.kd.kd_losses`` over the samples with ``has_kd`` (action and dense bev_feat terms; bev_vec and
+    temporal terms only for samples that were not flipped), each sample's terms weighted by
+    ``batch["kd_weight"]`` (B,) when the batch has it (the timestamp pair's confidence). Returns ``(loss, parts)`` with parts ``bc``,
+    ``kd_action``, ``kd_bev_vec``, ``kd_temporal``, ``kd_bev_feat``, ``kd_total``, ``kd_samples``,
+    ``bc_only_samples`` (detached scalars)."""
+    pred, aux = net(batch["images"], batch["intrinsics"], batch["cam2ego"], batch["speed"], batch["steering"],
+                    return_aux=True)
+    if after_forward is not None:
+        after_forward(batch, aux)
+    has_kd = batch["has_kd"]
+    bc = _bc_loss(pred, batch, normalize_actions, action_w, smooth_weight)
+    flipped = torch.zeros_like(has_kd) if flipped is None else flipped.to(has_kd.device)
+    parts = {"bc": bc.detach()}
+    total = bc
+    any_kd = bool(has_kd.any()) and (kd.action + kd.bev_vec + kd.temporal + kd.bev_feat) > 0
+    fov = fov_masks(batch["intrinsics"], batch["cam2ego"]) if (any_kd and kd.bev_feat > 0 and fov_masks) else None
+    names = ("kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat")
+    if any_kd:
+        weight = batch.get("kd_weight")       # (B,) pair confidence (1 without timestamp pairing)
+        mirror_safe = kd_losses(pred, aux, batch["teacher"], has_kd, normalize_actions,
+                                replace(kd, bev_vec=0.0, temporal=0.0), fov, weight)
+        embed = kd_losses(pred, aux, batch["teacher"], has_kd & ~flipped, normalize_actions,
+                          replace(kd, action=0.0, bev_feat=0.0), fov, weight)
+        total = total + mirror_safe["kd_total"] + embed["kd_total"]
+        for n in names:
+            parts[n] = (mirror_safe[n] + embed[n]).detach()
+        parts["kd_total"] = (mirror_safe["kd_total"] + embed["kd_total"]).detach()
+    else:
+        for n in names + ("kd_total",):
+            parts[n] = bc.new_zeros(())
+    n_kd = has_kd.sum()
+    parts["kd_samples"] = n_kd.detach().float()
+    parts["bc_only_samples"] = (has_kd.numel() - n_kd).detach().float()
+    return total, parts
 
 
 def hflip_sample(images: Tensor, intrinsics: Tensor, cam2ego: Tensor, steering: Tensor, actions: Tensor,

@@ -67,6 +67,9 @@ def add_training_data_args(p: argparse.ArgumentParser, model_word: str) -> None:
     p.add_argument("--train_segments", nargs="+", default=None, metavar="SEGMENT",
                    help="train on these segments of --train_split only (default: all of them), e.g. a camera-data "
                         "budget: --train_segments segment_0000 segment_0001")
+    p.add_argument("--extra_train_splits", nargs="+", default=None, metavar="SPLIT",
+                   help="whole splits added to the training set, e.g. drives recorded by pipelines.drive --record "
+                        "(their windows train on the teacher's actions, not on the commands they executed)")
     p.add_argument("--valid_split", default="valid", help="split for the per-epoch validation loss and the best "
                                                           "checkpoint; '' to skip validation (best = train loss)")
     p.add_argument("--preset", choices=("tiny", "full"), default="tiny", help=f"{model_word} size (default: tiny)")

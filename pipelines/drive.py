@@ -14,6 +14,16 @@ line. A run ends on a wall collision, after --laps laps, or at --time_limit seco
 (over all runs): success rate (laps done without collision), laps, progress (laps as a float), collisions,
 time of the first full lap, mean and max |lateral offset| from the centre line, mean speed, simulated
 steps per second. The split must come from python -m pipelines.make_dataset (its tracks are rebuilt).
+
+On-policy data (the DAgger rounds of pipelines.dagger): --record ROOT writes every car's run as a segment of
+split --record_split under ROOT (camera and LiDAR frames, calib, data.csv of the executed commands;
+e2r.sim.record); --mix_teacher CKPT drives each student under mixed control with that teacher (each car
+executes the student's command with probability --p_student, drawn every --switch_every steps, otherwise the
+teacher's; the teacher takes over outside the envelope --envelope_lateral m / --envelope_heading deg and
+keeps the car for --recover_steps steps):
+
+    python -m pipelines.drive --data_root D --split train --segment segment_0000 --policy s=student.pt \
+        --mix_teacher teacher.pt --p_student 0.5 --record D --record_split dagger_r1 --time_limit 15
 """
 from __future__ import annotations
 
@@ -50,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video_policy", default=None, help="policy of the video run (default: the last --policy)")
     p.add_argument("--video_start", type=int, default=0, help="which start (0-based) of the first track to film")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    g = p.add_argument_group("recording and mixed control (on-policy data)")
+    g.add_argument("--record", default=None, metavar="ROOT", help="write every car's run as a dataset segment under "
+                                                                  "ROOT/<record_split> (one --policy)")
+    g.add_argument("--record_split", default="recorded", help="split name of the recorded segments (default recorded)")
+    g.add_argument("--mix_teacher", default=None, metavar="CKPT", help="teacher checkpoint sharing each student's car")
+    g.add_argument("--p_student", type=float, default=1.0, help="probability that the student drives a period "
+                                                                "(default 1)")
+    g.add_argument("--switch_every", type=int, default=10, help="steps per drawn period (default 10 = 0.5 s)")
+    g.add_argument("--envelope_lateral", type=float, default=1.5, help="teacher takeover beyond this |lateral "
+                                                                       "offset| m (default 1.5)")
+    g.add_argument("--envelope_heading", type=float, default=30.0, help="teacher takeover beyond this |heading "
+                                                                        "error| deg (default 30)")
+    g.add_argument("--recover_steps", type=int, default=20, help="steps the teacher keeps the car after it is back "
+                                                                 "inside the envelope (default 20)")
     return p
 
 
@@ -74,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     for what in ("csv_path", "plot_path", "video"):
         if out[what]:
             print(f"wrote {out[what]}")
+    if out["recorded"]:
+        frames = sum(r.steps for r in out["runs"])
+        print(f"recorded {len(out['recorded'])} segment(s), {frames} frames, under {cfg.record}/{cfg.record_split}")
     return 0
 
 

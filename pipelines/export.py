@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto | 4 | 5 | 8 columns of .bin files")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a store made with another schema/teacher, or rewrite the named splits")
+    p.add_argument("--append", action="store_true",
+                   help="add the named splits to an existing local Zarr store and check that every chunk file and "
+                        "key of its earlier splits is byte-identical afterwards (e.g. a DAgger round's drives)")
     p.add_argument("--no_fsync", action="store_true",
                    help="skip fsync of written data before rows are flagged complete (faster; a power loss may then "
                         "lose recent rows, which verify reports and a re-run redoes)")

@@ -116,11 +116,11 @@ def test_camera_item_and_intrinsics(data):
     assert item["images"].shape == (3, 1, 3, 8, 64) and item["images"].dtype == torch.float32
     assert 0 <= item["images"].min() and item["images"].max() <= 1
     # fixture K for 32x16: fx = fy = 16, cx = 16, cy = 8 -> x2 horizontally, x0.5 vertically, pixel centres
-    # mapped as (c + 0.5) * s - 0.5 (readers.scale_intrinsics)
+    # mapped as (c + 0.5) * s - 0.5 (calib.scale_intrinsics)
     torch.testing.assert_close(item["intrinsics"][0], torch.tensor([[32.0, 0, 32.5], [0, 8, 3.75], [0, 0, 1]]))
     assert item["cam2ego"].shape == (1, 4, 4)
     batch = collate_camera([ds[0], None, ds[2]])
-    assert batch["images"].shape == (2, 3, 1, 3, 8, 64) and batch["key"] == [ds.keys[0], ds.keys[2]]
+    assert batch["images"].shape == (2, 3, 1, 3, 8, 64) and batch["keys"] == [ds.keys[0], ds.keys[2]]
     loader = DataLoader(ds, batch_size=2, collate_fn=collate_camera)
     assert next(iter(loader))["actions"].shape == (2, 3, 2)
 

@@ -159,14 +159,14 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     multiprocessing.set_start_method("fork", force=True)   # as under torchrun (mp.spawn children inherit spawn)
     from e2r.checkpoints import load_checkpoint
     from e2r.runtime import all_reduce_sums, setup_distributed, teardown_distributed
-    from e2r.workflow.trainer import Trainer, make_loader, run_epoch, unwrap
+    from e2r.workflow.trainer import Trainer, make_window_loader, run_epoch, unwrap
 
     ctx = setup_distributed("cpu")
     try:
         ds = _LoggedItems(N, out)
         seen = {}
         for workers in (0, 2):                  # what the trainers' loader hands this rank
-            loader, sampler = make_loader(ds, BATCH, True, SEED, workers, _collate, ctx)
+            loader, sampler = make_window_loader(ds, BATCH, True, SEED, workers, _collate, ctx)
             for epoch in (0, 1):
                 sampler.set_epoch(epoch)
                 ds.tag = f"w{workers}e{epoch}"
@@ -176,7 +176,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
         net = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(net.parameters(), lr=0.2)
         task = _MSETask(net, x, y)
-        loader, sampler = make_loader(ds, BATCH, True, SEED, 2, _collate, ctx)
+        loader, sampler = make_window_loader(ds, BATCH, True, SEED, 2, _collate, ctx)
         ckpt = os.path.join(out, "mid.pt")
         fake = SimpleNamespace(cfg=SimpleNamespace(checkpoint_every_steps=1, checkpoint_path=ckpt), ctx=ctx,
                                kind="teacher", _state=lambda *a: {"model": unwrap(net).state_dict(), "config": {}})
@@ -189,7 +189,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
                                     **hooks))
         seen_1 = all_reduce_sums(task.sums, ctx)["seen"]
         weights = [p.detach().clone() for p in net.parameters()]
-        valid = run_epoch(make_loader(ds, BATCH, False, SEED, 0, _collate, ctx)[0],
+        valid = run_epoch(make_window_loader(ds, BATCH, False, SEED, 0, _collate, ctx)[0],
                           torch.no_grad()(task.train_step), None, ctx=ctx, show_progress=False)
         # resume epoch 1 from the last mid-epoch checkpoint rank 0 wrote (after its 2nd of 3 steps)
         state = load_checkpoint(ckpt)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
-from e2r.kd import KDWeights
-from e2r.workflow.kd_data import (FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch, make_kd_loader,
-                         student_losses, teacher_config_of_store)
+from e2r.kd import FovMasks, KDWeights, student_losses
+from e2r.workflow.configs import StudentEvalConfig, StudentTrainConfig
+from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, CameraBatches, TeacherTargets, batch_to, check_store_fits,
+                                  hflip_batch, make_kd_loader, teacher_config_of_store)
 from e2r.losses import action_weights
 from e2r.models.config import TeacherConfig
 from e2r.models.student import CameraBEVStudent
@@ -87,8 +88,8 @@ def test_streamed_batches_equal_direct_reads_with_two_workers(data_root, tmp_pat
     ds = camera_ds(data_root)
     stored = ds.keys[::2]                                   # half the windows have teacher targets
     path = write_bank(tmp_path / "mb.zarr", fake_rows(stored))
-    data = KDCameraBatches(ds, path, ("actions", "bev_vec", "gru_out", "bev_feat"))
-    loader, sampler = make_kd_loader(data, batch_size=4, shuffle=True, seed=1, num_workers=2, ctx=DistContext())
+    targets = TeacherTargets(path, ("actions", "bev_vec", "gru_out", "bev_feat"))
+    loader, sampler = make_kd_loader(ds, targets, batch_size=4, shuffle=True, seed=1, num_workers=2, ctx=DistContext())
     sampler.set_epoch(3)
     bank = open_memorybank(path, mode="r")
     seen = []
@@ -108,7 +109,7 @@ def test_streamed_batches_equal_direct_reads_with_two_workers(data_root, tmp_pat
     # two DDP ranks: disjoint shards covering the split
     shards = []
     for rank in range(2):
-        _, s = make_kd_loader(data, 2, True, 1, 0, DistContext(True, rank, 2, 0))
+        _, s = make_kd_loader(ds, targets, 2, True, 1, 0, DistContext(True, rank, 2, 0))
         shards.append({i for batch in s for i in batch})
     assert shards[0] | shards[1] == set(range(len(ds))) and not (shards[0] & shards[1])
 
@@ -117,13 +118,13 @@ def test_targets_read_in_main_equal_targets_read_in_workers(data_root, tmp_path)
     """--kd_targets main (rows read by this process ahead of the step) and worker give the same batches."""
     ds = camera_ds(data_root)
     path = write_bank(tmp_path / "mb.zarr", fake_rows(ds.keys[1::2], seed=4))
-    data = KDCameraBatches(ds, path, ("actions", "bev_vec", "gru_out"))
+    targets = TeacherTargets(path, ("actions", "bev_vec", "gru_out"))
     runs = {}
     for where in ("main", "worker"):
-        loader, sampler = make_kd_loader(data, 2, True, 7, 2, DistContext(), targets_in=where)
+        loader, sampler = make_kd_loader(ds, targets, 2, True, 7, 2, DistContext(), targets_in=where)
         sampler.set_epoch(2)
         runs[where] = list(loader)
-    assert isinstance(make_kd_loader(data, 3, True, 7, 2, DistContext())[0], TargetsAhead)     # the default
+    assert isinstance(make_kd_loader(ds, targets, 3, True, 7, 2, DistContext())[0], TargetsAhead)     # the default
     assert len(runs["main"]) == len(runs["worker"]) == len(loader) >= 3
     for a, b in zip(runs["main"], runs["worker"]):
         assert a["keys"] == b["keys"] and set(a) == set(b)
@@ -136,7 +137,7 @@ def test_targets_read_in_main_equal_targets_read_in_workers(data_root, tmp_path)
                 torch.testing.assert_close(value, b[name], rtol=0, atol=0)
     assert sum(int(b["has_kd"].sum()) for b in runs["main"]) == len(ds.keys[1::2])
     with pytest.raises(ValueError, match="targets_in"):
-        make_kd_loader(data, 3, True, 7, 0, DistContext(), targets_in="gpu")
+        make_kd_loader(ds, targets, 3, True, 7, 0, DistContext(), targets_in="gpu")
 
 
 def test_targets_ahead_raises_at_the_failing_batch_and_stops_when_closed():
@@ -172,23 +173,44 @@ def test_store_mismatch_refused_with_clear_messages(data_root, tmp_path):
     p = write_bank(tmp_path / "t4.zarr", fake_rows(keys, T=4), seq_len=4)
     schema = open_memorybank(p).schema
     with pytest.raises(StoreMismatchError, match=r"seq_len: store 4, dataset --seq_len 3"):
-        check_store(p, schema, SEQ, 2, cfg, False, TEACHER)
+        check_store_fits(p, schema, SEQ, 2, cfg, False, TEACHER)
     p = write_bank(tmp_path / "a3.zarr", fake_rows(keys, A=3), action_dim=3)
     with pytest.raises(StoreMismatchError, match=r"action size: store 3, dataset 2"):
-        check_store(p, open_memorybank(p).schema, SEQ, 2, cfg, False, TEACHER)
+        check_store_fits(p, open_memorybank(p).schema, SEQ, 2, cfg, False, TEACHER)
     p = write_bank(tmp_path / "light.zarr", fake_rows(keys), bev_feat=False)
-    check_store(p, open_memorybank(p).schema, SEQ, 2, cfg, False, TEACHER)       # fine without dense KD
+    check_store_fits(p, open_memorybank(p).schema, SEQ, 2, cfg, False, TEACHER)       # fine without dense KD
     with pytest.raises(StoreMismatchError, match="does not hold"):
-        check_store(p, open_memorybank(p).schema, SEQ, 2, cfg, True, TEACHER)
+        check_store_fits(p, open_memorybank(p).schema, SEQ, 2, cfg, True, TEACHER)
     other = TeacherConfig.preset_named("tiny")
     other.voxel_size = (0.4, 0.8, 4.0)                                           # another grid
     with pytest.raises(StoreMismatchError, match="teacher BEV grid differs"):
         p = write_bank(tmp_path / "g.zarr", fake_rows(keys))
-        check_store(p, open_memorybank(p).schema, SEQ, 2, cfg, True, other)
+        check_store_fits(p, open_memorybank(p).schema, SEQ, 2, cfg, True, other)
     with pytest.raises(StoreMismatchError, match="pass --teacher_ckpt"):
-        check_store(p, open_memorybank(p).schema, SEQ, 2, cfg, True, None)
+        check_store_fits(p, open_memorybank(p).schema, SEQ, 2, cfg, True, None)
     assert teacher_config_of_store({"preset": "tiny", "bev_dim": 8}) is None     # partial: not trusted
     assert teacher_config_of_store(TEACHER.to_dict()) == TEACHER
+
+
+def test_teacher_targets_for_run_checks_the_store_and_reads_what_the_run_needs(data_root, tmp_path):
+    """One object builds a run's targets (training and evaluation call it alike): the store is checked against
+    the dataset and student, dense KD adds bev_feat, KD off or no store gives batches without targets."""
+    ds = camera_ds(data_root)
+    path = write_bank(tmp_path / "mb.zarr", fake_rows(ds.keys[:3]))
+    cfg = StudentTrainConfig(data_root=str(data_root), memorybank=path, seq_len=SEQ, stride=STRIDE)
+    targets = TeacherTargets.for_run(cfg, ds, student_cfg())
+    assert targets.fields == LIGHT_KD_FIELDS and targets.pairing is None and targets.retriever is None
+    batch = CameraBatches(ds, targets)[[0, 1, 2, 3]]
+    assert batch["has_kd"].tolist() == [True, True, True, False] and set(batch["teacher"]) == set(LIGHT_KD_FIELDS)
+    dense = TeacherTargets.for_run(cfg, ds, student_cfg(), need_bev_feat=True)
+    assert dense.fields == (*LIGHT_KD_FIELDS, "bev_feat")
+    for off in (TeacherTargets.for_run(cfg, ds, student_cfg(), kd_on=False),
+                TeacherTargets.for_run(StudentEvalConfig(data_root=str(data_root), student_ckpt="s.pt", seq_len=SEQ),
+                                       ds, student_cfg())):
+        assert off.reader is None and CameraBatches(ds, off)[[0]]["has_kd"].tolist() == [False]
+    with pytest.raises(StoreMismatchError, match="seq_len: store 3, dataset --seq_len 4"):
+        TeacherTargets.for_run(StudentTrainConfig(data_root=str(data_root), memorybank=path, seq_len=4), ds,
+                               student_cfg())
 
 
 def test_student_distilled_from_its_own_outputs_has_zero_kd_and_missing_keys_get_bc_only(data_root, tmp_path):
@@ -199,13 +221,13 @@ def test_student_distilled_from_its_own_outputs_has_zero_kd_and_missing_keys_get
     keys = ds.keys
     stored = keys[:4]
     with torch.no_grad():
-        b = KDCameraBatches(ds)[list(range(len(ds)))]
+        b = CameraBatches(ds, TeacherTargets())[list(range(len(ds)))]
         pred, aux = model(b["images"], b["intrinsics"], b["cam2ego"], b["speed"], b["steering"], return_aux=True)
     rows = {k: {"actions": pred[i].numpy(), "bev_vec": aux["bev_vec_seq"][i].numpy(),
                 "gru_out": aux["gru_out"][i].numpy(), "bev_feat": aux["bev_feat_seq"][i].numpy()}
             for i, k in enumerate(keys) if k in stored}
     path = write_bank(tmp_path / "self.zarr", rows)
-    data = KDCameraBatches(ds, path, ("actions", "bev_vec", "gru_out", "bev_feat"))
+    data = CameraBatches(ds, TeacherTargets(path, ("actions", "bev_vec", "gru_out", "bev_feat")))
     batch = batch_to(data[list(range(len(ds)))], torch.device("cpu"))
     assert batch["has_kd"].tolist() == [k in stored for k in keys]
     w = action_weights(1.0, 0.05)
@@ -234,7 +256,7 @@ def test_student_distilled_from_its_own_outputs_has_zero_kd_and_missing_keys_get
 def test_hflip_batch_flips_inputs_and_cached_targets_and_drops_embedding_kd(data_root, tmp_path):
     ds = camera_ds(data_root)
     path = write_bank(tmp_path / "f.zarr", fake_rows(ds.keys))
-    data = KDCameraBatches(ds, path, ("actions", "bev_vec", "gru_out", "bev_feat"))
+    data = CameraBatches(ds, TeacherTargets(path, ("actions", "bev_vec", "gru_out", "bev_feat")))
     orig = data[[0, 1]]
     batch = hflip_batch(data[[0, 1]], torch.tensor([True, False]), student_cfg().bev_grid)
     assert torch.equal(batch["images"][0], orig["images"][0].flip(-1))

@@ -19,7 +19,7 @@ from e2r.kd import KDWeights, kd_losses
 from e2r.keys import parse_key
 from e2r.workflow.configs import StudentEvalConfig
 from e2r.workflow.evaluate import evaluate_student
-from e2r.workflow.kd_data import KDCameraBatches
+from e2r.workflow.kd_data import CameraBatches, TeacherTargets
 from e2r.workflow.pairing import TimestampPairing, pair_confidence
 from e2r.workflow.train import train_student as run_train_student
 from pipelines import make_dataset, train_student
@@ -130,7 +130,7 @@ def test_missing_timestamp_column_is_a_data_error_naming_the_csv(world, tmp_path
 def test_batches_read_the_paired_rows_with_their_confidence(world):
     cam_ds = CameraSequenceDataset(world["cam"], "train", SEQ, image_size=(32, 16))
     pairing = TimestampPairing.build(cam_ds, world["lidar"], 10.0)
-    data = KDCameraBatches(cam_ds, world["bank"], ("actions", "bev_vec", "gru_out"), pairing=pairing)
+    data = CameraBatches(cam_ds, TeacherTargets(world["bank"], ("actions", "bev_vec", "gru_out"), pairing=pairing))
     batch = data[list(range(len(cam_ds)))]
     store_keys, conf = pairing.pair(batch["keys"])
     rows = fake_rows(world["keys"])
@@ -139,7 +139,7 @@ def test_batches_read_the_paired_rows_with_their_confidence(world):
         assert float(batch["kd_weight"][i]) == pytest.approx(conf[i] if k is not None else 1.0)
         if k is not None:
             np.testing.assert_array_equal(batch["teacher"]["actions"][i].numpy(), rows[k]["actions"])
-    plain = KDCameraBatches(cam_ds, world["bank"], ("actions",))[[0, 1]]
+    plain = CameraBatches(cam_ds, TeacherTargets(world["bank"], ("actions",)))[[0, 1]]
     assert plain["kd_weight"].tolist() == [1.0, 1.0]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from e2r.models.config import TeacherConfig
-from e2r.data.readers import scale_intrinsics
+from e2r.data.calib import scale_intrinsics
 from e2r.models.view_transform import (IdentityViewTransform, LiftSplat, bev_cell_index, camera_fov_mask,
                                        depth_bin_centers)
 

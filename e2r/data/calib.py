@@ -25,7 +25,7 @@ from e2r.errors import ConfigError, DataError
 
 __all__ = ["CameraCalib", "MAX_IMAGE_SIDE", "RIGID_TOL", "MAX_MOUNT_OFFSET_M", "cameras_from_doc",
            "lidar2ego_from_doc", "check_rigid", "lidar_to_ego", "quaternion_to_matrix", "calib_from_kitti",
-           "calib_from_nuscenes", "CalibImport", "format_calib", "write_calib"]
+           "calib_from_nuscenes", "CalibImport", "format_calib", "write_calib", "scale_intrinsics"]
 
 PathLike = Union[str, Path]
 MAX_IMAGE_SIDE = 16384       # pixels per side: the most a calib.json's image_size or a read image may have
@@ -314,3 +314,23 @@ def write_calib(doc: dict, out: PathLike, source: PathLike) -> str:
     text = format_calib(doc)
     write_text_atomic(out, text)
     return text
+
+
+def scale_intrinsics(K, sx: float, sy: float):
+    """K (..., 3, 3) of an image -> K of the same view resampled by factors (sx, sy) (new px per old px).
+
+    One function for every resize: an image resized to (W', H') uses ``sx = W'/W, sy = H'/H``; a feature map
+    downsampled by 4 uses ``sx = sy = 1/4``. Pixel ``u`` has its centre at coordinate ``u``, and resampling
+    (Pillow's resize, strided convolutions) keeps pixel *edges* aligned, so a centre maps as
+    ``u' = (u + 0.5) * sx - 0.5``: ``fx' = fx*sx``, ``cx' = (cx + 0.5)*sx - 0.5`` (same for y).
+    Works on numpy arrays (returns float64) and torch tensors (keeps dtype)."""
+    if hasattr(K, "clone"):
+        K2 = K.clone()
+    else:
+        K2 = np.array(K, dtype=np.float64, copy=True)
+    K2[..., 0, 0] = K[..., 0, 0] * sx
+    K2[..., 0, 1] = K[..., 0, 1] * sx
+    K2[..., 0, 2] = (K[..., 0, 2] + 0.5) * sx - 0.5
+    K2[..., 1, 1] = K[..., 1, 1] * sy
+    K2[..., 1, 2] = (K[..., 1, 2] + 0.5) * sy - 0.5
+    return K2

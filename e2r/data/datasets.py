@@ -32,8 +32,9 @@ from tqdm import tqdm
 from e2r.data.layout import (SegmentTable, discover_segments, is_camera_only, is_lidar_only, read_segment_table,
                              window_starts)
 from e2r.data.point_layout import LayoutUndecidable, PointLayout, detect_bin_layout
+from e2r.data.calib import scale_intrinsics
 from e2r.data.readers import (SUPPORTED_NUM_FEATURES, DataError, NumFeatures, Problem, read_image, read_points,
-                              sample_paths, scale_intrinsics)
+                              sample_paths)
 from e2r.keys import make_key
 
 __all__ = ["ACTION_SEMANTICS", "LidarSequenceDataset", "CameraSequenceDataset", "PairedSequenceDataset", "LidarFrameDataset",
@@ -290,7 +291,9 @@ class LidarSequenceDataset(_SequenceDataset):
 
 class CameraSequenceDataset(_SequenceDataset):
     """Item: ``{"key", "images" (T, Ncam, 3, H, W) in [0, 1], "intrinsics" (Ncam, 3, 3) for image_size=(W, H),
-    "cam2ego" (Ncam, 4, 4), "speed" (T,), "steering" (T,), "actions" (T, 2)}``."""
+    "cam2ego" (Ncam, 4, 4), "speed" (T,), "steering" (T,), "actions" (T, 2), "expert_label" () bool}``;
+    ``expert_label`` is False for a recorded drive (``layout.RECORDED_RELPATH``), whose actions are the
+    commands it executed, not labels."""
 
     uses_camera = True
 
@@ -301,8 +304,9 @@ class CameraSequenceDataset(_SequenceDataset):
 
     def _build(self, segment: str, start: int) -> dict[str, Any]:
         images = torch.stack([self._load_images(segment, f) for f in range(start, start + self.seq_len)])
+        table = self.tables[segment]
         return {"key": make_key(self.split, segment, start), "images": images, **self._camera_geometry(segment),
-                **window_controls(self.tables[segment], start, self.seq_len)}
+                **window_controls(table, start, self.seq_len), "expert_label": torch.tensor(table.expert_labels)}
 
 
 class PairedSequenceDataset(_SequenceDataset):
@@ -359,9 +363,15 @@ def collate_lidar(items: Sequence[Optional[dict[str, Any]]]) -> Optional[dict[st
 
 
 def collate_camera(items: Sequence[Optional[dict[str, Any]]]) -> Optional[dict[str, Any]]:
-    """torch's default collate (``"key"`` -> list) after dropping ``None`` items."""
+    """-> ``{"keys": [B], "images" (B, T, Ncam, 3, H, W), "intrinsics" (B, Ncam, 3, 3), "cam2ego" (B, Ncam, 4,
+    4), "speed" (B, T), "steering" (B, T), "actions" (B, T, 2), "expert_label" (B,) bool}`` (torch's default
+    collate of the other fields);
+    ``None`` items (skipped bad windows) are dropped."""
     items = _kept(items)
-    return default_collate(items) if items else None
+    if not items:
+        return None
+    batch = default_collate([{k: v for k, v in it.items() if k != "key"} for it in items])
+    return {"keys": [it["key"] for it in items], **batch}
 
 
 def collate_paired(items: Sequence[Optional[dict[str, Any]]]) -> Optional[dict[str, Any]]:

@@ -22,11 +22,13 @@ from e2r.keys import InvalidKeyError, validate_part
 __all__ = ["SegmentTable", "discover_splits", "discover_segments", "read_segment_table",
            "camera_columns", "window_starts", "split_modalities", "is_lidar_only", "is_camera_only",
            "read_segment_lidar2ego",
-           "CSV_RELPATH", "CALIB_RELPATH", "LIDAR_CALIB_RELPATH", "POSE_COLUMNS"]
+           "CSV_RELPATH", "CALIB_RELPATH", "LIDAR_CALIB_RELPATH", "RECORDED_RELPATH", "POSE_COLUMNS"]
 
 CSV_RELPATH = Path("meta") / "data.csv"
 CALIB_RELPATH = Path("camera") / "calib.json"
 LIDAR_CALIB_RELPATH = Path("lidar") / "calib.json"     # the LiDAR's extrinsic of a segment without camera/calib.json
+#: marks a recorded drive (``e2r.sim.record``): its wheel_angle / speed_command are executed commands, not labels
+RECORDED_RELPATH = Path("meta") / "recorded.json"
 REQUIRED_NUMERIC = ("velocity", "wheel_angle")
 POSE_COLUMNS = ("x", "y", "yaw")                      # optional: position (m) and heading (rad) on the track
 
@@ -52,6 +54,7 @@ class SegmentTable:
     image_paths: dict[str, list[Path]] = field(default_factory=dict)
     cameras: list[CameraCalib] = field(default_factory=list)
     lidar2ego: Optional[np.ndarray] = None
+    expert_labels: bool = True       # False for a recorded drive (meta/recorded.json): commands, not labels
 
     @property
     def num_frames(self) -> int:
@@ -184,7 +187,8 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
 
     velocity, wheel = numbers("velocity"), numbers("wheel_angle")
     command = numbers("speed_command") if "speed_command" in header else None
-    table = SegmentTable(split, segment, directory, csv_path, velocity, wheel, command)
+    table = SegmentTable(split, segment, directory, csv_path, velocity, wheel, command,
+                         expert_labels=not (directory / RECORDED_RELPATH).is_file())
     if "timestamp" in header:
         table.timestamp = numbers("timestamp")
         bad = np.flatnonzero(np.diff(table.timestamp) <= 0)

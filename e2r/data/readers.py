@@ -19,7 +19,7 @@ from e2r.data.point_layout import (SUPPORTED_NUM_FEATURES, LayoutUndecidable, Po
                                    detect_from_arrays)
 
 __all__ = ["DataError", "Problem", "NumFeatures", "read_points", "read_bin", "read_npy", "read_pcd", "read_image",
-           "prepare_image", "scale_intrinsics", "CameraCalib", "read_calib", "read_lidar2ego", "read_json",
+           "prepare_image", "CameraCalib", "read_calib", "read_lidar2ego", "read_json",
            "read_text", "PointLayout"]
 
 NumFeatures = Union[int, str]   # 4 | 5 | 8 | "auto"
@@ -307,26 +307,6 @@ def prepare_image(image: Union["PIL.Image.Image", np.ndarray], size: Optional[tu
         rgb = rgb.resize((int(size[0]), int(size[1])), Image.BILINEAR)
     arr = np.asarray(rgb, dtype=np.float32) / 255.0
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
-
-
-def scale_intrinsics(K, sx: float, sy: float):
-    """K (..., 3, 3) of an image -> K of the same view resampled by factors (sx, sy) (new px per old px).
-
-    One function for every resize: an image resized to (W', H') uses ``sx = W'/W, sy = H'/H``; a feature map
-    downsampled by 4 uses ``sx = sy = 1/4``. Pixel ``u`` has its centre at coordinate ``u``, and resampling
-    (Pillow's resize, strided convolutions) keeps pixel *edges* aligned, so a centre maps as
-    ``u' = (u + 0.5) * sx - 0.5``: ``fx' = fx*sx``, ``cx' = (cx + 0.5)*sx - 0.5`` (same for y).
-    Works on numpy arrays (returns float64) and torch tensors (keeps dtype)."""
-    if hasattr(K, "clone"):
-        K2 = K.clone()
-    else:
-        K2 = np.array(K, dtype=np.float64, copy=True)
-    K2[..., 0, 0] = K[..., 0, 0] * sx
-    K2[..., 0, 1] = K[..., 0, 1] * sx
-    K2[..., 0, 2] = (K[..., 0, 2] + 0.5) * sx - 0.5
-    K2[..., 1, 1] = K[..., 1, 1] * sy
-    K2[..., 1, 2] = (K[..., 1, 2] + 0.5) * sy - 0.5
-    return K2
 
 
 def read_text(path: Union[str, Path]) -> str:

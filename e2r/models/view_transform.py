@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from e2r.data.readers import scale_intrinsics
+from e2r.data.calib import scale_intrinsics
 
 __all__ = ["depth_bin_centers", "frustum_points", "bev_cell_index", "camera_fov_mask",
            "LiftSplat", "IdentityViewTransform", "build_view_transform"]

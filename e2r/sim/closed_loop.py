@@ -23,22 +23,25 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 
-from e2r.data.readers import CameraCalib, prepare_image, read_calib, scale_intrinsics
+from e2r.data.calib import scale_intrinsics
+from e2r.data.readers import CameraCalib, prepare_image, read_calib
 from e2r.sim.expert import nearest_index, speed_profile
 from e2r.sim.policies import Observation, Policy
 from e2r.sim.sensors import cast_lidar, render_camera
 from e2r.sim.track import Track
-from e2r.sim.traffic import car_contact as _boxes_overlap
-from e2r.sim.traffic import car_corners, car_poses, clear_start
+from e2r.sim.traffic import boxes_overlap, car_corners, car_poses, clear_start
 from e2r.sim.vehicle import VehicleConfig, VehicleState, advance, body_corners
 from e2r.sim.world import SyntheticConfig, track_for_segment
 
+if TYPE_CHECKING:
+    from e2r.sim.record import DriveRecorder
+
 __all__ = ["SimWorld", "load_world", "ClosedLoopConfig", "RunResult", "LapCounter", "wall_contact",
-           "car_contact", "centre_position", "lateral_offset", "start_indices", "run_closed_loop"]
+           "car_contact", "centre_position", "start_indices", "run_closed_loop"]
 
 
 @dataclass
@@ -116,11 +119,6 @@ def centre_position(track: Track, x: np.ndarray, y: np.ndarray, index: np.ndarra
     return (index + frac) % n
 
 
-def lateral_offset(track: Track, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Signed offset (B,) m from the centre line (+ = left of the driving direction)."""
-    return ((np.stack([x, y], 1) - track.centre[index]) * track.normal[index]).sum(1)
-
-
 class LapCounter:
     """Unwrapped progress along a closed centre line of ``samples`` samples, for B cars.
 
@@ -187,7 +185,7 @@ def car_contact(track: Track, state: VehicleState, vehicle: VehicleConfig, t: fl
     if track.traffic is None or len(track.traffic) == 0:
         return np.zeros(len(state), bool)
     others = car_corners(car_poses(track, track.traffic, t), track.traffic)
-    return _boxes_overlap(body_corners(state, vehicle), others)
+    return boxes_overlap(body_corners(state, vehicle), others)
 
 
 def start_indices(track: Track, starts: int, offset: int = 0) -> list[int]:
@@ -198,21 +196,25 @@ def start_indices(track: Track, starts: int, offset: int = 0) -> list[int]:
 
 
 def _sensors(world: SimWorld, policy: Policy, state: VehicleState, cars: np.ndarray, t: float,
-             rngs: list[np.random.Generator], cam_rngs: list[np.random.Generator], record: Optional[int],
-             frames: dict[int, np.ndarray]) -> dict:
+             runs: Sequence["_Car"], record: Optional[int], frames: dict[int, np.ndarray], keep_raw: bool = False
+             ) -> tuple[dict, list[np.ndarray], list[np.ndarray]]:
     """Render what the policy needs for the cars ``cars`` at time ``t`` (s) (and the recorded car's camera
-    into ``frames``)."""
+    into ``frames``) -> (the Observation's sensor fields, and with ``keep_raw`` every car's full-size camera
+    frame (H, W, 3) uint8 and LiDAR frame (N, 4) float32, both rendered whatever the policy needs)."""
     cfg = world.config
-    points, images = [], []
+    lidar, camera = policy.needs_lidar or keep_raw, policy.needs_camera or keep_raw
+    points, images, raw = [], [], []
     for b, car in enumerate(cars.tolist()):
         x, y, yaw = float(state.x[b]), float(state.y[b]), float(state.yaw[b])
-        if policy.needs_lidar:
-            points.append(cast_lidar(world.track, x, y, yaw, rngs[car], cfg.lidar, t=t))
-        if policy.needs_camera or car == record:
+        if lidar:
+            points.append(cast_lidar(world.track, x, y, yaw, runs[car].lidar_rng, cfg.lidar, t=t))
+        if camera or car == record:
             img = render_camera(world.track, x, y, yaw, cfg.camera, t=t, speed=float(state.v[b]),
-                                rng=cam_rngs[car])
+                                rng=runs[car].camera_rng)
             if car == record:
                 frames[car] = img
+            if keep_raw:
+                raw.append(img)
             if policy.needs_camera:
                 images.append(np.stack([prepare_image(img, policy.image_size)]))
     out: dict = {}
@@ -224,101 +226,136 @@ def _sensors(world: SimWorld, policy: Policy, state: VehicleState, cars: np.ndar
         out["intrinsics"] = np.stack([scale_intrinsics(c.K, W / c.image_size[0], H / c.image_size[1])
                                       for c in world.cameras])
         out["cam2ego"] = np.stack([c.cam2ego for c in world.cameras])
-    return out
+    return out, (raw if keep_raw else []), (points if keep_raw else [])
+
+
+@dataclass
+class _Car:
+    """One car's running record inside :func:`run_closed_loop`: its model-input history, what it did each step
+    (pose, command, |lateral offset|, speed) and how its run ended."""
+    start_index: int
+    lidar_rng: np.random.Generator
+    camera_rng: np.random.Generator
+    seq_len: int
+    speed_hist: deque = field(init=False)
+    steer_hist: deque = field(init=False)
+    prev_cmd: float = 0.0
+    trajectory: list[tuple[float, float, float]] = field(default_factory=list)
+    commands: list[tuple[float, float]] = field(default_factory=list)
+    lateral: list[float] = field(default_factory=list)
+    speeds: list[float] = field(default_factory=list)
+    steps: int = 0
+    done: bool = False
+    collided: bool = False
+    end: str = "time"
+    collision_with: str = ""
+    lap_time: float = float("nan")
+
+    def __post_init__(self) -> None:
+        self.speed_hist = deque(maxlen=self.seq_len)
+        self.steer_hist = deque(maxlen=self.seq_len)
+
+    def observe(self, x: float, y: float, yaw: float, v: float, abs_lateral: float) -> None:
+        """The car's state at the start of a step: model inputs (measured speed, previous command) and log."""
+        self.speed_hist.append(v)
+        self.steer_hist.append(self.prev_cmd)
+        self.trajectory.append((x, y, yaw))
+        self.speeds.append(v)
+        self.lateral.append(abs_lateral)
+
+    def command(self, steer: float, speed: float) -> None:
+        """The command issued this step (steering already clipped to the vehicle's limit)."""
+        self.commands.append((steer, speed))
+        self.prev_cmd = steer
+        self.steps += 1
+
+    def result(self, name: str, world: SimWorld, laps: int, progress: float, final_pose: Sequence[float],
+               start_speed: float, dt: float, laps_needed: int, steps_per_s: float,
+               camera_frames: list[np.ndarray]) -> RunResult:
+        lat = np.asarray(self.lateral) if self.lateral else np.zeros(1)
+        tr = np.asarray(self.trajectory).reshape(-1, 3)
+        return RunResult(
+            policy=name, split=world.split, segment=world.segment, start_index=self.start_index,
+            success=bool(not self.collided and laps >= laps_needed), laps=laps, progress=progress,
+            collisions=int(self.collided), lap_time=self.lap_time, mean_abs_lateral=float(lat.mean()),
+            max_abs_lateral=float(lat.max()), mean_speed=float(np.mean(self.speeds)) if self.speeds else start_speed,
+            sim_time=float(self.steps * dt), steps=self.steps, end=self.end, steps_per_s=steps_per_s,
+            collision_with=self.collision_with, trajectory=np.vstack([tr, [list(final_pose)]]),
+            commands=np.asarray(self.commands).reshape(-1, 2), camera_frames=camera_frames)
 
 
 def run_closed_loop(policy: Policy, world: SimWorld, starts: Sequence[int], cfg: ClosedLoopConfig,
-                    progress: Optional[Callable[[int], None]] = None) -> list[RunResult]:
+                    progress: Optional[Callable[[int], None]] = None,
+                    recorder: Optional["DriveRecorder"] = None) -> list[RunResult]:
     """Drive ``len(starts)`` cars at once, car k from centre-line sample ``starts[k]`` (on the centre line,
     heading along it, wheels straight; moved forward if it is inside or just behind another car at t = 0,
     ``traffic.clear_start``, the sample used is ``RunResult.start_index``); ``progress(n)`` is called after
-    each step with the cars stepped. Returns one :class:`RunResult` per start, in order."""
+    each step with the cars stepped; ``recorder`` (``e2r.sim.record.DriveRecorder``): every car's run is
+    also written as a dataset segment. Returns one :class:`RunResult` per start, in order."""
     track, vehicle = world.track, world.config.vehicle
     B, n = len(starts), len(track.centre)
     dt = 1.0 / world.rate_hz
     max_steps = max(1, int(round(cfg.time_limit * world.rate_hz)))
     idx = np.array([clear_start(track, track.traffic, int(s)) for s in starts], dtype=np.int64).reshape(-1)
-    first_idx = idx.copy()
     v0 = speed_profile(track, world.config.expert)[idx] if cfg.start_speed is None else np.full(B, cfg.start_speed)
     state = VehicleState.create(track.centre[idx, 0], track.centre[idx, 1],
                                 np.arctan2(track.tangent[idx, 1], track.tangent[idx, 0]), v0)
-    rngs = [np.random.default_rng(np.random.SeedSequence([cfg.seed, k, int(idx[k])])) for k in range(B)]
-    cam_rngs = [np.random.default_rng(np.random.SeedSequence([cfg.seed, k, int(idx[k]), 1])) for k in range(B)]
+    runs = [_Car(int(idx[k]), np.random.default_rng(np.random.SeedSequence([cfg.seed, k, int(idx[k])])),
+                 np.random.default_rng(np.random.SeedSequence([cfg.seed, k, int(idx[k]), 1])), cfg.seq_len)
+            for k in range(B)]
     laps = LapCounter(n, centre_position(track, state.x, state.y, idx))
-    speed_hist = [deque(maxlen=cfg.seq_len) for _ in range(B)]
-    steer_hist = [deque(maxlen=cfg.seq_len) for _ in range(B)]
-    prev_cmd = np.zeros(B)
-    done, collided, end, hit_what = np.zeros(B, bool), np.zeros(B, bool), ["time"] * B, [""] * B
-    lap_time = np.full(B, np.nan)
-    steps = np.zeros(B, np.int64)
-    traj = [[] for _ in range(B)]
-    cmds = [[] for _ in range(B)]
-    lat_abs = [[] for _ in range(B)]
-    speeds = [[] for _ in range(B)]
     frames: dict[int, np.ndarray] = {}
     camera_frames: list[np.ndarray] = []
     policy.reset(track, world.config, B, cfg.seq_len)
+    if recorder is not None:
+        recorder.begin(idx.tolist(), cfg.seq_len)
     t_wall = time.perf_counter()
     for t in range(max_steps):
-        cars = np.nonzero(~done)[0]
+        cars = np.array([k for k, r in enumerate(runs) if not r.done], dtype=np.int64)
         if len(cars) == 0:
             break
         sub = state.take(cars)
-        lat = np.abs(lateral_offset(track, sub.x, sub.y, idx[cars]))
+        lat = np.abs(track.lateral_offset(sub.x, sub.y, idx[cars]))
         for b, car in enumerate(cars.tolist()):
-            speed_hist[car].append(sub.v[b])
-            steer_hist[car].append(prev_cmd[car])
-            traj[car].append((sub.x[b], sub.y[b], sub.yaw[b]))
-            speeds[car].append(sub.v[b])
-            lat_abs[car].append(lat[b])
+            runs[car].observe(sub.x[b], sub.y[b], sub.yaw[b], sub.v[b], lat[b])
+        sensors, raw_images, raw_points = _sensors(world, policy, sub, cars, t * dt, runs, cfg.record_camera, frames,
+                                                   keep_raw=recorder is not None)
         obs = Observation(t=t, cars=cars, state=sub, index=idx[cars].copy(),
-                          speed=np.array([list(speed_hist[c]) for c in cars], dtype=np.float32),
-                          steering=np.array([list(steer_hist[c]) for c in cars], dtype=np.float32),
-                          **_sensors(world, policy, sub, cars, t * dt, rngs, cam_rngs, cfg.record_camera, frames))
+                          speed=np.array([list(runs[c].speed_hist) for c in cars], dtype=np.float32),
+                          steering=np.array([list(runs[c].steer_hist) for c in cars], dtype=np.float32),
+                          **sensors)
         if cfg.record_camera in frames:
             camera_frames.append(frames.pop(cfg.record_camera))
         steer_cmd, speed_cmd = (np.nan_to_num(np.asarray(a, dtype=np.float64)) for a in policy.act(obs))
         steer_cmd = np.clip(steer_cmd, -vehicle.steer_max_deg, vehicle.steer_max_deg)
         for b, car in enumerate(cars.tolist()):
-            cmds[car].append((steer_cmd[b], speed_cmd[b]))
+            runs[car].command(steer_cmd[b], speed_cmd[b])
+        if recorder is not None:
+            recorder.step(obs, raw_images, raw_points, steer_cmd, speed_cmd, getattr(policy, "control", None))
         sub = advance(sub, steer_cmd, speed_cmd, dt, vehicle)
         state.put(cars, sub)
-        prev_cmd[cars] = steer_cmd
-        steps[cars] += 1
         idx[cars] = nearest_index(track, sub.x, sub.y, idx[cars])
         active = np.zeros(B, bool)
         active[cars] = True
         laps.update(centre_position(track, state.x, state.y, idx), active)
-        first = active & np.isnan(lap_time) & (laps.laps >= 1)
-        lap_time[first] = (t + 1) * dt
-        hit, hit_car = np.zeros(B, bool), np.zeros(B, bool)
-        hit[cars] = wall_contact(track, sub, vehicle)
-        hit_car[cars] = car_contact(track, sub, vehicle, (t + 1) * dt)
-        for car in np.nonzero(hit | hit_car)[0]:
-            end[car], hit_what[car] = "collision", "wall" if hit[car] else "car"
-        hit |= hit_car
-        finished = active & ~hit & (laps.laps >= cfg.laps)
-        for car in np.nonzero(finished)[0]:
-            end[car] = "laps"
-        collided |= hit
-        done |= hit | finished
+        hit_wall = wall_contact(track, sub, vehicle)
+        hit_car = car_contact(track, sub, vehicle, (t + 1) * dt)
+        for b, car in enumerate(cars.tolist()):
+            run = runs[car]
+            if np.isnan(run.lap_time) and laps.laps[car] >= 1:
+                run.lap_time = (t + 1) * dt
+            if hit_wall[b] or hit_car[b]:
+                run.end, run.collision_with = "collision", "wall" if hit_wall[b] else "car"
+                run.collided = run.done = True
+            elif laps.laps[car] >= cfg.laps:
+                run.end, run.done = "laps", True
         if progress is not None:
             progress(len(cars))
-    wall = max(time.perf_counter() - t_wall, 1e-9)
-    rate = float(steps.sum() / wall)
-    results = []
-    for k in range(B):
-        lat = np.asarray(lat_abs[k]) if lat_abs[k] else np.zeros(1)
-        tr = np.asarray(traj[k]).reshape(-1, 3)
-        results.append(RunResult(
-            policy=policy.name, split=world.split, segment=world.segment, start_index=int(first_idx[k]),
-            success=bool(not collided[k] and laps.laps[k] >= cfg.laps), laps=int(laps.laps[k]),
-            progress=float(laps.progress[k]), collisions=int(collided[k]), lap_time=float(lap_time[k]),
-            mean_abs_lateral=float(lat.mean()), max_abs_lateral=float(lat.max()),
-            mean_speed=float(np.mean(speeds[k])) if speeds[k] else float(v0[k]),
-            sim_time=float(steps[k] * dt), steps=int(steps[k]), end=end[k], steps_per_s=rate,
-            collision_with=hit_what[k],
-            trajectory=np.vstack([tr, [[state.x[k], state.y[k], state.yaw[k]]]]), commands=np.asarray(cmds[k]).reshape(-1, 2),
-            camera_frames=camera_frames if k == cfg.record_camera else []))
+    rate = float(sum(r.steps for r in runs) / max(time.perf_counter() - t_wall, 1e-9))
+    results = [run.result(policy.name, world, int(laps.laps[k]), float(laps.progress[k]),
+                       (state.x[k], state.y[k], state.yaw[k]), float(v0[k]), dt, cfg.laps, rate,
+                          camera_frames if k == cfg.record_camera else [])
+               for k, run in enumerate(runs)]
+    if recorder is not None:
+        recorder.finish(results)
     return results
-

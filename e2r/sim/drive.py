@@ -28,7 +28,9 @@ from e2r.metrics import write_metrics_csv
 from e2r.runtime import resolve_device
 from e2r.sim.closed_loop import ClosedLoopConfig, RunResult, SimWorld, load_world, run_closed_loop, start_indices
 from e2r.sim.drive_plots import plot_trajectories, write_video
-from e2r.sim.policies import ConstantPolicy, ExpertPolicy, Policy, StudentPolicy, TeacherPolicy, TrainMeanPolicy
+from e2r.sim.policies import (ConstantPolicy, ExpertPolicy, MixedPolicy, Policy, StudentPolicy, TeacherPolicy,
+                              TrainMeanPolicy)
+from e2r.sim.record import DriveRecorder
 from e2r.sim.world import MARKER
 
 __all__ = ["DriveConfig", "parse_policy_spec", "build_policy", "split_segments", "drive", "summarize",
@@ -61,6 +63,14 @@ class DriveConfig:
     video_policy: Optional[str] = None
     video_start: int = 0
     no_progress: bool = False
+    record: Optional[str] = None
+    record_split: str = "recorded"
+    mix_teacher: Optional[str] = None
+    p_student: float = 1.0
+    switch_every: int = 10
+    envelope_lateral: float = 1.5
+    envelope_heading: float = 30.0
+    recover_steps: int = 20
 
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work (checkpoints are checked when loaded)."""
@@ -74,6 +84,13 @@ class DriveConfig:
         names = [parse_policy_spec(s)[0] for s in self.policy]
         if len(set(names)) != len(names):
             raise ConfigError(f"--policy: names must be unique, got {names}")
+        if self.record is not None and len(self.policy) != 1:
+            raise ConfigError(f"--record: drive one policy at a time (got {len(self.policy)}: {names})")
+        if not 0.0 <= self.p_student <= 1.0:
+            raise ConfigError(f"--p_student must be in [0, 1], got {self.p_student}")
+        check_positive(self, ("switch_every", "envelope_lateral", "envelope_heading"))
+        if self.recover_steps < 0:
+            raise ConfigError(f"--recover_steps must be >= 0, got {self.recover_steps}")
         if self.video is not None:
             if not self.video.lower().endswith(".gif"):
                 raise ConfigError(f"--video must be a .gif path, got {self.video!r}")
@@ -208,12 +225,15 @@ def _drive(cfg: DriveConfig, device: torch.device) -> dict[str, Any]:
         segments = list(cfg.segment)
     worlds: dict[str, SimWorld] = {s: load_world(cfg.data_root, cfg.split, s) for s in segments}
     policies = [build_policy(spec, device) for spec in cfg.policy]
+    if cfg.mix_teacher:
+        policies = [_mixed(p, cfg, device) if isinstance(p, StudentPolicy) else p for p in policies]
     video_policy = cfg.video_policy or policies[-1].name
     base = ClosedLoopConfig(laps=cfg.laps, time_limit=cfg.time_limit, seq_len=cfg.seq_len, seed=cfg.seed)
     steps_per_batch = cfg.starts * max(1, int(round(cfg.time_limit * worlds[segments[0]].rate_hz)))
     bar = tqdm(total=len(policies) * len(segments) * steps_per_batch, unit="step", desc="closed loop",
                disable=cfg.no_progress)
     runs: list[RunResult] = []
+    recorded: list[str] = []
     with torch.no_grad():
         for policy in policies:
             for seg in segments:
@@ -222,14 +242,18 @@ def _drive(cfg: DriveConfig, device: torch.device) -> dict[str, Any]:
                 loop_cfg = replace(base, record_camera=cfg.video_start if record else None)
                 bar.set_postfix_str(f"{policy.name} {seg}")
                 before = bar.n
-                runs += run_closed_loop(policy, world, start_indices(world.track, cfg.starts), loop_cfg, bar.update)
+                recorder = (DriveRecorder(cfg.record, cfg.record_split, world, policy.name, _record_info(cfg))
+                            if cfg.record else None)
+                runs += run_closed_loop(policy, world, start_indices(world.track, cfg.starts), loop_cfg, bar.update,
+                                        recorder)
+                recorded += recorder.segments if recorder is not None else []
                 bar.update(before + steps_per_batch - bar.n)      # cars that stopped early
     bar.close()
     rows = [_row("run", r.policy, r.split, r.segment, r.start_index, 1, r.end,
                  {k: getattr(r, k) for k in RunResult.METRICS}, r.collision_with) for r in runs]
     summary = summarize(runs)
     out: dict[str, Any] = {"runs": runs, "rows": rows, "summary": summary, "worlds": worlds,
-                           "csv_path": None, "plot_path": None, "video": None}
+                           "csv_path": None, "plot_path": None, "video": None, "recorded": recorded}
     if cfg.csv_path:
         out["csv_path"] = str(write_metrics_csv(cfg.csv_path, rows + summary))
     if cfg.plot_path:
@@ -239,3 +263,19 @@ def _drive(cfg: DriveConfig, device: torch.device) -> dict[str, Any]:
         if chosen:
             out["video"] = str(write_video(cfg.video, chosen[0], worlds[chosen[0].segment]))
     return out
+
+
+def _mixed(student: StudentPolicy, cfg: DriveConfig, device: torch.device) -> MixedPolicy:
+    """``student`` sharing each car with the ``--mix_teacher`` checkpoint (``e2r.sim.policies.MixedPolicy``)."""
+    teacher = build_policy(f"teacher={cfg.mix_teacher}", device)
+    if not isinstance(teacher, TeacherPolicy):
+        raise ConfigError(f"--mix_teacher {cfg.mix_teacher}: expected a teacher checkpoint")
+    return MixedPolicy(student.name, student, teacher, cfg.p_student, switch_every=cfg.switch_every,
+                       max_lateral=cfg.envelope_lateral, max_heading_deg=cfg.envelope_heading,
+                       recover_steps=cfg.recover_steps, seed=cfg.seed)
+
+
+def _record_info(cfg: DriveConfig) -> dict[str, Any]:
+    """What each recorded segment's recorded.json says about the run that made it."""
+    return {"policy_spec": cfg.policy[0], "mix_teacher": cfg.mix_teacher,
+            "p_student": cfg.p_student if cfg.mix_teacher else None, "seed": cfg.seed, "time_limit": cfg.time_limit}

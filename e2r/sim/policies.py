@@ -11,6 +11,10 @@
   its ``bev_vec`` kept for the last ``seq_len`` frames; the temporal part runs on that window, which is
   exactly ``model.forward`` on the window (frames are encoded independently in eval mode). The command is
   the window's last step: ``actions[:, -1, 0]`` steering (deg), ``actions[:, -1, 1]`` speed command (m/s).
+- :class:`MixedPolicy`: on-policy data collection (DAgger-style): each car executes the student's command
+  with probability ``p_student`` (drawn every ``switch_every`` steps), otherwise the teacher's; the teacher
+  takes over whenever the car leaves a safety envelope (lateral offset, heading error) and keeps control
+  for ``recover_steps`` steps.
 - Baselines: :class:`ConstantPolicy` (repeat the previous steering command, keep the current speed) and
   :class:`TrainMeanPolicy` (steer the training split's mean wheel angle, from a checkpoint's
   ``action_mean``; keep the current speed).
@@ -35,7 +39,10 @@ from e2r.sim.vehicle import VehicleState
 from e2r.sim.world import SyntheticConfig
 
 __all__ = ["Observation", "Policy", "ExpertPolicy", "ConstantPolicy", "TrainMeanPolicy", "TeacherPolicy",
-           "StudentPolicy", "ModelPolicy"]
+           "StudentPolicy", "ModelPolicy", "MixedPolicy", "CONTROL_STUDENT", "CONTROL_TEACHER", "CONTROL_TAKEOVER"]
+
+#: who executed a step's command under :class:`MixedPolicy` (the ``control`` column of a recorded drive)
+CONTROL_STUDENT, CONTROL_TEACHER, CONTROL_TAKEOVER = "student", "teacher", "takeover"
 
 
 @dataclass
@@ -192,3 +199,53 @@ class StudentPolicy(ModelPolicy):
         K = torch.as_tensor(obs.intrinsics, dtype=torch.float32).expand(B, n_cam, 3, 3).to(self.device)
         T = torch.as_tensor(obs.cam2ego, dtype=torch.float32).expand(B, n_cam, 4, 4).to(self.device)
         return self.model.encode_frames(images, K, T)[0]
+
+
+class MixedPolicy(Policy):
+    """Student and teacher sharing each car (both run every step, so both keep their frame histories).
+
+    Every ``switch_every`` steps each car draws who drives next: the student with probability ``p_student``,
+    else the teacher (``seed``: the draws of a run; the same seed, cars and track give the same draws). When a
+    car's |lateral offset| exceeds ``max_lateral`` m or its |heading error| to the centre line exceeds
+    ``max_heading_deg``, the teacher takes over for ``recover_steps`` steps. ``control`` (B,) of the last
+    :meth:`act`: who drove each observed car (``CONTROL_STUDENT`` / ``CONTROL_TEACHER`` /
+    ``CONTROL_TAKEOVER``)."""
+
+    def __init__(self, name: str, student: Policy, teacher: Policy, p_student: float, *, switch_every: int = 10,
+                 max_lateral: float = 1.5, max_heading_deg: float = 30.0, recover_steps: int = 20,
+                 seed: int = 0) -> None:
+        super().__init__(name)
+        if not 0.0 <= p_student <= 1.0:
+            raise ValueError(f"p_student must be in [0, 1], got {p_student}")
+        if switch_every < 1 or recover_steps < 0 or not (max_lateral > 0 and max_heading_deg > 0):
+            raise ValueError("switch_every >= 1, recover_steps >= 0, max_lateral > 0 and max_heading_deg > 0 needed")
+        self.student, self.teacher, self.p_student = student, teacher, float(p_student)
+        self.switch_every, self.recover_steps, self.seed = int(switch_every), int(recover_steps), int(seed)
+        self.max_lateral, self.max_heading = float(max_lateral), float(np.radians(max_heading_deg))
+        self.needs_lidar = student.needs_lidar or teacher.needs_lidar
+        self.needs_camera = student.needs_camera or teacher.needs_camera
+        self.image_size = student.image_size or teacher.image_size
+        self.control = np.zeros(0, dtype=object)
+
+    def reset(self, track: Track, world: SyntheticConfig, cars: int, seq_len: int) -> None:
+        self.student.reset(track, world, cars, seq_len)
+        self.teacher.reset(track, world, cars, seq_len)
+        self._track = track
+        self._rng = np.random.default_rng(np.random.SeedSequence([self.seed, cars, len(track.centre)]))
+        self._by_student = np.zeros(cars, bool)
+        self._takeover_left = np.zeros(cars, np.int64)
+
+    def act(self, obs: Observation) -> tuple[np.ndarray, np.ndarray]:
+        s_steer, s_speed = self.student.act(obs)
+        t_steer, t_speed = self.teacher.act(obs)
+        if obs.t % self.switch_every == 0:       # one draw per car and period, for every car (reproducible)
+            self._by_student = self._rng.random(len(self._by_student)) < self.p_student
+        cars, s, idx = obs.cars, obs.state, obs.index
+        outside = ((np.abs(self._track.lateral_offset(s.x, s.y, idx)) > self.max_lateral)
+                   | (np.abs(self._track.heading_error(s.yaw, idx)) > self.max_heading))
+        self._takeover_left[cars] = np.where(outside, self.recover_steps + 1, self._takeover_left[cars])
+        takeover = self._takeover_left[cars] > 0
+        self._takeover_left[cars] = np.maximum(self._takeover_left[cars] - 1, 0)
+        student = self._by_student[cars] & ~takeover
+        self.control = np.where(takeover, CONTROL_TAKEOVER, np.where(student, CONTROL_STUDENT, CONTROL_TEACHER))
+        return np.where(student, s_steer, t_steer), np.where(student, s_speed, t_speed)

@@ -65,6 +65,15 @@ class Track:
     look: Any = field(default=None, repr=False)
     traffic: Any = field(default=None, repr=False)
 
+    def lateral_offset(self, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Signed offset (B,) m of points (x, y) (B,) from the centre line at their nearest samples ``index``
+        (B,) (+ = left of the driving direction)."""
+        return ((np.stack([x, y], 1) - self.centre[index]) * self.normal[index]).sum(1)
+
+    def heading_error(self, yaw: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Heading (B,) rad minus the centre line's direction at samples ``index`` (B,), wrapped to (-pi, pi]."""
+        return np.angle(np.exp(1j * (yaw - np.arctan2(self.tangent[index, 1], self.tangent[index, 0]))))
+
     def fingerprint(self) -> str:
         """A short, stable digest of the geometry (to check that two tracks are different)."""
         return hashlib.sha1(np.round(self.centre, 3).astype(np.float64).tobytes()).hexdigest()[:16]

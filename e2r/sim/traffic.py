@@ -24,7 +24,7 @@ import numpy as np
 from e2r.sim.track import Track
 
 __all__ = ["TrafficConfig", "Traffic", "CarPoses", "make_traffic", "car_poses", "car_corners", "ray_boxes",
-           "car_contact", "follow_limit", "clear_start", "FACE_REAR", "FACE_FRONT", "FACE_SIDE"]
+           "boxes_overlap", "follow_limit", "clear_start", "FACE_REAR", "FACE_FRONT", "FACE_SIDE"]
 
 FACE_REAR, FACE_FRONT, FACE_SIDE = 0, 1, 2
 
@@ -175,7 +175,7 @@ def ray_boxes(origin: np.ndarray, dirs: np.ndarray, poses: CarPoses,
     return dist, face, np.where(via_x, py, px)
 
 
-def car_contact(ego_corners: np.ndarray, corners: np.ndarray) -> np.ndarray:
+def boxes_overlap(ego_corners: np.ndarray, corners: np.ndarray) -> np.ndarray:
     """(B,) bool: each ego footprint (B, 4, 2) overlaps (touches) any car footprint (M, 4, 2) (separating
     axis test over the 4 edge directions of each pair of rectangles)."""
     b, m = len(ego_corners), len(corners)

@@ -110,6 +110,7 @@ class TrainConfig:
     data_root: str
     train_split: str = "train"
     train_segments: Optional[list[str]] = None
+    extra_train_splits: Optional[list[str]] = None
     valid_split: str = "valid"
     preset: str = "tiny"
     epochs: Optional[int] = None
@@ -361,6 +362,7 @@ class ExportConfig:
     shard_rows: int = 0
     lidar_num_features: NumFeatures = "auto"
     overwrite: bool = False
+    append: bool = False
     no_fsync: bool = False
     no_progress: bool = False
     storage_options: Optional[str] = None
@@ -380,3 +382,8 @@ class ExportConfig:
             raise ConfigError("--workers, --threads and --num_workers must be >= 0")
         if not self.split:
             raise ConfigError("--split: name at least one split to export")
+        if self.append and self.overwrite:
+            raise ConfigError("--append and --overwrite: give one (--append only adds splits to an existing store)")
+        if self.append and is_remote(self.store):
+            raise ConfigError(f"--append checks the earlier splits' chunk files byte by byte, on a local store only, "
+                              f"not {self.store}; export without --append (new splits are appended anyway)")

@@ -28,11 +28,9 @@ from e2r.models.student import load_student
 from e2r.models.teacher import load_teacher
 from e2r.runtime import DistContext, resolve_device
 from e2r.workflow.configs import StudentEvalConfig, TeacherEvalConfig
-from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, KDCameraBatches, batch_to, check_store, make_kd_loader,
-                                  read_store_schema, store_open_kw)
-from e2r.workflow.pairing import TimestampPairing
-from e2r.workflow.retrieval_kd import RetrievalCheck, Retriever
-from e2r.workflow.trainer import make_loader, run_epoch
+from e2r.workflow.kd_data import TeacherTargets, batch_to, make_kd_loader
+from e2r.workflow.retrieval_kd import RetrievalCheck
+from e2r.workflow.trainer import make_window_loader, run_epoch
 
 __all__ = ["TEACHER_PREDICTORS", "STUDENT_PREDICTORS", "evaluate_teacher", "evaluate_student", "KDGapAccumulator",
            "print_kd_gap"]
@@ -50,7 +48,7 @@ def evaluate_teacher(cfg: TeacherEvalConfig) -> dict[str, Any]:
     ds = LidarSequenceDataset(cfg.data_root, cfg.split, cfg.seq_len, cfg.stride, nf)
     if len(ds) == 0:
         raise ValueError(f"{cfg.data_root}/{cfg.split}: no windows of seq_len={cfg.seq_len}")
-    loader, _ = make_loader(ds, cfg.batch_size, False, 0, cfg.num_workers, collate_lidar, DistContext())
+    loader, _ = make_window_loader(ds, cfg.batch_size, False, 0, cfg.num_workers, collate_lidar, DistContext())
     accs = {name: ActionErrorAccumulator(weights) for name in TEACHER_PREDICTORS}
     keys: list[str] = []
     preds, targets = [], []
@@ -132,19 +130,10 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
     ds = CameraSequenceDataset(cfg.data_root, cfg.split, cfg.seq_len, cfg.stride, tuple(model_cfg.image_size))
     if len(ds) == 0:
         raise ValueError(f"{cfg.data_root}/{cfg.split}: no windows of seq_len={cfg.seq_len}")
-    if cfg.memorybank:
-        schema, teacher_cfg = read_store_schema(cfg.memorybank, **store_open_kw(cfg))
-        check_store(cfg.memorybank, schema, cfg.seq_len, ds.frame_actions().shape[1], model_cfg, False, teacher_cfg)
-    retriever = (Retriever(cfg.memorybank, cfg.kd_retrieval, cfg.kd_retrieval_k, cfg.kd_retrieval_tau, -1.0)
-                 if cfg.kd_retrieval and cfg.memorybank else None)
-    if retriever is not None:
-        retriever.check(cfg.seq_len)
-    pairing = (TimestampPairing.build(ds, cfg.pair_lidar_root, cfg.pair_tolerance_ms)
-               if cfg.pair_lidar_root and cfg.memorybank else None)
-    data = KDCameraBatches(ds, cfg.memorybank, LIGHT_KD_FIELDS, cfg.skip_damaged, retriever, pairing=pairing,
-                           **store_open_kw(cfg))
+    teacher = TeacherTargets.for_run(cfg, ds, model_cfg)
+    retriever, pairing = teacher.retriever, teacher.pairing
     check = RetrievalCheck(weights) if retriever is not None else None
-    loader, _ = make_kd_loader(data, cfg.batch_size, False, 0, cfg.num_workers, DistContext(), cfg.kd_targets)
+    loader, _ = make_kd_loader(ds, teacher, cfg.batch_size, False, 0, cfg.num_workers, DistContext(), cfg.kd_targets)
     accs = {name: ActionErrorAccumulator(weights) for name in STUDENT_PREDICTORS}
     gap = KDGapAccumulator(weights) if cfg.memorybank else None
     keys: list[str] = []
@@ -163,7 +152,7 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
         if gap is not None:     # the gap to the teacher's own rows (retrieved targets are checked apart)
             gap.update(pred, aux, b["teacher"], b["has_kd"] & ~b.get("retrieved", torch.zeros_like(b["has_kd"])))
         if check is not None:
-            check.update(retriever, data.teacher, batch, aux)
+            check.update(retriever, teacher.reader, batch, aux)
         keys.extend(batch["keys"])
         damaged.extend(k for k, d in zip(batch["keys"], batch["damaged"].tolist()) if d)
         preds.append(pred.cpu())

@@ -31,7 +31,7 @@ from e2r.workflow.configs import ExportConfig
 from e2r.workflow.export import (WORKER_THREADS, ExportContext, ExportOptions, TaskStats, export_rows, load_context,
                                  run_export_task)
 from stores import (MemoryBank, NotAMemoryBankError, Provenance, StoreCorruptError, StoreMismatchError, StoreSchema,
-                    StoreVersionError, create_memorybank, remove_memorybank, stored_bytes)
+                    StoreVersionError, create_memorybank, open_memorybank, remove_memorybank, stored_bytes)
 from stores.objstore import is_remote, parse_storage_options
 
 __all__ = ["store_schema", "lidar_extrinsics", "export_memorybank", "print_export_summary", "SplitResult", "ExportResult"]
@@ -85,6 +85,47 @@ def _open_store(cfg: ExportConfig, schema: StoreSchema, prov: Provenance) -> Mem
     print(f"--overwrite: deleting {cfg.store} ({why})", file=sys.stderr)
     remove_memorybank(cfg.store, kw.get("storage_options"))
     return create_memorybank(cfg.store, schema, prov, fsync=not cfg.no_fsync, **kw)
+
+
+@dataclass
+class _Snapshot:
+    """What an ``--append`` must leave as it was: the digest of every row-data file of the store and the keys of
+    every split it does not write."""
+    digests: dict[str, str]
+    keys: dict[str, list[str]]
+
+
+def _row_files(store: str) -> dict[str, str]:
+    """``{relative path: sha256}`` of the store's row-data files: every file but the metadata (``zarr.json``)
+    and the key array with its indexes (``keys/``), which an append extends."""
+    root = Path(store)
+    return {str(p.relative_to(root)): file_sha256(str(p)) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "zarr.json" and p.relative_to(root).parts[0] != "keys"}
+
+
+def _append_snapshot(cfg: ExportConfig) -> _Snapshot:
+    """The state an ``--append`` starts from (StoreError / FileNotFoundError when there is no store to append to)."""
+    if not Path(cfg.store).exists():
+        raise FileNotFoundError(f"--append: {cfg.store} does not exist (export without --append to create it)")
+    if not Path(cfg.store).is_dir():
+        raise ValueError(f"--append: {cfg.store} is not a Zarr directory store; the byte-identity check of the "
+                         f"earlier splits needs one (convert it with python -m stores convert)")
+    bank = open_memorybank(cfg.store, mode="r")
+    keys = {split: bank.split_keys(split) for split in bank.splits if split not in cfg.split}
+    bank.close()
+    return _Snapshot(_row_files(cfg.store), keys)
+
+
+def _check_append(cfg: ExportConfig, before: _Snapshot, bank: MemoryBank) -> None:
+    """StoreCorruptError naming the file when an ``--append`` changed a row-data file or another split's keys."""
+    after = _row_files(cfg.store)
+    changed = [name for name, digest in before.digests.items() if after.get(name) != digest]
+    changed += [f"keys of split {s}" for s, keys in before.keys.items() if bank.split_keys(s) != keys]
+    if changed:
+        raise StoreCorruptError(f"--append {cfg.store}: an existing chunk changed ({', '.join(changed[:5])}); "
+                                f"the earlier splits must stay byte-identical: run python -m stores verify")
+    print(f"--append: {len(before.digests)} existing chunk file(s) and the keys of {len(before.keys)} earlier "
+          f"split(s) unchanged (sha256 before and after)")
 
 
 def _reserve(bank: MemoryBank, split: str, keys: list[str], overwrite: bool) -> str:
@@ -187,6 +228,7 @@ def export_memorybank(cfg: ExportConfig) -> ExportResult:
             raise ValueError(f"--amp {cfg.amp} needs a CUDA device (got --device {cfg.device} -> {device})")
         teacher, _ = load_teacher(cfg.teacher_ckpt, device)
         schema, prov = store_schema(cfg, teacher.cfg)
+        before = _append_snapshot(cfg) if cfg.append else None
         bank = _open_store(cfg, schema, prov)
         if (cfg.workers or cfg.scheduler) and bank.backend != "zarr":
             raise ValueError(f"--workers/--scheduler need a Zarr store (concurrent writers); {cfg.store} is "
@@ -219,6 +261,8 @@ def export_memorybank(cfg: ExportConfig) -> ExportResult:
             stats = _run_split(cfg, bank, opts, ctx, client, len(ctx.plan.keys))
             results.append(SplitResult(split, action, stats, ctx.plan.num_frames))
         bank.refresh()
+        if before is not None:
+            _check_append(cfg, before, bank)
         return ExportResult(bank, results, time.perf_counter() - t_all)
     finally:
         torch.set_num_threads(threads_before)

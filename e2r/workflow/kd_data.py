@@ -1,25 +1,27 @@
-"""Glue between camera windows and the teacher targets streamed from the memorybank (student training/eval).
+"""The teacher targets of a student run, read from the memorybank by window key (training and evaluation).
 
-* :class:`KDCameraBatches`: a map-style dataset whose item is a whole *batch*: ``ds[[i, j, ...]]`` reads the
-  camera windows of those indices and then the teacher rows of *their keys* with **one** batched memorybank
-  read (``stores.torch_data.TeacherRowReader`` -> ``MemoryBank.get_batch_into``). Used with
-  :func:`make_kd_loader`: the project's one sampler (``training_sampler``: exact rank sharding, seed +
-  epoch shuffle) as the DataLoader's sampler with ``batch_size=None``, so every batch is fetched whole by one
-  worker. By default the workers deliver the windows only and the rows are read in the training process
-  ahead of the step (``e2r.workflow.targets_ahead``). The store is opened read-only, lazily in each process
-  that reads; nothing is loaded up front and nothing is written per sample.
-* :func:`read_store_schema` / :func:`check_store`: the schema and teacher of a store, and a refusal of a
-  store whose seq_len / action size / bev_vec D / gru_out H (or, for dense KD, bev_feat grid) differ from the
-  dataset's and the student's.
-* :class:`FovMasks`: the camera field-of-view mask on the teacher's BEV grid per sample (cached per rig).
+* :class:`TeacherTargets`: built once per run (:meth:`TeacherTargets.for_run`: the store's schema checked
+  against the dataset and the student, retrieval, timestamp pairing, the row reader); ``attach(batch)``
+  adds a batch's targets with **one** batched memorybank read (``stores.torch_data.TeacherRowReader`` ->
+  ``MemoryBank.get_batch_into``).
+* :class:`CameraBatches`: a map-style dataset whose item is a whole *batch* of camera windows
+  (``ds[[i, j, ...]]``); :func:`make_kd_loader`: the project's one sampler (``training_sampler``: exact rank
+  sharding, seed + epoch shuffle) as the DataLoader's sampler with ``batch_size=None``, so every batch is
+  fetched whole by one worker. By default the workers deliver the windows only and the rows are read in the
+  training process ahead of the step (``e2r.workflow.targets_ahead``). The store is opened read-only,
+  lazily in each process that reads; nothing is loaded up front and nothing is written per sample.
+* :func:`read_store_schema` / :func:`check_store_fits`: the schema and teacher of a store, and a refusal of
+  a store whose seq_len / action size / bev_vec D / gru_out H (or, for dense KD, bev_feat grid) differ from
+  the dataset's and the student's.
 * :func:`hflip_batch`: mirror chosen samples of a batch, cached targets included (``e2r.kd.hflip_sample``).
+
+The loss of a batch is ``e2r.kd.student_losses``.
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import fields as dc_fields, replace
+from dataclasses import fields as dc_fields
 from numbers import Integral
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -27,24 +29,23 @@ from torch.utils.data import Dataset
 
 from e2r.checkpoints import load_checkpoint
 from e2r.data.datasets import ACTION_SEMANTICS, CameraSequenceDataset, collate_camera
+from e2r.data.layout import SegmentTable
 from e2r.data.sampler import EpochBatchSampler, training_sampler
-from e2r.kd import KDWeights, hflip_sample, kd_losses
-from e2r.losses import action_loss
+from e2r.kd import hflip_sample
 from e2r.models.config import TeacherConfig
 from e2r.models.student_config import StudentConfig
-from e2r.models.view_transform import camera_fov_mask
 from e2r.runtime import DistContext, die_with_parent
-from e2r.workflow.retrieval_kd import Retriever, apply_retrieved
-from e2r.workflow.configs import KD_TARGETS_IN, StoreAccess
+from e2r.workflow.configs import KD_TARGETS_IN, StoreAccess, StudentEvalConfig, StudentTrainConfig
 from e2r.workflow.pairing import TimestampPairing
+from e2r.workflow.retrieval_kd import Retriever, apply_retrieved
 from e2r.workflow.targets_ahead import TargetsAhead
 from stores import StoreCorruptError, StoreError, StoreMismatchError, StoreSchema, open_memorybank
 from stores.objstore import parse_storage_options
 from stores.torch_data import TeacherRowReader, make_loader
 
 __all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "teacher_config_of_checkpoint", "read_store_schema",
-           "store_open_kw", "check_store", "KDCameraBatches",
-           "make_kd_loader", "FovMasks", "hflip_batch", "batch_to", "student_losses"]
+           "store_open_kw", "check_store_fits", "TeacherTargets", "CameraBatches", "make_kd_loader",
+           "hflip_batch", "batch_to"]
 
 #: memorybank fields read for KD (bev_feat only when dense KD is asked)
 LIGHT_KD_FIELDS = ("actions", "bev_vec", "gru_out")
@@ -88,7 +89,7 @@ def read_store_schema(path: str, **open_kw: Any) -> tuple[StoreSchema, TeacherCo
     return schema, teacher_config_of_store(prov.model_config)
 
 
-def check_store(path: str, schema: StoreSchema, seq_len: int, action_dim: int, student_cfg: StudentConfig,
+def check_store_fits(path: str, schema: StoreSchema, seq_len: int, action_dim: int, student_cfg: StudentConfig,
                 need_bev_feat: bool, teacher_cfg: TeacherConfig | None) -> None:
     """Raise ``stores.StoreMismatchError`` naming the store and every mismatch with the dataset/student.
 
@@ -127,68 +128,86 @@ def check_store(path: str, schema: StoreSchema, seq_len: int, action_dim: int, s
         raise StoreMismatchError(f"memorybank {path} does not fit this dataset/student: " + "; ".join(problems))
 
 
-class KDCameraBatches(Dataset):
-    """Item = a batch: ``ds[indices]`` -> ``{"keys": list[B], "images" (B,T,Ncam,3,H,W), "intrinsics"
-    (B,Ncam,3,3), "cam2ego" (B,Ncam,4,4), "speed" (B,T), "steering" (B,T), "actions" (B,T,A), "has_kd" (B,)
-    bool, "kd_weight" (B,) float32, "teacher": {field: float32 (B,T,...)}}``; ``teacher`` rows of keys
-    absent from the store are zeros (``has_kd`` False). Without a memorybank ``has_kd`` is all False and
-    ``teacher`` empty. Windows skipped as bad (``skip_bad``) are dropped; a batch of only bad windows is ``None``.
+class TeacherTargets:
+    """The teacher targets of one run, by window key: which store and fields, how an unpaired window gets
+    targets (retrieval), how camera windows find their LiDAR rows (timestamp pairing), what a damaged row does.
 
-    A damaged store (a row whose bytes fail their checksum or whose shard is missing: StoreCorruptError)
-    stops the run by default. With ``skip_damaged`` such a batch is re-read key by key; the damaged rows get
-    no KD (``has_kd`` False, like absent keys) and are counted in ``"damaged"`` (B,) bool: never zeros as
-    targets. ``retriever``: windows without their own row get the targets of the most similar stored
-    situations (``e2r.workflow.retrieval_kd``); ``unpaired``: ignore every window's own row (the unpaired-data
-    experiment: retrieval only, never from the window's own segment). ``pairing``: camera and LiDAR recorded
-    apart (``e2r.workflow.pairing.TimestampPairing``): each window reads the row of its paired LiDAR window
-    (``"store_keys"``: list[B], None where unpaired -> ``has_kd`` False) and ``"kd_weight"`` (B,) float32 is the
-    pair's confidence (1 for every other window, and always 1 without pairing). ``open_kw``: how a store URL is
-    reached (`store_open_kw`)."""
+    Built once per run by :meth:`for_run` (training and evaluation alike); ``attach(batch)`` adds a batch's
+    targets in place. ``TeacherTargets()`` (no store) gives every batch ``has_kd`` all False and no targets.
+    ``attach`` adds ``"has_kd"`` (B,) bool, ``"kd_weight"`` (B,) float32, ``"damaged"`` (B,) bool and
+    ``"teacher": {field: float32 (B, T, ...)}``; rows of keys absent from the store are zeros (``has_kd``
+    False). A damaged row (its bytes fail their checksum or its shard is missing: StoreCorruptError) stops
+    the run unless ``skip_damaged``: then the batch is re-read key by key and the damaged rows get no KD,
+    counted in ``"damaged"``: never zeros as targets. ``retriever``: windows without their own row get the
+    targets of the most similar stored situations (``e2r.workflow.retrieval_kd``); ``unpaired``: ignore every
+    window's own row (retrieval only). ``tables``: the windows' segment tables (the camera dataset's ``tables``), which pose retrieval reads.
+    ``pairing``: camera and LiDAR recorded apart: each window reads the row
+    of its paired LiDAR window (``"store_keys"``: list[B], None where unpaired -> ``has_kd`` False) and
+    ``"kd_weight"`` is the pair's confidence (1 otherwise). ``open_kw``: how a store URL is reached
+    (`store_open_kw`). The row reader is fork-safe (no threads, files mapped lazily per process)."""
 
-    def __init__(self, camera: CameraSequenceDataset, memorybank: str | None = None,
-                 fields: Sequence[str] = LIGHT_KD_FIELDS, skip_damaged: bool = False,
-                 retriever: Retriever | None = None, unpaired: bool = False,
-                 pairing: TimestampPairing | None = None, **open_kw: Any) -> None:
-        self.camera = camera
-        self.teacher = TeacherRowReader(str(memorybank), tuple(fields), **open_kw) if memorybank else None
+    def __init__(self, memorybank: str | None = None, fields: Sequence[str] = LIGHT_KD_FIELDS,
+                 skip_damaged: bool = False, retriever: Retriever | None = None, unpaired: bool = False,
+                 pairing: TimestampPairing | None = None, tables: Mapping[str, SegmentTable] | None = None,
+                 **open_kw: Any) -> None:
+        self.memorybank = str(memorybank) if memorybank else None
+        self.reader = TeacherRowReader(self.memorybank, tuple(fields), **open_kw) if memorybank else None
+        self.open_kw = open_kw
         self.skip_damaged = bool(skip_damaged)
         self.retriever = retriever if memorybank else None
         self.unpaired = bool(unpaired)
         self.pairing = pairing if memorybank else None
-        self.targets_deferred = False
+        self.tables = tables          # the windows' segment tables {segment: table}, for pose retrieval
 
-    def __len__(self) -> int:
-        return len(self.camera)
+    @classmethod
+    def for_run(cls, cfg: StudentTrainConfig | StudentEvalConfig, camera: CameraSequenceDataset,
+                student_cfg: StudentConfig, *, kd_on: bool = True, need_bev_feat: bool = False,
+                store: tuple[StoreSchema, TeacherConfig | None] | None = None, min_similarity: float = -1.0,
+                unpaired: bool = False, log: Callable[[str], None] | None = None) -> "TeacherTargets":
+        """The targets of a run on ``camera``'s windows: ``cfg.memorybank`` (none when unset or ``kd_on``
+        False) checked against the dataset and ``student_cfg`` (`check_store_fits`), with ``bev_feat`` when
+        ``need_bev_feat``; ``store``: its ``(schema, teacher config)`` when the caller has read them
+        (`read_store_schema`); ``--kd_retrieval`` (``min_similarity``, ``unpaired``: the training run's
+        settings) and ``--pair_lidar_root`` from ``cfg``; ``log`` gets the pairing summary."""
+        if not cfg.memorybank:
+            return cls()
+        schema, teacher_cfg = store if store is not None else read_store_schema(cfg.memorybank, **store_open_kw(cfg))
+        check_store_fits(cfg.memorybank, schema, cfg.seq_len, camera.frame_actions().shape[1], student_cfg,
+                         need_bev_feat, teacher_cfg)
+        if not kd_on:
+            return cls()
+        retriever = None
+        if cfg.kd_retrieval:
+            retriever = Retriever(cfg.memorybank, cfg.kd_retrieval, cfg.kd_retrieval_k, cfg.kd_retrieval_tau,
+                                  min_similarity, whole_segment=unpaired)
+            retriever.check(cfg.seq_len)
+        pairing = (TimestampPairing.build(camera, cfg.pair_lidar_root, cfg.pair_tolerance_ms)
+                   if cfg.pair_lidar_root else None)
+        if pairing is not None and log is not None:
+            log(pairing.describe(camera.keys, cfg.pair_lidar_root))
+        fields = LIGHT_KD_FIELDS + (("bev_feat",) if need_bev_feat else ())
+        return cls(cfg.memorybank, fields, cfg.skip_damaged, retriever, unpaired, pairing, camera.tables,
+                   **store_open_kw(cfg))
 
-    def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any] | None:
-        idx = [int(indices)] if isinstance(indices, Integral) else [int(i) for i in indices]
-        batch = collate_camera([self.camera[i] for i in idx])
-        if batch is None:
-            return None
-        batch["keys"] = list(batch.pop("key"))
-        if not self.targets_deferred:
-            self.attach_targets(batch)
-        return batch
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self.reader.fields if self.reader is not None else ()
 
-    def deferred(self) -> "KDCameraBatches":
-        """A copy whose items are the camera windows only (no ``teacher``, ``has_kd``, ...): the caller then
-        calls :meth:`attach_targets` on each batch in its own process (`e2r.workflow.targets_ahead`)."""
-        twin = copy.copy(self)
-        twin.targets_deferred = True
-        return twin
+    def row_reader(self) -> TeacherRowReader:
+        """A reader of its own over the same store and fields (for a second thread of the same process)."""
+        return TeacherRowReader(str(self.memorybank), self.fields, **self.open_kw)
 
-    def attach_targets(self, batch: dict[str, Any]) -> None:
-        """Add the teacher targets of ``batch``'s windows by key (the item's keys listed in the class
-        docstring from ``damaged`` on), in place."""
-        batch["damaged"] = torch.zeros(len(batch["keys"]), dtype=torch.bool)
-        batch["kd_weight"] = torch.ones(len(batch["keys"]), dtype=torch.float32)
-        if self.teacher is None:
-            batch["has_kd"], batch["teacher"] = torch.zeros(len(batch["keys"]), dtype=torch.bool), {}
+    def attach(self, batch: dict[str, Any]) -> None:
+        """Add the teacher targets of ``batch``'s windows (by ``batch["keys"]``), in place (class docstring)."""
+        B = len(batch["keys"])
+        batch["damaged"] = torch.zeros(B, dtype=torch.bool)
+        batch["kd_weight"] = torch.ones(B, dtype=torch.float32)
+        if self.reader is None:
+            batch["has_kd"], batch["teacher"] = torch.zeros(B, dtype=torch.bool), {}
             return
         if self.unpaired:            # the unpaired experiment: no window has its own row; retrieval only
-            batch["has_kd"] = torch.zeros(len(batch["keys"]), dtype=torch.bool)
-            batch["teacher"] = {f: torch.zeros((len(batch["keys"]), *self.teacher.schema.row_shape(f)))
-                                for f in self.teacher.fields}
+            batch["has_kd"] = torch.zeros(B, dtype=torch.bool)
+            batch["teacher"] = {f: torch.zeros((B, *self.reader.schema.row_shape(f))) for f in self.reader.fields}
             self._retrieve(batch)
             return
         if self.pairing is None:
@@ -211,20 +230,20 @@ class KDCameraBatches(Dataset):
         batch["retrieval_similarity"] = torch.full((B,), float("nan"))
         if not self.retriever.at_load:
             return
-        batch.update(self.retriever.window_inputs(self.camera.tables, batch["keys"]))
+        batch.update(self.retriever.window_inputs(self.tables, batch["keys"]))
         idx = torch.nonzero(~batch["has_kd"] & ~batch["damaged"]).flatten()
         if len(idx) == 0:
             return
         query = {n: (v[idx] if isinstance(v, Tensor) else [v[i] for i in idx.tolist()]) for n, v in batch.items()
                  if n in ("speed", "steering", "pose", "map")}
-        rows, used, best = self.retriever.targets(self.teacher, query, [batch["keys"][i] for i in idx.tolist()])
+        rows, used, best = self.retriever.targets(self.reader, query, [batch["keys"][i] for i in idx.tolist()])
         apply_retrieved(batch, idx, rows, used, best)
 
     def _read_rows(self, keys: list[str]) -> tuple[dict[str, Any], Tensor]:
         """Rows of ``keys`` with one batched read (key by key after a StoreCorruptError with ``skip_damaged``)
         -> (rows as :meth:`TeacherRowReader.read` gives them, damaged (B,) bool)."""
         try:
-            rows = dict(self.teacher.read(keys))     # one get_batch_into for the whole batch, by key
+            rows = dict(self.reader.read(keys))     # one get_batch_into for the whole batch, by key
         except StoreCorruptError as e:
             if not self.skip_damaged:
                 raise StoreCorruptError(f"{e} -- to train or evaluate on the intact rows only (the damaged ones "
@@ -240,13 +259,13 @@ class KDCameraBatches(Dataset):
         batch["store_keys"] = store_keys
         B = len(store_keys)
         sel = [i for i, k in enumerate(store_keys) if k is not None]
-        rows: dict[str, Any] = {f: torch.zeros((B, *self.teacher.schema.row_shape(f))) for f in self.teacher.fields}
+        rows: dict[str, Any] = {f: torch.zeros((B, *self.reader.schema.row_shape(f))) for f in self.reader.fields}
         rows["found"], rows["keys"] = torch.zeros(B, dtype=torch.bool), list(batch["keys"])
         damaged = torch.zeros(B, dtype=torch.bool)
         if sel:
             got, bad = self._read_rows([store_keys[i] for i in sel])
             idx = torch.tensor(sel, dtype=torch.long)
-            for name in (*self.teacher.fields, "found"):
+            for name in (*self.reader.fields, "found"):
                 rows[name][idx] = got[name]
             damaged[idx] = bad
             batch["kd_weight"][idx] = torch.from_numpy(conf[sel])
@@ -255,7 +274,7 @@ class KDCameraBatches(Dataset):
     def _read_intact(self, keys: list[str]) -> tuple[dict[str, Any], Tensor]:
         """Rows of ``keys`` read one by one: intact ones as stored, damaged ones zeros with ``found`` False;
         returns (rows as :meth:`TeacherRowReader.read` gives them, damaged (B,) bool)."""
-        reader = self.teacher
+        reader = self.reader
         B = len(keys)
         rows: dict[str, Any] = {f: torch.zeros((B, *reader.schema.row_shape(f))) for f in reader.fields}
         rows["found"], rows["keys"] = torch.zeros(B, dtype=torch.bool), list(keys)
@@ -271,47 +290,43 @@ class KDCameraBatches(Dataset):
         return rows, damaged
 
 
-def make_kd_loader(dataset: KDCameraBatches, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                   ctx: DistContext, targets_in: str = "main") -> tuple[Iterable, EpochBatchSampler]:
-    """(loader over this rank's batches, its sampler): one whole batch per worker fetch; call
-    ``sampler.set_epoch(e)`` before each epoch. ``targets_in``: where a store's teacher rows are read:
-    ``"main"`` - this process, ahead of the step (`TargetsAhead`; the workers send camera windows only),
-    ``"worker"`` - the DataLoader workers, with the windows. Both give the same batches in the same order.
-    The store's row reader is fork-safe (no threads, files mapped lazily per process)."""
+class CameraBatches(Dataset):
+    """Item = a batch: ``ds[indices]`` -> the camera windows of those indices (`collate_camera`: ``"keys"``
+    list[B], "images" (B,T,Ncam,3,H,W), "intrinsics" (B,Ncam,3,3), "cam2ego" (B,Ncam,4,4), "speed" (B,T),
+    "steering" (B,T), "actions" (B,T,A)), plus their teacher targets when ``targets`` is given
+    (`TeacherTargets.attach`: read in the DataLoader worker); windows skipped as bad are dropped, a batch of
+    only bad windows is ``None``."""
+
+    def __init__(self, camera: CameraSequenceDataset, targets: TeacherTargets | None = None) -> None:
+        self.camera, self.targets = camera, targets
+
+    def __len__(self) -> int:
+        return len(self.camera)
+
+    def __getitem__(self, indices: int | Sequence[int]) -> dict[str, Any] | None:
+        idx = [int(indices)] if isinstance(indices, Integral) else [int(i) for i in indices]
+        batch = collate_camera([self.camera[i] for i in idx])
+        if batch is not None and self.targets is not None:
+            self.targets.attach(batch)
+        return batch
+
+
+def make_kd_loader(camera: CameraSequenceDataset, targets: TeacherTargets, batch_size: int, shuffle: bool,
+                   seed: int, num_workers: int, ctx: DistContext, targets_in: str = "main"
+                   ) -> tuple[Iterable, EpochBatchSampler]:
+    """(loader over this rank's batches of ``camera`` windows with their ``targets``, its sampler): one whole
+    batch per worker fetch; call ``sampler.set_epoch(e)`` before each epoch. ``targets_in``: where a store's
+    teacher rows are read: ``"main"`` - this process, ahead of the step (`TargetsAhead`; the workers send
+    camera windows only), ``"worker"`` - the DataLoader workers, with the windows. Both give the same batches
+    in the same order."""
     if targets_in not in KD_TARGETS_IN:
         raise ValueError(f"targets_in must be one of {KD_TARGETS_IN}, got {targets_in!r}")
-    sampler = training_sampler(len(dataset), batch_size, shuffle, seed, ctx.rank, ctx.world_size)
-    ahead = targets_in == "main" and dataset.teacher is not None
+    sampler = training_sampler(len(camera), batch_size, shuffle, seed, ctx.rank, ctx.world_size)
+    ahead = targets_in == "main" and targets.reader is not None
     pin = torch.cuda.is_available()
-    loader = make_loader(dataset.deferred() if ahead else dataset, sampler, num_workers=num_workers, pin_memory=pin,
-                         worker_init_fn=die_with_parent if num_workers else None)
-    return (TargetsAhead(loader, dataset.attach_targets, pin=pin) if ahead else loader), sampler
-
-
-class FovMasks:
-    """Per-sample camera FOV masks on the student's (= teacher's) BEV grid, cached per calibration.
-
-    ``masks(intrinsics (B,Ncam,3,3), cam2ego (B,Ncam,4,4))`` -> float (B, H_bev, W_bev) in {0, 1}; a cell is
-    visible when it projects into an image of the rig at a depth up to ``cfg.depth_bins[1]`` (the lift's
-    farthest depth)."""
-
-    def __init__(self, cfg: StudentConfig, cache_size: int = 64) -> None:
-        self.cfg, self.cache_size = cfg, cache_size
-        self._cache: dict[bytes, Tensor] = {}
-
-    def __call__(self, intrinsics: Tensor, cam2ego: Tensor) -> Tensor:
-        out = []
-        for K, T in zip(intrinsics, cam2ego):
-            key = K.detach().cpu().numpy().tobytes() + T.detach().cpu().numpy().tobytes()
-            mask = self._cache.get(key)
-            if mask is None:
-                mask = camera_fov_mask(K, T, tuple(self.cfg.image_size), self.cfg.bev_grid,
-                                       max_depth=float(self.cfg.depth_bins[1])).float()
-                if len(self._cache) >= self.cache_size:
-                    self._cache.pop(next(iter(self._cache)))
-                self._cache[key] = mask
-            out.append(mask.to(intrinsics.device))
-        return torch.stack(out)
+    loader = make_loader(CameraBatches(camera, None if ahead else targets), sampler, num_workers=num_workers,
+                         pin_memory=pin, worker_init_fn=die_with_parent if num_workers else None)
+    return (TargetsAhead(loader, targets.attach, pin=pin) if ahead else loader), sampler
 
 
 def hflip_batch(batch: dict[str, Any], flip: Tensor, bev_grid: dict[str, Any]) -> dict[str, Any]:
@@ -346,53 +361,7 @@ def hflip_batch(batch: dict[str, Any], flip: Tensor, bev_grid: dict[str, Any]) -
 
 
 def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors of a :class:`KDCameraBatches` batch (teacher targets included) moved to ``device``."""
+    """Tensors of a `CameraBatches` batch (teacher targets included) moved to ``device``."""
     out = {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
     out["teacher"] = {k: v.to(device, non_blocking=True) for k, v in batch["teacher"].items()}
     return out
-
-
-def student_losses(net: torch.nn.Module, normalize_actions: Any, batch: dict[str, Any], action_w: Tensor,
-                   kd: KDWeights, fov_masks: FovMasks | None = None, flipped: Tensor | None = None,
-                   smooth_weight: float = 0.0,
-                   after_forward: Callable[[dict[str, Any], dict[str, Tensor]], None] | None = None
-                   ) -> tuple[Tensor, dict[str, Tensor]]:
-    """BC + KD loss of one batch (already on the model's device, already flipped where ``flipped``).
-    ``after_forward(batch, aux)``: called with the student's forward outputs before the KD terms are taken,
-    e.g. to fill targets retrieved by the student's own bev_vec (``retrieval_kd.retrieve_for_student``).
-
-    BC: ``e2r.losses.action_loss`` on normalised actions (weights ``action_w`` (A,)) over every sample; KD:
-    ``e2r.kd.kd_losses`` over the samples with ``has_kd`` (action and dense bev_feat terms; bev_vec and
-    temporal terms only for samples that were not flipped), each sample's terms weighted by
-    ``batch["kd_weight"]`` (B,) when the batch has it (the timestamp pair's confidence). Returns ``(loss, parts)`` with parts ``bc``,
-    ``kd_action``, ``kd_bev_vec``, ``kd_temporal``, ``kd_bev_feat``, ``kd_total``, ``kd_samples``,
-    ``bc_only_samples`` (detached scalars)."""
-    pred, aux = net(batch["images"], batch["intrinsics"], batch["cam2ego"], batch["speed"], batch["steering"],
-                    return_aux=True)
-    if after_forward is not None:
-        after_forward(batch, aux)
-    bc = action_loss(normalize_actions(pred), normalize_actions(batch["actions"]), action_w, smooth_weight)
-    has_kd = batch["has_kd"]
-    flipped = torch.zeros_like(has_kd) if flipped is None else flipped.to(has_kd.device)
-    parts = {"bc": bc.detach()}
-    total = bc
-    any_kd = bool(has_kd.any()) and (kd.action + kd.bev_vec + kd.temporal + kd.bev_feat) > 0
-    fov = fov_masks(batch["intrinsics"], batch["cam2ego"]) if (any_kd and kd.bev_feat > 0 and fov_masks) else None
-    names = ("kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat")
-    if any_kd:
-        weight = batch.get("kd_weight")       # (B,) pair confidence (1 without timestamp pairing)
-        mirror_safe = kd_losses(pred, aux, batch["teacher"], has_kd, normalize_actions,
-                                replace(kd, bev_vec=0.0, temporal=0.0), fov, weight)
-        embed = kd_losses(pred, aux, batch["teacher"], has_kd & ~flipped, normalize_actions,
-                          replace(kd, action=0.0, bev_feat=0.0), fov, weight)
-        total = total + mirror_safe["kd_total"] + embed["kd_total"]
-        for n in names:
-            parts[n] = (mirror_safe[n] + embed[n]).detach()
-        parts["kd_total"] = (mirror_safe["kd_total"] + embed["kd_total"]).detach()
-    else:
-        for n in names + ("kd_total",):
-            parts[n] = bc.new_zeros(())
-    n_kd = has_kd.sum()
-    parts["kd_samples"] = n_kd.detach().float()
-    parts["bc_only_samples"] = (has_kd.numel() - n_kd).detach().float()
-    return total, parts

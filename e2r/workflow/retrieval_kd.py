@@ -260,7 +260,7 @@ def apply_retrieved(batch: dict[str, Any], idx: Tensor, rows: Mapping[str, Tenso
 
 def retrieve_for_student(retriever: Retriever, reader: TeacherRowReader, batch: dict[str, Any],
                          aux: Mapping[str, Tensor]) -> None:
-    """``student`` retrieval in the training step (``kd_data.student_losses(after_forward=)``): the windows
+    """``student`` retrieval in the training step (``e2r.kd.student_losses(after_forward=)``): the windows
     without a row (``~has_kd & ~damaged``) query the index with their mean bev_vec from the loss's own forward
     (``aux["bev_vec_seq"]`` (B, T, D), detached); the retrieved targets are written into ``batch`` (on its
     device) by :func:`apply_retrieved` before the KD terms are taken. A no-op for other kinds."""

@@ -4,10 +4,10 @@ With ``--kd_targets worker`` each DataLoader worker reads its batch's teacher ro
 and sends them to the main process through shared memory; that hand-over, not the store, bounds the rate
 (``bench/bench_streaming.py``: a float32 memmap read the same way delivers about the same). Here
 the workers deliver the camera windows and their keys only, and one thread of the main process fills each
-batch's targets by key (`KDCameraBatches.attach_targets`: one ``get_batch_into`` at the store's in-process
+batch's targets by key (`TeacherTargets.attach`: one ``get_batch_into`` at the store's in-process
 rate, plus pairing / retrieval) for up to ``depth`` batches ahead while the step of the current one runs.
 
-    loader = TargetsAhead(dataloader, dataset.attach_targets)   # what make_kd_loader returns
+    loader = TargetsAhead(dataloader, targets.attach)           # what make_kd_loader returns
     for batch in loader: ...                                    # batches in the DataLoader's order, targets in
 
 The batches, their order and their contents equal the worker path's (tested), so a run is the same run

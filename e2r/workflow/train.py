@@ -21,7 +21,7 @@ import torch
 from e2r.checkpoints import check_fits, load_checkpoint, save_checkpoint
 from e2r.data.augment import photometric_jitter
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
-from e2r.kd import KDWeights, hflip_lidar
+from e2r.kd import FovMasks, KDWeights, hflip_lidar, student_losses
 from e2r.losses import action_loss, action_weights, weighted_action_mse
 from e2r.models.config import TeacherConfig
 from e2r.models.student import CameraBEVStudent
@@ -31,12 +31,10 @@ from e2r.runtime import (DistContext, all_reduce_sums, resolve_device, seed_ever
                          teardown_distributed)
 from e2r.sim.drive import DriveConfig, drive
 from e2r.workflow.configs import StudentTrainConfig, TeacherTrainConfig
-from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, FovMasks, KDCameraBatches, batch_to, check_store, hflip_batch,
-                                  make_kd_loader, read_store_schema, store_open_kw, student_losses,
-                                  teacher_config_of_checkpoint)
-from e2r.workflow.pairing import TimestampPairing
+from e2r.workflow.kd_data import (TeacherTargets, batch_to, hflip_batch, make_kd_loader, read_store_schema,
+                                  store_open_kw, teacher_config_of_checkpoint)
 from e2r.workflow.retrieval_kd import Retriever, retrieve_for_student
-from e2r.workflow.trainer import TrainTask, Trainer, make_loader, train_valid_datasets, unwrap
+from e2r.workflow.trainer import TrainTask, Trainer, make_window_loader, train_valid_datasets, unwrap
 from stores.torch_data import TeacherRowReader
 
 __all__ = ["train_teacher", "train_student", "kd_weights_of", "build_student_config", "PART_NAMES"]
@@ -108,10 +106,10 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict[str, Any]:
                                                               cfg.lidar_num_features, segments=segments))
         model = LiDARBEVTeacher(model_cfg)
         trainer = Trainer(cfg, "teacher", model, train_ds, resume, ctx, device)
-        train_loader, train_sampler = make_loader(train_ds, batch_size, True, cfg.seed, cfg.num_workers,
-                                                  collate_lidar, ctx)
-        valid_loader = (make_loader(valid_ds, batch_size, False, cfg.seed, cfg.num_workers, collate_lidar, ctx)[0]
-                        if valid_ds is not None and len(valid_ds) else None)
+        train_loader, train_sampler = make_window_loader(train_ds, batch_size, True, cfg.seed, cfg.num_workers,
+                                                         collate_lidar, ctx)
+        valid_loader = (make_window_loader(valid_ds, batch_size, False, cfg.seed, cfg.num_workers, collate_lidar,
+                                           ctx)[0] if valid_ds is not None and len(valid_ds) else None)
         task = TeacherTask(trainer.net, model, cfg, device)
         return trainer.fit(task, train_loader, train_sampler, valid_loader, model_cfg.to_dict())
 
@@ -263,30 +261,19 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
         train_ds, valid_ds = train_valid_datasets(
             cfg, lambda split, segments: CameraSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
                                                                image_size, segments=segments))
-        fields = LIGHT_KD_FIELDS + (("bev_feat",) if kd.bev_feat > 0 else ())
-        if schema is not None:
-            check_store(cfg.memorybank, schema, cfg.seq_len, train_ds.frame_actions().shape[1], model_cfg,
-                        kd.bev_feat > 0, teacher_cfg)
+        kd_on = kd.action + kd.bev_vec + kd.temporal + kd.bev_feat > 0
+        targets = TeacherTargets.for_run(cfg, train_ds, model_cfg, kd_on=kd_on, need_bev_feat=kd.bev_feat > 0,
+                                         store=(schema, teacher_cfg) if schema is not None else None,
+                                         min_similarity=cfg.kd_retrieval_min_sim, unpaired=cfg.kd_unpaired,
+                                         log=(lambda text: print(text, flush=True)) if ctx.rank == 0 else None)
         model = CameraBEVStudent(model_cfg)
         trainer = Trainer(cfg, "student", model, train_ds, resume, ctx, device)
-        bank = cfg.memorybank if kd.action + kd.bev_vec + kd.temporal + kd.bev_feat > 0 else None
-        retriever = None
-        if cfg.kd_retrieval and bank:
-            retriever = Retriever(bank, cfg.kd_retrieval, cfg.kd_retrieval_k, cfg.kd_retrieval_tau,
-                                  cfg.kd_retrieval_min_sim, whole_segment=cfg.kd_unpaired)
-            retriever.check(cfg.seq_len)
-        pairing = (TimestampPairing.build(train_ds, cfg.pair_lidar_root, cfg.pair_tolerance_ms)
-                   if cfg.pair_lidar_root and bank else None)
-        if pairing is not None and ctx.rank == 0:
-            print(pairing.describe(train_ds.keys, cfg.pair_lidar_root), flush=True)
-        train_loader, train_sampler = make_kd_loader(
-            KDCameraBatches(train_ds, bank, fields, cfg.skip_damaged, retriever, cfg.kd_unpaired, pairing=pairing,
-                            **store_open_kw(cfg)),
-            batch_size, True, cfg.seed, cfg.num_workers, ctx, cfg.kd_targets)
-        valid_loader = (make_kd_loader(KDCameraBatches(valid_ds), batch_size, False, cfg.seed, cfg.num_workers,
+        train_loader, train_sampler = make_kd_loader(train_ds, targets, batch_size, True, cfg.seed, cfg.num_workers,
+                                                     ctx, cfg.kd_targets)
+        valid_loader = (make_kd_loader(valid_ds, TeacherTargets(), batch_size, False, cfg.seed, cfg.num_workers,
                                        ctx)[0] if valid_ds is not None and len(valid_ds) else None)
         task = StudentTask(trainer.net, model, cfg, kd, device)
-        if retriever is not None and not retriever.at_load:
-            task.retrieval = (retriever, TeacherRowReader(bank, fields, **store_open_kw(cfg)))
+        if targets.retriever is not None and not targets.retriever.at_load:
+            task.retrieval = (targets.retriever, targets.row_reader())
         result = trainer.fit(task, train_loader, train_sampler, valid_loader, model_cfg.to_dict())
         return {**result, "valid_losses": [h["valid_loss"] for h in result["history"]]}

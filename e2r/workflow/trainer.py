@@ -9,7 +9,8 @@
 history, the checkpoints (latest state every epoch to ``checkpoint_path``, best to ``save_path``, picked by
 the validation loss or by :meth:`TrainTask.selection_metric`), the all-reduce of losses over ranks,
 TensorBoard and resume (model, optimizer, scheduler, epoch, best metric, RNG state). A :class:`TrainTask`
-supplies the per-batch loss and any extra per-epoch statistics. :func:`make_loader` is the DataLoader of a per-window dataset with the project's one sampler
+supplies the per-batch loss and any extra per-epoch statistics. :func:`make_window_loader` is the DataLoader
+of a per-window dataset with the project's one sampler
 (``e2r.data.sampler.training_sampler``: order depends only on seed and epoch; under ``torchrun`` every sample
 is read once per epoch over all ranks, every rank has the same number of steps, and each step's gradient and
 the epoch's losses weigh every sample equally, whatever the ranks' batch sizes).
@@ -29,10 +30,11 @@ from tqdm import tqdm
 
 from e2r.checkpoints import CheckpointError, load_init_weights, save_checkpoint
 from e2r.data.sampler import EpochBatchSampler, training_sampler
+from e2r.data.window_union import WindowUnion
 from e2r.runtime import DistContext, all_reduce_sums, capture_rng_state, die_with_parent, restore_rng_state
 from e2r.workflow.configs import TrainConfig, plain_dict
 
-__all__ = ["ActionNormalizer", "LRSchedule", "make_loader", "run_epoch", "rank_loss_weight", "unwrap", "TrainTask",
+__all__ = ["ActionNormalizer", "LRSchedule", "make_window_loader", "run_epoch", "rank_loss_weight", "unwrap", "TrainTask",
            "Trainer", "train_valid_datasets"]
 
 
@@ -84,8 +86,8 @@ class LRSchedule:
         return warm * (self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                collate_fn: Callable | None, ctx: DistContext) -> tuple[DataLoader, EpochBatchSampler]:
+def make_window_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+                       collate_fn: Callable | None, ctx: DistContext) -> tuple[DataLoader, EpochBatchSampler]:
     """DataLoader over this rank's batches of a per-window dataset; call ``sampler.set_epoch(epoch)``
     before each epoch."""
     sampler = training_sampler(len(dataset), batch_size, shuffle, seed, ctx.rank, ctx.world_size)
@@ -96,8 +98,11 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
 
 def train_valid_datasets(cfg: TrainConfig, make: Callable[[str, Any], Any]) -> tuple[Any, Any]:
     """``(train_ds, valid_ds or None)`` from ``make(split, segments)`` (the training split restricted to
-    ``cfg.train_segments``, the valid split whole); refuses a training set with no window."""
+    ``cfg.train_segments``, joined by the whole ``cfg.extra_train_splits`` as a `WindowUnion`; the valid split
+    whole); refuses a training set with no window."""
     train_ds = make(cfg.train_split, cfg.train_segments)
+    if cfg.extra_train_splits:
+        train_ds = WindowUnion([train_ds] + [make(split, None) for split in cfg.extra_train_splits])
     if len(train_ds) == 0:
         raise ValueError(f"{cfg.data_root}/{cfg.train_split}: no windows of seq_len={cfg.seq_len}")
     return train_ds, (make(cfg.valid_split, None) if cfg.valid_split else None)

@@ -1,0 +1,129 @@
+"""Closed-loop drives recorded as data: every car of a run written as a segment in the dataset layout.
+
+    recorder = DriveRecorder("data/synth", "round_01", world, policy_name="mixed", info={"round": 1})
+    runs = run_closed_loop(policy, world, starts, cfg, recorder=recorder)     # segments appear at the end
+
+A recorded segment is what a real car with both sensors logs while a policy drives it (layout of
+``e2r.sim.world``, checked by ``pipelines.check_dataset``)::
+
+    <root>/<split>/<segment>_cNN/meta/data.csv       timestamp, lidar_filepath, image_filepath, velocity,
+                                                      wheel_angle, speed_command, x, y, yaw, control,
+                                                      expert_wheel_angle, expert_speed_command
+    <root>/<split>/<segment>_cNN/meta/recorded.json  who drove, from where, how the run ended
+    <root>/<split>/<segment>_cNN/lidar/000123.bin    float32 (N, 4), the frames the policy saw
+    <root>/<split>/<segment>_cNN/camera/000123.png   RGB at the world's camera size, the frames the policy saw
+    <root>/<split>/<segment>_cNN/camera/calib.json
+
+``velocity`` is the speed measured at the step, ``wheel_angle`` / ``speed_command`` the commands *executed*
+at the step (whoever gave them: ``control``), x, y, yaw the pose at the step. These are not expert labels:
+a recorded segment is marked by ``meta/recorded.json`` (:func:`is_recorded`), and training takes the
+teacher's actions as its targets. ``expert_wheel_angle`` / ``expert_speed_command`` are what the simulator's
+expert would have commanded in the same state: the oracle baseline may read them, the KD path never does.
+
+Crash safety: each car's segment is written into ``<root>/.tmp-<split>-<segment>`` and renamed into place
+when its run is complete (a crashed run leaves no half segment; its temporary folders are removed by the
+next recording of the same segment); an existing segment of the same name is refused.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from e2r.data.layout import RECORDED_RELPATH
+from e2r.sim.policies import ExpertPolicy, Observation
+from e2r.sim.world import CSV_COLUMNS, calib_dict, begin_segment, finish_segment
+
+__all__ = ["DriveRecorder", "RECORD_COLUMNS", "RECORDED_JSON", "is_recorded", "read_recorded"]
+
+#: data.csv columns of a recorded segment (the dataset's, then who drove and the expert's would-be command)
+RECORD_COLUMNS = CSV_COLUMNS + ("control", "expert_wheel_angle", "expert_speed_command")
+RECORDED_JSON = RECORDED_RELPATH
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def is_recorded(segment_dir: str | Path) -> bool:
+    """Whether a segment folder holds a recorded drive (its commands are not expert labels)."""
+    return (Path(segment_dir) / RECORDED_JSON).is_file()
+
+
+def read_recorded(segment_dir: str | Path) -> dict[str, Any]:
+    """The ``meta/recorded.json`` of a recorded segment (ValueError naming the file when unreadable)."""
+    path = Path(segment_dir) / RECORDED_JSON
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable recording description ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return doc
+
+
+class DriveRecorder:
+    """Writes every car of one :func:`e2r.sim.closed_loop.run_closed_loop` call as a segment of ``split``
+    under ``root`` (module docstring); ``info``: extra JSON-able facts for each ``recorded.json`` (round,
+    mixing probability, ...). ``segments``: the segment names written, after the run."""
+
+    def __init__(self, root: str | Path, split: str, world: Any, policy_name: str,
+                 info: Optional[dict[str, Any]] = None) -> None:
+        for what, name in (("split", split), ("policy name", policy_name)):
+            if not _NAME.match(name):
+                raise ValueError(f"recording {what} {name!r}: use letters, digits, '_', '-', '.' (max 64)")
+        self.root, self.split, self.world, self.policy_name = Path(root), split, world, policy_name
+        self.info = dict(info or {})
+        self.expert = ExpertPolicy("expert")
+        self.segments: list[str] = []
+        self._cars: list[dict[str, Any]] = []
+
+    def begin(self, start_indices: Sequence[int], seq_len: int) -> None:
+        """Open one temporary segment folder per car (car k starts at centre-line sample ``start_indices[k]``)."""
+        world = self.world
+        self.expert.reset(world.track, world.config, len(start_indices), seq_len)
+        calib = json.dumps(calib_dict(world.config), indent=1) + "\n"
+        self._cars = []
+        for k, start in enumerate(start_indices):
+            name = f"{world.segment}_c{k:02d}"
+            final, tmp = begin_segment(self.root, self.split, name)
+            (tmp / "lidar").mkdir()
+            (tmp / "camera").mkdir()
+            (tmp / "camera" / "calib.json").write_text(calib)
+            self._cars.append({"name": name, "final": final, "tmp": tmp, "start": int(start),
+                               "rows": [",".join(RECORD_COLUMNS)]})
+
+    def step(self, obs: Observation, images: Sequence[np.ndarray], points: Sequence[np.ndarray],
+             steer: np.ndarray, speed: np.ndarray, control: Optional[Sequence[str]]) -> None:
+        """One step of the observed cars: their full-size camera frames (H, W, 3) uint8 and LiDAR frames
+        (N, 4) float32 as the policy saw them, the executed commands (B,), who gave them (B,) or None (the
+        policy itself)."""
+        rate = float(self.world.rate_hz)
+        e_steer, e_speed = self.expert.act(obs)
+        s = obs.state
+        for b, car in enumerate(obs.cars.tolist()):
+            rec = self._cars[car]
+            stamp = f"{obs.t:06d}"
+            np.asarray(points[b], dtype="<f4").tofile(rec["tmp"] / "lidar" / f"{stamp}.bin")
+            Image.fromarray(images[b]).save(rec["tmp"] / "camera" / f"{stamp}.png", format="PNG", compress_level=1)
+            who = self.policy_name if control is None else str(control[b])
+            rec["rows"].append(f"{obs.t / rate:.3f},lidar/{stamp}.bin,camera/{stamp}.png,{s.v[b]:.4f},"
+                               f"{steer[b]:.4f},{speed[b]:.4f},{s.x[b]:.4f},{s.y[b]:.4f},{s.yaw[b]:.6f},{who},"
+                               f"{e_steer[b]:.4f},{e_speed[b]:.4f}")
+
+    def finish(self, runs: Sequence[Any]) -> list[str]:
+        """Write each car's data.csv and recorded.json (``runs``: the cars' RunResults, in order) and move the
+        segments into place; returns their names."""
+        for rec, run in zip(self._cars, runs):
+            doc = {"kind": "closed-loop drive", "policy": self.policy_name, "split": self.split,
+                   "source_split": self.world.split, "source_segment": self.world.segment,
+                   "track_fingerprint": self.world.track.fingerprint(), "start_index": rec["start"],
+                   "steps": int(run.steps), "end": run.end, "laps": int(run.laps), "progress": float(run.progress),
+                   "labels": "wheel_angle and speed_command are the executed commands, not expert labels; "
+                             "expert_* columns are the simulator's expert in the same state (oracle baseline only)",
+                   **self.info}
+            (rec["tmp"] / RECORDED_JSON).write_text(json.dumps(doc, indent=1) + "\n")
+            finish_segment(rec["tmp"], rec["final"], rec["rows"])
+            self.segments.append(rec["name"])
+        return list(self.segments)

@@ -1,0 +1,219 @@
+"""Drives recorded as data (e2r.sim.record) and mixed student/teacher control (e2r.sim.policies.MixedPolicy):
+the recorded segments are valid dataset segments whose frames and commands are the ones the run saw and
+executed, they are marked as recorded, a crash leaves no half segment, and the mixing rules hold."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from e2r.checkpoints import save_checkpoint
+from e2r.data.check import DatasetCheck, check_split
+from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset
+from e2r.kd import _bc_loss
+from e2r.losses import action_loss, action_weights
+from e2r.models.config import TeacherConfig
+from e2r.models.teacher import LiDARBEVTeacher
+from e2r.sim.closed_loop import ClosedLoopConfig, load_world, run_closed_loop
+from e2r.sim.policies import (CONTROL_STUDENT, CONTROL_TAKEOVER, CONTROL_TEACHER, ConstantPolicy, ExpertPolicy,
+                              MixedPolicy, Policy)
+from e2r.sim.record import RECORD_COLUMNS, DriveRecorder, is_recorded, read_recorded
+from e2r.sim.world import generate_dataset
+from e2r.workflow.configs import ExportConfig, StudentTrainConfig
+from e2r.workflow.export_run import _append_snapshot, _check_append
+from e2r.workflow.trainer import train_valid_datasets
+from pipelines.export import main as export_main
+from stores import StoreCorruptError, open_memorybank
+
+SIZE = (64, 32)
+
+
+@pytest.fixture(scope="module")
+def world_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("record") / "world"
+    generate_dataset(root, tracks=3, frames=6, seed=3, image_size=SIZE, workers=1, progress=False)
+    return root
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_recorded_drive_is_a_dataset_segment_of_what_the_run_saw_and_did(world_root, tmp_path):
+    world = load_world(world_root, "test", "segment_0002")
+    out = tmp_path / "rec"
+    recorder = DriveRecorder(out, "round_01", world, "expert", info={"round": 1})
+    cfg = ClosedLoopConfig(time_limit=1.0, seq_len=3, seed=5)
+    runs = run_closed_loop(ExpertPolicy(), world, [0, 40], cfg, recorder=recorder)
+    again = run_closed_loop(ExpertPolicy(), world, [0, 40], cfg)          # recording changes nothing
+    for a, b in zip(runs, again):
+        np.testing.assert_array_equal(a.commands, b.commands)
+        np.testing.assert_array_equal(a.trajectory, b.trajectory)
+    assert recorder.segments == ["segment_0002_c00", "segment_0002_c01"]
+    assert not list(out.glob(".tmp-*"))
+    for k, run in enumerate(runs):
+        seg = out / "round_01" / f"segment_0002_c{k:02d}"
+        assert is_recorded(seg) and read_recorded(seg)["start_index"] == run.start_index
+        assert read_recorded(seg)["round"] == 1 and read_recorded(seg)["source_segment"] == "segment_0002"
+        rows = _rows(seg / "meta" / "data.csv")
+        assert list(rows[0]) == list(RECORD_COLUMNS) and len(rows) == run.steps == 20
+        np.testing.assert_allclose([float(r["wheel_angle"]) for r in rows], run.commands[:, 0], atol=1e-4)
+        np.testing.assert_allclose([float(r["x"]) for r in rows], run.trajectory[:-1, 0], atol=1e-4)
+        # the recorder's expert is the expert that drove: its would-be commands are the executed ones
+        np.testing.assert_allclose([float(r["expert_wheel_angle"]) for r in rows], run.commands[:, 0], atol=1e-4)
+        assert {r["control"] for r in rows} == {"expert"}
+        assert (seg / "camera" / "000019.png").is_file() and (seg / "lidar" / "000019.bin").stat().st_size > 0
+    stats, problems = check_split(DatasetCheck(data_root=str(out), seq_len=3, image_size=SIZE, no_progress=True),
+                                  "round_01")
+    assert problems == [] and stats == {"segments": 2, "frames": 40, "windows": 36}
+    cams = CameraSequenceDataset(out, "round_01", seq_len=3, image_size=SIZE)
+    lidar = LidarSequenceDataset(out, "round_01", seq_len=3, lidar_num_features=4)
+    assert len(cams) == len(lidar) == 2 * 18 and cams.keys == lidar.keys
+    with pytest.raises(FileExistsError):
+        run_closed_loop(ExpertPolicy(), world, [0], cfg, recorder=DriveRecorder(out, "round_01", world, "expert"))
+
+
+class _Crash(Policy):
+    def act(self, obs):
+        if obs.t == 3:
+            raise RuntimeError("policy crashed")
+        return np.zeros(len(obs.cars)), obs.speed[:, -1].astype(np.float64)
+
+
+def test_a_crashed_recording_leaves_no_segment_and_the_next_one_cleans_up(world_root, tmp_path):
+    world = load_world(world_root, "test", "segment_0002")
+    cfg = ClosedLoopConfig(time_limit=1.0, seq_len=3)
+    with pytest.raises(RuntimeError, match="crashed"):
+        run_closed_loop(_Crash("crash"), world, [0], cfg, recorder=DriveRecorder(tmp_path, "r", world, "crash"))
+    assert not (tmp_path / "r").exists() and list(tmp_path.glob(".tmp-*"))
+    run_closed_loop(ExpertPolicy(), world, [0], cfg, recorder=DriveRecorder(tmp_path, "r", world, "expert"))
+    assert not list(tmp_path.glob(".tmp-*")) and (tmp_path / "r" / "segment_0002_c00" / "meta" / "data.csv").is_file()
+    with pytest.raises(ValueError, match="recording split"):
+        DriveRecorder(tmp_path, "../x", world, "expert")
+
+
+class _Veer(Policy):
+    """Steers hard left: leaves any envelope within a second."""
+
+    def act(self, obs):
+        return np.full(len(obs.cars), 20.0), obs.speed[:, -1].astype(np.float64)
+
+
+def test_mixed_control_draws_per_period_and_the_teacher_takes_over_outside_the_envelope(world_root):
+    world = load_world(world_root, "test", "segment_0002")
+    cfg = ClosedLoopConfig(time_limit=3.0, seq_len=3, seed=1)
+    teacher_only = MixedPolicy("m", ConstantPolicy("c"), ExpertPolicy(), 0.0)
+    expert = run_closed_loop(ExpertPolicy(), world, [0, 50, 100], cfg)
+    mixed = run_closed_loop(teacher_only, world, [0, 50, 100], cfg)
+    for a, b in zip(expert, mixed):
+        np.testing.assert_array_equal(a.commands, b.commands)
+    assert set(teacher_only.control) == {CONTROL_TEACHER}
+
+    seen: list[np.ndarray] = []
+    lateral: list[np.ndarray] = []
+
+    class Watch(MixedPolicy):
+        def act(self, obs):
+            out = super().act(obs)
+            seen.append(self.control.copy())
+            lateral.append(world.track.lateral_offset(obs.state.x, obs.state.y, obs.index))
+            return out
+
+    veer = Watch("m", _Veer("veer"), ExpertPolicy(), 1.0, switch_every=5, max_lateral=0.5, recover_steps=10)
+    runs = run_closed_loop(veer, world, [0, 50], cfg)
+    first, lat = [c[0] for c in seen], np.array([x[0] for x in lateral])
+    assert first[0] == CONTROL_STUDENT and CONTROL_TAKEOVER in first
+    k = first.index(CONTROL_TAKEOVER)
+    assert abs(lat[k]) > 0.5 and (np.abs(lat[:k]) <= 0.5).all()  # taken over at the first step outside
+    back = first.index(CONTROL_STUDENT, k)                     # handed back after 10 steps inside again
+    assert (np.abs(lat[back - 10:back]) <= 0.5).all() and abs(lat[back - 11]) > 0.5
+    assert first[k:back] == [CONTROL_TAKEOVER] * (back - k)
+    assert all(r.end == "time" for r in runs)                  # the teacher brought both cars back
+    steps: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    class Log(MixedPolicy):
+        def act(self, obs):
+            out = super().act(obs)
+            steps.append((obs.t, obs.cars.copy(), self.control.copy()))
+            return out
+
+    run_closed_loop(Log("m", ConstantPolicy("c"), ExpertPolicy(), 0.5, switch_every=4, max_lateral=50.0,
+                        max_heading_deg=179.0), world, list(range(0, 160, 10)), cfg)
+    by_period: dict[tuple[int, int], set[str]] = {}
+    for t, cars, control in steps:
+        for car, who in zip(cars.tolist(), control.tolist()):
+            by_period.setdefault((car, t // 4), set()).add(who)
+    assert all(len(v) == 1 for v in by_period.values())          # one draw per car and period
+    drawn = [next(iter(v)) for v in by_period.values()]
+    assert len(drawn) > 100 and 0.35 < drawn.count(CONTROL_STUDENT) / len(drawn) < 0.65
+
+
+def test_recorded_windows_train_on_the_teachers_actions_and_the_union_keeps_label_statistics(world_root, tmp_path):
+    root = tmp_path / "world"
+    shutil.copytree(world_root, root)
+    world = load_world(root, "test", "segment_0002")
+    run_closed_loop(ConstantPolicy("c"), world, [0], ClosedLoopConfig(time_limit=0.5, seq_len=3),
+                    recorder=DriveRecorder(root, "round_01", world, "c"))
+    cfg = StudentTrainConfig(data_root=str(root), seq_len=3, extra_train_splits=["round_01"])
+    train, _ = train_valid_datasets(cfg, lambda split, segs: CameraSequenceDataset(root, split, 3, image_size=SIZE,
+                                                                                   segments=segs))
+    plain = CameraSequenceDataset(root, "train", 3, image_size=SIZE)
+    recorded = CameraSequenceDataset(root, "round_01", 3, image_size=SIZE)
+    assert len(train) == len(plain) + len(recorded) == len(plain) + 8 and train.keys == plain.keys + recorded.keys
+    assert bool(train[0]["expert_label"]) and not bool(train[len(plain)]["expert_label"])
+    np.testing.assert_array_equal(train.frame_actions(), plain.frame_actions())   # executed commands left out
+    # BC: labels where the window has them, the teacher's actions for recorded windows with a row, else nothing
+    torch.manual_seed(0)
+    pred, actions, teacher = torch.randn(4, 3, 2), torch.randn(4, 3, 2), torch.randn(4, 3, 2)
+    batch = {"actions": actions, "teacher": {"actions": teacher}, "has_kd": torch.tensor([False, True, False, True]),
+             "expert_label": torch.tensor([True, False, False, True])}
+    w, norm = action_weights(1.0, 0.05), (lambda a: a * 2.0)
+    got = _bc_loss(pred, batch, norm, w, 0.0)
+    want = action_loss(norm(pred[[0, 1, 3]]), norm(torch.stack([actions[0], teacher[1], actions[3]])), w, 0.0)
+    torch.testing.assert_close(got, want)
+    everyone = {**batch, "expert_label": torch.ones(4, dtype=torch.bool)}
+    torch.testing.assert_close(_bc_loss(pred, everyone, norm, w, 0.0), action_loss(norm(pred), norm(actions), w, 0.0))
+
+
+def test_export_append_adds_a_recorded_split_and_leaves_earlier_chunks_byte_identical(world_root, tmp_path, capsys):
+    root = tmp_path / "world"
+    shutil.copytree(world_root, root)
+    world = load_world(root, "test", "segment_0002")
+    run_closed_loop(ConstantPolicy("c"), world, [0, 60], ClosedLoopConfig(time_limit=0.5, seq_len=3),
+                    recorder=DriveRecorder(root, "round_01", world, "c"))
+    torch.manual_seed(0)
+    tcfg = TeacherConfig.preset_named("tiny")
+    ckpt = save_checkpoint(tmp_path / "teacher.pt", {"model": LiDARBEVTeacher(tcfg).state_dict(),
+                                                     "config": tcfg.to_dict()}, kind="teacher")
+    store = tmp_path / "mb.zarr"
+    base = ["--data_root", str(root), "--teacher_ckpt", str(ckpt), "--store", str(store), "--seq_len", "3",
+            "--shard_rows", "16", "--num_workers", "0", "--no_progress"]
+    assert export_main(base + ["--split", "train"]) == 0
+    train_rows, _ = open_memorybank(str(store)).get_batch(open_memorybank(str(store)).split_keys("train"))
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file() and "keys" not in p.parts}
+    capsys.readouterr()
+    assert export_main(base + ["--split", "round_01", "--append"]) == 0
+    assert "existing chunk file(s) and the keys of 1 earlier split(s) unchanged" in capsys.readouterr().out
+    bank = open_memorybank(str(store))
+    assert bank.split_keys("round_01") == CameraSequenceDataset(root, "round_01", 3, image_size=SIZE).keys
+    for path, data in before.items():
+        if path.name != "zarr.json":
+            assert path.read_bytes() == data, path
+    again, missing = bank.get_batch(bank.split_keys("train"))
+    assert missing == []
+    for name in ("actions", "bev_vec", "gru_out"):
+        np.testing.assert_array_equal(again[name], train_rows[name])
+    assert export_main(base + ["--split", "round_01", "--append", "--overwrite"]) == 2      # a config error
+    assert export_main([*base[:5], str(tmp_path / "none.zarr"), *base[6:], "--split", "round_01", "--append"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    snapshot = _append_snapshot(ExportConfig(data_root=str(root), split=["round_01"], store=str(store), append=True))
+    shard = next(p for p in sorted(store.rglob("*")) if p.is_file() and "light" in p.parts and p.name != "zarr.json")
+    shard.write_bytes(shard.read_bytes()[:-1] + bytes([shard.read_bytes()[-1] ^ 1]))
+    with pytest.raises(StoreCorruptError, match="an existing chunk changed"):
+        _check_append(ExportConfig(data_root=str(root), split=["round_01"], store=str(store), append=True),
+                      snapshot, open_memorybank(str(store)))
