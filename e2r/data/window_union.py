@@ -19,7 +19,7 @@ __all__ = ["WindowUnion"]
 
 class WindowUnion:
     """The concatenation of window datasets (``CameraSequenceDataset`` / ``LidarSequenceDataset``) with the
-    attributes the trainers read: ``len``, items, ``keys``, :meth:`frame_actions`."""
+    attributes the trainers read: ``len``, items, ``keys``, ``tables``, :meth:`frame_actions`."""
 
     def __init__(self, parts: Sequence[Any]) -> None:
         if not parts:
@@ -39,6 +39,11 @@ class WindowUnion:
     @property
     def keys(self) -> list[str]:
         return [key for p in self.parts for key in p.keys]
+
+    @property
+    def tables(self) -> dict[tuple[str, str], Any]:
+        """``{(split, segment): SegmentTable}`` of every part (segment names may repeat across splits)."""
+        return {(p.split, seg): table for p in self.parts for seg, table in p.tables.items()}
 
     @property
     def splits(self) -> list[str]:

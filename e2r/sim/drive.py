@@ -88,7 +88,10 @@ class DriveConfig:
             raise ConfigError(f"--record: drive one policy at a time (got {len(self.policy)}: {names})")
         if not 0.0 <= self.p_student <= 1.0:
             raise ConfigError(f"--p_student must be in [0, 1], got {self.p_student}")
-        check_positive(self, ("switch_every", "envelope_lateral", "envelope_heading"))
+        check_positive(self, ("switch_every",))
+        if not (self.envelope_lateral > 0 and self.envelope_heading > 0):
+            raise ConfigError(f"--envelope_lateral and --envelope_heading must be > 0, got {self.envelope_lateral}, "
+                              f"{self.envelope_heading}")
         if self.recover_steps < 0:
             raise ConfigError(f"--recover_steps must be >= 0, got {self.recover_steps}")
         if self.video is not None:

@@ -277,6 +277,9 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
         self.check_pairing(self.memorybank)
         if self.kd_unpaired and self.pair_lidar_root:
             raise ConfigError("--kd_unpaired ignores every window's own pair: it cannot go with --pair_lidar_root")
+        if self.extra_train_splits and self.pair_lidar_root:
+            raise ConfigError("--extra_train_splits with --pair_lidar_root: timestamp pairing reads one camera split; "
+                              "train the recorded splits (which hold their own LiDAR) without it")
         check_positive(self, ("kd_retrieval_k", "bev_pool_grid"))
         if not self.kd_retrieval_tau > 0:
             raise ConfigError(f"--kd_retrieval_tau must be > 0, got {self.kd_retrieval_tau}")

@@ -1,0 +1,249 @@
+"""On-policy distillation: rounds in which the student drives, the teacher labels its drives, and the
+student trains on the union (DAgger with a LiDAR teacher as the labeller, as Learning by Cheating does).
+
+    result = run_dagger(DaggerConfig(data_root="data", teacher_ckpt="teacher.pt", student_ckpt="student.pt",
+                                     memorybank="mb.zarr", out="runs/dagger", rounds=5))
+
+Round r (1..R):
+  1. drive: the round's student shares each car with the teacher on the training tracks (``MixedPolicy``:
+     the student drives with probability p_r, rising linearly from ``p_student_first`` to ``p_student_last``;
+     the teacher takes over outside the safety envelope), every car's run recorded as a segment of split
+     ``<split_prefix>NN`` in ``data_root`` (``e2r.sim.record``);
+  2. label: the teacher's outputs for the new split appended to the memorybank (``export --append``: the
+     earlier splits' chunks are checked byte-identical), the labelling throughput reported;
+  3. train: fine-tune the last round's student on the camera tracks (their expert labels, BC + KD) and every
+     recorded split so far (the teacher's actions as targets, + KD), ``steps`` optimizer steps;
+  4. evaluate: drive the new student alone on the held-out tracks (success, progress).
+Round 0 is the starting student, evaluated the same way. Each round is a folder ``round_NN`` under ``out``
+whose ``state.json`` records the stages done, so an interrupted run continues where it stopped (a drive
+cut short is driven again into a fresh split). ``dagger.csv`` and ``dagger.png`` (success and progress
+against round and against camera frames used) are rewritten after every round.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from e2r.atomic import write_text_atomic
+from e2r.data.datasets import CameraSequenceDataset
+from e2r.errors import ConfigError, check_positive
+from e2r.metrics import write_metrics_csv
+from e2r.sim.drive import DriveConfig, drive
+from e2r.sim.world import MARKER
+from e2r.workflow.configs import ExportConfig, StudentTrainConfig
+from e2r.workflow.export_run import export_memorybank
+from e2r.workflow.train import train_student
+from stores import open_memorybank
+
+__all__ = ["DaggerConfig", "run_dagger", "p_student_of_round", "ROUND_COLUMNS"]
+
+ROUND_COLUMNS = ("round", "p_student", "recorded_frames", "camera_frames", "success", "progress", "collisions",
+                 "label_frames_per_s", "train_loss", "seconds")
+
+
+@dataclass(kw_only=True)
+class DaggerConfig:
+    """``python -m pipelines.dagger`` (``--help`` explains each field; field names equal the flags)."""
+
+    data_root: str
+    teacher_ckpt: str
+    student_ckpt: str
+    memorybank: str
+    out: str
+    rounds: int = 5
+    train_segments: Optional[list[str]] = None
+    p_student_first: float = 0.5
+    p_student_last: float = 1.0
+    starts: int = 1
+    record_seconds: float = 15.0
+    steps: int = 296
+    warmup_steps: int = 50
+    lr: Optional[float] = None
+    hflip_prob: float = 0.5
+    kd_action_w: float = 1.0
+    kd_bevvec_w: float = 1.0
+    kd_temporal_w: float = 1.0
+    switch_every: int = 10
+    envelope_lateral: float = 1.5
+    envelope_heading: float = 30.0
+    recover_steps: int = 20
+    eval_split: str = "test"
+    eval_starts: int = 2
+    eval_time_limit: float = 40.0
+    split_prefix: Optional[str] = None
+    seed: int = 0
+    device: str = "auto"
+    no_progress: bool = False
+
+    def check(self) -> None:
+        check_positive(self, ("rounds", "starts", "steps", "eval_starts", "switch_every"))
+        for name in ("record_seconds", "eval_time_limit", "envelope_lateral", "envelope_heading"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
+        for name in ("p_student_first", "p_student_last", "hflip_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "warmup_steps"):
+            value = getattr(self, name)
+            if not value >= 0:          # NaN fails too
+                raise ConfigError(f"--{name} must be >= 0, got {value}")
+        for flag, path in (("--teacher_ckpt", self.teacher_ckpt), ("--student_ckpt", self.student_ckpt)):
+            if not Path(path).is_file():
+                raise ConfigError(f"{flag} {path}: not a file")
+        if not Path(self.memorybank).is_dir():
+            raise ConfigError(f"--memorybank {self.memorybank}: not a Zarr store folder (export the training "
+                              f"tracks first: python -m pipelines.export ... --split train --split valid)")
+
+    @property
+    def prefix(self) -> str:
+        return self.split_prefix if self.split_prefix is not None else f"dagger_s{self.seed}_r"
+
+
+def p_student_of_round(cfg: DaggerConfig, r: int) -> float:
+    """The probability that the student drives a period in round ``r`` (1..R): linear from first to last."""
+    if cfg.rounds == 1:
+        return cfg.p_student_last
+    return cfg.p_student_first + (cfg.p_student_last - cfg.p_student_first) * (r - 1) / (cfg.rounds - 1)
+
+
+def _paired_train_segments(data_root: str) -> list[str]:
+    made = json.loads((Path(data_root) / MARKER).read_text())
+    return [s["segment"] for s in made["segments"] if s["split"] == "train" and s.get("camera", True)]
+
+
+def _state(folder: Path) -> dict[str, Any]:
+    path = folder / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_state(folder: Path, state: dict[str, Any]) -> None:
+    write_text_atomic(folder / "state.json", json.dumps(state, indent=1, default=float) + "\n")
+
+
+def _evaluate(cfg: DaggerConfig, name: str, ckpt: str, csv_path: Path) -> dict[str, float]:
+    out = drive(DriveConfig(data_root=cfg.data_root, split=cfg.eval_split, policy=[f"{name}={ckpt}"],
+                            starts=cfg.eval_starts, time_limit=cfg.eval_time_limit, seed=cfg.seed, device=cfg.device,
+                            csv_path=str(csv_path), no_progress=cfg.no_progress))
+    row = out["summary"][0]
+    return {k: float(row[k]) for k in ("success", "progress", "collisions")}
+
+
+def _drive_round(cfg: DaggerConfig, r: int, student: str, segments: list[str], split: str) -> int:
+    """Record round ``r``'s mixed drives as ``split`` (a stale split of a cut-short drive is removed first)."""
+    stale = Path(cfg.data_root) / split
+    if stale.exists():
+        shutil.rmtree(stale)
+    out = drive(DriveConfig(data_root=cfg.data_root, split="train", segment=segments, policy=[f"student={student}"],
+                            starts=cfg.starts, time_limit=cfg.record_seconds, seed=cfg.seed * 1000 + r,
+                            device=cfg.device, record=cfg.data_root, record_split=split,
+                            mix_teacher=cfg.teacher_ckpt, p_student=p_student_of_round(cfg, r),
+                            switch_every=cfg.switch_every, envelope_lateral=cfg.envelope_lateral,
+                            envelope_heading=cfg.envelope_heading, recover_steps=cfg.recover_steps,
+                            no_progress=cfg.no_progress))
+    return int(sum(run.steps for run in out["runs"]))
+
+
+def _label_round(cfg: DaggerConfig, split: str, seq_len: int) -> float:
+    """The teacher's outputs for ``split`` appended to the memorybank -> labelling frames/s."""
+    result = export_memorybank(ExportConfig(data_root=cfg.data_root, split=[split], store=cfg.memorybank,
+                                            teacher_ckpt=cfg.teacher_ckpt, seq_len=seq_len, append=True,
+                                            device=cfg.device, no_progress=cfg.no_progress))
+    done = result.splits[0]
+    return float(done.num_frames / max(done.stats.wall_s, 1e-9))
+
+
+def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str], splits: list[str]) -> float:
+    trained = train_student(StudentTrainConfig(
+        data_root=cfg.data_root, train_segments=segments, extra_train_splits=splits, memorybank=cfg.memorybank,
+        teacher_ckpt=cfg.teacher_ckpt, init_path=init, steps=cfg.steps, warmup_steps=cfg.warmup_steps, lr=cfg.lr,
+        hflip_prob=cfg.hflip_prob, kd_action_w=cfg.kd_action_w, kd_bevvec_w=cfg.kd_bevvec_w,
+        kd_temporal_w=cfg.kd_temporal_w, seed=cfg.seed, device=cfg.device, save_path=str(folder / "student.pt"),
+        no_progress=cfg.no_progress))
+    return float(trained["history"][-1]["train_loss"])
+
+
+def _report(cfg: DaggerConfig, rows: list[dict[str, Any]]) -> None:
+    out = Path(cfg.out)
+    write_metrics_csv(out / "dagger.csv", rows)
+    import matplotlib            # optional heavy import, only for the picture
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, x, label in ((axes[0], "round", "round"), (axes[1], "camera_frames", "camera frames used")):
+        ax.plot([r[x] for r in rows], [r["success"] for r in rows], "o-", label="lap success")
+        ax.plot([r[x] for r in rows], [r["progress"] for r in rows], "s--", label="progress (laps)")
+        ax.set_xlabel(label)
+        ax.set_ylim(0, max(1.05, max(r["progress"] for r in rows) + 0.05))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"on-policy distillation on {cfg.eval_split} (seed {cfg.seed})")
+    fig.tight_layout()
+    fig.savefig(out / "dagger.png", dpi=100)
+    plt.close(fig)
+
+
+def run_dagger(cfg: DaggerConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or finish) the rounds of ``cfg`` (module docstring) -> ``{"rounds": [row per round], "student": the
+    last round's checkpoint, "csv_path", "plot_path"}``."""
+    cfg.check()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "dagger.json", json.dumps(asdict(cfg), indent=1) + "\n")
+    segments = list(cfg.train_segments or _paired_train_segments(cfg.data_root))
+    bank = open_memorybank(cfg.memorybank, mode="r")
+    seq_len = bank.schema.seq_len
+    bank.close()
+    base_frames = sum(t.num_frames for t in CameraSequenceDataset(cfg.data_root, "train", seq_len,
+                                                                 segments=segments).tables.values())
+    log(f"== on-policy distillation: {cfg.rounds} round(s) on {len(segments)} camera track(s) "
+        f"({base_frames} labelled camera frames), {cfg.starts} car(s) x {cfg.record_seconds:g} s per track and round")
+    rows: list[dict[str, Any]] = []
+    folder0 = out / "round_00"
+    folder0.mkdir(exist_ok=True)
+    state = _state(folder0)
+    if "eval" not in state:
+        log("== round 0: the starting student on the held-out tracks")
+        state["eval"] = _evaluate(cfg, "round_00", cfg.student_ckpt, folder0 / "drive.csv")
+        _save_state(folder0, state)
+    rows.append({"round": 0, "p_student": float("nan"), "recorded_frames": 0, "camera_frames": base_frames,
+                 **state["eval"], "label_frames_per_s": float("nan"), "train_loss": float("nan"), "seconds": 0.0})
+    student, splits, recorded = cfg.student_ckpt, [], 0
+    for r in range(1, cfg.rounds + 1):
+        folder = out / f"round_{r:02d}"
+        folder.mkdir(exist_ok=True)
+        state, split, t0 = _state(folder), f"{cfg.prefix}{r:02d}", time.perf_counter()
+        p = p_student_of_round(cfg, r)
+        if "recorded_frames" not in state:
+            log(f"== round {r}: the student drives with p = {p:.2f} on the training tracks, recorded as {split}")
+            state["recorded_frames"] = _drive_round(cfg, r, student, segments, split)
+            _save_state(folder, state)
+        if "label_frames_per_s" not in state:
+            log(f"   labelling {split} with the teacher -> {cfg.memorybank}")
+            state["label_frames_per_s"] = _label_round(cfg, split, seq_len)
+            _save_state(folder, state)
+        splits.append(split)
+        if "train_loss" not in state:
+            log(f"   fine-tuning on {len(segments)} camera track(s) + {len(splits)} recorded split(s), {cfg.steps} steps")
+            state["train_loss"] = _train_round(cfg, folder, student, segments, splits)
+            _save_state(folder, state)
+        student = str(folder / "student.pt")
+        if "eval" not in state:
+            state["eval"] = _evaluate(cfg, f"round_{r:02d}", student, folder / "drive.csv")
+            state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0
+            _save_state(folder, state)
+        recorded += state["recorded_frames"]
+        rows.append({"round": r, "p_student": p, "recorded_frames": state["recorded_frames"],
+                     "camera_frames": base_frames + recorded, **state["eval"],
+                     "label_frames_per_s": state["label_frames_per_s"], "train_loss": state["train_loss"],
+                     "seconds": state.get("seconds", float("nan"))})
+        log(f"   round {r}: success {state['eval']['success']:.0%}, progress {state['eval']['progress']:.3f} "
+            f"({state['recorded_frames']} frames recorded, labelled at {state['label_frames_per_s']:.0f} frames/s)")
+        _report(cfg, rows)
+    _report(cfg, rows)
+    return {"rounds": rows, "student": student, "csv_path": str(out / "dagger.csv"),
+            "plot_path": str(out / "dagger.png")}

@@ -1,0 +1,81 @@
+"""On-policy distillation rounds (e2r.workflow.dagger, pipelines.dagger): each round records the mixed drives
+as a split, appends the teacher's outputs for it to the memorybank, fine-tunes on the union and evaluates;
+the rounds resume, and the report is written."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from e2r.checkpoints import save_checkpoint
+from e2r.errors import ConfigError
+from e2r.models.config import TeacherConfig
+from e2r.models.student import CameraBEVStudent
+from e2r.models.student_config import StudentConfig
+from e2r.models.teacher import LiDARBEVTeacher
+from e2r.sim.world import generate_dataset
+from e2r.workflow.dagger import DaggerConfig, p_student_of_round, run_dagger
+from pipelines.dagger import main as dagger_main
+from pipelines.export import main as export_main
+from stores import open_memorybank
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("dagger")
+    root = tmp / "world"
+    generate_dataset(root, tracks=3, frames=12, seed=4, image_size=(64, 32), workers=1, progress=False)
+    torch.manual_seed(0)
+    tc = TeacherConfig.preset_named("tiny")
+    sc = StudentConfig.from_teacher(tc, "tiny", image_size=(32, 16))
+    ckpt = {kind: save_checkpoint(tmp / f"{kind}.pt", {"model": model.state_dict(), "config": cfg.to_dict()},
+                                  kind=kind)
+            for kind, model, cfg in (("teacher", LiDARBEVTeacher(tc), tc), ("student", CameraBEVStudent(sc), sc))}
+    store = tmp / "mb.zarr"
+    assert export_main(["--data_root", str(root), "--split", "train", "--teacher_ckpt", str(ckpt["teacher"]),
+                        "--store", str(store), "--shard_rows", "16", "--num_workers", "0", "--no_progress"]) == 0
+    return {"root": root, "store": store, **ckpt}
+
+
+def test_rounds_record_label_train_evaluate_and_resume(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--data_root", str(setup["root"]), "--teacher_ckpt", str(setup["teacher"]), "--student_ckpt",
+            str(setup["student"]), "--memorybank", str(setup["store"]), "--out", str(out), "--rounds", "2",
+            "--record_seconds", "0.5", "--steps", "3", "--warmup_steps", "0", "--eval_starts", "1",
+            "--eval_time_limit", "0.5", "--no_progress"]
+    assert dagger_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "round 2: success" in printed and "last student" in printed
+    with open(out / "dagger.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["round"]) for r in rows] == [0, 1, 2]
+    assert [float(r["p_student"]) for r in rows[1:]] == [0.5, 1.0]
+    assert [int(r["recorded_frames"]) for r in rows[1:]] == [10, 10]
+    assert [int(r["camera_frames"]) for r in rows] == [12, 22, 32]
+    assert (out / "dagger.png").stat().st_size > 0 and (out / "round_02" / "student.pt").is_file()
+    bank = open_memorybank(str(setup["store"]))
+    assert {"train", "dagger_s0_r01", "dagger_s0_r02"} <= set(bank.splits)
+    assert len(bank.split_keys("dagger_s0_r01")) == 10 - 4               # 10 frames, windows of 5
+    assert (setup["root"] / "dagger_s0_r02" / "segment_0000_c00" / "meta" / "recorded.json").is_file()
+    # the second run finds every round done: nothing is driven, labelled or trained again
+    logs: list[str] = []
+    again = run_dagger(DaggerConfig(data_root=str(setup["root"]), teacher_ckpt=str(setup["teacher"]),
+                                    student_ckpt=str(setup["student"]), memorybank=str(setup["store"]), out=str(out),
+                                    rounds=2, record_seconds=0.5, steps=3, eval_starts=1, eval_time_limit=0.5,
+                                    no_progress=True), log=logs.append)
+    assert not any("drives with p" in line or "fine-tuning" in line for line in logs)
+    assert [r["success"] for r in again["rounds"]] == [float(r["success"]) for r in rows]
+
+
+def test_schedule_and_bad_settings(setup, tmp_path):
+    cfg = DaggerConfig(data_root=str(setup["root"]), teacher_ckpt=str(setup["teacher"]),
+                       student_ckpt=str(setup["student"]), memorybank=str(setup["store"]), out=str(tmp_path),
+                       rounds=5, p_student_first=0.2, p_student_last=1.0)
+    assert [round(p_student_of_round(cfg, r), 3) for r in range(1, 6)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    for bad, match in ((dict(p_student_last=1.5), "p_student_last"), (dict(kd_action_w=float("nan")), "kd_action_w"),
+                       (dict(student_ckpt=str(tmp_path)), "student_ckpt"), (dict(memorybank=str(tmp_path / "x")),
+                                                                            "memorybank")):
+        with pytest.raises(ConfigError, match=match):
+            DaggerConfig(**{**cfg.__dict__, **bad}).check()
