@@ -18,7 +18,7 @@ import sys
 
 from e2r.errors import E2RError
 from e2r.workflow.configs import config_from_namespace
-from e2r.workflow.dagger import ROUND_COLUMNS, DaggerConfig, run_dagger
+from e2r.workflow.dagger import MODES, ROUND_COLUMNS, DaggerConfig, run_dagger
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "tracks; one split is appended per round")
     p.add_argument("--out", required=True, help="run folder: round_NN/ (checkpoints, drives), dagger.csv, dagger.png")
     p.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds (default {d.rounds})")
+    p.add_argument("--mode", choices=MODES, default=d.mode,
+                   help="dagger: the student drives (mixed with the teacher), the teacher labels; the controls with "
+                        "the same frames and steps: bc_extra: the expert drives, BC on its labels; kd_extra: the "
+                        "expert drives, BC + KD with those frames exported (default dagger)")
     p.add_argument("--train_segments", nargs="+", default=None, metavar="SEGMENT",
                    help="camera tracks driven and trained on (default: every paired training track of the world)")
     p.add_argument("--p_student_first", type=float, default=d.p_student_first,
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_time_limit", type=float, default=d.eval_time_limit,
                    help=f"seconds per held-out run ({d.eval_time_limit:g})")
     p.add_argument("--split_prefix", default=None, help="name of the recorded splits before the round number "
-                                                        "(default dagger_s<seed>_r)")
+                                                        "(default <mode>_s<seed>_r)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of training, drives and mixing (default 0)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", action="append", default=[], help="drive only this segment (repeatable; default: all)")
     p.add_argument("--starts", type=int, default=8, help="cars (start points evenly spaced along the lap) per track "
                                                         "(default 8)")
+    p.add_argument("--start_fraction", type=float, default=0.0,
+                   help="where along the lap the first car starts, as a fraction of the lap (default 0)")
     p.add_argument("--laps", type=int, default=1, help="laps to complete for a success (default 1)")
     p.add_argument("--time_limit", type=float, default=120.0, help="simulated seconds per run (default 120)")
     p.add_argument("--seq_len", type=int, default=5, help="frames per model window T, as in training (default 5)")

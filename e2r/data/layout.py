@@ -9,6 +9,7 @@ the true file line, counting the header and any blank lines the csv module skips
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ class SegmentTable:
     image_paths: dict[str, list[Path]] = field(default_factory=dict)
     cameras: list[CameraCalib] = field(default_factory=list)
     lidar2ego: Optional[np.ndarray] = None
-    expert_labels: bool = True       # False for a recorded drive (meta/recorded.json): commands, not labels
+    expert_labels: bool = True       # False for a recorded drive of a policy (meta/recorded.json): commands, not labels
 
     @property
     def num_frames(self) -> int:
@@ -188,7 +189,7 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
     velocity, wheel = numbers("velocity"), numbers("wheel_angle")
     command = numbers("speed_command") if "speed_command" in header else None
     table = SegmentTable(split, segment, directory, csv_path, velocity, wheel, command,
-                         expert_labels=not (directory / RECORDED_RELPATH).is_file())
+                         expert_labels=_expert_labels(directory))
     if "timestamp" in header:
         table.timestamp = numbers("timestamp")
         bad = np.flatnonzero(np.diff(table.timestamp) <= 0)
@@ -210,6 +211,21 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
         for name, col in camera_columns(header, table.cameras, csv_path).items():
             table.image_paths[name] = paths(col)
     return table
+
+
+def _expert_labels(directory: Path) -> bool:
+    """Whether a segment's wheel_angle / speed_command are expert labels: True unless it is a recorded drive
+    (``meta/recorded.json``) of anyone but the expert (``"expert_labels": true`` in that file)."""
+    path = directory / RECORDED_RELPATH
+    if not path.is_file():
+        return True
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(path, f"unreadable recording description ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("expert_labels", False), bool):
+        raise DataError(path, "expected a JSON object whose 'expert_labels' (if given) is true or false")
+    return bool(doc.get("expert_labels", False))
 
 
 def read_segment_lidar2ego(directory: Union[str, Path]) -> Optional[np.ndarray]:

@@ -51,6 +51,7 @@ class DriveConfig:
     policy: list[str] = field(default_factory=lambda: ["expert"])
     segment: list[str] = field(default_factory=list)
     starts: int = 8
+    start_fraction: float = 0.0
     laps: int = 1
     time_limit: float = 120.0
     seq_len: int = 5
@@ -92,6 +93,8 @@ class DriveConfig:
         if not (self.envelope_lateral > 0 and self.envelope_heading > 0):
             raise ConfigError(f"--envelope_lateral and --envelope_heading must be > 0, got {self.envelope_lateral}, "
                               f"{self.envelope_heading}")
+        if not 0.0 <= self.start_fraction < 1.0:
+            raise ConfigError(f"--start_fraction must be in [0, 1), got {self.start_fraction}")
         if self.recover_steps < 0:
             raise ConfigError(f"--recover_steps must be >= 0, got {self.recover_steps}")
         if self.video is not None:
@@ -245,10 +248,11 @@ def _drive(cfg: DriveConfig, device: torch.device) -> dict[str, Any]:
                 loop_cfg = replace(base, record_camera=cfg.video_start if record else None)
                 bar.set_postfix_str(f"{policy.name} {seg}")
                 before = bar.n
-                recorder = (DriveRecorder(cfg.record, cfg.record_split, world, policy.name, _record_info(cfg))
-                            if cfg.record else None)
-                runs += run_closed_loop(policy, world, start_indices(world.track, cfg.starts), loop_cfg, bar.update,
-                                        recorder)
+                recorder = (DriveRecorder(cfg.record, cfg.record_split, world, policy.name, _record_info(cfg),
+                                          expert_drives=isinstance(policy, ExpertPolicy)) if cfg.record else None)
+                first = int(round(cfg.start_fraction * len(world.track.centre)))
+                runs += run_closed_loop(policy, world, start_indices(world.track, cfg.starts, first), loop_cfg,
+                                        bar.update, recorder)
                 recorded += recorder.segments if recorder is not None else []
                 bar.update(before + steps_per_batch - bar.n)      # cars that stopped early
     bar.close()

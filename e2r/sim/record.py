@@ -15,9 +15,9 @@ A recorded segment is what a real car with both sensors logs while a policy driv
     <root>/<split>/<segment>_cNN/camera/calib.json
 
 ``velocity`` is the speed measured at the step, ``wheel_angle`` / ``speed_command`` the commands *executed*
-at the step (whoever gave them: ``control``), x, y, yaw the pose at the step. These are not expert labels:
-a recorded segment is marked by ``meta/recorded.json`` (:func:`is_recorded`), and training takes the
-teacher's actions as its targets. ``expert_wheel_angle`` / ``expert_speed_command`` are what the simulator's
+at the step (whoever gave them: ``control``), x, y, yaw the pose at the step. These are not expert labels
+(unless the expert drove: ``"expert_labels": true``): a recorded segment is marked by ``meta/recorded.json``
+(:func:`is_recorded`), and training takes the teacher's actions as its targets. ``expert_wheel_angle`` / ``expert_speed_command`` are what the simulator's
 expert would have commanded in the same state: the oracle baseline may read them, the KD path never does.
 
 Crash safety: each car's segment is written into ``<root>/.tmp-<split>-<segment>`` and renamed into place
@@ -66,15 +66,18 @@ def read_recorded(segment_dir: str | Path) -> dict[str, Any]:
 class DriveRecorder:
     """Writes every car of one :func:`e2r.sim.closed_loop.run_closed_loop` call as a segment of ``split``
     under ``root`` (module docstring); ``info``: extra JSON-able facts for each ``recorded.json`` (round,
-    mixing probability, ...). ``segments``: the segment names written, after the run."""
+    mixing probability, ...); ``expert_drives``: the simulator's expert drives every step, so the executed
+    commands are expert labels (``"expert_labels": true``: more expert data, as a control). ``segments``: the
+    segment names written, after the run."""
 
     def __init__(self, root: str | Path, split: str, world: Any, policy_name: str,
-                 info: Optional[dict[str, Any]] = None) -> None:
+                 info: Optional[dict[str, Any]] = None, expert_drives: bool = False) -> None:
         for what, name in (("split", split), ("policy name", policy_name)):
             if not _NAME.match(name):
                 raise ValueError(f"recording {what} {name!r}: use letters, digits, '_', '-', '.' (max 64)")
         self.root, self.split, self.world, self.policy_name = Path(root), split, world, policy_name
         self.info = dict(info or {})
+        self.expert_drives = bool(expert_drives)
         self.expert = ExpertPolicy("expert")
         self.segments: list[str] = []
         self._cars: list[dict[str, Any]] = []
@@ -120,8 +123,10 @@ class DriveRecorder:
                    "source_split": self.world.split, "source_segment": self.world.segment,
                    "track_fingerprint": self.world.track.fingerprint(), "start_index": rec["start"],
                    "steps": int(run.steps), "end": run.end, "laps": int(run.laps), "progress": float(run.progress),
-                   "labels": "wheel_angle and speed_command are the executed commands, not expert labels; "
-                             "expert_* columns are the simulator's expert in the same state (oracle baseline only)",
+                   "expert_labels": self.expert_drives,
+                   "labels": ("the expert drove: wheel_angle and speed_command are its commands" if self.expert_drives
+                              else "wheel_angle and speed_command are the executed commands, not expert labels; "
+                                   "expert_* columns are the simulator's expert in the same state (oracle baseline only)"),
                    **self.info}
             (rec["tmp"] / RECORDED_JSON).write_text(json.dumps(doc, indent=1) + "\n")
             finish_segment(rec["tmp"], rec["final"], rec["rows"])

@@ -5,7 +5,8 @@ student trains on the union (DAgger with a LiDAR teacher as the labeller, as Lea
                                      memorybank="mb.zarr", out="runs/dagger", rounds=5))
 
 Round r (1..R):
-  1. drive: the round's student shares each car with the teacher on the training tracks (``MixedPolicy``:
+  1. drive: the round's student shares each car with the teacher on the training tracks (from start points
+     shifted round by round, so the rounds cover the lap; ``MixedPolicy``:
      the student drives with probability p_r, rising linearly from ``p_student_first`` to ``p_student_last``;
      the teacher takes over outside the safety envelope), every car's run recorded as a segment of split
      ``<split_prefix>NN`` in ``data_root`` (``e2r.sim.record``);
@@ -14,7 +15,12 @@ Round r (1..R):
   3. train: fine-tune the last round's student on the camera tracks (their expert labels, BC + KD) and every
      recorded split so far (the teacher's actions as targets, + KD), ``steps`` optimizer steps;
   4. evaluate: drive the new student alone on the held-out tracks (success, progress).
-Round 0 is the starting student, evaluated the same way. Each round is a folder ``round_NN`` under ``out``
+Round 0 is the starting student, evaluated the same way.
+
+The controls of the same command (``mode``), with the same drives per round, steps and evaluation:
+``bc_extra`` - the expert drives the same tracks instead (more expert camera frames, its own labels) and the
+student fine-tunes on them by BC alone; ``kd_extra`` - the same expert frames, labelled by the expert and
+also exported, trained with BC + KD (offline KD with the extra frames). ``dagger`` is the default. Each round is a folder ``round_NN`` under ``out``
 whose ``state.json`` records the stages done, so an interrupted run continues where it stopped (a drive
 cut short is driven again into a fresh split). ``dagger.csv`` and ``dagger.png`` (success and progress
 against round and against camera frames used) are rewritten after every round.
@@ -39,8 +45,9 @@ from e2r.workflow.export_run import export_memorybank
 from e2r.workflow.train import train_student
 from stores import open_memorybank
 
-__all__ = ["DaggerConfig", "run_dagger", "p_student_of_round", "ROUND_COLUMNS"]
+__all__ = ["DaggerConfig", "run_dagger", "p_student_of_round", "ROUND_COLUMNS", "MODES"]
 
+MODES = ("dagger", "bc_extra", "kd_extra")
 ROUND_COLUMNS = ("round", "p_student", "recorded_frames", "camera_frames", "success", "progress", "collisions",
                  "label_frames_per_s", "train_loss", "seconds")
 
@@ -55,6 +62,7 @@ class DaggerConfig:
     memorybank: str
     out: str
     rounds: int = 5
+    mode: str = "dagger"
     train_segments: Optional[list[str]] = None
     p_student_first: float = 0.5
     p_student_last: float = 1.0
@@ -80,6 +88,8 @@ class DaggerConfig:
     no_progress: bool = False
 
     def check(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {MODES}, got {self.mode!r}")
         check_positive(self, ("rounds", "starts", "steps", "eval_starts", "switch_every"))
         for name in ("record_seconds", "eval_time_limit", "envelope_lateral", "envelope_heading"):
             if not getattr(self, name) > 0:
@@ -100,7 +110,7 @@ class DaggerConfig:
 
     @property
     def prefix(self) -> str:
-        return self.split_prefix if self.split_prefix is not None else f"dagger_s{self.seed}_r"
+        return self.split_prefix if self.split_prefix is not None else f"{self.mode}_s{self.seed}_r"
 
 
 def p_student_of_round(cfg: DaggerConfig, r: int) -> float:
@@ -137,10 +147,13 @@ def _drive_round(cfg: DaggerConfig, r: int, student: str, segments: list[str], s
     stale = Path(cfg.data_root) / split
     if stale.exists():
         shutil.rmtree(stale)
-    out = drive(DriveConfig(data_root=cfg.data_root, split="train", segment=segments, policy=[f"student={student}"],
-                            starts=cfg.starts, time_limit=cfg.record_seconds, seed=cfg.seed * 1000 + r,
-                            device=cfg.device, record=cfg.data_root, record_split=split,
-                            mix_teacher=cfg.teacher_ckpt, p_student=p_student_of_round(cfg, r),
+    mixed = cfg.mode == "dagger"
+    out = drive(DriveConfig(data_root=cfg.data_root, split="train", segment=segments,
+                            policy=[f"student={student}" if mixed else "expert"], starts=cfg.starts,
+                            start_fraction=((r - 1) / cfg.rounds) / cfg.starts,
+                            time_limit=cfg.record_seconds, seed=cfg.seed * 1000 + r, device=cfg.device,
+                            record=cfg.data_root, record_split=split, mix_teacher=cfg.teacher_ckpt if mixed else None,
+                            p_student=p_student_of_round(cfg, r),
                             switch_every=cfg.switch_every, envelope_lateral=cfg.envelope_lateral,
                             envelope_heading=cfg.envelope_heading, recover_steps=cfg.recover_steps,
                             no_progress=cfg.no_progress))
@@ -158,7 +171,8 @@ def _label_round(cfg: DaggerConfig, split: str, seq_len: int) -> float:
 
 def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str], splits: list[str]) -> float:
     trained = train_student(StudentTrainConfig(
-        data_root=cfg.data_root, train_segments=segments, extra_train_splits=splits, memorybank=cfg.memorybank,
+        data_root=cfg.data_root, train_segments=segments, extra_train_splits=splits,
+        memorybank=None if cfg.mode == "bc_extra" else cfg.memorybank,
         teacher_ckpt=cfg.teacher_ckpt, init_path=init, steps=cfg.steps, warmup_steps=cfg.warmup_steps, lr=cfg.lr,
         hflip_prob=cfg.hflip_prob, kd_action_w=cfg.kd_action_w, kd_bevvec_w=cfg.kd_bevvec_w,
         kd_temporal_w=cfg.kd_temporal_w, seed=cfg.seed, device=cfg.device, save_path=str(folder / "student.pt"),
@@ -181,7 +195,7 @@ def _report(cfg: DaggerConfig, rows: list[dict[str, Any]]) -> None:
         ax.set_ylim(0, max(1.05, max(r["progress"] for r in rows) + 0.05))
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"on-policy distillation on {cfg.eval_split} (seed {cfg.seed})")
+    fig.suptitle(f"{cfg.mode}: held-out {cfg.eval_split} tracks (seed {cfg.seed})")
     fig.tight_layout()
     fig.savefig(out / "dagger.png", dpi=100)
     plt.close(fig)
@@ -200,7 +214,7 @@ def run_dagger(cfg: DaggerConfig, log: Callable[[str], None] = print) -> dict[st
     bank.close()
     base_frames = sum(t.num_frames for t in CameraSequenceDataset(cfg.data_root, "train", seq_len,
                                                                  segments=segments).tables.values())
-    log(f"== on-policy distillation: {cfg.rounds} round(s) on {len(segments)} camera track(s) "
+    log(f"== on-policy distillation ({cfg.mode}): {cfg.rounds} round(s) on {len(segments)} camera track(s) "
         f"({base_frames} labelled camera frames), {cfg.starts} car(s) x {cfg.record_seconds:g} s per track and round")
     rows: list[dict[str, Any]] = []
     folder0 = out / "round_00"
@@ -219,12 +233,16 @@ def run_dagger(cfg: DaggerConfig, log: Callable[[str], None] = print) -> dict[st
         state, split, t0 = _state(folder), f"{cfg.prefix}{r:02d}", time.perf_counter()
         p = p_student_of_round(cfg, r)
         if "recorded_frames" not in state:
-            log(f"== round {r}: the student drives with p = {p:.2f} on the training tracks, recorded as {split}")
+            log(f"== round {r}: " + (f"the student drives with p = {p:.2f}" if cfg.mode == "dagger" else "the expert drives")
+                + f" on the training tracks, recorded as {split}")
             state["recorded_frames"] = _drive_round(cfg, r, student, segments, split)
             _save_state(folder, state)
         if "label_frames_per_s" not in state:
-            log(f"   labelling {split} with the teacher -> {cfg.memorybank}")
-            state["label_frames_per_s"] = _label_round(cfg, split, seq_len)
+            if cfg.mode == "bc_extra":           # BC on the expert's own labels: no teacher outputs
+                state["label_frames_per_s"] = float("nan")
+            else:
+                log(f"   labelling {split} with the teacher -> {cfg.memorybank}")
+                state["label_frames_per_s"] = _label_round(cfg, split, seq_len)
             _save_state(folder, state)
         splits.append(split)
         if "train_loss" not in state:
