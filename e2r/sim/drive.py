@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from e2r.checkpoints import load_checkpoint
+from e2r.cli_config import option
 from e2r.errors import ConfigError, check_positive
 from e2r.metrics import write_metrics_csv
 from e2r.runtime import resolve_device
@@ -44,23 +45,27 @@ CSV_COLUMNS = ("row", "policy", "split", "segment", "start_index", "runs", "end"
 class DriveConfig:
     """``python -m pipelines.drive`` (``--help`` explains each field; field names equal the flags)."""
 
-    data_root: str
-    split: str = "test"
-    policy: list[str] = field(default_factory=lambda: ["expert"])
-    segment: list[str] = field(default_factory=list)
-    starts: int = 8
-    laps: int = 1
-    time_limit: float = 120.0
-    seq_len: int = 5
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 1
-    csv_path: Optional[str] = None
-    plot_path: Optional[str] = None
-    video: Optional[str] = None
-    video_policy: Optional[str] = None
-    video_start: int = 0
-    no_progress: bool = False
+    data_root: str = option(help="synthetic dataset root (with synthetic_dataset.json)")
+    split: str = option("test", help="split whose tracks are driven (default: %(default)s, the held-out one)")
+    policy: list[str] = option(default_factory=lambda: ["expert"], repeat=True, metavar="SPEC",
+                               help="expert | constant | train_mean=CKPT | NAME=CKPT (teacher or student); repeat for "
+                                    "several (default: %(default)s)")
+    segment: list[str] = option(default_factory=list, repeat=True,
+                                help="drive only this segment (repeatable; default: all)")
+    starts: int = option(8, help="cars (start points evenly spaced along the lap) per track (default %(default)s)")
+    laps: int = option(1, help="laps to complete for a success (default %(default)s)")
+    time_limit: float = option(120.0, help="simulated seconds per run (default %(default)s)")
+    seq_len: int = option(5, help="frames per model window T, as in training (default %(default)s)")
+    seed: int = option(0, help="seed of the LiDAR noise; same seed -> same results")
+    device: str = option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    threads: int = option(1, help="torch intra-op threads while driving (default %(default)s: each step's batch is "
+                                  "small, and a thread pool on a busy CPU was 30-80x slower); 0 = torch's default")
+    csv_path: Optional[str] = option(None, help="write one row per run plus one aggregated row per policy")
+    plot_path: Optional[str] = option(None, help="PNG of the trajectories over the track map (x = collision)")
+    video: Optional[str] = option(None, metavar="GIF", help="GIF of one run: camera view beside the car on the map")
+    video_policy: Optional[str] = option(None, help="policy of the video run (default: the last --policy)")
+    video_start: int = option(0, help="which start (0-based) of the first track to film")
+    no_progress: bool = option(False, help="hide the progress bar")
 
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work (checkpoints are checked when loaded)."""
