@@ -93,7 +93,8 @@ class TrainConfig:
     grad_clip: float = option(5.0, help="gradient norm clip, 0 = off (default %(default)s)")
     seed: int = option(0, help="seed for init, shuffling and flips (default %(default)s)")
     device: str = option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    num_workers: int = option(0, help="DataLoader worker processes (default %(default)s)")
+    num_workers: int = option(0, help="DataLoader worker processes reading the data windows (default %(default)s: "
+                                      "this process)")
     checkpoint_path: Optional[str] = option(None, help="latest full training state, written every epoch")
     checkpoint_every_steps: int = option(
         0, help="also write --checkpoint_path every N training batches, with the position in the epoch: "
@@ -170,9 +171,10 @@ class StoreAccess:
     store_cache_gb: float = option(20.0, help="size cap of --store_cache_dir (GiB, default %(default)s)")
     kd_targets: str = option(
         "main", choices=KD_TARGETS_IN,
-        help="where the teacher rows are read: 'main' = this process, by key, a batch ahead of the step (the "
-             "DataLoader workers send camera windows only), 'worker' = the workers, with the windows (their rows "
-             "then cross to this process through shared memory). Same batches either way (default: %(default)s)")
+        help="where the teacher rows are read: 'main' = this process, by key, on a thread up to two batches ahead of "
+             "the step (the DataLoader workers send camera windows and keys only), 'worker' = the workers, with the "
+             "windows (their rows then cross to this process through shared memory). Same batches either way "
+             "(default: %(default)s)")
 
     def check(self) -> None:
         check_storage_options(self.storage_options)
