@@ -23,10 +23,11 @@ import shlex
 import types
 import typing
 from dataclasses import MISSING, Field, field, fields
-from typing import Any, Callable, Literal, Optional, Sequence, TypeVar, Union
+from typing import Any, Literal, Optional, Sequence, TypeVar, Union
 
 __all__ = ["CLI_KEYS", "option", "redefault", "add_options", "config_parser", "parse_config", "config_from_namespace",
-           "flag_default", "command_line", "num_features", "image_size", "lidar_num_features_option"]
+           "flag_default", "command_line", "num_features", "image_size", "lidar_num_features_option",
+           "device_option"]
 
 C = TypeVar("C")
 
@@ -184,6 +185,11 @@ def lidar_num_features_option() -> Any:
     return option("auto", type=num_features,
                   help="float32 features per point in .bin files: 4, 5, 8 or auto (decided per segment from file "
                        "sizes and values; default auto)")
+
+
+def device_option() -> Any:
+    """The ``device`` field of every config that runs a model."""
+    return option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
 
 
 def image_size(text: str, minimum: int = 1) -> tuple[int, int]:

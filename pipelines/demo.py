@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from e2r.cli_config import command_line, config_parser, option, parse_config
+from e2r.cli_config import command_line, config_parser, device_option, option, parse_config
 from e2r.data.check import DatasetCheck, check_dataset
 from e2r.metrics import metrics_table, write_metrics_csv
 from e2r.sim.drive import DriveConfig, drive, format_table
@@ -64,7 +64,7 @@ class DemoArgs:
     student_epochs: Optional[int] = option(None, help="override the profile's student epochs")
     starts: Optional[int] = option(None, help="override the closed-loop start points per track")
     time_limit: Optional[float] = option(None, help="override the closed-loop time limit (s) per run")
-    device: str = option("auto", help="auto (CUDA if available), cpu, cuda")
+    device: str = device_option()
     stages: str = option("all", help=f"comma-separated subset of {','.join(ALL_STAGES)} (default %(default)s)")
 
 

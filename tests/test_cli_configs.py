@@ -8,6 +8,7 @@ import importlib
 import pkgutil
 import shlex
 from dataclasses import MISSING, dataclass, fields
+from typing import Literal
 
 import pytest
 
@@ -91,8 +92,12 @@ def test_a_repeated_flag_replaces_its_default():
     class Cfg:
         policy: list[str] = option(default_factory=lambda: ["expert"], repeat=True, help="policies")
         ks: list[int] = option(default_factory=lambda: [1, 2], help="numbers")
+        mode: Literal["fast", "slow"] = option("fast", help="a choice")
 
     parser = config_parser(Cfg, "t", None)
     assert parse_config(Cfg, parser, []) == Cfg()
-    assert parse_config(Cfg, parser, ["--policy", "a", "--policy", "b", "--ks", "3"]) == Cfg(policy=["a", "b"], ks=[3])
+    assert parse_config(Cfg, parser, ["--policy", "a", "--policy", "b", "--ks", "3", "--mode", "slow"]) == \
+        Cfg(policy=["a", "b"], ks=[3], mode="slow")
+    with pytest.raises(SystemExit):
+        parse_config(Cfg, parser, ["--mode", "medium"])
     assert parse_config(Cfg, parser, []) == Cfg(), "the parser's default list was changed by a parse"

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from e2r.checkpoints import load_checkpoint
-from e2r.cli_config import option
+from e2r.cli_config import device_option, option
 from e2r.errors import ConfigError, check_positive
 from e2r.metrics import write_metrics_csv
 from e2r.runtime import resolve_device
@@ -57,7 +57,7 @@ class DriveConfig:
     time_limit: float = option(120.0, help="simulated seconds per run (default %(default)s)")
     seq_len: int = option(5, help="frames per model window T, as in training (default %(default)s)")
     seed: int = option(0, help="seed of the LiDAR noise; same seed -> same results")
-    device: str = option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    device: str = device_option()
     threads: int = option(1, help="torch intra-op threads while driving (default %(default)s: each step's batch is "
                                   "small, and a thread pool on a busy CPU was 30-80x slower); 0 = torch's default")
     csv_path: Optional[str] = option(None, help="write one row per run plus one aggregated row per policy")

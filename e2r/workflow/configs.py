@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Optional, Union
 
-from e2r.cli_config import (command_line, config_from_namespace, image_size, lidar_num_features_option, option,
-                            redefault)
+from e2r.cli_config import (command_line, config_from_namespace, device_option, image_size, lidar_num_features_option,
+                            option, redefault)
 from e2r.errors import ConfigError, check_positive, check_probability
 from e2r.models.policy import RESIDUAL_MODES
 from e2r.models.student_config import PRESET_BEV_POOL_GRID
@@ -92,7 +92,7 @@ class TrainConfig:
     weight_decay: float = option(1e-4, help="AdamW weight decay (default %(default)s)")
     grad_clip: float = option(5.0, help="gradient norm clip, 0 = off (default %(default)s)")
     seed: int = option(0, help="seed for init, shuffling and flips (default %(default)s)")
-    device: str = option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    device: str = device_option()
     num_workers: int = option(0, help="DataLoader worker processes reading the data windows (default %(default)s: "
                                       "this process)")
     checkpoint_path: Optional[str] = option(None, help="latest full training state, written every epoch")
@@ -329,7 +329,7 @@ class EvalConfig:
     csv_path: Optional[str] = option(None, help="write one metrics row per predictor to this CSV")
     plot_path: Optional[str] = option(None, help="PNG of predicted vs true steering and speed along a segment")
     plot_segment: Optional[str] = option(None, help="segment to plot (default: the split's first)")
-    device: str = option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    device: str = device_option()
     num_workers: int = option(0, help="DataLoader worker processes (default %(default)s)")
     no_progress: bool = option(False, help="hide the progress bar")
 
@@ -395,7 +395,7 @@ class ExportConfig:
     batch_size: int = option(16, help="frames per encoder batch (default %(default)s)")
     window_batch: int = option(64, help="windows per GRU batch, a power of two (capped at the store's shard rows)")
     write_rows: int = option(1024, help="rows per store write (default %(default)s)")
-    device: str = option("auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    device: str = device_option()
     amp: Optional[str] = option(None, choices=("bf16", "fp16"), help="autocast the encoder on CUDA")
     num_workers: int = option(2, help="DataLoader processes reading and voxelising point clouds (default "
                                       "%(default)s; 0 = inline)")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from e2r.atomic import write_text_atomic
-from e2r.cli_config import option
+from e2r.cli_config import device_option, option
 from e2r.errors import ConfigError, check_probability
 from e2r.models.policy import RESIDUAL_MODES
 from e2r.sim.drive import DriveConfig, drive
@@ -59,6 +59,10 @@ _FIXED = ("camera_tracks", "lidar_only_tracks", "valid_tracks", "test_tracks", "
           "residual_actions")
 
 
+#: the sections of ``pipelines.study --help``
+WORLD, GRID, LOOP = "the world", "the grid", "closed loop"
+
+
 @dataclass(kw_only=True)
 class StudyConfig:
     """``python -m pipelines.study`` (``--help`` explains each field; field names equal the flags). The grid
@@ -67,49 +71,49 @@ class StudyConfig:
     out: str = option("runs/study", help="study folder (default %(default)s)")
     data_root: Optional[str] = option(None, help="the world's folder (default <out>/data); generated if missing, "
                                                  "reused if it holds the same world")
-    camera_tracks: int = option(4, group="the world", help="paired LiDAR+camera training tracks = the largest budget "
+    camera_tracks: int = option(4, group=WORLD, help="paired LiDAR+camera training tracks = the largest budget "
                                                      "(default %(default)s)")
-    lidar_only_tracks: int = option(44, group="the world", help="more training tracks recorded by the LiDAR only (default "
+    lidar_only_tracks: int = option(44, group=WORLD, help="more training tracks recorded by the LiDAR only (default "
                                                           "%(default)s)")
-    valid_tracks: int = option(2, group="the world", help="default %(default)s")
-    test_tracks: int = option(4, group="the world", help="held out (default %(default)s)")
-    frames: int = option(300, group="the world", help="frames per track at 20 Hz (default %(default)s)")
-    world_seed: int = option(0, group="the world", help="seed of the world and the teacher (default %(default)s)")
-    appearance: str = option("gap", group="the world", choices=("gap", "clean"),
+    valid_tracks: int = option(2, group=WORLD, help="default %(default)s")
+    test_tracks: int = option(4, group=WORLD, help="held out (default %(default)s)")
+    frames: int = option(300, group=WORLD, help="frames per track at 20 Hz (default %(default)s)")
+    world_seed: int = option(0, group=WORLD, help="seed of the world and the teacher (default %(default)s)")
+    appearance: str = option("gap", group=WORLD, choices=("gap", "clean"),
                              help="gap: the camera/LiDAR sensor gap (default); clean: the old uniform look, for "
                                   "comparison")
-    budgets: list[int] = option(default_factory=lambda: [1, 2, 4], group="the grid",
+    budgets: list[int] = option(default_factory=lambda: [1, 2, 4], group=GRID,
                                 help="camera training tracks per student (default %(default)s)")
-    seeds: list[int] = option(default_factory=lambda: [0, 1, 2], group="the grid", help="student seeds (default %(default)s)")
-    variants: list[str] = option(default_factory=lambda: ["bc", "kd"], group="the grid", choices=list(VARIANTS),
+    seeds: list[int] = option(default_factory=lambda: [0, 1, 2], group=GRID, help="student seeds (default %(default)s)")
+    variants: list[str] = option(default_factory=lambda: ["bc", "kd"], group=GRID, choices=list(VARIANTS),
                                  help="variants at every budget (default %(default)s)")
-    ablations: list[str] = option(default_factory=lambda: ["kd_action", "kd_state", "kd_dense"], group="the grid",
+    ablations: list[str] = option(default_factory=lambda: ["kd_action", "kd_state", "kd_dense"], group=GRID,
                                   nargs="*", choices=list(VARIANTS),
                                   help="KD ablations run at --ablation_budgets (default %(default)s; none: "
                                        "--ablations with no value)")
-    ablation_budgets: list[int] = option(default_factory=lambda: [1], group="the grid",
+    ablation_budgets: list[int] = option(default_factory=lambda: [1], group=GRID,
                                          help="budgets the ablations run at (default %(default)s)")
-    teacher_epochs: int = option(6, group="the grid", help="default %(default)s")
-    teacher_stride: int = option(2, group="the grid", help="frames between the teacher's training windows (default "
-                                                      "%(default)s)")
-    student_epochs: int = option(6, group="the grid", help="default %(default)s")
+    teacher_epochs: int = option(6, group=GRID, help="default %(default)s")
+    teacher_stride: int = option(2, group=GRID, help="frames between the teacher's training windows (default "
+                                                     "%(default)s)")
+    student_epochs: int = option(6, group=GRID, help="default %(default)s")
     student_steps: Optional[int] = option(
-        None, group="the grid", help="train every student this many optimizer steps instead of --student_epochs: the same "
-                              "training whatever the camera budget (default: by epochs)")
-    student_warmup_steps: int = option(StudentTrainConfig.warmup_steps, group="the grid",
+        None, group=GRID, help="train every student this many optimizer steps instead of --student_epochs: the same "
+                               "training whatever the camera budget (default: by epochs)")
+    student_warmup_steps: int = option(StudentTrainConfig.warmup_steps, group=GRID,
                                        help="learning-rate warm-up of every student (default %(default)s)")
     residual_actions: Optional[str] = option(
-        "scene", group="the grid", choices=tuple(RESIDUAL_MODES),
+        "scene", group=GRID, choices=tuple(RESIDUAL_MODES),
         help="the teacher's (and so every student's) head: what it predicts as a change of its inputs "
              "(pipelines.train_teacher --help; default %(default)s: a teacher that sees its previous command copies "
              "it and drives off the track in closed loop)")
-    hflip_prob: float = option(0.5, group="the grid", help="mirroring probability of the teacher's and every student's "
+    hflip_prob: float = option(0.5, group=GRID, help="mirroring probability of the teacher's and every student's "
                                                      "training windows (balances turn directions; default %(default)s)")
-    starts: int = option(2, group="closed loop", help="start points per test track (default %(default)s)")
-    time_limit: float = option(40.0, group="closed loop", help="simulated seconds per run, one lap needs ~30 (default "
-                                                       "%(default)s)")
-    no_drive: bool = option(False, group="closed loop", help="offline evaluation only")
-    device: str = option("auto", help="auto (CUDA if available), cpu, cuda")
+    starts: int = option(2, group=LOOP, help="start points per test track (default %(default)s)")
+    time_limit: float = option(40.0, group=LOOP, help="simulated seconds per run, one lap needs ~30 (default "
+                                                      "%(default)s)")
+    no_drive: bool = option(False, group=LOOP, help="offline evaluation only")
+    device: str = device_option()
     no_progress: bool = option(False, help="hide the progress bars")
 
     @property
