@@ -29,7 +29,7 @@ from e2r.models.student_config import StudentConfig  # noqa: E402
 from e2r.models.teacher import LiDARBEVTeacher  # noqa: E402
 from e2r.runtime import resolve_device  # noqa: E402
 from e2r.sim.tiny import write_tiny_dataset  # noqa: E402
-from e2r.workflow.configs import ExportConfig  # noqa: E402
+from e2r.workflow.export_config import ExportConfig  # noqa: E402
 from e2r.workflow.export_run import export_memorybank  # noqa: E402
 from stores.torch_data import MemoryBankDataset, make_loader  # noqa: E402
 

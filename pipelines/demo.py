@@ -19,18 +19,20 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
+from e2r.cli_config import command_line, config_parser, device_option, option, parse_config
 from e2r.data.check import DatasetCheck, check_dataset
 from e2r.metrics import metrics_table, write_metrics_csv
 from e2r.sim.drive import DriveConfig, drive, format_table
 from e2r.sim.world import SyntheticConfig, ensure_dataset
-from e2r.workflow.configs import (ExportConfig, StudentEvalConfig, StudentTrainConfig, TeacherEvalConfig,
-                                  TeacherTrainConfig, command_line)
+from e2r.workflow.configs import StudentEvalConfig, StudentTrainConfig, TeacherEvalConfig, TeacherTrainConfig
 from e2r.workflow.evaluate import evaluate_student, evaluate_teacher
+from e2r.workflow.export_config import ExportConfig
 from e2r.workflow.export_run import export_memorybank, print_export_summary
 from e2r.workflow.study_report import epochs_to_reach
 from e2r.workflow.train import train_student, train_teacher
@@ -45,39 +47,46 @@ PROFILES = {
 ALL_STAGES = ("data", "teacher", "export", "students", "drive")
 
 
+@dataclass(kw_only=True)
+class DemoArgs:
+    """The flags of ``python -m pipelines.demo`` (``None``: the profile's value)."""
+
+    quick: bool = option(False, help="smaller world and training budgets")
+    out: Optional[str] = option(None, help="run folder (default: runs/demo-<date>-<time>)")
+    data_root: Optional[str] = option(
+        None, help="synthetic dataset folder; generated there if missing, reused if it holds the same world "
+                   "(default: data/synthetic-default or data/synthetic-quick)")
+    seed: int = option(0, help="seed of the synthetic world (default %(default)s)")
+    seeds: str = option("0", help="comma-separated training seeds for the students (default %(default)s)")
+    tracks: Optional[int] = option(None, help="override the profile's number of tracks (>= 3)")
+    frames: Optional[int] = option(None, help="override the profile's frames per track")
+    teacher_epochs: Optional[int] = option(None, help="override the profile's teacher epochs")
+    student_epochs: Optional[int] = option(None, help="override the profile's student epochs")
+    starts: Optional[int] = option(None, help="override the closed-loop start points per track")
+    time_limit: Optional[float] = option(None, help="override the closed-loop time limit (s) per run")
+    device: str = device_option()
+    stages: str = option("all", help=f"comma-separated subset of {','.join(ALL_STAGES)} (default %(default)s)")
+
+
+#: the run config: one flag per field
+CONFIG = DemoArgs
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smaller world and training budgets")
-    p.add_argument("--out", default=None, help="run folder (default: runs/demo-<date>-<time>)")
-    p.add_argument("--data_root", default=None,
-                   help="synthetic dataset folder; generated there if missing, reused if it holds the same world "
-                        "(default: data/synthetic-default or data/synthetic-quick)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic world (default 0)")
-    p.add_argument("--seeds", default="0", help="comma-separated training seeds for the students (default 0)")
-    p.add_argument("--tracks", type=int, default=None, help="override the profile's number of tracks (>= 3)")
-    p.add_argument("--frames", type=int, default=None, help="override the profile's frames per track")
-    p.add_argument("--teacher_epochs", type=int, default=None, help="override the profile's teacher epochs")
-    p.add_argument("--student_epochs", type=int, default=None, help="override the profile's student epochs")
-    p.add_argument("--starts", type=int, default=None, help="override the closed-loop start points per track")
-    p.add_argument("--time_limit", type=float, default=None, help="override the closed-loop time limit (s) per run")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
-    p.add_argument("--stages", default="all",
-                   help=f"comma-separated subset of {','.join(ALL_STAGES)} (default all)")
-    return p
+    return config_parser(CONFIG, "python -m pipelines.demo", __doc__)
 
 
 def stage(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
-def show(module: str, cfg: Any, positional: tuple[str, ...] = ()) -> None:
+def show(module: str, cfg: Any) -> None:
     """Print the command line that runs this stage by hand."""
-    print("$ " + command_line(module, cfg, positional), flush=True)
+    print("$ " + command_line(module, cfg), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_config(CONFIG, build_parser(), argv)
     prof = dict(PROFILES["quick" if args.quick else "default"])
     for name in ("tracks", "frames"):
         if getattr(args, name) is not None:
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["splits"] = made.get("splits")
         stage("2. validate the dataset")
         check = DatasetCheck(data_root=str(data_root), no_progress=True)
-        show("pipelines.check_dataset", check, ("data_root",))
+        show("pipelines.check_dataset", check)
         rc = check_dataset(check)
         if rc != 0:
             raise RuntimeError(f"pipelines.check_dataset failed with exit code {rc}")
@@ -129,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def teacher_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Path, run: Path, ckpt: Path
+def teacher_stage(args: DemoArgs, prof: dict[str, Any], data_root: Path, run: Path, ckpt: Path
                   ) -> dict[str, Any]:
     stage("3. train the tiny LiDAR teacher")
     train = TeacherTrainConfig(data_root=str(data_root), preset="tiny", epochs=prof["teacher_epochs"], seed=args.seed,
@@ -145,7 +154,7 @@ def teacher_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Pat
     return {"checkpoint": str(ckpt), "test": out["results"]}
 
 
-def students_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Path, run: Path, store: Path,
+def students_stage(args: DemoArgs, prof: dict[str, Any], data_root: Path, run: Path, store: Path,
                    seeds: list[int]) -> dict[str, Any]:
     """Train a BC-only and a BC+KD student per seed with the same budget; evaluate both on the test track."""
     out: dict[str, Any] = {}
@@ -171,7 +180,7 @@ def students_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Pa
     return out
 
 
-def drive_stage(args: argparse.Namespace, prof: dict[str, Any], data_root: Path, run: Path, ckpt: Path,
+def drive_stage(args: DemoArgs, prof: dict[str, Any], data_root: Path, run: Path, ckpt: Path,
                 seeds: list[int]) -> list[dict[str, Any]]:
     """Closed loop on the held-out test track: expert, two baselines, the teacher and every student."""
     stage("8. drive every policy in closed loop on the held-out test track")

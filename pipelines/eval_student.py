@@ -19,40 +19,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from e2r.workflow.configs import StudentEvalConfig, config_from_namespace
+from e2r.cli_config import config_parser, parse_config as parse
+from e2r.workflow.configs import StudentEvalConfig
 from e2r.workflow.evaluate import evaluate_student, print_kd_gap
-from pipelines._common import (add_eval_input_args, add_eval_output_args, add_eval_window_args, add_pairing_args,
-                              add_store_access_args, eval_main)
+from pipelines._common import eval_main
+
+#: the run config: one flag per field
+CONFIG = StudentEvalConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.eval_student", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_input_args(p, "student")
-    p.add_argument("--memorybank", "--teacher_cache_dir", dest="memorybank", default=None,
-                   help="memorybank of teacher outputs: also report the KD gap to the teacher on its keys")
-    p.add_argument("--kd_retrieval", default=None, metavar="INDEX",
-                   help="also check retrieval from this index of the store: the similarity of windows without a row, "
-                        "and for windows with one how close the retrieved targets come to their own")
-    p.add_argument("--kd_retrieval_k", type=int, default=8, help="rows retrieved per window (default 8)")
-    p.add_argument("--kd_retrieval_tau", type=float, default=0.05, help="mixing temperature (default 0.05)")
-    add_pairing_args(p)
-    p.add_argument("--skip_damaged", action="store_true",
-                   help="a damaged memorybank (rows failing their checksums, missing shards) stops the run by "
-                        "default; with this flag the damaged rows are left without KD and counted")
-    add_store_access_args(p)
-    add_eval_window_args(p)
-    add_eval_output_args(p)
-    return p
+    return config_parser(CONFIG, "python -m pipelines.eval_student", __doc__)
 
 
 def parse_config(argv: list[str] | None = None) -> StudentEvalConfig:
     """The run config of the command line."""
-    return config_from_namespace(StudentEvalConfig, build_parser().parse_args(argv))
+    return parse(CONFIG, build_parser(), argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return eval_main("eval_student", build_parser(), StudentEvalConfig, evaluate_student, argv, print_kd_gap)
+    return eval_main("eval_student", build_parser(), CONFIG, evaluate_student, argv, print_kd_gap)
 
 
 if __name__ == "__main__":

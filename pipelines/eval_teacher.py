@@ -15,28 +15,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from e2r.workflow.configs import TeacherEvalConfig, config_from_namespace
+from e2r.cli_config import config_parser, parse_config as parse
+from e2r.workflow.configs import TeacherEvalConfig
 from e2r.workflow.evaluate import evaluate_teacher
-from pipelines._common import add_eval_input_args, add_eval_output_args, add_eval_window_args, eval_main, num_features
+from pipelines._common import eval_main
+
+#: the run config: one flag per field
+CONFIG = TeacherEvalConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.eval_teacher", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_input_args(p, "teacher")
-    add_eval_window_args(p)
-    p.add_argument("--lidar_num_features", default="auto", type=num_features, help="columns per point: 4, 5, 8 or auto")
-    add_eval_output_args(p)
-    return p
+    return config_parser(CONFIG, "python -m pipelines.eval_teacher", __doc__)
 
 
 def parse_config(argv: list[str] | None = None) -> TeacherEvalConfig:
     """The run config of the command line."""
-    return config_from_namespace(TeacherEvalConfig, build_parser().parse_args(argv))
+    return parse(CONFIG, build_parser(), argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return eval_main("eval_teacher", build_parser(), TeacherEvalConfig, evaluate_teacher, argv)
+    return eval_main("eval_teacher", build_parser(), CONFIG, evaluate_teacher, argv)
 
 
 if __name__ == "__main__":

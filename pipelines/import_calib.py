@@ -15,10 +15,13 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from e2r.cli_config import add_options, parse_config
 from e2r.data.calib import CalibImport, calib_from_kitti, calib_from_nuscenes, write_calib
 from e2r.data.readers import read_json, read_text
 from e2r.errors import E2RError
-from e2r.workflow.configs import config_from_namespace, image_size
+
+#: the run config: one flag per field (``format`` is the sub-command)
+CONFIG = CalibImport
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,35 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
                            description="One camera from a KITTI calib .txt: K from its projection matrix P = K [I|b], "
                                        "cam2ego = inverse of [I|b] R0_rect Tr_velo_to_cam; ego = the velodyne frame "
                                        "(x forward, y left, z up, ground at about -1.73 m), lidar2ego identity.")
-    kitti.add_argument("source", metavar="CALIB_TXT", help="KITTI calib file, e.g. training/calib/000000.txt")
-    kitti.add_argument("out", metavar="OUT", help="calib.json to write, e.g. <segment>/camera/calib.json")
-    kitti.add_argument("--image_size", type=image_size, required=True,
-                       help="WxH of that camera's images, which K is for (KITTI: about 1242x375; check yours)")
-    kitti.add_argument("--camera", choices=("P0", "P1", "P2", "P3"), default="P2",
-                       help="projection matrix of the camera (default P2, the left colour camera)")
-    kitti.add_argument("--name", default="front", help="the camera's name in calib.json (default front)")
-    kitti.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_options(kitti, CONFIG, "kitti")
     nus = sub.add_parser("nuscenes", help="nuScenes calibrated_sensor records of the LiDAR and the cameras",
                          description="lidar2ego and cameras from nuScenes calibrated_sensor records (translation in "
                                      "metres, rotation quaternion [w, x, y, z], camera_intrinsic), given as "
                                      "{\"lidar\": record, \"cameras\": {name: record, ...}} (no cameras: a "
                                      "lidar/calib.json). nuScenes' vehicle frame has its origin on the ground; the "
                                      "written ego frame has the ground at --ground_z.")
-    nus.add_argument("source", metavar="RECORDS_JSON", help="JSON file holding the records")
-    nus.add_argument("out", metavar="OUT", help="calib.json to write")
-    nus.add_argument("--image_size", type=image_size, default=None,
-                     help="WxH of the cameras' images, which camera_intrinsic is for (nuScenes: 1600x900); "
-                          "required when the records have cameras")
-    nus.add_argument("--ground_z", type=float, default=-1.0,
-                     help="z of the ground in the ego frame written (default -1.0, the contract's: the teacher's "
-                          "z range is [-3, 1]); 0 keeps nuScenes' vehicle frame")
-    nus.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_options(nus, CONFIG, "nuscenes")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        cfg = config_from_namespace(CalibImport, build_parser().parse_args(argv))
+        cfg = parse_config(CONFIG, build_parser(), argv)
         if cfg.format == "kitti":
             doc = calib_from_kitti(read_text(cfg.source), cfg.source, cfg.image_size, cfg.camera, cfg.name)
         else:

@@ -38,53 +38,66 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
+from e2r.cli_config import config_parser, image_size, option, parse_config
 from e2r.sim.camera_world import CameraRecording, generate_recording
 from e2r.sim.preview import write_preview
 from e2r.sim.world import APPEARANCES, SyntheticConfig
-from e2r.workflow.configs import image_size
+
+
+@dataclass(kw_only=True)
+class MakeDatasetArgs:
+    """The flags of ``python -m pipelines.make_dataset`` (:func:`config_from_args` makes the world of them)."""
+
+    out: str = option(help="output dataset root (must be empty or absent unless --overwrite)")
+    train_tracks: Optional[int] = option(None, help="paired (LiDAR + camera) train tracks (default 4; not with "
+                                                    "--tracks)")
+    valid_tracks: Optional[int] = option(None, help="valid tracks (default 2; 1 with --tracks)")
+    test_tracks: Optional[int] = option(None, help="test tracks (default 4; 1 with --tracks)")
+    lidar_only_tracks: int = option(SyntheticConfig.lidar_only_tracks,
+                                    help="extra train tracks recorded by the LiDAR only (default %(default)s)")
+    tracks: Optional[int] = option(None, help="the original layout: N paired tracks in all (train = N - valid - "
+                                              "test)")
+    appearance: str = option(SyntheticConfig.appearance, choices=APPEARANCES,
+                             help="gap: per-track camera look, blur, noise and other cars (default); clean: the "
+                                  "original look")
+    frames: int = option(SyntheticConfig.frames, help="frames per segment at 20 Hz (default %(default)s)")
+    seed: int = option(SyntheticConfig.seed, help="random seed; same seed -> byte-identical files")
+    image_size: tuple[int, int] = option(SyntheticConfig.image_size, type=lambda t: image_size(t, 8),
+                                         help="camera image WxH (default 256x128)")
+    workers: Optional[int] = option(None, help="processes over segments (default: min(CPU count, tracks); 1 = no "
+                                               "pool)")
+    preview: Optional[str] = option(None, metavar="PNG",
+                                    help="also write a PNG with one frame's LiDAR BEV next to its camera image")
+    overwrite: bool = option(False, help="replace --out if it holds a previous synthetic dataset")
+    camera_root: Optional[str] = option(
+        CameraRecording.root, metavar="PATH",
+        help="write the camera streams here as camera-only segments (same split/segment names) and LiDAR-only "
+             "segments to --out (default: paired segments in --out)")
+    camera_rate_hz: float = option(CameraRecording.rate_hz,
+                                   help="frame rate of the camera streams written apart from the LiDAR (default "
+                                        "%(default)s; LiDAR: 20)")
+    camera_offset_ms: float = option(
+        CameraRecording.offset_ms,
+        help="camera clock offset: camera frame f at f/rate + offset/1000 s on the drive's clock (default %(default)s)")
+    camera_only_drives: int = option(
+        CameraRecording.only_drives, metavar="N",
+        help="N more camera-only drives per train track (paired and LiDAR-only tracks), segment_NNNN_dK, in "
+             "--camera_root (or --out); default %(default)s")
+    quiet: bool = option(False, help="no progress bar")
+
+
+#: the run config: one flag per field
+CONFIG = MakeDatasetArgs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.make_dataset", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output dataset root (must be empty or absent unless --overwrite)")
-    p.add_argument("--train_tracks", type=int, default=None,
-                   help="paired (LiDAR + camera) train tracks (default 4; not with --tracks)")
-    p.add_argument("--valid_tracks", type=int, default=None, help="valid tracks (default 2; 1 with --tracks)")
-    p.add_argument("--test_tracks", type=int, default=None, help="test tracks (default 4; 1 with --tracks)")
-    p.add_argument("--lidar_only_tracks", type=int, default=0,
-                   help="extra train tracks recorded by the LiDAR only (default 0)")
-    p.add_argument("--tracks", type=int, default=None,
-                   help="the original layout: N paired tracks in all (train = N - valid - test)")
-    p.add_argument("--appearance", choices=APPEARANCES, default="gap",
-                   help="gap: per-track camera look, blur, noise and other cars (default); clean: the original look")
-    p.add_argument("--frames", type=int, default=300, help="frames per segment at 20 Hz (default 300)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed -> byte-identical files")
-    p.add_argument("--image_size", type=lambda t: image_size(t, 8), default=(256, 128), help="camera image WxH (default 256x128)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes over segments (default: min(CPU count, tracks); 1 = no pool)")
-    p.add_argument("--preview", default=None, metavar="PNG",
-                   help="also write a PNG with one frame's LiDAR BEV next to its camera image")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it holds a previous synthetic dataset")
-    p.add_argument("--camera_root", default=None, metavar="PATH",
-                   help="write the camera streams here as camera-only segments (same split/segment names) and "
-                        "LiDAR-only segments to --out (default: paired segments in --out)")
-    p.add_argument("--camera_rate_hz", type=float, default=20.0,
-                   help="frame rate of the camera streams written apart from the LiDAR (default 20; LiDAR: 20)")
-    p.add_argument("--camera_offset_ms", type=float, default=0.0,
-                   help="camera clock offset: camera frame f at f/rate + offset/1000 s on the drive's clock "
-                        "(default 0)")
-    p.add_argument("--camera_only_drives", type=int, default=0, metavar="N",
-                   help="N more camera-only drives per train track (paired and LiDAR-only tracks), "
-                        "segment_NNNN_dK, in --camera_root (or --out); default 0")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+    return config_parser(CONFIG, "python -m pipelines.make_dataset", __doc__)
 
 
-def config_from_args(args: argparse.Namespace) -> SyntheticConfig:
+def config_from_args(args: MakeDatasetArgs) -> SyntheticConfig:
     """The world the flags ask for (ValueError for a bad combination)."""
     if args.tracks is not None and args.train_tracks is not None:
         raise ValueError("--tracks (paired tracks in all) and --train_tracks are two ways to say the same; give one")
@@ -100,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> SyntheticConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_config(CONFIG, build_parser(), argv)
     try:
         cfg = config_from_args(args)
         rec = CameraRecording(args.camera_root, args.camera_rate_hz, args.camera_offset_ms, args.camera_only_drives)

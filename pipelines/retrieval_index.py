@@ -25,41 +25,23 @@ import argparse
 import sys
 import time
 
+from e2r.cli_config import config_parser, parse_config
 from e2r.errors import E2RError
-from e2r.workflow.configs import config_from_namespace
-from e2r.workflow.retrieval_kd import QUERY_KINDS, RetrievalBuild, build_retrieval_index
-from e2r.workflow.retrieval_queries import POSE_DEFAULTS
+from e2r.workflow.retrieval_kd import RetrievalBuild, build_retrieval_index
 from stores import StoreError
-from stores.retrieval import KINDS
+
+#: the run config: one flag per field
+CONFIG = RetrievalBuild
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.retrieval_index", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", required=True, help="memorybank written by pipelines.export (a Zarr directory)")
-    p.add_argument("--data_root", default=None,
-                   help="the dataset the store was exported from (needed by --query state and pose)")
-    p.add_argument("--query", choices=QUERY_KINDS, default="state", help="what is compared (default state)")
-    p.add_argument("--name", default=None, help="index name inside the store (default: the query kind)")
-    p.add_argument("--kind", choices=KINDS, default="exact",
-                   help="exact (chunked torch.topk; default) or an approximate faiss index for large stores")
-    p.add_argument("--replace", action="store_true", help="rebuild an existing index of this name")
-    p.add_argument("--pose_sigma_xy", type=float, default=POSE_DEFAULTS["sigma_xy"],
-                   help="pose: distance scale in metres (similarity exp(-d^2 / 2 sigma^2); default %(default)s)")
-    p.add_argument("--pose_sigma_yaw", type=float, default=POSE_DEFAULTS["sigma_yaw"],
-                   help="pose: heading scale (similarity exp(-(1 - cos dyaw) / sigma^2); default %(default)s)")
-    p.add_argument("--pose_features", type=int, default=POSE_DEFAULTS["features"],
-                   help="pose: random Fourier frequencies M (vector 2 M per frame; default %(default)s)")
-    p.add_argument("--pose_frames", type=int, default=POSE_DEFAULTS["frames"],
-                   help="pose: the window's last n frames compared frame by frame (default %(default)s: the "
-                        "decision time only)")
-    return p
+    return config_parser(CONFIG, "python -m pipelines.retrieval_index", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
-        cfg = config_from_namespace(RetrievalBuild, build_parser().parse_args(argv))
+        cfg = parse_config(CONFIG, build_parser(), argv)
         index = build_retrieval_index(cfg)
     except (E2RError, StoreError, ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
         print(f"retrieval_index: error: {e}", file=sys.stderr)

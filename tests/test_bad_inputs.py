@@ -329,7 +329,7 @@ def test_resume_from_a_checkpoint_declaring_huge_sizes_is_refused(tmp_path, teac
 def test_export_flag_lidar_num_features_4_is_an_int():
     import argparse
 
-    from pipelines._common import num_features
+    from e2r.cli_config import num_features
 
     assert num_features("4") == 4 and num_features("auto") == "auto"
     with pytest.raises(argparse.ArgumentTypeError):

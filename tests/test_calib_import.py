@@ -87,7 +87,7 @@ def test_extrinsic_applied_on_read_by_the_datasets(tmp_path, capsys):
                                    atol=1e-5)
         assert ds.tables["segment_0000"].lidar2ego is not None
     # the export records the extrinsic it applied in the store's provenance
-    from e2r.workflow.configs import ExportConfig
+    from e2r.workflow.export_config import ExportConfig
     from e2r.workflow.export_run import lidar_extrinsics
     from stores import Provenance
 

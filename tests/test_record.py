@@ -23,7 +23,8 @@ from e2r.sim.policies import (CONTROL_STUDENT, CONTROL_TAKEOVER, CONTROL_TEACHER
                               MixedPolicy, Policy)
 from e2r.sim.record import RECORD_COLUMNS, DriveRecorder, is_recorded, read_recorded
 from e2r.sim.world import generate_dataset
-from e2r.workflow.configs import ExportConfig, StudentTrainConfig
+from e2r.workflow.configs import StudentTrainConfig
+from e2r.workflow.export_config import ExportConfig
 from e2r.workflow.export_run import _append_snapshot, _check_append
 from e2r.workflow.trainer import train_valid_datasets
 from pipelines.export import main as export_main

@@ -21,6 +21,7 @@ from typing import Optional, Union
 import numpy as np
 
 from e2r.atomic import write_text_atomic
+from e2r.cli_config import image_size, option
 from e2r.errors import ConfigError, DataError
 
 __all__ = ["CameraCalib", "MAX_IMAGE_SIDE", "RIGID_TOL", "MAX_MOUNT_OFFSET_M", "cameras_from_doc",
@@ -272,14 +273,23 @@ def calib_from_nuscenes(doc: object, path: PathLike, image_size: Optional[tuple[
 class CalibImport:
     """One conversion (fields = the flags of ``python -m pipelines.import_calib``)."""
 
-    format: str                                     # "kitti" | "nuscenes"
-    source: str
-    out: str
-    image_size: Optional[tuple[int, int]] = None    # (W, H); required for cameras
-    camera: str = "P2"                              # KITTI: the projection matrix of the camera
-    name: str = "front"                             # KITTI: the camera's name in calib.json
-    ground_z: float = -1.0                          # nuScenes: z of the ground in the ego frame written
-    force: bool = False                             # replace an existing ``out``
+    format: str                                     # "kitti" | "nuscenes": the sub-command
+    source: str = option(positional=True, help="the calibration file", commands={
+        "kitti": {"metavar": "CALIB_TXT", "help": "KITTI calib file, e.g. training/calib/000000.txt"},
+        "nuscenes": {"metavar": "RECORDS_JSON", "help": "JSON file holding the records"}})
+    out: str = option(positional=True, metavar="OUT", help="calib.json to write, e.g. <segment>/camera/calib.json")
+    image_size: Optional[tuple[int, int]] = option(None, type=image_size, help="WxH of the cameras' images", commands={
+        "kitti": {"required": True,
+                  "help": "WxH of that camera's images, which K is for (KITTI: about 1242x375; check yours)"},
+        "nuscenes": {"help": "WxH of the cameras' images, which camera_intrinsic is for (nuScenes: 1600x900); "
+                             "required when the records have cameras"}})
+    camera: str = option("P2", choices=("P0", "P1", "P2", "P3"), commands={"kitti": {}},
+                         help="projection matrix of the camera (default %(default)s, the left colour camera)")
+    name: str = option("front", commands={"kitti": {}}, help="the camera's name in calib.json (default %(default)s)")
+    ground_z: float = option(-1.0, commands={"nuscenes": {}},
+                             help="z of the ground in the ego frame written (default %(default)s, the contract's: the "
+                                  "teacher's z range is [-3, 1]); 0 keeps nuScenes' vehicle frame")
+    force: bool = option(False, help="replace OUT if it exists")
 
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work."""

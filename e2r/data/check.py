@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+from e2r.cli_config import image_size, lidar_num_features_option, option
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, PairedSequenceDataset
 from e2r.data.layout import discover_segments, discover_splits, split_modalities
 from e2r.errors import DataError, Problem
@@ -25,13 +26,15 @@ MAX_PROBLEMS_SHOWN = 50
 class DatasetCheck:
     """What to check (fields = the flags of ``python -m pipelines.check_dataset``)."""
 
-    data_root: str
-    seq_len: int = 5
-    stride: int = 1
-    lidar_num_features: Union[int, str] = "auto"
-    image_size: tuple[int, int] = (256, 128)
-    splits: Optional[Sequence[str]] = None
-    no_progress: bool = False
+    data_root: str = option(positional=True, metavar="DIR", help="dataset root holding one folder per split")
+    seq_len: int = option(5, help="frames per sample window (default %(default)s)")
+    stride: int = option(1, help="frames between window starts (default %(default)s)")
+    lidar_num_features: Union[int, str] = lidar_num_features_option()
+    image_size: tuple[int, int] = option((256, 128), type=image_size,
+                                         help="WxH images are resized to (default 256x128); checks that every image "
+                                              "decodes")
+    splits: Optional[Sequence[str]] = option(None, help="splits to check (default: every split found)")
+    no_progress: bool = option(False, help="no tqdm progress bars")
 
 
 def _scanned(args: DatasetCheck, split: str, lidar: bool, camera: bool) -> tuple[list, set[str]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from e2r.checkpoints import load_checkpoint
+from e2r.cli_config import device_option, option
 from e2r.errors import ConfigError, check_positive
 from e2r.metrics import write_metrics_csv
 from e2r.runtime import resolve_device
@@ -37,6 +38,7 @@ __all__ = ["DriveConfig", "parse_policy_spec", "build_policy", "split_segments",
            "format_table", "CSV_COLUMNS"]
 
 PLAIN_POLICIES = ("expert", "constant")
+RECORDING = "recording and mixed control (on-policy data)"
 CSV_COLUMNS = ("row", "policy", "split", "segment", "start_index", "runs", "end", "success", "laps", "progress",
                "collisions", "lap_time", "mean_abs_lateral", "max_abs_lateral", "mean_speed", "sim_time", "steps",
                "steps_per_s")
@@ -46,32 +48,45 @@ CSV_COLUMNS = ("row", "policy", "split", "segment", "start_index", "runs", "end"
 class DriveConfig:
     """``python -m pipelines.drive`` (``--help`` explains each field; field names equal the flags)."""
 
-    data_root: str
-    split: str = "test"
-    policy: list[str] = field(default_factory=lambda: ["expert"])
-    segment: list[str] = field(default_factory=list)
-    starts: int = 8
-    start_fraction: float = 0.0
-    laps: int = 1
-    time_limit: float = 120.0
-    seq_len: int = 5
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 1
-    csv_path: Optional[str] = None
-    plot_path: Optional[str] = None
-    video: Optional[str] = None
-    video_policy: Optional[str] = None
-    video_start: int = 0
-    no_progress: bool = False
-    record: Optional[str] = None
-    record_split: str = "recorded"
-    mix_teacher: Optional[str] = None
-    p_student: float = 1.0
-    switch_every: int = 10
-    envelope_lateral: float = 1.5
-    envelope_heading: float = 30.0
-    recover_steps: int = 20
+    data_root: str = option(help="synthetic dataset root (with synthetic_dataset.json)")
+    split: str = option("test", help="split whose tracks are driven (default: %(default)s, the held-out one)")
+    policy: list[str] = option(default_factory=lambda: ["expert"], repeat=True, metavar="SPEC",
+                               help="expert | constant | train_mean=CKPT | NAME=CKPT (teacher or student); repeat for "
+                                    "several (default: %(default)s)")
+    segment: list[str] = option(default_factory=list, repeat=True,
+                                help="drive only this segment (repeatable; default: all)")
+    starts: int = option(8, help="cars (start points evenly spaced along the lap) per track (default %(default)s)")
+    start_fraction: float = option(0.0, help="where along the lap the first car starts, as a fraction of the lap "
+                                             "(default %(default)s)")
+    laps: int = option(1, help="laps to complete for a success (default %(default)s)")
+    time_limit: float = option(120.0, help="simulated seconds per run (default %(default)s)")
+    seq_len: int = option(5, help="frames per model window T, as in training (default %(default)s)")
+    seed: int = option(0, help="seed of the LiDAR noise; same seed -> same results")
+    device: str = device_option()
+    threads: int = option(1, help="torch intra-op threads while driving (default %(default)s: each step's batch is "
+                                  "small, and a thread pool on a busy CPU was 30-80x slower); 0 = torch's default")
+    csv_path: Optional[str] = option(None, help="write one row per run plus one aggregated row per policy")
+    plot_path: Optional[str] = option(None, help="PNG of the trajectories over the track map (x = collision)")
+    video: Optional[str] = option(None, metavar="GIF", help="GIF of one run: camera view beside the car on the map")
+    video_policy: Optional[str] = option(None, help="policy of the video run (default: the last --policy)")
+    video_start: int = option(0, help="which start (0-based) of the first track to film")
+    no_progress: bool = option(False, help="hide the progress bar")
+    record: Optional[str] = option(None, metavar="ROOT", group=RECORDING,
+                                   help="write every car's run as a dataset segment under ROOT/<record_split> "
+                                        "(one --policy)")
+    record_split: str = option("recorded", group=RECORDING,
+                               help="split name of the recorded segments (default %(default)s)")
+    mix_teacher: Optional[str] = option(None, metavar="CKPT", group=RECORDING,
+                                        help="teacher checkpoint sharing each student's car")
+    p_student: float = option(1.0, group=RECORDING,
+                              help="probability that the student drives a period (default %(default)s)")
+    switch_every: int = option(10, group=RECORDING, help="steps per drawn period (default %(default)s = 0.5 s)")
+    envelope_lateral: float = option(1.5, group=RECORDING,
+                                     help="teacher takeover beyond this |lateral offset| m (default %(default)s)")
+    envelope_heading: float = option(30.0, group=RECORDING,
+                                     help="teacher takeover beyond this |heading error| deg (default %(default)s)")
+    recover_steps: int = option(20, group=RECORDING, help="steps the teacher keeps the car after it is back inside "
+                                                          "the envelope (default %(default)s)")
 
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work (checkpoints are checked when loaded)."""

@@ -1,27 +1,29 @@
-"""Typed run configurations: one dataclass per run kind, built from the parsed flags by one function
-(:func:`config_from_namespace`) and passed to the workflow functions (``train_teacher(cfg)``,
-``export_memorybank(cfg)``, ...). Field names equal the CLI flags (``--seq_len`` -> ``seq_len``), so a
-pipeline's ``--help`` is the documentation of its config. The demo and tests build configs directly.
+"""Typed run configurations: one dataclass per run kind, passed to the workflow functions
+(``train_teacher(cfg)``, ``export_memorybank(cfg)``, ...). Each field is declared once, with its default and
+help text (:func:`e2r.cli_config.option`); a pipeline's flags are derived from the fields (``--seq_len`` ->
+``seq_len``), so its ``--help`` is the documentation of its config. The demo and tests build configs directly.
 
 Training fields left ``None`` (``epochs``, ``lr``, ``batch_size``) take the preset's defaults
 (:data:`PRESET_DEFAULTS`) through :meth:`TrainConfig.hparams`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shlex
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Optional, Sequence, TypeVar, Union
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Union
 
+from e2r.cli_config import (command_line, config_from_namespace, device_option, image_size, lidar_num_features_option,
+                            option, redefault)
 from e2r.errors import ConfigError, check_positive, check_probability
+from e2r.models.policy import RESIDUAL_MODES
 from e2r.models.student_config import PRESET_BEV_POOL_GRID
+from e2r.workflow.retrieval_queries import QUERY_KINDS
 from stores.objstore import is_remote
 
 __all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig", "StoreAccess",
            "PairingArgs", "KD_TARGETS_IN",
-           "TeacherEvalConfig", "StudentEvalConfig", "ExportConfig", "config_from_namespace", "command_line", "plain_dict",
+           "TeacherEvalConfig", "StudentEvalConfig", "check_storage_options", "config_from_namespace", "command_line", "plain_dict",
            "check_output_file", "check_positive", "image_size",
            "NumFeatures"]
 
@@ -31,56 +33,6 @@ PRESET_DEFAULTS = {"tiny": {"epochs": 8, "lr": 2e-3, "batch_size": 8},
 
 #: ``--lidar_num_features``: "auto" or a column count (4, 5, 8)
 NumFeatures = Union[int, str]
-
-C = TypeVar("C")
-
-
-def config_from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
-    """The config ``cls`` from parsed flags: every dataclass field is taken from the attribute of that name
-    (a flag that a pipeline does not offer keeps the field's default); the config then checks itself."""
-    values = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
-    cfg = cls(**values)
-    check = getattr(cfg, "check", None)
-    if check is not None:
-        check()
-    return cfg
-
-
-#: list flags given once per value (``action="append"``); every other list flag takes its values after one flag
-REPEATED_FLAGS = frozenset({"split", "policy", "segment"})
-
-
-def command_line(module: str, cfg: Any, positional: Sequence[str] = ()) -> str:
-    """The ``python -m <module> ...`` command that makes ``cfg`` (fields that differ from their defaults;
-    ``positional`` fields are written without a flag), for logs: a reader can re-run a stage by hand."""
-    words = [f"python -m {module}"]
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        if f.name in positional:
-            words.append(str(value))
-        elif value != default:
-            if isinstance(value, bool):
-                words.append(f"--{f.name}")
-            elif isinstance(value, list) and f.name in REPEATED_FLAGS:
-                words += [f"--{f.name} {shlex.quote(str(v))}" for v in value]
-            elif isinstance(value, list):                        # nargs="+": --train_segments a b
-                words.append(" ".join([f"--{f.name}", *(shlex.quote(str(v)) for v in value)]))
-            else:
-                words.append(f"--{f.name} {shlex.quote(str(value))}")
-    return " ".join(words)
-
-
-def image_size(text: str, minimum: int = 1) -> tuple[int, int]:
-    """``--image_size``: ``"256x128"`` -> (256, 128) = (W, H); ArgumentTypeError unless both are integers
-    >= ``minimum``."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--image_size must look like WxH, e.g. 256x128; got {text!r}") from None
-    if w < minimum or h < minimum:
-        raise argparse.ArgumentTypeError(f"--image_size must be at least {minimum}x{minimum}, got {text!r}")
-    return w, h
 
 
 def check_output_file(flag: str, value: Optional[str]) -> None:
@@ -107,38 +59,60 @@ def plain_dict(cfg: Any) -> dict[str, Any]:
 class TrainConfig:
     """What the teacher and student trainers share (``pipelines.train_teacher --help`` explains each)."""
 
-    data_root: str
-    train_split: str = "train"
-    train_segments: Optional[list[str]] = None
-    extra_train_splits: Optional[list[str]] = None
-    valid_split: str = "valid"
-    preset: str = "tiny"
-    epochs: Optional[int] = None
-    steps: Optional[int] = None
-    warmup_steps: int = 0
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    seq_len: int = 5
-    stride: int = 1
-    steer_loss_weight: float = 1.0
-    speed_loss_weight: float = 0.05
-    smooth_weight: float = 0.0
-    steer_input_dropout: float = 0.5
-    hflip_prob: float = 0.0
-    weight_decay: float = 1e-4
-    grad_clip: float = 5.0
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
-    checkpoint_path: Optional[str] = None
-    checkpoint_every_steps: int = 0
-    save_path: Optional[str] = None
-    resume_path: Optional[str] = None
-    init_path: Optional[str] = None
-    init_skip_output_layer: bool = False
-    tensorboard_dir: Optional[str] = None
-    stop_after_epoch: Optional[int] = None
-    no_progress: bool = False
+    data_root: str = option(help="dataset root holding <split>/<segment>/meta/data.csv")
+    train_split: str = option("train", help="split to train on (default: %(default)s)")
+    train_segments: Optional[list[str]] = option(
+        None, metavar="SEGMENT",
+        help="train on these segments of --train_split only (default: all of them), e.g. a camera-data budget: "
+             "--train_segments segment_0000 segment_0001")
+    extra_train_splits: Optional[list[str]] = option(
+        None, metavar="SPLIT",
+        help="whole splits added to the training set, e.g. drives recorded by pipelines.drive --record (their "
+             "windows train on the teacher's actions, not on the commands they executed)")
+    valid_split: str = option("valid", help="split for the per-epoch validation loss and the best checkpoint; '' to "
+                                            "skip validation (best = train loss)")
+    preset: str = option("tiny", choices=tuple(PRESET_DEFAULTS), help="model size (default: %(default)s)")
+    epochs: Optional[int] = option(None, help="epochs to train (default per preset: tiny 8, full 30)")
+    steps: Optional[int] = option(
+        None, help="train for this many optimizer steps instead of epochs (the last epoch cut short; the cosine "
+                   "decay then runs per step): the same budget whatever the data size")
+    warmup_steps: int = option(0, help="linear learning-rate warm-up over the first N optimizer steps (default "
+                                       "%(default)s)")
+    batch_size: Optional[int] = option(None, help="windows per batch (default: tiny 8, full 4)")
+    lr: Optional[float] = option(None, help="AdamW learning rate, cosine-decayed (default: tiny 2e-3, full 1e-3)")
+    seq_len: int = option(5, help="frames per window T (default: %(default)s)")
+    stride: int = option(1, help="step between window starts (default: %(default)s)")
+    steer_loss_weight: float = option(1.0, help="loss weight of steering (default %(default)s)")
+    speed_loss_weight: float = option(0.05, help="loss weight of speed (default %(default)s)")
+    smooth_weight: float = option(0.0, help="weight of a penalty on step-to-step changes of the predicted actions "
+                                            "(default %(default)s)")
+    steer_input_dropout: float = option(
+        0.5, help="probability of hiding a training window's previous-steering input (zeros), so the policy must "
+                  "steer from what it sees instead of copying its last command, which fails in closed loop "
+                  "(ChauffeurNet's past-motion dropout; default %(default)s, 0 = off)")
+    hflip_prob: float = option(
+        0.0, help="probability of mirroring a training window left-right with its targets (ego y -> -y, steering "
+                  "negated): balances left and right turns (default %(default)s = off)")
+    weight_decay: float = option(1e-4, help="AdamW weight decay (default %(default)s)")
+    grad_clip: float = option(5.0, help="gradient norm clip, 0 = off (default %(default)s)")
+    seed: int = option(0, help="seed for init, shuffling and flips (default %(default)s)")
+    device: str = device_option()
+    num_workers: int = option(0, help="DataLoader worker processes reading the data windows (default %(default)s: "
+                                      "this process)")
+    checkpoint_path: Optional[str] = option(None, help="latest full training state, written every epoch")
+    checkpoint_every_steps: int = option(
+        0, help="also write --checkpoint_path every N training batches, with the position in the epoch: "
+                "--resume_path then continues mid-epoch exactly where it stopped (default %(default)s = per epoch)")
+    save_path: Optional[str] = option(None, help="best model by validation loss (default %(default)s)")
+    resume_path: Optional[str] = option(None, help="continue a run from its --checkpoint_path file")
+    init_path: Optional[str] = option(None, help="initialise weights only from this checkpoint (transfer)")
+    init_skip_output_layer: bool = option(
+        False, help="with --init_path: keep this model's fresh output layer (e.g. another head shape)")
+    tensorboard_dir: Optional[str] = option(None, help="write TensorBoard scalars here (rank 0); off if unset")
+    stop_after_epoch: Optional[int] = option(
+        None, help="stop once this many epochs are done (the schedule still spans --epochs); continue later with "
+                   "--resume_path")
+    no_progress: bool = option(False, help="hide the tqdm progress bars")
 
     def hparams(self) -> tuple[int, float, int]:
         """``(epochs, lr, batch_size)``: the fields, or the preset's defaults where unset."""
@@ -172,9 +146,14 @@ class TrainConfig:
 class TeacherTrainConfig(TrainConfig):
     """``python -m pipelines.train_teacher``."""
 
-    save_path: Optional[str] = "runs/teacher_best.pt"
-    lidar_num_features: NumFeatures = "auto"
-    residual_actions: Optional[str] = "scene"     # the head that drives (README: 62 % laps vs 0 % for "all")
+    save_path: Optional[str] = redefault(TrainConfig, "save_path", "runs/teacher_best.pt")
+    lidar_num_features: NumFeatures = lidar_num_features_option()
+    residual_actions: Optional[str] = option(
+        "scene", choices=tuple(RESIDUAL_MODES),
+        help="what the head predicts as a change w.r.t. its inputs: all (steering and speed), steering (the speed "
+             "command outright), none, scene (none, and the previous-steering input unused: the head that drives, "
+             "default %(default)s; a head that sees its previous command learns to repeat it and leaves the "
+             "road); the student follows")
 
 
 #: where the teacher rows of a KD batch are read (``--kd_targets``; `e2r.workflow.kd_data.make_kd_loader`)
@@ -187,10 +166,19 @@ class StoreAccess:
     chunks (``store_cache_dir``, at most ``store_cache_gb`` GiB; unused for a local store); and which process
     reads the teacher rows (``kd_targets``, `e2r.workflow.kd_data.make_kd_loader`)."""
 
-    storage_options: Optional[str] = None
-    store_cache_dir: Optional[str] = None
-    store_cache_gb: float = 20.0
-    kd_targets: str = "main"      # where teacher rows are read: "main" (ahead of the step) or "worker"
+    storage_options: Optional[str] = option(
+        None, help="a --memorybank on object storage (s3://bucket/mb.zarr): fsspec options as JSON, e.g. "
+                   "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (default: the AWS_* environment variables)")
+    store_cache_dir: Optional[str] = option(
+        None, help="a --memorybank URL: keep fetched chunks in this local directory (LRU, checked on every read) so "
+                   "later epochs read them locally")
+    store_cache_gb: float = option(20.0, help="size cap of --store_cache_dir (GiB, default %(default)s)")
+    kd_targets: str = option(
+        "main", choices=KD_TARGETS_IN,
+        help="where the teacher rows are read: 'main' = this process, by key, on a thread up to two batches ahead of "
+             "the step (the DataLoader workers send camera windows and keys only), 'worker' = the workers, with the "
+             "windows (their rows then cross to this process through shared memory). Same batches either way "
+             "(default: %(default)s)")
 
     def check(self) -> None:
         check_storage_options(self.storage_options)
@@ -220,8 +208,15 @@ class PairingArgs:
     camera window reads the row of the LiDAR window whose last frame is nearest in time, within
     ``pair_tolerance_ms``, its KD weighted by the pair's confidence."""
 
-    pair_lidar_root: Optional[str] = None
-    pair_tolerance_ms: float = 50.0
+    pair_lidar_root: Optional[str] = option(
+        None, metavar="DIR",
+        help="camera and LiDAR recorded apart (--data_root = the camera root, e.g. make_dataset --camera_root): pair "
+             "each camera window with the LiDAR window of the same split/segment in DIR (the root the memorybank "
+             "was exported from) whose last frame's timestamp is nearest to the camera window's last frame's; both "
+             "roots' data.csv need a timestamp column. Default: off (windows pair by key)")
+    pair_tolerance_ms: float = option(
+        50.0, help="with --pair_lidar_root: no pair (BC only) when the two last frames are more than this apart; a "
+                   "pair's KD terms are weighted by its confidence 1 - |dt|/tolerance (default %(default)s)")
 
     def check_pairing(self, memorybank: Optional[str]) -> None:
         if not self.pair_tolerance_ms >= 0:
@@ -232,32 +227,74 @@ class PairingArgs:
             raise ConfigError(f"--pair_lidar_root {self.pair_lidar_root!r} is not a directory")
 
 
+def skip_damaged_option() -> Any:
+    """The ``skip_damaged`` field of the configs that read a memorybank."""
+    return option(False, help="a damaged memorybank (rows failing their checksums, missing shards) stops the run by "
+                              "default; with this flag the damaged rows are left without KD and counted")
+
+
+def kd_retrieval_k_option() -> Any:
+    """The ``kd_retrieval_k`` field of the configs that retrieve teacher rows."""
+    return option(8, help="rows retrieved per window (default %(default)s)")
+
+
 @dataclass(kw_only=True)
 class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
     """``python -m pipelines.train_student``: BC, plus KD for the keys in ``memorybank``."""
 
-    save_path: Optional[str] = "runs/student_best.pt"
-    warmup_steps: int = 150       # without it the tiny camera student can stay at the label mean (docs/STUDENT.md)
-    view_transform: str = "lss"
-    splat_pool: str = "sum"
-    bev_pool_grid: int = PRESET_BEV_POOL_GRID
-    photometric: float = 0.0      # strength of e2r.data.augment.photometric_jitter on training windows
-    select_by: str = "loss"       # what picks --save_path: the valid loss, or driving the valid tracks
-    select_starts: int = 2
-    select_time_limit: float = 30.0
-    memorybank: Optional[str] = None
-    teacher_ckpt: Optional[str] = None
-    kd_action_w: float = 1.0
-    kd_bevvec_w: float = 1.0
-    kd_temporal_w: float = 1.0
-    kd_bevfeat_w: float = 0.0
-    kd_bevfeat_background: float = 0.05
-    skip_damaged: bool = False
-    kd_retrieval: Optional[str] = None
-    kd_retrieval_k: int = 8
-    kd_retrieval_tau: float = 0.05
-    kd_retrieval_min_sim: float = 0.9
-    kd_unpaired: bool = False
+    save_path: Optional[str] = redefault(TrainConfig, "save_path", "runs/student_best.pt")
+    # without a warm-up the tiny camera student can stay at the label mean (docs/STUDENT.md)
+    warmup_steps: int = redefault(TrainConfig, "warmup_steps", 150)
+    view_transform: str = option("lss", choices=("lss", "identity"),
+                                 help="camera -> BEV: lss (Lift-Splat, default) or identity (resize placeholder, "
+                                      "ablation)")
+    splat_pool: str = option(
+        "sum", choices=("sum", "mean"),
+        help="Lift-Splat: sum the frustum points falling in a BEV cell (as LSS) or average them, so the cells next "
+             "to the camera do not outweigh the image (default %(default)s)")
+    bev_pool_grid: int = option(
+        PRESET_BEV_POOL_GRID,
+        help="bev_vec reads a k x k average pool of the BEV features (default %(default)s; 1 = their global mean, "
+             "which keeps what is seen but not where: the tiny student then often never leaves the label mean, "
+             "docs/STUDENT.md)")
+    photometric: float = option(
+        0.0, help="strength in [0, 1] of the photometric augmentation of training windows: brightness, contrast, "
+                  "gamma, colour and noise, one draw per window (e2r/data/augment.py; default %(default)s = off: no "
+                  "measured gain at 4 tracks, docs/STUDENT.md)")
+    select_by: str = option(
+        "loss", choices=("loss", "drive"),
+        help="what picks the kept checkpoint (--save_path) after each epoch: the BC loss on --valid_split "
+             "(default), or driving the --valid_split tracks in closed loop (synthetic worlds only; most success + "
+             "progress in laps)")
+    select_starts: int = option(2, help="with --select_by drive: start points per valid track (default %(default)s)")
+    select_time_limit: float = option(30.0, help="with --select_by drive: seconds of simulated driving per start "
+                                                 "(default %(default)s)")
+    memorybank: Optional[str] = option(
+        None, flags=("--teacher_cache_dir",),
+        help="memorybank of teacher outputs (pipelines.export); KD for the keys it holds. Unset: BC only")
+    teacher_ckpt: Optional[str] = option(
+        None, help="teacher checkpoint, only for its config (BEV grid) when the memorybank does not record it")
+    kd_action_w: float = option(1.0, help="weight of action KD (default %(default)s)")
+    kd_bevvec_w: float = option(1.0, help="weight of bev_vec 1-cosine KD (default %(default)s)")
+    kd_temporal_w: float = option(1.0, help="weight of GRU-out MSE KD (default %(default)s)")
+    kd_bevfeat_w: float = option(0.0, help="weight of dense bev_feat KD (needs bev_feat in the store; default "
+                                           "%(default)s = off)")
+    kd_bevfeat_background: float = option(0.05, help="dense KD weight of cells the teacher finds unoccupied "
+                                                     "(default %(default)s)")
+    skip_damaged: bool = skip_damaged_option()
+    kd_retrieval: Optional[str] = option(
+        None, metavar="INDEX",
+        help="KD for windows without a row in the memorybank from the teacher rows of the most similar "
+             "situations, found in this retrieval index of the store (python -m pipelines.retrieval_index, e.g. "
+             "state); paired windows keep their own targets. Default: off")
+    kd_retrieval_k: int = kd_retrieval_k_option()
+    kd_retrieval_tau: float = option(0.05, help="temperature of the softmax over similarities that mixes the k rows "
+                                                "(default %(default)s)")
+    kd_retrieval_min_sim: float = option(0.9, help="no KD for a window whose best cosine similarity is below this "
+                                                   "(default %(default)s)")
+    kd_unpaired: bool = option(
+        False, help="with --kd_retrieval: ignore every window's own row and its whole segment (the unpaired-data "
+                    "experiment: camera drives that share no key with the LiDAR drives)")
 
     def check(self) -> None:
         StoreAccess.check(self)
@@ -289,18 +326,19 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
 class EvalConfig:
     """What the offline evaluations share (``pipelines.eval_teacher --help`` explains each)."""
 
-    data_root: str
-    split: str = "valid"
-    seq_len: int = 5
-    stride: int = 1
-    batch_size: int = 8
-    overall_weights: str = "1.0,0.05"
-    csv_path: Optional[str] = None
-    plot_path: Optional[str] = None
-    plot_segment: Optional[str] = None
-    device: str = "auto"
-    num_workers: int = 0
-    no_progress: bool = False
+    data_root: str = option(help="dataset root holding <split>/<segment>/meta/data.csv")
+    split: str = option("valid", help="split to evaluate (default: %(default)s)")
+    seq_len: int = option(5, help="frames per window T (default: %(default)s)")
+    stride: int = option(1, help="step between window starts (default: %(default)s)")
+    batch_size: int = option(8, help="windows per batch (default: %(default)s)")
+    overall_weights: str = option("1.0,0.05", help="weights of steering,speed MSE in the overall score (default "
+                                                   "%(default)s)")
+    csv_path: Optional[str] = option(None, help="write one metrics row per predictor to this CSV")
+    plot_path: Optional[str] = option(None, help="PNG of predicted vs true steering and speed along a segment")
+    plot_segment: Optional[str] = option(None, help="segment to plot (default: the split's first)")
+    device: str = device_option()
+    num_workers: int = option(0, help="DataLoader worker processes (default %(default)s)")
+    no_progress: bool = option(False, help="hide the progress bar")
 
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work, before any data is read."""
@@ -315,78 +353,27 @@ class EvalConfig:
 class TeacherEvalConfig(EvalConfig):
     """``python -m pipelines.eval_teacher``."""
 
-    teacher_ckpt: str
-    lidar_num_features: NumFeatures = "auto"
+    teacher_ckpt: str = option(help="checkpoint written by pipelines.train_teacher")
+    lidar_num_features: NumFeatures = lidar_num_features_option()
 
 
 @dataclass(kw_only=True)
 class StudentEvalConfig(PairingArgs, StoreAccess, EvalConfig):
     """``python -m pipelines.eval_student``: with ``memorybank``, also the KD gap to the teacher."""
 
-    student_ckpt: str
-    memorybank: Optional[str] = None
-    skip_damaged: bool = False
-    kd_retrieval: Optional[str] = None
-    kd_retrieval_k: int = 8
-    kd_retrieval_tau: float = 0.05
+    student_ckpt: str = option(help="checkpoint written by pipelines.train_student")
+    memorybank: Optional[str] = option(
+        None, flags=("--teacher_cache_dir",),
+        help="memorybank of teacher outputs: also report the KD gap to the teacher on its keys")
+    skip_damaged: bool = skip_damaged_option()
+    kd_retrieval: Optional[str] = option(
+        None, metavar="INDEX",
+        help="also check retrieval from this index of the store: the similarity of windows without a row, and for "
+             "windows with one how close the retrieved targets come to their own")
+    kd_retrieval_k: int = kd_retrieval_k_option()
+    kd_retrieval_tau: float = option(0.05, help="mixing temperature (default %(default)s)")
 
     def check(self) -> None:
         StoreAccess.check(self)
         EvalConfig.check(self)
         self.check_pairing(self.memorybank)
-
-
-@dataclass(kw_only=True)
-class ExportConfig:
-    """``python -m pipelines.export``. ``seq_len``, ``dtype``, ``save_bev_feat`` and ``bev_feat_pool`` shape
-    the store: they become its schema (``e2r.workflow.export.store_schema``) once, and from then on the
-    store's schema is the only source every export task reads them from (an existing store whose schema
-    differs is refused, or replaced with ``overwrite``)."""
-
-    data_root: str
-    split: list[str] = field(default_factory=list)
-    store: str
-    teacher_ckpt: Optional[str] = None
-    seq_len: int = 5
-    stride: int = 1
-    save_bev_feat: bool = False
-    bev_feat_pool: int = 1
-    dtype: str = "float32"
-    batch_size: int = 16
-    window_batch: int = 64
-    write_rows: int = 1024
-    device: str = "auto"
-    amp: Optional[str] = None
-    num_workers: int = 2
-    workers: int = 0
-    scheduler: Optional[str] = None
-    threads: int = 0
-    rows_per_task: int = 0
-    shard_rows: int = 0
-    lidar_num_features: NumFeatures = "auto"
-    overwrite: bool = False
-    append: bool = False
-    no_fsync: bool = False
-    no_progress: bool = False
-    storage_options: Optional[str] = None
-    retrieval_index: list[str] = field(default_factory=list)    # query kinds indexed after the export
-
-    def check(self) -> None:
-        """ConfigError naming the flag for values that cannot work (the teacher checkpoint is checked by
-        the export itself, which prints how to train one)."""
-        if self.retrieval_index and is_remote(self.store):
-            raise ConfigError(f"--retrieval_index: retrieval indexes are built in local stores only, not {self.store}; "
-                              f"build it on a local copy (python -m pipelines.retrieval_index)")
-        check_positive(self, ("seq_len", "stride", "batch_size", "window_batch", "write_rows", "bev_feat_pool"))
-        check_storage_options(self.storage_options)
-        if self.window_batch & (self.window_batch - 1):
-            raise ConfigError(f"--window_batch must be a power of two, got {self.window_batch}")
-        if self.workers < 0 or self.threads < 0 or self.num_workers < 0:
-            raise ConfigError("--workers, --threads and --num_workers must be >= 0")
-        if not self.split:
-            raise ConfigError("--split: name at least one split to export")
-        if self.append and self.overwrite:
-            raise ConfigError("--append and --overwrite: give one (--append only adds splits to an existing store)")
-        if self.append and is_remote(self.store):
-            raise ConfigError(f"--append checks the earlier splits' chunk files byte by byte, on a local store only, "
-                              f"not {self.store}; export without --append (new splits are appended anyway)")

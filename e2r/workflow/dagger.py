@@ -35,12 +35,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from e2r.atomic import write_text_atomic
+from e2r.cli_config import device_option, option, redefault
 from e2r.data.datasets import CameraSequenceDataset
 from e2r.errors import ConfigError, check_positive
 from e2r.metrics import write_metrics_csv
 from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.world import MARKER
-from e2r.workflow.configs import ExportConfig, StudentTrainConfig
+from e2r.workflow.configs import StudentTrainConfig
+from e2r.workflow.export_config import ExportConfig
 from e2r.workflow.export_run import export_memorybank
 from e2r.workflow.train import train_student
 from stores import open_memorybank
@@ -56,36 +58,45 @@ ROUND_COLUMNS = ("round", "p_student", "recorded_frames", "camera_frames", "succ
 class DaggerConfig:
     """``python -m pipelines.dagger`` (``--help`` explains each field; field names equal the flags)."""
 
-    data_root: str
-    teacher_ckpt: str
-    student_ckpt: str
-    memorybank: str
-    out: str
-    rounds: int = 5
-    mode: str = "dagger"
-    train_segments: Optional[list[str]] = None
-    p_student_first: float = 0.5
-    p_student_last: float = 1.0
-    starts: int = 1
-    record_seconds: float = 15.0
-    steps: int = 296
-    warmup_steps: int = 50
-    lr: Optional[float] = None
-    hflip_prob: float = 0.5
-    kd_action_w: float = 1.0
-    kd_bevvec_w: float = 1.0
-    kd_temporal_w: float = 1.0
-    switch_every: int = 10
-    envelope_lateral: float = 1.5
-    envelope_heading: float = 30.0
-    recover_steps: int = 20
-    eval_split: str = "test"
-    eval_starts: int = 2
-    eval_time_limit: float = 40.0
-    split_prefix: Optional[str] = None
-    seed: int = 0
-    device: str = "auto"
-    no_progress: bool = False
+    data_root: str = option(help="synthetic dataset root; the recorded splits are added to it")
+    teacher_ckpt: str = option(help="the LiDAR teacher: labels the drives and shares the car")
+    student_ckpt: str = option(help="the camera student of round 0")
+    memorybank: str = option(help="Zarr store holding the teacher's outputs of the training tracks; one split is "
+                                  "appended per round")
+    out: str = option(help="run folder: round_NN/ (checkpoints, drives, state), dagger.csv, dagger.png")
+    rounds: int = option(5, help="rounds (default %(default)s)")
+    mode: str = option("dagger", choices=MODES,
+                       help="dagger: the student drives (mixed with the teacher), the teacher labels; the controls "
+                            "with the same frames and steps: bc_extra: the expert drives, BC on its labels; "
+                            "kd_extra: the expert drives, BC + KD with those frames exported (default %(default)s)")
+    train_segments: Optional[list[str]] = option(None, metavar="SEGMENT",
+                                                 help="camera tracks driven and trained on (default: every paired "
+                                                      "training track of the world)")
+    p_student_first: float = option(0.5, help="probability that the student drives a period in round 1 (default "
+                                              "%(default)s)")
+    p_student_last: float = option(1.0, help="... in the last round, linear in between (default %(default)s)")
+    starts: int = option(1, help="cars per track and round (default %(default)s)")
+    record_seconds: float = option(15.0, help="seconds driven per car and round (default %(default)s: 300 frames "
+                                              "at 20 Hz, one recorded track's worth)")
+    steps: int = option(296, help="fine-tuning optimizer steps per round (default %(default)s)")
+    warmup_steps: int = option(50, help="learning-rate warm-up of each round's fine-tuning (default %(default)s)")
+    lr: Optional[float] = option(None, help="learning rate (default: the preset's)")
+    hflip_prob: float = option(0.5, help="mirror probability while fine-tuning (default %(default)s)")
+    kd_action_w: float = option(1.0, help="KD weight of the actions, as train_student's (default %(default)s)")
+    kd_bevvec_w: float = option(1.0, help="KD weight of bev_vec (default %(default)s)")
+    kd_temporal_w: float = option(1.0, help="KD weight of gru_out (default %(default)s)")
+    switch_every: int = redefault(DriveConfig, "switch_every", DriveConfig.switch_every)
+    envelope_lateral: float = redefault(DriveConfig, "envelope_lateral", DriveConfig.envelope_lateral)
+    envelope_heading: float = redefault(DriveConfig, "envelope_heading", DriveConfig.envelope_heading)
+    recover_steps: int = redefault(DriveConfig, "recover_steps", DriveConfig.recover_steps)
+    eval_split: str = option("test", help="held-out split driven after each round (default %(default)s)")
+    eval_starts: int = option(2, help="cars per held-out track (default %(default)s)")
+    eval_time_limit: float = option(40.0, help="seconds per held-out run (default %(default)s)")
+    split_prefix: Optional[str] = option(None, help="name of the recorded splits before the round number "
+                                                    "(default <mode>_s<seed>_r)")
+    seed: int = option(0, help="seed of training, drives and mixing (default %(default)s)")
+    device: str = device_option()
+    no_progress: bool = option(False, help="no progress bars")
 
     def check(self) -> None:
         if self.mode not in MODES:

@@ -27,7 +27,7 @@ from e2r.data.datasets import ACTION_SEMANTICS, LidarSequenceDataset
 from e2r.models.config import TeacherConfig
 from e2r.models.teacher import load_teacher
 from e2r.runtime import resolve_device, usable_cores
-from e2r.workflow.configs import ExportConfig
+from e2r.workflow.export_config import ExportConfig
 from e2r.workflow.export import (WORKER_THREADS, ExportContext, ExportOptions, TaskStats, export_rows, load_context,
                                  run_export_task)
 from stores import (MemoryBank, NotAMemoryBankError, Provenance, StoreCorruptError, StoreMismatchError, StoreSchema,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from e2r.cli_config import option
 from e2r.data.datasets import LidarSequenceDataset, window_controls
 from e2r.data.layout import SegmentTable
 from e2r.errors import ConfigError, check_positive
@@ -48,16 +49,25 @@ _READ_CHUNK = 4096        # store rows read at once when indexing bev_vec
 class RetrievalBuild:
     """``python -m pipelines.retrieval_index`` (field names equal the flags)."""
 
-    store: str
-    data_root: Optional[str] = None       # the dataset the store was exported from (state, pose)
-    query: str = "state"
-    name: Optional[str] = None            # index name (default: the query kind)
-    kind: str = "exact"
-    replace: bool = False
-    pose_sigma_xy: float = float(POSE_DEFAULTS["sigma_xy"])
-    pose_sigma_yaw: float = float(POSE_DEFAULTS["sigma_yaw"])
-    pose_features: int = int(POSE_DEFAULTS["features"])
-    pose_frames: int = int(POSE_DEFAULTS["frames"])
+    store: str = option(help="memorybank written by pipelines.export (a Zarr directory)")
+    data_root: Optional[str] = option(None, help="the dataset the store was exported from (needed by --query state "
+                                                 "and pose)")
+    query: str = option("state", choices=QUERY_KINDS, help="what is compared (default %(default)s)")
+    name: Optional[str] = option(None, help="index name inside the store (default: the query kind)")
+    kind: str = option("exact", choices=KINDS, help="exact (chunked torch.topk; default) or an approximate faiss "
+                                                    "index for large stores")
+    replace: bool = option(False, help="rebuild an existing index of this name")
+    pose_sigma_xy: float = option(float(POSE_DEFAULTS["sigma_xy"]),
+                                  help="pose: distance scale in metres (similarity exp(-d^2 / 2 sigma^2); default "
+                                       "%(default)s)")
+    pose_sigma_yaw: float = option(float(POSE_DEFAULTS["sigma_yaw"]),
+                                   help="pose: heading scale (similarity exp(-(1 - cos dyaw) / sigma^2); default "
+                                        "%(default)s)")
+    pose_features: int = option(int(POSE_DEFAULTS["features"]),
+                                help="pose: random Fourier frequencies M (vector 2 M per frame; default %(default)s)")
+    pose_frames: int = option(int(POSE_DEFAULTS["frames"]),
+                              help="pose: the window's last n frames compared frame by frame (default %(default)s: "
+                                   "the decision time only)")
 
     def check(self) -> None:
         if self.query not in QUERY_KINDS:

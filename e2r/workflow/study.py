@@ -22,17 +22,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from e2r.atomic import write_text_atomic
+from e2r.cli_config import device_option, option
 from e2r.errors import ConfigError, check_probability
+from e2r.models.policy import RESIDUAL_MODES
 from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.world import SyntheticConfig, ensure_dataset
-from e2r.workflow.configs import (ExportConfig, StudentEvalConfig, StudentTrainConfig, TeacherEvalConfig,
-                                  TeacherTrainConfig, check_positive, command_line)
+from e2r.workflow.configs import (StudentEvalConfig, StudentTrainConfig, TeacherEvalConfig, TeacherTrainConfig,
+                                  check_positive, command_line)
 from e2r.workflow.evaluate import evaluate_student, evaluate_teacher
+from e2r.workflow.export_config import ExportConfig
 from e2r.workflow.export_run import export_memorybank, print_export_summary
 from e2r.workflow.train import train_student, train_teacher
 
@@ -57,37 +60,62 @@ _FIXED = ("camera_tracks", "lidar_only_tracks", "valid_tracks", "test_tracks", "
           "residual_actions")
 
 
+#: the sections of ``pipelines.study --help``
+WORLD, GRID, LOOP = "the world", "the grid", "closed loop"
+
+
 @dataclass(kw_only=True)
 class StudyConfig:
     """``python -m pipelines.study`` (``--help`` explains each field; field names equal the flags). The grid
     (budgets, seeds, variants, ablations) may grow between calls; the world and training settings may not."""
 
-    out: str = "runs/study"
-    data_root: Optional[str] = None
-    camera_tracks: int = 4
-    lidar_only_tracks: int = 44
-    valid_tracks: int = 2
-    test_tracks: int = 4
-    frames: int = 300
-    world_seed: int = 0
-    appearance: str = "gap"
-    budgets: list[int] = field(default_factory=lambda: [1, 2, 4])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    variants: list[str] = field(default_factory=lambda: ["bc", "kd"])
-    ablations: list[str] = field(default_factory=lambda: ["kd_action", "kd_state", "kd_dense"])
-    ablation_budgets: list[int] = field(default_factory=lambda: [1])
-    teacher_epochs: int = 6
-    teacher_stride: int = 2
-    student_epochs: int = 6
-    student_steps: Optional[int] = None      # every unit the same optimizer steps, whatever its camera budget
-    student_warmup_steps: int = StudentTrainConfig.warmup_steps
-    residual_actions: Optional[str] = "scene"
-    hflip_prob: float = 0.5
-    starts: int = 2
-    time_limit: float = 40.0
-    no_drive: bool = False
-    device: str = "auto"
-    no_progress: bool = False
+    out: str = option("runs/study", help="study folder (default %(default)s)")
+    data_root: Optional[str] = option(None, help="the world's folder (default <out>/data); generated if missing, "
+                                                 "reused if it holds the same world")
+    camera_tracks: int = option(4, group=WORLD, help="paired LiDAR+camera training tracks = the largest budget "
+                                                     "(default %(default)s)")
+    lidar_only_tracks: int = option(44, group=WORLD, help="more training tracks recorded by the LiDAR only (default "
+                                                          "%(default)s)")
+    valid_tracks: int = option(2, group=WORLD, help="default %(default)s")
+    test_tracks: int = option(4, group=WORLD, help="held out (default %(default)s)")
+    frames: int = option(300, group=WORLD, help="frames per track at 20 Hz (default %(default)s)")
+    world_seed: int = option(0, group=WORLD, help="seed of the world and the teacher (default %(default)s)")
+    appearance: str = option("gap", group=WORLD, choices=("gap", "clean"),
+                             help="gap: the camera/LiDAR sensor gap (default); clean: the old uniform look, for "
+                                  "comparison")
+    budgets: list[int] = option(default_factory=lambda: [1, 2, 4], group=GRID,
+                                help="camera training tracks per student (default %(default)s)")
+    seeds: list[int] = option(default_factory=lambda: [0, 1, 2], group=GRID, help="student seeds (default %(default)s)")
+    variants: list[str] = option(default_factory=lambda: ["bc", "kd"], group=GRID, choices=list(VARIANTS),
+                                 help="variants at every budget (default %(default)s)")
+    ablations: list[str] = option(default_factory=lambda: ["kd_action", "kd_state", "kd_dense"], group=GRID,
+                                  nargs="*", choices=list(VARIANTS),
+                                  help="KD ablations run at --ablation_budgets (default %(default)s; none: "
+                                       "--ablations with no value)")
+    ablation_budgets: list[int] = option(default_factory=lambda: [1], group=GRID,
+                                         help="budgets the ablations run at (default %(default)s)")
+    teacher_epochs: int = option(6, group=GRID, help="default %(default)s")
+    teacher_stride: int = option(2, group=GRID, help="frames between the teacher's training windows (default "
+                                                     "%(default)s)")
+    student_epochs: int = option(6, group=GRID, help="default %(default)s")
+    student_steps: Optional[int] = option(
+        None, group=GRID, help="train every student this many optimizer steps instead of --student_epochs: the same "
+                               "training whatever the camera budget (default: by epochs)")
+    student_warmup_steps: int = option(StudentTrainConfig.warmup_steps, group=GRID,
+                                       help="learning-rate warm-up of every student (default %(default)s)")
+    residual_actions: Optional[str] = option(
+        "scene", group=GRID, choices=tuple(RESIDUAL_MODES),
+        help="the teacher's (and so every student's) head: what it predicts as a change of its inputs "
+             "(pipelines.train_teacher --help; default %(default)s: a teacher that sees its previous command copies "
+             "it and drives off the track in closed loop)")
+    hflip_prob: float = option(0.5, group=GRID, help="mirroring probability of the teacher's and every student's "
+                                                     "training windows (balances turn directions; default %(default)s)")
+    starts: int = option(2, group=LOOP, help="start points per test track (default %(default)s)")
+    time_limit: float = option(40.0, group=LOOP, help="simulated seconds per run, one lap needs ~30 (default "
+                                                      "%(default)s)")
+    no_drive: bool = option(False, group=LOOP, help="offline evaluation only")
+    device: str = device_option()
+    no_progress: bool = option(False, help="hide the progress bars")
 
     @property
     def data_dir(self) -> str:
