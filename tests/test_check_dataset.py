@@ -74,7 +74,7 @@ def test_undecidable_layout_is_a_problem(tmp_path, capsys):
     code, out = run(capsys, root, "--seq_len", 2)
     assert code == 1 and "cannot auto-detect the point layout" in out and str(seg / "meta" / "data.csv") in out
     code, out = run(capsys, root, "--seq_len", 2, "--lidar_num_features", 4)
-    assert code == 0 and "mean 40.0 points/frame" in out
+    assert code == 1 and "all 40 points are zero: a zero-filled file" in out     # given a layout: each frame
 
 
 def test_unusable_root_and_help(tmp_path, capsys):

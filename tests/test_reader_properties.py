@@ -97,10 +97,11 @@ def check_points(points: np.ndarray) -> None:
 
 
 def point_rows(n_max: int = 24):
-    """(N, 4) plausible scans as lists: x, y, z within 100 m, intensity 0..255 (every reader accepts them)."""
+    """(N, 4) plausible scans as lists: x, y, z within 100 m, intensity 0..255, not all zero (a zero-filled
+    frame is refused; every reader accepts these)."""
     coord, inten = st.floats(-100, 100, width=32), st.floats(0, 255, width=32)
     return st.lists(st.tuples(coord, coord, coord, inten), min_size=1, max_size=n_max).map(
-        lambda rows: np.array(rows, np.float32))
+        lambda rows: np.array(rows, np.float32)).filter(lambda a: bool(a.any()))
 
 
 @pytest.fixture(scope="module")
