@@ -8,6 +8,7 @@ import csv
 import io
 import copy
 import json
+import math
 import signal
 import struct
 import tracemalloc
@@ -392,10 +393,12 @@ JSON_VALUES = st.recursive(st.one_of(ODD_VALUES, st.none(), st.booleans(), st.in
 @st.composite
 def calib_docs(draw) -> dict:
     names = draw(st.lists(NAME, min_size=1, max_size=3, unique=True))
-    cams = [{"name": nm, "image_size": [draw(st.integers(1, 4000)), draw(st.integers(1, 4000))],
-             "K": [[draw(st.floats(1, 5000)), 0.0, draw(st.floats(0, 4000))],
-                   [0.0, draw(st.floats(1, 5000)), draw(st.floats(0, 4000))], [0.0, 0.0, 1.0]],
-             "cam2ego": rigid(draw(QUAT), draw(TRANS))} for nm in names]
+    sizes = [(draw(st.integers(1, 4000)), draw(st.integers(1, 4000))) for _ in names]
+    fov = st.floats(1, 160).map(lambda deg: 2 * math.tan(math.radians(deg) / 2))  # a physical field of view
+    cams = [{"name": nm, "image_size": [w, h],
+             "K": [[w / draw(fov), 0.0, draw(st.floats(0, 4000))],
+                   [0.0, h / draw(fov), draw(st.floats(0, 4000))], [0.0, 0.0, 1.0]],
+             "cam2ego": rigid(draw(QUAT), draw(TRANS))} for nm, (w, h) in zip(names, sizes)]
     doc = {"cameras": cams}
     if draw(st.booleans()):
         doc["lidar2ego"] = rigid(draw(QUAT), draw(TRANS))

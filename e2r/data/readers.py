@@ -15,10 +15,11 @@ import numpy as np
 
 from e2r.errors import DataError, Problem
 from e2r.data.calib import MAX_IMAGE_SIDE, CameraCalib, cameras_from_doc, lidar2ego_from_doc, lidar_to_ego
-from e2r.data.point_layout import (MAX_POINT_FILE_BYTES, MAX_POINTS_PER_FRAME, SUPPORTED_NUM_FEATURES,
-                                   LayoutUndecidable, PointLayout, detect_from_arrays, frame_layout_mismatch)
+from e2r.data.point_checks import MAX_INTENSITY, check_point_count, xyzi
+from e2r.data.point_layout import (MAX_POINT_FILE_BYTES, SUPPORTED_NUM_FEATURES, LayoutUndecidable, PointLayout,
+                                   detect_from_arrays, frame_layout_mismatch)
 
-__all__ = ["DataError", "Problem", "NumFeatures", "read_points", "read_bin", "read_npy", "read_pcd", "read_image",
+__all__ = ["DataError", "Problem", "NumFeatures", "MAX_INTENSITY", "read_points", "read_bin", "read_npy", "read_pcd", "read_image",
            "prepare_image", "scale_intrinsics", "CameraCalib", "read_calib", "read_lidar2ego", "read_json",
            "read_text", "PointLayout"]
 
@@ -58,60 +59,6 @@ def _read_bytes(path: Path, row: Optional[int], max_bytes: int) -> bytes:
         raise DataError(path, f"cannot be read: {e.strerror or e}", row) from None
 
 
-MAX_INTENSITY = 65535.0      # the largest intensity any supported sensor writes (16-bit)
-MAX_FAR_FRACTION = 0.01      # more than this fraction of a frame's points beyond MAX_RANGE_M: not a LiDAR scan
-MAX_RANGE_M = 500.0
-MAX_TORN_FRACTION = 0.25     # a trailing run of all-zero points this long (and >= 64 points): a torn write
-MIN_TORN_POINTS = 64
-
-
-def _check_filled(points: np.ndarray, path: Path, row: Optional[int]) -> None:
-    """DataError for a frame whose values are all zero (a file preallocated or zero-filled, never written) or
-    whose last quarter or more (at least 64 points) is all zeros: a torn write, cut off and zero-filled. Zero
-    points scattered through a frame (no-return points of organised clouds) are accepted."""
-    zero = ~points.any(axis=1)
-    if zero.all():
-        raise DataError(path, f"all {len(points)} points are zero: a zero-filled file, not a LiDAR scan", row)
-    trailing = len(points) - 1 - int(np.flatnonzero(~zero)[-1])
-    if trailing >= max(MIN_TORN_POINTS, MAX_TORN_FRACTION * len(points)):
-        raise DataError(path, f"the last {trailing} of {len(points)} points are all zeros: a torn write (the file "
-                              f"was cut off and zero-filled); re-copy or re-record it", row)
-
-
-def _xyzi(points: np.ndarray, path: Path, row: Optional[int], ring: Optional[np.ndarray] = None) -> np.ndarray:
-    """(N, >=4) -> (N, 4) float32 after checking, for *this* frame, what docs/CONTRACTS.md and the layout
-    detection promise about every frame (not only the few sampled to decide the layout): x, y, z and intensity
-    finite in float32, intensity in [0, 65535], at most 1 % of the points beyond 500 m, and for nuScenes-like
-    5-feature files the ring column integer in 0..127. Vectorised: one pass over the frame's values."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = np.ascontiguousarray(points[:, :4], dtype=np.float32)
-    bad = ~np.isfinite(out).all(axis=1)
-    if bad.any():
-        raise DataError(path, f"{int(bad.sum())} of {len(out)} points have non-finite x/y/z/intensity "
-                              f"(first at point {int(np.argmax(bad))})", row)
-    if not len(out):
-        return out
-    _check_filled(points, path, row)
-    inten = out[:, 3]
-    off = (inten < 0) | (inten > MAX_INTENSITY)
-    if off.any():
-        raise DataError(path, f"{int(off.sum())} of {len(out)} points have intensity outside [0, 65535] (first at "
-                              f"point {int(np.argmax(off))}: {float(inten[np.argmax(off)]):.6g}); wrong point "
-                              f"layout (lidar_num_features) or corrupt file", row)
-    far = np.einsum("ij,ij->i", out[:, :3].astype(np.float64), out[:, :3].astype(np.float64)) > MAX_RANGE_M ** 2
-    if far.sum() > MAX_FAR_FRACTION * len(out):
-        raise DataError(path, f"{int(far.sum())} of {len(out)} points are farther than {MAX_RANGE_M:g} m (more "
-                              f"than {MAX_FAR_FRACTION:.0%}); wrong point layout (lidar_num_features) or corrupt "
-                              f"file", row)
-    if ring is not None:
-        bad_ring = ~np.isfinite(ring) | (ring < 0) | (ring > 127) | (ring != np.round(ring))
-        if bad_ring.any():
-            raise DataError(path, f"{int(bad_ring.sum())} of {len(out)} points have a ring (5th column) that is "
-                                  f"not an integer in 0..127 (first at point {int(np.argmax(bad_ring))}); wrong "
-                                  f"point layout (lidar_num_features) or corrupt file", row)
-    return out
-
-
 def read_bin(path: Union[str, Path], num_features: NumFeatures = "auto",
              row: Optional[int] = None) -> tuple[np.ndarray, PointLayout]:
     """Raw little-endian float32 ``.bin`` with 4, 5 or 8 features per point -> ((N, 4) float32, layout).
@@ -141,19 +88,13 @@ def read_bin(path: Union[str, Path], num_features: NumFeatures = "auto",
     if flat.size % f:
         raise DataError(path, f"size {size} bytes is not a multiple of the point size {4 * f} bytes "
                               f"({f} float32 features per point); truncated or wrong lidar_num_features", row)
-    _check_point_count(flat.size // f, path, row)
+    check_point_count(flat.size // f, path, row)
     mismatch = frame_layout_mismatch(flat, f)
     if mismatch:
         raise DataError(path, f"does not have the segment's point layout: {mismatch}; this frame was written "
                               f"with another layout (re-export it, or split the segment)", row)
     pts = flat.reshape(-1, f)
-    return _xyzi(pts, path, row, ring=pts[:, 4] if f == 5 else None), layout
-
-
-def _check_point_count(n: int, path: Path, row: Optional[int]) -> None:
-    """DataError when a frame holds (or its header claims) more than :data:`MAX_POINTS_PER_FRAME` points."""
-    if n > MAX_POINTS_PER_FRAME:
-        raise DataError(path, f"{n} points, more than a LiDAR frame may hold ({MAX_POINTS_PER_FRAME})", row)
+    return xyzi(pts, path, row, ring=pts[:, 4] if f == 5 else None), layout
 
 
 def read_npy(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndarray, PointLayout]:
@@ -168,7 +109,7 @@ def read_npy(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndar
         raise DataError(path, f"cannot read .npy: {type(e).__name__}: {e}", row) from None
     if mapped.ndim != 2 or mapped.shape[1] < 4:
         raise DataError(path, f".npy point array must be (N, F>=4), got shape {mapped.shape}", row)
-    _check_point_count(int(mapped.shape[0]), path, row)
+    check_point_count(int(mapped.shape[0]), path, row)
     try:
         arr = np.array(mapped)
     except Exception as e:  # noqa: BLE001
@@ -177,7 +118,7 @@ def read_npy(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndar
         raise DataError(path, f".npy point array has dtype {arr.dtype}; expected real numbers (float or int"
                               f"{', not complex: the imaginary part would be lost' if np.iscomplexobj(arr) else ''})",
                         row)
-    return _xyzi(arr, path, row), PointLayout(int(arr.shape[1]), "npy")
+    return xyzi(arr, path, row), PointLayout(int(arr.shape[1]), "npy")
 
 
 _PCD_TYPES = {("F", 4): "<f4", ("F", 8): "<f8", ("I", 1): "<i1", ("I", 2): "<i2", ("I", 4): "<i4",
@@ -225,7 +166,7 @@ def read_pcd(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndar
                                   f"must have COUNT 1", row)
     if n < 0 or any(c < 1 for c in counts) or any(sz < 1 for sz in sizes):
         raise DataError(path, f"malformed PCD header: POINTS {n}, SIZE {sizes}, COUNT {counts}", row)
-    _check_point_count(n, path, row)
+    check_point_count(n, path, row)
     try:   # positional field names: padding fields ("_") may repeat and have COUNT > 1
         dtype = np.dtype([(f"f{k}", _PCD_TYPES[(t, s)], (c,) if c > 1 else ())
                           for k, (t, s, c) in enumerate(zip(types, sizes, counts))])
@@ -253,7 +194,7 @@ def read_pcd(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndar
         cols = [rec[f"f{names.index(f)}"].astype(np.float64) for f in ("x", "y", "z", "intensity")]
     else:
         raise DataError(path, f"unsupported PCD DATA mode {mode!r} (ascii and binary are supported)", row)
-    return _xyzi(np.stack(cols, axis=1), path, row), PointLayout(len(fields), "pcd", " ".join(fields))
+    return xyzi(np.stack(cols, axis=1), path, row), PointLayout(len(fields), "pcd", " ".join(fields))
 
 
 def read_points(path: Union[str, Path], num_features: NumFeatures = "auto", row: Optional[int] = None,
