@@ -28,9 +28,11 @@ def check_filled(points: np.ndarray, path: Path, row: Optional[int]) -> None:
     """DataError for a frame whose values are all zero (a file preallocated or zero-filled, never written) or
     whose last quarter or more (at least 64 points) is all zeros: a torn write, cut off and zero-filled. Zero
     points scattered through a frame (no-return points of organised clouds) are accepted."""
-    zero = ~points.any(axis=1)
-    if zero.all():
+    if not points.any():
         raise DataError(path, f"all {len(points)} points are zero: a zero-filled file, not a LiDAR scan", row)
+    if points[-1].any():
+        return                                      # the usual case: no zero tail, one pass over the values
+    zero = ~points.any(axis=1)
     trailing = len(points) - 1 - int(np.flatnonzero(~zero)[-1])
     if trailing >= max(MIN_TORN_POINTS, MAX_TORN_FRACTION * len(points)):
         raise DataError(path, f"the last {trailing} of {len(points)} points are all zeros: a torn write (the file "
