@@ -282,9 +282,8 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
         check_positive(self, ("kd_retrieval_k", "bev_pool_grid"))
         if not 0 < self.kd_retrieval_tau < math.inf:
             raise ConfigError(f"--kd_retrieval_tau must be a finite number > 0, got {self.kd_retrieval_tau}")
-        if not -1 <= self.kd_retrieval_min_sim <= 1:
-            raise ConfigError(f"--kd_retrieval_min_sim must be a cosine similarity in [-1, 1], got "
-                              f"{self.kd_retrieval_min_sim}")
+        if math.isnan(self.kd_retrieval_min_sim):       # would gate every window off silently
+            raise ConfigError(f"--kd_retrieval_min_sim must be a number, got {self.kd_retrieval_min_sim}")
 
 
 @dataclass(kw_only=True)
