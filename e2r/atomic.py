@@ -5,6 +5,10 @@ store layer does not import the core's I/O helpers beyond the key grammar).
     with replacing("runs/teacher.pt") as tmp:   # write tmp any way you like
         torch.save(state, tmp)
     write_text_atomic("result.json", text)
+
+Output folders are created by :func:`make_dirs` (here and wherever the core creates one): a folder that
+cannot be made (a regular file in its way, ``/proc`` or another virtual or read-only file system, no
+permission) is a :class:`~e2r.errors.ConfigError` naming the path and why, not an OSError traceback.
 """
 from __future__ import annotations
 
@@ -14,7 +18,34 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["replacing", "write_text_atomic"]
+from e2r.errors import ConfigError
+
+__all__ = ["replacing", "write_text_atomic", "make_dirs"]
+
+
+def _unwritable(path: Path, error: OSError) -> ConfigError:
+    """The ConfigError for an output ``path`` that ``error`` kept from being created: names the regular file
+    in its way, or the nearest existing folder and the system's reason."""
+    chain = [path, *path.parents]
+    blocker = next((p for p in chain[1:] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return ConfigError(f"output path {path} cannot be created: {blocker} is a file, not a folder")
+    if path.is_dir():
+        return ConfigError(f"output path {path} is a directory, not a file to write")
+    existing = next((p for p in chain[1:] if p.is_dir()), None)
+    return ConfigError(f"output path {path} cannot be created in {existing}: {error.strerror or error} (a "
+                       f"read-only or virtual file system such as /proc, or no permission); choose another path")
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` and its parents (existing is fine) -> ``Path(path)``; ConfigError naming it
+    and why when it cannot be created (see the module docstring)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(path, e) from None
+    return path
 
 
 @contextlib.contextmanager
@@ -23,9 +54,13 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     is fsync-ed and renamed over ``path``, then the folder is fsync-ed; on an exception it is removed and
     ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
+        try:                          # created before the caller writes: an unwritable place is named here
+            tmp.touch(exist_ok=False)
+        except OSError as e:
+            raise _unwritable(path, e) from None
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:

@@ -58,8 +58,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     objects (refused, never unpickled), or a dict without ``model``/``config`` (or of another ``kind``).
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, expected a checkpoint file (e.g. "
+                              f"{path / 'teacher_best.pt'})")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} " + ("is not a regular file (a FIFO, device or socket), expected "
+                                                      "a checkpoint file" if path.exists() else "does not exist"))
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -5,12 +5,13 @@ the file, row, key or flag at fault and, where there is one, what to do.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 __all__ = ["E2RError", "Problem", "DataError", "LayoutUndecidable", "CheckpointError", "InvalidKeyError", "check_positive", "check_probability",
-           "ConfigError"]
+           "check_weights", "ConfigError"]
 
 
 class E2RError(Exception):
@@ -77,3 +78,13 @@ def check_probability(cfg: object, names: Sequence[str]) -> None:
         value = getattr(cfg, name)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"--{name} must be in [0, 1], got {value}")
+
+
+def check_weights(cfg: object, names: Sequence[str]) -> None:
+    """ConfigError naming the flag ``--<name>`` for each of ``names`` whose value on ``cfg`` is not a finite
+    number >= 0: the one check of every loss weight and weight-like factor (a NaN weight would otherwise turn
+    its term off silently, since ``nan > 0`` is false, and an infinite one makes every loss infinite)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")

@@ -29,6 +29,7 @@ The loss of a whole student batch, BC plus these terms: :func:`student_losses` (
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -59,9 +60,9 @@ class KDWeights:
 
     def __post_init__(self) -> None:
         for name in ("action", "bev_vec", "temporal", "bev_feat"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"KD weight {name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.bev_feat_background <= 1 or self.occupancy_k < 0:
+            if not 0 <= getattr(self, name) < math.inf:      # NaN too: it would turn the term off silently
+                raise ValueError(f"KD weight {name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.bev_feat_background <= 1 or not 0 <= self.occupancy_k < math.inf:
             raise ValueError(f"bev_feat_background must be in [0, 1] and occupancy_k >= 0, got "
                              f"{self.bev_feat_background}, {self.occupancy_k}")
 

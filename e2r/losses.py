@@ -5,6 +5,7 @@ speed 0.05) are the SPEC's.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -15,7 +16,7 @@ __all__ = ["action_weights", "weighted_action_mse", "smoothness_penalty", "actio
 
 def action_weights(steer_weight: float, speed_weight: float, like: Tensor | None = None) -> Tensor:
     """(A,) = [steer_weight, speed_weight] on ``like``'s device."""
-    if steer_weight < 0 or speed_weight < 0 or steer_weight + speed_weight <= 0:
+    if not (0 <= steer_weight < math.inf and 0 <= speed_weight < math.inf and steer_weight + speed_weight > 0):
         raise ValueError(f"loss weights must be >= 0 and not both 0, got steer {steer_weight}, speed {speed_weight}")
     w = torch.tensor([steer_weight, speed_weight], dtype=torch.float32)
     return w if like is None else w.to(like.device)

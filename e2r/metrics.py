@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from e2r.atomic import replacing
 from e2r.keys import parse_key
 
 __all__ = ["ACTION_NAMES", "parse_overall_weights", "ActionErrorAccumulator", "metrics_table",
@@ -83,8 +84,7 @@ def write_metrics_csv(path: str | Path, rows: Sequence[dict[str, object]]) -> Pa
     if not rows:
         raise ValueError(f"no metric rows to write to {path}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -141,7 +141,6 @@ def plot_segment(path: str | Path, frames: np.ndarray, series: dict[str, np.ndar
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(len(names), 1, figsize=(10, 3 * len(names)), sharex=True)
     for i, (ax, name) in enumerate(zip(np.atleast_1d(axes), names)):
         ax.plot(frames, target[:, i], color="black", linewidth=2, label="ground truth")
@@ -153,6 +152,7 @@ def plot_segment(path: str | Path, frames: np.ndarray, series: dict[str, np.ndar
     np.atleast_1d(axes)[-1].set_xlabel("frame")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     return path

@@ -393,3 +393,160 @@ def test_sigkilled_export_leaves_no_worker_process(tmp_path):
     for p in left:
         p.kill()
     assert not left, f"workers outlived the killed export: {left}"
+
+
+# ----- issue 25: every format's size and header claims checked against the data before allocating -----------
+def _sparse(path, size):
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+@pytest.mark.parametrize("name", ["p.bin", "p.npy", "p.pcd", "i.png", "calib.json"])
+def test_sparse_8_gib_file_is_refused_from_its_size_before_reading(tmp_path, name, monkeypatch):
+    path = _sparse(tmp_path / name, 8 << 30)          # 8 GiB claimed, nothing on disk
+    read = []
+    monkeypatch.setattr(type(path), "read_bytes", lambda self: read.append(self) or b"")
+    reader = {"bin": lambda p: read_points(p, 4), "npy": read_npy, "pcd": read_pcd, "png": read_image,
+              "json": read_calib}[name.split(".")[1]]
+    with pytest.raises(DataError, match=rf"{name}: file is {8 << 30} bytes, more than .* refused before reading"):
+        reader(path)
+    assert not read
+
+
+def test_point_count_cap_and_layout_detection_skip_oversized_files(tmp_path):
+    from e2r.data.point_layout import MAX_POINT_FILE_BYTES, MAX_POINTS_PER_FRAME, LayoutUndecidable, detect_bin_layout
+
+    path = _sparse(tmp_path / "many.bin", (MAX_POINTS_PER_FRAME + 1) * 16)    # 4.2 M + 1 points of 4 features
+    with pytest.raises(DataError, match=f"{MAX_POINTS_PER_FRAME + 1} points, more than a LiDAR frame may hold"):
+        read_points(path, 4)
+    with pytest.raises(LayoutUndecidable, match="more than a point file may hold"):
+        detect_bin_layout([_sparse(tmp_path / "huge.bin", MAX_POINT_FILE_BYTES + 4)])
+
+
+def _extras(rng, n):
+    """Columns 4..7 of a real 8-feature sensor: ring, time (s), range (m), ambient."""
+    return np.column_stack([rng.integers(0, 32, n), rng.uniform(0, 0.1, n), rng.uniform(0, 80, n),
+                            rng.uniform(0, 1000, n)]).astype(np.float32)
+
+
+def test_frame_whose_feature_count_differs_from_the_segment_is_refused_naming_the_file(tmp_path, rng):
+    pts = make_points(rng, 600, 4)
+    eight = write_points_bin(tmp_path / "eight.bin", np.hstack([pts, _extras(rng, 600)]))
+    with pytest.raises(DataError, match=r"eight.bin.*look like 8 features per point.*segment of 4"):
+        read_points(eight, 4)                       # would be read as 1200 points
+    zeros = write_points_bin(tmp_path / "zeros.bin", np.hstack([pts, np.zeros((600, 4), np.float32)]))
+    with pytest.raises(DataError, match=r"zeros.bin.*every other point is at the origin"):
+        read_points(zeros, 4)                       # would put 600 of 1200 points at the origin
+    four = write_points_bin(tmp_path / "four.bin", pts)
+    with pytest.raises(DataError, match=r"four.bin.*look like 4 features per point.*segment of 8"):
+        read_points(four, 8)                        # would be read as 300 points
+    assert read_points(four, 4)[0].shape == (600, 4)
+    assert read_points(eight, 8)[0].shape == (600, 4)
+
+
+def test_zero_filled_and_torn_frames_are_refused_scattered_zero_points_are_not(tmp_path, rng):
+    with pytest.raises(DataError, match=r"z.bin.*all 500 points are zero: a zero-filled file"):
+        read_points(write_points_bin(tmp_path / "z.bin", np.zeros((500, 4), np.float32)), 4)
+    pts = make_points(rng, 600, 4)
+    torn = pts.copy()
+    torn[300:] = 0
+    with pytest.raises(DataError, match=r"t.bin.*the last 300 of 600 points are all zeros: a torn write"):
+        read_points(write_points_bin(tmp_path / "t.bin", torn), 4)
+    with pytest.raises(DataError, match="torn write"):
+        np.save(tmp_path / "t.npy", torn)
+        read_points(tmp_path / "t.npy")
+    organised = pts.copy()
+    organised[::7] = 0                               # no-return points of an organised cloud
+    organised[-20:] = 0                              # a short zero tail: fewer than 64 points
+    assert read_points(write_points_bin(tmp_path / "o.bin", organised), 4)[0].shape == (600, 4)
+
+
+def _camera_doc(tmp_path, **changes):
+    path = write_calib(tmp_path / "calib.json", (640, 480))
+    doc = json.loads(path.read_text())
+    doc["cameras"][0].update(changes)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("scale", [np.diag([2.0, 2.0, 2.0]), np.diag([1.0, -1.0, 1.0])])
+def test_scaled_or_mirrored_cam2ego_is_refused(tmp_path, scale):
+    good = np.array(json.loads(write_calib(tmp_path / "g.json", (640, 480)).read_text())["cameras"][0]["cam2ego"])
+    bad = good.copy()
+    bad[:3, :3] = good[:3, :3] @ scale
+    with pytest.raises(DataError, match=r"calib.json: cameras\[0\].cam2ego is not a rigid transform"):
+        read_calib(_camera_doc(tmp_path, cam2ego=bad.tolist()))
+
+
+@pytest.mark.parametrize("fx,fy,axis", [(1e30, 1e30, "fx"), (1e6, 400.0, "fx"), (400.0, 0.01, "fy")])
+def test_intrinsics_outside_a_physical_field_of_view_are_refused(tmp_path, fx, fy, axis):
+    K = [[fx, 0, 320], [0, fy, 240], [0, 0, 1]]
+    with pytest.raises(DataError, match=rf"cameras\[0\].K: {axis} = .* field of view of .* outside the physical"):
+        read_calib(_camera_doc(tmp_path, K=K))
+    assert read_calib(_camera_doc(tmp_path, K=[[120.0, 0, 320], [0, 120.0, 240], [0, 0, 1]]))   # 139 deg: wide
+
+
+def test_make_dataset_image_size_beyond_the_readers_limit_is_a_clear_error(tmp_path, capsys):
+    from pipelines import make_dataset
+
+    assert make_dataset.main(["--out", str(tmp_path / "d"), "--image_size", "100000x100000", "--quiet"]) == 2
+    assert "--image_size 100000x100000: at most 16384 pixels per side" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_teacher_config_whose_bev_grid_needs_terabytes_is_refused_before_allocating(teacher_ckpt):
+    from e2r.errors import CheckpointError
+    from e2r.models.teacher import load_teacher
+
+    _rewrite(teacher_ckpt, lambda c: c["config"].__setitem__("voxel_size", [1e-4, 1e-4, 4.0]))
+    with pytest.raises(CheckpointError, match=r"t.pt.*512000 x 512000 BEV grid, which would need 6.25e\+04 GiB"):
+        load_teacher(teacher_ckpt)
+
+
+def test_output_paths_under_proc_or_under_a_regular_file_are_clear_errors(tmp_path):
+    from e2r.atomic import make_dirs, write_text_atomic
+    from e2r.errors import ConfigError
+    from e2r.metrics import write_metrics_csv
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'file'} is a file, not a folder"):
+        make_dirs(tmp_path / "file" / "out")
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'file'} is a file, not a folder"):
+        write_text_atomic(tmp_path / "file" / "a" / "r.json", "{}")
+    with pytest.raises(ConfigError, match=r"/proc/e2r_out cannot be created in /proc: .*virtual file system"):
+        make_dirs("/proc/e2r_out")
+    with pytest.raises(ConfigError, match=r"/proc/m.csv cannot be created in /proc"):
+        write_metrics_csv("/proc/m.csv", [{"a": 1}])
+
+
+def test_checkpoint_path_that_is_a_directory_is_named_as_such(tmp_path):
+    from e2r.checkpoints import load_checkpoint
+    from e2r.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=rf"checkpoint {tmp_path} is a directory, expected a checkpoint file"):
+        load_checkpoint(tmp_path)
+
+
+WEIGHTS = ["kd_action_w", "kd_bevvec_w", "kd_temporal_w", "kd_bevfeat_w", "steer_loss_weight",
+           "speed_loss_weight", "smooth_weight", "weight_decay", "grad_clip"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+@pytest.mark.parametrize("name", WEIGHTS)
+def test_non_finite_or_negative_weights_are_refused_naming_the_flag(name, bad):
+    from e2r.errors import ConfigError
+    from e2r.workflow.configs import StudentTrainConfig
+
+    with pytest.raises(ConfigError, match=rf"--{name} must be a finite number >= 0, got {bad}"):
+        StudentTrainConfig(data_root="d", **{name: bad}).check()
+
+
+def test_kd_action_w_nan_is_refused_by_the_pipeline_and_by_kd_weights(tmp_path, capsys):
+    from e2r.kd import KDWeights
+    from pipelines import train_student
+
+    assert train_student.main(["--data_root", str(tmp_path), "--kd_action_w", "nan", "--device", "cpu"]) == 1
+    assert "--kd_action_w must be a finite number >= 0, got nan" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="KD weight action must be a finite number >= 0, got nan"):
+        KDWeights(action=float("nan"))

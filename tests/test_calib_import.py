@@ -183,6 +183,10 @@ def test_kitti_errors_name_file_and_field(tmp_path, capsys, text, field):
     ({"lidar": LIDAR_RECORD, "cameras": {"front": {**CAMERA_RECORD, "camera_intrinsic":
                                                    [[1e-300, 0, 1], [0, 1e-300, 1], [0, 0, 1]]}}},
      "the converted calibration is unusable: cameras[0].K is not usable in float32"),
+    # issue 25: a K whose field of view is not physical for the image size (fx = fy = 1e30: 0 degrees)
+    ({"lidar": LIDAR_RECORD, "cameras": {"front": {**CAMERA_RECORD, "camera_intrinsic":
+                                                   [[1e30, 0, 32], [0, 1e30, 16], [0, 0, 1]]}}},
+     "the converted calibration is unusable: cameras[0].K: fx = 1e+30 gives the 64-pixel image side a field of view"),
 ])
 def test_nuscenes_errors_name_file_and_field(tmp_path, capsys, doc, field):
     src = tmp_path / "r.json"

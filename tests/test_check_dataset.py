@@ -74,7 +74,7 @@ def test_undecidable_layout_is_a_problem(tmp_path, capsys):
     code, out = run(capsys, root, "--seq_len", 2)
     assert code == 1 and "cannot auto-detect the point layout" in out and str(seg / "meta" / "data.csv") in out
     code, out = run(capsys, root, "--seq_len", 2, "--lidar_num_features", 4)
-    assert code == 0 and "mean 40.0 points/frame" in out
+    assert code == 1 and "all 40 points are zero: a zero-filled file" in out     # given a layout: each frame
 
 
 def test_unusable_root_and_help(tmp_path, capsys):
@@ -155,3 +155,30 @@ def test_camera_only_drives_beside_paired_segments_are_checked_as_camera(tmp_pat
     image.write_bytes(b"not a png")
     code, out = run(capsys, root, "--splits", "train", "--image_size", "32x16")
     assert code == 1 and drives[0] in out
+
+
+def test_reports_what_training_refuses_column_case_layout_and_symlinks(tmp_path, capsys):
+    """issue 25: a column named in the wrong case, a frame of another feature count and a data file linked to
+    outside the data root are problems check_dataset lists (naming the file), as training refuses them."""
+    root = write_tiny_dataset(tmp_path / "d", splits={"train": 3}, frames=6, camera=False)
+    seg0, seg1, seg2 = (root / "train" / f"segment_000{i}" for i in range(3))
+    csv0 = seg0 / "meta" / "data.csv"
+    csv0.write_text(csv0.read_text().replace("speed_command", "Speed_command", 1))
+    rows1 = read_csv_rows(seg1 / "meta" / "data.csv")
+    frame = seg1 / rows1[3]["lidar_filepath"]
+    pts = np.fromfile(frame, np.float32).reshape(-1, 4)
+    rng = np.random.default_rng(0)
+    extras = np.column_stack([rng.integers(0, 32, len(pts)), rng.uniform(0, 0.1, len(pts)),
+                              rng.uniform(0, 80, len(pts)), rng.uniform(0, 1000, len(pts))])
+    write_points_bin(frame, np.hstack([pts, extras]).astype(np.float32))
+    rows2 = read_csv_rows(seg2 / "meta" / "data.csv")
+    outside = tmp_path / "elsewhere.bin"
+    (seg2 / rows2[1]["lidar_filepath"]).rename(outside)
+    (seg2 / rows2[1]["lidar_filepath"]).symlink_to(outside)
+    code, out = run(capsys, root, "--seq_len", 2, "--lidar_num_features", 4)
+    assert code == 1, out
+    assert f"{csv0}: column(s) ['Speed_command'] differ from the column names the layout reads only by letter case" in out
+    assert f"{frame}: row 3: does not have the segment's point layout: its values look like 8 features" in out
+    assert (f"{seg2 / 'meta' / 'data.csv'}: row 1: column 'lidar_filepath' (line 3): path "
+            f"{rows2[1]['lidar_filepath']!r} is a symlink (or lies under one) leading outside the data root") in out
+    assert "3 problem(s) -> FAILED" in out

@@ -8,6 +8,7 @@ import csv
 import io
 import copy
 import json
+import math
 import signal
 import struct
 import tracemalloc
@@ -97,10 +98,11 @@ def check_points(points: np.ndarray) -> None:
 
 
 def point_rows(n_max: int = 24):
-    """(N, 4) plausible scans as lists: x, y, z within 100 m, intensity 0..255 (every reader accepts them)."""
+    """(N, 4) plausible scans as lists: x, y, z within 100 m, intensity 0..255, not all zero (a zero-filled
+    frame is refused; every reader accepts these)."""
     coord, inten = st.floats(-100, 100, width=32), st.floats(0, 255, width=32)
     return st.lists(st.tuples(coord, coord, coord, inten), min_size=1, max_size=n_max).map(
-        lambda rows: np.array(rows, np.float32))
+        lambda rows: np.array(rows, np.float32)).filter(lambda a: bool(a.any()))
 
 
 @pytest.fixture(scope="module")
@@ -391,10 +393,12 @@ JSON_VALUES = st.recursive(st.one_of(ODD_VALUES, st.none(), st.booleans(), st.in
 @st.composite
 def calib_docs(draw) -> dict:
     names = draw(st.lists(NAME, min_size=1, max_size=3, unique=True))
-    cams = [{"name": nm, "image_size": [draw(st.integers(1, 4000)), draw(st.integers(1, 4000))],
-             "K": [[draw(st.floats(1, 5000)), 0.0, draw(st.floats(0, 4000))],
-                   [0.0, draw(st.floats(1, 5000)), draw(st.floats(0, 4000))], [0.0, 0.0, 1.0]],
-             "cam2ego": rigid(draw(QUAT), draw(TRANS))} for nm in names]
+    sizes = [(draw(st.integers(1, 4000)), draw(st.integers(1, 4000))) for _ in names]
+    fov = st.floats(1, 160).map(lambda deg: 2 * math.tan(math.radians(deg) / 2))  # a physical field of view
+    cams = [{"name": nm, "image_size": [w, h],
+             "K": [[w / draw(fov), 0.0, draw(st.floats(0, 4000))],
+                   [0.0, h / draw(fov), draw(st.floats(0, 4000))], [0.0, 0.0, 1.0]],
+             "cam2ego": rigid(draw(QUAT), draw(TRANS))} for nm, (w, h) in zip(names, sizes)]
     doc = {"cameras": cams}
     if draw(st.booleans()):
         doc["lidar2ego"] = rigid(draw(QUAT), draw(TRANS))

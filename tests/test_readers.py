@@ -7,10 +7,9 @@ import pytest
 from PIL import Image
 
 from e2r.data.point_layout import LayoutUndecidable, detect_bin_layout, detect_from_arrays
-from e2r.data.calib import lidar_to_ego
+from e2r.data.calib import lidar_to_ego, scale_intrinsics
 from e2r.data.layout import read_segment_lidar2ego, read_segment_table
-from e2r.data.readers import (DataError, read_calib, read_image, read_lidar2ego, read_npy, read_pcd, read_points,
-                              scale_intrinsics)
+from e2r.data.readers import DataError, read_calib, read_image, read_lidar2ego, read_npy, read_pcd, read_points
 from tests.fixtures import make_points, write_calib, write_pcd, write_points_bin
 
 
@@ -332,3 +331,26 @@ def test_found_csv_cases(tmp_path, text, message):
     with pytest.raises(DataError, match=re.escape(message)):
         table = read_segment_table(tmp_path, "train", "seg", lidar=True)
         read_points(table.lidar_paths[0], 4, row=0)
+
+
+def test_data_file_symlinks_must_stay_inside_the_data_root(tmp_path):
+    from tests.fixtures import read_csv_rows, write_tiny_dataset
+
+    root = write_tiny_dataset(tmp_path / "d", splits={"train": 2}, frames=3, camera=False)
+    seg0, seg1 = root / "train" / "segment_0000", root / "train" / "segment_0001"
+    rel = read_csv_rows(seg0 / "meta" / "data.csv")[1]["lidar_filepath"]
+    other = seg1 / read_csv_rows(seg1 / "meta" / "data.csv")[1]["lidar_filepath"]
+    (seg0 / rel).unlink()
+    (seg0 / rel).symlink_to(other)                        # another segment of the same root: fine
+    assert read_segment_table(root, "train", "segment_0000", lidar=True).lidar_paths[1] == seg0 / rel
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (seg0 / rel).unlink()
+    (seg0 / rel).symlink_to(outside / "f.bin")            # a file outside the root, refused like ".."
+    with pytest.raises(DataError, match=r"row 1: column 'lidar_filepath' .* leading outside the data root"):
+        read_segment_table(root, "train", "segment_0000", lidar=True)
+    (seg0 / rel).unlink()
+    (seg0 / rel).parent.rename(seg0 / "real_lidar")
+    (seg0 / rel).parent.symlink_to(outside)               # a linked folder on the way out
+    with pytest.raises(DataError, match=r"row 0: column 'lidar_filepath' .* leading outside the data root"):
+        read_segment_table(root, "train", "segment_0000", lidar=True)

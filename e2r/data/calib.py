@@ -24,15 +24,19 @@ from e2r.atomic import write_text_atomic
 from e2r.cli_config import image_size, option
 from e2r.errors import ConfigError, DataError
 
-__all__ = ["CameraCalib", "MAX_IMAGE_SIDE", "RIGID_TOL", "MAX_MOUNT_OFFSET_M", "cameras_from_doc",
-           "lidar2ego_from_doc", "check_rigid", "lidar_to_ego", "quaternion_to_matrix", "calib_from_kitti",
-           "calib_from_nuscenes", "CalibImport", "format_calib", "write_calib", "scale_intrinsics"]
+__all__ = ["CameraCalib", "MAX_IMAGE_SIDE", "RIGID_TOL", "MAX_MOUNT_OFFSET_M", "FOV_RANGE_DEG", "cameras_from_doc",
+           "lidar2ego_from_doc", "check_rigid", "check_field_of_view", "lidar_to_ego", "quaternion_to_matrix",
+           "calib_from_kitti", "calib_from_nuscenes", "CalibImport", "format_calib", "write_calib", "scale_intrinsics"]
 
 PathLike = Union[str, Path]
 MAX_IMAGE_SIDE = 16384       # pixels per side: the most a calib.json's image_size or a read image may have
 RIGID_TOL = 1e-4             # |R^T R - I| per entry and |det R - 1| of a rigid transform's rotation part
 MAX_MOUNT_OFFSET_M = 100.0   # a sensor farther than this from the ego origin is not mounted on the car
 QUATERNION_TOL = 1e-3        # |norm - 1| of a rotation quaternion (it is normalised after the check)
+#: field of view (degrees) a pinhole K may give its image, per axis: 2 atan(side / (2 f)). 0.5 deg is a 4000 mm
+#: telephoto on a full-frame sensor; 170 deg is past any rectilinear lens (a pinhole K cannot describe a
+#: fisheye's 180+ deg). fx = fy = 1e30 (a field of view of 0) or fx = 1e-3 are refused.
+FOV_RANGE_DEG = (0.5, 170.0)
 
 
 @dataclass(frozen=True)
@@ -110,16 +114,27 @@ def cameras_from_doc(doc: object, path: PathLike) -> list[CameraCalib]:
         K = _matrix(cam["K"], (3, 3), f"{where}.K", path)
         if K[0, 0] <= 0 or K[1, 1] <= 0 or not np.allclose(K[2], [0, 0, 1]):
             raise DataError(path, f"{where}.K must have fx, fy > 0 and last row [0, 0, 1], got {K.tolist()}")
-        T = _matrix(cam["cam2ego"], (4, 4), f"{where}.cam2ego", path)
-        if not np.allclose(T[3], [0, 0, 0, 1]):
-            raise DataError(path, f"{where}.cam2ego last row must be [0, 0, 0, 1], got {T[3].tolist()}")
         _check_float32_invertible(K, f"{where}.K", path)
+        check_field_of_view(K, (int(size[0]), int(size[1])), f"{where}.K", path)
+        T = check_rigid(_matrix(cam["cam2ego"], (4, 4), f"{where}.cam2ego", path), f"{where}.cam2ego", path)
         _check_float32_invertible(T, f"{where}.cam2ego", path)
         out.append(CameraCalib(name, (int(size[0]), int(size[1])), K, T))
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise DataError(path, f"duplicate camera names {names}")
     return out
+
+
+def check_field_of_view(K: np.ndarray, image_size: tuple[int, int], what: str, path: PathLike) -> None:
+    """DataError naming ``path`` and ``what`` unless the pinhole ``K`` gives an image of ``image_size`` (W, H) a
+    physical field of view along x and y, within :data:`FOV_RANGE_DEG` (``2 atan(side / (2 f))``)."""
+    lo, hi = FOV_RANGE_DEG
+    for axis, (f, side) in enumerate(((K[0, 0], image_size[0]), (K[1, 1], image_size[1]))):
+        fov = float(np.degrees(2.0 * np.arctan2(side, 2.0 * f)))
+        if not lo <= fov <= hi:
+            raise DataError(path, f"{what}: {'fx' if axis == 0 else 'fy'} = {f:.6g} gives the {side}-pixel image "
+                                  f"side a field of view of {fov:.3g} deg, outside the physical {lo:g}..{hi:g} deg "
+                                  f"(K must be in pixels, for image_size {list(image_size)})")
 
 
 def check_rigid(T: np.ndarray, what: str, path: PathLike) -> np.ndarray:

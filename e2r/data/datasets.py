@@ -29,10 +29,10 @@ import torch
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
+from e2r.data.calib import scale_intrinsics
 from e2r.data.layout import (SegmentTable, discover_segments, is_camera_only, is_lidar_only, read_segment_table,
                              window_starts)
-from e2r.data.point_layout import LayoutUndecidable, PointLayout, detect_bin_layout
-from e2r.data.calib import scale_intrinsics
+from e2r.data.point_layout import MAX_POINT_FILE_BYTES, LayoutUndecidable, PointLayout, detect_bin_layout
 from e2r.data.readers import (SUPPORTED_NUM_FEATURES, DataError, NumFeatures, Problem, read_image, read_points,
                               sample_paths)
 from e2r.keys import make_key
@@ -169,7 +169,7 @@ class _SequenceDataset(Dataset):
             layout = PointLayout(int(self.lidar_num_features), "given")
         else:
             bins = [p for p in (table.lidar_paths or []) if p.suffix.lower() == ".bin"]
-            usable = [p for p in dict.fromkeys(bins) if p.is_file() and p.stat().st_size > 0
+            usable = [p for p in dict.fromkeys(bins) if p.is_file() and 0 < p.stat().st_size <= MAX_POINT_FILE_BYTES
                       and p.stat().st_size % 4 == 0]
             picked = sample_paths(usable, 3)
             if not picked:

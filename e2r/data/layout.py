@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -32,6 +33,8 @@ LIDAR_CALIB_RELPATH = Path("lidar") / "calib.json"     # the LiDAR's extrinsic o
 RECORDED_RELPATH = Path("meta") / "recorded.json"
 REQUIRED_NUMERIC = ("velocity", "wheel_angle")
 POSE_COLUMNS = ("x", "y", "yaw")                      # optional: position (m) and heading (rad) on the track
+#: every column name the layout reads (plus ``image_filepath_<camera>``); names are case-sensitive
+KNOWN_COLUMNS = ("timestamp", "lidar_filepath", "image_filepath", "speed_command") + REQUIRED_NUMERIC + POSE_COLUMNS
 
 
 @dataclass
@@ -130,13 +133,34 @@ def _parse_number(text: str, column: str, row: int, csv_path: Path, line: int) -
     return value
 
 
-def _parse_path(text: Optional[str], column: str, row: int, csv_path: Path, directory: Path, line: int) -> Path:
+def _miscased_columns(header: list[str]) -> list[str]:
+    """Header names that differ from a column the layout reads only by letter case (``Speed_command``): such
+    a column would be silently ignored (or training would miss it), so it is refused."""
+    def known(name: str) -> bool:
+        return name in KNOWN_COLUMNS or name.startswith("image_filepath_")
+    return [h for h in header if not known(h) and known(h.lower())]
+
+
+def _inside(real: str, bases: tuple[str, ...]) -> bool:
+    return any(real == b or real.startswith(b.rstrip(os.sep) + os.sep) for b in bases)
+
+
+def _parse_path(text: Optional[str], column: str, row: int, csv_path: Path, directory: Path, line: int,
+                bases: tuple[str, ...]) -> Path:
+    """The data file of one cell: relative to the segment folder, no ``..``, and once symlinks are resolved
+    inside one of ``bases`` (the real data root or the real segment folder: a segment folder may itself be a
+    link); a file linked to somewhere else is refused like ``..``."""
     if text is None or not text.strip():
         raise DataError(csv_path, f"column {column!r} (line {line}) is empty", row)
     rel = Path(text.strip())
     if rel.is_absolute() or ".." in rel.parts:
         raise DataError(csv_path, f"column {column!r} (line {line}): path {text!r} must be relative to the "
                                   f"segment folder and stay inside it", row)
+    real = os.path.realpath(directory / rel)
+    if not _inside(real, bases):
+        raise DataError(csv_path, f"column {column!r} (line {line}): path {text!r} is a symlink (or lies under "
+                                  f"one) leading outside the data root, to {real}; copy the file into the "
+                                  f"segment instead", row)
     return directory / rel
 
 
@@ -168,6 +192,11 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
     twice = sorted({h for h in header if header.count(h) > 1})
     if twice:
         raise DataError(csv_path, f"column(s) {twice} appear more than once in the header (which one holds?)")
+    miscased = _miscased_columns(header)
+    if miscased:
+        raise DataError(csv_path, f"column(s) {miscased} differ from the column names the layout reads only by "
+                                  f"letter case (column names are case-sensitive: {', '.join(KNOWN_COLUMNS)}, "
+                                  f"image_filepath_<camera>); rename them")
     need = list(REQUIRED_NUMERIC) + (["lidar_filepath"] if lidar else [])
     missing = [c for c in need if c not in header]
     if missing:
@@ -183,8 +212,10 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
     def numbers(column: str) -> np.ndarray:
         return np.array([_parse_number(r[column], column, i, csv_path, lines[i]) for i, r in enumerate(rows)])
 
+    bases = (os.path.realpath(root), os.path.realpath(directory))
+
     def paths(column: str) -> list[Path]:
-        return [_parse_path(r[column], column, i, csv_path, directory, lines[i]) for i, r in enumerate(rows)]
+        return [_parse_path(r[column], column, i, csv_path, directory, lines[i], bases) for i, r in enumerate(rows)]
 
     velocity, wheel = numbers("velocity"), numbers("wheel_angle")
     command = numbers("speed_command") if "speed_command" in header else None

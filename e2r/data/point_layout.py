@@ -26,10 +26,19 @@ import numpy as np
 
 from e2r.errors import LayoutUndecidable
 
-__all__ = ["SUPPORTED_NUM_FEATURES", "PointLayout", "LayoutUndecidable", "plausibility_failures",
-           "detect_bin_layout", "detect_from_arrays"]
+__all__ = ["SUPPORTED_NUM_FEATURES", "MAX_POINTS_PER_FRAME", "MAX_POINT_FILE_BYTES", "PointLayout",
+           "LayoutUndecidable", "plausibility_failures", "detect_bin_layout", "detect_from_arrays",
+           "frame_layout_mismatch"]
 
 SUPPORTED_NUM_FEATURES = (4, 5, 8)
+#: the most points one LiDAR frame may hold: 2^22 = 4.2 M, 8x the densest single sweeps of today's sensors
+#: (a 128-beam spinning LiDAR with dual returns: about 0.5 M points per rotation) and 12x ten aggregated
+#: nuScenes sweeps (about 0.35 M)
+MAX_POINTS_PER_FRAME = 1 << 22
+#: the largest point file read (checked from its size before a byte is read): 256 MiB, twice a frame of
+#: MAX_POINTS_PER_FRAME points x 8 float32 features (128 MiB), leaving room for an ASCII .pcd of such a frame
+MAX_POINT_FILE_BYTES = 256 << 20
+LAYOUT_CHECK_ROWS = 4096           # rows of a frame (evenly spread) on which its own layout is re-checked
 MIN_POINTS_FOR_STATISTICS = 64     # fewer pooled points than this: only an unambiguous size may decide
 SAME_DISTRIBUTION_MAX = 0.25       # columns 4..7 vs 0..3 closer than this: they are the next point (4 features)
 DIFFERENT_DISTRIBUTION_MIN = 0.6   # farther than this: real extra features (8 features)
@@ -148,11 +157,47 @@ def detect_from_arrays(floats: Sequence[np.ndarray], names: Sequence[str] = ()) 
                             f"them apart, set lidar_num_features explicitly")
 
 
+def frame_layout_mismatch(flat: np.ndarray, num_features: int) -> str:
+    """Why one ``.bin`` frame (its flat float32 values) does not have the segment's ``num_features`` (4 or 8)
+    features per point, or "" when nothing says so. Checked on every frame read, not only on the few that
+    decided the segment's layout, on up to :data:`LAYOUT_CHECK_ROWS` rows of its 8-wide reading (the same
+    statistics as the detection): in a 4-feature segment, an 8-feature frame whose columns 4..7 are all zero
+    (read as 4 it puts every other point at the origin) or clearly differ from x, y, z, intensity (read as 4
+    it doubles the points); in an 8-feature segment, a frame whose columns 4..7 repeat columns 0..3 (a
+    4-feature frame: read as 8 it halves the points)."""
+    if num_features not in (4, 8) or flat.size % 8 or flat.size // 8 < MIN_POINTS_FOR_STATISTICS:
+        return ""
+    wide = flat.reshape(-1, 8)
+    rows = np.unique(np.linspace(0, len(wide) - 1, min(len(wide), LAYOUT_CHECK_ROWS)).astype(np.int64))
+    sample = wide[rows].astype(np.float64)
+    if not np.isfinite(sample).all():
+        return ""                                   # the readers' value checks name that
+    extras_zero = not sample[:, 4:].any()
+    if num_features == 4 and extras_zero and sample[:, :4].any():
+        return ("every other point is at the origin with intensity 0: an 8-feature frame whose columns 4..7 "
+                "are zero, in a segment of 4 features per point")
+    # the 8-wide reading must be plausible (4 in 8), or its columns 4..7 plausible as points (8 in 4)
+    if extras_zero or plausibility_failures(sample if num_features == 4 else sample[:, 4:]):
+        return ""
+    dist = max(_distribution_distance(sample[:, j], sample[:, j + 4]) for j in range(4))
+    if num_features == 4 and dist >= DIFFERENT_DISTRIBUTION_MIN:
+        return (f"its values look like 8 features per point (columns 4..7 of an 8-wide reading differ from x, y, "
+                f"z, intensity: distance {dist:.2f}), in a segment of 4 features per point")
+    if num_features == 8 and dist <= SAME_DISTRIBUTION_MAX:
+        return (f"its values look like 4 features per point (columns 4..7 repeat x, y, z, intensity: distance "
+                f"{dist:.2f}), in a segment of 8 features per point")
+    return ""
+
+
 def detect_bin_layout(paths: Sequence[Path]) -> PointLayout:
-    """Decide the layout of raw float32 ``.bin`` point files (a few files of one segment) from size and values."""
+    """Decide the layout of raw float32 ``.bin`` point files (a few files of one segment) from size and values.
+    A file larger than :data:`MAX_POINT_FILE_BYTES` is refused from its size, before it is read."""
     arrays, names = [], []
     for p in paths:
         p = Path(p)
+        if p.stat().st_size > MAX_POINT_FILE_BYTES:
+            raise LayoutUndecidable(f"{p}: {p.stat().st_size} bytes, more than a point file may hold "
+                                    f"({MAX_POINT_FILE_BYTES} bytes)")
         raw = p.read_bytes()
         if len(raw) % 4:
             raise LayoutUndecidable(f"{p}: {len(raw)} bytes is not a whole number of float32 values")

@@ -15,20 +15,25 @@ import numpy as np
 
 from e2r.errors import DataError, Problem
 from e2r.data.calib import MAX_IMAGE_SIDE, CameraCalib, cameras_from_doc, lidar2ego_from_doc, lidar_to_ego
-from e2r.data.point_layout import (SUPPORTED_NUM_FEATURES, LayoutUndecidable, PointLayout,
-                                   detect_from_arrays)
+from e2r.data.point_checks import MAX_INTENSITY, check_point_count, xyzi
+from e2r.data.point_layout import (MAX_POINT_FILE_BYTES, SUPPORTED_NUM_FEATURES, LayoutUndecidable, PointLayout,
+                                   detect_from_arrays, frame_layout_mismatch)
 
-__all__ = ["DataError", "Problem", "NumFeatures", "read_points", "read_bin", "read_npy", "read_pcd", "read_image",
-           "prepare_image", "CameraCalib", "read_calib", "read_lidar2ego", "read_json",
+__all__ = ["DataError", "Problem", "NumFeatures", "MAX_INTENSITY", "read_points", "read_bin", "read_npy", "read_pcd",
+           "read_image", "prepare_image", "CameraCalib", "read_calib", "read_lidar2ego", "read_json",
            "read_text", "PointLayout"]
 
 NumFeatures = Union[int, str]   # 4 | 5 | 8 | "auto"
 POINT_SUFFIXES = (".bin", ".npy", ".pcd")
 
 
-def _check_file(path: Path, row: Optional[int]) -> int:
-    """The size of ``path``; DataError when it is missing, not a regular file (a FIFO would block), empty or
-    cannot even be looked at (a name too long, no permission)."""
+MAX_TEXT_BYTES = 16 << 20   # a calib.json / calibration record file: a few KB per camera; 16 MiB is far beyond
+
+
+def _check_file(path: Path, row: Optional[int], max_bytes: int) -> int:
+    """The size of ``path``; DataError when it is missing, not a regular file (a FIFO would block), empty,
+    larger than ``max_bytes`` (the cap of its format, checked before a byte is read: a sparse file can claim
+    gigabytes while holding nothing) or cannot even be looked at (a name too long, no permission)."""
     try:
         if not path.exists():
             raise DataError(path, "file is missing", row)
@@ -39,54 +44,19 @@ def _check_file(path: Path, row: Optional[int]) -> int:
         raise DataError(path, f"cannot be read: {e.strerror or e}", row) from None
     if size == 0:
         raise DataError(path, "file is empty", row)
+    if size > max_bytes:
+        raise DataError(path, f"file is {size} bytes, more than this kind of file may hold ({max_bytes} bytes); "
+                              f"refused before reading", row)
     return size
 
 
-def _read_bytes(path: Path, row: Optional[int]) -> bytes:
+def _read_bytes(path: Path, row: Optional[int], max_bytes: int) -> bytes:
     """The whole file, after :func:`_check_file`; an OS error while reading is a DataError too."""
-    _check_file(path, row)
+    _check_file(path, row, max_bytes)
     try:
         return path.read_bytes()
     except OSError as e:
         raise DataError(path, f"cannot be read: {e.strerror or e}", row) from None
-
-
-MAX_INTENSITY = 65535.0      # the largest intensity any supported sensor writes (16-bit)
-MAX_FAR_FRACTION = 0.01      # more than this fraction of a frame's points beyond MAX_RANGE_M: not a LiDAR scan
-MAX_RANGE_M = 500.0
-
-
-def _xyzi(points: np.ndarray, path: Path, row: Optional[int], ring: Optional[np.ndarray] = None) -> np.ndarray:
-    """(N, >=4) -> (N, 4) float32 after checking, for *this* frame, what docs/CONTRACTS.md and the layout
-    detection promise about every frame (not only the few sampled to decide the layout): x, y, z and intensity
-    finite in float32, intensity in [0, 65535], at most 1 % of the points beyond 500 m, and for nuScenes-like
-    5-feature files the ring column integer in 0..127. Vectorised: one pass over the frame's values."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = np.ascontiguousarray(points[:, :4], dtype=np.float32)
-    bad = ~np.isfinite(out).all(axis=1)
-    if bad.any():
-        raise DataError(path, f"{int(bad.sum())} of {len(out)} points have non-finite x/y/z/intensity "
-                              f"(first at point {int(np.argmax(bad))})", row)
-    if not len(out):
-        return out
-    inten = out[:, 3]
-    off = (inten < 0) | (inten > MAX_INTENSITY)
-    if off.any():
-        raise DataError(path, f"{int(off.sum())} of {len(out)} points have intensity outside [0, 65535] (first at "
-                              f"point {int(np.argmax(off))}: {float(inten[np.argmax(off)]):.6g}); wrong point "
-                              f"layout (lidar_num_features) or corrupt file", row)
-    far = np.einsum("ij,ij->i", out[:, :3].astype(np.float64), out[:, :3].astype(np.float64)) > MAX_RANGE_M ** 2
-    if far.sum() > MAX_FAR_FRACTION * len(out):
-        raise DataError(path, f"{int(far.sum())} of {len(out)} points are farther than {MAX_RANGE_M:g} m (more "
-                              f"than {MAX_FAR_FRACTION:.0%}); wrong point layout (lidar_num_features) or corrupt "
-                              f"file", row)
-    if ring is not None:
-        bad_ring = ~np.isfinite(ring) | (ring < 0) | (ring > 127) | (ring != np.round(ring))
-        if bad_ring.any():
-            raise DataError(path, f"{int(bad_ring.sum())} of {len(out)} points have a ring (5th column) that is "
-                                  f"not an integer in 0..127 (first at point {int(np.argmax(bad_ring))}); wrong "
-                                  f"point layout (lidar_num_features) or corrupt file", row)
-    return out
 
 
 def read_bin(path: Union[str, Path], num_features: NumFeatures = "auto",
@@ -94,10 +64,12 @@ def read_bin(path: Union[str, Path], num_features: NumFeatures = "auto",
     """Raw little-endian float32 ``.bin`` with 4, 5 or 8 features per point -> ((N, 4) float32, layout).
 
     ``num_features="auto"`` decides from this one file's size and values (datasets decide once per segment
-    from several files instead and pass the result here as an int).
+    from several files instead and pass the result here as an int); either way the frame's own values must
+    not contradict the layout (:func:`~e2r.data.point_layout.frame_layout_mismatch`). At most
+    :data:`MAX_POINT_FILE_BYTES` (checked before reading) and :data:`MAX_POINTS_PER_FRAME` points.
     """
     path = Path(path)
-    raw = _read_bytes(path, row)
+    raw = _read_bytes(path, row, MAX_POINT_FILE_BYTES)
     size = len(raw)
     if size % 4:
         raise DataError(path, f"truncated: {size} bytes is not a whole number of float32 values", row)
@@ -116,27 +88,37 @@ def read_bin(path: Union[str, Path], num_features: NumFeatures = "auto",
     if flat.size % f:
         raise DataError(path, f"size {size} bytes is not a multiple of the point size {4 * f} bytes "
                               f"({f} float32 features per point); truncated or wrong lidar_num_features", row)
+    check_point_count(flat.size // f, path, row)
+    mismatch = frame_layout_mismatch(flat, f)
+    if mismatch:
+        raise DataError(path, f"does not have the segment's point layout: {mismatch}; this frame was written "
+                              f"with another layout (re-export it, or split the segment)", row)
     pts = flat.reshape(-1, f)
-    return _xyzi(pts, path, row, ring=pts[:, 4] if f == 5 else None), layout
+    return xyzi(pts, path, row, ring=pts[:, 4] if f == 5 else None), layout
 
 
 def read_npy(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndarray, PointLayout]:
     """``.npy`` array (N, F>=4), columns x, y, z, intensity first -> ((N, 4) float32, layout)."""
     path = Path(path)
-    _check_file(path, row)
+    _check_file(path, row, MAX_POINT_FILE_BYTES)
     try:
         # memory-mapped first: a header that declares more data than the file holds fails here, before any
         # allocation of the declared size
-        arr = np.array(np.load(path, allow_pickle=False, mmap_mode="r"))
+        mapped = np.load(path, allow_pickle=False, mmap_mode="r")
     except Exception as e:  # noqa: BLE001 - numpy raises several types for corrupt files
         raise DataError(path, f"cannot read .npy: {type(e).__name__}: {e}", row) from None
-    if arr.ndim != 2 or arr.shape[1] < 4:
-        raise DataError(path, f".npy point array must be (N, F>=4), got shape {arr.shape}", row)
+    if mapped.ndim != 2 or mapped.shape[1] < 4:
+        raise DataError(path, f".npy point array must be (N, F>=4), got shape {mapped.shape}", row)
+    check_point_count(int(mapped.shape[0]), path, row)
+    try:
+        arr = np.array(mapped)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(path, f"cannot read .npy: {type(e).__name__}: {e}", row) from None
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise DataError(path, f".npy point array has dtype {arr.dtype}; expected real numbers (float or int"
                               f"{', not complex: the imaginary part would be lost' if np.iscomplexobj(arr) else ''})",
                         row)
-    return _xyzi(arr, path, row), PointLayout(int(arr.shape[1]), "npy")
+    return xyzi(arr, path, row), PointLayout(int(arr.shape[1]), "npy")
 
 
 _PCD_TYPES = {("F", 4): "<f4", ("F", 8): "<f8", ("I", 1): "<i1", ("I", 2): "<i2", ("I", 4): "<i4",
@@ -146,7 +128,7 @@ _PCD_TYPES = {("F", 4): "<f4", ("F", 8): "<f8", ("I", 1): "<i1", ("I", 2): "<i2"
 def read_pcd(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndarray, PointLayout]:
     """PCD v0.7 with ``DATA ascii`` or ``DATA binary`` and fields x y z intensity (or ``i``) -> ((N, 4), layout)."""
     path = Path(path)
-    raw = _read_bytes(path, row)
+    raw = _read_bytes(path, row, MAX_POINT_FILE_BYTES)
     header: dict[str, list[str]] = {}
     pos = 0
     while True:
@@ -184,6 +166,7 @@ def read_pcd(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndar
                                   f"must have COUNT 1", row)
     if n < 0 or any(c < 1 for c in counts) or any(sz < 1 for sz in sizes):
         raise DataError(path, f"malformed PCD header: POINTS {n}, SIZE {sizes}, COUNT {counts}", row)
+    check_point_count(n, path, row)
     try:   # positional field names: padding fields ("_") may repeat and have COUNT > 1
         dtype = np.dtype([(f"f{k}", _PCD_TYPES[(t, s)], (c,) if c > 1 else ())
                           for k, (t, s, c) in enumerate(zip(types, sizes, counts))])
@@ -211,7 +194,7 @@ def read_pcd(path: Union[str, Path], row: Optional[int] = None) -> tuple[np.ndar
         cols = [rec[f"f{names.index(f)}"].astype(np.float64) for f in ("x", "y", "z", "intensity")]
     else:
         raise DataError(path, f"unsupported PCD DATA mode {mode!r} (ascii and binary are supported)", row)
-    return _xyzi(np.stack(cols, axis=1), path, row), PointLayout(len(fields), "pcd", " ".join(fields))
+    return xyzi(np.stack(cols, axis=1), path, row), PointLayout(len(fields), "pcd", " ".join(fields))
 
 
 def read_points(path: Union[str, Path], num_features: NumFeatures = "auto", row: Optional[int] = None,
@@ -236,6 +219,9 @@ def read_points(path: Union[str, Path], num_features: NumFeatures = "auto", row:
 
 
 MAX_IMAGE_PIXELS = 40_000_000      # more pixels than this (8K UHD has 33 M): refused before decoding
+#: the largest image file read (checked before it is opened): an image of MAX_IMAGE_PIXELS stored at 8 bytes
+#: per pixel (16-bit RGBA, uncompressed), plus 1 MiB of metadata; no camera frame the readers accept is larger
+MAX_IMAGE_FILE_BYTES = MAX_IMAGE_PIXELS * 8 + (1 << 20)
 IMAGE_FORMATS = ("PNG", "JPEG")    # the only decoders tried (not every format Pillow knows, e.g. EPS via Ghostscript)
 EXPECTED_SIZE_FACTOR = 4           # more than this many times the pixels of ``expected_size``: refused
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -268,7 +254,7 @@ def read_image(path: Union[str, Path], size: Optional[tuple[int, int]] = None, r
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    _check_file(path, row)
+    _check_file(path, row, MAX_IMAGE_FILE_BYTES)
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as im:    # lazy: only the header has been read
             _check_image_header(path, im, expected_size, row)
@@ -314,7 +300,7 @@ def read_text(path: Union[str, Path]) -> str:
     unreadable or not UTF-8."""
     path = Path(path)
     try:
-        return _read_bytes(path, None).decode("utf-8")
+        return _read_bytes(path, None, MAX_TEXT_BYTES).decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(path, f"not UTF-8 text: {e}") from None
 

@@ -6,8 +6,24 @@ Ego frame: x forward, y left, z up (metres).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+#: the largest BEV grid a model config may declare: 2^24 cells (4096 x 4096), 78x the full preset's 432 x 496
+#: pillars; at the full preset's 64 pillar channels its pseudo-image alone is 4 GiB per frame. A config beyond
+#: it (e.g. a checkpoint whose voxel_size was edited to 1e-4 m) is refused before anything is allocated.
+MAX_BEV_CELLS = 1 << 24
+
+
+def check_bev_grid(what: str, width: int, height: int, channels: int) -> None:
+    """ValueError naming ``what`` (the fields at fault) and the memory it would need, when a ``width x height``
+    BEV grid of ``channels`` float32 channels has more than :data:`MAX_BEV_CELLS` cells."""
+    if width < 1 or height < 1 or width * height > MAX_BEV_CELLS:
+        need = 4.0 * channels * max(width, 0) * max(height, 0)
+        raise ValueError(f"{what} give a {width} x {height} BEV grid, which would need {need / 2 ** 30:.4g} GiB per "
+                         f"frame ({channels} float32 channels); a grid must have 1..{MAX_BEV_CELLS} cells "
+                         f"(4096 x 4096)")
 
 
 class PlainConfig:
@@ -32,6 +48,8 @@ class PlainConfig:
 
 @dataclass
 class TeacherConfig(PlainConfig):
+    """The LiDAR teacher's sizes; :meth:`validate` (run by ``from_dict``, i.e. on every checkpoint's config)
+    refuses a pillar grid that is not finite and positive or larger than :data:`MAX_BEV_CELLS`."""
     preset: str = "full"
     # pillar grid
     point_cloud_range: tuple[float, ...] = (0.0, -39.68, -3.0, 69.12, 39.68, 1.0)  # xmin ymin zmin xmax ymax zmax
@@ -55,6 +73,16 @@ class TeacherConfig(PlainConfig):
     head_hidden: int = 320
     action_dim: int = 2         # A: [wheel_angle deg, velocity m/s]
     residual_actions: bool | str = True  # head predicts the change w.r.t. the (steering, speed) inputs (models/policy.py)
+
+    def validate(self) -> None:
+        r, v = self.point_cloud_range, self.voxel_size
+        if len(r) != 6 or len(v) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (*r, *v)):
+            raise ValueError(f"point_cloud_range needs 6 finite numbers and voxel_size 3, got {r}, {v}")
+        if not all(x > 0 for x in v) or not all(r[i + 3] > r[i] for i in range(3)):
+            raise ValueError(f"voxel_size must be > 0 and point_cloud_range max > min, got {v}, {r}")
+        nx, ny = self.grid_size
+        check_bev_grid(f"point_cloud_range {list(r)} and voxel_size {list(v)}", nx, ny,
+                       self.pfn_channels + self.bev_channels)
 
     @property
     def grid_size(self) -> tuple[int, int]:

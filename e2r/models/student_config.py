@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from e2r.models.config import PlainConfig, TeacherConfig
+from e2r.models.config import PlainConfig, TeacherConfig, check_bev_grid
 
 __all__ = ["StudentConfig", "PRESET_BEV_POOL_GRID"]
 
@@ -105,6 +105,8 @@ class StudentConfig(PlainConfig):
             raise ValueError("student config does not match the teacher's BEV grid/sizes: " + "; ".join(diffs))
 
     def validate(self) -> None:
+        check_bev_grid(f"bev_W {self.bev_W} and bev_H {self.bev_H}", self.bev_W, self.bev_H,
+                       self.lift_channels + self.teacher_bev_channels)
         if self.view_transform not in ("lss", "identity"):
             raise ValueError(f"view_transform must be 'lss' or 'identity', got {self.view_transform!r}")
         if self.splat_pool not in ("sum", "mean"):

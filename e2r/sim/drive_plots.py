@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from e2r.atomic import make_dirs
 from e2r.sim.closed_loop import RunResult, SimWorld
 from e2r.sim.track import Track
 from e2r.sim.vehicle import VehicleState, body_corners
@@ -35,7 +36,7 @@ def plot_trajectories(path: str | Path, runs: Sequence[RunResult], worlds: dict[
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     segments = list(dict.fromkeys(r.segment for r in runs)) or list(worlds)
     policies = list(dict.fromkeys(r.policy for r in runs))
     colours = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(policies)}
@@ -96,7 +97,7 @@ def write_video(path: str | Path, run: RunResult, world: SimWorld, max_frames: i
     if not run.camera_frames:
         raise ValueError(f"run of {run.policy} on {run.segment} has no recorded camera frames")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     size = 320
     base, px = _bev_base(world.track, size)
     h, w = run.camera_frames[0].shape[:2]

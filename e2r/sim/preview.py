@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from e2r.atomic import make_dirs
+
 __all__ = ["write_preview", "project_to_image"]
 
 _BEV_X = (-8.0, 56.0)      # metres shown along x (bottom..top)
@@ -148,6 +150,6 @@ def write_preview(root: str | Path, out_png: str | Path, frame: int | None = Non
            fill=(255, 255, 255))
     d.text((size + 6, 24 + h * scale), "camera + projected LiDAR", fill=(255, 255, 255))
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_png.parent)
     canvas.save(out_png)
     return out_png

@@ -62,6 +62,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from e2r.atomic import make_dirs
+from e2r.data.calib import MAX_IMAGE_SIDE
+from e2r.data.readers import MAX_IMAGE_PIXELS
 from e2r.sim.appearance import LIGHTS, AppearanceConfig, draw_appearance
 from e2r.sim.expert import Drive, ExpertConfig, drive_expert, speed_profile
 from e2r.sim.jobs import run_jobs
@@ -128,6 +131,9 @@ class SyntheticConfig:
         w, h = (int(v) for v in self.image_size)
         if w < 8 or h < 8:
             raise ValueError(f"image_size must be at least 8x8, got {self.image_size}")
+        if max(w, h) > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+            raise ValueError(f"--image_size {w}x{h}: at most {MAX_IMAGE_SIDE} pixels per side and {MAX_IMAGE_PIXELS} "
+                             f"in all (the largest image the dataset readers accept)")
         self.image_size = (w, h)
         self.camera = replace(self.camera, image_size=(w, h))
 
@@ -289,7 +295,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             raise FileExistsError(f"refusing to overwrite {out_dir}: it is not empty and has no {MARKER}, "
                                   f"so it does not look like a synthetic dataset made by this tool")
         shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
 
 
 def generate_dataset(out_dir: str | Path, tracks: int = 6, frames: int = 300, seed: int = 0,

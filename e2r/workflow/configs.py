@@ -9,13 +9,14 @@ Training fields left ``None`` (``epochs``, ``lr``, ``batch_size``) take the pres
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Union
 
 from e2r.cli_config import (command_line, config_from_namespace, device_option, image_size, lidar_num_features_option,
                             option, redefault)
-from e2r.errors import ConfigError, check_positive, check_probability
+from e2r.errors import ConfigError, check_positive, check_probability, check_weights
 from e2r.models.policy import RESIDUAL_MODES
 from e2r.models.student_config import PRESET_BEV_POOL_GRID
 from e2r.workflow.retrieval_queries import QUERY_KINDS
@@ -125,14 +126,15 @@ class TrainConfig:
         if self.preset not in PRESET_DEFAULTS:
             raise ConfigError(f"--preset {self.preset!r}: expected one of {sorted(PRESET_DEFAULTS)}")
         check_probability(self, ("steer_input_dropout", "hflip_prob"))
+        check_weights(self, ("steer_loss_weight", "speed_loss_weight", "smooth_weight", "weight_decay", "grad_clip"))
         check_positive(self, ("epochs", "steps", "batch_size", "seq_len", "stride"))
         if self.epochs is not None and self.steps is not None:
             raise ConfigError(f"--epochs {self.epochs} and --steps {self.steps}: give one of them (the length of "
                               f"the run in epochs or in optimizer steps)")
         if self.warmup_steps < 0:
             raise ConfigError(f"--warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.num_workers < 0:
             raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
         for flag in ("save_path", "checkpoint_path"):
@@ -184,7 +186,7 @@ class StoreAccess:
         check_storage_options(self.storage_options)
         if self.kd_targets not in KD_TARGETS_IN:
             raise ConfigError(f"--kd_targets must be one of {KD_TARGETS_IN}, got {self.kd_targets!r}")
-        if not self.store_cache_gb > 0:
+        if not 0 < self.store_cache_gb < math.inf:
             raise ConfigError(f"--store_cache_gb must be > 0, got {self.store_cache_gb}")
 
 
@@ -299,13 +301,14 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
     def check(self) -> None:
         StoreAccess.check(self)
         TrainConfig.check(self)
-        check_probability(self, ("photometric",))
+        check_probability(self, ("photometric", "kd_bevfeat_background"))
+        check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "kd_bevfeat_w"))
         if self.select_by not in ("loss", "drive"):
             raise ConfigError(f"--select_by must be 'loss' or 'drive', got {self.select_by!r}")
         if self.select_by == "drive" and not self.valid_split:
             raise ConfigError("--select_by drive drives the --valid_split tracks: give one")
         check_positive(self, ("select_starts",))
-        if not self.select_time_limit > 0:
+        if not 0 < self.select_time_limit < math.inf:
             raise ConfigError(f"--select_time_limit must be > 0 seconds, got {self.select_time_limit}")
         if self.kd_retrieval and not self.memorybank:
             raise ConfigError("--kd_retrieval needs --memorybank (the store holding the retrieval index)")
@@ -318,8 +321,10 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
             raise ConfigError("--extra_train_splits with --pair_lidar_root: timestamp pairing reads one camera split; "
                               "train the recorded splits (which hold their own LiDAR) without it")
         check_positive(self, ("kd_retrieval_k", "bev_pool_grid"))
-        if not self.kd_retrieval_tau > 0:
-            raise ConfigError(f"--kd_retrieval_tau must be > 0, got {self.kd_retrieval_tau}")
+        if not 0 < self.kd_retrieval_tau < math.inf:
+            raise ConfigError(f"--kd_retrieval_tau must be a finite number > 0, got {self.kd_retrieval_tau}")
+        if math.isnan(self.kd_retrieval_min_sim):       # would gate every window off silently
+            raise ConfigError(f"--kd_retrieval_min_sim must be a number, got {self.kd_retrieval_min_sim}")
 
 
 @dataclass(kw_only=True)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 from e2r.atomic import write_text_atomic
 from e2r.cli_config import device_option, option, redefault
 from e2r.data.datasets import CameraSequenceDataset
-from e2r.errors import ConfigError, check_positive
+from e2r.errors import ConfigError, check_positive, check_weights
 from e2r.metrics import write_metrics_csv
 from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.world import MARKER
@@ -108,10 +108,7 @@ class DaggerConfig:
         for name in ("p_student_first", "p_student_last", "hflip_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "warmup_steps"):
-            value = getattr(self, name)
-            if not value >= 0:          # NaN fails too
-                raise ConfigError(f"--{name} must be >= 0, got {value}")
+        check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "warmup_steps"))
         for flag, path in (("--teacher_ckpt", self.teacher_ckpt), ("--student_ckpt", self.student_ckpt)):
             if not Path(path).is_file():
                 raise ConfigError(f"{flag} {path}: not a file")

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from e2r.atomic import write_text_atomic
+from e2r.atomic import make_dirs, write_text_atomic
 from e2r.cli_config import device_option, option
 from e2r.errors import ConfigError, check_probability
 from e2r.models.policy import RESIDUAL_MODES
@@ -221,7 +221,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict[str,
     """Run (or finish) the study; returns ``{"teacher": result, "units": [result, ...], "out"}``."""
     cfg.check()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     _check_settings(cfg, out)
     log(f"== world: {cfg.camera_tracks} camera + {cfg.lidar_only_tracks} LiDAR-only training tracks, "
         f"{cfg.valid_tracks} valid, {cfg.test_tracks} test, {cfg.frames} frames each ({cfg.appearance})")
@@ -266,7 +266,7 @@ def _teacher_unit(cfg: StudyConfig, folder: Path, log: Callable[[str], None]) ->
     if done is not None:
         log("== teacher: done before, skipped")
         return done
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     t0 = time.perf_counter()
     log(f"== teacher: training on every LiDAR training track, {cfg.teacher_epochs} epochs, windows every "
         f"{cfg.teacher_stride} frames")
@@ -293,7 +293,7 @@ def _export_unit(cfg: StudyConfig, folder: Path, store: Path, teacher_ckpt: str,
     if _done(folder) is not None:
         log(f"== memorybank: done before ({store}), skipped")
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     dense = any(VARIANTS[v][3] > 0 for v in cfg.variants + cfg.ablations)
     log(f"== memorybank: exporting the teacher's outputs{' with dense bev_feat' if dense else ''} -> {store}")
     t0 = time.perf_counter()
@@ -326,7 +326,7 @@ def _student_unit(cfg: StudyConfig, unit: StudyUnit, segments: list[str], folder
                   teacher_ckpt: str) -> dict[str, Any]:
     """One student; BC ones read the teacher checkpoint for their architecture only (the same head as the KD
     students: the student follows the teacher's config), never its outputs."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     t0 = time.perf_counter()
     ckpt = folder / "student.pt"
     train_cfg = student_train_config(cfg, unit, segments, folder, store, teacher_ckpt)
