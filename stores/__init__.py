@@ -5,7 +5,7 @@
     arrays, missing = bank.get_batch(keys, fields=("actions", "bev_vec"))
     ds = open_dataset("mb.zarr")          # an xarray.Dataset (key, t, ...) of the complete rows (needs xarray)
 
-Package layout: `stores.abc` (the abstract `MemoryBank`), `stores.zarr_store` / `stores.hdf5_store` (back
+Package layout: `stores.abc` (the abstract `MemoryBank`), `stores.zarr_v3.store` / `stores.hdf5_store` (back
 ends), `stores.factory` (picks one for a path), `stores.errors` (`StoreError` and its subclasses).
 See docs/STORE.md for the layout, the writer protocol and the concurrent-writer alignment rule.
 """

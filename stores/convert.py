@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from e2r.keys import InvalidKeyError, parse_key, validate_key
+from stores.keys import InvalidKeyError, parse_key, validate_key
 from stores.factory import backend_for, create_memorybank
 from stores.layout import ranges_of
 from stores.schema import ALL_FIELDS, BEV_FEAT, Provenance, StoreSchema

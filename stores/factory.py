@@ -19,10 +19,10 @@ from typing import Any
 
 from stores.abc import MemoryBank
 from stores.hdf5_store import HDF5MemoryBank
-from stores.objstore import ObjectFiles, is_remote
-from stores.remote import RemoteZarrMemoryBank
+from stores.remote.objstore import ObjectFiles, is_remote
+from stores.remote.store import RemoteZarrMemoryBank
 from stores.schema import Provenance, StoreSchema
-from stores.zarr_store import ZarrMemoryBank
+from stores.zarr_v3.store import ZarrMemoryBank
 
 __all__ = ["backend_for", "open_memorybank", "create_memorybank", "memorybank_exists", "remove_memorybank",
            "stored_bytes"]

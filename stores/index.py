@@ -19,7 +19,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from e2r.keys import InvalidKeyError, validate_key
+from stores.keys import InvalidKeyError, validate_key
 from stores.errors import StoreCorruptError
 from stores.index_file import BLOCK, MappedIndex, index_from_bytes, map_index, sort_keys, spill
 

@@ -21,18 +21,18 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from e2r.keys import InvalidKeyError, parse_key
+from stores.keys import InvalidKeyError, parse_key
 from stores.abc import MemoryBank
 from stores.errors import StoreCorruptError, StoreError, UnsupportedLayout
 from stores.factory import backend_for
 from stores.fsio import read_json, regular_size, special_files
 from stores.index_file import compare_with_keys, index_files
-from stores.objstore import is_remote
-from stores.remote import RemoteZarrMemoryBank
+from stores.remote.objstore import is_remote
+from stores.remote.store import RemoteZarrMemoryBank
 from stores.layout import keys_crc32c, ranges_of
-from stores.row_reader import RowChunkReader
+from stores.zarr_v3.row_reader import RowChunkReader
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS
-from stores.zarr_store import ZarrMemoryBank, field_path
+from stores.zarr_v3.store import ZarrMemoryBank, field_path
 
 _MAX_CHUNK_ROWS = 2**22       # keys / complete chunks larger than this are not ours: not read
 

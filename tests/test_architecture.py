@@ -60,7 +60,7 @@ ALLOWED = {
     "pipelines": {"core", "sim", "stores", "workflow", "pipelines"},
     "bench": {"core", "sim", "stores", "workflow", "bench"},
 }
-STORES_MAY_USE = ("e2r.keys", "e2r.errors")
+STORES_MAY_USE = ("stores.keys", "e2r.errors")
 
 
 def test_arrows_run_one_way():

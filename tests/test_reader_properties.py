@@ -24,7 +24,7 @@ from PIL import Image
 from e2r.data.calib import MAX_IMAGE_SIDE, RIGID_TOL
 from e2r.data.layout import read_segment_table
 from e2r.data.readers import MAX_INTENSITY, DataError, read_calib, read_image, read_lidar2ego, read_points
-from e2r.keys import InvalidKeyError, make_key, parse_key, validate_part
+from stores.keys import InvalidKeyError, make_key, parse_key, validate_part
 from tests.fixtures import write_calib
 
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None,

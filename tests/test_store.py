@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from e2r.keys import InvalidKeyError
+from stores.keys import InvalidKeyError
 from stores import StoreMismatchError, create_memorybank, open_memorybank
 from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
 

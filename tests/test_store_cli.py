@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e2r.keys import InvalidKeyError
+from stores.keys import InvalidKeyError
 from stores import create_memorybank, open_memorybank
 from stores.__main__ import main
 from stores.convert import filename_to_key, key_to_filename

@@ -12,7 +12,7 @@ import pytest
 
 import stores
 from stores import StoreCorruptError, create_memorybank, open_dataset, open_memorybank
-from stores.zarr_store import ZarrMemoryBank
+from stores.zarr_v3.store import ZarrMemoryBank
 from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
 
 

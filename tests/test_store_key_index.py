@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e2r.keys import InvalidKeyError
+from stores.keys import InvalidKeyError
 from stores import StoreCorruptError, create_memorybank, open_memorybank
 from stores.__main__ import main
 from stores.index_file import HEADER_BYTES, index_path, write_index
 from stores.layout import keys_crc32c
 from stores.schema import SCHEMA_VERSION
-from stores.zarr_store import ZarrMemoryBank
+from stores.zarr_v3.store import ZarrMemoryBank
 from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
 
 

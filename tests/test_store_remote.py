@@ -15,9 +15,9 @@ import pytest
 from e2r.data.sampler import EpochBatchSampler
 from stores import StoreCorruptError, StoreError, create_memorybank, open_dataset, open_memorybank
 from stores.__main__ import main as stores_main
-from stores.cache import ShardCache
+from stores.remote.cache import ShardCache
 from stores.torch_data import MemoryBankDataset, make_loader
-from stores.local_s3 import free_port, moto_s3
+from stores.remote.local_s3 import free_port, moto_s3
 from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
 
 S = 16                     # rows per shard of the test stores

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence, TypeVar, Union
 
 from e2r.errors import ConfigError, check_positive, check_probability
 from e2r.models.student_config import PRESET_BEV_POOL_GRID
-from stores.objstore import is_remote
+from stores.remote.objstore import is_remote
 
 __all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig", "StoreAccess",
            "PairingArgs", "KD_TARGETS_IN",

@@ -1,5 +1,5 @@
 """The abstract memorybank interface (like ``zarr.abc``): `MemoryBank` holds the reader/writer API and its
-shared logic; back ends (`stores.zarr_store`, `stores.hdf5_store`) implement its abstract primitives, and
+shared logic; back ends (`stores.zarr_v3.store`, `stores.hdf5_store`) implement its abstract primitives, and
 `stores.factory` picks one for a path. Nothing here imports a back end."""
 from stores.abc.store import MemoryBank
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from e2r.keys import InvalidKeyError
+from stores.keys import InvalidKeyError
 from stores.errors import StoreCorruptError, StoreError
 from stores.fsio import fsync_files, remove_path, writing
 from stores.index import KeyIndex, SplitIndex, check_keys

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from e2r.keys import split_of, validate_part
+from stores.keys import split_of, validate_part
 from stores.abc.indexing import KeyIndexing
 from stores.abc.lifecycle import check_version, create_store, not_a_bank
 from stores.abc.primitives import StorePrimitives

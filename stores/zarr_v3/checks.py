@@ -1,9 +1,9 @@
-"""Integrity and durability primitives of the Zarr back end (a mixin of `stores.zarr_store.ZarrMemoryBank`):
+"""Integrity and durability primitives of the Zarr back end (a mixin of `stores.zarr_v3.store.ZarrMemoryBank`):
 checked reads of ``keys`` / ``complete`` through zarr-python, fsync of the files a write touched, which rows
 have data, which data files complete rows lack, and the remains of an interrupted creation.
 
 ``keys`` and ``complete`` chunks are read only after ``os.stat`` says they are regular files (``complete``
-chunks directly, `stores.flat_chunks.FlatChunkReader`: opening a store of 1e7 rows reads 2 500 of them); a
+chunks directly, `stores.zarr_v3.flat_chunks.FlatChunkReader`: opening a store of 1e7 rows reads 2 500 of them); a
 chunk that fails its crc32c checksum raises `StoreCorruptError` on a read-only handle. A writable handle (or ``verify``)
 records it in ``damage`` and reads it as lost (keys "", flags 255 = redo its rows); a writer then deletes the
 damaged chunk before it writes into it, so a resumed export repairs a damaged completion chunk.
@@ -19,7 +19,7 @@ import numpy as np
 
 from stores.errors import StoreCorruptError
 from stores.fsio import fsync_files, read_json, regular_size, remove_path, temp_sibling
-from stores.flat_chunks import FlatChunkReader
+from stores.zarr_v3.flat_chunks import FlatChunkReader
 from stores.layout import COMPLETE_UNSET
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS
 

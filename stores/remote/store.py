@@ -9,14 +9,14 @@ mb.zarr s3://bucket/mb.zarr``), read with the same checks:
   mapped from ``cache_dir`` when one is given, else from an unlinked temporary file (page cache, not private
   memory; in memory only when the temporary directory is not writable); a read-only handle refuses a store
   whose rows lost their keys, flags, key index or data shards, as locally;
-* rows are read by `stores.remote_reader.RemoteRowReader`: ranged GETs of exactly the requested rows'
+* rows are read by `stores.remote.reader.RemoteRowReader`: ranged GETs of exactly the requested rows'
   inner chunks, issued concurrently, shard indexes cached per shard, every chunk's crc32c checked before
-  decoding; ``cache_dir`` keeps what was fetched (`stores.cache.ShardCache`, size-capped LRU, checked on
+  decoding; ``cache_dir`` keeps what was fetched (`stores.remote.cache.ShardCache`, size-capped LRU, checked on
   every read) for the next epochs;
-* keys and flags are read chunk by chunk without zarr-python (`stores.flat_chunks`), crc32c first.
+* keys and flags are read chunk by chunk without zarr-python (`stores.zarr_v3.flat_chunks`), crc32c first.
 
-Writers (`stores.remote_write.RemoteWrites`) put whole objects only. Fork safe: the fsspec filesystem (and
-s3fs's event-loop thread) is created on first use in each process (`stores.objstore.ObjectFiles`); shard
+Writers (`stores.remote.writes.RemoteWrites`) put whole objects only. Fork safe: the fsspec filesystem (and
+s3fs's event-loop thread) is created on first use in each process (`stores.remote.objstore.ObjectFiles`); shard
 state and cache handles inherited by a forked worker stay valid; pickling drops every handle.
 """
 from __future__ import annotations
@@ -29,19 +29,19 @@ from typing import Any
 import numpy as np
 import zarr
 
-from stores.cache import ShardCache
+from stores.remote.cache import ShardCache
 from stores.errors import StoreCorruptError, StoreError
-from stores.flat_chunks import FlatChunkReader
+from stores.zarr_v3.flat_chunks import FlatChunkReader
 from stores.fsio import json_object
 from stores.index import SplitIndex
 from stores.index_file import INDEX_DIR, SUFFIX
-from stores.objstore import Entry, ObjectFiles
-from stores.remote_reader import RemoteRowReader
-from stores.remote_write import RemoteWrites
-from stores.row_reader import RowChunkReader
+from stores.remote.objstore import Entry, ObjectFiles
+from stores.remote.reader import RemoteRowReader
+from stores.remote.writes import RemoteWrites
+from stores.zarr_v3.row_reader import RowChunkReader
 from stores.schema import LIGHT_ARRAY, LIGHT_FIELDS
-from stores.zarr_checks import field_path
-from stores.zarr_store import ZarrMemoryBank
+from stores.zarr_v3.checks import field_path
+from stores.zarr_v3.store import ZarrMemoryBank
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
 INDEX_PREFIX = "/".join(INDEX_DIR) + "/"

@@ -1,4 +1,4 @@
-"""Writing a memorybank on object storage: whole objects only (a mixin of `stores.remote.RemoteZarrMemoryBank`).
+"""Writing a memorybank on object storage: whole objects only (a mixin of `stores.remote.store.RemoteZarrMemoryBank`).
 
 Object stores have no partial writes and no rename: a shard rewritten in place by two tasks loses rows
 (zarr-python #3682: 30-50 % silent loss when tasks share a shard), and a half-written object is never
@@ -16,7 +16,7 @@ visible (a PUT replaces the whole object or nothing). So:
   filesystem has no exclusive create (gcs, azure, ...: see `ObjectFiles.put_if_absent`) the puts race as
   before conditional PUTs: the later root upload wins.
 * ``write_rows`` stages the rows it is given per data shard in this handle's memory; a shard object is
-  encoded (`stores.shard_codec`, zarr-python's bytes) and put ONCE, when all its rows
+  encoded (`stores.zarr_v3.shard_codec`, zarr-python's bytes) and put ONCE, when all its rows
   ``[shard start, min(shard end, split end))`` have been given, in order. Only then are the completion flags
   of those rows written (whole ``complete`` chunks of S rows: one chunk per shard of a task). A write that
   would need a stored shard to be merged with new rows (it starts inside a shard this handle did not start)
@@ -39,14 +39,14 @@ from typing import Any
 import numpy as np
 
 from stores.errors import StoreError, StoreMismatchError
-from stores.flat_chunks import encode_flat_chunk
+from stores.zarr_v3.flat_chunks import encode_flat_chunk
 from stores.index_file import INDEX_DIR, SUFFIX, write_index
 from stores.layout import COMPLETE_UNSET, new_store_attrs
-from stores.objstore import ObjectFiles
+from stores.remote.objstore import ObjectFiles
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, Provenance, StoreSchema, check_compatible
-from stores.shard_codec import encode_threads
-from stores.zarr_checks import field_path
-from stores.zarr_store import ZarrMemoryBank
+from stores.zarr_v3.shard_codec import encode_threads
+from stores.zarr_v3.checks import field_path
+from stores.zarr_v3.store import ZarrMemoryBank
 
 ROOT = "zarr.json"
 CREATE_WAIT_S = 60.0        # how long a creator that met another creator's objects waits for that store's root

@@ -1,5 +1,5 @@
 """Zarr v3 back end of the abstract `stores.abc.MemoryBank`: zarr-python creates and inspects and writes keys and
-flags; `stores.shard_codec.ShardCodec` writes data shards (in bulk, zarr-python's bytes); `RowChunkReader` reads rows.
+flags; `stores.zarr_v3.shard_codec.ShardCodec` writes data shards (in bulk, zarr-python's bytes); `RowChunkReader` reads rows.
 
 Layout of ``<path>/`` (a Zarr v3 group; attributes = schema, provenance, splits, times, shard_rows,
 ``light_channels``), schema_version 3::
@@ -12,7 +12,7 @@ Layout of ``<path>/`` (a Zarr v3 group; attributes = schema, provenance, splits,
 
 Every chunk of every array ends with a crc32c checksum (codec ``crc32c`` last in the chain; the shard
 indexes have one too). S = ``shard_rows`` (the writers' alignment unit); B divides S. Rows are read by
-`stores.row_reader.RowChunkReader` (mmap, checksum, one decode per row; no threads, so fork safe).
+`stores.zarr_v3.row_reader.RowChunkReader` (mmap, checksum, one decode per row; no threads, so fork safe).
 Opening validates the attributes against the arrays' metadata (`stores.validate`) and checks that every file
 it will read is a regular file; a read-only handle also refuses a store whose keys / completion chunks or
 data shards for complete rows are missing (`stores.abc.MemoryBank.refresh`).
@@ -33,10 +33,10 @@ from stores.errors import StoreCorruptError, UnsupportedLayout
 from stores.fsio import read_json
 from stores.index_file import index_dir, index_path
 from stores.layout import COMPLETE_UNSET, keys_chunk_rows
-from stores.flat_chunks import FlatChunkReader
-from stores.row_reader import RowChunkReader
-from stores.shard_codec import ShardCodec, encode_threads, write_file
-from stores.zarr_checks import ARRAY_NAMES, ZarrIntegrity, field_path
+from stores.zarr_v3.flat_chunks import FlatChunkReader
+from stores.zarr_v3.row_reader import RowChunkReader
+from stores.zarr_v3.shard_codec import ShardCodec, encode_threads, write_file
+from stores.zarr_v3.checks import ARRAY_NAMES, ZarrIntegrity, field_path
 from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, LIGHT_FIELDS, StoreSchema
 from stores.validate import ArrayInfo, check_store, zarr_array_info
 
@@ -62,7 +62,7 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
 
     backend = "zarr"
     index_files = True
-    bulk_writes = True     # write_rows encodes whole shards itself (stores.shard_codec); False: through zarr-python
+    bulk_writes = True     # write_rows encodes whole shards itself (stores.zarr_v3.shard_codec); False: through zarr-python
     write_threads: int | None = None     # threads compressing a shard (None: the CPUs available, at most 8)
 
     def __init__(self, path: str, mode: str, fsync: bool = True) -> None:
@@ -236,7 +236,7 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
 
     def _write_array(self, name: str, a: int, data: np.ndarray) -> None:
         """Rows ``[a, a + len(data))`` of array ``name``: each shard they touch encoded in bulk and put in
-        place by one crash-safe file write (`stores.shard_codec`); rows of a shard outside the block keep their
+        place by one crash-safe file write (`stores.zarr_v3.shard_codec`); rows of a shard outside the block keep their
         stored chunks (the old shard's index is checked first). Through zarr-python when ``bulk_writes`` is
         off or the layout is not one the encoder handles (same bytes either way)."""
         path = field_path(name)
