@@ -57,7 +57,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     print("splits:")
     for name, (start, count) in sorted(bank.splits.items()):
         print(f"  {name:<12} rows [{start}, {start + count})  reserved={count}  complete={bank.complete_count(name)}")
-    if not bank._disk_index:
+    if not bank.disk_index:
         print("key index: built in memory at every open" + (f" (schema_version {at['schema_version']}: "
               f"`python -m stores reindex {a.path}` writes it into the store)" if bank.index_files else ""))
     print(f"teacher_sha256={at['teacher_sha256']}  dataset_root={at['dataset_root']!r}  "

@@ -16,7 +16,7 @@ from stores import create_memorybank
 from stores.__main__ import main as stores_main
 from stores.retrieval.__main__ import main as retrieval_main
 from tests.test_reader_properties import Hang
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
+from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
 
 CLI = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -17,7 +17,7 @@ from stores import StoreCorruptError, create_memorybank, open_memorybank
 from stores.retrieval import RetrievalIndex, append_index, build_index, verify_indexes
 from stores.retrieval.__main__ import main
 from stores.retrieval.layout import faiss_module
-from tests.test_store_helpers import tiny_prov, tiny_schema
+from tests.store_fixtures import tiny_prov, tiny_schema
 
 D, SEGS, FRAMES = 32, 40, 50
 

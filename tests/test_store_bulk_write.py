@@ -19,7 +19,7 @@ from stores.fsio import read_json
 from stores.zarr_v3.shard_codec import ShardCodec
 from stores.verify import verify_path
 from stores.zarr_v3.store import ZarrMemoryBank
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
+from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
 
 LIGHT = ("actions", "bev_vec", "gru_out")
 # split of 21 rows in shards of 8: a whole shard, a shard filled by two blocks (the second merges into the

@@ -11,8 +11,8 @@ from stores import StoreError, StoreMismatchError, create_memorybank, open_memor
 from stores.remote import writes as remote_write
 from stores.remote.objstore import ObjectFiles
 from stores.remote.writes import empty_store_objects
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
-from tests.test_store_remote import s3  # noqa: F401 - the moto server fixture (module scope)
+from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
+
 
 S = 16
 OTHER = "cd" * 32                                 # another teacher's checkpoint hash

@@ -59,7 +59,7 @@ class KeyIndexing:
         raise NotImplementedError
 
     @property
-    def _disk_index(self) -> bool:
+    def disk_index(self) -> bool:
         """True when this store keeps its key index on disk (schema_version 4 on a back end with index files)."""
         return self.index_files and self._attrs.get("schema_version") == SCHEMA_VERSION
 
@@ -99,7 +99,7 @@ class KeyIndexing:
         3, HDF5, or a damaged file on a writable / verify handle) built from its keys."""
         crc = entry.get("keys_crc32c")
         problems = []
-        if self._disk_index:
+        if self.disk_index:
             lost = ~self._keys_present(s, s + c)
             try:
                 return self._open_split_index(name, s, c, crc), lost, []
@@ -166,7 +166,7 @@ class KeyIndexing:
     # ------------------------------------------------------------------ the on-disk index of a split
     def _write_split_index(self, split: str, start: int, keys: list[str], crc: int) -> None:
         """Write ``split``'s index file (before its split entry; no-op without on-disk indexes)."""
-        if self._disk_index:
+        if self.disk_index:
             write_index(self._index_path(split), split, start, crc, keys, fsync=self.fsync)
 
     def _remove_split_index(self, split: str) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from stores.keys import split_of, validate_part
 from stores.abc.indexing import KeyIndexing
+from stores.abc.inspection import Inspection
 from stores.abc.lifecycle import check_version, create_store, not_a_bank
 from stores.abc.primitives import StorePrimitives
 from stores.errors import StoreReadOnlyError
@@ -55,7 +56,7 @@ class MemoryBank(KeyIndexing, StorePrimitives):
         self._index: KeyIndex | None = None
         self._used_rows = 0                     # rows [0, used) that the splits occupy (at the last refresh)
         self._owned: dict[str, set[int]] = {}   # split -> shards this handle wrote into (alignment rule)
-        self._sole_writer = False               # True: the alignment rule is not enforced (stores.convert)
+        self.sole_writer = False               # True: the alignment rule is not enforced (stores.convert)
         self._legacy_ok = False                 # open() may accept an older schema_version (`convert`)
         self._legacy = False                    # True: this store IS of an older schema_version
         self._lenient = False                   # True: a read-only handle that lists damage (verify)
@@ -72,19 +73,33 @@ class MemoryBank(KeyIndexing, StorePrimitives):
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r", *, fsync: bool = True,
-             legacy: bool = False) -> "MemoryBank":
+             legacy: bool = False, lenient: bool = False) -> "MemoryBank":
         """Open an existing store of this back end; ``mode="r"`` (read-only) or ``"r+"`` (write rows into
         reserved splits). ``fsync=False`` skips the fsyncs of writes (faster; a power loss may then lose
         recently completed rows, which ``verify`` reports and a resume redoes). ``legacy=True`` (used by
-        `stores.convert`) reads a store of an older schema_version, read-only."""
+        `stores.convert`) reads a store of an older schema_version, read-only. ``lenient=True`` (used by
+        `stores.verify`) opens a damaged store read-only instead of refusing it; ``damage`` lists what is lost."""
         cls._concrete()
         bank = cls(str(path), mode, fsync)
         bank._legacy_ok = bool(legacy)
         if legacy and mode != "r":
             raise ValueError("stores of an older schema_version open read-only (for `python -m stores convert`)")
-        bank._attrs = bank._open_existing()
-        bank.refresh()
+        bank._open_checked(lenient)
         return bank
+
+    def _open_checked(self, lenient: bool) -> None:
+        """Read the attributes (checked against the arrays) and the key index; ``lenient``: see `open`."""
+        if lenient and self.mode != "r":
+            raise ValueError("a damaged store is opened leniently read-only only (mode='r')")
+        self._lenient = bool(lenient)
+        self._attrs = self._open_existing()
+        self.refresh()
+
+    def inspect(self) -> Inspection:
+        """The raw readers and key index of this bank, for `stores.verify` (see `Inspection`)."""
+        return Inspection(keys_of=self._keys_of, read_keys=self._read_keys, read_flags=self._read_flags,
+                          read_complete=self._read_complete, flags_extent=self._flags_extent,
+                          read_rows=self._read_rows, index=self._index, lost_files=tuple(self._lost_files))
 
     @classmethod
     def create(cls, path: str | os.PathLike, schema: StoreSchema, provenance: Provenance, *,
@@ -324,7 +339,7 @@ class MemoryBank(KeyIndexing, StorePrimitives):
                 raise ValueError(f"write_rows({split!r}, offset={offset}): keys differ from the reserved keys")
         if n == 0:
             return
-        if not self._sole_writer:
+        if not self.sole_writer:
             check_alignment(split, offset, n, self.alignment, self._owned.setdefault(split, set()),
                             lambda lo, hi: bool(self._read_complete(start + lo, start + hi).all()))
         a, b = start + offset, start + offset + n

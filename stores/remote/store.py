@@ -22,6 +22,7 @@ state and cache handles inherited by a forked worker stay valid; pickling drops 
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from stores.abc.inspection import Inspection
 from stores.remote.cache import ShardCache
 from stores.errors import StoreCorruptError, StoreError
 from stores.zarr_v3.flat_chunks import FlatChunkReader
@@ -68,16 +70,15 @@ class RemoteZarrMemoryBank(RemoteWrites, ZarrMemoryBank):
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r", *, fsync: bool = True, legacy: bool = False,
-             storage_options: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
-             cache_bytes: int | None = None) -> "RemoteZarrMemoryBank":
-        """Open the store at the URL ``path`` (``mode`` "r" or "r+", as `MemoryBank.open`)."""
+             lenient: bool = False, storage_options: dict[str, Any] | None = None,
+             cache_dir: str | os.PathLike | None = None, cache_bytes: int | None = None) -> "RemoteZarrMemoryBank":
+        """Open the store at the URL ``path`` (``mode`` "r" or "r+", ``lenient`` as `MemoryBank.open`)."""
         if legacy:
             raise StoreError(f"{path}: stores of an older schema_version are converted locally: download it, then "
                              "`python -m stores convert OLD NEW`")
         bank = cls(str(path), mode, fsync, storage_options=storage_options, cache_dir=cache_dir,
                    cache_bytes=cache_bytes)
-        bank._attrs = bank._open_existing()
-        bank.refresh()
+        bank._open_checked(lenient)
         return bank
 
     @staticmethod
@@ -164,6 +165,10 @@ class RemoteZarrMemoryBank(RemoteWrites, ZarrMemoryBank):
             self._arrays, self._group_pid = {}, os.getpid()
         return self._group
 
+    def inspect(self) -> Inspection:
+        """`ZarrMemoryBank.inspect` plus the listing of the store's objects."""
+        return replace(super().inspect(), listing=self._listing)
+
     def describe(self) -> list[dict[str, Any]]:
         """As `ZarrMemoryBank.describe`, from the arrays' metadata and the store's listing."""
         out = []
@@ -185,7 +190,7 @@ class RemoteZarrMemoryBank(RemoteWrites, ZarrMemoryBank):
             if name == LIGHT_ARRAY:
                 d["fields"] = {f: tuple(v) for f, v in self.schema.light_channels().items()}
             out.append(d)
-        if self._disk_index and self._index is not None:
+        if self.disk_index and self._index is not None:
             width = max((s.width for s in self._index.splits.values()), default=1)
             count = sum(s.count for s in self._index.splits.values())
             out.append({"name": "keys/index", "shape": (count,), "dtype": f"|S{width}", "chunks": None, "shards": None,

@@ -117,7 +117,7 @@ class RemoteWrites:
     _metas: dict[str, dict[str, Any]]
     _readers: dict[str, Any]
     _attrs: dict[str, Any]
-    _disk_index: bool
+    disk_index: bool
     alignment: int
     splits: dict[str, tuple[int, int]]
     _codec: Any
@@ -215,7 +215,7 @@ class RemoteWrites:
             self._put_flat("complete", a, np.full(b - a, value, np.uint8), COMPLETE_UNSET)
 
     def _write_split_index(self, split: str, start: int, keys: list[str], crc: int) -> None:
-        if self._disk_index:
+        if self.disk_index:
             with tempfile.TemporaryDirectory(prefix="e2r-idx-") as tmp:
                 local = Path(tmp).joinpath(*INDEX_DIR, f"{split}{SUFFIX}")
                 write_index(local, split, start, crc, keys, fsync=False)

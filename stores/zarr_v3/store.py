@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import zarr
 import zarr.codecs as zc
 
 from stores.abc import MemoryBank
+from stores.abc.inspection import Inspection
 from stores.errors import StoreCorruptError, UnsupportedLayout
 from stores.fsio import read_json
 from stores.index_file import index_dir, index_path
@@ -330,6 +332,11 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
             out[BEV_FEAT] = self._read_array_rows(BEV_FEAT, rows)
         return {f: out[f] for f in fields}
 
+    def inspect(self) -> Inspection:
+        """`MemoryBank.inspect` plus the Zarr readers: chunk rows, flat chunks, arrays present, row readers."""
+        return replace(super().inspect(), chunk_rows=self._chunk_rows, flat_reader=self._flat_reader,
+                       arrays_on_disk=self._arrays_on_disk, row_reader=self._reader)
+
     def describe(self) -> list[dict[str, Any]]:
         """Per array: name, shape, dtype, chunks, shards, codecs, stored bytes (files on disk), raw bytes,
         and for ``light`` the channel slice of each field."""
@@ -348,7 +355,7 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
             if name == LIGHT_ARRAY:
                 d["fields"] = {f: tuple(v) for f, v in self.schema.light_channels().items()}
             out.append(d)
-        if self._disk_index and self._index is not None:
+        if self.disk_index and self._index is not None:
             files = [p for p in idx_dir.iterdir() if p.is_file()] if idx_dir.is_dir() else []
             width = max((s.width for s in self._index.splits.values()), default=1)
             count = sum(s.count for s in self._index.splits.values())
