@@ -8,11 +8,12 @@ unless ``fsync=False``); readers index complete rows only. Writers that fill spl
 another writer; ``write_rows`` refuses writes that break this rule (`stores.layout.check_alignment`).
 A store is created under a temporary name and renamed into place (`stores.abc.lifecycle`): it exists whole
 or not at all. Opening validates the attributes against the arrays (`stores.validate`), reads the completion
-flags and maps the key index (`stores.abc.indexing`); a read-only handle refuses a store whose rows have lost
+flags and maps the key index (`stores.abc.base`); a read-only handle refuses a store whose rows have lost
 their keys, completion flags, key index or data files.
 
-This class holds all back-end independent logic; a back end implements the ``@abstractmethod``
-primitives at the end. It never imports a back end: `stores.factory` chooses one for a path.
+This class holds the reader/writer API; its plain base `stores.abc.base.StoreBase` declares the
+``@abstractmethod`` primitives a back end implements and builds the key side on them. A back end is one class
+deriving from `MemoryBank`. Nothing here imports a back end: `stores.factory` chooses one for a path.
 """
 from __future__ import annotations
 
@@ -23,18 +24,16 @@ from typing import Any
 import numpy as np
 
 from stores.keys import split_of, validate_part
-from stores.abc.indexing import KeyIndexing
+from stores.abc.base import StoreBase
 from stores.abc.inspection import Inspection
 from stores.abc.lifecycle import check_version, create_store, not_a_bank
-from stores.abc.primitives import StorePrimitives
-from stores.errors import StoreReadOnlyError
 from stores.fsio import writing
-from stores.index import KeyIndex, check_keys
+from stores.index import check_keys
 from stores.layout import COMPLETE_UNSET, check_alignment, check_block, keys_crc32c, ranges_of
 from stores.schema import LEGACY_SCHEMA_VERSIONS, Provenance, StoreSchema, json_attrs, now_iso
 
 
-class MemoryBank(KeyIndexing, StorePrimitives):
+class MemoryBank(StoreBase):
     """A memorybank of teacher outputs indexed by sample key. Open with `stores.open_memorybank` /
     `stores.create_memorybank` (which pick the back end), or ``<BackEnd>.open`` / ``<BackEnd>.create``.
 
@@ -45,24 +44,6 @@ class MemoryBank(KeyIndexing, StorePrimitives):
     """
 
     backend = "abstract"
-
-    def __init__(self, path: str, mode: str, fsync: bool = True) -> None:
-        if mode not in ("r", "r+"):
-            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
-        self.path = str(path)
-        self.mode = mode
-        self.fsync = bool(fsync)          # fsync data, then flags, on every write (crash/power-loss safety)
-        self._attrs: dict[str, Any] = {}
-        self._index: KeyIndex | None = None
-        self._used_rows = 0                     # rows [0, used) that the splits occupy (at the last refresh)
-        self._owned: dict[str, set[int]] = {}   # split -> shards this handle wrote into (alignment rule)
-        self.sole_writer = False               # True: the alignment rule is not enforced (stores.convert)
-        self._legacy_ok = False                 # open() may accept an older schema_version (`convert`)
-        self._legacy = False                    # True: this store IS of an older schema_version
-        self._lenient = False                   # True: a read-only handle that lists damage (verify)
-        self.damage: list[str] = []             # what the last refresh() found lost (keys, flags, data files)
-        self._lost_files: list[str] = []        # the data-file part of ``damage``
-        self._read_damage: list[str] = []       # chunks of keys / complete that failed their checks (r+)
 
     # ------------------------------------------------------------------ opening (this back end)
     @classmethod
@@ -140,16 +121,6 @@ class MemoryBank(KeyIndexing, StorePrimitives):
     @property
     def provenance(self) -> Provenance:
         return Provenance.from_dict(self._attrs)
-
-    @property
-    def alignment(self) -> int:
-        """Rows per shard: concurrent writers must own split positions cut at multiples of this."""
-        return int(self._attrs["shard_rows"])
-
-    @property
-    def splits(self) -> dict[str, tuple[int, int]]:
-        """``{split: (start_row, count)}``."""
-        return {k: (int(v["start"]), int(v["count"])) for k, v in self._attrs["splits"].items()}
 
     @property
     def n_rows(self) -> int:
@@ -235,16 +206,6 @@ class MemoryBank(KeyIndexing, StorePrimitives):
         return found
 
     # ------------------------------------------------------------------ writing
-    def _need_write(self) -> None:
-        if self.mode != "r+":
-            raise StoreReadOnlyError(f"memorybank {self.path} is open read-only (mode='r'); open with mode='r+'")
-
-    def _split(self, split: str) -> tuple[int, int]:
-        try:
-            return self.splits[split]
-        except KeyError:
-            raise KeyError(f"split {split!r} is not in memorybank {self.path} (splits: {sorted(self.splits)})") from None
-
     def reserve_split(self, split: str, keys: Sequence[str], replace: bool = False) -> tuple[int, int]:
         """Pre-allocate rows for ``split`` holding ``keys`` in this order; returns ``(start_row, count)``.
 

@@ -15,15 +15,18 @@ mb.zarr s3://bucket/mb.zarr``), read with the same checks:
   every read) for the next epochs;
 * keys and flags are read chunk by chunk without zarr-python (`stores.zarr_v3.flat_chunks`), crc32c first.
 
-Writers (`stores.remote.writes.RemoteWrites`) put whole objects only. Fork safe: the fsspec filesystem (and
+Writers put whole objects only (the protocol: `stores.remote.writes`). Fork safe: the fsspec filesystem (and
 s3fs's event-loop thread) is created on first use in each process (`stores.remote.objstore.ObjectFiles`); shard
 state and cache handles inherited by a forked worker stay valid; pickling drops every handle.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
+import json
 import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +39,23 @@ from stores.errors import StoreCorruptError, StoreError
 from stores.zarr_v3.flat_chunks import FlatChunkReader
 from stores.fsio import json_object
 from stores.index import SplitIndex
-from stores.index_file import INDEX_DIR, SUFFIX
+from stores.index_file import INDEX_DIR, SUFFIX, write_index
+from stores.layout import COMPLETE_UNSET
 from stores.remote.objstore import Entry, ObjectFiles
 from stores.remote.reader import RemoteRowReader
-from stores.remote.writes import RemoteWrites
+from stores.remote.writes import ROOT, create_remote
 from stores.zarr_v3.row_reader import RowChunkReader
-from stores.schema import LIGHT_ARRAY, LIGHT_FIELDS
+from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, Provenance, StoreSchema
 from stores.zarr_v3.checks import field_path
+from stores.zarr_v3.flat_chunks import encode_flat_chunk
+from stores.zarr_v3.shard_codec import encode_threads
 from stores.zarr_v3.store import ZarrMemoryBank
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
 INDEX_PREFIX = "/".join(INDEX_DIR) + "/"
 
 
-class RemoteZarrMemoryBank(RemoteWrites, ZarrMemoryBank):
+class RemoteZarrMemoryBank(ZarrMemoryBank):
     """`ZarrMemoryBank` whose files are objects under a URL (see the module docstring). Open it with
     `stores.open_memorybank(url, storage_options=..., cache_dir=...)`."""
 
@@ -198,9 +204,184 @@ class RemoteZarrMemoryBank(RemoteWrites, ZarrMemoryBank):
                         "stored_bytes": sum(e.size for n, e in self._listing.items() if n.startswith(INDEX_PREFIX))})
         return out
 
-    def close(self) -> None:
+    def _close_handles(self) -> None:
         try:
             super().close()
         finally:
             if self.cache is not None:
                 self.cache.close()
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, schema: StoreSchema, provenance: Provenance, *,
+               shard_rows: int | None = None, exist_ok: bool = True, fsync: bool = True,
+               storage_options: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+               cache_bytes: int | None = None) -> "RemoteZarrMemoryBank":
+        """Create the store at the URL ``path`` (uploaded whole, root metadata last, each object only if absent),
+        or open an existing one "r+" after checking its schema and teacher (StoreMismatchError; FileExistsError
+        when ``exist_ok=False``); a creator that loses a race ends as if the store had existed
+        (`stores.remote.writes`)."""
+        return create_remote(cls, path, schema, provenance, shard_rows=shard_rows, exist_ok=exist_ok, fsync=fsync,
+                             storage_options=storage_options, cache_dir=cache_dir, cache_bytes=cache_bytes)
+
+    # ------------------------------------------------------------------ metadata, keys, flags
+    def _write_attrs(self, attrs: dict[str, Any]) -> None:
+        self.files.put(ROOT, json.dumps({"attributes": attrs, "zarr_format": 3, "node_type": "group"},
+                                               indent=2).encode())
+
+    def _resize(self, n: int) -> None:
+        """Grow every array to ``n`` rows (their zarr.json objects, the keys array last)."""
+        for name in [*self._arrays_on_disk(), "complete", "keys"]:
+            path = field_path(name)
+            meta = self._metas[path]
+            if int(meta["shape"][0]) > n:
+                raise StoreError(f"{self.path}: arrays of an object store only grow ({path} has {meta['shape'][0]} "
+                                 f"rows, asked {n})")
+            if int(meta["shape"][0]) != n:
+                meta = {**meta, "shape": [n, *meta["shape"][1:]]}
+                self.files.put(f"{path}/zarr.json", json.dumps(meta, indent=2).encode())
+                self._metas[path] = meta
+        self._readers.clear()
+
+    def _put_flat(self, name: str, a: int, values: np.ndarray, fill: Any) -> None:
+        """Rows ``[a, a + len(values))`` of ``keys`` / ``complete``: each chunk they touch written whole (the
+        rest of a partly covered chunk read first; a damaged or absent one counts as fill); an all-fill
+        chunk is deleted (as zarr-python does)."""
+        C, b = self._chunk_rows(name), a + len(values)
+        for c in range(a // C, -(-b // C)):
+            lo, hi = max(a, c * C), min(b, (c + 1) * C)
+            if lo == c * C and hi == (c + 1) * C:
+                chunk = np.asarray(values[lo - a:hi - a])
+            else:
+                try:
+                    old = self._flat_reader(name).chunk(c)
+                except ValueError:
+                    old = None                             # damaged: its rows are lost anyway (redo / re-reserve)
+                chunk = np.full(C, fill, dtype=object if name == "keys" else np.uint8) if old is None else old.copy()
+                chunk[lo - c * C:hi - c * C] = values[lo - a:hi - a]
+            rel = f"{name}/c/{c}"
+            if (chunk == fill).all():
+                self.files.delete([rel])
+            else:
+                self.files.put(rel, encode_flat_chunk(self._metas[name], chunk))
+
+    def _write_keys(self, a: int, keys: np.ndarray) -> None:
+        self._put_flat("keys", a, np.asarray(keys, dtype=object), "")
+
+    def _write_flags(self, a: int, b: int, value: int) -> None:
+        if b > a:
+            self._put_flat("complete", a, np.full(b - a, value, np.uint8), COMPLETE_UNSET)
+
+    def _write_split_index(self, split: str, start: int, keys: list[str], crc: int) -> None:
+        if self.disk_index:
+            with tempfile.TemporaryDirectory(prefix="e2r-idx-") as tmp:
+                local = Path(tmp).joinpath(*INDEX_DIR, f"{split}{SUFFIX}")
+                write_index(local, split, start, crc, keys, fsync=False)
+                self.files.put("/".join([*INDEX_DIR, f"{split}{SUFFIX}"]), local.read_bytes())
+
+    def _remove_split_index(self, split: str) -> None:
+        self.files.delete(["/".join([*INDEX_DIR, f"{split}{SUFFIX}"])])
+
+    def reindex(self) -> list[str]:
+        raise StoreError(f"{self.path}: `reindex` rewrites a store in place; run it on a local copy and upload the "
+                         "`keys/index` objects it writes (or re-export)")
+
+    # ------------------------------------------------------------------ data: whole shards
+    def _write_fields(self, a: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Stage rows ``[a, a + n)`` of every data array; put each shard object whose rows are all given."""
+        n = len(next(iter(arrays.values())))
+        light = [arrays[f] for f in LIGHT_FIELDS if f in arrays]
+        if len(light) != len(LIGHT_FIELDS):
+            raise ValueError(f"{self.path}: the packed light array needs all of {LIGHT_FIELDS} in one write")
+        data = {LIGHT_ARRAY: np.concatenate(light, axis=-1)}
+        if BEV_FEAT in arrays:
+            data[BEV_FEAT] = np.asarray(arrays[BEV_FEAT])
+        end = next((s + c for s, c in self.splits.values() if s <= a < s + c), a + n)
+        staged = self._staged
+        for name, block in data.items():
+            R = self._codec(field_path(name)).rows_per_shard
+            for i in range(a // R, -(-(a + n) // R)):
+                lo, hi = max(a, i * R), min(a + n, (i + 1) * R)
+                st = staged.get((name, i))
+                if st is None:
+                    if lo != i * R:
+                        raise StoreError(
+                            f"memorybank {self.path}: write_rows starts at row {lo}, inside shard {i} of {field_path(name)!r} "
+                            f"(rows [{i * R}, {(i + 1) * R})) that this handle did not start: an object store cannot "
+                            "rewrite part of a shard object (no partial writes). Write the whole shard from its first "
+                            "row, e.g. re-export the split (--overwrite)")
+                    st = staged[(name, i)] = {"first": lo, "next": lo, "end": min((i + 1) * R, end), "blocks": []}
+                if lo != st["next"]:
+                    raise StoreError(f"memorybank {self.path}: rows of shard {i} of {field_path(name)!r} must be written in "
+                                     f"order by one handle: expected row {st['next']}, got {lo}")
+                st["blocks"].append(block[lo - a:hi - a])
+                st["next"] = hi
+                if hi >= st["end"]:
+                    self._put_shard(name, i, np.concatenate(st.pop("blocks")))
+                    del staged[(name, i)]
+                    if name == LIGHT_ARRAY:
+                        self._stored.append((i * R, hi))
+        self._readers.clear()
+
+    def _put_shard(self, name: str, i: int, rows: np.ndarray) -> None:
+        path = field_path(name)
+        codec = self._codec(path)
+        parts = codec.shard(rows, 0, None, threads=self.write_threads or encode_threads())
+        rel = f"{path}/c/{i}" + "/0" * (rows.ndim - 1)
+        if parts is None:
+            self.files.delete([rel])
+        else:
+            self.files.put(rel, b"".join(bytes(p) for p in parts))
+
+    def _write_complete(self, a: int, b: int, flag: bool) -> None:
+        """Flags of the rows whose shards were just put (``write_rows`` calls this after `_write_fields`)."""
+        if not flag:
+            self._write_flags(a, b, 0)
+            return
+        stored, self._stored = self._stored, []
+        for lo, hi in stored:
+            self._write_flags(lo, hi, 1)
+
+    def _write_field(self, name: str, a: int, data: np.ndarray) -> None:
+        raise StoreError(f"{self.path}: one field alone cannot be written to an object store (whole shards only)")
+
+    def _clear_rows(self, a: int, b: int) -> None:
+        """remove_split: the rows' flags, then their shard objects, then their keys."""
+        self._write_flags(a, b, COMPLETE_UNSET)
+        for name in self._arrays_on_disk():
+            R = self._codec(field_path(name)).rows_per_shard
+            tail = "/0" * (len(self._metas[field_path(name)]["shape"]) - 1)
+            self.files.delete([f"{field_path(name)}/c/{i}{tail}" for i in range(a // R, -(-b // R))])
+        self._put_flat("keys", a, np.full(b - a, "", dtype=object), "")
+        self._readers.clear()
+
+    # ------------------------------------------------------------------ no local files to sync or check
+    def _sync_rows(self, names: Any, a: int, b: int) -> None:
+        """A PUT that returned is durable: nothing to sync."""
+
+    def _sync_meta(self) -> None:
+        """A PUT that returned is durable: nothing to sync."""
+
+    def _check_files(self, names: Any, a: int, b: int) -> None:
+        """Objects are never special files: nothing to check."""
+
+    def pending_rows(self) -> list[tuple[str, int, int]]:
+        """``[(array, first, next)]`` of rows given to ``write_rows`` but not stored yet (partial shards)."""
+        return [(field_path(n), st["first"], st["next"]) for (n, _), st in self._staged.items()]
+
+    def close(self) -> None:
+        """StoreError when rows given to ``write_rows`` are still staged (their shard was never completed):
+        they were not stored; write the rest of their shards first."""
+        pending = self.pending_rows()
+        self._staged.clear()
+        self._close_handles()
+        if pending:
+            raise StoreError(f"memorybank {self.path}: rows were given to write_rows but NOT stored, because their "
+                             "shards were never completed (an object store takes whole shards only): "
+                             + ", ".join(f"{n} rows [{x}, {y})" for n, x, y in pending)
+                             + ". Write every row of a shard (up to the split's end) before closing; a resume redoes them")
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is not None:
+            self._staged.clear()               # the exception in flight explains why; do not mask it
+        self.close()
+
