@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from stores import create_memorybank
 from stores.__main__ import main as stores_main
 from stores.retrieval.__main__ import main as retrieval_main
-from tests.test_reader_properties import Hang
+from tests.fixtures import Hang
 from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
 
 CLI = settings(max_examples=40, deadline=None, derandomize=True, database=None,

@@ -1,17 +1,12 @@
-"""Zarr v3 back end of the abstract `stores.abc.MemoryBank`: zarr-python creates and inspects and writes keys and
-flags; `stores.zarr_v3.shard_codec.ShardCodec` writes data shards (in bulk, zarr-python's bytes); `RowChunkReader` reads rows.
+"""Zarr v3 back end of the abstract `stores.abc.MemoryBank` (`ZarrMemoryBank`): zarr-python creates and inspects
+and writes keys and flags; `stores.zarr_v3.shard_codec.ShardCodec` writes data shards (in bulk, zarr-python's
+bytes); `RowChunkReader` reads rows.
 
-Layout of ``<path>/`` (a Zarr v3 group; attributes = schema, provenance, splits, times, shard_rows,
-``light_channels``), schema_version 3::
-
-    keys        (N,)            string (vlen-utf8), chunks (max(S, 65536),)   "" for unreserved rows
-    complete    (N,)            uint8, chunks (S,), fill 255: 0 reserved, 1 complete, 255 no chunk (lost / unused)
-    light       (N, T, A+D+H)   float32|float16: actions | bev_vec | gru_out packed on the channel axis,
-                                shards (S, T, A+D+H) of inner chunks (1, T, A+D+H), fill NaN
-    bev_feat/bev_feat (N, T, C, H, W)  shards (B, T, C, H, W), inner chunk = one sample (only if stored)
+Layout of ``<path>/`` (a Zarr v3 group: ``keys``, ``complete``, the packed ``light`` array, ``bev_feat/bev_feat``
+when stored; created by `stores.zarr_v3.arrays`): docs/STORE.md.
 
 Every chunk of every array ends with a crc32c checksum (codec ``crc32c`` last in the chain; the shard
-indexes have one too). S = ``shard_rows`` (the writers' alignment unit); B divides S. Rows are read by
+indexes have one too). S = ``shard_rows`` is the writers' alignment unit. Rows are read by
 `stores.zarr_v3.row_reader.RowChunkReader` (mmap, checksum, one decode per row; no threads, so fork safe).
 Opening validates the attributes against the arrays' metadata (`stores.validate`) and checks that every file
 it will read is a regular file; a read-only handle also refuses a store whose keys / completion chunks or
