@@ -11,7 +11,7 @@ camera sample without a LiDAR key). The store: `bench_store.key_index_store` (N 
 ``train/seg_XXXXX:i``, 1000 per segment); the index rows are the store's keys in row order.
 
 Back ends: exact, faiss-hnsw, and one faiss-ivf index per ``--ivf`` variant ``CODEC/COARSE`` (codes in the
-lists / coarse quantizer, `stores.retrieval_faiss`; the default compares the old SQ8/flat with the fast-scan
+lists / coarse quantizer, `stores.retrieval.faiss_index`; the default compares the old SQ8/flat with the fast-scan
 PQ variants). Each is built in a process of its own (seconds; peak RSS above the process's RSS before the
 build; bytes of the index on disk) and searched in another: open time, the first batch (maps and checks the
 chunks, loads the faiss index), the median time per batch of 64 over all queries, RSS added (anonymous vs
@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_store import _ki_key, _rss_mib, key_index_store  # noqa: E402
 from stores.retrieval import RetrievalIndex, build_index  # noqa: E402
-from stores.retrieval_faiss import faiss_module  # noqa: E402
+from stores.retrieval.faiss_index import faiss_module  # noqa: E402
 
 IVF = "SQ8/flat,PQ64x4fsr/flat,PQ64x4fsr/PQ128x4fs,PQ64x4fsr/HNSW32"
 B, K, SELF_T = 64, 8, 5

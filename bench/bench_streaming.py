@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_store import LIGHT, MemmapDataset, get_batch_rate, loader_rate, write_store  # noqa: E402
 from e2r.data.sampler import EpochBatchSampler  # noqa: E402
 from stores import StoreSchema, open_memorybank  # noqa: E402
-from stores.local_s3 import moto_s3  # noqa: E402
+from stores.remote.local_s3 import moto_s3  # noqa: E402
 from e2r.workflow.targets_ahead import TargetsAhead  # noqa: E402
 from stores.torch_data import MemoryBankDataset, TeacherRowReader, make_loader  # noqa: E402
 

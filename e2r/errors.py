@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from stores.errors import InvalidKeyError   # the key grammar's error lives with the grammar (stores.keys)
+
 __all__ = ["E2RError", "Problem", "DataError", "LayoutUndecidable", "CheckpointError", "InvalidKeyError", "check_positive", "check_probability",
            "check_weights", "ConfigError"]
 
@@ -52,10 +54,6 @@ class LayoutUndecidable(E2RError, ValueError):
 
 class CheckpointError(E2RError, ValueError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
-
-
-class InvalidKeyError(E2RError, ValueError):
-    """A key (or a key part) that does not follow the grammar; the message names it and the reason."""
 
 
 class ConfigError(E2RError, ValueError):

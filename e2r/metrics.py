@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from e2r.atomic import replacing
-from e2r.keys import parse_key
+from stores.keys import parse_key
 
 __all__ = ["ACTION_NAMES", "parse_overall_weights", "ActionErrorAccumulator", "metrics_table",
            "write_metrics_csv", "segment_series", "plot_segment", "per_segment_metrics"]

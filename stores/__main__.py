@@ -1,9 +1,9 @@
 """Inspect and maintain memorybanks: ``python -m stores <command>`` (also installed as ``e2r-mb``).
 
-Commands: info, ls, show, verify, stats, rm-split, reindex, convert, and the retrieval index's
-``index build|query|verify`` (``query STORE KEY`` for short; ``stores.retrieval``). Every command opens stores
-read-only except rm-split, reindex, convert's destination and index build. ``verify`` (which also checks the
-store's retrieval indexes) exits 1 when it finds a problem.
+Commands: info, ls, show, verify, stats, rm-split, reindex, convert (the retrieval index inside a store has its
+own: ``python -m stores.retrieval build|query|verify``). Every command opens stores read-only except rm-split,
+reindex and convert's destination. ``verify`` (which also checks the store's retrieval indexes) exits 1 when it
+finds a problem.
 
 A store on object storage is named by its URL (``s3://bucket/mb.zarr``, any fsspec protocol): endpoint and
 credentials come from ``--storage_options JSON`` (fsspec's arguments, e.g. ``'{"endpoint_url":
@@ -24,9 +24,8 @@ import numpy as np
 from stores.convert import convert
 from stores.errors import StoreError
 from stores.factory import open_memorybank
-from stores.objstore import parse_storage_options
+from stores.remote.objstore import parse_storage_options
 from stores.retrieval import list_indexes, verify_indexes
-from stores.retrieval_cli import main as retrieval_main
 from stores.verify import field_stats, incomplete_count, verify_bank, verify_path  # noqa: F401 (verify_bank: API)
 
 
@@ -58,7 +57,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     print("splits:")
     for name, (start, count) in sorted(bank.splits.items()):
         print(f"  {name:<12} rows [{start}, {start + count})  reserved={count}  complete={bank.complete_count(name)}")
-    if not bank._disk_index:
+    if not bank.disk_index:
         print("key index: built in memory at every open" + (f" (schema_version {at['schema_version']}: "
               f"`python -m stores reindex {a.path}` writes it into the store)" if bank.index_files else ""))
     print(f"teacher_sha256={at['teacher_sha256']}  dataset_root={at['dataset_root']!r}  "
@@ -207,10 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "float16"], default=None, help="stored dtype of dst")
     s.add_argument("--shard-rows", type=int, default=None, help="rows per shard of dst (power of two)")
     s.add_argument("--teacher-sha256", default=None, help="teacher checkpoint hash to record (npz import)")
-    sub.add_parser("index", help="retrieval index: build | query | verify (python -m stores index build --help)",
-                   add_help=False)
-    sub.add_parser("query", help="the neighbours of a key in a retrieval index: query STORE KEY --name state --k 8",
-                   add_help=False)
     return p
 
 
@@ -220,10 +215,6 @@ COMMANDS = {"info": cmd_info, "ls": cmd_ls, "show": cmd_show, "verify": cmd_veri
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["index"]:                  # the retrieval index's own CLI (stores.retrieval)
-        return retrieval_main(argv[1:])
-    if argv[:1] == ["query"]:
-        return retrieval_main(argv)
     a = build_parser().parse_args(argv)
     try:
         return COMMANDS[a.cmd](a)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from e2r.keys import InvalidKeyError, parse_key, validate_key
+from stores.keys import InvalidKeyError, parse_key, validate_key
 from stores.factory import backend_for, create_memorybank
 from stores.layout import ranges_of
 from stores.schema import ALL_FIELDS, BEV_FEAT, Provenance, StoreSchema
@@ -65,13 +65,13 @@ def convert_store(src: str, dst: str, dtype: str | None = None, shard_rows: int 
     if dtype:
         schema.dtype = dtype
     d = create_memorybank(dst, schema, s.provenance, shard_rows=shard_rows or s.alignment, exist_ok=False)
-    d._sole_writer = True      # one process writes the new store: copying rows around gaps is allowed
+    d.sole_writer = True      # one process writes the new store: copying rows around gaps is allowed
     copied = 0
     with tqdm(total=len(s), desc=f"convert {os.path.basename(src)}", unit="row") as bar:
         for split, (start, count) in sorted(s.splits.items(), key=lambda kv: kv[1][0]):
             keys = s.split_keys(split)
             d.reserve_split(split, keys)
-            for a, b in ranges_of(s._read_complete(start, start + count)):
+            for a, b in ranges_of(s.inspect().read_complete(start, start + count)):
                 for x in range(a, b, block_rows):
                     y = min(b, x + block_rows)
                     rows, missing = s.get_batch(keys[x:y])
@@ -108,7 +108,7 @@ def convert_npz_dir(src: str, dst: str, teacher_sha256: str = "unknown", dtype: 
                          store_bev_feat=bev is not None)
     prov = Provenance(teacher_sha256=teacher_sha256, dataset_root="", model_config={"imported_from": str(src)})
     bank = create_memorybank(dst, schema, prov, shard_rows=shard_rows, exist_ok=False)
-    bank._sole_writer = True
+    bank.sole_writer = True
     n = 0
     with tqdm(total=len(files), desc="import npz", unit="key") as bar:
         for split, items in sorted(by_split.items()):

@@ -8,11 +8,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = ["StoreError", "StoreMismatchError", "NotAMemoryBankError", "StoreReadOnlyError", "UnsupportedLayout",
-           "StoreCorruptError", "StoreVersionError"]
+           "StoreCorruptError", "StoreVersionError", "InvalidKeyError"]
 
 
 class StoreError(Exception):
     """Base class of every error raised by the memorybank store on purpose."""
+
+
+class InvalidKeyError(StoreError, ValueError):
+    """A key (or a key part) that does not follow the grammar of `stores.keys`; the message names it and the
+    reason."""
 
 
 class StoreMismatchError(StoreError, ValueError):

@@ -19,10 +19,10 @@ from typing import Any
 
 from stores.abc import MemoryBank
 from stores.hdf5_store import HDF5MemoryBank
-from stores.objstore import ObjectFiles, is_remote
-from stores.remote import RemoteZarrMemoryBank
+from stores.remote.objstore import ObjectFiles, is_remote
+from stores.remote.store import RemoteZarrMemoryBank
 from stores.schema import Provenance, StoreSchema
-from stores.zarr_store import ZarrMemoryBank
+from stores.zarr_v3.store import ZarrMemoryBank
 
 __all__ = ["backend_for", "open_memorybank", "create_memorybank", "memorybank_exists", "remove_memorybank",
            "stored_bytes"]
@@ -50,7 +50,7 @@ def _remote_kw(path: str | os.PathLike, storage_options: dict[str, Any] | None, 
     return {"storage_options": storage_options, "cache_dir": cache_dir, "cache_bytes": cache_bytes}
 
 
-def open_memorybank(path: str | os.PathLike, mode: str = "r", *, fsync: bool = True,
+def open_memorybank(path: str | os.PathLike, mode: str = "r", *, fsync: bool = True, lenient: bool = False,
                     storage_options: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
                     cache_bytes: int | None = None) -> MemoryBank:
     """Open an existing store; ``mode="r"`` (read-only) or ``"r+"`` (write rows into reserved splits).
@@ -58,8 +58,10 @@ def open_memorybank(path: str | os.PathLike, mode: str = "r", *, fsync: bool = T
     StoreVersionError for an older on-disk format; StoreCorruptError when its attributes contradict its
     arrays or (read-only) rows lost their keys, flags or data. ``fsync=False``: writes skip fsync (faster,
     not power-loss safe; docs/STORE.md). For a URL (``s3://...``): ``storage_options`` for fsspec,
-    ``cache_dir`` / ``cache_bytes`` for the local cache of fetched chunks (ignored for local paths)."""
-    return backend_for(path).open(path, mode=mode, fsync=fsync,
+    ``cache_dir`` / ``cache_bytes`` for the local cache of fetched chunks (ignored for local paths).
+    ``lenient=True`` (read-only): open a damaged store instead of refusing it, ``damage`` listing what is lost
+    (what `stores.verify` does)."""
+    return backend_for(path).open(path, mode=mode, fsync=fsync, lenient=lenient,
                                   **_remote_kw(path, storage_options, cache_dir, cache_bytes))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from e2r.keys import InvalidKeyError, validate_key
+from stores.keys import InvalidKeyError, validate_key
 from stores.errors import StoreCorruptError
 from stores.index_file import BLOCK, MappedIndex, index_from_bytes, map_index, sort_keys, spill
 
@@ -49,7 +49,7 @@ class SplitIndex:
         """Map the index file of a split; FileNotFoundError when absent, StoreCorruptError when damaged or
         left over from other keys."""
         idx = cls(split, start, count, path=path, store=store, keys_crc32c=keys_crc32c)
-        idx._mapped()
+        idx.mapped()
         return idx
 
     @classmethod
@@ -102,9 +102,9 @@ class SplitIndex:
 
     @property
     def width(self) -> int:
-        return self._mapped().keys.dtype.itemsize
+        return self.mapped().keys.dtype.itemsize
 
-    def _mapped(self) -> MappedIndex:
+    def mapped(self) -> MappedIndex:
         if self._m is None and self._fetch is not None:          # unpickled: fetched again in this process
             buf = self._fetch()
             if buf is None:
@@ -129,7 +129,7 @@ class SplitIndex:
 
     def check_blocks(self, blocks: np.ndarray) -> None:
         """StoreCorruptError unless every block in ``blocks`` matches its crc32c (each checked once)."""
-        m, seen = self._mapped(), self._verified
+        m, seen = self.mapped(), self._verified
         if seen is None:                   # built in memory from checked keys
             return
         todo = blocks[~seen[blocks]]
@@ -151,12 +151,12 @@ class SplitIndex:
 
     def check_all(self) -> None:
         """Check every block (``verify``)."""
-        m = self._mapped()
+        m = self.mapped()
         self.check_blocks(np.arange(len(m.crcs)))
 
     def find(self, q: np.ndarray) -> np.ndarray:
         """Rows (int64, -1 when absent) of the keys ``q`` (a bytes array ``S<n>``, any width)."""
-        m = self._mapped()
+        m = self.mapped()
         n, w = len(m.keys), m.keys.dtype.itemsize
         out = np.full(len(q), -1, np.int64)
         if not n or not len(q):
@@ -181,7 +181,7 @@ class SplitIndex:
         """A key is absent only if the checked entries around where its search landed bracket it: a search
         misled by a damaged block elsewhere lands where they do not (StoreCorruptError), so damage never
         makes a stored key look absent."""
-        m = self._mapped()
+        m = self.mapped()
         n = len(m.keys)
         at, before = np.minimum(i, n - 1), np.maximum(i - 1, 0)
         self.check_blocks(np.concatenate([at, before]) // m.block)

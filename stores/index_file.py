@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import google_crc32c
 import numpy as np
 
-from e2r.keys import MAX_KEY_LEN
+from stores.keys import MAX_KEY_LEN
 from stores.errors import StoreCorruptError
 from stores.fsio import fsync_files, open_regular, remove_stale_temps, write_atomic
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from e2r.keys import InvalidKeyError, validate_part
+from stores.keys import InvalidKeyError, validate_part
 from stores.layout import COMPLETE_UNSET, MAX_ROW_BYTES, MAX_SHARD_ROWS, keys_chunk_rows, ranges_of
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, StoreSchema
 

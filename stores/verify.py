@@ -21,18 +21,18 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from e2r.keys import InvalidKeyError, parse_key
+from stores.keys import InvalidKeyError, parse_key
 from stores.abc import MemoryBank
 from stores.errors import StoreCorruptError, StoreError, UnsupportedLayout
-from stores.factory import backend_for
+from stores.factory import backend_for, open_memorybank
 from stores.fsio import read_json, regular_size, special_files
 from stores.index_file import compare_with_keys, index_files
-from stores.objstore import is_remote
-from stores.remote import RemoteZarrMemoryBank
+from stores.remote.objstore import is_remote
+from stores.remote.store import RemoteZarrMemoryBank
 from stores.layout import keys_crc32c, ranges_of
-from stores.row_reader import RowChunkReader
+from stores.zarr_v3.row_reader import RowChunkReader
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS
-from stores.zarr_store import ZarrMemoryBank, field_path
+from stores.zarr_v3.store import ZarrMemoryBank, field_path
 
 _MAX_CHUNK_ROWS = 2**22       # keys / complete chunks larger than this are not ours: not read
 
@@ -40,12 +40,7 @@ _MAX_CHUNK_ROWS = 2**22       # keys / complete chunks larger than this are not 
 def open_lenient(path: str, **remote: Any) -> MemoryBank:
     """Open ``path`` read-only without refusing damaged rows (so they can be listed). ``remote``: the
     object-store arguments of `stores.open_memorybank` (storage_options, cache_dir, cache_bytes) for a URL."""
-    cls = backend_for(path)
-    bank = cls(str(path), "r", True, **(remote if is_remote(path) else {}))
-    bank._lenient = True
-    bank._attrs = bank._open_existing()
-    bank.refresh()
-    return bank
+    return open_memorybank(path, "r", lenient=True, **(remote if is_remote(path) else {}))
 
 
 def verify_path(path: str, block_rows: int = 1024, **remote: Any) -> tuple[list[str], MemoryBank | None]:
@@ -73,7 +68,7 @@ def verify_path(path: str, block_rows: int = 1024, **remote: Any) -> tuple[list[
 def _scan_zarr_arrays(path: str, bank: MemoryBank | None) -> list[str]:
     """Checksum of every chunk present of every array, from each array's own metadata."""
     out: list[str] = []
-    keys_of = bank._keys_of if bank is not None else None
+    keys_of = bank.inspect().keys_of if bank is not None else None
     for name in ("keys", "complete"):
         out += _scan_small(path, name, bank)
     for name in (LIGHT_ARRAY, BEV_FEAT):
@@ -105,7 +100,7 @@ def _scan_shards(r: RowChunkReader, name: str, bank: MemoryBank | None) -> list[
         lost = held[~present[held - i * S]] if len(held) and not any(row < 0 for row, _ in probs) else []
         if len(lost):
             what = "shard file is missing" if not present.any() else "inner chunks are missing"
-            keys = bank._keys_of(lost.tolist()) if bank is not None else []
+            keys = bank.inspect().keys_of(lost.tolist()) if bank is not None else []
             out.append(f"array {field_path(name)!r}, {r.chunk_name(i)}: {what} for {len(lost)} row(s) marked "
                        f"complete (rows {lost[:8].tolist()}{' ...' if len(lost) > 8 else ''}, keys "
                        f"{keys[:8]}{' ...' if len(keys) > 8 else ''}); resume the export to recompute them")
@@ -116,37 +111,39 @@ def _scan_remote(bank: RemoteZarrMemoryBank) -> list[str]:
     """`_scan_zarr_arrays` for a store on object storage: every ``keys`` / ``complete`` chunk object listed,
     then every shard object of the data arrays (one GET each)."""
     out: list[str] = []
+    v = bank.inspect()
+    assert v.chunk_rows and v.flat_reader and v.arrays_on_disk and v.row_reader and v.listing is not None
     for name in ("keys", "complete"):
-        C, prefix = bank._chunk_rows(name), f"{name}/c/"
-        for c in sorted(int(n[len(prefix):]) for n in bank._listing if n.startswith(prefix) and n[len(prefix):].isdigit()):
+        C, prefix = v.chunk_rows(name), f"{name}/c/"
+        for c in sorted(int(n[len(prefix):]) for n in v.listing if n.startswith(prefix) and n[len(prefix):].isdigit()):
             try:
-                bank._flat_reader(name).chunk(c)
+                v.flat_reader(name).chunk(c)
             except ValueError as e:
-                keys = bank._keys_of(range(c * C, (c + 1) * C)) if name != "keys" else []
+                keys = v.keys_of(range(c * C, (c + 1) * C)) if name != "keys" else []
                 out.append(f"array {name!r}, chunk {name}/c/{c} (rows [{c * C}, {(c + 1) * C})) does not decode: {e}"
                            + (f" (keys {keys[:8]}{' ...' if len(keys) > 8 else ''})" if keys else ""))
-    for name in bank._arrays_on_disk():
-        r = bank._reader(name)
+    for name in v.arrays_on_disk():
+        r = v.row_reader(name)
         out += _scan_shards(r, name, bank) if r is not None else []
     return out
 
 
 def _complete_rows(bank: MemoryBank | None) -> np.ndarray:
-    if bank is None or bank._index is None:
-        return np.zeros(0, np.int64)
-    return bank._index.complete_rows()
+    index = bank.inspect().index if bank is not None else None
+    return np.zeros(0, np.int64) if index is None else index.complete_rows()
 
 
 def _finite_check(bank: MemoryBank | None, name: str) -> Callable[[int, np.ndarray], str | None] | None:
     if bank is None:
         return None
     ch = bank.schema.light_channels() if name == LIGHT_ARRAY else {BEV_FEAT: (None, None)}
+    keys_of = bank.inspect().keys_of
 
     def check(row: int, values: np.ndarray) -> str | None:
         if np.isfinite(values).all():
             return None
         bad = [f for f, (a, b) in ch.items() if not np.isfinite(values[..., a:b] if a is not None else values).all()]
-        key = (bank._keys_of([row]) or [""])[0]
+        key = (keys_of([row]) or [""])[0]
         return "; ".join(f"field {f!r} row {row} (key {key!r}): non-finite values" for f in bad)
     return check
 
@@ -179,7 +176,7 @@ def _scan_small(path: str, name: str, bank: MemoryBank | None) -> list[str]:
             arr[lo:hi]
         except Exception as e:  # noqa: BLE001 - any decode/IO error is a finding
             reason = "crc32c checksum mismatch" if "checksum" in str(e).lower() else f"{type(e).__name__}: {e}"
-            keys = bank._keys_of(range(lo, hi)) if bank is not None and name != "keys" else []
+            keys = bank.inspect().keys_of(range(lo, hi)) if bank is not None and name != "keys" else []
             out.append(f"array {name!r}, chunk {name}/c/{c} (rows [{lo}, {hi})) does not decode: {reason}"
                        + (f" (keys {keys[:8]}{' ...' if len(keys) > 8 else ''})" if keys else ""))
     return out
@@ -188,11 +185,12 @@ def _scan_small(path: str, name: str, bank: MemoryBank | None) -> list[str]:
 def verify_bank(bank: MemoryBank, block_rows: int = 1024, scan_data: bool = True) -> list[str]:
     """Problems of an opened bank: lost keys / flags / data (``bank.damage``), bad/orphan/duplicate keys,
     and (``scan_data``: back ends without a per-file scan) every complete row read and checked finite."""
-    problems = list(bank.damage) if scan_data else [d for d in bank.damage if d not in bank._lost_files]
+    v = bank.inspect()
+    problems = list(bank.damage) if scan_data else [d for d in bank.damage if d not in v.lost_files]
     n = bank.n_rows
     used = min(n, max((s + c for s, c in bank.splits.values()), default=0))
-    keys = bank._read_keys(0, used)
-    flags = bank._read_flags(0, max(used, min(n, bank._flags_extent())))
+    keys = v.read_keys(0, used)
+    flags = v.read_flags(0, max(used, min(n, v.flags_extent())))
     owner = np.full(len(flags), None, dtype=object)
     for split, (start, count) in bank.splits.items():
         owner[start:start + count] = split
@@ -207,7 +205,7 @@ def verify_bank(bank: MemoryBank, block_rows: int = 1024, scan_data: bool = True
                 problems.append(f"row {r}: key {k!r} lies in split {owner[r]!r}")
         except InvalidKeyError as e:
             problems.append(f"row {r}: invalid key: {e}")
-    for k, first, again in bank._index.duplicates:  # type: ignore[union-attr]
+    for k, first, again in v.index.duplicates:  # type: ignore[union-attr]
         problems.append(f"key {k!r} is stored twice (rows {first} and {again})")
     problems += check_key_index(bank, keys)
     if scan_data:
@@ -219,15 +217,16 @@ def check_key_index(bank: MemoryBank, keys: np.ndarray) -> list[str]:
     """Each split's on-disk key index against the keys array (``keys``: rows ``[0, used)``): the checksum of
     every block, the same keys at the same positions, the split's ``keys_crc32c``; index files of no split.
     (An index that does not open is already in ``bank.damage``.)"""
-    if not bank._disk_index or bank._index is None:
+    index = bank.inspect().index
+    if not bank.disk_index or index is None:
         return []
     out = []
     for name, (s, c) in sorted(bank.splits.items()):
-        idx = bank._index.splits.get(name)
+        idx = index.splits.get(name)
         split_keys = keys[s:s + c]
         if idx is None or not idx.on_disk or (split_keys == "").any():     # reported already
             continue
-        want = bank._attrs["splits"][name].get("keys_crc32c")
+        want = bank.attrs["splits"][name].get("keys_crc32c")
         if want is not None and keys_crc32c(split_keys) != want:
             out.append(f"the keys of split {name!r} do not match their checksum (keys_crc32c)")
         try:
@@ -236,7 +235,7 @@ def check_key_index(bank: MemoryBank, keys: np.ndarray) -> list[str]:
             out.append(str(e))
             continue
         out += [f"key index of split {name!r} ({idx.where}) disagrees with the keys array: {p}; rebuild it: "
-                f"`python -m stores reindex {bank.path}`" for p in compare_with_keys(idx._mapped(), split_keys)]
+                f"`python -m stores reindex {bank.path}`" for p in compare_with_keys(idx.mapped(), split_keys)]
     for name, p in sorted(index_files(bank.path).items()):
         if name not in bank.splits:
             out.append(f"{p} is the key index of no split (left by an interrupted reserve_split or rm-split; "
@@ -248,16 +247,17 @@ def _read_all(bank: MemoryBank, block_rows: int, keys: np.ndarray) -> list[str]:
     problems = []
     rows_all = _complete_rows(bank)
     fields = list(bank.schema.fields)
+    read_rows = bank.inspect().read_rows
     for x in tqdm(range(0, len(rows_all), block_rows), desc="verify", unit="block",
                   disable=len(rows_all) < 4 * block_rows):
         rows = rows_all[x:x + block_rows]
         try:
-            data = bank._read_rows(fields, rows)
+            data = read_rows(fields, rows)
         except StoreError:
             data = {}
             for r in rows.tolist():         # narrow down to each damaged row
                 try:
-                    bank._read_rows(fields, np.array([r]))
+                    read_rows(fields, np.array([r]))
                 except StoreError as e:
                     problems.append(f"row {r} (key {keys[r]!r}) does not decode: {e}")
             continue
@@ -269,16 +269,18 @@ def _read_all(bank: MemoryBank, block_rows: int, keys: np.ndarray) -> list[str]:
 
 
 def incomplete_count(bank: MemoryBank) -> int:
-    return sum(b - x for s, c in bank.splits.values() for x, b in ranges_of(~bank._read_complete(s, s + c)))
+    read_complete = bank.inspect().read_complete
+    return sum(b - x for s, c in bank.splits.values() for x, b in ranges_of(~read_complete(s, s + c)))
 
 
 def field_stats(bank: MemoryBank, field: str, block_rows: int = 2048) -> dict[str, list[float]]:
     """Per-channel mean/std/min/max over complete rows, read block by block through the checked row reader
     (a damaged chunk raises StoreCorruptError). Channel = last axis for light fields, axis c for bev_feat."""
     rows_all = _complete_rows(bank)
+    read_rows = bank.inspect().read_rows
     n, mean, m2, lo, hi = 0, None, None, None, None
     for x in range(0, len(rows_all), block_rows):      # Chan et al.'s merge of per-block mean / M2
-        d = bank._read_rows([field], rows_all[x:x + block_rows])[field].astype(np.float64)
+        d = read_rows([field], rows_all[x:x + block_rows])[field].astype(np.float64)
         d = np.moveaxis(d, 2, -1) if field == BEV_FEAT else d
         d = d.reshape(-1, d.shape[-1])
         nb, mb = d.shape[0], d.mean(0)

@@ -11,10 +11,14 @@ from pathlib import Path
 from e2r.sim.tiny import FRONT_CAM2EGO, make_points, write_calib, write_pcd, write_points_bin, write_tiny_dataset
 
 __all__ = ["make_points", "write_points_bin", "write_pcd", "write_calib", "write_tiny_dataset",
-           "read_csv_rows", "FRONT_CAM2EGO"]
+           "read_csv_rows", "FRONT_CAM2EGO", "Hang"]
 
 
 def read_csv_rows(csv_path: Path) -> list[dict[str, str]]:
     """The rows of a data.csv as dicts of strings (for tests comparing against dataset items)."""
     with open(csv_path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+class Hang(BaseException):     # BaseException: a reader's ``except Exception`` must not turn it into a DataError
+    """A read or command ran past its time limit (raised by a test's alarm)."""

@@ -1,6 +1,7 @@
-"""The package arrows of docs/ARCHITECTURE.md, checked on the source: e2r core <- stores <- e2r.workflow <-
-pipelines <- bench; the synthetic world (e2r.sim) depends on the core only; no pipeline imports another; no
-library module imports tests/; no project import hidden inside a function."""
+"""The package arrows of docs/ARCHITECTURE.md, checked on the source: stores <- e2r core (its key grammar and
+errors only) <- e2r.workflow <- pipelines <- bench; the synthetic world (e2r.sim) depends on the core only;
+`stores` imports nothing of `e2r`; no import circle between modules; no pipeline imports another; no library
+module imports tests/; no project import hidden inside a function; `stores/` keeps a short top level."""
 from __future__ import annotations
 
 import ast
@@ -9,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ("e2r", "stores", "pipelines", "bench", "tests")
 MAX_MODULE_LINES = 450
+MAX_STORES_TOP_LEVEL = 18        # modules directly in stores/ (its wings: abc/, zarr_v3/, remote/, retrieval/)
 
 
 def _modules(*packages: str) -> list[Path]:
@@ -28,6 +30,8 @@ def _imports(path: Path) -> list[tuple[str, bool, int]]:
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
+            if _type_checking_block(child):
+                continue
             inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
             names: list[str] = []
             if isinstance(child, ast.Import):
@@ -43,6 +47,65 @@ def _imports(path: Path) -> list[tuple[str, bool, int]]:
     return out
 
 
+def _type_checking_block(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (imports for annotations only, never run)."""
+    return isinstance(node, ast.If) and isinstance(node.test, (ast.Name, ast.Attribute)) and \
+        getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING"
+
+
+def _module_of(target: str) -> str | None:
+    """The project module an import names: ``a.b.c`` if it is a module or package, else its parent (``from
+    a.b import name``); None when neither exists."""
+    for name in (target, target.rsplit(".", 1)[0]):
+        base = ROOT.joinpath(*name.split("."))
+        if base.with_suffix(".py").exists() or (base / "__init__.py").exists():
+            return name
+    return None
+
+
+def _import_graph(*packages: str) -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in _modules(*packages):
+        me = _name(path)
+        graph[me] = {m for target, _, _ in _imports(path) if (m := _module_of(target)) and m != me}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
 def _layer(module: str) -> str:
     if module.startswith("e2r.workflow"):
         return "workflow"
@@ -53,14 +116,14 @@ def _layer(module: str) -> str:
 
 #: which layers each layer may import
 ALLOWED = {
-    "core": {"core"},
+    "core": {"core"},                          # plus the store's key grammar and errors (below)
     "sim": {"core", "sim"},
-    "stores": {"stores"},                      # plus the key grammar and its errors (below)
+    "stores": {"stores"},
     "workflow": {"core", "sim", "stores", "workflow"},
     "pipelines": {"core", "sim", "stores", "workflow", "pipelines"},
     "bench": {"core", "sim", "stores", "workflow", "bench"},
 }
-STORES_MAY_USE = ("e2r.keys", "e2r.errors")
+CORE_MAY_USE = ("stores.keys", "stores.errors")   # the key grammar and its error belong to the store
 
 
 def test_arrows_run_one_way():
@@ -69,7 +132,7 @@ def test_arrows_run_one_way():
         me = _layer(_name(path))
         for target, _, line in _imports(path):
             layer = _layer(target)
-            ok = layer in ALLOWED[me] or (me == "stores" and target.startswith(STORES_MAY_USE))
+            ok = layer in ALLOWED[me] or (me in ("core", "sim") and target.startswith(CORE_MAY_USE))
             if not ok:
                 bad.append(f"{path.relative_to(ROOT)}:{line} ({me}) imports {target} ({layer})")
     assert not bad, "imports against the layer arrows:\n" + "\n".join(bad)
@@ -100,3 +163,25 @@ def test_the_check_sees_a_violation(tmp_path):
     found = _imports(bad)
     assert ("stores", False, 1) in found and ("pipelines", True, 4) in found
     assert _layer("stores") not in ALLOWED[_layer("e2r.x")]
+
+
+def test_stores_imports_nothing_of_e2r():
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {t}" for p in _modules("stores") for t, _, line in _imports(p)
+           if t.split(".")[0] == "e2r"]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_circle():
+    circles = _cycles(_import_graph("e2r", "stores", "pipelines", "bench"))
+    assert not circles, "modules importing each other (a TYPE_CHECKING import aside):\n" + "\n".join(
+        " <-> ".join(c) for c in circles)
+
+
+def test_stores_top_level_stays_short():
+    top = sorted(p.name for p in (ROOT / "stores").glob("*.py"))
+    assert len(top) <= MAX_STORES_TOP_LEVEL, f"{len(top)} modules at the top of stores/: {top}"
+
+
+def test_the_circle_check_sees_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

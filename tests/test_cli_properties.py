@@ -1,4 +1,4 @@
-"""Property of the store CLI (``python -m stores``) against hostile input: any command on any path - a good
+"""Property of the store CLIs (``python -m stores``, ``python -m stores.retrieval query``) against hostile input: any command on any path - a good
 store with any one file damaged (bytes flipped, truncated, replaced by garbage, deleted), a garbage file, a
 missing path - and any key text either works (exit 0) or exits 1/2 with a message: never a traceback, never
 a hang. A store whose data bytes were changed is never verified clean. Examples come from a fixed seed."""
@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from stores import create_memorybank
 from stores.__main__ import main as stores_main
-from tests.test_reader_properties import Hang
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
+from stores.retrieval.__main__ import main as retrieval_main
+from tests.fixtures import Hang
+from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
 
 CLI = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -34,13 +35,13 @@ def good(tmp_path_factory) -> Path:
 
 
 def run_cli(argv: list[str]) -> int:
-    """``main(argv)`` under a 20 s alarm; argparse's SystemExit is its exit code."""
+    """``main(argv)`` under a 20 s alarm (``query``: the retrieval CLI's); argparse's SystemExit is its exit code."""
     def alarm(signum, frame):
         raise Hang(f"python -m stores {' '.join(argv)} still running after 20 s")
     previous = signal.signal(signal.SIGALRM, alarm)
     signal.setitimer(signal.ITIMER_REAL, 20.0)
     try:
-        return stores_main(argv)
+        return (retrieval_main if argv[:1] == ["query"] else stores_main)(argv)
     except SystemExit as e:
         return int(e.code or 0)
     finally:

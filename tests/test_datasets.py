@@ -11,7 +11,7 @@ from e2r.data.datasets import (CameraSequenceDataset, LidarFrameDataset, LidarSe
                                PairedSequenceDataset, collate_camera, collate_frames, collate_lidar,
                                collate_paired)
 from e2r.data.readers import DataError
-from e2r.keys import parse_key
+from stores.keys import parse_key
 from tests.fixtures import make_points, read_csv_rows, write_points_bin, write_tiny_dataset
 
 SEG = "segment_0000"

@@ -27,7 +27,7 @@ from distributed import Client
 
 from e2r.workflow.export import ExportOptions, run_export_task, worker_threads
 from pipelines.export import main
-from stores.local_s3 import moto_s3
+from stores.remote.local_s3 import moto_s3
 from tests.fixtures import read_csv_rows, write_tiny_dataset
 from tests.test_export import FIELDS, args_for, make_teacher_ckpt, read_all
 

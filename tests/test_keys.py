@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from e2r.keys import InvalidKeyError, SampleKey, make_key, parse_key, split_of, validate_key
+from stores.keys import InvalidKeyError, SampleKey, make_key, parse_key, split_of, validate_key
 
 
 def test_roundtrip():

@@ -16,7 +16,7 @@ from e2r.data.layout import is_camera_only, is_lidar_only, read_segment_table
 from e2r.data.readers import DataError
 from e2r.errors import ConfigError
 from e2r.kd import KDWeights, kd_losses
-from e2r.keys import parse_key
+from stores.keys import parse_key
 from e2r.workflow.configs import StudentEvalConfig
 from e2r.workflow.evaluate import evaluate_student
 from e2r.workflow.kd_data import CameraBatches, TeacherTargets

@@ -25,18 +25,14 @@ from PIL import Image
 from e2r.data.calib import MAX_IMAGE_SIDE, RIGID_TOL
 from e2r.data.layout import read_segment_table
 from e2r.data.readers import MAX_INTENSITY, DataError, read_calib, read_image, read_lidar2ego, read_points
-from e2r.keys import InvalidKeyError, make_key, parse_key, validate_part
-from tests.fixtures import write_calib
+from stores.keys import InvalidKeyError, make_key, parse_key, validate_part
+from tests.fixtures import Hang, write_calib
 
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 HANG_S = 10.0                  # one read of a file of a few KB taking this long is a hang
 ALLOC_SLACK = 8 << 20          # bytes any read may allocate (Python objects, numpy temporaries) ...
 ALLOC_FACTOR = 64              # ... plus this many times the file's size
-
-
-class Hang(BaseException):     # BaseException: a reader's ``except Exception`` must not turn it into a DataError
-    """A read ran past HANG_S seconds."""
 
 
 @contextmanager

@@ -12,12 +12,12 @@ import pytest
 import torch
 import zarr
 
-from e2r.keys import SampleKey, parse_key
+from stores.keys import SampleKey, parse_key
 from stores import StoreCorruptError, create_memorybank, open_memorybank
 from stores.retrieval import RetrievalIndex, append_index, build_index, verify_indexes
-from stores.retrieval_cli import main
-from stores.retrieval_store import faiss_module
-from tests.test_store_helpers import tiny_prov, tiny_schema
+from stores.retrieval.__main__ import main
+from stores.retrieval.layout import faiss_module
+from tests.store_fixtures import tiny_prov, tiny_schema
 
 D, SEGS, FRAMES = 32, 40, 50
 
@@ -234,7 +234,7 @@ def test_ivf_codes_and_coarse_quantizers(store, codec, coarse):
 
 
 def test_ivf_defaults_and_bad_parameters(store):
-    from stores.retrieval_faiss import faiss_params
+    from stores.retrieval.faiss_index import faiss_params
     big = faiss_params("faiss-ivf", 10**6, dim=256)
     assert (big["nlist"], big["codec"], big["coarse"]) == (4096, "PQ64x4fsr", "PQ128x4fs")
     assert faiss_params("faiss-ivf", 2000, dim=32)["coarse"] == "flat"               # few lists: flat is cheap

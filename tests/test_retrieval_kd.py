@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from e2r.keys import parse_key
+from stores.keys import parse_key
 from e2r.models.teacher import LiDARBEVTeacher
 from e2r.workflow.configs import StudentEvalConfig
 from e2r.workflow.evaluate import evaluate_student
@@ -145,14 +145,15 @@ def test_stores_cli_queries_the_index_and_verify_checks_it(setup, tmp_path, caps
     from pathlib import Path
 
     from stores.__main__ import main as stores_main
+    from stores.retrieval.__main__ import main as retrieval_main
 
     bank = tmp_path / "copy.zarr"
     shutil.copytree(setup["bank"], bank)
     key = sorted(setup["rows"])[0]
-    assert stores_main(["query", str(bank), key, "--name", "state", "--k", "3"]) == 0
+    assert retrieval_main(["query", str(bank), key, "--name", "state", "--k", "3"]) == 0
     out = capsys.readouterr().out
     assert f"query {key}: 3 neighbours" in out and key not in out.split("query")[0]
-    assert stores_main(["index", "verify", str(bank)]) == 0 and stores_main(["verify", str(bank)]) == 0
+    assert retrieval_main(["verify", str(bank)]) == 0 and stores_main(["verify", str(bank)]) == 0
     capsys.readouterr()
     chunk = next(p for p in sorted((Path(bank) / "retrieval" / "state").rglob("*")) if p.is_file()
                  and "vectors" in p.parts and p.name != "zarr.json")

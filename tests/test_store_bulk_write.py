@@ -1,4 +1,4 @@
-"""The bulk shard write path (`stores.shard_codec`): byte-identical to zarr-python, read by zarr-python, the row
+"""The bulk shard write path (`stores.zarr_v3.shard_codec`): byte-identical to zarr-python, read by zarr-python, the row
 reader and verify; crash-safe (temporary file, fsync, rename; data before flags); a damaged shard refused."""
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pytest
 import zarr
 from numcodecs import blosc
 
-import stores.shard_codec as shard_codec
+import stores.zarr_v3.shard_codec as shard_codec
 from stores import create_memorybank, open_memorybank
 from stores.errors import StoreCorruptError, StoreError, UnsupportedLayout
 from stores.fsio import read_json
-from stores.shard_codec import ShardCodec
+from stores.zarr_v3.shard_codec import ShardCodec
 from stores.verify import verify_path
-from stores.zarr_store import ZarrMemoryBank
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
+from stores.zarr_v3.store import ZarrMemoryBank
+from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
 
 LIGHT = ("actions", "bev_vec", "gru_out")
 # split of 21 rows in shards of 8: a whole shard, a shard filled by two blocks (the second merges into the

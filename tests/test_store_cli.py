@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e2r.keys import InvalidKeyError
+from stores.keys import InvalidKeyError
 from stores import create_memorybank, open_memorybank
 from stores.__main__ import main
 from stores.convert import filename_to_key, key_to_filename
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
+from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from stores import create_memorybank, open_memorybank
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
+from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 96
@@ -19,7 +19,7 @@ SHARD = 16
 WRITER = r"""
 import sys, time
 from stores import create_memorybank
-from tests.test_store_helpers import rows_for, tiny_prov, tiny_schema
+from tests.store_fixtures import rows_for, tiny_prov, tiny_schema
 path, a, b, block, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 bank = create_memorybank(path, tiny_schema(bev=True), tiny_prov())
 keys = bank.split_keys("train")

@@ -12,8 +12,8 @@ import pytest
 
 import stores
 from stores import StoreCorruptError, create_memorybank, open_dataset, open_memorybank
-from stores.zarr_store import ZarrMemoryBank
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
+from stores.zarr_v3.store import ZarrMemoryBank
+from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
 
 
 def _store(path, bev=False, shard_rows=8):

@@ -24,7 +24,7 @@ from stores.__main__ import main
 from stores.convert import convert
 from stores.fsio import temp_sibling
 from stores.schema import SCHEMA_VERSION
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
+from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -223,7 +223,7 @@ def test_kill_during_create_then_rerun_succeeds(tmp_path):
     path = str(tmp_path / "mb.zarr")
     code = ("import time, stores.abc.lifecycle as L\n"
             "L.publish = lambda tmp, path: (print('built', flush=True), time.sleep(60))\n"
-            "from stores import create_memorybank\nfrom tests.test_store_helpers import tiny_prov, tiny_schema\n"
+            "from stores import create_memorybank\nfrom tests.store_fixtures import tiny_prov, tiny_schema\n"
             f"create_memorybank({path!r}, tiny_schema(), tiny_prov(), shard_rows=8)\n")
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "built"      # killed after the store was built, before it was placed

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e2r.keys import InvalidKeyError
+from stores.keys import InvalidKeyError
 from stores import StoreCorruptError, create_memorybank, open_memorybank
 from stores.__main__ import main
 from stores.index_file import HEADER_BYTES, index_path, write_index
 from stores.layout import keys_crc32c
 from stores.schema import SCHEMA_VERSION
-from stores.zarr_store import ZarrMemoryBank
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
+from stores.zarr_v3.store import ZarrMemoryBank
+from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
 
 
 def _store(path, splits=(("train", 30), ("valid", 12)), shard_rows=8):
@@ -165,7 +165,7 @@ def test_previous_schema_opens_with_the_index_in_memory_and_reindex_upgrades_it(
     _, keys, data = _store(path)
     _as_schema_3(path)
     old = open_memorybank(path)
-    assert old.attrs["schema_version"] == 3 and not old._disk_index
+    assert old.attrs["schema_version"] == 3 and not old.disk_index
     out, missing = old.get_batch(keys["valid"] + ["valid/x:1"])
     assert missing == ["valid/x:1"]
     np.testing.assert_array_equal(out["gru_out"], data["valid"]["gru_out"])
@@ -175,7 +175,7 @@ def test_previous_schema_opens_with_the_index_in_memory_and_reindex_upgrades_it(
     assert main(["info", path]) == 0 and "stores reindex" in capsys.readouterr().out
     assert main(["reindex", path]) == 0
     new = open_memorybank(path)
-    assert new.attrs["schema_version"] == SCHEMA_VERSION and new._disk_index
+    assert new.attrs["schema_version"] == SCHEMA_VERSION and new.disk_index
     assert sorted(p.name for p in (Path(path) / "keys" / "index").iterdir()) == ["test.idx", "train.idx", "valid.idx"]
     np.testing.assert_array_equal(new.get(keys["train"][11])["bev_vec"], data["train"]["bev_vec"][11])
     assert main(["verify", path]) == 0

@@ -8,46 +8,19 @@ from __future__ import annotations
 import json
 import os
 
-import fsspec
 import numpy as np
 import pytest
 
 from e2r.data.sampler import EpochBatchSampler
 from stores import StoreCorruptError, StoreError, create_memorybank, open_dataset, open_memorybank
 from stores.__main__ import main as stores_main
-from stores.cache import ShardCache
+from stores.remote.cache import ShardCache
 from stores.torch_data import MemoryBankDataset, make_loader
-from stores.local_s3 import free_port, moto_s3
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
+from stores.remote.local_s3 import free_port
+from tests.store_fixtures import S, local_store, s3_fs, upload_store, make_keys, rows_for, tiny_prov, tiny_schema
 
-S = 16                     # rows per shard of the test stores
 NIDX = 16 * S + 4          # bytes of a shard index (+ its crc32c)
 
-
-@pytest.fixture(scope="module")
-def s3() -> str:
-    with moto_s3("bkt") as endpoint:
-        yield endpoint
-
-
-def _fs() -> fsspec.AbstractFileSystem:
-    return fsspec.filesystem("s3", skip_instance_cache=True)
-
-
-def _local(tmp_path, n: int = 40, bev: bool = False) -> tuple[str, list[str], dict[str, np.ndarray]]:
-    schema = tiny_schema(bev=bev)
-    path = str(tmp_path / "local.zarr")
-    bank = create_memorybank(path, schema, tiny_prov(), shard_rows=S)
-    keys = make_keys("train", n)
-    data = rows_for(schema, keys)
-    bank.reserve_split("train", keys)
-    bank.write_rows("train", 0, data)
-    return path, keys, data
-
-
-def _upload(local: str, name: str) -> str:
-    _fs().put(local, f"bkt/{name}", recursive=True)
-    return f"s3://bkt/{name}"
 
 
 def _chunk_span(obj: bytes, k: int) -> tuple[int, int]:
@@ -57,8 +30,8 @@ def _chunk_span(obj: bytes, k: int) -> tuple[int, int]:
 
 
 def test_uploaded_store_reads_bit_for_bit_fetching_only_the_asked_chunks(s3, tmp_path):
-    local, keys, data = _local(tmp_path)
-    url = _upload(local, "read.zarr")
+    local, keys, data = local_store(tmp_path)
+    url = upload_store(local, "read.zarr")
     bank = open_memorybank(url)
     lb = open_memorybank(local)
     assert (bank.schema, len(bank), bank.splits, bank.keys("train")) == (lb.schema, 40, lb.splits, keys)
@@ -70,7 +43,7 @@ def test_uploaded_store_reads_bit_for_bit_fetching_only_the_asked_chunks(s3, tmp
     for f in want:
         assert got[f].tobytes() == want[f].tobytes()
     # bytes fetched = the 3 touched shards' indexes + the 4 distinct rows' inner chunks, nothing else
-    chunks = sum(_chunk_span(_fs().cat(f"bkt/read.zarr/light/c/{r // S}/0/0"), r % S)[1] for r in (0, 5, 17, 33))
+    chunks = sum(_chunk_span(s3_fs().cat(f"bkt/read.zarr/light/c/{r // S}/0/0"), r % S)[1] for r in (0, 5, 17, 33))
     assert bank.files.counts["bytes_in"] - before["bytes_in"] == 3 * NIDX + chunks
     assert bank.files.counts["get"] == before["get"]                  # no whole-object read
     before = dict(bank.files.counts)
@@ -96,7 +69,7 @@ def test_remote_writer_puts_whole_shards_byte_identical_to_a_local_store(s3, tmp
                 watcher.refresh()
                 assert watcher.complete_count() == 0          # half a shard given: nothing stored, nothing flagged
     remote.close()
-    fs, root = _fs(), tmp_path / "w.zarr"
+    fs, root = s3_fs(), tmp_path / "w.zarr"
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     assert sorted(n[len("bkt/w.zarr/"):] for n in fs.find("bkt/w.zarr")) == files
     for rel in files:
@@ -125,9 +98,9 @@ def test_remote_writer_puts_whole_shards_byte_identical_to_a_local_store(s3, tmp
 
 
 def test_damaged_remote_shard_is_refused_naming_key_and_shard(s3, tmp_path):
-    local, keys, data = _local(tmp_path)
-    url = _upload(local, "bad.zarr")
-    fs = _fs()
+    local, keys, data = local_store(tmp_path)
+    url = upload_store(local, "bad.zarr")
+    fs = s3_fs()
     obj = bytearray(fs.cat("bkt/bad.zarr/light/c/1/0/0"))
     off, nb = _chunk_span(bytes(obj), 3)
     obj[off + nb // 2] ^= 0x40
@@ -148,8 +121,8 @@ def test_damaged_remote_shard_is_refused_naming_key_and_shard(s3, tmp_path):
 
 
 def test_cache_serves_the_second_read_without_network_and_refetches_a_damaged_entry(s3, tmp_path):
-    local, keys, data = _local(tmp_path)
-    url = _upload(local, "cached.zarr")
+    local, keys, data = local_store(tmp_path)
+    url = upload_store(local, "cached.zarr")
     cache = str(tmp_path / "cache")
     first = open_memorybank(url, cache_dir=cache)
     first.get_batch(keys)
@@ -197,8 +170,8 @@ def test_shard_cache_keeps_under_its_cap_evicting_the_least_recently_used(tmp_pa
 
 
 def test_dataloader_workers_forked_after_the_parent_read_the_remote_store(s3, tmp_path):
-    local, keys, data = _local(tmp_path)
-    url = _upload(local, "loader.zarr")
+    local, keys, data = local_store(tmp_path)
+    url = upload_store(local, "loader.zarr")
     ds = MemoryBankDataset(url, keys=keys + ["train/absent:1"], fields=("actions", "gru_out"),
                            cache_dir=str(tmp_path / "cache"))
     ds.reader.read(keys[:4])              # the parent's filesystem (and s3fs's event-loop thread) exist before fork
@@ -218,8 +191,8 @@ def test_dataloader_workers_forked_after_the_parent_read_the_remote_store(s3, tm
 
 
 def test_cli_info_ls_verify_with_storage_options(s3, tmp_path, capsys, monkeypatch):
-    local, keys, _ = _local(tmp_path)
-    url = _upload(local, "cli.zarr")
+    local, keys, _ = local_store(tmp_path)
+    url = upload_store(local, "cli.zarr")
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     opts = ["--storage_options", json.dumps({"endpoint_url": s3})]
     assert stores_main(["info", url, *opts]) == 0

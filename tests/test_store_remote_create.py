@@ -8,11 +8,11 @@ import fsspec
 import pytest
 
 from stores import StoreError, StoreMismatchError, create_memorybank, open_memorybank
-from stores import remote_write
-from stores.objstore import ObjectFiles
-from stores.remote_write import empty_store_objects
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
-from tests.test_store_remote import s3  # noqa: F401 - the moto server fixture (module scope)
+from stores.remote import writes as remote_write
+from stores.remote.objstore import ObjectFiles
+from stores.remote.writes import empty_store_objects
+from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
+
 
 S = 16
 OTHER = "cd" * 32                                 # another teacher's checkpoint hash

@@ -13,7 +13,8 @@ import pytest
 from stores import StoreCorruptError, open_memorybank
 from stores.index import SplitIndex
 from stores.index_file import HEADER_BYTES
-from tests.test_store_remote import _fs, _local, _upload, s3  # noqa: F401 (s3: the moto server fixture)
+from tests.store_fixtures import local_store, s3_fs, upload_store
+
 
 
 def _split_index(bank) -> SplitIndex:
@@ -22,7 +23,7 @@ def _split_index(bank) -> SplitIndex:
 
 def _backing(idx: SplitIndex) -> object:
     """What the index's sorted keys are a view of: an mmap (a file's pages) or bytes (private memory)."""
-    base = idx._mapped().keys.base
+    base = idx.mapped().keys.base
     return getattr(base, "obj", base)                                  # np.frombuffer(mmap): a memoryview
 
 
@@ -35,8 +36,8 @@ def _same_rows(a, b, keys: list[str]) -> None:
 
 
 def test_index_without_cache_dir_is_a_file_mapping_and_reads_as_the_local_store(s3, tmp_path, monkeypatch):
-    local, keys, _ = _local(tmp_path)
-    url = _upload(local, "idx_map.zarr")
+    local, keys, _ = local_store(tmp_path)
+    url = upload_store(local, "idx_map.zarr")
     bank, lb = open_memorybank(url), open_memorybank(local)
     idx = _split_index(bank)
     assert idx.fetched and idx.on_disk
@@ -49,20 +50,20 @@ def test_index_without_cache_dir_is_a_file_mapping_and_reads_as_the_local_store(
 
 
 def test_damaged_block_of_a_fetched_index_is_refused_at_its_first_lookup(s3, tmp_path):
-    local, keys, _ = _local(tmp_path)
-    url = _upload(local, "idx_bad.zarr")
+    local, keys, _ = local_store(tmp_path)
+    url = upload_store(local, "idx_bad.zarr")
     obj = "bkt/idx_bad.zarr/keys/index/train.idx"
-    raw = bytearray(_fs().cat(obj))
+    raw = bytearray(s3_fs().cat(obj))
     raw[HEADER_BYTES + 5] ^= 0x01                                      # a key byte of block 0 (all 40 keys)
-    _fs().pipe(obj, bytes(raw))
+    s3_fs().pipe(obj, bytes(raw))
     bank = open_memorybank(url)                                        # header and block table are intact
     with pytest.raises(StoreCorruptError, match=r"keys/index/train\.idx.*block 0 .*crc32c.*reindex"):
         bank.get_batch([keys[0]])
 
 
 def test_pickled_handle_fetches_the_index_again_instead_of_carrying_it(s3, tmp_path):
-    local, keys, _ = _local(tmp_path)
-    url = _upload(local, "idx_pickle.zarr")
+    local, keys, _ = local_store(tmp_path)
+    url = upload_store(local, "idx_pickle.zarr")
     bank, lb = open_memorybank(url), open_memorybank(local)
     _same_rows(bank, lb, [keys[1], keys[30]])
     blob = pickle.dumps(bank)

@@ -13,7 +13,7 @@ import torch
 from e2r.checkpoints import load_checkpoint
 from pipelines import eval_student, export, train_student
 from stores import open_memorybank
-from stores.local_s3 import moto_s3
+from stores.remote.local_s3 import moto_s3
 from tests.test_export import FIELDS, args_for, make_teacher_ckpt, read_all
 from tests.test_train_student import _args, setup  # noqa: F401 (setup: the fixture of a tiny KD world)
 from tests.fixtures import write_tiny_dataset

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from e2r.data.sampler import EpochBatchSampler
 from stores import create_memorybank
 from stores.torch_data import MemoryBankDataset, TeacherRowReader, make_loader
-from tests.test_store_helpers import make_keys, rows_for, tiny_prov, tiny_schema
+from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
 
 
 def _store(tmp_path, n=40):

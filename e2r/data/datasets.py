@@ -35,7 +35,7 @@ from e2r.data.layout import (SegmentTable, discover_segments, is_camera_only, is
 from e2r.data.point_layout import MAX_POINT_FILE_BYTES, LayoutUndecidable, PointLayout, detect_bin_layout
 from e2r.data.readers import (SUPPORTED_NUM_FEATURES, DataError, NumFeatures, Problem, read_image, read_points,
                               sample_paths)
-from e2r.keys import make_key
+from stores.keys import make_key
 
 __all__ = ["ACTION_SEMANTICS", "LidarSequenceDataset", "CameraSequenceDataset", "PairedSequenceDataset", "LidarFrameDataset",
            "collate_lidar", "collate_camera", "collate_paired", "collate_frames", "window_controls"]

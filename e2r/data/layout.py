@@ -19,7 +19,7 @@ from typing import Optional, Union
 import numpy as np
 
 from e2r.data.readers import CameraCalib, DataError, read_calib, read_lidar2ego
-from e2r.keys import InvalidKeyError, validate_part
+from stores.keys import InvalidKeyError, validate_part
 
 __all__ = ["SegmentTable", "discover_splits", "discover_segments", "read_segment_table",
            "camera_columns", "window_starts", "split_modalities", "is_lidar_only", "is_camera_only",

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
-from e2r.keys import parse_key
+from stores.keys import parse_key
 from e2r.metrics import (ActionErrorAccumulator, parse_overall_weights, per_segment_metrics, plot_segment,
                          segment_series, write_metrics_csv)
 from e2r.models.student import load_student

@@ -9,7 +9,7 @@ from e2r.cli_config import device_option, lidar_num_features_option, option
 from e2r.errors import ConfigError, check_positive
 from e2r.workflow.configs import NumFeatures, check_storage_options
 from e2r.workflow.retrieval_queries import QUERY_KINDS
-from stores.objstore import is_remote
+from stores.remote.objstore import is_remote
 
 __all__ = ["ExportConfig"]
 

@@ -32,7 +32,7 @@ from e2r.workflow.export import (WORKER_THREADS, ExportContext, ExportOptions, T
                                  run_export_task)
 from stores import (MemoryBank, NotAMemoryBankError, Provenance, StoreCorruptError, StoreMismatchError, StoreSchema,
                     StoreVersionError, create_memorybank, open_memorybank, remove_memorybank, stored_bytes)
-from stores.objstore import is_remote, parse_storage_options
+from stores.remote.objstore import is_remote, parse_storage_options
 
 __all__ = ["store_schema", "lidar_extrinsics", "export_memorybank", "print_export_summary", "SplitResult", "ExportResult"]
 

@@ -40,7 +40,7 @@ from e2r.workflow.pairing import TimestampPairing
 from e2r.workflow.retrieval_kd import Retriever, apply_retrieved
 from e2r.workflow.targets_ahead import TargetsAhead
 from stores import StoreCorruptError, StoreError, StoreMismatchError, StoreSchema, open_memorybank
-from stores.objstore import parse_storage_options
+from stores.remote.objstore import parse_storage_options
 from stores.torch_data import TeacherRowReader, make_loader
 
 __all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "teacher_config_of_checkpoint", "read_store_schema",

@@ -32,7 +32,7 @@ import numpy as np
 from e2r.data.datasets import CameraSequenceDataset
 from e2r.data.layout import CSV_RELPATH, SegmentTable, is_camera_only, read_segment_table, window_starts
 from e2r.data.readers import DataError
-from e2r.keys import make_key, parse_key
+from stores.keys import make_key, parse_key
 
 __all__ = ["TimestampPairing", "pair_confidence"]
 

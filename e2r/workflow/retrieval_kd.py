@@ -30,7 +30,7 @@ from e2r.cli_config import option
 from e2r.data.datasets import LidarSequenceDataset, window_controls
 from e2r.data.layout import SegmentTable
 from e2r.errors import ConfigError, check_positive
-from e2r.keys import parse_key
+from stores.keys import parse_key
 from e2r.metrics import ActionErrorAccumulator
 from e2r.workflow.retrieval_queries import (POSE_DEFAULTS, QUERY_KINDS, pose_vectors, state_vectors,
                                             student_vectors, window_poses)

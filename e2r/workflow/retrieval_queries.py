@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from e2r.data.layout import SegmentTable
-from e2r.keys import parse_key
+from stores.keys import parse_key
 
 __all__ = ["QUERY_KINDS", "POSE_DEFAULTS", "state_vectors", "pose_vectors", "student_vectors", "segment_map",
            "window_poses"]

@@ -8,11 +8,12 @@ unless ``fsync=False``); readers index complete rows only. Writers that fill spl
 another writer; ``write_rows`` refuses writes that break this rule (`stores.layout.check_alignment`).
 A store is created under a temporary name and renamed into place (`stores.abc.lifecycle`): it exists whole
 or not at all. Opening validates the attributes against the arrays (`stores.validate`), reads the completion
-flags and maps the key index (`stores.abc.indexing`); a read-only handle refuses a store whose rows have lost
+flags and maps the key index (`stores.abc.base`); a read-only handle refuses a store whose rows have lost
 their keys, completion flags, key index or data files.
 
-This class holds all back-end independent logic; a back end implements the ``@abstractmethod``
-primitives at the end. It never imports a back end: `stores.factory` chooses one for a path.
+This class holds the reader/writer API; its plain base `stores.abc.base.StoreBase` declares the
+``@abstractmethod`` primitives a back end implements and builds the key side on them. A back end is one class
+deriving from `MemoryBank`. Nothing here imports a back end: `stores.factory` chooses one for a path.
 """
 from __future__ import annotations
 
@@ -22,18 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from e2r.keys import split_of, validate_part
-from stores.abc.indexing import KeyIndexing
+from stores.keys import split_of, validate_part
+from stores.abc.base import StoreBase
+from stores.abc.inspection import Inspection
 from stores.abc.lifecycle import check_version, create_store, not_a_bank
-from stores.abc.primitives import StorePrimitives
-from stores.errors import StoreReadOnlyError
 from stores.fsio import writing
-from stores.index import KeyIndex, check_keys
+from stores.index import check_keys
 from stores.layout import COMPLETE_UNSET, check_alignment, check_block, keys_crc32c, ranges_of
 from stores.schema import LEGACY_SCHEMA_VERSIONS, Provenance, StoreSchema, json_attrs, now_iso
 
 
-class MemoryBank(KeyIndexing, StorePrimitives):
+class MemoryBank(StoreBase):
     """A memorybank of teacher outputs indexed by sample key. Open with `stores.open_memorybank` /
     `stores.create_memorybank` (which pick the back end), or ``<BackEnd>.open`` / ``<BackEnd>.create``.
 
@@ -45,24 +45,6 @@ class MemoryBank(KeyIndexing, StorePrimitives):
 
     backend = "abstract"
 
-    def __init__(self, path: str, mode: str, fsync: bool = True) -> None:
-        if mode not in ("r", "r+"):
-            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
-        self.path = str(path)
-        self.mode = mode
-        self.fsync = bool(fsync)          # fsync data, then flags, on every write (crash/power-loss safety)
-        self._attrs: dict[str, Any] = {}
-        self._index: KeyIndex | None = None
-        self._used_rows = 0                     # rows [0, used) that the splits occupy (at the last refresh)
-        self._owned: dict[str, set[int]] = {}   # split -> shards this handle wrote into (alignment rule)
-        self._sole_writer = False               # True: the alignment rule is not enforced (stores.convert)
-        self._legacy_ok = False                 # open() may accept an older schema_version (`convert`)
-        self._legacy = False                    # True: this store IS of an older schema_version
-        self._lenient = False                   # True: a read-only handle that lists damage (verify)
-        self.damage: list[str] = []             # what the last refresh() found lost (keys, flags, data files)
-        self._lost_files: list[str] = []        # the data-file part of ``damage``
-        self._read_damage: list[str] = []       # chunks of keys / complete that failed their checks (r+)
-
     # ------------------------------------------------------------------ opening (this back end)
     @classmethod
     def _concrete(cls) -> None:
@@ -72,19 +54,33 @@ class MemoryBank(KeyIndexing, StorePrimitives):
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r", *, fsync: bool = True,
-             legacy: bool = False) -> "MemoryBank":
+             legacy: bool = False, lenient: bool = False) -> "MemoryBank":
         """Open an existing store of this back end; ``mode="r"`` (read-only) or ``"r+"`` (write rows into
         reserved splits). ``fsync=False`` skips the fsyncs of writes (faster; a power loss may then lose
         recently completed rows, which ``verify`` reports and a resume redoes). ``legacy=True`` (used by
-        `stores.convert`) reads a store of an older schema_version, read-only."""
+        `stores.convert`) reads a store of an older schema_version, read-only. ``lenient=True`` (used by
+        `stores.verify`) opens a damaged store read-only instead of refusing it; ``damage`` lists what is lost."""
         cls._concrete()
         bank = cls(str(path), mode, fsync)
         bank._legacy_ok = bool(legacy)
         if legacy and mode != "r":
             raise ValueError("stores of an older schema_version open read-only (for `python -m stores convert`)")
-        bank._attrs = bank._open_existing()
-        bank.refresh()
+        bank._open_checked(lenient)
         return bank
+
+    def _open_checked(self, lenient: bool) -> None:
+        """Read the attributes (checked against the arrays) and the key index; ``lenient``: see `open`."""
+        if lenient and self.mode != "r":
+            raise ValueError("a damaged store is opened leniently read-only only (mode='r')")
+        self._lenient = bool(lenient)
+        self._attrs = self._open_existing()
+        self.refresh()
+
+    def inspect(self) -> Inspection:
+        """The raw readers and key index of this bank, for `stores.verify` (see `Inspection`)."""
+        return Inspection(keys_of=self._keys_of, read_keys=self._read_keys, read_flags=self._read_flags,
+                          read_complete=self._read_complete, flags_extent=self._flags_extent,
+                          read_rows=self._read_rows, index=self._index, lost_files=tuple(self._lost_files))
 
     @classmethod
     def create(cls, path: str | os.PathLike, schema: StoreSchema, provenance: Provenance, *,
@@ -125,16 +121,6 @@ class MemoryBank(KeyIndexing, StorePrimitives):
     @property
     def provenance(self) -> Provenance:
         return Provenance.from_dict(self._attrs)
-
-    @property
-    def alignment(self) -> int:
-        """Rows per shard: concurrent writers must own split positions cut at multiples of this."""
-        return int(self._attrs["shard_rows"])
-
-    @property
-    def splits(self) -> dict[str, tuple[int, int]]:
-        """``{split: (start_row, count)}``."""
-        return {k: (int(v["start"]), int(v["count"])) for k, v in self._attrs["splits"].items()}
 
     @property
     def n_rows(self) -> int:
@@ -220,16 +206,6 @@ class MemoryBank(KeyIndexing, StorePrimitives):
         return found
 
     # ------------------------------------------------------------------ writing
-    def _need_write(self) -> None:
-        if self.mode != "r+":
-            raise StoreReadOnlyError(f"memorybank {self.path} is open read-only (mode='r'); open with mode='r+'")
-
-    def _split(self, split: str) -> tuple[int, int]:
-        try:
-            return self.splits[split]
-        except KeyError:
-            raise KeyError(f"split {split!r} is not in memorybank {self.path} (splits: {sorted(self.splits)})") from None
-
     def reserve_split(self, split: str, keys: Sequence[str], replace: bool = False) -> tuple[int, int]:
         """Pre-allocate rows for ``split`` holding ``keys`` in this order; returns ``(start_row, count)``.
 
@@ -324,7 +300,7 @@ class MemoryBank(KeyIndexing, StorePrimitives):
                 raise ValueError(f"write_rows({split!r}, offset={offset}): keys differ from the reserved keys")
         if n == 0:
             return
-        if not self._sole_writer:
+        if not self.sole_writer:
             check_alignment(split, offset, n, self.alignment, self._owned.setdefault(split, set()),
                             lambda lo, hi: bool(self._read_complete(start + lo, start + hi).all()))
         a, b = start + offset, start + offset + n

@@ -11,7 +11,7 @@ back end encodes each shard here instead, in one pass, and writes it with one cr
   the fill value everywhere are left out (``write_empty_chunks=False``), and the shard index
   (S x (offset, nbytes) uint64 little endian, 2^64-1 for an absent chunk) follows them with its own crc32c;
 * rows of the shard outside the block written keep their stored chunk bytes (copied, not re-encoded, as
-  zarr-python does; the old shard's index is checked first: `stores.row_reader.RowChunkReader.read_shard`).
+  zarr-python does; the old shard's index is checked first: `stores.zarr_v3.row_reader.RowChunkReader.read_shard`).
 
 So a shard written here is byte-identical to the one zarr-python writes for the same rows and codecs
 (``tests/test_store_bulk_write.py``), and zarr-python, dask, xarray, ``verify`` and the row reader read it

@@ -3,7 +3,7 @@
 `FlatChunkReader.chunk(c)` reads chunk ``c`` (a regular file, or through ``read(c)``: an object store's bytes),
 checks its crc32c BEFORE the one decode and returns the whole chunk (C,) (edge chunks are stored padded to C).
 `encode_flat_chunk` is its inverse, byte-identical to zarr-python's encoding (codecs ``bytes`` | ``vlen-utf8``,
-then ``zstd``, then ``crc32c``), for writers that put whole chunk objects (`stores.remote_write`).
+then ``zstd``, then ``crc32c``), for writers that put whole chunk objects (`stores.remote.writes`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from numcodecs.vlen import VLenUTF8
 
 from stores.errors import UnsupportedLayout
 from stores.fsio import read_regular
-from stores.row_reader import chunk_decoder
+from stores.zarr_v3.row_reader import chunk_decoder
 
 ReadChunk = Callable[[int], "bytes | None"]
 

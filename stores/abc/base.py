@@ -1,65 +1,199 @@
-"""The key side of `stores.abc.MemoryBank` (a mixin): the key index loaded at open / ``refresh``, listing keys,
-the keys of rows for error messages, and the on-disk index of each split (written by ``reserve_split``,
-removed by ``remove_split``, rebuilt by ``reindex``).
+"""`StoreBase`, the plain base of `stores.abc.MemoryBank`: the primitives a back end implements (attributes,
+keys, completion flags, row reads/writes, durability and integrity hooks), the state every handle keeps, and
+the key side built on them: the key index loaded at open / ``refresh``, listing keys, the keys of rows for
+error messages, and the on-disk index of each split (written by ``reserve_split``, removed by
+``remove_split``, rebuilt by ``reindex``).
 
-A schema_version 4 store of a back end with index files (Zarr) keeps one per split (`stores.index_file`).
-Opening maps them and reads only the completion flags: O(rows / shard_rows) small file reads and one byte per
-row of memory, never a Python object per key, and the mapped pages are shared by every process. Stores of
-schema_version 3, and HDF5 stores, get the same index built in memory at open from their keys (checked
-against each split's ``keys_crc32c``); ``reindex`` writes the files of a schema_version 3 Zarr store and
-upgrades it to 4 in place.
+Rows are global row numbers; ``[a, b)`` ranges are half-open. The primitives (``_``-named) are called by the
+back-end independent logic here and in `MemoryBank`; they are not public API.
+
+A schema_version 4 store of a back end with index files (Zarr) keeps one key index per split
+(`stores.index_file`). Opening maps them and reads only the completion flags: O(rows / shard_rows) small file
+reads and one byte per row of memory, never a Python object per key, and the mapped pages are shared by every
+process. Stores of schema_version 3, and HDF5 stores, get the same index built in memory at open from their
+keys (checked against each split's ``keys_crc32c``); ``reindex`` writes the files of a schema_version 3 Zarr
+store and upgrades it to 4 in place.
 """
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from e2r.keys import InvalidKeyError
-from stores.errors import StoreCorruptError, StoreError
+from stores.errors import StoreCorruptError, StoreError, StoreReadOnlyError
 from stores.fsio import fsync_files, remove_path, writing
 from stores.index import KeyIndex, SplitIndex, check_keys
 from stores.index_file import index_files, write_index
+from stores.keys import InvalidKeyError
 from stores.layout import keys_chunk_rows, keys_crc32c
-from stores.schema import SCHEMA_VERSION, json_attrs, now_iso
+from stores.schema import SCHEMA_VERSION, StoreSchema, json_attrs, now_iso
 from stores.validate import split_damage, used_rows
 
 
-class KeyIndexing:
-    """Mixin of `MemoryBank`: see the module docstring. Back ends with index files set ``index_files = True``
-    and implement ``_index_path``."""
+class StoreBase(ABC):
+    """A memorybank handle's state, its back-end primitives (abstract) and its key side (see the module
+    docstring). Back ends with index files set ``index_files = True`` and implement ``_index_path``."""
 
     index_files = False
-    path: str
-    mode: str
-    fsync: bool
-    damage: list[str]
-    _attrs: dict[str, Any]
-    _lenient: bool
-    _index: KeyIndex | None
-    _lost_files: list[str]
-    _read_damage: list[str]
-    _used_rows: int
-    splits: Any
-    alignment: Any
-    _split: Any
-    _need_write: Any
-    _n_rows: Any
-    _read_keys: Any
-    _read_flags: Any
-    _keys_present: Any
-    _missing_data: Any
-    _write_attrs: Any
-    _sync_meta: Any
+    schema: StoreSchema
 
+    def __init__(self, path: str, mode: str, fsync: bool = True) -> None:
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        self.path = str(path)
+        self.mode = mode
+        self.fsync = bool(fsync)          # fsync data, then flags, on every write (crash/power-loss safety)
+        self._attrs: dict[str, Any] = {}
+        self._index: KeyIndex | None = None
+        self._used_rows = 0                     # rows [0, used) that the splits occupy (at the last refresh)
+        self._owned: dict[str, set[int]] = {}   # split -> shards this handle wrote into (alignment rule)
+        self.sole_writer = False               # True: the alignment rule is not enforced (stores.convert)
+        self._legacy_ok = False                 # open() may accept an older schema_version (`convert`)
+        self._legacy = False                    # True: this store IS of an older schema_version
+        self._lenient = False                   # True: a read-only handle that lists damage (verify)
+        self.damage: list[str] = []             # what the last refresh() found lost (keys, flags, data files)
+        self._lost_files: list[str] = []        # the data-file part of ``damage``
+        self._read_damage: list[str] = []       # chunks of keys / complete that failed their checks (r+)
+
+    @property
+    def alignment(self) -> int:
+        """Rows per shard: concurrent writers must own split positions cut at multiples of this."""
+        return int(self._attrs["shard_rows"])
+
+    @property
+    def splits(self) -> dict[str, tuple[int, int]]:
+        """``{split: (start_row, count)}``."""
+        return {k: (int(v["start"]), int(v["count"])) for k, v in self._attrs["splits"].items()}
+
+    def _need_write(self) -> None:
+        if self.mode != "r+":
+            raise StoreReadOnlyError(f"memorybank {self.path} is open read-only (mode='r'); open with mode='r+'")
+
+    def _split(self, split: str) -> tuple[int, int]:
+        try:
+            return self.splits[split]
+        except KeyError:
+            raise KeyError(f"split {split!r} is not in memorybank {self.path} (splits: {sorted(self.splits)})") from None
+
+    # ------------------------------------------------------------------ back-end primitives
+    @staticmethod
+    @abstractmethod
+    def exists(path: str) -> bool:
+        """True when a store of this back end exists at ``path``."""
+
+    @abstractmethod
+    def _open_existing(self) -> dict[str, Any]:
+        """Open the store's files and return its root attributes after checking them (FileNotFoundError
+        when absent, NotAMemoryBankError, StoreVersionError, StoreCorruptError)."""
+
+    @abstractmethod
+    def _create_new(self, schema: StoreSchema) -> None:
+        """Create empty arrays for ``schema``; ``self._attrs`` already holds the new root attributes."""
+
+    @classmethod
+    def abandoned(cls, path: str) -> bool:
+        """True when ``path`` holds only the remains of a creation killed in place (no data): replaceable."""
+        return False
+
+    @staticmethod
+    def _discard(path: str) -> None:
+        """Remove an abandoned store at ``path``."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def _write_attrs(self, attrs: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def _n_rows(self) -> int: ...
+
+    @abstractmethod
+    def _resize(self, n: int) -> None:
+        """Set every array's length to ``n``, the keys array last."""
+
+    @abstractmethod
+    def _read_keys(self, a: int, b: int) -> np.ndarray: ...
+
+    @abstractmethod
+    def _write_keys(self, a: int, keys: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def _read_flags(self, a: int, b: int) -> np.ndarray:
+        """Raw completion flags (uint8): 0 reserved, 1 complete, 255 no chunk (Zarr)."""
+
+    @abstractmethod
+    def _write_flags(self, a: int, b: int, value: int) -> None: ...
+
+    def _read_complete(self, a: int, b: int) -> np.ndarray:
+        """(b - a,) bool: rows flagged complete."""
+        return self._read_flags(a, b) == 1
+
+    def _write_complete(self, a: int, b: int, flag: bool) -> None:
+        self._write_flags(a, b, 1 if flag else 0)
+
+    def _data_arrays(self) -> list[str]:
+        """Names of the arrays holding row data (for `_sync_rows`)."""
+        return list(self.schema.fields)
+
+    @abstractmethod
+    def _sync_rows(self, names: Sequence[str], a: int, b: int) -> None:
+        """fsync the files holding rows ``[a, b)`` of arrays ``names``, and their directories."""
+
+    @abstractmethod
+    def _sync_meta(self) -> None:
+        """fsync the attributes and array metadata."""
+
+    def _rows_with_data(self, a: int, b: int) -> np.ndarray:
+        """(b - a,) bool: rows whose data chunks exist (back ends that can lose a chunk override this)."""
+        return np.ones(max(0, b - a), bool)
+
+    def _flags_extent(self) -> int:
+        """Rows of the completion flags worth scanning for orphans (verify); all by default."""
+        return 2**62
+
+    def _keys_present(self, a: int, b: int) -> np.ndarray:
+        """(b - a,) bool: rows whose keys chunk exists (back ends that can lose a chunk override this; a
+        chunk that is not a regular file raises StoreCorruptError)."""
+        return np.ones(max(0, b - a), bool)
+
+    def _missing_data(self, complete: np.ndarray) -> list[str]:
+        """Problems: data files that the rows flagged in ``complete`` (bool over rows ``[0, n)``) need and
+        that are absent."""
+        return []
+
+    @abstractmethod
+    def _write_field(self, name: str, a: int, data: np.ndarray) -> None: ...
+
+    def _write_fields(self, a: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write every field's block at rows ``[a, a + n)`` (back ends that pack fields override this)."""
+        for f, d in arrays.items():
+            self._write_field(f, a, d)
+
+    @abstractmethod
+    def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False) -> dict[str, np.ndarray]:
+        """Hot path: ``{field: array (len(rows), T, ...)}`` for ``rows`` in any order (repeats allowed), in
+        that order. ``views=True``: the arrays may be views of a larger buffer (the caller copies them)."""
+
+    @abstractmethod
+    def _clear_rows(self, a: int, b: int) -> None: ...
+
+    @abstractmethod
+    def dask_array(self, name: str) -> Any:
+        """A dask array (N, T, ...) over field ``name``'s chunks (lazy; nothing is loaded)."""
+
+    @abstractmethod
+    def describe(self) -> list[dict[str, Any]]:
+        """Per stored array: name, shape, dtype, chunks, shards, codecs, stored bytes, raw bytes."""
+
+    # ------------------------------------------------------------------ the key side
     def _index_path(self, split: str) -> Path:
         raise NotImplementedError
 
     @property
-    def _disk_index(self) -> bool:
+    def disk_index(self) -> bool:
         """True when this store keeps its key index on disk (schema_version 4 on a back end with index files)."""
         return self.index_files and self._attrs.get("schema_version") == SCHEMA_VERSION
 
@@ -99,7 +233,7 @@ class KeyIndexing:
         3, HDF5, or a damaged file on a writable / verify handle) built from its keys."""
         crc = entry.get("keys_crc32c")
         problems = []
-        if self._disk_index:
+        if self.disk_index:
             lost = ~self._keys_present(s, s + c)
             try:
                 return self._open_split_index(name, s, c, crc), lost, []
@@ -166,7 +300,7 @@ class KeyIndexing:
     # ------------------------------------------------------------------ the on-disk index of a split
     def _write_split_index(self, split: str, start: int, keys: list[str], crc: int) -> None:
         """Write ``split``'s index file (before its split entry; no-op without on-disk indexes)."""
-        if self._disk_index:
+        if self.disk_index:
             write_index(self._index_path(split), split, start, crc, keys, fsync=self.fsync)
 
     def _remove_split_index(self, split: str) -> None:

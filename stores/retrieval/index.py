@@ -8,11 +8,11 @@ similar situations (rows of the store) by cosine similarity of caller-built vect
 
 An index has a name (``state``, ``pose``, ``student``: what the vectors are is the caller's business) and a
 dimension D. It lives inside the store (``<store>/retrieval/<name>/``, format and crash safety in
-`stores.retrieval_store`): unit-normalised float16 rows (N, D) and their keys, every byte checksummed.
+`stores.retrieval.layout`): unit-normalised float16 rows (N, D) and their keys, every byte checksummed.
 
 Back ends (``kind``): ``exact`` - chunked ``torch.topk`` over the memory-mapped matrix (memory bounded by one
 chunk of `default_chunk_rows` rows in float32 plus (B, chunk) similarities); ``faiss-ivf`` (IVF; 4-bit
-fast-scan PQ codes and a fast-scan coarse quantizer by default, parameters in `stores.retrieval_faiss`) /
+fast-scan PQ codes and a fast-scan coarse quantizer by default, parameters in `stores.retrieval.faiss_index`) /
 ``faiss-hnsw`` - faiss (optional: ``pip install 'e2r-kd[retrieval]'``) returns ``max(RERANK * k, candidates)``
 candidates, re-scored exactly from the stored float16 rows: both back ends give the same similarity for the
 same row, and quantization errors cost no ranking inside the candidates.
@@ -28,7 +28,6 @@ plus the exclusions) come back as key "" and similarity -inf.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,11 +36,11 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from e2r.keys import InvalidKeyError, SampleKey, parse_key, validate_part
+from stores.keys import InvalidKeyError, SampleKey, parse_key, validate_part
 from stores.errors import StoreError
 from stores.fsio import publish, remove_path, remove_stale_temps, temp_sibling
-from stores.retrieval_faiss import LEGACY, faiss_blob, faiss_params, load_faiss, search_candidates
-from stores.retrieval_store import (FORMAT, VERSION, add_faiss, add_part, blob_array, check_in_store, corrupt,
+from stores.retrieval.faiss_index import LEGACY, faiss_blob, faiss_params, load_faiss, search_candidates
+from stores.retrieval.layout import (FORMAT, VERSION, add_faiss, add_part, blob_array, check_in_store, corrupt,
                                     default_chunk_rows, ensure_root, index_dir, list_indexes, open_bank_keys,
                                     part_arrays, prepare_rows, read_manifest, splits_per_segment, write_manifest)
 from stores.schema import now_iso
@@ -302,7 +301,7 @@ def build_index(store: str | os.PathLike, name: str, vectors: torch.Tensor | np.
     """Build index ``name`` of ``store`` from ``vectors`` (N, D) of ``keys`` (N keys with complete rows in the
     store; default: the store's complete keys in row order). ``kind`` exact | faiss-ivf | faiss-hnsw;
     ``params`` (nlist, nprobe, codec, coarse, candidates; hnsw_m, ef_construction, ef_search) override
-    `stores.retrieval_faiss.faiss_params`. ``exclude_frames``:
+    `stores.retrieval.faiss_index.faiss_params`. ``exclude_frames``:
     the default T of exclusions (default the store's seq_len). ``meta``: the caller's JSON-ready description
     of the vectors (e.g. how queries are built), kept as ``index.attrs["meta"]``. FileExistsError when it
     exists, unless ``replace``. Written under a temporary name and renamed into place. ``source`` names the input in errors."""
@@ -377,8 +376,3 @@ def append_index(store: str | os.PathLike, name: str, vectors: torch.Tensor | np
     if old:
         remove_path(idx.dir / old["node"])
     return RetrievalIndex.open(store, name)
-
-
-if __name__ == "__main__":       # python -m stores.retrieval build|query|verify: the CLI is stores.retrieval_cli
-    from stores.retrieval_cli import main
-    sys.exit(main())

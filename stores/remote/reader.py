@@ -1,6 +1,6 @@
 """Rows of one sharded array of a store on object storage: ranged reads of exactly the inner chunks asked for.
 
-`RemoteRowReader` is `stores.row_reader.RowChunkReader` with the shard files replaced by objects:
+`RemoteRowReader` is `stores.zarr_v3.row_reader.RowChunkReader` with the shard files replaced by objects:
 
 * per shard, on first use in a process: its size and ETag come from the store's listing (taken at open /
   ``refresh``), its index (S x (offset, nbytes) + crc32c, the last bytes of the object) is read with one
@@ -13,7 +13,7 @@
   failed checksum or a short read raises `StoreCorruptError` naming the store URL, the array, the shard
   object + inner chunk and the keys — never zeros.
 
-No threads of its own; the fsspec filesystem lives in `stores.objstore.ObjectFiles` (re-created after a
+No threads of its own; the fsspec filesystem lives in `stores.remote.objstore.ObjectFiles` (re-created after a
 fork). ``verify`` reads whole shard objects through `scan` (one GET each, dropped after the scan).
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from stores.cache import CachedShard, ShardCache
+from stores.remote.cache import CachedShard, ShardCache
 from stores.errors import StoreError, UnsupportedLayout
-from stores.objstore import Entry, ObjectFiles
-from stores.row_reader import _EMPTY_INT, RowChunkReader
+from stores.remote.objstore import Entry, ObjectFiles
+from stores.zarr_v3.row_reader import _EMPTY_INT, RowChunkReader
 
 
 @dataclass

@@ -1,18 +1,13 @@
-"""Zarr v3 back end of the abstract `stores.abc.MemoryBank`: zarr-python creates and inspects and writes keys and
-flags; `stores.shard_codec.ShardCodec` writes data shards (in bulk, zarr-python's bytes); `RowChunkReader` reads rows.
+"""Zarr v3 back end of the abstract `stores.abc.MemoryBank` (`ZarrMemoryBank`): zarr-python creates and inspects
+and writes keys and flags; `stores.zarr_v3.shard_codec.ShardCodec` writes data shards (in bulk, zarr-python's
+bytes); `RowChunkReader` reads rows.
 
-Layout of ``<path>/`` (a Zarr v3 group; attributes = schema, provenance, splits, times, shard_rows,
-``light_channels``), schema_version 3::
-
-    keys        (N,)            string (vlen-utf8), chunks (max(S, 65536),)   "" for unreserved rows
-    complete    (N,)            uint8, chunks (S,), fill 255: 0 reserved, 1 complete, 255 no chunk (lost / unused)
-    light       (N, T, A+D+H)   float32|float16: actions | bev_vec | gru_out packed on the channel axis,
-                                shards (S, T, A+D+H) of inner chunks (1, T, A+D+H), fill NaN
-    bev_feat/bev_feat (N, T, C, H, W)  shards (B, T, C, H, W), inner chunk = one sample (only if stored)
+Layout of ``<path>/`` (a Zarr v3 group: ``keys``, ``complete``, the packed ``light`` array, ``bev_feat/bev_feat``
+when stored; created by `stores.zarr_v3.arrays`): docs/STORE.md.
 
 Every chunk of every array ends with a crc32c checksum (codec ``crc32c`` last in the chain; the shard
-indexes have one too). S = ``shard_rows`` (the writers' alignment unit); B divides S. Rows are read by
-`stores.row_reader.RowChunkReader` (mmap, checksum, one decode per row; no threads, so fork safe).
+indexes have one too). S = ``shard_rows`` is the writers' alignment unit. Rows are read by
+`stores.zarr_v3.row_reader.RowChunkReader` (mmap, checksum, one decode per row; no threads, so fork safe).
 Opening validates the attributes against the arrays' metadata (`stores.validate`) and checks that every file
 it will read is a regular file; a read-only handle also refuses a store whose keys / completion chunks or
 data shards for complete rows are missing (`stores.abc.MemoryBank.refresh`).
@@ -21,48 +16,34 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-import zarr.codecs as zc
 
 from stores.abc import MemoryBank
+from stores.abc.inspection import Inspection
 from stores.errors import StoreCorruptError, UnsupportedLayout
-from stores.fsio import read_json
-from stores.index_file import index_dir, index_path
-from stores.layout import COMPLETE_UNSET, keys_chunk_rows
-from stores.flat_chunks import FlatChunkReader
-from stores.row_reader import RowChunkReader
-from stores.shard_codec import ShardCodec, encode_threads, write_file
-from stores.zarr_checks import ARRAY_NAMES, ZarrIntegrity, field_path
-from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, LIGHT_FIELDS, StoreSchema
-from stores.validate import ArrayInfo, check_store, zarr_array_info
+from stores.fsio import fsync_files, read_json, regular_size, remove_path
+from stores.index_file import index_path
+from stores.layout import COMPLETE_UNSET
+from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, StoreSchema
+from stores.zarr_v3.arrays import array_problems, create_arrays, describe_arrays
+from stores.zarr_v3.checks import ARRAY_NAMES, abandoned_dir, chunk_failure, discard_dir, field_path, missing_data
+from stores.zarr_v3.flat_chunks import FlatChunkReader
+from stores.zarr_v3.row_reader import RowChunkReader
+from stores.zarr_v3.shard_codec import ShardCodec, encode_threads, write_file
 
 
 
-def light_compressor(dtype: str) -> zc.BloscCodec | zc.ZstdCodec:
-    """Codec of the packed light array, chosen by measurement (docs/STORE.md): float32 -> blosc lz4-9 + byte
-    shuffle (1.07x, ~7x faster to decode than zstd, ~12x faster to encode than lz4hc-5, which compresses 3 %
-    more: stores written before keep lz4hc, readers take either); float16 -> zstd-3 (lz4 gains nothing on
-    float16, and the float16 bytes goal needs the entropy coder)."""
-    if np.dtype(dtype).itemsize >= 4:
-        return zc.BloscCodec(cname="lz4", clevel=9, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
-    return zc.ZstdCodec(level=3)
-
-
-def bev_feat_compressor(dtype: str) -> zc.BloscCodec:
-    """bev_feat: blosc lz4 + byte shuffle, cheap to decode for the read-heavy dense KD term."""
-    return zc.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
-
-
-class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
+class ZarrMemoryBank(MemoryBank):
     """`MemoryBank` over a Zarr v3 directory store."""
 
     backend = "zarr"
     index_files = True
-    bulk_writes = True     # write_rows encodes whole shards itself (stores.shard_codec); False: through zarr-python
+    bulk_writes = True     # write_rows encodes whole shards itself (stores.zarr_v3.shard_codec); False: through zarr-python
     write_threads: int | None = None     # threads compressing a shard (None: the CPUs available, at most 8)
 
     def __init__(self, path: str, mode: str, fsync: bool = True) -> None:
@@ -125,49 +106,18 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
             raise self._not_a_bank(f"{self.path} is a Zarr {root.get('node_type')!r}, not a group")
         attrs = dict(root.get("attributes") or {})
         self._check_version(attrs)
-        infos: dict[str, ArrayInfo | None] = {}
-        bad = []
-        for name in ARRAY_NAMES:
-            if name == BEV_FEAT and not attrs.get("store_bev_feat"):
-                continue
-            path = field_path(name)
-            m = self._meta(path)
-            try:
-                infos[name] = zarr_array_info(m) if m is not None else None
-            except ValueError as e:
-                bad.append(f"array {name!r}: {e}")
-        problems, _ = check_store(attrs, infos, "zarr", legacy=self._legacy)
-        if bad or problems:
+        problems = array_problems(attrs, self._meta, self._legacy)
+        if problems:
             raise StoreCorruptError(f"memorybank {self.path}: its attributes and arrays disagree: "
-                                    + "; ".join(bad + problems) + f". Run `python -m stores verify {self.path}`; "
+                                    + "; ".join(problems) + f". Run `python -m stores verify {self.path}`; "
                                     "restore the store or re-export it", path=self.path)
         if attrs.get("store_bev_feat"):
             self._json(f"{BEV_FEAT}/zarr.json")
         return attrs
 
     def _create_new(self, schema: StoreSchema) -> None:
-        S = int(self._attrs["shard_rows"])
-        crc = zc.Crc32cCodec()
         self._attrs["light_channels"] = {f: list(v) for f, v in schema.light_channels().items()}
-        g = zarr.open_group(self.path, mode="w-", zarr_format=3)
-        self._group = g
-        # keys are written only by reserve_split/remove_split (one process): big chunks, few files
-        g.create_array("keys", shape=(0,), chunks=(keys_chunk_rows(S),), dtype=str, fill_value="",
-                       compressors=[zc.ZstdCodec(level=3), crc], dimension_names=["row"])
-        g.create_array("complete", shape=(0,), chunks=(S,), dtype="uint8", fill_value=COMPLETE_UNSET,
-                       compressors=[zc.ZstdCodec(level=3), crc], dimension_names=["row"])
-        shp = schema.row_shape(LIGHT_ARRAY)
-        g.create_array(LIGHT_ARRAY, shape=(0, *shp), chunks=(1, *shp), shards=(S, *shp), dtype=schema.dtype,
-                       fill_value=float("nan"), compressors=[light_compressor(schema.dtype), crc],
-                       dimension_names=list(LIGHT_DIM_NAMES))
-        if schema.store_bev_feat:
-            B = int(self._attrs["bev_feat_shard_rows"])
-            shp = schema.row_shape(BEV_FEAT)
-            sub = g.create_group(BEV_FEAT, attributes={"pool": schema.bev_feat_pool, "shard_rows": B})
-            kw = {"shards": (B, *shp)} if B > 1 else {}
-            sub.create_array(BEV_FEAT, shape=(0, *shp), chunks=(1, *shp), dtype=schema.dtype,
-                             fill_value=float("nan"), compressors=[bev_feat_compressor(schema.dtype), crc],
-                             dimension_names=list(DIM_NAMES[BEV_FEAT]), **kw)
+        self._group = create_arrays(self.path, schema, self._attrs)
 
     def _arrays_on_disk(self) -> list[str]:
         return [LIGHT_ARRAY] + ([BEV_FEAT] if self.schema.store_bev_feat else [])
@@ -236,7 +186,7 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
 
     def _write_array(self, name: str, a: int, data: np.ndarray) -> None:
         """Rows ``[a, a + len(data))`` of array ``name``: each shard they touch encoded in bulk and put in
-        place by one crash-safe file write (`stores.shard_codec`); rows of a shard outside the block keep their
+        place by one crash-safe file write (`stores.zarr_v3.shard_codec`); rows of a shard outside the block keep their
         stored chunks (the old shard's index is checked first). Through zarr-python when ``bulk_writes`` is
         off or the layout is not one the encoder handles (same bytes either way)."""
         path = field_path(name)
@@ -289,6 +239,143 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
             d = d[..., c0:c1]
         return d
 
+    # ------------------------------------------------------------------ checked reads, durability, integrity
+    @classmethod
+    def abandoned(cls, path: str) -> bool:
+        """True when the directory ``path`` holds only the start of a creation killed in place (no data)."""
+        return abandoned_dir(path)
+    @staticmethod
+    def _discard(path: str) -> None:
+        discard_dir(path)
+    def _zread(self, name: str, a: int, b: int) -> np.ndarray:
+        """``name[a:b]`` after checking its chunk files are regular (``complete``: read directly, chunk by
+        chunk; ``keys``: through zarr-python). A chunk that fails its checksum or decode raises
+        StoreCorruptError naming it (read-only handle), or is read as its fill value and recorded in
+        ``_read_damage`` / ``_bad_chunks`` (writable handle, verify)."""
+        C = self._chunk_rows(name)
+        flat = self._flat_reader(name)
+        if flat is None:
+            arr = self._arr(name)
+            for c in range(a // C, -(-b // C)):
+                regular_size(self._chunk_path(name, c), self.path, name)
+            try:
+                return np.asarray(arr[a:b])
+            except Exception:  # noqa: BLE001 - narrowed down to each chunk below
+                pass
+        out = np.full(b - a, "", dtype=object) if name == "keys" else np.full(b - a, COMPLETE_UNSET, np.uint8)
+        for c in range(a // C, -(-b // C)):
+            lo, hi = max(a, c * C), min(b, (c + 1) * C)
+            try:
+                if flat is None:
+                    out[lo - a:hi - a] = np.asarray(self._arr(name)[lo:hi])
+                elif (got := flat.chunk(c)) is not None:
+                    out[lo - a:hi - a] = got[lo - c * C:hi - c * C]
+            except StoreCorruptError:
+                raise                          # not a regular file: never tolerated
+            except Exception as e:  # noqa: BLE001 - any decode/IO error of a chunk is corruption
+                msg = (f"array {name!r}, chunk {name}/c/{c} (rows [{c * C}, {(c + 1) * C})) does not decode: "
+                       f"{chunk_failure(e)}")
+                if self.mode == "r+" or self._lenient:
+                    self._bad_chunks.add((name, c))
+                    if msg not in self._read_damage:
+                        self._read_damage.append(msg)
+                    continue
+                keys = self._keys_of(range(lo, hi)) if name != "keys" else []
+                fix = ("delete the file and resume the export (its rows are redone)" if name == "complete" else
+                       "restore the file, or re-export the split (python -m stores rm-split, then export)")
+                raise StoreCorruptError(f"memorybank {self.path}: {msg}. Run `python -m stores verify {self.path}`; "
+                                        f"{fix}", path=self.path, array=name, chunk=f"{name}/c/{c}",
+                                        keys=keys) from None
+        return out
+
+    def _flat_reader(self, name: str) -> FlatChunkReader | None:
+        """The direct chunk reader of ``complete`` (None for ``keys``: variable-length strings)."""
+        if name != "complete":
+            return None
+        if name not in self._flat:
+            self._flat[name] = FlatChunkReader(Path(self.path) / name, self._metas.get(name) or self._meta(name),
+                                               store=self.path, name=name)
+        return self._flat[name]
+
+    def _keys_present(self, a: int, b: int) -> np.ndarray:
+        """(b - a,) bool: rows whose ``keys`` chunk file exists (stat only; a special file raises)."""
+        C = self._chunk_rows("keys")
+        out = np.zeros(max(0, b - a), bool)
+        for c in range(a // C, -(-b // C)):
+            if self._file_size(self._chunk_path("keys", c), "keys") is not None:
+                out[max(a, c * C) - a:min(b, (c + 1) * C) - a] = True
+        return out
+
+    def _chunk_rows(self, name: str) -> int:
+        """Rows per chunk of the unsharded array ``name`` (keys, complete)."""
+        return int(self._arr(name).chunks[0])
+
+    def _file_size(self, path: str | os.PathLike, name: str) -> int | None:
+        """Size of the store file ``path`` of array ``name``, None when absent; StoreCorruptError when it is
+        not a regular file (`stores.fsio.regular_size`)."""
+        return regular_size(path, self.path, name)
+
+    def _chunk_path(self, name: str, c: int) -> Path:
+        return Path(self.path) / field_path(name) / "c" / str(c)
+
+    def _drop_bad_chunks(self, name: str, a: int, b: int) -> None:
+        """Delete the damaged chunks of ``name`` that a write of rows ``[a, b)`` touches (already lost)."""
+        if not self._bad_chunks:
+            return
+        C = int(self._arr(name).chunks[0])
+        for c in range(a // C, -(-b // C)):
+            if (name, c) in self._bad_chunks:
+                remove_path(self._chunk_path(name, c))
+                self._bad_chunks.discard((name, c))
+
+    def _files_of(self, name: str, a: int, b: int) -> list[Path]:
+        arr = self._arr(name)
+        rows = int((arr.shards or arr.chunks)[0])
+        tail = ["0"] * (len(arr.shape) - 1)
+        root = Path(self.path) / field_path(name) / "c"
+        return [root.joinpath(str(i), *tail) for i in range(a // rows, -(-b // rows))] if b > a else []
+
+    def _check_files(self, names: Sequence[str], a: int, b: int) -> None:
+        """StoreCorruptError when a file holding rows ``[a, b)`` of ``names`` is not a regular file."""
+        for name in names:
+            for p in self._files_of(name, a, b):
+                regular_size(p, self.path, name)
+
+    def _sync_rows(self, names: Sequence[str], a: int, b: int) -> None:
+        files = [p for n in names for p in self._files_of(n, a, b)]
+        fsync_files(files, self.path, synced=self._synced, durable=self._durable)
+        self._synced.clear()
+
+    def _sync_meta(self) -> None:
+        root = Path(self.path)
+        metas = [root / "zarr.json"] + [root / field_path(n) / "zarr.json" for n in
+                                        ["keys", "complete", *self._arrays_on_disk()]]
+        fsync_files(metas, self.path)
+
+    def _rows_with_data(self, a: int, b: int) -> np.ndarray:
+        ok = np.ones(max(0, b - a), bool)
+        for name in self._arrays_on_disk():
+            r = self._reader(name)
+            if r is not None:
+                ok &= r.present(a, b)
+        return ok
+
+    def _missing_data(self, complete: np.ndarray) -> list[str]:
+        """Data files (shards) that the rows flagged in ``complete`` need and that are absent (non-regular
+        files raise): one stat per shard holding a complete row."""
+        if self._legacy or not len(complete):     # older versions dropped all-zero chunks: absence is not loss
+            return []
+        readers = [(n, r) for n in self._arrays_on_disk() if (r := self._reader(n)) is not None]
+        return missing_data(readers, complete, self._file_size, self._keys_of)
+    def _flags_extent(self) -> int:
+        """Rows covered by the ``complete`` chunk files present (a bound for scans of an edited shape)."""
+        try:
+            ids = [int(e.name) for e in os.scandir(Path(self.path) / "complete" / "c") if e.name.isdigit()]
+        except FileNotFoundError:
+            return 0
+        return (max(ids) + 1) * int(self._arr("complete").chunks[0]) if ids else 0
+
+
     # ------------------------------------------------------------------ hot path
     def _reader(self, name: str) -> RowChunkReader | None:
         path = field_path(name)
@@ -330,32 +417,17 @@ class ZarrMemoryBank(ZarrIntegrity, MemoryBank):
             out[BEV_FEAT] = self._read_array_rows(BEV_FEAT, rows)
         return {f: out[f] for f in fields}
 
+    def inspect(self) -> Inspection:
+        """`MemoryBank.inspect` plus the Zarr readers: chunk rows, flat chunks, arrays present, row readers."""
+        return replace(super().inspect(), chunk_rows=self._chunk_rows, flat_reader=self._flat_reader,
+                       arrays_on_disk=self._arrays_on_disk, row_reader=self._reader)
+
     def describe(self) -> list[dict[str, Any]]:
         """Per array: name, shape, dtype, chunks, shards, codecs, stored bytes (files on disk), raw bytes,
         and for ``light`` the channel slice of each field."""
-        out = []
-        idx_dir = index_dir(self.path)
-        for name in ["keys", "complete", *self._arrays_on_disk()]:
-            a = self._arr(name)
-            root = Path(self.path) / field_path(name)
-            stored = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "zarr.json"
-                         and idx_dir not in p.parents)
-            raw = int(np.prod(a.shape)) * (a.dtype.itemsize if a.dtype.kind in "fiub" else 0)
-            d = {"name": field_path(name), "shape": tuple(a.shape), "dtype": str(a.dtype),
-                 "chunks": tuple(a.chunks), "shards": tuple(a.shards) if a.shards else None,
-                 "codecs": [type(a.serializer).__name__] + [type(c).__name__ for c in a.compressors],
-                 "stored_bytes": stored, "raw_bytes": raw}
-            if name == LIGHT_ARRAY:
-                d["fields"] = {f: tuple(v) for f, v in self.schema.light_channels().items()}
-            out.append(d)
-        if self._disk_index and self._index is not None:
-            files = [p for p in idx_dir.iterdir() if p.is_file()] if idx_dir.is_dir() else []
-            width = max((s.width for s in self._index.splits.values()), default=1)
-            count = sum(s.count for s in self._index.splits.values())
-            out.append({"name": "keys/index", "shape": (count,), "dtype": f"|S{width}", "chunks": None,
-                        "shards": None, "codecs": ["sorted", "crc32c/block"],
-                        "stored_bytes": sum(p.stat().st_size for p in files), "raw_bytes": count * (width + 4)})
-        return out
+        arrays = [(name, self._arr(name)) for name in ["keys", "complete", *self._arrays_on_disk()]]
+        return describe_arrays(self.path, arrays, self.schema.light_channels(),
+                               self._index if self.disk_index else None)
 
     def close(self) -> None:
         self._readers.clear()

@@ -37,12 +37,12 @@ import google_crc32c
 import numpy as np
 import torch
 
-from e2r.keys import parse_key
+from stores.keys import parse_key
 from stores.errors import StoreCorruptError, StoreError
 from stores.factory import open_memorybank
 from stores.fsio import fsync_path, fsync_tree, open_regular, read_json, read_regular, remove_path, remove_stale_temps, temp_sibling, write_atomic
 from stores.index import check_keys
-from stores.retrieval_faiss import corrupt, faiss_blob, faiss_module, faiss_params, load_faiss  # noqa: F401 (re-exported)
+from stores.retrieval.faiss_index import corrupt, faiss_blob, faiss_module, faiss_params, load_faiss  # noqa: F401 (re-exported)
 
 FORMAT, VERSION = "e2r-retrieval", 1
 ROOT = "retrieval"

@@ -1,4 +1,4 @@
-"""The command line of the retrieval index: ``python -m stores.retrieval build|query|verify`` (`stores.retrieval`)."""
+"""The one command line of the retrieval index: ``python -m stores.retrieval build|query|verify``."""
 from __future__ import annotations
 
 import argparse
@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from e2r.keys import parse_key
-from stores import retrieval
+from stores.keys import parse_key
+from stores.retrieval import index as retrieval
 from stores.errors import StoreError
-from stores.retrieval import KINDS, RetrievalIndex, append_index, build_index, verify_indexes
-from stores.retrieval_store import list_indexes, load_inputs
+from stores.retrieval.index import KINDS, RetrievalIndex, append_index, build_index, verify_indexes
+from stores.retrieval.layout import list_indexes, load_inputs
 
 FAISS_ARGS = ("nlist", "nprobe", "codec", "coarse", "candidates", "hnsw_m", "ef_construction", "ef_search")
 
@@ -82,3 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
