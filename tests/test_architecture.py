@@ -144,6 +144,14 @@ def test_no_pipeline_imports_another_pipeline():
     assert not bad, "\n".join(bad)
 
 
+def test_tests_share_helpers_through_helper_modules_not_other_tests():
+    """A test module imports helpers (conftest, tests/*_fixtures.py, tests/fixtures.py), never another test
+    module: importing one runs its module-level code and re-registers its fixtures and tests."""
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {t}" for p in _modules("tests") for t, _, line in _imports(p)
+           if t.split(".")[:2][-1].startswith("test_") and t.startswith("tests.") and t != _name(p)]
+    assert not bad, "test modules importing other test modules:\n" + "\n".join(bad)
+
+
 def test_no_project_import_inside_a_function():
     bad = [f"{p.relative_to(ROOT)}:{line} imports {t} inside a function"
            for p in _modules("e2r", "stores", "pipelines", "bench") for t, inside, line in _imports(p) if inside]

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from e2r.data.readers import DataError, read_calib, read_image, read_npy, read_pcd, read_points
+from tests.export_fixtures import make_teacher_ckpt
 from tests.fixtures import make_points, write_calib, write_points_bin
 
 
@@ -356,7 +357,6 @@ def test_sigkilled_export_leaves_no_worker_process(tmp_path):
     import psutil
 
     from tests.fixtures import write_tiny_dataset
-    from tests.test_export import make_teacher_ckpt
 
     repo = Path(__file__).resolve().parents[1]
     data = write_tiny_dataset(tmp_path / "data", {"train": 2}, frames=9, camera=False)

@@ -14,31 +14,16 @@ import zarr
 import pytest
 import torch
 
-from e2r.checkpoints import save_checkpoint
 from e2r.data.datasets import LidarSequenceDataset, collate_lidar
 from e2r.workflow.export import ExportOptions, export_rows, load_context
 from e2r.kd import pool_bev_feat
-from e2r.models.config import TeacherConfig
-from e2r.models.teacher import LiDARBEVTeacher, load_teacher
+from e2r.models.teacher import load_teacher
 from pipelines.export import main
 from stores import Provenance, StoreSchema, create_memorybank, open_memorybank
+from tests.export_fixtures import FIELDS, args_for, make_teacher_ckpt, read_all
 from tests.fixtures import write_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-FIELDS = ("actions", "bev_vec", "gru_out")
-
-
-def make_teacher_ckpt(path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    cfg = TeacherConfig.preset_named("tiny")
-    model = LiDARBEVTeacher(cfg)
-    model.set_action_stats(torch.tensor([1.0, 8.0]), torch.tensor([3.0, 1.5]))
-    with torch.no_grad():  # non-trivial BatchNorm statistics so eval mode differs from identity
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict()}, kind="teacher")
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +32,6 @@ def world(tmp_path_factory):
     data = write_tiny_dataset(root / "data", {"train": 2, "valid": 1}, frames=9, camera=False)
     return {"root": root, "data": data, "ckpt": make_teacher_ckpt(root / "teacher.pt"),
             "ckpt2": make_teacher_ckpt(root / "teacher2.pt", seed=1)}
-
-
-def args_for(world, store, *extra, split=("train",)):
-    a = ["--data_root", str(world["data"]), "--teacher_ckpt", str(world["ckpt"]), "--store", str(store),
-         "--seq_len", "5", "--batch_size", "3", "--num_workers", "0", "--no_progress", "--device", "cpu"]
-    for s in split:
-        a += ["--split", s]
-    return a + list(extra)
-
-
-def read_all(store) -> dict[str, np.ndarray]:
-    bank = open_memorybank(store)
-    out = {"keys": np.array(bank.keys())}
-    arrays, missing = bank.get_batch(bank.keys())
-    assert not missing
-    out.update(arrays)
-    return out
 
 
 def naive(world, split="train"):

@@ -29,7 +29,7 @@ from e2r.workflow.export import ExportOptions, run_export_task, worker_threads
 from pipelines.export import main
 from stores.remote.local_s3 import moto_s3
 from tests.fixtures import read_csv_rows, write_tiny_dataset
-from tests.test_export import FIELDS, args_for, make_teacher_ckpt, read_all
+from tests.export_fixtures import FIELDS, args_for, make_teacher_ckpt, read_all
 
 REPO = Path(__file__).resolve().parents[1]
 # 15 rows (train 10, valid 5) in shards of 4 rows, one shard per task: 3 + 2 = 5 tasks

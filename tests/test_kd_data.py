@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
 from e2r.kd import FovMasks, KDWeights, student_losses
 from e2r.workflow.configs import StudentEvalConfig, StudentTrainConfig
 from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, CameraBatches, TeacherTargets, batch_to, check_store_fits,
@@ -17,71 +16,16 @@ from e2r.workflow.kd_data import (LIGHT_KD_FIELDS, CameraBatches, TeacherTargets
 from e2r.losses import action_weights
 from e2r.models.config import TeacherConfig
 from e2r.models.student import CameraBEVStudent
-from e2r.models.student_config import StudentConfig
-from e2r.models.teacher import LiDARBEVTeacher
 from e2r.runtime import DistContext
 from e2r.workflow.targets_ahead import TargetsAhead
-from stores import Provenance, StoreMismatchError, StoreSchema, create_memorybank, open_memorybank
+from stores import StoreMismatchError, open_memorybank
 from tests.fixtures import write_tiny_dataset
-
-SEQ, STRIDE = 3, 2
-TEACHER = TeacherConfig.preset_named("tiny")
-
+from tests.kd_fixtures import SEQ, STRIDE, TEACHER, camera_ds, fake_rows, student_cfg, write_bank
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("kd"), splits={"train": 2, "valid": 1}, frames=8,
                               points_per_frame=(100, 200))
-
-
-def student_cfg() -> StudentConfig:
-    return StudentConfig.preset_named("tiny", TEACHER)
-
-
-def camera_ds(root: Path, split: str = "train") -> CameraSequenceDataset:
-    return CameraSequenceDataset(root, split, SEQ, STRIDE, tuple(student_cfg().image_size))
-
-
-def write_bank(path: Path, rows: dict[str, dict[str, np.ndarray]], seq_len: int = SEQ, action_dim: int = 2,
-               bev_feat: bool = True, model_config: dict | None = None, teacher_sha: str = "cd" * 32) -> str:
-    """A memorybank holding ``rows = {key: {field: (T, ...)}}`` (keys may span splits)."""
-    any_row = next(iter(rows.values()))
-    schema = StoreSchema(seq_len=seq_len, action_dim=action_dim, bev_dim=any_row["bev_vec"].shape[-1],
-                         gru_hidden=any_row["gru_out"].shape[-1],
-                         bev_feat_shape=tuple(any_row["bev_feat"].shape[1:]) if bev_feat else None,
-                         store_bev_feat=bev_feat)
-    prov = Provenance(teacher_sha256=teacher_sha, model_config=model_config if model_config is not None
-                      else TEACHER.to_dict(), dataset_root="test")
-    bank = create_memorybank(str(path), schema, prov, shard_rows=16)
-    by_split: dict[str, list[str]] = {}
-    for k in rows:
-        by_split.setdefault(k.split("/")[0], []).append(k)
-    for split, keys in by_split.items():
-        bank.reserve_split(split, keys)
-        bank.write_rows(split, 0, {f: np.stack([rows[k][f] for k in keys]) for f in schema.fields}, keys=keys)
-    return str(path)
-
-
-def teacher_rows(root: Path, model: LiDARBEVTeacher, splits=("train", "valid")) -> dict[str, dict[str, np.ndarray]]:
-    """Run the teacher over every window of ``splits`` -> memorybank rows by key."""
-    out = {}
-    with torch.no_grad():
-        for split in splits:
-            ds = LidarSequenceDataset(root, split, SEQ, STRIDE)
-            batch = collate_lidar([ds[i] for i in range(len(ds))])
-            actions, aux = model(batch["points"], batch["speed"], batch["steering"], return_aux=True)
-            for i, k in enumerate(batch["keys"]):
-                out[k] = {"actions": actions[i].numpy(), "bev_vec": aux["bev_vec_seq"][i].numpy(),
-                          "gru_out": aux["gru_out"][i].numpy(), "bev_feat": aux["bev_feat_seq"][i].numpy()}
-    return out
-
-
-def fake_rows(keys, seed=0, T=SEQ, A=2, D=64, H=128, bev=(48, 32, 32)) -> dict[str, dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return {k: {"actions": rng.standard_normal((T, A)).astype(np.float32),
-                "bev_vec": rng.standard_normal((T, D)).astype(np.float32),
-                "gru_out": rng.standard_normal((T, H)).astype(np.float32),
-                "bev_feat": rng.standard_normal((T, *bev)).astype(np.float32)} for k in keys}
 
 
 def test_streamed_batches_equal_direct_reads_with_two_workers(data_root, tmp_path):

@@ -24,7 +24,7 @@ from e2r.workflow.pairing import TimestampPairing, pair_confidence
 from e2r.workflow.train import train_student as run_train_student
 from pipelines import make_dataset, train_student
 from tests.fixtures import read_csv_rows
-from tests.test_kd_data import fake_rows, write_bank
+from tests.kd_fixtures import fake_rows, write_bank
 
 SEQ = 3
 WORLD = ["--train_tracks", "1", "--valid_tracks", "1", "--test_tracks", "1", "--frames", "12",

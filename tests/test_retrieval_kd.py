@@ -23,7 +23,7 @@ from pipelines import retrieval_index, train_student
 from stores.retrieval import RetrievalIndex
 from stores.torch_data import TeacherRowReader
 from tests.fixtures import write_tiny_dataset
-from tests.test_kd_data import SEQ, STRIDE, TEACHER, camera_ds, teacher_rows, write_bank
+from tests.kd_fixtures import SEQ, STRIDE, TEACHER, camera_ds, teacher_rows, write_bank
 
 
 STEP_M = 2.0       # metres per frame of the test drives

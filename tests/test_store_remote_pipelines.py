@@ -14,8 +14,8 @@ from e2r.checkpoints import load_checkpoint
 from pipelines import eval_student, export, train_student
 from stores import open_memorybank
 from stores.remote.local_s3 import moto_s3
-from tests.test_export import FIELDS, args_for, make_teacher_ckpt, read_all
-from tests.test_train_student import _args, setup  # noqa: F401 (setup: the fixture of a tiny KD world)
+from tests.export_fixtures import FIELDS, args_for, make_teacher_ckpt, read_all
+from tests.kd_fixtures import make_kd_world, student_args as _args
 from tests.fixtures import write_tiny_dataset
 
 
@@ -23,6 +23,11 @@ from tests.fixtures import write_tiny_dataset
 def s3() -> str:
     with moto_s3("bkt") as endpoint:
         yield endpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    return make_kd_world(tmp_path_factory.mktemp("student"))
 
 
 def test_export_to_object_storage_equals_the_local_export_and_resumes(s3, tmp_path, capsys):
@@ -44,7 +49,7 @@ def test_export_to_object_storage_equals_the_local_export_and_resumes(s3, tmp_pa
     assert bank.schema.dtype == "float16" and sorted(bank.splits) == ["train"] and len(bank) == 10
 
 
-def test_student_training_and_eval_read_the_store_from_object_storage(s3, setup, tmp_path, capsys):  # noqa: F811
+def test_student_training_and_eval_read_the_store_from_object_storage(s3, setup, tmp_path, capsys):
     fsspec.filesystem("s3", skip_instance_cache=True).put(str(setup["bank"]), "bkt/kd.zarr", recursive=True)
     remote = ["--memorybank", "s3://bkt/kd.zarr", "--store_cache_dir", str(tmp_path / "cache"),
               "--storage_options", json.dumps({"endpoint_url": s3})]

@@ -9,40 +9,19 @@ import math
 import pytest
 import torch
 
-from e2r.checkpoints import file_sha256, load_checkpoint, save_checkpoint
+from e2r.checkpoints import load_checkpoint
 from e2r.models.student import load_student
-from e2r.models.teacher import LiDARBEVTeacher
 from e2r.sim.world import generate_dataset
 from e2r.workflow.trainer import ActionNormalizer, LRSchedule
 from e2r.workflow.train import train_student as run_train_student
 from pipelines import eval_student, train_student
-from tests.test_kd_data import SEQ, STRIDE, TEACHER, camera_ds, fake_rows, teacher_rows, write_bank
-from tests.fixtures import write_tiny_dataset
+from tests.kd_fixtures import SEQ, STRIDE, camera_ds, fake_rows, make_kd_world, write_bank
+from tests.kd_fixtures import student_args as _args
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Dataset, a tiny (untrained, normalised) teacher checkpoint and a memorybank of its outputs for every
-    valid window and all train windows but one segment's last window (so some samples are BC-only)."""
-    tmp = tmp_path_factory.mktemp("student")
-    root = write_tiny_dataset(tmp / "data", splits={"train": 2, "valid": 1, "test": 1}, frames=8,
-                              points_per_frame=(100, 200))
-    torch.manual_seed(0)
-    teacher = LiDARBEVTeacher(TEACHER)
-    norm = ActionNormalizer.from_dataset(camera_ds(root))
-    teacher.set_action_stats(norm.mean, norm.std)
-    ckpt = save_checkpoint(tmp / "teacher.pt", {"model": teacher.state_dict(), "config": TEACHER.to_dict()},
-                           kind="teacher")
-    rows = teacher_rows(root, teacher.eval())
-    dropped = camera_ds(root).keys[-1]
-    del rows[dropped]
-    bank = write_bank(tmp / "mb.zarr", rows, teacher_sha=file_sha256(ckpt))
-    return {"root": root, "ckpt": ckpt, "bank": bank, "dropped": dropped, "rows": rows}
-
-
-def _args(setup, tmp, *extra):
-    return ["--data_root", str(setup["root"]), "--preset", "tiny", "--batch_size", "4", "--seq_len", str(SEQ),
-            "--stride", str(STRIDE), "--device", "cpu", "--no_progress", "--lr", "3e-3", *extra]
+    return make_kd_world(tmp_path_factory.mktemp("student"))
 
 
 def _train(setup, tmp, *extra):
