@@ -19,8 +19,6 @@ from e2r.cli_config import (command_line, config_from_namespace, device_option, 
 from e2r.errors import ConfigError, check_positive, check_probability, check_weights
 from e2r.models.policy import RESIDUAL_MODES
 from e2r.models.student_config import PRESET_BEV_POOL_GRID
-from e2r.workflow.retrieval_queries import QUERY_KINDS
-from stores.remote.objstore import is_remote
 
 __all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig", "StoreAccess",
            "PairingArgs", "KD_TARGETS_IN",
