@@ -270,6 +270,5 @@ def run_dagger(cfg: DaggerConfig, log: Callable[[str], None] = print) -> dict[st
         log(f"   round {r}: success {state['eval']['success']:.0%}, progress {state['eval']['progress']:.3f} "
             f"({state['recorded_frames']} frames recorded, labelled at {state['label_frames_per_s']:.0f} frames/s)")
         _report(cfg, rows)
-    _report(cfg, rows)
     return {"rounds": rows, "student": student, "csv_path": str(out / "dagger.csv"),
             "plot_path": str(out / "dagger.png")}
