@@ -18,7 +18,7 @@ from e2r.cli_config import config_parser, parse_config as parse
 from e2r.errors import ConfigError, E2RError
 from e2r.workflow.export_config import ExportConfig
 from e2r.workflow.export_run import export_memorybank, print_export_summary
-from e2r.workflow.retrieval_kd import RetrievalBuild, build_retrieval_index
+from e2r.workflow.retrieval_index import RetrievalIndexConfig, build_retrieval_index
 from stores import StoreError
 
 #: the run config: one flag per field
@@ -57,8 +57,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print_export_summary(cfg, result)
     for query in cfg.retrieval_index:
         try:
-            index = build_retrieval_index(RetrievalBuild(store=cfg.store, data_root=cfg.data_root, query=query,
-                                                         replace=True))
+            index = build_retrieval_index(RetrievalIndexConfig(store=cfg.store, data_root=cfg.data_root, query=query,
+                                                               replace=True))
         except (E2RError, StoreError, ValueError, OSError) as e:
             print(f"export: the rows are stored, but the {query!r} retrieval index failed: {e}", file=sys.stderr)
             return 1

@@ -8,7 +8,7 @@
 Package layout: `stores.abc` (the abstract `MemoryBank` on its plain base), the back ends `stores.zarr_v3`,
 `stores.remote` (Zarr on object storage), `stores.hdf5_store`; `stores.factory` (picks one for a path),
 `stores.keys` (the key grammar), `stores.errors` (`StoreError` and its subclasses), `stores.retrieval` (the
-retrieval index inside a store, CLI ``python -m stores.retrieval``); the store CLI ``python -m stores``.
+retrieval index inside a store, CLI ``python -m pipelines.retrieval_index``); the store CLI ``python -m stores``.
 See docs/STORE.md for the layout, the writer protocol and the concurrent-writer alignment rule.
 """
 from stores.abc import MemoryBank

@@ -1,7 +1,7 @@
 """Inspect and maintain memorybanks: ``python -m stores <command>`` (also installed as ``e2r-mb``).
 
 Commands: info, ls, show, verify, stats, rm-split, reindex, convert (the retrieval index inside a store has its
-own: ``python -m stores.retrieval build|query|verify``). Every command opens stores read-only except rm-split,
+own: ``python -m pipelines.retrieval_index build|query|verify``). Every command opens stores read-only except rm-split,
 reindex and convert's destination. ``verify`` (which also checks the store's retrieval indexes) exits 1 when it
 finds a problem.
 

@@ -24,6 +24,11 @@ def parsers(parser: argparse.ArgumentParser) -> list[tuple[str | None, argparse.
     return [(None, parser)] if not subs else [(name, p) for a in subs for name, p in a.choices.items()]
 
 
+def command_dest(parser: argparse.ArgumentParser) -> str:
+    """The config field a parser's sub-command is parsed into."""
+    return next(a.dest for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def offered(cls: type, command: str | None) -> dict[str, object]:
     """The config's option fields offered by ``command``: {name: field}."""
     return {f.name: f for f in fields(cls) if "help" in f.metadata
@@ -52,7 +57,7 @@ def test_flags_and_defaults_are_the_config_fields(name):
         actions = {a.dest: a for a in sub._actions if a.dest != "help"}
         want = offered(cls, command)
         assert set(actions) - plain == set(want), f"{name} {command or ''}: flags != config fields"
-        argv, given = [command] if command else [], {"format": command} if command else {}
+        argv, given = [command] if command else [], {command_dest(parser): command} if command else {}
         positional = []
         for dest, f in want.items():
             a = actions[dest]

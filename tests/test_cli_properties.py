@@ -1,4 +1,4 @@
-"""Property of the store CLIs (``python -m stores``, ``python -m stores.retrieval query``) against hostile input: any command on any path - a good
+"""Property of the store CLIs (``python -m stores``, ``python -m pipelines.retrieval_index query``) against hostile input: any command on any path - a good
 store with any one file damaged (bytes flipped, truncated, replaced by garbage, deleted), a garbage file, a
 missing path - and any key text either works (exit 0) or exits 1/2 with a message: never a traceback, never
 a hang. A store whose data bytes were changed is never verified clean. Examples come from a fixed seed."""
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from stores import create_memorybank
 from stores.__main__ import main as stores_main
-from stores.retrieval.__main__ import main as retrieval_main
+from pipelines.retrieval_index import main as retrieval_main
 from tests.fixtures import Hang
 from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
 
@@ -69,7 +69,7 @@ def test_any_command_on_a_damaged_store_gives_an_answer_or_a_message(good, tmp_p
         target.write_bytes(data.draw(st.binary(max_size=64), label="garbage"))
     elif damage == "delete":
         target.unlink()
-    args = {"show": [str(path), key], "query": [str(path), key, "--name", "state"]}.get(command, [str(path)])
+    args = {"show": [str(path), key], "query": ["--store", str(path), "--key", key]}.get(command, [str(path)])
     rc = run_cli([command, *args])
     err = capsys.readouterr().err
     assert rc in (0, 1, 2) and "Traceback" not in err, (command, damage, target, err)
@@ -85,7 +85,7 @@ def test_any_command_on_a_non_store_path_exits_with_a_message(tmp_path_factory, 
     path = tmp_path_factory.mktemp("n") / "thing.zarr"
     if content is not None:
         path.write_bytes(content)
-    args = {"show": [str(path), key], "query": [str(path), key, "--name", "state"]}.get(command, [str(path)])
+    args = {"show": [str(path), key], "query": ["--store", str(path), "--key", key]}.get(command, [str(path)])
     rc = run_cli([command, *args])
     out, err = capsys.readouterr()
     assert rc in (1, 2) and "Traceback" not in err and (out + err).strip(), (command, err)   # verify: PROBLEM lines

@@ -15,7 +15,7 @@ import zarr
 from stores.keys import SampleKey, parse_key
 from stores import StoreCorruptError, create_memorybank, open_memorybank
 from stores.retrieval import RetrievalIndex, append_index, build_index, verify_indexes
-from stores.retrieval.__main__ import main
+from pipelines.retrieval_index import main
 from stores.retrieval.layout import faiss_module
 from tests.store_fixtures import tiny_prov, tiny_schema
 
@@ -164,7 +164,7 @@ def test_a_flipped_byte_is_refused_naming_the_file(tmp_path, capsys):
             again.retrieve(X[:4], 5, exact=True)
             again.retrieve(X[:4], 5)
             again.keys_of(np.arange(len(again)))
-        assert main(["verify", store]) == 1 and rel in capsys.readouterr().out
+        assert main(["verify", "--store", store]) == 1 and rel in capsys.readouterr().out
         again = build_index(store, name, X, keys, kind="faiss-ivf", replace=True, fsync=False)    # repaired
         assert (again.retrieve(X[:4], 5)[0] == before[0]).all()
     assert verify_indexes(store) == [] and verify_indexes(store, keys) == []
@@ -278,10 +278,11 @@ def test_cli_build_query_and_errors(store, tmp_path, capsys):
     keys = _keys("train", range(SEGS))
     np.save(tmp_path / "v.npy", _trajectories(SEGS, 9))
     (tmp_path / "k.txt").write_text("\n".join(keys) + "\n")
-    assert main(["build", store, "--name", "cli", "--vectors", str(tmp_path / "v.npy"), "--keys",
+    assert main(["build", "--store", store, "--name", "cli", "--vectors", str(tmp_path / "v.npy"), "--keys",
                  str(tmp_path / "k.txt"), "--kind", "faiss-ivf", "--nprobe", "4"]) == 0
-    assert "built 2000 rows: retrieval index 'cli' (faiss-ivf, 2000 keys, D=32)" in capsys.readouterr().out
-    assert main(["query", store, "train/seg_007:20", "--name", "cli", "--k", "5"]) == 0
+    assert "retrieval index 'cli' (from " in (out := capsys.readouterr().out) and "faiss-ivf): built, 2000 rows of " \
+        "dimension 32" in out
+    assert main(["query", "--store", store, "--key", "train/seg_007:20", "--name", "cli", "--k", "5"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 6 and "5 neighbours" in out[-1] and "seg_007 within +-3 frames excluded" in out[-1]
     for line in out[:5]:
@@ -289,12 +290,13 @@ def test_cli_build_query_and_errors(store, tmp_path, capsys):
         assert not (k.segment == "seg_007" and abs(k.start - 20) <= 3)
     np.save(tmp_path / "bad.npy", np.zeros((3, 4)))
     (tmp_path / "bad.txt").write_text("train/seg_000:0\n\ntrain/seg_000:1\n")
-    for argv, msg in [(["build", store, "--name", "x", "--vectors", str(tmp_path / "none.npy")], "none.npy"),
-                      (["build", store, "--name", "x", "--vectors", str(tmp_path / "v.npy"), "--keys",
-                        str(tmp_path / "bad.txt")], "bad.txt: line 2 is empty"),
-                      (["build", store, "--name", "x", "--vectors", str(tmp_path / "bad.npy")], "bad.npy"),
-                      (["build", store, "--name", "cli", "--vectors", str(tmp_path / "v.npy")], "exists"),
-                      (["query", store, "train/seg_999:0", "--name", "cli"], "'train/seg_999:0' is not in"),
-                      (["query", store, "train/seg_000:0", "--name", "nope"], "no retrieval index 'nope'")]:
+    build, query = ["build", "--store", store, "--vectors"], ["query", "--store", store, "--key"]
+    for argv, msg in [([*build, str(tmp_path / "none.npy"), "--name", "x"], "none.npy"),
+                      ([*build, str(tmp_path / "v.npy"), "--name", "x", "--keys", str(tmp_path / "bad.txt")],
+                       "bad.txt: line 2 is empty"),
+                      ([*build, str(tmp_path / "bad.npy"), "--name", "x"], "bad.npy"),
+                      ([*build, str(tmp_path / "v.npy"), "--name", "cli"], "exists"),
+                      ([*query, "train/seg_999:0", "--name", "cli"], "'train/seg_999:0' is not in"),
+                      ([*query, "train/seg_000:0", "--name", "nope"], "no retrieval index 'nope'")]:
         assert main(argv) == 1, argv
         assert msg in capsys.readouterr().err, (argv, msg)

@@ -53,9 +53,9 @@ def setup(tmp_path_factory):
     rows = teacher_rows(root, LiDARBEVTeacher(TEACHER).eval())
     rows = {k: v for k, v in rows.items() if parse_key(k).segment != "segment_0001" or k.startswith("valid/")}
     bank = write_bank(tmp / "mb.zarr", rows)
-    assert retrieval_index.main(["--store", bank, "--data_root", str(root)]) == 0
-    assert retrieval_index.main(["--store", bank, "--data_root", str(root), "--query", "pose"]) == 0
-    assert retrieval_index.main(["--store", bank, "--query", "student"]) == 0
+    assert retrieval_index.main(["build", "--store", bank, "--data_root", str(root)]) == 0
+    assert retrieval_index.main(["build", "--store", bank, "--data_root", str(root), "--query", "pose"]) == 0
+    assert retrieval_index.main(["build", "--store", bank, "--query", "student"]) == 0
     return {"root": root, "bank": bank, "rows": rows}
 
 
@@ -145,15 +145,14 @@ def test_stores_cli_queries_the_index_and_verify_checks_it(setup, tmp_path, caps
     from pathlib import Path
 
     from stores.__main__ import main as stores_main
-    from stores.retrieval.__main__ import main as retrieval_main
 
     bank = tmp_path / "copy.zarr"
     shutil.copytree(setup["bank"], bank)
     key = sorted(setup["rows"])[0]
-    assert retrieval_main(["query", str(bank), key, "--name", "state", "--k", "3"]) == 0
+    assert retrieval_index.main(["query", "--store", str(bank), "--key", key, "--k", "3"]) == 0
     out = capsys.readouterr().out
     assert f"query {key}: 3 neighbours" in out and key not in out.split("query")[0]
-    assert retrieval_main(["verify", str(bank)]) == 0 and stores_main(["verify", str(bank)]) == 0
+    assert retrieval_index.main(["verify", "--store", str(bank)]) == 0 and stores_main(["verify", str(bank)]) == 0
     capsys.readouterr()
     chunk = next(p for p in sorted((Path(bank) / "retrieval" / "state").rglob("*")) if p.is_file()
                  and "vectors" in p.parts and p.name != "zarr.json")
@@ -218,11 +217,11 @@ def test_pose_index_finds_the_same_place_of_another_drive_on_the_same_track(setu
 def test_pose_cli_names_the_csv_without_pose_columns(setup, tmp_path, capsys):
     bare = write_tiny_dataset(tmp_path / "bare", splits={"train": 2, "valid": 1}, frames=10,
                               points_per_frame=(100, 200))
-    assert retrieval_index.main(["--store", setup["bank"], "--data_root", str(bare), "--query", "pose",
+    assert retrieval_index.main(["build", "--store", setup["bank"], "--data_root", str(bare), "--query", "pose",
                                  "--name", "pose_bare"]) == 1
     err = capsys.readouterr().err
     assert "data.csv has no pose columns (x, y, yaw)" in err and str(bare) in err
-    assert retrieval_index.main(["--store", setup["bank"], "--query", "pose"]) == 1
+    assert retrieval_index.main(["build", "--store", setup["bank"], "--query", "pose"]) == 2
     assert "--query pose needs --data_root" in capsys.readouterr().err
 
 

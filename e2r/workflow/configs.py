@@ -285,7 +285,7 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
     kd_retrieval: Optional[str] = option(
         None, metavar="INDEX",
         help="KD for windows without a row in the memorybank from the teacher rows of the most similar "
-             "situations, found in this retrieval index of the store (python -m pipelines.retrieval_index, e.g. "
+             "situations, found in this retrieval index of the store (python -m pipelines.retrieval_index build, e.g. "
              "state); paired windows keep their own targets. Default: off")
     kd_retrieval_k: int = kd_retrieval_k_option()
     kd_retrieval_tau: float = option(0.05, help="temperature of the softmax over similarities that mixes the k rows "

@@ -68,7 +68,7 @@ class ExportConfig:
     retrieval_index: list[str] = option(
         default_factory=list, nargs="+", choices=QUERY_KINDS, metavar="QUERY",
         help=f"after the export, (re)build the store's retrieval index of each query kind ({', '.join(QUERY_KINDS)}; "
-             f"default none) with its default settings, as `python -m pipelines.retrieval_index --query QUERY "
+             f"default none) with its default settings, as `python -m pipelines.retrieval_index build --query QUERY "
              f"--replace` would")
 
     def check(self) -> None:
@@ -76,7 +76,7 @@ class ExportConfig:
         the export itself, which prints how to train one)."""
         if self.retrieval_index and is_remote(self.store):
             raise ConfigError(f"--retrieval_index: retrieval indexes are built in local stores only, not {self.store}; "
-                              f"build it on a local copy (python -m pipelines.retrieval_index)")
+                              f"build it on a local copy (python -m pipelines.retrieval_index build)")
         check_positive(self, ("seq_len", "stride", "batch_size", "window_batch", "write_rows", "bev_feat_pool"))
         check_storage_options(self.storage_options)
         if self.window_batch & (self.window_batch - 1):

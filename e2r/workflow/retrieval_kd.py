@@ -3,7 +3,7 @@
 most similar situations, found in the store's retrieval index (``stores.retrieval``), mixed by
 ``softmax(similarity / tau)`` and used only when the best similarity reaches ``min_similarity``.
 
-    build_retrieval_index(RetrievalBuild(store="mb.zarr", data_root="data/synth", query="pose"))  # once
+    python -m pipelines.retrieval_index build --store mb.zarr --data_root data/synth --query pose   # once
     retriever = Retriever("mb.zarr", "pose", k=8, tau=0.05, min_similarity=0.9)   # kind from the index meta
     mixed, used, best = retriever.targets(reader, batch, exclude_keys)            # rows (B, ...), (B,), (B,)
 
@@ -12,138 +12,29 @@ history; ``batch`` needs "speed", "steering" (B, T)), ``pose`` (place and headin
 (B, T, 3) and "map" [B], from the camera dataset's own data.csv by :meth:`Retriever.window_inputs`) and
 ``student`` (the student's bev_vec against the teacher's; "bev_vec" (B, T, D): known only after the
 student's forward, so ``Retriever.at_load`` is False and :func:`retrieve_for_student` runs in the training
-step). An index is built by ``python -m pipelines.retrieval_index --query KIND`` (index name = the kind by
-default) and records its kind and parameters in its meta; a query is always built with the index's own. A
-retrieved row never comes from the query's own segment within +-T frames (``stores.retrieval`` exclusion),
-so a sample cannot retrieve its own pair.
+step). An index is built by ``python -m pipelines.retrieval_index build --query KIND``
+(``e2r.workflow.retrieval_index``; index name = the kind by default) and records its kind and parameters in
+its meta; a query is always built with the index's own. A retrieved row never comes from the query's own
+segment within +-T frames (``stores.retrieval`` exclusion), so a sample cannot retrieve its own pair.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from e2r.cli_config import option
-from e2r.data.datasets import LidarSequenceDataset, window_controls
 from e2r.data.layout import SegmentTable
 from e2r.errors import ConfigError, check_positive
-from stores.keys import parse_key
 from e2r.metrics import ActionErrorAccumulator
-from e2r.workflow.retrieval_queries import (POSE_DEFAULTS, QUERY_KINDS, pose_vectors, state_vectors,
-                                            student_vectors, window_poses)
-from stores import open_memorybank
-from stores.retrieval import KINDS, RetrievalIndex, build_index
+from e2r.workflow.retrieval_queries import QUERY_KINDS, pose_vectors, state_vectors, student_vectors, window_poses
+from stores.retrieval import RetrievalIndex
 from stores.torch_data import TeacherRowReader
 
-__all__ = ["QUERY_KINDS", "RetrievalBuild", "state_vectors", "build_retrieval_index", "Retriever",
-           "apply_retrieved", "retrieve_for_student", "RetrievalCheck"]
+__all__ = ["QUERY_KINDS", "state_vectors", "Retriever", "apply_retrieved", "retrieve_for_student", "RetrievalCheck"]
 
 _WHOLE = 10 ** 9          # exclude_frames that covers any segment
-_READ_CHUNK = 4096        # store rows read at once when indexing bev_vec
-
-
-@dataclass(kw_only=True)
-class RetrievalBuild:
-    """``python -m pipelines.retrieval_index`` (field names equal the flags)."""
-
-    store: str = option(help="memorybank written by pipelines.export (a Zarr directory)")
-    data_root: Optional[str] = option(None, help="the dataset the store was exported from (needed by --query state "
-                                                 "and pose)")
-    query: str = option("state", choices=QUERY_KINDS, help="what is compared (default %(default)s)")
-    name: Optional[str] = option(None, help="index name inside the store (default: the query kind)")
-    kind: str = option("exact", choices=KINDS, help="exact (chunked torch.topk; default) or an approximate faiss "
-                                                    "index for large stores")
-    replace: bool = option(False, help="rebuild an existing index of this name")
-    pose_sigma_xy: float = option(float(POSE_DEFAULTS["sigma_xy"]),
-                                  help="pose: distance scale in metres (similarity exp(-d^2 / 2 sigma^2); default "
-                                       "%(default)s)")
-    pose_sigma_yaw: float = option(float(POSE_DEFAULTS["sigma_yaw"]),
-                                   help="pose: heading scale (similarity exp(-(1 - cos dyaw) / sigma^2); default "
-                                        "%(default)s)")
-    pose_features: int = option(int(POSE_DEFAULTS["features"]),
-                                help="pose: random Fourier frequencies M (vector 2 M per frame; default %(default)s)")
-    pose_frames: int = option(int(POSE_DEFAULTS["frames"]),
-                              help="pose: the window's last n frames compared frame by frame (default %(default)s: "
-                                   "the decision time only)")
-
-    def check(self) -> None:
-        if self.query not in QUERY_KINDS:
-            raise ConfigError(f"--query {self.query!r}: choose from {', '.join(QUERY_KINDS)}")
-        if self.kind not in KINDS:
-            raise ConfigError(f"--kind {self.kind!r}: choose from {', '.join(KINDS)}")
-        if self.query != "student" and not self.data_root:
-            raise ConfigError(f"--query {self.query} needs --data_root (the dataset the store was exported from)")
-        check_positive(self, ("pose_features", "pose_frames"))
-        for name in ("pose_sigma_xy", "pose_sigma_yaw"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
-
-    @property
-    def index_name(self) -> str:
-        return self.name or self.query
-
-    def pose_params(self) -> dict[str, Any]:
-        return {"sigma_xy": self.pose_sigma_xy, "sigma_yaw": self.pose_sigma_yaw, "features": self.pose_features,
-                "frames": self.pose_frames, "seed": int(POSE_DEFAULTS["seed"])}
-
-
-def _store_tables(cfg: RetrievalBuild, keys: Sequence[str], T: int) -> dict[tuple[str, str], SegmentTable]:
-    """{(split, segment): table} of the data root for the store's keys (ValueError naming a missing window)."""
-    tables: dict[tuple[str, str], SegmentTable] = {}
-    for split in sorted({parse_key(k).split for k in keys}):
-        ds = LidarSequenceDataset(str(cfg.data_root), split, seq_len=T)
-        tables.update({(split, seg): table for seg, table in ds.tables.items()})
-    for key in keys:
-        k = parse_key(key)
-        table = tables.get((k.split, k.segment))
-        if table is None or k.start + T > table.num_frames:
-            raise ValueError(f"store key {key!r} has no window of {T} frames in {cfg.data_root} (is it the dataset "
-                             f"the store was exported from?)")
-    return tables
-
-
-def build_retrieval_index(cfg: RetrievalBuild) -> RetrievalIndex:
-    """Index every complete row of ``cfg.store`` by its window's ``cfg.query`` vector: ``state`` and ``pose``
-    from the dataset at ``cfg.data_root`` (data.csv only; ValueError naming a store key whose segment the
-    dataset lacks, or for ``pose`` the csv without pose columns), ``student`` from the store's own bev_vec rows
-    (mean over T)."""
-    cfg.check()
-    bank = open_memorybank(cfg.store, mode="r")
-    keys, T = list(bank.keys()), bank.schema.seq_len
-    if not keys:
-        raise ValueError(f"{cfg.store}: no complete row to index")
-    meta: dict[str, Any] = {"query": cfg.query, "seq_len": T}
-    if cfg.query == "student":
-        reader = TeacherRowReader(cfg.store, ("bev_vec",))
-        vectors = torch.cat([student_vectors(reader.read(keys[i:i + _READ_CHUNK])["bev_vec"])
-                             for i in range(0, len(keys), _READ_CHUNK)])
-        meta["reduce"] = "mean over T"
-        source = f"{cfg.store} (bev_vec of {len(keys)} rows)"
-    else:
-        tables = _store_tables(cfg, keys, T)
-        source = f"{cfg.data_root} ({cfg.query} of {len(keys)} windows)"
-        if cfg.query == "pose":
-            if cfg.pose_frames > T:
-                raise ConfigError(f"--pose_frames {cfg.pose_frames} exceeds the store's seq_len {T}")
-            pose, maps = window_poses(tables, keys, T)
-            meta["pose"] = cfg.pose_params()
-            meta["maps"] = len(set(maps))
-            vectors = pose_vectors(pose, maps, meta["pose"])
-        else:
-            speed, steering = np.zeros((len(keys), T), np.float32), np.zeros((len(keys), T), np.float32)
-            for i, key in enumerate(keys):
-                k = parse_key(key)
-                w = window_controls(tables[(k.split, k.segment)], k.start, T)
-                speed[i], steering[i] = w["speed"].numpy(), w["steering"].numpy()
-            meta["stats"] = {"speed_mean": float(speed.mean()), "speed_std": float(max(speed.std(), 1e-3)),
-                             "steering_mean": float(steering.mean()),
-                             "steering_std": float(max(steering.std(), 1e-3))}
-            vectors = state_vectors(torch.from_numpy(speed), torch.from_numpy(steering), meta["stats"])
-    return build_index(cfg.store, cfg.index_name, vectors, keys, kind=cfg.kind, replace=cfg.replace,
-                       source=source, meta=meta)
 
 
 class Retriever:
@@ -170,7 +61,7 @@ class Retriever:
                 self._index = RetrievalIndex.open(self.store, self.name)
             except FileNotFoundError as e:
                 raise ConfigError(f"--kd_retrieval {self.name}: {e}. Build it: python -m pipelines.retrieval_index "
-                                  f"--store {self.store} --query state|pose|student [--data_root DATA] "
+                                  f"build --store {self.store} --query state|pose|student [--data_root DATA] "
                                   f"[--name {self.name}]") from None
             meta = self._index.attrs.get("meta") or {}
             if meta.get("query") not in QUERY_KINDS:

@@ -119,7 +119,7 @@ def faiss_blob(kind: str, rows: np.ndarray, params: dict[str, Any], base: Path |
 
 def corrupt(store: str, path: Path | str, what: str) -> StoreCorruptError:
     return StoreCorruptError(f"retrieval index file {path}: {what}. The index is not used; rebuild it "
-                             f"(`python -m stores.retrieval build {store} --name NAME ... --replace`)",
+                             f"(`python -m pipelines.retrieval_index build --store {store} --name NAME ... --replace`)",
                              path=store, array=str(Path(path).parent), chunk=str(path))
 
 

@@ -160,7 +160,7 @@ def read_manifest(store: str, name: str) -> dict[str, Any]:
     if meta is None:
         have = list_indexes(store)
         raise FileNotFoundError(f"memorybank {store} has no retrieval index {name!r} ({path} is missing; indexes: "
-                                f"{have or 'none'}); build one: python -m stores.retrieval build {store} --name "
+                                f"{have or 'none'}); build one: python -m pipelines.retrieval_index build --store {store} --name "
                                 f"{name} --vectors FILE.npy")
     attrs = meta.get("attributes")
     if meta.get("node_type") != "group" or not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
@@ -296,6 +296,8 @@ def blob_array(idir: Path, store: str, node: str, nbytes: int) -> MappedArray:
 
 # ---------------------------------------------------------------------------------------------- rows in
 def load_inputs(vectors: str, keys: str | None) -> tuple[np.ndarray, list[str] | None]:
+    """(vectors (N, D) memory-mapped from the .npy file ``vectors``, keys from the text file ``keys`` (one per
+    line) or None); ValueError / FileNotFoundError naming the file that cannot be read so."""
     try:
         v = np.load(vectors, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:
