@@ -79,3 +79,23 @@ def test_schedule_and_bad_settings(setup, tmp_path):
                                                                             "memorybank")):
         with pytest.raises(ConfigError, match=match):
             DaggerConfig(**{**cfg.__dict__, **bad}).check()
+
+
+def test_oracle_rounds_are_driven_as_dagger_and_labelled_by_the_expert(setup, tmp_path):
+    """--mode oracle: the student drives mixed with the teacher, as dagger; the recorded split's labels are the
+    simulator expert's would-be commands; the teacher's outputs are still appended for the KD terms."""
+    out = tmp_path / "oracle"
+    cfg = DaggerConfig(data_root=str(setup["root"]), teacher_ckpt=str(setup["teacher"]),
+                       student_ckpt=str(setup["student"]), memorybank=str(setup["store"]), out=str(out), rounds=1,
+                       mode="oracle", record_seconds=0.5, steps=2, warmup_steps=0, eval_starts=1,
+                       eval_time_limit=0.5, no_progress=True)
+    logs: list[str] = []
+    run_dagger(cfg, log=logs.append)
+    assert any("the student drives with p" in line for line in logs)
+    segment = setup["root"] / "oracle_s0_r01" / "segment_0000_c00"
+    doc = __import__("json").loads((segment / "meta" / "recorded.json").read_text())
+    assert doc["expert_labels"] is True and doc["label_columns"]["wheel_angle"] == "expert_wheel_angle"
+    with open(segment / "meta" / "data.csv", newline="") as f:
+        controls = {row["control"] for row in csv.DictReader(f)}
+    assert controls <= {"student", "teacher", "takeover"} and "expert" not in controls
+    assert "oracle_s0_r01" in open_memorybank(str(setup["store"])).splits

@@ -21,7 +21,7 @@ from e2r.models.teacher import LiDARBEVTeacher
 from e2r.sim.closed_loop import ClosedLoopConfig, load_world, run_closed_loop
 from e2r.sim.policies import (CONTROL_STUDENT, CONTROL_TAKEOVER, CONTROL_TEACHER, ConstantPolicy, ExpertPolicy,
                               MixedPolicy, Policy)
-from e2r.sim.record import RECORD_COLUMNS, DriveRecorder, is_recorded, read_recorded
+from e2r.sim.record import RECORD_COLUMNS, DriveRecorder, is_recorded, label_by_expert, read_recorded
 from e2r.sim.world import generate_dataset
 from e2r.workflow.configs import StudentTrainConfig
 from e2r.workflow.export_config import ExportConfig
@@ -179,6 +179,38 @@ def test_recorded_windows_train_on_the_teachers_actions_and_the_union_keeps_labe
     torch.testing.assert_close(got, want)
     everyone = {**batch, "expert_label": torch.ones(4, dtype=torch.bool)}
     torch.testing.assert_close(_bc_loss(pred, everyone, norm, w, 0.0), action_loss(norm(pred), norm(actions), w, 0.0))
+
+
+def test_oracle_labels_are_the_experts_would_be_commands_and_inputs_stay_the_executed_ones(world_root, tmp_path):
+    """label_by_expert (the oracle baseline) makes the expert_* columns the windows' action labels and the
+    windows expert-labelled; the inputs (measured speed, previous executed steering) are unchanged."""
+    root = tmp_path / "world"
+    shutil.copytree(world_root, root)
+    world = load_world(root, "test", "segment_0002")
+    run_closed_loop(ConstantPolicy("c"), world, [0], ClosedLoopConfig(time_limit=0.5, seq_len=3),
+                    recorder=DriveRecorder(root, "round_01", world, "c"))
+    before = CameraSequenceDataset(root, "round_01", 3, image_size=SIZE)
+    assert label_by_expert(root, "round_01") == ["segment_0002_c00"]
+    after = CameraSequenceDataset(root, "round_01", 3, image_size=SIZE)
+    rows = _rows(root / "round_01" / "segment_0002_c00" / "meta" / "data.csv")
+    expert = np.array([[float(r["expert_wheel_angle"]), float(r["expert_speed_command"])] for r in rows])
+    executed = np.array([[float(r["wheel_angle"]), float(r["speed_command"])] for r in rows])
+    assert not np.allclose(expert, executed)                       # the constant policy is no expert
+    for i in range(len(after)):
+        a, b = after[i], before[i]
+        start = after.windows[i][1]
+        np.testing.assert_allclose(a["actions"].numpy(), expert[start:start + 3], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(b["actions"].numpy(), executed[start:start + 3], rtol=0, atol=1e-4)
+        torch.testing.assert_close(a["steering"], b["steering"])
+        torch.testing.assert_close(a["speed"], b["speed"])
+        assert bool(a["expert_label"]) and not bool(b["expert_label"])
+    np.testing.assert_allclose(after.frame_actions(), expert, atol=1e-4)
+    doc = read_recorded(root / "round_01" / "segment_0002_c00")
+    assert doc["label_columns"] == {"wheel_angle": "expert_wheel_angle", "speed_command": "expert_speed_command"}
+    doc["label_columns"] = {"wheel_angle": "nope", "speed_command": "expert_speed_command"}
+    (root / "round_01" / "segment_0002_c00" / "meta" / "recorded.json").write_text(__import__("json").dumps(doc))
+    with pytest.raises(Exception, match="nope"):
+        CameraSequenceDataset(root, "round_01", 3, image_size=SIZE)
 
 
 def test_export_append_adds_a_recorded_split_and_leaves_earlier_chunks_byte_identical(world_root, tmp_path, capsys):

@@ -47,17 +47,16 @@ ACTION_SEMANTICS = "steer=wheel_angle[t] deg; speed=speed_command[t] m/s, else v
 
 def window_controls(table: SegmentTable, start: int, seq_len: int) -> dict[str, torch.Tensor]:
     """``speed (T,)`` measured, ``steering (T,)`` (previous wheel_angle, 0 at frame 0), ``actions (T, 2)``
-    ``[wheel_angle, speed command]`` (``table.speed_target``), float32."""
+    ``[wheel_angle, speed command]`` (``table.actions()``: the labels), float32."""
     stop = start + seq_len
     velocity = table.velocity[start:stop]
-    wheel = table.wheel_angle[start:stop]
-    command = table.speed_target[start:stop]
+    actions = table.actions()[start:stop]
     previous = table.wheel_angle[max(start - 1, 0):stop - 1]
     if start == 0:
         previous = np.concatenate([[0.0], previous])
     return {"speed": torch.tensor(velocity, dtype=torch.float32),
             "steering": torch.tensor(previous, dtype=torch.float32),
-            "actions": torch.tensor(np.stack([wheel, command], axis=1), dtype=torch.float32)}
+            "actions": torch.tensor(actions, dtype=torch.float32)}
 
 
 def select_segments(root: Path, split: str, found: list[str], wanted: Optional[Sequence[str]]) -> list[str]:
@@ -156,8 +155,7 @@ class _SequenceDataset(Dataset):
         segment (for mean/std)."""
         if not self.tables:
             return np.zeros((0, 2))
-        return np.concatenate([np.stack([t.wheel_angle, t.speed_target], 1)[:t.target_frames]
-                               for t in self.tables.values()])
+        return np.concatenate([t.actions()[:t.target_frames] for t in self.tables.values()])
 
     # ----- per-frame loading -------------------------------------------------------------------------------
     def point_layout(self, segment: str) -> PointLayout:

@@ -59,6 +59,8 @@ class SegmentTable:
     cameras: list[CameraCalib] = field(default_factory=list)
     lidar2ego: Optional[np.ndarray] = None
     expert_labels: bool = True       # False for a recorded drive of a policy (meta/recorded.json): commands, not labels
+    label_wheel_angle: Optional[np.ndarray] = None     # (F,) the action labels when recorded.json names label columns
+    label_speed_command: Optional[np.ndarray] = None   # (F,) (the oracle baseline: the expert's would-be commands)
 
     @property
     def num_frames(self) -> int:
@@ -71,6 +73,13 @@ class SegmentTable:
         if self.speed_command is not None:
             return self.speed_command
         return np.concatenate([self.velocity[1:], [np.nan]])
+
+    def actions(self) -> np.ndarray:
+        """(F, 2) the action labels ``[wheel_angle, speed]`` of each frame: the label columns that
+        ``meta/recorded.json`` names (``label_columns``), else the commands in data.csv (``speed_target``)."""
+        if self.label_wheel_angle is not None and self.label_speed_command is not None:
+            return np.stack([self.label_wheel_angle, self.label_speed_command], 1)
+        return np.stack([self.wheel_angle, self.speed_target], 1)
 
     @property
     def target_frames(self) -> int:
@@ -219,8 +228,14 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
 
     velocity, wheel = numbers("velocity"), numbers("wheel_angle")
     command = numbers("speed_command") if "speed_command" in header else None
-    table = SegmentTable(split, segment, directory, csv_path, velocity, wheel, command,
-                         expert_labels=_expert_labels(directory))
+    expert_labels, label_columns = _recording(directory)
+    table = SegmentTable(split, segment, directory, csv_path, velocity, wheel, command, expert_labels=expert_labels)
+    if label_columns is not None:
+        absent = [c for c in label_columns.values() if c not in header]
+        if absent:
+            raise DataError(directory / RECORDED_RELPATH, f"label_columns name {absent}, which {csv_path} lacks")
+        table.label_wheel_angle = numbers(label_columns["wheel_angle"])
+        table.label_speed_command = numbers(label_columns["speed_command"])
     if "timestamp" in header:
         table.timestamp = numbers("timestamp")
         bad = np.flatnonzero(np.diff(table.timestamp) <= 0)
@@ -244,19 +259,25 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
     return table
 
 
-def _expert_labels(directory: Path) -> bool:
-    """Whether a segment's wheel_angle / speed_command are expert labels: True unless it is a recorded drive
-    (``meta/recorded.json``) of anyone but the expert (``"expert_labels": true`` in that file)."""
+def _recording(directory: Path) -> tuple[bool, Optional[dict[str, str]]]:
+    """(whether a segment's action labels are expert labels, the data.csv columns holding them or None for
+    wheel_angle / speed_command). Expert labels unless it is a recorded drive (``meta/recorded.json``) of anyone
+    but the expert (``"expert_labels": true`` in that file); ``"label_columns": {"wheel_angle": COLUMN,
+    "speed_command": COLUMN}`` there names other columns as the labels (the oracle baseline's)."""
     path = directory / RECORDED_RELPATH
     if not path.is_file():
-        return True
+        return True, None
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(path, f"unreadable recording description ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("expert_labels", False), bool):
         raise DataError(path, "expected a JSON object whose 'expert_labels' (if given) is true or false")
-    return bool(doc.get("expert_labels", False))
+    columns = doc.get("label_columns")
+    if columns is not None and (not isinstance(columns, dict) or set(columns) != {"wheel_angle", "speed_command"}
+                                or not all(isinstance(c, str) and c for c in columns.values())):
+        raise DataError(path, "'label_columns' must map wheel_angle and speed_command to data.csv column names")
+    return bool(doc.get("expert_labels", False)), columns
 
 
 def read_segment_lidar2ego(directory: Union[str, Path]) -> Optional[np.ndarray]:

@@ -17,8 +17,10 @@ A recorded segment is what a real car with both sensors logs while a policy driv
 ``velocity`` is the speed measured at the step, ``wheel_angle`` / ``speed_command`` the commands *executed*
 at the step (whoever gave them: ``control``), x, y, yaw the pose at the step. These are not expert labels
 (unless the expert drove: ``"expert_labels": true``): a recorded segment is marked by ``meta/recorded.json``
-(:func:`is_recorded`), and training takes the teacher's actions as its targets. ``expert_wheel_angle`` / ``expert_speed_command`` are what the simulator's
-expert would have commanded in the same state: the oracle baseline may read them, the KD path never does.
+(:func:`is_recorded`), and training takes the teacher's actions as its targets. ``expert_wheel_angle`` /
+``expert_speed_command`` are what the simulator's expert would have commanded in the same state: only the
+oracle baseline reads them, after :func:`label_by_expert` names them as the labels in ``recorded.json``
+(``"label_columns"``); the KD path never does.
 
 Crash safety: each car's segment is written into ``<root>/.tmp-<split>-<segment>`` and renamed into place
 when its run is complete (a crashed run leaves no half segment; its temporary folders are removed by the
@@ -34,15 +36,19 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from e2r.atomic import write_text_atomic
 from e2r.data.layout import RECORDED_RELPATH
 from e2r.sim.policies import ExpertPolicy, Observation
 from e2r.sim.world import CSV_COLUMNS, calib_dict, begin_segment, finish_segment
 
-__all__ = ["DriveRecorder", "RECORD_COLUMNS", "RECORDED_JSON", "is_recorded", "read_recorded"]
+__all__ = ["DriveRecorder", "RECORD_COLUMNS", "RECORDED_JSON", "EXPERT_LABEL_COLUMNS", "is_recorded", "read_recorded",
+           "label_by_expert"]
 
 #: data.csv columns of a recorded segment (the dataset's, then who drove and the expert's would-be command)
 RECORD_COLUMNS = CSV_COLUMNS + ("control", "expert_wheel_angle", "expert_speed_command")
 RECORDED_JSON = RECORDED_RELPATH
+#: the oracle's labels: what the simulator's expert would have commanded in each recorded state
+EXPERT_LABEL_COLUMNS = {"wheel_angle": "expert_wheel_angle", "speed_command": "expert_speed_command"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -132,3 +138,20 @@ class DriveRecorder:
             finish_segment(rec["tmp"], rec["final"], rec["rows"])
             self.segments.append(rec["name"])
         return list(self.segments)
+
+
+def label_by_expert(root: str | Path, split: str) -> list[str]:
+    """The oracle baseline (simulator only): mark every recorded segment of ``root/split`` as labelled by the
+    simulator's expert, its ``expert_*`` columns the action labels (``"label_columns"`` and ``"expert_labels":
+    true`` in ``recorded.json``, replaced atomically) -> the segments marked. ValueError naming a segment that
+    is not a recording."""
+    folder = Path(root) / split
+    marked = []
+    for segment in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        doc = read_recorded(segment)
+        doc.update({"expert_labels": True, "label_columns": dict(EXPERT_LABEL_COLUMNS),
+                    "labels": "oracle: the simulator's expert labels every recorded state (expert_* columns); "
+                              "wheel_angle and speed_command are the executed commands"})
+        write_text_atomic(segment / RECORDED_JSON, json.dumps(doc, indent=1) + "\n")
+        marked.append(segment.name)
+    return marked

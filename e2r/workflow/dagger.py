@@ -20,7 +20,10 @@ Round 0 is the starting student, evaluated the same way.
 The controls of the same command (``mode``), with the same drives per round, steps and evaluation:
 ``bc_extra`` - the expert drives the same tracks instead (more expert camera frames, its own labels) and the
 student fine-tunes on them by BC alone; ``kd_extra`` - the same expert frames, labelled by the expert and
-also exported, trained with BC + KD (offline KD with the extra frames). ``dagger`` is the default. Each round is a folder ``round_NN`` under ``out``
+also exported, trained with BC + KD (offline KD with the extra frames); ``oracle`` - the ceiling only a
+simulator allows: the rounds driven as ``dagger`` drives them, but their action labels are what the
+simulator's expert would have commanded in each recorded state (``e2r.sim.record.label_by_expert``; the KD
+terms still come from the teacher). ``dagger`` is the default. Each round is a folder ``round_NN`` under ``out``
 whose ``state.json`` records the stages done, so an interrupted run continues where it stopped (a drive
 cut short is driven again into a fresh split). ``dagger.csv`` and ``dagger.png`` (success and progress
 against round and against camera frames used) are rewritten after every round.
@@ -40,6 +43,7 @@ from e2r.data.datasets import CameraSequenceDataset
 from e2r.errors import ConfigError, check_positive, check_weights
 from e2r.metrics import write_metrics_csv
 from e2r.sim.drive import DriveConfig, drive
+from e2r.sim.record import label_by_expert
 from e2r.sim.world import MARKER
 from e2r.workflow.configs import StudentTrainConfig
 from e2r.workflow.export_config import ExportConfig
@@ -49,7 +53,8 @@ from stores import open_memorybank
 
 __all__ = ["DaggerConfig", "run_dagger", "p_student_of_round", "ROUND_COLUMNS", "MODES"]
 
-MODES = ("dagger", "bc_extra", "kd_extra")
+MODES = ("dagger", "bc_extra", "kd_extra", "oracle")
+MIXED_MODES = ("dagger", "oracle")      # the student drives, mixed with the teacher
 ROUND_COLUMNS = ("round", "p_student", "recorded_frames", "camera_frames", "success", "progress", "collisions",
                  "label_frames_per_s", "train_loss", "seconds")
 
@@ -68,7 +73,8 @@ class DaggerConfig:
     mode: str = option("dagger", choices=MODES,
                        help="dagger: the student drives (mixed with the teacher), the teacher labels; the controls "
                             "with the same frames and steps: bc_extra: the expert drives, BC on its labels; "
-                            "kd_extra: the expert drives, BC + KD with those frames exported (default %(default)s)")
+                            "kd_extra: the expert drives, BC + KD with those frames exported; oracle: driven as "
+                            "dagger, labelled by the simulator's expert (the ceiling; default %(default)s)")
     train_segments: Optional[list[str]] = option(None, metavar="SEGMENT",
                                                  help="camera tracks driven and trained on (default: every paired "
                                                       "training track of the world)")
@@ -155,7 +161,7 @@ def _drive_round(cfg: DaggerConfig, r: int, student: str, segments: list[str], s
     stale = Path(cfg.data_root) / split
     if stale.exists():
         shutil.rmtree(stale)
-    mixed = cfg.mode == "dagger"
+    mixed = cfg.mode in MIXED_MODES
     out = drive(DriveConfig(data_root=cfg.data_root, split="train", segment=segments,
                             policy=[f"student={student}" if mixed else "expert"], starts=cfg.starts,
                             start_fraction=((r - 1) / cfg.rounds) / cfg.starts,
@@ -165,6 +171,8 @@ def _drive_round(cfg: DaggerConfig, r: int, student: str, segments: list[str], s
                             switch_every=cfg.switch_every, envelope_lateral=cfg.envelope_lateral,
                             envelope_heading=cfg.envelope_heading, recover_steps=cfg.recover_steps,
                             no_progress=cfg.no_progress))
+    if cfg.mode == "oracle":
+        label_by_expert(cfg.data_root, split)
     return int(sum(run.steps for run in out["runs"]))
 
 
@@ -241,7 +249,8 @@ def run_dagger(cfg: DaggerConfig, log: Callable[[str], None] = print) -> dict[st
         state, split, t0 = _state(folder), f"{cfg.prefix}{r:02d}", time.perf_counter()
         p = p_student_of_round(cfg, r)
         if "recorded_frames" not in state:
-            log(f"== round {r}: " + (f"the student drives with p = {p:.2f}" if cfg.mode == "dagger" else "the expert drives")
+            log(f"== round {r}: " + (f"the student drives with p = {p:.2f}" if cfg.mode in MIXED_MODES
+                                     else "the expert drives")
                 + f" on the training tracks, recorded as {split}")
             state["recorded_frames"] = _drive_round(cfg, r, student, segments, split)
             _save_state(folder, state)
