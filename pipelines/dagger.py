@@ -10,6 +10,15 @@ teacher's outputs for it to --memorybank (the earlier chunks checked byte-identi
 round's student for --steps steps on the camera tracks + every recorded split (recorded windows train on the
 teacher's actions), drive it alone on the held-out tracks. Re-running the command continues where it
 stopped. Prints a table per round; writes <out>/dagger.csv and <out>/dagger.png.
+
+Controls in the same command (--mode): bc_extra, kd_extra (the expert drives: more expert frames) and oracle
+(driven as dagger, labelled by the simulator's expert). A teacher worth imitating (simulator only):
+
+    python -m pipelines.dagger --data_root D --teacher_ckpt teacher.pt --learner teacher --mode oracle \
+        --out runs/teacher_dagger --rounds 5 [--train_segments ...]
+
+the teacher drives its training tracks alone, the expert labels every recorded state, the teacher fine-tunes
+on its training split + the recorded splits.
 """
 from __future__ import annotations
 
@@ -43,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "  ".join(f"{c:>12}" for c in ROUND_COLUMNS))
     for row in result["rounds"]:
         print("  ".join(f"{row[c]:>12.3f}" if isinstance(row[c], float) else f"{row[c]:>12}" for c in ROUND_COLUMNS))
-    print(f"last student: {result['student']}\nwrote {result['csv_path']} and {result['plot_path']}")
+    print(f"last {cfg.learner}: {result['student']}\nwrote {result['csv_path']} and {result['plot_path']}")
     return 0
 
 

@@ -99,3 +99,28 @@ def test_oracle_rounds_are_driven_as_dagger_and_labelled_by_the_expert(setup, tm
         controls = {row["control"] for row in csv.DictReader(f)}
     assert controls <= {"student", "teacher", "takeover"} and "expert" not in controls
     assert "oracle_s0_r01" in open_memorybank(str(setup["store"])).splits
+
+
+def test_the_teacher_learns_from_the_experts_labels_of_its_own_drives(setup, tmp_path):
+    """--learner teacher --mode oracle: the teacher drives alone, the expert labels, the teacher fine-tunes (its
+    own model config kept) and is evaluated; no memorybank, no student."""
+    out = tmp_path / "teacher"
+    cfg = DaggerConfig(data_root=str(setup["root"]), teacher_ckpt=str(setup["teacher"]), learner="teacher",
+                       mode="oracle", out=str(out), rounds=1, record_seconds=0.5, steps=2, warmup_steps=0,
+                       eval_starts=1, eval_time_limit=0.5, split_prefix="teacher_r", no_progress=True)
+    logs: list[str] = []
+    result = run_dagger(cfg, log=logs.append)
+    assert any("the teacher drives" in line for line in logs)
+    assert result["student"] == str(out / "round_01" / "teacher.pt")
+    from e2r.checkpoints import load_checkpoint
+    ckpt, start = load_checkpoint(result["student"]), load_checkpoint(str(setup["teacher"]))
+    assert ckpt["kind"] == "teacher" and ckpt["config"] == start["config"]
+    recorded = sorted((setup["root"] / "teacher_r01").iterdir())
+    assert [p.name for p in recorded] == [f"{p.name}_c00" for p in sorted((setup["root"] / "train").iterdir())]
+    for segment in recorded:
+        with open(segment / "meta" / "data.csv", newline="") as f:
+            assert {row["control"] for row in csv.DictReader(f)} == {"teacher"}
+        assert '"label_columns"' in (segment / "meta" / "recorded.json").read_text()
+    for bad, match in ((dict(mode="dagger"), "--mode oracle"), (dict(memorybank=str(setup["store"])), "drop")):
+        with pytest.raises(ConfigError, match=match):
+            DaggerConfig(**{**cfg.__dict__, **bad}).check()

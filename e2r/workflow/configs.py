@@ -104,7 +104,9 @@ class TrainConfig:
                 "--resume_path then continues mid-epoch exactly where it stopped (default %(default)s = per epoch)")
     save_path: Optional[str] = option(None, help="best model by validation loss (default %(default)s)")
     resume_path: Optional[str] = option(None, help="continue a run from its --checkpoint_path file")
-    init_path: Optional[str] = option(None, help="initialise weights only from this checkpoint (transfer)")
+    init_path: Optional[str] = option(None, help="initialise weights only from this checkpoint (transfer; "
+                                                 "train_teacher builds that checkpoint's model unless "
+                                                 "--init_skip_output_layer)")
     init_skip_output_layer: bool = option(
         False, help="with --init_path: keep this model's fresh output layer (e.g. another head shape)")
     tensorboard_dir: Optional[str] = option(None, help="write TensorBoard scalars here (rank 0); off if unset")

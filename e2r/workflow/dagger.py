@@ -23,7 +23,12 @@ student fine-tunes on them by BC alone; ``kd_extra`` - the same expert frames, l
 also exported, trained with BC + KD (offline KD with the extra frames); ``oracle`` - the ceiling only a
 simulator allows: the rounds driven as ``dagger`` drives them, but their action labels are what the
 simulator's expert would have commanded in each recorded state (``e2r.sim.record.label_by_expert``; the KD
-terms still come from the teacher). ``dagger`` is the default. Each round is a folder ``round_NN`` under ``out``
+terms still come from the teacher). ``dagger`` is the default.
+
+``learner="teacher"`` (with ``mode="oracle"``, simulator only) runs the same rounds for the LiDAR teacher
+itself: the teacher drives alone on the training tracks (LiDAR-only ones too), the simulator's expert labels
+every recorded state, and the teacher fine-tunes on its training split plus the recorded splits (no
+memorybank): a teacher worth imitating, taught to recover from (and brake before) its own mistakes. Each round is a folder ``round_NN`` under ``out``
 whose ``state.json`` records the stages done, so an interrupted run continues where it stopped (a drive
 cut short is driven again into a fresh split). ``dagger.csv`` and ``dagger.png`` (success and progress
 against round and against camera frames used) are rewritten after every round.
@@ -39,22 +44,24 @@ from typing import Any, Callable, Optional
 
 from e2r.atomic import write_text_atomic
 from e2r.cli_config import device_option, option, redefault
-from e2r.data.datasets import CameraSequenceDataset
+from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset
 from e2r.errors import ConfigError, check_positive, check_weights
 from e2r.metrics import write_metrics_csv
 from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.record import label_by_expert
 from e2r.sim.world import MARKER
-from e2r.workflow.configs import StudentTrainConfig
+from e2r.workflow.configs import StudentTrainConfig, TeacherTrainConfig
 from e2r.workflow.export_config import ExportConfig
 from e2r.workflow.export_run import export_memorybank
-from e2r.workflow.train import train_student
+from e2r.workflow.train import train_student, train_teacher
 from stores import open_memorybank
 
 __all__ = ["DaggerConfig", "run_dagger", "p_student_of_round", "ROUND_COLUMNS", "MODES"]
 
 MODES = ("dagger", "bc_extra", "kd_extra", "oracle")
 MIXED_MODES = ("dagger", "oracle")      # the student drives, mixed with the teacher
+LEARNERS = ("student", "teacher")
+_CKPT = {"student": "student.pt", "teacher": "teacher.pt"}      # each round's checkpoint in round_NN/
 ROUND_COLUMNS = ("round", "p_student", "recorded_frames", "camera_frames", "success", "progress", "collisions",
                  "label_frames_per_s", "train_loss", "seconds")
 
@@ -64,10 +71,16 @@ class DaggerConfig:
     """``python -m pipelines.dagger`` (``--help`` explains each field; field names equal the flags)."""
 
     data_root: str = option(help="synthetic dataset root; the recorded splits are added to it")
-    teacher_ckpt: str = option(help="the LiDAR teacher: labels the drives and shares the car")
-    student_ckpt: str = option(help="the camera student of round 0")
-    memorybank: str = option(help="Zarr store holding the teacher's outputs of the training tracks; one split is "
-                                  "appended per round")
+    teacher_ckpt: str = option(help="the LiDAR teacher: labels the drives and shares the car (--learner "
+                                    "teacher: the teacher of round 0)")
+    student_ckpt: Optional[str] = option(None, help="the camera student of round 0 (required with --learner "
+                                                    "student)")
+    memorybank: Optional[str] = option(None, help="Zarr store holding the teacher's outputs of the training tracks; "
+                                                  "one split is appended per round (required with --learner "
+                                                  "student)")
+    learner: str = option("student", choices=LEARNERS,
+                          help="who drives and learns: the camera student (default), or the LiDAR teacher itself "
+                               "(with --mode oracle: the simulator's expert labels the teacher's own drives)")
     out: str = option(help="run folder: round_NN/ (checkpoints, drives, state), dagger.csv, dagger.png")
     rounds: int = option(5, help="rounds (default %(default)s)")
     mode: str = option("dagger", choices=MODES,
@@ -115,12 +128,27 @@ class DaggerConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
         check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "warmup_steps"))
-        for flag, path in (("--teacher_ckpt", self.teacher_ckpt), ("--student_ckpt", self.student_ckpt)):
-            if not Path(path).is_file():
-                raise ConfigError(f"{flag} {path}: not a file")
-        if not Path(self.memorybank).is_dir():
+        if self.learner not in LEARNERS:
+            raise ConfigError(f"--learner must be one of {LEARNERS}, got {self.learner!r}")
+        if not Path(self.teacher_ckpt).is_file():
+            raise ConfigError(f"--teacher_ckpt {self.teacher_ckpt}: not a file")
+        if self.learner == "teacher":
+            if self.mode != "oracle":
+                raise ConfigError("--learner teacher needs --mode oracle: only the simulator's expert can label "
+                                  "the teacher's drives")
+            if self.student_ckpt or self.memorybank:
+                raise ConfigError("--learner teacher trains the teacher alone: drop --student_ckpt and --memorybank")
+            return
+        if not self.student_ckpt or not Path(self.student_ckpt).is_file():
+            raise ConfigError(f"--student_ckpt {self.student_ckpt}: not a file (the camera student of round 0)")
+        if not self.memorybank or not Path(self.memorybank).is_dir():
             raise ConfigError(f"--memorybank {self.memorybank}: not a Zarr store folder (export the training "
                               f"tracks first: python -m pipelines.export ... --split train --split valid)")
+
+    @property
+    def start_ckpt(self) -> str:
+        """The learner's checkpoint of round 0."""
+        return str(self.teacher_ckpt if self.learner == "teacher" else self.student_ckpt)
 
     @property
     def prefix(self) -> str:
@@ -134,9 +162,10 @@ def p_student_of_round(cfg: DaggerConfig, r: int) -> float:
     return cfg.p_student_first + (cfg.p_student_last - cfg.p_student_first) * (r - 1) / (cfg.rounds - 1)
 
 
-def _paired_train_segments(data_root: str) -> list[str]:
+def _train_segments(data_root: str, paired_only: bool) -> list[str]:
     made = json.loads((Path(data_root) / MARKER).read_text())
-    return [s["segment"] for s in made["segments"] if s["split"] == "train" and s.get("camera", True)]
+    return [s["segment"] for s in made["segments"]
+            if s["split"] == "train" and (s.get("camera", True) or not paired_only)]
 
 
 def _state(folder: Path) -> dict[str, Any]:
@@ -161,9 +190,10 @@ def _drive_round(cfg: DaggerConfig, r: int, student: str, segments: list[str], s
     stale = Path(cfg.data_root) / split
     if stale.exists():
         shutil.rmtree(stale)
-    mixed = cfg.mode in MIXED_MODES
-    out = drive(DriveConfig(data_root=cfg.data_root, split="train", segment=segments,
-                            policy=[f"student={student}" if mixed else "expert"], starts=cfg.starts,
+    mixed = cfg.mode in MIXED_MODES and cfg.learner == "student"
+    policy = f"teacher={student}" if cfg.learner == "teacher" else f"student={student}" if mixed else "expert"
+    out = drive(DriveConfig(data_root=cfg.data_root, split="train", segment=segments, policy=[policy],
+                            starts=cfg.starts,
                             start_fraction=((r - 1) / cfg.rounds) / cfg.starts,
                             time_limit=cfg.record_seconds, seed=cfg.seed * 1000 + r, device=cfg.device,
                             record=cfg.data_root, record_split=split, mix_teacher=cfg.teacher_ckpt if mixed else None,
@@ -186,6 +216,12 @@ def _label_round(cfg: DaggerConfig, split: str, seq_len: int) -> float:
 
 
 def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str], splits: list[str]) -> float:
+    if cfg.learner == "teacher":           # its whole training split + the recorded rounds, expert-labelled
+        trained = train_teacher(TeacherTrainConfig(
+            data_root=cfg.data_root, extra_train_splits=splits, init_path=init, steps=cfg.steps,
+            warmup_steps=cfg.warmup_steps, lr=cfg.lr, hflip_prob=cfg.hflip_prob, seed=cfg.seed, device=cfg.device,
+            save_path=str(folder / _CKPT[cfg.learner]), no_progress=cfg.no_progress))
+        return float(trained["history"][-1]["train_loss"])
     trained = train_student(StudentTrainConfig(
         data_root=cfg.data_root, train_segments=segments, extra_train_splits=splits,
         memorybank=None if cfg.mode == "bc_extra" else cfg.memorybank,
@@ -194,6 +230,19 @@ def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str]
         kd_temporal_w=cfg.kd_temporal_w, seed=cfg.seed, device=cfg.device, save_path=str(folder / "student.pt"),
         no_progress=cfg.no_progress))
     return float(trained["history"][-1]["train_loss"])
+
+
+def _round_zero_frames(cfg: DaggerConfig, segments: list[str]) -> tuple[int, int]:
+    """(window length, labelled frames of the learner's training set before any round)."""
+    if cfg.learner == "teacher":
+        seq_len = TeacherTrainConfig.seq_len
+        tables = LidarSequenceDataset(cfg.data_root, "train", seq_len).tables
+    else:
+        bank = open_memorybank(str(cfg.memorybank), mode="r")
+        seq_len = bank.schema.seq_len
+        bank.close()
+        tables = CameraSequenceDataset(cfg.data_root, "train", seq_len, segments=segments).tables
+    return seq_len, sum(t.num_frames for t in tables.values())
 
 
 def _report(cfg: DaggerConfig, rows: list[dict[str, Any]]) -> None:
@@ -224,38 +273,36 @@ def run_dagger(cfg: DaggerConfig, log: Callable[[str], None] = print) -> dict[st
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "dagger.json", json.dumps(asdict(cfg), indent=1) + "\n")
-    segments = list(cfg.train_segments or _paired_train_segments(cfg.data_root))
-    bank = open_memorybank(cfg.memorybank, mode="r")
-    seq_len = bank.schema.seq_len
-    bank.close()
-    base_frames = sum(t.num_frames for t in CameraSequenceDataset(cfg.data_root, "train", seq_len,
-                                                                 segments=segments).tables.values())
-    log(f"== on-policy distillation ({cfg.mode}): {cfg.rounds} round(s) on {len(segments)} camera track(s) "
-        f"({base_frames} labelled camera frames), {cfg.starts} car(s) x {cfg.record_seconds:g} s per track and round")
+    segments = list(cfg.train_segments or _train_segments(cfg.data_root, paired_only=cfg.learner == "student"))
+    seq_len, base_frames = _round_zero_frames(cfg, segments)
+    log(f"== on-policy distillation ({cfg.mode}, the {cfg.learner} learns): {cfg.rounds} round(s) on "
+        f"{len(segments)} track(s) ({base_frames} labelled frames), {cfg.starts} car(s) x {cfg.record_seconds:g} s "
+        f"per track and round")
     rows: list[dict[str, Any]] = []
     folder0 = out / "round_00"
     folder0.mkdir(exist_ok=True)
     state = _state(folder0)
     if "eval" not in state:
         log("== round 0: the starting student on the held-out tracks")
-        state["eval"] = _evaluate(cfg, "round_00", cfg.student_ckpt, folder0 / "drive.csv")
+        state["eval"] = _evaluate(cfg, "round_00", cfg.start_ckpt, folder0 / "drive.csv")
         _save_state(folder0, state)
     rows.append({"round": 0, "p_student": float("nan"), "recorded_frames": 0, "camera_frames": base_frames,
                  **state["eval"], "label_frames_per_s": float("nan"), "train_loss": float("nan"), "seconds": 0.0})
-    student, splits, recorded = cfg.student_ckpt, [], 0
+    student, splits, recorded = cfg.start_ckpt, [], 0
     for r in range(1, cfg.rounds + 1):
         folder = out / f"round_{r:02d}"
         folder.mkdir(exist_ok=True)
         state, split, t0 = _state(folder), f"{cfg.prefix}{r:02d}", time.perf_counter()
         p = p_student_of_round(cfg, r)
         if "recorded_frames" not in state:
-            log(f"== round {r}: " + (f"the student drives with p = {p:.2f}" if cfg.mode in MIXED_MODES
+            log(f"== round {r}: " + ("the teacher drives" if cfg.learner == "teacher" else
+                                     f"the student drives with p = {p:.2f}" if cfg.mode in MIXED_MODES
                                      else "the expert drives")
                 + f" on the training tracks, recorded as {split}")
             state["recorded_frames"] = _drive_round(cfg, r, student, segments, split)
             _save_state(folder, state)
         if "label_frames_per_s" not in state:
-            if cfg.mode == "bc_extra":           # BC on the expert's own labels: no teacher outputs
+            if cfg.mode == "bc_extra" or cfg.learner == "teacher":      # expert labels only: no teacher outputs
                 state["label_frames_per_s"] = float("nan")
             else:
                 log(f"   labelling {split} with the teacher -> {cfg.memorybank}")
@@ -266,7 +313,7 @@ def run_dagger(cfg: DaggerConfig, log: Callable[[str], None] = print) -> dict[st
             log(f"   fine-tuning on {len(segments)} camera track(s) + {len(splits)} recorded split(s), {cfg.steps} steps")
             state["train_loss"] = _train_round(cfg, folder, student, segments, splits)
             _save_state(folder, state)
-        student = str(folder / "student.pt")
+        student = str(folder / _CKPT[cfg.learner])
         if "eval" not in state:
             state["eval"] = _evaluate(cfg, f"round_{r:02d}", student, folder / "drive.csv")
             state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0

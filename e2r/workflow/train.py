@@ -98,9 +98,13 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict[str, Any]:
         resume = load_checkpoint(cfg.resume_path, kind="teacher") if cfg.resume_path else None
         if resume:
             check_fits(cfg.resume_path, resume, lambda c: LiDARBEVTeacher(TeacherConfig.from_dict(c)))
-        model_cfg = TeacherConfig.from_dict(resume["config"]) if resume else TeacherConfig.preset_named(cfg.preset)
-        if cfg.residual_actions is not None and not resume:
-            model_cfg = replace(model_cfg, residual_actions=cfg.residual_actions)
+            model_cfg = TeacherConfig.from_dict(resume["config"])
+        elif cfg.init_path and not cfg.init_skip_output_layer:     # every weight transferred: that model's config
+            model_cfg = TeacherConfig.from_dict(load_checkpoint(cfg.init_path, kind="teacher")["config"])
+        else:
+            model_cfg = TeacherConfig.preset_named(cfg.preset)
+            if cfg.residual_actions is not None:
+                model_cfg = replace(model_cfg, residual_actions=cfg.residual_actions)
         train_ds, valid_ds = train_valid_datasets(
             cfg, lambda split, segments: LidarSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
                                                               cfg.lidar_num_features, segments=segments))
