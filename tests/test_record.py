@@ -250,3 +250,22 @@ def test_export_append_adds_a_recorded_split_and_leaves_earlier_chunks_byte_iden
     with pytest.raises(StoreCorruptError, match="an existing chunk changed"):
         _check_append(ExportConfig(data_root=str(root), split=["round_01"], store=str(store), append=True),
                       snapshot, open_memorybank(str(store)))
+
+
+def test_a_lidar_only_track_is_driven_and_recorded_with_the_worlds_camera_rig(tmp_path):
+    """A LiDAR-only training track (no camera/calib.json) can be driven and recorded (the teacher's own rounds):
+    the world's camera rig stands in, and the recording is a dataset segment with camera frames."""
+    from e2r.sim.world import SyntheticConfig
+    root = tmp_path / "world"
+    generate_dataset(root, config=SyntheticConfig(tracks=3, frames=6, image_size=SIZE, lidar_only_tracks=1, seed=3),
+                     workers=1, progress=False)
+    lidar_only = [p for p in sorted((root / "train").iterdir()) if not (p / "camera" / "calib.json").exists()]
+    assert len(lidar_only) == 1
+    world = load_world(root, "train", lidar_only[0].name)
+    assert world.cameras and world.cameras[0].name == "front"
+    recorder = DriveRecorder(tmp_path / "rec", "round_01", world, "expert")
+    run_closed_loop(ExpertPolicy(), world, [0], ClosedLoopConfig(time_limit=0.3, seq_len=3), recorder=recorder)
+    stats, problems = check_split(DatasetCheck(data_root=str(tmp_path / "rec"), seq_len=3, image_size=SIZE,
+                                               no_progress=True), "round_01")
+    assert problems == [] and stats["frames"] == 6
+    assert len(list((tmp_path / "rec" / "round_01").glob("*/camera/*.png"))) == 6

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 
-from e2r.data.calib import scale_intrinsics
+from e2r.data.calib import cameras_from_doc, scale_intrinsics
 from e2r.data.readers import CameraCalib, prepare_image, read_calib
 from e2r.sim.expert import nearest_index, speed_profile
 from e2r.sim.policies import Observation, Policy
@@ -35,7 +35,7 @@ from e2r.sim.sensors import cast_lidar, render_camera
 from e2r.sim.track import Track
 from e2r.sim.traffic import boxes_overlap, car_corners, car_poses, clear_start
 from e2r.sim.vehicle import VehicleConfig, VehicleState, advance, body_corners
-from e2r.sim.world import SyntheticConfig, track_for_segment
+from e2r.sim.world import SyntheticConfig, calib_dict, track_for_segment
 
 if TYPE_CHECKING:
     from e2r.sim.record import DriveRecorder
@@ -60,9 +60,11 @@ class SimWorld:
 
 
 def load_world(root: str | Path, split: str, segment: str) -> SimWorld:
-    """The segment ``root/split/segment`` of a synthetic world (ValueError when it is not one)."""
+    """The segment ``root/split/segment`` of a synthetic world (ValueError when it is not one). A LiDAR-only
+    segment (no camera/calib.json) gets the world's own camera rig, so any policy can drive it."""
     track, cfg, _ = track_for_segment(root, split, segment)
-    cameras = read_calib(Path(root) / split / segment / "camera" / "calib.json")
+    calib = Path(root) / split / segment / "camera" / "calib.json"
+    cameras = read_calib(calib) if calib.exists() else cameras_from_doc(calib_dict(cfg), calib)
     return SimWorld(split, segment, track, cfg, cameras)
 
 
