@@ -77,7 +77,8 @@ def test_kd_training_end_to_end_then_eval_with_kd_gap(setup, tmp_path, capsys):
 
 
 def test_resume_reproduces_the_uninterrupted_trajectory(setup, tmp_path):
-    kd = ("--memorybank", setup["bank"], "--hflip_prob", "0.5", "--photometric", "0.5", "--epochs", "2")
+    kd = ("--memorybank", setup["bank"], "--hflip_prob", "0.5", "--photometric", "0.5", "--crop_zoom", "0.2",
+          "--epochs", "2")
     full = _train(setup, tmp_path, *kd, "--save_path", str(tmp_path / "a.pt"), "--checkpoint_path",
                   str(tmp_path / "a_last.pt"))
     part = _train(setup, tmp_path, *kd, "--save_path", str(tmp_path / "c.pt"), "--checkpoint_path",

@@ -348,7 +348,8 @@ def scale_intrinsics(K, sx: float, sy: float):
     downsampled by 4 uses ``sx = sy = 1/4``. Pixel ``u`` has its centre at coordinate ``u``, and resampling
     (Pillow's resize, strided convolutions) keeps pixel *edges* aligned, so a centre maps as
     ``u' = (u + 0.5) * sx - 0.5``: ``fx' = fx*sx``, ``cx' = (cx + 0.5)*sx - 0.5`` (same for y).
-    Works on numpy arrays (returns float64) and torch tensors (keeps dtype)."""
+    Works on numpy arrays (returns float64) and torch tensors (keeps dtype); ``sx``, ``sy`` may also be arrays
+    of K's leading shape (one factor per matrix)."""
     if hasattr(K, "clone"):
         K2 = K.clone()
     else:

@@ -263,6 +263,10 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
         0.0, help="strength in [0, 1] of the photometric augmentation of training windows: brightness, contrast, "
                   "gamma, colour and noise, one draw per window (e2r/data/augment.py; default %(default)s = off: no "
                   "measured gain at 4 tracks, docs/STUDENT.md)")
+    crop_zoom: float = option(
+        0.0, help="zoom-crop augmentation of training windows: a crop of s x the image (s ~ U(1 - Z, 1), one per "
+                  "window and camera) resized back, the intrinsics adjusted so the Lift-Splat geometry stays right "
+                  "(e2r/data/augment.py; default %(default)s = off)")
     select_by: str = option(
         "loss", choices=("loss", "drive"),
         help="what picks the kept checkpoint (--save_path) after each epoch: the BC loss on --valid_split "
@@ -302,6 +306,8 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
         StoreAccess.check(self)
         TrainConfig.check(self)
         check_probability(self, ("photometric", "kd_bevfeat_background"))
+        if not 0.0 <= self.crop_zoom < 1.0:                  # NaN fails too
+            raise ConfigError(f"--crop_zoom must be in [0, 1), got {self.crop_zoom}")
         check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "kd_bevfeat_w"))
         if self.select_by not in ("loss", "drive"):
             raise ConfigError(f"--select_by must be 'loss' or 'drive', got {self.select_by!r}")

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from e2r.checkpoints import check_fits, load_checkpoint, save_checkpoint
-from e2r.data.augment import photometric_jitter
+from e2r.data.augment import photometric_jitter, zoom_crop
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
 from e2r.kd import FovMasks, KDWeights, hflip_lidar, student_losses
 from e2r.losses import action_loss, action_weights, weighted_action_mse
@@ -155,6 +155,7 @@ class StudentTask(TrainTask):
             flip = torch.rand(len(batch["keys"])) < self.cfg.hflip_prob
             batch = hflip_batch(batch, flip, self.model.cfg.bev_grid)
         batch["steering"] = drop_steering_input(batch["steering"], self.cfg.steer_input_dropout)
+        batch["images"], batch["intrinsics"] = zoom_crop(batch["images"], batch["intrinsics"], self.cfg.crop_zoom)
         batch["images"] = photometric_jitter(batch["images"], self.cfg.photometric)   # global RNG, like the flips
         batch = batch_to(batch, self.device)
         retrieval = self.retrieval        # student-kind retrieval: the query is the loss forward's own bev_vec
