@@ -359,3 +359,42 @@ def test_sampler_start_batch_yields_the_rest_of_the_epoch_in_order():
     t = EpochBatchSampler(23, 4, shuffle=True, seed=0, rank=1, world_size=2)
     t.load_state_dict(s.state_dict())
     assert list(t) == whole[2:] and t.state_dict()["start_batch"] == 2
+
+
+def test_frame_cache_decodes_each_frame_once_and_serves_the_same_bits(data, monkeypatch):
+    """With the frame cache (on by default) a pass over every window decodes each frame once, and every item is
+    bit-identical to the uncached dataset's; a budget too small for a frame caches nothing."""
+    calls = []
+    real = datasets_module.read_image
+    monkeypatch.setattr(datasets_module, "read_image", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    plain = CameraSequenceDataset(data, "train", seq_len=3, image_size=(64, 8), image_cache_mb=0)
+    want = [plain[i] for i in range(len(plain))]
+    assert len(calls) == 3 * len(plain)                     # uncached: every frame of every window decoded
+    calls.clear()
+    cached = CameraSequenceDataset(data, "train", seq_len=3, image_size=(64, 8))
+    for _ in range(2):                                       # two epochs
+        for i, w in zip(range(len(cached)), want):
+            got = cached[i]
+            assert torch.equal(got["images"], w["images"]) and got["images"].dtype == torch.float32
+    frames = sum(t.num_frames for t in cached.tables.values())
+    assert len(calls) == len(set(calls)) == frames           # each frame decoded once over both epochs
+    assert cached.frame_cache.hits == 2 * 3 * len(cached) - frames
+    assert cached.frame_cache.nbytes == frames * 3 * 8 * 64  # stored as uint8: exact for 8-bit images
+    tiny = CameraSequenceDataset(data, "train", seq_len=3, image_size=(64, 8), image_cache_mb=1e-4)
+    tiny[0]
+    assert len(tiny.frame_cache) == 0
+
+
+def test_frame_cache_keeps_the_most_recent_frames_within_its_budget():
+    from e2r.data.frame_cache import FrameCache
+    frames = [torch.full((1, 3, 4, 4), 10.0 * (k + 1)) / 255.0 for k in range(3)]     # 8-bit values
+    cache = FrameCache(max_mb=2 * frames[0].numel() / 2 ** 20)  # room for two uint8 frames
+    for k, frame in enumerate(frames):
+        cache.put(k, frame)
+    assert cache.get(0) is None and cache.get(1) is not None and len(cache) == 2
+    odd = torch.full((1, 3, 4, 4), 0.123456)                 # not k / 255: kept as float32, exactly
+    cache = FrameCache(max_mb=1)
+    cache.put("odd", odd)
+    assert torch.equal(cache.get("odd"), odd) and cache.nbytes == odd.numel() * 4
+    with pytest.raises(ValueError, match=">= 0"):
+        FrameCache(max_mb=-1)

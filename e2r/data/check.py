@@ -48,9 +48,9 @@ def _scanned(args: DatasetCheck, split: str, lidar: bool, camera: bool) -> tuple
                                      skip_bad=True)], set()
     if not lidar:
         return [CameraSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.image_size,
-                                      skip_bad=True)], set()
+                                      skip_bad=True, image_cache_mb=0)], set()
     paired = PairedSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.lidar_num_features,
-                                   args.image_size, skip_bad=True)
+                                   args.image_size, skip_bad=True, image_cache_mb=0)
     cams = list(paired.camera_only_segments)
     rest = [s for s in discover_segments(args.data_root, split) if s not in paired.tables and s not in cams]
     out = [paired]
@@ -59,7 +59,7 @@ def _scanned(args: DatasetCheck, split: str, lidar: bool, camera: bool) -> tuple
                                         skip_bad=True, segments=rest))
     if cams:             # camera-only drives beside the paired ones (make_dataset --camera_only_drives)
         out.append(CameraSequenceDataset(args.data_root, split, args.seq_len, args.stride, args.image_size,
-                                         skip_bad=True, segments=cams))
+                                         skip_bad=True, segments=cams, image_cache_mb=0))
     return out, set(rest) - set(paired.lidar_only_segments)
 
 

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 from e2r.data.calib import scale_intrinsics
+from e2r.data.frame_cache import FrameCache
 from e2r.data.layout import (SegmentTable, discover_segments, is_camera_only, is_lidar_only, read_segment_table,
                              window_starts)
 from e2r.data.point_layout import MAX_POINT_FILE_BYTES, LayoutUndecidable, PointLayout, detect_bin_layout
@@ -79,7 +80,7 @@ class _SequenceDataset(Dataset):
 
     def __init__(self, root: Union[str, Path], split: str, seq_len: int = 5, stride: int = 1,
                  lidar_num_features: NumFeatures = "auto", image_size: tuple[int, int] = (256, 128),
-                 skip_bad: bool = False, segments: Optional[Sequence[str]] = None):
+                 skip_bad: bool = False, segments: Optional[Sequence[str]] = None, image_cache_mb: float = 512.0):
         if lidar_num_features != "auto" and lidar_num_features not in SUPPORTED_NUM_FEATURES:
             raise ValueError(f"lidar_num_features must be one of {SUPPORTED_NUM_FEATURES} or 'auto', "
                              f"got {lidar_num_features!r}")
@@ -87,6 +88,7 @@ class _SequenceDataset(Dataset):
         self.seq_len, self.stride, self.skip_bad = int(seq_len), int(stride), bool(skip_bad)
         self.lidar_num_features = lidar_num_features
         self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.frame_cache = FrameCache(image_cache_mb)   # decoded camera frames: an epoch decodes each once
         self.problems: list[Problem] = []
         self.tables: dict[str, SegmentTable] = {}
         self.windows: list[tuple[str, int]] = []
@@ -190,7 +192,10 @@ class _SequenceDataset(Dataset):
         return torch.from_numpy(points)
 
     def _load_images(self, segment: str, frame: int) -> torch.Tensor:
-        """(Ncam, 3, H, W) float32 in [0, 1] at ``image_size``."""
+        """(Ncam, 3, H, W) float32 in [0, 1] at ``image_size`` (from the frame cache when it holds them)."""
+        cached = self.frame_cache.get((segment, frame))
+        if cached is not None:
+            return cached
         table = self.tables[segment]
         out = []
         for cam in table.cameras:
@@ -201,7 +206,9 @@ class _SequenceDataset(Dataset):
                                       f"{cam.image_size[0]}x{cam.image_size[1]} (calib.json image_size of camera "
                                       f"{cam.name!r}, which K is for)", frame)
             out.append(torch.from_numpy(image))
-        return torch.stack(out)
+        images = torch.stack(out)
+        self.frame_cache.put((segment, frame), images)
+        return images
 
     def _camera_geometry(self, segment: str) -> dict[str, torch.Tensor]:
         cams = self.tables[segment].cameras
@@ -297,8 +304,9 @@ class CameraSequenceDataset(_SequenceDataset):
 
     def __init__(self, root: Union[str, Path], split: str, seq_len: int = 5, stride: int = 1,
                  image_size: tuple[int, int] = (256, 128), skip_bad: bool = False,
-                 segments: Optional[Sequence[str]] = None):
-        super().__init__(root, split, seq_len, stride, image_size=image_size, skip_bad=skip_bad, segments=segments)
+                 segments: Optional[Sequence[str]] = None, image_cache_mb: float = 512.0):
+        super().__init__(root, split, seq_len, stride, image_size=image_size, skip_bad=skip_bad, segments=segments,
+                         image_cache_mb=image_cache_mb)
 
     def _build(self, segment: str, start: int) -> dict[str, Any]:
         images = torch.stack([self._load_images(segment, f) for f in range(start, start + self.seq_len)])

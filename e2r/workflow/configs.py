@@ -263,6 +263,9 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
         0.0, help="strength in [0, 1] of the photometric augmentation of training windows: brightness, contrast, "
                   "gamma, colour and noise, one draw per window (e2r/data/augment.py; default %(default)s = off: no "
                   "measured gain at 4 tracks, docs/STUDENT.md)")
+    image_cache_mb: float = option(
+        512.0, help="decoded camera frames kept in memory per process (each DataLoader worker has its own), so an "
+                    "epoch decodes each frame once; bit-identical to decoding (default %(default)s MB; 0 = off)")
     crop_zoom: float = option(
         0.0, help="zoom-crop augmentation of training windows: a crop of s x the image (s ~ U(1 - Z, 1), one per "
                   "window and camera) resized back, the intrinsics adjusted so the Lift-Splat geometry stays right "
@@ -306,6 +309,8 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
         StoreAccess.check(self)
         TrainConfig.check(self)
         check_probability(self, ("photometric", "kd_bevfeat_background"))
+        if not self.image_cache_mb >= 0:
+            raise ConfigError(f"--image_cache_mb must be >= 0, got {self.image_cache_mb}")
         if not 0.0 <= self.crop_zoom < 1.0:                  # NaN fails too
             raise ConfigError(f"--crop_zoom must be in [0, 1), got {self.crop_zoom}")
         check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "kd_bevfeat_w"))

@@ -265,7 +265,8 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
         image_size = tuple(model_cfg.image_size)
         train_ds, valid_ds = train_valid_datasets(
             cfg, lambda split, segments: CameraSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
-                                                               image_size, segments=segments))
+                                                               image_size, segments=segments,
+                                                               image_cache_mb=cfg.image_cache_mb))
         kd_on = kd.action + kd.bev_vec + kd.temporal + kd.bev_feat > 0
         targets = TeacherTargets.for_run(cfg, train_ds, model_cfg, kd_on=kd_on, need_bev_feat=kd.bev_feat > 0,
                                          store=(schema, teacher_cfg) if schema is not None else None,
