@@ -1,0 +1,73 @@
+"""LiDAR supervision of the Lift-Splat depth distribution (BEVDepth): where a LiDAR point lands on a camera's
+feature map, the depth bin of the nearest such point is that pixel's target, and the student's depth
+distribution is trained towards it by cross-entropy.
+
+    target = lidar_depth_bins(points_ego, K_feat, cam2ego, (h, w), cfg.depth_bins)   # (Ncam, h, w) uint8
+    loss = depth_loss(depth_probs, target)                                           # (N, D, h, w), (N, h, w)
+
+Geometry as ``e2r.models.view_transform``: ego frame x forward, y left, z up; camera frame OpenCV; ``K_feat``
+the intrinsics of the feature map (``scale_intrinsics`` of the image's), pixel ``u`` centred at ``u`` (pixel
+u covers [u - 0.5, u + 0.5)); depth bins are z-depths along the optical axis, bin k the depth
+``d_min + k * step`` (a depth d belongs to bin ``round((d - d_min) / step)``, `depth_bin_centers`).
+``NO_DEPTH`` (255) marks a pixel no point lands on: it has no target. One byte per pixel.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from e2r.models.view_transform import depth_bin_centers
+
+__all__ = ["NO_DEPTH", "lidar_depth_bins", "depth_loss"]
+
+#: the target of a feature pixel that no LiDAR point lands on
+NO_DEPTH = 255
+
+
+def lidar_depth_bins(points_ego: Tensor, K_feat: Tensor, cam2ego: Tensor, feat_hw: tuple[int, int],
+                     depth_bins: tuple[float, float, float]) -> Tensor:
+    """points_ego (N, >=3) ego-frame x, y, z (further columns ignored), K_feat (Ncam, 3, 3) for the feature
+    map, cam2ego (Ncam, 4, 4), feat_hw (h, w) -> (Ncam, h, w) uint8: the depth bin of the nearest point in
+    front of the camera whose bin is within the lift's range, ``NO_DEPTH`` where none lands. Computed in
+    float64."""
+    n_bins = len(depth_bin_centers(depth_bins))
+    if n_bins >= NO_DEPTH:
+        raise ValueError(f"{n_bins} depth bins do not fit one byte beside NO_DEPTH ({NO_DEPTH})")
+    if points_ego.dim() != 2 or points_ego.shape[1] < 3 or K_feat.shape[-2:] != (3, 3) \
+            or cam2ego.shape != (K_feat.shape[0], 4, 4):
+        raise ValueError(f"points (N, >=3), K_feat (Ncam, 3, 3) and cam2ego (Ncam, 4, 4) expected, got "
+                         f"{tuple(points_ego.shape)}, {tuple(K_feat.shape)}, {tuple(cam2ego.shape)}")
+    h, w = (int(v) for v in feat_hw)
+    d_min, _, step = (float(v) for v in depth_bins)
+    n_cam = K_feat.shape[0]
+    p = points_ego[:, :3].to(torch.float64)
+    ego2cam = torch.linalg.inv(cam2ego.to(torch.float64))
+    cam = torch.einsum("cij,nj->cni", ego2cam[:, :3, :3], p) + ego2cam[:, None, :3, 3]        # (Ncam, N, 3)
+    z = cam[..., 2]
+    pix = torch.einsum("cij,cnj->cni", K_feat.to(torch.float64), cam)
+    front = z > 1e-6
+    u = torch.round(pix[..., 0] / torch.where(front, z, 1.0)).long()
+    v = torch.round(pix[..., 1] / torch.where(front, z, 1.0)).long()
+    b = torch.round((z - d_min) / step).long()
+    ok = front & (u >= 0) & (u < w) & (v >= 0) & (v < h) & (b >= 0) & (b < n_bins)
+    flat = (torch.arange(n_cam)[:, None] * (h * w) + v * w + u)[ok]
+    nearest = torch.full((n_cam * h * w,), float("inf"), dtype=torch.float64)
+    nearest.scatter_reduce_(0, flat, z[ok], reduce="amin")
+    out = torch.full((n_cam * h * w,), NO_DEPTH, dtype=torch.uint8)
+    hit = torch.isfinite(nearest)
+    out[hit] = torch.round((nearest[hit] - d_min) / step).to(torch.uint8)
+    return out.reshape(n_cam, h, w)
+
+
+def depth_loss(depth_probs: Tensor, target: Tensor) -> Tensor:
+    """depth_probs (N, D, h, w) (a softmax over D), target (N, h, w) uint8 bins (``NO_DEPTH`` = none) ->
+    the mean cross-entropy ``-log p[target]`` over the pixels that have a target (0 when none has)."""
+    if depth_probs.dim() != 4 or target.shape != (depth_probs.shape[0], *depth_probs.shape[2:]):
+        raise ValueError(f"depth_probs (N, D, h, w) and target (N, h, w) expected, got {tuple(depth_probs.shape)} "
+                         f"and {tuple(target.shape)}")
+    labelled = target != NO_DEPTH
+    if not bool(labelled.any()):
+        return depth_probs.sum() * 0.0
+    bins = target.long().clamp_max(depth_probs.shape[1] - 1)
+    picked = depth_probs.gather(1, bins[:, None]).squeeze(1)                # (N, h, w)
+    return -torch.log(picked[labelled].clamp_min(1e-8)).mean()
