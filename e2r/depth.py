@@ -3,7 +3,7 @@ feature map, the depth bin of the nearest such point is that pixel's target, and
 distribution is trained towards it by cross-entropy.
 
     target = lidar_depth_bins(points_ego, K_feat, cam2ego, (h, w), cfg.depth_bins)   # (Ncam, h, w) uint8
-    loss = depth_loss(depth_probs, target)                                           # (N, D, h, w), (N, h, w)
+    per_sample = depth_cross_entropy(depth_probs, targets)        # (B, N, D, h, w), (B, N, h, w) -> (B,)
 
 Geometry as ``e2r.models.view_transform``: ego frame x forward, y left, z up; camera frame OpenCV; ``K_feat``
 the intrinsics of the feature map (``scale_intrinsics`` of the image's), pixel ``u`` centred at ``u`` (pixel
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from e2r.models.view_transform import depth_bin_centers
 
-__all__ = ["NO_DEPTH", "lidar_depth_bins", "depth_loss"]
+__all__ = ["NO_DEPTH", "lidar_depth_bins", "depth_cross_entropy"]
 
 #: the target of a feature pixel that no LiDAR point lands on
 NO_DEPTH = 255
@@ -59,15 +59,16 @@ def lidar_depth_bins(points_ego: Tensor, K_feat: Tensor, cam2ego: Tensor, feat_h
     return out.reshape(n_cam, h, w)
 
 
-def depth_loss(depth_probs: Tensor, target: Tensor) -> Tensor:
-    """depth_probs (N, D, h, w) (a softmax over D), target (N, h, w) uint8 bins (``NO_DEPTH`` = none) ->
-    the mean cross-entropy ``-log p[target]`` over the pixels that have a target (0 when none has)."""
-    if depth_probs.dim() != 4 or target.shape != (depth_probs.shape[0], *depth_probs.shape[2:]):
-        raise ValueError(f"depth_probs (N, D, h, w) and target (N, h, w) expected, got {tuple(depth_probs.shape)} "
-                         f"and {tuple(target.shape)}")
-    labelled = target != NO_DEPTH
-    if not bool(labelled.any()):
-        return depth_probs.sum() * 0.0
-    bins = target.long().clamp_max(depth_probs.shape[1] - 1)
-    picked = depth_probs.gather(1, bins[:, None]).squeeze(1)                # (N, h, w)
-    return -torch.log(picked[labelled].clamp_min(1e-8)).mean()
+def depth_cross_entropy(depth_probs: Tensor, target: Tensor) -> Tensor:
+    """depth_probs (B, N, D, h, w) (a softmax over D; N = frames x cameras), target (B, N, h, w) uint8 bins
+    (``NO_DEPTH`` = none) -> (B,): each sample's mean ``-log p[target]`` over its pixels that have a target
+    (0 for a sample with none)."""
+    if depth_probs.dim() != 5 or target.shape != (*depth_probs.shape[:2], *depth_probs.shape[3:]):
+        raise ValueError(f"depth_probs (B, N, D, h, w) and target (B, N, h, w) expected, got "
+                         f"{tuple(depth_probs.shape)} and {tuple(target.shape)}")
+    labelled = (target != NO_DEPTH).to(target.device)
+    bins = target.long().clamp_max(depth_probs.shape[2] - 1)
+    picked = depth_probs.gather(2, bins[:, :, None]).squeeze(2)                 # (B, N, h, w)
+    nll = -torch.log(picked.clamp_min(1e-8)) * labelled
+    count = labelled.flatten(1).sum(1)
+    return nll.flatten(1).sum(1) / count.clamp_min(1).to(nll.dtype)

@@ -23,6 +23,9 @@ targets, ``has_kd``; samples without targets contribute 0 and are not counted):
   rather than a fixed quantile, which would always flag the top fraction of cells, noise included, and
   none of a constant map. Background cells get ``background`` (0.05). Teacher maps stored average-pooled by K
   (h = H // K) are matched by average-pooling the student's (and the FOV mask) by K; float16 is cast.
+* ``kd_depth``: LiDAR depth supervision of the Lift-Splat depth distribution (BEVDepth): the cross-entropy
+  against the stored depth-bin target of every feature pixel a LiDAR point lands on (``e2r.depth``; a
+  sample's mean over its labelled pixels).
 
 The loss of a whole student batch, BC plus these terms: :func:`student_losses` (FOV masks per rig:
 :class:`FovMasks`).
@@ -37,29 +40,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from e2r.depth import depth_cross_entropy
 from e2r.losses import action_loss, action_weights
 from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import camera_fov_mask
 
-__all__ = ["KDWeights", "pool_bev_feat", "hflip_sample", "hflip_lidar", "kd_action_per_sample", "kd_bev_vec_per_sample", "kd_temporal_per_sample",
+__all__ = ["TERMS", "KDWeights", "pool_bev_feat", "hflip_sample", "hflip_lidar", "kd_action_per_sample", "kd_bev_vec_per_sample", "kd_temporal_per_sample",
            "occupancy_weights", "pool_to_grid", "kd_bev_feat_per_sample", "kd_losses", "FovMasks", "student_losses"]
+
+
+#: the KD terms: the KDWeights field of each, its loss part ``kd_<term>``
+TERMS = ("action", "bev_vec", "temporal", "bev_feat", "depth")
 
 
 @dataclass
 class KDWeights:
-    """Weights of the KD terms (``--kd_action_w --kd_bevvec_w --kd_temporal_w --kd_bevfeat_w``) and the
-    action / dense-map settings. A term with weight 0 is not computed (reported as 0)."""
+    """Weights of the KD terms (``--kd_action_w --kd_bevvec_w --kd_temporal_w --kd_bevfeat_w --kd_depth_w``)
+    and the action / dense-map settings. A term with weight 0 is not computed (reported as 0)."""
     action: float = 1.0
     bev_vec: float = 1.0
     temporal: float = 1.0
     bev_feat: float = 0.0
+    depth: float = 0.0
     steer_weight: float = 1.0
     speed_weight: float = 0.05
     bev_feat_background: float = 0.05
     occupancy_k: float = 3.0
 
     def __post_init__(self) -> None:
-        for name in ("action", "bev_vec", "temporal", "bev_feat"):
+        for name in TERMS:
             if not 0 <= getattr(self, name) < math.inf:      # NaN too: it would turn the term off silently
                 raise ValueError(f"KD weight {name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 <= self.bev_feat_background <= 1 or not 0 <= self.occupancy_k < math.inf:
@@ -164,15 +173,15 @@ def kd_losses(student_actions: Tensor, student_aux: dict[str, Tensor], teacher: 
     student_actions (B,T,A) physical units; student_aux: the student's ``return_aux`` dict
     (``bev_vec_seq`` (B,T,D), ``gru_out`` (B,T,H), ``bev_feat_seq`` (B,T,C,H,W)); teacher: memorybank
     targets ``actions`` (B,T,A) physical, ``bev_vec`` (B,T,D), ``gru_out`` (B,T,H), optional ``bev_feat``
-    (B,T,C,h,w) — rows of samples without targets may hold anything (zeros, NaN), they are ignored;
+    (B,T,C,h,w), optional ``depth`` (B,T,Ncam,h,w) uint8 bins (student: ``depth_seq``) — rows of samples without targets may hold anything (zeros, NaN), they are ignored;
     has_kd (B,) bool; normalize_actions: the student's ``normalize_actions`` (same stats for both sides);
     fov_mask (H,W) or (B,H,W) for the dense term; sample_weight (B,) or None: each KD sample's terms are
     multiplied by its weight (e.g. the confidence of a camera/LiDAR pair by timestamp,
     ``e2r.workflow.pairing``) and still divided by the count of KD samples, so a batch of weak pairs pulls
     less than one of exact pairs (None: weight 1, the same numbers bit for bit).
 
-    Returns ``{"kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat"`` (unweighted, each averaged over the
-    KD samples), ``"kd_total"`` (weighted sum), ``"kd_samples"`` (count, float tensor)``}``; all terms are 0
+    Returns ``{"kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat", "kd_depth"`` (unweighted, each
+    averaged over the KD samples), ``"kd_total"`` (weighted sum), ``"kd_samples"`` (count, float tensor)``}``; all terms are 0
     when no sample has targets.
     """
     B = student_actions.shape[0]
@@ -213,10 +222,21 @@ def kd_losses(student_actions: Tensor, student_aux: dict[str, Tensor], teacher: 
         per = kd_bev_feat_per_sample(s, target("bev_feat", s), fov_mask, weights.bev_feat_background,
                                      weights.occupancy_k)
         out["kd_bev_feat"] = _masked_mean(per, m, n)
-    for k in ("kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat"):
-        out.setdefault(k, zero)
-    out["kd_total"] = (weights.action * out["kd_action"] + weights.bev_vec * out["kd_bev_vec"]
-                       + weights.temporal * out["kd_temporal"] + weights.bev_feat * out["kd_bev_feat"])
+    if weights.depth > 0:
+        s = student_aux.get("depth_seq")
+        if s is None:
+            raise ValueError("KD of depth needs a Lift-Splat student (its depth distribution, aux depth_seq)")
+        if "depth" not in teacher:
+            raise ValueError(f"KD of depth needs the stored depth targets (memorybank array 'depth'); got "
+                             f"{sorted(teacher)}")
+        t = teacher["depth"].to(s.device)
+        if t.shape != (*s.shape[:3], *s.shape[4:]):
+            raise ValueError(f"depth targets {tuple(t.shape)} do not match the student's depth {tuple(s.shape)}")
+        per = depth_cross_entropy(s.flatten(1, 2), t.flatten(1, 2))
+        out["kd_depth"] = _masked_mean(torch.where(mask, per, torch.zeros_like(per)), m, n)
+    for k in TERMS:
+        out.setdefault(f"kd_{k}", zero)
+    out["kd_total"] = sum((getattr(weights, k) * out[f"kd_{k}"] for k in TERMS), zero)
     out["kd_samples"] = n.detach()
     return out
 
@@ -281,7 +301,7 @@ def student_losses(net: torch.nn.Module, normalize_actions: Any, batch: dict[str
     ``e2r.kd.kd_losses`` over the samples with ``has_kd`` (action and dense bev_feat terms; bev_vec and
     temporal terms only for samples that were not flipped), each sample's terms weighted by
     ``batch["kd_weight"]`` (B,) when the batch has it (the timestamp pair's confidence). Returns ``(loss, parts)`` with parts ``bc``,
-    ``kd_action``, ``kd_bev_vec``, ``kd_temporal``, ``kd_bev_feat``, ``kd_total``, ``kd_samples``,
+    ``kd_action``, ``kd_bev_vec``, ``kd_temporal``, ``kd_bev_feat``, ``kd_depth``, ``kd_total``, ``kd_samples``,
     ``bc_only_samples`` (detached scalars)."""
     pred, aux = net(batch["images"], batch["intrinsics"], batch["cam2ego"], batch["speed"], batch["steering"],
                     return_aux=True)
@@ -292,15 +312,15 @@ def student_losses(net: torch.nn.Module, normalize_actions: Any, batch: dict[str
     flipped = torch.zeros_like(has_kd) if flipped is None else flipped.to(has_kd.device)
     parts = {"bc": bc.detach()}
     total = bc
-    any_kd = bool(has_kd.any()) and (kd.action + kd.bev_vec + kd.temporal + kd.bev_feat) > 0
+    any_kd = bool(has_kd.any()) and sum(getattr(kd, k) for k in TERMS) > 0
     fov = fov_masks(batch["intrinsics"], batch["cam2ego"]) if (any_kd and kd.bev_feat > 0 and fov_masks) else None
-    names = ("kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat")
+    names = tuple(f"kd_{k}" for k in TERMS)
     if any_kd:
         weight = batch.get("kd_weight")       # (B,) pair confidence (1 without timestamp pairing)
         mirror_safe = kd_losses(pred, aux, batch["teacher"], has_kd, normalize_actions,
                                 replace(kd, bev_vec=0.0, temporal=0.0), fov, weight)
         embed = kd_losses(pred, aux, batch["teacher"], has_kd & ~flipped, normalize_actions,
-                          replace(kd, action=0.0, bev_feat=0.0), fov, weight)
+                          replace(kd, action=0.0, bev_feat=0.0, depth=0.0), fov, weight)
         total = total + mirror_safe["kd_total"] + embed["kd_total"]
         for n in names:
             parts[n] = (mirror_safe[n] + embed[n]).detach()

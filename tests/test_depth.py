@@ -1,7 +1,7 @@
 """LiDAR depth targets of the Lift-Splat depth distribution (e2r.depth): points land on the feature pixels and
 depth bins the camera model says, the nearest point of a pixel wins, points behind the camera or beyond the
 lift's range give none; on KITTI's calibration the targets agree with KITTI's own projection formula; the
-cross-entropy ignores the pixels without a target."""
+cross-entropy of a sample is the mean over its pixels that have a target."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ import torch
 
 from e2r.data.calib import calib_from_kitti, scale_intrinsics
 from e2r.data.readers import cameras_from_doc
-from e2r.depth import NO_DEPTH, depth_loss, lidar_depth_bins
+from e2r.depth import NO_DEPTH, depth_cross_entropy, lidar_depth_bins
 
 BINS = (2.0, 50.0, 1.0)        # 48 bins: bin k = depth 2 + k
 # a forward camera 1.5 m up at the ego origin: camera x right = ego -y, y down = ego -z, z forward = ego x
@@ -81,18 +81,20 @@ def test_targets_on_a_kitti_rig_agree_with_kittis_projection_formula():
     assert torch.equal(target, want)
 
 
-def test_depth_loss_is_the_cross_entropy_of_the_labelled_pixels():
-    target = torch.full((2, 3, 4), NO_DEPTH, dtype=torch.uint8)
-    target[0, 1, 2], target[1, 0, 0] = 3, 0
-    logits = torch.zeros(2, 5, 3, 4, requires_grad=True)
-    loss = depth_loss(logits.softmax(1), target)
-    assert math.isclose(float(loss.detach()), math.log(5), rel_tol=1e-6)          # uniform over 5 bins
-    loss.backward()
-    assert logits.grad[0, :, 1, 2].abs().sum() > 0 and logits.grad[0, :, 0, 0].abs().sum() == 0
-    sure = torch.full((2, 5, 3, 4), -30.0)
-    sure[0, 3, 1, 2] = sure[1, 0, 0, 0] = 30.0
-    assert float(depth_loss(sure.softmax(1), target)) < 1e-6
-    none = torch.full((1, 3, 4), NO_DEPTH, dtype=torch.uint8)
-    assert float(depth_loss(torch.rand(1, 5, 3, 4), none)) == 0.0
+def test_depth_cross_entropy_is_per_sample_over_its_labelled_pixels():
+    target = torch.full((3, 2, 3, 4), NO_DEPTH, dtype=torch.uint8)        # B=3 samples, N=2 frames x cameras
+    target[0, 1, 1, 2], target[1, 0, 0, 0], target[1, 1, 2, 3] = 3, 0, 4     # sample 2: no target at all
+    logits = torch.zeros(3, 2, 5, 3, 4, requires_grad=True)
+    per = depth_cross_entropy(logits.softmax(2), target)
+    assert per.shape == (3,) and torch.allclose(per.detach(), torch.tensor([math.log(5), math.log(5), 0.0]))
+    per.sum().backward()
+    assert logits.grad[0, 1, :, 1, 2].abs().sum() > 0 and logits.grad[0, 0].abs().sum() == 0
+    assert logits.grad[2].abs().sum() == 0
+    sure = torch.full((3, 2, 5, 3, 4), -30.0)
+    sure[0, 1, 3, 1, 2] = sure[1, 0, 0, 0, 0] = sure[1, 1, 4, 2, 3] = 30.0
+    assert float(depth_cross_entropy(sure.softmax(2), target).max()) < 1e-6
+    wrong = torch.full((3, 2, 5, 3, 4), -30.0)
+    wrong[:, :, 1] = 30.0                                                  # always bin 1
+    assert float(depth_cross_entropy(wrong.softmax(2), target)[0]) > 10
     with pytest.raises(ValueError, match="target"):
-        depth_loss(torch.rand(2, 5, 3, 4), target[:1])
+        depth_cross_entropy(torch.rand(3, 2, 5, 3, 4), target[:1])

@@ -190,3 +190,72 @@ def test_dense_term_is_scale_free():
     aux["bev_feat_seq"] = torch.zeros_like(aux["bev_feat_seq"])
     out = kd_losses(a, aux, t, torch.ones(B, dtype=torch.bool), normalize, ALL)
     assert abs(out["kd_bev_feat"].item() - 1.0) < 1e-3
+
+
+def test_depth_term_is_the_cross_entropy_of_the_kd_samples():
+    from e2r.depth import NO_DEPTH, depth_cross_entropy
+    g = torch.Generator().manual_seed(3)
+    n_cam, bins, h, w = 2, 5, 3, 4
+    probs = torch.randn(B, T, n_cam, bins, h, w, generator=g).softmax(3).requires_grad_()
+    target = torch.randint(0, bins, (B, T, n_cam, h, w), generator=g).to(torch.uint8)
+    target[0, 0, 0, 0] = NO_DEPTH                                   # some pixels without a LiDAR point
+    t, s = _teacher(), _student_equal(_teacher())
+    t["depth"], s[1]["depth_seq"] = target, probs
+    has_kd = torch.tensor([True, False, True])
+    target[1] = 200                                                 # a non-KD sample's row: garbage, ignored
+    out = kd_losses(s[0], s[1], t, has_kd, normalize, KDWeights(action=0, bev_vec=0, temporal=0, depth=2.0))
+    per = depth_cross_entropy(probs.flatten(1, 2), target.flatten(1, 2))
+    assert torch.allclose(out["kd_depth"], per[[0, 2]].mean()) and torch.allclose(out["kd_total"], 2 * per[[0, 2]].mean())
+    out["kd_total"].backward()
+    assert probs.grad[0].abs().sum() > 0 and probs.grad[1].abs().sum() == 0
+    assert float(kd_losses(s[0], s[1], t, has_kd, normalize, ALL)["kd_depth"]) == 0.0      # weight 0: not computed
+    with pytest.raises(ValueError, match="Lift-Splat"):
+        kd_losses(s[0], {k: v for k, v in s[1].items() if k != "depth_seq"}, t, has_kd, normalize,
+                  KDWeights(depth=1.0))
+    with pytest.raises(ValueError, match="'depth'"):
+        kd_losses(s[0], s[1], {k: v for k, v in t.items() if k != "depth"}, has_kd, normalize, KDWeights(depth=1.0))
+
+
+def test_mirrored_depth_targets_are_the_targets_of_the_mirrored_rig():
+    """hflip_batch flips the depth targets along the feature map's width: the same LiDAR scene mirrored
+    (y -> -y), seen by the mirrored rig hflip_sample makes, gives exactly those targets."""
+    import math
+    from e2r.data.calib import scale_intrinsics
+    from e2r.depth import lidar_depth_bins
+    from e2r.kd import hflip_sample
+    from e2r.models.config import TeacherConfig
+    grid = TeacherConfig.preset_named("tiny").bev_grid
+    Wi, Hi, w, h = 64, 32, 16, 8
+    K = torch.tensor([[40.0, 0.0, 30.0], [0.0, 40.0, 15.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    yaw = math.radians(15.0)
+    Tc = torch.eye(4, dtype=torch.float64)
+    base = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+    Rz = torch.tensor([[math.cos(yaw), -math.sin(yaw), 0.0], [math.sin(yaw), math.cos(yaw), 0.0], [0, 0, 1.0]],
+                      dtype=torch.float64)
+    Tc[:3, :3], Tc[:3, 3] = Rz @ base, torch.tensor([0.5, 1.3, 1.2], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    pts = torch.stack([torch.rand(3000, generator=g, dtype=torch.float64) * 40 + 3,
+                       torch.rand(3000, generator=g, dtype=torch.float64) * 30 - 15,
+                       torch.rand(3000, generator=g, dtype=torch.float64) * 2.5 - 1], 1)
+    bins = (2.0, 40.0, 2.0)
+    target = lidar_depth_bins(pts, scale_intrinsics(K, w / Wi, h / Hi)[None], Tc[None], (h, w), bins)
+    _, fK, fT, *_ = hflip_sample(torch.rand(1, 3, Hi, Wi), K[None], Tc[None], torch.zeros(1), torch.zeros(1, 2), grid)
+    mirrored = pts * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+    flipped = lidar_depth_bins(mirrored, scale_intrinsics(fK, w / Wi, h / Hi), fT, (h, w), bins)
+    assert int((target != 255).sum()) > 30 and torch.equal(flipped, target.flip(-1))
+
+
+def test_a_liftsplat_student_returns_its_depth_distribution():
+    from e2r.models.student import CameraBEVStudent
+    from e2r.models.student_config import StudentConfig
+    from e2r.models.config import TeacherConfig
+    cfg = StudentConfig.from_teacher(TeacherConfig.preset_named("tiny"), "tiny", image_size=(32, 16))
+    model = CameraBEVStudent(cfg).eval()
+    images = torch.rand(2, 3, 1, 3, 16, 32)
+    K = torch.tensor([[16.0, 0, 15.5], [0, 16.0, 7.5], [0, 0, 1]]).expand(2, 1, 3, 3)
+    Tc = torch.tensor([[0.0, 0, 1, 0], [-1, 0, 0, 0], [0, -1, 0, 1.5], [0, 0, 0, 1]]).expand(2, 1, 4, 4)
+    actions, aux = model(images, K, Tc, torch.zeros(2, 3), torch.zeros(2, 3), return_aux=True)
+    depth = aux["depth_seq"]
+    assert depth.shape[:4] == (2, 3, 1, model.view_transform.n_depth)
+    torch.testing.assert_close(depth.sum(3), torch.ones(2, 3, 1, *depth.shape[4:]))
+    torch.testing.assert_close(model(images, K, Tc, torch.zeros(2, 3), torch.zeros(2, 3)), actions)

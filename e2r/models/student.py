@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from e2r.checkpoints import load_model
 from e2r.models.policy import TemporalPolicy
 from e2r.models.student_config import StudentConfig
-from e2r.models.view_transform import build_view_transform
+from e2r.models.view_transform import LiftSplat, build_view_transform
 
 __all__ = ["StudentConfig", "CameraBEVStudent", "ImageEncoder", "BEVEncoder", "load_student"]
 
@@ -113,9 +113,16 @@ class CameraBEVStudent(TemporalPolicy):
                           cfg.action_dim, cfg.residual_actions)
 
     # ---- model ----
-    def encode_frames(self, images: Tensor, intrinsics: Tensor, cam2ego: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def lifts_depth(self) -> bool:
+        """Whether the view transform has a depth distribution (Lift-Splat) that LiDAR depth can supervise."""
+        return isinstance(self.view_transform, LiftSplat)
+
+    def encode_frames(self, images: Tensor, intrinsics: Tensor, cam2ego: Tensor, return_depth: bool = False
+                      ) -> tuple[Tensor, ...]:
         """images (F, Ncam, 3, H, W) in [0, 1], intrinsics (F, Ncam, 3, 3) for (W, H), cam2ego (F, Ncam, 4, 4)
-        -> ``bev_vec (F, D)``, ``bev_feat (F, C_teacher, H_bev, W_bev)``; all frames and cameras in one call."""
+        -> ``bev_vec (F, D)``, ``bev_feat (F, C_teacher, H_bev, W_bev)``, with ``return_depth`` (Lift-Splat
+        only) also the depth distribution ``(F, Ncam, Dbins, h, w)``; all frames and cameras in one call."""
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"images must be (F, Ncam, 3, H, W), got {tuple(images.shape)}")
         Fr, n_cam, _, H, W = images.shape
@@ -123,10 +130,18 @@ class CameraBEVStudent(TemporalPolicy):
             raise ValueError(f"intrinsics {tuple(intrinsics.shape)} / cam2ego {tuple(cam2ego.shape)} must be "
                              f"({Fr}, {n_cam}, 3, 3) / ({Fr}, {n_cam}, 4, 4) for images {tuple(images.shape)}")
         feats = self.image_encoder(images.reshape(Fr * n_cam, 3, H, W))
-        bev = self.view_transform(feats, intrinsics.to(feats.device, torch.float32),
-                                  cam2ego.to(feats.device, torch.float32), (H, W))
+        calib = (intrinsics.to(feats.device, torch.float32), cam2ego.to(feats.device, torch.float32), (H, W))
+        if return_depth:
+            if not self.lifts_depth:
+                raise ValueError(f"view_transform {self.cfg.view_transform!r} has no depth distribution to supervise")
+            bev, depth = self.view_transform(feats, *calib, return_depth=True)
+        else:
+            bev = self.view_transform(feats, *calib)
         bev_feat = self.adapter(self.bev_encoder(bev))
-        return self.to_vec(self.pool(bev_feat)), bev_feat
+        bev_vec = self.to_vec(self.pool(bev_feat))
+        if return_depth:
+            return bev_vec, bev_feat, depth.reshape(Fr, n_cam, *depth.shape[1:])
+        return bev_vec, bev_feat
 
     def pool(self, bev_feat: Tensor) -> Tensor:
         """bev_feat (F, C, H, W) -> (F, C * k * k): the average over each of k x k BEV regions (k =
@@ -138,7 +153,8 @@ class CameraBEVStudent(TemporalPolicy):
                 return_aux: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """images (B,T,Ncam,3,H,W); intrinsics (B,Ncam,3,3) or per frame (B,T,Ncam,3,3); cam2ego likewise
         (4,4); speed, steering (B,T). Returns actions (B,T,A), or with ``return_aux`` ``(actions,
-        {"bev_vec_seq" (B,T,D), "bev_feat_seq" (B,T,C,H_bev,W_bev), "gru_out" (B,T,H)})``."""
+        {"bev_vec_seq" (B,T,D), "bev_feat_seq" (B,T,C,H_bev,W_bev), "gru_out" (B,T,H)})``, plus with Lift-Splat
+        ``"depth_seq" (B,T,Ncam,Dbins,h,w)``, the depth distribution."""
         if images.dim() != 6:
             raise ValueError(f"images must be (B, T, Ncam, 3, H, W), got {tuple(images.shape)}")
         B, T, n_cam = images.shape[:3]
@@ -150,9 +166,13 @@ class CameraBEVStudent(TemporalPolicy):
         if intrinsics.shape != (B, T, n_cam, 3, 3) or cam2ego.shape != (B, T, n_cam, 4, 4):
             raise ValueError(f"intrinsics {tuple(intrinsics.shape)} / cam2ego {tuple(cam2ego.shape)} do not match "
                              f"images (B, T, Ncam) = {(B, T, n_cam)}")
-        bev_vec, bev_feat = self.encode_frames(images.flatten(0, 1), intrinsics.reshape(B * T, n_cam, 3, 3).to(dev),
-                                               cam2ego.reshape(B * T, n_cam, 4, 4).to(dev))
-        return self.sequence_outputs(bev_vec, bev_feat, B, T, speed, steering, return_aux)
+        depth = return_aux and self.lifts_depth
+        encoded = self.encode_frames(images.flatten(0, 1), intrinsics.reshape(B * T, n_cam, 3, 3).to(dev),
+                                     cam2ego.reshape(B * T, n_cam, 4, 4).to(dev), return_depth=depth)
+        out = self.sequence_outputs(encoded[0], encoded[1], B, T, speed, steering, return_aux)
+        if depth:
+            out[1]["depth_seq"] = encoded[2].reshape(B, T, *encoded[2].shape[1:])
+        return out
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[CameraBEVStudent, dict[str, Any]]:

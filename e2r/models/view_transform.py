@@ -184,11 +184,14 @@ class LiftSplat(nn.Module):
         return out.reshape(Fr, self.bev_grid["H"], self.bev_grid["W"], C).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, feats: torch.Tensor, intrinsics: torch.Tensor, cam2ego: torch.Tensor,
-                image_hw: tuple[int, int]) -> torch.Tensor:
+                image_hw: tuple[int, int], return_depth: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """feats (F*Ncam, C_in, h, w), intrinsics (F,Ncam,3,3), cam2ego (F,Ncam,4,4), image_hw (H, W)
-        -> BEV (F, out_channels, H_bev, W_bev)."""
+        -> BEV (F, out_channels, H_bev, W_bev); with ``return_depth`` also the depth distribution
+        (F*Ncam, Dbins, h, w) (what LiDAR depth supervision trains, ``e2r.depth``)."""
         depth, ctx = self.lift(feats)
-        return self.splat(depth, ctx, intrinsics, cam2ego, image_hw)
+        bev = self.splat(depth, ctx, intrinsics, cam2ego, image_hw)
+        return (bev, depth) if return_depth else bev
 
 
 class IdentityViewTransform(nn.Module):

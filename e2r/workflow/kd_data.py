@@ -331,8 +331,9 @@ def make_kd_loader(camera: CameraSequenceDataset, targets: TeacherTargets, batch
 
 def hflip_batch(batch: dict[str, Any], flip: Tensor, bev_grid: dict[str, Any]) -> dict[str, Any]:
     """Mirror the samples where ``flip`` (B,) is True, in place, keeping cached targets valid: images,
-    intrinsics, cam2ego, steering input, ground-truth and teacher actions (steering negated) and the
-    teacher's ``bev_feat`` (flipped along y). The teacher's ``bev_vec``/``gru_out`` cannot be mirrored: the
+    intrinsics, cam2ego, steering input, ground-truth and teacher actions (steering negated), the
+    teacher's ``bev_feat`` (flipped along y) and the depth targets ``depth`` (B, T, Ncam, h, w) (flipped along
+    the feature map's width, as the image). The teacher's ``bev_vec``/``gru_out`` cannot be mirrored: the
     caller drops those KD terms for flipped samples. Returns ``batch``."""
     if not bool(flip.any()):
         return batch
@@ -357,6 +358,9 @@ def hflip_batch(batch: dict[str, Any], flip: Tensor, bev_grid: dict[str, Any]) -
     if feat is not None:
         teacher["bev_feat"] = teacher["bev_feat"].clone()
         teacher["bev_feat"][flip] = feat
+    if "depth" in teacher:
+        teacher["depth"] = teacher["depth"].clone()
+        teacher["depth"][flip] = teacher["depth"][flip].flip(-1)
     return batch
 
 
