@@ -46,11 +46,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if cfg.command == "add":
             entry = add_release(cfg)
             print(f"released {cfg.name}: {entry['file']} ({entry['kind']}, {entry['bytes'] / 1e6:.2f} MB, sha256 "
-                  f"{entry['sha256'][:16]}...), {len(entry['seen_tracks'])} seen tracks; {entry['made_by']['budget']}")
+                  f"{entry['sha256'][:16]}...), {len(entry['trained_tracks'])} tracks trained on, {len(entry['valid_tracks'])} valid; "
+                  f"{entry['made_by']['budget']}")
         else:
             for name, r in measure_release(cfg).items():
                 print(f"{name:<18} {r['label']}: {r['successes']}/{r['runs']} laps, progress {r['progress']:.3f}, "
-                      f"collisions {r['collisions']}, {'held out' if r['held_out'] else 'SEEN in training'}")
+                      f"collisions {r['collisions']}, tracks {r['track_status']}")
             print(f"drove in {r['wall_s_all_names']:.0f} s wall, {r['cpu_s_all_names']:.0f} s CPU")
     except (E2RError, ValueError, FileNotFoundError, OSError) as e:
         print(f"release {cfg.command}: error: {e}", file=sys.stderr)

@@ -14,8 +14,10 @@ sha256 against the manifest before anything reads it. The files store their larg
 Manifest (``format`` "e2r-released", ``format_version`` 1): ``{"models": {NAME: entry}}``; an entry holds
 ``file`` (a plain file name in this folder), ``sha256``, ``bytes``, ``kind`` ("teacher" | "student"),
 ``sensor``, ``description``, ``made_by`` (the commands, commit, world seed, budget, seed, the source file's
-sha256 and what the source measured), ``seen_tracks`` (fingerprints of every track its training read: train and
-valid) and ``results`` (closed-loop drives of the released file itself: one dict per world/split).
+sha256 and what the source measured), ``trained_tracks`` and ``valid_tracks`` (fingerprints of the tracks its
+training learned from, and of those whose validation loss picked the kept checkpoint: :func:`track_status`
+says whether a track is held out for it) and ``results`` (closed-loop drives of the released file itself: one
+dict per world/split).
 New entries and results are written by ``python -m pipelines.release`` (``e2r.workflow.release``).
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ from e2r.errors import CheckpointError
 
 __all__ = ["RELEASED_DIR", "MANIFEST_NAME", "PREFIX", "FORMAT", "FORMAT_VERSION", "NAME_PATTERN", "ENTRY_KEYS",
            "RESULT_KEYS", "is_released", "released_name", "load_manifest", "check_manifest", "resolve",
-           "release_entry", "listing"]
+           "release_entry", "listing", "track_status", "TRACK_STATUS"]
 
 #: the package folder holding the released checkpoints and their manifest
 RELEASED_DIR = Path(__file__).resolve().parent
@@ -44,10 +46,13 @@ FORMAT_VERSION = 1
 #: a released model's name: lower case letters, digits and ``_``, starting with a letter
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _FILE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}\.pt")
-ENTRY_KEYS = ("file", "sha256", "bytes", "kind", "sensor", "description", "made_by", "seen_tracks", "results")
+ENTRY_KEYS = ("file", "sha256", "bytes", "kind", "sensor", "description", "made_by", "trained_tracks", "valid_tracks",
+              "results")
 RESULT_KEYS = ("label", "world_seed", "split", "tracks", "starts", "laps", "time_limit", "runs", "successes",
-               "success", "progress", "collisions", "command")
+               "success", "progress", "collisions", "track_status", "command")
 KINDS = ("teacher", "student")
+#: a track for a released model: learned from / picked its checkpoint (valid loss) only / neither
+TRACK_STATUS = ("trained on", "valid only", "held out")
 
 
 def is_released(spec: str | os.PathLike) -> bool:
@@ -81,6 +86,8 @@ def _check_result(where: Path, name: str, i: int, r: Any) -> None:
         raise _fail(where, f"{name}: result {i}: success {r['success']!r} != {successes}/{runs}")
     if not (isinstance(r["progress"], (int, float)) and math.isfinite(r["progress"]) and r["progress"] >= 0):
         raise _fail(where, f"{name}: result {i}: progress {r['progress']!r} is not a finite laps count >= 0")
+    if r["track_status"] not in TRACK_STATUS:
+        raise _fail(where, f"{name}: result {i}: track_status {r['track_status']!r} is not one of {TRACK_STATUS}")
 
 
 def check_manifest(manifest: Any, where: Path = Path(MANIFEST_NAME)) -> dict[str, Any]:
@@ -115,8 +122,9 @@ def check_manifest(manifest: Any, where: Path = Path(MANIFEST_NAME)) -> dict[str
             raise _fail(where, f"{name}: kind {entry['kind']!r} is not one of {KINDS}")
         if not isinstance(entry["made_by"], dict) or not isinstance(entry["made_by"].get("command"), str):
             raise _fail(where, f"{name}: made_by has no command")
-        if not (isinstance(entry["seen_tracks"], list) and all(isinstance(t, str) for t in entry["seen_tracks"])):
-            raise _fail(where, f"{name}: seen_tracks is not a list of track fingerprints")
+        for key in ("trained_tracks", "valid_tracks"):
+            if not (isinstance(entry[key], list) and all(isinstance(t, str) for t in entry[key])):
+                raise _fail(where, f"{name}: {key} is not a list of track fingerprints")
         if not isinstance(entry["results"], list):
             raise _fail(where, f"{name}: results is not a list")
         for i, r in enumerate(entry["results"]):
@@ -167,9 +175,17 @@ def resolve(spec: str, root: Optional[Path] = None) -> Path:
     return path
 
 
+def track_status(entry: dict[str, Any], fingerprints: list[str]) -> str:
+    """What the tracks (fingerprints) are for a released model (:data:`TRACK_STATUS`): "trained on" when its
+    training learned from any of them, "valid only" when one only picked its checkpoint, else "held out"."""
+    if set(fingerprints) & set(entry["trained_tracks"]):
+        return TRACK_STATUS[0]
+    return TRACK_STATUS[1] if set(fingerprints) & set(entry["valid_tracks"]) else TRACK_STATUS[2]
+
+
 def _result_line(r: dict[str, Any]) -> str:
-    return (f"{r['label']}: {r['successes']}/{r['runs']} laps ({r['success']:.0%}), progress {r['progress']:.3f}, "
-            f"{r['tracks']} tracks x {r['starts']} starts, {r['time_limit']:g} s")
+    return (f"{r['label']} ({r['track_status']}): {r['successes']}/{r['runs']} laps ({r['success']:.0%}), progress "
+            f"{r['progress']:.3f}, {r['tracks']} tracks x {r['starts']} starts, {r['time_limit']:g} s")
 
 
 def listing(root: Optional[Path] = None) -> str:
@@ -185,6 +201,8 @@ def listing(root: Optional[Path] = None) -> str:
         facts = [f"{k.replace('_', ' ')} {made[k]}" for k in ("world_seed", "budget", "seed", "commit") if k in made]
         lines.append("  made: " + ", ".join(facts))
         lines.append(f"  by:   {made['command']}")
+        if made.get("train_command"):
+            lines.append(f"  same training as: {made['train_command']}")
         if made.get("source_result"):
             lines.append(f"  as trained (float32 source): {made['source_result']}")
         lines += [f"  measured {_result_line(r)}" for r in e["results"]] or ["  measured: nothing yet"]

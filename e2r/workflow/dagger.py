@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from e2r.atomic import write_text_atomic
+from e2r.checkpoints import checkpoint_path
 from e2r.cli_config import device_option, option, redefault
 from e2r.data.datasets import CameraSequenceDataset
 from e2r.errors import ConfigError, check_positive, check_weights
@@ -110,7 +111,7 @@ class DaggerConfig:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
         check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "warmup_steps"))
         for flag, path in (("--teacher_ckpt", self.teacher_ckpt), ("--student_ckpt", self.student_ckpt)):
-            if not Path(path).is_file():
+            if not checkpoint_path(path).is_file():          # released:NAME resolved (and checked) here
                 raise ConfigError(f"{flag} {path}: not a file")
         if not Path(self.memorybank).is_dir():
             raise ConfigError(f"--memorybank {self.memorybank}: not a Zarr store folder (export the training "

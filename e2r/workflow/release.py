@@ -10,8 +10,8 @@
 as ``<name>.pt`` and its manifest entry: sha256 and size, what it is, how it was made (the command that made
 it, the commit, the equivalent ``train_teacher``/``train_student`` line from its ``train_args``, the world's
 seed, the budget, the training seed, the source file's sha256 and what the source measured) and the
-fingerprints of every track its training read (``seen_tracks``: the train tracks it used and the valid tracks
-that picked the checkpoint), so a drive can say whether a track is held out for it. ``measure`` drives the
+fingerprints of the tracks its training learned from (``trained_tracks``) and of the valid tracks that picked
+its checkpoint (``valid_tracks``), so a drive can say whether a track is held out for it. ``measure`` drives the
 released files themselves (verified by sha256) on a synthetic world's split and records the result under
 ``label`` in each entry (a result with the same label is replaced), with the command that measured it.
 """
@@ -29,18 +29,20 @@ from e2r.checkpoints import compact_checkpoint, load_checkpoint
 from e2r.cli_config import command_line, option
 from e2r.errors import ConfigError, check_positive
 from e2r.released import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, NAME_PATTERN, RELEASED_DIR, check_manifest,
-                          released_name, resolve)
+                          released_name, resolve, track_status)
 from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.world import MARKER
 from e2r.workflow.configs import StudentTrainConfig, TeacherTrainConfig
 
-__all__ = ["COMMANDS", "ReleaseConfig", "add_release", "measure_release", "seen_tracks", "read_manifest",
-           "held_out"]
+__all__ = ["COMMANDS", "ReleaseConfig", "add_release", "measure_release", "training_tracks", "read_manifest"]
 
 #: the sub-commands of ``python -m pipelines.release``
 COMMANDS = ("add", "measure")
 _ADD: dict = {"add": {}}
 _MEASURE: dict = {"measure": {}}
+#: what a result says about the world driven (its generation, from the world's marker)
+_WORLD_KEYS = ("generator_version", "seed", "tracks", "valid_tracks", "test_tracks", "lidar_only_tracks", "frames",
+               "appearance", "image_size")
 _TRAIN = {"teacher": ("pipelines.train_teacher", TeacherTrainConfig),
           "student": ("pipelines.train_student", StudentTrainConfig)}
 
@@ -126,15 +128,16 @@ def _marker(world: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def seen_tracks(marker: dict[str, Any], train_args: dict[str, Any]) -> list[str]:
-    """Fingerprints of every track a training run read: its train segments (``train_segments``, or its whole
-    train split) and its valid split (which picked the kept checkpoint). Recorded on-policy splits are drives on
-    those train tracks."""
+def training_tracks(marker: dict[str, Any], train_args: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Fingerprints of the tracks a training run learned from (its ``train_segments``, or its whole train split;
+    recorded on-policy splits are drives on those tracks) and of its valid split's tracks (which picked the kept
+    checkpoint), as ``(trained, valid)``."""
     train_split, valid_split = train_args.get("train_split", "train"), train_args.get("valid_split", "valid")
     chosen = train_args.get("train_segments")
-    out = [g["track_fingerprint"] for g in marker["segments"]
-           if (g["split"] == train_split and (not chosen or g["segment"] in chosen)) or g["split"] == valid_split]
-    return sorted(set(out))
+    trained = {g["track_fingerprint"] for g in marker["segments"]
+               if g["split"] == train_split and (not chosen or g["segment"] in chosen)}
+    valid = {g["track_fingerprint"] for g in marker["segments"] if g["split"] == valid_split}
+    return sorted(trained), sorted(valid - trained)
 
 
 def _budget(kind: str, marker: dict[str, Any], train_args: dict[str, Any]) -> str:
@@ -173,17 +176,13 @@ def add_release(cfg: ReleaseConfig) -> dict[str, Any]:
             "world_seed": int(marker["config"]["seed"]), "budget": cfg.budget or _budget(kind, marker, train_args),
             "seed": int(train_args.get("seed", 0)), "source_sha256": file_sha256(str(cfg.ckpt)),
             "source_result": cfg.source_result, "release_command": _command(cfg)}
+    trained, valid = training_tracks(marker, train_args)
     entry = {"file": dst.name, "sha256": file_sha256(dst), "bytes": dst.stat().st_size, "kind": kind,
              "sensor": "lidar" if kind == "teacher" else "camera", "description": cfg.description,
-             "made_by": made, "seen_tracks": seen_tracks(marker, train_args), "results": []}
+             "made_by": made, "trained_tracks": trained, "valid_tracks": valid, "results": []}
     manifest["models"][name] = entry
     _write_manifest(root, manifest)
     return entry
-
-
-def held_out(entry: dict[str, Any], fingerprints: list[str]) -> bool:
-    """Whether none of the tracks (fingerprints) was read by the released model's training."""
-    return not set(fingerprints) & set(entry["seen_tracks"])
 
 
 def measure_release(cfg: ReleaseConfig) -> dict[str, dict[str, Any]]:
@@ -207,16 +206,17 @@ def measure_release(cfg: ReleaseConfig) -> dict[str, dict[str, Any]]:
     fingerprints = sorted({w.track.fingerprint() for w in out["worlds"].values()})
     summary = {r["policy"]: r for r in out["summary"]}
     line = _command(cfg)
+    world = {k: marker["config"][k] for k in _WORLD_KEYS if k in marker["config"]}
     results = {}
     for n in names:
         runs = [r for r in out["runs"] if r.policy == n]
         s = summary[n]
-        res = {"label": str(cfg.label), "world_seed": int(marker["config"]["seed"]), "split": cfg.split,
+        res = {"label": str(cfg.label), "world_seed": int(marker["config"]["seed"]), "world": world, "split": cfg.split,
                "tracks": len(fingerprints), "starts": cfg.starts, "laps": 1, "time_limit": cfg.time_limit,
                "runs": len(runs), "successes": sum(1 for r in runs if r.success), "success": float(s["success"]),
                "progress": round(float(s["progress"]), 4), "collisions": int(s["collisions"]),
                "lap_time_s": round(float(s["lap_time"]), 2) if math.isfinite(s["lap_time"]) else None,
-               "held_out": held_out(manifest["models"][n], fingerprints), "track_fingerprints": fingerprints,
+               "track_status": track_status(manifest["models"][n], fingerprints), "track_fingerprints": fingerprints,
                "command": line, "measured": time.strftime("%Y-%m-%d"),
                "cpu_s_all_names": round(cpu, 1), "wall_s_all_names": round(wall, 1)}
         entry = manifest["models"][n]
