@@ -22,7 +22,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +30,7 @@ import numpy as np
 
 from e2r.cli_config import command_line, config_parser, device_option, option, parse_config
 from e2r.data.check import DatasetCheck, check_dataset
+from e2r.errors import ConfigError
 from e2r.metrics import metrics_table, write_metrics_csv
 from e2r.released import PREFIX, release_entry, track_status
 from e2r.sim.drive import DriveConfig, drive, format_table
@@ -75,6 +76,13 @@ class DemoArgs:
     stages: str = option("all", help=f"comma-separated subset of {','.join(ALL_STAGES)} (default %(default)s)")
     released: str = option(RELEASED, help="released models driven beside the trained ones, comma-separated, or "
                                           "'none' (default %(default)s; python -m pipelines.drive --list_released)")
+    released_starts: int = option(2, help="start points of the released models (at most --starts; default "
+                                          "%(default)s: a lap of camera frames per start)")
+
+    def check(self) -> None:
+        """ConfigError naming the flag for values that cannot work."""
+        if self.released_starts < 1:
+            raise ConfigError(f"--released_starts must be >= 1, got {self.released_starts}")
 
 
 #: the run config: one flag per field
@@ -95,7 +103,11 @@ def show(module: str, cfg: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_config(CONFIG, build_parser(), argv)
+    try:
+        args = parse_config(CONFIG, build_parser(), argv)
+    except ConfigError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
     prof = dict(PROFILES["quick" if args.quick else "default"])
     for name in ("tracks", "frames"):
         if getattr(args, name) is not None:
@@ -197,39 +209,54 @@ def released_names(text: str) -> list[str]:
 
 def drive_stage(args: DemoArgs, prof: dict[str, Any], data_root: Path, run: Path, ckpt: Path,
                 seeds: list[int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Closed loop on the held-out test track: expert, two baselines, the teacher, every student and the
-    released models. Returns (the per-policy rows, one row per released model: what it is, whether this
-    track is held out for it, how it drove here and what its manifest measured)."""
+    """Closed loop on the held-out test track: expert, two baselines, the teacher and every student from the
+    profile's starts; then the released models from ``--released_starts`` (they finish laps, so each start
+    costs a whole lap of camera frames), in one table. Returns (the per-policy rows, one row per released
+    model: what it is, whether this track is held out for it, how it drove here, what its manifest measured)."""
     stage("8. drive every policy in closed loop on the held-out test track")
     students = [f"student_{v}_seed{s}" for s in seeds for v in ("bc", "kd")
                 if (run / f"student_{v}_seed{s}.pt").is_file()]
     released = {name: release_entry(name) for name in released_names(args.released)}
     cameras = [RELEASED_POLICY + n for n, e in released.items() if e["kind"] == "student"]
-    cfg = DriveConfig(data_root=str(data_root), split="test", starts=int(prof["starts"]), laps=1,
-                      time_limit=float(prof["time_limit"]), seed=args.seed, device=args.device,
-                      policy=["expert", "constant", f"train_mean={ckpt}", f"teacher={ckpt}",
-                              *(f"{name}={run / (name + '.pt')}" for name in students),
-                              *(f"{RELEASED_POLICY}{name}={PREFIX}{name}" for name in released)],
-                      csv_path=str(run / "drive_test.csv"), plot_path=str(run / "drive_test.png"),
-                      video=str(run / "drive_student.gif") if students or cameras else None,
-                      video_policy=video_policy(students, cameras))
-    show("pipelines.drive", cfg)
-    out = drive(cfg)
-    print(format_table(out["summary"]))
-    for what in ("csv_path", "plot_path", "video"):
-        if out[what]:
-            print(f"wrote {out[what]}")
+    filmed = video_policy(students, cameras)
+    base = DriveConfig(data_root=str(data_root), split="test", starts=int(prof["starts"]), laps=1,
+                       time_limit=float(prof["time_limit"]), seed=args.seed, device=args.device)
+    cfgs = [replace(base, policy=["expert", "constant", f"train_mean={ckpt}", f"teacher={ckpt}",
+                                  *(f"{name}={run / (name + '.pt')}" for name in students)],
+                    csv_path=str(run / "drive_test.csv"), plot_path=str(run / "drive_test.png"))]
+    if released:
+        cfgs.append(replace(base, starts=min(base.starts, args.released_starts),
+                            policy=[f"{RELEASED_POLICY}{name}={PREFIX}{name}" for name in released],
+                            csv_path=str(run / "drive_released.csv"), plot_path=str(run / "drive_released.png")))
+    for cfg in cfgs:
+        if filmed in [spec.split("=")[0] for spec in cfg.policy]:
+            cfg.video, cfg.video_policy = str(run / "drive_student.gif"), filmed
+    outs = []
+    for cfg in cfgs:
+        show("pipelines.drive", cfg)
+        outs.append(drive(cfg))
+    summary = [r for out in outs for r in out["summary"]]
+    print(format_table(summary))
+    for out in outs:
+        for what in ("csv_path", "plot_path", "video"):
+            if out[what]:
+                print(f"wrote {out[what]}")
+    return summary, released_rows(released, outs[-1]) if released else []
+
+
+def released_rows(released: dict[str, dict[str, Any]], out: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per released model: what it is, what this track is for it (``e2r.released.track_status``), how it drove
+    here (``out``: its drive) and what its manifest measured."""
     tracks = sorted({w.track.fingerprint() for w in out["worlds"].values()})
     loop = {r["policy"]: r for r in out["summary"]}
     rows = []
     for name, entry in released.items():
-        here = loop[RELEASED_POLICY + name]
         runs = [r for r in out["runs"] if r.policy == RELEASED_POLICY + name]
         rows.append({"policy": RELEASED_POLICY + name, "released": PREFIX + name, "kind": entry["kind"],
                      "description": entry["description"], "track": track_status(entry, tracks),
                      "successes": sum(1 for r in runs if r.success), "runs": len(runs),
-                     "progress": here["progress"], "manifest_results": entry["results"]})
-    return out["summary"], rows
+                     "progress": loop[RELEASED_POLICY + name]["progress"], "manifest_results": entry["results"]})
+    return rows
 
 
 def video_policy(students: list[str], released_students: list[str]) -> str | None:
