@@ -1,6 +1,7 @@
-"""Crash-safe file writes of the core (checkpoints, calib.json, study results): a reader sees the old file or
-the new one, whole, never a half-written one. The memorybank has its own (``stores.fsio.write_atomic``: the
-store layer does not import the core's I/O helpers beyond the key grammar).
+"""The core's file helpers. Crash-safe file writes (checkpoints, calib.json, study results): a reader sees the
+old file or the new one, whole, never a half-written one; a file's sha256 (:func:`file_sha256`: which
+checkpoint made a memorybank, which file a released model is). The memorybank has its own writes
+(``stores.fsio.write_atomic``: the store layer does not import the core's I/O helpers beyond the key grammar).
 
     with replacing("runs/teacher.pt") as tmp:   # write tmp any way you like
         torch.save(state, tmp)
@@ -13,6 +14,7 @@ permission) is a :class:`~e2r.errors.ConfigError` naming the path and why, not a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Iterator
 
 from e2r.errors import ConfigError
 
-__all__ = ["replacing", "write_text_atomic", "make_dirs"]
+__all__ = ["replacing", "write_text_atomic", "make_dirs", "file_sha256"]
 
 
 def _unwritable(path: Path, error: OSError) -> ConfigError:
@@ -84,3 +86,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     before the umask), like a plain ``open(path, "w")``."""
     with replacing(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()

@@ -1,4 +1,4 @@
-"""Checkpoint files: weights-only save/load, file hashes, resume and weights-only init.
+"""Checkpoint files: weights-only save/load, file hashes, resume and weights-only init, released models.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (loadable with
 ``torch.load(path, weights_only=True)``; nothing is ever unpickled). Keys written by :func:`save_checkpoint`:
@@ -6,11 +6,16 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (load
 ``format`` ("e2r-checkpoint"), ``format_version`` (1), ``kind`` ("teacher" | "student" ...), ``config``
 (the model config's ``to_dict()``), ``model`` (state dict), and for resumable training ``optimizer``,
 ``scheduler``, ``epoch`` (last finished epoch, 0-based), ``best_metric``, ``rng_state``, ``history``,
-``train_args``.
+``train_args``. A compact checkpoint (:func:`compact_checkpoint`: the released models, ``e2r/released/``) keeps
+only what drives and describes the model, its large weight tensors as float16 (``weights_dtype``
+"float16"); :func:`load_checkpoint` gives them back as float32.
+
+Every function taking a checkpoint path also takes ``released:NAME`` (:func:`checkpoint_path`, through
+``e2r.released.resolve``: name checked, regular file, sha256 verified against the manifest).
 """
 from __future__ import annotations
 
-import hashlib
+import os
 import pickle
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -18,25 +23,29 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
-from e2r.atomic import replacing
+from e2r.atomic import file_sha256, replacing
 from e2r.errors import CheckpointError
+from e2r.released import is_released, resolve
 
 __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "file_sha256",
-           "load_init_weights", "load_model", "check_fits"]
+           "load_init_weights", "load_model", "check_fits", "checkpoint_path", "compact_checkpoint",
+           "COMPACT_MIN_NUMEL", "COMPACT_KEEP"]
 
 M = TypeVar("M", bound=nn.Module)
 
 FORMAT = "e2r-checkpoint"
 FORMAT_VERSION = 1
+#: compact checkpoints store floating tensors of at least this many values as float16 (the conv and linear
+#: weights); smaller ones (biases, BatchNorm statistics, action normalisation) stay float32
+COMPACT_MIN_NUMEL = 1024
+#: what a compact checkpoint keeps besides format, kind, config and model: small facts about its training
+COMPACT_KEEP = ("epoch", "best_metric", "history", "valid_losses", "train_args")
 
 
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes (used to record which checkpoint made a memorybank)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
+def checkpoint_path(spec: str | os.PathLike) -> Path:
+    """The file a checkpoint argument names: ``released:NAME`` -> the released model's checked file
+    (``e2r.released.resolve``: CheckpointError for an unknown name or a changed file), anything else as a path."""
+    return resolve(spec) if is_released(spec) else Path(spec)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any], kind: str) -> Path:
@@ -54,10 +63,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     kind: str | None = None) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` and check its layout.
 
-    Raises CheckpointError for a missing file, a file torch cannot read, one that holds pickled Python
-    objects (refused, never unpickled), or a dict without ``model``/``config`` (or of another ``kind``).
+    ``path`` may be ``released:NAME`` (:func:`checkpoint_path`). A compact checkpoint's float16 weights come
+    back as float32. Raises CheckpointError for a missing file, a file torch cannot read, one that holds pickled
+    Python objects (refused, never unpickled), or a dict without ``model``/``config`` (or of another ``kind``).
     """
-    path = Path(path)
+    path = checkpoint_path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory, expected a checkpoint file (e.g. "
                               f"{path / 'teacher_best.pt'})")
@@ -84,6 +94,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     bad = [k for k, v in ckpt["model"].items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"checkpoint {path}: model entries {bad[:5]} are not tensors")
+    stored = ckpt.get("weights_dtype", "float32")
+    if stored not in ("float32", "float16"):
+        raise CheckpointError(f"checkpoint {path}: weights_dtype {stored!r}; expected float32 or float16")
+    if stored == "float16":
+        ckpt["model"] = {k: v.float() if v.dtype == torch.float16 else v for k, v in ckpt["model"].items()}
     for name, value in ckpt["model"].items():
         if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
             count = int((~torch.isfinite(value)).sum())
@@ -195,3 +210,20 @@ def load_model(path: str | Path, build: Callable[[dict[str, Any]], M], kind: str
     except (ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a {kind} checkpoint matching its config: {e}") from e
     return model.to(device).eval(), ckpt
+
+
+def compact_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Write the checkpoint ``src`` as a compact one at ``dst``: format, kind, config, the model with its
+    floating tensors of at least :data:`COMPACT_MIN_NUMEL` values as float16, and :data:`COMPACT_KEEP`; no
+    optimizer, scheduler or RNG state. A float32 value beyond float16's range is refused (CheckpointError)."""
+    ckpt = load_checkpoint(src)
+    model = {}
+    for name, value in ckpt["model"].items():
+        if value.dtype == torch.float32 and value.numel() >= COMPACT_MIN_NUMEL:
+            if float(value.abs().max()) > float(torch.finfo(torch.float16).max):
+                raise CheckpointError(f"checkpoint {src}: tensor {name!r} exceeds float16's range; not compacted")
+            value = value.half()
+        model[name] = value.contiguous().clone()
+    state = {"config": ckpt["config"], "model": model, "weights_dtype": "float16",
+             **{k: ckpt[k] for k in COMPACT_KEEP if k in ckpt}}
+    return save_checkpoint(dst, state, kind=str(ckpt["kind"]))

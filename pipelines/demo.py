@@ -9,8 +9,11 @@ validate it -> train the tiny LiDAR teacher -> evaluate it on the held-out test 
 baselines -> export the teacher's outputs into the memorybank -> train a BC-only and a BC+KD camera student
 with identical budget and seed -> evaluate all on the held-out test track -> drive every policy in closed
 loop on the held-out test track (the expert, the teacher, the students and two baselines, from evenly spaced
-start points) -> the offline and closed-loop tables side by side. Everything lands in one run folder
-(checkpoints, memorybank, CSVs, plots, a GIF of the KD student driving, summary.json) named at the end.
+start points), and beside them the released models shipped in the package (``--released``; trained on the
+study's larger world: ``python -m pipelines.drive --list_released``), each marked with whether this track is
+held out for it -> the offline and closed-loop tables side by side. Everything lands in one run folder
+(checkpoints, memorybank, CSVs, plots, a GIF of the released camera student driving (without released
+models: of the KD student), summary.json) named at the end.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,7 +30,9 @@ import numpy as np
 
 from e2r.cli_config import command_line, config_parser, device_option, option, parse_config
 from e2r.data.check import DatasetCheck, check_dataset
+from e2r.errors import ConfigError
 from e2r.metrics import metrics_table, write_metrics_csv
+from e2r.released import PREFIX, release_entry, track_status
 from e2r.sim.drive import DriveConfig, drive, format_table
 from e2r.sim.world import SyntheticConfig, ensure_dataset
 from e2r.workflow.configs import StudentEvalConfig, StudentTrainConfig, TeacherEvalConfig, TeacherTrainConfig
@@ -45,6 +50,9 @@ PROFILES = {
     "quick": {"tracks": 4, "frames": 120, "teacher_epochs": 4, "student_epochs": 3, "starts": 4, "time_limit": 30.0},
 }
 ALL_STAGES = ("data", "teacher", "export", "students", "drive")
+#: the released models the demo drives beside the ones it trains (--released), as policy released_<name>
+RELEASED = "student_dagger,student_bc,teacher"
+RELEASED_POLICY = "released_"
 
 
 @dataclass(kw_only=True)
@@ -66,6 +74,15 @@ class DemoArgs:
     time_limit: Optional[float] = option(None, help="override the closed-loop time limit (s) per run")
     device: str = device_option()
     stages: str = option("all", help=f"comma-separated subset of {','.join(ALL_STAGES)} (default %(default)s)")
+    released: str = option(RELEASED, help="released models driven beside the trained ones, comma-separated, or "
+                                          "'none' (default %(default)s; python -m pipelines.drive --list_released)")
+    released_starts: int = option(2, help="start points of the released models (at most --starts; default "
+                                          "%(default)s: a lap of camera frames per start)")
+
+    def check(self) -> None:
+        """ConfigError naming the flag for values that cannot work."""
+        if self.released_starts < 1:
+            raise ConfigError(f"--released_starts must be >= 1, got {self.released_starts}")
 
 
 #: the run config: one flag per field
@@ -86,7 +103,11 @@ def show(module: str, cfg: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_config(CONFIG, build_parser(), argv)
+    try:
+        args = parse_config(CONFIG, build_parser(), argv)
+    except ConfigError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
     prof = dict(PROFILES["quick" if args.quick else "default"])
     for name in ("tracks", "frames"):
         if getattr(args, name) is not None:
@@ -126,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             summary["students"] = students_stage(args, prof, data_root, run, store, seeds)
             print_final_table(summary, run)
         if "drive" in stages:
-            summary["closed_loop"] = drive_stage(args, prof, data_root, run, ckpt, seeds)
+            summary["closed_loop"], summary["released"] = drive_stage(args, prof, data_root, run, ckpt, seeds)
             if "students" in stages and "teacher" in summary:
                 print_offline_vs_closed_loop(summary, run)
+            print_released(summary["released"])
     except Exception as e:  # noqa: BLE001 - the demo reports any failure and exits non-zero
         print(f"\ndemo: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -180,26 +202,84 @@ def students_stage(args: DemoArgs, prof: dict[str, Any], data_root: Path, run: P
     return out
 
 
+def released_names(text: str) -> list[str]:
+    """The ``--released`` names (``none`` or empty: no released model)."""
+    return [] if text.strip() in ("", "none") else [n.strip() for n in text.split(",") if n.strip()]
+
+
 def drive_stage(args: DemoArgs, prof: dict[str, Any], data_root: Path, run: Path, ckpt: Path,
-                seeds: list[int]) -> list[dict[str, Any]]:
-    """Closed loop on the held-out test track: expert, two baselines, the teacher and every student."""
+                seeds: list[int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Closed loop on the held-out test track: expert, two baselines, the teacher and every student from the
+    profile's starts; then the released models from ``--released_starts`` (they finish laps, so each start
+    costs a whole lap of camera frames), in one table. Returns (the per-policy rows, one row per released
+    model: what it is, whether this track is held out for it, how it drove here, what its manifest measured)."""
     stage("8. drive every policy in closed loop on the held-out test track")
     students = [f"student_{v}_seed{s}" for s in seeds for v in ("bc", "kd")
                 if (run / f"student_{v}_seed{s}.pt").is_file()]
-    cfg = DriveConfig(data_root=str(data_root), split="test", starts=int(prof["starts"]), laps=1,
-                      time_limit=float(prof["time_limit"]), seed=args.seed, device=args.device,
-                      policy=["expert", "constant", f"train_mean={ckpt}", f"teacher={ckpt}",
-                              *(f"{name}={run / (name + '.pt')}" for name in students)],
-                      csv_path=str(run / "drive_test.csv"), plot_path=str(run / "drive_test.png"),
-                      video=str(run / "drive_student.gif") if students else None,
-                      video_policy=next((n for n in students if "_kd_" in n), students[0] if students else None))
-    show("pipelines.drive", cfg)
-    out = drive(cfg)
-    print(format_table(out["summary"]))
-    for what in ("csv_path", "plot_path", "video"):
-        if out[what]:
-            print(f"wrote {out[what]}")
-    return out["summary"]
+    released = {name: release_entry(name) for name in released_names(args.released)}
+    cameras = [RELEASED_POLICY + n for n, e in released.items() if e["kind"] == "student"]
+    filmed = video_policy(students, cameras)
+    base = DriveConfig(data_root=str(data_root), split="test", starts=int(prof["starts"]), laps=1,
+                       time_limit=float(prof["time_limit"]), seed=args.seed, device=args.device)
+    cfgs = [replace(base, policy=["expert", "constant", f"train_mean={ckpt}", f"teacher={ckpt}",
+                                  *(f"{name}={run / (name + '.pt')}" for name in students)],
+                    csv_path=str(run / "drive_test.csv"), plot_path=str(run / "drive_test.png"))]
+    if released:
+        cfgs.append(replace(base, starts=min(base.starts, args.released_starts),
+                            policy=[f"{RELEASED_POLICY}{name}={PREFIX}{name}" for name in released],
+                            csv_path=str(run / "drive_released.csv"), plot_path=str(run / "drive_released.png")))
+    for cfg in cfgs:
+        if filmed in [spec.split("=")[0] for spec in cfg.policy]:
+            cfg.video, cfg.video_policy = str(run / "drive_student.gif"), filmed
+    outs = []
+    for cfg in cfgs:
+        show("pipelines.drive", cfg)
+        outs.append(drive(cfg))
+    summary = [r for out in outs for r in out["summary"]]
+    print(format_table(summary))
+    for out in outs:
+        for what in ("csv_path", "plot_path", "video"):
+            if out[what]:
+                print(f"wrote {out[what]}")
+    return summary, released_rows(released, outs[-1]) if released else []
+
+
+def released_rows(released: dict[str, dict[str, Any]], out: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per released model: what it is, what this track is for it (``e2r.released.track_status``), how it drove
+    here (``out``: its drive) and what its manifest measured."""
+    tracks = sorted({w.track.fingerprint() for w in out["worlds"].values()})
+    loop = {r["policy"]: r for r in out["summary"]}
+    rows = []
+    for name, entry in released.items():
+        runs = [r for r in out["runs"] if r.policy == RELEASED_POLICY + name]
+        rows.append({"policy": RELEASED_POLICY + name, "released": PREFIX + name, "kind": entry["kind"],
+                     "description": entry["description"], "track": track_status(entry, tracks),
+                     "successes": sum(1 for r in runs if r.success), "runs": len(runs),
+                     "progress": loop[RELEASED_POLICY + name]["progress"], "manifest_results": entry["results"]})
+    return rows
+
+
+def video_policy(students: list[str], released_students: list[str]) -> str | None:
+    """The policy filmed: the first released camera student (one that finishes laps), else the KD student."""
+    if released_students:
+        return released_students[0]
+    return next((n for n in students if "_kd_" in n), students[0] if students else None)
+
+
+def print_released(rows: list[dict[str, Any]]) -> None:
+    """Which policies of the closed-loop table are released models, whether this track is held out for each,
+    and what each measured on the worlds of its manifest."""
+    if not rows:
+        return
+    stage("released models (shipped in e2r/released, trained on the study's world; not trained by this demo)")
+    for r in rows:
+        print(f"{r['policy']:<26} = {r['released']} ({r['kind']}): {r['description']}\n"
+              f"{'':<29}this track: {r['track']}; here {r['successes']}/{r['runs']} laps, progress "
+              f"{r['progress']:.3f}")
+        for m in r["manifest_results"]:
+            print(f"{'':<29}manifest: {m['label']} ({m['track_status']}): {m['successes']}/{m['runs']} laps, "
+                  f"progress {m['progress']:.3f}")
+    print("how each was made: python -m pipelines.drive --list_released")
 
 
 def print_offline_vs_closed_loop(summary: dict[str, Any], run: Path) -> None:

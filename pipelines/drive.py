@@ -9,6 +9,12 @@ of a synthetic world, rendering each car's LiDAR and camera from its own pose ev
 Policies (--policy, repeatable): expert (pure pursuit + speed profile from the true pose), constant (repeat
 the previous steering, keep the current speed), train_mean=CKPT (steer the training mean wheel angle stored
 in a checkpoint, keep the speed), NAME=CKPT (a teacher or student checkpoint; the checkpoint's kind decides).
+CKPT may be released:<name>, a model shipped in the package (e2r/released/, sha256-checked): --list_released
+names them, says what each is, what it measured and how it was made:
+
+    python -m pipelines.drive --list_released
+    python -m pipelines.drive --data_root D --policy kd=released:student_dagger --policy teacher=released:teacher
+
 Every segment (track) of the split is driven by --starts cars starting at evenly spaced points of its centre
 line. A run ends on a wall collision, after --laps laps, or at --time_limit seconds. Printed per policy
 (over all runs): success rate (laps done without collision), laps, progress (laps as a float), collisions,
@@ -29,17 +35,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional, Sequence
 
 from e2r.cli_config import config_parser, parse_config as parse
 from e2r.errors import E2RError
+from e2r.released import listing
 from e2r.sim.drive import DriveConfig, drive, format_table
 
-#: the run config: one flag per field
+#: the run config: one flag per field, and the flag that is not a field (an action: list and exit)
 CONFIG = DriveConfig
+PLAIN_FLAGS = ("list_released",)
+_LIST_HELP = ("list the released models (name, kind, what it is, measured results, how it was made) and exit; "
+              "drive one with --policy NAME=released:<name>")
+
+
+def _add_list_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--list_released", action="store_true", help=_LIST_HELP)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return config_parser(CONFIG, "python -m pipelines.drive", __doc__)
+    return _add_list_flag(config_parser(CONFIG, "python -m pipelines.drive", __doc__))
+
+
+def wants_listing(argv: Optional[Sequence[str]]) -> bool:
+    """Whether the command line asks for --list_released (which needs no --data_root)."""
+    known, _ = _add_list_flag(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
+    return bool(known.list_released)
 
 
 def parse_config(argv: list[str] | None = None) -> DriveConfig:
@@ -48,6 +70,13 @@ def parse_config(argv: list[str] | None = None) -> DriveConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if wants_listing(argv):
+        try:
+            print(listing())
+        except E2RError as e:
+            print(f"drive: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         cfg = parse_config(argv)
         out = drive(cfg)

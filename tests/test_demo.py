@@ -2,6 +2,7 @@
 import csv
 import json
 
+from e2r.released import TRACK_STATUS
 from pipelines import demo
 
 
@@ -28,7 +29,12 @@ def test_demo_end_to_end_small(tmp_path, capsys):
         assert (run / name).is_file(), name
     assert (run / "memorybank.zarr").is_dir()
     loop = {r["policy"]: r for r in summary["closed_loop"]}
-    assert set(loop) == {"expert", "constant", "train_mean", "teacher", "student_bc_seed0", "student_kd_seed0"}
+    released = {"released_student_dagger", "released_student_bc", "released_teacher"}
+    assert set(loop) == {"expert", "constant", "train_mean", "teacher", "student_bc_seed0", "student_kd_seed0"} | released
+    # the released models drive beside the trained ones, each marked with what this track is for it
+    assert {r["policy"] for r in summary["released"]} == released
+    assert all(r["track"] in TRACK_STATUS and r["runs"] == 2 for r in summary["released"])
+    assert "released models (shipped in e2r/released" in out and "released:student_dagger" in out
     assert all(r["runs"] == 2 and 0 <= r["progress"] for r in loop.values())
     for name in ("drive_test.csv", "drive_test.png", "drive_student.gif", "offline_vs_closed_loop.csv"):
         assert (run / name).is_file(), name

@@ -8,7 +8,8 @@ Every segment of the split is one track (rebuilt from the world's marker); each 
 cars at once on it, starting at evenly spaced centre-line points. Policy specs (``--policy``): ``expert``,
 ``constant`` (repeat the previous steering, keep the speed), ``train_mean=CKPT`` (steer the training mean of a
 checkpoint's ``action_mean``, keep the speed), ``NAME=CKPT`` (a teacher or student checkpoint, told apart by
-the checkpoint's ``kind``). ``pipelines.drive`` is the command line of this module.
+the checkpoint's ``kind``; CKPT may be ``released:<name>``, a model shipped in ``e2r/released/``).
+``pipelines.drive`` is the command line of this module.
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ class DriveConfig:
     data_root: str = option(help="synthetic dataset root (with synthetic_dataset.json)")
     split: str = option("test", help="split whose tracks are driven (default: %(default)s, the held-out one)")
     policy: list[str] = option(default_factory=lambda: ["expert"], repeat=True, metavar="SPEC",
-                               help="expert | constant | train_mean=CKPT | NAME=CKPT (teacher or student); repeat for "
-                                    "several (default: %(default)s)")
+                               help="expert | constant | train_mean=CKPT | NAME=CKPT (teacher or student; CKPT a path or "
+                                    "released:<name>, see --list_released); repeat for several (default: %(default)s)")
     segment: list[str] = option(default_factory=list, repeat=True,
                                 help="drive only this segment (repeatable; default: all)")
     starts: int = option(8, help="cars (start points evenly spaced along the lap) per track (default %(default)s)")

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from e2r.atomic import write_text_atomic
+from e2r.checkpoints import checkpoint_path
 from e2r.cli_config import device_option, option, redefault
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset
 from e2r.errors import ConfigError, check_positive, check_weights
@@ -130,7 +131,7 @@ class DaggerConfig:
         check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "warmup_steps"))
         if self.learner not in LEARNERS:
             raise ConfigError(f"--learner must be one of {LEARNERS}, got {self.learner!r}")
-        if not Path(self.teacher_ckpt).is_file():
+        if not checkpoint_path(self.teacher_ckpt).is_file():      # released:NAME resolved (and checked) here
             raise ConfigError(f"--teacher_ckpt {self.teacher_ckpt}: not a file")
         if self.learner == "teacher":
             if self.mode != "oracle":
@@ -139,7 +140,7 @@ class DaggerConfig:
             if self.student_ckpt or self.memorybank:
                 raise ConfigError("--learner teacher trains the teacher alone: drop --student_ckpt and --memorybank")
             return
-        if not self.student_ckpt or not Path(self.student_ckpt).is_file():
+        if not self.student_ckpt or not checkpoint_path(self.student_ckpt).is_file():
             raise ConfigError(f"--student_ckpt {self.student_ckpt}: not a file (the camera student of round 0)")
         if not self.memorybank or not Path(self.memorybank).is_dir():
             raise ConfigError(f"--memorybank {self.memorybank}: not a Zarr store folder (export the training "

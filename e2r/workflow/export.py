@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from e2r.checkpoints import file_sha256
+from e2r.checkpoints import checkpoint_path, file_sha256
 from e2r.data.datasets import LidarFrameDataset, LidarSequenceDataset
 from e2r.kd import pool_bev_feat
 from e2r.models.teacher import LiDARBEVTeacher, load_teacher
@@ -305,7 +305,7 @@ def _task_context(opts: ExportOptions, seq_len: int, teacher_sha256: str) -> Exp
     ctx = _CONTEXTS.get(key)
     if ctx is None:
         _CONTEXTS.clear()
-        sha = file_sha256(opts.teacher_ckpt)
+        sha = file_sha256(checkpoint_path(opts.teacher_ckpt))
         if sha != teacher_sha256:
             raise ValueError(f"teacher checkpoint {opts.teacher_ckpt} has sha256 {sha[:16]}..., the store's teacher "
                              f"{teacher_sha256[:16]}...: every worker must see the checkpoint the export started with")

@@ -22,7 +22,7 @@ import torch
 from distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
-from e2r.checkpoints import file_sha256
+from e2r.checkpoints import checkpoint_path, file_sha256
 from e2r.data.datasets import ACTION_SEMANTICS, LidarSequenceDataset
 from e2r.models.config import TeacherConfig
 from e2r.models.teacher import load_teacher
@@ -51,7 +51,7 @@ def store_schema(cfg: ExportConfig, teacher_cfg: TeacherConfig) -> tuple[StoreSc
     schema = StoreSchema(seq_len=cfg.seq_len, action_dim=teacher_cfg.action_dim, bev_dim=teacher_cfg.bev_dim,
                          gru_hidden=teacher_cfg.gru_hidden, bev_feat_shape=feat_shape, store_bev_feat=cfg.save_bev_feat,
                          dtype=cfg.dtype, bev_feat_pool=pool, action_semantics=ACTION_SEMANTICS)
-    prov = Provenance(teacher_sha256=file_sha256(cfg.teacher_ckpt), model_config=teacher_cfg.to_dict(),
+    prov = Provenance(teacher_sha256=file_sha256(checkpoint_path(cfg.teacher_ckpt)), model_config=teacher_cfg.to_dict(),
                       dataset_root=str(Path(cfg.data_root).resolve()), lidar2ego=lidar_extrinsics(cfg))
     return schema, prov
 
@@ -246,7 +246,7 @@ def export_memorybank(cfg: ExportConfig) -> ExportResult:
         t_all = time.perf_counter()
         for split in dict.fromkeys(cfg.split):
             opts = ExportOptions(data_root=_absolute(cfg.data_root), split=split,
-                                 teacher_ckpt=_absolute(cfg.teacher_ckpt), store=_absolute(cfg.store),
+                                 teacher_ckpt=_absolute(str(checkpoint_path(cfg.teacher_ckpt))), store=_absolute(cfg.store),
                                  stride=cfg.stride, batch_size=cfg.batch_size,
                                  window_batch=min(cfg.window_batch, bank.alignment), write_rows=cfg.write_rows,
                                  num_workers=cfg.num_workers, device=str(device), amp=cfg.amp, torch_threads=threads,
