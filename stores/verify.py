@@ -115,7 +115,9 @@ def _scan_remote(bank: RemoteZarrMemoryBank) -> list[str]:
     assert v.chunk_rows and v.flat_reader and v.arrays_on_disk and v.row_reader and v.listing is not None
     for name in ("keys", "complete"):
         C, prefix = v.chunk_rows(name), f"{name}/c/"
-        for c in sorted(int(n[len(prefix):]) for n in v.listing if n.startswith(prefix) and n[len(prefix):].isdigit()):
+        tail = "/0" if name == "keys" and v.flat_reader(name).row_shape else ""       # key bytes: keys/c/<c>/0
+        for c in sorted(int(n[len(prefix):len(n) - len(tail)]) for n in v.listing if n.startswith(prefix)
+                        and n.endswith(tail) and n[len(prefix):len(n) - len(tail)].isdigit()):
             try:
                 v.flat_reader(name).chunk(c)
             except ValueError as e:
@@ -168,10 +170,11 @@ def _scan_small(path: str, name: str, bank: MemoryBank | None) -> list[str]:
     except Exception as e:  # noqa: BLE001 - unreadable metadata is a finding
         return [f"array {name!r}: cannot open ({type(e).__name__}: {e})"]
     out = []
+    tail = ["0"] * (len(meta["shape"]) - 1)          # key bytes (N, W): chunk files keys/c/<c>/0
     for c in chunks:
         lo, hi = c * C, min(N, (c + 1) * C)
         try:
-            if regular_size(Path(path) / name / "c" / str(c), path, name) is None or lo >= hi:
+            if regular_size(Path(path, name, "c", str(c), *tail), path, name) is None or lo >= hi:
                 continue
             arr[lo:hi]
         except Exception as e:  # noqa: BLE001 - any decode/IO error is a finding

@@ -30,7 +30,7 @@ from stores.index import KeyIndex, SplitIndex, check_keys
 from stores.index_file import index_files, write_index
 from stores.keys import InvalidKeyError
 from stores.layout import keys_chunk_rows, keys_crc32c
-from stores.schema import SCHEMA_VERSION, StoreSchema, json_attrs, now_iso
+from stores.schema import INDEXED_SCHEMA_VERSIONS, INDEXLESS_SCHEMA_VERSIONS, StoreSchema, json_attrs, now_iso
 from stores.validate import split_damage, used_rows
 
 
@@ -194,8 +194,8 @@ class StoreBase(ABC):
 
     @property
     def disk_index(self) -> bool:
-        """True when this store keeps its key index on disk (schema_version 4 on a back end with index files)."""
-        return self.index_files and self._attrs.get("schema_version") == SCHEMA_VERSION
+        """True when this store keeps its key index on disk (schema_version 4 or 5 on a back end with index files)."""
+        return self.index_files and self._attrs.get("schema_version") in INDEXED_SCHEMA_VERSIONS
 
     def refresh(self) -> None:
         """(Re)load the completion flags and the key index from disk. A read-only handle refuses
@@ -314,7 +314,7 @@ class StoreBase(ABC):
     def reindex(self) -> list[str]:
         """Write the on-disk key index of every split from its keys (read through their checksums and checked
         against the split's ``keys_crc32c``, the key grammar and uniqueness), delete index files of no split,
-        then upgrade a schema_version 3 store to 4. Returns the splits indexed; ``[]`` on a back end without
+        then upgrade a schema_version 3 store to 4 (its keys keep their encoding). Returns the splits indexed; ``[]`` on a back end without
         index files (HDF5: its index is built at open). Run it while no other process writes the store."""
         self._need_write()
         if not self.index_files:
@@ -344,9 +344,9 @@ class StoreBase(ABC):
             for name, p in index_files(self.path).items():
                 if name not in self.splits:
                     remove_path(p)
-            if self._attrs.get("schema_version") != SCHEMA_VERSION:      # files first, then the version
-                attrs = json_attrs(self._attrs)
-                attrs["schema_version"], attrs["updated"] = SCHEMA_VERSION, now_iso()
+            if self._attrs.get("schema_version") in INDEXLESS_SCHEMA_VERSIONS:    # files first, then the version
+                attrs = json_attrs(self._attrs)          # 3 -> 4: the keys keep their encoding (convert changes it)
+                attrs["schema_version"], attrs["updated"] = min(INDEXED_SCHEMA_VERSIONS), now_iso()
                 self._write_attrs(attrs)
                 self._attrs = attrs
                 if self.fsync:

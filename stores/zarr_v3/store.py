@@ -33,9 +33,9 @@ from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, StoreSchema
 from stores.zarr_v3.arrays import array_problems, create_arrays, describe_arrays
 from stores.zarr_v3.checks import ARRAY_NAMES, abandoned_dir, chunk_failure, discard_dir, field_path, missing_data
 from stores.zarr_v3.flat_chunks import FlatChunkReader
+from stores.zarr_v3.key_array import BYTES, decode_keys, encode_keys, keys_encoding
 from stores.zarr_v3.row_reader import RowChunkReader
 from stores.zarr_v3.shard_codec import ShardCodec, encode_threads, write_file
-
 
 
 class ZarrMemoryBank(MemoryBank):
@@ -144,13 +144,20 @@ class ZarrMemoryBank(MemoryBank):
                 a.resize((n, *a.shape[1:]))
         self._readers.clear()
 
+    def _key_width(self) -> int:
+        """Bytes per key row (schema_version 5: key bytes uint8 (N, W)); 0 for vlen string keys (3, 4)."""
+        m = self._metas.get("keys") or self._meta("keys")
+        return int(m["shape"][1]) if keys_encoding(m) == BYTES else 0     # type: ignore[index]
+
     def _read_keys(self, a: int, b: int) -> np.ndarray:
-        return self._zread("keys", a, b).astype(object) if b > a else np.zeros(0, object)
+        got = self._zread("keys", a, b) if b > a else np.zeros(0, object)
+        return decode_keys(got) if got.ndim == 2 else got.astype(object)
 
     def _write_keys(self, a: int, keys: np.ndarray) -> None:
         self._drop_bad_chunks("keys", a, a + len(keys))
         self._check_files(["keys"], a, a + len(keys))
-        self._arr("keys")[a:a + len(keys)] = np.asarray(keys, dtype=str)
+        w = self._key_width()
+        self._arr("keys")[a:a + len(keys)] = encode_keys(keys, w, self.path) if w else np.asarray(keys, dtype=str)
 
     def _read_flags(self, a: int, b: int) -> np.ndarray:
         return self._zread("complete", a, b).astype(np.uint8) if b > a else np.zeros(0, np.uint8)
@@ -219,7 +226,7 @@ class ZarrMemoryBank(MemoryBank):
         for name in self._arrays_on_disk():
             self._arr(name)[a:b] = np.nan   # all-fill inner chunks/shards are deleted (write_empty_chunks=False)
         self._drop_bad_chunks("keys", a, b)
-        self._arr("keys")[a:b] = ""
+        self._arr("keys")[a:b] = 0 if self._key_width() else ""
         self._readers.clear()
 
     def refresh(self) -> None:
@@ -262,7 +269,8 @@ class ZarrMemoryBank(MemoryBank):
                 return np.asarray(arr[a:b])
             except Exception:  # noqa: BLE001 - narrowed down to each chunk below
                 pass
-        out = np.full(b - a, "", dtype=object) if name == "keys" else np.full(b - a, COMPLETE_UNSET, np.uint8)
+        out = (np.full(b - a, COMPLETE_UNSET, np.uint8) if name == "complete" else
+               np.zeros((b - a, self._key_width()), np.uint8) if flat is not None else np.full(b - a, "", object))
         for c in range(a // C, -(-b // C)):
             lo, hi = max(a, c * C), min(b, (c + 1) * C)
             try:
@@ -289,8 +297,8 @@ class ZarrMemoryBank(MemoryBank):
         return out
 
     def _flat_reader(self, name: str) -> FlatChunkReader | None:
-        """The direct chunk reader of ``complete`` (None for ``keys``: variable-length strings)."""
-        if name != "complete":
+        """The direct chunk reader of ``complete`` and of key bytes (None for vlen ``keys``: zarr-python reads them)."""
+        if name != "complete" and (name != "keys" or not self._key_width()):
             return None
         if name not in self._flat:
             self._flat[name] = FlatChunkReader(Path(self.path) / name, self._metas.get(name) or self._meta(name),
@@ -316,7 +324,8 @@ class ZarrMemoryBank(MemoryBank):
         return regular_size(path, self.path, name)
 
     def _chunk_path(self, name: str, c: int) -> Path:
-        return Path(self.path) / field_path(name) / "c" / str(c)
+        """The file of chunk ``c`` of the unsharded array ``name`` (``c/<c>``; key bytes (N, W): ``c/<c>/0``)."""
+        return Path(self.path, field_path(name), "c", str(c), *(["0"] if name == "keys" and self._key_width() else []))
 
     def _drop_bad_chunks(self, name: str, a: int, b: int) -> None:
         """Delete the damaged chunks of ``name`` that a write of rows ``[a, b)`` touches (already lost)."""
@@ -374,7 +383,6 @@ class ZarrMemoryBank(MemoryBank):
         except FileNotFoundError:
             return 0
         return (max(ids) + 1) * int(self._arr("complete").chunks[0]) if ids else 0
-
 
     # ------------------------------------------------------------------ hot path
     def _reader(self, name: str) -> RowChunkReader | None:
