@@ -57,6 +57,11 @@ def cmd_info(a: argparse.Namespace) -> int:
     print("splits:")
     for name, (start, count) in sorted(bank.splits.items()):
         print(f"  {name:<12} rows [{start}, {start + count})  reserved={count}  complete={bank.complete_count(name)}")
+    keys = next((d for d in bank.describe() if d["name"] == "keys"), None)
+    if bank.backend == "zarr" and keys is not None and keys["dtype"] != "uint8":
+        print(f"keys: zarr-python's variable-length strings (schema_version {at['schema_version']}), which other Zarr "
+              f"implementations cannot open; `python -m stores convert {a.path} NEW` writes a copy whose keys are "
+              "uint8 key bytes (schema_version 5)")
     if not bank.disk_index:
         print("key index: built in memory at every open" + (f" (schema_version {at['schema_version']}: "
               f"`python -m stores reindex {a.path}` writes it into the store)" if bank.index_files else ""))
