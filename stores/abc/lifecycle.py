@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from stores.errors import NotAMemoryBankError, StoreError, StoreVersionError
 from stores.fsio import fsync_tree, publish, remove_path, remove_stale_temps, temp_sibling, writing
+from stores.paths import check_new_path
 from stores.layout import FORMAT_NAME, new_store_attrs
 from stores.schema import (INDEXED_SCHEMA_VERSIONS, INDEXLESS_SCHEMA_VERSIONS, LEGACY_SCHEMA_VERSIONS,
                            SCHEMA_VERSION, Provenance, StoreSchema, check_compatible)
@@ -56,6 +57,7 @@ def create_store(cls: type["MemoryBank"], path: str, schema: StoreSchema, proven
             cls._discard(path)
     if cls.exists(path):
         return _open_existing(cls, path, schema, provenance, exist_ok, fsync)
+    check_new_path(path)              # a file where a folder should be, /proc: named before anything is made
     remove_stale_temps(path)
     tmp = temp_sibling(path)
     try:
