@@ -152,7 +152,10 @@ def _finite_check(bank: MemoryBank | None, name: str) -> Callable[[int, np.ndarr
 
 def _scan_small(path: str, name: str, bank: MemoryBank | None) -> list[str]:
     """keys / complete: every chunk file present read through zarr (its crc32c codec checks it)."""
-    meta = read_json(Path(path) / name / "zarr.json", path) if regular_size(Path(path) / name / "zarr.json") else None
+    try:
+        meta = read_json(Path(path) / name / "zarr.json", path)
+    except StoreCorruptError as e:
+        return [f"array {name!r}: {e}"]
     if meta is None:
         return []
     try:
