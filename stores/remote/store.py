@@ -60,6 +60,8 @@ class RemoteZarrMemoryBank(ZarrMemoryBank):
     """`ZarrMemoryBank` whose files are objects under a URL (see the module docstring). Open it with
     `stores.open_memorybank(url, storage_options=..., cache_dir=...)`."""
 
+    recheck_chunks = False      # a resume checks shard indexes and presence, not every chunk's bytes (one GET each)
+
     def __init__(self, path: str, mode: str, fsync: bool = True, *, storage_options: dict[str, Any] | None = None,
                  cache_dir: str | os.PathLike | None = None, cache_bytes: int | None = None) -> None:
         super().__init__(str(path).rstrip("/"), mode, fsync)

@@ -78,6 +78,14 @@ def array_problems(attrs: dict[str, Any], meta_of: Callable[[str], dict[str, Any
     return bad + problems
 
 
+def dask_view(arr: zarr.Array, channels: tuple[int, int] | None = None) -> Any:
+    """A dask array over ``arr``, one dask chunk per shard (or chunk), nothing loaded; ``channels`` = ``(first,
+    end)``: that slice of the last axis (a light field of the packed ``light`` array)."""
+    import dask.array as da      # lazy: dask is only needed for this out-of-core view
+    d = da.from_zarr(arr, chunks=(arr.shards or arr.chunks))
+    return d if channels is None else d[..., channels[0]:channels[1]]
+
+
 def describe_arrays(path: str, arrays: Sequence[tuple[str, zarr.Array]], light_channels: dict[str, tuple[int, int]],
                     index: KeyIndex | None) -> list[dict[str, Any]]:
     """`ZarrMemoryBank.describe` of the store at ``path``: its ``(name, array)`` pairs, the light channel map,
