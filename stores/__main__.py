@@ -152,10 +152,13 @@ def cmd_rm_split(a: argparse.Namespace) -> int:
 
 def cmd_reindex(a: argparse.Namespace) -> int:
     bank = open_memorybank(a.path, mode="r+", **open_kw(a))
-    if not bank.index_files:
-        print(f"{a.path}: a {bank.backend} store builds its key index in memory at open; nothing to write")
-        return 0
+    orphans = sum(y - x for x, y in bank.orphan_ranges())
     done = bank.reindex()
+    if orphans:
+        print(f"cleared {orphans} orphan row(s) (complete rows of no split, left by an interrupted rm-split)")
+    if not bank.index_files:
+        print(f"{a.path}: a {bank.backend} store builds its key index in memory at open; no index to write")
+        return 0
     print(f"wrote the key index of {len(done)} split(s) ({', '.join(done) or 'none'}) into {a.path}; schema_version "
           f"{bank.attrs['schema_version']}")
     return 0
@@ -202,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rm-split", parents=[remote], help="delete a split's rows and entry")
     s.add_argument("path")
     s.add_argument("split")
-    s = sub.add_parser("reindex", parents=[remote], help="write every split's key index from its checked keys (upgrades a "
-                       "schema_version 3 store in place; repairs a lost or damaged index); no writer may run")
+    s = sub.add_parser("reindex", parents=[remote], help="clear orphan rows (left by an interrupted rm-split), write every "
+                       "split's key index from its checked keys (upgrades a schema_version 3 store in place; repairs a "
+                       "lost or damaged index); no writer may run")
     s.add_argument("path")
     s = sub.add_parser("convert", help="zarr <-> hdf5 (by suffix .h5/.hdf5), or a directory of <key>.npz -> store")
     s.add_argument("src")

@@ -208,3 +208,14 @@ def split_damage(splits: dict[str, tuple[int, int]], flags: np.ndarray, keys_los
                           + (" ..." if len(spans) > 3 else "") + f") {what}"
                           + (f" (keys {', '.join(map(repr, named))}{' ...' if n_bad > 4 else ''})" if named else ""))
     return (flags == 1) & in_split & ~keys_lost, damage
+
+
+def orphan_mask(flags: np.ndarray, splits: dict[str, tuple[int, int]]) -> np.ndarray:
+    """(len(flags),) bool: rows flagged complete (1) that lie in no split ``{name: (start, count)}`` — orphans,
+    left by an rm-split interrupted after it removed the split's entry (``verify`` lists them, ``reindex`` clears
+    them). Rows of no split flagged 0 (reserved by an interrupted reserve_split) are not orphans: the next
+    reserve_split writes over them."""
+    out = np.asarray(flags) == 1
+    for s, c in splits.values():
+        out[s:s + c] = False
+    return out

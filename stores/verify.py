@@ -30,6 +30,7 @@ from stores.index_file import compare_with_keys, index_files
 from stores.remote.objstore import is_remote
 from stores.remote.store import RemoteZarrMemoryBank
 from stores.layout import keys_crc32c, ranges_of
+from stores.validate import orphan_mask
 from stores.zarr_v3.row_reader import RowChunkReader
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS
 from stores.zarr_v3.store import ZarrMemoryBank, field_path
@@ -200,11 +201,12 @@ def verify_bank(bank: MemoryBank, block_rows: int = 1024, scan_data: bool = True
     owner = np.full(len(flags), None, dtype=object)
     for split, (start, count) in bank.splits.items():
         owner[start:start + count] = split
+    orphans = orphan_mask(flags, bank.splits)            # the rows `reindex` clears (MemoryBank.orphan_ranges)
     for r in np.flatnonzero(flags == 1):
         k = str(keys[r]) if r < len(keys) else ""
-        if owner[r] is None:
+        if orphans[r]:
             problems.append(f"row {r}: complete but belongs to no split (orphan, key {k!r}; the leftover of an "
-                            "interrupted rm-split is harmless)")
+                            f"interrupted rm-split, harmless: `python -m stores reindex {bank.path}` clears it)")
             continue
         try:
             if parse_key(k).split != owner[r]:

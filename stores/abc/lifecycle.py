@@ -10,6 +10,7 @@ creation killed in place by an older version (a group without attributes and emp
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from stores.errors import NotAMemoryBankError, StoreError, StoreVersionError
@@ -62,6 +63,7 @@ def create_store(cls: type["MemoryBank"], path: str, schema: StoreSchema, proven
     tmp = temp_sibling(path)
     try:
         with writing("create the store", path):
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)          # its folder (zarr-python makes it too)
             bank = cls(tmp, "r+", fsync)
             bank._attrs = attrs
             bank._create_new(schema)
