@@ -190,7 +190,8 @@ def _crash(monkeypatch, step: str) -> None:
 
 
 def _orphans_listed(problems: list[str]) -> list[int]:
-    return sorted(int(m.group(1)) for p in problems if (m := re.match(r"row (\d+): complete but belongs to no split", p)))
+    found = (re.match(r"row (\d+): complete but belongs to no split", p) for p in problems)
+    return sorted(int(m.group(1)) for m in found if m)
 
 
 @pytest.mark.parametrize("step", ["after_entry", "after_flags", "after_data", "after_keys", "h5_after_entry"])

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
+import zarr
+import zarr.codecs as zc
 
 from stores import StoreCorruptError, create_memorybank, open_memorybank
 from tests.store_fixtures import as_vlen_keys, make_keys, rows_for, tiny_prov, tiny_schema
@@ -114,3 +116,26 @@ def test_keys_encoding_that_contradicts_the_schema_version_is_refused(tmp_path, 
     (Path(path) / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(StoreCorruptError, match=r"array 'keys' has shape .* keeps keys as"):
         open_memorybank(path)
+
+
+def test_key_chunks_written_by_the_store_are_the_bytes_zarr_python_writes(tmp_path):
+    """reserve_split encodes the key chunks itself (bounded memory): every chunk file equals zarr-python's."""
+    path = str(tmp_path / "mb.zarr")
+    bank = create_memorybank(path, tiny_schema(), tiny_prov(), shard_rows=8)
+    keys = {"train": make_keys("train", 21), "valid": make_keys("valid", 13)}
+    for split in keys:                                     # the second split rewrites the chunk the first began
+        bank.reserve_split(split, keys[split])
+    n = bank.n_rows
+    ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w", zarr_format=3)
+    meta = json.loads((Path(path) / "keys" / "zarr.json").read_text())
+    arr = ref.create_array("keys", shape=(n, 276), chunks=tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]),
+                           dtype="uint8", fill_value=0, compressors=[zc.ZstdCodec(level=3), zc.Crc32cCodec()])
+    arr[:] = zarr.open_array(str(Path(path) / "keys"), mode="r")[:]
+    mine, ref_dir = Path(path) / "keys", tmp_path / "ref.zarr" / "keys"
+    ours = sorted(p.relative_to(mine) for p in (mine / "c").rglob("*") if p.is_file())
+    theirs = sorted(p.relative_to(ref_dir) for p in (ref_dir / "c").rglob("*") if p.is_file())
+    assert ours == theirs == [Path("c/0/0")]
+    assert (mine / "c" / "0" / "0").read_bytes() == (ref_dir / "c" / "0" / "0").read_bytes()
+    bank.remove_split("train")
+    assert bank.split_keys("valid") == keys["valid"]
+    assert open_memorybank(path).inspect().read_keys(0, 21).tolist() == [""] * 21

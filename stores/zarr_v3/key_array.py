@@ -15,7 +15,8 @@ portable encoding.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,8 @@ import zarr.codecs as zc
 
 from stores.errors import InvalidKeyError
 from stores.keys import MAX_KEY_LEN
+from stores.zarr_v3.flat_chunks import encode_flat_chunk
+from stores.zarr_v3.shard_codec import write_file
 
 KEY_WIDTH = MAX_KEY_LEN           # bytes per key row of new stores: the longest key the grammar allows
 BYTES, VLEN = "bytes", "vlen"     # the two encodings of the keys array
@@ -84,3 +87,27 @@ def decode_keys(rows: np.ndarray) -> np.ndarray:
     packed = np.ascontiguousarray(rows[:, :w]).view(f"S{w}").reshape(n)
     out[:] = [b.decode("latin-1") for b in packed.tolist()]
     return out
+
+
+def write_key_rows(array_dir: Path, meta: dict[str, Any], a: int, keys: Sequence[str], fsync: bool,
+                   old_chunk: Callable[[int], np.ndarray | None]) -> None:
+    """Rows ``[a, a + len(keys))`` of the key bytes array at ``array_dir`` (``meta``: its zarr.json): each chunk
+    they touch encoded here (`encode_flat_chunk`: the bytes zarr-python writes) and put in place crash-safely
+    (temporary name, fsync when ``fsync``, rename; an all-zero chunk is deleted, as zarr-python does), one
+    chunk at a time (bounded memory; zarr-python copied the whole (n, W) block). The other rows of a partly
+    covered chunk are read first with ``old_chunk(c)`` (None: absent; ValueError: damaged, its rows count as
+    lost, as on a writable handle). The caller fsyncs the directories."""
+    C, W = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]), int(meta["shape"][1])
+    b = a + len(keys)
+    for c in range(a // C, -(-b // C)):
+        lo, hi = max(a, c * C), min(b, (c + 1) * C)
+        old = None
+        if hi - lo < C:
+            try:
+                old = old_chunk(c)
+            except ValueError:
+                old = None
+        chunk = np.zeros((C, W), np.uint8) if old is None else np.array(old, np.uint8)
+        chunk[lo - c * C:hi - c * C] = encode_keys(keys[lo - a:hi - a], W, str(array_dir.parent))
+        write_file(str(array_dir / "c" / str(c) / "0"), [encode_flat_chunk(meta, chunk)] if chunk.any() else None,
+                   fsync)

@@ -34,7 +34,7 @@ from stores.zarr_v3.arrays import array_problems, create_arrays, dask_view, desc
 from stores.zarr_v3.checks import (ARRAY_NAMES, abandoned_dir, chunk_failure, discard_dir, field_path, missing_data,
                                    small_chunk_error)
 from stores.zarr_v3.flat_chunks import FlatChunkReader
-from stores.zarr_v3.key_array import BYTES, decode_keys, encode_keys, keys_encoding
+from stores.zarr_v3.key_array import BYTES, decode_keys, keys_encoding, write_key_rows
 from stores.zarr_v3.row_reader import RowChunkReader
 from stores.zarr_v3.shard_codec import ShardCodec, encode_threads, write_file
 from stores.zarr_v3.upkeep import drop_files, intact_rows, zarr_errors
@@ -153,14 +153,16 @@ class ZarrMemoryBank(MemoryBank):
         return int(m["shape"][1]) if keys_encoding(m) == BYTES else 0     # type: ignore[index]
 
     def _read_keys(self, a: int, b: int) -> np.ndarray:
-        got = self._zread("keys", a, b) if b > a else np.zeros(0, object)
-        return decode_keys(got) if got.ndim == 2 else got.astype(object)
+        return self._zread("keys", a, b).astype(object) if b > a else np.zeros(0, object)
 
     def _write_keys(self, a: int, keys: np.ndarray) -> None:
         self._drop_bad_chunks("keys", a, a + len(keys))
         self._check_files(["keys"], a, a + len(keys))
-        w = self._key_width()
-        self._arr("keys")[a:a + len(keys)] = encode_keys(keys, w, self.path) if w else np.asarray(keys, dtype=str)
+        if self._key_width():       # key bytes: chunks encoded here, zarr-python's bytes (stores.zarr_v3.key_array)
+            write_key_rows(Path(self.path, "keys"), self._metas["keys"], a, keys, self.fsync,
+                           self._flat_reader("keys").chunk)
+        else:
+            self._arr("keys")[a:a + len(keys)] = np.asarray(keys, dtype=str)
 
     def _read_flags(self, a: int, b: int) -> np.ndarray:
         return self._zread("complete", a, b).astype(np.uint8) if b > a else np.zeros(0, np.uint8)
@@ -274,15 +276,15 @@ class ZarrMemoryBank(MemoryBank):
                 return np.asarray(arr[a:b])
             except Exception:  # noqa: BLE001 - narrowed down to each chunk below
                 pass
-        out = (np.full(b - a, COMPLETE_UNSET, np.uint8) if name == "complete" else
-               np.zeros((b - a, self._key_width()), np.uint8) if flat is not None else np.full(b - a, "", object))
+        out = np.full(b - a, COMPLETE_UNSET, np.uint8) if name == "complete" else np.full(b - a, "", object)
         for c in range(a // C, -(-b // C)):
             lo, hi = max(a, c * C), min(b, (c + 1) * C)
             try:
                 if flat is None:
                     out[lo - a:hi - a] = np.asarray(self._arr(name)[lo:hi])
-                elif (got := flat.chunk(c)) is not None:
-                    out[lo - a:hi - a] = got[lo - c * C:hi - c * C]
+                elif (got := flat.chunk(c)) is not None:      # key bytes decoded chunk by chunk (bounded memory)
+                    got = got[lo - c * C:hi - c * C]
+                    out[lo - a:hi - a] = decode_keys(got) if got.ndim == 2 else got
             except StoreCorruptError:
                 raise                          # not a regular file: never tolerated
             except Exception as e:  # noqa: BLE001 - any decode/IO error of a chunk is corruption
