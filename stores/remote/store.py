@@ -268,8 +268,13 @@ class RemoteZarrMemoryBank(ZarrMemoryBank):
                 self.files.put(rel, encode_flat_chunk(self._metas[name], chunk))
 
     def _write_keys(self, a: int, keys: np.ndarray) -> None:
-        w = self._key_width()            # key bytes (N, W), or vlen strings (schema_version 4)
-        self._put_flat("keys", a, encode_keys(keys, w, self.path) if w else np.asarray(keys, dtype=object), 0 if w else "")
+        """Key bytes (N, W) encoded one chunk at a time (bounded memory), or vlen strings (schema_version 4)."""
+        w, C, b = self._key_width(), self._chunk_rows("keys"), a + len(keys)
+        for c in range(a // C, -(-b // C)) if w else []:
+            x, y = max(a, c * C), min(b, (c + 1) * C)
+            self._put_flat("keys", x, encode_keys(keys[x - a:y - a], w, self.path), 0)
+        if not w:
+            self._put_flat("keys", a, np.asarray(keys, dtype=object), "")
 
     def _write_flags(self, a: int, b: int, value: int) -> None:
         if b > a:
@@ -355,9 +360,7 @@ class RemoteZarrMemoryBank(ZarrMemoryBank):
             R = self._codec(field_path(name)).rows_per_shard
             tail = "/0" * (len(self._metas[field_path(name)]["shape"]) - 1)
             self.files.delete([f"{field_path(name)}/c/{i}{tail}" for i in range(a // R, -(-b // R))])
-        C = self._chunk_rows("keys")
-        for x in range(a, b, C):                        # chunk by chunk: key bytes are W bytes a row
-            self._write_keys(x, np.full(min(b, (x // C + 1) * C) - x, "", dtype=object))
+        self._write_keys(a, np.full(b - a, "", dtype=object))
         self._readers.clear()
 
     # ------------------------------------------------------------------ no local files to sync or check
