@@ -24,6 +24,8 @@ import numpy as np
 from stores.convert import convert
 from stores.errors import StoreError
 from stores.factory import open_memorybank
+from stores.fsio import write_atomic
+from stores.paths import check_new_path
 from stores.remote.objstore import parse_storage_options
 from stores.retrieval import list_indexes, verify_indexes
 from stores.verify import field_stats, incomplete_count, verify_bank, verify_path  # noqa: F401 (verify_bank: API)
@@ -112,6 +114,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
+    if a.json:                                          # before the work: under a regular file, on /proc, a folder
+        check_new_path(a.json, "--json file")
+        if os.path.isdir(a.json):
+            raise ValueError(f"--json {a.json} is a directory; name a file to write")
     bank = open_memorybank(a.path, mode="r", **open_kw(a))
     fields = [a.field] if a.field else list(bank.schema.fields)
     result = {}
@@ -134,8 +140,8 @@ def cmd_stats(a: argparse.Namespace) -> int:
         if len(s["mean"]) > a.max_channels:
             print(f"  ... ({len(s['mean']) - a.max_channels} more; --json to save all)")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(result, fh)
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        write_atomic(a.json, [json.dumps(result).encode()], fsync=True)      # whole or not at all
     return 0
 
 
@@ -205,9 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rm-split", parents=[remote], help="delete a split's rows and entry")
     s.add_argument("path")
     s.add_argument("split")
-    s = sub.add_parser("reindex", parents=[remote], help="clear orphan rows (left by an interrupted rm-split), write every "
-                       "split's key index from its checked keys (upgrades a schema_version 3 store in place; repairs a "
-                       "lost or damaged index); no writer may run")
+    s = sub.add_parser("reindex", parents=[remote],
+                       help="clear orphan rows (left by an interrupted rm-split), write every split's key index from "
+                            "its checked keys (upgrades a schema_version 3 store in place; repairs a lost or damaged "
+                            "index); no writer may run")
     s.add_argument("path")
     s = sub.add_parser("convert", help="zarr <-> hdf5 (by suffix .h5/.hdf5), or a directory of <key>.npz -> store")
     s.add_argument("src")

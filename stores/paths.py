@@ -20,10 +20,11 @@ VIRTUAL_FS = frozenset({"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup
                         "efivarfs", "autofs", "rpc_pipefs", "nsfs"})
 
 
-def check_new_path(path: str | os.PathLike) -> None:
-    """StoreError naming what keeps a store from being created at the local ``path``, before anything is
-    made: a regular file (or anything but a folder) where one of its folders should be (``/etc/passwd/x.zarr``),
-    or a virtual file system such as ``/proc`` or ``/sys`` under it. Nothing is created."""
+def check_new_path(path: str | os.PathLike, what: str = "memorybank") -> None:
+    """StoreError naming what keeps a store (or another output, ``what``) from being created at the local
+    ``path``, before anything is made: a regular file (or anything but a folder) where one of its folders should
+    be (``/etc/passwd/x.zarr``), or a virtual file system such as ``/proc`` or ``/sys`` under it. Nothing is
+    created."""
     p = Path(os.path.abspath(path))
     for parent in p.parents:                 # nearest existing ancestor decides
         try:
@@ -31,13 +32,13 @@ def check_new_path(path: str | os.PathLike) -> None:
         except (FileNotFoundError, NotADirectoryError):      # absent, or under a file: look further up
             continue
         except OSError as e:
-            raise StoreError(f"cannot create memorybank {path}: {parent}: {e.strerror}") from None
+            raise StoreError(f"cannot create {what} {path}: {parent}: {e.strerror}") from None
         if not stat.S_ISDIR(st.st_mode):
-            raise StoreError(f"cannot create memorybank {path}: {parent} is {file_kind(st.st_mode)}, not a folder; "
+            raise StoreError(f"cannot create {what} {path}: {parent} is {file_kind(st.st_mode)}, not a folder; "
                              "choose another path")
         fs = _fs_type(parent)
         if fs in VIRTUAL_FS:
-            raise StoreError(f"cannot create memorybank {path}: {parent} is on {fs}, a virtual file system of the "
+            raise StoreError(f"cannot create {what} {path}: {parent} is on {fs}, a virtual file system of the "
                              "kernel (like /proc or /sys) that stores no files; choose a path on a disk")
         return
 

@@ -95,9 +95,11 @@ def _scan_shards(r: RowChunkReader, name: str, bank: MemoryBank | None) -> list[
     files = set(r.files_present()) | {int(x) for x in np.unique(complete // r.rows_per_file)}
     for i in tqdm(sorted(files), desc=f"verify {name}", unit="shard", disable=len(files) < 64):
         present, probs = r.scan(i, check)
-        out += [msg for _, msg in probs]
         S = r.rows_per_file
         held = complete[(complete >= i * S) & (complete < (i + 1) * S)]
+        named = bank.inspect().keys_of(held[:8].tolist()) if bank is not None and len(held) else []
+        out += [msg + (f" ({len(held)} complete row(s) there, keys {named}{' ...' if len(held) > 8 else ''})"
+                       if row < 0 and named and "key" not in msg else "") for row, msg in probs]
         lost = held[~present[held - i * S]] if len(held) and not any(row < 0 for row, _ in probs) else []
         if len(lost):
             what = "shard file is missing" if not present.any() else "inner chunks are missing"

@@ -153,15 +153,37 @@ def test_incomplete_ranges_redo_complete_rows_whose_chunk_fails_its_checksum(tmp
     np.testing.assert_array_equal(out["bev_vec"], data["bev_vec"])
 
 
-def test_a_resume_over_a_damaged_shard_index_is_refused_naming_the_file(tmp_path):
+def test_a_resume_over_a_damaged_shard_index_is_refused_naming_file_and_keys_then_redone(tmp_path):
     path = str(tmp_path / "mb.zarr")
-    filled(path)
+    schema, keys, data = filled(path)
     shard = Path(path) / "light" / "c" / "1" / "0" / "0"
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(StoreCorruptError, match=r"light/c/1/0/0: shard index checksum"):
+    with pytest.raises(StoreCorruptError, match=r"light/c/1/0/0: shard index checksum.*delete the file") as e:
         open_memorybank(path, "r+").incomplete_ranges("train")
+    assert e.value.keys == keys[8:16] and e.value.chunk == "light/c/1/0/0"
+    problems, _ = verify_path(path)
+    assert len(problems) == 1 and "light/c/1/0/0: shard index checksum" in problems[0] and keys[8] in problems[0]
+    shard.unlink()                                         # the remedy the message names
+    bank = open_memorybank(path, "r+")
+    assert bank.incomplete_ranges("train") == [(8, 16)]
+    bank.write_rows("train", 8, {f: a[8:16] for f, a in data.items()})
+    assert verify_path(path)[0] == []
+
+
+def test_stats_json_output_path_is_checked_before_the_work_and_written_whole(tmp_path, capsys):
+    path = str(tmp_path / "mb.zarr")
+    filled(path)
+    (tmp_path / "file").write_text("x")
+    for bad, why in ((tmp_path / "file" / "s.json", "is a regular file, not a folder"),
+                     (Path("/proc/e2r_stats.json"), "/proc is on proc, a virtual file system"),
+                     (tmp_path, "is a directory; name a file to write")):
+        assert main(["stats", path, "--json", str(bad)]) == 1
+        out = capsys.readouterr()
+        assert why in out.err and out.out == "", out           # refused before any statistics were computed
+    assert main(["stats", path, "--json", str(tmp_path / "new" / "s.json")]) == 0
+    assert set(json.loads((tmp_path / "new" / "s.json").read_text())) == {"actions", "bev_vec", "gru_out"}
 
 
 # ----- reindex clears exactly what verify calls orphan (a crash at each step of rm-split) ----------------------

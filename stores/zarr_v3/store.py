@@ -367,7 +367,7 @@ class ZarrMemoryBank(MemoryBank):
         for name in self._arrays_on_disk():
             r = self._reader(name)
             if r is not None:
-                ok &= intact_rows(r, a, b) if self.recheck_chunks else r.present(a, b)
+                ok &= intact_rows(r, a, b, self._keys_of) if self.recheck_chunks else r.present(a, b)
         return ok
 
     def _missing_data(self, complete: np.ndarray) -> list[str]:

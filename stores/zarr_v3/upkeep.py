@@ -33,16 +33,23 @@ def _crc_ok(u8: np.ndarray, off: int, nbytes: int) -> bool:
     return nbytes >= 4 and google_crc32c.value(u8[off:end]) == int.from_bytes(u8[end:end + 4].tobytes(), "little")
 
 
-def intact_rows(reader: RowChunkReader, a: int, b: int) -> np.ndarray:
+def intact_rows(reader: RowChunkReader, a: int, b: int, keys_of: Callable[[range], list[str]] | None = None
+                ) -> np.ndarray:
     """(b - a,) bool: rows ``[a, b)`` whose chunk is present and whose bytes pass their crc32c, read now from
     disk (each shard file once, not the reader's cached maps). StoreCorruptError when a shard's index fails its
-    checksum or a file is not a regular file."""
+    checksum (naming the shard and, with ``keys_of(rows)``, the keys it holds) or a file is not a regular file."""
     out = np.zeros(max(0, b - a), bool)
     S = reader.rows_per_file
     for i in range(a // S, -(-b // S)):
         lo, hi = max(a, i * S), min(b, (i + 1) * S)
         if reader.sharded:
-            got = reader.read_shard(i)
+            try:
+                got = reader.read_shard(i)
+            except StoreCorruptError as e:
+                keys = keys_of(range(lo, min(hi, lo + 8))) if keys_of is not None else []
+                raise StoreCorruptError(f"{e}: its rows cannot be checked or kept; delete the file and resume the "
+                                        "export (it redoes them)", path=e.path, array=e.array, chunk=e.chunk,
+                                        keys=keys) from None
             if got is None:
                 continue
             raw, index = got
