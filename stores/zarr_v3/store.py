@@ -294,7 +294,8 @@ class ZarrMemoryBank(MemoryBank):
                     self._bad_chunks.add((name, c))
                     self._read_damage += [] if msg in self._read_damage else [msg]
                     continue
-                raise small_chunk_error(self.path, name, c, msg, self._keys_of(range(lo, hi)) if name != "keys" else [])
+                keys = self._keys_of(range(lo, hi)) if name != "keys" else []
+                raise small_chunk_error(self.path, name, c, msg, keys) from None
         return out
 
     def _flat_reader(self, name: str) -> FlatChunkReader | None:
