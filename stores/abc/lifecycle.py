@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from stores.errors import NotAMemoryBankError, StoreError, StoreVersionError
 from stores.fsio import fsync_tree, publish, remove_path, remove_stale_temps, temp_sibling, writing
-from stores.paths import check_new_path
 from stores.layout import FORMAT_NAME, new_store_attrs
+from stores.paths import check_new_path
 from stores.schema import (INDEXED_SCHEMA_VERSIONS, INDEXLESS_SCHEMA_VERSIONS, LEGACY_SCHEMA_VERSIONS,
                            SCHEMA_VERSION, Provenance, StoreSchema, check_compatible)
 
