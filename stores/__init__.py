@@ -16,15 +16,15 @@ from stores.abc.inspection import Inspection
 from stores.dataset_view import open_dataset
 from stores.errors import (NotAMemoryBankError, StoreCorruptError, StoreError, StoreMismatchError,
                            StoreReadOnlyError, StoreVersionError, UnsupportedLayout)
-from stores.factory import (backend_for, create_memorybank, memorybank_exists, open_memorybank, remove_memorybank,
-                            stored_bytes)
+from stores.factory import (backend_for, create_memorybank, is_memorybank, memorybank_exists, open_memorybank,
+                            remove_memorybank, stored_bytes)
 from stores.layout import bev_feat_shard_rows, default_shard_rows
 from stores.hdf5_store import HDF5MemoryBank
 from stores.remote import RemoteZarrMemoryBank
 from stores.schema import ALL_FIELDS, BEV_FEAT, LIGHT_FIELDS, Provenance, StoreSchema
 from stores.zarr_v3 import ZarrMemoryBank
 
-__all__ = ["MemoryBank", "ZarrMemoryBank", "HDF5MemoryBank", "RemoteZarrMemoryBank", "Inspection", "open_memorybank", "open_dataset", "create_memorybank", "memorybank_exists", "backend_for",
+__all__ = ["MemoryBank", "ZarrMemoryBank", "HDF5MemoryBank", "RemoteZarrMemoryBank", "Inspection", "open_memorybank", "open_dataset", "create_memorybank", "memorybank_exists", "is_memorybank", "backend_for",
            "remove_memorybank", "stored_bytes",
            "StoreSchema", "Provenance", "StoreError", "StoreMismatchError", "NotAMemoryBankError",
            "StoreReadOnlyError", "UnsupportedLayout", "StoreCorruptError", "StoreVersionError", "LIGHT_FIELDS",

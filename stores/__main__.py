@@ -24,6 +24,8 @@ import numpy as np
 from stores.convert import convert
 from stores.errors import StoreError
 from stores.factory import open_memorybank
+from stores.fsio import write_atomic
+from stores.paths import check_new_path
 from stores.remote.objstore import parse_storage_options
 from stores.retrieval import list_indexes, verify_indexes
 from stores.verify import field_stats, incomplete_count, verify_bank, verify_path  # noqa: F401 (verify_bank: API)
@@ -57,6 +59,11 @@ def cmd_info(a: argparse.Namespace) -> int:
     print("splits:")
     for name, (start, count) in sorted(bank.splits.items()):
         print(f"  {name:<12} rows [{start}, {start + count})  reserved={count}  complete={bank.complete_count(name)}")
+    keys = next((d for d in bank.describe() if d["name"] == "keys"), None)
+    if bank.backend == "zarr" and keys is not None and keys["dtype"] != "uint8":
+        print(f"keys: zarr-python's variable-length strings (schema_version {at['schema_version']}), which other Zarr "
+              f"implementations cannot open; `python -m stores convert {a.path} NEW` writes a copy whose keys are "
+              "uint8 key bytes (schema_version 5)")
     if not bank.disk_index:
         print("key index: built in memory at every open" + (f" (schema_version {at['schema_version']}: "
               f"`python -m stores reindex {a.path}` writes it into the store)" if bank.index_files else ""))
@@ -107,6 +114,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
+    if a.json:                                          # before the work: under a regular file, on /proc, a folder
+        check_new_path(a.json, "--json file")
+        if os.path.isdir(a.json):
+            raise ValueError(f"--json {a.json} is a directory; name a file to write")
     bank = open_memorybank(a.path, mode="r", **open_kw(a))
     fields = [a.field] if a.field else list(bank.schema.fields)
     result = {}
@@ -129,8 +140,8 @@ def cmd_stats(a: argparse.Namespace) -> int:
         if len(s["mean"]) > a.max_channels:
             print(f"  ... ({len(s['mean']) - a.max_channels} more; --json to save all)")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(result, fh)
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        write_atomic(a.json, [json.dumps(result).encode()], fsync=True)      # whole or not at all
     return 0
 
 
@@ -147,10 +158,13 @@ def cmd_rm_split(a: argparse.Namespace) -> int:
 
 def cmd_reindex(a: argparse.Namespace) -> int:
     bank = open_memorybank(a.path, mode="r+", **open_kw(a))
-    if not bank.index_files:
-        print(f"{a.path}: a {bank.backend} store builds its key index in memory at open; nothing to write")
-        return 0
+    orphans = sum(y - x for x, y in bank.orphan_ranges())
     done = bank.reindex()
+    if orphans:
+        print(f"cleared {orphans} orphan row(s) (complete rows of no split, left by an interrupted rm-split)")
+    if not bank.index_files:
+        print(f"{a.path}: a {bank.backend} store builds its key index in memory at open; no index to write")
+        return 0
     print(f"wrote the key index of {len(done)} split(s) ({', '.join(done) or 'none'}) into {a.path}; schema_version "
           f"{bank.attrs['schema_version']}")
     return 0
@@ -197,8 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rm-split", parents=[remote], help="delete a split's rows and entry")
     s.add_argument("path")
     s.add_argument("split")
-    s = sub.add_parser("reindex", parents=[remote], help="write every split's key index from its checked keys (upgrades a "
-                       "schema_version 3 store in place; repairs a lost or damaged index); no writer may run")
+    s = sub.add_parser("reindex", parents=[remote],
+                       help="clear orphan rows (left by an interrupted rm-split), write every split's key index from "
+                            "its checked keys (upgrades a schema_version 3 store in place; repairs a lost or damaged "
+                            "index); no writer may run")
     s.add_argument("path")
     s = sub.add_parser("convert", help="zarr <-> hdf5 (by suffix .h5/.hdf5), or a directory of <key>.npz -> store")
     s.add_argument("src")

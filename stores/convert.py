@@ -6,20 +6,32 @@ The original cache held one ``.npz`` per key with arrays ``actions`` (T, A), ``b
 ``train__segment_0001@12.npz``). Decoding splits at the LAST ``@`` and the FIRST ``__``, so it is exact
 unless the split name itself contains ``__``; a ``key`` array stored inside the npz always wins.
 npz files are read with ``allow_pickle=False``.
+
+Every conversion builds the new store under a temporary sibling name of ``dst`` and renames it into place
+only when every row is copied (`stores.fsio.publish`: never over an existing path); on any failure the
+temporary is removed, so a refused conversion (a damaged source, a full disk, a kill: the next conversion
+removes a dead converter's temporary) leaves nothing at ``dst``. Local paths only (an object store has no
+rename): convert locally, then upload.
 """
 from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from stores.abc import MemoryBank
+from stores.errors import StoreError
 from stores.keys import InvalidKeyError, parse_key, validate_key
-from stores.factory import backend_for, create_memorybank
+from stores.factory import backend_for
+from stores.fsio import fsync_path, publish, remove_path, remove_stale_temps, temp_sibling
+from stores.paths import check_new_path
 from stores.layout import ranges_of
+from stores.remote.objstore import is_remote
 from stores.schema import ALL_FIELDS, BEV_FEAT, Provenance, StoreSchema
 
 
@@ -64,10 +76,42 @@ def convert_store(src: str, dst: str, dtype: str | None = None, shard_rows: int 
     schema = s.schema
     if dtype:
         schema.dtype = dtype
-    d = create_memorybank(dst, schema, s.provenance, shard_rows=shard_rows or s.alignment, exist_ok=False)
+    return built_aside(dst, lambda tmp: _copy_rows(s, src, _new_store(dst, tmp, schema, s.provenance,
+                                                                       shard_rows or s.alignment), block_rows))
+
+
+def _new_store(dst: str, tmp: str, schema: StoreSchema, provenance: Provenance, shard_rows: int | None) -> MemoryBank:
+    """A new store of ``dst``'s back end at the temporary path ``tmp``, written by this process alone."""
+    d = backend_for(dst).create(tmp, schema, provenance, shard_rows=shard_rows, exist_ok=False)
     d.sole_writer = True      # one process writes the new store: copying rows around gaps is allowed
+    return d
+
+
+def built_aside(dst: str, build: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``build(tmp)`` on a temporary sibling path of ``dst``, then rename the result to ``dst`` (never over
+    an existing path); on any failure the temporary is removed and ``dst`` stays absent. Returns build's result."""
+    if is_remote(dst):
+        raise StoreError(f"convert writes local stores only, not {dst}: convert to a local path, then upload it")
+    if os.path.lexists(dst):
+        raise FileExistsError(f"{dst} already exists: convert writes a new store; choose another path or remove it")
+    check_new_path(dst)
+    remove_stale_temps(dst)                 # what a killed conversion (or creation) on this host left
+    tmp = temp_sibling(dst)
+    try:
+        summary = build(tmp)
+        if not publish(tmp, dst):
+            raise FileExistsError(f"{dst} appeared while converting; the new store was not put there")
+    except BaseException:
+        remove_path(tmp, settle_s=0.5)      # zarr-python's writes of a failed step may still be landing
+        raise
+    fsync_path(os.path.dirname(os.path.abspath(dst)))
+    return summary
+
+
+def _copy_rows(s: MemoryBank, src: str, d: MemoryBank, block_rows: int) -> dict[str, Any]:
+    """Every complete row of ``s`` into the new store ``d`` (same splits, same keys), then close ``d``."""
     copied = 0
-    with tqdm(total=len(s), desc=f"convert {os.path.basename(src)}", unit="row") as bar:
+    with d, tqdm(total=len(s), desc=f"convert {os.path.basename(src)}", unit="row") as bar:
         for split, (start, count) in sorted(s.splits.items(), key=lambda kv: kv[1][0]):
             keys = s.split_keys(split)
             d.reserve_split(split, keys)
@@ -80,7 +124,6 @@ def convert_store(src: str, dst: str, dtype: str | None = None, shard_rows: int 
                     d.write_rows(split, x, rows)
                     copied += y - x
                     bar.update(y - x)
-    d.close()
     return {"rows": copied, "splits": sorted(s.splits)}
 
 
@@ -107,10 +150,15 @@ def convert_npz_dir(src: str, dst: str, teacher_sha256: str = "unknown", dtype: 
                          bev_feat_shape=tuple(bev.shape[1:]) if bev is not None else None,
                          store_bev_feat=bev is not None)
     prov = Provenance(teacher_sha256=teacher_sha256, dataset_root="", model_config={"imported_from": str(src)})
-    bank = create_memorybank(dst, schema, prov, shard_rows=shard_rows, exist_ok=False)
-    bank.sole_writer = True
+    return built_aside(dst, lambda tmp: _import_npz(src, _new_store(dst, tmp, schema, prov, shard_rows), schema,
+                                                    by_split, len(files), block_rows))
+
+
+def _import_npz(src: str, bank: MemoryBank, schema: StoreSchema, by_split: dict[str, list[tuple[Any, str, Path]]],
+                total: int, block_rows: int) -> dict[str, Any]:
+    """The npz files of ``by_split`` (split -> [(sort key, key, file)]) into the new store ``bank``; closes it."""
     n = 0
-    with tqdm(total=len(files), desc="import npz", unit="key") as bar:
+    with bank, tqdm(total=total, desc="import npz", unit="key") as bar:
         for split, items in sorted(by_split.items()):
             items.sort()
             keys = [k for _, k, _ in items]
@@ -130,7 +178,6 @@ def convert_npz_dir(src: str, dst: str, teacher_sha256: str = "unknown", dtype: 
                     raise ValueError(f"{src}: files {chunk[0][2].name}..{chunk[-1][2].name}: {e}") from None
                 n += len(chunk)
                 bar.update(len(chunk))
-    bank.close()
     return {"rows": n, "splits": sorted(by_split)}
 
 

@@ -17,15 +17,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import h5py
+
 from stores.abc import MemoryBank
-from stores.hdf5_store import HDF5MemoryBank
+from stores.errors import NotAMemoryBankError, StoreError
+from stores.fsio import json_object, read_json, regular_size
+from stores.hdf5_store import ATTR, HDF5MemoryBank
+from stores.layout import FORMAT_NAME
 from stores.remote.objstore import ObjectFiles, is_remote
 from stores.remote.store import RemoteZarrMemoryBank
 from stores.schema import Provenance, StoreSchema
 from stores.zarr_v3.store import ZarrMemoryBank
 
-__all__ = ["backend_for", "open_memorybank", "create_memorybank", "memorybank_exists", "remove_memorybank",
-           "stored_bytes"]
+__all__ = ["backend_for", "open_memorybank", "create_memorybank", "memorybank_exists", "is_memorybank",
+           "remove_memorybank", "stored_bytes"]
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
@@ -84,8 +89,41 @@ def memorybank_exists(path: str | os.PathLike, storage_options: dict[str, Any] |
     return backend_for(path).exists(str(path))
 
 
+def is_memorybank(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:
+    """True when ``path`` carries the memorybank marker: root attribute ``format="e2r-memorybank"`` (a Zarr
+    group's ``zarr.json``, locally or under a URL; an HDF5 file's ``e2r_memorybank`` attribute). Only the marker is
+    read: a damaged store of ours is one; anything unreadable, another Zarr group or array, a plain directory
+    or file is not."""
+    try:
+        if is_remote(path):
+            raw = ObjectFiles(str(path).rstrip("/"), storage_options).get("zarr.json")
+            root = json_object(raw, f"{path}/zarr.json") if raw is not None else None
+        elif backend_for(path) is HDF5MemoryBank:
+            if not regular_size(path):
+                return False
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get(ATTR)
+            root = {"attributes": json_object(str(raw).encode(), f"{path}:{ATTR}")} if raw is not None else None
+        else:
+            root = read_json(Path(path) / "zarr.json")
+    except (StoreError, OSError, ValueError):
+        return False
+    attrs = root.get("attributes") if isinstance(root, dict) else None
+    return (root or {}).get("node_type", "group") == "group" and isinstance(attrs, dict) \
+        and attrs.get("format") == FORMAT_NAME
+
+
 def remove_memorybank(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
-    """Delete the store at ``path`` (a directory tree, a file, or every object under a URL); absent is fine."""
+    """Delete the store at ``path`` (a directory tree, a file, or every object under a URL); absent is fine.
+    NotAMemoryBankError, nothing deleted, when ``path`` holds anything without the memorybank marker
+    (`is_memorybank`): another Zarr group or array, a plain directory or file, an unreadable root."""
+    exists = (ObjectFiles(str(path).rstrip("/"), storage_options).listing() if is_remote(path)
+              else os.path.lexists(path))
+    if exists and not is_memorybank(path, storage_options):
+        raise NotAMemoryBankError(f"refusing to delete {path}: it is not an e2r memorybank (no root attribute "
+                                  f"format={FORMAT_NAME!r}: another Zarr group or array, a plain directory or file, "
+                                  "or a store whose root metadata is unreadable). Delete it yourself if it is yours, "
+                                  "or choose another path")
     if is_remote(path):
         ObjectFiles(str(path).rstrip("/"), storage_options).delete_tree()
     elif Path(path).is_dir() and not Path(path).is_symlink():

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import time
 import socket
@@ -20,9 +21,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stores.errors import StoreCorruptError, StoreError, StoreReadOnlyError
 
 MAX_JSON_BYTES = 16 * 2**20          # a zarr.json / attribute file larger than this is not ours
+MAX_JSON_DEPTH = 64                  # arrays/objects nested deeper than this in metadata are not ours
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPENERS, _CLOSERS = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
 _TMP_TAG = ".e2r-tmp-"
 
 
@@ -110,14 +116,32 @@ def read_json(path: str | os.PathLike, store: str = "") -> dict[str, Any] | None
     return json_object(raw, path, store)
 
 
+def json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in the JSON text ``raw`` (strings skipped), without parsing it."""
+    bare = _JSON_STRING.sub(b"", raw)
+    if not bare:
+        return 0
+    t = np.frombuffer(bare, np.uint8)
+    step = np.isin(t, _OPENERS).astype(np.int32) - np.isin(t, _CLOSERS).astype(np.int32)
+    return int(np.cumsum(step).max(initial=0))
+
+
 def json_object(raw: bytes, path: str | os.PathLike, store: str = "") -> dict[str, Any]:
     """The JSON object in ``raw`` (the bytes of the metadata file ``path``); StoreCorruptError when it is
-    too big, not JSON, or not an object."""
+    too big, nested deeper than `MAX_JSON_DEPTH` (checked before parsing: Python's parser and every walk of
+    the attributes recurse per level), not JSON, or not an object."""
     if len(raw) > MAX_JSON_BYTES:
         raise StoreCorruptError(f"{path} is {len(raw)} bytes: too large for a metadata file", path=store,
                                 chunk=str(path))
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise StoreCorruptError(f"{path}: its JSON nests {depth} levels deep (at most {MAX_JSON_DEPTH} in a metadata "
+                                "file): not metadata this code wrote; restore the file or the store",
+                                path=store, chunk=str(path))
     try:
         d = json.loads(raw)
+    except RecursionError:
+        raise StoreCorruptError(f"{path}: its JSON nests too deep to parse", path=store, chunk=str(path)) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise StoreCorruptError(f"{path} is not valid JSON ({e})", path=store, chunk=str(path)) from None
     if not isinstance(d, dict):

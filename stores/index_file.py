@@ -35,7 +35,7 @@ import numpy as np
 
 from stores.keys import MAX_KEY_LEN
 from stores.errors import StoreCorruptError
-from stores.fsio import fsync_files, open_regular, remove_stale_temps, write_atomic
+from stores.fsio import fsync_files, json_object, open_regular, remove_stale_temps, write_atomic
 
 MAGIC = b"E2RKIDX1"
 HEADER_BYTES = 4096
@@ -188,7 +188,7 @@ def _check_index(read: Any, size: int, store: str, path: Path, entry: tuple[str,
             raise _corrupt(store, path, f"not a key index file ({size} bytes, no header)")
         if google_crc32c.value(head[:-4]) != int.from_bytes(head[-4:], "little"):
             raise _corrupt(store, path, "header checksum (crc32c) mismatch - file corrupted")
-        meta = json.loads(head[12:12 + int.from_bytes(head[8:12], "little")])
+        meta = json_object(head[12:12 + int.from_bytes(head[8:12], "little")], path, store)
         got = tuple(meta[k] for k in ("split", "start", "count", "keys_crc32c"))
         if got[:3] != (split, start, count) or (keys_crc32c is not None and got[3] != keys_crc32c):
             raise _corrupt(store, path, f"it indexes other keys (split, start, count, keys_crc32c = {got}) than "

@@ -28,10 +28,15 @@ except importlib.metadata.PackageNotFoundError:
 #: on-disk format version. 2: light fields packed in one array `light` (Zarr back end). 3: a crc32c checksum on
 #: every chunk of every array (Zarr: inner chunks, shard indexes, keys, complete; HDF5: fletcher32), light /
 #: bev_feat fill value NaN, ``complete`` fill 255 (= no chunk) so a lost chunk is told from "not written".
-#: 4: an on-disk key index per split (Zarr: ``keys/index/<split>.idx``, `stores.index_file`).
-SCHEMA_VERSION = 4
+#: 4: an on-disk key index per split (Zarr: ``keys/index/<split>.idx``, `stores.index_file`). 5: the keys in a Zarr
+#: v3 core data type, uint8 (N, W) ASCII NUL padded (Zarr: `stores.zarr_v3.key_array`; before: zarr-python's
+#: variable-length ``string`` extension type, which other Zarr implementations cannot open).
+SCHEMA_VERSION = 5
 INDEXLESS_SCHEMA_VERSIONS = (3,)  # read and written as before, key index built in memory (`stores reindex` upgrades)
-LEGACY_SCHEMA_VERSIONS = (2,)   # readable only by `python -m stores convert` (to rewrite them in version 4)
+INDEXED_SCHEMA_VERSIONS = (4, 5)  # an on-disk key index per split
+VLEN_KEY_SCHEMA_VERSIONS = (2, 3, 4)  # Zarr keys in zarr-python's vlen-utf8 strings: read and written as before
+#: (`python -m stores convert OLD NEW` rewrites them portable)
+LEGACY_SCHEMA_VERSIONS = (2,)   # readable only by `python -m stores convert` (to rewrite them in the current version)
 LIGHT_FIELDS: tuple[str, ...] = ("actions", "bev_vec", "gru_out")
 BEV_FEAT = "bev_feat"
 ALL_FIELDS: tuple[str, ...] = LIGHT_FIELDS + (BEV_FEAT,)

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from stores.keys import InvalidKeyError, validate_part
+from stores.keys import MAX_KEY_LEN, InvalidKeyError, validate_part
 from stores.layout import COMPLETE_UNSET, MAX_ROW_BYTES, MAX_SHARD_ROWS, keys_chunk_rows, ranges_of
-from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, StoreSchema
+from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, VLEN_KEY_SCHEMA_VERSIONS, StoreSchema
 
 
 @dataclass
@@ -104,8 +104,11 @@ def check_store(attrs: dict[str, Any], arrays: dict[str, ArrayInfo | None], back
         if not _posint(B) or int(B) & (int(B) - 1) or S % int(B):
             problems.append(f"attribute bev_feat_shard_rows={B!r} is not a power of two dividing shard_rows={S}")
             B = None
+    keys_row, keys_dtype = (), ""          # HDF5, and Zarr stores before 5: (N,) strings
+    if backend == "zarr" and attrs.get("schema_version") not in VLEN_KEY_SCHEMA_VERSIONS:
+        keys_row, keys_dtype = _key_bytes_row(arrays.get("keys")), "uint8"       # key bytes (N, W)
     expect: dict[str, tuple[tuple[int, ...], str, int | None, int]] = {
-        "keys": ((), "", keys_chunk_rows(S) if backend == "zarr" else S, 0),
+        "keys": (keys_row, keys_dtype, keys_chunk_rows(S) if backend == "zarr" else S, 0),
         "complete": ((), "uint8", S, 0)}
     for name, row in _expected_arrays(schema, backend).items():
         rows = (int(B) if B else None) if name == BEV_FEAT else (S if backend == "zarr" else 1)
@@ -117,7 +120,10 @@ def check_store(attrs: dict[str, Any], arrays: dict[str, ArrayInfo | None], back
             problems.append(f"array {name!r} is missing")
             continue
         if len(a.shape) != 1 + len(row) or tuple(a.shape[1:]) != tuple(row):
-            problems.append(f"array {name!r} has shape {a.shape}; the attributes (seq_len, action_dim, bev_dim, "
+            problems.append(f"array 'keys' has shape {a.shape} and dtype {a.dtype}; schema_version "
+                            f"{attrs.get('schema_version')} keeps keys as " + ("uint8 rows of key bytes (N, W)" if row
+                            else "strings (N,)") if name == "keys" else
+                            f"array {name!r} has shape {a.shape}; the attributes (seq_len, action_dim, bev_dim, "
                             f"gru_hidden, bev_feat_shape) say rows of shape {row}")
             continue
         if dtype and a.dtype != dtype:
@@ -137,6 +143,14 @@ def check_store(attrs: dict[str, Any], arrays: dict[str, ArrayInfo | None], back
                             "(keys is resized last, so it never exceeds the other arrays)")
     problems += check_splits(attrs.get("splits"), S, n)
     return problems, n
+
+
+def _key_bytes_row(keys: ArrayInfo | None) -> tuple[int, ...]:
+    """The row shape the key bytes of a Zarr store of schema_version 5 must have: (W,) with W its recorded width
+    in 1..MAX_KEY_LEN (anything else is reported against the longest key of the grammar)."""
+    if keys is not None and len(keys.shape) == 2 and 0 < keys.shape[1] <= MAX_KEY_LEN:
+        return (keys.shape[1],)
+    return (MAX_KEY_LEN,)
 
 
 def check_splits(splits: Any, S: int, n: int) -> list[str]:
@@ -194,3 +208,14 @@ def split_damage(splits: dict[str, tuple[int, int]], flags: np.ndarray, keys_los
                           + (" ..." if len(spans) > 3 else "") + f") {what}"
                           + (f" (keys {', '.join(map(repr, named))}{' ...' if n_bad > 4 else ''})" if named else ""))
     return (flags == 1) & in_split & ~keys_lost, damage
+
+
+def orphan_mask(flags: np.ndarray, splits: dict[str, tuple[int, int]]) -> np.ndarray:
+    """(len(flags),) bool: rows flagged complete (1) that lie in no split ``{name: (start, count)}`` — orphans,
+    left by an rm-split interrupted after it removed the split's entry (``verify`` lists them, ``reindex`` clears
+    them). Rows of no split flagged 0 (reserved by an interrupted reserve_split) are not orphans: the next
+    reserve_split writes over them."""
+    out = np.asarray(flags) == 1
+    for s, c in splits.values():
+        out[s:s + c] = False
+    return out

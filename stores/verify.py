@@ -30,6 +30,7 @@ from stores.index_file import compare_with_keys, index_files
 from stores.remote.objstore import is_remote
 from stores.remote.store import RemoteZarrMemoryBank
 from stores.layout import keys_crc32c, ranges_of
+from stores.validate import orphan_mask
 from stores.zarr_v3.row_reader import RowChunkReader
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS
 from stores.zarr_v3.store import ZarrMemoryBank, field_path
@@ -94,9 +95,11 @@ def _scan_shards(r: RowChunkReader, name: str, bank: MemoryBank | None) -> list[
     files = set(r.files_present()) | {int(x) for x in np.unique(complete // r.rows_per_file)}
     for i in tqdm(sorted(files), desc=f"verify {name}", unit="shard", disable=len(files) < 64):
         present, probs = r.scan(i, check)
-        out += [msg for _, msg in probs]
         S = r.rows_per_file
         held = complete[(complete >= i * S) & (complete < (i + 1) * S)]
+        named = bank.inspect().keys_of(held[:8].tolist()) if bank is not None and len(held) else []
+        out += [msg + (f" ({len(held)} complete row(s) there, keys {named}{' ...' if len(held) > 8 else ''})"
+                       if row < 0 and named and "key" not in msg else "") for row, msg in probs]
         lost = held[~present[held - i * S]] if len(held) and not any(row < 0 for row, _ in probs) else []
         if len(lost):
             what = "shard file is missing" if not present.any() else "inner chunks are missing"
@@ -115,7 +118,9 @@ def _scan_remote(bank: RemoteZarrMemoryBank) -> list[str]:
     assert v.chunk_rows and v.flat_reader and v.arrays_on_disk and v.row_reader and v.listing is not None
     for name in ("keys", "complete"):
         C, prefix = v.chunk_rows(name), f"{name}/c/"
-        for c in sorted(int(n[len(prefix):]) for n in v.listing if n.startswith(prefix) and n[len(prefix):].isdigit()):
+        tail = "/0" if name == "keys" and v.flat_reader(name).row_shape else ""       # key bytes: keys/c/<c>/0
+        for c in sorted(int(n[len(prefix):len(n) - len(tail)]) for n in v.listing if n.startswith(prefix)
+                        and n.endswith(tail) and n[len(prefix):len(n) - len(tail)].isdigit()):
             try:
                 v.flat_reader(name).chunk(c)
             except ValueError as e:
@@ -150,7 +155,10 @@ def _finite_check(bank: MemoryBank | None, name: str) -> Callable[[int, np.ndarr
 
 def _scan_small(path: str, name: str, bank: MemoryBank | None) -> list[str]:
     """keys / complete: every chunk file present read through zarr (its crc32c codec checks it)."""
-    meta = read_json(Path(path) / name / "zarr.json", path) if regular_size(Path(path) / name / "zarr.json") else None
+    try:
+        meta = read_json(Path(path) / name / "zarr.json", path)
+    except StoreCorruptError as e:
+        return [f"array {name!r}: {e}"]
     if meta is None:
         return []
     try:
@@ -168,10 +176,11 @@ def _scan_small(path: str, name: str, bank: MemoryBank | None) -> list[str]:
     except Exception as e:  # noqa: BLE001 - unreadable metadata is a finding
         return [f"array {name!r}: cannot open ({type(e).__name__}: {e})"]
     out = []
+    tail = ["0"] * (len(meta["shape"]) - 1)          # key bytes (N, W): chunk files keys/c/<c>/0
     for c in chunks:
         lo, hi = c * C, min(N, (c + 1) * C)
         try:
-            if regular_size(Path(path) / name / "c" / str(c), path, name) is None or lo >= hi:
+            if regular_size(Path(path, name, "c", str(c), *tail), path, name) is None or lo >= hi:
                 continue
             arr[lo:hi]
         except Exception as e:  # noqa: BLE001 - any decode/IO error is a finding
@@ -194,11 +203,12 @@ def verify_bank(bank: MemoryBank, block_rows: int = 1024, scan_data: bool = True
     owner = np.full(len(flags), None, dtype=object)
     for split, (start, count) in bank.splits.items():
         owner[start:start + count] = split
+    orphans = orphan_mask(flags, bank.splits)            # the rows `reindex` clears (MemoryBank.orphan_ranges)
     for r in np.flatnonzero(flags == 1):
         k = str(keys[r]) if r < len(keys) else ""
-        if owner[r] is None:
+        if orphans[r]:
             problems.append(f"row {r}: complete but belongs to no split (orphan, key {k!r}; the leftover of an "
-                            "interrupted rm-split is harmless)")
+                            f"interrupted rm-split, harmless: `python -m stores reindex {bank.path}` clears it)")
             continue
         try:
             if parse_key(k).split != owner[r]:

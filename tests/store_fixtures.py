@@ -2,8 +2,14 @@
 keys, deterministic rows, and stores on the local S3 server (`s3` fixture in conftest.py)."""
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import fsspec
 import numpy as np
+import zarr
+import zarr.codecs as zc
 
 from stores import Provenance, StoreSchema, create_memorybank
 
@@ -75,3 +81,32 @@ def filled(path: str, bev: bool = False, n: int = 25, shard_rows: int = 8
     bank.write_rows("train", 10, {f: a[10:] for f, a in data.items()})
     bank.close()
     return schema, keys, data
+
+
+def as_vlen_keys(path: str, version: int = 4) -> list[str]:
+    """Rewrite the keys of the fresh local Zarr store ``path`` as schema_version 3 and 4 stored them: zarr-python's
+    variable-length ``string`` type (codecs vlen-utf8, zstd-3, crc32c), same chunks; ``version`` 4 keeps the key
+    index files, 3 drops them. Returns the keys, row by row ("" where none)."""
+    root = Path(path)
+    g = zarr.open_group(path, mode="r")
+    old = g["keys"]
+    keys = [bytes(r).rstrip(b"\0").decode() for r in old[:]]
+    chunks, n = old.chunks[0], old.shape[0]
+    aside = root.parent / f"{root.name}.index-aside"
+    if (root / "keys" / "index").exists():
+        shutil.move(str(root / "keys" / "index"), aside)
+    shutil.rmtree(root / "keys")
+    arr = zarr.open_group(path, mode="r+").create_array(
+        "keys", shape=(n,), chunks=(chunks,), dtype=str, fill_value="",
+        compressors=[zc.ZstdCodec(level=3), zc.Crc32cCodec()], dimension_names=["row"])
+    if n:
+        arr[:] = np.asarray(keys, dtype=str)
+    if aside.exists():
+        if version >= 4:
+            shutil.move(str(aside), root / "keys" / "index")
+        else:
+            shutil.rmtree(aside)
+    meta = json.loads((root / "zarr.json").read_text())
+    meta["attributes"]["schema_version"] = version
+    (root / "zarr.json").write_text(json.dumps(meta))
+    return keys

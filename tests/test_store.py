@@ -51,7 +51,8 @@ def test_third_party_openers(tmp_path):
     path = str(tmp_path / "mb.zarr")
     schema, keys, data = filled(path, bev=True)
     g = zarr.open_group(path, mode="r")
-    assert g.attrs["seq_len"] == 3 and list(g["keys"][:2]) == keys[:2]
+    assert g.attrs["seq_len"] == 3 and g["keys"].dtype == np.uint8 and g["keys"].shape == (25, 276)
+    assert [bytes(r).rstrip(b"\0").decode() for r in g["keys"][:2]] == keys[:2]     # ASCII, NUL padded
     ch = g.attrs["light_channels"]                       # light fields packed on the channel axis of `light`
     assert ch == {"actions": [0, 2], "bev_vec": [2, 10], "gru_out": [10, 22]}
     np.testing.assert_array_equal(g["light"][5][:, slice(*ch["gru_out"])], data["gru_out"][5])

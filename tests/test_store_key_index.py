@@ -17,9 +17,8 @@ from stores import StoreCorruptError, create_memorybank, open_memorybank
 from stores.__main__ import main
 from stores.index_file import HEADER_BYTES, index_path, write_index
 from stores.layout import keys_crc32c
-from stores.schema import SCHEMA_VERSION
 from stores.zarr_v3.store import ZarrMemoryBank
-from tests.store_fixtures import make_keys, rows_for, tiny_prov, tiny_schema
+from tests.store_fixtures import as_vlen_keys, make_keys, rows_for, tiny_prov, tiny_schema
 
 
 def _store(path, splits=(("train", 30), ("valid", 12)), shard_rows=8):
@@ -41,13 +40,8 @@ def _flip(path: Path, offset: int) -> None:
 
 
 def _as_schema_3(path: str) -> None:
-    """What the previous version wrote: no index files, schema_version 3."""
-    for p in (Path(path) / "keys" / "index").iterdir():
-        p.unlink()
-    (Path(path) / "keys" / "index").rmdir()
-    meta = json.loads((Path(path) / "zarr.json").read_text())
-    meta["attributes"]["schema_version"] = 3
-    (Path(path) / "zarr.json").write_text(json.dumps(meta))
+    """What an earlier version wrote: no index files, keys in zarr-python's vlen strings, schema_version 3."""
+    as_vlen_keys(path, version=3)
 
 
 def test_open_maps_the_index_and_never_reads_the_keys(tmp_path, monkeypatch):
@@ -175,7 +169,7 @@ def test_previous_schema_opens_with_the_index_in_memory_and_reindex_upgrades_it(
     assert main(["info", path]) == 0 and "stores reindex" in capsys.readouterr().out
     assert main(["reindex", path]) == 0
     new = open_memorybank(path)
-    assert new.attrs["schema_version"] == SCHEMA_VERSION and new.disk_index
+    assert new.attrs["schema_version"] == 4 and new.disk_index        # indexed; its keys stay vlen (convert: 5)
     assert sorted(p.name for p in (Path(path) / "keys" / "index").iterdir()) == ["test.idx", "train.idx", "valid.idx"]
     np.testing.assert_array_equal(new.get(keys["train"][11])["bev_vec"], data["train"]["bev_vec"][11])
     assert main(["verify", path]) == 0
@@ -201,7 +195,7 @@ def test_the_index_stays_invisible_to_zarr_tools(tmp_path):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")              # zarr-python warns about an unknown node next to the arrays
         assert sorted(zarr.open_group(path, mode="r").array_keys()) == ["complete", "keys", "light"]
-        assert xr.open_zarr(path, consolidated=False, zarr_format=3)["keys"].shape == (44,)
+        assert xr.open_zarr(path, consolidated=False, zarr_format=3)["keys"].shape == (44, 276)
     assert not [w for w in seen if "not recognized" in str(w.message) or "index" in str(w.message)]
 
 

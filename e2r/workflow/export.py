@@ -154,9 +154,10 @@ def _cells(positions: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def _todo_mask(bank: MemoryBank, split: str, a: int, b: int) -> np.ndarray:
-    """(b - a,) bool: which split positions of ``[a, b)`` are not complete yet (read fresh from the store)."""
+    """(b - a,) bool: which split positions of ``[a, b)`` are not complete yet (read fresh from the store; rows
+    flagged complete whose chunks are lost or fail their checksum included: they are redone, not skipped)."""
     todo = np.zeros(b - a, bool)
-    for x, y in bank.incomplete_ranges(split):
+    for x, y in bank.incomplete_ranges(split, (a, b)):
         lo, hi = max(x, a), min(y, b)
         if lo < hi:
             todo[lo - a:hi - a] = True

@@ -9,6 +9,8 @@ from e2r.cli_config import device_option, lidar_num_features_option, option
 from e2r.errors import ConfigError, check_positive
 from e2r.workflow.configs import NumFeatures, check_storage_options
 from e2r.workflow.retrieval_queries import QUERY_KINDS
+from stores.errors import StoreError
+from stores.paths import check_new_path
 from stores.remote.objstore import is_remote
 
 __all__ = ["ExportConfig"]
@@ -79,6 +81,11 @@ class ExportConfig:
                               f"build it on a local copy (python -m pipelines.retrieval_index build)")
         check_positive(self, ("seq_len", "stride", "batch_size", "window_batch", "write_rows", "bev_feat_pool"))
         check_storage_options(self.storage_options)
+        if self.store and not is_remote(self.store):
+            try:
+                check_new_path(self.store)       # a file where a folder should be, /proc: before the teacher loads
+            except StoreError as e:
+                raise ConfigError(f"--store: {e}") from None
         if self.window_batch & (self.window_batch - 1):
             raise ConfigError(f"--window_batch must be a power of two, got {self.window_batch}")
         if self.workers < 0 or self.threads < 0 or self.num_workers < 0:

@@ -67,8 +67,9 @@ def lidar_extrinsics(cfg: ExportConfig) -> dict[str, list[list[float]]]:
 
 
 def _open_store(cfg: ExportConfig, schema: StoreSchema, prov: Provenance) -> MemoryBank:
-    """Create the store, or reopen it to resume/append; ``overwrite`` replaces one made with another schema or
-    teacher, an older format, a damaged one, or something that is not a memorybank."""
+    """Create the store, or reopen it to resume/append; ``overwrite`` replaces a memorybank made with another
+    schema or teacher, an older format, or a damaged one. Whatever lacks the memorybank marker (another Zarr
+    group or array, a directory, a file) is never deleted, with or without ``overwrite``."""
     kw: dict[str, Any] = {"shard_rows": cfg.shard_rows} if cfg.shard_rows else {}
     kw["storage_options"] = parse_storage_options(cfg.storage_options)
     try:
@@ -78,12 +79,15 @@ def _open_store(cfg: ExportConfig, schema: StoreSchema, prov: Provenance) -> Mem
             raise StoreMismatchError(f"{e}. Refusing to mix teachers/schemas in one store: export to another "
                                      f"--store, or pass --overwrite to delete {cfg.store} and start again") from None
         why = "made with another schema or teacher"
-    except (StoreVersionError, StoreCorruptError, NotAMemoryBankError) as e:
+    except NotAMemoryBankError as e:
+        raise NotAMemoryBankError(f"{e}. --store {cfg.store}: export never deletes what is not a memorybank, even "
+                                  "with --overwrite") from None
+    except (StoreVersionError, StoreCorruptError) as e:
         if not cfg.overwrite:
             raise type(e)(f"{e}. Pass --overwrite to delete {cfg.store} and export again") from None
         why = type(e).__name__
     print(f"--overwrite: deleting {cfg.store} ({why})", file=sys.stderr)
-    remove_memorybank(cfg.store, kw.get("storage_options"))
+    remove_memorybank(cfg.store, kw.get("storage_options"))      # NotAMemoryBankError without the marker
     return create_memorybank(cfg.store, schema, prov, fsync=not cfg.no_fsync, **kw)
 
 

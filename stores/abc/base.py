@@ -29,9 +29,9 @@ from stores.fsio import fsync_files, remove_path, writing
 from stores.index import KeyIndex, SplitIndex, check_keys
 from stores.index_file import index_files, write_index
 from stores.keys import InvalidKeyError
-from stores.layout import keys_chunk_rows, keys_crc32c
-from stores.schema import SCHEMA_VERSION, StoreSchema, json_attrs, now_iso
-from stores.validate import split_damage, used_rows
+from stores.layout import keys_chunk_rows, keys_crc32c, ranges_of
+from stores.schema import INDEXED_SCHEMA_VERSIONS, INDEXLESS_SCHEMA_VERSIONS, StoreSchema, json_attrs, now_iso
+from stores.validate import orphan_mask, split_damage, used_rows
 
 
 class StoreBase(ABC):
@@ -194,8 +194,8 @@ class StoreBase(ABC):
 
     @property
     def disk_index(self) -> bool:
-        """True when this store keeps its key index on disk (schema_version 4 on a back end with index files)."""
-        return self.index_files and self._attrs.get("schema_version") == SCHEMA_VERSION
+        """True when this store keeps its key index on disk (schema_version 4 or 5 on a back end with index files)."""
+        return self.index_files and self._attrs.get("schema_version") in INDEXED_SCHEMA_VERSIONS
 
     def refresh(self) -> None:
         """(Re)load the completion flags and the key index from disk. A read-only handle refuses
@@ -311,14 +311,33 @@ class StoreBase(ABC):
             if self.fsync:
                 fsync_files([p.parent], self.path)
 
+    def orphan_ranges(self) -> list[tuple[int, int]]:
+        """``[a, b)`` row ranges flagged complete that belong to no split (`stores.validate.orphan_mask`): what an
+        rm-split interrupted between removing the split's entry and clearing its rows leaves. ``verify`` lists
+        them (the same rows: flags up to the last chunk present), ``reindex`` clears them."""
+        n = self._n_rows()
+        flags = self._read_flags(0, max(self._used_rows, min(n, self._flags_extent())))
+        return ranges_of(orphan_mask(flags, self.splits))
+
     def reindex(self) -> list[str]:
-        """Write the on-disk key index of every split from its keys (read through their checksums and checked
-        against the split's ``keys_crc32c``, the key grammar and uniqueness), delete index files of no split,
-        then upgrade a schema_version 3 store to 4. Returns the splits indexed; ``[]`` on a back end without
-        index files (HDF5: its index is built at open). Run it while no other process writes the store."""
+        """Clear the orphan rows (`orphan_ranges`: their flags, data and keys), then write the on-disk key index of
+        every split from its keys (read through their checksums and checked against the split's
+        ``keys_crc32c``, the key grammar and uniqueness), delete index files of no split, then upgrade a
+        schema_version 3 store to 4 (its keys keep their encoding). Returns the splits indexed; ``[]`` on a back
+        end without index files (HDF5: its index is built at open; orphans are cleared). Run it while no other
+        process writes the store."""
         self._need_write()
-        if not self.index_files:
-            return []
+        with writing("clear orphan rows", self.path):
+            for a, b in self.orphan_ranges():
+                self._clear_rows(a, b)
+                if self.fsync:
+                    self._sync_rows(["keys", "complete", *self._data_arrays()], a, b)
+        done = self._write_indexes() if self.index_files else []
+        self.refresh()
+        return done
+
+    def _write_indexes(self) -> list[str]:
+        """`reindex`'s index files (see there); returns the splits indexed."""
         done = []
         entries = self._attrs.get("splits", {})
         with writing("rebuild the key index", self.path):
@@ -344,12 +363,11 @@ class StoreBase(ABC):
             for name, p in index_files(self.path).items():
                 if name not in self.splits:
                     remove_path(p)
-            if self._attrs.get("schema_version") != SCHEMA_VERSION:      # files first, then the version
-                attrs = json_attrs(self._attrs)
-                attrs["schema_version"], attrs["updated"] = SCHEMA_VERSION, now_iso()
+            if self._attrs.get("schema_version") in INDEXLESS_SCHEMA_VERSIONS:    # files first, then the version
+                attrs = json_attrs(self._attrs)          # 3 -> 4: the keys keep their encoding (convert changes it)
+                attrs["schema_version"], attrs["updated"] = min(INDEXED_SCHEMA_VERSIONS), now_iso()
                 self._write_attrs(attrs)
                 self._attrs = attrs
                 if self.fsync:
                     self._sync_meta()
-        self.refresh()
         return done

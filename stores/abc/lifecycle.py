@@ -10,13 +10,15 @@ creation killed in place by an older version (a group without attributes and emp
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from stores.errors import NotAMemoryBankError, StoreError, StoreVersionError
 from stores.fsio import fsync_tree, publish, remove_path, remove_stale_temps, temp_sibling, writing
 from stores.layout import FORMAT_NAME, new_store_attrs
-from stores.schema import (INDEXLESS_SCHEMA_VERSIONS, LEGACY_SCHEMA_VERSIONS, SCHEMA_VERSION, Provenance,
-                           StoreSchema, check_compatible)
+from stores.paths import check_new_path
+from stores.schema import (INDEXED_SCHEMA_VERSIONS, INDEXLESS_SCHEMA_VERSIONS, LEGACY_SCHEMA_VERSIONS,
+                           SCHEMA_VERSION, Provenance, StoreSchema, check_compatible)
 
 if TYPE_CHECKING:
     from stores.abc.store import MemoryBank
@@ -33,7 +35,7 @@ def check_version(path: str, attrs: dict[str, Any], legacy_ok: bool = False) -> 
     if attrs.get("format") != FORMAT_NAME:
         raise not_a_bank(path, f"group attribute format={attrs.get('format')!r}")
     v = attrs.get("schema_version")
-    if v == SCHEMA_VERSION or v in INDEXLESS_SCHEMA_VERSIONS or (legacy_ok and v in LEGACY_SCHEMA_VERSIONS):
+    if v in INDEXED_SCHEMA_VERSIONS or v in INDEXLESS_SCHEMA_VERSIONS or (legacy_ok and v in LEGACY_SCHEMA_VERSIONS):
         return
     if v in LEGACY_SCHEMA_VERSIONS:
         raise StoreVersionError(
@@ -43,7 +45,7 @@ def check_version(path: str, attrs: dict[str, Any], legacy_ok: bool = False) -> 
     if v == 1:
         raise StoreVersionError(f"memorybank {path}: schema_version 1 (one array per light field) is not readable "
                                 f"by this version ({SCHEMA_VERSION}); re-export it")
-    raise StoreVersionError(f"memorybank {path} has schema_version {v!r}; this version reads {SCHEMA_VERSION} "
+    raise StoreVersionError(f"memorybank {path} has schema_version {v!r}; this version reads 3 to {SCHEMA_VERSION} "
                             "(a newer e2r-kd wrote it? upgrade)")
 
 
@@ -56,10 +58,12 @@ def create_store(cls: type["MemoryBank"], path: str, schema: StoreSchema, proven
             cls._discard(path)
     if cls.exists(path):
         return _open_existing(cls, path, schema, provenance, exist_ok, fsync)
+    check_new_path(path)              # a file where a folder should be, /proc: named before anything is made
     remove_stale_temps(path)
     tmp = temp_sibling(path)
     try:
         with writing("create the store", path):
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)          # its folder (zarr-python makes it too)
             bank = cls(tmp, "r+", fsync)
             bank._attrs = attrs
             bank._create_new(schema)

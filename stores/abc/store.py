@@ -264,15 +264,17 @@ class MemoryBank(StoreBase):
         start, count = self._split(split)
         return [str(k) for k in self._read_keys(start, start + count)]
 
-    def incomplete_ranges(self, split: str) -> list[tuple[int, int]]:
+    def incomplete_ranges(self, split: str, within: tuple[int, int] | None = None) -> list[tuple[int, int]]:
         """Split-relative ``[a, b)`` position ranges whose rows are not complete yet (read fresh from disk):
-        rows without their completion flag, and rows flagged complete whose data are missing (a lost shard
-        or inner chunk), so a resumed writer redoes both."""
+        rows without their completion flag, and rows flagged complete whose data are missing or damaged (a lost
+        shard or inner chunk; on a local Zarr store also a chunk failing its crc32c), so a resumed writer
+        redoes them all instead of skipping them. ``within=(a, b)``: only split positions ``[a, b)`` (a task's)."""
         start, count = self._split(split)
-        done = self._read_complete(start, start + count)
+        lo, hi = (0, count) if within is None else (max(0, int(within[0])), min(count, int(within[1])))
+        done = self._read_complete(start + lo, start + max(lo, hi))
         for x, y in ranges_of(done):            # only rows flagged complete need their data checked
-            done[x:y] &= self._rows_with_data(start + x, start + y)
-        return ranges_of(~done)
+            done[x:y] &= self._rows_with_data(start + lo + x, start + lo + y)
+        return [(lo + x, lo + y) for x, y in ranges_of(~done)]
 
     def task_ranges(self, split: str, rows_per_task: int | None = None) -> list[tuple[int, int]]:
         """Cut a split's positions into ``[a, b)`` writer tasks on multiples of ``alignment``

@@ -48,6 +48,7 @@ from stores.zarr_v3.row_reader import RowChunkReader
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, Provenance, StoreSchema
 from stores.zarr_v3.checks import field_path
 from stores.zarr_v3.flat_chunks import encode_flat_chunk
+from stores.zarr_v3.key_array import encode_keys
 from stores.zarr_v3.shard_codec import encode_threads
 from stores.zarr_v3.store import ZarrMemoryBank
 
@@ -58,6 +59,8 @@ INDEX_PREFIX = "/".join(INDEX_DIR) + "/"
 class RemoteZarrMemoryBank(ZarrMemoryBank):
     """`ZarrMemoryBank` whose files are objects under a URL (see the module docstring). Open it with
     `stores.open_memorybank(url, storage_options=..., cache_dir=...)`."""
+
+    recheck_chunks = False      # a resume checks shard indexes and presence, not every chunk's bytes (one GET each)
 
     def __init__(self, path: str, mode: str, fsync: bool = True, *, storage_options: dict[str, Any] | None = None,
                  cache_dir: str | os.PathLike | None = None, cache_bytes: int | None = None) -> None:
@@ -112,12 +115,12 @@ class RemoteZarrMemoryBank(ZarrMemoryBank):
         return None if got is None else got.size
 
     def _chunk_path(self, name: str, c: int) -> str:      # type: ignore[override]
-        return f"{field_path(name)}/c/{c}"
+        return f"{field_path(name)}/c/{c}" + ("/0" if name == "keys" and self._key_width() else "")
 
     def _flat_reader(self, name: str) -> FlatChunkReader:
         if name not in self._flat:
             self._flat[name] = FlatChunkReader(name, self._metas.get(name) or self._meta(name) or {}, store=self.path,
-                                               name=name, read=lambda c: self.files.get(f"{name}/c/{c}"))
+                                               name=name, read=lambda c: self.files.get(self._chunk_path(name, c)))
         return self._flat[name]
 
     def _row_reader(self, path: str, meta: dict[str, Any] | None) -> RowChunkReader:
@@ -256,16 +259,22 @@ class RemoteZarrMemoryBank(ZarrMemoryBank):
                     old = self._flat_reader(name).chunk(c)
                 except ValueError:
                     old = None                             # damaged: its rows are lost anyway (redo / re-reserve)
-                chunk = np.full(C, fill, dtype=object if name == "keys" else np.uint8) if old is None else old.copy()
+                chunk = np.full((C, *values.shape[1:]), fill, values.dtype) if old is None else old.copy()
                 chunk[lo - c * C:hi - c * C] = values[lo - a:hi - a]
-            rel = f"{name}/c/{c}"
+            rel = self._chunk_path(name, c)
             if (chunk == fill).all():
                 self.files.delete([rel])
             else:
                 self.files.put(rel, encode_flat_chunk(self._metas[name], chunk))
 
     def _write_keys(self, a: int, keys: np.ndarray) -> None:
-        self._put_flat("keys", a, np.asarray(keys, dtype=object), "")
+        """Key bytes (N, W) encoded one chunk at a time (bounded memory), or vlen strings (schema_version 4)."""
+        w, C, b = self._key_width(), self._chunk_rows("keys"), a + len(keys)
+        for c in range(a // C, -(-b // C)) if w else []:
+            x, y = max(a, c * C), min(b, (c + 1) * C)
+            self._put_flat("keys", x, encode_keys(keys[x - a:y - a], w, self.path), 0)
+        if not w:
+            self._put_flat("keys", a, np.asarray(keys, dtype=object), "")
 
     def _write_flags(self, a: int, b: int, value: int) -> None:
         if b > a:
@@ -351,7 +360,7 @@ class RemoteZarrMemoryBank(ZarrMemoryBank):
             R = self._codec(field_path(name)).rows_per_shard
             tail = "/0" * (len(self._metas[field_path(name)]["shape"]) - 1)
             self.files.delete([f"{field_path(name)}/c/{i}{tail}" for i in range(a // R, -(-b // R))])
-        self._put_flat("keys", a, np.full(b - a, "", dtype=object), "")
+        self._write_keys(a, np.full(b - a, "", dtype=object))
         self._readers.clear()
 
     # ------------------------------------------------------------------ no local files to sync or check

@@ -17,6 +17,7 @@ from stores.layout import COMPLETE_UNSET, keys_chunk_rows
 from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, StoreSchema
 from stores.validate import ArrayInfo, check_store, zarr_array_info
 from stores.zarr_v3.checks import ARRAY_NAMES, field_path
+from stores.zarr_v3.key_array import create_keys_array
 
 
 def light_compressor(dtype: str) -> zc.BloscCodec | zc.ZstdCodec:
@@ -40,9 +41,9 @@ def create_arrays(path: str, schema: StoreSchema, attrs: dict[str, Any]) -> zarr
     S = int(attrs["shard_rows"])
     crc = zc.Crc32cCodec()
     g = zarr.open_group(path, mode="w-", zarr_format=3)
-    # keys are written only by reserve_split/remove_split (one process): big chunks, few files
-    g.create_array("keys", shape=(0,), chunks=(keys_chunk_rows(S),), dtype=str, fill_value="",
-                   compressors=[zc.ZstdCodec(level=3), crc], dimension_names=["row"])
+    # keys are written only by reserve_split/remove_split (one process): big chunks, few files; key bytes in a
+    # core data type (stores.zarr_v3.key_array), so every Zarr v3 implementation opens every array
+    create_keys_array(g, keys_chunk_rows(S))
     g.create_array("complete", shape=(0,), chunks=(S,), dtype="uint8", fill_value=COMPLETE_UNSET,
                    compressors=[zc.ZstdCodec(level=3), crc], dimension_names=["row"])
     shp = schema.row_shape(LIGHT_ARRAY)
@@ -75,6 +76,14 @@ def array_problems(attrs: dict[str, Any], meta_of: Callable[[str], dict[str, Any
             bad.append(f"array {name!r}: {e}")
     problems, _ = check_store(attrs, infos, "zarr", legacy=legacy)
     return bad + problems
+
+
+def dask_view(arr: zarr.Array, channels: tuple[int, int] | None = None) -> Any:
+    """A dask array over ``arr``, one dask chunk per shard (or chunk), nothing loaded; ``channels`` = ``(first,
+    end)``: that slice of the last axis (a light field of the packed ``light`` array)."""
+    import dask.array as da      # lazy: dask is only needed for this out-of-core view
+    d = da.from_zarr(arr, chunks=(arr.shards or arr.chunks))
+    return d if channels is None else d[..., channels[0]:channels[1]]
 
 
 def describe_arrays(path: str, arrays: Sequence[tuple[str, zarr.Array]], light_channels: dict[str, tuple[int, int]],

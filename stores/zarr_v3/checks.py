@@ -37,6 +37,15 @@ def chunk_failure(e: BaseException) -> str:
     return "crc32c checksum mismatch (chunk corrupted)" if "checksum" in msg.lower() else f"{type(e).__name__}: {msg}"
 
 
+def small_chunk_error(store: str, name: str, c: int, msg: str, keys: Sequence[str]) -> StoreCorruptError:
+    """The error of a read-only handle for chunk ``c`` of ``keys`` / ``complete`` that failed its check (``msg``
+    says how), with what to do."""
+    fix = ("delete the file and resume the export (its rows are redone)" if name == "complete" else
+           "restore the file, or re-export the split (python -m stores rm-split, then export)")
+    return StoreCorruptError(f"memorybank {store}: {msg}. Run `python -m stores verify {store}`; {fix}", path=store,
+                             array=name, chunk=f"{name}/c/{c}", keys=keys)
+
+
 def abandoned_dir(path: str) -> bool:
     """True when the directory ``path`` holds only the start of a creation killed in place by an older
     version (a group without attributes and empty arrays, no chunk; or only temporary files): safe to

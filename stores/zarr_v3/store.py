@@ -30,12 +30,14 @@ from stores.fsio import fsync_files, read_json, regular_size, remove_path
 from stores.index_file import index_path
 from stores.layout import COMPLETE_UNSET
 from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, StoreSchema
-from stores.zarr_v3.arrays import array_problems, create_arrays, describe_arrays
-from stores.zarr_v3.checks import ARRAY_NAMES, abandoned_dir, chunk_failure, discard_dir, field_path, missing_data
+from stores.zarr_v3.arrays import array_problems, create_arrays, dask_view, describe_arrays
+from stores.zarr_v3.checks import (ARRAY_NAMES, abandoned_dir, chunk_failure, discard_dir, field_path, missing_data,
+                                   small_chunk_error)
 from stores.zarr_v3.flat_chunks import FlatChunkReader
+from stores.zarr_v3.key_array import BYTES, decode_keys, keys_encoding, write_key_rows
 from stores.zarr_v3.row_reader import RowChunkReader
 from stores.zarr_v3.shard_codec import ShardCodec, encode_threads, write_file
-
+from stores.zarr_v3.upkeep import drop_files, intact_rows, zarr_errors
 
 
 class ZarrMemoryBank(MemoryBank):
@@ -44,6 +46,7 @@ class ZarrMemoryBank(MemoryBank):
     backend = "zarr"
     index_files = True
     bulk_writes = True     # write_rows encodes whole shards itself (stores.zarr_v3.shard_codec); False: through zarr-python
+    recheck_chunks = True  # incomplete_ranges checks the crc32c of complete rows' chunks (stores.zarr_v3.upkeep)
     write_threads: int | None = None     # threads compressing a shard (None: the CPUs available, at most 8)
 
     def __init__(self, path: str, mode: str, fsync: bool = True) -> None:
@@ -144,13 +147,22 @@ class ZarrMemoryBank(MemoryBank):
                 a.resize((n, *a.shape[1:]))
         self._readers.clear()
 
+    def _key_width(self) -> int:
+        """Bytes per key row (schema_version 5: key bytes uint8 (N, W)); 0 for vlen string keys (3, 4)."""
+        m = self._metas.get("keys") or self._meta("keys")
+        return int(m["shape"][1]) if keys_encoding(m) == BYTES else 0     # type: ignore[index]
+
     def _read_keys(self, a: int, b: int) -> np.ndarray:
         return self._zread("keys", a, b).astype(object) if b > a else np.zeros(0, object)
 
     def _write_keys(self, a: int, keys: np.ndarray) -> None:
         self._drop_bad_chunks("keys", a, a + len(keys))
         self._check_files(["keys"], a, a + len(keys))
-        self._arr("keys")[a:a + len(keys)] = np.asarray(keys, dtype=str)
+        if self._key_width():       # key bytes: chunks encoded here, zarr-python's bytes (stores.zarr_v3.key_array)
+            write_key_rows(Path(self.path, "keys"), self._metas["keys"], a, keys, self.fsync,
+                           self._flat_reader("keys").chunk)
+        else:
+            self._arr("keys")[a:a + len(keys)] = np.asarray(keys, dtype=str)
 
     def _read_flags(self, a: int, b: int) -> np.ndarray:
         return self._zread("complete", a, b).astype(np.uint8) if b > a else np.zeros(0, np.uint8)
@@ -193,7 +205,8 @@ class ZarrMemoryBank(MemoryBank):
         codec = self._codec(path) if self.bulk_writes else None
         reader = self._reader(name) if codec is not None else None
         if codec is None or reader is None:
-            self._arr(name)[a:a + len(data)] = data
+            with self._zarr_rows(name, a, a + len(data)):
+                self._arr(name)[a:a + len(data)] = data
             return
         S, end, b = codec.rows_per_shard, int(self._arr(name).shape[0]), a + len(data)
         for i in range(a // S, -(-b // S)):
@@ -213,13 +226,20 @@ class ZarrMemoryBank(MemoryBank):
             self._arr(name)[a:a + len(data)] = data
         self._readers.clear()
 
+    def _zarr_rows(self, name: str, a: int, b: int) -> Any:
+        """Context of a zarr-python read/write of rows ``[a, b)`` of ``name``: its errors name files and keys."""
+        return zarr_errors(self.path, field_path(name), self._files_of(name, a, b),
+                           lambda: self._keys_of(range(a, min(b, a + 8))))
+
     def _clear_rows(self, a: int, b: int) -> None:
         self._check_files(["keys", *self._arrays_on_disk()], a, b)
         self._write_flags(a, b, COMPLETE_UNSET)
-        for name in self._arrays_on_disk():
-            self._arr(name)[a:b] = np.nan   # all-fill inner chunks/shards are deleted (write_empty_chunks=False)
+        for name in self._arrays_on_disk():       # files of rows no split uses: deleted, never read
+            for lo, hi in drop_files(self._reader(name), a, b, self.splits.values()):
+                with self._zarr_rows(name, lo, hi):
+                    self._arr(name)[lo:hi] = np.nan   # all-fill chunks/shards are deleted (write_empty_chunks=False)
         self._drop_bad_chunks("keys", a, b)
-        self._arr("keys")[a:b] = ""
+        self._arr("keys")[a:b] = 0 if self._key_width() else ""
         self._readers.clear()
 
     def refresh(self) -> None:
@@ -231,13 +251,7 @@ class ZarrMemoryBank(MemoryBank):
         """Dask array (N, T, ...) of field ``name`` (light fields: a channel slice of ``light``) or of an
         on-disk array name; one dask chunk per shard, nothing loaded. Reads go through zarr-python (which
         checks the chunks' checksums; rows never written read as NaN)."""
-        import dask.array as da      # lazy: dask is only needed for this out-of-core view
-        arr = self._arr(name)
-        d = da.from_zarr(arr, chunks=(arr.shards or arr.chunks))
-        if name in LIGHT_FIELDS:
-            c0, c1 = self.schema.light_channels()[name]
-            d = d[..., c0:c1]
-        return d
+        return dask_view(self._arr(name), self.schema.light_channels().get(name))
 
     # ------------------------------------------------------------------ checked reads, durability, integrity
     @classmethod
@@ -262,35 +276,31 @@ class ZarrMemoryBank(MemoryBank):
                 return np.asarray(arr[a:b])
             except Exception:  # noqa: BLE001 - narrowed down to each chunk below
                 pass
-        out = np.full(b - a, "", dtype=object) if name == "keys" else np.full(b - a, COMPLETE_UNSET, np.uint8)
+        out = np.full(b - a, COMPLETE_UNSET, np.uint8) if name == "complete" else np.full(b - a, "", object)
         for c in range(a // C, -(-b // C)):
             lo, hi = max(a, c * C), min(b, (c + 1) * C)
             try:
                 if flat is None:
                     out[lo - a:hi - a] = np.asarray(self._arr(name)[lo:hi])
-                elif (got := flat.chunk(c)) is not None:
-                    out[lo - a:hi - a] = got[lo - c * C:hi - c * C]
+                elif (got := flat.chunk(c)) is not None:      # key bytes decoded chunk by chunk (bounded memory)
+                    got = got[lo - c * C:hi - c * C]
+                    out[lo - a:hi - a] = decode_keys(got) if got.ndim == 2 else got
             except StoreCorruptError:
                 raise                          # not a regular file: never tolerated
             except Exception as e:  # noqa: BLE001 - any decode/IO error of a chunk is corruption
-                msg = (f"array {name!r}, chunk {name}/c/{c} (rows [{c * C}, {(c + 1) * C})) does not decode: "
-                       f"{chunk_failure(e)}")
+                msg = f"array {name!r}, chunk {name}/c/{c} (rows [{c * C}, {(c + 1) * C})) does not decode: " \
+                      f"{chunk_failure(e)}"
                 if self.mode == "r+" or self._lenient:
                     self._bad_chunks.add((name, c))
-                    if msg not in self._read_damage:
-                        self._read_damage.append(msg)
+                    self._read_damage += [] if msg in self._read_damage else [msg]
                     continue
                 keys = self._keys_of(range(lo, hi)) if name != "keys" else []
-                fix = ("delete the file and resume the export (its rows are redone)" if name == "complete" else
-                       "restore the file, or re-export the split (python -m stores rm-split, then export)")
-                raise StoreCorruptError(f"memorybank {self.path}: {msg}. Run `python -m stores verify {self.path}`; "
-                                        f"{fix}", path=self.path, array=name, chunk=f"{name}/c/{c}",
-                                        keys=keys) from None
+                raise small_chunk_error(self.path, name, c, msg, keys) from None
         return out
 
     def _flat_reader(self, name: str) -> FlatChunkReader | None:
-        """The direct chunk reader of ``complete`` (None for ``keys``: variable-length strings)."""
-        if name != "complete":
+        """The direct chunk reader of ``complete`` and of key bytes (None for vlen ``keys``: zarr-python reads them)."""
+        if name != "complete" and (name != "keys" or not self._key_width()):
             return None
         if name not in self._flat:
             self._flat[name] = FlatChunkReader(Path(self.path) / name, self._metas.get(name) or self._meta(name),
@@ -316,7 +326,8 @@ class ZarrMemoryBank(MemoryBank):
         return regular_size(path, self.path, name)
 
     def _chunk_path(self, name: str, c: int) -> Path:
-        return Path(self.path) / field_path(name) / "c" / str(c)
+        """The file of chunk ``c`` of the unsharded array ``name`` (``c/<c>``; key bytes (N, W): ``c/<c>/0``)."""
+        return Path(self.path, field_path(name), "c", str(c), *(["0"] if name == "keys" and self._key_width() else []))
 
     def _drop_bad_chunks(self, name: str, a: int, b: int) -> None:
         """Delete the damaged chunks of ``name`` that a write of rows ``[a, b)`` touches (already lost)."""
@@ -357,7 +368,7 @@ class ZarrMemoryBank(MemoryBank):
         for name in self._arrays_on_disk():
             r = self._reader(name)
             if r is not None:
-                ok &= r.present(a, b)
+                ok &= intact_rows(r, a, b, self._keys_of) if self.recheck_chunks else r.present(a, b)
         return ok
 
     def _missing_data(self, complete: np.ndarray) -> list[str]:
@@ -374,7 +385,6 @@ class ZarrMemoryBank(MemoryBank):
         except FileNotFoundError:
             return 0
         return (max(ids) + 1) * int(self._arr("complete").chunks[0]) if ids else 0
-
 
     # ------------------------------------------------------------------ hot path
     def _reader(self, name: str) -> RowChunkReader | None:
@@ -396,7 +406,8 @@ class ZarrMemoryBank(MemoryBank):
         r = self._reader(name)
         if r is None:        # a layout RowChunkReader does not handle: zarr-python (correct, slower)
             uniq, inv = np.unique(rows, return_inverse=True)
-            return np.asarray(self._arr(name).get_orthogonal_selection((uniq,)))[inv]
+            with self._zarr_rows(name, int(uniq[0]), int(uniq[-1]) + 1):
+                return np.asarray(self._arr(name).get_orthogonal_selection((uniq,)))[inv]
         return r.read(rows)
 
     def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False) -> dict[str, np.ndarray]:
