@@ -26,8 +26,8 @@ from dataclasses import MISSING, Field, field, fields
 from typing import Any, Literal, Optional, Sequence, TypeVar, Union
 
 __all__ = ["CLI_KEYS", "option", "redefault", "add_options", "config_parser", "parse_config", "config_from_namespace",
-           "flag_default", "command_line", "num_features", "image_size", "lidar_num_features_option",
-           "device_option"]
+           "flag_default", "command_line", "subcommand_parser", "num_features", "image_size",
+           "lidar_num_features_option", "device_option"]
 
 C = TypeVar("C")
 
@@ -152,6 +152,20 @@ def config_parser(cls: type, prog: str, description: Optional[str], **kwargs: An
     kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
     parser = argparse.ArgumentParser(prog=prog, description=description, **kwargs)
     add_options(parser, cls)
+    return parser
+
+
+def subcommand_parser(cls: type, prog: str, doc: str, commands: dict[str, str], dest: str = "command"
+                      ) -> argparse.ArgumentParser:
+    """A parser whose sub-commands (``commands``: {name: help}) each offer the fields of the config ``cls``
+    that ``option(commands=...)`` gives them; the sub-command is parsed into the field ``dest``. ``doc``'s
+    first paragraph is the description, the rest the epilog."""
+    head, _, rest = doc.partition("\n\n")
+    parser = argparse.ArgumentParser(prog=prog, description=head, epilog=rest,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest=dest, required=True, metavar="{" + ",".join(commands) + "}")
+    for command, text in commands.items():
+        add_options(sub.add_parser(command, help=text, description=text), cls, command)
     return parser
 
 

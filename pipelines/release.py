@@ -20,7 +20,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from e2r.cli_config import add_options, parse_config
+from e2r.cli_config import parse_config, subcommand_parser
 from e2r.errors import E2RError
 from e2r.workflow.release import ReleaseConfig, add_release, measure_release
 
@@ -31,13 +31,7 @@ _HELP = {"add": "write a checkpoint compactly into the released folder with its 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    head, _, rest = __doc__.partition("\n\n")
-    p = argparse.ArgumentParser(prog="python -m pipelines.release", description=head, epilog=rest,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{add,measure}")
-    for command, text in _HELP.items():
-        add_options(sub.add_parser(command, help=text, description=text), CONFIG, command)
-    return p
+    return subcommand_parser(CONFIG, "python -m pipelines.release", __doc__, _HELP)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

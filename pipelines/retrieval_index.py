@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from e2r.cli_config import add_options, parse_config
+from e2r.cli_config import parse_config, subcommand_parser
 from e2r.errors import ConfigError, E2RError
 from e2r.workflow.retrieval_index import RetrievalIndexConfig, build_retrieval_index, query_index, verify_index
 from stores import StoreError
@@ -45,13 +45,7 @@ _HELP = {"build": "build (or --append to, --replace) a retrieval index inside a 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    head, _, rest = __doc__.partition("\n\n")
-    p = argparse.ArgumentParser(prog="python -m pipelines.retrieval_index", description=head, epilog=rest,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{build,query,verify}")
-    for command, text in _HELP.items():
-        add_options(sub.add_parser(command, help=text, description=text), CONFIG, command)
-    return p
+    return subcommand_parser(CONFIG, "python -m pipelines.retrieval_index", __doc__, _HELP)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
