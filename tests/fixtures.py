@@ -8,6 +8,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+import torch
+
 from e2r.sim.tiny import FRONT_CAM2EGO, make_points, write_calib, write_pcd, write_points_bin, write_tiny_dataset
 
 __all__ = ["make_points", "write_points_bin", "write_pcd", "write_calib", "write_tiny_dataset",
@@ -22,3 +25,12 @@ def read_csv_rows(csv_path: Path) -> list[dict[str, str]]:
 
 class Hang(BaseException):     # BaseException: a reader's ``except Exception`` must not turn it into a DataError
     """A read or command ran past its time limit (raised by a test's alarm)."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Per-step batches are tiny: on a busy 2-core machine torch's thread pool costs 50x (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

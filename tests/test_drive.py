@@ -26,17 +26,9 @@ from e2r.sim.sensors import render_camera
 from e2r.sim.vehicle import VehicleConfig, VehicleState, advance, step
 from e2r.sim.world import CSV_COLUMNS, camera_rng, generate_dataset
 from pipelines.drive import main as drive_main
+from tests.fixtures import one_thread  # noqa: F401 (module-scoped autouse fixture)
 
 SIZE = (64, 32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Per-step batches are tiny: on a busy 2-core machine torch's thread pool costs 50x (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

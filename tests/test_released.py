@@ -30,17 +30,9 @@ from e2r.workflow.export_run import export_memorybank
 from pipelines.drive import main as drive_main
 from pipelines.release import main as release_main
 from stores import open_memorybank
+from tests.fixtures import one_thread  # noqa: F401 (module-scoped autouse fixture)
 
 RELEASED = ("teacher", "student_dagger", "student_bc", "student_kd")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Per-step batches are tiny: on a busy 2-core machine torch's thread pool costs 50x (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
