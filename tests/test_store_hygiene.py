@@ -153,13 +153,19 @@ def test_incomplete_ranges_redo_complete_rows_whose_chunk_fails_its_checksum(tmp
     np.testing.assert_array_equal(out["bev_vec"], data["bev_vec"])
 
 
-def test_a_resume_over_a_damaged_shard_index_is_refused_naming_file_and_keys_then_redone(tmp_path):
-    path = str(tmp_path / "mb.zarr")
-    schema, keys, data = filled(path)
+def damage_shard_index(path: str) -> tuple[Path, bytearray]:
+    """Flip a byte of the second light shard's index (its checksummed tail) -> (the file, its damaged bytes)."""
     shard = Path(path) / "light" / "c" / "1" / "0" / "0"
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF
     shard.write_bytes(bytes(raw))
+    return shard, raw
+
+
+def test_a_resume_over_a_damaged_shard_index_is_refused_naming_file_and_keys_then_redone(tmp_path):
+    path = str(tmp_path / "mb.zarr")
+    schema, keys, data = filled(path)
+    shard, raw = damage_shard_index(path)
     with pytest.raises(StoreCorruptError, match=r"light/c/1/0/0: shard index checksum.*delete the file") as e:
         open_memorybank(path, "r+").incomplete_ranges("train")
     assert e.value.keys == keys[8:16] and e.value.chunk == "light/c/1/0/0"
@@ -258,10 +264,7 @@ def test_rm_split_of_a_split_whose_shard_index_is_damaged_deletes_it_unread(tmp_
 def test_zarr_python_errors_name_the_files_and_keys(tmp_path):
     path = str(tmp_path / "mb.zarr")
     schema, keys, data = filled(path)
-    shard = Path(path) / "light" / "c" / "1" / "0" / "0"
-    raw = bytearray(shard.read_bytes())
-    raw[-10] ^= 0xFF
-    shard.write_bytes(bytes(raw))
+    shard, raw = damage_shard_index(path)
     bank = open_memorybank(path, "r+")
     bank.bulk_writes = False                               # zarr-python merges the new row into the damaged shard
     with pytest.raises(StoreCorruptError, match=r"array 'light', light/c/1/0/0: .*zarr-python") as e:
