@@ -32,6 +32,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
+from stores.abc.identity import U64, TagChunks, mismatch_reason
 from stores.errors import StoreCorruptError, UnsupportedLayout
 from stores.fsio import open_regular, read_json, read_regular
 
@@ -92,6 +93,8 @@ class RowChunkReader:
             raise UnsupportedLayout(f"{self.dir}: unexpected array metadata ({type(e).__name__}: {e})") from None
         self._files: dict[int, tuple[Any, np.ndarray | None, np.ndarray | None]] = {}
         self._views: dict[int, memoryview] = {}
+        self.tags: TagChunks | None = None      # the store's identity tags (set by the bank), column tag_col
+        self.tag_col = 0
 
     def _parse(self, meta: dict[str, Any]) -> None:
         self.shape = tuple(int(x) for x in meta["shape"])
@@ -233,16 +236,19 @@ class RowChunkReader:
         return raw, self._index_of(i, raw, len(raw))
 
     # ------------------------------------------------------------------ reading
-    def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    def read(self, rows: Sequence[int] | np.ndarray, salts: list[int] | None = None) -> np.ndarray:
         """Rows ``rows`` (in-range, any order, repeats allowed) as an array (len(rows), *row_shape) of the
         array's dtype, in the order asked: each row is decoded straight into its place (files are visited in
-        row order)."""
+        row order). ``salts`` (one int per row, `stores.abc.identity.RowIdentity.array_salts`): each chunk's
+        identity tag is checked too (``tags`` must be set)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), *self.row_shape), self.dtype)
         if not len(rows):
             return out
         flat = out.reshape(len(rows), self.row_items)
         S = self.rows_per_file
+        tags = self.tags if salts is not None else None
+        toff = tags.offsets(rows, self.tag_col) if tags is not None else None
         for i, group in self.by_file(rows):
             mm, index, _ = self._open(i)
             if mm is None:
@@ -251,7 +257,8 @@ class RowChunkReader:
                 flat[group] = self.fill
                 continue
             spans = [[0, len(mm)]] * len(group) if index is None else index[rows[group] % S].tolist()
-            self._decode_group(i, group.tolist(), spans, rows, flat)
+            ident = None if tags is None else (tags.raw(i * S // tags.S), toff, salts)
+            self._decode_group(i, group.tolist(), spans, rows, flat, ident)
         return out
 
     def by_file(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -269,20 +276,30 @@ class RowChunkReader:
         return self._corrupt("inner chunk is missing from the shard, but its row is marked complete (lost by a "
                              "writer that broke the alignment rule?)", i, [row], row % self.rows_per_file)
 
+    def foreign(self, i: int, row: int, tag: int) -> StoreCorruptError:
+        """The chunk of ``row`` (file ``i``) failed its identity check (stored ``tag``)."""
+        key = self._keys_of([row]) if self._keys_of is not None else []
+        return self._corrupt(f"row {row}{f' (key {key[0]!r})' if key else ''} failed its identity check: "
+                             f"{mismatch_reason(tag)}", i, [row], row % self.rows_per_file)
+
     def bad_checksum(self, i: int, row: int) -> StoreCorruptError:
         return self._corrupt(f"row {row} does not decode: crc32c checksum mismatch (chunk data corrupted)", i, [row],
                              row % self.rows_per_file)
 
     def _decode_group(self, i: int, positions: list[int], spans: list[list[int]], rows: np.ndarray,
-                      flat: np.ndarray) -> None:
+                      flat: np.ndarray, ident: tuple[Any, list[int], list[int]] | None = None) -> None:
         """Check and decode the chunks ``spans`` [(offset, nbytes)] of mapped file ``i`` into
         ``flat[positions]`` (``rows[positions]`` name them in errors). Per row: the crc32c of the chunk's bytes
-        against the 4 stored after them, BEFORE anything is decoded; then the decode of `decode_into`, inlined
-        here (this loop is the store's hot path: a call per row cost ~6 % of ``get_batch``)."""
+        against the 4 stored after them, BEFORE anything is decoded; with ``ident`` = (the tag chunk's bytes,
+        each position's tag offset in it, each position's salt), the identity tag too (tag ^ salt == crc32c);
+        then the decode of `decode_into`, inlined here (this loop is the store's hot path: a call per row
+        cost ~6 % of ``get_batch``)."""
         mm, _, u8 = self._files[i]
         view, value, tail = self._views[i], google_crc32c.value, 4 if self.crc else 0
         dest = memoryview(flat.reshape(-1).view(np.uint8))
         nbytes, decompress, stored_crc = self.row_nbytes, self._decompress, _U32.unpack_from
+        traw, toff, salts = ident if ident is not None else (None, None, None)
+        tag_of = U64.unpack_from
         j = -1
         try:
             for j, (off, nb) in zip(positions, spans):
@@ -292,9 +309,12 @@ class RowChunkReader:
                     flat[j] = self.fill
                     continue
                 end = off + nb - tail
-                if tail and value(u8[off:end]) != stored_crc(mm, end)[0]:   # value() needs a read-only buffer
-                    # without a release hook: the numpy view of the map, not the memoryview
-                    raise self.bad_checksum(i, int(rows[j]))
+                if tail:
+                    crc = value(u8[off:end])     # value() needs a read-only buffer without a release hook: the
+                    if crc != stored_crc(mm, end)[0]:                # numpy view of the map, not the memoryview
+                        raise self.bad_checksum(i, int(rows[j]))
+                    if traw is not None and tag_of(traw, toff[j])[0] ^ salts[j] != crc:
+                        raise self.foreign(i, int(rows[j]), tag_of(traw, toff[j])[0])
                 got = view[off:end] if decompress is None else decompress(view[off:end])
                 if len(got) != nbytes:
                     raise ValueError(f"{len(got)} bytes, expected {nbytes}")
@@ -333,11 +353,12 @@ class RowChunkReader:
             out[lo - a:hi - a] = index[lo - i * S:hi - i * S, 0] != _EMPTY if self.sharded else True
         return out
 
-    def scan(self, i: int, check: Callable[[int, np.ndarray], str | None] | None = None
-             ) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    def scan(self, i: int, check: Callable[[int, np.ndarray], str | None] | None = None,
+             expect: dict[int, tuple[int, bool]] | None = None) -> tuple[np.ndarray, list[tuple[int, str]]]:
         """Check every chunk of file ``i`` (verify): ``(present (S,) bool, [(row, problem)])``; a whole-file
         problem is reported with row -1. Every present chunk's checksum is checked and it is decoded;
-        ``check(row, values)`` may report a problem with the decoded values."""
+        ``check(row, values)`` may report a problem with the decoded values; ``expect`` ``{row: (crc32c its
+        identity tag says, untagged)}`` has the identity of those rows checked."""
         S = self.rows_per_file
         present = np.zeros(S, bool)
         try:
@@ -354,6 +375,10 @@ class RowChunkReader:
             row = i * S + k
             try:
                 self._decode_group(i, [0], [spans[k]], np.array([row]), scratch)
+                if expect is not None and row in expect and self.crc:
+                    want, untagged = expect[row]
+                    if _U32.unpack_from(mm, spans[k][0] + spans[k][1] - 4)[0] != want:
+                        raise self.foreign(i, row, 0 if untagged else 1)
             except StoreCorruptError as e:
                 problems.append((row, str(e)))
                 continue

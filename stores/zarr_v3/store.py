@@ -24,6 +24,7 @@ import numpy as np
 import zarr
 
 from stores.abc import MemoryBank
+from stores.abc.identity import IDENTITY
 from stores.abc.inspection import Inspection
 from stores.errors import StoreCorruptError, UnsupportedLayout
 from stores.fsio import fsync_files, read_json, regular_size, remove_path
@@ -33,13 +34,13 @@ from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, StoreSchema
 from stores.zarr_v3.arrays import array_problems, create_arrays, describe_arrays
 from stores.zarr_v3.checks import ARRAY_NAMES, abandoned_dir, chunk_failure, discard_dir, field_path, missing_data
 from stores.zarr_v3.flat_chunks import FlatChunkReader
+from stores.zarr_v3.identity import ZarrIdentity, create_identity_array
 from stores.zarr_v3.row_reader import RowChunkReader
 from stores.zarr_v3.shard_codec import ShardCodec, encode_threads, write_file
 
 
-
-class ZarrMemoryBank(MemoryBank):
-    """`MemoryBank` over a Zarr v3 directory store."""
+class ZarrMemoryBank(ZarrIdentity, MemoryBank):
+    """`MemoryBank` over a Zarr v3 directory store (identity, generation, lock: `ZarrIdentity`)."""
 
     backend = "zarr"
     index_files = True
@@ -60,7 +61,7 @@ class ZarrMemoryBank(MemoryBank):
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["_group"], d["_arrays"], d["_readers"] = None, {}, {}
+        d["_group"], d["_arrays"], d["_readers"], d["_tagc"], d["_keys_cache"] = None, {}, {}, None, None
         return d
 
     @staticmethod
@@ -118,6 +119,8 @@ class ZarrMemoryBank(MemoryBank):
     def _create_new(self, schema: StoreSchema) -> None:
         self._attrs["light_channels"] = {f: list(v) for f, v in schema.light_channels().items()}
         self._group = create_arrays(self.path, schema, self._attrs)
+        if self.has_identity:
+            create_identity_array(self._group, self.alignment, len(self._identity_arrays()))
 
     def _arrays_on_disk(self) -> list[str]:
         return [LIGHT_ARRAY] + ([BEV_FEAT] if self.schema.store_bev_feat else [])
@@ -138,7 +141,7 @@ class ZarrMemoryBank(MemoryBank):
         return int(self._arr("keys").shape[0])
 
     def _resize(self, n: int) -> None:
-        for name in [*self._arrays_on_disk(), "complete", "keys"]:      # keys last: never longer than the others
+        for name in [*self._arrays_on_disk(), *self._tag_arrays(), "complete", "keys"]:  # keys last: never longer
             a = self._arr(name)
             if a.shape[0] != n:
                 a.resize((n, *a.shape[1:]))
@@ -349,11 +352,11 @@ class ZarrMemoryBank(MemoryBank):
     def _sync_meta(self) -> None:
         root = Path(self.path)
         metas = [root / "zarr.json"] + [root / field_path(n) / "zarr.json" for n in
-                                        ["keys", "complete", *self._arrays_on_disk()]]
+                                        ["keys", "complete", *self._arrays_on_disk(), *self._tag_arrays()]]
         fsync_files(metas, self.path)
 
     def _rows_with_data(self, a: int, b: int) -> np.ndarray:
-        ok = np.ones(max(0, b - a), bool)
+        ok = self._tags_present(a, b)            # a row without its identity tag is redone too
         for name in self._arrays_on_disk():
             r = self._reader(name)
             if r is not None:
@@ -366,7 +369,7 @@ class ZarrMemoryBank(MemoryBank):
         if self._legacy or not len(complete):     # older versions dropped all-zero chunks: absence is not loss
             return []
         readers = [(n, r) for n in self._arrays_on_disk() if (r := self._reader(n)) is not None]
-        return missing_data(readers, complete, self._file_size, self._keys_of)
+        return missing_data(readers, complete, self._file_size, self._keys_of) + self._missing_tags(complete)
     def _flags_extent(self) -> int:
         """Rows covered by the ``complete`` chunk files present (a bound for scans of an edited shape)."""
         try:
@@ -382,7 +385,9 @@ class ZarrMemoryBank(MemoryBank):
         if path not in self._readers:
             meta = self._metas.get(path) or self._meta(path)
             try:
-                self._readers[path] = self._row_reader(path, meta)
+                r = self._readers[path] = self._row_reader(path, meta)
+                if self.has_identity:
+                    r.tags, r.tag_col = self._tag_chunks(), self._identity().columns[path]   # type: ignore[union-attr]
             except UnsupportedLayout:
                 self._readers[path] = None
         return self._readers[path]
@@ -392,14 +397,16 @@ class ZarrMemoryBank(MemoryBank):
         return RowChunkReader(Path(self.path) / path, store=self.path, name=path, strict=not self._legacy,
                               keys_of=self._keys_of, meta=meta, fields=LIGHT_FIELDS if path == LIGHT_ARRAY else ())
 
-    def _read_array_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+    def _read_array_rows(self, name: str, rows: np.ndarray, salts: np.ndarray | None = None) -> np.ndarray:
         r = self._reader(name)
-        if r is None:        # a layout RowChunkReader does not handle: zarr-python (correct, slower)
+        if r is None:        # a layout RowChunkReader does not handle (older stores): zarr-python (correct, slower)
             uniq, inv = np.unique(rows, return_inverse=True)
             return np.asarray(self._arr(name).get_orthogonal_selection((uniq,)))[inv]
-        return r.read(rows)
+        ident = self._identity() if salts is not None else None
+        return r.read(rows, None if ident is None else ident.array_salts(salts, field_path(name)))
 
-    def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False) -> dict[str, np.ndarray]:
+    def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False,
+                   salts: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``{field: (len(rows), T, ...)}`` in the order of ``rows``; the packed light row is read and
         checked ONCE for all light fields. They come back as channel views of the packed block when
         ``views`` or when all three are asked for (no copy), else as copies (a small field must not keep
@@ -407,14 +414,14 @@ class ZarrMemoryBank(MemoryBank):
         out: dict[str, np.ndarray] = {}
         light = [f for f in fields if f in LIGHT_FIELDS]
         if light:
-            packed = self._read_array_rows(LIGHT_ARRAY, rows)
+            packed = self._read_array_rows(LIGHT_ARRAY, rows, salts)
             ch = self._channels()
             keep = views or len(set(light)) == len(LIGHT_FIELDS)
             for f in light:
                 v = packed[..., ch[f][0]:ch[f][1]]
                 out[f] = v if keep else np.ascontiguousarray(v)
         if BEV_FEAT in fields:
-            out[BEV_FEAT] = self._read_array_rows(BEV_FEAT, rows)
+            out[BEV_FEAT] = self._read_array_rows(BEV_FEAT, rows, salts)
         return {f: out[f] for f in fields}
 
     def inspect(self) -> Inspection:
@@ -425,7 +432,7 @@ class ZarrMemoryBank(MemoryBank):
     def describe(self) -> list[dict[str, Any]]:
         """Per array: name, shape, dtype, chunks, shards, codecs, stored bytes (files on disk), raw bytes,
         and for ``light`` the channel slice of each field."""
-        arrays = [(name, self._arr(name)) for name in ["keys", "complete", *self._arrays_on_disk()]]
+        arrays = [(name, self._arr(name)) for name in ["keys", "complete", *self._arrays_on_disk(), *self._tag_arrays()]]
         return describe_arrays(self.path, arrays, self.schema.light_channels(),
                                self._index if self.disk_index else None)
 

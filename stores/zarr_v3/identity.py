@@ -1,0 +1,227 @@
+"""Identity, generation and the append lock of the Zarr back end (`ZarrIdentity`, a mixin of
+`stores.zarr_v3.store.ZarrMemoryBank`; what they are: `stores.abc.identity`, `stores.abc.guard`).
+
+* The tag array ``identity`` (N, F) uint64, chunks (S, F) (S = ``shard_rows``, F = the data arrays: ``light``
+  and, when stored, ``bev_feat/bev_feat``), codecs ``bytes`` + ``crc32c``, fill 0, dimension names ``row,
+  array``: a plain Zarr array (zarr-python, dask and xarray open it). Chunk ``c`` (``identity/c/<c>/0``)
+  holds the tags of rows ``[c * S, (c + 1) * S)``: one writer task's rows (the alignment rule), written
+  whole (temporary name, fsync, rename) after the rows' data and before their flags. Readers map each chunk
+  they touch once per process and check its crc32c once.
+* A writer reads the crc32c of each row it wrote back from the shard files (the shard index and 4 bytes a
+  row: pages just written), so a tag names the bytes on disk.
+* Generation signature: ``os.stat`` of the root ``zarr.json`` (inode, size, mtime, ctime; zarr-python
+  replaces it by rename at every attribute write).
+* Lock: ``fcntl.flock`` of the store directory (no lock file; held by one handle of one process at a time,
+  released when the process dies). Local file systems; on a network file system flock may not be shared
+  between machines: there run ``reserve_split`` / ``rm-split`` from one machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs as zc
+
+from stores.abc.identity import IDENTITY, decode_tags
+from stores.errors import StoreCorruptError
+from stores.fsio import fsync_files, open_regular, read_regular, remove_path, write_atomic
+from stores.schema import BEV_FEAT, LIGHT_ARRAY
+from stores.zarr_v3.checks import field_path
+from stores.zarr_v3.row_reader import _EMPTY, RowChunkReader
+
+
+def create_identity_array(group: zarr.Group, shard_rows: int, columns: int) -> None:
+    """The empty tag array of a new store in ``group``."""
+    group.create_array(IDENTITY, shape=(0, columns), chunks=(shard_rows, columns), dtype="uint64", fill_value=0,
+                       serializer=zc.BytesCodec(endian="little"), compressors=[zc.Crc32cCodec()],
+                       dimension_names=["row", "array"])
+
+
+def identity_meta_problems(meta: dict[str, Any] | None, shard_rows: int, columns: int, rows: int) -> list[str]:
+    """What is wrong with the tag array's ``zarr.json`` ``meta`` for a store of ``rows`` rows."""
+    if meta is None:
+        return [f"array {IDENTITY!r} (the rows' identity tags) is missing"]
+    try:
+        shape = [int(x) for x in meta["shape"]]
+        chunks = [int(x) for x in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+        codecs = [(c.get("name"), (c.get("configuration") or {}).get("endian", "little")) for c in meta["codecs"]]
+        ok = (meta.get("data_type") == "uint64" and len(shape) == 2 and shape[1] == columns and shape[0] >= rows
+              and chunks == [shard_rows, columns] and codecs == [("bytes", "little"), ("crc32c", "little")])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        ok = False
+    return [] if ok else [f"array {IDENTITY!r} is not (>= {rows}, {columns}) uint64 in chunks ({shard_rows}, "
+                          f"{columns}) with codecs bytes + crc32c: {meta.get('shape')} {meta.get('data_type')}"]
+
+
+def stored_crcs(r: RowChunkReader, a: int, b: int) -> np.ndarray:
+    """(b - a,) int64: the crc32c stored after the chunk of each row of ``[a, b)`` of the array ``r`` reads
+    (-1: no chunk), read now from the files (the index and 4 bytes a row; a writer tagging its rows)."""
+    out = np.full(max(0, b - a), -1, np.int64)
+    S = r.rows_per_file
+    for i in range(a // S, -(-b // S)) if r.crc else ():
+        lo, hi = max(a, i * S), min(b, (i + 1) * S)
+        try:
+            opened = open_regular(r.file_path(i), r.store, r.name)
+        except StoreCorruptError as e:
+            raise r._corrupt(str(e), i) from None
+        if opened is None:
+            continue
+        fd, size = opened
+        try:
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
+        finally:
+            os.close(fd)
+        if mm is None:
+            continue
+        try:
+            if r.sharded:
+                index = r._index_of(i, mm, len(mm))[lo - i * S:hi - i * S]
+                full = index[:, 0] != _EMPTY
+                ends = (index[full, 0] + index[full, 1]).astype(np.int64)
+            else:
+                full, ends = np.ones(1, bool), np.array([len(mm)], np.int64)
+            u8 = np.frombuffer(mm, np.uint8)
+            out[lo - a:hi - a][full] = u8[ends[:, None] - 4 + np.arange(4)].copy().view("<u4").reshape(-1)
+            del u8
+        finally:
+            mm.close()
+    return out
+
+
+class ZarrIdentity:
+    """The `stores.abc.guard.StoreGuard` primitives of a local Zarr store (module docstring). Relies on
+    `ZarrMemoryBank`'s members (path, schema, fsync, ``_reader``, ``_meta``, ``_json``, ``_file_size``, ...)."""
+
+    path: str
+    fsync: bool
+    _attrs: dict[str, Any]
+
+    # ------------------------------------------------------------------ the tag array
+    def _identity_arrays(self) -> list[str]:
+        return [LIGHT_ARRAY] + ([field_path(BEV_FEAT)] if self.schema.store_bev_feat else [])   # type: ignore[attr-defined]
+
+    def _tag_arrays(self) -> list[str]:
+        """[the tag array] when this store has identity (it is resized with the others)."""
+        return [IDENTITY] if self.has_identity else []         # type: ignore[attr-defined]
+
+    def _identity_problems(self) -> list[str]:
+        out = super()._identity_problems()                     # type: ignore[misc]
+        if self.has_identity and not out:                      # type: ignore[attr-defined]
+            meta = self._metas.get(IDENTITY) or self._meta(IDENTITY)   # type: ignore[attr-defined]
+            out += identity_meta_problems(meta, self.alignment, len(self._identity_arrays()),  # type: ignore[attr-defined]
+                                          self._n_rows())     # type: ignore[attr-defined]
+        return out
+
+    def _tag_path(self, c: int) -> Any:
+        return Path(self.path) / IDENTITY / "c" / str(c) / "0"
+
+    def _tag_file(self, c: int) -> str:
+        return f"{IDENTITY}/c/{c}/0"
+
+    def _load_tags(self, c: int) -> Any | None:
+        """A read-only map of tag chunk ``c`` (None when absent; StoreCorruptError when not a regular file)."""
+        opened = open_regular(self._tag_path(c), self.path, IDENTITY)
+        if opened is None:
+            return None
+        fd, size = opened
+        try:
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else b""
+        finally:
+            os.close(fd)
+
+    def _read_tags_fresh(self, c: int) -> bytes | None:
+        return read_regular(self._tag_path(c), self.path, IDENTITY)
+
+    def _put_tags(self, c: int, raw: bytes | None) -> None:
+        p = self._tag_path(c)
+        if raw is None:
+            remove_path(p)
+            return
+        os.makedirs(p.parent, exist_ok=True)
+        write_atomic(p, [raw], self.fsync, tmp=f"{p}.{uuid.uuid4().hex}.partial")
+
+    def _sync_tags(self, a: int, b: int) -> None:
+        S = self.alignment                                       # type: ignore[attr-defined]
+        files = [str(self._tag_path(c)) for c in range(a // S, -(-b // S))]
+        fsync_files(files, self.path, synced=files, durable=self._durable)   # type: ignore[attr-defined]
+
+    def _row_crcs(self, array: str, a: int, b: int, block: Mapping[str, np.ndarray]) -> np.ndarray:
+        r = self._reader(array)                                  # type: ignore[attr-defined]
+        if r is None:
+            raise StoreCorruptError(f"memorybank {self.path}: array {array!r} is not stored one row per chunk with "
+                                    "crc32c: its rows cannot carry identity tags", path=self.path, array=array)
+        return stored_crcs(r, a, b)
+
+    def _tags_present(self, a: int, b: int) -> np.ndarray:
+        """(b - a,) bool: rows with a tag in every column, read now (a lost or damaged tag chunk: none)."""
+        ok = np.zeros(max(0, b - a), bool)
+        if not self.has_identity:                                # type: ignore[attr-defined]
+            return ~ok
+        S, F = self.alignment, len(self._identity_arrays())     # type: ignore[attr-defined]
+        for c in range(a // S, -(-b // S)):
+            lo, hi = max(a, c * S), min(b, (c + 1) * S)
+            raw = self._read_tags_fresh(c)
+            try:
+                tags = decode_tags(raw, S, F) if raw is not None else None
+            except ValueError:
+                tags = None
+            if tags is not None:
+                ok[lo - a:hi - a] = (tags[lo - c * S:hi - c * S] != 0).all(axis=1)
+        return ok
+
+    def _missing_tags(self, complete: np.ndarray) -> list[str]:
+        """Tag chunks that rows flagged in ``complete`` (bool over rows ``[0, n)``) need and that are absent
+        (one stat per chunk holding a complete row)."""
+        if not self.has_identity or not len(complete):           # type: ignore[attr-defined]
+            return []
+        S = self.alignment                                       # type: ignore[attr-defined]
+        held = np.pad(complete, (0, -len(complete) % S)).reshape(-1, S).any(axis=1)
+        out = []
+        for c in np.flatnonzero(held).tolist():
+            if self._file_size(self._tag_path(c), IDENTITY) is None:   # type: ignore[attr-defined]
+                keys = self._keys_of(c * S + np.flatnonzero(complete[c * S:(c + 1) * S])[:4])  # type: ignore[attr-defined]
+                out.append(f"{self._tag_file(c)} (the identity tags of rows [{c * S}, {(c + 1) * S})) is missing but "
+                           f"rows there are complete (keys {', '.join(map(repr, keys))} ...): resume the export to "
+                           "redo them")
+        return out
+
+    # ------------------------------------------------------------------ generation, lock
+    def _attrs_signature(self) -> Any:
+        try:
+            st = os.stat(Path(self.path) / "zarr.json")
+        except FileNotFoundError:
+            return ("gone",)
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def _read_attrs_fresh(self) -> dict[str, Any] | None:
+        try:
+            root = self._json("zarr.json")                      # type: ignore[attr-defined]
+        except StoreCorruptError:
+            return None
+        return None if root is None else dict(root.get("attributes") or {})
+
+    def _reload_attrs(self) -> None:
+        """Drop every cached view of the arrays (shapes, maps, metadata) and read the attributes again."""
+        self._group, self._readers, self._flat = None, {}, {}     # type: ignore[assignment]
+        self._arrays.clear()                                     # type: ignore[attr-defined]
+        self._metas.clear()                                      # type: ignore[attr-defined]
+        self._attrs = self._open_existing()                      # type: ignore[attr-defined]
+        if self.has_identity:                                    # type: ignore[attr-defined]
+            self._meta(IDENTITY)                                 # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)                                         # closing the descriptor releases the lock
