@@ -54,6 +54,7 @@ class StoreGuard:
 
     def _guard_init(self) -> None:
         self._gen_sig: Any = None                   # signature of the attributes when they were (re)loaded
+        self._seen_sig: Any = None                  # signature at the last generation check
         self._index_entries: dict[str, Any] = {}    # split entries the key index was built from
         self._stale: dict[str, str] = {}            # split -> why, of the index's splits changed on disk
         self._lock_depth = 0
@@ -224,11 +225,11 @@ class StoreGuard:
         if not force and not self._generation_due():
             return
         sig = self._attrs_signature()
-        if sig is None or (sig == self._gen_sig and not force):
+        if sig is None or (not force and sig in (self._gen_sig, self._seen_sig)):
             return
         fresh = self._read_attrs_fresh()
         self._stale.update(changed_splits(self._index_entries, None if fresh is None else fresh.get("splits")))
-        self._gen_sig = sig
+        self._seen_sig = sig
         if self._stale:
             self._raise_stale(rows)
 

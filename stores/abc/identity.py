@@ -8,8 +8,8 @@ store with identity (root attribute ``identity``, written at creation: a random 
 ``identity`` (N, F) uint64 (Zarr: chunks of ``shard_rows`` rows, codecs bytes + crc32c; HDF5: a dataset with
 fletcher32), written after the row's data and before its completion flag::
 
-    salt(row, key) = (kd(key) + row * R + su(split of row) + base) * M            (mod 2^64)
-    tag[row, a]    = crc(row's chunk of array a) ^ salt(row, key) ^ A(a)
+    salt(row, key, a) = (kd(key) + row * R + su(split of row) + base + A(a)) * M      (mod 2^64)
+    tag[row, a]       = crc(row's chunk of array a) ^ salt(row, key, a)
 
 ``kd`` is a digest of the key's ASCII bytes (`key_digests`: the key strings, never the keys array's
 encoding), ``su`` a digest of the split entry's random ``uid`` (a new one at every ``reserve_split``: the
@@ -17,7 +17,7 @@ split's generation), ``base`` a digest of the store uid and the teacher fingerpr
 ``teacher_sha256`` and ``model_config``), ``A(a)`` one of the array's path, ``R`` and ``M`` fixed odd
 constants. ``crc`` is the crc32c the chunk already carries (Zarr: of its compressed bytes, the value of the
 ``crc32c`` codec; HDF5: of the decoded row). A reader recomputes the salt from the key it was asked for and
-the row the index gave and accepts a chunk only when ``tag ^ salt ^ A`` equals the chunk's crc32c: the upper
+the row the index gave and accepts a chunk only when ``tag ^ salt`` equals the chunk's crc32c: the upper
 32 bits must vanish and the lower ones match, so a chunk at another row, of another key, split reservation,
 array, store or teacher, or a lost tag (0), is refused except with probability ~2^-64. The cost is one
 ``struct.unpack`` and an XOR per row plus ~10 vectorised operations per batch (docs/STORE.md).
@@ -87,8 +87,8 @@ def key_digests(keys: Sequence[str] | np.ndarray) -> np.ndarray:
         return np.zeros(0, np.uint64)
     w = -(-q.dtype.itemsize // 8)
     mul = _KEY_MUL if w <= len(_KEY_MUL) else _odd_constants(_KEY_SEED, w)
-    words = np.ascontiguousarray(q.astype(f"S{8 * w}")).view("<u8").reshape(n, w)
-    return (words * mul[:w]).sum(axis=1, dtype=np.uint64)
+    words = q.astype(f"S{8 * w}").view("<u8").reshape(n, w)
+    return words @ mul[:w]                     # integer matmul: wraps mod 2^64
 
 
 def teacher_fingerprint(attrs: Mapping[str, Any]) -> str:
@@ -139,15 +139,16 @@ class RowIdentity:
         ident = attrs["identity"]
         self.arrays = [str(a) for a in ident["arrays"]]
         self.columns = {a: i for i, a in enumerate(self.arrays)}
-        self._base = np.uint64(digest64("store", str(ident["store_uid"]), teacher_fingerprint(attrs)))
-        self._array = {a: np.uint64(digest64("array", a)) for a in self.arrays}
+        base = digest64("store", str(ident["store_uid"]), teacher_fingerprint(attrs))
+        self._array = {a: np.uint64((base + digest64("array", a)) % 2**64) for a in self.arrays}
         entries = sorted((int(v["start"]), name, str(v.get("uid", ""))) for name, v in attrs["splits"].items())
         self._starts = np.array([e[0] for e in entries], np.int64)
         self._split = np.array([digest64("split", name, uid) for _, name, uid in entries], np.uint64)
 
     def salts(self, rows: np.ndarray, keys: Sequence[str] | np.ndarray) -> np.ndarray:
-        """(n,) uint64: the salt of each store row (int64 (n,)) read as the key at the same position of
-        ``keys`` (strings, or the bytes array the index searched with)."""
+        """(n,) uint64: ``kd(key) + row * R + su(split)`` of each store row (int64 (n,)) read as the key at the
+        same position of ``keys`` (strings, or the bytes array the index searched with): the part of the salt
+        shared by the arrays (`array_salts`)."""
         rows = np.asarray(rows, np.int64)
         if len(self._split) == 1:
             su = self._split[0]
@@ -155,19 +156,22 @@ class RowIdentity:
             su = self._split[np.maximum(np.searchsorted(self._starts, rows, "right") - 1, 0)]
         else:
             su = np.uint64(0)
-        return (key_digests(keys) + rows.astype(np.uint64) * _ROW_MUL + su + self._base) * _MIX
+        return key_digests(keys) + rows.view(np.uint64) * _ROW_MUL + su
+
+    def _salt(self, salts: np.ndarray, array: str) -> np.ndarray:
+        return (salts + self._array[array]) * _MIX
 
     def array_salts(self, salts: np.ndarray, array: str) -> list[int]:
         """Per row, what ``tag ^ crc`` must equal for array ``array`` (Python ints: the hot loop's operands)."""
-        return (salts ^ self._array[array]).tolist()
+        return self._salt(salts, array).tolist()
 
     def expected(self, salts: np.ndarray, array: str, tags: np.ndarray) -> np.ndarray:
         """(n,) uint64: the crc32c rows with stored ``tags`` must have in ``array`` (>= 2^32: none can)."""
-        return np.asarray(tags, np.uint64) ^ salts ^ self._array[array]
+        return np.asarray(tags, np.uint64) ^ self._salt(salts, array)
 
     def tags(self, salts: np.ndarray, array: str, crcs: np.ndarray) -> np.ndarray:
         """(n,) uint64 tags of rows whose chunks of ``array`` have the crc32c ``crcs`` ((n,) ints)."""
-        return np.asarray(crcs).astype(np.uint64) ^ salts ^ self._array[array]
+        return np.asarray(crcs).astype(np.uint64) ^ self._salt(salts, array)
 
 
 # ---------------------------------------------------------------------------------------------- tag chunks
@@ -247,8 +251,10 @@ class TagChunks:
         return U64.unpack_from(self.raw(row // self.S), 8 * ((row % self.S) * self.F + col))[0]
 
     def offsets(self, rows: np.ndarray, col: int) -> list[int]:
-        """Byte offsets of the tags of ``rows`` (column ``col``) in their chunks (the hot loop's operands)."""
-        return (((rows % self.S) * self.F + col) * 8).tolist()
+        """Byte offsets of the tags of ``rows`` (int64; column ``col``) in their chunks (the hot loop's operands;
+        S is a power of two)."""
+        k = rows & (self.S - 1)
+        return ((k << 3) if self.F == 1 else ((k * self.F + col) << 3)).tolist()
 
 
 def mismatch_reason(tag: int) -> str:

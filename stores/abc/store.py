@@ -166,7 +166,8 @@ class MemoryBank(StoreBase):
                 raise KeyError(f"field {f!r} is not stored in {self.path} (fields: {stored})")
         rows, missing, q = self._index.lookup(list(keys))
         found = rows >= 0
-        out = self._read_found(fields, rows[found], q[found] if q is not None else None) if found.any() else {
+        asked = None if q is None else q if len(missing) == 0 else q[found]
+        out = self._read_found(fields, rows[found], asked) if found.any() else {
             f: np.zeros((0, *schema.row_shape(f)), schema.dtype) for f in fields}
         if fill_missing:
             full = {}

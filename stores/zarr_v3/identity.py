@@ -196,7 +196,7 @@ class ZarrIdentity:
     # ------------------------------------------------------------------ generation, lock
     def _attrs_signature(self) -> Any:
         try:
-            st = os.stat(Path(self.path) / "zarr.json")
+            st = os.stat(self.path + "/zarr.json")          # one stat per read: a string, not a Path
         except FileNotFoundError:
             return ("gone",)
         return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
