@@ -190,10 +190,10 @@ class RemoteRowReader(RowChunkReader):
         self._files[i] = got
         return got
 
-    def scan(self, i: int, check: Callable[[int, np.ndarray], str | None] | None = None
-             ) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    def scan(self, i: int, check: Callable[[int, np.ndarray], str | None] | None = None,
+             expect: dict[int, tuple[int, bool]] | None = None) -> tuple[np.ndarray, list[tuple[int, str]]]:
         try:
-            return super().scan(i, check)
+            return super().scan(i, check, expect)
         finally:
             self._files.pop(i, None)
             self._views.pop(i, None)
