@@ -194,6 +194,8 @@ class StoreGuard:
             tags[crcs < 0] = 0                       # no chunk, no tag (never the case for a written row)
             cols.append(tags)
         self._write_tags(a, np.stack(cols, 1))
+        if getattr(self, "fsync", False):
+            self._sync_tags(a, b)                    # on disk before the flags that make the rows complete
 
     def _write_tags(self, a: int, tags: np.ndarray) -> None:
         """Store ``tags`` (n, F) at rows ``[a, a + n)``: each tag chunk touched read, merged, replaced."""
