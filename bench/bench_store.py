@@ -14,6 +14,12 @@ with PASS/FAIL.
     python bench/bench_store.py --key_index 1e5,1e6,1e7 --dir /tmp/ki    # the key index at scale (issue 14)
     python bench/bench_store.py --write                                   # the write path (issue 14)
     python bench/bench_store.py --streaming [--n 2000]    # local / S3 / memmap / LitData side by side (issue 14)
+    python bench/bench_store.py --identity --n 4000 --rounds 9     # the cost of the identity check (issue 25)
+
+``--identity`` writes one SPEC float32 store of N rows and measures, in alternating rounds with the identity
+check on and off (off = the bank's salts switched off for the measurement; medians): in-process ``get_batch``
+rows/s (batches of 64 random keys) and the rows/s of a DataLoader epoch (2 workers, forked after the switch,
+batches of 64) over the store.
 
 ``--write`` measures ``write_rows`` rows/s (fsync on, blocks of one whole shard, as the export writes) at SPEC
 sizes (float32 and float16) and at small sizes (T=5, A=2, D=H=8), through zarr-python (``bulk_writes =
@@ -34,6 +40,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -153,6 +160,7 @@ def main() -> int:
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)     # internal: one --key_index measurement
     ap.add_argument("--write", action="store_true", help="the write path: zarr-python vs bulk shards (only this)")
     ap.add_argument("--rounds", type=int, default=3, help="--write: alternating rounds per path (default 3)")
+    ap.add_argument("--identity", action="store_true", help="the cost of the identity check, on vs off (only this)")
     ap.add_argument("--streaming", action="store_true",
                     help="the store on disk and on a local S3 server, a memmap and LitData, side by side (only this; "
                          "bench/bench_streaming.py, its flags after --)")
@@ -170,6 +178,13 @@ def main() -> int:
         tmp = a.dir or tempfile.mkdtemp(prefix="bench_write_")
         try:
             return write_bench(tmp, a.n if a.n != 20000 else 16384, a.rounds, a.batch)
+        finally:
+            if not a.dir:
+                shutil.rmtree(tmp, ignore_errors=True)
+    if a.identity:
+        tmp = a.dir or tempfile.mkdtemp(prefix="bench_identity_")
+        try:
+            return identity_bench(tmp, a.n if a.n != 20000 else 4000, a.rounds, a.batch, a.workers)
         finally:
             if not a.dir:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -405,6 +420,67 @@ def write_bench(tmp: str, n_spec: int, rounds: int, B: int) -> int:
     keys = [f"train/seg_{i // 1000:05d}:{i % 1000}" for i in range(n_spec)]
     print(f"in-process get_batch (SPEC f32, N={n_spec}, batches of {B} random keys, median of 5): "
           f"{get_batch_rate(spec_path, keys, B):.0f} rows/s")
+    return 0
+
+
+def loader_rates(loader: DataLoader) -> tuple[float, float]:
+    """``(rows per wall second after the first batch, rows per CPU second of this process and its DataLoader
+    workers over the whole epoch)``: the CPU rate is what free cores would give, whatever the load."""
+    cpu = lambda who: sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime"))  # noqa: E731
+    c0 = cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN)
+    it = iter(loader)
+    n = next(it)["actions"].shape[0]
+    t0, first = time.perf_counter(), n
+    for b in it:
+        n += b["actions"].shape[0]
+    wall = (n - first) / (time.perf_counter() - t0)
+    del it                                    # workers exit and are joined: their CPU time is counted
+    gc.collect()
+    return wall, n / (cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN) - c0)
+
+
+def identity_bench(tmp: str, n: int, rounds: int, B: int, workers: int) -> int:
+    """``--identity``: get_batch and DataLoader epochs with the identity check on and off, alternating rounds."""
+    os.makedirs(tmp, exist_ok=True)
+    keys = [f"train/seg_{i // 1000:04d}:{i % 1000}" for i in range(n)]
+    schema = StoreSchema(seq_len=5, action_dim=2, bev_dim=256, gru_hidden=640, dtype="float32")
+    path = os.path.join(tmp, "identity_f32.zarr")
+    if not os.path.exists(path):
+        write_store(path, schema, keys)
+    bank = open_memorybank(path)
+    assert bank.has_identity, f"{path} has no identity tags (written before them?)"
+    rng = np.random.default_rng(5)
+    batches = [[keys[i] for i in rng.integers(0, n, B)] for _ in range(max(100, n // B))]
+    epoch = [b for s in range(-(-20000 // n)) for b in EpochBatchSampler(n, B, seed=s)]    # >= 20 000 rows
+    bank.get_batch(batches[0])
+    cls, checked = type(bank), type(bank)._identity
+    res: dict[str, dict[bool, list[float]]] = {k: {True: [], False: []} for k in ("gb", "dl", "dlcpu")}
+    print(f"identity cost: SPEC f32 store of {n} rows, batches of {B}, {rounds} alternating rounds, DataLoader "
+          f"epochs of {len(epoch) * B} rows, load average {os.getloadavg()[0]:.1f}", flush=True)
+    for r in range(rounds):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            if on:                          # the check as shipped / switched off for this measurement only
+                cls._identity = checked
+            else:
+                cls._identity = lambda self: None
+            t0 = time.perf_counter()
+            for kb in batches:
+                bank.get_batch(kb)
+            res["gb"][on].append(len(batches) * B / (time.perf_counter() - t0))
+            ds = MemoryBankDataset(path, split="train")            # workers fork now: they inherit the switch
+            wall, per_cpu = loader_rates(DataLoader(ds, sampler=epoch, batch_size=None, num_workers=workers))
+            res["dl"][on].append(wall)
+            res["dlcpu"][on].append(per_cpu)
+    cls._identity = checked
+    print(f"{'path':<40}{'identity on':>14}{'off':>12}{'cost':>9}")
+    for name, key in (("get_batch rows/s", "gb"), (f"DataLoader ({workers} workers) rows/s", "dl"),
+                      (f"DataLoader rows per CPU-second", "dlcpu")):
+        on, off = float(np.median(res[key][True])), float(np.median(res[key][False]))
+        print(f"{name:<40}{on:>14.0f}{off:>12.0f}{100 * (1 - on / off):>8.1f}%")
+    for key in ("dl", "dlcpu"):
+        print(f"  {key} rounds, on:  {[round(x) for x in res[key][True]]}\n  {key} rounds, off: "
+              f"{[round(x) for x in res[key][False]]}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 

@@ -38,9 +38,13 @@ from stores.zarr_v3.checks import field_path
 from stores.zarr_v3.row_reader import _EMPTY, RowChunkReader
 
 
-def create_identity_array(group: zarr.Group, shard_rows: int, columns: int) -> None:
-    """The empty tag array of a new store in ``group``."""
-    group.create_array(IDENTITY, shape=(0, columns), chunks=(shard_rows, columns), dtype="uint64", fill_value=0,
+def create_identity_array(group: zarr.Group, attrs: dict[str, Any]) -> None:
+    """The empty tag array of a new store in ``group`` whose root attributes ``attrs`` (``shard_rows``,
+    ``identity``) say its rows carry tags; nothing otherwise."""
+    if not isinstance(attrs.get("identity"), dict):
+        return
+    S, F = int(attrs["shard_rows"]), len(attrs["identity"]["arrays"])
+    group.create_array(IDENTITY, shape=(0, F), chunks=(S, F), dtype="uint64", fill_value=0,
                        serializer=zc.BytesCodec(endian="little"), compressors=[zc.Crc32cCodec()],
                        dimension_names=["row", "array"])
 
@@ -107,6 +111,19 @@ class ZarrIdentity:
     # ------------------------------------------------------------------ the tag array
     def _identity_arrays(self) -> list[str]:
         return [LIGHT_ARRAY] + ([field_path(BEV_FEAT)] if self.schema.store_bev_feat else [])   # type: ignore[attr-defined]
+
+    def _bind_tags(self, r: RowChunkReader, array: str) -> RowChunkReader:
+        """``r`` (the row reader of ``array``) checking rows against this store's tag chunks, when it has them."""
+        ident = self._identity()                                 # type: ignore[attr-defined]
+        if ident is not None:
+            r.tags, r.tag_col = self._tag_chunks(), ident.columns[array]   # type: ignore[attr-defined]
+        return r
+
+    def _array_salts(self, salts: np.ndarray | None, array: str) -> list[int] | None:
+        """The per-row salts of ``array`` for a read (`stores.abc.identity.RowIdentity.array_salts`), None
+        when unchecked."""
+        ident = self._identity() if salts is not None else None  # type: ignore[attr-defined]
+        return None if ident is None else ident.array_salts(salts, array)
 
     def _tag_arrays(self) -> list[str]:
         """[the tag array] when this store has identity (it is resized with the others)."""

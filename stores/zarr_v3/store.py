@@ -24,7 +24,6 @@ import numpy as np
 import zarr
 
 from stores.abc import MemoryBank
-from stores.abc.identity import IDENTITY
 from stores.abc.inspection import Inspection
 from stores.errors import StoreCorruptError, UnsupportedLayout
 from stores.fsio import fsync_files, read_json, regular_size, remove_path
@@ -119,8 +118,7 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
     def _create_new(self, schema: StoreSchema) -> None:
         self._attrs["light_channels"] = {f: list(v) for f, v in schema.light_channels().items()}
         self._group = create_arrays(self.path, schema, self._attrs)
-        if self.has_identity:
-            create_identity_array(self._group, self.alignment, len(self._identity_arrays()))
+        create_identity_array(self._group, self._attrs)         # when the attributes say: rows carry tags
 
     def _arrays_on_disk(self) -> list[str]:
         return [LIGHT_ARRAY] + ([BEV_FEAT] if self.schema.store_bev_feat else [])
@@ -385,9 +383,7 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
         if path not in self._readers:
             meta = self._metas.get(path) or self._meta(path)
             try:
-                r = self._readers[path] = self._row_reader(path, meta)
-                if self.has_identity:
-                    r.tags, r.tag_col = self._tag_chunks(), self._identity().columns[path]   # type: ignore[union-attr]
+                self._readers[path] = self._bind_tags(self._row_reader(path, meta), path)
             except UnsupportedLayout:
                 self._readers[path] = None
         return self._readers[path]
@@ -402,8 +398,7 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
         if r is None:        # a layout RowChunkReader does not handle (older stores): zarr-python (correct, slower)
             uniq, inv = np.unique(rows, return_inverse=True)
             return np.asarray(self._arr(name).get_orthogonal_selection((uniq,)))[inv]
-        ident = self._identity() if salts is not None else None
-        return r.read(rows, None if ident is None else ident.array_salts(salts, field_path(name)))
+        return r.read(rows, self._array_salts(salts, field_path(name)))
 
     def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False,
                    salts: np.ndarray | None = None) -> dict[str, np.ndarray]:
