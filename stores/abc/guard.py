@@ -124,7 +124,11 @@ class StoreGuard:
         """The salts of this store's rows (built once per attributes object), None without identity."""
         cache = self.__dict__.get("_ident_cache")
         if cache is None or cache[0] is not self._attrs:
-            cache = self._ident_cache = (self._attrs, RowIdentity(self._attrs) if self.has_identity else None)
+            try:
+                cache = self._ident_cache = (self._attrs, RowIdentity(self._attrs) if self.has_identity else None)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise StoreCorruptError(f"memorybank {self.path}: attribute identity or splits malformed ({e!r}): "
+                                        f"run `python -m stores verify {self.path}`", path=self.path) from None
         return cache[1]
 
     def _tag_chunks(self) -> TagChunks:
