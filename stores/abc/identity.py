@@ -140,30 +140,30 @@ class RowIdentity:
         self.arrays = [str(a) for a in ident["arrays"]]
         self.columns = {a: i for i, a in enumerate(self.arrays)}
         base = digest64("store", str(ident["store_uid"]), teacher_fingerprint(attrs))
-        self._array = {a: np.uint64((base + digest64("array", a)) % 2**64) for a in self.arrays}
         entries = sorted((int(v["start"]), name, str(v.get("uid", ""))) for name, v in attrs["splits"].items())
         self._starts = np.array([e[0] for e in entries], np.int64)
         self._split = np.array([digest64("split", name, uid) for _, name, uid in entries], np.uint64)
+        if len(entries) == 1:             # one split: its su is a constant, added with the array's (one op less)
+            base += int(self._split[0])
+            self._split = np.zeros(0, np.uint64)
+        self._array = {a: np.uint64((base + digest64("array", a)) % 2**64) for a in self.arrays}
 
     def salts(self, rows: np.ndarray, keys: Sequence[str] | np.ndarray) -> np.ndarray:
         """(n,) uint64: ``kd(key) + row * R + su(split)`` of each store row (int64 (n,)) read as the key at the
         same position of ``keys`` (strings, or the bytes array the index searched with): the part of the salt
         shared by the arrays (`array_salts`)."""
         rows = np.asarray(rows, np.int64)
-        if len(self._split) == 1:
-            su = self._split[0]
-        elif len(self._split):
-            su = self._split[np.maximum(np.searchsorted(self._starts, rows, "right") - 1, 0)]
-        else:
-            su = np.uint64(0)
-        return key_digests(keys) + rows.view(np.uint64) * _ROW_MUL + su
+        x = key_digests(keys) + rows.view(np.uint64) * _ROW_MUL
+        if len(self._split):
+            x += self._split[np.maximum(np.searchsorted(self._starts, rows, "right") - 1, 0)]
+        return x
 
     def _salt(self, salts: np.ndarray, array: str) -> np.ndarray:
         return (salts + self._array[array]) * _MIX
 
-    def array_salts(self, salts: np.ndarray, array: str) -> list[int]:
-        """Per row, what ``tag ^ crc`` must equal for array ``array`` (Python ints: the hot loop's operands)."""
-        return self._salt(salts, array).tolist()
+    def array_salts(self, salts: np.ndarray, array: str) -> np.ndarray:
+        """(n,) uint64: per row, what ``tag ^ crc`` must equal for array ``array``."""
+        return self._salt(salts, array)
 
     def expected(self, salts: np.ndarray, array: str, tags: np.ndarray) -> np.ndarray:
         """(n,) uint64: the crc32c rows with stored ``tags`` must have in ``array`` (>= 2^32: none can)."""
@@ -217,15 +217,17 @@ class TagChunks:
                  where: Callable[[int], str]) -> None:
         self._load, self.S, self.F, self.store, self.where = load, int(S), int(F), store, where
         self._raw: dict[int, Any] = {}
-        self._zeros = bytes(8 * self.S * self.F)
+        self._u64: dict[int, np.ndarray] = {}
+        self._zeros = bytes(8 * self.S * self.F + 4)
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["_raw"] = {}
+        d["_raw"], d["_u64"] = {}, {}
         return d
 
     def clear(self) -> None:
         self._raw.clear()
+        self._u64.clear()
 
     def raw(self, c: int) -> Any:
         """Chunk ``c``'s bytes (checked; zeros when absent): tag of row ``c * S + k`` in column ``col`` at byte
@@ -244,6 +246,13 @@ class TagChunks:
                                             f"{self.store}`; resume the export (it redoes rows without a valid tag)",
                                             path=self.store, array=IDENTITY, chunk=self.where(c)) from None
             self._raw[c] = got
+        return got
+
+    def u64(self, c: int) -> np.ndarray:
+        """Chunk ``c``'s tags as a flat (S * F,) uint64 view (row ``k``, column ``col`` at ``k * F + col``)."""
+        got = self._u64.get(c)
+        if got is None:
+            got = self._u64[c] = np.frombuffer(self.raw(c), "<u8", count=self.S * self.F)
         return got
 
     def tag(self, row: int, col: int) -> int:

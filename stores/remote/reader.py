@@ -104,7 +104,7 @@ class RemoteRowReader(RowChunkReader):
         return sh
 
     # ------------------------------------------------------------------ reading
-    def read(self, rows: Sequence[int] | np.ndarray, salts: list[int] | None = None) -> np.ndarray:
+    def read(self, rows: Sequence[int] | np.ndarray, salts: np.ndarray | None = None) -> np.ndarray:
         """Rows ``rows`` (any order, repeats allowed) as (len(rows), *row_shape), in the order asked: rows
         intact in the cache are decoded from it, the others fetched in one concurrent request batch. ``salts``:
         each chunk's identity tag checked too (`RowChunkReader.read`)."""
@@ -116,7 +116,7 @@ class RemoteRowReader(RowChunkReader):
         dest = memoryview(flat.reshape(-1).view(np.uint8))
         S = self.rows_per_file
         tags = self.tags if salts is not None else None
-        ident = (tags, tags.offsets(rows, self.tag_col), salts) if tags is not None else None
+        ident = (tags, tags.offsets(rows, self.tag_col), salts.tolist()) if tags is not None else None  # type: ignore[union-attr]
         want: dict[tuple[int, int, int], list[int]] = {}      # (shard, offset, nbytes) -> positions in rows
         for i, group in self.by_file(rows):
             sh = self._shard(i)

@@ -26,6 +26,7 @@ import mmap
 import os
 import struct
 from collections.abc import Callable, Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -236,11 +237,12 @@ class RowChunkReader:
         return raw, self._index_of(i, raw, len(raw))
 
     # ------------------------------------------------------------------ reading
-    def read(self, rows: Sequence[int] | np.ndarray, salts: list[int] | None = None) -> np.ndarray:
+    def read(self, rows: Sequence[int] | np.ndarray, salts: np.ndarray | None = None) -> np.ndarray:
         """Rows ``rows`` (in-range, any order, repeats allowed) as an array (len(rows), *row_shape) of the
         array's dtype, in the order asked: each row is decoded straight into its place (files are visited in
-        row order). ``salts`` (one int per row, `stores.abc.identity.RowIdentity.array_salts`): each chunk's
-        identity tag is checked too (``tags`` must be set)."""
+        row order). ``salts`` ((len(rows),) uint64, `stores.abc.identity.RowIdentity.array_salts`): each chunk's
+        identity tag is checked too (``tags`` must be set): what ``tag ^ salt`` gives, per file vectorised when
+        the rows lie in few files, else per row from offsets computed once (no per-file array work)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), *self.row_shape), self.dtype)
         if not len(rows):
@@ -248,17 +250,27 @@ class RowChunkReader:
         flat = out.reshape(len(rows), self.row_items)
         S = self.rows_per_file
         tags = self.tags if salts is not None else None
-        toff = tags.offsets(rows, self.tag_col) if tags is not None else None
-        for i, group in self.by_file(rows):
+        groups = self.by_file(rows)
+        few = tags is not None and len(groups) <= 8
+        if tags is not None and not few:
+            toff, sl, tag_of = tags.offsets(rows, self.tag_col), salts.tolist(), U64.unpack_from   # type: ignore[union-attr]
+        for i, group in groups:
             mm, index, _ = self._open(i)
             if mm is None:
                 if self.strict:
                     raise self.missing_file(i, rows[group])
                 flat[group] = self.fill
                 continue
-            spans = [[0, len(mm)]] * len(group) if index is None else index[rows[group] % S].tolist()
-            ident = None if tags is None else (tags.raw(i * S // tags.S), toff, salts)
-            self._decode_group(i, group.tolist(), spans, rows, flat, ident)
+            rg, positions = rows[group], group.tolist()
+            spans = [[0, len(mm)]] * len(group) if index is None else index[rg % S].tolist()
+            expect = None
+            if few:                                    # tag ^ salt of each row of this file, vectorised
+                expect = (tags.u64(i * S // tags.S)[(rg & (tags.S - 1)) * tags.F + self.tag_col]  # type: ignore[union-attr]
+                          ^ salts[group]).tolist()       # type: ignore[index]
+            elif tags is not None:
+                raw = tags.raw(i * S // tags.S)
+                expect = [tag_of(raw, toff[j])[0] ^ sl[j] for j in positions]
+            self._decode_group(i, positions, spans, rows, flat, expect)
         return out
 
     def by_file(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -287,22 +299,20 @@ class RowChunkReader:
                              row % self.rows_per_file)
 
     def _decode_group(self, i: int, positions: list[int], spans: list[list[int]], rows: np.ndarray,
-                      flat: np.ndarray, ident: tuple[Any, list[int], list[int]] | None = None) -> None:
+                      flat: np.ndarray, expect: list[int] | None = None) -> None:
         """Check and decode the chunks ``spans`` [(offset, nbytes)] of mapped file ``i`` into
         ``flat[positions]`` (``rows[positions]`` name them in errors). Per row: the crc32c of the chunk's bytes
-        against the 4 stored after them, BEFORE anything is decoded; with ``ident`` = (the tag chunk's bytes,
-        each position's tag offset in it, each position's salt), the identity tag too (tag ^ salt == crc32c);
-        then the decode of `decode_into`, inlined here (this loop is the store's hot path: a call per row
-        cost ~6 % of ``get_batch``)."""
+        against the 4 stored after them, BEFORE anything is decoded; with ``expect`` (aligned with
+        ``positions``: tag ^ salt of each row), the identity tag too (it must equal the crc32c); then the decode
+        of `decode_into`, inlined here (this loop is the store's hot path: a call per row cost ~6 % of
+        ``get_batch``)."""
         mm, _, u8 = self._files[i]
         view, value, tail = self._views[i], google_crc32c.value, 4 if self.crc else 0
         dest = memoryview(flat.reshape(-1).view(np.uint8))
         nbytes, decompress, stored_crc = self.row_nbytes, self._decompress, _U32.unpack_from
-        traw, toff, salts = ident if ident is not None else (None, None, None)
-        tag_of = U64.unpack_from
         j = -1
         try:
-            for j, (off, nb) in zip(positions, spans):
+            for j, (off, nb), e in zip(positions, spans, expect if expect is not None else repeat(None)):
                 if off == _EMPTY_INT:
                     if self.strict:
                         raise self.missing_chunk(i, int(rows[j]))
@@ -313,8 +323,8 @@ class RowChunkReader:
                     crc = value(u8[off:end])     # value() needs a read-only buffer without a release hook: the
                     if crc != stored_crc(mm, end)[0]:                # numpy view of the map, not the memoryview
                         raise self.bad_checksum(i, int(rows[j]))
-                    if traw is not None and tag_of(traw, toff[j])[0] ^ salts[j] != crc:
-                        raise self.foreign(i, int(rows[j]), tag_of(traw, toff[j])[0])
+                    if e is not None and e != crc:
+                        raise self.foreign(i, int(rows[j]), self.tags.tag(int(rows[j]), self.tag_col))  # type: ignore[union-attr]
                 got = view[off:end] if decompress is None else decompress(view[off:end])
                 if len(got) != nbytes:
                     raise ValueError(f"{len(got)} bytes, expected {nbytes}")
