@@ -135,15 +135,8 @@ class RemoteIdentity:
 
     # ------------------------------------------------------------------ generation, lock
     def _attrs_signature(self) -> Any:
-        self._gen_checked, self._gen_pid = time.monotonic(), os.getpid()
         entry = self.files.info("zarr.json")                 # type: ignore[attr-defined]
         return ("gone",) if entry is None else entry.tag
-
-    def _generation_due(self) -> bool:
-        """True every ``generation_check_s`` seconds (and in a process that received this handle pickled)."""
-        last = self.__dict__.get("_gen_checked", 0.0)
-        return not 0.0 <= time.monotonic() - last < self.generation_check_s or os.getpid() != self.__dict__.get(
-            "_gen_pid", os.getpid())
 
     def _reload_attrs(self) -> None:
         super()._reload_attrs()                              # type: ignore[misc]

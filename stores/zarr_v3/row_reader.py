@@ -265,8 +265,9 @@ class RowChunkReader:
             spans = [[0, len(mm)]] * len(group) if index is None else index[rg % S].tolist()
             expect = None
             if few:                                    # tag ^ salt of each row of this file, vectorised
-                expect = (tags.u64(i * S // tags.S)[(rg & (tags.S - 1)) * tags.F + self.tag_col]  # type: ignore[union-attr]
-                          ^ salts[group]).tolist()       # type: ignore[index]
+                k = rg & (tags.S - 1)                                                    # type: ignore[union-attr]
+                k = k if tags.F == 1 else k * tags.F + self.tag_col                      # type: ignore[union-attr]
+                expect = (tags.u64(i * S // tags.S)[k] ^ salts[group]).tolist()          # type: ignore[union-attr,index]
             elif tags is not None:
                 raw = tags.raw(i * S // tags.S)
                 expect = [tag_of(raw, toff[j])[0] ^ sl[j] for j in positions]
