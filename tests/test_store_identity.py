@@ -116,7 +116,7 @@ def test_a_shard_of_another_split_copied_over_is_refused(tmp_path, src, a, b):
 
 
 @FEW
-@given(what=st.sampled_from(["light", "light+identity", "one shard"]), other=st.sampled_from(["teacher", "store"]),
+@given(what=st.sampled_from(["light", "light+complete", "one shard"]), other=st.sampled_from(["teacher", "store"]),
        bev=st.booleans())
 def test_rows_of_another_teacher_or_store_put_in_place_are_refused(tmp_path, what, other, bev):
     path, foreign = _fresh(tmp_path), _fresh(tmp_path, "other.zarr")
@@ -125,7 +125,7 @@ def test_rows_of_another_teacher_or_store_put_in_place_are_refused(tmp_path, wha
     if what == "one shard":
         shutil.copyfile(_shard(foreign, 1), _shard(path, 1))
     else:
-        for d in what.split("+"):                                  # whole directories of the other store
+        for d in what.split("+"):          # whole directories of the other store (complete: flags and tags)
             shutil.rmtree(Path(path) / d)
             shutil.copytree(Path(foreign) / d, Path(path) / d)
     bank = open_memorybank(path)
@@ -261,14 +261,14 @@ def test_concurrent_appends_from_threads_of_one_process_both_succeed(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- older stores
 def _strip_identity(path: str) -> None:
-    """Make ``path`` what a store written before identity tags is: no ``identity`` attribute, array or split uid."""
+    """Make ``path`` what a store written before identity tags is: no ``identity`` attribute, tags or split uid."""
     root = Path(path) / "zarr.json"
     meta = json.loads(root.read_text())
     meta["attributes"].pop("identity")
     for v in meta["attributes"]["splits"].values():
         v.pop("uid")
     root.write_text(json.dumps(meta))
-    shutil.rmtree(Path(path) / "identity")
+    shutil.rmtree(Path(path) / "complete" / "tags")
 
 
 def test_older_stores_read_unchecked_with_a_verify_notice_and_convert_adds_identity(tmp_path, capsys):
@@ -304,23 +304,23 @@ def test_older_stores_read_unchecked_with_a_verify_notice_and_convert_adds_ident
 def test_lost_or_damaged_tags_and_an_edited_teacher_are_refused_and_a_resume_repairs(tmp_path, capsys):
     path = _fresh(tmp_path)
     keys, data = _build(path, {"train": 24})["train"]
-    tag = Path(path) / "identity" / "c"
-    (tag / "1" / "0").unlink()                                    # the tags of rows [8, 16)
-    with pytest.raises(StoreCorruptError, match=r"identity/c/1/0 .* is missing"):
+    tag = Path(path) / "complete" / "tags"
+    (tag / "1").unlink()                                          # the tags of rows [8, 16)
+    with pytest.raises(StoreCorruptError, match=r"complete/tags/1 .* is missing"):
         open_memorybank(path)
     w = open_memorybank(path, "r+")
     assert w.incomplete_ranges("train") == [(8, 16)]              # a resume redoes the rows without tags
     w.write_rows("train", 8, {f: v[8:16] for f, v in data.items()})
     assert verify_path(path)[0] == []
-    raw = bytearray((tag / "2" / "0").read_bytes())
+    raw = bytearray((tag / "2").read_bytes())
     raw[10] ^= 0x20
-    (tag / "2" / "0").write_bytes(bytes(raw))                     # a damaged tag chunk
+    (tag / "2").write_bytes(bytes(raw))                           # a damaged tag chunk
     bank = open_memorybank(path)
     _served(bank, keys, data, list(range(16)))
-    with pytest.raises(StoreCorruptError, match=r"identity chunk identity/c/2/0 .*crc32c") as e:
+    with pytest.raises(StoreCorruptError, match=r"identity chunk complete/tags/2 .*crc32c") as e:
         bank.get_batch([keys[20]])
-    assert e.value.chunk == "identity/c/2/0"
-    assert any("identity/c/2/0" in p for p in verify_path(path)[0])
+    assert e.value.chunk == "complete/tags/2"
+    assert any("complete/tags/2" in p for p in verify_path(path)[0])
     assert open_memorybank(path, "r+").incomplete_ranges("train") == [(16, 24)]
     root = Path(path) / "zarr.json"
     meta = json.loads(root.read_text())

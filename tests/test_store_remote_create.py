@@ -74,9 +74,8 @@ def test_racing_creators_with_other_teachers_one_wins_the_other_gets_a_mismatch(
 def test_racing_creators_with_other_schemas_leave_only_the_winners_objects(s3, monkeypatch):  # noqa: F811
     url = "s3://bkt/race_schema.zarr"
     mine, theirs = tiny_schema(bev=True), tiny_schema(bev=False)
-    # the other creator runs after this one put the bev_feat and complete metadata, before the identity array's
-    # (the first object whose bytes differ: one tag column per data array)
-    _race(monkeypatch, "identity/zarr.json",
+    # the other creator runs after this one put the bev_feat and complete/keys metadata, before light's
+    _race(monkeypatch, "light/zarr.json",
           lambda: create_memorybank(url, theirs, tiny_prov(), shard_rows=S).close())
     with pytest.raises(StoreMismatchError, match="store_bev_feat"):
         create_memorybank(url, mine, tiny_prov(), shard_rows=S)

@@ -229,7 +229,12 @@ class StoreBase(StoreGuard, ABC):
             problems += probs
             if idx is not None:
                 indexes[name] = idx
-        problems += self._identity_problems()
+        ident = self._identity_problems()
+        if ident and not self._lenient:          # edited or foreign attributes: no handle may read or write
+            raise StoreCorruptError(f"memorybank {self.path}: " + "; ".join(ident) + f". Restore the attributes "
+                                    f"(zarr.json) or re-export; `python -m stores verify {self.path}` lists the rest",
+                                    path=self.path)
+        problems += ident
         complete, damage = split_damage(self.splits, flags, keys_lost, self._keys_of)
         del flags, keys_lost
         self._lost_files = self._missing_data(complete)

@@ -1,7 +1,7 @@
 """Identity, generation and the append lock of the Zarr store on object storage (`RemoteIdentity`, a mixin of
 `stores.remote.store.RemoteZarrMemoryBank`; what they are: `stores.abc.identity`, `stores.abc.guard`).
 
-* Tag chunks are the objects ``identity/c/<c>/0`` (the local layout, byte for byte). A reader fetches each
+* Tag chunks are the objects ``complete/tags/<c>`` (the local layout, byte for byte). A reader fetches each
   one it needs once (one GET of 8 bytes a row + 4; with a ``cache_dir`` it is kept there and read from it
   afterwards, checked by its crc32c every time), and keeps it in an unlinked temporary file it maps (page
   cache, not private memory). A writer puts a shard object whole, records the crc32c of each of its
@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from stores.abc.identity import IDENTITY, decode_tags
+from stores.abc.identity import decode_tags
 from stores.errors import StoreError
 from stores.index_file import spill
-from stores.zarr_v3.checks import field_path
+from stores.zarr_v3.identity import TAGS_DIR
 
 LOCK = "e2r.lock"
 LOCK_WAIT_S = 120.0
@@ -60,7 +60,7 @@ class RemoteIdentity:
     path: str
 
     def _tag_path(self, c: int) -> str:                      # type: ignore[override]
-        return f"{IDENTITY}/c/{c}/0"
+        return "/".join([*TAGS_DIR, str(c)])
 
     def _load_tags(self, c: int) -> Any | None:
         rel = self._tag_path(c)

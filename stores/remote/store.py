@@ -232,7 +232,7 @@ class RemoteZarrMemoryBank(RemoteIdentity, ZarrMemoryBank):
 
     def _resize(self, n: int) -> None:
         """Grow every array to ``n`` rows (their zarr.json objects, the keys array last)."""
-        for name in [*self._arrays_on_disk(), *self._tag_arrays(), "complete", "keys"]:
+        for name in [*self._arrays_on_disk(), "complete", "keys"]:
             path = field_path(name)
             meta = self._metas[path]
             if int(meta["shape"][0]) > n:

@@ -1,12 +1,14 @@
 """Identity, generation and the append lock of the Zarr back end (`ZarrIdentity`, a mixin of
 `stores.zarr_v3.store.ZarrMemoryBank`; what they are: `stores.abc.identity`, `stores.abc.guard`).
 
-* The tag array ``identity`` (N, F) uint64, chunks (S, F) (S = ``shard_rows``, F = the data arrays: ``light``
-  and, when stored, ``bev_feat/bev_feat``), codecs ``bytes`` + ``crc32c``, fill 0, dimension names ``row,
-  array``: a plain Zarr array (zarr-python, dask and xarray open it). Chunk ``c`` (``identity/c/<c>/0``)
-  holds the tags of rows ``[c * S, (c + 1) * S)``: one writer task's rows (the alignment rule), written
-  whole (temporary name, fsync, rename) after the rows' data and before their flags. Readers map each chunk
-  they touch once per process and check its crc32c once.
+* Tag chunks are plain files ``complete/tags/<c>`` next to the completion flags' chunks, inside the
+  ``complete`` array's directory, where Zarr tools do not look (like the key index in ``keys/index``): no new
+  Zarr node and no file beyond one per S rows. Chunk ``c`` holds the tags of rows ``[c * S, (c + 1) * S)``
+  (S = ``shard_rows``) as (S, F) little-endian uint64 (F = the data arrays: ``light`` and, when stored,
+  ``bev_feat/bev_feat``) followed by their crc32c — the bytes of a Zarr v3 chunk with codecs ``bytes`` +
+  ``crc32c``. One writer task's rows (the alignment rule), written whole (temporary name, fsync, rename)
+  after the rows' data and before their flags. Readers map each chunk they touch once per process and check
+  its crc32c once.
 * A writer reads the crc32c of each row it wrote back from the shard files (the shard index and 4 bytes a
   row: pages just written), so a tag names the bytes on disk.
 * Generation signature: ``os.stat`` of the root ``zarr.json`` (inode, size, mtime, ctime; zarr-python
@@ -27,42 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-import zarr.codecs as zc
 
 from stores.abc.identity import IDENTITY, decode_tags
 from stores.errors import StoreCorruptError
 from stores.fsio import fsync_files, open_regular, read_regular, remove_path, write_atomic
 from stores.schema import BEV_FEAT, LIGHT_ARRAY
+
+TAGS_DIR = ("complete", "tags")          # where the tag chunks live, inside the ``complete`` array's directory
 from stores.zarr_v3.checks import field_path
 from stores.zarr_v3.row_reader import _EMPTY, RowChunkReader
-
-
-def create_identity_array(group: zarr.Group, attrs: dict[str, Any]) -> None:
-    """The empty tag array of a new store in ``group`` whose root attributes ``attrs`` (``shard_rows``,
-    ``identity``) say its rows carry tags; nothing otherwise."""
-    if not isinstance(attrs.get("identity"), dict):
-        return
-    S, F = int(attrs["shard_rows"]), len(attrs["identity"]["arrays"])
-    group.create_array(IDENTITY, shape=(0, F), chunks=(S, F), dtype="uint64", fill_value=0,
-                       serializer=zc.BytesCodec(endian="little"), compressors=[zc.Crc32cCodec()],
-                       dimension_names=["row", "array"])
-
-
-def identity_meta_problems(meta: dict[str, Any] | None, shard_rows: int, columns: int, rows: int) -> list[str]:
-    """What is wrong with the tag array's ``zarr.json`` ``meta`` for a store of ``rows`` rows."""
-    if meta is None:
-        return [f"array {IDENTITY!r} (the rows' identity tags) is missing"]
-    try:
-        shape = [int(x) for x in meta["shape"]]
-        chunks = [int(x) for x in meta["chunk_grid"]["configuration"]["chunk_shape"]]
-        codecs = [(c.get("name"), (c.get("configuration") or {}).get("endian", "little")) for c in meta["codecs"]]
-        ok = (meta.get("data_type") == "uint64" and len(shape) == 2 and shape[1] == columns and shape[0] >= rows
-              and chunks == [shard_rows, columns] and codecs == [("bytes", "little"), ("crc32c", "little")])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        ok = False
-    return [] if ok else [f"array {IDENTITY!r} is not (>= {rows}, {columns}) uint64 in chunks ({shard_rows}, "
-                          f"{columns}) with codecs bytes + crc32c: {meta.get('shape')} {meta.get('data_type')}"]
 
 
 def stored_crcs(r: RowChunkReader, a: int, b: int) -> np.ndarray:
@@ -125,23 +100,11 @@ class ZarrIdentity:
         ident = self._identity() if salts is not None else None  # type: ignore[attr-defined]
         return None if ident is None else ident.array_salts(salts, array)
 
-    def _tag_arrays(self) -> list[str]:
-        """[the tag array] when this store has identity (it is resized with the others)."""
-        return [IDENTITY] if self.has_identity else []         # type: ignore[attr-defined]
-
-    def _identity_problems(self) -> list[str]:
-        out = super()._identity_problems()                     # type: ignore[misc]
-        if self.has_identity and not out:                      # type: ignore[attr-defined]
-            meta = self._metas.get(IDENTITY) or self._meta(IDENTITY)   # type: ignore[attr-defined]
-            out += identity_meta_problems(meta, self.alignment, len(self._identity_arrays()),  # type: ignore[attr-defined]
-                                          self._n_rows())     # type: ignore[attr-defined]
-        return out
-
     def _tag_path(self, c: int) -> Any:
-        return Path(self.path) / IDENTITY / "c" / str(c) / "0"
+        return Path(self.path).joinpath(*TAGS_DIR, str(c))
 
     def _tag_file(self, c: int) -> str:
-        return f"{IDENTITY}/c/{c}/0"
+        return "/".join([*TAGS_DIR, str(c)])
 
     def _load_tags(self, c: int) -> Any | None:
         """A read-only map of tag chunk ``c`` (None when absent; StoreCorruptError when not a regular file)."""
@@ -231,8 +194,6 @@ class ZarrIdentity:
         self._arrays.clear()                                     # type: ignore[attr-defined]
         self._metas.clear()                                      # type: ignore[attr-defined]
         self._attrs = self._open_existing()                      # type: ignore[attr-defined]
-        if self.has_identity:                                    # type: ignore[attr-defined]
-            self._meta(IDENTITY)                                 # type: ignore[attr-defined]
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:

@@ -33,7 +33,7 @@ from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, StoreSchema
 from stores.zarr_v3.arrays import array_problems, create_arrays, describe_arrays
 from stores.zarr_v3.checks import ARRAY_NAMES, abandoned_dir, chunk_failure, discard_dir, field_path, missing_data
 from stores.zarr_v3.flat_chunks import FlatChunkReader
-from stores.zarr_v3.identity import ZarrIdentity, create_identity_array
+from stores.zarr_v3.identity import ZarrIdentity
 from stores.zarr_v3.row_reader import RowChunkReader
 from stores.zarr_v3.shard_codec import ShardCodec, encode_threads, write_file
 
@@ -118,7 +118,6 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
     def _create_new(self, schema: StoreSchema) -> None:
         self._attrs["light_channels"] = {f: list(v) for f, v in schema.light_channels().items()}
         self._group = create_arrays(self.path, schema, self._attrs)
-        create_identity_array(self._group, self._attrs)         # when the attributes say: rows carry tags
 
     def _arrays_on_disk(self) -> list[str]:
         return [LIGHT_ARRAY] + ([BEV_FEAT] if self.schema.store_bev_feat else [])
@@ -139,7 +138,7 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
         return int(self._arr("keys").shape[0])
 
     def _resize(self, n: int) -> None:
-        for name in [*self._arrays_on_disk(), *self._tag_arrays(), "complete", "keys"]:  # keys last: never longer
+        for name in [*self._arrays_on_disk(), "complete", "keys"]:      # keys last: never longer than the others
             a = self._arr(name)
             if a.shape[0] != n:
                 a.resize((n, *a.shape[1:]))
@@ -350,7 +349,7 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
     def _sync_meta(self) -> None:
         root = Path(self.path)
         metas = [root / "zarr.json"] + [root / field_path(n) / "zarr.json" for n in
-                                        ["keys", "complete", *self._arrays_on_disk(), *self._tag_arrays()]]
+                                        ["keys", "complete", *self._arrays_on_disk()]]
         fsync_files(metas, self.path)
 
     def _rows_with_data(self, a: int, b: int) -> np.ndarray:
@@ -427,7 +426,7 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
     def describe(self) -> list[dict[str, Any]]:
         """Per array: name, shape, dtype, chunks, shards, codecs, stored bytes (files on disk), raw bytes,
         and for ``light`` the channel slice of each field."""
-        arrays = [(name, self._arr(name)) for name in ["keys", "complete", *self._arrays_on_disk(), *self._tag_arrays()]]
+        arrays = [(name, self._arr(name)) for name in ["keys", "complete", *self._arrays_on_disk()]]
         return describe_arrays(self.path, arrays, self.schema.light_channels(),
                                self._index if self.disk_index else None)
 
