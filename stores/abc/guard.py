@@ -196,8 +196,8 @@ class StoreGuard:
         ident = self._identity()
         if ident is None or b <= a:
             return
-        keys = self._read_keys(a, b) if keys is None else keys         # type: ignore[attr-defined]
-        salts = ident.salts(np.arange(a, b, dtype=np.int64), keys)
+        rows = np.arange(a, b, dtype=np.int64)
+        salts = ident.salts(rows, self._keys_at(rows) if keys is None else keys)     # keys chunk kept between writes
         cols = []
         for name in ident.arrays:
             crcs = self._row_crcs(name, a, b, block)
@@ -228,6 +228,7 @@ class StoreGuard:
         self._index_entries = {k: dict(v) for k, v in self._attrs.get("splits", {}).items()}
         self._stale = {}
         self._gen_checked = time.monotonic()        # the signature was just read (open, refresh)
+        self._keys_cache = None
         if self._tagc is not None:
             self._tagc.clear()                      # writers replace tag chunks by rename: map them again
 
@@ -273,7 +274,7 @@ class StoreGuard:
                 self._lock_depth -= 1
             return
         with self._exclusive():
-            self._lock_depth = 1
+            self._lock_depth, self._keys_cache = 1, None          # keys change under the lock: read them again
             try:
                 sig = self._attrs_signature()
                 if sig is None or sig != self._gen_sig:
@@ -285,4 +286,4 @@ class StoreGuard:
                 self._gen_sig = None                           # what is on disk now: read it again next time
                 raise
             finally:
-                self._lock_depth = 0
+                self._lock_depth, self._keys_cache = 0, None

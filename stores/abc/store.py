@@ -214,8 +214,10 @@ class MemoryBank(StoreBase):
     def reserve_split(self, split: str, keys: Sequence[str], replace: bool = False) -> tuple[int, int]:
         """Pre-allocate rows for ``split`` holding ``keys`` in this order; returns ``(start_row, count)``.
 
-        Refuses a split that is already present unless ``replace=True`` (its rows are cleared first). Call
-        from one process, before starting writers. Every key must be valid, belong to ``split`` and be unique.
+        Refuses a split that is already present unless ``replace=True`` (its rows are cleared first). Runs under
+        the store's lock on the attributes as they are on disk then, so processes appending different splits at
+        once get disjoint rows (`stores.abc.guard`); call it before starting the split's writers. Every key must
+        be valid, belong to ``split`` and be unique.
         """
         self._need_write()
         validate_part(split, "split")
@@ -328,8 +330,8 @@ class MemoryBank(StoreBase):
                 self._sync_rows(["complete"], a, b)
 
     def remove_split(self, split: str) -> None:
-        """Delete a split's entry, then its rows (data, keys, completion flags). Run it while no other process
-        reads or writes the store."""
+        """Delete a split's entry, then its rows (data, identity tags, keys, completion flags), under the store's
+        lock. Handles of other processes that read or write the split then get `StoreStaleError` naming it."""
         self._need_write()
         with self._split_table(), writing(f"remove split {split!r}", self.path):
             start, count = self._split(split)
