@@ -57,6 +57,8 @@ def _odd_constants(seed: int, n: int) -> np.ndarray:
 
 _KEY_SEED = 0xE2D17E57
 _KEY_MUL = _odd_constants(_KEY_SEED, -(-MAX_KEY_LEN // 8) + 1)
+_WORDS = {w: (np.dtype(f"S{8 * w}"), np.ascontiguousarray(_KEY_MUL[:w])) for w in range(1, len(_KEY_MUL) + 1)}
+_LE64 = np.dtype("<u8")
 _ROW_MUL, _MIX = (np.uint64(c) for c in _odd_constants(0x0DDB10C5, 2))
 
 
@@ -86,9 +88,8 @@ def key_digests(keys: Sequence[str] | np.ndarray) -> np.ndarray:
     if not n:
         return np.zeros(0, np.uint64)
     w = -(-q.dtype.itemsize // 8)
-    mul = _KEY_MUL if w <= len(_KEY_MUL) else _odd_constants(_KEY_SEED, w)
-    words = q.astype(f"S{8 * w}").view("<u8").reshape(n, w)
-    return words @ mul[:w]                     # integer matmul: wraps mod 2^64
+    padded, mul = _WORDS[w] if w in _WORDS else (np.dtype(f"S{8 * w}"), _odd_constants(_KEY_SEED, w))
+    return q.astype(padded).view(_LE64).reshape(n, w) @ mul      # integer matmul: wraps mod 2^64
 
 
 def teacher_fingerprint(attrs: Mapping[str, Any]) -> str:
@@ -153,13 +154,16 @@ class RowIdentity:
         same position of ``keys`` (strings, or the bytes array the index searched with): the part of the salt
         shared by the arrays (`array_salts`)."""
         rows = np.asarray(rows, np.int64)
-        x = key_digests(keys) + rows.view(np.uint64) * _ROW_MUL
+        x = key_digests(keys)
+        x += rows.view(np.uint64) * _ROW_MUL
         if len(self._split):
             x += self._split[np.maximum(np.searchsorted(self._starts, rows, "right") - 1, 0)]
         return x
 
     def _salt(self, salts: np.ndarray, array: str) -> np.ndarray:
-        return (salts + self._array[array]) * _MIX
+        x = salts + self._array[array]
+        x *= _MIX
+        return x
 
     def array_salts(self, salts: np.ndarray, array: str) -> np.ndarray:
         """(n,) uint64: per row, what ``tag ^ crc`` must equal for array ``array``."""
