@@ -69,7 +69,7 @@ class StoreGuard:
 
     # ------------------------------------------------------------------ primitives (back ends)
     def _identity_arrays(self) -> list[str]:
-        """The tag array's columns of a new store (its data arrays); [] = a back end without identity."""
+        """The tag columns of a new store (its data arrays); [] = a back end without identity."""
         return []
 
     def _load_tags(self, c: int) -> Any | None:

@@ -4,9 +4,9 @@ reservation of its split, at its place, in this store, for the teacher the store
 A crc32c proves a chunk's bytes, not where they belong: a shard file swapped with its neighbour, a shard of
 ``valid`` copied over one of ``train``, or the ``light/`` directory of another teacher's store all pass it. A
 store with identity (root attribute ``identity``, written at creation: a random ``store_uid``, the
-``teacher`` fingerprint and the data ``arrays``) keeps one 64-bit tag per row and data array in the array
-``identity`` (N, F) uint64 (Zarr: chunks of ``shard_rows`` rows, codecs bytes + crc32c; HDF5: a dataset with
-fletcher32), written after the row's data and before its completion flag::
+``teacher`` fingerprint and the data ``arrays``) keeps one 64-bit tag per row and data array, (N, F) uint64
+(Zarr: one file per ``shard_rows`` rows, ``complete/tags/<c>``, little-endian + crc32c; HDF5: the dataset
+``identity`` with fletcher32), written after the row's data and before its completion flag::
 
     salt(row, key, a) = (kd(key) + row * R + su(split of row) + base + A(a)) * M      (mod 2^64)
     tag[row, a]       = crc(row's chunk of array a) ^ salt(row, key, a)
@@ -37,7 +37,7 @@ import numpy as np
 from stores.errors import StoreCorruptError
 from stores.keys import MAX_KEY_LEN
 
-IDENTITY = "identity"            # the tag array (Zarr) / dataset (HDF5): (N, F) uint64
+IDENTITY = "identity"            # the root attribute; the HDF5 tag dataset (N, F) uint64 (Zarr: complete/tags/<c>)
 IDENTITY_VERSION = 1
 U64 = struct.Struct("<Q")        # one stored tag, little-endian
 _MASK = 2**64 - 1

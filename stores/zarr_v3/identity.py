@@ -83,7 +83,7 @@ class ZarrIdentity:
     fsync: bool
     _attrs: dict[str, Any]
 
-    # ------------------------------------------------------------------ the tag array
+    # ------------------------------------------------------------------ the tag files
     def _identity_arrays(self) -> list[str]:
         return [LIGHT_ARRAY] + ([field_path(BEV_FEAT)] if self.schema.store_bev_feat else [])   # type: ignore[attr-defined]
 
