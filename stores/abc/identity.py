@@ -259,6 +259,11 @@ class TagChunks:
             got = self._u64[c] = np.frombuffer(self.raw(c), "<u8", count=self.S * self.F)
         return got
 
+    def expected(self, c: int, rows: np.ndarray, salts: np.ndarray, col: int) -> list[int]:
+        """``tag ^ salt`` of each of ``rows`` (int64, all in chunk ``c``; column ``col``; ``salts`` aligned)."""
+        k = rows & (self.S - 1)
+        return (self.u64(c)[k if self.F == 1 else k * self.F + col] ^ salts).tolist()
+
     def tag(self, row: int, col: int) -> int:
         """The stored tag of ``row`` in column ``col`` (0: none)."""
         return U64.unpack_from(self.raw(row // self.S), 8 * ((row % self.S) * self.F + col))[0]

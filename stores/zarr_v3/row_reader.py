@@ -240,9 +240,8 @@ class RowChunkReader:
     def read(self, rows: Sequence[int] | np.ndarray, salts: np.ndarray | None = None) -> np.ndarray:
         """Rows ``rows`` (in-range, any order, repeats allowed) as an array (len(rows), *row_shape) of the
         array's dtype, in the order asked: each row is decoded straight into its place (files are visited in
-        row order). ``salts`` ((len(rows),) uint64, `stores.abc.identity.RowIdentity.array_salts`): each chunk's
-        identity tag is checked too (``tags`` must be set): what ``tag ^ salt`` gives, per file vectorised when
-        the rows lie in few files, else per row from offsets computed once (no per-file array work)."""
+        row order). ``salts`` ((len(rows),) uint64, `RowIdentity.array_salts`): each chunk's identity tag is
+        checked too (``tags`` must be set; per file vectorised when the rows lie in few files, else per row)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), *self.row_shape), self.dtype)
         if not len(rows):
@@ -263,11 +262,9 @@ class RowChunkReader:
                 continue
             rg, positions = rows[group], group.tolist()
             spans = [[0, len(mm)]] * len(group) if index is None else index[rg % S].tolist()
-            expect = None
-            if few:                                    # tag ^ salt of each row of this file, vectorised
-                k = rg & (tags.S - 1)                                                    # type: ignore[union-attr]
-                k = k if tags.F == 1 else k * tags.F + self.tag_col                      # type: ignore[union-attr]
-                expect = (tags.u64(i * S // tags.S)[k] ^ salts[group]).tolist()          # type: ignore[union-attr,index]
+            expect = None                              # tag ^ salt of each row: vectorised per file, or per row
+            if few:
+                expect = tags.expected(i * S // tags.S, rg, salts[group], self.tag_col)  # type: ignore[union-attr,index]
             elif tags is not None:
                 raw = tags.raw(i * S // tags.S)
                 expect = [tag_of(raw, toff[j])[0] ^ sl[j] for j in positions]
@@ -303,10 +300,9 @@ class RowChunkReader:
                       flat: np.ndarray, expect: list[int] | None = None) -> None:
         """Check and decode the chunks ``spans`` [(offset, nbytes)] of mapped file ``i`` into
         ``flat[positions]`` (``rows[positions]`` name them in errors). Per row: the crc32c of the chunk's bytes
-        against the 4 stored after them, BEFORE anything is decoded; with ``expect`` (aligned with
-        ``positions``: tag ^ salt of each row), the identity tag too (it must equal the crc32c); then the decode
-        of `decode_into`, inlined here (this loop is the store's hot path: a call per row cost ~6 % of
-        ``get_batch``)."""
+        against the 4 stored after them, BEFORE anything is decoded; with ``expect`` (tag ^ salt of each row,
+        aligned with ``positions``), the identity tag too; then the decode of `decode_into`, inlined here (this
+        loop is the store's hot path: a call per row cost ~6 % of ``get_batch``)."""
         mm, _, u8 = self._files[i]
         view, value, tail = self._views[i], google_crc32c.value, 4 if self.crc else 0
         dest = memoryview(flat.reshape(-1).view(np.uint8))
