@@ -14,6 +14,20 @@ with PASS/FAIL.
     python bench/bench_store.py --key_index 1e5,1e6,1e7 --dir /tmp/ki    # the key index at scale (issue 14)
     python bench/bench_store.py --write                                   # the write path (issue 14)
     python bench/bench_store.py --streaming [--n 2000]    # local / S3 / memmap / LitData side by side (issue 14)
+    python bench/bench_store.py --identity --n 4000 --rounds 9     # the cost of the identity check (issue 25)
+    python bench/bench_store.py --against /tmp/before --n 4000 --rounds 9   # this checkout vs another, interleaved
+
+``--against DIR`` (another checkout of this repository, e.g. ``git worktree add /tmp/before <commit>``): each
+checkout writes its own SPEC float32 store of N rows, then fresh processes of the two checkouts alternate
+(order swapped every round), each measuring in-process ``get_batch`` (1000 batches of 64 random keys) and one
+DataLoader epoch (>= 20 000 rows, 2 workers), rows per wall second and per CPU second; medians, and the
+median of the per-round ratios (this / other).
+
+``--identity`` writes one SPEC float32 store of N rows and measures, in alternating rounds with the identity
+and generation checks on and off (off = both switched off on the bank class for the measurement: the read
+path as before them; medians): in-process ``get_batch`` (1000 batches of 64 random keys a round) rows per
+wall second and per CPU second, and a DataLoader epoch (>= 20 000 rows, 2 workers forked after the switch,
+batches of 64) rows per wall second and per CPU second of the main process and its workers.
 
 ``--write`` measures ``write_rows`` rows/s (fsync on, blocks of one whole shard, as the export writes) at SPEC
 sizes (float32 and float16) and at small sizes (T=5, A=2, D=H=8), through zarr-python (``bulk_writes =
@@ -34,6 +48,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -153,6 +168,8 @@ def main() -> int:
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)     # internal: one --key_index measurement
     ap.add_argument("--write", action="store_true", help="the write path: zarr-python vs bulk shards (only this)")
     ap.add_argument("--rounds", type=int, default=3, help="--write: alternating rounds per path (default 3)")
+    ap.add_argument("--identity", action="store_true", help="the cost of the identity check, on vs off (only this)")
+    ap.add_argument("--against", default=None, help="another checkout: read rates of both, interleaved (only this)")
     ap.add_argument("--streaming", action="store_true",
                     help="the store on disk and on a local S3 server, a memmap and LitData, side by side (only this; "
                          "bench/bench_streaming.py, its flags after --)")
@@ -170,6 +187,20 @@ def main() -> int:
         tmp = a.dir or tempfile.mkdtemp(prefix="bench_write_")
         try:
             return write_bench(tmp, a.n if a.n != 20000 else 16384, a.rounds, a.batch)
+        finally:
+            if not a.dir:
+                shutil.rmtree(tmp, ignore_errors=True)
+    if a.against:
+        tmp = a.dir or tempfile.mkdtemp(prefix="bench_against_")
+        try:
+            return against_bench(os.path.abspath(a.against), tmp, a.n if a.n != 20000 else 4000, a.rounds, a.batch)
+        finally:
+            if not a.dir:
+                shutil.rmtree(tmp, ignore_errors=True)
+    if a.identity:
+        tmp = a.dir or tempfile.mkdtemp(prefix="bench_identity_")
+        try:
+            return identity_bench(tmp, a.n if a.n != 20000 else 4000, a.rounds, a.batch, a.workers)
         finally:
             if not a.dir:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -405,6 +436,139 @@ def write_bench(tmp: str, n_spec: int, rounds: int, B: int) -> int:
     keys = [f"train/seg_{i // 1000:05d}:{i % 1000}" for i in range(n_spec)]
     print(f"in-process get_batch (SPEC f32, N={n_spec}, batches of {B} random keys, median of 5): "
           f"{get_batch_rate(spec_path, keys, B):.0f} rows/s")
+    return 0
+
+
+def loader_rates(loader: DataLoader) -> tuple[float, float]:
+    """``(rows per wall second after the first batch, rows per CPU second of this process and its DataLoader
+    workers over the whole epoch)``: the CPU rate is what free cores would give, whatever the load."""
+    cpu = lambda who: sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime"))  # noqa: E731
+    c0 = cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN)
+    it = iter(loader)
+    n = next(it)["actions"].shape[0]
+    t0, first = time.perf_counter(), n
+    for b in it:
+        n += b["actions"].shape[0]
+    wall = (n - first) / (time.perf_counter() - t0)
+    del it                                    # workers exit and are joined: their CPU time is counted
+    gc.collect()
+    return wall, n / (cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN) - c0)
+
+
+_PROBE = r"""
+import json, os, resource, sys, time
+import numpy as np
+root, path, n, B, make = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "make"
+sys.path[:0] = [root, os.path.join(root, "bench")]
+from bench_store import write_store
+from e2r.data.sampler import EpochBatchSampler
+from stores import StoreSchema, open_memorybank
+from stores.torch_data import MemoryBankDataset
+from torch.utils.data import DataLoader
+keys = [f"train/seg_{i // 1000:04d}:{i % 1000}" for i in range(n)]
+if make:
+    write_store(path, StoreSchema(seq_len=5, action_dim=2, bev_dim=256, gru_hidden=640), keys)
+    sys.exit(0)
+cpu = lambda who: sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime"))
+bank = open_memorybank(path)
+rng = np.random.default_rng(5)
+batches = [[keys[i] for i in rng.integers(0, n, B)] for _ in range(1000)]
+bank.get_batch(batches[0])
+t0, c0 = time.perf_counter(), time.process_time()
+for kb in batches:
+    bank.get_batch(kb)
+gb, gbcpu = len(batches) * B / (time.perf_counter() - t0), len(batches) * B / (time.process_time() - c0)
+epoch = [b for s in range(-(-20000 // n)) for b in EpochBatchSampler(n, B, seed=s)]
+c0 = cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN)
+it = iter(DataLoader(MemoryBankDataset(path, split="train"), sampler=epoch, batch_size=None, num_workers=2))
+rows = next(it)["actions"].shape[0]
+t0, first = time.perf_counter(), rows
+for b in it:
+    rows += b["actions"].shape[0]
+dl = (rows - first) / (time.perf_counter() - t0)
+del it
+dlcpu = rows / (cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN) - c0)
+print(json.dumps({"gb": gb, "gbcpu": gbcpu, "dl": dl, "dlcpu": dlcpu}))
+"""
+
+
+def against_bench(other: str, tmp: str, n: int, rounds: int, B: int) -> int:
+    """``--against``: this checkout's and another's read rates, fresh processes alternating (module docstring)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    roots = {"this": here, "other": other}
+    os.makedirs(tmp, exist_ok=True)
+    paths = {k: os.path.join(tmp, f"{k}.zarr") for k in roots}
+
+    def probe(k: str, make: bool = False) -> dict[str, float]:
+        out = subprocess.run([sys.executable, "-c", _PROBE, roots[k], paths[k], str(n), str(B),
+                              "make" if make else "read"], capture_output=True, text=True, check=True, cwd=roots[k])
+        return json.loads(out.stdout.strip().splitlines()[-1]) if not make else {}
+    for k in roots:
+        if not os.path.exists(paths[k]):
+            probe(k, make=True)
+    res: dict[str, list[dict[str, float]]] = {k: [] for k in roots}
+    print(f"this checkout {here} vs {other}: SPEC f32 stores of {n} rows, {rounds} rounds, load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    for r in range(rounds):
+        for k in (("this", "other") if r % 2 == 0 else ("other", "this")):
+            res[k].append(probe(k))
+    print(f"{'rows/s':<32}{'this':>10}{'other':>10}{'this/other':>12}{'per-round ratio':>17}")
+    for key, name in (("gb", "get_batch (wall)"), ("gbcpu", "get_batch (CPU)"), ("dl", "DataLoader, 2 workers (wall)"),
+                      ("dlcpu", "DataLoader (CPU)")):
+        a_, b_ = [x[key] for x in res["this"]], [x[key] for x in res["other"]]
+        ratio = float(np.median([x / y for x, y in zip(a_, b_)]))
+        print(f"{name:<32}{np.median(a_):>10.0f}{np.median(b_):>10.0f}{np.median(a_) / np.median(b_):>12.3f}"
+              f"{ratio:>17.3f}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    return 0
+
+
+def identity_bench(tmp: str, n: int, rounds: int, B: int, workers: int) -> int:
+    """``--identity``: get_batch and DataLoader epochs with the identity check on and off, alternating rounds."""
+    os.makedirs(tmp, exist_ok=True)
+    keys = [f"train/seg_{i // 1000:04d}:{i % 1000}" for i in range(n)]
+    schema = StoreSchema(seq_len=5, action_dim=2, bev_dim=256, gru_hidden=640, dtype="float32")
+    path = os.path.join(tmp, "identity_f32.zarr")
+    if not os.path.exists(path):
+        write_store(path, schema, keys)
+    bank = open_memorybank(path)
+    assert bank.has_identity, f"{path} has no identity tags (written before them?)"
+    rng = np.random.default_rng(5)
+    batches = [[keys[i] for i in rng.integers(0, n, B)] for _ in range(1000)]
+    epoch = [b for s in range(-(-20000 // n)) for b in EpochBatchSampler(n, B, seed=s)]    # >= 20 000 rows
+    bank.get_batch(batches[0])
+    cls, checked, generation = type(bank), type(bank)._identity, type(bank)._check_generation
+    res: dict[str, dict[bool, list[float]]] = {k: {True: [], False: []} for k in ("gb", "gbcpu", "dl", "dlcpu")}
+    print(f"identity cost: SPEC f32 store of {n} rows, batches of {B}, {rounds} alternating rounds, DataLoader "
+          f"epochs of {len(epoch) * B} rows, load average {os.getloadavg()[0]:.1f}", flush=True)
+    for r in range(rounds):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            if on:                          # the checks as shipped / switched off for this measurement only
+                cls._identity, cls._check_generation = checked, generation
+            else:                           # no identity tags checked, no generation stat: the code before
+                cls._identity, cls._check_generation = (lambda self: None), (lambda self, *a, **k: None)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for kb in batches:
+                bank.get_batch(kb)
+            res["gb"][on].append(len(batches) * B / (time.perf_counter() - t0))
+            res["gbcpu"][on].append(len(batches) * B / (time.process_time() - c0))
+            ds = MemoryBankDataset(path, split="train")            # workers fork now: they inherit the switch
+            wall, per_cpu = loader_rates(DataLoader(ds, sampler=epoch, batch_size=None, num_workers=workers))
+            res["dl"][on].append(wall)
+            res["dlcpu"][on].append(per_cpu)
+    cls._identity, cls._check_generation = checked, generation
+    print(f"{'path':<38}{'median: on':>12}{'off':>9}{'cost':>8}{'best: on':>11}{'off':>9}{'cost':>8}")
+    for name, key in (("get_batch rows/s", "gb"), ("get_batch rows per CPU-second", "gbcpu"),
+                      (f"DataLoader ({workers} workers) rows/s", "dl"),
+                      (f"DataLoader rows per CPU-second", "dlcpu")):
+        on, off = float(np.median(res[key][True])), float(np.median(res[key][False]))
+        bon, boff = max(res[key][True]), max(res[key][False])     # the least disturbed round of each
+        print(f"{name:<38}{on:>12.0f}{off:>9.0f}{100 * (1 - on / off):>7.1f}%{bon:>11.0f}{boff:>9.0f}"
+              f"{100 * (1 - bon / boff):>7.1f}%")
+    for key in res:
+        print(f"  {key} rounds, on:  {[round(x) for x in res[key][True]]}\n  {key} rounds, off: "
+              f"{[round(x) for x in res[key][False]]}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 

@@ -15,7 +15,7 @@ from stores.abc import MemoryBank
 from stores.abc.inspection import Inspection
 from stores.dataset_view import open_dataset
 from stores.errors import (NotAMemoryBankError, StoreCorruptError, StoreError, StoreMismatchError,
-                           StoreReadOnlyError, StoreVersionError, UnsupportedLayout)
+                           StoreReadOnlyError, StoreStaleError, StoreVersionError, UnsupportedLayout)
 from stores.factory import (backend_for, create_memorybank, is_memorybank, memorybank_exists, open_memorybank,
                             remove_memorybank, stored_bytes)
 from stores.layout import bev_feat_shard_rows, default_shard_rows
@@ -27,5 +27,6 @@ from stores.zarr_v3 import ZarrMemoryBank
 __all__ = ["MemoryBank", "ZarrMemoryBank", "HDF5MemoryBank", "RemoteZarrMemoryBank", "Inspection", "open_memorybank", "open_dataset", "create_memorybank", "memorybank_exists", "is_memorybank", "backend_for",
            "remove_memorybank", "stored_bytes",
            "StoreSchema", "Provenance", "StoreError", "StoreMismatchError", "NotAMemoryBankError",
-           "StoreReadOnlyError", "UnsupportedLayout", "StoreCorruptError", "StoreVersionError", "LIGHT_FIELDS",
+           "StoreReadOnlyError", "UnsupportedLayout", "StoreCorruptError", "StoreVersionError", "StoreStaleError",
+           "LIGHT_FIELDS",
            "BEV_FEAT", "ALL_FIELDS", "default_shard_rows", "bev_feat_shard_rows"]

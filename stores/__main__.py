@@ -67,6 +67,10 @@ def cmd_info(a: argparse.Namespace) -> int:
     if not bank.disk_index:
         print("key index: built in memory at every open" + (f" (schema_version {at['schema_version']}: "
               f"`python -m stores reindex {a.path}` writes it into the store)" if bank.index_files else ""))
+    ident = at.get("identity")
+    print(f"identity: store_uid={ident['store_uid']} teacher={ident['teacher']} (a tag per row and array: "
+          "checked on every read)" if isinstance(ident, dict) else "identity: none (written before identity tags: "
+          f"rows read with their checksums only; `python -m stores convert {a.path} NEW` adds them)")
     print(f"teacher_sha256={at['teacher_sha256']}  dataset_root={at['dataset_root']!r}  "
           f"code_version={at['code_version']}  created={at['created']}  updated={at['updated']}")
     print("model_config=" + json.dumps(at["model_config"], sort_keys=True))
@@ -105,6 +109,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
         problems += verify_indexes(a.path, bank.keys())     # also indexed keys whose rows were removed
     for p in problems:
         print("PROBLEM:", p)
+    if bank is not None and not bank.has_identity:
+        print(f"NOTICE: {a.path} was written before rows carried identity tags: checksums prove each chunk's bytes, "
+              "but not that it is the chunk of its key, split and store (a moved or foreign shard is not detected). "
+              f"`python -m stores convert {a.path} NEW` writes a copy with identity tags")
     if bank is None:
         print(f"verify {a.path}: the store could not be opened, {len(problems)} problem(s)")
         return 1

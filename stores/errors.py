@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = ["StoreError", "StoreMismatchError", "NotAMemoryBankError", "StoreReadOnlyError", "UnsupportedLayout",
-           "StoreCorruptError", "StoreVersionError", "InvalidKeyError"]
+           "StoreCorruptError", "StoreVersionError", "StoreStaleError", "InvalidKeyError"]
 
 
 class StoreError(Exception):
@@ -40,6 +40,23 @@ class UnsupportedLayout(StoreError):
 class StoreVersionError(StoreError, ValueError):
     """The store was written in an older on-disk format (``schema_version``); the message says how to
     convert or re-export it."""
+
+
+class StoreStaleError(StoreError):
+    """A split this handle reads (or writes) was removed or reserved anew by another process since the handle
+    loaded the store's attributes (its generation changed): nothing of it is served, because its rows may now
+    hold another split's data. ``splits`` names them; open the store again (or ``bank.refresh()``)."""
+
+    def __init__(self, message: str, *, path: str = "", splits: Sequence[str] = ()) -> None:
+        self.path, self.splits = str(path), list(splits)
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple:          # survive pickling across DataLoader / dask workers
+        return (_rebuild_stale, (str(self), self.path, self.splits))
+
+
+def _rebuild_stale(message: str, path: str, splits: list[str]) -> StoreStaleError:
+    return StoreStaleError(message, path=path, splits=splits)
 
 
 def _short(keys: Sequence[str], limit: int = 8) -> str:

@@ -5,9 +5,13 @@ Zarr layout, in one file.
 row per chunk with gzip level 1 + shuffle, ``bev_feat/bev_feat`` (N, T, C, H, W) chunked one frame per chunk.
 Every numeric chunk carries a fletcher32 checksum (HDF5 allows no filter on vlen strings: the keys of each
 split are checked against the ``keys_crc32c`` recorded in its split entry). Group attributes are one JSON
-string under ``e2r_memorybank``. HDF5 allows ONE writer process at a time and a writer killed mid-write can
-corrupt the file: use it for exchange and read-mostly copies; build stores with the Zarr back end (crash
-safe, concurrent writers). Handles are reopened in each process (fork safe).
+string under ``e2r_memorybank``. Stores made since identity tags (`stores.abc.identity`) have a dataset
+``identity`` (N, F) uint64 (F = the fields, chunks of ``shard_rows`` rows, fletcher32): each row's tag binds
+the crc32c of its decoded bytes to its key, row, split reservation, store and teacher, so rows swapped or
+copied (their fletcher32 recomputed by HDF5) are refused. HDF5 allows ONE writer process at a time (the
+library's file lock; it also keeps ``rm-split`` out while a reader has the file open) and a writer killed
+mid-write can corrupt the file: use it for exchange and read-mostly copies; build stores with the Zarr back
+end (crash safe, concurrent writers). Handles are reopened in each process (fork safe).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import h5py
 import numpy as np
 
 from stores.abc import MemoryBank
+from stores.abc.identity import IDENTITY, encode_tags, row_crc32c
 from stores.errors import StoreCorruptError, StoreReadOnlyError
 from stores.fsio import json_object, regular_size
 from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_FIELDS, StoreSchema
@@ -45,7 +50,7 @@ class HDF5MemoryBank(MemoryBank):
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["_file"], d["_pid"] = None, None
+        d["_file"], d["_pid"], d["_tagc"], d["_keys_cache"] = None, None, None, None
         return d
 
     @staticmethod
@@ -129,6 +134,10 @@ class HDF5MemoryBank(MemoryBank):
                                  dtype=schema.dtype, compression="gzip", compression_opts=1, shuffle=True,
                                  fletcher32=True, fillvalue=0)
             d.attrs["dimension_names"] = json.dumps(DIM_NAMES[name])
+        if self.has_identity:
+            F = len(self._identity_arrays())
+            f.create_dataset(IDENTITY, shape=(0, F), maxshape=(None, F), chunks=(S, F), dtype="<u8", fillvalue=0,
+                             fletcher32=True)
         f.flush()
 
     def _write_attrs(self, attrs: dict[str, Any]) -> None:
@@ -140,7 +149,7 @@ class HDF5MemoryBank(MemoryBank):
 
     def _resize(self, n: int) -> None:
         f = self._f()
-        for name in [*self.schema.fields, "complete", "keys"]:      # keys last
+        for name in [*self.schema.fields, *([IDENTITY] if self.has_identity else []), "complete", "keys"]:  # keys last
             f[_dset_path(name)].resize(n, axis=0)
 
     def _read(self, name: str, sel: Any, rows: Sequence[int]) -> np.ndarray:
@@ -180,8 +189,11 @@ class HDF5MemoryBank(MemoryBank):
         self._f()[_dset_path(name)][a:a + len(data)] = data
         self._f().flush()
 
-    def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False) -> dict[str, np.ndarray]:
-        uniq, inv = np.unique(rows, return_inverse=True)      # h5py reads increasing unique rows
+    def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False,
+                   salts: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        uniq, first, inv = np.unique(rows, return_index=True, return_inverse=True)   # h5py reads increasing rows
+        ident = self._identity() if salts is not None else None
+        tags = self._read(IDENTITY, uniq, uniq.tolist()) if ident is not None and len(uniq) else None
         out = {}
         for name in fields:
             try:
@@ -190,6 +202,8 @@ class HDF5MemoryBank(MemoryBank):
                 for r in uniq.tolist():
                     self._read(name, r, [r])
                 raise
+            if ident is not None and tags is not None:
+                self._check_identity(name, uniq, d, ident.expected(salts[first], name, tags[:, ident.columns[name]]))
             out[name] = d if len(uniq) == len(rows) and (inv == np.arange(len(rows))).all() else d[inv]
         return out
 
@@ -209,6 +223,68 @@ class HDF5MemoryBank(MemoryBank):
                         except OSError:
                             ok[r - a] = False
         return ok
+
+    def _check_identity(self, name: str, rows: np.ndarray, data: np.ndarray, expected: np.ndarray) -> None:
+        """StoreCorruptError naming the file, dataset, row and key of the first of ``rows`` whose decoded bytes
+        (``data``) do not have the crc32c their identity tag gives (``expected``)."""
+        bad = np.flatnonzero(row_crc32c(data).astype(np.uint64) != expected)
+        if len(bad):
+            r = int(rows[bad[0]])
+            keys = self._keys_of([r])
+            raise StoreCorruptError(f"memorybank {self.path}: dataset {_dset_path(name)!r} row {r} (key "
+                                    f"{keys[0] if keys else '?'!r}) failed its identity check: it is not the row "
+                                    "written for this key at this row of this split in this store (rows swapped "
+                                    f"or copied, a lost tag, or another store's); {len(bad)} row(s) of this read. "
+                                    f"Run `python -m stores verify {self.path}`", path=self.path, array=name,
+                                    chunk=f"{_dset_path(name)} row {r}", keys=keys)
+
+    # ------------------------------------------------------------------ identity, generation
+    def _identity_arrays(self) -> list[str]:
+        return list(self.schema.fields)
+
+    def _identity_problems(self) -> list[str]:
+        out = super()._identity_problems()
+        d = self._f().get(IDENTITY) if self.has_identity and not out else None
+        if self.has_identity and not out and (not isinstance(d, h5py.Dataset) or d.dtype != np.uint64 or
+                                              d.ndim != 2 or d.shape[1] != len(self._identity_arrays()) or
+                                              d.shape[0] < self._n_rows() or not d.fletcher32):
+            out.append(f"dataset {IDENTITY!r} (the rows' identity tags) is missing or not (>= {self._n_rows()}, "
+                       f"{len(self._identity_arrays())}) uint64 with fletcher32")
+        return out
+
+    def _row_crcs(self, array: str, a: int, b: int, block: Any) -> np.ndarray:
+        return row_crc32c(block[array])
+
+    def _write_tags(self, a: int, tags: np.ndarray) -> None:
+        if len(tags):
+            self._f()[IDENTITY][a:a + len(tags)] = tags
+            self._f().flush()
+
+    def _load_tags(self, c: int) -> bytes | None:
+        S, d = self.alignment, self._f()[IDENTITY]
+        tags = np.zeros((S, d.shape[1]), np.uint64)
+        got = self._read(IDENTITY, slice(c * S, min(d.shape[0], (c + 1) * S)), [c * S, (c + 1) * S - 1])
+        tags[:len(got)] = got
+        return encode_tags(tags)
+
+    def _attrs_signature(self) -> Any:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return ("gone",)
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def _read_attrs_fresh(self) -> dict[str, Any] | None:
+        if self.mode == "r":
+            self.close()                 # another process wrote the file: HDF5 caches what this handle read
+        try:
+            return dict(json.loads(self._f().attrs[ATTR]))
+        except (OSError, KeyError, ValueError, TypeError, StoreCorruptError, FileNotFoundError):
+            return None
+
+    def _reload_attrs(self) -> None:
+        self.close()
+        self._attrs = self._open_existing()
 
     def _clear_rows(self, a: int, b: int) -> None:
         self._write_complete(a, b, False)

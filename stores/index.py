@@ -228,8 +228,15 @@ class KeyIndex:
         A malformed key raises InvalidKeyError naming it. (Indexed keys were validated when reserved, so only
         keys not found are validated here.)
         """
+        rows, missing, _ = self.lookup(keys)
+        return rows, missing
+
+    def lookup(self, keys: Sequence[str]) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+        """`rows`, plus the keys as the bytes array ``S<w>`` they were searched with (None when some key is not
+        ASCII: then none is found), which the identity check digests without converting them again."""
         keys = keys if isinstance(keys, list) else list(keys)
         out = np.full(len(keys), -1, np.int64)
+        q = None
         try:
             joined = "".join(keys)
         except TypeError:                    # a key is not a string: validated below
@@ -253,7 +260,7 @@ class KeyIndex:
         for i in np.flatnonzero(out < 0).tolist():
             validate_key(keys[i])
             missing.append(keys[i])
-        return out, missing
+        return out, missing, q
 
 
 def check_keys(keys: Sequence[str], where: str) -> list[str]:

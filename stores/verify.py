@@ -92,14 +92,30 @@ def _scan_shards(r: RowChunkReader, name: str, bank: MemoryBank | None) -> list[
     out: list[str] = []
     complete = _complete_rows(bank)
     check = _finite_check(bank, name)
+    expect_of = bank.inspect().expected_crcs if bank is not None else None
     files = set(r.files_present()) | {int(x) for x in np.unique(complete // r.rows_per_file)}
     for i in tqdm(sorted(files), desc=f"verify {name}", unit="shard", disable=len(files) < 64):
-        present, probs = r.scan(i, check)
         S = r.rows_per_file
         held = complete[(complete >= i * S) & (complete < (i + 1) * S)]
         named = bank.inspect().keys_of(held[:8].tolist()) if bank is not None and len(held) else []
+        expect = None
+        if expect_of is not None and len(held):
+            try:
+                want, untagged = expect_of(field_path(name), held)
+                expect = {int(x): (int(w), bool(u)) for x, w, u in zip(held.tolist(), want, untagged)}
+            except StoreCorruptError as e:           # a damaged tag chunk: its rows cannot be proven
+                out.append(str(e))
+        present, probs = r.scan(i, check, expect)
+        foreign = [(row, msg) for row, msg in probs if "failed its identity check" in msg]
         out += [msg + (f" ({len(held)} complete row(s) there, keys {named}{' ...' if len(held) > 8 else ''})"
-                       if row < 0 and named and "key" not in msg else "") for row, msg in probs]
+                       if row < 0 and named and "key" not in msg else "")
+                for row, msg in probs if "failed its identity check" not in msg]
+        if foreign:                                  # one line per shard: a moved shard fails at every row
+            keys = bank.inspect().keys_of([row for row, _ in foreign[:8]]) if bank is not None else []
+            out.append(f"{foreign[0][1]}" + (f"; with {len(foreign) - 1} more row(s) of {r.chunk_name(i)} (rows "
+                                             f"{[row for row, _ in foreign[:8]]}{' ...' if len(foreign) > 8 else ''}, "
+                                             f"keys {keys}): restore the shard, or delete it and resume the export"
+                                             if len(foreign) > 1 else ""))
         lost = held[~present[held - i * S]] if len(held) and not any(row < 0 for row, _ in probs) else []
         if len(lost):
             what = "shard file is missing" if not present.any() else "inner chunks are missing"

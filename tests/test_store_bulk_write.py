@@ -210,8 +210,12 @@ def test_a_checksummed_chunk_of_the_wrong_length_is_refused_not_served(tmp_path)
     (Path(path) / "light" / "c" / "0" / "0" / "0").write_bytes(b"".join(codec.build(chunks)))
     reader = open_memorybank(path)
     assert reader.get_batch(keys[:3])[1] == []
+    with pytest.raises(StoreCorruptError, match=r"row 3 .* failed its identity check") as e:
+        reader.get_batch([keys[3]])                  # not the chunk written there: its identity tag says so
+    assert e.value.keys == [keys[3]]
+    bank._tag_rows(3, 4, {}, [keys[3]])              # a writer that tagged such a chunk: the length check still
     with pytest.raises(StoreCorruptError, match=r"does not decode \(ValueError: 20 bytes, expected") as e:
-        reader.get_batch([keys[3]])
+        open_memorybank(path).get_batch([keys[3]])
     assert e.value.keys == [keys[3]]
 
 

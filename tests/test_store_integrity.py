@@ -376,6 +376,10 @@ def test_fsync_option_and_data_before_flags(tmp_path, monkeypatch):
     flags = [i for i, p in enumerate(synced) if p.endswith("complete/c/0")]
     assert len(light) == 1 and light_dir and flags and max(light + light_dir) < min(flags)
     assert light[0] < light_dir[0]
+    # the rows' identity tags: after their data, before their flags (file under its temporary name, directory)
+    tags = [i for i, p in enumerate(synced) if re.search(r"complete/tags/0(\.[0-9a-f]+\.partial)?$", p)]
+    tags_dir = [i for i, p in enumerate(synced) if p.endswith("complete/tags")]
+    assert tags and tags_dir and max(light + light_dir) < min(tags) and max(tags + tags_dir) < min(flags)
     synced.clear()
     fast = open_memorybank(path, "r+", fsync=False)
     assert fast.fsync is False

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from stores.abc.guard import StoreGuard
 from stores.errors import StoreCorruptError, StoreError, StoreReadOnlyError
 from stores.fsio import fsync_files, remove_path, writing
 from stores.index import KeyIndex, SplitIndex, check_keys
@@ -34,9 +35,10 @@ from stores.schema import INDEXED_SCHEMA_VERSIONS, INDEXLESS_SCHEMA_VERSIONS, St
 from stores.validate import orphan_mask, split_damage, used_rows
 
 
-class StoreBase(ABC):
+class StoreBase(StoreGuard, ABC):
     """A memorybank handle's state, its back-end primitives (abstract) and its key side (see the module
-    docstring). Back ends with index files set ``index_files = True`` and implement ``_index_path``."""
+    docstring). Back ends with index files set ``index_files = True`` and implement ``_index_path``. The
+    identity, generation and lock checks come from `stores.abc.guard.StoreGuard`."""
 
     index_files = False
     schema: StoreSchema
@@ -58,6 +60,7 @@ class StoreBase(ABC):
         self.damage: list[str] = []             # what the last refresh() found lost (keys, flags, data files)
         self._lost_files: list[str] = []        # the data-file part of ``damage``
         self._read_damage: list[str] = []       # chunks of keys / complete that failed their checks (r+)
+        self._guard_init()
 
     @property
     def alignment(self) -> int:
@@ -173,9 +176,12 @@ class StoreBase(ABC):
             self._write_field(f, a, d)
 
     @abstractmethod
-    def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False) -> dict[str, np.ndarray]:
+    def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False,
+                   salts: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Hot path: ``{field: array (len(rows), T, ...)}`` for ``rows`` in any order (repeats allowed), in
-        that order. ``views=True``: the arrays may be views of a larger buffer (the caller copies them)."""
+        that order. ``views=True``: the arrays may be views of a larger buffer (the caller copies them).
+        ``salts`` ((len(rows),) uint64, `stores.abc.identity.RowIdentity.salts`): check every row's identity
+        tag (StoreCorruptError naming the chunk and key when one does not match); None: unchecked."""
 
     @abstractmethod
     def _clear_rows(self, a: int, b: int) -> None: ...
@@ -198,11 +204,18 @@ class StoreBase(ABC):
         return self.index_files and self._attrs.get("schema_version") in INDEXED_SCHEMA_VERSIONS
 
     def refresh(self) -> None:
-        """(Re)load the completion flags and the key index from disk. A read-only handle refuses
+        """(Re)load the completion flags and the key index from disk (and the attributes, when another process
+        changed them: the handle then sees the current splits and no longer reports stale ones, see
+        `stores.abc.guard`). A read-only handle refuses
         (StoreCorruptError) a store whose split rows lost their keys, completion flags, key index or data
         files; a writable one opens it (``damage`` lists what was found) so that ``incomplete_ranges`` lets a
         resumed writer redo those rows, or ``remove_split`` / ``reserve_split(replace=True)`` / ``reindex``
         rewrite them."""
+        if not self._lock_depth:
+            sig = self._attrs_signature()
+            if sig is not None and sig != self._gen_sig:
+                self._reload_attrs()             # another process changed the split table: see it now
+            self._gen_sig = sig
         n = self._n_rows()
         self._read_damage = []
         entries = self._attrs.get("splits", {})
@@ -216,6 +229,12 @@ class StoreBase(ABC):
             problems += probs
             if idx is not None:
                 indexes[name] = idx
+        ident = self._identity_problems()
+        if ident and not self._lenient:          # edited or foreign attributes: no handle may read or write
+            raise StoreCorruptError(f"memorybank {self.path}: " + "; ".join(ident) + f". Restore the attributes "
+                                    f"(zarr.json) or re-export; `python -m stores verify {self.path}` lists the rest",
+                                    path=self.path)
+        problems += ident
         complete, damage = split_damage(self.splits, flags, keys_lost, self._keys_of)
         del flags, keys_lost
         self._lost_files = self._missing_data(complete)
@@ -226,6 +245,7 @@ class StoreBase(ABC):
                                     "the export (it redoes rows whose flags or data are missing) or re-export",
                                     path=self.path)
         self._index = KeyIndex(indexes, complete)
+        self._note_loaded()
 
     def _split_index(self, name: str, s: int, c: int, entry: dict[str, Any]
                      ) -> tuple[SplitIndex | None, np.ndarray, list[str]]:
@@ -339,8 +359,8 @@ class StoreBase(ABC):
     def _write_indexes(self) -> list[str]:
         """`reindex`'s index files (see there); returns the splits indexed."""
         done = []
-        entries = self._attrs.get("splits", {})
-        with writing("rebuild the key index", self.path):
+        with self._split_table(), writing("rebuild the key index", self.path):
+            entries = self._attrs.get("splits", {})
             for name, (s, c) in sorted(self.splits.items()):
                 self._read_damage = []
                 keys = [str(k) for k in self._read_keys(s, s + c)]

@@ -21,7 +21,9 @@ class Inspection:
     the completion array holds chunks for; ``read_rows(fields, rows)``: checked rows; ``index``: the key index
     (complete rows, duplicates, per-split indexes); ``lost_files``: the data-file part of ``bank.damage``.
     Zarr banks add ``chunk_rows(array)``, ``flat_reader(array)``, ``arrays_on_disk()``, ``row_reader(array)``
-    and, on object storage, ``listing`` (object name -> entry)."""
+    and, on object storage, ``listing`` (object name -> entry). A store with identity tags adds
+    ``expected_crcs(array, rows)`` -> ``(crc32c each row's chunk must have, rows without a tag)``
+    (`stores.abc.guard.StoreGuard._expected_crcs`)."""
 
     keys_of: Callable[[Iterable[int]], list[str]]
     read_keys: Callable[[int, int], np.ndarray]
@@ -36,3 +38,4 @@ class Inspection:
     arrays_on_disk: Callable[[], list[str]] | None = None
     row_reader: Callable[[str], Any] | None = None
     listing: Mapping[str, Any] | None = None
+    expected_crcs: Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from stores.abc.identity import new_identity
 from stores.errors import NotAMemoryBankError, StoreError, StoreVersionError
 from stores.fsio import fsync_tree, publish, remove_path, remove_stale_temps, temp_sibling, writing
 from stores.layout import FORMAT_NAME, new_store_attrs
@@ -66,6 +67,8 @@ def create_store(cls: type["MemoryBank"], path: str, schema: StoreSchema, proven
             os.makedirs(os.path.dirname(tmp), exist_ok=True)          # its folder (zarr-python makes it too)
             bank = cls(tmp, "r+", fsync)
             bank._attrs = attrs
+            if bank._identity_arrays():          # rows carry identity tags (stores.abc.identity)
+                attrs["identity"] = new_identity(attrs, bank._identity_arrays())
             bank._create_new(schema)
             bank._write_attrs(bank._attrs)
             bank.close()

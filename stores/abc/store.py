@@ -25,6 +25,7 @@ import numpy as np
 
 from stores.keys import split_of, validate_part
 from stores.abc.base import StoreBase
+from stores.abc.identity import new_split_uid
 from stores.abc.inspection import Inspection
 from stores.abc.lifecycle import check_version, create_store, not_a_bank
 from stores.fsio import writing
@@ -73,6 +74,7 @@ class MemoryBank(StoreBase):
         if lenient and self.mode != "r":
             raise ValueError("a damaged store is opened leniently read-only only (mode='r')")
         self._lenient = bool(lenient)
+        self._gen_sig = self._attrs_signature()      # before the attributes are read: a change after is seen
         self._attrs = self._open_existing()
         self.refresh()
 
@@ -80,7 +82,8 @@ class MemoryBank(StoreBase):
         """The raw readers and key index of this bank, for `stores.verify` (see `Inspection`)."""
         return Inspection(keys_of=self._keys_of, read_keys=self._read_keys, read_flags=self._read_flags,
                           read_complete=self._read_complete, flags_extent=self._flags_extent,
-                          read_rows=self._read_rows, index=self._index, lost_files=tuple(self._lost_files))
+                          read_rows=self._read_found, index=self._index, lost_files=tuple(self._lost_files),
+                          expected_crcs=self._expected_crcs if self.has_identity else None)
 
     @classmethod
     def create(cls, path: str | os.PathLike, schema: StoreSchema, provenance: Provenance, *,
@@ -161,9 +164,10 @@ class MemoryBank(StoreBase):
         for f in fields:
             if f not in stored:
                 raise KeyError(f"field {f!r} is not stored in {self.path} (fields: {stored})")
-        rows, missing = self._index.rows(list(keys))
+        rows, missing, q = self._index.lookup(list(keys))
         found = rows >= 0
-        out = self._read_rows(fields, rows[found]) if found.any() else {
+        asked = None if q is None else q if len(missing) == 0 else q[found]
+        out = self._read_found(fields, rows[found], asked) if found.any() else {
             f: np.zeros((0, *schema.row_shape(f)), schema.dtype) for f in fields}
         if fill_missing:
             full = {}
@@ -189,12 +193,13 @@ class MemoryBank(StoreBase):
             want = (len(keys), *schema.row_shape(f))
             if o.shape != want:
                 raise ValueError(f"get_batch_into: out[{f!r}] has shape {o.shape}, expected {want}")
-        rows, _ = self._index.rows(list(keys))
+        rows, _, q = self._index.lookup(list(keys))
         found = rows >= 0
         pos = np.flatnonzero(found)
         if len(pos):
-            data = self._read_rows(tuple(out), rows[pos], views=True)    # decoded in request order
             all_found = len(pos) == len(keys)
+            asked = None if q is None else q if all_found else q[pos]
+            data = self._read_found(tuple(out), rows[pos], asked, views=True)    # decoded in request order
             for f, o in out.items():
                 if all_found:
                     o[...] = data[f]
@@ -209,8 +214,10 @@ class MemoryBank(StoreBase):
     def reserve_split(self, split: str, keys: Sequence[str], replace: bool = False) -> tuple[int, int]:
         """Pre-allocate rows for ``split`` holding ``keys`` in this order; returns ``(start_row, count)``.
 
-        Refuses a split that is already present unless ``replace=True`` (its rows are cleared first). Call
-        from one process, before starting writers. Every key must be valid, belong to ``split`` and be unique.
+        Refuses a split that is already present unless ``replace=True`` (its rows are cleared first). Runs under
+        the store's lock on the attributes as they are on disk then, so processes appending different splits at
+        once get disjoint rows (`stores.abc.guard`); call it before starting the split's writers. Every key must
+        be valid, belong to ``split`` and be unique.
         """
         self._need_write()
         validate_part(split, "split")
@@ -218,11 +225,19 @@ class MemoryBank(StoreBase):
         for k in keys:
             if split_of(k) != split:
                 raise ValueError(f"reserve_split({split!r}): key {k!r} belongs to split {split_of(k)!r}")
-        if split in self.splits:
-            if not replace:
-                raise ValueError(f"split {split!r} already has {self.splits[split][1]} rows in {self.path}; "
-                                 "pass replace=True (or run `python -m stores rm-split`) to rewrite it")
-            self.remove_split(split)
+        with self._split_table():           # appends serialise; the split table as it is on disk now
+            if split in self.splits:
+                if not replace:
+                    raise ValueError(f"split {split!r} already has {self.splits[split][1]} rows in {self.path}; "
+                                     "pass replace=True (or run `python -m stores rm-split`) to rewrite it")
+                self.remove_split(split)
+            start = self._reserve_rows(split, keys)
+        self._owned.pop(split, None)
+        return start, len(keys)
+
+    def _reserve_rows(self, split: str, keys: list[str]) -> int:
+        """`reserve_split` under the lock: rows in the first free gap, keys, flags, index, then the entry (with
+        a new ``uid``: the reservation's generation). Returns the start row."""
         start = self._free_start(len(keys))
         end = start + len(keys)
         S = self.alignment
@@ -240,14 +255,13 @@ class MemoryBank(StoreBase):
             crc = keys_crc32c(keys)
             self._write_split_index(split, start, keys, crc)   # on disk before the entry that makes it used
             attrs = json_attrs(self._attrs)
-            attrs["splits"][split] = {"start": start, "count": len(keys), "keys_crc32c": crc}
+            attrs["splits"][split] = {"start": start, "count": len(keys), "keys_crc32c": crc, "uid": new_split_uid()}
             attrs["updated"] = now_iso()
             self._write_attrs(attrs)                         # the entry last: a crash leaves no half split
             self._attrs = attrs
             if self.fsync:
                 self._sync_meta()
-        self._owned.pop(split, None)
-        return start, len(keys)
+        return start
 
     def _free_start(self, count: int) -> int:
         """First row, a multiple of ``alignment``, of a free gap of ``count`` rows between splits (or the end)."""
@@ -296,6 +310,8 @@ class MemoryBank(StoreBase):
         arrays, n = check_block(self.schema, block, split, offset, self.path)
         if offset < 0 or offset + n > count:
             raise IndexError(f"write_rows({split!r}): positions [{offset}, {offset + n}) outside split of {count} rows")
+        self._check_generation(np.array([start + offset, start + max(offset, offset + n - 1)]))
+        have = None
         if keys is not None:
             have = self._read_keys(start + offset, start + offset + n)
             if len(keys) != n or any(str(a) != b for a, b in zip(have, keys)):
@@ -310,16 +326,17 @@ class MemoryBank(StoreBase):
             self._write_fields(a, arrays)
             if self.fsync:
                 self._sync_rows(self._data_arrays(), a, b)
+            self._tag_rows(a, b, arrays, have)               # identity: after the data, before the flags
             self._write_complete(a, b, True)
             if self.fsync:
                 self._sync_rows(["complete"], a, b)
 
     def remove_split(self, split: str) -> None:
-        """Delete a split's entry, then its rows (data, keys, completion flags). Run it while no other process
-        reads or writes the store."""
+        """Delete a split's entry, then its rows (data, identity tags, keys, completion flags), under the store's
+        lock. Handles of other processes that read or write the split then get `StoreStaleError` naming it."""
         self._need_write()
-        start, count = self._split(split)
-        with writing(f"remove split {split!r}", self.path):
+        with self._split_table(), writing(f"remove split {split!r}", self.path):
+            start, count = self._split(split)
             attrs = json_attrs(self._attrs)
             del attrs["splits"][split]
             attrs["updated"] = now_iso()
@@ -329,11 +346,12 @@ class MemoryBank(StoreBase):
                 self._sync_meta()
             if count:
                 self._clear_rows(start, start + count)
+                self._clear_tags(start, start + count)
                 if self.fsync:
                     self._sync_rows(["keys", "complete", *self._data_arrays()], start, start + count)
             self._remove_split_index(split)
-        self._owned.pop(split, None)
-        self.refresh()
+            self._owned.pop(split, None)
+            self.refresh()
 
     def close(self) -> None:
         """Release file handles (the store on disk is always consistent; there is nothing to flush)."""

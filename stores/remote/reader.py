@@ -25,6 +25,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
+from stores.abc.identity import U64
 from stores.remote.cache import CachedShard, ShardCache
 from stores.errors import StoreError, UnsupportedLayout
 from stores.remote.objstore import Entry, ObjectFiles
@@ -103,9 +104,10 @@ class RemoteRowReader(RowChunkReader):
         return sh
 
     # ------------------------------------------------------------------ reading
-    def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    def read(self, rows: Sequence[int] | np.ndarray, salts: np.ndarray | None = None) -> np.ndarray:
         """Rows ``rows`` (any order, repeats allowed) as (len(rows), *row_shape), in the order asked: rows
-        intact in the cache are decoded from it, the others fetched in one concurrent request batch."""
+        intact in the cache are decoded from it, the others fetched in one concurrent request batch. ``salts``:
+        each chunk's identity tag checked too (`RowChunkReader.read`)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), *self.row_shape), self.dtype)
         if not len(rows):
@@ -113,6 +115,8 @@ class RemoteRowReader(RowChunkReader):
         flat = out.reshape(len(rows), self.row_items)
         dest = memoryview(flat.reshape(-1).view(np.uint8))
         S = self.rows_per_file
+        tags = self.tags if salts is not None else None
+        ident = (tags, tags.offsets(rows, self.tag_col), salts.tolist()) if tags is not None else None  # type: ignore[union-attr]
         want: dict[tuple[int, int, int], list[int]] = {}      # (shard, offset, nbytes) -> positions in rows
         for i, group in self.by_file(rows):
             sh = self._shard(i)
@@ -127,18 +131,30 @@ class RemoteRowReader(RowChunkReader):
                         raise self.missing_chunk(i, int(rows[j]))
                     flat[j] = self.fill
                 elif sh.view is not None and _crc_ok(sh.cached.u8[off:off + nb], nb - 4):   # type: ignore[union-attr]
+                    self._check_tag(i, int(rows[j]), j, sh.cached.u8[off + nb - 4:off + nb], ident)  # type: ignore[union-attr]
                     self.decode_into(i, sh.view[off:off + nb - 4], dest, j, int(rows[j]))
                     if self.cache is not None:
                         self.cache.hits += 1
                 else:
                     want.setdefault((i, off, nb), []).append(j)
         if want:
-            self._fetch(want, rows, dest)
+            self._fetch(want, rows, dest, ident)
         return out
 
-    def _fetch(self, want: dict[tuple[int, int, int], list[int]], rows: np.ndarray, dest: memoryview) -> None:
-        """Fetch the chunks ``want`` concurrently, check each one's crc32c, decode it into its positions and
-        put it in the cache."""
+    def _check_tag(self, i: int, row: int, j: int, crc: Any, ident: tuple[Any, list[int], list[int]] | None) -> None:
+        """The identity check of position ``j`` (row ``row`` of shard ``i``) whose chunk (checked) ends with the
+        4 bytes ``crc``; ``ident`` = (the tag chunks, each position's tag offset, each position's salt)."""
+        if ident is None:
+            return
+        tags, toff, salts = ident
+        tag = U64.unpack_from(tags.raw(row // tags.S), toff[j])[0]
+        if tag ^ salts[j] != int.from_bytes(bytes(crc), "little"):
+            raise self.foreign(i, row, tag)
+
+    def _fetch(self, want: dict[tuple[int, int, int], list[int]], rows: np.ndarray, dest: memoryview,
+               ident: tuple[Any, list[int], list[int]] | None = None) -> None:
+        """Fetch the chunks ``want`` concurrently, check each one's crc32c (and identity), decode it into its
+        positions and put it in the cache."""
         spans = list(want)
         blobs = self.files.get_ranges([(self.file_str(i), off, off + nb) for i, off, nb in spans])
         for (i, off, nb), blob in zip(spans, blobs):
@@ -152,6 +168,7 @@ class RemoteRowReader(RowChunkReader):
                 raise self.bad_checksum(i, row)
             src = memoryview(blob)[:nb - 4]
             for j in js:
+                self._check_tag(i, int(rows[j]), j, blob[nb - 4:nb], ident)
                 self.decode_into(i, src, dest, j, int(rows[j]))
             sh = self._shards[i]
             if sh is not None and sh.cached is not None and self.cache is not None:
@@ -173,10 +190,10 @@ class RemoteRowReader(RowChunkReader):
         self._files[i] = got
         return got
 
-    def scan(self, i: int, check: Callable[[int, np.ndarray], str | None] | None = None
-             ) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    def scan(self, i: int, check: Callable[[int, np.ndarray], str | None] | None = None,
+             expect: dict[int, tuple[int, bool]] | None = None) -> tuple[np.ndarray, list[tuple[int, str]]]:
         try:
-            return super().scan(i, check)
+            return super().scan(i, check, expect)
         finally:
             self._files.pop(i, None)
             self._views.pop(i, None)

@@ -35,6 +35,7 @@ import zarr
 
 from stores.abc.inspection import Inspection
 from stores.remote.cache import ShardCache
+from stores.remote.identity import RemoteIdentity, crcs_of_parts
 from stores.errors import StoreCorruptError, StoreError
 from stores.zarr_v3.flat_chunks import FlatChunkReader
 from stores.fsio import json_object
@@ -56,7 +57,7 @@ DEFAULT_CACHE_BYTES = 20 * 2**30
 INDEX_PREFIX = "/".join(INDEX_DIR) + "/"
 
 
-class RemoteZarrMemoryBank(ZarrMemoryBank):
+class RemoteZarrMemoryBank(RemoteIdentity, ZarrMemoryBank):
     """`ZarrMemoryBank` whose files are objects under a URL (see the module docstring). Open it with
     `stores.open_memorybank(url, storage_options=..., cache_dir=...)`."""
 
@@ -71,10 +72,11 @@ class RemoteZarrMemoryBank(ZarrMemoryBank):
         self._group_pid = -1
         self._staged: dict[tuple[str, int], dict[str, Any]] = {}
         self._stored: list[tuple[int, int]] = []
+        self._put_crcs: dict[tuple[str, int], np.ndarray] = {}    # (array, shard) -> crc32c of each chunk put
 
     def __getstate__(self) -> dict[str, Any]:
         d = super().__getstate__()
-        d["_flat"], d["_staged"], d["_stored"] = {}, {}, []
+        d["_flat"], d["_staged"], d["_stored"], d["_put_crcs"] = {}, {}, [], {}
         return d
 
     @classmethod
@@ -335,6 +337,7 @@ class RemoteZarrMemoryBank(ZarrMemoryBank):
         path = field_path(name)
         codec = self._codec(path)
         parts = codec.shard(rows, 0, None, threads=self.write_threads or encode_threads())
+        self._put_crcs[(path, i)] = crcs_of_parts(parts, codec.rows_per_shard)      # for the identity tags
         rel = f"{path}/c/{i}" + "/0" * (rows.ndim - 1)
         if parts is None:
             self.files.delete([rel])

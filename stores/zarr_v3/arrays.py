@@ -18,6 +18,7 @@ from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, Sto
 from stores.validate import ArrayInfo, check_store, zarr_array_info
 from stores.zarr_v3.checks import ARRAY_NAMES, field_path
 from stores.zarr_v3.key_array import create_keys_array
+from stores.zarr_v3.identity import TAGS_DIR
 
 
 def light_compressor(dtype: str) -> zc.BloscCodec | zc.ZstdCodec:
@@ -91,11 +92,11 @@ def describe_arrays(path: str, arrays: Sequence[tuple[str, zarr.Array]], light_c
     """`ZarrMemoryBank.describe` of the store at ``path``: its ``(name, array)`` pairs, the light channel map,
     and its on-disk key index (None: kept in memory)."""
     out = []
-    idx_dir = index_dir(path)
+    idx_dir, tag_dir = index_dir(path), Path(path).joinpath(*TAGS_DIR)
     for name, a in arrays:
         root = Path(path) / field_path(name)
         stored = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "zarr.json"
-                     and idx_dir not in p.parents)
+                     and idx_dir not in p.parents and tag_dir not in p.parents)
         raw = int(np.prod(a.shape)) * (a.dtype.itemsize if a.dtype.kind in "fiub" else 0)
         d = {"name": field_path(name), "shape": tuple(a.shape), "dtype": str(a.dtype),
              "chunks": tuple(a.chunks), "shards": tuple(a.shards) if a.shards else None,
@@ -104,6 +105,12 @@ def describe_arrays(path: str, arrays: Sequence[tuple[str, zarr.Array]], light_c
         if name == LIGHT_ARRAY:
             d["fields"] = {f: tuple(v) for f, v in light_channels.items()}
         out.append(d)
+    tags = [p for p in tag_dir.iterdir() if p.is_file() and p.name.isdigit()] if tag_dir.is_dir() else []
+    if tags:                      # the rows' identity tags (stores.zarr_v3.identity)
+        nb = tags[0].stat().st_size - 4
+        out.append({"name": "/".join(TAGS_DIR), "shape": (len(tags) * nb // 8,), "dtype": "uint64", "chunks": None,
+                    "shards": None, "codecs": ["identity tags", "crc32c"], "raw_bytes": len(tags) * nb,
+                    "stored_bytes": sum(p.stat().st_size for p in tags)})
     if index is not None:
         files = [p for p in idx_dir.iterdir() if p.is_file()] if idx_dir.is_dir() else []
         width = max((s.width for s in index.splits.values()), default=1)

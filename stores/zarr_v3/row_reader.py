@@ -26,12 +26,14 @@ import mmap
 import os
 import struct
 from collections.abc import Callable, Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import google_crc32c
 import numpy as np
 
+from stores.abc.identity import U64, TagChunks, mismatch_reason
 from stores.errors import StoreCorruptError, UnsupportedLayout
 from stores.fsio import open_regular, read_json, read_regular
 
@@ -92,6 +94,8 @@ class RowChunkReader:
             raise UnsupportedLayout(f"{self.dir}: unexpected array metadata ({type(e).__name__}: {e})") from None
         self._files: dict[int, tuple[Any, np.ndarray | None, np.ndarray | None]] = {}
         self._views: dict[int, memoryview] = {}
+        self.tags: TagChunks | None = None      # the store's identity tags (set by the bank), column tag_col
+        self.tag_col = 0
 
     def _parse(self, meta: dict[str, Any]) -> None:
         self.shape = tuple(int(x) for x in meta["shape"])
@@ -233,25 +237,38 @@ class RowChunkReader:
         return raw, self._index_of(i, raw, len(raw))
 
     # ------------------------------------------------------------------ reading
-    def read(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    def read(self, rows: Sequence[int] | np.ndarray, salts: np.ndarray | None = None) -> np.ndarray:
         """Rows ``rows`` (in-range, any order, repeats allowed) as an array (len(rows), *row_shape) of the
         array's dtype, in the order asked: each row is decoded straight into its place (files are visited in
-        row order)."""
+        row order). ``salts`` ((len(rows),) uint64, `RowIdentity.array_salts`): each chunk's identity tag is
+        checked too (``tags`` must be set; per file vectorised when the rows lie in few files, else per row)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), *self.row_shape), self.dtype)
         if not len(rows):
             return out
         flat = out.reshape(len(rows), self.row_items)
         S = self.rows_per_file
-        for i, group in self.by_file(rows):
+        tags = self.tags if salts is not None else None
+        groups = self.by_file(rows)
+        few = tags is not None and len(groups) <= 8
+        if tags is not None and not few:
+            toff, sl, tag_of = tags.offsets(rows, self.tag_col), salts.tolist(), U64.unpack_from   # type: ignore[union-attr]
+        for i, group in groups:
             mm, index, _ = self._open(i)
             if mm is None:
                 if self.strict:
                     raise self.missing_file(i, rows[group])
                 flat[group] = self.fill
                 continue
-            spans = [[0, len(mm)]] * len(group) if index is None else index[rows[group] % S].tolist()
-            self._decode_group(i, group.tolist(), spans, rows, flat)
+            rg, positions = rows[group], group.tolist()
+            spans = [[0, len(mm)]] * len(group) if index is None else index[rg % S].tolist()
+            expect = None                              # tag ^ salt of each row: vectorised per file, or per row
+            if few:
+                expect = tags.expected(i * S // tags.S, rg, salts[group], self.tag_col)  # type: ignore[union-attr,index]
+            elif tags is not None:
+                raw = tags.raw(i * S // tags.S)
+                expect = [tag_of(raw, toff[j])[0] ^ sl[j] for j in positions]
+            self._decode_group(i, positions, spans, rows, flat, expect)
         return out
 
     def by_file(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -269,32 +286,42 @@ class RowChunkReader:
         return self._corrupt("inner chunk is missing from the shard, but its row is marked complete (lost by a "
                              "writer that broke the alignment rule?)", i, [row], row % self.rows_per_file)
 
+    def foreign(self, i: int, row: int, tag: int) -> StoreCorruptError:
+        """The chunk of ``row`` (file ``i``) failed its identity check (stored ``tag``)."""
+        key = self._keys_of([row]) if self._keys_of is not None else []
+        return self._corrupt(f"row {row}{f' (key {key[0]!r})' if key else ''} failed its identity check: "
+                             f"{mismatch_reason(tag)}", i, [row], row % self.rows_per_file)
+
     def bad_checksum(self, i: int, row: int) -> StoreCorruptError:
         return self._corrupt(f"row {row} does not decode: crc32c checksum mismatch (chunk data corrupted)", i, [row],
                              row % self.rows_per_file)
 
     def _decode_group(self, i: int, positions: list[int], spans: list[list[int]], rows: np.ndarray,
-                      flat: np.ndarray) -> None:
+                      flat: np.ndarray, expect: list[int] | None = None) -> None:
         """Check and decode the chunks ``spans`` [(offset, nbytes)] of mapped file ``i`` into
         ``flat[positions]`` (``rows[positions]`` name them in errors). Per row: the crc32c of the chunk's bytes
-        against the 4 stored after them, BEFORE anything is decoded; then the decode of `decode_into`, inlined
-        here (this loop is the store's hot path: a call per row cost ~6 % of ``get_batch``)."""
+        against the 4 stored after them, BEFORE anything is decoded; with ``expect`` (tag ^ salt of each row,
+        aligned with ``positions``), the identity tag too; then the decode of `decode_into`, inlined here (this
+        loop is the store's hot path: a call per row cost ~6 % of ``get_batch``)."""
         mm, _, u8 = self._files[i]
         view, value, tail = self._views[i], google_crc32c.value, 4 if self.crc else 0
         dest = memoryview(flat.reshape(-1).view(np.uint8))
         nbytes, decompress, stored_crc = self.row_nbytes, self._decompress, _U32.unpack_from
         j = -1
         try:
-            for j, (off, nb) in zip(positions, spans):
+            for j, (off, nb), e in zip(positions, spans, expect if expect is not None else repeat(None)):
                 if off == _EMPTY_INT:
                     if self.strict:
                         raise self.missing_chunk(i, int(rows[j]))
                     flat[j] = self.fill
                     continue
                 end = off + nb - tail
-                if tail and value(u8[off:end]) != stored_crc(mm, end)[0]:   # value() needs a read-only buffer
-                    # without a release hook: the numpy view of the map, not the memoryview
-                    raise self.bad_checksum(i, int(rows[j]))
+                if tail:
+                    crc = value(u8[off:end])     # value() needs a read-only buffer without a release hook: the
+                    if crc != stored_crc(mm, end)[0]:                # numpy view of the map, not the memoryview
+                        raise self.bad_checksum(i, int(rows[j]))
+                    if e is not None and e != crc:
+                        raise self.foreign(i, int(rows[j]), self.tags.tag(int(rows[j]), self.tag_col))  # type: ignore[union-attr]
                 got = view[off:end] if decompress is None else decompress(view[off:end])
                 if len(got) != nbytes:
                     raise ValueError(f"{len(got)} bytes, expected {nbytes}")
@@ -333,11 +360,12 @@ class RowChunkReader:
             out[lo - a:hi - a] = index[lo - i * S:hi - i * S, 0] != _EMPTY if self.sharded else True
         return out
 
-    def scan(self, i: int, check: Callable[[int, np.ndarray], str | None] | None = None
-             ) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    def scan(self, i: int, check: Callable[[int, np.ndarray], str | None] | None = None,
+             expect: dict[int, tuple[int, bool]] | None = None) -> tuple[np.ndarray, list[tuple[int, str]]]:
         """Check every chunk of file ``i`` (verify): ``(present (S,) bool, [(row, problem)])``; a whole-file
         problem is reported with row -1. Every present chunk's checksum is checked and it is decoded;
-        ``check(row, values)`` may report a problem with the decoded values."""
+        ``check(row, values)`` may report a problem with the decoded values; ``expect`` ``{row: (crc32c its
+        identity tag says, untagged)}`` has the identity of those rows checked."""
         S = self.rows_per_file
         present = np.zeros(S, bool)
         try:
@@ -357,6 +385,9 @@ class RowChunkReader:
             except StoreCorruptError as e:
                 problems.append((row, str(e)))
                 continue
+            if expect is not None and row in expect and self.crc and \
+                    _U32.unpack_from(mm, spans[k][0] + spans[k][1] - 4)[0] != expect[row][0]:
+                problems.append((row, str(self.foreign(i, row, 0 if expect[row][1] else 1))))
             if check is not None:
                 msg = check(row, scratch[0].reshape(self.row_shape))
                 if msg:

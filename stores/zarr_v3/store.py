@@ -34,14 +34,14 @@ from stores.zarr_v3.arrays import array_problems, create_arrays, dask_view, desc
 from stores.zarr_v3.checks import (ARRAY_NAMES, abandoned_dir, chunk_failure, discard_dir, field_path, missing_data,
                                    small_chunk_error)
 from stores.zarr_v3.flat_chunks import FlatChunkReader
+from stores.zarr_v3.identity import ZarrIdentity
 from stores.zarr_v3.key_array import BYTES, decode_keys, keys_encoding, write_key_rows
 from stores.zarr_v3.row_reader import RowChunkReader
 from stores.zarr_v3.shard_codec import ShardCodec, encode_threads, write_file
 from stores.zarr_v3.upkeep import drop_files, intact_rows, zarr_errors
 
-
-class ZarrMemoryBank(MemoryBank):
-    """`MemoryBank` over a Zarr v3 directory store."""
+class ZarrMemoryBank(ZarrIdentity, MemoryBank):
+    """`MemoryBank` over a Zarr v3 directory store (identity, generation, lock: `ZarrIdentity`)."""
 
     backend = "zarr"
     index_files = True
@@ -63,7 +63,7 @@ class ZarrMemoryBank(MemoryBank):
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["_group"], d["_arrays"], d["_readers"] = None, {}, {}
+        d["_group"], d["_arrays"], d["_readers"], d["_tagc"], d["_keys_cache"] = None, {}, {}, None, None
         return d
 
     @staticmethod
@@ -364,7 +364,7 @@ class ZarrMemoryBank(MemoryBank):
         fsync_files(metas, self.path)
 
     def _rows_with_data(self, a: int, b: int) -> np.ndarray:
-        ok = np.ones(max(0, b - a), bool)
+        ok = self._tags_present(a, b)            # a row without its identity tag is redone too
         for name in self._arrays_on_disk():
             r = self._reader(name)
             if r is not None:
@@ -377,7 +377,7 @@ class ZarrMemoryBank(MemoryBank):
         if self._legacy or not len(complete):     # older versions dropped all-zero chunks: absence is not loss
             return []
         readers = [(n, r) for n in self._arrays_on_disk() if (r := self._reader(n)) is not None]
-        return missing_data(readers, complete, self._file_size, self._keys_of)
+        return missing_data(readers, complete, self._file_size, self._keys_of) + self._missing_tags(complete)
     def _flags_extent(self) -> int:
         """Rows covered by the ``complete`` chunk files present (a bound for scans of an edited shape)."""
         try:
@@ -392,7 +392,7 @@ class ZarrMemoryBank(MemoryBank):
         if path not in self._readers:
             meta = self._metas.get(path) or self._meta(path)
             try:
-                self._readers[path] = self._row_reader(path, meta)
+                self._readers[path] = self._bind_tags(self._row_reader(path, meta), path)
             except UnsupportedLayout:
                 self._readers[path] = None
         return self._readers[path]
@@ -402,15 +402,16 @@ class ZarrMemoryBank(MemoryBank):
         return RowChunkReader(Path(self.path) / path, store=self.path, name=path, strict=not self._legacy,
                               keys_of=self._keys_of, meta=meta, fields=LIGHT_FIELDS if path == LIGHT_ARRAY else ())
 
-    def _read_array_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+    def _read_array_rows(self, name: str, rows: np.ndarray, salts: np.ndarray | None = None) -> np.ndarray:
         r = self._reader(name)
-        if r is None:        # a layout RowChunkReader does not handle: zarr-python (correct, slower)
+        if r is None:        # a layout RowChunkReader does not handle (older stores): zarr-python (correct, slower)
             uniq, inv = np.unique(rows, return_inverse=True)
             with self._zarr_rows(name, int(uniq[0]), int(uniq[-1]) + 1):
                 return np.asarray(self._arr(name).get_orthogonal_selection((uniq,)))[inv]
-        return r.read(rows)
+        return r.read(rows, self._array_salts(salts, field_path(name)))
 
-    def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False) -> dict[str, np.ndarray]:
+    def _read_rows(self, fields: Sequence[str], rows: np.ndarray, views: bool = False,
+                   salts: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``{field: (len(rows), T, ...)}`` in the order of ``rows``; the packed light row is read and
         checked ONCE for all light fields. They come back as channel views of the packed block when
         ``views`` or when all three are asked for (no copy), else as copies (a small field must not keep
@@ -418,14 +419,14 @@ class ZarrMemoryBank(MemoryBank):
         out: dict[str, np.ndarray] = {}
         light = [f for f in fields if f in LIGHT_FIELDS]
         if light:
-            packed = self._read_array_rows(LIGHT_ARRAY, rows)
+            packed = self._read_array_rows(LIGHT_ARRAY, rows, salts)
             ch = self._channels()
             keep = views or len(set(light)) == len(LIGHT_FIELDS)
             for f in light:
                 v = packed[..., ch[f][0]:ch[f][1]]
                 out[f] = v if keep else np.ascontiguousarray(v)
         if BEV_FEAT in fields:
-            out[BEV_FEAT] = self._read_array_rows(BEV_FEAT, rows)
+            out[BEV_FEAT] = self._read_array_rows(BEV_FEAT, rows, salts)
         return {f: out[f] for f in fields}
 
     def inspect(self) -> Inspection:
