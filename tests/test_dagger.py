@@ -81,6 +81,32 @@ def test_schedule_and_bad_settings(setup, tmp_path):
             DaggerConfig(**{**cfg.__dict__, **bad}).check()
 
 
+def test_aggregation_rules_choose_the_recorded_frames_and_rounds_report_disagreement(setup, tmp_path):
+    """--aggregate: all rounds (default), the latest round only, or every round's most disagreed windows; the
+    rule needs drives that both parties proposed on; dagger.csv reports each round's disagreement."""
+    base = dict(data_root=str(setup["root"]), teacher_ckpt=str(setup["teacher"]), student_ckpt=str(setup["student"]),
+                memorybank=str(setup["store"]), out=str(tmp_path / "agg"))
+    rec = ["r01", "r02", "r03"]
+    assert DaggerConfig(**base).training_splits(rec) == (rec, 1.0)
+    assert DaggerConfig(**base, aggregate="latest").training_splits(rec) == (["r03"], 1.0)
+    assert DaggerConfig(**base, aggregate="disagreement", keep_fraction=0.3).training_splits(rec) == (rec, 0.3)
+    for bad, match in ((dict(aggregate="disagreement", mode="bc_extra"), "needs drives where"),
+                       (dict(aggregate="some"), "aggregate"), (dict(aggregate="disagreement", keep_fraction=0.0),
+                                                                 "keep_fraction")):
+        with pytest.raises(ConfigError, match=match):
+            DaggerConfig(**{**base, **bad}).check()
+    out = tmp_path / "agg"
+    run_dagger(DaggerConfig(**{**base, "out": str(out)}, rounds=1, aggregate="disagreement", keep_fraction=0.5,
+                            split_prefix="agg_r", record_seconds=0.5, steps=2, warmup_steps=0, eval_starts=1,
+                            eval_time_limit=0.5, no_progress=True), log=lambda _: None)
+    with open(out / "dagger.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(setup["root"] / "agg_r01" / "segment_0000_c00" / "meta" / "data.csv", newline="") as f:
+        drove = list(csv.DictReader(f))
+    gap = sum(abs(float(r["student_wheel_angle"]) - float(r["teacher_wheel_angle"])) for r in drove) / len(drove)
+    assert rows[0]["disagreement"] == "nan" and float(rows[1]["disagreement"]) == pytest.approx(gap, abs=1e-6)
+
+
 def test_oracle_rounds_are_driven_as_dagger_and_labelled_by_the_expert(setup, tmp_path):
     """--mode oracle: the student drives mixed with the teacher, as dagger; the recorded split's labels are the
     simulator expert's would-be commands; the teacher's outputs are still appended for the KD terms."""

@@ -14,6 +14,7 @@ import torch
 from e2r.checkpoints import save_checkpoint
 from e2r.data.check import DatasetCheck, check_split
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset
+from e2r.data.readers import DataError
 from e2r.kd import _bc_loss
 from e2r.losses import action_loss, action_weights
 from e2r.models.config import TeacherConfig
@@ -269,3 +270,48 @@ def test_a_lidar_only_track_is_driven_and_recorded_with_the_worlds_camera_rig(tm
                                                no_progress=True), "round_01")
     assert problems == [] and stats["frames"] == 6
     assert len(list((tmp_path / "rec" / "round_01").glob("*/camera/*.png"))) == 6
+
+
+def test_a_mixed_drive_records_what_student_and_teacher_proposed_and_training_keeps_their_disagreements(
+        world_root, tmp_path):
+    """The student_* / teacher_* columns of a mixed drive hold each party's would-be command (the executed one is
+    the driver's); ``extra_keep_fraction`` keeps the recorded windows where they differ most; a drive recorded
+    without them is refused by name when disagreement is asked for."""
+    root = tmp_path / "world"
+    shutil.copytree(world_root, root)
+    world = load_world(root, "test", "segment_0002")
+    cfg = ClosedLoopConfig(time_limit=1.5, seq_len=3, seed=2)
+    mixed = MixedPolicy("m", ConstantPolicy("c"), ExpertPolicy(), 0.5, switch_every=3, max_lateral=50.0,
+                        max_heading_deg=179.0)
+    run_closed_loop(mixed, world, [0], cfg, recorder=DriveRecorder(root, "round_01", world, "m"))
+    rows = _rows(root / "round_01" / "segment_0002_c00" / "meta" / "data.csv")
+    cols = lambda *names: np.array([[float(r[n]) for n in names] for r in rows])      # noqa: E731
+    executed = cols("wheel_angle", "speed_command")
+    student = cols("student_wheel_angle", "student_speed_command")
+    teacher = cols("teacher_wheel_angle", "teacher_speed_command")
+    by_student = np.array([r["control"] == CONTROL_STUDENT for r in rows])
+    assert 0 < by_student.sum() < len(rows)
+    np.testing.assert_allclose(executed[by_student], student[by_student], atol=1e-4)
+    np.testing.assert_allclose(executed[~by_student], teacher[~by_student], atol=1e-4)
+    assert np.abs(student[:, 0] - teacher[:, 0]).max() > 0.5            # the two parties do disagree
+
+    ds = CameraSequenceDataset(root, "round_01", 3, image_size=SIZE)
+    gap = np.abs(student[:, 0] - teacher[:, 0])
+    np.testing.assert_allclose(ds.tables["segment_0002_c00"].disagreement, gap, atol=2e-4)
+    score = ds.window_disagreement()
+    np.testing.assert_allclose(score, [gap[s:s + 3].mean() for _, s in ds.windows], atol=2e-4)
+    tcfg = StudentTrainConfig(data_root=str(root), seq_len=3, extra_train_splits=["round_01"], extra_keep_fraction=0.25)
+    make = lambda split, segs: CameraSequenceDataset(root, split, 3, image_size=SIZE, segments=segs)  # noqa: E731
+    train, _ = train_valid_datasets(tcfg, make)
+    kept = train.parts[1]
+    n = int(np.ceil(0.25 * len(score)))
+    assert len(kept) == n and kept.keys == [ds.keys[i] for i in sorted(np.argsort(-score, kind="stable")[:n])]
+    assert kept.window_disagreement().min() >= np.sort(score)[::-1][n - 1]
+    assert len(train.parts[0]) == len(CameraSequenceDataset(root, "train", 3, image_size=SIZE))   # labelled: all
+
+    run_closed_loop(ConstantPolicy("c"), world, [0], ClosedLoopConfig(time_limit=0.5, seq_len=3),
+                    recorder=DriveRecorder(root, "round_02", world, "c"))
+    assert "student_wheel_angle" not in _rows(root / "round_02" / "segment_0002_c00" / "meta" / "data.csv")[0]
+    with pytest.raises(DataError, match="round_02.*segment_0002_c00.*teacher_wheel_angle"):
+        train_valid_datasets(StudentTrainConfig(data_root=str(root), seq_len=3, extra_train_splits=["round_02"],
+                                                extra_keep_fraction=0.5), make)

@@ -270,11 +270,26 @@ class _SequenceDataset(Dataset):
                 self._seen.add(p)
                 self.problems.append(p)
         if self.skip_bad:
-            keep = [i for i, (seg, s) in enumerate(self.windows) if seg not in self._bad_segments
-                    and not any((seg, f) in self._bad_frames for f in range(s, s + self.seq_len))]
-            self.windows = [self.windows[i] for i in keep]
-            self.keys = [self.keys[i] for i in keep]
+            self.keep_windows([i for i, (seg, s) in enumerate(self.windows) if seg not in self._bad_segments
+                               and not any((seg, f) in self._bad_frames for f in range(s, s + self.seq_len))])
         return found
+
+    def keep_windows(self, indices: Sequence[int]) -> None:
+        """Keep only the windows at ``indices`` (ascending positions in ``.windows``; ``.keys`` follows)."""
+        self.windows = [self.windows[i] for i in indices]
+        self.keys = [self.keys[i] for i in indices]
+
+    def window_disagreement(self) -> np.ndarray:
+        """(len(self),) the mean |student - teacher| wheel angle (deg) over each window's frames, from a mixed
+        drive's recorded proposals (``SegmentTable.disagreement``); DataError naming the segment without them."""
+        out = np.empty(len(self.windows))
+        for i, (segment, start) in enumerate(self.windows):
+            table = self.tables[segment]
+            if table.disagreement is None:
+                raise DataError(table.csv_path, "no student_wheel_angle / teacher_wheel_angle columns: not a drive "
+                                                "recorded under mixed control (pipelines.drive --mix_teacher)")
+            out[i] = float(table.disagreement[start:start + self.seq_len].mean())
+        return out
 
 
 class LidarSequenceDataset(_SequenceDataset):

@@ -61,6 +61,7 @@ class SegmentTable:
     expert_labels: bool = True       # False for a recorded drive of a policy (meta/recorded.json): commands, not labels
     label_wheel_angle: Optional[np.ndarray] = None     # (F,) the action labels when recorded.json names label columns
     label_speed_command: Optional[np.ndarray] = None   # (F,) (the oracle baseline: the expert's would-be commands)
+    disagreement: Optional[np.ndarray] = None   # (F,) |student - teacher| wheel angle of a mixed drive (deg)
 
     @property
     def num_frames(self) -> int:
@@ -236,6 +237,8 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
             raise DataError(directory / RECORDED_RELPATH, f"label_columns name {absent}, which {csv_path} lacks")
         table.label_wheel_angle = numbers(label_columns["wheel_angle"])
         table.label_speed_command = numbers(label_columns["speed_command"])
+    if "student_wheel_angle" in header and "teacher_wheel_angle" in header:
+        table.disagreement = np.abs(numbers("student_wheel_angle") - numbers("teacher_wheel_angle"))
     if "timestamp" in header:
         table.timestamp = numbers("timestamp")
         bad = np.flatnonzero(np.diff(table.timestamp) <= 0)

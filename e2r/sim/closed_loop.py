@@ -333,7 +333,8 @@ def run_closed_loop(policy: Policy, world: SimWorld, starts: Sequence[int], cfg:
         for b, car in enumerate(cars.tolist()):
             runs[car].command(steer_cmd[b], speed_cmd[b])
         if recorder is not None:
-            recorder.step(obs, raw_images, raw_points, steer_cmd, speed_cmd, getattr(policy, "control", None))
+            recorder.step(obs, raw_images, raw_points, steer_cmd, speed_cmd, getattr(policy, "control", None),
+                          getattr(policy, "proposals", None))
         sub = advance(sub, steer_cmd, speed_cmd, dt, vehicle)
         state.put(cars, sub)
         idx[cars] = nearest_index(track, sub.x, sub.y, idx[cars])

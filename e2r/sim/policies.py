@@ -209,7 +209,9 @@ class MixedPolicy(Policy):
     car's |lateral offset| exceeds ``max_lateral`` m or its |heading error| to the centre line exceeds
     ``max_heading_deg``, the teacher takes over for ``recover_steps`` steps. ``control`` (B,) of the last
     :meth:`act`: who drove each observed car (``CONTROL_STUDENT`` / ``CONTROL_TEACHER`` /
-    ``CONTROL_TAKEOVER``)."""
+    ``CONTROL_TAKEOVER``); ``proposals`` of the last :meth:`act`: ``(student, teacher)``, each (B, 2) ``[wheel
+    angle, speed command]``, what each would have commanded (their disagreement, recorded beside the executed
+    commands)."""
 
     def __init__(self, name: str, student: Policy, teacher: Policy, p_student: float, *, switch_every: int = 10,
                  max_lateral: float = 1.5, max_heading_deg: float = 30.0, recover_steps: int = 20,
@@ -226,6 +228,7 @@ class MixedPolicy(Policy):
         self.needs_camera = student.needs_camera or teacher.needs_camera
         self.image_size = student.image_size or teacher.image_size
         self.control = np.zeros(0, dtype=object)
+        self.proposals: Optional[tuple[np.ndarray, np.ndarray]] = None
 
     def reset(self, track: Track, world: SyntheticConfig, cars: int, seq_len: int) -> None:
         self.student.reset(track, world, cars, seq_len)
@@ -248,4 +251,5 @@ class MixedPolicy(Policy):
         self._takeover_left[cars] = np.maximum(self._takeover_left[cars] - 1, 0)
         student = self._by_student[cars] & ~takeover
         self.control = np.where(takeover, CONTROL_TAKEOVER, np.where(student, CONTROL_STUDENT, CONTROL_TEACHER))
+        self.proposals = (np.stack([s_steer, s_speed], 1), np.stack([t_steer, t_speed], 1))
         return np.where(student, s_steer, t_steer), np.where(student, s_speed, t_speed)

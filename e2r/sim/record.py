@@ -9,6 +9,8 @@ A recorded segment is what a real car with both sensors logs while a policy driv
     <root>/<split>/<segment>_cNN/meta/data.csv       timestamp, lidar_filepath, image_filepath, velocity,
                                                       wheel_angle, speed_command, x, y, yaw, control,
                                                       expert_wheel_angle, expert_speed_command
+                                                      [student_wheel_angle, student_speed_command,
+                                                       teacher_wheel_angle, teacher_speed_command]
     <root>/<split>/<segment>_cNN/meta/recorded.json  who drove, from where, how the run ended
     <root>/<split>/<segment>_cNN/lidar/000123.bin    float32 (N, 4), the frames the policy saw
     <root>/<split>/<segment>_cNN/camera/000123.png   RGB at the world's camera size, the frames the policy saw
@@ -20,7 +22,9 @@ at the step (whoever gave them: ``control``), x, y, yaw the pose at the step. Th
 (:func:`is_recorded`), and training takes the teacher's actions as its targets. ``expert_wheel_angle`` /
 ``expert_speed_command`` are what the simulator's expert would have commanded in the same state: only the
 oracle baseline reads them, after :func:`label_by_expert` names them as the labels in ``recorded.json``
-(``"label_columns"``); the KD path never does.
+(``"label_columns"``); the KD path never does. When student and teacher share the car (mixed control), the
+``student_*`` / ``teacher_*`` columns hold what each would have commanded at the step (their disagreement:
+``SegmentTable.disagreement``, which on-policy training may use to choose the windows it keeps).
 
 Crash safety: each car's segment is written into ``<root>/.tmp-<split>-<segment>`` and renamed into place
 when its run is complete (a crashed run leaves no half segment; its temporary folders are removed by the
@@ -41,11 +45,13 @@ from e2r.data.layout import RECORDED_RELPATH
 from e2r.sim.policies import ExpertPolicy, Observation
 from e2r.sim.world import CSV_COLUMNS, calib_dict, begin_segment, finish_segment
 
-__all__ = ["DriveRecorder", "RECORD_COLUMNS", "RECORDED_JSON", "EXPERT_LABEL_COLUMNS", "is_recorded", "read_recorded",
+__all__ = ["DriveRecorder", "RECORD_COLUMNS", "PROPOSAL_COLUMNS", "RECORDED_JSON", "EXPERT_LABEL_COLUMNS", "is_recorded", "read_recorded",
            "label_by_expert"]
 
 #: data.csv columns of a recorded segment (the dataset's, then who drove and the expert's would-be command)
 RECORD_COLUMNS = CSV_COLUMNS + ("control", "expert_wheel_angle", "expert_speed_command")
+#: ... then, for a mixed drive, what the student and the teacher would each have commanded
+PROPOSAL_COLUMNS = ("student_wheel_angle", "student_speed_command", "teacher_wheel_angle", "teacher_speed_command")
 RECORDED_JSON = RECORDED_RELPATH
 #: the oracle's labels: what the simulator's expert would have commanded in each recorded state
 EXPERT_LABEL_COLUMNS = {"wheel_angle": "expert_wheel_angle", "speed_command": "expert_speed_command"}
@@ -87,6 +93,7 @@ class DriveRecorder:
         self.expert = ExpertPolicy("expert")
         self.segments: list[str] = []
         self._cars: list[dict[str, Any]] = []
+        self._proposals: Optional[bool] = None     # whether the run's policy proposes (student, teacher) commands
 
     def begin(self, start_indices: Sequence[int], seq_len: int) -> None:
         """Open one temporary segment folder per car (car k starts at centre-line sample ``start_indices[k]``)."""
@@ -101,13 +108,20 @@ class DriveRecorder:
             (tmp / "camera").mkdir()
             (tmp / "camera" / "calib.json").write_text(calib)
             self._cars.append({"name": name, "final": final, "tmp": tmp, "start": int(start),
-                               "rows": [",".join(RECORD_COLUMNS)]})
+                               "rows": []})
+        self._proposals = None
 
     def step(self, obs: Observation, images: Sequence[np.ndarray], points: Sequence[np.ndarray],
-             steer: np.ndarray, speed: np.ndarray, control: Optional[Sequence[str]]) -> None:
+             steer: np.ndarray, speed: np.ndarray, control: Optional[Sequence[str]],
+             proposals: Optional[tuple[np.ndarray, np.ndarray]] = None) -> None:
         """One step of the observed cars: their full-size camera frames (H, W, 3) uint8 and LiDAR frames
         (N, 4) float32 as the policy saw them, the executed commands (B,), who gave them (B,) or None (the
-        policy itself)."""
+        policy itself), and for a mixed policy ``(student, teacher)`` (B, 2) each: what each would have
+        commanded (``MixedPolicy.proposals``; given at every step of a run or at none)."""
+        if self._proposals is None:
+            self._proposals = proposals is not None
+        if self._proposals != (proposals is not None):
+            raise ValueError("DriveRecorder.step: proposals must be given at every step of a run or at none")
         rate = float(self.world.rate_hz)
         e_steer, e_speed = self.expert.act(obs)
         s = obs.state
@@ -119,7 +133,9 @@ class DriveRecorder:
             who = self.policy_name if control is None else str(control[b])
             rec["rows"].append(f"{obs.t / rate:.3f},lidar/{stamp}.bin,camera/{stamp}.png,{s.v[b]:.4f},"
                                f"{steer[b]:.4f},{speed[b]:.4f},{s.x[b]:.4f},{s.y[b]:.4f},{s.yaw[b]:.6f},{who},"
-                               f"{e_steer[b]:.4f},{e_speed[b]:.4f}")
+                               f"{e_steer[b]:.4f},{e_speed[b]:.4f}"
+                               + ("".join(f",{v:.4f}" for v in (*proposals[0][b], *proposals[1][b]))
+                                  if proposals is not None else ""))
 
     def finish(self, runs: Sequence[Any]) -> list[str]:
         """Write each car's data.csv and recorded.json (``runs``: the cars' RunResults, in order) and move the
@@ -135,7 +151,8 @@ class DriveRecorder:
                                    "expert_* columns are the simulator's expert in the same state (oracle baseline only)"),
                    **self.info}
             (rec["tmp"] / RECORDED_JSON).write_text(json.dumps(doc, indent=1) + "\n")
-            finish_segment(rec["tmp"], rec["final"], rec["rows"])
+            header = ",".join(RECORD_COLUMNS + (PROPOSAL_COLUMNS if self._proposals else ()))
+            finish_segment(rec["tmp"], rec["final"], [header] + rec["rows"])
             self.segments.append(rec["name"])
         return list(self.segments)
 

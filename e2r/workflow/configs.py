@@ -68,6 +68,10 @@ class TrainConfig:
         None, metavar="SPLIT",
         help="whole splits added to the training set, e.g. drives recorded by pipelines.drive --record (their "
              "windows train on the teacher's actions, not on the commands they executed)")
+    extra_keep_fraction: float = option(
+        1.0, help="keep this fraction of each --extra_train_splits split's windows: those where the student's and the "
+                  "teacher's recorded wheel angles differ most (mixed drives only; 1 keeps every window; default "
+                  "%(default)s)")
     valid_split: str = option("valid", help="split for the per-epoch validation loss and the best checkpoint; '' to "
                                             "skip validation (best = train loss)")
     preset: str = option("tiny", choices=tuple(PRESET_DEFAULTS), help="model size (default: %(default)s)")
@@ -126,6 +130,8 @@ class TrainConfig:
         if self.preset not in PRESET_DEFAULTS:
             raise ConfigError(f"--preset {self.preset!r}: expected one of {sorted(PRESET_DEFAULTS)}")
         check_probability(self, ("steer_input_dropout", "hflip_prob"))
+        if not 0 < self.extra_keep_fraction <= 1:
+            raise ConfigError(f"--extra_keep_fraction must be in (0, 1], got {self.extra_keep_fraction}")
         check_weights(self, ("steer_loss_weight", "speed_loss_weight", "smooth_weight", "weight_decay", "grad_clip"))
         check_positive(self, ("epochs", "steps", "batch_size", "seq_len", "stride"))
         if self.epochs is not None and self.steps is not None:

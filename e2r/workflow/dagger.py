@@ -12,8 +12,12 @@ Round r (1..R):
      ``<split_prefix>NN`` in ``data_root`` (``e2r.sim.record``);
   2. label: the teacher's outputs for the new split appended to the memorybank (``export --append``: the
      earlier splits' chunks are checked byte-identical), the labelling throughput reported;
-  3. train: fine-tune the last round's student on the camera tracks (their expert labels, BC + KD) and every
-     recorded split so far (the teacher's actions as targets, + KD), ``steps`` optimizer steps;
+  3. train: fine-tune the last round's student on the camera tracks (their expert labels, BC + KD) and the
+     recorded splits (the teacher's actions as targets, + KD), ``steps`` optimizer steps; which recorded
+     frames is the aggregation rule (``aggregate``): every round's (default), the latest round's, or every
+     round's windows where student and teacher disagreed most (``keep_fraction`` of each; Roach keeps such
+     frames). ``dagger.csv`` reports each round's disagreement: the mean |student - teacher| wheel angle over
+     its frames;
   4. evaluate: drive the new student alone on the held-out tracks (success, progress).
 Round 0 is the starting student, evaluated the same way.
 
@@ -42,10 +46,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from e2r.atomic import write_text_atomic
 from e2r.checkpoints import checkpoint_path
 from e2r.cli_config import device_option, option, redefault
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset
+from e2r.data.layout import discover_segments, read_segment_table
 from e2r.errors import ConfigError, check_positive, check_weights
 from e2r.metrics import write_metrics_csv
 from e2r.sim.drive import DriveConfig, drive
@@ -60,11 +67,12 @@ from stores import open_memorybank
 __all__ = ["DaggerConfig", "run_dagger", "p_student_of_round", "ROUND_COLUMNS", "MODES"]
 
 MODES = ("dagger", "bc_extra", "kd_extra", "oracle")
+AGGREGATES = ("all", "latest", "disagreement")
 MIXED_MODES = ("dagger", "oracle")      # the student drives, mixed with the teacher
 LEARNERS = ("student", "teacher")
 _CKPT = {"student": "student.pt", "teacher": "teacher.pt"}      # each round's checkpoint in round_NN/
 ROUND_COLUMNS = ("round", "p_student", "recorded_frames", "camera_frames", "success", "progress", "collisions",
-                 "label_frames_per_s", "train_loss", "seconds")
+                 "disagreement", "label_frames_per_s", "train_loss", "seconds")
 
 
 @dataclass(kw_only=True)
@@ -99,6 +107,12 @@ class DaggerConfig:
     record_seconds: float = option(15.0, help="seconds driven per car and round (default %(default)s: 300 frames "
                                               "at 20 Hz, one recorded track's worth)")
     steps: int = option(296, help="fine-tuning optimizer steps per round (default %(default)s)")
+    aggregate: str = option("all", choices=AGGREGATES,
+                            help="which recorded frames each round trains on: all (every round's, default), latest "
+                                 "(the last round's only), disagreement (every round's, the --keep_fraction of each "
+                                 "round's windows where student and teacher disagreed most)")
+    keep_fraction: float = option(0.5, help="with --aggregate disagreement: the fraction of windows kept per round "
+                                            "(default %(default)s)")
     warmup_steps: int = option(50, help="learning-rate warm-up of each round's fine-tuning (default %(default)s)")
     lr: Optional[float] = option(None, help="learning rate (default: the preset's)")
     hflip_prob: float = option(0.5, help="mirror probability while fine-tuning (default %(default)s)")
@@ -129,6 +143,13 @@ class DaggerConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
         check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "warmup_steps"))
+        if self.aggregate not in AGGREGATES:
+            raise ConfigError(f"--aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if not 0 < self.keep_fraction <= 1:
+            raise ConfigError(f"--keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if self.aggregate == "disagreement" and (self.mode not in MIXED_MODES or self.learner != "student"):
+            raise ConfigError("--aggregate disagreement needs drives where student and teacher share the car "
+                              f"(--mode {' or '.join(MIXED_MODES)} with the student learning)")
         if self.learner not in LEARNERS:
             raise ConfigError(f"--learner must be one of {LEARNERS}, got {self.learner!r}")
         if not checkpoint_path(self.teacher_ckpt).is_file():      # released:NAME resolved (and checked) here
@@ -150,6 +171,12 @@ class DaggerConfig:
     def start_ckpt(self) -> str:
         """The learner's checkpoint of round 0."""
         return str(self.teacher_ckpt if self.learner == "teacher" else self.student_ckpt)
+
+    def training_splits(self, recorded: list[str]) -> tuple[list[str], float]:
+        """(the recorded splits a round trains on, the fraction of their windows kept) by ``aggregate``."""
+        if self.aggregate == "latest":
+            return recorded[-1:], 1.0
+        return list(recorded), self.keep_fraction if self.aggregate == "disagreement" else 1.0
 
     @property
     def prefix(self) -> str:
@@ -216,7 +243,15 @@ def _label_round(cfg: DaggerConfig, split: str, seq_len: int) -> float:
     return float(done.num_frames / max(done.stats.wall_s, 1e-9))
 
 
-def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str], splits: list[str]) -> float:
+def _round_disagreement(cfg: DaggerConfig, split: str) -> float:
+    """Mean |student - teacher| wheel angle (deg) over the frames of a recorded round (NaN: nobody proposed)."""
+    tables = [read_segment_table(cfg.data_root, split, seg) for seg in discover_segments(cfg.data_root, split)]
+    gaps = [t.disagreement for t in tables if t.disagreement is not None]
+    return float(np.concatenate(gaps).mean()) if gaps else float("nan")
+
+
+def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str], recorded: list[str]) -> float:
+    splits, keep = cfg.training_splits(recorded)
     if cfg.learner == "teacher":           # its whole training split + the recorded rounds, expert-labelled
         trained = train_teacher(TeacherTrainConfig(
             data_root=cfg.data_root, extra_train_splits=splits, init_path=init, steps=cfg.steps,
@@ -224,7 +259,7 @@ def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str]
             save_path=str(folder / _CKPT[cfg.learner]), no_progress=cfg.no_progress))
         return float(trained["history"][-1]["train_loss"])
     trained = train_student(StudentTrainConfig(
-        data_root=cfg.data_root, train_segments=segments, extra_train_splits=splits,
+        data_root=cfg.data_root, train_segments=segments, extra_train_splits=splits, extra_keep_fraction=keep,
         memorybank=None if cfg.mode == "bc_extra" else cfg.memorybank,
         teacher_ckpt=cfg.teacher_ckpt, init_path=init, steps=cfg.steps, warmup_steps=cfg.warmup_steps, lr=cfg.lr,
         hflip_prob=cfg.hflip_prob, kd_action_w=cfg.kd_action_w, kd_bevvec_w=cfg.kd_bevvec_w,
@@ -288,7 +323,8 @@ def run_dagger(cfg: DaggerConfig, log: Callable[[str], None] = print) -> dict[st
         state["eval"] = _evaluate(cfg, "round_00", cfg.start_ckpt, folder0 / "drive.csv")
         _save_state(folder0, state)
     rows.append({"round": 0, "p_student": float("nan"), "recorded_frames": 0, "camera_frames": base_frames,
-                 **state["eval"], "label_frames_per_s": float("nan"), "train_loss": float("nan"), "seconds": 0.0})
+                 **state["eval"], "disagreement": float("nan"), "label_frames_per_s": float("nan"),
+                 "train_loss": float("nan"), "seconds": 0.0})
     student, splits, recorded = cfg.start_ckpt, [], 0
     for r in range(1, cfg.rounds + 1):
         folder = out / f"round_{r:02d}"
@@ -311,7 +347,10 @@ def run_dagger(cfg: DaggerConfig, log: Callable[[str], None] = print) -> dict[st
             _save_state(folder, state)
         splits.append(split)
         if "train_loss" not in state:
-            log(f"   fine-tuning on {len(segments)} camera track(s) + {len(splits)} recorded split(s), {cfg.steps} steps")
+            used, keep = cfg.training_splits(splits)
+            log(f"   fine-tuning on {len(segments)} camera track(s) + {len(used)} recorded split(s)"
+                + (f" (the {keep:.0%} of their windows where student and teacher disagreed most)" if keep < 1 else "")
+                + f", {cfg.steps} steps")
             state["train_loss"] = _train_round(cfg, folder, student, segments, splits)
             _save_state(folder, state)
         student = str(folder / _CKPT[cfg.learner])
@@ -322,6 +361,7 @@ def run_dagger(cfg: DaggerConfig, log: Callable[[str], None] = print) -> dict[st
         recorded += state["recorded_frames"]
         rows.append({"round": r, "p_student": p, "recorded_frames": state["recorded_frames"],
                      "camera_frames": base_frames + recorded, **state["eval"],
+                     "disagreement": _round_disagreement(cfg, split),
                      "label_frames_per_s": state["label_frames_per_s"], "train_loss": state["train_loss"],
                      "seconds": state.get("seconds", float("nan"))})
         log(f"   round {r}: success {state['eval']['success']:.0%}, progress {state['eval']['progress']:.3f} "

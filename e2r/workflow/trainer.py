@@ -102,10 +102,22 @@ def train_valid_datasets(cfg: TrainConfig, make: Callable[[str, Any], Any]) -> t
     whole); refuses a training set with no window."""
     train_ds = make(cfg.train_split, cfg.train_segments)
     if cfg.extra_train_splits:
-        train_ds = WindowUnion([train_ds] + [make(split, None) for split in cfg.extra_train_splits])
+        extra = [make(split, None) for split in cfg.extra_train_splits]
+        if cfg.extra_keep_fraction < 1:
+            for ds in extra:
+                keep_most_disagreed(ds, cfg.extra_keep_fraction)
+        train_ds = WindowUnion([train_ds] + extra)
     if len(train_ds) == 0:
         raise ValueError(f"{cfg.data_root}/{cfg.train_split}: no windows of seq_len={cfg.seq_len}")
     return train_ds, (make(cfg.valid_split, None) if cfg.valid_split else None)
+
+
+def keep_most_disagreed(ds: Any, fraction: float) -> None:
+    """Keep the ``ceil(fraction * len(ds))`` windows of a recorded split where student and teacher disagreed most
+    (``window_disagreement``, the DAgger aggregation rule that keeps the frames worth a label), in their order."""
+    score = ds.window_disagreement()
+    n = int(np.ceil(fraction * len(score)))
+    ds.keep_windows(sorted(np.argsort(-score, kind="stable")[:n].tolist()))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
