@@ -253,6 +253,49 @@ def test_export_append_adds_a_recorded_split_and_leaves_earlier_chunks_byte_iden
                       snapshot, open_memorybank(str(store)))
 
 
+def test_an_append_cut_short_resumes_and_still_proves_the_earlier_splits_unchanged(world_root, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """An ``--append`` killed after some of its rows were written: the rerun finishes the split (its own files,
+    already on disk, are not the earlier splits' and may change) and still checks the earlier splits' files."""
+    root = tmp_path / "world"
+    shutil.copytree(world_root, root)
+    world = load_world(root, "test", "segment_0002")
+    run_closed_loop(ConstantPolicy("c"), world, [0, 60], ClosedLoopConfig(time_limit=1.0, seq_len=3),
+                    recorder=DriveRecorder(root, "round_01", world, "c"))
+    torch.manual_seed(0)
+    tcfg = TeacherConfig.preset_named("tiny")
+    ckpt = save_checkpoint(tmp_path / "teacher.pt", {"model": LiDARBEVTeacher(tcfg).state_dict(),
+                                                     "config": tcfg.to_dict()}, kind="teacher")
+    store = tmp_path / "mb.zarr"
+    base = ["--data_root", str(root), "--teacher_ckpt", str(ckpt), "--store", str(store), "--seq_len", "3",
+            "--shard_rows", "8", "--write_rows", "8", "--num_workers", "0", "--no_progress"]
+    assert export_main(base + ["--split", "train"]) == 0
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file() and "keys" not in p.parts
+              and p.name != "zarr.json"}
+    bank_cls = type(open_memorybank(str(store)))
+    write_rows, calls = bank_cls.write_rows, []
+
+    def killed_after_one(self, *args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return write_rows(self, *args, **kwargs)
+
+    monkeypatch.setattr(bank_cls, "write_rows", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        export_main(base + ["--split", "round_01", "--append"])
+    monkeypatch.setattr(bank_cls, "write_rows", write_rows)
+    bank = open_memorybank(str(store))
+    assert 0 < len(bank.split_keys("round_01")) and bank.incomplete_ranges("round_01")      # cut short
+    capsys.readouterr()
+    assert export_main(base + ["--split", "round_01", "--append"]) == 0, capsys.readouterr().err
+    assert "unchanged" in capsys.readouterr().out
+    bank = open_memorybank(str(store))
+    assert not bank.incomplete_ranges("round_01")
+    for path, data in before.items():
+        assert path.read_bytes() == data, path
+
+
 def test_a_lidar_only_track_is_driven_and_recorded_with_the_worlds_camera_rig(tmp_path):
     """A LiDAR-only training track (no camera/calib.json) can be driven and recorded (the teacher's own rounds):
     the world's camera rig stands in, and the recording is a dataset segment with camera frames."""

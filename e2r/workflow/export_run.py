@@ -108,7 +108,9 @@ def _row_files(store: str) -> dict[str, str]:
 
 
 def _append_snapshot(cfg: ExportConfig) -> _Snapshot:
-    """The state an ``--append`` starts from (StoreError / FileNotFoundError when there is no store to append to)."""
+    """The state an ``--append`` starts from: the digests of every row-data file except those of the splits
+    being written (present when an earlier run of the same append was cut short), the earlier splits' keys
+    (StoreError / FileNotFoundError when there is no store to append to)."""
     if not Path(cfg.store).exists():
         raise FileNotFoundError(f"--append: {cfg.store} does not exist (export without --append to create it)")
     if not Path(cfg.store).is_dir():
@@ -116,8 +118,12 @@ def _append_snapshot(cfg: ExportConfig) -> _Snapshot:
                          f"earlier splits needs one (convert it with python -m stores convert)")
     bank = open_memorybank(cfg.store, mode="r")
     keys = {split: bank.split_keys(split) for split in bank.splits if split not in cfg.split}
+    files_of = bank.inspect().files_of_rows
+    assert files_of is not None                   # a local Zarr store (checked above)
+    own = {f for split in cfg.split if split in bank.splits      # an append cut short: its own files may change
+           for f in files_of(bank.splits[split][0], sum(bank.splits[split]))}
     bank.close()
-    return _Snapshot(_row_files(cfg.store), keys)
+    return _Snapshot({f: d for f, d in _row_files(cfg.store).items() if f not in own}, keys)
 
 
 def _check_append(cfg: ExportConfig, before: _Snapshot, bank: MemoryBank) -> None:

@@ -21,7 +21,8 @@ class Inspection:
     the completion array holds chunks for; ``read_rows(fields, rows)``: checked rows; ``index``: the key index
     (complete rows, duplicates, per-split indexes); ``lost_files``: the data-file part of ``bank.damage``.
     Zarr banks add ``chunk_rows(array)``, ``flat_reader(array)``, ``arrays_on_disk()``, ``row_reader(array)``
-    and, on object storage, ``listing`` (object name -> entry). A store with identity tags adds
+and, on object storage, ``listing`` (object name -> entry); a local Zarr bank ``files_of_rows(a, b)``: the
+    paths, relative to the store, of every file holding rows ``[a, b)`` (keys, flags, data, identity tags). A store with identity tags adds
     ``expected_crcs(array, rows)`` -> ``(crc32c each row's chunk must have, rows without a tag)``
     (`stores.abc.guard.StoreGuard._expected_crcs`)."""
 
@@ -39,3 +40,4 @@ class Inspection:
     row_reader: Callable[[str], Any] | None = None
     listing: Mapping[str, Any] | None = None
     expected_crcs: Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    files_of_rows: Callable[[int, int], list[str]] | None = None
