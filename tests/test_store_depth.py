@@ -6,6 +6,7 @@ before."""
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,9 @@ def test_depth_round_trips_by_key_as_uint8(tmp_path, name):
     np.testing.assert_array_equal(batch["depth"][:5].numpy(), data["depth"][[7, 0, 19, 8, 7]])
     assert (batch["depth"][5] == 0).all()
     np.testing.assert_array_equal(batch["gru_out"][:5].numpy(), data["gru_out"][[7, 0, 19, 8, 7]])
+    sent = pickle.loads(pickle.dumps(batch))          # what a DataLoader worker hands over (one buffer)
+    assert sent["depth"].dtype == batch["depth"].dtype and all(bool((sent[f] == batch[f]).all()) for f in
+                                                              ("depth", "actions", "found"))
     if name.endswith(".zarr"):
         meta = json.loads((Path(path) / "depth" / "depth" / "zarr.json").read_text())
         assert meta["data_type"] == "uint8" and meta["fill_value"] == DEPTH_FILL
