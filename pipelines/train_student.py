@@ -25,7 +25,8 @@ brightness, contrast, gamma, colour and noise (off by default: no measured gain 
 The validation loss (the best-checkpoint metric, listed per epoch in the checkpoint's ``valid_losses``) is
 the BC weighted MSE on --valid_split, in the same normalised units as the teacher's. ``--hflip_prob`` (off by
 default) mirrors samples left-right together with their cached targets (steering negated, teacher bev_feat
-and depth targets flipped); the bev_vec and temporal KD terms are dropped for mirrored samples (their targets cannot be mirrored).
+and depth targets flipped); the bev_vec and temporal KD terms are dropped for mirrored samples (their targets
+cannot be mirrored).
 
 Camera and LiDAR recorded apart (make_dataset --camera_root, other rates or clock offsets): train on the camera
 root with --pair_lidar_root LIDAR_ROOT [--pair_tolerance_ms 50]; each epoch also logs the windows paired and

@@ -127,8 +127,10 @@ def load_context(opts: ExportOptions, seq_len: int, teacher: Optional[LiDARBEVTe
                                       lidar_num_features=opts.lidar_num_features)
     frames_ds = LidarFrameDataset(opts.data_root, opts.split, lidar_num_features=opts.lidar_num_features)
     plan = build_split_plan(windows_ds, frames_ds)
-    depth = (DepthSpec(dict(schema.depth_grid or {}), tuple(schema.depth_shape or ()), split_rigs(opts.data_root, opts.split))
-             if schema is not None and schema.store_depth else None)
+    depth = None
+    if schema is not None and schema.store_depth:
+        depth = DepthSpec(dict(schema.depth_grid or {}), tuple(schema.depth_shape or ()),
+                          split_rigs(opts.data_root, opts.split))
     frames = VoxelizedFrames(opts.data_root, opts.split, plan, teacher.cfg, frames_ds=frames_ds, depth=depth)
     return ExportContext(teacher, plan, frames, device)
 
@@ -295,8 +297,8 @@ def export_rows(ctx: ExportContext, bank: MemoryBank, a: int, b: int, opts: Expo
     spec = ctx.frames.depth
     if bank.schema.store_depth and (spec is None or (spec.grid, spec.shape) != (bank.schema.depth_grid,
                                                                                  bank.schema.depth_shape)):
-        raise ValueError(f"store {bank.path} holds depth targets ({bank.schema.depth_grid}, {bank.schema.depth_shape}); "
-                         f"the export context computes {'none' if spec is None else (spec.grid, spec.shape)}: "
+        raise ValueError(f"store {bank.path} holds depth targets ({bank.schema.depth_grid}, "
+                         f"{bank.schema.depth_shape}); the export context computes {'none' if spec is None else (spec.grid, spec.shape)}: "
                          f"load it with the store's schema (load_context(..., schema=bank.schema))")
     stats = TaskStats(opts.split, a, b)
     todo = _todo_mask(bank, opts.split, a, b)

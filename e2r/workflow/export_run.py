@@ -6,8 +6,8 @@
     print_export_summary(cfg, result)
 
 The store's schema is built once from the config by :func:`store_schema` (seq_len, dtype, bev_feat and its
-pooling, the depth targets' grid); an existing store with another schema or teacher is refused unless ``overwrite``. Every task then
-reads what to store from the store (``e2r.workflow.export``).
+pooling, the depth targets' grid); an existing store with another schema or teacher is refused unless
+``overwrite``. Every task then reads what to store from the store (``e2r.workflow.export``).
 """
 from __future__ import annotations
 

@@ -12,8 +12,7 @@
   lazily in each process that reads; nothing is loaded up front and nothing is written per sample.
 * :func:`read_store_schema` / :func:`check_store_fits`: the schema and teacher of a store, and a refusal of
   a store whose seq_len / action size / bev_vec D / gru_out H (or, for dense KD, bev_feat grid; for depth
-  supervision, its depth grid) differ from
-  the dataset's and the student's.
+  supervision, its depth grid) differ from the dataset's and the student's.
 * :func:`hflip_batch`: mirror chosen samples of a batch, cached targets included (``e2r.kd.hflip_sample``).
 
 The loss of a batch is ``e2r.kd.student_losses``.
@@ -181,13 +180,14 @@ class TeacherTargets:
 
     @classmethod
     def for_run(cls, cfg: StudentTrainConfig | StudentEvalConfig, camera: CameraSequenceDataset,
-                student_cfg: StudentConfig, *, kd_on: bool = True, need_bev_feat: bool = False, need_depth: bool = False,
+                student_cfg: StudentConfig, *, kd_on: bool = True, need_bev_feat: bool = False,
+                need_depth: bool = False,
                 store: tuple[StoreSchema, TeacherConfig | None] | None = None, min_similarity: float = -1.0,
                 unpaired: bool = False, log: Callable[[str], None] | None = None) -> "TeacherTargets":
         """The targets of a run on ``camera``'s windows: ``cfg.memorybank`` (none when unset or ``kd_on``
         False) checked against the dataset and ``student_cfg`` (`check_store_fits`), with ``bev_feat`` when
-        ``need_bev_feat`` and the ``depth`` targets when ``need_depth``; ``store``: its ``(schema, teacher config)`` when the caller has read them
-        (`read_store_schema`); ``--kd_retrieval`` (``min_similarity``, ``unpaired``: the training run's
+        ``need_bev_feat`` and the ``depth`` targets when ``need_depth``; ``store``: its ``(schema, teacher
+        config)`` when the caller has read them (`read_store_schema`); ``--kd_retrieval`` (``min_similarity``, ``unpaired``: the training run's
         settings) and ``--pair_lidar_root`` from ``cfg``; ``log`` gets the pairing summary."""
         if not cfg.memorybank:
             return cls()
