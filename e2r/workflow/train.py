@@ -212,7 +212,8 @@ class StudentTask(TrainTask):
     def notes(self, entry: dict[str, Any]) -> tuple[str, str]:
         driven = (f"valid tracks driven: success {entry['drive_success']:.0%}, progress {entry['drive_progress']:.3f}  "
                   if "drive_success" in entry else "")
-        return (f" (bc {entry['train_bc']:.4f}, kd {entry['train_kd_total']:.4f})", driven +
+        depth = f", depth {entry['train_kd_depth']:.4f}" if self.kd.depth > 0 else ""
+        return (f" (bc {entry['train_bc']:.4f}, kd {entry['train_kd_total']:.4f}{depth})", driven +
                 f"samples kd {entry['kd_samples']} bc-only {entry['bc_only_samples']}"
                 + (f" (of them retrieved {entry['retrieved_samples']})" if entry["retrieved_samples"] else "")
                 + (f"; pairs by time {entry['paired_samples']} (mean confidence {entry['pair_confidence_mean']:.3f}) "
