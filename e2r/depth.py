@@ -10,15 +10,26 @@ the intrinsics of the feature map (``scale_intrinsics`` of the image's), pixel `
 u covers [u - 0.5, u + 0.5)); depth bins are z-depths along the optical axis, bin k the depth
 ``d_min + k * step`` (a depth d belongs to bin ``round((d - d_min) / step)``, `depth_bin_centers`).
 ``NO_DEPTH`` (255) marks a pixel no point lands on: it has no target. One byte per pixel.
+
+The export stores them per window in the memorybank's ``depth`` group (``pipelines.export --store_depth``,
+docs/STORE.md): `rig_depth_targets` gives one frame's targets on a segment's camera rig for the student grid
+`depth_grid` names, with the intrinsics scaled as the camera dataset and the Lift-Splat geometry scale them;
+`grid_problems` says where a store's targets do not fit a student.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
+from e2r.data.calib import CameraCalib, scale_intrinsics
+from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import depth_bin_centers
 
-__all__ = ["NO_DEPTH", "lidar_depth_bins", "depth_cross_entropy"]
+__all__ = ["NO_DEPTH", "lidar_depth_bins", "depth_cross_entropy", "depth_grid", "grid_problems", "rig_depth_targets"]
 
 #: the target of a feature pixel that no LiDAR point lands on
 NO_DEPTH = 255
@@ -72,3 +83,40 @@ def depth_cross_entropy(depth_probs: Tensor, target: Tensor) -> Tensor:
     nll = -torch.log(picked.clamp_min(1e-8)) * labelled
     count = labelled.flatten(1).sum(1)
     return nll.flatten(1).sum(1) / count.clamp_min(1).to(nll.dtype)
+
+
+def depth_grid(cfg: StudentConfig) -> dict[str, Any]:
+    """What a student's depth targets are for (the store's ``depth_grid`` attribute): ``{"image_size": [W, H] of
+    the network input, "depth_bins": [d_min, d_max, step], "n_bins": D}``; its feature map is ``cfg.feat_hw``."""
+    return {"image_size": [int(v) for v in cfg.image_size], "depth_bins": [float(v) for v in cfg.depth_bins],
+            "n_bins": len(depth_bin_centers(tuple(cfg.depth_bins)))}
+
+
+def grid_problems(store_grid: dict[str, Any] | None, store_shape: Sequence[int] | None, cfg: StudentConfig,
+                  n_cam: int | None = None) -> list[str]:
+    """Where stored depth targets (``depth_grid``, ``depth_shape`` (Ncam, h, w)) do not fit the student ``cfg``
+    (and a dataset of ``n_cam`` cameras): [] when they fit."""
+    want, have = depth_grid(cfg), dict(store_grid or {})
+    out = [f"depth {k}: store {have.get(k)!r}, student {v!r}" for k, v in want.items() if have.get(k) != v]
+    if store_shape is None or tuple(store_shape)[1:] != cfg.feat_hw:
+        out.append(f"depth feature map (h, w): store {tuple(store_shape or ())[1:]}, student {cfg.feat_hw}")
+    if n_cam is not None and store_shape is not None and int(store_shape[0]) != n_cam:
+        out.append(f"depth cameras: store {int(store_shape[0])}, dataset {n_cam}")
+    return out
+
+
+def rig_depth_targets(points_ego: Tensor, cameras: Sequence[CameraCalib], grid: dict[str, Any],
+                      feat_hw: tuple[int, int]) -> Tensor:
+    """One frame's depth targets on a camera rig: points_ego (N, >=3) ego frame, ``cameras`` (calib.json's,
+    K for each camera's own image size), ``grid`` (`depth_grid`), feat_hw (h, w) -> (Ncam, h, w) uint8.
+
+    The intrinsics go the student's way: scaled to the network input in float32 (``CameraSequenceDataset``),
+    then to the feature map in float64 (``LiftSplat.geometry``), and cam2ego rounded to float32 likewise, so a
+    target lands on the pixel whose frustum the student lifts."""
+    W, H = (int(v) for v in grid["image_size"])
+    K_img = torch.tensor(np.stack([scale_intrinsics(c.K, W / c.image_size[0], H / c.image_size[1]) for c in cameras]),
+                         dtype=torch.float32).to(torch.float64)
+    cam2ego = torch.tensor(np.stack([c.cam2ego for c in cameras]), dtype=torch.float32).to(torch.float64)
+    h, w = feat_hw
+    K_feat = scale_intrinsics(K_img, w / W, h / H)
+    return lidar_depth_bins(points_ego, K_feat, cam2ego, (h, w), tuple(grid["depth_bins"]))

@@ -2,6 +2,7 @@
 
     python -m pipelines.export --data_root data --split train --split valid --seq_len 5 \\
         --teacher_ckpt runs/teacher/best.pt --store mb.zarr [--save_bev_feat --bev_feat_pool 4 --dtype float16]
+        [--store_depth --depth_preset tiny]     # + each window's LiDAR depth targets (docs/STORE.md)
 
 Re-running the same command resumes (complete rows are skipped, incomplete ones redone). A split not yet in
 the store is appended. A store made with another schema or teacher is refused; ``--overwrite`` replaces it

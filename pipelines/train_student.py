@@ -8,7 +8,9 @@ distillation from the LiDAR teacher's outputs stored in a memorybank.
 Loss = BC (weighted MSE, steering 1.0 / speed 0.05, on actions normalised with the training split's
 statistics, stored in the checkpoint) + for the samples whose key is in the memorybank the weighted KD
 terms (e2r.kd: action MSE, bev_vec 1 - cosine, GRU-out MSE, dense bev_feat masked to the camera FOV and
-weighted towards teacher-occupied cells). Samples without teacher targets get BC only; each epoch logs how
+weighted towards teacher-occupied cells; --kd_depth_w: LiDAR depth supervision of the Lift-Splat depth
+distribution, a cross-entropy against the store's depth targets from `export --store_depth`; e2r/depth.py).
+Samples without teacher targets get BC only; each epoch logs how
 many samples had KD and how many BC only. Teacher targets are streamed: the training process reads each
 batch's rows by key with one batched read of the store (opened read-only), up to two batches ahead of the
 step, while the DataLoader workers read the camera windows (--kd_targets main, the default; --kd_targets worker
@@ -23,7 +25,8 @@ brightness, contrast, gamma, colour and noise (off by default: no measured gain 
 The validation loss (the best-checkpoint metric, listed per epoch in the checkpoint's ``valid_losses``) is
 the BC weighted MSE on --valid_split, in the same normalised units as the teacher's. ``--hflip_prob`` (off by
 default) mirrors samples left-right together with their cached targets (steering negated, teacher bev_feat
-flipped); the bev_vec and temporal KD terms are dropped for mirrored samples (their targets cannot be mirrored).
+and depth targets flipped); the bev_vec and temporal KD terms are dropped for mirrored samples (their targets
+cannot be mirrored).
 
 Camera and LiDAR recorded apart (make_dataset --camera_root, other rates or clock offsets): train on the camera
 root with --pair_lidar_root LIDAR_ROOT [--pair_tolerance_ms 50]; each epoch also logs the windows paired and

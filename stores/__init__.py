@@ -21,7 +21,7 @@ from stores.factory import (backend_for, create_memorybank, is_memorybank, memor
 from stores.layout import bev_feat_shard_rows, default_shard_rows
 from stores.hdf5_store import HDF5MemoryBank
 from stores.remote import RemoteZarrMemoryBank
-from stores.schema import ALL_FIELDS, BEV_FEAT, LIGHT_FIELDS, Provenance, StoreSchema
+from stores.schema import ALL_FIELDS, BEV_FEAT, DEPTH, DEPTH_NONE, LIGHT_FIELDS, Provenance, StoreSchema
 from stores.zarr_v3 import ZarrMemoryBank
 
 __all__ = ["MemoryBank", "ZarrMemoryBank", "HDF5MemoryBank", "RemoteZarrMemoryBank", "Inspection", "open_memorybank", "open_dataset", "create_memorybank", "memorybank_exists", "is_memorybank", "backend_for",
@@ -29,4 +29,4 @@ __all__ = ["MemoryBank", "ZarrMemoryBank", "HDF5MemoryBank", "RemoteZarrMemoryBa
            "StoreSchema", "Provenance", "StoreError", "StoreMismatchError", "NotAMemoryBankError",
            "StoreReadOnlyError", "UnsupportedLayout", "StoreCorruptError", "StoreVersionError", "StoreStaleError",
            "LIGHT_FIELDS",
-           "BEV_FEAT", "ALL_FIELDS", "default_shard_rows", "bev_feat_shard_rows"]
+           "BEV_FEAT", "DEPTH", "DEPTH_NONE", "ALL_FIELDS", "default_shard_rows", "bev_feat_shard_rows"]

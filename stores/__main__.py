@@ -49,6 +49,9 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"seq_len={at['seq_len']} action_dim={at['action_dim']} bev_dim={at['bev_dim']} "
           f"gru_hidden={at['gru_hidden']} dtype={at['dtype']} bev_feat={at['bev_feat_shape'] if at['store_bev_feat'] else 'not stored'}"
           + (f" pool={at['bev_feat_pool']}" if at.get("bev_feat_pool") else ""))
+    if at.get("store_depth"):
+        print(f"depth (T, Ncam, h, w)=({at['seq_len']}, {', '.join(map(str, at['depth_shape']))}) uint8 bins, "
+              f"grid={at['depth_grid']} (255: no LiDAR point)")
     print(f"{'array':<20}{'shape':<24}{'dtype':<14}{'chunks':<22}{'shards':<22}{'codecs':<34}{'stored':>12}{'raw':>12}{'ratio':>7}")
     for d in bank.describe():
         ratio = f"{d['raw_bytes'] / d['stored_bytes']:.2f}" if d["stored_bytes"] and d["raw_bytes"] else "-"
@@ -213,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s = sub.add_parser("stats", parents=[remote], help="per-channel mean/std/min/max over complete rows (checked reads, block by block)")
     s.add_argument("path")
-    s.add_argument("--field", default=None, help="actions | bev_vec | gru_out | bev_feat (default: all stored)")
+    s.add_argument("--field", default=None, help="actions | bev_vec | gru_out | bev_feat | depth (default: all stored)")
     s.add_argument("--max-channels", type=int, default=8, help="channels to print per field")
     s.add_argument("--json", default=None, help="write all channels' stats to this JSON file")
     s = sub.add_parser("rm-split", parents=[remote], help="delete a split's rows and entry")

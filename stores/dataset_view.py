@@ -30,11 +30,12 @@ import numpy as np
 from stores.abc import MemoryBank
 from stores.errors import StoreError
 from stores.factory import open_memorybank
-from stores.schema import BEV_FEAT, LIGHT_FIELDS
+from stores.schema import BEV_FEAT, DEPTH, LIGHT_FIELDS
 
 #: dimensions of each variable after ``key``
 DIMS: dict[str, tuple[str, ...]] = {"actions": ("t", "action"), "bev_vec": ("t", "bev_channel"),
-                                    "gru_out": ("t", "gru_channel"), BEV_FEAT: ("t", "feat_channel", "y", "x")}
+                                    "gru_out": ("t", "gru_channel"), BEV_FEAT: ("t", "feat_channel", "y", "x"),
+                                    DEPTH: ("t", "cam", "v", "u")}
 EXTRA = "e2r-kd[dev]"          # the extra of this package that installs xarray (dask is a dependency)
 
 
@@ -70,7 +71,7 @@ def _imports() -> tuple[Any, Any]:
 def _chunked(da: Any, bank: MemoryBank, fields: Sequence[str], rows: np.ndarray, keys: np.ndarray,
              rows_per_shard: int, row_shape: tuple[int, ...], name: str) -> Any:
     """A dask array (len(rows), *row_shape) with one chunk per shard holding a complete row."""
-    dtype = np.dtype(bank.schema.dtype)
+    dtype = np.dtype(bank.schema.field_dtype(fields[0]))
     meta = np.empty((0,) * (1 + len(row_shape)), dtype)
     if not len(rows):
         return da.from_array(meta.reshape(0, *row_shape), meta=meta)
@@ -104,8 +105,11 @@ def open_dataset(path: str | os.PathLike, **open_kw: Any) -> Any:
         bev = _chunked(da, bank, (BEV_FEAT,), rows, keys, int(bank.attrs["bev_feat_shard_rows"]),
                        schema.row_shape(BEV_FEAT), f"e2r-bev_feat-{tag}")
         data[BEV_FEAT] = (("key", *DIMS[BEV_FEAT]), bev)
+    if schema.store_depth:
+        depth = _chunked(da, bank, (DEPTH,), rows, keys, bank.alignment, schema.row_shape(DEPTH), f"e2r-depth-{tag}")
+        data[DEPTH] = (("key", *DIMS[DEPTH]), depth)
     attrs = {k: v for k, v in bank.attrs.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
-    attrs.update(memorybank=bank.path, store_bev_feat=int(schema.store_bev_feat))
+    attrs.update(memorybank=bank.path, store_bev_feat=int(schema.store_bev_feat), store_depth=int(schema.store_depth))
     ds = xr.Dataset(data, coords={"key": ("key", keys), "row": ("key", rows)}, attrs=attrs)
     ds.set_close(bank.close)
     return ds

@@ -27,15 +27,15 @@ from stores.abc import MemoryBank
 from stores.abc.identity import IDENTITY, encode_tags, row_crc32c
 from stores.errors import StoreCorruptError, StoreReadOnlyError
 from stores.fsio import json_object, regular_size
-from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_FIELDS, StoreSchema
+from stores.schema import BEV_FEAT, DEPTH, DIM_NAMES, GROUP_FIELDS, LIGHT_FIELDS, StoreSchema
 from stores.validate import ArrayInfo, check_store
 
 ATTR = "e2r_memorybank"
-NAMES = ("keys", "complete", *LIGHT_FIELDS, BEV_FEAT)
+NAMES = ("keys", "complete", *LIGHT_FIELDS, BEV_FEAT, DEPTH)
 
 
 def _dset_path(name: str) -> str:
-    return f"{BEV_FEAT}/{BEV_FEAT}" if name == BEV_FEAT else name
+    return f"{name}/{name}" if name in GROUP_FIELDS else name
 
 
 class HDF5MemoryBank(MemoryBank):
@@ -126,12 +126,11 @@ class HDF5MemoryBank(MemoryBank):
         f.create_dataset("keys", shape=(0,), maxshape=(None,), chunks=(S,), dtype=h5py.string_dtype("utf-8"))
         f.create_dataset("complete", shape=(0,), maxshape=(None,), chunks=(S,), dtype="uint8", fillvalue=0,
                          fletcher32=True)
-        fields = list(LIGHT_FIELDS) + ([BEV_FEAT] if schema.store_bev_feat else [])
-        for name in fields:
+        for name in schema.fields:
             shp = schema.row_shape(name)
             chunk = (1, *shp) if name != BEV_FEAT else (1, 1, *shp[1:])
             d = f.create_dataset(_dset_path(name), shape=(0, *shp), maxshape=(None, *shp), chunks=chunk,
-                                 dtype=schema.dtype, compression="gzip", compression_opts=1, shuffle=True,
+                                 dtype=schema.field_dtype(name), compression="gzip", compression_opts=1, shuffle=True,
                                  fletcher32=True, fillvalue=0)
             d.attrs["dimension_names"] = json.dumps(DIM_NAMES[name])
         if self.has_identity:

@@ -12,7 +12,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from stores.schema import SCHEMA_VERSION, Provenance, StoreSchema, json_attrs, now_iso
+from stores.schema import DEPTH, DEPTH_NONE, SCHEMA_VERSION, Provenance, StoreSchema, json_attrs, now_iso
 
 FORMAT_NAME = "e2r-memorybank"          # root attribute ``format`` of every store
 _SHARD_TARGET_BYTES = 256 * 2**20
@@ -51,7 +51,7 @@ def new_store_attrs(schema: StoreSchema, provenance: Provenance, shard_rows: int
         raise ValueError(f"shard_rows must be a positive power of two, got {S}")
     t = now_iso()
     attrs = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, **schema.to_dict(),
-             "field_dtypes": {f: schema.dtype for f in schema.fields}, **provenance.to_dict(),
+             "field_dtypes": {f: schema.field_dtype(f) for f in schema.fields}, **provenance.to_dict(),
              "shard_rows": S, "splits": {}, "created": t, "updated": t}
     if schema.store_bev_feat:
         attrs["bev_feat_shard_rows"] = bev_feat_shard_rows(schema, S)
@@ -66,10 +66,22 @@ def _all_finite(a: np.ndarray) -> bool:
     return bool(np.isfinite(a).all())
 
 
+def invalid_rows(schema: StoreSchema, name: str, a: np.ndarray) -> np.ndarray:
+    """(n,) bool: rows of field ``name``'s block ``a`` (n, T, ...) (in its stored dtype) holding a value the store
+    must not keep: a non-finite float, or a depth byte that is neither a bin below ``n_bins`` nor ``DEPTH_NONE``."""
+    flat = a.reshape(len(a), -1)
+    if name == DEPTH:
+        n_bins = int((schema.depth_grid or {}).get("n_bins", 0))
+        return ((flat >= n_bins) & (flat != DEPTH_NONE)).any(1)
+    if a.dtype.kind != "f" or _all_finite(a):
+        return np.zeros(len(a), bool)
+    return ~np.isfinite(flat).all(1)
+
+
 def check_block(schema: StoreSchema, block: Mapping[str, np.ndarray], split: str, offset: int,
                 path: str) -> tuple[dict[str, np.ndarray], int]:
     """Validate a ``write_rows`` block ``{field: (n, T, ...)}`` against ``schema``: exactly the stored
-    fields, the right shapes, finite values after the cast to the store dtype. Returns the cast arrays and
+    fields, the right shapes, finite values after the cast to the store dtype (depth: uint8 bins, `invalid_rows`). Returns the cast arrays and
     ``n``; ValueError says what is wrong (``split``/``offset``/``path`` only name the write in messages)."""
     extra = set(block) - set(schema.fields)
     if extra:
@@ -88,12 +100,17 @@ def check_block(schema: StoreSchema, block: Mapping[str, np.ndarray], split: str
         if a.shape != want:
             raise ValueError(f"write_rows({split!r}, offset={offset}): field {f!r} has shape {a.shape}, "
                              f"expected {want}")
+        dtype = schema.field_dtype(f)
+        if f == DEPTH and a.dtype != dtype:
+            raise ValueError(f"write_rows({split!r}): field {f!r} must be {dtype} depth bins, got {a.dtype}")
         with np.errstate(over="ignore", invalid="ignore"):     # an overflow is refused just below, by name
-            a = a.astype(schema.dtype, copy=False)
-        if not _all_finite(a):
-            bad = int(np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(1))[0])
-            raise ValueError(f"write_rows({split!r}): field {f!r} of split position {offset + bad} "
-                             f"has non-finite values (after cast to {schema.dtype})")
+            a = a.astype(dtype, copy=False)
+        bad_rows = invalid_rows(schema, f, a)
+        if bad_rows.any():
+            bad = int(np.flatnonzero(bad_rows)[0])
+            what = (f"values that are no depth bin (< n_bins or {DEPTH_NONE})" if f == DEPTH
+                    else f"non-finite values (after cast to {dtype})")
+            raise ValueError(f"write_rows({split!r}): field {f!r} of split position {offset + bad} has {what}")
         arrays[f] = a
     assert n is not None
     return arrays, n
@@ -101,7 +118,7 @@ def check_block(schema: StoreSchema, block: Mapping[str, np.ndarray], split: str
 
 KEYS_CHUNK_ROWS = 65536                 # keys chunk = max(shard_rows, this) rows
 MAX_SHARD_ROWS = 2**20                  # shard_rows above this is not a store we wrote (attribute edit)
-MAX_ROW_BYTES = {"light": 64 * 2**20, "bev_feat": 2**30}   # sanity caps before anything is allocated
+MAX_ROW_BYTES = {"light": 64 * 2**20, "bev_feat": 2**30, DEPTH: 2**30}   # sanity caps before anything is allocated
 COMPLETE_UNSET = 255                    # fill value of ``complete``: no chunk there (0 = reserved, 1 = complete)
 
 

@@ -6,6 +6,8 @@ Per row (one sample key) the store holds, with T = seq_len:
 - ``bev_vec  (T, D)``  teacher BEV embedding
 - ``gru_out  (T, H)``  teacher GRU output
 - ``bev_feat (T, C, Hb, Wb)`` teacher BEV feature map, only when ``store_bev_feat`` (possibly pooled).
+- ``depth    (T, Ncam, h, w)`` uint8 LiDAR depth-bin target per camera feature pixel, only when ``store_depth``
+  (``DEPTH_NONE`` = no point lands there; ``depth_grid`` says which feature map and bins; docs/STORE.md).
 
 Both dataclasses round-trip through JSON-able dicts kept in the store's group attributes.
 """
@@ -39,12 +41,19 @@ VLEN_KEY_SCHEMA_VERSIONS = (2, 3, 4)  # Zarr keys in zarr-python's vlen-utf8 str
 LEGACY_SCHEMA_VERSIONS = (2,)   # readable only by `python -m stores convert` (to rewrite them in the current version)
 LIGHT_FIELDS: tuple[str, ...] = ("actions", "bev_vec", "gru_out")
 BEV_FEAT = "bev_feat"
-ALL_FIELDS: tuple[str, ...] = LIGHT_FIELDS + (BEV_FEAT,)
+DEPTH = "depth"
+ALL_FIELDS: tuple[str, ...] = LIGHT_FIELDS + (BEV_FEAT, DEPTH)
+GROUP_FIELDS: tuple[str, ...] = (BEV_FEAT, DEPTH)   # each in its own group, array ``<name>/<name>`` (Zarr, HDF5)
+DEPTH_DTYPE = "uint8"                 # the depth field's dtype, whatever the store's ``dtype``
+DEPTH_NONE = 255                      # a depth pixel no LiDAR point lands on (e2r.depth.NO_DEPTH)
+DEPTH_FILL = 254                      # fill value of ``depth``: never a stored value (bins are < MAX_DEPTH_BINS)
+MAX_DEPTH_BINS = 254                  # bins 0 .. 253: one byte beside DEPTH_FILL and DEPTH_NONE
 DIM_NAMES: dict[str, tuple[str, ...]] = {
     "actions": ("row", "t", "a"),
     "bev_vec": ("row", "t", "d"),
     "gru_out": ("row", "t", "h"),
     BEV_FEAT: ("row", "t", "c", "y", "x"),
+    DEPTH: ("row", "t", "cam", "v", "u"),
 }
 LIGHT_ARRAY = "light"                  # Zarr: actions|bev_vec|gru_out packed along the last axis
 LIGHT_DIM_NAMES: tuple[str, ...] = ("row", "t", "channel")
@@ -57,7 +66,9 @@ LEGACY_ACTION_SEMANTICS = "steer=wheel_angle[t] deg; speed=velocity[t] m/s (meas
 
 @dataclass
 class StoreSchema:
-    """Shapes and dtype of one memorybank. ``bev_feat_shape`` is (C, H, W) of one frame as stored."""
+    """Shapes and dtype of one memorybank. ``bev_feat_shape`` is (C, H, W) of one frame as stored;
+    ``depth_shape`` (Ncam, h, w) the depth targets of one frame, ``depth_grid`` what they are for: ``{"image_size":
+    [W, H] of the network input, "depth_bins": [d_min, d_max, step], "n_bins": D}`` (``e2r.depth``)."""
 
     seq_len: int
     action_dim: int
@@ -68,6 +79,9 @@ class StoreSchema:
     dtype: str = "float32"
     bev_feat_pool: dict[str, Any] | None = None   # e.g. {"kind": "avg", "factor": 4, "source_shape": [C, H, W]}
     action_semantics: str = ""     # what the actions mean (the writer's words); "" = not recorded
+    store_depth: bool = False
+    depth_shape: tuple[int, int, int] | None = None     # (Ncam, h, w) of one frame's depth targets
+    depth_grid: dict[str, Any] | None = None            # {"image_size": [W, H], "depth_bins": [a, b, s], "n_bins": D}
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "action_dim", "bev_dim", "gru_hidden"):
@@ -84,11 +98,34 @@ class StoreSchema:
             self.bev_feat_shape = shp  # type: ignore[assignment]
         if self.store_bev_feat and self.bev_feat_shape is None:
             raise ValueError("StoreSchema.store_bev_feat=True needs bev_feat_shape=(C, H, W)")
+        self._check_depth()
+
+    def _check_depth(self) -> None:
+        if self.depth_shape is not None:
+            shp = tuple(int(x) for x in self.depth_shape)
+            if len(shp) != 3 or min(shp) <= 0:
+                raise ValueError(f"StoreSchema.depth_shape must be (Ncam, h, w) of positive ints, got {self.depth_shape!r}")
+            self.depth_shape = shp  # type: ignore[assignment]
+        if not self.store_depth:
+            return
+        g = self.depth_grid
+        if self.depth_shape is None or not isinstance(g, dict):
+            raise ValueError("StoreSchema.store_depth=True needs depth_shape=(Ncam, h, w) and depth_grid")
+        n = g.get("n_bins")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < n <= MAX_DEPTH_BINS:
+            raise ValueError(f"StoreSchema.depth_grid n_bins must be an integer in 1..{MAX_DEPTH_BINS}, got {n!r}")
+        if len(g.get("depth_bins") or ()) != 3 or len(g.get("image_size") or ()) != 2:
+            raise ValueError(f"StoreSchema.depth_grid needs depth_bins [d_min, d_max, step] and image_size [W, H], "
+                             f"got {g!r}")
 
     @property
     def fields(self) -> tuple[str, ...]:
         """Fields every row of this store carries."""
-        return LIGHT_FIELDS + ((BEV_FEAT,) if self.store_bev_feat else ())
+        return LIGHT_FIELDS + ((BEV_FEAT,) if self.store_bev_feat else ()) + ((DEPTH,) if self.store_depth else ())
+
+    def field_dtype(self, name: str) -> str:
+        """The stored dtype of field (or array) ``name``: ``uint8`` for depth, the store's ``dtype`` otherwise."""
+        return DEPTH_DTYPE if name == DEPTH else self.dtype
 
     def row_shape(self, name: str) -> tuple[int, ...]:
         """Shape of one row of field ``name`` (without the leading row axis)."""
@@ -105,6 +142,10 @@ class StoreSchema:
             if self.bev_feat_shape is None:
                 raise KeyError("this schema has no bev_feat_shape")
             return (T, *self.bev_feat_shape)
+        if name == DEPTH:
+            if self.depth_shape is None:
+                raise KeyError("this schema has no depth_shape")
+            return (T, *self.depth_shape)
         raise KeyError(f"unknown field {name!r}; known: {ALL_FIELDS}")
 
     def light_channels(self) -> dict[str, tuple[int, int]]:
@@ -118,11 +159,12 @@ class StoreSchema:
         return out
 
     def row_nbytes(self, name: str) -> int:
-        return int(np.prod(self.row_shape(name))) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.row_shape(name))) * np.dtype(self.field_dtype(name)).itemsize
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["bev_feat_shape"] = list(self.bev_feat_shape) if self.bev_feat_shape else None
+        d["depth_shape"] = list(self.depth_shape) if self.depth_shape else None
         return d
 
     @classmethod

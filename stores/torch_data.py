@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stores.abc import MemoryBank
 from stores.factory import open_memorybank
-from stores.schema import StoreSchema
+from stores.schema import DEPTH, StoreSchema
 
 
 def _view(buf: torch.Tensor, off: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -73,8 +73,8 @@ class PackedBatch(dict):
 class TeacherRowReader:
     """Reads batches of teacher rows by key from the store at ``path``, in any process.
 
-    ``read(keys)`` -> `PackedBatch` ``{"keys": list[B], field: float32 tensor (B, T, ...), "found": bool
-    tensor (B,)}`` with ONE ``get_batch_into`` into one buffer; rows of absent keys are zeros with
+    ``read(keys)`` -> `PackedBatch` ``{"keys": list[B], field: float32 tensor (B, T, ...) (depth: uint8 bins
+    (B, T, Ncam, h, w)), "found": bool tensor (B,)}`` with ONE ``get_batch_into`` into one buffer; rows of absent keys are zeros with
     ``found=False``. ``fields``: the fields to read (default: all stored). The store is opened read-only on
     first use in a process; pickling drops the handle (a spawned DataLoader worker opens its own; a forked
     one keeps the parent's, which is fork safe: no threads, shard files are mapped lazily; on object
@@ -108,15 +108,23 @@ class TeacherRowReader:
     def fields(self) -> tuple[str, ...]:
         return self._fields if self._fields is not None else self.schema.fields
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The tensor dtype ``read`` gives field ``name``: uint8 for the depth bins, float32 otherwise."""
+        return torch.uint8 if name == DEPTH else torch.float32
+
+    def zeros(self, name: str, rows: int) -> torch.Tensor:
+        """(rows, T, ...) zeros of field ``name`` in the dtype ``read`` gives it (rows of absent keys)."""
+        return torch.zeros((rows, *self.schema.row_shape(name)), dtype=self.dtype(name))
+
     def read(self, keys: Sequence[str]) -> PackedBatch:
         keys = list(keys)
         B = len(keys)
         schema, fields = self.schema, self.fields
         layout, off = {}, 0
         for f in fields:
-            shp = (B, *schema.row_shape(f))
-            layout[f] = (off, shp, torch.float32)
-            off += 4 * math.prod(shp)
+            shp, dtype = (B, *schema.row_shape(f)), self.dtype(f)
+            layout[f] = (off, shp, dtype)
+            off += -(-dtype.itemsize * math.prod(shp) // 4) * 4       # the next view starts 4-byte aligned
         layout["found"] = (off, (B,), torch.bool)
         buf = torch.empty(off + B, dtype=torch.uint8)
         batch = PackedBatch(buf, layout, keys)

@@ -16,7 +16,7 @@ import numpy as np
 
 from stores.keys import MAX_KEY_LEN, InvalidKeyError, validate_part
 from stores.layout import COMPLETE_UNSET, MAX_ROW_BYTES, MAX_SHARD_ROWS, keys_chunk_rows, ranges_of
-from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, VLEN_KEY_SCHEMA_VERSIONS, StoreSchema
+from stores.schema import BEV_FEAT, DEPTH, LIGHT_ARRAY, LIGHT_FIELDS, VLEN_KEY_SCHEMA_VERSIONS, StoreSchema
 
 
 @dataclass
@@ -62,8 +62,9 @@ def _posint(v: Any) -> bool:
 def _expected_arrays(schema: StoreSchema, backend: str) -> dict[str, tuple[int, ...]]:
     names = [LIGHT_ARRAY] if backend == "zarr" else list(LIGHT_FIELDS)
     out = {n: schema.row_shape(n) for n in names}
-    if schema.store_bev_feat:
-        out[BEV_FEAT] = schema.row_shape(BEV_FEAT)
+    for name in (BEV_FEAT, DEPTH):
+        if name in schema.fields:
+            out[name] = schema.row_shape(name)
     return out
 
 
@@ -82,7 +83,7 @@ def check_store(attrs: dict[str, Any], arrays: dict[str, ArrayInfo | None], back
         return [f"attribute shard_rows={S!r} is not a power of two in [1, {MAX_SHARD_ROWS}]"], 0
     S = int(S)
     for name, cap in MAX_ROW_BYTES.items():
-        if name == BEV_FEAT and not schema.store_bev_feat:
+        if name in (BEV_FEAT, DEPTH) and name not in schema.fields:
             continue
         nb = schema.row_nbytes(name)
         if nb > cap:
@@ -91,7 +92,7 @@ def check_store(attrs: dict[str, Any], arrays: dict[str, ArrayInfo | None], back
     if problems:
         return problems, 0
     fdt = attrs.get("field_dtypes")
-    if isinstance(fdt, dict) and any(v != schema.dtype for v in fdt.values()):
+    if isinstance(fdt, dict) and any(v != schema.field_dtype(f) for f, v in fdt.items()):
         problems.append(f"attribute field_dtypes={fdt} contradicts dtype={schema.dtype!r}")
     if backend == "zarr":
         want_ch = {f: list(v) for f, v in schema.light_channels().items()}
@@ -112,7 +113,7 @@ def check_store(attrs: dict[str, Any], arrays: dict[str, ArrayInfo | None], back
         "complete": ((), "uint8", S, 0)}
     for name, row in _expected_arrays(schema, backend).items():
         rows = (int(B) if B else None) if name == BEV_FEAT else (S if backend == "zarr" else 1)
-        expect[name] = (row, schema.dtype, rows, 1)
+        expect[name] = (row, schema.field_dtype(name), rows, 1)
     lengths: dict[str, int] = {}
     for name, (row, dtype, file_rows, inner) in expect.items():
         a = arrays.get(name)

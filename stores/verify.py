@@ -29,10 +29,10 @@ from stores.fsio import read_json, regular_size, special_files
 from stores.index_file import compare_with_keys, index_files
 from stores.remote.objstore import is_remote
 from stores.remote.store import RemoteZarrMemoryBank
-from stores.layout import keys_crc32c, ranges_of
+from stores.layout import invalid_rows, keys_crc32c, ranges_of
 from stores.validate import orphan_mask
 from stores.zarr_v3.row_reader import RowChunkReader
-from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS
+from stores.schema import BEV_FEAT, DEPTH, LIGHT_ARRAY, LIGHT_FIELDS
 from stores.zarr_v3.store import ZarrMemoryBank, field_path
 
 _MAX_CHUNK_ROWS = 2**22       # keys / complete chunks larger than this are not ours: not read
@@ -72,7 +72,7 @@ def _scan_zarr_arrays(path: str, bank: MemoryBank | None) -> list[str]:
     keys_of = bank.inspect().keys_of if bank is not None else None
     for name in ("keys", "complete"):
         out += _scan_small(path, name, bank)
-    for name in (LIGHT_ARRAY, BEV_FEAT):
+    for name in (LIGHT_ARRAY, BEV_FEAT, DEPTH):
         adir = Path(path) / field_path(name)
         if not (adir / "zarr.json").exists():
             continue
@@ -157,16 +157,23 @@ def _complete_rows(bank: MemoryBank | None) -> np.ndarray:
 def _finite_check(bank: MemoryBank | None, name: str) -> Callable[[int, np.ndarray], str | None] | None:
     if bank is None:
         return None
-    ch = bank.schema.light_channels() if name == LIGHT_ARRAY else {BEV_FEAT: (None, None)}
+    schema = bank.schema
+    ch = schema.light_channels() if name == LIGHT_ARRAY else {name: (None, None)}
     keys_of = bank.inspect().keys_of
 
     def check(row: int, values: np.ndarray) -> str | None:
-        if np.isfinite(values).all():
+        if name != DEPTH and np.isfinite(values).all():
             return None
-        bad = [f for f, (a, b) in ch.items() if not np.isfinite(values[..., a:b] if a is not None else values).all()]
+        bad = [f for f, (a, b) in ch.items() if invalid_rows(schema, f, (values[..., a:b] if a is not None
+                                                                        else values)[None]).any()]
         key = (keys_of([row]) or [""])[0]
-        return "; ".join(f"field {f!r} row {row} (key {key!r}): non-finite values" for f in bad)
+        return "; ".join(f"field {f!r} row {row} (key {key!r}): {_invalid(f)}" for f in bad) or None
     return check
+
+
+def _invalid(field: str) -> str:
+    """What `stores.layout.invalid_rows` found wrong in a row of ``field``, in words."""
+    return "values that are no depth bin" if field == DEPTH else "non-finite values"
 
 
 def _scan_small(path: str, name: str, bank: MemoryBank | None) -> list[str]:
@@ -288,9 +295,9 @@ def _read_all(bank: MemoryBank, block_rows: int, keys: np.ndarray) -> list[str]:
                     problems.append(f"row {r} (key {keys[r]!r}) does not decode: {e}")
             continue
         for f, d in data.items():
-            bad = ~np.isfinite(d.reshape(len(rows), -1)).all(1)
+            bad = invalid_rows(bank.schema, f, d)
             for r in rows[bad][:10]:
-                problems.append(f"field {f!r} row {int(r)} (key {keys[r]!r}): non-finite values")
+                problems.append(f"field {f!r} row {int(r)} (key {keys[r]!r}): {_invalid(f)}")
     return problems
 
 
@@ -301,13 +308,14 @@ def incomplete_count(bank: MemoryBank) -> int:
 
 def field_stats(bank: MemoryBank, field: str, block_rows: int = 2048) -> dict[str, list[float]]:
     """Per-channel mean/std/min/max over complete rows, read block by block through the checked row reader
-    (a damaged chunk raises StoreCorruptError). Channel = last axis for light fields, axis c for bev_feat."""
+    (a damaged chunk raises StoreCorruptError). Channel = last axis for light fields, axis c for bev_feat, the
+    camera for depth (its bins, DEPTH_NONE included)."""
     rows_all = _complete_rows(bank)
     read_rows = bank.inspect().read_rows
     n, mean, m2, lo, hi = 0, None, None, None, None
     for x in range(0, len(rows_all), block_rows):      # Chan et al.'s merge of per-block mean / M2
         d = read_rows([field], rows_all[x:x + block_rows])[field].astype(np.float64)
-        d = np.moveaxis(d, 2, -1) if field == BEV_FEAT else d
+        d = np.moveaxis(d, 2, -1) if field in (BEV_FEAT, DEPTH) else d
         d = d.reshape(-1, d.shape[-1])
         nb, mb = d.shape[0], d.mean(0)
         m2b = ((d - mb) ** 2).sum(0)

@@ -64,6 +64,16 @@ class StudentConfig(PlainConfig):
         """(C, H, W) of the student's teacher-aligned bev_feat (= the teacher's)."""
         return self.teacher_bev_channels, self.bev_H, self.bev_W
 
+    @property
+    def feat_hw(self) -> tuple[int, int]:
+        """(h, w) of the image feature map that the view transform lifts (and LiDAR depth supervises): the
+        network input (W, H) halved, rounding up (3x3 stride-2 convolutions), once per stride-2 layer before
+        the last stage (``ImageEncoder``: stride ``2^(len(image_channels) - 1)``)."""
+        w, h = (int(v) for v in self.image_size)
+        for _ in range(len(self.image_channels) - 1):
+            h, w = -(-h // 2), -(-w // 2)
+        return h, w
+
     @classmethod
     def from_teacher(cls, teacher: TeacherConfig, preset: str = "full", **overrides: Any) -> "StudentConfig":
         """The student preset ``preset`` ("tiny" | "full") on ``teacher``'s grid and sizes; ``overrides``

@@ -294,6 +294,9 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
     kd_temporal_w: float = option(1.0, help="weight of GRU-out MSE KD (default %(default)s)")
     kd_bevfeat_w: float = option(0.0, help="weight of dense bev_feat KD (needs bev_feat in the store; default "
                                            "%(default)s = off)")
+    kd_depth_w: float = option(0.0, help="weight of LiDAR depth supervision of the Lift-Splat depth distribution "
+                                         "(BEVDepth-style cross-entropy against the store's depth targets: export "
+                                         "with --store_depth; default %(default)s = off)")
     kd_bevfeat_background: float = option(0.05, help="dense KD weight of cells the teacher finds unoccupied "
                                                      "(default %(default)s)")
     skip_damaged: bool = skip_damaged_option()
@@ -319,7 +322,7 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
             raise ConfigError(f"--image_cache_mb must be >= 0, got {self.image_cache_mb}")
         if not 0.0 <= self.crop_zoom < 1.0:                  # NaN fails too
             raise ConfigError(f"--crop_zoom must be in [0, 1), got {self.crop_zoom}")
-        check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "kd_bevfeat_w"))
+        check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "kd_bevfeat_w", "kd_depth_w"))
         if self.select_by not in ("loss", "drive"):
             raise ConfigError(f"--select_by must be 'loss' or 'drive', got {self.select_by!r}")
         if self.select_by == "drive" and not self.valid_split:
@@ -332,6 +335,10 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
         if self.kd_unpaired and not self.kd_retrieval:
             raise ConfigError("--kd_unpaired needs --kd_retrieval (unpaired windows get KD only by retrieval)")
         self.check_pairing(self.memorybank)
+        if self.kd_depth_w > 0 and (self.kd_retrieval or self.pair_lidar_root):
+            raise ConfigError(f"--kd_depth_w supervises a window's images with the depth of its own LiDAR frames: it "
+                              f"cannot go with {'--kd_retrieval' if self.kd_retrieval else '--pair_lidar_root'} "
+                              f"(another situation's or another recording's frames)")
         if self.kd_unpaired and self.pair_lidar_root:
             raise ConfigError("--kd_unpaired ignores every window's own pair: it cannot go with --pair_lidar_root")
         if self.extra_train_splits and self.pair_lidar_root:

@@ -5,7 +5,8 @@ concurrent tasks never share a shard). For the task's incomplete rows it
 
 1. encodes the needed frames in fixed batch cells (see :mod:`e2r.workflow.export_plan`): point clouds are read and
    voxelised by DataLoader workers, the PointPillars encoder runs once per frame -> ``bev_vec (D,)`` and,
-   when stored, ``bev_feat (C, H, W)`` average-pooled by ``e2r.kd.pool_bev_feat``;
+   when stored, ``bev_feat (C, H, W)`` average-pooled by ``e2r.kd.pool_bev_feat``, and the frame's LiDAR depth
+   targets ``depth (Ncam, h, w)`` uint8 (``e2r.depth``, computed by the DataLoader workers);
 2. as soon as a GRU cell's frames are all encoded, stacks their ``bev_vec`` into ``(n, T, D)`` and runs the
    teacher's ``temporal`` from a zero state (exactly as ``forward`` does) -> actions, gru_out;
 3. writes finished rows in blocks through ``MemoryBank.write_rows`` (data first, then completion flags),
@@ -35,8 +36,9 @@ from e2r.data.datasets import LidarFrameDataset, LidarSequenceDataset
 from e2r.kd import pool_bev_feat
 from e2r.models.teacher import LiDARBEVTeacher, load_teacher
 from e2r.runtime import die_with_parent, resolve_device, usable_cores
-from e2r.workflow.export_plan import SplitPlan, VoxelizedFrames, build_split_plan, collate_voxels, rows_to_frames
-from stores import MemoryBank, open_memorybank
+from e2r.workflow.export_plan import (DepthSpec, SplitPlan, VoxelizedFrames, build_split_plan, collate_voxels,
+                                      rows_to_frames, split_rigs)
+from stores import MemoryBank, StoreSchema, open_memorybank
 
 __all__ = ["ExportOptions", "ExportContext", "TaskStats", "encode_voxel_batch", "export_rows",
            "load_context", "run_export_task", "AMP_DTYPES"]
@@ -112,9 +114,11 @@ class ExportContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_context(opts: ExportOptions, seq_len: int, teacher: Optional[LiDARBEVTeacher] = None) -> ExportContext:
+def load_context(opts: ExportOptions, seq_len: int, teacher: Optional[LiDARBEVTeacher] = None,
+                 schema: Optional[StoreSchema] = None) -> ExportContext:
     """Teacher (from ``opts.teacher_ckpt`` unless given) in eval mode on ``opts.device``, plus the split plan
-    of windows of ``seq_len`` frames (the store's ``schema.seq_len``)."""
+    of windows of ``seq_len`` frames (the store's ``schema.seq_len``); with the store's ``schema`` when it
+    stores depth, the frames also give their LiDAR depth targets (``export_plan.DepthSpec``)."""
     device = resolve_device(opts.device)
     if teacher is None:
         teacher, _ = load_teacher(opts.teacher_ckpt, device)
@@ -123,7 +127,11 @@ def load_context(opts: ExportOptions, seq_len: int, teacher: Optional[LiDARBEVTe
                                       lidar_num_features=opts.lidar_num_features)
     frames_ds = LidarFrameDataset(opts.data_root, opts.split, lidar_num_features=opts.lidar_num_features)
     plan = build_split_plan(windows_ds, frames_ds)
-    frames = VoxelizedFrames(opts.data_root, opts.split, plan, teacher.cfg, frames_ds=frames_ds)
+    depth = None
+    if schema is not None and schema.store_depth:
+        depth = DepthSpec(dict(schema.depth_grid or {}), tuple(schema.depth_shape or ()),
+                          split_rigs(opts.data_root, opts.split))
+    frames = VoxelizedFrames(opts.data_root, opts.split, plan, teacher.cfg, frames_ds=frames_ds, depth=depth)
     return ExportContext(teacher, plan, frames, device)
 
 
@@ -180,8 +188,10 @@ class _RowsTask:
         self.save_feat = schema.store_bev_feat
         self.pool = int((schema.bev_feat_pool or {}).get("factor", 1))
         self.np_dtype = np.dtype(schema.dtype)
+        self.save_depth = schema.store_depth
         self.vec_cache: dict[int, torch.Tensor] = {}
         self.feat_cache: dict[int, np.ndarray] = {}
+        self.depth_cache: dict[int, np.ndarray] = {}       # u -> (Ncam, h, w) uint8 LiDAR depth targets
         self.pending: list[tuple[int, dict[str, np.ndarray]]] = []   # (position, row arrays) awaiting a write
         self.cell_i, self.last_u = 0, -1
 
@@ -210,6 +220,8 @@ class _RowsTask:
             self.vec_cache[u] = vec_cpu[i]
             if feat_np is not None:
                 self.feat_cache[u] = feat_np[i]
+            if self.save_depth:
+                self.depth_cache[u] = batch["depth"][i].numpy()
         self.last_u = int(batch["u"][-1])
         self.stats.frames_encoded += len(batch["u"])
         if self.on_progress:
@@ -230,7 +242,7 @@ class _RowsTask:
                 self.flush()
             if self.cell_i < len(self.win_cells):      # drop frames no later window needs
                 keep_from = int(plan.window_u0[self.win_cells[self.cell_i][0]])
-                for cache in (self.vec_cache, self.feat_cache):
+                for cache in (self.vec_cache, self.feat_cache, self.depth_cache):
                     for x in [x for x in cache if x < keep_from]:
                         del cache[x]
 
@@ -251,6 +263,8 @@ class _RowsTask:
                 row = {f: v[k].astype(self.np_dtype, copy=False) for f, v in rows.items()}
                 if self.save_feat:
                     row["bev_feat"] = np.stack([self.feat_cache[int(x)] for x in u[k]])
+                if self.save_depth:
+                    row["depth"] = np.stack([self.depth_cache[int(x)] for x in u[k]])
                 self.pending.append((int(p), row))
 
     def flush(self) -> None:
@@ -280,6 +294,12 @@ def export_rows(ctx: ExportContext, bank: MemoryBank, a: int, b: int, opts: Expo
     t_start = time.perf_counter()
     if ctx.plan.seq_len != bank.schema.seq_len:
         raise ValueError(f"export plan has seq_len {ctx.plan.seq_len}, store {bank.path} has {bank.schema.seq_len}")
+    spec = ctx.frames.depth
+    if bank.schema.store_depth and (spec is None or (spec.grid, spec.shape) != (bank.schema.depth_grid,
+                                                                                 bank.schema.depth_shape)):
+        raise ValueError(f"store {bank.path} holds depth targets ({bank.schema.depth_grid}, "
+                         f"{bank.schema.depth_shape}); the export context computes {'none' if spec is None else (spec.grid, spec.shape)}: "
+                         f"load it with the store's schema (load_context(..., schema=bank.schema))")
     stats = TaskStats(opts.split, a, b)
     todo = _todo_mask(bank, opts.split, a, b)
     stats.rows_skipped = int((~todo).sum())
@@ -296,13 +316,14 @@ def export_rows(ctx: ExportContext, bank: MemoryBank, a: int, b: int, opts: Expo
 _CONTEXTS: dict[tuple, ExportContext] = {}
 
 
-def _task_context(opts: ExportOptions, seq_len: int, teacher_sha256: str) -> ExportContext:
+def _task_context(opts: ExportOptions, schema: StoreSchema, teacher_sha256: str) -> ExportContext:
     """This process's context for ``opts``, loaded once and kept between tasks (one at a time). It is keyed by
     the store's teacher hash and the client's plan digest too, so a long-lived worker reloads a checkpoint
     or dataset rewritten at the same path; one that differs from the export's (a worker that sees other
     files) is refused with ValueError."""
+    seq_len = schema.seq_len
     key = (opts.teacher_ckpt, teacher_sha256, opts.device, opts.data_root, opts.split, seq_len, opts.stride,
-           str(opts.lidar_num_features), opts.plan_digest)
+           str(opts.lidar_num_features), opts.plan_digest, repr((schema.depth_grid, schema.depth_shape)))
     ctx = _CONTEXTS.get(key)
     if ctx is None:
         _CONTEXTS.clear()
@@ -310,7 +331,7 @@ def _task_context(opts: ExportOptions, seq_len: int, teacher_sha256: str) -> Exp
         if sha != teacher_sha256:
             raise ValueError(f"teacher checkpoint {opts.teacher_ckpt} has sha256 {sha[:16]}..., the store's teacher "
                              f"{teacher_sha256[:16]}...: every worker must see the checkpoint the export started with")
-        ctx = load_context(opts, seq_len)
+        ctx = load_context(opts, seq_len, schema=schema)
         if opts.plan_digest and ctx.plan.digest() != opts.plan_digest:
             raise ValueError(f"split {opts.split!r} under {opts.data_root} differs from the one the export started "
                              "with (keys, frames or speed/steering): every worker must see the same dataset")
@@ -328,7 +349,7 @@ def run_export_task(opts: ExportOptions, a: int, b: int) -> TaskStats:
         torch.set_num_threads(threads)
     try:
         with open_memorybank(opts.store, mode="r+", storage_options=opts.storage_options) as bank:
-            ctx = _task_context(opts, bank.schema.seq_len, bank.provenance.teacher_sha256)
+            ctx = _task_context(opts, bank.schema, bank.provenance.teacher_sha256)
             return export_rows(ctx, bank, a, b, opts)
     except Exception as e:  # noqa: BLE001 - some errors (DataError) do not survive pickling; keep the message
         raise RuntimeError(f"export task {opts.split}[{a}:{b}) failed: {type(e).__name__}: {e}") from None

@@ -18,10 +18,10 @@ __all__ = ["ExportConfig"]
 
 @dataclass(kw_only=True)
 class ExportConfig:
-    """``python -m pipelines.export``. ``seq_len``, ``dtype``, ``save_bev_feat`` and ``bev_feat_pool`` shape
-    the store: they become its schema (``e2r.workflow.export.store_schema``) once, and from then on the
-    store's schema is the only source every export task reads them from (an existing store whose schema
-    differs is refused, or replaced with ``overwrite``)."""
+    """``python -m pipelines.export``. ``seq_len``, ``dtype``, ``save_bev_feat``, ``bev_feat_pool``, ``store_depth``
+    and ``depth_preset`` shape the store: they become its schema (``e2r.workflow.export_run.store_schema``) once,
+    and from then on the store's schema is the only source every export task reads them from (an existing store
+    whose schema differs is refused, or replaced with ``overwrite``)."""
 
     data_root: str = option(help="dataset root: <root>/<split>/<segment>/meta/data.csv")
     split: list[str] = option(default_factory=list, repeat=True, required=True,
@@ -35,6 +35,12 @@ class ExportConfig:
                                              "group")
     bev_feat_pool: int = option(1, help="average-pool bev_feat by K x K cells before storing (e2r.kd.pool_bev_feat; "
                                         "default %(default)s)")
+    store_depth: bool = option(False, help="also store each window's LiDAR depth targets (T, Ncam, h, w) uint8 in its "
+                                           "own chunk group: the depth bin per camera feature pixel of the "
+                                           "--depth_preset student (e2r.depth; for --kd_depth_w)")
+    depth_preset: str = option("tiny", choices=("tiny", "full"),
+                               help="with --store_depth: the student preset whose input size, feature map and depth "
+                                    "bins the targets are for (default %(default)s)")
     dtype: str = option("float32", choices=("float32", "float16"), help="stored dtype")
     batch_size: int = option(16, help="frames per encoder batch (default %(default)s)")
     window_batch: int = option(64, help="windows per GRU batch, a power of two (capped at the store's shard rows)")

@@ -24,11 +24,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from e2r.data.calib import CameraCalib
 from e2r.data.datasets import LidarFrameDataset, LidarSequenceDataset, window_controls
+from e2r.data.layout import CALIB_RELPATH, discover_segments
+from e2r.data.readers import read_calib
+from e2r.depth import NO_DEPTH, rig_depth_targets
 from e2r.models.config import TeacherConfig
 from e2r.models.voxelize import voxelize
 
-__all__ = ["SplitPlan", "build_split_plan", "VoxelizedFrames", "collate_voxels", "rows_to_frames"]
+__all__ = ["SplitPlan", "build_split_plan", "VoxelizedFrames", "collate_voxels", "rows_to_frames", "DepthSpec",
+           "split_rigs"]
 
 
 @dataclass
@@ -87,17 +92,52 @@ def rows_to_frames(plan: SplitPlan, positions: np.ndarray) -> np.ndarray:
     return np.unique((u0[:, None] + np.arange(plan.seq_len)[None, :]).ravel())
 
 
+def split_rigs(root: Union[str, Path], split: str) -> dict[str, list[CameraCalib]]:
+    """``{segment: its cameras}`` of the segments of ``root/split`` that have ``camera/calib.json`` (a LiDAR-only
+    segment has none); calibration errors raise DataError naming the file."""
+    out = {}
+    for seg in discover_segments(root, split):
+        path = Path(root) / split / seg / CALIB_RELPATH
+        if path.is_file():
+            out[seg] = read_calib(path)
+    return out
+
+
+@dataclass
+class DepthSpec:
+    """The depth targets an export computes per frame (the store's ``depth_grid`` and ``depth_shape``, and the
+    split's camera rigs): ``grid`` (``e2r.depth.depth_grid``), ``shape`` (Ncam, h, w), ``rigs`` (`split_rigs`).
+    A segment without cameras gets ``NO_DEPTH`` everywhere (no image to supervise); one whose camera count is
+    not ``Ncam`` is refused."""
+
+    grid: dict[str, Any]
+    shape: tuple[int, int, int]
+    rigs: dict[str, list[CameraCalib]]
+
+    def targets(self, segment: str, points_ego: torch.Tensor) -> torch.Tensor:
+        """points_ego (N, >=3) of one frame of ``segment`` -> (Ncam, h, w) uint8 depth bins."""
+        n_cam, h, w = self.shape
+        cams = self.rigs.get(segment)
+        if not cams:
+            return torch.full((n_cam, h, w), NO_DEPTH, dtype=torch.uint8)
+        if len(cams) != n_cam:
+            raise ValueError(f"segment {segment!r} has {len(cams)} cameras, the store's depth targets are for {n_cam}")
+        return rig_depth_targets(points_ego, cams, self.grid, (h, w))
+
+
 class VoxelizedFrames(Dataset):
     """Frames of a split, read and hard-voxelised in the DataLoader worker (the teacher's grid, eval limit).
 
     Item ``u`` (a needed-frame index of ``plan``): ``{"u": int, "pillars" (P, M, 4), "coords" (P, 4) with
-    batch column 0, "counts" (P,)}``. Bad files raise DataError naming the file and the data.csv row.
+    batch column 0, "counts" (P,)}``, with ``depth`` (a `DepthSpec`) also ``"depth" (Ncam, h, w)`` uint8 (the
+    frame's LiDAR depth targets). Bad files raise DataError naming the file and the data.csv row.
     """
 
     def __init__(self, root: Union[str, Path], split: str, plan: SplitPlan, cfg: TeacherConfig,
-                 lidar_num_features: Any = "auto", frames_ds: Optional[LidarFrameDataset] = None) -> None:
+                 lidar_num_features: Any = "auto", frames_ds: Optional[LidarFrameDataset] = None,
+                 depth: Optional[DepthSpec] = None) -> None:
         self.frames_ds = frames_ds or LidarFrameDataset(root, split, lidar_num_features=lidar_num_features)
-        self.plan, self.cfg = plan, cfg
+        self.plan, self.cfg, self.depth = plan, cfg, depth
 
     def __len__(self) -> int:
         return self.plan.num_frames
@@ -113,12 +153,16 @@ class VoxelizedFrames(Dataset):
                              f"{tuple(points.shape)}, the teacher expects (N, {cfg.num_point_features})")
         vox = voxelize([points.float()], cfg.point_cloud_range, cfg.voxel_size, cfg.max_points_per_pillar,
                        cfg.max_pillars_eval)
-        return {"u": int(u), "pillars": vox.pillars, "coords": vox.coords, "counts": vox.counts}
+        out = {"u": int(u), "pillars": vox.pillars, "coords": vox.coords, "counts": vox.counts}
+        if self.depth is not None:
+            out["depth"] = self.depth.targets(item["segment"], points)
+        return out
 
 
 def collate_voxels(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Items of VoxelizedFrames -> ``{"u" (F,), "pillars" (P, M, 4), "coords" (P, 4) with batch column =
-    position in the batch, "counts" (P,)}`` (the layout the teacher's encoder gets from ``voxelize``)."""
+    position in the batch, "counts" (P,)[, "depth" (F, Ncam, h, w) uint8]}`` (the layout the teacher's encoder
+    gets from ``voxelize``)."""
     coords = []
     for i, it in enumerate(items):
         c = it["coords"].clone()
@@ -126,4 +170,5 @@ def collate_voxels(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         coords.append(c)
     return {"u": torch.tensor([it["u"] for it in items], dtype=torch.int64),
             "pillars": torch.cat([it["pillars"] for it in items]), "coords": torch.cat(coords),
-            "counts": torch.cat([it["counts"] for it in items])}
+            "counts": torch.cat([it["counts"] for it in items]),
+            **({"depth": torch.stack([it["depth"] for it in items])} if items and "depth" in items[0] else {})}

@@ -6,8 +6,8 @@
     print_export_summary(cfg, result)
 
 The store's schema is built once from the config by :func:`store_schema` (seq_len, dtype, bev_feat and its
-pooling); an existing store with another schema or teacher is refused unless ``overwrite``. Every task then
-reads what to store from the store (``e2r.workflow.export``).
+pooling, the depth targets' grid); an existing store with another schema or teacher is refused unless
+``overwrite``. Every task then reads what to store from the store (``e2r.workflow.export``).
 """
 from __future__ import annotations
 
@@ -24,12 +24,15 @@ from tqdm import tqdm
 
 from e2r.checkpoints import checkpoint_path, file_sha256
 from e2r.data.datasets import ACTION_SEMANTICS, LidarSequenceDataset
+from e2r.depth import depth_grid
 from e2r.models.config import TeacherConfig
+from e2r.models.student_config import StudentConfig
 from e2r.models.teacher import load_teacher
 from e2r.runtime import resolve_device, usable_cores
 from e2r.workflow.export_config import ExportConfig
 from e2r.workflow.export import (WORKER_THREADS, ExportContext, ExportOptions, TaskStats, export_rows, load_context,
                                  run_export_task)
+from e2r.workflow.export_plan import split_rigs
 from stores import (MemoryBank, NotAMemoryBankError, Provenance, StoreCorruptError, StoreMismatchError, StoreSchema,
                     StoreVersionError, create_memorybank, open_memorybank, remove_memorybank, stored_bytes)
 from stores.remote.objstore import is_remote, parse_storage_options
@@ -50,10 +53,25 @@ def store_schema(cfg: ExportConfig, teacher_cfg: TeacherConfig) -> tuple[StoreSc
         pool = {"kind": "avg", "factor": K, "source_shape": [C, H, W]}
     schema = StoreSchema(seq_len=cfg.seq_len, action_dim=teacher_cfg.action_dim, bev_dim=teacher_cfg.bev_dim,
                          gru_hidden=teacher_cfg.gru_hidden, bev_feat_shape=feat_shape, store_bev_feat=cfg.save_bev_feat,
-                         dtype=cfg.dtype, bev_feat_pool=pool, action_semantics=ACTION_SEMANTICS)
+                         dtype=cfg.dtype, bev_feat_pool=pool, action_semantics=ACTION_SEMANTICS,
+                         **(depth_schema(cfg, teacher_cfg) if cfg.store_depth else {}))
     prov = Provenance(teacher_sha256=file_sha256(checkpoint_path(cfg.teacher_ckpt)), model_config=teacher_cfg.to_dict(),
                       dataset_root=str(Path(cfg.data_root).resolve()), lidar2ego=lidar_extrinsics(cfg))
     return schema, prov
+
+
+def depth_schema(cfg: ExportConfig, teacher_cfg: TeacherConfig) -> dict[str, Any]:
+    """The schema fields of ``--store_depth``: the targets are for the ``--depth_preset`` student on this teacher
+    (its input size, feature map and depth bins) and for the cameras of the exported splits' segments (all with
+    cameras must have as many; LiDAR-only segments get no target). ValueError when the counts differ."""
+    student = StudentConfig.from_teacher(teacher_cfg, cfg.depth_preset)
+    counts = {f"{split}/{seg}": len(cams) for split in dict.fromkeys(cfg.split)
+              for seg, cams in split_rigs(cfg.data_root, split).items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"--store_depth: the segments' camera rigs differ in size ({counts}); one store holds one "
+                         f"depth shape: export them to separate stores")
+    n_cam = next(iter(counts.values()), 1)
+    return {"store_depth": True, "depth_shape": (n_cam, *student.feat_hw), "depth_grid": depth_grid(student)}
 
 
 def lidar_extrinsics(cfg: ExportConfig) -> dict[str, list[list[float]]]:
@@ -262,7 +280,7 @@ def export_memorybank(cfg: ExportConfig) -> ExportResult:
                                  num_workers=cfg.num_workers, device=str(device), amp=cfg.amp, torch_threads=threads,
                                  lidar_num_features=cfg.lidar_num_features,
                                  storage_options=parse_storage_options(cfg.storage_options))
-            ctx = load_context(opts, bank.schema.seq_len, teacher)
+            ctx = load_context(opts, bank.schema.seq_len, teacher, schema=bank.schema)
             if client is not None:          # workers check that they see the same dataset
                 opts = replace(opts, plan_digest=ctx.plan.digest())
             if not ctx.plan.keys:
@@ -297,9 +315,12 @@ def print_export_summary(cfg: ExportConfig, result: ExportResult) -> None:
         print(f"{r.split:<12}{r.action:<10}{s.b:>8}{s.rows_written:>9}{s.rows_skipped:>9}{r.num_frames:>8}"
               f"{s.frames_encoded:>7}{s.wall_s:>9.2f}{s.windows_computed / dt:>9.1f}{s.frames_encoded / dt:>10.1f}")
     per_row = sum(schema.row_nbytes(f) for f in schema.fields)
-    print(f"complete rows in store: {len(bank)}; raw bytes per sample {per_row:,} "
-          f"(light fields {per_row - (schema.row_nbytes('bev_feat') if schema.store_bev_feat else 0):,})")
+    light = sum(schema.row_nbytes(f) for f in schema.fields if f in ("actions", "bev_vec", "gru_out"))
+    print(f"complete rows in store: {len(bank)}; raw bytes per sample {per_row:,} (light fields {light:,})")
     if schema.store_bev_feat:
         print(f"bev_feat per sample: shape {schema.row_shape('bev_feat')} {schema.dtype} = "
               f"{schema.row_nbytes('bev_feat'):,} bytes raw; pool {schema.bev_feat_pool}")
+    if schema.store_depth:
+        print(f"depth targets per sample: shape {schema.row_shape('depth')} uint8 = {schema.row_nbytes('depth'):,} "
+              f"bytes raw; grid {schema.depth_grid}")
     print(f"bytes stored: {stored_bytes(cfg.store, parse_storage_options(cfg.storage_options)):,}; total {result.seconds:.2f} s")

@@ -11,8 +11,8 @@
   training process ahead of the step (``e2r.workflow.targets_ahead``). The store is opened read-only,
   lazily in each process that reads; nothing is loaded up front and nothing is written per sample.
 * :func:`read_store_schema` / :func:`check_store_fits`: the schema and teacher of a store, and a refusal of
-  a store whose seq_len / action size / bev_vec D / gru_out H (or, for dense KD, bev_feat grid) differ from
-  the dataset's and the student's.
+  a store whose seq_len / action size / bev_vec D / gru_out H (or, for dense KD, bev_feat grid; for depth
+  supervision, its depth grid) differ from the dataset's and the student's.
 * :func:`hflip_batch`: mirror chosen samples of a batch, cached targets included (``e2r.kd.hflip_sample``).
 
 The loss of a batch is ``e2r.kd.student_losses``.
@@ -31,6 +31,7 @@ from e2r.checkpoints import load_checkpoint
 from e2r.data.datasets import ACTION_SEMANTICS, CameraSequenceDataset, collate_camera
 from e2r.data.layout import SegmentTable
 from e2r.data.sampler import EpochBatchSampler, training_sampler
+from e2r.depth import grid_problems
 from e2r.kd import hflip_sample
 from e2r.models.config import TeacherConfig
 from e2r.models.student_config import StudentConfig
@@ -47,7 +48,7 @@ __all__ = ["LIGHT_KD_FIELDS", "teacher_config_of_store", "teacher_config_of_chec
            "store_open_kw", "check_store_fits", "TeacherTargets", "CameraBatches", "make_kd_loader",
            "hflip_batch", "batch_to"]
 
-#: memorybank fields read for KD (bev_feat only when dense KD is asked)
+#: memorybank fields read for KD (bev_feat only when dense KD is asked, depth only for --kd_depth_w)
 LIGHT_KD_FIELDS = ("actions", "bev_vec", "gru_out")
 
 
@@ -90,12 +91,24 @@ def read_store_schema(path: str, **open_kw: Any) -> tuple[StoreSchema, TeacherCo
 
 
 def check_store_fits(path: str, schema: StoreSchema, seq_len: int, action_dim: int, student_cfg: StudentConfig,
-                need_bev_feat: bool, teacher_cfg: TeacherConfig | None) -> None:
+                     need_bev_feat: bool, teacher_cfg: TeacherConfig | None, need_depth: bool = False,
+                     n_cam: int | None = None) -> None:
     """Raise ``stores.StoreMismatchError`` naming the store and every mismatch with the dataset/student.
 
     ``schema``: the store's ``StoreSchema``; ``teacher_cfg``: the teacher that made it (from its provenance or
-    ``--teacher_ckpt``), needed to check the BEV grid when ``need_bev_feat`` (dense KD)."""
+    ``--teacher_ckpt``), needed to check the BEV grid when ``need_bev_feat`` (dense KD); ``need_depth``
+    (``--kd_depth_w``): the store's depth targets must be for this student's input size, feature map and depth
+    bins (``e2r.depth.grid_problems``) and the dataset's ``n_cam`` cameras, on a Lift-Splat student."""
     problems = []
+    if need_depth:
+        if not schema.store_depth:
+            problems.append("LiDAR depth supervision (--kd_depth_w > 0) needs depth targets, which this store does "
+                            "not hold: export it with `python -m pipelines.export ... --store_depth`")
+        else:
+            problems += grid_problems(schema.depth_grid, schema.depth_shape, student_cfg, n_cam)
+        if student_cfg.view_transform != "lss":
+            problems.append(f"--kd_depth_w needs a Lift-Splat student (--view_transform lss), not "
+                            f"{student_cfg.view_transform!r}")
     if schema.action_semantics not in ("", ACTION_SEMANTICS):
         problems.append(f"actions mean {schema.action_semantics!r} in the store, {ACTION_SEMANTICS!r} in this "
                         f"version: re-export the store (python -m pipelines.export ... --overwrite)")
@@ -126,6 +139,12 @@ def check_store_fits(path: str, schema: StoreSchema, seq_len: int, action_dim: i
                 problems.append(f"teacher BEV grid differs: {e}")
     if problems:
         raise StoreMismatchError(f"memorybank {path} does not fit this dataset/student: " + "; ".join(problems))
+
+
+def camera_count(camera: CameraSequenceDataset) -> int | None:
+    """The cameras of the dataset's segments (None when they differ or there is no segment)."""
+    counts = {len(t.cameras) for t in camera.tables.values()}
+    return counts.pop() if len(counts) == 1 else None
 
 
 class TeacherTargets:
@@ -162,18 +181,19 @@ class TeacherTargets:
     @classmethod
     def for_run(cls, cfg: StudentTrainConfig | StudentEvalConfig, camera: CameraSequenceDataset,
                 student_cfg: StudentConfig, *, kd_on: bool = True, need_bev_feat: bool = False,
+                need_depth: bool = False,
                 store: tuple[StoreSchema, TeacherConfig | None] | None = None, min_similarity: float = -1.0,
                 unpaired: bool = False, log: Callable[[str], None] | None = None) -> "TeacherTargets":
         """The targets of a run on ``camera``'s windows: ``cfg.memorybank`` (none when unset or ``kd_on``
         False) checked against the dataset and ``student_cfg`` (`check_store_fits`), with ``bev_feat`` when
-        ``need_bev_feat``; ``store``: its ``(schema, teacher config)`` when the caller has read them
-        (`read_store_schema`); ``--kd_retrieval`` (``min_similarity``, ``unpaired``: the training run's
+        ``need_bev_feat`` and the ``depth`` targets when ``need_depth``; ``store``: its ``(schema, teacher
+        config)`` when the caller has read them (`read_store_schema`); ``--kd_retrieval`` (``min_similarity``, ``unpaired``: the training run's
         settings) and ``--pair_lidar_root`` from ``cfg``; ``log`` gets the pairing summary."""
         if not cfg.memorybank:
             return cls()
         schema, teacher_cfg = store if store is not None else read_store_schema(cfg.memorybank, **store_open_kw(cfg))
         check_store_fits(cfg.memorybank, schema, cfg.seq_len, camera.frame_actions().shape[1], student_cfg,
-                         need_bev_feat, teacher_cfg)
+                         need_bev_feat, teacher_cfg, need_depth, camera_count(camera) if need_depth else None)
         if not kd_on:
             return cls()
         retriever = None
@@ -185,7 +205,7 @@ class TeacherTargets:
                    if cfg.pair_lidar_root else None)
         if pairing is not None and log is not None:
             log(pairing.describe(camera.keys, cfg.pair_lidar_root))
-        fields = LIGHT_KD_FIELDS + (("bev_feat",) if need_bev_feat else ())
+        fields = LIGHT_KD_FIELDS + (("bev_feat",) if need_bev_feat else ()) + (("depth",) if need_depth else ())
         return cls(cfg.memorybank, fields, cfg.skip_damaged, retriever, unpaired, pairing, camera.tables,
                    **store_open_kw(cfg))
 
@@ -207,7 +227,7 @@ class TeacherTargets:
             return
         if self.unpaired:            # the unpaired experiment: no window has its own row; retrieval only
             batch["has_kd"] = torch.zeros(B, dtype=torch.bool)
-            batch["teacher"] = {f: torch.zeros((B, *self.reader.schema.row_shape(f))) for f in self.reader.fields}
+            batch["teacher"] = {f: self.reader.zeros(f, B) for f in self.reader.fields}
             self._retrieve(batch)
             return
         if self.pairing is None:
@@ -259,7 +279,7 @@ class TeacherTargets:
         batch["store_keys"] = store_keys
         B = len(store_keys)
         sel = [i for i, k in enumerate(store_keys) if k is not None]
-        rows: dict[str, Any] = {f: torch.zeros((B, *self.reader.schema.row_shape(f))) for f in self.reader.fields}
+        rows: dict[str, Any] = {f: self.reader.zeros(f, B) for f in self.reader.fields}
         rows["found"], rows["keys"] = torch.zeros(B, dtype=torch.bool), list(batch["keys"])
         damaged = torch.zeros(B, dtype=torch.bool)
         if sel:
@@ -276,7 +296,7 @@ class TeacherTargets:
         returns (rows as :meth:`TeacherRowReader.read` gives them, damaged (B,) bool)."""
         reader = self.reader
         B = len(keys)
-        rows: dict[str, Any] = {f: torch.zeros((B, *reader.schema.row_shape(f))) for f in reader.fields}
+        rows: dict[str, Any] = {f: reader.zeros(f, B) for f in reader.fields}
         rows["found"], rows["keys"] = torch.zeros(B, dtype=torch.bool), list(keys)
         damaged = torch.zeros(B, dtype=torch.bool)
         for i, key in enumerate(keys):

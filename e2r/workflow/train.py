@@ -122,7 +122,7 @@ def kd_weights_of(cfg: StudentTrainConfig) -> KDWeights:
     """KDWeights from the ``kd_*`` fields (all 0 without a memorybank)."""
     on = bool(cfg.memorybank)
     return KDWeights(action=cfg.kd_action_w * on, bev_vec=cfg.kd_bevvec_w * on, temporal=cfg.kd_temporal_w * on,
-                     bev_feat=cfg.kd_bevfeat_w * on, steer_weight=cfg.steer_loss_weight,
+                     bev_feat=cfg.kd_bevfeat_w * on, depth=cfg.kd_depth_w * on, steer_weight=cfg.steer_loss_weight,
                      speed_weight=cfg.speed_loss_weight, bev_feat_background=cfg.kd_bevfeat_background)
 
 
@@ -212,7 +212,8 @@ class StudentTask(TrainTask):
     def notes(self, entry: dict[str, Any]) -> tuple[str, str]:
         driven = (f"valid tracks driven: success {entry['drive_success']:.0%}, progress {entry['drive_progress']:.3f}  "
                   if "drive_success" in entry else "")
-        return (f" (bc {entry['train_bc']:.4f}, kd {entry['train_kd_total']:.4f})", driven +
+        depth = f", depth {entry['train_kd_depth']:.4f}" if self.kd.depth > 0 else ""
+        return (f" (bc {entry['train_bc']:.4f}, kd {entry['train_kd_total']:.4f}{depth})", driven +
                 f"samples kd {entry['kd_samples']} bc-only {entry['bc_only_samples']}"
                 + (f" (of them retrieved {entry['retrieved_samples']})" if entry["retrieved_samples"] else "")
                 + (f"; pairs by time {entry['paired_samples']} (mean confidence {entry['pair_confidence_mean']:.3f}) "
@@ -267,8 +268,9 @@ def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
             cfg, lambda split, segments: CameraSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
                                                                image_size, segments=segments,
                                                                image_cache_mb=cfg.image_cache_mb))
-        kd_on = kd.action + kd.bev_vec + kd.temporal + kd.bev_feat > 0
+        kd_on = kd.action + kd.bev_vec + kd.temporal + kd.bev_feat + kd.depth > 0
         targets = TeacherTargets.for_run(cfg, train_ds, model_cfg, kd_on=kd_on, need_bev_feat=kd.bev_feat > 0,
+                                         need_depth=kd.depth > 0,
                                          store=(schema, teacher_cfg) if schema is not None else None,
                                          min_similarity=cfg.kd_retrieval_min_sim, unpaired=cfg.kd_unpaired,
                                          log=(lambda text: print(text, flush=True)) if ctx.rank == 0 else None)

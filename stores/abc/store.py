@@ -154,7 +154,7 @@ class MemoryBank(StoreBase):
 
         Returns ``({field: array (B', T, ...)}, missing_keys)``: B' = the found keys, in request order
         (duplicates allowed). With ``fill_missing=True`` arrays have B = len(keys) rows, zeros where the key
-        is missing, and ``out["found"]`` is a (B,) bool mask. Arrays have the store's dtype. Malformed keys
+        is missing, and ``out["found"]`` is a (B,) bool mask. Arrays have the store's dtype (depth: uint8). Malformed keys
         raise InvalidKeyError; absent ones are reported, not raised.
         """
         assert self._index is not None
@@ -168,7 +168,7 @@ class MemoryBank(StoreBase):
         found = rows >= 0
         asked = None if q is None else q if len(missing) == 0 else q[found]
         out = self._read_found(fields, rows[found], asked) if found.any() else {
-            f: np.zeros((0, *schema.row_shape(f)), schema.dtype) for f in fields}
+            f: np.zeros((0, *schema.row_shape(f)), schema.field_dtype(f)) for f in fields}
         if fill_missing:
             full = {}
             for f, d in out.items():

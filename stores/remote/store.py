@@ -46,7 +46,7 @@ from stores.remote.objstore import Entry, ObjectFiles
 from stores.remote.reader import RemoteRowReader
 from stores.remote.writes import ROOT, create_remote
 from stores.zarr_v3.row_reader import RowChunkReader
-from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, Provenance, StoreSchema
+from stores.schema import GROUP_FIELDS, LIGHT_ARRAY, LIGHT_FIELDS, Provenance, StoreSchema
 from stores.zarr_v3.checks import field_path
 from stores.zarr_v3.flat_chunks import encode_flat_chunk
 from stores.zarr_v3.key_array import encode_keys
@@ -304,8 +304,7 @@ class RemoteZarrMemoryBank(RemoteIdentity, ZarrMemoryBank):
         if len(light) != len(LIGHT_FIELDS):
             raise ValueError(f"{self.path}: the packed light array needs all of {LIGHT_FIELDS} in one write")
         data = {LIGHT_ARRAY: np.concatenate(light, axis=-1)}
-        if BEV_FEAT in arrays:
-            data[BEV_FEAT] = np.asarray(arrays[BEV_FEAT])
+        data.update({n: np.asarray(arrays[n]) for n in GROUP_FIELDS if n in arrays})
         end = next((s + c for s, c in self.splits.values() if s <= a < s + c), a + n)
         staged = self._staged
         for name, block in data.items():

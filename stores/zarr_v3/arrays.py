@@ -14,7 +14,7 @@ import zarr.codecs as zc
 from stores.index import KeyIndex
 from stores.index_file import index_dir
 from stores.layout import COMPLETE_UNSET, keys_chunk_rows
-from stores.schema import BEV_FEAT, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, StoreSchema
+from stores.schema import BEV_FEAT, DEPTH, DEPTH_FILL, DEPTH_DTYPE, DIM_NAMES, LIGHT_ARRAY, LIGHT_DIM_NAMES, StoreSchema
 from stores.validate import ArrayInfo, check_store, zarr_array_info
 from stores.zarr_v3.checks import ARRAY_NAMES, field_path
 from stores.zarr_v3.key_array import create_keys_array
@@ -59,6 +59,12 @@ def create_arrays(path: str, schema: StoreSchema, attrs: dict[str, Any]) -> zarr
         sub.create_array(BEV_FEAT, shape=(0, *shp), chunks=(1, *shp), dtype=schema.dtype,
                          fill_value=float("nan"), compressors=[bev_feat_compressor(schema.dtype), crc],
                          dimension_names=list(DIM_NAMES[BEV_FEAT]), **kw)
+    if schema.store_depth:         # uint8 bins, shards of S rows like light; fill DEPTH_FILL is never a stored byte
+        shp = schema.row_shape(DEPTH)
+        sub = g.create_group(DEPTH, attributes={"grid": schema.depth_grid, "shape": list(schema.depth_shape or ())})
+        sub.create_array(DEPTH, shape=(0, *shp), chunks=(1, *shp), shards=(S, *shp), dtype=DEPTH_DTYPE,
+                         fill_value=DEPTH_FILL, compressors=[zc.ZstdCodec(level=3), crc],
+                         dimension_names=list(DIM_NAMES[DEPTH]))
     return g
 
 
@@ -68,7 +74,7 @@ def array_problems(attrs: dict[str, Any], meta_of: Callable[[str], dict[str, Any
     infos: dict[str, ArrayInfo | None] = {}
     bad = []
     for name in ARRAY_NAMES:
-        if name == BEV_FEAT and not attrs.get("store_bev_feat"):
+        if (name == BEV_FEAT and not attrs.get("store_bev_feat")) or (name == DEPTH and not attrs.get("store_depth")):
             continue
         m = meta_of(field_path(name))
         try:

@@ -19,16 +19,17 @@ import numpy as np
 
 from stores.errors import StoreCorruptError
 from stores.fsio import read_json, remove_path, temp_sibling
-from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS
+from stores.schema import BEV_FEAT, DEPTH, GROUP_FIELDS, LIGHT_ARRAY, LIGHT_FIELDS
 
-ARRAY_NAMES = ("keys", "complete", LIGHT_ARRAY, BEV_FEAT)
+ARRAY_NAMES = ("keys", "complete", LIGHT_ARRAY, BEV_FEAT, DEPTH)
 
 
 def field_path(name: str) -> str:
-    """Array path of a field inside the group: light fields live in ``light``, bev_feat in its own group."""
+    """Array path of a field inside the group: light fields live in ``light``, bev_feat and depth each in its
+    own group (``<name>/<name>``)."""
     if name in LIGHT_FIELDS:
         return LIGHT_ARRAY
-    return f"{BEV_FEAT}/{BEV_FEAT}" if name == BEV_FEAT else name
+    return f"{name}/{name}" if name in GROUP_FIELDS else name
 
 
 def chunk_failure(e: BaseException) -> str:

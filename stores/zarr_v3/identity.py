@@ -33,7 +33,7 @@ import numpy as np
 from stores.abc.identity import IDENTITY, decode_tags
 from stores.errors import StoreCorruptError
 from stores.fsio import fsync_files, open_regular, read_regular, remove_path, write_atomic
-from stores.schema import BEV_FEAT, LIGHT_ARRAY
+from stores.schema import GROUP_FIELDS, LIGHT_ARRAY
 
 TAGS_DIR = ("complete", "tags")          # where the tag chunks live, inside the ``complete`` array's directory
 from stores.zarr_v3.checks import field_path
@@ -85,7 +85,7 @@ class ZarrIdentity:
 
     # ------------------------------------------------------------------ the tag files
     def _identity_arrays(self) -> list[str]:
-        return [LIGHT_ARRAY] + ([field_path(BEV_FEAT)] if self.schema.store_bev_feat else [])   # type: ignore[attr-defined]
+        return [LIGHT_ARRAY] + [field_path(f) for f in self.schema.fields if f in GROUP_FIELDS]   # type: ignore[attr-defined]
 
     def _bind_tags(self, r: RowChunkReader, array: str) -> RowChunkReader:
         """``r`` (the row reader of ``array``) checking rows against this store's tag chunks, when it has them."""

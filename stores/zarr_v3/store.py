@@ -29,7 +29,7 @@ from stores.errors import StoreCorruptError, UnsupportedLayout
 from stores.fsio import fsync_files, read_json, regular_size, remove_path
 from stores.index_file import index_path
 from stores.layout import COMPLETE_UNSET
-from stores.schema import BEV_FEAT, LIGHT_ARRAY, LIGHT_FIELDS, StoreSchema
+from stores.schema import GROUP_FIELDS, LIGHT_ARRAY, LIGHT_FIELDS, StoreSchema
 from stores.zarr_v3.arrays import array_problems, create_arrays, dask_view, describe_arrays
 from stores.zarr_v3.checks import (ARRAY_NAMES, abandoned_dir, chunk_failure, discard_dir, field_path, missing_data,
                                    small_chunk_error)
@@ -114,8 +114,8 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
             raise StoreCorruptError(f"memorybank {self.path}: its attributes and arrays disagree: "
                                     + "; ".join(problems) + f". Run `python -m stores verify {self.path}`; "
                                     "restore the store or re-export it", path=self.path)
-        if attrs.get("store_bev_feat"):
-            self._json(f"{BEV_FEAT}/zarr.json")
+        for name in (n for n in GROUP_FIELDS if attrs.get(f"store_{n}")):
+            self._json(f"{name}/zarr.json")
         return attrs
 
     def _create_new(self, schema: StoreSchema) -> None:
@@ -123,7 +123,7 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
         self._group = create_arrays(self.path, schema, self._attrs)
 
     def _arrays_on_disk(self) -> list[str]:
-        return [LIGHT_ARRAY] + ([BEV_FEAT] if self.schema.store_bev_feat else [])
+        return [LIGHT_ARRAY] + [f for f in self.schema.fields if f in GROUP_FIELDS]
 
     def _channels(self) -> dict[str, tuple[int, int, int]]:
         cache = self.__dict__.get("_channel_cache")
@@ -183,8 +183,8 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
             if len(light) != len(LIGHT_FIELDS):
                 raise ValueError(f"{self.path}: the packed light array needs all of {LIGHT_FIELDS} in one write")
             self._write_array(LIGHT_ARRAY, a, np.concatenate(light, axis=-1))
-        if BEV_FEAT in arrays:
-            self._write_array(BEV_FEAT, a, arrays[BEV_FEAT])
+        for name in (n for n in GROUP_FIELDS if n in arrays):
+            self._write_array(name, a, arrays[name])
         self._readers.clear()
 
     def _codec(self, path: str) -> ShardCodec | None:
@@ -237,7 +237,7 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
         for name in self._arrays_on_disk():       # files of rows no split uses: deleted, never read
             for lo, hi in drop_files(self._reader(name), a, b, self.splits.values()):
                 with self._zarr_rows(name, lo, hi):
-                    self._arr(name)[lo:hi] = np.nan   # all-fill chunks/shards are deleted (write_empty_chunks=False)
+                    self._arr(name)[lo:hi] = self._arr(name).fill_value   # all-fill chunks/shards are deleted
         self._drop_bad_chunks("keys", a, b)
         self._arr("keys")[a:b] = 0 if self._key_width() else ""
         self._readers.clear()
@@ -425,8 +425,7 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
             for f in light:
                 v = packed[..., ch[f][0]:ch[f][1]]
                 out[f] = v if keep else np.ascontiguousarray(v)
-        if BEV_FEAT in fields:
-            out[BEV_FEAT] = self._read_array_rows(BEV_FEAT, rows, salts)
+        out.update({n: self._read_array_rows(n, rows, salts) for n in GROUP_FIELDS if n in fields})
         return {f: out[f] for f in fields}
 
     def inspect(self) -> Inspection:
