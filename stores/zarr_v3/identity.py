@@ -106,6 +106,13 @@ class ZarrIdentity:
     def _tag_file(self, c: int) -> str:
         return "/".join([*TAGS_DIR, str(c)])
 
+    def _files_of_rows(self, a: int, b: int) -> list[str]:
+        """Paths, relative to the store, of every file holding rows ``[a, b)``: keys, flags, data, identity tags."""
+        S, names = self.alignment, ("keys", "complete", *self._arrays_on_disk())  # type: ignore[attr-defined]
+        files = [str(p.relative_to(self.path)) for n in names  # type: ignore[attr-defined]
+                 for p in self._files_of(n, a, b)]  # type: ignore[attr-defined]
+        return files + [self._tag_file(c) for c in range(a // S, -(-b // S))] if b > a else []
+
     def _load_tags(self, c: int) -> Any | None:
         """A read-only map of tag chunk ``c`` (None when absent; StoreCorruptError when not a regular file)."""
         opened = open_regular(self._tag_path(c), self.path, IDENTITY)

@@ -433,11 +433,6 @@ class ZarrMemoryBank(ZarrIdentity, MemoryBank):
         return replace(super().inspect(), chunk_rows=self._chunk_rows, flat_reader=self._flat_reader,
                        arrays_on_disk=self._arrays_on_disk, row_reader=self._reader, files_of_rows=self._files_of_rows)
 
-    def _files_of_rows(self, a: int, b: int) -> list[str]:
-        S, names = self.alignment, ("keys", "complete", *self._arrays_on_disk())
-        files = [str(p.relative_to(self.path)) for n in names for p in self._files_of(n, a, b)]
-        return files + [self._tag_file(c) for c in range(a // S, -(-b // S))] if b > a else []
-
     def describe(self) -> list[dict[str, Any]]:
         """Per array: name, shape, dtype, chunks, shards, codecs, stored bytes (files on disk), raw bytes,
         and for ``light`` the channel slice of each field."""
