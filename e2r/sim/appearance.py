@@ -195,21 +195,73 @@ def draw_appearance(rng: np.random.Generator, track: Track, light: str, split: s
 
 
 # ------------------------------------------------------------------------------------------------- noise
+_HASH_X, _HASH_Y, _HASH_MIX = 73856093, 19349663, 1274126177
+_GRID_SHARE = 4          # value_noise hashes its lattice once when the lattice box has <= points / this cells
+
+
+def _mix01(h: np.ndarray) -> np.ndarray:
+    """The last rounds of :func:`hash01` on ``h`` (P,) int64 = ``ix * _HASH_X ^ iy * _HASH_Y`` (modified in
+    place) -> [0, 1) float64."""
+    h ^= h >> 13
+    h *= _HASH_MIX
+    h >>= 8
+    h &= 0xFFFF
+    return h.astype(np.float64) / 65536.0
+
+
 def hash01(ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
-    """Deterministic integer hash of grid cells -> [0, 1)."""
-    h = (ix.astype(np.int64) * 73856093) ^ (iy.astype(np.int64) * 19349663)
-    h = (h ^ (h >> 13)) * 1274126177
-    return ((h >> 8) & 0xFFFF).astype(np.float64) / 65536.0
+    """Deterministic integer hash of grid cells ``ix``, ``iy`` (P,) (integer-valued) -> [0, 1) (P,)."""
+    h = np.asarray(ix).astype(np.int64) * _HASH_X
+    h ^= np.asarray(iy).astype(np.int64) * _HASH_Y
+    return _mix01(h)
 
 
-def value_noise(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
-    """Smooth 2-D value noise in [0, 1) (lattice spacing 1, smoothstep-interpolated hashes)."""
-    ix, iy = np.floor(x), np.floor(y)
-    fx, fy = x - ix, y - iy
-    sx, sy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
-    ix, iy = ix.astype(np.int64) + seed * 7919, iy.astype(np.int64) - seed * 104729
-    top = hash01(ix, iy) * (1 - sx) + hash01(ix + 1, iy) * sx
-    bottom = hash01(ix, iy + 1) * (1 - sx) + hash01(ix + 1, iy + 1) * sx
+def _lattice_hashes(ix: np.ndarray, iy: np.ndarray | int) -> tuple[np.ndarray, ...]:
+    """:func:`hash01` at the lattice corners (ix, iy), (ix + 1, iy)[, (ix, iy + 1), (ix + 1, iy + 1)] of cells
+    ``ix``, ``iy`` (P,) int64 (``iy`` an int: one row for all, the first two corners only). When the cells
+    span a box of few lattice points (<= P / _GRID_SHARE) the box is hashed once and gathered (the same
+    values)."""
+    row = not isinstance(iy, np.ndarray)
+    if len(ix):
+        x0, x1 = int(ix.min()), int(ix.max()) + 1
+        y0, y1 = (int(iy), int(iy)) if row else (int(iy.min()), int(iy.max()) + 1)
+        nx, ny = x1 - x0 + 1, y1 - y0 + 1
+        if nx * ny * _GRID_SHARE <= len(ix):
+            gx = np.repeat(np.arange(x0, x1 + 1, dtype=np.int64), ny)
+            gy = np.tile(np.arange(y0, y1 + 1, dtype=np.int64), nx)
+            grid = hash01(gx, gy)                             # (nx * ny,), x-major
+            at = (ix - x0) * ny
+            if not row:
+                at += iy - y0
+            corners = (at, at + ny) if row else (at, at + ny, at + 1, at + ny + 1)
+            return tuple(grid.take(c) for c in corners)
+    hx0 = ix * _HASH_X
+    hx1 = hx0 + _HASH_X                                  # (ix + 1) * _HASH_X, wrapping as int64 does
+    hy0 = np.int64(iy) * _HASH_Y if row else iy * _HASH_Y
+    if row:
+        return _mix01(hx0 ^ hy0), _mix01(hx1 ^ hy0)
+    hy1 = hy0 + _HASH_Y
+    return _mix01(hx0 ^ hy0), _mix01(hx1 ^ hy0), _mix01(hx0 ^ hy1), _mix01(hx1 ^ hy1)
+
+
+def value_noise(x: np.ndarray, y: np.ndarray | None, seed: int) -> np.ndarray:
+    """Smooth 2-D value noise in [0, 1) (P,) at (x, y) (P,) (lattice spacing 1, smoothstep-interpolated
+    hashes). ``y`` None: the row y = 0 (the same values as zeros, half the work)."""
+    ix = np.floor(x)
+    fx = x - ix
+    sx = fx * fx * (3 - 2 * fx)
+    ix = ix.astype(np.int64) + seed * 7919
+    if y is None:
+        h00, h10 = _lattice_hashes(ix, -seed * 104729)
+        return h00 * (1 - sx) + h10 * sx          # top * (1 - 0) + bottom * 0 at y = 0: the top, bit for bit
+    iy = np.floor(y)
+    fy = y - iy
+    sy = fy * fy * (3 - 2 * fy)
+    iy = iy.astype(np.int64) - seed * 104729
+    h00, h10, h01, h11 = _lattice_hashes(ix, iy)
+    rx = 1 - sx
+    top = h00 * rx + h10 * sx
+    bottom = h01 * rx + h11 * sx
     return top * (1 - sy) + bottom * sy
 
 
@@ -224,7 +276,7 @@ def shadow(look: Appearance, xy: np.ndarray) -> np.ndarray:
     if look.sun_level <= 0 or len(xy) == 0:
         return np.zeros(len(xy))
     p = xy @ look.shadow_dir / look.shadow_period
-    band = _smoothstep(0.4, 0.6, value_noise(p, np.zeros_like(p), look.noise_seed + 1))
+    band = _smoothstep(0.4, 0.6, value_noise(p, None, look.noise_seed + 1))
     region = value_noise(xy[:, 0] / 40.0, xy[:, 1] / 40.0, look.noise_seed + 2)
     cover = _smoothstep(1.0 - look.shadow_cover - 0.08, 1.0 - look.shadow_cover + 0.08, region)
     return look.shadow_strength * band * cover
