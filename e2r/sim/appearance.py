@@ -284,9 +284,9 @@ def shadow(look: Appearance, xy: np.ndarray) -> np.ndarray:
 
 def lighting(look: Appearance, xy: np.ndarray, z: np.ndarray, normal: np.ndarray | None,
              ego: tuple[float, float, float]) -> np.ndarray:
-    """Irradiance (P, 3) at world points ``xy`` (P, 2), height ``z`` (P,) on surfaces with horizontal unit
-    ``normal`` (P, 2) facing the camera (None = ground, facing up): ambient sky light, sunlight (less in
-    shadow) and the ego car's low-beam headlights at (x, y, yaw) ``ego``: a cone of std
+    """Irradiance (3, P) (channel-major) at world points ``xy`` (P, 2), height ``z`` (P,) on surfaces with
+    horizontal unit ``normal`` (P, 2) facing the camera (None = ground, facing up): ambient sky light,
+    sunlight (less in shadow) and the ego car's low-beam headlights at (x, y, yaw) ``ego``: a cone of std
     ``headlight_spread_deg`` around the heading, 1/d^2 beyond ``headlight_range``."""
     cfg = look.cfg
     sun_h = np.array([np.cos(look.sun_azimuth), np.sin(look.sun_azimuth)])
@@ -297,7 +297,7 @@ def lighting(look: Appearance, xy: np.ndarray, z: np.ndarray, normal: np.ndarray
         sun_cos = np.cos(look.sun_elevation) * np.maximum(normal @ sun_h, 0.0)
         ambient = 0.7 * look.ambient
     sun = look.sun_level * sun_cos * (1.0 - shadow(look, xy))
-    out = ambient * look.ambient_tint[None] + sun[:, None] * look.sun_tint[None]
+    out = (ambient * look.ambient_tint)[:, None] + sun[None] * look.sun_tint[:, None]
     if look.headlight > 0:
         x, y, yaw = ego
         lamp = np.array([x + 3.5 * np.cos(yaw), y + 3.5 * np.sin(yaw)])
@@ -308,41 +308,45 @@ def lighting(look: Appearance, xy: np.ndarray, z: np.ndarray, normal: np.ndarray
         falloff = 1.0 / (1.0 + (r / cfg.headlight_range) ** 2)
         facing = np.ones(len(xy)) if normal is None else np.maximum(-(normal * d).sum(1) / r, 0.0)
         high = np.clip(1.0 - (z - 0.9) / 1.5, 0.2, 1.0)             # low beam: less light up high
-        out = out + (look.headlight * cone * falloff * facing * high)[:, None] * np.array([1.0, 0.97, 0.9])
+        out += (look.headlight * cone * falloff * facing * high)[None] * np.array([1.0, 0.97, 0.9])[:, None]
     return out
 
 
 def sky(look: Appearance, slope: np.ndarray) -> np.ndarray:
-    """Sky radiance (P, 3) of rays rising ``slope`` (m up per m ahead): horizon to zenith gradient."""
-    t = np.clip(slope, 0, 1)[:, None] ** 0.7
-    return look.horizon[None] * (1 - t) + look.zenith[None] * t
+    """Sky radiance (3, P) (channel-major) of rays rising ``slope`` (P,) (m up per m ahead): horizon to
+    zenith gradient."""
+    t = np.clip(slope, 0, 1) ** 0.7
+    return look.horizon[:, None] * (1 - t)[None] + look.zenith[:, None] * t[None]
 
 
 def _box_blur(img: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """Each pixel (H, W, 3) averaged over a horizontal window ``length`` (H, W) pixels long centred on it
-    (continuous box, fractional lengths via the row's running integral; clipped at the borders). Pixels
-    whose window is under one pixel are left as they are."""
-    h, w, _ = img.shape
+    """Each pixel of ``img`` (3, H, W) (channel-major) averaged over a horizontal window ``length`` (H, W)
+    pixels long centred on it (continuous box, fractional lengths via the row's running integral; clipped at
+    the borders). Pixels whose window is under one pixel are left as they are."""
+    _, h, w = img.shape
     rows, cols = np.nonzero(length > 1.0)
-    csum = np.concatenate([np.zeros((h, 1, 3), img.dtype), np.cumsum(img, axis=1)], axis=1)   # (H, W + 1, 3)
+    csum = np.zeros((3, h, w + 1), img.dtype)
+    np.cumsum(img, axis=2, out=csum[:, :, 1:])                                        # (3, H, W + 1)
+    csum, flat = csum.reshape(3, -1), img.reshape(3, -1)
 
     def integral(x: np.ndarray) -> np.ndarray:
         k = np.minimum(np.floor(x + 0.5).astype(np.int64), w)
-        frac = (x + 0.5 - k)[:, None]
-        return csum[rows, k] + frac * img[rows, np.minimum(k, w - 1)]
+        frac = x + 0.5 - k
+        return csum.take(rows * (w + 1) + k, axis=1) + frac * flat.take(rows * w + np.minimum(k, w - 1), axis=1)
 
     half = length[rows, cols] / 2
     lo, hi = np.maximum(cols - half, -0.5), np.minimum(cols + half, w - 0.5)
     out = img.copy()
-    out[rows, cols] = (integral(hi) - integral(lo)) / (hi - lo)[:, None]
+    out.reshape(3, -1)[:, rows * w + cols] = (integral(hi) - integral(lo)) / (hi - lo)
     return out
 
 
 def finish(look: Appearance, radiance: np.ndarray, blur_px_per_s: np.ndarray,
            rng: np.random.Generator | None) -> np.ndarray:
-    """The image a camera records (H, W, 3) uint8 from scene radiance (H, W, 3) and each pixel's horizontal
-    optical flow (H, W) px/s: exposure bias, motion blur over the exposure time, shot + read noise scaled by
-    the gain (none when ``rng`` is None), clipping and 8-bit quantisation."""
+    """The image a camera records (H, W, 3) uint8 from scene radiance (3, H, W) (channel-major) and each
+    pixel's horizontal optical flow (H, W) px/s: exposure bias, motion blur over the exposure time, shot +
+    read noise scaled by the gain (none when ``rng`` is None; drawn in (H, W, 3) order), clipping and 8-bit
+    quantisation."""
     img = (radiance * 2.0 ** look.exposure_ev).astype(np.float32)
     length = np.abs(blur_px_per_s) * look.exposure_time
     if (length > 1.0).any():
@@ -350,5 +354,8 @@ def finish(look: Appearance, radiance: np.ndarray, blur_px_per_s: np.ndarray,
     if rng is not None:
         signal = np.clip(img, 0.0, 1.0)
         std = np.sqrt(look.cfg.shot_noise * look.gain * signal + (look.cfg.read_noise * look.gain) ** 2)
-        img = img + std * rng.standard_normal(img.shape, dtype=np.float32)
-    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = img + std * rng.standard_normal(img.shape[1:] + img.shape[:1], dtype=np.float32).transpose(2, 0, 1)
+    img *= 255.0
+    img += 0.5
+    np.clip(img, 0, 255, out=img)
+    return np.ascontiguousarray(img.astype(np.uint8).transpose(1, 2, 0))

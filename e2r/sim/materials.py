@@ -83,35 +83,40 @@ def barrel_material(z: np.ndarray, height: np.ndarray):
 
 # ------------------------------------------------------------------------------------- gap world, camera
 def ground_albedo(look: Appearance, track: Track, xy: np.ndarray) -> np.ndarray:
-    """Camera reflectance (P, 3) of ground points ``xy`` (P, 2): the track's asphalt (grain at 10 cm, patches
-    of ``patch_scale`` m), its paint colours (faded paint blended into the asphalt), its grass."""
+    """Camera reflectance (3, P) (channel-major) of ground points ``xy`` (P, 2): the track's asphalt (grain at
+    10 cm, patches of ``patch_scale`` m), its paint colours (faded paint blended into the asphalt), its grass."""
     code = paint_map(track).lookup(xy)
     grain = hash01(np.floor(xy[:, 0] * 10), np.floor(xy[:, 1] * 10)) - 0.5
     patch = value_noise(xy[:, 0] / look.patch_scale, xy[:, 1] / look.patch_scale, look.noise_seed) - 0.5
     grey = look.asphalt_grey * (1 + look.grain * grain + 2 * look.patches * patch)
-    rgb = grey[:, None] * look.asphalt_tint[None]
+    rgb = grey[None] * look.asphalt_tint[:, None]
     for full, faded, colour in ((EDGE_LINE, FADED_EDGE, look.edge_paint),
                                 (CENTRE_LINE, FADED_CENTRE, look.centre_paint)):
-        rgb[code == full] = colour * (0.95 + 0.1 * grain[code == full, None])
-        sel = code == faded
-        rgb[sel] = rgb[sel] + look.fade_contrast * (colour[None] - rgb[sel])
-    g = code == GRASS
-    rgb[g] = look.grass[None] * (0.8 + 0.4 * (grain[g, None] + 0.5)) * (1 + 0.3 * patch[g, None])
-    return np.clip(rgb, 0.0, 1.0)
+        sel = np.flatnonzero(code == full)
+        rgb[:, sel] = colour[:, None] * (0.95 + 0.1 * grain[sel])[None]
+        sel = np.flatnonzero(code == faded)
+        old = rgb[:, sel]
+        rgb[:, sel] = old + look.fade_contrast * (colour[:, None] - old)
+    g = np.flatnonzero(code == GRASS)
+    rgb[:, g] = look.grass[:, None] * (0.8 + 0.4 * (grain[g] + 0.5))[None] * (1 + 0.3 * patch[g])[None]
+    np.clip(rgb, 0.0, 1.0, out=rgb)
+    return rgb
 
 
 def wall_albedo(look: Appearance, track: Track, seg: np.ndarray, u: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """Camera reflectance (P, 3) of wall hits: the side's two paint colours in ``STRIPE_LEN`` stripes (where
-    the LiDAR sees its bright stripes), a concrete texture of ``wall_texture`` amplitude, the dark cap."""
+    """Camera reflectance (3, P) (channel-major) of wall hits: the side's two paint colours in ``STRIPE_LEN``
+    stripes (where the LiDAR sees its bright stripes), a concrete texture of ``wall_texture`` amplitude, the
+    dark cap."""
     s_wall = wall_s(track, seg, u)
     first = (np.floor(s_wall / STRIPE_LEN).astype(np.int64) % 2) == 0
     side = track.seg_side[seg].astype(np.int64)
-    rgb = look.wall_colours[side, np.where(first, 1, 0)]
+    rgb = look.wall_colours.reshape(4, 3).T.take(side * 2 + first, axis=1)      # [side, 1 if first else 0]
     tex = value_noise(s_wall * 3.0, z * 3.0, look.noise_seed + 3) + 0.5 * hash01(np.floor(s_wall * 20),
                                                                                  np.floor(z * 20))
-    rgb = rgb * (1 - look.wall_texture * (tex[:, None] - 0.75))
-    rgb[z > track.wall_height - CAP] = 0.12
-    return np.clip(rgb, 0.0, 1.0)
+    rgb = rgb * (1 - look.wall_texture * (tex - 0.75))[None]
+    rgb[:, z > track.wall_height - CAP] = 0.12
+    np.clip(rgb, 0.0, 1.0, out=rgb)
+    return rgb
 
 
 def _car_parts(traffic: Traffic, car: np.ndarray, face: np.ndarray, along: np.ndarray,
@@ -127,15 +132,15 @@ def _car_parts(traffic: Traffic, car: np.ndarray, face: np.ndarray, along: np.nd
 
 def car_albedo(look: Appearance, traffic: Traffic, car: np.ndarray, face: np.ndarray, along: np.ndarray,
                z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Camera reflectance (P, 3) and emitted light (P, 3) of hits on the other cars (tail lights glow,
-    brighter as the light falls)."""
+    """Camera reflectance (3, P) and emitted light (3, P) (channel-major) of hits on the other cars (tail
+    lights glow, brighter as the light falls)."""
     glass, low, tail = _car_parts(traffic, car, face, along, z)
-    rgb = traffic.colour[car].copy()
-    rgb[glass] = (0.06, 0.07, 0.08)
-    rgb[low] = (0.04, 0.04, 0.04)
-    rgb[tail] = (0.6, 0.04, 0.03)
+    rgb = traffic.colour.T.take(car, axis=1)
+    rgb[:, glass] = np.array([0.06, 0.07, 0.08])[:, None]
+    rgb[:, low] = 0.04
+    rgb[:, tail] = np.array([0.6, 0.04, 0.03])[:, None]
     glow = np.zeros_like(rgb)
-    glow[tail] = np.array([1.0, 0.12, 0.06]) * (0.15 + 1.2 * (1.0 - look.daylight))
+    glow[:, tail] = (np.array([1.0, 0.12, 0.06]) * (0.15 + 1.2 * (1.0 - look.daylight)))[:, None]
     return rgb, glow
 
 

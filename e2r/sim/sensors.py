@@ -284,37 +284,34 @@ def _pixel_rays(image_size: tuple[int, int], hfov_deg: float, position: tuple[fl
 def _shade_gap(track: Track, kind: np.ndarray, dist: np.ndarray, dirs: np.ndarray, slope: np.ndarray,
                origin: np.ndarray, cam_h: float, wall_bin: np.ndarray, walls: tuple, barrels: tuple, cars: tuple,
                ego: tuple[float, float, float]) -> np.ndarray:
-    """Scene radiance (P, 3) of the pixels' hits under the track's look (gap world). Pixels are shaded
-    grouped by what they hit (one contiguous run per kind), then put back in place."""
+    """Scene radiance (3, P) (channel-major) of the pixels' hits under the track's look (gap world). Pixels
+    are shaded grouped by what they hit (one run per kind, in pixel order within it), then put back."""
     look = track.look
     P = len(kind)
-    order = np.argsort(kind.astype(np.int8), kind="stable")             # pixels by kind, in place order
+    order = np.argsort(kind.astype(np.int8), kind="stable")             # pixels by kind
     ends = np.cumsum(np.bincount(kind, minlength=SKY + 1))
     d, s = dist.take(order), slope.take(order)
     xy = dirs.take(order, axis=0)
-    np.multiply(xy, np.where(np.isfinite(d), d, 0.0)[:, None], out=xy)
+    xy *= np.where(np.isfinite(d), d, 0.0)[:, None]
     xy += origin
     z = cam_h + d * s
-    rgb = np.empty((P, 3))
-
-    def run(code: int) -> slice:
-        return slice(ends[code - 1] if code else 0, ends[code])
-
-    g, wm, om, cm = run(GROUND), run(WALL), run(BARREL), run(CAR)
+    rgb = np.empty((3, P))
+    g, wm, om, cm = (slice(ends[k - 1] if k else 0, ends[k]) for k in (GROUND, WALL, BARREL, CAR))
     if g.stop > g.start:
-        rgb[g] = ground_albedo(look, track, xy[g]) * lighting(look, xy[g], np.zeros(g.stop - g.start), None, ego)
+        rgb[:, g] = ground_albedo(look, track, xy[g]) * lighting(look, xy[g], np.zeros(g.stop - g.start), None, ego)
     if wm.stop > wm.start:
         b = wall_bin.take(order[wm])
         seg, u = walls[0].take(b), walls[1].take(b)
         normal = track.seg_normal.take(seg, axis=0)
         normal *= -np.sign((normal * dirs.take(order[wm], axis=0)).sum(1) + 1e-12)[:, None]   # facing the camera
-        rgb[wm] = wall_albedo(look, track, seg, u, z[wm]) * lighting(look, xy[wm], z[wm], normal, ego)
+        rgb[:, wm] = wall_albedo(look, track, seg, u, z[wm]) * lighting(look, xy[wm], z[wm], normal, ego)
     if om.stop > om.start:
         h_obs, obs_ids = barrels
         ids = obs_ids[np.argmin(h_obs[order[om]], axis=1)]
         normal = xy[om] - track.obs_xy[ids]
         normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9)
-        rgb[om] = barrel_material(z[om], track.obs_height[ids])[0] * lighting(look, xy[om], z[om], normal, ego)
+        rgb[:, om] = (barrel_material(z[om], track.obs_height[ids])[0].T
+                      * lighting(look, xy[om], z[om], normal, ego))
     if cm.stop > cm.start:
         h_car, seen, table_bin, face_tab, along_tab, yaw_cars = cars
         pix = order[cm]
@@ -325,14 +322,14 @@ def _shade_gap(track: Track, kind: np.ndarray, dist: np.ndarray, dirs: np.ndarra
         normal = np.where((f == 2)[:, None], np.stack([-fwd[:, 1], fwd[:, 0]], 1), fwd)
         normal *= -np.sign((normal * dirs.take(pix, axis=0)).sum(1) + 1e-12)[:, None]
         albedo, glow = car_albedo(look, track.traffic, car, f, along_tab[b, car], z[cm])
-        rgb[cm] = albedo * lighting(look, xy[cm], z[cm], normal, ego) + glow
+        rgb[:, cm] = albedo * lighting(look, xy[cm], z[cm], normal, ego) + glow
     hit = slice(0, ends[CAR])
     fog = 1.0 - np.exp(-d[hit] * np.sqrt(1 + s[hit] ** 2) / 140.0)
-    rgb[hit] = rgb[hit] * (1 - fog[:, None]) + look.horizon * fog[:, None]
-    rgb[ends[CAR]:] = sky(look, s[ends[CAR]:])
+    rgb[:, hit] = rgb[:, hit] * (1 - fog)[None] + look.horizon[:, None] * fog[None]
+    rgb[:, hit.stop:] = sky(look, s[hit.stop:])
     inverse = np.empty(P, np.int64)
     inverse[order] = np.arange(P)
-    return rgb.take(inverse, axis=0)
+    return rgb.take(inverse, axis=1)
 
 
 def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfig | None = None, *,
@@ -404,7 +401,7 @@ def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfi
         with np.errstate(divide="ignore", invalid="ignore"):
             flow /= dist
         flow[kind == SKY] = 0.0
-        return finish(track.look, rgb.reshape(h, w, 3), flow.reshape(h, w), rng)
+        return finish(track.look, rgb.reshape(3, h, w), flow.reshape(h, w), rng)
 
     horizon_rgb = np.array([0.78, 0.86, 0.95])
     elev_frac = np.clip(slope, 0, 1)[:, None]
