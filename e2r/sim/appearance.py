@@ -40,7 +40,7 @@ import numpy as np
 
 from e2r.sim.track import Track
 
-__all__ = ["AppearanceConfig", "Appearance", "LIGHTS", "HUE_SECTORS", "draw_appearance", "hash01",
+__all__ = ["AppearanceConfig", "Appearance", "LIGHTS", "HUE_SECTORS", "draw_appearance", "wrap_angle", "hash01",
            "value_noise", "shadow", "lighting", "sky", "finish"]
 
 LIGHTS = ("noon", "dusk", "night")
@@ -195,6 +195,22 @@ def draw_appearance(rng: np.random.Generator, track: Track, light: str, split: s
 
 
 # ------------------------------------------------------------------------------------------------- noise
+def wrap_angle(a: np.ndarray) -> np.ndarray:
+    """``(a + pi) % (2 pi) - pi`` of angles ``a`` (P,) (rad), bit for bit, computed in place on ``a``: into
+    [-pi, pi). Angles within two turns of the range skip the slow floating-point remainder (its result
+    there is one exact add or subtract of 2 pi)."""
+    two_pi = 2 * np.pi
+    a += np.pi
+    if len(a) and a.min() >= -two_pi and a.max() < 2 * two_pi:
+        below, above = a < 0, a >= two_pi          # both decided before either moves a value
+        np.add(a, two_pi, out=a, where=below)
+        np.subtract(a, two_pi, out=a, where=above)
+    else:
+        np.remainder(a, two_pi, out=a)
+    a -= np.pi
+    return a
+
+
 _HASH_X, _HASH_Y, _HASH_MIX = 73856093, 19349663, 1274126177
 _GRID_SHARE = 4          # value_noise hashes its lattice once when the lattice box has <= points / this cells
 
@@ -227,9 +243,8 @@ def _lattice_hashes(ix: np.ndarray, iy: np.ndarray | int) -> tuple[np.ndarray, .
         y0, y1 = (int(iy), int(iy)) if row else (int(iy.min()), int(iy.max()) + 1)
         nx, ny = x1 - x0 + 1, y1 - y0 + 1
         if nx * ny * _GRID_SHARE <= len(ix):
-            gx = np.repeat(np.arange(x0, x1 + 1, dtype=np.int64), ny)
-            gy = np.tile(np.arange(y0, y1 + 1, dtype=np.int64), nx)
-            grid = hash01(gx, gy)                             # (nx * ny,), x-major
+            grid = _mix01((np.arange(x0, x1 + 1, dtype=np.int64)[:, None] * _HASH_X
+                           ^ np.arange(y0, y1 + 1, dtype=np.int64)[None] * _HASH_Y).ravel())   # (nx * ny,)
             at = (ix - x0) * ny
             if not row:
                 at += iy - y0
@@ -303,7 +318,7 @@ def lighting(look: Appearance, xy: np.ndarray, z: np.ndarray, normal: np.ndarray
         lamp = np.array([x + 3.5 * np.cos(yaw), y + 3.5 * np.sin(yaw)])
         d = xy - lamp
         r = np.maximum(np.hypot(d[:, 0], d[:, 1]), 1e-3)
-        angle = (np.arctan2(xy[:, 1] - y, xy[:, 0] - x) - yaw + np.pi) % (2 * np.pi) - np.pi
+        angle = wrap_angle(np.arctan2(xy[:, 1] - y, xy[:, 0] - x) - yaw)
         cone = np.exp(-0.5 * (angle / np.radians(cfg.headlight_spread_deg)) ** 2)
         falloff = 1.0 / (1.0 + (r / cfg.headlight_range) ** 2)
         facing = np.ones(len(xy)) if normal is None else np.maximum(-(normal * d).sum(1) / r, 0.0)
@@ -351,11 +366,13 @@ def finish(look: Appearance, radiance: np.ndarray, blur_px_per_s: np.ndarray,
     length = np.abs(blur_px_per_s) * look.exposure_time
     if (length > 1.0).any():
         img = _box_blur(img, length)
+    img = np.ascontiguousarray(img.transpose(1, 2, 0))                                   # (H, W, 3)
     if rng is not None:
         signal = np.clip(img, 0.0, 1.0)
         std = np.sqrt(look.cfg.shot_noise * look.gain * signal + (look.cfg.read_noise * look.gain) ** 2)
-        img = img + std * rng.standard_normal(img.shape[1:] + img.shape[:1], dtype=np.float32).transpose(2, 0, 1)
+        std *= rng.standard_normal(img.shape, dtype=np.float32)
+        img += std
     img *= 255.0
     img += 0.5
     np.clip(img, 0, 255, out=img)
-    return np.ascontiguousarray(img.astype(np.uint8).transpose(1, 2, 0))
+    return img.astype(np.uint8)

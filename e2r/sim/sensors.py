@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from e2r.sim.appearance import finish, lighting, sky
+from e2r.sim.appearance import finish, lighting, sky, wrap_angle
 from e2r.sim.materials import (barrel_material, car_albedo, car_intensity, ground_albedo, ground_intensity,
                                ground_material, wall_albedo, wall_intensity, wall_material)
 from e2r.sim.track import Track
@@ -291,9 +291,11 @@ def _shade_gap(track: Track, kind: np.ndarray, dist: np.ndarray, dirs: np.ndarra
     order = np.argsort(kind.astype(np.int8), kind="stable")             # pixels by kind
     ends = np.cumsum(np.bincount(kind, minlength=SKY + 1))
     d, s = dist.take(order), slope.take(order)
-    xy = dirs.take(order, axis=0)
-    xy *= np.where(np.isfinite(d), d, 0.0)[:, None]
-    xy += origin
+    reach = np.where(np.isfinite(d), d, 0.0)
+    xy = np.empty((P, 2))                              # hit points, origin + dirs * reach, column by column
+    for c in range(2):
+        np.multiply(dirs[:, c].take(order), reach, out=xy[:, c])
+        xy[:, c] += origin[c]
     z = cam_h + d * s
     rgb = np.empty((3, P))
     g, wm, om, cm = (slice(ends[k - 1] if k else 0, ends[k]) for k in (GROUND, WALL, BARREL, CAR))
@@ -354,11 +356,7 @@ def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfi
     slope = rays.ez / horiz                             # height change per horizontal metre
 
     # wall distance on a fine azimuth table, looked up per pixel
-    rel = np.arctan2(dirs[:, 1], dirs[:, 0])            # azimuth vs heading, in (-pi, pi]
-    rel -= yaw
-    rel += np.pi
-    rel %= 2 * np.pi
-    rel -= np.pi
+    rel = wrap_angle(np.arctan2(dirs[:, 1], dirs[:, 0]) - yaw)                          # azimuth vs heading
     lo, hi = rel.min(), rel.max() + 1e-9                                  # camera FOV < 180 deg: no wrap
     nbins = max(16, int(np.degrees(hi - lo) * 10))                        # 0.1 deg bins
     bins_phi = yaw + lo + (np.arange(nbins) + 0.5) * ((hi - lo) / nbins)
