@@ -125,9 +125,11 @@ def _walls_along(track: Track, origin: np.ndarray, angle0: float, step: float, c
 
 
 def _barrels_along(track: Track, origin: np.ndarray, dirs: np.ndarray, max_range: float,
-                   forward: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   forward: np.ndarray | None = None,
+                   fov: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Horizontal distance (A, B') to the near side of the B' barrels within ``max_range`` (and in front
-    of ``forward`` if given) that some ray of ``dirs`` (A, 2) hits, inf where missed; and their indices (B',)."""
+    of ``forward`` if given) that some ray of ``dirs`` (A, 2) hits, inf where missed; and their indices (B',).
+    ``fov`` (yaw, lo, hi): the rays' azimuths lie in yaw + [lo, hi]; barrels wholly outside are not cast."""
     w = track.obs_xy - origin                                   # (B, 2)
     sel = np.linalg.norm(w, axis=1) < max_range + 1
     if forward is not None:
@@ -135,6 +137,14 @@ def _barrels_along(track: Track, origin: np.ndarray, dirs: np.ndarray, max_range
     ids = np.nonzero(sel)[0]
     w = w[ids]
     proj = dirs @ w.T                                           # (A, B')
+    if fov is not None and len(ids):
+        yaw, lo, hi = fov
+        d = np.hypot(w[:, 0], w[:, 1])
+        r = track.obs_radius[ids]
+        bearing = wrap_angle(np.arctan2(w[:, 1], w[:, 0]) - yaw)
+        half = np.arcsin(np.minimum(r / np.maximum(d, 1e-9), 1.0)) + 0.02        # + a margin for rounding
+        near = (d <= r + 0.05) | ((bearing + half >= lo) & (bearing - half <= hi))
+        ids, w, proj = ids[near], w[near], proj[:, near]
     perp2 = (w ** 2).sum(1)[None] - proj ** 2
     disc = track.obs_radius[ids][None] ** 2 - perp2
     t = proj - np.sqrt(np.maximum(disc, 0.0))
@@ -373,7 +383,7 @@ def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfi
         h_ground = np.where(slope < 0, cam_h / -slope, np.inf)
     cands = [(GROUND, h_ground),
              (WALL, np.where((z_wall >= 0) & (z_wall <= track.wall_height), h_wall, np.inf))]
-    h_obs, obs_ids = _barrels_along(track, origin, dirs, 150.0, forward=fwd)       # (P, B')
+    h_obs, obs_ids = _barrels_along(track, origin, dirs, 150.0, forward=fwd, fov=(yaw, lo, hi))   # (P, B')
     if len(obs_ids):
         h_obs = _nearest_column(h_obs, slope[:, None], cam_h, 0.0, track.obs_height[obs_ids])
         cands.append((BARREL, h_obs.min(axis=1)))
