@@ -343,16 +343,18 @@ def _box_blur(img: np.ndarray, length: np.ndarray) -> np.ndarray:
     csum = np.zeros((3, h, w + 1), img.dtype)
     np.cumsum(img, axis=2, out=csum[:, :, 1:])                                        # (3, H, W + 1)
     csum, flat = csum.reshape(3, -1), img.reshape(3, -1)
+    at_sum, at_img = rows * (w + 1), rows * w
 
     def integral(x: np.ndarray) -> np.ndarray:
-        k = np.minimum(np.floor(x + 0.5).astype(np.int64), w)
-        frac = x + 0.5 - k
-        return csum.take(rows * (w + 1) + k, axis=1) + frac * flat.take(rows * w + np.minimum(k, w - 1), axis=1)
+        x = x + 0.5
+        k = np.minimum(np.floor(x).astype(np.int64), w)
+        x -= k                                          # the fraction of pixel k inside
+        return csum.take(at_sum + k, axis=1) + x * flat.take(at_img + np.minimum(k, w - 1), axis=1)
 
-    half = length[rows, cols] / 2
+    half = length.reshape(-1).take(at_img + cols) / 2
     lo, hi = np.maximum(cols - half, -0.5), np.minimum(cols + half, w - 0.5)
     out = img.copy()
-    out.reshape(3, -1)[:, rows * w + cols] = (integral(hi) - integral(lo)) / (hi - lo)
+    out.reshape(3, -1)[:, at_img + cols] = (integral(hi) - integral(lo)) / (hi - lo)
     return out
 
 

@@ -244,7 +244,12 @@ def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Gene
     inten = np.zeros(len(h))
     g = np.flatnonzero(kind == GROUND)
     if len(g):
-        inten[g] = ground_intensity(track, origin + world_dirs[ai[g]] * h[g, None])
+        ag, hg = ai[g], h[g]
+        hit_xy = np.empty((len(g), 2))                  # origin + world_dirs[ag] * hg, column by column
+        for c in range(2):
+            np.multiply(world_dirs[:, c].take(ag), hg, out=hit_xy[:, c])
+            hit_xy[:, c] += origin[c]
+        inten[g] = ground_intensity(track, hit_xy)
     wm = np.flatnonzero(kind == WALL)
     if len(wm):
         inten[wm] = wall_intensity(track, seg[ai[wm]], u[ai[wm]], h[wm] * tan_e[ri[wm], 0] + LIDAR_HEIGHT)
