@@ -315,13 +315,13 @@ def lighting(look: Appearance, xy: np.ndarray, z: np.ndarray, normal: np.ndarray
     out = (ambient * look.ambient_tint)[:, None] + sun[None] * look.sun_tint[:, None]
     if look.headlight > 0:
         x, y, yaw = ego
-        lamp = np.array([x + 3.5 * np.cos(yaw), y + 3.5 * np.sin(yaw)])
-        d = xy - lamp
-        r = np.maximum(np.hypot(d[:, 0], d[:, 1]), 1e-3)
-        angle = wrap_angle(np.arctan2(xy[:, 1] - y, xy[:, 0] - x) - yaw)
+        px, py = xy[:, 0], xy[:, 1]
+        dx, dy = px - (x + 3.5 * np.cos(yaw)), py - (y + 3.5 * np.sin(yaw))           # from the lamps
+        r = np.maximum(np.hypot(dx, dy), 1e-3)
+        angle = wrap_angle(np.arctan2(py - y, px - x) - yaw)
         cone = np.exp(-0.5 * (angle / np.radians(cfg.headlight_spread_deg)) ** 2)
         falloff = 1.0 / (1.0 + (r / cfg.headlight_range) ** 2)
-        facing = np.ones(len(xy)) if normal is None else np.maximum(-(normal * d).sum(1) / r, 0.0)
+        facing = np.ones(len(xy)) if normal is None else np.maximum(-(normal[:, 0] * dx + normal[:, 1] * dy) / r, 0.0)
         high = np.clip(1.0 - (z - 0.9) / 1.5, 0.2, 1.0)             # low beam: less light up high
         out += (look.headlight * cone * falloff * facing * high)[None] * np.array([1.0, 0.97, 0.9])[:, None]
     return out

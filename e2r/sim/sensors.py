@@ -296,6 +296,15 @@ def _pixel_rays(image_size: tuple[int, int], hfov_deg: float, position: tuple[fl
                       uu.reshape(-1) - K[0, 2])
 
 
+def _facing(normal: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+    """Unit ``normal`` (n, 2) of vertical faces turned towards the camera whose rays go along ``dirs`` (n, 2)
+    (in place)."""
+    sign = -np.sign(normal[:, 0] * dirs[:, 0] + normal[:, 1] * dirs[:, 1] + 1e-12)
+    normal[:, 0] *= sign
+    normal[:, 1] *= sign
+    return normal
+
+
 def _shade_gap(track: Track, kind: np.ndarray, dist: np.ndarray, dirs: np.ndarray, slope: np.ndarray,
                origin: np.ndarray, cam_h: float, wall_bin: np.ndarray, walls: tuple, barrels: tuple, cars: tuple,
                ego: tuple[float, float, float]) -> np.ndarray:
@@ -319,8 +328,7 @@ def _shade_gap(track: Track, kind: np.ndarray, dist: np.ndarray, dirs: np.ndarra
     if wm.stop > wm.start:
         b = wall_bin.take(order[wm])
         seg, u = walls[0].take(b), walls[1].take(b)
-        normal = track.seg_normal.take(seg, axis=0)
-        normal *= -np.sign((normal * dirs.take(order[wm], axis=0)).sum(1) + 1e-12)[:, None]   # facing the camera
+        normal = _facing(track.seg_normal.take(seg, axis=0), dirs.take(order[wm], axis=0))
         rgb[:, wm] = wall_albedo(look, track, seg, u, z[wm]) * lighting(look, xy[wm], z[wm], normal, ego)
     if om.stop > om.start:
         h_obs, obs_ids = barrels
@@ -336,8 +344,8 @@ def _shade_gap(track: Track, kind: np.ndarray, dist: np.ndarray, dirs: np.ndarra
         b = table_bin.take(pix)
         fwd = np.stack([np.cos(yaw_cars[car]), np.sin(yaw_cars[car])], 1)
         f = face_tab[b, car]
-        normal = np.where((f == 2)[:, None], np.stack([-fwd[:, 1], fwd[:, 0]], 1), fwd)
-        normal *= -np.sign((normal * dirs.take(pix, axis=0)).sum(1) + 1e-12)[:, None]
+        normal = _facing(np.where((f == 2)[:, None], np.stack([-fwd[:, 1], fwd[:, 0]], 1), fwd),
+                         dirs.take(pix, axis=0))
         albedo, glow = car_albedo(look, track.traffic, car, f, along_tab[b, car], z[cm])
         rgb[:, cm] = albedo * lighting(look, xy[cm], z[cm], normal, ego) + glow
     hit = slice(0, ends[CAR])
