@@ -238,7 +238,7 @@ def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Gene
     pts = np.empty((len(h), 4), np.float32)
     pts[:, 0] = h_noisy * rays.cos_az[ai]
     pts[:, 1] = h_noisy * rays.sin_az[ai]
-    pts[:, 2] = h_noisy * np.tan(rays.elev[ri])
+    pts[:, 2] = h_noisy * tan_e[ri, 0]
 
     # intensities from the material at the exact (noise-free) hit point
     inten = np.zeros(len(h))
