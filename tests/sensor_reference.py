@@ -1,226 +1,25 @@
-"""The synthetic world's sensors as they were before they were made faster (e2r/sim at commit 0a0a4a2):
-the reference that ``tests/test_sensor_speed.py`` holds the package's ``cast_lidar`` and ``render_camera``
-to, bit for bit. Only the functions that changed are here; the rest is imported from the package. Not
-used by the package."""
+"""The synthetic world's sensors as they were before they were made faster (e2r/sim at commit 0a0a4a2): the
+reference that ``tests/test_sensor_speed.py`` holds the package's ``cast_lidar`` and ``render_camera`` to, bit
+for bit. Only what changed since is here (with ``tests/shading_reference.py``); the rest is the package's.
+Not used by the package."""
 from __future__ import annotations
 
 import numpy as np
 
-from e2r.sim.appearance import Appearance, _smoothstep
-from e2r.sim.materials import CAP, STRIPE_LEN, _car_parts, barrel_material, car_intensity
+from e2r.sim.materials import barrel_material, car_intensity
 from e2r.sim.sensors import (BARREL, CAR, GROUND, LIDAR_HEIGHT, SKY, WALL, CameraConfig, LidarConfig,
                              camera_intrinsics, camera_to_ego)
-from e2r.sim.track import (ASPHALT, CENTRE_LINE, EDGE_LINE, FADED_CENTRE, FADED_EDGE, GRASS, PaintMap, Track,
-                           paint_map)
-from e2r.sim.traffic import Traffic, car_poses, ray_boxes
+from e2r.sim.track import Track
+from e2r.sim.traffic import car_poses, ray_boxes
+from tests.shading_reference import (car_albedo, finish, ground_albedo, ground_material, hash01, lighting, sky,
+                                     value_noise, wall_albedo, wall_material)
 
-__all__ = ["cast_lidar", "render_camera"]
-
-
-def _lookup(paint: PaintMap, xy: np.ndarray) -> np.ndarray:
-    """``PaintMap.lookup`` as it was."""
-    col = np.floor((xy[:, 0] - paint.x0) / paint.res).astype(np.int64)
-    row = np.floor((xy[:, 1] - paint.y0) / paint.res).astype(np.int64)
-    h, w = paint.codes.shape
-    ok = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-    out = np.full(len(xy), GRASS, np.uint8)
-    out[ok] = paint.codes[row[ok], col[ok]]
-    return out
-
-
-def hash01(ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
-    """Deterministic integer hash of grid cells -> [0, 1)."""
-    h = (ix.astype(np.int64) * 73856093) ^ (iy.astype(np.int64) * 19349663)
-    h = (h ^ (h >> 13)) * 1274126177
-    return ((h >> 8) & 0xFFFF).astype(np.float64) / 65536.0
-
-
-def value_noise(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
-    """Smooth 2-D value noise in [0, 1) (lattice spacing 1, smoothstep-interpolated hashes)."""
-    ix, iy = np.floor(x), np.floor(y)
-    fx, fy = x - ix, y - iy
-    sx, sy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
-    ix, iy = ix.astype(np.int64) + seed * 7919, iy.astype(np.int64) - seed * 104729
-    top = hash01(ix, iy) * (1 - sx) + hash01(ix + 1, iy) * sx
-    bottom = hash01(ix, iy + 1) * (1 - sx) + hash01(ix + 1, iy + 1) * sx
-    return top * (1 - sy) + bottom * sy
-
-
-def shadow(look: Appearance, xy: np.ndarray) -> np.ndarray:
-    """(P,) share of the sunlight blocked at world points ``xy`` (P, 2): soft bands (period
-    ``shadow_period``, penumbra ~1/5 of it) inside shaded regions (~40 m across) covering ``shadow_cover``."""
-    if look.sun_level <= 0 or len(xy) == 0:
-        return np.zeros(len(xy))
-    p = xy @ look.shadow_dir / look.shadow_period
-    band = _smoothstep(0.4, 0.6, value_noise(p, np.zeros_like(p), look.noise_seed + 1))
-    region = value_noise(xy[:, 0] / 40.0, xy[:, 1] / 40.0, look.noise_seed + 2)
-    cover = _smoothstep(1.0 - look.shadow_cover - 0.08, 1.0 - look.shadow_cover + 0.08, region)
-    return look.shadow_strength * band * cover
-
-
-def lighting(look: Appearance, xy: np.ndarray, z: np.ndarray, normal: np.ndarray | None,
-             ego: tuple[float, float, float]) -> np.ndarray:
-    """Irradiance (P, 3) at world points ``xy`` (P, 2), height ``z`` (P,) on surfaces with horizontal unit
-    ``normal`` (P, 2) facing the camera (None = ground, facing up): ambient sky light, sunlight (less in
-    shadow) and the ego car's low-beam headlights at (x, y, yaw) ``ego``: a cone of std
-    ``headlight_spread_deg`` around the heading, 1/d^2 beyond ``headlight_range``."""
-    cfg = look.cfg
-    sun_h = np.array([np.cos(look.sun_azimuth), np.sin(look.sun_azimuth)])
-    if normal is None:
-        sun_cos = np.full(len(xy), np.sin(look.sun_elevation))
-        ambient = look.ambient
-    else:
-        sun_cos = np.cos(look.sun_elevation) * np.maximum(normal @ sun_h, 0.0)
-        ambient = 0.7 * look.ambient
-    sun = look.sun_level * sun_cos * (1.0 - shadow(look, xy))
-    out = ambient * look.ambient_tint[None] + sun[:, None] * look.sun_tint[None]
-    if look.headlight > 0:
-        x, y, yaw = ego
-        lamp = np.array([x + 3.5 * np.cos(yaw), y + 3.5 * np.sin(yaw)])
-        d = xy - lamp
-        r = np.maximum(np.hypot(d[:, 0], d[:, 1]), 1e-3)
-        angle = (np.arctan2(xy[:, 1] - y, xy[:, 0] - x) - yaw + np.pi) % (2 * np.pi) - np.pi
-        cone = np.exp(-0.5 * (angle / np.radians(cfg.headlight_spread_deg)) ** 2)
-        falloff = 1.0 / (1.0 + (r / cfg.headlight_range) ** 2)
-        facing = np.ones(len(xy)) if normal is None else np.maximum(-(normal * d).sum(1) / r, 0.0)
-        high = np.clip(1.0 - (z - 0.9) / 1.5, 0.2, 1.0)             # low beam: less light up high
-        out = out + (look.headlight * cone * falloff * facing * high)[:, None] * np.array([1.0, 0.97, 0.9])
-    return out
-
-
-def sky(look: Appearance, slope: np.ndarray) -> np.ndarray:
-    """Sky radiance (P, 3) of rays rising ``slope`` (m up per m ahead): horizon to zenith gradient."""
-    t = np.clip(slope, 0, 1)[:, None] ** 0.7
-    return look.horizon[None] * (1 - t) + look.zenith[None] * t
-
-
-def _box_blur(img: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """Each pixel (H, W, 3) averaged over a horizontal window ``length`` (H, W) pixels long centred on it
-    (continuous box, fractional lengths via the row's running integral; clipped at the borders). Pixels
-    whose window is under one pixel are left as they are."""
-    h, w, _ = img.shape
-    rows, cols = np.nonzero(length > 1.0)
-    csum = np.concatenate([np.zeros((h, 1, 3), img.dtype), np.cumsum(img, axis=1)], axis=1)   # (H, W + 1, 3)
-
-    def integral(x: np.ndarray) -> np.ndarray:
-        k = np.minimum(np.floor(x + 0.5).astype(np.int64), w)
-        frac = (x + 0.5 - k)[:, None]
-        return csum[rows, k] + frac * img[rows, np.minimum(k, w - 1)]
-
-    half = length[rows, cols] / 2
-    lo, hi = np.maximum(cols - half, -0.5), np.minimum(cols + half, w - 0.5)
-    out = img.copy()
-    out[rows, cols] = (integral(hi) - integral(lo)) / (hi - lo)[:, None]
-    return out
-
-
-def finish(look: Appearance, radiance: np.ndarray, blur_px_per_s: np.ndarray,
-           rng: np.random.Generator | None) -> np.ndarray:
-    """The image a camera records (H, W, 3) uint8 from scene radiance (H, W, 3) and each pixel's horizontal
-    optical flow (H, W) px/s: exposure bias, motion blur over the exposure time, shot + read noise scaled by
-    the gain (none when ``rng`` is None), clipping and 8-bit quantisation."""
-    img = (radiance * 2.0 ** look.exposure_ev).astype(np.float32)
-    length = np.abs(blur_px_per_s) * look.exposure_time
-    if (length > 1.0).any():
-        img = _box_blur(img, length)
-    if rng is not None:
-        signal = np.clip(img, 0.0, 1.0)
-        std = np.sqrt(look.cfg.shot_noise * look.gain * signal + (look.cfg.read_noise * look.gain) ** 2)
-        img = img + std * rng.standard_normal(img.shape, dtype=np.float32)
-    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-def ground_material(track: Track, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """RGB (P, 3) in [0, 1] and LiDAR intensity (P,) of ground points ``xy`` (P, 2) (world frame)."""
-    code = _lookup(paint_map(track), xy)
-    noise = hash01(np.floor(xy[:, 0] * 4), np.floor(xy[:, 1] * 4))
-    grey = 0.30 + 0.07 * noise
-    rgb = np.repeat(grey[:, None], 3, axis=1)
-    inten = 0.08 + 0.06 * noise
-    rgb[code == EDGE_LINE] = (0.93, 0.93, 0.93)
-    rgb[code == CENTRE_LINE] = (0.95, 0.80, 0.15)
-    rgb[code < ASPHALT] = (0.25, 0.45, 0.20)
-    inten = np.where(code > ASPHALT, 0.75, inten)
-    return rgb, inten
-
-
-def wall_s(track: Track, seg: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Arc length along the wall (P,) of hits on segments ``seg`` at position ``u`` in [0, 1]."""
-    seglen = np.linalg.norm(track.seg_b[seg] - track.seg_a[seg], axis=1)
-    return track.seg_s0[seg] + u * seglen
-
-
-def wall_material(track: Track, seg: np.ndarray, u: np.ndarray, z: np.ndarray):
-    """RGB (P, 3) and intensity (P,) of wall hits on segments ``seg`` at position ``u``, height ``z``
-    above ground."""
-    s_wall = wall_s(track, seg, u)
-    white = (np.floor(s_wall / STRIPE_LEN).astype(np.int64) % 2) == 0
-    left = track.seg_side[seg] == 0
-    colour = np.where(left[:, None], np.array([[0.80, 0.10, 0.10]]), np.array([[0.10, 0.25, 0.80]]))
-    rgb = np.where(white[:, None], 0.92, colour)
-    inten = np.where(white, 0.8, 0.35)
-    cap = z > track.wall_height - CAP
-    rgb[cap] = 0.12
-    inten = np.where(cap, 0.2, inten)
-    return rgb, inten
-
-
-def ground_albedo(look: Appearance, track: Track, xy: np.ndarray) -> np.ndarray:
-    """Camera reflectance (P, 3) of ground points ``xy`` (P, 2): the track's asphalt (grain at 10 cm, patches
-    of ``patch_scale`` m), its paint colours (faded paint blended into the asphalt), its grass."""
-    code = _lookup(paint_map(track), xy)
-    grain = hash01(np.floor(xy[:, 0] * 10), np.floor(xy[:, 1] * 10)) - 0.5
-    patch = value_noise(xy[:, 0] / look.patch_scale, xy[:, 1] / look.patch_scale, look.noise_seed) - 0.5
-    grey = look.asphalt_grey * (1 + look.grain * grain + 2 * look.patches * patch)
-    rgb = grey[:, None] * look.asphalt_tint[None]
-    for full, faded, colour in ((EDGE_LINE, FADED_EDGE, look.edge_paint),
-                                (CENTRE_LINE, FADED_CENTRE, look.centre_paint)):
-        rgb[code == full] = colour * (0.95 + 0.1 * grain[code == full, None])
-        sel = code == faded
-        rgb[sel] = rgb[sel] + look.fade_contrast * (colour[None] - rgb[sel])
-    g = code == GRASS
-    rgb[g] = look.grass[None] * (0.8 + 0.4 * (grain[g, None] + 0.5)) * (1 + 0.3 * patch[g, None])
-    return np.clip(rgb, 0.0, 1.0)
-
-
-def wall_albedo(look: Appearance, track: Track, seg: np.ndarray, u: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """Camera reflectance (P, 3) of wall hits: the side's two paint colours in ``STRIPE_LEN`` stripes (where
-    the LiDAR sees its bright stripes), a concrete texture of ``wall_texture`` amplitude, the dark cap."""
-    s_wall = wall_s(track, seg, u)
-    first = (np.floor(s_wall / STRIPE_LEN).astype(np.int64) % 2) == 0
-    side = track.seg_side[seg].astype(np.int64)
-    rgb = look.wall_colours[side, np.where(first, 1, 0)]
-    tex = value_noise(s_wall * 3.0, z * 3.0, look.noise_seed + 3) + 0.5 * hash01(np.floor(s_wall * 20),
-                                                                                 np.floor(z * 20))
-    rgb = rgb * (1 - look.wall_texture * (tex[:, None] - 0.75))
-    rgb[z > track.wall_height - CAP] = 0.12
-    return np.clip(rgb, 0.0, 1.0)
-
-
-def car_albedo(look: Appearance, traffic: Traffic, car: np.ndarray, face: np.ndarray, along: np.ndarray,
-               z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Camera reflectance (P, 3) and emitted light (P, 3) of hits on the other cars (tail lights glow,
-    brighter as the light falls)."""
-    glass, low, tail = _car_parts(traffic, car, face, along, z)
-    rgb = traffic.colour[car].copy()
-    rgb[glass] = (0.06, 0.07, 0.08)
-    rgb[low] = (0.04, 0.04, 0.04)
-    rgb[tail] = (0.6, 0.04, 0.03)
-    glow = np.zeros_like(rgb)
-    glow[tail] = np.array([1.0, 0.12, 0.06]) * (0.15 + 1.2 * (1.0 - look.daylight))
-    return rgb, glow
+__all__ = ["cast_lidar", "render_camera", "hash01", "value_noise"]
 
 
 def _walls_along(track: Track, origin: np.ndarray, angle0: float, step: float, count: int,
                  max_range: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nearest wall along the horizontal rays ``angle0 + k * step`` (k < ``count``, world yaw angles)
-    from ``origin`` (2,).
-
-    Each wall segment within ``max_range`` is only intersected with the rays inside its angular extent as
-    seen from the origin, so the cost is O(rays + ray-segment crossings), not O(rays x segments).
-    Returns horizontal distance (count,) (inf where no wall), segment index (count,), position u in
-    [0, 1] along the segment (count,).
-    """
+    """``sensors._walls_along`` as it was."""
     a, b = track.seg_a - origin, track.seg_b - origin
     near = np.minimum(np.hypot(a[:, 0], a[:, 1]), np.hypot(b[:, 0], b[:, 1])) < max_range + 5
     seg_ids = np.nonzero(near)[0]
@@ -263,8 +62,7 @@ def _walls_along(track: Track, origin: np.ndarray, angle0: float, step: float, c
 
 def _barrels_along(track: Track, origin: np.ndarray, dirs: np.ndarray, max_range: float,
                    forward: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Horizontal distance (A, B') to the near side of the B' barrels within ``max_range`` (and in front
-    of ``forward`` if given) along ``dirs`` (A, 2), inf where missed; and their indices (B',)."""
+    """``sensors._barrels_along`` as it was."""
     w = track.obs_xy - origin                                   # (B, 2)
     sel = np.linalg.norm(w, axis=1) < max_range + 1
     if forward is not None:
@@ -280,8 +78,7 @@ def _barrels_along(track: Track, origin: np.ndarray, dirs: np.ndarray, max_range
 
 def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Generator,
                cfg: LidarConfig | None = None, t: float = 0.0) -> np.ndarray:
-    """Point cloud (N, 4) float32 [x, y, z, intensity] in the ego frame of the car at world (x, y, yaw), at
-    time ``t`` (s; places the other cars of a gap-world track)."""
+    """``sensors.cast_lidar`` as it was."""
     cfg = cfg or LidarConfig()
     elev = np.radians(np.linspace(cfg.elevation_deg[0], cfg.elevation_deg[1], cfg.rings))       # (R,)
     az = np.arange(cfg.azimuth_steps) * (2 * np.pi / cfg.azimuth_steps)                          # (A,)
@@ -353,7 +150,7 @@ def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Gene
 def _shade_gap(track: Track, kind: np.ndarray, dist: np.ndarray, dirs: np.ndarray, slope: np.ndarray,
                origin: np.ndarray, cam_h: float, walls: tuple, barrels: tuple, cars: tuple,
                ego: tuple[float, float, float]) -> np.ndarray:
-    """Scene radiance (P, 3) of the pixels' hits under the track's look (gap world)."""
+    """``sensors._shade_gap`` as it was."""
     look = track.look
     rgb = np.empty((len(kind), 3))
     rgb[kind == SKY] = sky(look, slope[kind == SKY])
@@ -394,9 +191,7 @@ def _shade_gap(track: Track, kind: np.ndarray, dist: np.ndarray, dirs: np.ndarra
 
 def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfig | None = None, *,
                   t: float = 0.0, speed: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
-    """RGB image (H, W, 3) uint8 seen by the camera of the car at world (x, y, yaw). Gap world only: ``t``
-    (s) places the other cars, ``speed`` (m/s) sets the motion blur and ``rng`` draws the sensor noise
-    (None: a noise-free image)."""
+    """``sensors.render_camera`` as it was."""
     cfg = cfg or CameraConfig()
     w, h = cfg.image_size
     K = camera_intrinsics(cfg)

@@ -14,8 +14,11 @@
 Both use the same material layout (``e2r.sim.materials``), so LiDAR intensity and image agree where they
 should (paint bright, light wall stripes bright). Walls are vertical, so a ray's hit on them only depends on
 its horizontal direction: the wall distance is computed per azimuth once (LiDAR azimuths; a fine azimuth
-table for the camera) and reused for all elevations / pixel rows. Other cars move: both sensors take the
-time ``t`` (s since the start of the recording or run) and place them with ``e2r.sim.traffic.car_poses``.
+table for the camera, ``e2r.sim.raycast``) and reused for all elevations / pixel rows. Other cars move: both
+sensors take the time ``t`` (s since the start of the recording or run) and place them with
+``e2r.sim.traffic.car_poses``. Speed (per frame, CPU): the rays fixed by a sensor's config are cached, only
+the barrels and cars in a ray's reach are cast, and the camera shades its pixels grouped by what they hit,
+channel-major (3, P); the output is bit for bit the earlier code's (``tests/test_sensor_speed.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import numpy as np
 from e2r.sim.appearance import finish, lighting, sky, wrap_angle
 from e2r.sim.materials import (barrel_material, car_albedo, car_intensity, ground_albedo, ground_intensity,
                                ground_material, wall_albedo, wall_intensity, wall_material)
+from e2r.sim.raycast import barrels_along, nearest, nearest_column, walls_along
 from e2r.sim.track import Track
 from e2r.sim.traffic import car_poses, ray_boxes
 
@@ -73,86 +77,7 @@ def camera_to_ego(cfg: CameraConfig) -> np.ndarray:
     return m
 
 
-# ----------------------------------------------------------------------------------------------- geometry
-def _walls_along(track: Track, origin: np.ndarray, angle0: float, step: float, count: int,
-                 max_range: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nearest wall along the horizontal rays ``angle0 + k * step`` (k < ``count``, world yaw angles)
-    from ``origin`` (2,).
-
-    Each wall segment within ``max_range`` is only intersected with the rays inside its angular extent as
-    seen from the origin, so the cost is O(rays + ray-segment crossings), not O(rays x segments).
-    Returns horizontal distance (count,) (inf where no wall), segment index (count,), position u in
-    [0, 1] along the segment (count,).
-    """
-    a, b = track.seg_a - origin, track.seg_b - origin
-    near = np.minimum(np.hypot(a[:, 0], a[:, 1]), np.hypot(b[:, 0], b[:, 1])) < max_range + 5
-    seg_ids = np.nonzero(near)[0]
-    a, b = a[seg_ids], b[seg_ids]
-    ang_a = np.arctan2(a[:, 1], a[:, 0]) - angle0
-    span = (np.arctan2(b[:, 1], b[:, 0]) - angle0 - ang_a + np.pi) % (2 * np.pi) - np.pi   # signed, |.| < pi
-    lo = np.where(span >= 0, ang_a, ang_a + span) % (2 * np.pi)
-    k0 = np.ceil(lo / step - 1e-9).astype(np.int64)
-    k1 = np.floor((lo + np.abs(span)) / step + 1e-9).astype(np.int64)
-    k0, k1 = k0 - 1, k1 + 1                              # one spare ray each side: rounding safety
-    n_per = np.maximum(k1 - k0 + 1, 0)
-    full = int(round(2 * np.pi / step))                 # rays per turn (may exceed count for a camera)
-    pair_seg = np.repeat(np.arange(len(seg_ids)), n_per)
-    first = np.repeat(np.cumsum(n_per) - n_per, n_per)
-    k = (np.repeat(k0, n_per) + np.arange(len(pair_seg)) - first) % full
-    keep = k < count
-    pair_seg, k = pair_seg[keep], k[keep]
-    ang = angle0 + k * step
-    dx, dy = np.cos(ang), np.sin(ang)
-    ax, ay = a[pair_seg, 0], a[pair_seg, 1]
-    ex, ey = b[pair_seg, 0] - ax, b[pair_seg, 1] - ay
-    denom = dx * ey - dy * ex
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = (ax * ey - ay * ex) / denom
-        u = (ax * dy - ay * dx) / denom
-    ok = (np.abs(denom) > 1e-12) & (t > 1e-6) & (u >= -1e-6) & (u <= 1 + 1e-6)
-    t, u, k, pair_seg = t[ok], np.clip(u[ok], 0, 1), k[ok], pair_seg[ok]
-    order = np.lexsort((t, k))                          # by ray, nearest first
-    k, t, u, pair_seg = k[order], t[order], u[order], pair_seg[order]
-    firsts = np.ones(len(k), bool)
-    firsts[1:] = k[1:] != k[:-1]
-    dist = np.full(count, np.inf)
-    seg = np.zeros(count, np.int64)
-    pos = np.zeros(count)
-    dist[k[firsts]] = t[firsts]
-    seg[k[firsts]] = seg_ids[pair_seg[firsts]]
-    pos[k[firsts]] = u[firsts]
-    return dist, seg, pos
-
-
-def _barrels_along(track: Track, origin: np.ndarray, dirs: np.ndarray, max_range: float,
-                   forward: np.ndarray | None = None,
-                   fov: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Horizontal distance (A, B') to the near side of the B' barrels within ``max_range`` (and in front
-    of ``forward`` if given) that some ray of ``dirs`` (A, 2) hits, inf where missed; and their indices (B',).
-    ``fov`` (yaw, lo, hi): the rays' azimuths lie in yaw + [lo, hi]; barrels wholly outside are not cast."""
-    w = track.obs_xy - origin                                   # (B, 2)
-    sel = np.linalg.norm(w, axis=1) < max_range + 1
-    if forward is not None:
-        sel &= w @ forward > -1.0
-    ids = np.nonzero(sel)[0]
-    w = w[ids]
-    proj = dirs @ w.T                                           # (A, B')
-    if fov is not None and len(ids):
-        yaw, lo, hi = fov
-        d = np.hypot(w[:, 0], w[:, 1])
-        r = track.obs_radius[ids]
-        bearing = wrap_angle(np.arctan2(w[:, 1], w[:, 0]) - yaw)
-        half = np.arcsin(np.minimum(r / np.maximum(d, 1e-9), 1.0)) + 0.02        # + a margin for rounding
-        near = (d <= r + 0.05) | ((bearing + half >= lo) & (bearing - half <= hi))
-        ids, w, proj = ids[near], w[near], proj[:, near]
-    perp2 = (w ** 2).sum(1)[None] - proj ** 2
-    disc = track.obs_radius[ids][None] ** 2 - perp2
-    t = proj - np.sqrt(np.maximum(disc, 0.0))
-    hit = (disc >= 0) & (t > 1e-6)
-    seen = hit.any(axis=0)
-    return np.where(hit[:, seen], t[:, seen], np.inf), ids[seen]
-
-
+# ------------------------------------------------------------------------------------------------- LiDAR
 @dataclass(frozen=True)
 class _LidarRays:
     """The LiDAR's fixed rays (its config's; cached): elevations ``elev`` (R,), their tan/cos (R, 1), azimuths
@@ -176,27 +101,6 @@ def _lidar_rays(rings: int, elevation_deg: tuple[float, float], azimuth_steps: i
     return _LidarRays(elev, tan_e, np.cos(elev)[:, None], az, np.cos(az), np.sin(az), h_ground)
 
 
-def _nearest(cands: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """What each ray hits first: ``(kind, distance)`` from ``(kind code, distances (...))`` candidates in
-    order (the earlier one wins a tie, as an argmin over them; inf everywhere: the first kind)."""
-    kind = np.full(cands[0][1].shape, cands[0][0], np.int64)
-    dist = cands[0][1].copy()
-    for code, h in cands[1:]:
-        kind[h < dist] = code
-        np.minimum(dist, h, out=dist)
-    return kind, dist
-
-
-def _nearest_column(h: np.ndarray, slope: np.ndarray, z0: float, lo: float, hi: np.ndarray) -> np.ndarray:
-    """(..., K) horizontal hit distances ``h`` on K vertical objects, kept where the ray's height there,
-    ``z0 + h * slope`` (``slope`` broadcast against h), lies in [lo, hi] (hi (K,) per object); inf elsewhere."""
-    z = h * slope
-    if z0:
-        z = z0 + z
-    return np.where((z >= lo) & (z <= hi), h, np.inf)
-
-
-# ------------------------------------------------------------------------------------------------- LiDAR
 def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Generator,
                cfg: LidarConfig | None = None, t: float = 0.0) -> np.ndarray:
     """Point cloud (N, 4) float32 [x, y, z, intensity] in the ego frame of the car at world (x, y, yaw), at
@@ -207,14 +111,14 @@ def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Gene
     R, A = len(rays.elev), len(az)
     world_dirs = np.stack([np.cos(az + yaw), np.sin(az + yaw)], axis=1)
     origin = np.array([x, y])
-    h_wall, seg, u = _walls_along(track, origin, yaw, az[1], A, cfg.max_range)                 # (A,)
+    h_wall, seg, u = walls_along(track, origin, yaw, az[1], A, cfg.max_range)                 # (A,)
     z_wall = h_wall[None] * tan_e
     cands = [(GROUND, np.broadcast_to(rays.h_ground[:, None], (R, A))),
              (WALL, np.where(z_wall <= track.wall_height - LIDAR_HEIGHT, h_wall[None], np.inf))]   # (R, A)
-    h_obs, obs_ids = _barrels_along(track, origin, world_dirs, cfg.max_range)                  # (A, B')
+    h_obs, obs_ids = barrels_along(track, origin, world_dirs, cfg.max_range)                  # (A, B')
     if len(obs_ids):            # only the azimuths that pass through a barrel: (R, A', B')
         cols = np.flatnonzero(np.isfinite(h_obs).any(axis=1))
-        h_obs_r = _nearest_column(h_obs[cols][None], tan_e[..., None], 0.0, -LIDAR_HEIGHT,
+        h_obs_r = nearest_column(h_obs[cols][None], tan_e[..., None], 0.0, -LIDAR_HEIGHT,
                                   track.obs_height[obs_ids] - LIDAR_HEIGHT)
         h_obs_min = np.full((R, A), np.inf)
         h_obs_min[:, cols] = h_obs_r.min(axis=2)
@@ -224,12 +128,12 @@ def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Gene
         poses = car_poses(track, traffic, t)
         h_car, face, along = ray_boxes(origin, world_dirs, poses, traffic)                    # (A, M)
         car_cols = np.flatnonzero(np.isfinite(h_car).any(axis=1))
-        h_car_r = _nearest_column(h_car[car_cols][None], tan_e[..., None], 0.0, -LIDAR_HEIGHT,
+        h_car_r = nearest_column(h_car[car_cols][None], tan_e[..., None], 0.0, -LIDAR_HEIGHT,
                                   traffic.height - LIDAR_HEIGHT)
         h_car_min = np.full((R, A), np.inf)
         h_car_min[:, car_cols] = h_car_r.min(axis=2)                                            # (R, A', M)
         cands.append((CAR, h_car_min))
-    kind, h = _nearest(cands)
+    kind, h = nearest(cands)
     keep = np.isfinite(h) & (h / cos_e <= cfg.max_range) & (rng.random(h.shape) >= cfg.dropout)
     ri, ai = np.nonzero(keep)
     h, kind = h[ri, ai], kind[ri, ai]
@@ -384,7 +288,7 @@ def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfi
     nbins = max(16, int(np.degrees(hi - lo) * 10))                        # 0.1 deg bins
     bins_phi = yaw + lo + (np.arange(nbins) + 0.5) * ((hi - lo) / nbins)
     fwd = np.array([cy, sy])
-    tbl_h, tbl_seg, tbl_u = _walls_along(track, origin, bins_phi[0], bins_phi[1] - bins_phi[0], nbins, 150.0)
+    tbl_h, tbl_seg, tbl_u = walls_along(track, origin, bins_phi[0], bins_phi[1] - bins_phi[0], nbins, 150.0)
     rel -= lo
     rel /= hi - lo
     rel *= nbins
@@ -396,9 +300,9 @@ def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfi
         h_ground = np.where(slope < 0, cam_h / -slope, np.inf)
     cands = [(GROUND, h_ground),
              (WALL, np.where((z_wall >= 0) & (z_wall <= track.wall_height), h_wall, np.inf))]
-    h_obs, obs_ids = _barrels_along(track, origin, dirs, 150.0, forward=fwd, fov=(yaw, lo, hi))   # (P, B')
+    h_obs, obs_ids = barrels_along(track, origin, dirs, 150.0, forward=fwd, fov=(yaw, lo, hi))   # (P, B')
     if len(obs_ids):
-        h_obs = _nearest_column(h_obs, slope[:, None], cam_h, 0.0, track.obs_height[obs_ids])
+        h_obs = nearest_column(h_obs, slope[:, None], cam_h, 0.0, track.obs_height[obs_ids])
         cands.append((BARREL, h_obs.min(axis=1)))
     traffic, cars = track.traffic, None
     if traffic is not None and len(traffic):                 # other cars: only rays in the field of view exist
@@ -407,10 +311,10 @@ def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfi
         tab_h, tab_face, tab_along = ray_boxes(origin, bin_dirs, poses, traffic)             # (nbins, M)
         seen = np.flatnonzero(np.isfinite(tab_h).any(axis=0))                              # (M',) cars in view
         if len(seen):
-            h_car = _nearest_column(tab_h[:, seen][b], slope[:, None], cam_h, 0.0, traffic.height[seen])   # (P, M')
+            h_car = nearest_column(tab_h[:, seen][b], slope[:, None], cam_h, 0.0, traffic.height[seen])   # (P, M')
             cands.append((CAR, h_car.min(axis=1)))
             cars = (h_car, seen, b, tab_face, tab_along, poses.yaw)
-    kind, dist = _nearest(cands)
+    kind, dist = nearest(cands)
     kind[~np.isfinite(dist)] = SKY
 
     if track.look is not None:
