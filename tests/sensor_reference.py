@@ -1,12 +1,14 @@
 """The synthetic world's sensors as they were before they were made faster (e2r/sim at commit 0a0a4a2): the
 reference that ``tests/test_sensor_speed.py`` holds the package's ``cast_lidar`` and ``render_camera`` to, bit
-for bit. Only what changed since is here (with ``tests/shading_reference.py``); the rest is the package's.
+for bit. Only what changed since is here (with ``tests/shading_reference.py``); the rest (the wall casting
+included) is the package's.
 Not used by the package."""
 from __future__ import annotations
 
 import numpy as np
 
 from e2r.sim.materials import barrel_material, car_intensity
+from e2r.sim.raycast import walls_along
 from e2r.sim.sensors import (BARREL, CAR, GROUND, LIDAR_HEIGHT, SKY, WALL, CameraConfig, LidarConfig,
                              camera_intrinsics, camera_to_ego)
 from e2r.sim.track import Track
@@ -15,49 +17,6 @@ from tests.shading_reference import (car_albedo, finish, ground_albedo, ground_m
                                      value_noise, wall_albedo, wall_material)
 
 __all__ = ["cast_lidar", "render_camera", "hash01", "value_noise"]
-
-
-def _walls_along(track: Track, origin: np.ndarray, angle0: float, step: float, count: int,
-                 max_range: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``sensors._walls_along`` as it was."""
-    a, b = track.seg_a - origin, track.seg_b - origin
-    near = np.minimum(np.hypot(a[:, 0], a[:, 1]), np.hypot(b[:, 0], b[:, 1])) < max_range + 5
-    seg_ids = np.nonzero(near)[0]
-    a, b = a[seg_ids], b[seg_ids]
-    ang_a = np.arctan2(a[:, 1], a[:, 0]) - angle0
-    span = (np.arctan2(b[:, 1], b[:, 0]) - angle0 - ang_a + np.pi) % (2 * np.pi) - np.pi   # signed, |.| < pi
-    lo = np.where(span >= 0, ang_a, ang_a + span) % (2 * np.pi)
-    k0 = np.ceil(lo / step - 1e-9).astype(np.int64)
-    k1 = np.floor((lo + np.abs(span)) / step + 1e-9).astype(np.int64)
-    k0, k1 = k0 - 1, k1 + 1                              # one spare ray each side: rounding safety
-    n_per = np.maximum(k1 - k0 + 1, 0)
-    full = int(round(2 * np.pi / step))                 # rays per turn (may exceed count for a camera)
-    pair_seg = np.repeat(np.arange(len(seg_ids)), n_per)
-    first = np.repeat(np.cumsum(n_per) - n_per, n_per)
-    k = (np.repeat(k0, n_per) + np.arange(len(pair_seg)) - first) % full
-    keep = k < count
-    pair_seg, k = pair_seg[keep], k[keep]
-    ang = angle0 + k * step
-    dx, dy = np.cos(ang), np.sin(ang)
-    ax, ay = a[pair_seg, 0], a[pair_seg, 1]
-    ex, ey = b[pair_seg, 0] - ax, b[pair_seg, 1] - ay
-    denom = dx * ey - dy * ex
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = (ax * ey - ay * ex) / denom
-        u = (ax * dy - ay * dx) / denom
-    ok = (np.abs(denom) > 1e-12) & (t > 1e-6) & (u >= -1e-6) & (u <= 1 + 1e-6)
-    t, u, k, pair_seg = t[ok], np.clip(u[ok], 0, 1), k[ok], pair_seg[ok]
-    order = np.lexsort((t, k))                          # by ray, nearest first
-    k, t, u, pair_seg = k[order], t[order], u[order], pair_seg[order]
-    firsts = np.ones(len(k), bool)
-    firsts[1:] = k[1:] != k[:-1]
-    dist = np.full(count, np.inf)
-    seg = np.zeros(count, np.int64)
-    pos = np.zeros(count)
-    dist[k[firsts]] = t[firsts]
-    seg[k[firsts]] = seg_ids[pair_seg[firsts]]
-    pos[k[firsts]] = u[firsts]
-    return dist, seg, pos
 
 
 def _barrels_along(track: Track, origin: np.ndarray, dirs: np.ndarray, max_range: float,
@@ -84,7 +43,7 @@ def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Gene
     az = np.arange(cfg.azimuth_steps) * (2 * np.pi / cfg.azimuth_steps)                          # (A,)
     world_dirs = np.stack([np.cos(az + yaw), np.sin(az + yaw)], axis=1)
     origin = np.array([x, y])
-    h_wall, seg, u = _walls_along(track, origin, yaw, az[1], len(az), cfg.max_range)             # (A,)
+    h_wall, seg, u = walls_along(track, origin, yaw, az[1], len(az), cfg.max_range)             # (A,)
     h_obs, obs_ids = _barrels_along(track, origin, world_dirs, cfg.max_range)                    # (A, B')
     tan_e = np.tan(elev)[:, None]                                                               # (R, 1)
 
@@ -216,7 +175,7 @@ def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfi
     nbins = max(16, int(np.degrees(hi - lo) * 10))                        # 0.1 deg bins
     bins_phi = yaw + lo + (np.arange(nbins) + 0.5) * ((hi - lo) / nbins)
     fwd = np.array([cy, sy])
-    tbl_h, tbl_seg, tbl_u = _walls_along(track, origin, bins_phi[0], bins_phi[1] - bins_phi[0], nbins, 150.0)
+    tbl_h, tbl_seg, tbl_u = walls_along(track, origin, bins_phi[0], bins_phi[1] - bins_phi[0], nbins, 150.0)
     b = np.clip(((rel - lo) / (hi - lo) * nbins).astype(np.int64), 0, nbins - 1)
     h_wall = tbl_h[b]
     z_wall = cam_h + h_wall * slope
