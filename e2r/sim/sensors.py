@@ -98,7 +98,10 @@ def _lidar_rays(rings: int, elevation_deg: tuple[float, float], azimuth_steps: i
     tan_e = np.tan(elev)[:, None]
     with np.errstate(divide="ignore"):
         h_ground = np.where(tan_e < 0, LIDAR_HEIGHT / -tan_e, np.inf)[:, 0]
-    return _LidarRays(elev, tan_e, np.cos(elev)[:, None], az, np.cos(az), np.sin(az), h_ground)
+    rays = _LidarRays(elev, tan_e, np.cos(elev)[:, None], az, np.cos(az), np.sin(az), h_ground)
+    for a in vars(rays).values():
+        a.flags.writeable = False                       # shared by every cast
+    return rays
 
 
 def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Generator,
@@ -196,8 +199,11 @@ def _pixel_rays(image_size: tuple[int, int], hfov_deg: float, position: tuple[fl
     uu, vv = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
     ray_cam = np.stack([(uu - K[0, 2]) / K[0, 0], (vv - K[1, 2]) / K[1, 1], np.ones_like(uu)], -1).reshape(-1, 3)
     ray_ego = ray_cam @ c2e[:3, :3].T
-    return _PixelRays(K, c2e[:3, 3].copy(), *(np.ascontiguousarray(ray_ego[:, i]) for i in range(3)),
+    rays = _PixelRays(K, c2e[:3, 3].copy(), *(np.ascontiguousarray(ray_ego[:, i]) for i in range(3)),
                       uu.reshape(-1) - K[0, 2])
+    for a in vars(rays).values():
+        a.flags.writeable = False                       # shared by every frame
+    return rays
 
 
 def _facing(normal: np.ndarray, dirs: np.ndarray) -> np.ndarray:
