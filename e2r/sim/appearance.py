@@ -306,7 +306,7 @@ def lighting(look: Appearance, xy: np.ndarray, z: np.ndarray, normal: np.ndarray
     cfg = look.cfg
     sun_h = np.array([np.cos(look.sun_azimuth), np.sin(look.sun_azimuth)])
     if normal is None:
-        sun_cos = np.full(len(xy), np.sin(look.sun_elevation))
+        sun_cos = np.sin(look.sun_elevation)            # the same for every point of the ground
         ambient = look.ambient
     else:
         sun_cos = np.cos(look.sun_elevation) * np.maximum(normal @ sun_h, 0.0)
@@ -364,8 +364,10 @@ def finish(look: Appearance, radiance: np.ndarray, blur_px_per_s: np.ndarray,
     pixel's horizontal optical flow (H, W) px/s: exposure bias, motion blur over the exposure time, shot +
     read noise scaled by the gain (none when ``rng`` is None; drawn in (H, W, 3) order), clipping and 8-bit
     quantisation."""
-    img = (radiance * 2.0 ** look.exposure_ev).astype(np.float32)
-    length = np.abs(blur_px_per_s) * look.exposure_time
+    img = np.empty(radiance.shape, np.float32)
+    np.multiply(radiance, 2.0 ** look.exposure_ev, out=img, casting="same_kind")    # float64 product, rounded
+    length = np.abs(blur_px_per_s)
+    length *= look.exposure_time
     if (length > 1.0).any():
         img = _box_blur(img, length)
     img = np.ascontiguousarray(img.transpose(1, 2, 0))                                   # (H, W, 3)

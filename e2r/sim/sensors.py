@@ -321,7 +321,7 @@ def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfi
             cands.append((CAR, h_car.min(axis=1)))
             cars = (h_car, seen, b, tab_face, tab_along, poses.yaw)
     kind, dist = nearest(cands)
-    kind[~np.isfinite(dist)] = SKY
+    kind[np.isinf(dist)] = SKY
 
     if track.look is not None:
         rgb = _shade_gap(track, kind, dist, dirs, slope, origin, cam_h, b, (tbl_seg, tbl_u), (h_obs, obs_ids),
