@@ -40,7 +40,7 @@ import numpy as np
 
 from e2r.sim.track import Track
 
-__all__ = ["AppearanceConfig", "Appearance", "LIGHTS", "HUE_SECTORS", "draw_appearance", "hash01",
+__all__ = ["AppearanceConfig", "Appearance", "LIGHTS", "HUE_SECTORS", "draw_appearance", "wrap_angle", "hash01",
            "value_noise", "shadow", "lighting", "sky", "finish"]
 
 LIGHTS = ("noon", "dusk", "night")
@@ -195,21 +195,88 @@ def draw_appearance(rng: np.random.Generator, track: Track, light: str, split: s
 
 
 # ------------------------------------------------------------------------------------------------- noise
+def wrap_angle(a: np.ndarray) -> np.ndarray:
+    """``(a + pi) % (2 pi) - pi`` of angles ``a`` (P,) (rad), bit for bit, computed in place on ``a``: into
+    [-pi, pi). Angles within two turns of the range skip the slow floating-point remainder (its result
+    there is one exact add or subtract of 2 pi)."""
+    two_pi = 2 * np.pi
+    a += np.pi
+    if len(a) and a.min() >= -two_pi and a.max() < 2 * two_pi:
+        below, above = a < 0, a >= two_pi          # both decided before either moves a value
+        np.add(a, two_pi, out=a, where=below)
+        np.subtract(a, two_pi, out=a, where=above)
+    else:
+        np.remainder(a, two_pi, out=a)
+    a -= np.pi
+    return a
+
+
+_HASH_X, _HASH_Y, _HASH_MIX = 73856093, 19349663, 1274126177
+_GRID_SHARE = 4          # value_noise hashes its lattice once when the lattice box has <= points / this cells
+
+
+def _mix01(h: np.ndarray) -> np.ndarray:
+    """The last rounds of :func:`hash01` on ``h`` (P,) int64 = ``ix * _HASH_X ^ iy * _HASH_Y`` (modified in
+    place) -> [0, 1) float64."""
+    h ^= h >> 13
+    h *= _HASH_MIX
+    h >>= 8
+    h &= 0xFFFF
+    return h.astype(np.float64) / 65536.0
+
+
 def hash01(ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
-    """Deterministic integer hash of grid cells -> [0, 1)."""
-    h = (ix.astype(np.int64) * 73856093) ^ (iy.astype(np.int64) * 19349663)
-    h = (h ^ (h >> 13)) * 1274126177
-    return ((h >> 8) & 0xFFFF).astype(np.float64) / 65536.0
+    """Deterministic integer hash of grid cells ``ix``, ``iy`` (P,) (integer-valued) -> [0, 1) (P,)."""
+    h = np.asarray(ix).astype(np.int64) * _HASH_X
+    h ^= np.asarray(iy).astype(np.int64) * _HASH_Y
+    return _mix01(h)
 
 
-def value_noise(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
-    """Smooth 2-D value noise in [0, 1) (lattice spacing 1, smoothstep-interpolated hashes)."""
-    ix, iy = np.floor(x), np.floor(y)
-    fx, fy = x - ix, y - iy
-    sx, sy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
-    ix, iy = ix.astype(np.int64) + seed * 7919, iy.astype(np.int64) - seed * 104729
-    top = hash01(ix, iy) * (1 - sx) + hash01(ix + 1, iy) * sx
-    bottom = hash01(ix, iy + 1) * (1 - sx) + hash01(ix + 1, iy + 1) * sx
+def _lattice_hashes(ix: np.ndarray, iy: np.ndarray | int) -> tuple[np.ndarray, ...]:
+    """:func:`hash01` at the lattice corners (ix, iy), (ix + 1, iy)[, (ix, iy + 1), (ix + 1, iy + 1)] of cells
+    ``ix``, ``iy`` (P,) int64 (``iy`` an int: one row for all, the first two corners only). When the cells
+    span a box of few lattice points (<= P / _GRID_SHARE) the box is hashed once and gathered (the same
+    values)."""
+    row = not isinstance(iy, np.ndarray)
+    if len(ix):
+        x0, x1 = int(ix.min()), int(ix.max()) + 1
+        y0, y1 = (int(iy), int(iy)) if row else (int(iy.min()), int(iy.max()) + 1)
+        nx, ny = x1 - x0 + 1, y1 - y0 + 1
+        if nx * ny * _GRID_SHARE <= len(ix):
+            grid = _mix01((np.arange(x0, x1 + 1, dtype=np.int64)[:, None] * _HASH_X
+                           ^ np.arange(y0, y1 + 1, dtype=np.int64)[None] * _HASH_Y).ravel())   # (nx * ny,)
+            at = (ix - x0) * ny
+            if not row:
+                at += iy - y0
+            corners = (at, at + ny) if row else (at, at + ny, at + 1, at + ny + 1)
+            return tuple(grid.take(c) for c in corners)
+    hx0 = ix * _HASH_X
+    hx1 = hx0 + _HASH_X                                  # (ix + 1) * _HASH_X, wrapping as int64 does
+    hy0 = np.int64(iy) * _HASH_Y if row else iy * _HASH_Y
+    if row:
+        return _mix01(hx0 ^ hy0), _mix01(hx1 ^ hy0)
+    hy1 = hy0 + _HASH_Y
+    return _mix01(hx0 ^ hy0), _mix01(hx1 ^ hy0), _mix01(hx0 ^ hy1), _mix01(hx1 ^ hy1)
+
+
+def value_noise(x: np.ndarray, y: np.ndarray | None, seed: int) -> np.ndarray:
+    """Smooth 2-D value noise in [0, 1) (P,) at (x, y) (P,) (lattice spacing 1, smoothstep-interpolated
+    hashes). ``y`` None: the row y = 0 (the same values as zeros, half the work)."""
+    ix = np.floor(x)
+    fx = x - ix
+    sx = fx * fx * (3 - 2 * fx)
+    ix = ix.astype(np.int64) + seed * 7919
+    if y is None:
+        h00, h10 = _lattice_hashes(ix, -seed * 104729)
+        return h00 * (1 - sx) + h10 * sx          # top * (1 - 0) + bottom * 0 at y = 0: the top, bit for bit
+    iy = np.floor(y)
+    fy = y - iy
+    sy = fy * fy * (3 - 2 * fy)
+    iy = iy.astype(np.int64) - seed * 104729
+    h00, h10, h01, h11 = _lattice_hashes(ix, iy)
+    rx = 1 - sx
+    top = h00 * rx + h10 * sx
+    bottom = h01 * rx + h11 * sx
     return top * (1 - sy) + bottom * sy
 
 
@@ -224,7 +291,7 @@ def shadow(look: Appearance, xy: np.ndarray) -> np.ndarray:
     if look.sun_level <= 0 or len(xy) == 0:
         return np.zeros(len(xy))
     p = xy @ look.shadow_dir / look.shadow_period
-    band = _smoothstep(0.4, 0.6, value_noise(p, np.zeros_like(p), look.noise_seed + 1))
+    band = _smoothstep(0.4, 0.6, value_noise(p, None, look.noise_seed + 1))
     region = value_noise(xy[:, 0] / 40.0, xy[:, 1] / 40.0, look.noise_seed + 2)
     cover = _smoothstep(1.0 - look.shadow_cover - 0.08, 1.0 - look.shadow_cover + 0.08, region)
     return look.shadow_strength * band * cover
@@ -232,71 +299,84 @@ def shadow(look: Appearance, xy: np.ndarray) -> np.ndarray:
 
 def lighting(look: Appearance, xy: np.ndarray, z: np.ndarray, normal: np.ndarray | None,
              ego: tuple[float, float, float]) -> np.ndarray:
-    """Irradiance (P, 3) at world points ``xy`` (P, 2), height ``z`` (P,) on surfaces with horizontal unit
-    ``normal`` (P, 2) facing the camera (None = ground, facing up): ambient sky light, sunlight (less in
-    shadow) and the ego car's low-beam headlights at (x, y, yaw) ``ego``: a cone of std
+    """Irradiance (3, P) (channel-major) at world points ``xy`` (P, 2), height ``z`` (P,) on surfaces with
+    horizontal unit ``normal`` (P, 2) facing the camera (None = ground, facing up): ambient sky light,
+    sunlight (less in shadow) and the ego car's low-beam headlights at (x, y, yaw) ``ego``: a cone of std
     ``headlight_spread_deg`` around the heading, 1/d^2 beyond ``headlight_range``."""
     cfg = look.cfg
     sun_h = np.array([np.cos(look.sun_azimuth), np.sin(look.sun_azimuth)])
     if normal is None:
-        sun_cos = np.full(len(xy), np.sin(look.sun_elevation))
+        sun_cos = np.sin(look.sun_elevation)            # the same for every point of the ground
         ambient = look.ambient
     else:
         sun_cos = np.cos(look.sun_elevation) * np.maximum(normal @ sun_h, 0.0)
         ambient = 0.7 * look.ambient
     sun = look.sun_level * sun_cos * (1.0 - shadow(look, xy))
-    out = ambient * look.ambient_tint[None] + sun[:, None] * look.sun_tint[None]
+    out = (ambient * look.ambient_tint)[:, None] + sun[None] * look.sun_tint[:, None]
     if look.headlight > 0:
         x, y, yaw = ego
-        lamp = np.array([x + 3.5 * np.cos(yaw), y + 3.5 * np.sin(yaw)])
-        d = xy - lamp
-        r = np.maximum(np.hypot(d[:, 0], d[:, 1]), 1e-3)
-        angle = (np.arctan2(xy[:, 1] - y, xy[:, 0] - x) - yaw + np.pi) % (2 * np.pi) - np.pi
+        px, py = xy[:, 0], xy[:, 1]
+        dx, dy = px - (x + 3.5 * np.cos(yaw)), py - (y + 3.5 * np.sin(yaw))           # from the lamps
+        r = np.maximum(np.hypot(dx, dy), 1e-3)
+        angle = wrap_angle(np.arctan2(py - y, px - x) - yaw)
         cone = np.exp(-0.5 * (angle / np.radians(cfg.headlight_spread_deg)) ** 2)
         falloff = 1.0 / (1.0 + (r / cfg.headlight_range) ** 2)
-        facing = np.ones(len(xy)) if normal is None else np.maximum(-(normal * d).sum(1) / r, 0.0)
+        facing = np.ones(len(xy)) if normal is None else np.maximum(-(normal[:, 0] * dx + normal[:, 1] * dy) / r, 0.0)
         high = np.clip(1.0 - (z - 0.9) / 1.5, 0.2, 1.0)             # low beam: less light up high
-        out = out + (look.headlight * cone * falloff * facing * high)[:, None] * np.array([1.0, 0.97, 0.9])
+        out += (look.headlight * cone * falloff * facing * high)[None] * np.array([1.0, 0.97, 0.9])[:, None]
     return out
 
 
 def sky(look: Appearance, slope: np.ndarray) -> np.ndarray:
-    """Sky radiance (P, 3) of rays rising ``slope`` (m up per m ahead): horizon to zenith gradient."""
-    t = np.clip(slope, 0, 1)[:, None] ** 0.7
-    return look.horizon[None] * (1 - t) + look.zenith[None] * t
+    """Sky radiance (3, P) (channel-major) of rays rising ``slope`` (P,) (m up per m ahead): horizon to
+    zenith gradient."""
+    t = np.clip(slope, 0, 1) ** 0.7
+    return look.horizon[:, None] * (1 - t)[None] + look.zenith[:, None] * t[None]
 
 
 def _box_blur(img: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """Each pixel (H, W, 3) averaged over a horizontal window ``length`` (H, W) pixels long centred on it
-    (continuous box, fractional lengths via the row's running integral; clipped at the borders). Pixels
-    whose window is under one pixel are left as they are."""
-    h, w, _ = img.shape
+    """Each pixel of ``img`` (3, H, W) (channel-major) averaged over a horizontal window ``length`` (H, W)
+    pixels long centred on it (continuous box, fractional lengths via the row's running integral; clipped at
+    the borders). Pixels whose window is under one pixel are left as they are."""
+    _, h, w = img.shape
     rows, cols = np.nonzero(length > 1.0)
-    csum = np.concatenate([np.zeros((h, 1, 3), img.dtype), np.cumsum(img, axis=1)], axis=1)   # (H, W + 1, 3)
+    csum = np.zeros((3, h, w + 1), img.dtype)
+    np.cumsum(img, axis=2, out=csum[:, :, 1:])                                        # (3, H, W + 1)
+    csum, flat = csum.reshape(3, -1), img.reshape(3, -1)
+    at_sum, at_img = rows * (w + 1), rows * w
 
     def integral(x: np.ndarray) -> np.ndarray:
-        k = np.minimum(np.floor(x + 0.5).astype(np.int64), w)
-        frac = (x + 0.5 - k)[:, None]
-        return csum[rows, k] + frac * img[rows, np.minimum(k, w - 1)]
+        x = x + 0.5
+        k = np.minimum(np.floor(x).astype(np.int64), w)
+        x -= k                                          # the fraction of pixel k inside
+        return csum.take(at_sum + k, axis=1) + x * flat.take(at_img + np.minimum(k, w - 1), axis=1)
 
-    half = length[rows, cols] / 2
+    half = length.reshape(-1).take(at_img + cols) / 2
     lo, hi = np.maximum(cols - half, -0.5), np.minimum(cols + half, w - 0.5)
     out = img.copy()
-    out[rows, cols] = (integral(hi) - integral(lo)) / (hi - lo)[:, None]
+    out.reshape(3, -1)[:, at_img + cols] = (integral(hi) - integral(lo)) / (hi - lo)
     return out
 
 
 def finish(look: Appearance, radiance: np.ndarray, blur_px_per_s: np.ndarray,
            rng: np.random.Generator | None) -> np.ndarray:
-    """The image a camera records (H, W, 3) uint8 from scene radiance (H, W, 3) and each pixel's horizontal
-    optical flow (H, W) px/s: exposure bias, motion blur over the exposure time, shot + read noise scaled by
-    the gain (none when ``rng`` is None), clipping and 8-bit quantisation."""
-    img = (radiance * 2.0 ** look.exposure_ev).astype(np.float32)
-    length = np.abs(blur_px_per_s) * look.exposure_time
+    """The image a camera records (H, W, 3) uint8 from scene radiance (3, H, W) (channel-major) and each
+    pixel's horizontal optical flow (H, W) px/s: exposure bias, motion blur over the exposure time, shot +
+    read noise scaled by the gain (none when ``rng`` is None; drawn in (H, W, 3) order), clipping and 8-bit
+    quantisation."""
+    img = np.empty(radiance.shape, np.float32)
+    np.multiply(radiance, 2.0 ** look.exposure_ev, out=img, casting="same_kind")    # float64 product, rounded
+    length = np.abs(blur_px_per_s)
+    length *= look.exposure_time
     if (length > 1.0).any():
         img = _box_blur(img, length)
+    img = np.ascontiguousarray(img.transpose(1, 2, 0))                                   # (H, W, 3)
     if rng is not None:
         signal = np.clip(img, 0.0, 1.0)
         std = np.sqrt(look.cfg.shot_noise * look.gain * signal + (look.cfg.read_noise * look.gain) ** 2)
-        img = img + std * rng.standard_normal(img.shape, dtype=np.float32)
-    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        std *= rng.standard_normal(img.shape, dtype=np.float32)
+        img += std
+    img *= 255.0
+    img += 0.5
+    np.clip(img, 0, 255, out=img)
+    return img.astype(np.uint8)

@@ -14,18 +14,23 @@
 Both use the same material layout (``e2r.sim.materials``), so LiDAR intensity and image agree where they
 should (paint bright, light wall stripes bright). Walls are vertical, so a ray's hit on them only depends on
 its horizontal direction: the wall distance is computed per azimuth once (LiDAR azimuths; a fine azimuth
-table for the camera) and reused for all elevations / pixel rows. Other cars move: both sensors take the
-time ``t`` (s since the start of the recording or run) and place them with ``e2r.sim.traffic.car_poses``.
+table for the camera, ``e2r.sim.raycast``) and reused for all elevations / pixel rows. Other cars move: both
+sensors take the time ``t`` (s since the start of the recording or run) and place them with
+``e2r.sim.traffic.car_poses``. Speed (per frame, CPU): the rays fixed by a sensor's config are cached, only
+the barrels and cars in a ray's reach are cast, and the camera shades its pixels grouped by what they hit,
+channel-major (3, P); the output is bit for bit the earlier code's (``tests/test_sensor_speed.py``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from e2r.sim.appearance import finish, lighting, sky
-from e2r.sim.materials import (barrel_material, car_albedo, car_intensity, ground_albedo, ground_material,
-                               wall_albedo, wall_material)
+from e2r.sim.appearance import finish, lighting, sky, wrap_angle
+from e2r.sim.materials import (barrel_material, car_albedo, car_intensity, ground_albedo, ground_intensity,
+                               ground_material, wall_albedo, wall_intensity, wall_material)
+from e2r.sim.raycast import barrels_along, nearest, nearest_column, walls_along
 from e2r.sim.track import Track
 from e2r.sim.traffic import car_poses, ray_boxes
 
@@ -72,137 +77,96 @@ def camera_to_ego(cfg: CameraConfig) -> np.ndarray:
     return m
 
 
-# ----------------------------------------------------------------------------------------------- geometry
-def _walls_along(track: Track, origin: np.ndarray, angle0: float, step: float, count: int,
-                 max_range: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nearest wall along the horizontal rays ``angle0 + k * step`` (k < ``count``, world yaw angles)
-    from ``origin`` (2,).
-
-    Each wall segment within ``max_range`` is only intersected with the rays inside its angular extent as
-    seen from the origin, so the cost is O(rays + ray-segment crossings), not O(rays x segments).
-    Returns horizontal distance (count,) (inf where no wall), segment index (count,), position u in
-    [0, 1] along the segment (count,).
-    """
-    a, b = track.seg_a - origin, track.seg_b - origin
-    near = np.minimum(np.hypot(a[:, 0], a[:, 1]), np.hypot(b[:, 0], b[:, 1])) < max_range + 5
-    seg_ids = np.nonzero(near)[0]
-    a, b = a[seg_ids], b[seg_ids]
-    ang_a = np.arctan2(a[:, 1], a[:, 0]) - angle0
-    span = (np.arctan2(b[:, 1], b[:, 0]) - angle0 - ang_a + np.pi) % (2 * np.pi) - np.pi   # signed, |.| < pi
-    lo = np.where(span >= 0, ang_a, ang_a + span) % (2 * np.pi)
-    k0 = np.ceil(lo / step - 1e-9).astype(np.int64)
-    k1 = np.floor((lo + np.abs(span)) / step + 1e-9).astype(np.int64)
-    k0, k1 = k0 - 1, k1 + 1                              # one spare ray each side: rounding safety
-    n_per = np.maximum(k1 - k0 + 1, 0)
-    full = int(round(2 * np.pi / step))                 # rays per turn (may exceed count for a camera)
-    pair_seg = np.repeat(np.arange(len(seg_ids)), n_per)
-    first = np.repeat(np.cumsum(n_per) - n_per, n_per)
-    k = (np.repeat(k0, n_per) + np.arange(len(pair_seg)) - first) % full
-    keep = k < count
-    pair_seg, k = pair_seg[keep], k[keep]
-    ang = angle0 + k * step
-    dx, dy = np.cos(ang), np.sin(ang)
-    ax, ay = a[pair_seg, 0], a[pair_seg, 1]
-    ex, ey = b[pair_seg, 0] - ax, b[pair_seg, 1] - ay
-    denom = dx * ey - dy * ex
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = (ax * ey - ay * ex) / denom
-        u = (ax * dy - ay * dx) / denom
-    ok = (np.abs(denom) > 1e-12) & (t > 1e-6) & (u >= -1e-6) & (u <= 1 + 1e-6)
-    t, u, k, pair_seg = t[ok], np.clip(u[ok], 0, 1), k[ok], pair_seg[ok]
-    order = np.lexsort((t, k))                          # by ray, nearest first
-    k, t, u, pair_seg = k[order], t[order], u[order], pair_seg[order]
-    firsts = np.ones(len(k), bool)
-    firsts[1:] = k[1:] != k[:-1]
-    dist = np.full(count, np.inf)
-    seg = np.zeros(count, np.int64)
-    pos = np.zeros(count)
-    dist[k[firsts]] = t[firsts]
-    seg[k[firsts]] = seg_ids[pair_seg[firsts]]
-    pos[k[firsts]] = u[firsts]
-    return dist, seg, pos
-
-
-def _barrels_along(track: Track, origin: np.ndarray, dirs: np.ndarray, max_range: float,
-                   forward: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Horizontal distance (A, B') to the near side of the B' barrels within ``max_range`` (and in front
-    of ``forward`` if given) along ``dirs`` (A, 2), inf where missed; and their indices (B',)."""
-    w = track.obs_xy - origin                                   # (B, 2)
-    sel = np.linalg.norm(w, axis=1) < max_range + 1
-    if forward is not None:
-        sel &= w @ forward > -1.0
-    ids = np.nonzero(sel)[0]
-    w = w[ids]
-    proj = dirs @ w.T                                           # (A, B')
-    perp2 = (w ** 2).sum(1)[None] - proj ** 2
-    disc = track.obs_radius[ids][None] ** 2 - perp2
-    t = proj - np.sqrt(np.maximum(disc, 0.0))
-    return np.where((disc >= 0) & (t > 1e-6), t, np.inf), ids
-
-
 # ------------------------------------------------------------------------------------------------- LiDAR
+@dataclass(frozen=True)
+class _LidarRays:
+    """The LiDAR's fixed rays (its config's; cached): elevations ``elev`` (R,), their tan/cos (R, 1), azimuths
+    ``az`` (A,) in the ego frame with their cos/sin, and the horizontal distance to flat ground per ring (R,)."""
+    elev: np.ndarray
+    tan_e: np.ndarray
+    cos_e: np.ndarray
+    az: np.ndarray
+    cos_az: np.ndarray
+    sin_az: np.ndarray
+    h_ground: np.ndarray
+
+
+@functools.lru_cache(maxsize=8)
+def _lidar_rays(rings: int, elevation_deg: tuple[float, float], azimuth_steps: int) -> _LidarRays:
+    elev = np.radians(np.linspace(elevation_deg[0], elevation_deg[1], rings))
+    az = np.arange(azimuth_steps) * (2 * np.pi / azimuth_steps)
+    tan_e = np.tan(elev)[:, None]
+    with np.errstate(divide="ignore"):
+        h_ground = np.where(tan_e < 0, LIDAR_HEIGHT / -tan_e, np.inf)[:, 0]
+    rays = _LidarRays(elev, tan_e, np.cos(elev)[:, None], az, np.cos(az), np.sin(az), h_ground)
+    for a in vars(rays).values():
+        a.flags.writeable = False                       # shared by every cast
+    return rays
+
+
 def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Generator,
                cfg: LidarConfig | None = None, t: float = 0.0) -> np.ndarray:
     """Point cloud (N, 4) float32 [x, y, z, intensity] in the ego frame of the car at world (x, y, yaw), at
     time ``t`` (s; places the other cars of a gap-world track)."""
     cfg = cfg or LidarConfig()
-    elev = np.radians(np.linspace(cfg.elevation_deg[0], cfg.elevation_deg[1], cfg.rings))       # (R,)
-    az = np.arange(cfg.azimuth_steps) * (2 * np.pi / cfg.azimuth_steps)                          # (A,)
+    rays = _lidar_rays(int(cfg.rings), tuple(map(float, cfg.elevation_deg)), int(cfg.azimuth_steps))
+    az, tan_e, cos_e = rays.az, rays.tan_e, rays.cos_e
+    R, A = len(rays.elev), len(az)
     world_dirs = np.stack([np.cos(az + yaw), np.sin(az + yaw)], axis=1)
     origin = np.array([x, y])
-    h_wall, seg, u = _walls_along(track, origin, yaw, az[1], len(az), cfg.max_range)             # (A,)
-    h_obs, obs_ids = _barrels_along(track, origin, world_dirs, cfg.max_range)                    # (A, B')
-    tan_e = np.tan(elev)[:, None]                                                               # (R, 1)
-
-    with np.errstate(divide="ignore"):
-        h_ground = np.where(tan_e < 0, LIDAR_HEIGHT / -tan_e, np.inf) * np.ones((1, len(az)))    # (R, A)
+    h_wall, seg, u = walls_along(track, origin, yaw, az[1], A, cfg.max_range)                 # (A,)
     z_wall = h_wall[None] * tan_e
-    h_wall_ok = np.where(z_wall <= track.wall_height - LIDAR_HEIGHT, h_wall[None], np.inf)       # (R, A)
-    z_obs = h_obs[None] * tan_e[..., None]                                                      # (R, A, B)
-    obs_ok = (z_obs >= -LIDAR_HEIGHT) & (z_obs <= track.obs_height[obs_ids][None, None] - LIDAR_HEIGHT)
-    h_obs_r = np.where(obs_ok, h_obs[None], np.inf)
-    h_obs_min = h_obs_r.min(axis=2) if h_obs_r.shape[2] else np.full(h_ground.shape, np.inf)
-    cands = [h_ground, h_wall_ok, h_obs_min]
+    cands = [(GROUND, np.broadcast_to(rays.h_ground[:, None], (R, A))),
+             (WALL, np.where(z_wall <= track.wall_height - LIDAR_HEIGHT, h_wall[None], np.inf))]   # (R, A)
+    h_obs, obs_ids = barrels_along(track, origin, world_dirs, cfg.max_range)                  # (A, B')
+    if len(obs_ids):            # only the azimuths that pass through a barrel: (R, A', B')
+        cols = np.flatnonzero(np.isfinite(h_obs).any(axis=1))
+        h_obs_r = nearest_column(h_obs[cols][None], tan_e[..., None], 0.0, -LIDAR_HEIGHT,
+                                  track.obs_height[obs_ids] - LIDAR_HEIGHT)
+        h_obs_min = np.full((R, A), np.inf)
+        h_obs_min[:, cols] = h_obs_r.min(axis=2)
+        cands.append((BARREL, h_obs_min))
     traffic = track.traffic
     if traffic is not None and len(traffic):
         poses = car_poses(track, traffic, t)
-        h_car, face, along = ray_boxes(origin, world_dirs, poses, traffic)                      # (A, M)
-        z_car = h_car[None] * tan_e[..., None]                                                  # (R, A, M)
-        car_ok = (z_car >= -LIDAR_HEIGHT) & (z_car <= traffic.height[None, None] - LIDAR_HEIGHT)
-        h_car_r = np.where(car_ok, h_car[None], np.inf)
-        which_car = np.argmin(h_car_r, axis=2)                                                  # (R, A)
-        cands.append(h_car_r.min(axis=2))
-    cand = np.stack(cands)                                                                      # (3|4, R, A)
-    kind = np.argmin(cand, axis=0)
-    h = np.min(cand, axis=0)
-    cos_e = np.cos(elev)[:, None]
+        h_car, face, along = ray_boxes(origin, world_dirs, poses, traffic)                    # (A, M)
+        car_cols = np.flatnonzero(np.isfinite(h_car).any(axis=1))
+        h_car_r = nearest_column(h_car[car_cols][None], tan_e[..., None], 0.0, -LIDAR_HEIGHT,
+                                  traffic.height - LIDAR_HEIGHT)
+        h_car_min = np.full((R, A), np.inf)
+        h_car_min[:, car_cols] = h_car_r.min(axis=2)                                            # (R, A', M)
+        cands.append((CAR, h_car_min))
+    kind, h = nearest(cands)
     keep = np.isfinite(h) & (h / cos_e <= cfg.max_range) & (rng.random(h.shape) >= cfg.dropout)
     ri, ai = np.nonzero(keep)
     h, kind = h[ri, ai], kind[ri, ai]
     rng_noise = rng.normal(0.0, cfg.range_noise, size=h.shape)
     h_noisy = h * (1 + rng_noise * cos_e[ri, 0] / np.maximum(h, 1e-3))   # range noise along the ray
     pts = np.empty((len(h), 4), np.float32)
-    pts[:, 0] = h_noisy * np.cos(az[ai])
-    pts[:, 1] = h_noisy * np.sin(az[ai])
-    pts[:, 2] = h_noisy * np.tan(elev[ri])
+    pts[:, 0] = h_noisy * rays.cos_az[ai]
+    pts[:, 1] = h_noisy * rays.sin_az[ai]
+    pts[:, 2] = h_noisy * tan_e[ri, 0]
 
     # intensities from the material at the exact (noise-free) hit point
     inten = np.zeros(len(h))
-    hit_xy = origin + world_dirs[ai] * h[:, None]
-    g = kind == GROUND
-    if g.any():
-        inten[g] = ground_material(track, hit_xy[g])[1]
-    wm = kind == WALL
-    if wm.any():
-        inten[wm] = wall_material(track, seg[ai[wm]], u[ai[wm]], h[wm] * tan_e[ri[wm], 0] + LIDAR_HEIGHT)[1]
-    om = kind == BARREL
-    if om.any():
-        inten[om] = 0.95
-    cm = kind == CAR
-    if cm.any():
-        car = which_car[ri[cm], ai[cm]]
-        inten[cm] = car_intensity(traffic, car, face[ai[cm], car], along[ai[cm], car],
-                                  h[cm] * tan_e[ri[cm], 0] + LIDAR_HEIGHT)
+    g = np.flatnonzero(kind == GROUND)
+    if len(g):
+        ag, hg = ai[g], h[g]
+        hit_xy = np.empty((len(g), 2))                  # origin + world_dirs[ag] * hg, column by column
+        for c in range(2):
+            np.multiply(world_dirs[:, c].take(ag), hg, out=hit_xy[:, c])
+            hit_xy[:, c] += origin[c]
+        inten[g] = ground_intensity(track, hit_xy)
+    wm = np.flatnonzero(kind == WALL)
+    if len(wm):
+        inten[wm] = wall_intensity(track, seg[ai[wm]], u[ai[wm]], h[wm] * tan_e[ri[wm], 0] + LIDAR_HEIGHT)
+    inten[kind == BARREL] = 0.95
+    cm = np.flatnonzero(kind == CAR)
+    if len(cm):
+        rc, ac = ri[cm], ai[cm]
+        at = np.searchsorted(car_cols, ac)                      # the car's azimuth among car_cols
+        car = np.argmin(h_car_r[rc, at], axis=1)
+        inten[cm] = car_intensity(traffic, car, face[ac, car], along[ac, car], h[cm] * tan_e[rc, 0] + LIDAR_HEIGHT)
     clean = np.clip(inten, 0.0, 1.0)
     inten = np.clip(inten + rng.normal(0.0, 0.02, size=inten.shape), 0.0, 1.0)
     pts[:, 3] = inten
@@ -214,46 +178,93 @@ def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Gene
 
 
 # ------------------------------------------------------------------------------------------------ camera
+@dataclass(frozen=True)
+class _PixelRays:
+    """A camera's fixed pixel rays (its config's; cached): K (3, 3), the camera's ego position (3,), each
+    pixel's ray in the ego frame ``ex, ey, ez`` (P,) (P = H * W, row-major; not unit) and ``u - cx`` (P,)."""
+    K: np.ndarray
+    position: np.ndarray
+    ex: np.ndarray
+    ey: np.ndarray
+    ez: np.ndarray
+    u_off: np.ndarray
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_rays(image_size: tuple[int, int], hfov_deg: float, position: tuple[float, ...],
+                pitch_deg: float) -> _PixelRays:
+    cfg = CameraConfig(image_size, hfov_deg, position, pitch_deg)
+    w, h = cfg.image_size
+    K, c2e = camera_intrinsics(cfg), camera_to_ego(cfg)
+    uu, vv = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    ray_cam = np.stack([(uu - K[0, 2]) / K[0, 0], (vv - K[1, 2]) / K[1, 1], np.ones_like(uu)], -1).reshape(-1, 3)
+    ray_ego = ray_cam @ c2e[:3, :3].T
+    rays = _PixelRays(K, c2e[:3, 3].copy(), *(np.ascontiguousarray(ray_ego[:, i]) for i in range(3)),
+                      uu.reshape(-1) - K[0, 2])
+    for a in vars(rays).values():
+        a.flags.writeable = False                       # shared by every frame
+    return rays
+
+
+def _facing(normal: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+    """Unit ``normal`` (n, 2) of vertical faces turned towards the camera whose rays go along ``dirs`` (n, 2)
+    (in place)."""
+    sign = -np.sign(normal[:, 0] * dirs[:, 0] + normal[:, 1] * dirs[:, 1] + 1e-12)
+    normal[:, 0] *= sign
+    normal[:, 1] *= sign
+    return normal
+
+
 def _shade_gap(track: Track, kind: np.ndarray, dist: np.ndarray, dirs: np.ndarray, slope: np.ndarray,
-               origin: np.ndarray, cam_h: float, walls: tuple, barrels: tuple, cars: tuple,
+               origin: np.ndarray, cam_h: float, wall_bin: np.ndarray, walls: tuple, barrels: tuple, cars: tuple,
                ego: tuple[float, float, float]) -> np.ndarray:
-    """Scene radiance (P, 3) of the pixels' hits under the track's look (gap world)."""
+    """Scene radiance (3, P) (channel-major) of the pixels' hits under the track's look (gap world). Pixels
+    are shaded grouped by what they hit (one run per kind, in pixel order within it), then put back."""
     look = track.look
-    rgb = np.empty((len(kind), 3))
-    rgb[kind == SKY] = sky(look, slope[kind == SKY])
-    xy = origin + dirs * np.where(np.isfinite(dist), dist, 0.0)[:, None]
-    z = cam_h + dist * slope
-    g = kind == GROUND
-    if g.any():
-        rgb[g] = ground_albedo(look, track, xy[g]) * lighting(look, xy[g], np.zeros(g.sum()), None, ego)
-    wm = kind == WALL
-    if wm.any():
-        seg, u = walls[0][wm], walls[1][wm]
-        e = track.seg_b[seg] - track.seg_a[seg]
-        normal = np.stack([-e[:, 1], e[:, 0]], 1) / np.linalg.norm(e, axis=1, keepdims=True)
-        normal *= -np.sign((normal * dirs[wm]).sum(1) + 1e-12)[:, None]           # facing the camera
-        rgb[wm] = wall_albedo(look, track, seg, u, z[wm]) * lighting(look, xy[wm], z[wm], normal, ego)
-    om = kind == BARREL
-    if om.any():
-        k = barrels[0][om]
-        ids = barrels[1][k]
+    P = len(kind)
+    order = np.argsort(kind.astype(np.int8), kind="stable")             # pixels by kind
+    ends = np.cumsum(np.bincount(kind, minlength=SKY + 1))
+    d, s = dist.take(order), slope.take(order)
+    reach = np.where(np.isfinite(d), d, 0.0)
+    xy = np.empty((P, 2))                              # hit points, origin + dirs * reach, column by column
+    for c in range(2):
+        np.multiply(dirs[:, c].take(order), reach, out=xy[:, c])
+        xy[:, c] += origin[c]
+    z = cam_h + d * s
+    rgb = np.empty((3, P))
+    g, wm, om, cm = (slice(ends[k - 1] if k else 0, ends[k]) for k in (GROUND, WALL, BARREL, CAR))
+    if g.stop > g.start:
+        rgb[:, g] = ground_albedo(look, track, xy[g]) * lighting(look, xy[g], np.zeros(g.stop - g.start), None, ego)
+    if wm.stop > wm.start:
+        b = wall_bin.take(order[wm])
+        seg, u = walls[0].take(b), walls[1].take(b)
+        normal = _facing(track.seg_normal.take(seg, axis=0), dirs.take(order[wm], axis=0))
+        rgb[:, wm] = wall_albedo(look, track, seg, u, z[wm]) * lighting(look, xy[wm], z[wm], normal, ego)
+    if om.stop > om.start:
+        h_obs, obs_ids = barrels
+        ids = obs_ids[np.argmin(h_obs[order[om]], axis=1)]
         normal = xy[om] - track.obs_xy[ids]
         normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9)
-        rgb[om] = barrel_material(z[om], track.obs_height[ids])[0] * lighting(look, xy[om], z[om], normal, ego)
-    cm = kind == CAR
-    if cm.any():
-        which, face, along, yaw_cars = cars
-        car = which[cm]
+        rgb[:, om] = (barrel_material(z[om], track.obs_height[ids])[0].T
+                      * lighting(look, xy[om], z[om], normal, ego))
+    if cm.stop > cm.start:
+        h_car, seen, table_bin, face_tab, along_tab, yaw_cars = cars
+        pix = order[cm]
+        car = seen[np.argmin(h_car[pix], axis=1)]
+        b = table_bin.take(pix)
         fwd = np.stack([np.cos(yaw_cars[car]), np.sin(yaw_cars[car])], 1)
-        f = face[cm, car]
-        normal = np.where((f == 2)[:, None], np.stack([-fwd[:, 1], fwd[:, 0]], 1), fwd)
-        normal *= -np.sign((normal * dirs[cm]).sum(1) + 1e-12)[:, None]
-        albedo, glow = car_albedo(look, track.traffic, car, f, cars[2][cm, car], z[cm])
-        rgb[cm] = albedo * lighting(look, xy[cm], z[cm], normal, ego) + glow
-    hit = kind != SKY
-    fog = 1.0 - np.exp(-dist[hit] * np.sqrt(1 + slope[hit] ** 2) / 140.0)
-    rgb[hit] = rgb[hit] * (1 - fog[:, None]) + look.horizon * fog[:, None]
-    return rgb
+        f = face_tab[b, car]
+        normal = _facing(np.where((f == 2)[:, None], np.stack([-fwd[:, 1], fwd[:, 0]], 1), fwd),
+                         dirs.take(pix, axis=0))
+        albedo, glow = car_albedo(look, track.traffic, car, f, along_tab[b, car], z[cm])
+        rgb[:, cm] = albedo * lighting(look, xy[cm], z[cm], normal, ego) + glow
+    hit = slice(0, ends[CAR])
+    fog = 1.0 - np.exp(-d[hit] * np.sqrt(1 + s[hit] ** 2) / 140.0)
+    rgb[:, hit] = rgb[:, hit] * (1 - fog)[None] + look.horizon[:, None] * fog[None]
+    rgb[:, hit.stop:] = sky(look, s[hit.stop:])
+    inverse = np.empty(P, np.int64)
+    inverse[order] = np.arange(P)
+    return rgb.take(inverse, axis=1)
 
 
 def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfig | None = None, *,
@@ -263,86 +274,84 @@ def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfi
     (None: a noise-free image)."""
     cfg = cfg or CameraConfig()
     w, h = cfg.image_size
-    K = camera_intrinsics(cfg)
-    c2e = camera_to_ego(cfg)
-    uu, vv = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
-    ray_cam = np.stack([(uu - K[0, 2]) / K[0, 0], (vv - K[1, 2]) / K[1, 1], np.ones_like(uu)], -1).reshape(-1, 3)
-    ray_ego = ray_cam @ c2e[:3, :3].T
+    rays = _pixel_rays(tuple(map(int, cfg.image_size)), float(cfg.hfov_deg), tuple(map(float, cfg.position)),
+                       float(cfg.pitch_deg))
     cy, sy = np.cos(yaw), np.sin(yaw)
-    dx = cy * ray_ego[:, 0] - sy * ray_ego[:, 1]
-    dy = sy * ray_ego[:, 0] + cy * ray_ego[:, 1]
-    dz = ray_ego[:, 2]
+    dx = cy * rays.ex - sy * rays.ey
+    dy = sy * rays.ex + cy * rays.ey
     horiz = np.hypot(dx, dy)
-    dirs = np.stack([dx, dy], 1) / horiz[:, None]
-    cam = c2e[:3, 3]
+    dirs = np.empty((len(dx), 2))                       # unit horizontal direction of each pixel's ray
+    np.divide(dx, horiz, out=dirs[:, 0])
+    np.divide(dy, horiz, out=dirs[:, 1])
+    cam = rays.position
     origin = np.array([x + cy * cam[0] - sy * cam[1], y + sy * cam[0] + cy * cam[1]])
     cam_h = LIDAR_HEIGHT + cam[2]
-    slope = dz / horiz                                  # height change per horizontal metre
+    slope = rays.ez / horiz                             # height change per horizontal metre
 
     # wall distance on a fine azimuth table, looked up per pixel
-    rel = (np.arctan2(dirs[:, 1], dirs[:, 0]) - yaw + np.pi) % (2 * np.pi) - np.pi   # azimuth vs heading
+    rel = wrap_angle(np.arctan2(dirs[:, 1], dirs[:, 0]) - yaw)                          # azimuth vs heading
     lo, hi = rel.min(), rel.max() + 1e-9                                  # camera FOV < 180 deg: no wrap
     nbins = max(16, int(np.degrees(hi - lo) * 10))                        # 0.1 deg bins
     bins_phi = yaw + lo + (np.arange(nbins) + 0.5) * ((hi - lo) / nbins)
     fwd = np.array([cy, sy])
-    tbl_h, tbl_seg, tbl_u = _walls_along(track, origin, bins_phi[0], bins_phi[1] - bins_phi[0], nbins, 150.0)
-    b = np.clip(((rel - lo) / (hi - lo) * nbins).astype(np.int64), 0, nbins - 1)
-    h_wall = tbl_h[b]
+    tbl_h, tbl_seg, tbl_u = walls_along(track, origin, bins_phi[0], bins_phi[1] - bins_phi[0], nbins, 150.0)
+    rel -= lo
+    rel /= hi - lo
+    rel *= nbins
+    b = rel.astype(np.int64)
+    np.clip(b, 0, nbins - 1, out=b)
+    h_wall = tbl_h.take(b)
     z_wall = cam_h + h_wall * slope
-    h_wall = np.where((z_wall >= 0) & (z_wall <= track.wall_height), h_wall, np.inf)
-    h_obs, obs_ids = _barrels_along(track, origin, dirs, 150.0, forward=fwd)       # (P, B')
-    z_obs = cam_h + h_obs * slope[:, None]
-    h_obs = np.where((z_obs >= 0) & (z_obs <= track.obs_height[obs_ids][None]), h_obs, np.inf)
-    if h_obs.shape[1]:
-        which_obs = np.argmin(h_obs, axis=1)
-        h_obs_min = h_obs[np.arange(len(h_obs)), which_obs]
-    else:
-        which_obs = np.zeros(len(horiz), np.int64)
-        h_obs_min = np.full(len(horiz), np.inf)
     with np.errstate(divide="ignore"):
         h_ground = np.where(slope < 0, cam_h / -slope, np.inf)
-    cands = [h_ground, h_wall, h_obs_min]
+    cands = [(GROUND, h_ground),
+             (WALL, np.where((z_wall >= 0) & (z_wall <= track.wall_height), h_wall, np.inf))]
+    h_obs, obs_ids = barrels_along(track, origin, dirs, 150.0, forward=fwd, fov=(yaw, lo, hi))   # (P, B')
+    if len(obs_ids):
+        h_obs = nearest_column(h_obs, slope[:, None], cam_h, 0.0, track.obs_height[obs_ids])
+        cands.append((BARREL, h_obs.min(axis=1)))
     traffic, cars = track.traffic, None
     if traffic is not None and len(traffic):                 # other cars: only rays in the field of view exist
         poses = car_poses(track, traffic, t)          # boxes are vertical: cast on the azimuth table too
         bin_dirs = np.stack([np.cos(bins_phi), np.sin(bins_phi)], axis=1)
-        h_car, face, along = (a[b] for a in ray_boxes(origin, bin_dirs, poses, traffic))       # (P, M)
-        z_car = cam_h + h_car * slope[:, None]
-        h_car = np.where((z_car >= 0) & (z_car <= traffic.height[None]), h_car, np.inf)
-        which_car = np.argmin(h_car, axis=1)
-        cands.append(h_car[np.arange(len(h_car)), which_car])
-        cars = (which_car, face, along, poses.yaw)
-    cand = np.stack(cands)
-    kind = np.argmin(cand, axis=0)
-    dist = np.min(cand, axis=0)
-    kind = np.where(np.isfinite(dist), kind, SKY)
+        tab_h, tab_face, tab_along = ray_boxes(origin, bin_dirs, poses, traffic)             # (nbins, M)
+        seen = np.flatnonzero(np.isfinite(tab_h).any(axis=0))                              # (M',) cars in view
+        if len(seen):
+            h_car = nearest_column(tab_h[:, seen][b], slope[:, None], cam_h, 0.0, traffic.height[seen])   # (P, M')
+            cands.append((CAR, h_car.min(axis=1)))
+            cars = (h_car, seen, b, tab_face, tab_along, poses.yaw)
+    kind, dist = nearest(cands)
+    kind[np.isinf(dist)] = SKY
 
     if track.look is not None:
-        rgb = _shade_gap(track, kind, dist, dirs, slope, origin, cam_h, (tbl_seg[b], tbl_u[b]),
-                         (which_obs, obs_ids), cars, (x, y, yaw))
+        rgb = _shade_gap(track, kind, dist, dirs, slope, origin, cam_h, b, (tbl_seg, tbl_u), (h_obs, obs_ids),
+                         cars, (x, y, yaw))
         # horizontal optical flow of forward motion: (u - cx) v / Z, Z = depth along the optical axis
+        flow = rays.u_off * float(speed)
+        flow *= horiz
         with np.errstate(divide="ignore", invalid="ignore"):
-            flow = np.where(kind != SKY, (uu.reshape(-1) - K[0, 2]) * float(speed) * horiz / dist, 0.0)
-        return finish(track.look, rgb.reshape(h, w, 3), flow.reshape(h, w), rng)
+            flow /= dist
+        flow[kind == SKY] = 0.0
+        return finish(track.look, rgb.reshape(3, h, w), flow.reshape(h, w), rng)
 
     horizon_rgb = np.array([0.78, 0.86, 0.95])
     elev_frac = np.clip(slope, 0, 1)[:, None]
     rgb = horizon_rgb * (1 - elev_frac) + np.array([0.30, 0.50, 0.85]) * elev_frac
     g = kind == GROUND
     if g.any():
-        rgb[g] = ground_material(track, origin + dirs[g] * dist[g, None])[0]
+        rgb[g] = ground_material(track, origin + dirs[g] * dist[g, None])
     wm = kind == WALL
     if wm.any():
-        col, _ = wall_material(track, tbl_seg[b[wm]], tbl_u[b[wm]], z_wall[wm])
-        seg = tbl_seg[b[wm]]
+        seg, u = tbl_seg[b[wm]], tbl_u[b[wm]]
+        col = wall_material(track, seg, u, z_wall[wm])
         e = track.seg_b[seg] - track.seg_a[seg]
         e /= np.linalg.norm(e, axis=1, keepdims=True)
         shade = 0.55 + 0.45 * np.abs(dirs[wm, 0] * e[:, 1] - dirs[wm, 1] * e[:, 0])
         rgb[wm] = col * shade[:, None]
     om = kind == BARREL
     if om.any():
-        k = which_obs[om]
-        rgb[om] = barrel_material(z_obs[om, k], track.obs_height[obs_ids[k]])[0]
+        ids = obs_ids[np.argmin(h_obs[om], axis=1)]
+        rgb[om] = barrel_material(cam_h + dist[om] * slope[om], track.obs_height[ids])[0]
     hit = kind != SKY
     fog = 1.0 - np.exp(-dist[hit] * np.sqrt(1 + slope[hit] ** 2) / 140.0)
     rgb[hit] = rgb[hit] * (1 - fog[:, None]) + horizon_rgb * fog[:, None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,17 @@ class Track:
     def heading_error(self, yaw: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Heading (B,) rad minus the centre line's direction at samples ``index`` (B,), wrapped to (-pi, pi]."""
         return np.angle(np.exp(1j * (yaw - np.arctan2(self.tangent[index, 1], self.tangent[index, 0]))))
+
+    @cached_property
+    def seg_len(self) -> np.ndarray:
+        """Length (S,) of each wall segment (cached: the sensors read it every frame)."""
+        return np.linalg.norm(self.seg_b - self.seg_a, axis=1)
+
+    @cached_property
+    def seg_normal(self) -> np.ndarray:
+        """Unit normal (S, 2) of each wall segment, to the left of seg_a -> seg_b (cached)."""
+        e = self.seg_b - self.seg_a
+        return np.stack([-e[:, 1], e[:, 0]], 1) / self.seg_len[:, None]
 
     def fingerprint(self) -> str:
         """A short, stable digest of the geometry (to check that two tracks are different)."""
@@ -186,16 +198,22 @@ class PaintMap:
     x0: float
     y0: float
     res: float
+    _framed: np.ndarray = field(init=False, repr=False)      # (H + 2, W + 2) codes in a frame of GRASS
+
+    def __post_init__(self) -> None:
+        self._framed = np.pad(np.asarray(self.codes, np.uint8), 1, constant_values=GRASS).ravel()
 
     def lookup(self, xy: np.ndarray) -> np.ndarray:
-        """Material code (P,) of world points ``xy`` (P, 2); GRASS outside the raster."""
-        col = np.floor((xy[:, 0] - self.x0) / self.res).astype(np.int64)
-        row = np.floor((xy[:, 1] - self.y0) / self.res).astype(np.int64)
+        """Material code (P,) uint8 of world points ``xy`` (P, 2); GRASS outside the raster (a point outside
+        reads the frame of GRASS around it)."""
         h, w = self.codes.shape
-        ok = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-        out = np.full(len(xy), GRASS, np.uint8)
-        out[ok] = self.codes[row[ok], col[ok]]
-        return out
+        col = np.floor((xy[:, 0] - self.x0) / self.res)
+        row = np.floor((xy[:, 1] - self.y0) / self.res)
+        np.clip(col, -1, w, out=col)
+        np.clip(row, -1, h, out=row)
+        at = (row.astype(np.int64) + 1) * (w + 2)
+        at += col.astype(np.int64) + 1
+        return self._framed.take(at)
 
 
 def _runs(values: np.ndarray) -> list[tuple[int, int, int]]:

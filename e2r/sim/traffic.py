@@ -17,7 +17,7 @@ Geometry: a box, footprint ``2 half_length x 2 half_width`` around the car's pos
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -65,6 +65,7 @@ class Traffic:
     cum_time: np.ndarray
     lap_time: float
     cfg: TrafficConfig
+    _last: tuple = field(default=(), init=False, repr=False, compare=False)   # (track, t, poses) of car_poses
 
     def __len__(self) -> int:
         return len(self.s0)
@@ -119,7 +120,18 @@ def _along(track: Track, s: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def car_poses(track: Track, traffic: Traffic, t: float) -> CarPoses:
-    """Where the cars are at time ``t`` (s)."""
+    """Where the cars are at time ``t`` (s). The last answer is kept on ``traffic`` (every sensor of every
+    car of a closed-loop step asks for the same time); its arrays are read-only."""
+    if traffic._last and traffic._last[0] is track and traffic._last[1] == float(t):
+        return traffic._last[2]
+    poses = _car_poses(track, traffic, float(t))
+    for a in (poses.x, poses.y, poses.yaw, poses.s, poses.v):
+        a.flags.writeable = False
+    traffic._last = (track, float(t), poses)
+    return poses
+
+
+def _car_poses(track: Track, traffic: Traffic, t: float) -> CarPoses:
     n = len(track.centre)
     s_grid = np.arange(n + 1) * (track.length / n)
     tau0 = np.interp(traffic.s0, s_grid, traffic.cum_time)
