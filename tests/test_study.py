@@ -111,9 +111,10 @@ def test_a_study_unit_trains_what_the_plain_command_trains(tmp_path):
     command line parses back to the same config (no hidden setting, such as a thread count, differs)."""
     cfg = StudyConfig(out=str(tmp_path), data_root=str(tmp_path), student_steps=300)
     for unit, segments in ((StudyUnit(2, "bc", 1), ["segment_0000", "segment_0001"]),
-                           (StudyUnit(1, "kd_dense", 0), ["segment_0003"])):
+                           (StudyUnit(1, "kd_dense", 0), ["segment_0003"]), (StudyUnit(4, "kd_depth", 2), ["s"])):
         train_cfg = student_train_config(cfg, unit, segments, tmp_path / unit.name, tmp_path / "mb.zarr", "t.pt")
         argv = shlex.split(command_line("pipelines.train_student", train_cfg))[3:]
         assert train_student.parse_config(argv) == train_cfg
         assert train_cfg.steps == 300 and train_cfg.epochs is None
         assert train_cfg.warmup_steps == cfg.student_warmup_steps
+        assert train_cfg.kd_depth_w == (1.0 if unit.variant == "kd_depth" else 0.0)

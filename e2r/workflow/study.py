@@ -9,7 +9,8 @@ save? One call runs the whole grid, resumably (``python -m pipelines.study`` is 
 
 Variants (:data:`VARIANTS`): ``bc`` (behaviour cloning only), ``kd`` (BC + all light KD terms: action,
 bev_vec, GRU state), and the ablations ``kd_action`` (action only), ``kd_state`` (bev_vec + GRU state only),
-``kd_dense`` (light terms + dense bev_feat). Every variant of a (budget, seed) sees the same camera tracks,
+``kd_dense`` (light terms + dense bev_feat), ``kd_depth`` (light terms + LiDAR depth supervision of the
+student's Lift-Splat depth, the store's ``depth`` group) and ``kd_all`` (light + dense + depth). Every variant of a (budget, seed) sees the same camera tracks,
 epochs, seed and flips; only the loss differs.
 
 Resumable: each finished unit writes ``result.json`` in its own folder under ``out`` and is skipped on the
@@ -43,13 +44,15 @@ __all__ = ["StudyConfig", "VARIANTS", "StudyUnit", "plan_units", "run_study", "c
            "student_train_config",
            "RESULT_FILE", "read_results"]
 
-#: variant -> KD loss weights (action, bev_vec, temporal, bev_feat); ``bc`` trains without the memorybank
-VARIANTS: dict[str, tuple[float, float, float, float]] = {
-    "bc": (0.0, 0.0, 0.0, 0.0),
-    "kd": (1.0, 1.0, 1.0, 0.0),
-    "kd_action": (1.0, 0.0, 0.0, 0.0),
-    "kd_state": (0.0, 1.0, 1.0, 0.0),
-    "kd_dense": (1.0, 1.0, 1.0, 1.0),
+#: variant -> KD loss weights (action, bev_vec, temporal, bev_feat, depth); ``bc`` trains without the memorybank
+VARIANTS: dict[str, tuple[float, float, float, float, float]] = {
+    "bc": (0.0, 0.0, 0.0, 0.0, 0.0),
+    "kd": (1.0, 1.0, 1.0, 0.0, 0.0),
+    "kd_action": (1.0, 0.0, 0.0, 0.0, 0.0),
+    "kd_state": (0.0, 1.0, 1.0, 0.0, 0.0),
+    "kd_dense": (1.0, 1.0, 1.0, 1.0, 0.0),
+    "kd_depth": (1.0, 1.0, 1.0, 0.0, 1.0),
+    "kd_all": (1.0, 1.0, 1.0, 1.0, 1.0),
 }
 RESULT_FILE = "result.json"
 CHECKPOINT_EVERY = 100      # batches between mid-epoch training states
@@ -88,7 +91,8 @@ class StudyConfig:
     seeds: list[int] = option(default_factory=lambda: [0, 1, 2], group=GRID, help="student seeds (default %(default)s)")
     variants: list[str] = option(default_factory=lambda: ["bc", "kd"], group=GRID, choices=list(VARIANTS),
                                  help="variants at every budget (default %(default)s)")
-    ablations: list[str] = option(default_factory=lambda: ["kd_action", "kd_state", "kd_dense"], group=GRID,
+    ablations: list[str] = option(default_factory=lambda: ["kd_action", "kd_state", "kd_dense", "kd_depth", "kd_all"],
+                                  group=GRID,
                                   nargs="*", choices=list(VARIANTS),
                                   help="KD ablations run at --ablation_budgets (default %(default)s; none: "
                                        "--ablations with no value)")
@@ -290,19 +294,23 @@ def _teacher_unit(cfg: StudyConfig, folder: Path, log: Callable[[str], None]) ->
 
 
 def _export_unit(cfg: StudyConfig, folder: Path, store: Path, teacher_ckpt: str, log: Callable[[str], None]) -> None:
-    if _done(folder) is not None:
+    dense = any(VARIANTS[v][3] > 0 for v in cfg.variants + cfg.ablations)
+    depth = any(VARIANTS[v][4] > 0 for v in cfg.variants + cfg.ablations)
+    done = _done(folder)
+    if done is not None and done.get("bev_feat", False) >= dense and done.get("depth", False) >= depth:
         log(f"== memorybank: done before ({store}), skipped")
         return
-    make_dirs(folder)
-    dense = any(VARIANTS[v][3] > 0 for v in cfg.variants + cfg.ablations)
-    log(f"== memorybank: exporting the teacher's outputs{' with dense bev_feat' if dense else ''} -> {store}")
+    make_dirs(folder)          # (a store without a group a variant now needs is exported again)
+    log(f"== memorybank: exporting the teacher's outputs{' with dense bev_feat' if dense else ''}"
+        f"{' with LiDAR depth targets' if depth else ''} -> {store}")
     t0 = time.perf_counter()
     export = ExportConfig(data_root=cfg.data_dir, split=["train", "valid", "test"], teacher_ckpt=teacher_ckpt,
-                          store=str(store), save_bev_feat=dense, device=cfg.device, overwrite=True,
+                          store=str(store), save_bev_feat=dense, store_depth=depth, device=cfg.device, overwrite=True,
                           no_progress=cfg.no_progress)
     result = export_memorybank(export)
     print_export_summary(export, result)
-    _write_result(folder, {"name": "export", "store": str(store), "bev_feat": dense, "rows": len(result.bank),
+    _write_result(folder, {"name": "export", "store": str(store), "bev_feat": dense, "depth": depth,
+                           "rows": len(result.bank),
                            "seconds": round(time.perf_counter() - t0, 1)})
 
 
@@ -310,7 +318,7 @@ def student_train_config(cfg: StudyConfig, unit: StudyUnit, segments: list[str],
                          teacher_ckpt: str) -> StudentTrainConfig:
     """The training run of ``unit``: what ``python -m pipelines.train_student`` with the same flags trains
     (the study prints that command; a test checks that it parses back to this config)."""
-    action, bev_vec, temporal, bev_feat = VARIANTS[unit.variant]
+    action, bev_vec, temporal, bev_feat, depth = VARIANTS[unit.variant]
     last = folder / "student_last.pt"
     return StudentTrainConfig(
         data_root=cfg.data_dir, train_segments=segments, preset="tiny", seed=unit.seed,
@@ -318,7 +326,7 @@ def student_train_config(cfg: StudyConfig, unit: StudyUnit, segments: list[str],
         warmup_steps=cfg.student_warmup_steps, device=cfg.device, save_path=str(folder / "student.pt"),
         checkpoint_path=str(last), checkpoint_every_steps=CHECKPOINT_EVERY, resume_path=_resumable(last, print),
         memorybank=str(store) if unit.variant != "bc" else None, teacher_ckpt=teacher_ckpt, kd_action_w=action,
-        kd_bevvec_w=bev_vec, kd_temporal_w=temporal, kd_bevfeat_w=bev_feat, hflip_prob=cfg.hflip_prob,
+        kd_bevvec_w=bev_vec, kd_temporal_w=temporal, kd_bevfeat_w=bev_feat, kd_depth_w=depth, hflip_prob=cfg.hflip_prob,
         no_progress=cfg.no_progress)
 
 
