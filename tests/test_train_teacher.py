@@ -9,6 +9,7 @@ import torch
 
 from e2r.checkpoints import load_checkpoint
 from e2r.data.datasets import LidarSequenceDataset, collate_lidar as collate_lidar_items
+from e2r.errors import ConfigError
 from e2r.metrics import ActionErrorAccumulator, parse_overall_weights
 from e2r.runtime import capture_rng_state, restore_rng_state
 from e2r.workflow.train import train_teacher as run_train_teacher
@@ -271,3 +272,25 @@ def test_hflip_mirrors_chosen_windows_and_the_teacher_trains_on_them(data_root, 
         plain = task._loss(batch, 0.0)[0]
         trained = task.train_step(batch)[0]
     assert torch.allclose(trained, mirrored) and not torch.allclose(trained, plain)
+
+
+def test_bev_pool_grid_keeps_where_a_feature_is_and_reaches_the_checkpoint(data_root, tmp_path):
+    """``--bev_pool_grid k``: bev_vec reads a k x k average pool, so two BEV maps with the same global mean but a
+    car-sized blob at different places give different bev_vec (k = 1, the default, cannot tell them apart);
+    older checkpoints without the field load as k = 1."""
+    from e2r.models.config import TeacherConfig
+    from e2r.models.policy import grid_pool
+    from e2r.models.teacher import load_teacher
+
+    near, far = torch.zeros(1, 2, 32, 32), torch.zeros(1, 2, 32, 32)
+    near[0, 0, 15:17, 2:4], far[0, 0, 15:17, 28:30] = 1.0, 1.0       # a blob 2 m vs 22 m ahead
+    assert torch.equal(grid_pool(near, 1), grid_pool(far, 1))
+    assert not torch.equal(grid_pool(near, 4), grid_pool(far, 4)) and grid_pool(near, 4).shape == (1, 2 * 16)
+    torch.testing.assert_close(grid_pool(near, 4).view(1, 2, 16).mean(-1), grid_pool(near, 1))
+    _train(data_root, tmp_path, "--epochs", "1", "--bev_pool_grid", "4", "--save_path", str(tmp_path / "g.pt"))
+    model, ckpt = load_teacher(tmp_path / "g.pt")
+    assert ckpt["config"]["bev_pool_grid"] == 4 and model.encoder.to_vec.in_features == 16 * model.cfg.bev_channels
+    old = {k: v for k, v in TeacherConfig.preset_named("tiny").to_dict().items() if k != "bev_pool_grid"}
+    assert TeacherConfig.from_dict(old).bev_pool_grid == 1
+    with pytest.raises(ConfigError, match="bev_pool_grid 0"):
+        _train(data_root, tmp_path, "--epochs", "1", "--bev_pool_grid", "0", "--save_path", str(tmp_path / "x.pt"))

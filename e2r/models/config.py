@@ -73,6 +73,7 @@ class TeacherConfig(PlainConfig):
     head_hidden: int = 320
     action_dim: int = 2         # A: [wheel_angle deg, velocity m/s]
     residual_actions: bool | str = True  # head predicts the change w.r.t. the (steering, speed) inputs (models/policy.py)
+    bev_pool_grid: int = 1      # bev_vec reads a k x k average pool of bev_feat (1: the global mean, no layout)
 
     def validate(self) -> None:
         r, v = self.point_cloud_range, self.voxel_size
@@ -81,6 +82,9 @@ class TeacherConfig(PlainConfig):
         if not all(x > 0 for x in v) or not all(r[i + 3] > r[i] for i in range(3)):
             raise ValueError(f"voxel_size must be > 0 and point_cloud_range max > min, got {v}, {r}")
         nx, ny = self.grid_size
+        if not isinstance(self.bev_pool_grid, int) or not 1 <= self.bev_pool_grid <= min(nx, ny) // self.bev_stride:
+            raise ValueError(f"bev_pool_grid must be an integer 1..{min(nx, ny) // self.bev_stride} (the BEV grid), "
+                             f"got {self.bev_pool_grid!r}")
         check_bev_grid(f"point_cloud_range {list(r)} and voxel_size {list(v)}", nx, ny,
                        self.pfn_channels + self.bev_channels)
 

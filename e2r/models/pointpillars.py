@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from e2r.models.config import TeacherConfig
+from e2r.models.policy import grid_pool
 from e2r.models.voxelize import VoxelizationResult, voxelize
 
 __all__ = ["PillarFeatureNet", "scatter_to_canvas", "BEVBackbone", "PointPillarsEncoder"]
@@ -100,7 +101,7 @@ class BEVBackbone(nn.Module):
 class PointPillarsEncoder(nn.Module):
     """Point clouds of F frames -> ``bev_vec (F, D)`` and ``bev_feat (F, C, H, W)``.
 
-    bev_vec = Linear(global average pool of bev_feat). The pillar limit is ``max_pillars_train`` in
+    bev_vec = Linear(k x k average pool of bev_feat), k = ``bev_pool_grid`` (1: the global mean). The pillar limit is ``max_pillars_train`` in
     training mode and ``max_pillars_eval`` in eval mode (per frame).
     """
 
@@ -111,7 +112,7 @@ class PointPillarsEncoder(nn.Module):
         self.pfn = PillarFeatureNet(cfg.num_point_features, cfg.pfn_channels, cfg.voxel_size,
                                     cfg.point_cloud_range)
         self.backbone = BEVBackbone(cfg)
-        self.to_vec = nn.Linear(cfg.bev_channels, cfg.bev_dim)
+        self.to_vec = nn.Linear(cfg.bev_channels * cfg.bev_pool_grid ** 2, cfg.bev_dim)
 
     def voxelize(self, points: Sequence[Tensor]) -> VoxelizationResult:
         """Hard-voxelize F clouds (N_f, num_point_features) with this model's grid and limits."""
@@ -137,5 +138,5 @@ class PointPillarsEncoder(nn.Module):
         pillar_feats = self.pfn(pillars, counts, coords)
         canvas = scatter_to_canvas(pillar_feats, coords, num_frames, self.nx, self.ny)
         bev_feat = self.backbone(canvas)
-        bev_vec = self.to_vec(bev_feat.mean(dim=(2, 3)))
+        bev_vec = self.to_vec(grid_pool(bev_feat, self.cfg.bev_pool_grid))
         return bev_vec, bev_feat

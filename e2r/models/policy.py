@@ -13,9 +13,10 @@ speed and steering inputs are normalised with velocity's and wheel_angle's stati
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TemporalPolicy", "STEER", "SPEED"]
+__all__ = ["TemporalPolicy", "grid_pool", "STEER", "SPEED"]
 
 STEER, SPEED = 0, 1  # action columns: [wheel_angle (deg), velocity (m/s)]
 STEER_RATE_GAIN = 20.0  # scales the per-step steering change (normalised units) to order 1
@@ -35,6 +36,12 @@ def residual_mask(mode: bool | str) -> tuple[float, float]:
         raise ValueError(f"residual_actions must be one of {sorted(RESIDUAL_MODES)} (or true/false), got {mode!r}")
     return RESIDUAL_MODES[key]
 
+
+
+def grid_pool(bev_feat: Tensor, k: int) -> Tensor:
+    """bev_feat (F, C, H, W) -> (F, C * k * k): the average over each of k x k BEV regions (rows before columns
+    of a channel), the global mean when k = 1: what ``bev_vec`` reads, keeping where things are when k > 1."""
+    return bev_feat.mean(dim=(2, 3)) if k == 1 else F.adaptive_avg_pool2d(bev_feat, k).flatten(1)
 
 class TemporalPolicy(nn.Module):
     """Base class: subclasses call :meth:`build_policy` in ``__init__`` and provide ``encode_frames``."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from e2r.checkpoints import load_model
-from e2r.models.policy import TemporalPolicy
+from e2r.models.policy import TemporalPolicy, grid_pool
 from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import LiftSplat, build_view_transform
 
@@ -144,10 +144,8 @@ class CameraBEVStudent(TemporalPolicy):
         return bev_vec, bev_feat
 
     def pool(self, bev_feat: Tensor) -> Tensor:
-        """bev_feat (F, C, H, W) -> (F, C * k * k): the average over each of k x k BEV regions (k =
-        ``bev_pool_grid``; rows before columns of a channel), the global mean when k = 1."""
-        k = self.cfg.bev_pool_grid
-        return bev_feat.mean(dim=(2, 3)) if k == 1 else F.adaptive_avg_pool2d(bev_feat, k).flatten(1)
+        """bev_feat (F, C, H, W) -> (F, C * k * k), k = ``bev_pool_grid`` (`e2r.models.policy.grid_pool`)."""
+        return grid_pool(bev_feat, self.cfg.bev_pool_grid)
 
     def forward(self, images: Tensor, intrinsics: Tensor, cam2ego: Tensor, speed: Tensor, steering: Tensor,
                 return_aux: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:

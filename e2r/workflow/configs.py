@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional, Union
 
 from e2r.cli_config import (command_line, config_from_namespace, device_option, image_size, lidar_num_features_option,
                             option, redefault)
 from e2r.errors import ConfigError, check_positive, check_probability, check_weights
+from e2r.models.config import TeacherConfig
 from e2r.models.policy import RESIDUAL_MODES
 from e2r.models.student_config import PRESET_BEV_POOL_GRID
 
@@ -162,6 +163,17 @@ class TeacherTrainConfig(TrainConfig):
              "command outright), none, scene (none, and the previous-steering input unused: the head that drives, "
              "default %(default)s; a head that sees its previous command learns to repeat it and leaves the "
              "road); the student follows")
+    bev_pool_grid: Optional[int] = option(
+        None, help="bev_vec reads a k x k average pool of the BEV features (default: the preset's, 1 = the global "
+                   "mean, which keeps no layout: where a car ahead is; docs/STUDENT.md)")
+
+    def check(self) -> None:
+        super().check()
+        if self.bev_pool_grid is not None:
+            try:
+                replace(TeacherConfig.preset_named(self.preset), bev_pool_grid=self.bev_pool_grid).validate()
+            except ValueError as e:
+                raise ConfigError(f"--bev_pool_grid {self.bev_pool_grid}: {e}") from None
 
 
 #: where the teacher rows of a KD batch are read (``--kd_targets``; `e2r.workflow.kd_data.make_kd_loader`)

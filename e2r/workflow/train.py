@@ -105,6 +105,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict[str, Any]:
             model_cfg = TeacherConfig.preset_named(cfg.preset)
             if cfg.residual_actions is not None:
                 model_cfg = replace(model_cfg, residual_actions=cfg.residual_actions)
+            if cfg.bev_pool_grid is not None:
+                model_cfg = replace(model_cfg, bev_pool_grid=cfg.bev_pool_grid)
         train_ds, valid_ds = train_valid_datasets(
             cfg, lambda split, segments: LidarSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
                                                               cfg.lidar_num_features, segments=segments))
