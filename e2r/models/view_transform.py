@@ -181,7 +181,8 @@ class LiftSplat(nn.Module):
         out.index_add_(0, target, vals)
         if self.pool == "mean":
             out = out / torch.bincount(target, minlength=Fr * HW).clamp_min(1).to(out.dtype)[:, None]
-        return out.reshape(Fr, self.bev_grid["H"], self.bev_grid["W"], C).permute(0, 3, 1, 2).contiguous()
+        # (F, H, W, C) in memory: the BEV map comes out channels_last, the BEV CNN's layout, without a copy
+        return out.reshape(Fr, self.bev_grid["H"], self.bev_grid["W"], C).permute(0, 3, 1, 2)
 
     def forward(self, feats: torch.Tensor, intrinsics: torch.Tensor, cam2ego: torch.Tensor,
                 image_hw: tuple[int, int], return_depth: bool = False
