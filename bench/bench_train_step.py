@@ -23,11 +23,13 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import e2r  # noqa: E402,F401  (first: it sets the OpenMP wait policy before torch loads OpenMP)
 import torch  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
+from e2r.cli_config import config_parser, parse_config  # noqa: E402
+from e2r.workflow.configs import StudentTrainConfig  # noqa: E402
 from e2r.workflow.train import train_student  # noqa: E402
-from pipelines.train_student import parse_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--warmup and --timed must be >= 1")
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = replace(parse_config(flags), steps=a.warmup + a.timed, valid_split="", save_path=None,
+    train_flags = config_parser(StudentTrainConfig, "train_student flags", None)
+    cfg = replace(parse_config(StudentTrainConfig, train_flags, flags), steps=a.warmup + a.timed, valid_split="", save_path=None,
                   checkpoint_path=None, no_progress=True, num_workers=0)
     stamps: list[tuple[float, float]] = []
     handle = register_optimizer_step_post_hook(
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(stamps) - a.warmup
     batch_size = cfg.hparams()[2]
     windows = n * batch_size
-    print(f"train step ({'KD' if cfg.memorybank else 'BC'}, preset {cfg.preset}, batch {batch_size}, torch threads "
+    print(f"train step (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}, {'KD' if cfg.memorybank else 'BC'}, preset {cfg.preset}, batch {batch_size}, torch threads "
           f"{torch.get_num_threads()}): {n} steps in {c1 - c0:.2f} CPU-s ({w1 - w0:.2f} s wall): "
           f"{windows / (c1 - c0):.2f} windows per CPU-s", flush=True)
     return 0

@@ -39,8 +39,8 @@ class BasicBlock(nn.Module):
                       nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.short(x))
+        y = self.bn1(self.conv1(x)).relu_()      # in place on fresh outputs (BatchNorm's backward keeps its input)
+        return self.bn2(self.conv2(y)).add_(self.short(x)).relu_()
 
 
 def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
