@@ -112,7 +112,7 @@ class CameraBEVStudent(TemporalPolicy):
         self.to_vec = nn.Linear(cfg.teacher_bev_channels * cfg.bev_pool_grid ** 2, cfg.bev_dim)
         self.build_policy(cfg.bev_dim, cfg.speed_emb, cfg.steer_emb, cfg.gru_hidden, cfg.head_hidden,
                           cfg.action_dim, cfg.residual_actions)
-        self.to(memory_format=torch.channels_last)   # conv weights, like the encoders' activations (docs/PERFORMANCE.md)
+        self.to(memory_format=torch.channels_last)   # conv weights, like the encoders' activations
 
     # ---- model ----
     @property
