@@ -18,6 +18,8 @@ import time
 from dataclasses import replace
 
 import numpy as np
+
+import e2r  # noqa: F401  (before torch: it sets the OpenMP wait policy, e2r/__init__.py)
 import torch
 
 from e2r.data.datasets import CameraSequenceDataset

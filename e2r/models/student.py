@@ -39,8 +39,8 @@ class BasicBlock(nn.Module):
                       nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.short(x))
+        y = self.bn1(self.conv1(x)).relu_()      # in place on fresh outputs (BatchNorm's backward keeps its input)
+        return self.bn2(self.conv2(y)).add_(self.short(x)).relu_()
 
 
 def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
@@ -63,7 +63,7 @@ class ImageEncoder(nn.Module):
         self.stride = 2 ** (len(channels) - 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.stem((x - 0.45) / 0.225)
+        x = self.stem((x.contiguous(memory_format=torch.channels_last) - 0.45) / 0.225)
         outs = []
         for stage in self.stages:
             x = stage(x)
@@ -87,6 +87,7 @@ class BEVEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         size, outs = x.shape[-2:], []
+        x = x.contiguous(memory_format=torch.channels_last)
         for stage in self.stages:
             x = stage(x)
             outs.append(x if x.shape[-2:] == size else
@@ -111,6 +112,7 @@ class CameraBEVStudent(TemporalPolicy):
         self.to_vec = nn.Linear(cfg.teacher_bev_channels * cfg.bev_pool_grid ** 2, cfg.bev_dim)
         self.build_policy(cfg.bev_dim, cfg.speed_emb, cfg.steer_emb, cfg.gru_hidden, cfg.head_hidden,
                           cfg.action_dim, cfg.residual_actions)
+        self.to(memory_format=torch.channels_last)   # conv weights, like the encoders' activations
 
     # ---- model ----
     @property

@@ -13,7 +13,7 @@ are z-depths along the optical axis (as in LSS).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torch import nn
 
 from e2r.data.calib import scale_intrinsics
 
-__all__ = ["depth_bin_centers", "frustum_points", "bev_cell_index", "camera_fov_mask",
+__all__ = ["depth_bin_centers", "frustum_points", "bev_cell_index", "camera_fov_mask", "RigPoints",
            "LiftSplat", "IdentityViewTransform", "build_view_transform"]
 
 
@@ -91,6 +91,17 @@ def camera_fov_mask(intrinsics: torch.Tensor, cam2ego: torch.Tensor, image_size:
     return out if batched else out[0]
 
 
+class RigPoints(NamedTuple):
+    """One rig's frustum geometry on the feature grid (h, w), computed once and cached by ``LiftSplat``:
+    ``cells`` (Ncam, Dbins, h, w) int64 flat BEV cell of every frustum point (-1 = dropped), and for the K
+    kept points, in (camera, depth, pixel) order: ``depth_index`` (K,) into one frame's depth distribution
+    laid out (Ncam, h, w, Dbins), ``pixel`` (K,) into its (Ncam, h, w) context pixels, ``cell`` (K,)."""
+    cells: torch.Tensor
+    depth_index: torch.Tensor
+    pixel: torch.Tensor
+    cell: torch.Tensor
+
+
 class LiftSplat(nn.Module):
     """Lift-Splat: per-pixel categorical depth x context features, lifted into the camera frustum and pooled
     onto the teacher's BEV grid (vectorised with ``index_add_``): summed (``pool="sum"``, as in LSS) or
@@ -116,7 +127,7 @@ class LiftSplat(nn.Module):
         self.register_buffer("depths", depth_bin_centers(depth_bins).float(), persistent=False)
         self.n_depth = int(self.depths.numel())
         self.depthnet = nn.Conv2d(in_channels, self.n_depth + out_channels, 1)
-        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple, RigPoints] = OrderedDict()
         self._cache_size = cache_size
         self.geometry_computations = 0  # how many rigs were computed (not served from the cache)
 
@@ -125,8 +136,10 @@ class LiftSplat(nn.Module):
         x = self.depthnet(feats)
         return x[:, :self.n_depth].softmax(1), x[:, self.n_depth:]
 
-    def _rig_cells(self, calib_row: torch.Tensor, n_cam: int, image_hw: tuple[int, int],
-                   feat_hw: tuple[int, int]) -> torch.Tensor:
+    def _rig(self, calib_row: torch.Tensor, n_cam: int, image_hw: tuple[int, int],
+             feat_hw: tuple[int, int]) -> RigPoints:
+        """The cached :class:`RigPoints` of one rig (``calib_row``: its K (Ncam,3,3) and cam2ego (Ncam,4,4)
+        flattened, float64)."""
         key = (calib_row.detach().to("cpu", torch.float64).numpy().tobytes(), n_cam, tuple(image_hw),
                tuple(feat_hw), str(calib_row.device))
         hit = self._cache.get(key)
@@ -138,16 +151,19 @@ class LiftSplat(nn.Module):
         (H_img, W_img), (h, w) = image_hw, feat_hw
         K_feat = scale_intrinsics(K.to(torch.float64), w / W_img, h / H_img)
         cells = bev_cell_index(frustum_points(K_feat, T, self.depths, feat_hw), self.bev_grid)  # (N,D,h,w)
+        kept = torch.nonzero(cells.reshape(-1) >= 0).squeeze(1)       # flat index into (Ncam, D, h, w)
+        D = self.n_depth
+        cam, d, pix = kept // (D * h * w), (kept // (h * w)) % D, kept % (h * w)
+        rig = RigPoints(cells, ((cam * h * w + pix) * D + d), cam * h * w + pix, cells.reshape(-1)[kept])
         self.geometry_computations += 1
-        self._cache[key] = cells
+        self._cache[key] = rig
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return cells
+        return rig
 
-    def geometry(self, intrinsics: torch.Tensor, cam2ego: torch.Tensor, image_hw: tuple[int, int],
-                 feat_hw: tuple[int, int]) -> torch.Tensor:
-        """intrinsics (F,Ncam,3,3) for images of ``image_hw`` = (H, W), cam2ego (F,Ncam,4,4)
-        -> flat BEV cell per frustum point (F, Ncam, Dbins, h, w) int64, -1 = dropped."""
+    def _rigs(self, intrinsics: torch.Tensor, cam2ego: torch.Tensor, image_hw: tuple[int, int],
+              feat_hw: tuple[int, int]) -> tuple[list[RigPoints], torch.Tensor]:
+        """The distinct rigs of a batch and which one each frame has: ``(rigs, inverse (F,))``."""
         if intrinsics.dim() != 4 or intrinsics.shape[-2:] != (3, 3) or cam2ego.shape[-2:] != (4, 4) \
                 or cam2ego.shape[:2] != intrinsics.shape[:2]:
             raise ValueError(f"LiftSplat: intrinsics must be (F,Ncam,3,3) and cam2ego (F,Ncam,4,4), got "
@@ -155,14 +171,22 @@ class LiftSplat(nn.Module):
         Fr, n_cam = intrinsics.shape[:2]
         calib = torch.cat([intrinsics.reshape(Fr, -1), cam2ego.reshape(Fr, -1)], 1).detach().to(torch.float64)
         uniq, inv = torch.unique(calib, dim=0, return_inverse=True)
-        cells = torch.stack([self._rig_cells(uniq[i], n_cam, image_hw, feat_hw) for i in range(uniq.shape[0])])
-        return cells[inv]
+        return [self._rig(uniq[i], n_cam, image_hw, feat_hw) for i in range(uniq.shape[0])], inv
+
+    def geometry(self, intrinsics: torch.Tensor, cam2ego: torch.Tensor, image_hw: tuple[int, int],
+                 feat_hw: tuple[int, int]) -> torch.Tensor:
+        """intrinsics (F,Ncam,3,3) for images of ``image_hw`` = (H, W), cam2ego (F,Ncam,4,4)
+        -> flat BEV cell per frustum point (F, Ncam, Dbins, h, w) int64, -1 = dropped."""
+        rigs, inv = self._rigs(intrinsics, cam2ego, image_hw, feat_hw)
+        return torch.stack([r.cells for r in rigs])[inv]
 
     def splat(self, depth_probs: torch.Tensor, context: torch.Tensor, intrinsics: torch.Tensor,
               cam2ego: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
         """depth_probs (F*Ncam, Dbins, h, w), context (F*Ncam, C, h, w) (frame-major, camera-minor),
         intrinsics (F,Ncam,3,3), cam2ego (F,Ncam,4,4), image_hw (H, W) of the images K is for
-        -> BEV (F, C, H_bev, W_bev): sum (or mean) over cameras, depth bins and pixels falling in each cell."""
+        -> BEV (F, C, H_bev, W_bev): sum (or mean) over cameras, depth bins and pixels falling in each cell.
+        The kept frustum points of each rig come from the cache (:class:`RigPoints`); a frame's points are
+        its rig's, offset to the frame, summed into each cell in the same order as frame by frame."""
         FN, D, h, w = depth_probs.shape
         C = context.shape[1]
         Fr, n_cam = intrinsics.shape[:2]
@@ -170,18 +194,24 @@ class LiftSplat(nn.Module):
             raise ValueError(f"LiftSplat.splat: depth_probs {tuple(depth_probs.shape)} does not match "
                              f"{Fr} frames x {n_cam} cameras x {self.n_depth} depth bins")
         HW = self.bev_grid["H"] * self.bev_grid["W"]
-        cells = self.geometry(intrinsics, cam2ego, image_hw, (h, w)).to(depth_probs.device).reshape(-1)
-        kept = torch.nonzero(cells >= 0).squeeze(1)                  # flat index into (F, Ncam, D, h, w)
-        frame = kept // (n_cam * D * h * w)
-        pixel = (kept // (D * h * w)) * (h * w) + kept % (h * w)      # flat index into (F*Ncam, h, w)
-        ctx = context.permute(0, 2, 3, 1).reshape(-1, C)
-        vals = depth_probs.reshape(-1)[kept, None] * ctx[pixel]       # (K, C)
+        rigs, inv = self._rigs(intrinsics, cam2ego, image_hw, (h, w))
+        dev, per_frame = depth_probs.device, n_cam * h * w
+        src, pixel, target = [], [], []
+        for i, rig in enumerate(rigs):
+            frames = torch.nonzero(inv == i).squeeze(1).to(dev)[:, None]            # (F_i, 1)
+            src.append((frames * (per_frame * D) + rig.depth_index.to(dev)).reshape(-1))
+            pixel.append((frames * per_frame + rig.pixel.to(dev)).reshape(-1))
+            target.append((frames * HW + rig.cell.to(dev)).reshape(-1))
+        src, pixel, target = torch.cat(src), torch.cat(pixel), torch.cat(target)
+        # (F*Ncam, h, w, Dbins) and (F*Ncam*h*w, C): the channels_last memory of the lift's output, no copy
+        probs, ctx = depth_probs.permute(0, 2, 3, 1).reshape(-1), context.permute(0, 2, 3, 1).reshape(-1, C)
+        vals = probs[src, None] * ctx[pixel]                                   # (K_all, C)
         out = torch.zeros(Fr * HW, C, dtype=vals.dtype, device=vals.device)
-        target = frame * HW + cells[kept]
         out.index_add_(0, target, vals)
         if self.pool == "mean":
             out = out / torch.bincount(target, minlength=Fr * HW).clamp_min(1).to(out.dtype)[:, None]
-        return out.reshape(Fr, self.bev_grid["H"], self.bev_grid["W"], C).permute(0, 3, 1, 2).contiguous()
+        # (F, H, W, C) in memory: the BEV map comes out channels_last, the BEV CNN's layout, without a copy
+        return out.reshape(Fr, self.bev_grid["H"], self.bev_grid["W"], C).permute(0, 3, 1, 2)
 
     def forward(self, feats: torch.Tensor, intrinsics: torch.Tensor, cam2ego: torch.Tensor,
                 image_hw: tuple[int, int], return_depth: bool = False
