@@ -235,12 +235,16 @@ def _drive_round(cfg: DaggerConfig, r: int, student: str, segments: list[str], s
 
 
 def _label_round(cfg: DaggerConfig, split: str, seq_len: int) -> float:
-    """The teacher's outputs for ``split`` appended to the memorybank -> labelling frames/s."""
+    """The teacher's outputs for ``split`` appended to the memorybank -> labelling frames/s (of the rows this run
+    wrote; NaN when a resumed append found them all written)."""
     result = export_memorybank(ExportConfig(data_root=cfg.data_root, split=[split], store=cfg.memorybank,
                                             teacher_ckpt=cfg.teacher_ckpt, seq_len=seq_len, append=True,
                                             device=cfg.device, no_progress=cfg.no_progress))
     done = result.splits[0]
-    return float(done.num_frames / max(done.stats.wall_s, 1e-9))
+    st = done.stats          # a resumed append skips the rows written before: count the frames of this run's rows
+    rows = st.rows_written + st.rows_skipped
+    frames = done.num_frames * st.rows_written / rows if rows else 0.0
+    return float(frames / max(st.wall_s, 1e-9)) if frames else float("nan")
 
 
 def _round_disagreement(cfg: DaggerConfig, split: str) -> float:
