@@ -167,9 +167,13 @@ def cmd_rm_split(a: argparse.Namespace) -> int:
 def cmd_reindex(a: argparse.Namespace) -> int:
     bank = open_memorybank(a.path, mode="r+", **open_kw(a))
     orphans = sum(y - x for x, y in bank.orphan_ranges())
+    leftovers = bank.leftover_ranges()
     done = bank.reindex()
     if orphans:
         print(f"cleared {orphans} orphan row(s) (complete rows of no split, left by an interrupted rm-split)")
+    for x, y, what in leftovers:
+        print(f"deleted the leftovers of rows [{x}, {y}) of no split ({'; '.join(what)}; left by an interrupted "
+              "rm-split or reserve_split)")
     if not bank.index_files:
         print(f"{a.path}: a {bank.backend} store builds its key index in memory at open; no index to write")
         return 0
