@@ -189,6 +189,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.teacher_sha256:
         kw["teacher_sha256"] = a.teacher_sha256
     summary = convert(a.src, a.dst, **kw)
+    for t in summary.get("cleaned", []):
+        print(f"removed {t}: the temporary store of a conversion or creation of {a.dst} that was killed")
     print(f"converted {a.src} -> {a.dst}: {summary['rows']} rows, splits {summary['splits']}")
     return 0
 

@@ -10,7 +10,8 @@ npz files are read with ``allow_pickle=False``.
 Every conversion builds the new store under a temporary sibling name of ``dst`` and renames it into place
 only when every row is copied (`stores.fsio.publish`: never over an existing path); on any failure the
 temporary is removed, so a refused conversion (a damaged source, a full disk, a kill: the next conversion
-removes a dead converter's temporary) leaves nothing at ``dst``. Local paths only (an object store has no
+removes a dead converter's temporary, and the creation's own temporary inside it, and says so) leaves nothing at
+``dst``. Local paths only (an object store has no
 rename): convert locally, then upload.
 """
 from __future__ import annotations
@@ -89,13 +90,15 @@ def _new_store(dst: str, tmp: str, schema: StoreSchema, provenance: Provenance, 
 
 def built_aside(dst: str, build: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
     """Run ``build(tmp)`` on a temporary sibling path of ``dst``, then rename the result to ``dst`` (never over
-    an existing path); on any failure the temporary is removed and ``dst`` stays absent. Returns build's result."""
+    an existing path); on any failure the temporary is removed and ``dst`` stays absent. Temporaries of ``dst``
+    that a killed conversion or creation on this host left (nested ones included) are deleted first. Returns
+    build's result plus ``cleaned``: the temporaries deleted."""
     if is_remote(dst):
         raise StoreError(f"convert writes local stores only, not {dst}: convert to a local path, then upload it")
     if os.path.lexists(dst):
         raise FileExistsError(f"{dst} already exists: convert writes a new store; choose another path or remove it")
     check_new_path(dst)
-    remove_stale_temps(dst)                 # what a killed conversion (or creation) on this host left
+    cleaned = remove_stale_temps(dst)       # what a killed conversion (or creation) on this host left
     tmp = temp_sibling(dst)
     try:
         summary = build(tmp)
@@ -105,7 +108,7 @@ def built_aside(dst: str, build: Callable[[str], dict[str, Any]]) -> dict[str, A
         remove_path(tmp, settle_s=0.5)      # zarr-python's writes of a failed step may still be landing
         raise
     fsync_path(os.path.dirname(os.path.abspath(dst)))
-    return summary
+    return {**summary, "cleaned": cleaned}
 
 
 def _copy_rows(s: MemoryBank, src: str, d: MemoryBank, block_rows: int) -> dict[str, Any]:

@@ -186,3 +186,48 @@ def test_rm_split_killed_at_each_step_leaves_only_named_leftovers_that_are_clear
     bank = open_memorybank(path)
     out, _ = bank.get_batch(keys["valid"])
     np.testing.assert_array_equal(out["gru_out"], data["valid"]["gru_out"])
+
+
+# ----- convert killed while it creates the new store or copies rows: the rerun removes what it left, and says so
+CONVERT = r"""
+import os, signal, sys
+import stores.convert as cv
+from stores import HDF5MemoryBank, ZarrMemoryBank
+src, dst, where = sys.argv[1:4]
+cls = HDF5MemoryBank if dst.endswith(".h5") else ZarrMemoryBank
+name = "_create_new" if where == "create" else "write_rows"
+real = getattr(cls, name)
+def die(self, *a, **k):
+    real(self, *a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)
+setattr(cls, name, die)
+cv.convert(src, dst)
+"""
+
+
+@pytest.mark.parametrize("where", ["create", "rows"])
+@pytest.mark.parametrize("dst_name", ["out.zarr", "out.h5"])
+def test_convert_killed_mid_way_then_rerun_removes_its_temporaries_and_says_so(tmp_path, where, dst_name):
+    from stores.__main__ import main
+    from stores.verify import verify_path
+    from tests.store_fixtures import filled
+    src = str(tmp_path / "src.zarr")
+    _, keys, data = filled(src)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dst = str(out_dir / dst_name)
+    r = subprocess.run([sys.executable, "-c", CONVERT, src, dst, where], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    left = sorted(os.listdir(out_dir))
+    assert left and all(".e2r-tmp-" in n for n in left)         # nothing at dst, only temporaries
+    assert any(n.startswith("..") for n in left) == (where == "create")   # the creation's own, inside convert's
+    proc = subprocess.run([sys.executable, "-m", "stores", "convert", src, dst], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    for n in left:
+        assert f"removed {out_dir / n}: the temporary store of a conversion" in proc.stdout, proc.stdout
+    assert sorted(os.listdir(out_dir)) == [dst_name]
+    assert verify_path(dst)[0] == []
+    out, _ = open_memorybank(dst).get_batch(keys)
+    np.testing.assert_array_equal(out["gru_out"], data["gru_out"])
+    assert main(["convert", src, str(out_dir / "again.zarr")]) == 0   # nothing more to remove
