@@ -305,3 +305,40 @@ def test_deeply_nested_hdf5_attribute_is_refused_by_name(tmp_path):
         f.attrs["e2r_memorybank"] = json.dumps(attrs).replace('"@"', "[" * 50000 + "]" * 50000)
     with pytest.raises(StoreCorruptError, match=r"mb.h5: attribute 'e2r_memorybank': its JSON nests 50001 levels"):
         open_memorybank(path)
+
+
+# ----- files far larger than their rows can make them: refused by size, never mapped or read whole -------------
+SIZE_PROBE = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))    # an 8 GiB map or read fails under this limit
+from stores import StoreCorruptError, open_memorybank
+path = sys.argv[1]
+try:
+    open_memorybank(path).get_batch(["train/seg_001:2"])
+    print("served")
+except StoreCorruptError as e:
+    print("refused", e.chunk, str(e))
+try:
+    print("redo", open_memorybank(path, "r+").incomplete_ranges("train"))
+except StoreCorruptError as e:
+    print("resume refused", e.chunk, str(e))
+"""
+
+
+@pytest.mark.parametrize("what", ["light/c/1/0/0", "complete/tags/1"])
+def test_a_sparse_8_gib_shard_or_tag_chunk_is_refused_by_its_size(tmp_path, what):
+    path = str(tmp_path / "mb.zarr")
+    filled(path)
+    with open(Path(path, what), "r+b") as f:
+        f.truncate(8 << 30)                                  # sparse: nearly nothing on disk
+    r = subprocess.run([sys.executable, "-c", SIZE_PROBE, path], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr + r.stdout                # no MemoryError / ENOMEM, no traceback
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"refused {what}") and "8589934592 bytes" in lines[0], lines
+    if what == "complete/tags/1":
+        assert lines[1] == "redo [(8, 16)]"                  # a resume redoes the rows of the bad tag chunk
+    else:                                                    # the shard is refused by name, not read whole
+        assert lines[1].startswith(f"resume refused {what}") and "delete the file and resume" in lines[1], lines
+    problems, _ = verify_path(path)
+    assert any(what in p and "8589934592 bytes" in p for p in problems), problems
