@@ -28,7 +28,7 @@ from stores.__main__ import main
 from stores.convert import convert
 from stores.index_file import index_files
 from stores.verify import verify_path
-from tests.store_fixtures import make_keys, rows_for, s3_fs, tiny_prov, tiny_schema, upload_store
+from tests.store_fixtures import as_vlen_keys, make_keys, rows_for, s3_fs, tiny_prov, tiny_schema, upload_store
 
 S = 8                              # rows per shard of these stores
 FEW = settings(max_examples=6, derandomize=True, deadline=None, database=None,
@@ -328,7 +328,9 @@ def test_concurrent_appends_from_threads_of_one_process_both_succeed(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- older stores
 def _strip_identity(path: str) -> None:
-    """Make ``path`` what a store written before identity tags is: no ``identity`` attribute, tags or split uid."""
+    """Make ``path`` what a store written before identity tags is: schema_version 4 (keys as vlen strings), no
+    ``identity`` attribute, tags or split uid."""
+    as_vlen_keys(path, version=4)
     root = Path(path) / "zarr.json"
     meta = json.loads(root.read_text())
     meta["attributes"].pop("identity")
@@ -435,3 +437,25 @@ def test_object_storage_refuses_swapped_shards_and_serialises_concurrent_appends
         ks = make_keys(split, n)
         _served(back, ks, rows_for(tiny_schema(), ks), list(range(n)))
     assert not fs.exists("bkt/ident.zarr/e2r.lock") and main(["verify", url]) == 0
+
+
+@pytest.mark.parametrize("also", ["", "shards swapped", "valid's shard over train's"])
+def test_identity_removed_from_a_current_store_is_refused_not_read_unchecked(tmp_path, also):
+    path = _fresh(tmp_path)
+    built = _build(path, {"train": 16, "valid": 8})
+    root = Path(path) / "zarr.json"
+    meta = json.loads(root.read_text())
+    meta["attributes"].pop("identity")                        # a downgrade: the store would read unchecked
+    root.write_text(json.dumps(meta))
+    if also == "shards swapped":
+        a, b = _shard(path, 0).read_bytes(), _shard(path, 1).read_bytes()
+        _shard(path, 0).write_bytes(b)
+        _shard(path, 1).write_bytes(a)
+    elif also:
+        shutil.copyfile(_shard(path, 2), _shard(path, 0))
+    for mode in ("r", "r+"):
+        with pytest.raises(StoreCorruptError, match="attribute identity is missing, but every schema_version 5"):
+            open_memorybank(path, mode)
+    problems, _ = verify_path(path)
+    assert any("attribute identity is missing" in p for p in problems), problems
+    assert main(["verify", path]) == 1
