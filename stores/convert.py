@@ -31,7 +31,7 @@ from stores.keys import InvalidKeyError, parse_key, validate_key
 from stores.factory import backend_for
 from stores.fsio import fsync_path, publish, remove_path, remove_stale_temps, temp_sibling
 from stores.paths import check_new_path
-from stores.layout import ranges_of
+from stores.layout import check_shard_rows, ranges_of
 from stores.remote.objstore import is_remote
 from stores.schema import ALL_FIELDS, BEV_FEAT, Provenance, StoreSchema
 
@@ -79,6 +79,21 @@ def convert_store(src: str, dst: str, dtype: str | None = None, shard_rows: int 
         schema.dtype = dtype
     return built_aside(dst, lambda tmp: _copy_rows(s, src, _new_store(dst, tmp, schema, s.provenance,
                                                                        shard_rows or s.alignment), block_rows))
+
+
+def check_convert_paths(src: str, dst: str, shard_rows: int | None) -> None:
+    """Refuse, before anything is read or made: an empty ``dst``, a ``dst`` inside ``src`` or ``src`` inside
+    ``dst`` (a store written into the one it copies), a ``shard_rows`` that is no power of two in [1, 2^20]."""
+    if not str(dst).strip():
+        raise ValueError("convert: the destination path is empty; name the new store")
+    if shard_rows is not None:
+        check_shard_rows(shard_rows)
+    if is_remote(src) or is_remote(dst):
+        return
+    a, b = os.path.realpath(src), os.path.realpath(dst)
+    if b == a or b.startswith(a + os.sep) or a.startswith(b + os.sep):
+        raise ValueError(f"convert: {dst} lies inside {src} (or the other way round); write the new store next to "
+                         "it, not into it")
 
 
 def _new_store(dst: str, tmp: str, schema: StoreSchema, provenance: Provenance, shard_rows: int | None) -> MemoryBank:
@@ -185,7 +200,9 @@ def _import_npz(src: str, bank: MemoryBank, schema: StoreSchema, by_split: dict[
 
 
 def convert(src: str, dst: str, **kwargs: Any) -> dict[str, Any]:
-    """Dispatch: npz directory -> store, or store -> store (Zarr <-> HDF5)."""
+    """Dispatch: npz directory -> store, or store -> store (Zarr <-> HDF5); the paths and ``shard_rows`` are
+    checked first (`check_convert_paths`)."""
+    check_convert_paths(src, dst, kwargs.get("shard_rows"))
     if is_npz_dir(src):
         return convert_npz_dir(src, dst, **kwargs)
     kwargs.pop("teacher_sha256", None)

@@ -342,3 +342,30 @@ def test_a_sparse_8_gib_shard_or_tag_chunk_is_refused_by_its_size(tmp_path, what
         assert lines[1].startswith(f"resume refused {what}") and "delete the file and resume" in lines[1], lines
     problems, _ = verify_path(path)
     assert any(what in p and "8589934592 bytes" in p for p in problems), problems
+
+
+# ----- hostile command lines of the store CLI (sweep of issue 25, part two): one clear line, nothing made --------
+def test_hostile_store_cli_flags_and_paths_are_refused_by_name(tmp_path, capsys):
+    path = str(tmp_path / "mb.zarr")
+    filled(path)
+    fifo = tmp_path / "a.fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "plain").write_text("x")
+    cases = [
+        (["ls", path, "--limit", "-1"], "--limit must be 0 (all keys) or a positive number of keys, got -1"),
+        (["info", path, "--cache_gb", "nan"], "--cache_gb must be a positive number of GiB, got nan"),
+        (["info", path, "--cache_gb", "-1"], "--cache_gb must be a positive number of GiB, got -1.0"),
+        (["info", "nosuch://x/y"], "Protocol not known: nosuch (a store is a local path or an fsspec URL"),
+        (["info", str(tmp_path / "plain")], "plain is a regular file, not a memorybank"),
+        (["ls", str(fifo)], "a.fifo is a FIFO, not a memorybank"),
+        (["convert", path, ""], "the destination path is empty"),
+        (["convert", path, f"{path}/inner.zarr"], "lies inside"),
+        (["convert", path, str(tmp_path / "z.zarr"), "--shard-rows", "0"], "power of two in [1, 1048576], got 0"),
+        (["convert", path, str(tmp_path / "z.zarr"), "--shard-rows", str(2**40)], f"got {2**40}"),
+    ]
+    for argv, why in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and why in err and err.count("\n") == 1, (argv, err)
+    assert sorted(os.listdir(tmp_path)) == ["a.fifo", "mb.zarr", "plain"]            # nothing was made
+    assert not (Path(path) / "inner.zarr").exists() and verify_path(path)[0] == []
