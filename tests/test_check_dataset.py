@@ -182,3 +182,26 @@ def test_reports_what_training_refuses_column_case_layout_and_symlinks(tmp_path,
     assert (f"{seg2 / 'meta' / 'data.csv'}: row 1: column 'lidar_filepath' (line 3): path "
             f"{rows2[1]['lidar_filepath']!r} is a symlink (or lies under one) leading outside the data root") in out
     assert "3 problem(s) -> FAILED" in out
+
+
+def test_impossible_speeds_and_angles_and_nul_in_paths_are_problems_naming_file_and_row(tmp_path, capsys):
+    """Sweep of issue 25, part two: a velocity of 1e300 m/s or a wheel angle of a million degrees passed as OK
+    (training then normalised by infinite statistics); a NUL byte in a file path was a traceback."""
+    root = write_tiny_dataset(tmp_path, splits={"train": 3}, frames=6, camera=False)
+    edits = {0: ("velocity", "1e300"), 1: ("wheel_angle", "-1000000"), 2: ("lidar_filepath", None)}
+    csvs = {}
+    for s, (column, value) in edits.items():
+        csv_path = root / "train" / f"segment_000{s}" / "meta" / "data.csv"
+        lines = csv_path.read_text().splitlines()
+        header = lines[0].split(",")
+        cells = lines[3].split(",")
+        i = header.index(column)
+        cells[i] = value if value is not None else cells[i].replace("/", "/\0", 1)
+        lines[3] = ",".join(cells)
+        csv_path.write_text("\n".join(lines) + "\n")
+        csvs[s] = csv_path
+    code, out = run(capsys, root, "--seq_len", 2)
+    assert code == 1 and "Traceback" not in out
+    assert f"{csvs[0]}: row 2: column 'velocity' (line 4): 1e300 m/s is beyond any car's (|velocity| <= 150 m/s)" in out
+    assert f"{csvs[1]}: row 2: column 'wheel_angle' (line 4): -1000000 degrees is beyond any car's" in out
+    assert f"{csvs[2]}: row 2: column 'lidar_filepath' (line 4): path" in out and "contains a NUL byte" in out
