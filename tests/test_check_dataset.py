@@ -187,12 +187,14 @@ def test_reports_what_training_refuses_column_case_layout_and_symlinks(tmp_path,
 def test_impossible_speeds_and_angles_and_nul_in_paths_are_problems_naming_file_and_row(tmp_path, capsys):
     """Sweep of issue 25, part two: a velocity of 1e300 m/s or a wheel angle of a million degrees passed as OK
     (training then normalised by infinite statistics); a NUL byte in a file path was a traceback."""
-    root = write_tiny_dataset(tmp_path, splits={"train": 3}, frames=6, camera=False)
-    edits = {0: ("velocity", "1e300"), 1: ("wheel_angle", "-1000000"), 2: ("lidar_filepath", None)}
+    root = write_tiny_dataset(tmp_path, splits={"train": 4}, frames=6, camera=False)
+    edits = {0: ("velocity", "1e300"), 1: ("wheel_angle", "-1000000"), 2: ("lidar_filepath", None), 3: ("yaw", "1e9")}
     csvs = {}
     for s, (column, value) in edits.items():
         csv_path = root / "train" / f"segment_000{s}" / "meta" / "data.csv"
         lines = csv_path.read_text().splitlines()
+        if column == "yaw":                                   # a pose: x, y, yaw
+            lines = [lines[0] + ",x,y,yaw"] + [ln + ",1.0,2.0,0.5" for ln in lines[1:]]
         header = lines[0].split(",")
         cells = lines[3].split(",")
         i = header.index(column)
@@ -205,3 +207,4 @@ def test_impossible_speeds_and_angles_and_nul_in_paths_are_problems_naming_file_
     assert f"{csvs[0]}: row 2: column 'velocity' (line 4): 1e300 m/s is beyond any car's (|velocity| <= 150 m/s)" in out
     assert f"{csvs[1]}: row 2: column 'wheel_angle' (line 4): -1000000 degrees is beyond any car's" in out
     assert f"{csvs[2]}: row 2: column 'lidar_filepath' (line 4): path" in out and "contains a NUL byte" in out
+    assert f"{csvs[3]}: row 2: column 'yaw' (line 4): 1e9 rad is beyond any car's (|yaw| <= 100000 rad)" in out

@@ -132,8 +132,10 @@ def camera_columns(header: list[str], cameras: list[CameraCalib], csv_path: Path
     return out
 
 
-# |value| beyond these is no car's (m/s: 540 km/h; degrees: ten turns of a steering wheel): a unit or field mix-up
-PHYSICAL_LIMITS = {"velocity": (150.0, "m/s"), "speed_command": (150.0, "m/s"), "wheel_angle": (3600.0, "degrees")}
+# |value| beyond these is no car's (m/s: 540 km/h; degrees: ten turns of a steering wheel; a track frame 10 000 km
+# wide; a heading unwrapped over 16 000 turns; float32 keeps ~0.01 rad there): a unit or column mix-up
+PHYSICAL_LIMITS = {"velocity": (150.0, "m/s"), "speed_command": (150.0, "m/s"), "wheel_angle": (3600.0, "degrees"),
+                   "x": (1e7, "m"), "y": (1e7, "m"), "yaw": (1e5, "rad")}
 
 
 def _parse_number(text: str, column: str, row: int, csv_path: Path, line: int, kind: Optional[str] = None) -> float:
@@ -260,7 +262,7 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
         raise DataError(csv_path, f"pose columns {have} without {[c for c in POSE_COLUMNS if c not in have]} "
                         f"(a pose needs all of {list(POSE_COLUMNS)})")
     if have:
-        table.pose = np.stack([numbers(c) for c in POSE_COLUMNS], axis=1)
+        table.pose = np.stack([numbers(c, c) for c in POSE_COLUMNS], axis=1)
     if lidar:
         table.lidar_paths = paths("lidar_filepath")
         table.lidar2ego = read_segment_lidar2ego(directory)
