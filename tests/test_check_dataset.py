@@ -208,3 +208,23 @@ def test_impossible_speeds_and_angles_and_nul_in_paths_are_problems_naming_file_
     assert f"{csvs[1]}: row 2: column 'wheel_angle' (line 4): -1000000 degrees is beyond any car's" in out
     assert f"{csvs[2]}: row 2: column 'lidar_filepath' (line 4): path" in out and "contains a NUL byte" in out
     assert f"{csvs[3]}: row 2: column 'yaw' (line 4): 1e9 rad is beyond any car's (|yaw| <= 100000 rad)" in out
+
+
+def test_frames_of_one_repeated_point_leading_zeros_or_a_sliver_of_points_are_problems(tmp_path, capsys):
+    """Sweep of issue 25, part two: three LiDAR frames passed as OK — every point the same (a stuck buffer), the
+    first half zero-filled (a write that filled only the end), and 3 points where the segment holds thousands (a
+    copy cut off at a whole point); each changed what the teacher saw."""
+    root = write_tiny_dataset(tmp_path, splits={"train": 1}, frames=10, camera=False, points_per_frame=(2000, 2400))
+    seg = root / "train" / "segment_0000"
+    rows = read_csv_rows(seg / "meta" / "data.csv")
+    files = [seg / rows[i]["lidar_filepath"] for i in (2, 5, 7)]
+    pts = [np.fromfile(f, np.float32).reshape(-1, 4) for f in files]
+    np.repeat(pts[0][:1], len(pts[0]), 0).tofile(files[0])
+    pts[1][: len(pts[1]) // 2] = 0
+    pts[1].tofile(files[1])
+    pts[2][:3].tofile(files[2])
+    code, out = run(capsys, root, "--seq_len", 2)
+    assert code == 1 and "problems found: 3" in out, out
+    assert f"{files[0]}: row 2: all {len(pts[0])} points are the same point" in out
+    assert f"{files[1]}: row 5: the first {len(pts[1]) // 2} of {len(pts[1])} points are all zeros: a torn write" in out
+    assert f"{files[2]}: row 7: 3 points, under 1/20 of the segment's median" in out
