@@ -228,3 +228,14 @@ def test_frames_of_one_repeated_point_leading_zeros_or_a_sliver_of_points_are_pr
     assert f"{files[0]}: row 2: all {len(pts[0])} points are the same point" in out
     assert f"{files[1]}: row 5: the first {len(pts[1]) // 2} of {len(pts[1])} points are all zeros: a torn write" in out
     assert f"{files[2]}: row 7: 3 points, under 1/20 of the segment's median" in out
+
+
+def test_a_principal_point_far_outside_the_image_is_a_problem(tmp_path, capsys):
+    """Sweep of issue 25, part two: cx = 1e6 for a 32-pixel image passed as OK (every ray missed the image)."""
+    root = write_tiny_dataset(tmp_path, splits={"train": 1}, frames=6)
+    calib = root / "train" / "segment_0000" / "camera" / "calib.json"
+    doc = json.loads(calib.read_text())
+    doc["cameras"][0]["K"][0][2] = 1e6
+    calib.write_text(json.dumps(doc))
+    code, out = run(capsys, root, "--seq_len", 2, "--image_size", "16x8")
+    assert code == 1 and f"{calib}: cameras[0].K: cx = 1e+06 lies more than half the image side outside" in out, out

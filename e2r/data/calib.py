@@ -127,7 +127,9 @@ def cameras_from_doc(doc: object, path: PathLike) -> list[CameraCalib]:
 
 def check_field_of_view(K: np.ndarray, image_size: tuple[int, int], what: str, path: PathLike) -> None:
     """DataError naming ``path`` and ``what`` unless the pinhole ``K`` gives an image of ``image_size`` (W, H) a
-    physical field of view along x and y, within :data:`FOV_RANGE_DEG` (``2 atan(side / (2 f))``)."""
+    physical field of view along x and y, within :data:`FOV_RANGE_DEG` (``2 atan(side / (2 f))``), and puts its
+    principal point (cx, cy) no farther outside the image than half its side (a crop keeps it near the image; a
+    point a million pixels away is a unit or field mix-up: every ray would miss the image)."""
     lo, hi = FOV_RANGE_DEG
     for axis, (f, side) in enumerate(((K[0, 0], image_size[0]), (K[1, 1], image_size[1]))):
         fov = float(np.degrees(2.0 * np.arctan2(side, 2.0 * f)))
@@ -135,6 +137,11 @@ def check_field_of_view(K: np.ndarray, image_size: tuple[int, int], what: str, p
             raise DataError(path, f"{what}: {'fx' if axis == 0 else 'fy'} = {f:.6g} gives the {side}-pixel image "
                                   f"side a field of view of {fov:.3g} deg, outside the physical {lo:g}..{hi:g} deg "
                                   f"(K must be in pixels, for image_size {list(image_size)})")
+        c = float(K[axis, 2])
+        if not -0.5 * side <= c <= 1.5 * side:
+            raise DataError(path, f"{what}: {'cx' if axis == 0 else 'cy'} = {c:.6g} lies more than half the image "
+                                  f"side outside the {side}-pixel image (K must be in pixels, for image_size "
+                                  f"{list(image_size)})")
 
 
 def check_rigid(T: np.ndarray, what: str, path: PathLike) -> np.ndarray:
