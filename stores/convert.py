@@ -82,10 +82,11 @@ def convert_store(src: str, dst: str, dtype: str | None = None, shard_rows: int 
 
 
 def check_convert_paths(src: str, dst: str, shard_rows: int | None) -> None:
-    """Refuse, before anything is read or made: an empty ``dst``, a ``dst`` inside ``src`` or ``src`` inside
-    ``dst`` (a store written into the one it copies), a ``shard_rows`` that is no power of two in [1, 2^20]."""
-    if not str(dst).strip():
-        raise ValueError("convert: the destination path is empty; name the new store")
+    """Refuse, before anything is read or made: a ``dst`` where no store may be created (`check_new_path`: empty,
+    under a file, on /proc), a ``dst`` inside ``src`` or ``src`` inside ``dst`` (a store written into the one it
+    copies), a ``shard_rows`` that is no power of two in [1, 2^20]."""
+    if not is_remote(dst):
+        check_new_path(dst)
     if shard_rows is not None:
         check_shard_rows(shard_rows)
     if is_remote(src) or is_remote(dst):

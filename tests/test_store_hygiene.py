@@ -358,7 +358,7 @@ def test_hostile_store_cli_flags_and_paths_are_refused_by_name(tmp_path, capsys)
         (["info", "nosuch://x/y"], "Protocol not known: nosuch (a store is a local path or an fsspec URL"),
         (["info", str(tmp_path / "plain")], "plain is a regular file, not a memorybank"),
         (["ls", str(fifo)], "a.fifo is a FIFO, not a memorybank"),
-        (["convert", path, ""], "the destination path is empty"),
+        (["convert", path, ""], "cannot create memorybank: the path is empty"),
         (["convert", path, f"{path}/inner.zarr"], "lies inside"),
         (["convert", path, str(tmp_path / "z.zarr"), "--shard-rows", "0"], "power of two in [1, 1048576], got 0"),
         (["convert", path, str(tmp_path / "z.zarr"), "--shard-rows", str(2**40)], f"got {2**40}"),
