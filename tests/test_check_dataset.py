@@ -239,3 +239,16 @@ def test_a_principal_point_far_outside_the_image_is_a_problem(tmp_path, capsys):
     calib.write_text(json.dumps(doc))
     code, out = run(capsys, root, "--seq_len", 2, "--image_size", "16x8")
     assert code == 1 and f"{calib}: cameras[0].K: cx = 1e+06 lies more than half the image side outside" in out, out
+
+
+def test_an_image_size_of_a_billion_pixels_is_refused_at_the_flag(tmp_path, capsys):
+    """Sweep of issue 25, part two: ``--image_size 1000000000x1`` allocated an image that size per frame."""
+    root = write_tiny_dataset(tmp_path, splits={"train": 1}, frames=4)
+    for bad in ("1000000000x1", "16385x8", "8000x8000"):
+        try:
+            main([str(root), "--image_size", bad, "--no_progress"])
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(bad)
+        assert "at most 16384 pixels per side and 40000000 in all" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from typing import Optional, Union
 import numpy as np
 
 from e2r.atomic import write_text_atomic
-from e2r.cli_config import image_size, option
+from e2r.cli_config import MAX_IMAGE_SIDE, image_size, option
 from e2r.errors import ConfigError, DataError
 
 __all__ = ["CameraCalib", "MAX_IMAGE_SIDE", "RIGID_TOL", "MAX_MOUNT_OFFSET_M", "FOV_RANGE_DEG", "cameras_from_doc",
@@ -29,7 +29,6 @@ __all__ = ["CameraCalib", "MAX_IMAGE_SIDE", "RIGID_TOL", "MAX_MOUNT_OFFSET_M", "
            "calib_from_kitti", "calib_from_nuscenes", "CalibImport", "format_calib", "write_calib", "scale_intrinsics"]
 
 PathLike = Union[str, Path]
-MAX_IMAGE_SIDE = 16384       # pixels per side: the most a calib.json's image_size or a read image may have
 RIGID_TOL = 1e-4             # |R^T R - I| per entry and |det R - 1| of a rigid transform's rotation part
 MAX_MOUNT_OFFSET_M = 100.0   # a sensor farther than this from the ego origin is not mounted on the car
 QUATERNION_TOL = 1e-3        # |norm - 1| of a rotation quaternion (it is normalised after the check)
