@@ -124,11 +124,16 @@ def cameras_from_doc(doc: object, path: PathLike) -> list[CameraCalib]:
     return out
 
 
+#: how far (in image sides) a principal point may lie outside its image: loose, because a K is sometimes kept for
+#: a crop or a rescaled copy of its images; a unit or field mix-up (cx = 1e6 for 64 pixels) lies far beyond
+MAX_PRINCIPAL_OFFSET_SIDES = 100
+
+
 def check_field_of_view(K: np.ndarray, image_size: tuple[int, int], what: str, path: PathLike) -> None:
     """DataError naming ``path`` and ``what`` unless the pinhole ``K`` gives an image of ``image_size`` (W, H) a
     physical field of view along x and y, within :data:`FOV_RANGE_DEG` (``2 atan(side / (2 f))``), and puts its
-    principal point (cx, cy) no farther outside the image than half its side (a crop keeps it near the image; a
-    point a million pixels away is a unit or field mix-up: every ray would miss the image)."""
+    principal point (cx, cy) within :data:`MAX_PRINCIPAL_OFFSET_SIDES` image sides of the image (a crop keeps it
+    near the image; a point a million pixels away is a unit or field mix-up: every ray would miss the image)."""
     lo, hi = FOV_RANGE_DEG
     for axis, (f, side) in enumerate(((K[0, 0], image_size[0]), (K[1, 1], image_size[1]))):
         fov = float(np.degrees(2.0 * np.arctan2(side, 2.0 * f)))
@@ -137,10 +142,10 @@ def check_field_of_view(K: np.ndarray, image_size: tuple[int, int], what: str, p
                                   f"side a field of view of {fov:.3g} deg, outside the physical {lo:g}..{hi:g} deg "
                                   f"(K must be in pixels, for image_size {list(image_size)})")
         c = float(K[axis, 2])
-        if not -0.5 * side <= c <= 1.5 * side:
-            raise DataError(path, f"{what}: {'cx' if axis == 0 else 'cy'} = {c:.6g} lies more than half the image "
-                                  f"side outside the {side}-pixel image (K must be in pixels, for image_size "
-                                  f"{list(image_size)})")
+        if not -MAX_PRINCIPAL_OFFSET_SIDES * side <= c <= (1 + MAX_PRINCIPAL_OFFSET_SIDES) * side:
+            raise DataError(path, f"{what}: {'cx' if axis == 0 else 'cy'} = {c:.6g} lies more than "
+                                  f"{MAX_PRINCIPAL_OFFSET_SIDES} image sides outside the {side}-pixel image (K must "
+                                  f"be in pixels, for image_size {list(image_size)})")
 
 
 def check_rigid(T: np.ndarray, what: str, path: PathLike) -> np.ndarray:
