@@ -20,14 +20,16 @@ with PASS/FAIL.
 ``--against DIR`` (another checkout of this repository, e.g. ``git worktree add /tmp/before <commit>``): each
 checkout writes its own SPEC float32 store of N rows, then fresh processes of the two checkouts alternate
 (order swapped every round), each measuring in-process ``get_batch`` (1000 batches of 64 random keys) and one
-DataLoader epoch (>= 20 000 rows, 2 workers), rows per wall second and per CPU second; medians, and the
-median of the per-round ratios (this / other).
+DataLoader epoch (>= 20 000 rows, 2 workers), rows per wall second and per CPU second (main process and
+workers; and the workers alone, who read and check the rows); medians, and the median of the per-round ratios
+(this / other).
 
 ``--identity`` writes one SPEC float32 store of N rows and measures, in alternating rounds with the identity
 and generation checks on and off (off = both switched off on the bank class for the measurement: the read
 path as before them; medians): in-process ``get_batch`` (1000 batches of 64 random keys a round) rows per
 wall second and per CPU second, and a DataLoader epoch (>= 20 000 rows, 2 workers forked after the switch,
-batches of 64) rows per wall second and per CPU second of the main process and its workers.
+batches of 64) rows per wall second, per CPU second of the main process and its workers, and per CPU second of
+the workers alone; "paired" is the median over rounds of the cost within a round (on vs off run back to back).
 
 ``--write`` measures ``write_rows`` rows/s (fsync on, blocks of one whole shard, as the export writes) at SPEC
 sizes (float32 and float16) and at small sizes (T=5, A=2, D=H=8), through zarr-python (``bulk_writes =
@@ -439,11 +441,13 @@ def write_bench(tmp: str, n_spec: int, rounds: int, B: int) -> int:
     return 0
 
 
-def loader_rates(loader: DataLoader) -> tuple[float, float]:
+def loader_rates(loader: DataLoader) -> tuple[float, float, float]:
     """``(rows per wall second after the first batch, rows per CPU second of this process and its DataLoader
-    workers over the whole epoch)``: the CPU rate is what free cores would give, whatever the load."""
+    workers over the whole epoch, rows per CPU second of the workers alone)``: the CPU rates are what free
+    cores would give, whatever the load (the workers read and check the rows; the main process receives them)."""
     cpu = lambda who: sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime"))  # noqa: E731
     c0 = cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN)
+    w0 = cpu(resource.RUSAGE_CHILDREN)
     it = iter(loader)
     n = next(it)["actions"].shape[0]
     t0, first = time.perf_counter(), n
@@ -452,7 +456,8 @@ def loader_rates(loader: DataLoader) -> tuple[float, float]:
     wall = (n - first) / (time.perf_counter() - t0)
     del it                                    # workers exit and are joined: their CPU time is counted
     gc.collect()
-    return wall, n / (cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN) - c0)
+    workers = cpu(resource.RUSAGE_CHILDREN) - w0
+    return wall, n / (cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN) - c0), n / max(workers, 1e-9)
 
 
 _PROBE = r"""
@@ -479,7 +484,7 @@ for kb in batches:
     bank.get_batch(kb)
 gb, gbcpu = len(batches) * B / (time.perf_counter() - t0), len(batches) * B / (time.process_time() - c0)
 epoch = [b for s in range(-(-20000 // n)) for b in EpochBatchSampler(n, B, seed=s)]
-c0 = cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN)
+c0, w0 = cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN), cpu(resource.RUSAGE_CHILDREN)
 it = iter(DataLoader(MemoryBankDataset(path, split="train"), sampler=epoch, batch_size=None, num_workers=2))
 rows = next(it)["actions"].shape[0]
 t0, first = time.perf_counter(), rows
@@ -488,7 +493,8 @@ for b in it:
 dl = (rows - first) / (time.perf_counter() - t0)
 del it
 dlcpu = rows / (cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN) - c0)
-print(json.dumps({"gb": gb, "gbcpu": gbcpu, "dl": dl, "dlcpu": dlcpu}))
+dlw = rows / max(cpu(resource.RUSAGE_CHILDREN) - w0, 1e-9)
+print(json.dumps({"gb": gb, "gbcpu": gbcpu, "dl": dl, "dlcpu": dlcpu, "dlw": dlw}))
 """
 
 
@@ -514,8 +520,8 @@ def against_bench(other: str, tmp: str, n: int, rounds: int, B: int) -> int:
             res[k].append(probe(k))
     print(f"{'rows/s':<32}{'this':>10}{'other':>10}{'this/other':>12}{'per-round ratio':>17}")
     for key, name in (("gb", "get_batch (wall)"), ("gbcpu", "get_batch (CPU)"), ("dl", "DataLoader, 2 workers (wall)"),
-                      ("dlcpu", "DataLoader (CPU)")):
-        a_, b_ = [x[key] for x in res["this"]], [x[key] for x in res["other"]]
+                      ("dlcpu", "DataLoader (CPU)"), ("dlw", "DataLoader (workers' CPU)")):
+        a_, b_ = [x.get(key, np.nan) for x in res["this"]], [x.get(key, np.nan) for x in res["other"]]
         ratio = float(np.median([x / y for x, y in zip(a_, b_)]))
         print(f"{name:<32}{np.median(a_):>10.0f}{np.median(b_):>10.0f}{np.median(a_) / np.median(b_):>12.3f}"
               f"{ratio:>17.3f}")
@@ -538,7 +544,8 @@ def identity_bench(tmp: str, n: int, rounds: int, B: int, workers: int) -> int:
     epoch = [b for s in range(-(-20000 // n)) for b in EpochBatchSampler(n, B, seed=s)]    # >= 20 000 rows
     bank.get_batch(batches[0])
     cls, checked, generation = type(bank), type(bank)._identity, type(bank)._check_generation
-    res: dict[str, dict[bool, list[float]]] = {k: {True: [], False: []} for k in ("gb", "gbcpu", "dl", "dlcpu")}
+    res: dict[str, dict[bool, list[float]]] = {k: {True: [], False: []}
+                                               for k in ("gb", "gbcpu", "dl", "dlcpu", "dlw")}
     print(f"identity cost: SPEC f32 store of {n} rows, batches of {B}, {rounds} alternating rounds, DataLoader "
           f"epochs of {len(epoch) * B} rows, load average {os.getloadavg()[0]:.1f}", flush=True)
     for r in range(rounds):
@@ -553,18 +560,23 @@ def identity_bench(tmp: str, n: int, rounds: int, B: int, workers: int) -> int:
             res["gb"][on].append(len(batches) * B / (time.perf_counter() - t0))
             res["gbcpu"][on].append(len(batches) * B / (time.process_time() - c0))
             ds = MemoryBankDataset(path, split="train")            # workers fork now: they inherit the switch
-            wall, per_cpu = loader_rates(DataLoader(ds, sampler=epoch, batch_size=None, num_workers=workers))
+            wall, per_cpu, per_worker = loader_rates(DataLoader(ds, sampler=epoch, batch_size=None,
+                                                                num_workers=workers))
             res["dl"][on].append(wall)
             res["dlcpu"][on].append(per_cpu)
+            res["dlw"][on].append(per_worker)
     cls._identity, cls._check_generation = checked, generation
-    print(f"{'path':<38}{'median: on':>12}{'off':>9}{'cost':>8}{'best: on':>11}{'off':>9}{'cost':>8}")
+    print(f"{'path':<38}{'median: on':>12}{'off':>9}{'cost':>8}{'best: on':>11}{'off':>9}{'cost':>8}"
+          f"{'paired':>9}")
     for name, key in (("get_batch rows/s", "gb"), ("get_batch rows per CPU-second", "gbcpu"),
                       (f"DataLoader ({workers} workers) rows/s", "dl"),
-                      (f"DataLoader rows per CPU-second", "dlcpu")):
+                      ("DataLoader rows per CPU-second", "dlcpu"),
+                      ("DataLoader rows per worker CPU-second", "dlw")):
         on, off = float(np.median(res[key][True])), float(np.median(res[key][False]))
         bon, boff = max(res[key][True]), max(res[key][False])     # the least disturbed round of each
+        paired = float(np.median([1 - x / y for x, y in zip(res[key][True], res[key][False])]))   # same round
         print(f"{name:<38}{on:>12.0f}{off:>9.0f}{100 * (1 - on / off):>7.1f}%{bon:>11.0f}{boff:>9.0f}"
-              f"{100 * (1 - bon / boff):>7.1f}%")
+              f"{100 * (1 - bon / boff):>7.1f}%{100 * paired:>8.1f}%")
     for key in res:
         print(f"  {key} rounds, on:  {[round(x) for x in res[key][True]]}\n  {key} rounds, off: "
               f"{[round(x) for x in res[key][False]]}")

@@ -206,15 +206,23 @@ def device_option() -> Any:
     return option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
 
 
+MAX_IMAGE_SIDE = 16384            # pixels per side: the most an --image_size, a calib.json's image_size or a read image may have
+MAX_IMAGE_PIXELS = 40_000_000     # more pixels than this (8K UHD has 33 M): refused before anything is decoded or made
+
+
 def image_size(text: str, minimum: int = 1) -> tuple[int, int]:
     """``--image_size``: ``"256x128"`` -> (256, 128) = (W, H); ArgumentTypeError unless both are integers
-    >= ``minimum``."""
+    >= ``minimum``, at most `MAX_IMAGE_SIDE` each and `MAX_IMAGE_PIXELS` together (an image that size would
+    be allocated for every frame)."""
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--image_size must look like WxH, e.g. 256x128; got {text!r}") from None
     if w < minimum or h < minimum:
         raise argparse.ArgumentTypeError(f"--image_size must be at least {minimum}x{minimum}, got {text!r}")
+    if max(w, h) > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+        raise argparse.ArgumentTypeError(f"--image_size {text}: at most {MAX_IMAGE_SIDE} pixels per side and "
+                                         f"{MAX_IMAGE_PIXELS} in all")
     return w, h
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -37,6 +38,8 @@ def _mib(n: int) -> str:
 
 def open_kw(a: argparse.Namespace) -> dict:
     """`open_memorybank`'s object-store arguments from the command line (ignored for local paths)."""
+    if a.cache_gb is not None and not (math.isfinite(a.cache_gb) and a.cache_gb > 0):
+        raise ValueError(f"--cache_gb must be a positive number of GiB, got {a.cache_gb}")
     return {"storage_options": parse_storage_options(a.storage_options), "cache_dir": a.cache_dir,
             "cache_bytes": int(a.cache_gb * 2**30) if a.cache_gb else None}
 
@@ -84,6 +87,8 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
+    if a.limit < 0:
+        raise ValueError(f"--limit must be 0 (all keys) or a positive number of keys, got {a.limit}")
     bank = open_memorybank(a.path, mode="r", **open_kw(a))
     keys = bank.keys(a.split)
     for k in keys[: a.limit] if a.limit else keys:
@@ -170,9 +175,13 @@ def cmd_rm_split(a: argparse.Namespace) -> int:
 def cmd_reindex(a: argparse.Namespace) -> int:
     bank = open_memorybank(a.path, mode="r+", **open_kw(a))
     orphans = sum(y - x for x, y in bank.orphan_ranges())
+    leftovers = bank.leftover_ranges()
     done = bank.reindex()
     if orphans:
         print(f"cleared {orphans} orphan row(s) (complete rows of no split, left by an interrupted rm-split)")
+    for x, y, what in leftovers:
+        print(f"deleted the leftovers of rows [{x}, {y}) of no split ({'; '.join(what)}; left by an interrupted "
+              "rm-split or reserve_split)")
     if not bank.index_files:
         print(f"{a.path}: a {bank.backend} store builds its key index in memory at open; no index to write")
         return 0
@@ -188,6 +197,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.teacher_sha256:
         kw["teacher_sha256"] = a.teacher_sha256
     summary = convert(a.src, a.dst, **kw)
+    for t in summary.get("cleaned", []):
+        print(f"removed {t}: the temporary store of a conversion or creation of {a.dst} that was killed")
     print(f"converted {a.src} -> {a.dst}: {summary['rows']} rows, splits {summary['splits']}")
     return 0
 
@@ -245,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return COMMANDS[a.cmd](a)
-    except (StoreError, FileNotFoundError, FileExistsError, ValueError, KeyError, OSError) as e:
+    except (StoreError, FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

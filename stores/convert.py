@@ -10,7 +10,8 @@ npz files are read with ``allow_pickle=False``.
 Every conversion builds the new store under a temporary sibling name of ``dst`` and renames it into place
 only when every row is copied (`stores.fsio.publish`: never over an existing path); on any failure the
 temporary is removed, so a refused conversion (a damaged source, a full disk, a kill: the next conversion
-removes a dead converter's temporary) leaves nothing at ``dst``. Local paths only (an object store has no
+removes a dead converter's temporary, and the creation's own temporary inside it, and says so) leaves nothing at
+``dst``. Local paths only (an object store has no
 rename): convert locally, then upload.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from stores.keys import InvalidKeyError, parse_key, validate_key
 from stores.factory import backend_for
 from stores.fsio import fsync_path, publish, remove_path, remove_stale_temps, temp_sibling
 from stores.paths import check_new_path
-from stores.layout import ranges_of
+from stores.layout import check_shard_rows, ranges_of
 from stores.remote.objstore import is_remote
 from stores.schema import ALL_FIELDS, BEV_FEAT, Provenance, StoreSchema
 
@@ -80,6 +81,22 @@ def convert_store(src: str, dst: str, dtype: str | None = None, shard_rows: int 
                                                                        shard_rows or s.alignment), block_rows))
 
 
+def check_convert_paths(src: str, dst: str, shard_rows: int | None) -> None:
+    """Refuse, before anything is read or made: a ``dst`` where no store may be created (`check_new_path`: empty,
+    under a file, on /proc), a ``dst`` inside ``src`` or ``src`` inside ``dst`` (a store written into the one it
+    copies), a ``shard_rows`` that is no power of two in [1, 2^20]."""
+    if not is_remote(dst):
+        check_new_path(dst)
+    if shard_rows is not None:
+        check_shard_rows(shard_rows)
+    if is_remote(src) or is_remote(dst):
+        return
+    a, b = os.path.realpath(src), os.path.realpath(dst)
+    if b == a or b.startswith(a + os.sep) or a.startswith(b + os.sep):
+        raise ValueError(f"convert: {dst} lies inside {src} (or the other way round); write the new store next to "
+                         "it, not into it")
+
+
 def _new_store(dst: str, tmp: str, schema: StoreSchema, provenance: Provenance, shard_rows: int | None) -> MemoryBank:
     """A new store of ``dst``'s back end at the temporary path ``tmp``, written by this process alone."""
     d = backend_for(dst).create(tmp, schema, provenance, shard_rows=shard_rows, exist_ok=False)
@@ -89,13 +106,15 @@ def _new_store(dst: str, tmp: str, schema: StoreSchema, provenance: Provenance, 
 
 def built_aside(dst: str, build: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
     """Run ``build(tmp)`` on a temporary sibling path of ``dst``, then rename the result to ``dst`` (never over
-    an existing path); on any failure the temporary is removed and ``dst`` stays absent. Returns build's result."""
+    an existing path); on any failure the temporary is removed and ``dst`` stays absent. Temporaries of ``dst``
+    that a killed conversion or creation on this host left (nested ones included) are deleted first. Returns
+    build's result plus ``cleaned``: the temporaries deleted."""
     if is_remote(dst):
         raise StoreError(f"convert writes local stores only, not {dst}: convert to a local path, then upload it")
     if os.path.lexists(dst):
         raise FileExistsError(f"{dst} already exists: convert writes a new store; choose another path or remove it")
     check_new_path(dst)
-    remove_stale_temps(dst)                 # what a killed conversion (or creation) on this host left
+    cleaned = remove_stale_temps(dst)       # what a killed conversion (or creation) on this host left
     tmp = temp_sibling(dst)
     try:
         summary = build(tmp)
@@ -105,7 +124,7 @@ def built_aside(dst: str, build: Callable[[str], dict[str, Any]]) -> dict[str, A
         remove_path(tmp, settle_s=0.5)      # zarr-python's writes of a failed step may still be landing
         raise
     fsync_path(os.path.dirname(os.path.abspath(dst)))
-    return summary
+    return {**summary, "cleaned": cleaned}
 
 
 def _copy_rows(s: MemoryBank, src: str, d: MemoryBank, block_rows: int) -> dict[str, Any]:
@@ -182,7 +201,9 @@ def _import_npz(src: str, bank: MemoryBank, schema: StoreSchema, by_split: dict[
 
 
 def convert(src: str, dst: str, **kwargs: Any) -> dict[str, Any]:
-    """Dispatch: npz directory -> store, or store -> store (Zarr <-> HDF5)."""
+    """Dispatch: npz directory -> store, or store -> store (Zarr <-> HDF5); the paths and ``shard_rows`` are
+    checked first (`check_convert_paths`)."""
+    check_convert_paths(src, dst, kwargs.get("shard_rows"))
     if is_npz_dir(src):
         return convert_npz_dir(src, dst, **kwargs)
     kwargs.pop("teacher_sha256", None)

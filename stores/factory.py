@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import h5py
 
 from stores.abc import MemoryBank
 from stores.errors import NotAMemoryBankError, StoreError
-from stores.fsio import json_object, read_json, regular_size
+from stores.fsio import file_kind, json_object, read_json, regular_size
 from stores.hdf5_store import ATTR, HDF5MemoryBank
 from stores.layout import FORMAT_NAME
 from stores.remote.objstore import ObjectFiles, is_remote
@@ -66,8 +67,17 @@ def open_memorybank(path: str | os.PathLike, mode: str = "r", *, fsync: bool = T
     ``cache_dir`` / ``cache_bytes`` for the local cache of fetched chunks (ignored for local paths).
     ``lenient=True`` (read-only): open a damaged store instead of refusing it, ``damage`` listing what is lost
     (what `stores.verify` does)."""
-    return backend_for(path).open(path, mode=mode, fsync=fsync, lenient=lenient,
-                                  **_remote_kw(path, storage_options, cache_dir, cache_bytes))
+    cls = backend_for(path)
+    if cls is ZarrMemoryBank:                # a Zarr store is a folder: anything else is named, not opened
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None                        # absent (FileNotFoundError from the back end) or unreadable
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise NotAMemoryBankError(f"{path} is {file_kind(st.st_mode)}, not a memorybank (a Zarr memorybank is a "
+                                      "folder; an HDF5 one a file named *.h5 or *.hdf5)")
+    return cls.open(path, mode=mode, fsync=fsync, lenient=lenient,
+                    **_remote_kw(path, storage_options, cache_dir, cache_bytes))
 
 
 def create_memorybank(path: str | os.PathLike, schema: StoreSchema, provenance: Provenance, *,

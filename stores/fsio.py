@@ -267,16 +267,21 @@ def temp_sibling(path: str | os.PathLike) -> str:
 
 def remove_stale_temps(path: str | os.PathLike) -> list[str]:
     """Delete temporary siblings of ``path`` left by creators on this host that no longer run (a kill or a
-    full disk during creation). Others' live temporaries and other hosts' are left alone."""
+    full disk during creation), and the temporaries of a creation inside such a temporary (`stores.convert`
+    creates its store under a temporary name, and the creation uses one of its own:
+    ``..<name>.e2r-tmp-<host>-<pid>-<r>.e2r-tmp-...``). Others' live temporaries and other hosts' are left
+    alone. Returns the paths deleted."""
     p = Path(os.path.abspath(path))
     host = socket.gethostname().replace("-", "_")[:32] or "host"
-    removed = []
+    removed: list[str] = []
+    prefix = f".{p.name}{_TMP_TAG}"
     try:
-        entries = list(p.parent.glob(f".{p.name}{_TMP_TAG}*"))
+        entries = list(p.parent.glob(f"{prefix}*")) + list(p.parent.glob(f".{prefix}*"))
     except OSError:
         return removed
     for e in entries:
-        tail = e.name[len(f".{p.name}{_TMP_TAG}"):].split("-")
+        name = e.name[1:] if e.name.startswith("." + prefix) else e.name      # nested: its outer creator's
+        tail = name[len(prefix):].split(_TMP_TAG)[0].split("-")
         if len(tail) != 3 or tail[0] != host or not tail[1].isdigit():
             continue
         pid = int(tail[1])

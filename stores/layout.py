@@ -46,9 +46,7 @@ def ranges_of(mask: np.ndarray) -> list[tuple[int, int]]:
 def new_store_attrs(schema: StoreSchema, provenance: Provenance, shard_rows: int | None) -> dict[str, Any]:
     """Root attributes of a new store (JSON-able). ``shard_rows`` (a power of two) defaults to
     `default_shard_rows`; ValueError otherwise."""
-    S = int(shard_rows or default_shard_rows(schema))
-    if S <= 0 or S & (S - 1):
-        raise ValueError(f"shard_rows must be a positive power of two, got {S}")
+    S = default_shard_rows(schema) if shard_rows is None else check_shard_rows(shard_rows)
     t = now_iso()
     attrs = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, **schema.to_dict(),
              "field_dtypes": {f: schema.field_dtype(f) for f in schema.fields}, **provenance.to_dict(),
@@ -118,6 +116,17 @@ def check_block(schema: StoreSchema, block: Mapping[str, np.ndarray], split: str
 
 KEYS_CHUNK_ROWS = 65536                 # keys chunk = max(shard_rows, this) rows
 MAX_SHARD_ROWS = 2**20                  # shard_rows above this is not a store we wrote (attribute edit)
+
+
+def check_shard_rows(shard_rows: Any) -> int:
+    """``shard_rows`` as an int; ValueError unless it is a power of two in [1, `MAX_SHARD_ROWS`] (0 is no
+    default here: callers pass None for the default)."""
+    S = int(shard_rows)
+    if S != shard_rows or S <= 0 or S & (S - 1) or S > MAX_SHARD_ROWS:
+        raise ValueError(f"shard_rows must be a power of two in [1, {MAX_SHARD_ROWS}], got {shard_rows!r}")
+    return S
+
+
 MAX_ROW_BYTES = {"light": 64 * 2**20, "bev_feat": 2**30, DEPTH: 2**30}   # sanity caps before anything is allocated
 COMPLETE_UNSET = 255                    # fill value of ``complete``: no chunk there (0 = reserved, 1 = complete)
 

@@ -24,7 +24,9 @@ def check_new_path(path: str | os.PathLike, what: str = "memorybank") -> None:
     """StoreError naming what keeps a store (or another output, ``what``) from being created at the local
     ``path``, before anything is made: a regular file (or anything but a folder) where one of its folders should
     be (``/etc/passwd/x.zarr``), or a virtual file system such as ``/proc`` or ``/sys`` under it. Nothing is
-    created."""
+    created. An empty path (it would resolve to the working directory) is refused too."""
+    if not str(path).strip():
+        raise StoreError(f"cannot create {what}: the path is empty; name the new {what}")
     p = Path(os.path.abspath(path))
     for parent in p.parents:                 # nearest existing ancestor decides
         try:

@@ -39,6 +39,7 @@ INDEXED_SCHEMA_VERSIONS = (4, 5)  # an on-disk key index per split
 VLEN_KEY_SCHEMA_VERSIONS = (2, 3, 4)  # Zarr keys in zarr-python's vlen-utf8 strings: read and written as before
 #: (`python -m stores convert OLD NEW` rewrites them portable)
 LEGACY_SCHEMA_VERSIONS = (2,)   # readable only by `python -m stores convert` (to rewrite them in the current version)
+IDENTITY_SCHEMA_VERSION = 5   # every store of this schema_version or later is written with identity tags
 LIGHT_FIELDS: tuple[str, ...] = ("actions", "bev_vec", "gru_out")
 BEV_FEAT = "bev_feat"
 DEPTH = "depth"

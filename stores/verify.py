@@ -238,6 +238,10 @@ def verify_bank(bank: MemoryBank, block_rows: int = 1024, scan_data: bool = True
                 problems.append(f"row {r}: key {k!r} lies in split {owner[r]!r}")
         except InvalidKeyError as e:
             problems.append(f"row {r}: invalid key: {e}")
+    for a, b, what in bank.leftover_ranges():           # unflagged: never served (`reindex` clears them)
+        problems.append(f"rows [{a}, {b}) belong to no split but still hold {'; '.join(what)}: the leftover of an "
+                        "interrupted rm-split or reserve_split, never served (no split's rows are affected); "
+                        f"`python -m stores reindex {bank.path}` deletes it")
     for k, first, again in v.index.duplicates:  # type: ignore[union-attr]
         problems.append(f"key {k!r} is stored twice (rows {first} and {again})")
     problems += check_key_index(bank, keys)

@@ -182,3 +182,73 @@ def test_reports_what_training_refuses_column_case_layout_and_symlinks(tmp_path,
     assert (f"{seg2 / 'meta' / 'data.csv'}: row 1: column 'lidar_filepath' (line 3): path "
             f"{rows2[1]['lidar_filepath']!r} is a symlink (or lies under one) leading outside the data root") in out
     assert "3 problem(s) -> FAILED" in out
+
+
+def test_impossible_speeds_and_angles_and_nul_in_paths_are_problems_naming_file_and_row(tmp_path, capsys):
+    """Sweep of issue 25, part two: a velocity of 1e300 m/s or a wheel angle of a million degrees passed as OK
+    (training then normalised by infinite statistics); a NUL byte in a file path was a traceback."""
+    root = write_tiny_dataset(tmp_path, splits={"train": 4}, frames=6, camera=False)
+    edits = {0: ("velocity", "1e300"), 1: ("wheel_angle", "-1000000"), 2: ("lidar_filepath", None), 3: ("yaw", "1e9")}
+    csvs = {}
+    for s, (column, value) in edits.items():
+        csv_path = root / "train" / f"segment_000{s}" / "meta" / "data.csv"
+        lines = csv_path.read_text().splitlines()
+        if column == "yaw":                                   # a pose: x, y, yaw
+            lines = [lines[0] + ",x,y,yaw"] + [ln + ",1.0,2.0,0.5" for ln in lines[1:]]
+        header = lines[0].split(",")
+        cells = lines[3].split(",")
+        i = header.index(column)
+        cells[i] = value if value is not None else cells[i].replace("/", "/\0", 1)
+        lines[3] = ",".join(cells)
+        csv_path.write_text("\n".join(lines) + "\n")
+        csvs[s] = csv_path
+    code, out = run(capsys, root, "--seq_len", 2)
+    assert code == 1 and "Traceback" not in out
+    assert f"{csvs[0]}: row 2: column 'velocity' (line 4): 1e300 m/s is beyond any car's (|velocity| <= 150 m/s)" in out
+    assert f"{csvs[1]}: row 2: column 'wheel_angle' (line 4): -1000000 degrees is beyond any car's" in out
+    assert f"{csvs[2]}: row 2: column 'lidar_filepath' (line 4): path" in out and "contains a NUL byte" in out
+    assert f"{csvs[3]}: row 2: column 'yaw' (line 4): 1e9 rad is beyond any car's (|yaw| <= 100000 rad)" in out
+
+
+def test_frames_of_one_repeated_point_leading_zeros_or_a_sliver_of_points_are_problems(tmp_path, capsys):
+    """Sweep of issue 25, part two: three LiDAR frames passed as OK — every point the same (a stuck buffer), the
+    first half zero-filled (a write that filled only the end), and 3 points where the segment holds thousands (a
+    copy cut off at a whole point); each changed what the teacher saw."""
+    root = write_tiny_dataset(tmp_path, splits={"train": 1}, frames=10, camera=False, points_per_frame=(2000, 2400))
+    seg = root / "train" / "segment_0000"
+    rows = read_csv_rows(seg / "meta" / "data.csv")
+    files = [seg / rows[i]["lidar_filepath"] for i in (2, 5, 7)]
+    pts = [np.fromfile(f, np.float32).reshape(-1, 4) for f in files]
+    np.repeat(pts[0][:1], len(pts[0]), 0).tofile(files[0])
+    pts[1][: len(pts[1]) // 2] = 0
+    pts[1].tofile(files[1])
+    pts[2][:3].tofile(files[2])
+    code, out = run(capsys, root, "--seq_len", 2)
+    assert code == 1 and "problems found: 3" in out, out
+    assert f"{files[0]}: row 2: all {len(pts[0])} points are the same point" in out
+    assert f"{files[1]}: row 5: the first {len(pts[1]) // 2} of {len(pts[1])} points are all zeros: a torn write" in out
+    assert f"{files[2]}: row 7: 3 points, under 1/20 of the segment's median" in out
+
+
+def test_a_principal_point_far_outside_the_image_is_a_problem(tmp_path, capsys):
+    """Sweep of issue 25, part two: cx = 1e6 for a 32-pixel image passed as OK (every ray missed the image)."""
+    root = write_tiny_dataset(tmp_path, splits={"train": 1}, frames=6)
+    calib = root / "train" / "segment_0000" / "camera" / "calib.json"
+    doc = json.loads(calib.read_text())
+    doc["cameras"][0]["K"][0][2] = 1e6
+    calib.write_text(json.dumps(doc))
+    code, out = run(capsys, root, "--seq_len", 2, "--image_size", "16x8")
+    assert code == 1 and f"{calib}: cameras[0].K: cx = 1e+06 lies more than 100 image sides outside" in out, out
+
+
+def test_an_image_size_of_a_billion_pixels_is_refused_at_the_flag(tmp_path, capsys):
+    """Sweep of issue 25, part two: ``--image_size 1000000000x1`` allocated an image that size per frame."""
+    root = write_tiny_dataset(tmp_path, splits={"train": 1}, frames=4)
+    for bad in ("1000000000x1", "16385x8", "8000x8000"):
+        try:
+            main([str(root), "--image_size", bad, "--no_progress"])
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(bad)
+        assert "at most 16384 pixels per side and 40000000 in all" in capsys.readouterr().err

@@ -91,7 +91,8 @@ def test_store_path_under_a_file_or_in_proc_is_refused_naming_the_flag(world, tm
     (tmp_path / "file").write_text("x")
     for store, why in ((tmp_path / "file" / "mb.zarr", "is a regular file, not a folder"),
                        (Path("/etc/passwd/x.zarr"), "/etc/passwd is a regular file, not a folder"),
-                       (Path("/proc/e2r_mb.zarr"), "/proc is on proc, a virtual file system")):
+                       (Path("/proc/e2r_mb.zarr"), "/proc is on proc, a virtual file system"),
+                       ("", "the path is empty")):
         assert main(args_for(world, store)) == 2
         err = capsys.readouterr().err
         assert err.startswith("--store: cannot create memorybank") and why in err, err

@@ -392,8 +392,8 @@ def calib_docs(draw) -> dict:
     sizes = [(draw(st.integers(1, 4000)), draw(st.integers(1, 4000))) for _ in names]
     fov = st.floats(1, 160).map(lambda deg: 2 * math.tan(math.radians(deg) / 2))  # a physical field of view
     cams = [{"name": nm, "image_size": [w, h],
-             "K": [[w / draw(fov), 0.0, draw(st.floats(0, 4000))],
-                   [0.0, h / draw(fov), draw(st.floats(0, 4000))], [0.0, 0.0, 1.0]],
+             "K": [[w / draw(fov), 0.0, draw(st.floats(0, w))],              # principal point in the image
+                   [0.0, h / draw(fov), draw(st.floats(0, h))], [0.0, 0.0, 1.0]],
              "cam2ego": rigid(draw(QUAT), draw(TRANS))} for nm, (w, h) in zip(names, sizes)]
     doc = {"cameras": cams}
     if draw(st.booleans()):

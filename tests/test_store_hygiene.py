@@ -239,8 +239,8 @@ def test_rm_split_crashed_at_each_step_then_reindex_clears_what_verify_calls_orp
     assert w.reindex() == ([] if step.startswith("h5") else ["valid"])
     problems, bank = verify_path(path)
     assert problems == [] and w.orphan_ranges() == [] and "train" not in bank.splits
-    if step in ("after_entry", "after_data", "after_keys"):     # the removed rows' shards are gone, valid's kept
-        shards = Path(path) / "light" / "c"                # (after_flags: left unflagged, harmless, not orphans)
+    if not step.startswith("h5"):                          # the removed rows' shards are gone, valid's kept
+        shards = Path(path) / "light" / "c"                # (after_flags: leftovers, deleted by reindex)
         assert sorted(str(p.relative_to(shards)) for p in shards.rglob("*") if p.is_file()) == ["4/0/0", "5/0/0"]
     out, _ = open_memorybank(path).get_batch(keys["valid"])
     np.testing.assert_array_equal(out["gru_out"], data["valid"]["gru_out"])
@@ -305,3 +305,67 @@ def test_deeply_nested_hdf5_attribute_is_refused_by_name(tmp_path):
         f.attrs["e2r_memorybank"] = json.dumps(attrs).replace('"@"', "[" * 50000 + "]" * 50000)
     with pytest.raises(StoreCorruptError, match=r"mb.h5: attribute 'e2r_memorybank': its JSON nests 50001 levels"):
         open_memorybank(path)
+
+
+# ----- files far larger than their rows can make them: refused by size, never mapped or read whole -------------
+SIZE_PROBE = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))    # an 8 GiB map or read fails under this limit
+from stores import StoreCorruptError, open_memorybank
+path = sys.argv[1]
+try:
+    open_memorybank(path).get_batch(["train/seg_001:2"])
+    print("served")
+except StoreCorruptError as e:
+    print("refused", e.chunk, str(e))
+try:
+    print("redo", open_memorybank(path, "r+").incomplete_ranges("train"))
+except StoreCorruptError as e:
+    print("resume refused", e.chunk, str(e))
+"""
+
+
+@pytest.mark.parametrize("what", ["light/c/1/0/0", "complete/tags/1"])
+def test_a_sparse_8_gib_shard_or_tag_chunk_is_refused_by_its_size(tmp_path, what):
+    path = str(tmp_path / "mb.zarr")
+    filled(path)
+    with open(Path(path, what), "r+b") as f:
+        f.truncate(8 << 30)                                  # sparse: nearly nothing on disk
+    r = subprocess.run([sys.executable, "-c", SIZE_PROBE, path], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr + r.stdout                # no MemoryError / ENOMEM, no traceback
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"refused {what}") and "8589934592 bytes" in lines[0], lines
+    if what == "complete/tags/1":
+        assert lines[1] == "redo [(8, 16)]"                  # a resume redoes the rows of the bad tag chunk
+    else:                                                    # the shard is refused by name, not read whole
+        assert lines[1].startswith(f"resume refused {what}") and "delete the file and resume" in lines[1], lines
+    problems, _ = verify_path(path)
+    assert any(what in p and "8589934592 bytes" in p for p in problems), problems
+
+
+# ----- hostile command lines of the store CLI (sweep of issue 25, part two): one clear line, nothing made --------
+def test_hostile_store_cli_flags_and_paths_are_refused_by_name(tmp_path, capsys):
+    path = str(tmp_path / "mb.zarr")
+    filled(path)
+    fifo = tmp_path / "a.fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "plain").write_text("x")
+    cases = [
+        (["ls", path, "--limit", "-1"], "--limit must be 0 (all keys) or a positive number of keys, got -1"),
+        (["info", path, "--cache_gb", "nan"], "--cache_gb must be a positive number of GiB, got nan"),
+        (["info", path, "--cache_gb", "-1"], "--cache_gb must be a positive number of GiB, got -1.0"),
+        (["info", "nosuch://x/y"], "Protocol not known: nosuch (a store is a local path or an fsspec URL"),
+        (["info", str(tmp_path / "plain")], "plain is a regular file, not a memorybank"),
+        (["ls", str(fifo)], "a.fifo is a FIFO, not a memorybank"),
+        (["convert", path, ""], "cannot create memorybank: the path is empty"),
+        (["convert", path, f"{path}/inner.zarr"], "lies inside"),
+        (["convert", path, str(tmp_path / "z.zarr"), "--shard-rows", "0"], "power of two in [1, 1048576], got 0"),
+        (["convert", path, str(tmp_path / "z.zarr"), "--shard-rows", str(2**40)], f"got {2**40}"),
+    ]
+    for argv, why in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and why in err and err.count("\n") == 1, (argv, err)
+    assert sorted(os.listdir(tmp_path)) == ["a.fifo", "mb.zarr", "plain"]            # nothing was made
+    assert not (Path(path) / "inner.zarr").exists() and verify_path(path)[0] == []

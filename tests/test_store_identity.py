@@ -2,7 +2,8 @@
 split's current reservation, at its place, in this store, for the teacher the store records. Property-based
 (hypothesis, few derandomized examples): shard permutations within a split, shards copied across splits,
 another teacher's or store's rows put in place, HDF5 rows swapped with their checksums recomputed, stale
-readers after rm-split + a new export, concurrent appends of different splits. Then older stores (no identity),
+readers after rm-split + a new export, concurrent appends of different splits, rows permuted inside a shard
+with its index checksum recomputed, shards moved together with their tag chunks and flags (light and bev_feat). Then older stores (no identity),
 lost or damaged tag chunks, an edited teacher, and the same checks on object storage."""
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import google_crc32c
 import h5py
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ from stores.__main__ import main
 from stores.convert import convert
 from stores.index_file import index_files
 from stores.verify import verify_path
-from tests.store_fixtures import make_keys, rows_for, s3_fs, tiny_prov, tiny_schema, upload_store
+from tests.store_fixtures import as_vlen_keys, make_keys, rows_for, s3_fs, tiny_prov, tiny_schema, upload_store
 
 S = 8                              # rows per shard of these stores
 FEW = settings(max_examples=6, derandomize=True, deadline=None, database=None,
@@ -161,6 +163,63 @@ def test_hdf5_rows_swapped_with_their_checksums_recomputed_are_refused(tmp_path,
     assert any(keys[i] in p for p in found) and any(keys[j] in p for p in found)
 
 
+def _rewrite_index(shard: Path, perm: list[int]) -> None:
+    """Permute the inner-chunk entries (offset, nbytes) of a shard's index (its last 16·rows + 4 bytes) so that
+    row k points at the chunk row ``perm[k]`` had, and recompute the index crc32c: every byte checks out."""
+    raw = bytearray(shard.read_bytes())
+    n = len(perm)
+    index = np.frombuffer(bytes(raw[-(16 * n + 4):-4]), "<u8").reshape(n, 2)[perm]
+    body = index.astype("<u8").tobytes()
+    raw[-(16 * n + 4):] = body + google_crc32c.value(body).to_bytes(4, "little")
+    shard.write_bytes(bytes(raw))
+
+
+@FEW
+@given(perm=st.permutations(range(S)).filter(lambda p: list(p) != list(range(S))), shard=st.integers(0, 2),
+       array=st.sampled_from(["light", "bev_feat"]))
+def test_rows_permuted_inside_a_shard_with_its_index_checksum_recomputed_are_refused(tmp_path, perm, shard, array):
+    path = _fresh(tmp_path)
+    keys, data = _build(path, {"train": 24}, bev=True)["train"]
+    file = Path(path) / ("light/c" if array == "light" else "bev_feat/bev_feat/c") / str(shard)
+    file = next(p for p in sorted(file.rglob("*")) if p.is_file())
+    _rewrite_index(file, list(perm))
+    moved = [shard * S + k for k in range(S) if perm[k] != k]
+    bank = open_memorybank(path)                                   # the shard index passes its crc32c
+    where = str(file.relative_to(path))
+    for r in moved[:3]:
+        with pytest.raises(StoreCorruptError) as e:
+            bank.get_batch([keys[r]], fields=["bev_feat"] if array == "bev_feat" else ["actions"])
+        assert e.value.keys == [keys[r]] and where in e.value.chunk and "identity" in str(e.value), str(e.value)
+    _served(bank, keys, data, [r for r in range(24) if r not in moved])
+    found = _identity_problems(path)
+    assert any(where in p for p in found) and all(any(keys[r] in p for p in found) for r in moved[:1]), found
+
+
+@FEW
+@given(perm=st.permutations(range(3)).filter(lambda p: list(p) != [0, 1, 2]),
+       array=st.sampled_from(["light", "bev_feat"]))
+def test_shards_moved_together_with_their_tag_chunks_and_flags_are_refused(tmp_path, perm, array):
+    path = _fresh(tmp_path)
+    keys, data = _build(path, {"train": 24}, bev=True)["train"]
+    base = Path(path) / ("light/c" if array == "light" else "bev_feat/bev_feat/c")
+    shards = [next(p for p in sorted((base / str(i)).rglob("*")) if p.is_file()) for i in range(3)]
+    tags = [Path(path) / "complete" / "tags" / str(i) for i in range(3)]
+    flags = [Path(path) / "complete" / "c" / str(i) for i in range(3)]
+    for files in (shards, tags, flags):                            # everything of shard i now lies at perm[i]
+        old = [f.read_bytes() for f in files]
+        for i, place in enumerate(perm):
+            files[place].write_bytes(old[i])
+    moved = [place for i, place in enumerate(perm) if i != place]
+    bank = open_memorybank(path)
+    field = ["bev_feat"] if array == "bev_feat" else ["gru_out"]
+    for place in moved:
+        with pytest.raises(StoreCorruptError, match="identity") as e:
+            bank.get_batch([keys[place * S + 2]], fields=field)
+        assert e.value.keys == [keys[place * S + 2]]
+    found = _identity_problems(path)
+    assert all(any(str(shards[p].relative_to(path)) in x for x in found) for p in moved), found
+
+
 # ---------------------------------------------------------------------------------------------- generation
 @FEW
 @given(n_valid=st.integers(1, 40), n_new=st.integers(1, 60), same_name=st.booleans(), stat_blind=st.booleans())
@@ -230,16 +289,24 @@ def _both_appended(path: str, sizes: dict[str, int]) -> None:
 @given(n_a=st.integers(1, 30), n_b=st.integers(1, 30))
 def test_concurrent_appends_of_different_splits_serialise_and_both_succeed(tmp_path, n_a, n_b):
     path = _fresh(tmp_path)
-    _build(path, {"train": 5})
+    tkeys, tdata = _build(path, {"train": 5})["train"]
+    reader = open_memorybank(path)                                 # open before the appends, reading throughout
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(2)
     procs = [ctx.Process(target=_append, args=(path, s, n, barrier)) for s, n in (("alpha", n_a), ("beta", n_b))]
     for p in procs:
         p.start()
+    while any(p.is_alive() for p in procs):
+        _served(reader, tkeys, tdata, list(range(5)))              # train is never stale: only appended to
+        assert reader.get_batch(make_keys("alpha", 1))[1] in ([], make_keys("alpha", 1))
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
     _both_appended(path, {"train": 5, "alpha": n_a, "beta": n_b})
+    reader.refresh()                                               # the appended splits, whole
+    for split, n in (("alpha", n_a), ("beta", n_b)):
+        keys = make_keys(split, n)
+        _served(reader, keys, rows_for(tiny_schema(), keys), list(range(n)))
 
 
 def test_concurrent_appends_from_threads_of_one_process_both_succeed(tmp_path):
@@ -261,7 +328,9 @@ def test_concurrent_appends_from_threads_of_one_process_both_succeed(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- older stores
 def _strip_identity(path: str) -> None:
-    """Make ``path`` what a store written before identity tags is: no ``identity`` attribute, tags or split uid."""
+    """Make ``path`` what a store written before identity tags is: schema_version 4 (keys as vlen strings), no
+    ``identity`` attribute, tags or split uid."""
+    as_vlen_keys(path, version=4)
     root = Path(path) / "zarr.json"
     meta = json.loads(root.read_text())
     meta["attributes"].pop("identity")
@@ -368,3 +437,25 @@ def test_object_storage_refuses_swapped_shards_and_serialises_concurrent_appends
         ks = make_keys(split, n)
         _served(back, ks, rows_for(tiny_schema(), ks), list(range(n)))
     assert not fs.exists("bkt/ident.zarr/e2r.lock") and main(["verify", url]) == 0
+
+
+@pytest.mark.parametrize("also", ["", "shards swapped", "valid's shard over train's"])
+def test_identity_removed_from_a_current_store_is_refused_not_read_unchecked(tmp_path, also):
+    path = _fresh(tmp_path)
+    built = _build(path, {"train": 16, "valid": 8})
+    root = Path(path) / "zarr.json"
+    meta = json.loads(root.read_text())
+    meta["attributes"].pop("identity")                        # a downgrade: the store would read unchecked
+    root.write_text(json.dumps(meta))
+    if also == "shards swapped":
+        a, b = _shard(path, 0).read_bytes(), _shard(path, 1).read_bytes()
+        _shard(path, 0).write_bytes(b)
+        _shard(path, 1).write_bytes(a)
+    elif also:
+        shutil.copyfile(_shard(path, 2), _shard(path, 0))
+    for mode in ("r", "r+"):
+        with pytest.raises(StoreCorruptError, match="attribute identity is missing, but every schema_version 5"):
+            open_memorybank(path, mode)
+    problems, _ = verify_path(path)
+    assert any("attribute identity is missing" in p for p in problems), problems
+    assert main(["verify", path]) == 1

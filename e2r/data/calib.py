@@ -21,7 +21,7 @@ from typing import Optional, Union
 import numpy as np
 
 from e2r.atomic import write_text_atomic
-from e2r.cli_config import image_size, option
+from e2r.cli_config import MAX_IMAGE_SIDE, image_size, option
 from e2r.errors import ConfigError, DataError
 
 __all__ = ["CameraCalib", "MAX_IMAGE_SIDE", "RIGID_TOL", "MAX_MOUNT_OFFSET_M", "FOV_RANGE_DEG", "cameras_from_doc",
@@ -29,7 +29,6 @@ __all__ = ["CameraCalib", "MAX_IMAGE_SIDE", "RIGID_TOL", "MAX_MOUNT_OFFSET_M", "
            "calib_from_kitti", "calib_from_nuscenes", "CalibImport", "format_calib", "write_calib", "scale_intrinsics"]
 
 PathLike = Union[str, Path]
-MAX_IMAGE_SIDE = 16384       # pixels per side: the most a calib.json's image_size or a read image may have
 RIGID_TOL = 1e-4             # |R^T R - I| per entry and |det R - 1| of a rigid transform's rotation part
 MAX_MOUNT_OFFSET_M = 100.0   # a sensor farther than this from the ego origin is not mounted on the car
 QUATERNION_TOL = 1e-3        # |norm - 1| of a rotation quaternion (it is normalised after the check)
@@ -125,9 +124,16 @@ def cameras_from_doc(doc: object, path: PathLike) -> list[CameraCalib]:
     return out
 
 
+#: how far (in image sides) a principal point may lie outside its image: loose, because a K is sometimes kept for
+#: a crop or a rescaled copy of its images; a unit or field mix-up (cx = 1e6 for 64 pixels) lies far beyond
+MAX_PRINCIPAL_OFFSET_SIDES = 100
+
+
 def check_field_of_view(K: np.ndarray, image_size: tuple[int, int], what: str, path: PathLike) -> None:
     """DataError naming ``path`` and ``what`` unless the pinhole ``K`` gives an image of ``image_size`` (W, H) a
-    physical field of view along x and y, within :data:`FOV_RANGE_DEG` (``2 atan(side / (2 f))``)."""
+    physical field of view along x and y, within :data:`FOV_RANGE_DEG` (``2 atan(side / (2 f))``), and puts its
+    principal point (cx, cy) within :data:`MAX_PRINCIPAL_OFFSET_SIDES` image sides of the image (a crop keeps it
+    near the image; a point a million pixels away is a unit or field mix-up: every ray would miss the image)."""
     lo, hi = FOV_RANGE_DEG
     for axis, (f, side) in enumerate(((K[0, 0], image_size[0]), (K[1, 1], image_size[1]))):
         fov = float(np.degrees(2.0 * np.arctan2(side, 2.0 * f)))
@@ -135,6 +141,11 @@ def check_field_of_view(K: np.ndarray, image_size: tuple[int, int], what: str, p
             raise DataError(path, f"{what}: {'fx' if axis == 0 else 'fy'} = {f:.6g} gives the {side}-pixel image "
                                   f"side a field of view of {fov:.3g} deg, outside the physical {lo:g}..{hi:g} deg "
                                   f"(K must be in pixels, for image_size {list(image_size)})")
+        c = float(K[axis, 2])
+        if not -MAX_PRINCIPAL_OFFSET_SIDES * side <= c <= (1 + MAX_PRINCIPAL_OFFSET_SIDES) * side:
+            raise DataError(path, f"{what}: {'cx' if axis == 0 else 'cy'} = {c:.6g} lies more than "
+                                  f"{MAX_PRINCIPAL_OFFSET_SIDES} image sides outside the {side}-pixel image (K must "
+                                  f"be in pixels, for image_size {list(image_size)})")
 
 
 def check_rigid(T: np.ndarray, what: str, path: PathLike) -> np.ndarray:

@@ -248,7 +248,7 @@ class _SequenceDataset(Dataset):
         total = sum(t.num_frames for t in self.tables.values())
         bar = tqdm(total=total, desc=f"scan {self.split}", unit="frame", disable=not progress)
         for segment, table in self.tables.items():
-            n_points, n_ok = 0, 0
+            n_points, n_ok, counts = 0, 0, {}
             for frame in range(table.num_frames):
                 bar.update(1)
                 if segment in self._bad_segments:
@@ -261,9 +261,12 @@ class _SequenceDataset(Dataset):
                         (self._bad_segments.add(segment) if e.row is None else self._bad_frames.add((segment, e.row)))
                         break
                     if load == self._load_points:
-                        n_points, n_ok = n_points + len(value), n_ok + 1
+                        n_points, n_ok, counts[frame] = n_points + len(value), n_ok + 1, len(value)
             if n_ok:
                 self.mean_points[segment] = n_points / n_ok
+            for p in sparse_frames(table, counts):
+                found.append(p)
+                self._bad_frames.add((segment, p.row))
         bar.close()
         for p in found:
             if p not in self._seen:
@@ -290,6 +293,17 @@ class _SequenceDataset(Dataset):
                                                 "recorded under mixed control (pipelines.drive --mix_teacher)")
             out[i] = float(table.disagreement[start:start + self.seq_len].mean())
         return out
+
+
+def sparse_frames(table: SegmentTable, counts: dict[int, int]) -> list[Problem]:
+    """Problems for the frames of a segment holding under 1/20 of its median point count (at least 8 frames
+    read, a median of at least 1000 points): a frame cut off at a whole point (truncated copy), not a scan."""
+    if len(counts) < 8 or table.lidar_paths is None:
+        return []
+    median = float(np.median(list(counts.values())))
+    return [DataError(table.lidar_paths[f], f"{n} points, under 1/20 of the segment's median {median:.0f}: a "
+                      "truncated or partial frame; re-copy or re-record it", f).problem
+            for f, n in counts.items() if median >= 1000 and n < median / 20]
 
 
 class LidarSequenceDataset(_SequenceDataset):

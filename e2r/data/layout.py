@@ -133,13 +133,25 @@ def camera_columns(header: list[str], cameras: list[CameraCalib], csv_path: Path
     return out
 
 
-def _parse_number(text: str, column: str, row: int, csv_path: Path, line: int) -> float:
+# |value| beyond these is no car's (m/s: 540 km/h; degrees: ten turns of a steering wheel; a track frame 10 000 km
+# wide; a heading unwrapped over 16 000 turns; float32 keeps ~0.01 rad there): a unit or column mix-up
+PHYSICAL_LIMITS = {"velocity": (150.0, "m/s"), "speed_command": (150.0, "m/s"), "wheel_angle": (3600.0, "degrees"),
+                   "x": (1e7, "m"), "y": (1e7, "m"), "yaw": (1e5, "rad")}
+
+
+def _parse_number(text: str, column: str, row: int, csv_path: Path, line: int, kind: Optional[str] = None) -> float:
+    """The number of one cell; DataError when it is not one, not finite, or (``kind``: a `PHYSICAL_LIMITS` key)
+    beyond what a car can do."""
     try:
         value = float(text)
     except (TypeError, ValueError):
         raise DataError(csv_path, f"column {column!r} (line {line}): {text!r} is not a number", row) from None
     if not math.isfinite(value):
         raise DataError(csv_path, f"column {column!r} (line {line}): value {text!r} is not finite", row)
+    limit, unit = PHYSICAL_LIMITS.get(kind or "", (math.inf, ""))
+    if abs(value) > limit:
+        raise DataError(csv_path, f"column {column!r} (line {line}): {text} {unit} is beyond any car's "
+                                  f"(|{kind}| <= {limit:g} {unit}); a unit or column mix-up?", row)
     return value
 
 
@@ -162,6 +174,8 @@ def _parse_path(text: Optional[str], column: str, row: int, csv_path: Path, dire
     link); a file linked to somewhere else is refused like ``..``."""
     if text is None or not text.strip():
         raise DataError(csv_path, f"column {column!r} (line {line}) is empty", row)
+    if "\0" in text:
+        raise DataError(csv_path, f"column {column!r} (line {line}): path {text!r} contains a NUL byte", row)
     rel = Path(text.strip())
     if rel.is_absolute() or ".." in rel.parts:
         raise DataError(csv_path, f"column {column!r} (line {line}): path {text!r} must be relative to the "
@@ -219,26 +233,27 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
         if any(v is None for v in r.values()):
             raise DataError(csv_path, f"line {lines[i]} has fewer cells than the header ({len(header)})", i)
 
-    def numbers(column: str) -> np.ndarray:
-        return np.array([_parse_number(r[column], column, i, csv_path, lines[i]) for i, r in enumerate(rows)])
+    def numbers(column: str, kind: Optional[str] = None) -> np.ndarray:
+        return np.array([_parse_number(r[column], column, i, csv_path, lines[i], kind) for i, r in enumerate(rows)])
 
     bases = (os.path.realpath(root), os.path.realpath(directory))
 
     def paths(column: str) -> list[Path]:
         return [_parse_path(r[column], column, i, csv_path, directory, lines[i], bases) for i, r in enumerate(rows)]
 
-    velocity, wheel = numbers("velocity"), numbers("wheel_angle")
-    command = numbers("speed_command") if "speed_command" in header else None
+    velocity, wheel = numbers("velocity", "velocity"), numbers("wheel_angle", "wheel_angle")
+    command = numbers("speed_command", "speed_command") if "speed_command" in header else None
     expert_labels, label_columns = _recording(directory)
     table = SegmentTable(split, segment, directory, csv_path, velocity, wheel, command, expert_labels=expert_labels)
     if label_columns is not None:
         absent = [c for c in label_columns.values() if c not in header]
         if absent:
             raise DataError(directory / RECORDED_RELPATH, f"label_columns name {absent}, which {csv_path} lacks")
-        table.label_wheel_angle = numbers(label_columns["wheel_angle"])
-        table.label_speed_command = numbers(label_columns["speed_command"])
+        table.label_wheel_angle = numbers(label_columns["wheel_angle"], "wheel_angle")
+        table.label_speed_command = numbers(label_columns["speed_command"], "speed_command")
     if "student_wheel_angle" in header and "teacher_wheel_angle" in header:
-        table.disagreement = np.abs(numbers("student_wheel_angle") - numbers("teacher_wheel_angle"))
+        table.disagreement = np.abs(numbers("student_wheel_angle", "wheel_angle")
+                                    - numbers("teacher_wheel_angle", "wheel_angle"))
     if "timestamp" in header:
         table.timestamp = numbers("timestamp")
         bad = np.flatnonzero(np.diff(table.timestamp) <= 0)
@@ -251,7 +266,7 @@ def read_segment_table(root: Union[str, Path], split: str, segment: str, lidar: 
         raise DataError(csv_path, f"pose columns {have} without {[c for c in POSE_COLUMNS if c not in have]} "
                         f"(a pose needs all of {list(POSE_COLUMNS)})")
     if have:
-        table.pose = np.stack([numbers(c) for c in POSE_COLUMNS], axis=1)
+        table.pose = np.stack([numbers(c, c) for c in POSE_COLUMNS], axis=1)
     if lidar:
         table.lidar_paths = paths("lidar_filepath")
         table.lidar2ego = read_segment_lidar2ego(directory)

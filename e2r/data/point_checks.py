@@ -22,21 +22,27 @@ MAX_FAR_FRACTION = 0.01      # more than this fraction of a frame's points beyon
 MAX_RANGE_M = 500.0
 MAX_TORN_FRACTION = 0.25     # a trailing run of all-zero points this long (and >= 64 points): a torn write
 MIN_TORN_POINTS = 64
+MIN_STUCK_POINTS = 1024       # a frame of this many points or more, all one point: a stuck or repeated buffer
 
 
 def check_filled(points: np.ndarray, path: Path, row: Optional[int]) -> None:
-    """DataError for a frame whose values are all zero (a file preallocated or zero-filled, never written) or
-    whose last quarter or more (at least 64 points) is all zeros: a torn write, cut off and zero-filled. Zero
+    """DataError for a frame whose values are all zero (a file preallocated or zero-filled, never written),
+    whose last or first quarter or more (at least 64 points) is all zeros: a torn write, cut off or written in
+    part and zero-filled, or whose points (at least 1024) are all one point (a stuck or repeated buffer). Zero
     points scattered through a frame (no-return points of organised clouds) are accepted."""
     if not points.any():
         raise DataError(path, f"all {len(points)} points are zero: a zero-filled file, not a LiDAR scan", row)
-    if points[-1].any():
-        return                                      # the usual case: no zero tail, one pass over the values
-    zero = ~points.any(axis=1)
-    trailing = len(points) - 1 - int(np.flatnonzero(~zero)[-1])
-    if trailing >= max(MIN_TORN_POINTS, MAX_TORN_FRACTION * len(points)):
-        raise DataError(path, f"the last {trailing} of {len(points)} points are all zeros: a torn write (the file "
-                              f"was cut off and zero-filled); re-copy or re-record it", row)
+    if len(points) >= MIN_STUCK_POINTS and (points[0] == points[-1]).all() and (points == points[0]).all():
+        raise DataError(path, f"all {len(points)} points are the same point {points[0].tolist()}: a stuck or "
+                              "repeated buffer, not a LiDAR scan", row)
+    if points[-1].any() and points[0].any():
+        return                                      # the usual case: no zero tail or head, one pass over the values
+    nonzero = np.flatnonzero(points.any(axis=1))
+    for run, where in ((len(points) - 1 - int(nonzero[-1]), "last"), (int(nonzero[0]), "first")):
+        if run >= max(MIN_TORN_POINTS, MAX_TORN_FRACTION * len(points)):
+            raise DataError(path, f"the {where} {run} of {len(points)} points are all zeros: a torn write (the "
+                                  f"file was cut off or written in part and zero-filled); re-copy or re-record it",
+                            row)
 
 
 def xyzi(points: np.ndarray, path: Path, row: Optional[int], ring: Optional[np.ndarray] = None) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from e2r.cli_config import MAX_IMAGE_PIXELS
 from e2r.errors import DataError, Problem
 from e2r.data.calib import MAX_IMAGE_SIDE, CameraCalib, cameras_from_doc, lidar2ego_from_doc, lidar_to_ego
 from e2r.data.point_checks import MAX_INTENSITY, check_point_count, xyzi
@@ -218,7 +219,6 @@ def read_points(path: Union[str, Path], num_features: NumFeatures = "auto", row:
     return lidar_to_ego(points, lidar2ego), layout
 
 
-MAX_IMAGE_PIXELS = 40_000_000      # more pixels than this (8K UHD has 33 M): refused before decoding
 #: the largest image file read (checked before it is opened): an image of MAX_IMAGE_PIXELS stored at 8 bytes
 #: per pixel (16-bit RGBA, uncompressed), plus 1 MiB of metadata; no camera frame the readers accept is larger
 MAX_IMAGE_FILE_BYTES = MAX_IMAGE_PIXELS * 8 + (1 << 20)

@@ -87,7 +87,7 @@ class ExportConfig:
                               f"build it on a local copy (python -m pipelines.retrieval_index build)")
         check_positive(self, ("seq_len", "stride", "batch_size", "window_batch", "write_rows", "bev_feat_pool"))
         check_storage_options(self.storage_options)
-        if self.store and not is_remote(self.store):
+        if self.store is not None and not is_remote(self.store):      # "" too: it would name the working dir
             try:
                 check_new_path(self.store)       # a file where a folder should be, /proc: before the teacher loads
             except StoreError as e:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from stores.abc.guard import StoreGuard
+from stores.abc.leftovers import Leftovers
 from stores.errors import StoreCorruptError, StoreError, StoreReadOnlyError
 from stores.fsio import fsync_files, remove_path, writing
 from stores.index import KeyIndex, SplitIndex, check_keys
@@ -35,7 +36,7 @@ from stores.schema import INDEXED_SCHEMA_VERSIONS, INDEXLESS_SCHEMA_VERSIONS, St
 from stores.validate import orphan_mask, split_damage, used_rows
 
 
-class StoreBase(StoreGuard, ABC):
+class StoreBase(StoreGuard, Leftovers, ABC):
     """A memorybank handle's state, its back-end primitives (abstract) and its key side (see the module
     docstring). Back ends with index files set ``index_files = True`` and implement ``_index_path``. The
     identity, generation and lock checks come from `stores.abc.guard.StoreGuard`."""
@@ -340,18 +341,21 @@ class StoreBase(StoreGuard, ABC):
         return ranges_of(orphan_mask(flags, self.splits))
 
     def reindex(self) -> list[str]:
-        """Clear the orphan rows (`orphan_ranges`: their flags, data and keys), then write the on-disk key index of
+        """Clear the orphan rows (`orphan_ranges`: their flags, data, keys and tags) and the leftovers of rows of
+        no split (`leftover_ranges`), then write the on-disk key index of
         every split from its keys (read through their checksums and checked against the split's
         ``keys_crc32c``, the key grammar and uniqueness), delete index files of no split, then upgrade a
         schema_version 3 store to 4 (its keys keep their encoding). Returns the splits indexed; ``[]`` on a back
         end without index files (HDF5: its index is built at open; orphans are cleared). Run it while no other
         process writes the store."""
         self._need_write()
-        with writing("clear orphan rows", self.path):
+        with self._split_table(), writing("clear orphan rows", self.path):
             for a, b in self.orphan_ranges():
                 self._clear_rows(a, b)
+                self._clear_tags(a, b)
                 if self.fsync:
                     self._sync_rows(["keys", "complete", *self._data_arrays()], a, b)
+            self._clear_leftovers()
         done = self._write_indexes() if self.index_files else []
         self.refresh()
         return done

@@ -29,6 +29,7 @@ import numpy as np
 from stores.abc.identity import RowIdentity, TagChunks, identity_problems, merge_tags
 from stores.errors import StoreCorruptError, StoreStaleError
 from stores.layout import keys_chunk_rows
+from stores.schema import IDENTITY_SCHEMA_VERSION
 
 GENERATION_FIELDS = ("start", "count", "keys_crc32c", "uid")
 
@@ -124,8 +125,17 @@ class StoreGuard:
         return isinstance(self._attrs.get("identity"), dict)
 
     def _identity_problems(self) -> list[str]:
-        """What contradicts the ``identity`` attribute (checked at every open; Zarr adds its array's metadata)."""
-        return identity_problems(self._attrs, self._identity_arrays()) if self.has_identity else []
+        """What contradicts the ``identity`` attribute (checked at every open; Zarr adds its array's metadata),
+        and its absence where the schema_version says the store was written with it (removed: a moved or
+        foreign shard would then be served unchecked)."""
+        if self.has_identity:
+            return identity_problems(self._attrs, self._identity_arrays())
+        v = self._attrs.get("schema_version")
+        if isinstance(v, int) and v >= IDENTITY_SCHEMA_VERSION:
+            return [f"attribute identity is missing, but every schema_version {v} store is written with it (it was "
+                    "removed, so no row could be proven to be its key's own); restore the attributes from a backup "
+                    "or export the store again"]
+        return []
 
     def _identity(self) -> RowIdentity | None:
         """The salts of this store's rows (built once per attributes object), None without identity."""

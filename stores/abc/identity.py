@@ -189,11 +189,22 @@ def encode_tags(values: np.ndarray) -> bytes | None:
     return raw + google_crc32c.value(raw).to_bytes(4, "little")
 
 
+def tag_chunk_bytes(S: int, F: int) -> int:
+    """The size of every stored tag chunk: (S, F) uint64 + its crc32c."""
+    return 8 * S * F + 4
+
+
+def check_tag_size(size: int, S: int, F: int) -> None:
+    """ValueError when a tag chunk file of ``size`` bytes cannot be one (checked before it is read or mapped:
+    a sparse 8 GiB file is refused by its size, never allocated)."""
+    if size != tag_chunk_bytes(S, F):
+        raise ValueError(f"{size} bytes, expected {tag_chunk_bytes(S, F)}")
+
+
 def decode_tags(raw: Any, S: int, F: int) -> np.ndarray:
     """(S, F) uint64 of a stored tag chunk (bytes or a map); ValueError when its size or crc32c is wrong."""
     u8 = np.frombuffer(raw, np.uint8)
-    if len(u8) != 8 * S * F + 4:
-        raise ValueError(f"{len(u8)} bytes, expected {8 * S * F + 4}")
+    check_tag_size(len(u8), S, F)
     if google_crc32c.value(u8[:-4]) != int.from_bytes(u8[-4:].tobytes(), "little"):
         raise ValueError("crc32c checksum mismatch (chunk corrupted)")
     return u8[:-4].view("<u8").reshape(S, F)
@@ -238,18 +249,16 @@ class TagChunks:
         ``8 * (k * F + col)``."""
         got = self._raw.get(c)
         if got is None:
-            got = self._load(c)
-            if got is None:
-                got = self._zeros
-            else:
-                try:
+            try:
+                got = self._load(c)                 # ValueError: a file of the wrong size, refused unread
+                if got is not None:
                     decode_tags(got, self.S, self.F)
-                except ValueError as e:
-                    raise StoreCorruptError(f"memorybank {self.store}: identity chunk {self.where(c)} (rows "
-                                            f"[{c * self.S}, {(c + 1) * self.S})): {e}. Run `python -m stores verify "
-                                            f"{self.store}`; resume the export (it redoes rows without a valid tag)",
-                                            path=self.store, array=IDENTITY, chunk=self.where(c)) from None
-            self._raw[c] = got
+            except ValueError as e:
+                raise StoreCorruptError(f"memorybank {self.store}: identity chunk {self.where(c)} (rows "
+                                        f"[{c * self.S}, {(c + 1) * self.S})): {e}. Run `python -m stores verify "
+                                        f"{self.store}`; resume the export (it redoes rows without a valid tag)",
+                                        path=self.store, array=IDENTITY, chunk=self.where(c)) from None
+            got = self._raw[c] = self._zeros if got is None else got
         return got
 
     def u64(self, c: int) -> np.ndarray:

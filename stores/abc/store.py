@@ -242,6 +242,7 @@ class MemoryBank(StoreBase):
         end = start + len(keys)
         S = self.alignment
         with writing(f"reserve split {split!r}", self.path):
+            self._clear_leftovers()                          # rows an interrupted rm-split left: taken clean
             if end > self._n_rows():
                 self._resize(end)
             tail = min(-(-end // S) * S, self._n_rows())
@@ -332,8 +333,8 @@ class MemoryBank(StoreBase):
                 self._sync_rows(["complete"], a, b)
 
     def remove_split(self, split: str) -> None:
-        """Delete a split's entry, then its rows (data, identity tags, keys, completion flags), under the store's
-        lock. Handles of other processes that read or write the split then get `StoreStaleError` naming it."""
+        """Delete a split's entry, then its rows (data, identity tags, keys, completion flags), then what an earlier
+        interrupted rm-split left (`leftover_ranges`), under the store's lock. Handles of other processes that read or write the split then get `StoreStaleError` naming it."""
         self._need_write()
         with self._split_table(), writing(f"remove split {split!r}", self.path):
             start, count = self._split(split)
@@ -350,6 +351,7 @@ class MemoryBank(StoreBase):
                 if self.fsync:
                     self._sync_rows(["keys", "complete", *self._data_arrays()], start, start + count)
             self._remove_split_index(split)
+            self._clear_leftovers()            # what an earlier interrupted rm-split or reserve_split left
             self._owned.pop(split, None)
             self.refresh()
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from stores.abc.identity import decode_tags
+from stores.abc.identity import check_tag_size, decode_tags
 from stores.errors import StoreError
 from stores.index_file import spill
 from stores.zarr_v3.identity import TAGS_DIR
@@ -70,6 +70,7 @@ class RemoteIdentity:
         cache = self.cache                                   # type: ignore[attr-defined]
         local = cache.blob_path(self.files.name(rel), entry.size, entry.tag, ".tags") if cache else None  # type: ignore[attr-defined]
         S, F = self.alignment, len(self._identity_arrays())  # type: ignore[attr-defined]
+        check_tag_size(entry.size, S, F)                     # an object of the wrong size: refused, never fetched
         if local is not None and os.path.exists(local):
             with open(local, "rb") as fh:
                 raw = fh.read()

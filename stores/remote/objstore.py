@@ -106,7 +106,10 @@ class ObjectFiles:
     def _fs_class(self) -> type:
         try:
             return fsspec.get_filesystem_class(self.protocol)
-        except (ImportError, ValueError) as e:
+        except ValueError as e:                # fsspec knows no such protocol
+            raise ValueError(f"{self.url}: {e} (a store is a local path or an fsspec URL such as "
+                             "s3://bucket/mb.zarr)") from None
+        except ImportError as e:
             raise ImportError(f"{self.url}: {e}. Object-store support is an optional extra: "
                               "pip install 'e2r-kd[s3]'") from None
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from stores.abc.identity import IDENTITY, decode_tags
+from stores.abc.identity import IDENTITY, check_tag_size, decode_tags, tag_chunk_bytes
 from stores.errors import StoreCorruptError
 from stores.fsio import fsync_files, open_regular, read_regular, remove_path, write_atomic
 from stores.schema import GROUP_FIELDS, LIGHT_ARRAY
@@ -55,6 +55,7 @@ def stored_crcs(r: RowChunkReader, a: int, b: int) -> np.ndarray:
             continue
         fd, size = opened
         try:
+            r.check_size(i, size)
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
         finally:
             os.close(fd)
@@ -120,12 +121,16 @@ class ZarrIdentity:
             return None
         fd, size = opened
         try:
-            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else b""
+            check_tag_size(size, self.alignment, len(self._identity_arrays()))    # type: ignore[attr-defined]
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
 
     def _read_tags_fresh(self, c: int) -> bytes | None:
-        return read_regular(self._tag_path(c), self.path, IDENTITY)
+        """The stored bytes of tag chunk ``c``, at most one byte more than a tag chunk has (a longer file reads
+        as damaged, never allocated whole)."""
+        S, F = self.alignment, len(self._identity_arrays())      # type: ignore[attr-defined]
+        return read_regular(self._tag_path(c), self.path, IDENTITY, max_bytes=tag_chunk_bytes(S, F) + 1)
 
     def _put_tags(self, c: int, raw: bytes | None) -> None:
         p = self._tag_path(c)

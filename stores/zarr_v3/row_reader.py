@@ -127,6 +127,8 @@ class RowChunkReader:
         self.row_items = int(np.prod(self.row_shape))
         self.row_nbytes = self.row_items * self.dtype.itemsize
         self._tail = len(self.shape) - 1
+        chunk_cap = self.row_nbytes + self.row_nbytes // 8 + 1024      # any codec's worst case, with room to spare
+        self.max_file_bytes = self.rows_per_file * chunk_cap + 16 * self.rows_per_file + 4
 
     def invalidate(self) -> None:
         """Forget every mapped file (call after rows were written by anyone)."""
@@ -175,6 +177,7 @@ class RowChunkReader:
         try:
             if size == 0:
                 raise self._corrupt("empty file (truncated)", i, span)
+            self.check_size(i, size)
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
@@ -183,6 +186,15 @@ class RowChunkReader:
         self._views[i] = memoryview(mm)      # before _files: a thread that finds _files[i] finds its view
         self._files[i] = got
         return got
+
+    def check_size(self, i: int, size: int) -> None:
+        """StoreCorruptError when file ``i`` of ``size`` bytes is larger than its rows can make it (checked
+        before it is mapped or read: a sparse 8 GiB file is refused by its size, never allocated)."""
+        if size > self.max_file_bytes:
+            first = i * self.rows_per_file
+            raise self._corrupt(f"{size} bytes, more than {self.rows_per_file} row(s) of {self.row_nbytes} bytes "
+                                f"can encode to (at most {self.max_file_bytes}): not read", i,
+                                range(first, first + self.rows_per_file))
 
     def _index_of(self, i: int, buf: Any, size: int) -> np.ndarray:
         """The checked shard index (S, 2) of file ``i`` from ``buf`` (its mmap, or its last bytes)."""
@@ -229,11 +241,13 @@ class RowChunkReader:
         if not self.sharded:
             raise UnsupportedLayout(f"{self.dir} is not sharded")
         try:
-            raw = read_regular(self.file_path(i), self.store, self.name)
+            raw = read_regular(self.file_path(i), self.store, self.name, max_bytes=self.max_file_bytes + 1)
         except StoreCorruptError as e:
             raise self._corrupt(str(e), i) from None
         if raw is None:
             return None
+        if len(raw) > self.max_file_bytes:
+            self.check_size(i, os.stat(self.file_path(i)).st_size)
         return raw, self._index_of(i, raw, len(raw))
 
     # ------------------------------------------------------------------ reading

@@ -36,11 +36,12 @@ from stores.zarr_v3.checks import (ARRAY_NAMES, abandoned_dir, chunk_failure, di
 from stores.zarr_v3.flat_chunks import FlatChunkReader
 from stores.zarr_v3.identity import ZarrIdentity
 from stores.zarr_v3.key_array import BYTES, decode_keys, keys_encoding, write_key_rows
+from stores.zarr_v3.leftover_files import ZarrLeftovers
 from stores.zarr_v3.row_reader import RowChunkReader
 from stores.zarr_v3.shard_codec import ShardCodec, encode_threads, write_file
 from stores.zarr_v3.upkeep import drop_files, intact_rows, zarr_errors
 
-class ZarrMemoryBank(ZarrIdentity, MemoryBank):
+class ZarrMemoryBank(ZarrLeftovers, ZarrIdentity, MemoryBank):
     """`MemoryBank` over a Zarr v3 directory store (identity, generation, lock: `ZarrIdentity`)."""
 
     backend = "zarr"
