@@ -133,7 +133,8 @@ def test_the_teacher_learns_from_the_experts_labels_of_its_own_drives(setup, tmp
     out = tmp_path / "teacher"
     cfg = DaggerConfig(data_root=str(setup["root"]), teacher_ckpt=str(setup["teacher"]), learner="teacher",
                        mode="oracle", out=str(out), rounds=1, record_seconds=0.5, steps=2, warmup_steps=0,
-                       eval_starts=1, eval_time_limit=0.5, split_prefix="teacher_r", no_progress=True)
+                       eval_starts=1, eval_time_limit=0.5, split_prefix="teacher_r", speed_loss_weight=1.0,
+                       no_progress=True)
     logs: list[str] = []
     result = run_dagger(cfg, log=logs.append)
     assert any("the teacher drives" in line for line in logs)
@@ -141,12 +142,14 @@ def test_the_teacher_learns_from_the_experts_labels_of_its_own_drives(setup, tmp
     from e2r.checkpoints import load_checkpoint
     ckpt, start = load_checkpoint(result["student"]), load_checkpoint(str(setup["teacher"]))
     assert ckpt["kind"] == "teacher" and ckpt["config"] == start["config"]
+    assert ckpt["train_args"]["speed_loss_weight"] == 1.0          # --speed_loss_weight reaches the fine-tuning
     recorded = sorted((setup["root"] / "teacher_r01").iterdir())
     assert [p.name for p in recorded] == [f"{p.name}_c00" for p in sorted((setup["root"] / "train").iterdir())]
     for segment in recorded:
         with open(segment / "meta" / "data.csv", newline="") as f:
             assert {row["control"] for row in csv.DictReader(f)} == {"teacher"}
         assert '"label_columns"' in (segment / "meta" / "recorded.json").read_text()
-    for bad, match in ((dict(mode="dagger"), "--mode oracle"), (dict(memorybank=str(setup["store"])), "drop")):
+    for bad, match in ((dict(mode="dagger"), "--mode oracle"), (dict(memorybank=str(setup["store"])), "drop"),
+                       (dict(speed_loss_weight=float("nan")), "speed_loss_weight")):
         with pytest.raises(ConfigError, match=match):
             DaggerConfig(**{**cfg.__dict__, **bad}).check()

@@ -58,7 +58,7 @@ from e2r.metrics import write_metrics_csv
 from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.record import label_by_expert
 from e2r.sim.world import MARKER
-from e2r.workflow.configs import StudentTrainConfig, TeacherTrainConfig
+from e2r.workflow.configs import StudentTrainConfig, TeacherTrainConfig, TrainConfig
 from e2r.workflow.export_config import ExportConfig
 from e2r.workflow.export_run import export_memorybank
 from e2r.workflow.train import train_student, train_teacher
@@ -116,6 +116,7 @@ class DaggerConfig:
     warmup_steps: int = option(50, help="learning-rate warm-up of each round's fine-tuning (default %(default)s)")
     lr: Optional[float] = option(None, help="learning rate (default: the preset's)")
     hflip_prob: float = option(0.5, help="mirror probability while fine-tuning (default %(default)s)")
+    speed_loss_weight: float = redefault(TrainConfig, "speed_loss_weight", TrainConfig.speed_loss_weight)
     kd_action_w: float = option(1.0, help="KD weight of the actions, as train_student's (default %(default)s)")
     kd_bevvec_w: float = option(1.0, help="KD weight of bev_vec (default %(default)s)")
     kd_temporal_w: float = option(1.0, help="KD weight of gru_out (default %(default)s)")
@@ -142,7 +143,7 @@ class DaggerConfig:
         for name in ("p_student_first", "p_student_last", "hflip_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
-        check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "warmup_steps"))
+        check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "warmup_steps", "speed_loss_weight"))
         if self.aggregate not in AGGREGATES:
             raise ConfigError(f"--aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if not 0 < self.keep_fraction <= 1:
@@ -259,14 +260,16 @@ def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str]
     if cfg.learner == "teacher":           # its whole training split + the recorded rounds, expert-labelled
         trained = train_teacher(TeacherTrainConfig(
             data_root=cfg.data_root, extra_train_splits=splits, init_path=init, steps=cfg.steps,
-            warmup_steps=cfg.warmup_steps, lr=cfg.lr, hflip_prob=cfg.hflip_prob, seed=cfg.seed, device=cfg.device,
+            warmup_steps=cfg.warmup_steps, lr=cfg.lr, hflip_prob=cfg.hflip_prob, speed_loss_weight=cfg.speed_loss_weight,
+            seed=cfg.seed, device=cfg.device,
             save_path=str(folder / _CKPT[cfg.learner]), no_progress=cfg.no_progress))
         return float(trained["history"][-1]["train_loss"])
     trained = train_student(StudentTrainConfig(
         data_root=cfg.data_root, train_segments=segments, extra_train_splits=splits, extra_keep_fraction=keep,
         memorybank=None if cfg.mode == "bc_extra" else cfg.memorybank,
         teacher_ckpt=cfg.teacher_ckpt, init_path=init, steps=cfg.steps, warmup_steps=cfg.warmup_steps, lr=cfg.lr,
-        hflip_prob=cfg.hflip_prob, kd_action_w=cfg.kd_action_w, kd_bevvec_w=cfg.kd_bevvec_w,
+        hflip_prob=cfg.hflip_prob, speed_loss_weight=cfg.speed_loss_weight, kd_action_w=cfg.kd_action_w,
+        kd_bevvec_w=cfg.kd_bevvec_w,
         kd_temporal_w=cfg.kd_temporal_w, seed=cfg.seed, device=cfg.device, save_path=str(folder / "student.pt"),
         no_progress=cfg.no_progress))
     return float(trained["history"][-1]["train_loss"])
