@@ -137,7 +137,9 @@ def _append_snapshot(cfg: ExportConfig) -> _Snapshot:
     bank = open_memorybank(cfg.store, mode="r")
     keys = {split: bank.split_keys(split) for split in bank.splits if split not in cfg.split}
     files_of = bank.inspect().files_of_rows
-    assert files_of is not None                   # a local Zarr store (checked above)
+    if files_of is None:
+        raise ValueError(f"--append: {cfg.store} is not a local Zarr store; the byte-identity check of the earlier "
+                         f"splits needs one (convert it with python -m stores convert)")
     own = {f for split in cfg.split if split in bank.splits      # an append cut short: its own files may change
            for f in files_of(bank.splits[split][0], sum(bank.splits[split]))}
     bank.close()
