@@ -47,6 +47,7 @@ first epoch does; "steady"), and the resident memory at the end (mapped shard an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -56,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -158,6 +160,17 @@ def write_store(path: str, schema: StoreSchema, keys: list[str], bev: bool = Fal
     return len(keys) / t
 
 
+
+@contextlib.contextmanager
+def _scratch(given: str | None, prefix: str) -> Iterator[str]:
+    """``given`` (kept), else a fresh temporary directory removed afterwards."""
+    tmp = given or tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield tmp
+    finally:
+        if not given:
+            shutil.rmtree(tmp, ignore_errors=True)
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20000, help="light samples (default 20000)")
@@ -186,26 +199,14 @@ def main() -> int:
         print(json.dumps(key_index_probe(a.probe)))
         return 0
     if a.write:
-        tmp = a.dir or tempfile.mkdtemp(prefix="bench_write_")
-        try:
+        with _scratch(a.dir, "bench_write_") as tmp:
             return write_bench(tmp, a.n if a.n != 20000 else 16384, a.rounds, a.batch)
-        finally:
-            if not a.dir:
-                shutil.rmtree(tmp, ignore_errors=True)
     if a.against:
-        tmp = a.dir or tempfile.mkdtemp(prefix="bench_against_")
-        try:
+        with _scratch(a.dir, "bench_against_") as tmp:
             return against_bench(os.path.abspath(a.against), tmp, a.n if a.n != 20000 else 4000, a.rounds, a.batch)
-        finally:
-            if not a.dir:
-                shutil.rmtree(tmp, ignore_errors=True)
     if a.identity:
-        tmp = a.dir or tempfile.mkdtemp(prefix="bench_identity_")
-        try:
+        with _scratch(a.dir, "bench_identity_") as tmp:
             return identity_bench(tmp, a.n if a.n != 20000 else 4000, a.rounds, a.batch, a.workers)
-        finally:
-            if not a.dir:
-                shutil.rmtree(tmp, ignore_errors=True)
     if a.key_index:
         return key_index_bench([int(float(x)) for x in a.key_index.split(",")], a.dir or tempfile.mkdtemp())
     tmp = a.dir or tempfile.mkdtemp(prefix="bench_store_")
