@@ -214,16 +214,23 @@ def test_oracle_labels_are_the_experts_would_be_commands_and_inputs_stay_the_exe
         CameraSequenceDataset(root, "round_01", 3, image_size=SIZE)
 
 
-def test_export_append_adds_a_recorded_split_and_leaves_earlier_chunks_byte_identical(world_root, tmp_path, capsys):
+def _recorded_round_and_teacher(world_root: Path, tmp_path: Path, seconds: float) -> tuple[Path, Path]:
+    """A copy of the world with split ``round_01``: two cars of the constant policy driven ``seconds`` on test
+    track segment_0002 and recorded; and a fresh tiny teacher checkpoint (seed 0) to export with."""
     root = tmp_path / "world"
     shutil.copytree(world_root, root)
     world = load_world(root, "test", "segment_0002")
-    run_closed_loop(ConstantPolicy("c"), world, [0, 60], ClosedLoopConfig(time_limit=0.5, seq_len=3),
+    run_closed_loop(ConstantPolicy("c"), world, [0, 60], ClosedLoopConfig(time_limit=seconds, seq_len=3),
                     recorder=DriveRecorder(root, "round_01", world, "c"))
     torch.manual_seed(0)
     tcfg = TeacherConfig.preset_named("tiny")
     ckpt = save_checkpoint(tmp_path / "teacher.pt", {"model": LiDARBEVTeacher(tcfg).state_dict(),
                                                      "config": tcfg.to_dict()}, kind="teacher")
+    return root, Path(ckpt)
+
+
+def test_export_append_adds_a_recorded_split_and_leaves_earlier_chunks_byte_identical(world_root, tmp_path, capsys):
+    root, ckpt = _recorded_round_and_teacher(world_root, tmp_path, seconds=0.5)
     store = tmp_path / "mb.zarr"
     base = ["--data_root", str(root), "--teacher_ckpt", str(ckpt), "--store", str(store), "--seq_len", "3",
             "--shard_rows", "16", "--num_workers", "0", "--no_progress"]
@@ -257,15 +264,7 @@ def test_an_append_cut_short_resumes_and_still_proves_the_earlier_splits_unchang
                                                                                   monkeypatch):
     """An ``--append`` killed after some of its rows were written: the rerun finishes the split (its own files,
     already on disk, are not the earlier splits' and may change) and still checks the earlier splits' files."""
-    root = tmp_path / "world"
-    shutil.copytree(world_root, root)
-    world = load_world(root, "test", "segment_0002")
-    run_closed_loop(ConstantPolicy("c"), world, [0, 60], ClosedLoopConfig(time_limit=1.0, seq_len=3),
-                    recorder=DriveRecorder(root, "round_01", world, "c"))
-    torch.manual_seed(0)
-    tcfg = TeacherConfig.preset_named("tiny")
-    ckpt = save_checkpoint(tmp_path / "teacher.pt", {"model": LiDARBEVTeacher(tcfg).state_dict(),
-                                                     "config": tcfg.to_dict()}, kind="teacher")
+    root, ckpt = _recorded_round_and_teacher(world_root, tmp_path, seconds=1.0)
     store = tmp_path / "mb.zarr"
     base = ["--data_root", str(root), "--teacher_ckpt", str(ckpt), "--store", str(store), "--seq_len", "3",
             "--shard_rows", "8", "--write_rows", "8", "--num_workers", "0", "--no_progress"]

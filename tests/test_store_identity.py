@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+from typing import Any, Callable
 from pathlib import Path
 
 import google_crc32c
@@ -273,6 +274,21 @@ def _append(path: str, split: str, n: int, barrier) -> None:
         bank.write_rows(split, a, {f: v[a:a + S] for f, v in data.items()}, keys=keys[a:a + S])
 
 
+def _in_threads(fn: Callable[..., None], calls: list[tuple], timeout: float) -> list[BaseException]:
+    """Run ``fn(*args)`` for each of ``calls`` in its own thread at once; the exceptions they raised."""
+    errors: list[BaseException] = []
+
+    def run(*args: Any) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001 - returned to the caller
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=a) for a in calls]
+    [t.start() for t in threads]
+    [t.join(timeout) for t in threads]
+    return errors
+
+
 def _both_appended(path: str, sizes: dict[str, int]) -> None:
     bank = open_memorybank(path)
     spans = sorted(bank.splits.values())
@@ -312,17 +328,8 @@ def test_concurrent_appends_of_different_splits_serialise_and_both_succeed(tmp_p
 def test_concurrent_appends_from_threads_of_one_process_both_succeed(tmp_path):
     path = _fresh(tmp_path)
     _build(path, {"train": 3})
-    barrier, errors = threading.Barrier(2), []
-
-    def run(split: str, n: int) -> None:
-        try:
-            _append(path, split, n, barrier)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=run, args=a) for a in (("alpha", 21), ("beta", 9))]
-    [t.start() for t in threads]
-    [t.join(120) for t in threads]
-    assert errors == []
+    barrier = threading.Barrier(2)
+    assert _in_threads(lambda split, n: _append(path, split, n, barrier), [("alpha", 21), ("beta", 9)], 120) == []
     _both_appended(path, {"train": 3, "alpha": 21, "beta": 9})
 
 
@@ -415,23 +422,17 @@ def test_object_storage_refuses_swapped_shards_and_serialises_concurrent_appends
     assert main(["verify", url]) == 1
     fs.pipe("bkt/ident.zarr/light/c/0/0/0", a)
     fs.pipe("bkt/ident.zarr/light/c/2/0/0", b)
-    barrier, errors = threading.Barrier(2), []
+    barrier = threading.Barrier(2)
 
     def run(split: str, n: int) -> None:
-        try:
-            bank = open_memorybank(url, mode="r+")
-            ks = make_keys(split, n)
-            rows = rows_for(tiny_schema(), ks)
-            barrier.wait()
-            bank.reserve_split(split, ks)
-            bank.write_rows(split, 0, rows)
-            bank.close()
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=run, args=a) for a in (("alpha", 11), ("beta", 19))]
-    [t.start() for t in threads]
-    [t.join(180) for t in threads]
-    assert errors == []
+        bank = open_memorybank(url, mode="r+")
+        ks = make_keys(split, n)
+        rows = rows_for(tiny_schema(), ks)
+        barrier.wait()
+        bank.reserve_split(split, ks)
+        bank.write_rows(split, 0, rows)
+        bank.close()
+    assert _in_threads(run, [("alpha", 11), ("beta", 19)], 180) == []
     back = open_memorybank(url)
     for split, n in (("alpha", 11), ("beta", 19), ("train", 24)):
         ks = make_keys(split, n)
