@@ -12,6 +12,7 @@ import torch
 from e2r.cli_config import config_from_namespace, parse_config
 from e2r.errors import E2RError
 from e2r.metrics import metrics_table
+from e2r.workflow.evaluate import print_per_look
 from stores import StoreError
 
 __all__ = ["training_main", "eval_main", "print_training_summary"]
@@ -45,7 +46,8 @@ def print_training_summary(result: dict[str, Any], summary_extra: Callable[[dict
 def eval_main(name: str, parser: argparse.ArgumentParser, config_cls: type[C], evaluate: Callable[[C], dict[str, Any]],
               argv: list[str] | None, report_extra: Callable[[dict[str, Any]], None] | None = None) -> int:
     """Parse ``argv`` into ``config_cls``, run ``evaluate`` without gradients; print ``<name>: error: ...``
-    (exit 1) on bad input, else the metrics table, ``report_extra(result)`` and the written files; return 0."""
+    (exit 1) on bad input, else the metrics table, the per-look table (synthetic worlds), ``report_extra(result)``
+    and the written files; return 0."""
     args = parser.parse_args(argv)
     try:
         cfg = config_from_namespace(config_cls, args)
@@ -56,6 +58,7 @@ def eval_main(name: str, parser: argparse.ArgumentParser, config_cls: type[C], e
         return 1
     print(f"{cfg.split}: {out['num_windows']} windows, overall = weighted MSE with weights {cfg.overall_weights}")
     print(metrics_table(out["results"]))
+    print_per_look(out)
     if report_extra is not None:
         report_extra(out)
     for what in ("csv_path", "plot_path"):

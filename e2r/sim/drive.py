@@ -13,7 +13,6 @@ the checkpoint's ``kind``; CKPT may be ``released:<name>``, a model shipped in `
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from e2r.sim.drive_plots import plot_trajectories, write_video
 from e2r.sim.policies import (ConstantPolicy, ExpertPolicy, MixedPolicy, Policy, StudentPolicy, TeacherPolicy,
                               TrainMeanPolicy)
 from e2r.sim.record import DriveRecorder
-from e2r.sim.world import MARKER
+from e2r.sim.world import MARKER, read_marker
 
 __all__ = ["DriveConfig", "parse_policy_spec", "build_policy", "split_segments", "drive", "summarize",
            "format_table", "CSV_COLUMNS"]
@@ -155,13 +154,10 @@ def build_policy(spec: str, device: torch.device) -> Policy:
 def split_segments(data_root: str | Path, split: str) -> list[str]:
     """The segments of ``split`` listed in the synthetic world's marker (ValueError when there is no marker,
     the world is incomplete, or the split has no segment made by the synthetic world)."""
-    marker = Path(data_root) / MARKER
-    if not marker.is_file():
+    made = read_marker(data_root)
+    if made is None:
         raise ValueError(f"{data_root} has no {MARKER}: closed-loop driving needs a dataset made by the synthetic "
                          f"world (python -m pipelines.make_dataset), whose tracks can be rebuilt")
-    made = json.loads(marker.read_text())
-    if made.get("status") != "complete":
-        raise ValueError(f"{marker}: the synthetic world is incomplete; regenerate it")
     segments = made.get("splits", {}).get(split, [])
     if not segments:
         raise ValueError(f"split {split!r} of {data_root} was not made by the synthetic world (it has "

@@ -77,7 +77,7 @@ from e2r.sim.vehicle import VehicleConfig
 __all__ = ["SyntheticConfig", "generate_dataset", "generate_segment", "split_for_track", "segment_name",
            "track_for_index", "calib_dict", "config_dict", "config_from_dict", "track_for_segment", "CSV_COLUMNS",
            "MARKER", "TRACK_JSON", "GENERATOR_VERSION", "LIDAR_ONLY_COLUMNS", "APPEARANCES", "has_camera",
-           "light_for_index", "camera_rng", "ensure_dataset", "prepare_out_dir", "begin_segment", "finish_segment",
+           "light_for_index", "segment_lights", "read_marker", "camera_rng", "ensure_dataset", "prepare_out_dir", "begin_segment", "finish_segment",
            "segment_summary"]
 
 CSV_COLUMNS = ("timestamp", "lidar_filepath", "image_filepath", "velocity", "wheel_angle", "speed_command",
@@ -385,17 +385,44 @@ def config_from_dict(d: dict[str, Any]) -> SyntheticConfig:
     return _dataclass_from_dict(SyntheticConfig, values, "config")
 
 
+def read_marker(root: str | Path) -> dict[str, Any] | None:
+    """The marker ``<root>/synthetic_dataset.json`` of a complete synthetic world, or None when ``root`` has
+    none (not made by the synthetic world, e.g. real data); ValueError naming the file when it is incomplete."""
+    marker = Path(root) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        made = json.loads(marker.read_text())
+    except ValueError as e:
+        raise ValueError(f"{marker}: not readable JSON ({e})") from None
+    if made.get("status") != "complete" or "config" not in made:
+        raise ValueError(f"{marker}: the synthetic world is incomplete (status {made.get('status')!r}); regenerate it")
+    return made
+
+
+def segment_lights(root: str | Path, split: str) -> dict[str, str]:
+    """``{segment: light}`` (``appearance.LIGHTS``) of every segment of ``split`` in the synthetic world at
+    ``root``, by the world's own rule (:func:`light_for_index` of the segment's ``track_index``); ``{}`` when
+    ``root`` is not a synthetic world (real data) or its appearance is ``"clean"`` (no look)."""
+    made = read_marker(root)
+    if made is None:
+        return {}
+    cfg = config_from_dict(made["config"])
+    if cfg.appearance != "gap":
+        return {}
+    return {g["segment"]: light_for_index(cfg, int(g["track_index"])) for g in made.get("segments", [])
+            if g.get("split") == split}
+
+
 def track_for_segment(root: str | Path, split: str, segment: str) -> tuple[Track, SyntheticConfig, dict[str, Any]]:
     """Rebuild the track of ``<root>/<split>/<segment>`` from the world's marker: ``(track, config, the
     marker's summary entry of the segment)``. Raises ValueError when ``root`` is not a complete synthetic
     world, the segment is not one of its ``split``'s, or the rebuilt track's fingerprint differs."""
+    made = read_marker(root)
     marker = Path(root) / MARKER
-    if not marker.is_file():
+    if made is None:
         raise ValueError(f"{root} has no {MARKER}: it was not made by the synthetic world "
                          f"(python -m pipelines.make_dataset), so its tracks cannot be rebuilt")
-    made = json.loads(marker.read_text())
-    if made.get("status") != "complete" or "config" not in made:
-        raise ValueError(f"{marker}: the synthetic world is incomplete (status {made.get('status')!r}); regenerate it")
     entry = next((g for g in made.get("segments", []) if g.get("split") == split and g.get("segment") == segment),
                  None)
     if entry is None:

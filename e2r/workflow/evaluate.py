@@ -10,8 +10,17 @@ Per-action MSE / MAE / RMSE (degrees, m/s) over every (window, step) of the spli
   baseline_train_mean     always the training split's mean action (stored in the checkpoint);
   baseline_prev_steering  steering = the previous command (the model's steering input, wheel_angle[t-1]),
                           speed = keep the current speed (the speed input velocity[t]) as the command.
-Each returns ``{"results": {predictor: metrics}, "per_segment": {segment: the model's metrics}, "plot_path",
-"csv_path", "num_windows"}`` (the student also ``"kd_gap"``); the CSV and plot are written when their paths are set.
+Each returns ``{"results": {predictor: metrics}, "per_segment": {segment: the model's metrics}, "segment_light",
+"per_look", "plot_path", "csv_path", "num_windows"}`` (the student also ``"kd_gap"``); the CSV and plot are
+written when their paths are set.
+
+Per segment, beside the physical metrics, the loss in normalised units (:func:`segment_report`):
+``loss_norm`` = ``sum_a w_a * MSE_a`` of the actions normalised by the checkpoint's training mean/std (the
+training loss without its extra terms, at the overall weights), ``baseline_mean_loss_norm`` the same for
+always predicting the training mean, ``loss_vs_mean`` their ratio (1.0 = no better than the mean). On a
+synthetic world ``segment_light`` gives each segment's light (noon / dusk / night, the world's own rule:
+``e2r.sim.world.segment_lights``) and ``per_look`` the mean of every per-segment metric over the segments of
+each light (``"segments"``: how many); on real data without a look ``{}`` and None.
 """
 from __future__ import annotations
 
@@ -25,22 +34,26 @@ from stores.keys import parse_key
 from e2r.metrics import (ActionErrorAccumulator, parse_overall_weights, per_segment_metrics, plot_segment,
                          segment_series, write_metrics_csv)
 from e2r.models.student import load_student
+from e2r.models.policy import TemporalPolicy
 from e2r.models.teacher import load_teacher
 from e2r.runtime import DistContext, resolve_device
+from e2r.sim.appearance import LIGHTS
+from e2r.sim.world import segment_lights
 from e2r.workflow.configs import StudentEvalConfig, TeacherEvalConfig
 from e2r.workflow.kd_data import TeacherTargets, batch_to, make_kd_loader
 from e2r.workflow.retrieval_kd import RetrievalCheck
 from e2r.workflow.trainer import make_window_loader, run_epoch
 
 __all__ = ["TEACHER_PREDICTORS", "STUDENT_PREDICTORS", "evaluate_teacher", "evaluate_student", "KDGapAccumulator",
-           "print_kd_gap"]
+           "print_kd_gap", "segment_report", "per_look_summary", "print_per_look"]
 
 TEACHER_PREDICTORS = ("teacher", "baseline_train_mean", "baseline_prev_steering")
 STUDENT_PREDICTORS = ("student", "baseline_train_mean", "baseline_prev_steering")
 
 
 def evaluate_teacher(cfg: TeacherEvalConfig) -> dict[str, Any]:
-    """Returns ``{"results": {predictor: metrics}, "per_segment", "plot_path", "csv_path", "num_windows"}``."""
+    """Returns ``{"results": {predictor: metrics}, "per_segment", "segment_light", "per_look", "plot_path",
+    "csv_path", "num_windows"}``."""
     weights = parse_overall_weights(cfg.overall_weights)
     device = resolve_device(cfg.device)
     model, ckpt = load_teacher(cfg.teacher_ckpt, device)
@@ -69,7 +82,7 @@ def evaluate_teacher(cfg: TeacherEvalConfig) -> dict[str, Any]:
 
     run_epoch(loader, step, None, desc=f"eval {cfg.split}", show_progress=not cfg.no_progress)
     results = {name: acc.compute() for name, acc in accs.items()}
-    per_segment = per_segment_metrics(keys, torch.cat(preds), torch.cat(targets), weights)
+    segments = segment_report(cfg.data_root, cfg.split, keys, torch.cat(preds), torch.cat(targets), model, weights)
     if cfg.csv_path:
         write_metrics_csv(cfg.csv_path, [{"predictor": name, "split": cfg.split, "checkpoint": cfg.teacher_ckpt,
                                            **r} for name, r in results.items()])
@@ -79,8 +92,59 @@ def evaluate_teacher(cfg: TeacherEvalConfig) -> dict[str, Any]:
         frames, pred_series, target_series = segment_series(keys, pred_all, target_all, segment)
         plot_segment(cfg.plot_path, frames, {"teacher": pred_series}, target_series,
                      f"teacher on {cfg.split}/{segment} ({ckpt['config'].get('preset', '?')} preset)")
-    return {"results": results, "per_segment": per_segment, "plot_path": cfg.plot_path, "csv_path": cfg.csv_path,
+    return {"results": results, **segments, "plot_path": cfg.plot_path, "csv_path": cfg.csv_path,
             "num_windows": len(ds)}
+
+
+def segment_report(data_root: str, split: str, keys: list[str], pred: torch.Tensor, target: torch.Tensor,
+                   model: TemporalPolicy, weights: tuple[float, ...]) -> dict[str, Any]:
+    """``{"per_segment": {segment: metrics + loss_norm, baseline_mean_loss_norm, loss_vs_mean}, "segment_light":
+    {segment: light} ({} off a synthetic world), "per_look": per_look_summary or None}`` (module docstring).
+
+    keys: N window keys; pred, target (N, T, A) physical actions on the CPU; ``model`` holds the training split's
+    action mean/std."""
+    per_segment = per_segment_metrics(keys, pred, target, weights)
+    mean, std = model.action_mean.detach().cpu(), model.action_std.detach().cpu()
+    norm = per_segment_metrics(keys, (pred - mean) / std, (target - mean) / std, weights)
+    base = per_segment_metrics(keys, torch.zeros_like(target), (target - mean) / std, weights)
+    for seg, m in per_segment.items():
+        m["loss_norm"] = norm[seg]["overall_weighted_mse"]
+        m["baseline_mean_loss_norm"] = base[seg]["overall_weighted_mse"]
+        m["loss_vs_mean"] = m["loss_norm"] / max(m["baseline_mean_loss_norm"], 1e-12)
+    lights = segment_lights(data_root, split)
+    missing = sorted(set(per_segment) - set(lights))
+    if lights and missing:
+        raise ValueError(f"{data_root}/synthetic_dataset.json lists no {split} segment {', '.join(missing[:3])}: "
+                         f"the split's folders are not the synthetic world's")
+    lights = {seg: lights[seg] for seg in per_segment if seg in lights}
+    return {"per_segment": per_segment, "segment_light": lights,
+            "per_look": per_look_summary(per_segment, lights) if lights else None}
+
+
+def per_look_summary(per_segment: dict[str, dict[str, float]], lights: dict[str, str]
+                     ) -> dict[str, dict[str, float]]:
+    """``{light: {metric: mean over the light's segments, "segments": count}}`` in ``LIGHTS`` order (lights
+    with no segment left out); every segment of ``per_segment`` must have a light in ``lights``."""
+    out: dict[str, dict[str, float]] = {}
+    for light in LIGHTS:
+        rows = [m for seg, m in per_segment.items() if lights[seg] == light]
+        if rows:
+            out[light] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+            out[light]["segments"] = float(len(rows))
+    return out
+
+
+def print_per_look(out: dict[str, Any]) -> None:
+    """Each segment's light, then the per-look table (nothing when the data has no look)."""
+    if not out.get("per_look"):
+        return
+    lights = out["segment_light"]
+    print("light per segment: " + ", ".join(f"{seg} {light}" for seg, light in lights.items()))
+    cols = ("steering_mse", "speed_mse", "overall_weighted_mse", "loss_norm", "baseline_mean_loss_norm",
+            "loss_vs_mean")
+    print("per look (mean over its segments)".ljust(36) + "".join(c.rjust(24) for c in ("segments",) + cols))
+    for light, m in out["per_look"].items():
+        print(light.ljust(36) + f"{int(m['segments']):24d}" + "".join(f"{m[c]:24.5f}" for c in cols))
 
 
 class KDGapAccumulator:
@@ -120,7 +184,8 @@ class KDGapAccumulator:
 
 
 def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
-    """Returns ``{"results": {predictor: metrics}, "per_segment", "kd_gap": dict or None, "damaged_keys" (with
+    """Returns ``{"results": {predictor: metrics}, "per_segment", "segment_light", "per_look", "kd_gap": dict or
+    None, "damaged_keys" (with
     ``skip_damaged``: keys whose teacher row is damaged, left out of the KD gap), "plot_path", "csv_path",
     "num_windows"}``; raises DataError / CheckpointError / ValueError on bad input."""
     weights = parse_overall_weights(cfg.overall_weights)
@@ -161,7 +226,7 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
 
     run_epoch(loader, step, None, desc=f"eval {cfg.split}", show_progress=not cfg.no_progress)
     results = {name: acc.compute() for name, acc in accs.items()}
-    per_segment = per_segment_metrics(keys, torch.cat(preds), torch.cat(targets), weights)
+    segments = segment_report(cfg.data_root, cfg.split, keys, torch.cat(preds), torch.cat(targets), model, weights)
     kd_gap = gap.compute() if gap is not None else None
     if cfg.csv_path:
         rows = [{"predictor": name, "split": cfg.split, "checkpoint": cfg.student_ckpt, **r,
@@ -173,7 +238,7 @@ def evaluate_student(cfg: StudentEvalConfig) -> dict[str, Any]:
         plot_segment(cfg.plot_path, frames, {"student": pred_series}, target_series,
                      f"student on {cfg.split}/{segment} ({ckpt['config'].get('preset', '?')} preset, "
                      f"{model_cfg.view_transform})")
-    return {"results": results, "per_segment": per_segment, "kd_gap": kd_gap, "damaged_keys": damaged,
+    return {"results": results, **segments, "kd_gap": kd_gap, "damaged_keys": damaged,
             "retrieval": check.compute() if check is not None else None,
             "pairing": pairing.describe(ds.keys, cfg.pair_lidar_root) if pairing is not None else None,
             "plot_path": cfg.plot_path, "csv_path": cfg.csv_path, "num_windows": len(ds)}
