@@ -13,6 +13,9 @@ overall ``sum_a w_a * MSE_a``, for:
 KD gap (windows whose key is in the store): per-action MSE and weighted overall between the student's and
 the teacher's actions, mean bev_vec cosine similarity, gru_out MSE. In the CSV the gap is extra columns
 (``kd_*``) of the student row.
+On a synthetic world also each segment's light and the per-look table: the mean over each look's (noon / dusk /
+night) segments of the physical MSEs and of the loss in normalised units (``loss_norm``, the training loss
+without its extra terms; ``loss_vs_mean``: against always predicting the training mean); absent on real data.
 """
 from __future__ import annotations
 

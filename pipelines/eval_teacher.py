@@ -9,6 +9,7 @@ overall ``sum_a w_a * MSE_a``, for:
   baseline_train_mean     always the training split's mean action (stored in the checkpoint);
   baseline_prev_steering  steering = the previous command (the model's steering input, wheel_angle[t-1]),
                           speed = keep the current speed (the speed input velocity[t]) as the command.
+On a synthetic world also each segment's light and the per-look table (as ``pipelines.eval_student``).
 """
 from __future__ import annotations
 
