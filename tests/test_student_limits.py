@@ -16,10 +16,10 @@ from e2r.models.student import CameraBEVStudent
 from e2r.models.student_config import StudentConfig
 from e2r.sim.appearance import LIGHTS
 from e2r.sim.tiny import write_tiny_dataset
-from e2r.sim.world import (TRACK_JSON, SyntheticConfig, generate_dataset, light_for_index, segment_name,
-                           split_for_track)
+from e2r.sim.world import (MARKER, TRACK_JSON, SyntheticConfig, generate_dataset, light_for_index,
+                           segment_lights, segment_name, split_for_track)
 from e2r.workflow.configs import StudentEvalConfig
-from e2r.workflow.evaluate import evaluate_student
+from e2r.workflow.evaluate import evaluate_student, per_look_summary
 from pipelines import eval_student
 
 SIZE = (32, 16)
@@ -75,6 +75,20 @@ def test_real_data_has_no_look(setup, capsys):
     assert "per look" not in capsys.readouterr().out
     assert eval_student.main([*argv[:1], str(setup["world"]), *argv[2:]]) == 0
     assert "per look" in capsys.readouterr().out
+
+
+def test_segments_the_world_did_not_make_have_no_look(setup, tmp_path):
+    """A segment without a light (e.g. a recorded drive beside the world's) stays out of the per-look means;
+    an incomplete world has no lights yet; an unreadable marker is named."""
+    per_segment = {"a": {"loss_norm": 1.0}, "b": {"loss_norm": 3.0}, "rec": {"loss_norm": 100.0}}
+    assert per_look_summary(per_segment, {"a": "night", "b": "night"}) == {"night": {"loss_norm": 2.0,
+                                                                                      "segments": 2.0}}
+    marker = json.loads((setup["world"] / MARKER).read_text())
+    (tmp_path / MARKER).write_text(json.dumps({**marker, "status": "incomplete"}))
+    assert segment_lights(tmp_path, "train") == {}
+    (tmp_path / MARKER).write_text("{not json")
+    with pytest.raises(ValueError, match=MARKER):
+        segment_lights(tmp_path, "train")
 
 
 def _probe_module():

@@ -385,9 +385,10 @@ def config_from_dict(d: dict[str, Any]) -> SyntheticConfig:
     return _dataclass_from_dict(SyntheticConfig, values, "config")
 
 
-def read_marker(root: str | Path) -> dict[str, Any] | None:
-    """The marker ``<root>/synthetic_dataset.json`` of a complete synthetic world, or None when ``root`` has
-    none (not made by the synthetic world, e.g. real data); ValueError naming the file when it is incomplete."""
+def read_marker(root: str | Path, complete: bool = True) -> dict[str, Any] | None:
+    """The marker ``<root>/synthetic_dataset.json`` of a synthetic world, or None when ``root`` has none (not
+    made by the synthetic world, e.g. real data); ValueError naming the file when it is not JSON or (with
+    ``complete``) the world is incomplete (an incomplete world's marker lists no segments)."""
     marker = Path(root) / MARKER
     if not marker.is_file():
         return None
@@ -395,7 +396,7 @@ def read_marker(root: str | Path) -> dict[str, Any] | None:
         made = json.loads(marker.read_text())
     except ValueError as e:
         raise ValueError(f"{marker}: not readable JSON ({e})") from None
-    if made.get("status") != "complete" or "config" not in made:
+    if complete and (made.get("status") != "complete" or "config" not in made):
         raise ValueError(f"{marker}: the synthetic world is incomplete (status {made.get('status')!r}); regenerate it")
     return made
 
@@ -403,9 +404,10 @@ def read_marker(root: str | Path) -> dict[str, Any] | None:
 def segment_lights(root: str | Path, split: str) -> dict[str, str]:
     """``{segment: light}`` (``appearance.LIGHTS``) of every segment of ``split`` in the synthetic world at
     ``root``, by the world's own rule (:func:`light_for_index` of the segment's ``track_index``); ``{}`` when
-    ``root`` is not a synthetic world (real data) or its appearance is ``"clean"`` (no look)."""
-    made = read_marker(root)
-    if made is None:
+    ``root`` is not a synthetic world (real data), is an incomplete one, or its appearance is ``"clean"`` (no
+    look)."""
+    made = read_marker(root, complete=False)
+    if made is None or made.get("status") != "complete" or "config" not in made:
         return {}
     cfg = config_from_dict(made["config"])
     if cfg.appearance != "gap":
