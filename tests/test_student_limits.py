@@ -13,13 +13,14 @@ import torch
 from e2r.checkpoints import save_checkpoint
 from e2r.models.config import TeacherConfig
 from e2r.models.student import CameraBEVStudent
+from e2r.models.teacher import LiDARBEVTeacher
 from e2r.models.student_config import StudentConfig
 from e2r.sim.appearance import LIGHTS
 from e2r.sim.tiny import write_tiny_dataset
 from e2r.sim.world import (MARKER, TRACK_JSON, SyntheticConfig, generate_dataset, light_for_index,
                            segment_lights, segment_name, split_for_track)
-from e2r.workflow.configs import StudentEvalConfig
-from e2r.workflow.evaluate import evaluate_student, per_look_summary
+from e2r.workflow.configs import StudentEvalConfig, TeacherEvalConfig
+from e2r.workflow.evaluate import evaluate_student, evaluate_teacher, per_look_summary
 from pipelines import eval_student
 
 SIZE = (32, 16)
@@ -64,6 +65,16 @@ def test_per_look_follows_the_world_rule_and_averages_its_segments(setup):
     for m in ev["per_segment"].values():     # normalised by the checkpoint's std (3, 2) at weights (1, 0.05)
         assert m["loss_norm"] == pytest.approx(m["steering_mse"] / 9 + 0.05 * m["speed_mse"] / 4, rel=1e-5)
         assert m["loss_vs_mean"] == pytest.approx(m["loss_norm"] / m["baseline_mean_loss_norm"])
+
+
+def test_the_teacher_evaluation_reports_the_same_looks(setup, tmp_path):
+    torch.manual_seed(0)
+    cfg = TeacherConfig.preset_named("tiny")
+    ckpt = save_checkpoint(tmp_path / "t.pt", {"model": LiDARBEVTeacher(cfg).state_dict(), "config": cfg.to_dict()},
+                           "teacher")
+    ev = evaluate_teacher(TeacherEvalConfig(data_root=str(setup["world"]), split="train", seq_len=3, stride=2,
+                                            teacher_ckpt=str(ckpt), device="cpu", no_progress=True))
+    assert ev["segment_light"] == segment_lights(setup["world"], "train") and set(ev["per_look"]) == set(LIGHTS)
 
 
 def test_real_data_has_no_look(setup, capsys):
