@@ -16,6 +16,7 @@ from e2r.models.student import CameraBEVStudent
 from e2r.models.student_config import StudentConfig
 from e2r.models.teacher import LiDARBEVTeacher
 from e2r.sim.world import generate_dataset
+from e2r.workflow.configs import TrainConfig
 from e2r.workflow.dagger import DaggerConfig, p_student_of_round, run_dagger
 from pipelines.dagger import main as dagger_main
 from pipelines.export import main as export_main
@@ -133,8 +134,7 @@ def test_the_teacher_learns_from_the_experts_labels_of_its_own_drives(setup, tmp
     out = tmp_path / "teacher"
     cfg = DaggerConfig(data_root=str(setup["root"]), teacher_ckpt=str(setup["teacher"]), learner="teacher",
                        mode="oracle", out=str(out), rounds=1, record_seconds=0.5, steps=2, warmup_steps=0,
-                       eval_starts=1, eval_time_limit=0.5, split_prefix="teacher_r", speed_loss_weight=1.0,
-                       no_progress=True)
+                       eval_starts=1, eval_time_limit=0.5, split_prefix="teacher_r", no_progress=True)
     logs: list[str] = []
     result = run_dagger(cfg, log=logs.append)
     assert any("the teacher drives" in line for line in logs)
@@ -142,7 +142,10 @@ def test_the_teacher_learns_from_the_experts_labels_of_its_own_drives(setup, tmp
     from e2r.checkpoints import load_checkpoint
     ckpt, start = load_checkpoint(result["student"]), load_checkpoint(str(setup["teacher"]))
     assert ckpt["kind"] == "teacher" and ckpt["config"] == start["config"]
-    assert ckpt["train_args"]["speed_loss_weight"] == 1.0          # --speed_loss_weight reaches the fine-tuning
+    assert ckpt["train_args"]["speed_loss_weight"] == 1.0          # the teacher's rounds weigh speed at 1 by default
+    assert DaggerConfig(**{**cfg.__dict__, "speed_loss_weight": 0.3}).fine_tune_speed_weight() == 0.3
+    student_cfg = DaggerConfig(**{**cfg.__dict__, "learner": "student"})
+    assert student_cfg.fine_tune_speed_weight() == TrainConfig.speed_loss_weight
     recorded = sorted((setup["root"] / "teacher_r01").iterdir())
     assert [p.name for p in recorded] == [f"{p.name}_c00" for p in sorted((setup["root"] / "train").iterdir())]
     for segment in recorded:

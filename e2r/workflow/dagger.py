@@ -71,6 +71,9 @@ AGGREGATES = ("all", "latest", "disagreement")
 MIXED_MODES = ("dagger", "oracle")      # the student drives, mixed with the teacher
 LEARNERS = ("student", "teacher")
 _CKPT = {"student": "student.pt", "teacher": "teacher.pt"}      # each round's checkpoint in round_NN/
+#: speed loss weight of the teacher's rounds unless --speed_loss_weight says otherwise: on the same brake-rich
+#: rounds 1.0 teaches braking and 0.05 does not (75 % against 31 % success, 3 seeds; docs/STUDENT.md)
+TEACHER_SPEED_LOSS_WEIGHT = 1.0
 ROUND_COLUMNS = ("round", "p_student", "recorded_frames", "camera_frames", "success", "progress", "collisions",
                  "disagreement", "label_frames_per_s", "train_loss", "seconds")
 
@@ -116,7 +119,10 @@ class DaggerConfig:
     warmup_steps: int = option(50, help="learning-rate warm-up of each round's fine-tuning (default %(default)s)")
     lr: Optional[float] = option(None, help="learning rate (default: the preset's)")
     hflip_prob: float = option(0.5, help="mirror probability while fine-tuning (default %(default)s)")
-    speed_loss_weight: float = redefault(TrainConfig, "speed_loss_weight", TrainConfig.speed_loss_weight)
+    speed_loss_weight: Optional[float] = option(
+        None, help=f"loss weight of speed in each round's fine-tuning (default: {TEACHER_SPEED_LOSS_WEIGHT} with "
+                   f"--learner teacher, the weight at which the fine-tune teaches the teacher to brake, "
+                   f"docs/STUDENT.md; the trainer's {TrainConfig.speed_loss_weight} with --learner student)")
     kd_action_w: float = option(1.0, help="KD weight of the actions, as train_student's (default %(default)s)")
     kd_bevvec_w: float = option(1.0, help="KD weight of bev_vec (default %(default)s)")
     kd_temporal_w: float = option(1.0, help="KD weight of gru_out (default %(default)s)")
@@ -143,7 +149,9 @@ class DaggerConfig:
         for name in ("p_student_first", "p_student_last", "hflip_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
-        check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "warmup_steps", "speed_loss_weight"))
+        check_weights(self, ("kd_action_w", "kd_bevvec_w", "kd_temporal_w", "warmup_steps"))
+        if self.speed_loss_weight is not None:
+            check_weights(self, ("speed_loss_weight",))
         if self.aggregate not in AGGREGATES:
             raise ConfigError(f"--aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if not 0 < self.keep_fraction <= 1:
@@ -172,6 +180,12 @@ class DaggerConfig:
     def start_ckpt(self) -> str:
         """The learner's checkpoint of round 0."""
         return str(self.teacher_ckpt if self.learner == "teacher" else self.student_ckpt)
+
+    def fine_tune_speed_weight(self) -> float:
+        """The speed loss weight of each round's fine-tuning (``--speed_loss_weight``, else the learner's)."""
+        if self.speed_loss_weight is not None:
+            return float(self.speed_loss_weight)
+        return TEACHER_SPEED_LOSS_WEIGHT if self.learner == "teacher" else TrainConfig.speed_loss_weight
 
     def training_splits(self, recorded: list[str]) -> tuple[list[str], float]:
         """(the recorded splits a round trains on, the fraction of their windows kept) by ``aggregate``."""
@@ -260,7 +274,7 @@ def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str]
     if cfg.learner == "teacher":           # its whole training split + the recorded rounds, expert-labelled
         trained = train_teacher(TeacherTrainConfig(
             data_root=cfg.data_root, extra_train_splits=splits, init_path=init, steps=cfg.steps,
-            warmup_steps=cfg.warmup_steps, lr=cfg.lr, hflip_prob=cfg.hflip_prob, speed_loss_weight=cfg.speed_loss_weight,
+            warmup_steps=cfg.warmup_steps, lr=cfg.lr, hflip_prob=cfg.hflip_prob, speed_loss_weight=cfg.fine_tune_speed_weight(),
             seed=cfg.seed, device=cfg.device,
             save_path=str(folder / _CKPT[cfg.learner]), no_progress=cfg.no_progress))
         return float(trained["history"][-1]["train_loss"])
@@ -268,7 +282,7 @@ def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str]
         data_root=cfg.data_root, train_segments=segments, extra_train_splits=splits, extra_keep_fraction=keep,
         memorybank=None if cfg.mode == "bc_extra" else cfg.memorybank,
         teacher_ckpt=cfg.teacher_ckpt, init_path=init, steps=cfg.steps, warmup_steps=cfg.warmup_steps, lr=cfg.lr,
-        hflip_prob=cfg.hflip_prob, speed_loss_weight=cfg.speed_loss_weight, kd_action_w=cfg.kd_action_w,
+        hflip_prob=cfg.hflip_prob, speed_loss_weight=cfg.fine_tune_speed_weight(), kd_action_w=cfg.kd_action_w,
         kd_bevvec_w=cfg.kd_bevvec_w,
         kd_temporal_w=cfg.kd_temporal_w, seed=cfg.seed, device=cfg.device, save_path=str(folder / "student.pt"),
         no_progress=cfg.no_progress))
