@@ -73,13 +73,21 @@ class TrainConfig:
         1.0, help="keep this fraction of each --extra_train_splits split's windows: those where the student's and the "
                   "teacher's recorded wheel angles differ most (mixed drives only; 1 keeps every window; default "
                   "%(default)s)")
-    valid_split: str = option("valid", help="split for the per-epoch validation loss and the best checkpoint; '' to "
-                                            "skip validation (best = train loss)")
+    valid_split: str = option("valid", help="split for the validation loss (per epoch, or every "
+                                            "--valid_every_steps) and the best checkpoint; '' to skip validation "
+                                            "(best = train loss)")
     preset: str = option("tiny", choices=tuple(PRESET_DEFAULTS), help="model size (default: %(default)s)")
     epochs: Optional[int] = option(None, help="epochs to train (default per preset: tiny 8, full 30)")
     steps: Optional[int] = option(
         None, help="train for this many optimizer steps instead of epochs (the last epoch cut short; the cosine "
                    "decay then runs per step): the same budget whatever the data size")
+    valid_every_steps: Optional[int] = option(
+        None, metavar="K",
+        help="validate every K optimizer steps and once more at the end of training, instead of after every epoch: "
+             "each validation (the --valid_split loss and the checkpoint selection, e.g. the student's --select_by "
+             "drive) adds a history entry with its step count (train loss: the epoch's mean so far), may replace "
+             "--save_path and writes --checkpoint_path, so --resume_path continues from it (default: unset, after "
+             "every epoch)")
     warmup_steps: int = option(0, help="linear learning-rate warm-up over the first N optimizer steps (default "
                                        "%(default)s)")
     batch_size: Optional[int] = option(None, help="windows per batch (default: tiny 8, full 4)")
@@ -103,7 +111,8 @@ class TrainConfig:
     device: str = device_option()
     num_workers: int = option(0, help="DataLoader worker processes reading the data windows (default %(default)s: "
                                       "this process)")
-    checkpoint_path: Optional[str] = option(None, help="latest full training state, written every epoch")
+    checkpoint_path: Optional[str] = option(None, help="latest full training state, written every epoch (and at "
+                                                        "every --valid_every_steps validation)")
     checkpoint_every_steps: int = option(
         0, help="also write --checkpoint_path every N training batches, with the position in the epoch: "
                 "--resume_path then continues mid-epoch exactly where it stopped (default %(default)s = per epoch)")
@@ -134,7 +143,10 @@ class TrainConfig:
         if not 0 < self.extra_keep_fraction <= 1:
             raise ConfigError(f"--extra_keep_fraction must be in (0, 1], got {self.extra_keep_fraction}")
         check_weights(self, ("steer_loss_weight", "speed_loss_weight", "smooth_weight", "weight_decay", "grad_clip"))
-        check_positive(self, ("epochs", "steps", "batch_size", "seq_len", "stride"))
+        check_positive(self, ("epochs", "steps", "batch_size", "seq_len", "stride", "valid_every_steps"))
+        if self.valid_every_steps and not self.valid_split:
+            raise ConfigError(f"--valid_every_steps {self.valid_every_steps} validates on --valid_split: give one "
+                              f"(it is '')")
         if self.epochs is not None and self.steps is not None:
             raise ConfigError(f"--epochs {self.epochs} and --steps {self.steps}: give one of them (the length of "
                               f"the run in epochs or in optimizer steps)")
@@ -290,7 +302,8 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
                   "(e2r/data/augment.py; default %(default)s = off)")
     select_by: str = option(
         "loss", choices=("loss", "drive"),
-        help="what picks the kept checkpoint (--save_path) after each epoch: the BC loss on --valid_split "
+        help="what picks the kept checkpoint (--save_path) at each validation (after each epoch, or every "
+             "--valid_every_steps): the BC loss on --valid_split "
              "(default), or driving the --valid_split tracks in closed loop (synthetic worlds only; most success + "
              "progress in laps)")
     select_starts: int = option(2, help="with --select_by drive: start points per valid track (default %(default)s)")

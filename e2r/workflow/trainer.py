@@ -6,8 +6,9 @@
 
 :class:`Trainer` owns the network (DDP-wrapped under ``torchrun``), the AdamW optimizer with its
 :class:`LRSchedule` (linear warm-up, then cosine decay per epoch or, trained by ``--steps``, per step), the
-history, the checkpoints (latest state every epoch to ``checkpoint_path``, best to ``save_path``, picked by
-the validation loss or by :meth:`TrainTask.selection_metric`), the all-reduce of losses over ranks,
+history, the validation (after every epoch, or every ``valid_every_steps`` optimizer steps and at the end),
+the checkpoints (latest state every epoch and validation to ``checkpoint_path``, best to ``save_path``, picked
+by the validation loss or by :meth:`TrainTask.selection_metric`), the all-reduce of losses over ranks,
 TensorBoard and resume (model, optimizer, scheduler, epoch, best metric, RNG state). A :class:`TrainTask`
 supplies the per-batch loss and any extra per-epoch statistics. :func:`make_window_loader` is the DataLoader
 of a per-window dataset with the project's one sampler
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from e2r.checkpoints import CheckpointError, load_init_weights, save_checkpoint
 from e2r.data.sampler import EpochBatchSampler, training_sampler
 from e2r.data.window_union import WindowUnion
+from e2r.errors import ConfigError
 from e2r.runtime import DistContext, all_reduce_sums, capture_rng_state, die_with_parent, restore_rng_state
 from e2r.workflow.configs import TrainConfig, plain_dict
 
@@ -254,6 +256,7 @@ class Trainer:
         self.base_lrs = [group["lr"] for group in self.opt.param_groups]
         self.schedule = LRSchedule(self.epochs, cfg.warmup_steps, cfg.steps)
         self.steps_done: int | None = 0      # optimizer steps taken (None: an old checkpoint's, set in fit)
+        self.clock = time.time()             # when the last validation line was printed (or the epoch began)
         self.start_epoch, self.best, self.history = self._resume(resume)
         self.net = (torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model)
@@ -280,8 +283,9 @@ class Trainer:
     def fit(self, task: TrainTask, train_loader: Iterable, train_sampler: EpochBatchSampler,
             valid_loader: Iterable | None, model_config: dict[str, Any]) -> dict[str, Any]:
         """Train from ``start_epoch`` to ``epochs`` (or ``stop_after_epoch``; trained by ``steps``: the epochs
-        that hold them, the last one cut short) -> ``{"history", "best_metric", "save_path", "checkpoint_path",
-        "config"}``."""
+        that hold them, the last one cut short), validating after every epoch or, with ``valid_every_steps``,
+        every K optimizer steps and at the end of training -> ``{"history", "best_metric", "save_path",
+        "checkpoint_path", "config"}``."""
         cfg, ctx = self.cfg, self.ctx
         whole = train_sampler.batches_per_epoch()
         if cfg.steps:
@@ -289,11 +293,22 @@ class Trainer:
         epochs = self.epochs
         if self.steps_done is None:       # resumed from a checkpoint of a per-epoch cosine: whole epochs done
             self.steps_done = self.start_epoch * whole + (int(self.position["batches"]) if self.position else 0)
+        if cfg.valid_every_steps and valid_loader is None:
+            raise ConfigError(f"--valid_every_steps {cfg.valid_every_steps}: --valid_split {cfg.valid_split!r} has "
+                              f"no window of --seq_len {cfg.seq_len} to validate on")
         writer = SummaryWriter(log_dir=cfg.tensorboard_dir) if cfg.tensorboard_dir and ctx.is_main else None
         show = not cfg.no_progress
         stop = epochs if cfg.stop_after_epoch is None else min(epochs, cfg.stop_after_epoch)
+
+        def validate(epoch: int, train_loss: float, position: dict[str, Any] | None = None) -> None:
+            entry, metric = self._evaluate(task, epoch, train_loss, valid_loader, model_config)
+            self._record(task, epoch, entry, metric, model_config, writer,
+                         None if position is None else {**position, "rng_state": capture_rng_state()})
+
+        self.clock = time.time()
         for epoch in range(self.start_epoch, stop):
-            t0 = time.time()
+            if not cfg.valid_every_steps:
+                self.clock = time.time()
             task.begin_epoch()
             mid, self.position = self.position, None
             train_sampler.set_epoch(epoch, mid["batches"] if mid else 0,
@@ -301,26 +316,39 @@ class Trainer:
             self.net.train()
             train_loss = run_epoch(train_loader, task.train_step, self.opt, self.model.parameters(), cfg.grad_clip,
                                    f"epoch {epoch + 1}/{epochs} train", ctx, show,
-                                   **self._mid_epoch_hooks(task, epoch, mid, train_sampler, model_config),
+                                   **self._mid_epoch_hooks(task, epoch, mid, train_sampler, model_config,
+                                                           validate if cfg.valid_every_steps else None),
                                    before_step=lambda: self._step_lr(epoch))
-            valid_loss = float("nan")
-            if valid_loader is not None:
-                self.net.eval()
-                valid_loss = run_epoch(valid_loader, task.valid_step, None, desc=f"epoch {epoch + 1}/{epochs} valid",
-                                       ctx=ctx, show_progress=show)
-            entry = {"epoch": epoch, "steps": self.steps_done, "train_loss": train_loss, "valid_loss": valid_loss,
-                     "lr": self.opt.param_groups[0]["lr"], **task.epoch_stats(ctx)}
-            chosen = task.selection_metric(entry, model_config)
-            metric = chosen if chosen is not None else valid_loss if valid_loader is not None else train_loss
-            improved = self._end_epoch(task, epoch, entry, metric, model_config, writer)
-            if ctx.is_main:
-                after_train, after_valid = task.notes(entry)
-                print(f"epoch {epoch + 1}/{epochs}: train {train_loss:.4f}{after_train}  valid {valid_loss:.4f}  "
-                      f"{after_valid}{'(best) ' if improved else ''}{time.time() - t0:.1f}s", flush=True)
+            if not cfg.valid_every_steps or self._validation_due(final=epoch == epochs - 1):
+                validate(epoch, train_loss)
+            elif ctx.is_main and cfg.checkpoint_path:     # no validation now: the state to resume from
+                save_checkpoint(cfg.checkpoint_path, self._state(task, epoch, model_config), kind=self.kind)
         if writer is not None:
             writer.close()
         return {"history": self.history, "best_metric": self.best, "save_path": cfg.save_path,
                 "checkpoint_path": cfg.checkpoint_path, "config": model_config}
+
+    def _evaluate(self, task: TrainTask, epoch: int, train_loss: float, valid_loader: Iterable | None,
+                  model_config: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """``(history entry, metric that picks the kept checkpoint)`` of the weights now: the valid loss, the
+        task's statistics and :meth:`TrainTask.selection_metric` (the valid loss, or the train loss without a
+        validation split, when it gives None). Runs on every rank (all-reduces)."""
+        valid_loss = float("nan")
+        if valid_loader is not None:
+            self.net.eval()
+            valid_loss = run_epoch(valid_loader, task.valid_step, None, desc=f"epoch {epoch + 1}/{self.epochs} valid",
+                                   ctx=self.ctx, show_progress=not self.cfg.no_progress)
+        entry = {"epoch": epoch, "steps": self.steps_done, "train_loss": train_loss, "valid_loss": valid_loss,
+                 "lr": self.opt.param_groups[0]["lr"], **task.epoch_stats(self.ctx)}
+        chosen = task.selection_metric(entry, model_config)
+        return entry, chosen if chosen is not None else valid_loss if valid_loader is not None else train_loss
+
+    def _validation_due(self, final: bool) -> bool:
+        """With ``valid_every_steps`` K: whether the weights are validated now, at ``steps_done`` (a multiple
+        of K, or ``final``: the end of training) unless the last history entry already holds this step."""
+        every, last = self.cfg.valid_every_steps, self.history[-1].get("steps") if self.history else None
+        return bool(every) and self.steps_done != last and ((self.steps_done > 0 and self.steps_done % every == 0)
+                                                             or final)
 
     def _step_lr(self, epoch: int) -> None:
         """Before each optimizer step (taken in ``epoch``): set its learning rate, then count it."""
@@ -330,13 +358,17 @@ class Trainer:
         self.steps_done += 1
 
     def _mid_epoch_hooks(self, task: TrainTask, epoch: int, mid: dict[str, Any] | None,
-                         sampler: EpochBatchSampler, model_config: dict[str, Any]) -> dict[str, Any]:
+                         sampler: EpochBatchSampler, model_config: dict[str, Any],
+                         validate: Callable[[int, float, dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """run_epoch's resume arguments: the sums of a resumed epoch, the RNG / counters restored once the
-        iterator exists, and a checkpoint every ``checkpoint_every_steps`` batches (rank 0). Under DDP the
-        checkpoint holds the sums of all ranks (one all-reduce on every rank): rank 0 resumes from them, the
-        other ranks from zero, so the epoch's all-reduced averages count every sample once."""
+        iterator exists, and a checkpoint every ``checkpoint_every_steps`` batches (rank 0); with ``validate``
+        (``valid_every_steps``), ``validate(epoch, epoch's train loss so far, position)`` when
+        :meth:`_validation_due` before the epoch's last batch (it writes the checkpoint, with the position).
+        Under DDP the checkpoint holds the sums of all ranks (one all-reduce on every rank): rank 0 resumes from
+        them, the other ranks from zero, so the epoch's all-reduced averages count every sample once."""
         done = [int(mid["batches"]) if mid else 0]
         every, whole, ctx = self.cfg.checkpoint_every_steps, sampler.batches_per_epoch(), self.ctx
+        end = whole if sampler.stop_batch is None else min(whole, sampler.stop_batch)
 
         def on_start() -> None:
             if mid:
@@ -345,7 +377,8 @@ class Trainer:
 
         def after_batch(total: float, count: int) -> None:
             done[0] += 1
-            if not (every and done[0] % every == 0 and done[0] < whole and self.cfg.checkpoint_path):
+            due = validate is not None and done[0] < end and self._validation_due(final=False)
+            if not (due or (every and done[0] % every == 0 and done[0] < whole and self.cfg.checkpoint_path)):
                 return
             running = task.running_state()
             if ctx.enabled:
@@ -353,11 +386,15 @@ class Trainer:
                                           **{f"task/{k}": v for k, v in running.items()}}, ctx)
                 total, count = summed["loss_total"], int(summed["loss_count"])
                 running = {k: summed[f"task/{k}"] for k in running}
-            if ctx.is_main:
-                position = {"epoch": epoch, "batches": done[0], "loss_total": total, "loss_count": count,
-                            "task": running, "rng_state": capture_rng_state()}
+            position = {"epoch": epoch, "batches": done[0], "loss_total": total, "loss_count": count,
+                        "task": running}
+            if due:
+                validate(epoch, total / max(count, 1), position)
+                self.net.train()
+            elif ctx.is_main:
                 save_checkpoint(self.cfg.checkpoint_path, {**self._state(task, epoch - 1, model_config),
-                                                           "position": position}, kind=self.kind)
+                                                           "position": {**position, "rng_state": capture_rng_state()}},
+                                kind=self.kind)
 
         resumed = (mid["loss_total"], mid["loss_count"]) if mid and ctx.is_main else (0.0, 0)
         return {"sums": resumed, "on_start": on_start, "after_batch": after_batch}
@@ -371,21 +408,28 @@ class Trainer:
                               "total_steps": self.schedule.total_steps, "epochs": self.epochs},
                 "rng_state": capture_rng_state()}
 
-    def _end_epoch(self, task: TrainTask, epoch: int, entry: dict[str, Any], metric: float,
-                   model_config: dict[str, Any], writer: SummaryWriter | None) -> bool:
-        """Append ``entry`` to the history; on rank 0 write the full state to ``checkpoint_path`` (and to
-        ``save_path`` when ``metric`` improved on the best) and the scalars to TensorBoard."""
+    def _record(self, task: TrainTask, epoch: int, entry: dict[str, Any], metric: float,
+                model_config: dict[str, Any], writer: SummaryWriter | None, position: dict[str, Any] | None) -> None:
+        """Append ``entry`` to the history; on rank 0 write the full state (after ``epoch``, or within it at
+        ``position``) to ``checkpoint_path`` (and to ``save_path`` when ``metric`` improved on the best), the
+        scalars to TensorBoard (at the epoch, or at the step with ``valid_every_steps``) and one line."""
         improved = metric < self.best
         self.best = min(self.best, metric)
         self.history.append(entry)
         if not self.ctx.is_main:
-            return improved
-        state = self._state(task, epoch, model_config)
+            return
+        state = (self._state(task, epoch, model_config) if position is None
+                 else {**self._state(task, epoch - 1, model_config), "position": position})
         if improved and self.cfg.save_path:
             save_checkpoint(self.cfg.save_path, state, kind=self.kind)
         if self.cfg.checkpoint_path:
             save_checkpoint(self.cfg.checkpoint_path, state, kind=self.kind)
         if writer is not None:
             for tag, value in task.scalars(entry).items():
-                writer.add_scalar(tag, value, epoch)
-        return improved
+                writer.add_scalar(tag, value, entry["steps"] if self.cfg.valid_every_steps else epoch)
+        after_train, after_valid = task.notes(entry)
+        at = f" step {entry['steps']}" if self.cfg.valid_every_steps else ""
+        print(f"epoch {epoch + 1}/{self.epochs}{at}: train {entry['train_loss']:.4f}{after_train}  valid "
+              f"{entry['valid_loss']:.4f}  {after_valid}{'(best) ' if improved else ''}{time.time() - self.clock:.1f}s",
+              flush=True)
+        self.clock = time.time()
