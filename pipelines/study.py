@@ -9,9 +9,11 @@ an interrupted study.
 What it runs (e2r.workflow.study): the synthetic world with the sensor gap (--camera_tracks paired
 LiDAR+camera training tracks, --lidar_only_tracks more recorded by the LiDAR only, --valid_tracks and
 --test_tracks held out, both driving directions) -> the tiny LiDAR teacher on every LiDAR track -> the
-memorybank of its outputs -> per seed, camera budget (the first B camera tracks) and variant (bc, kd, and
-the KD ablations kd_action, kd_state, kd_dense at --ablation_budgets) one camera student with the same
-epochs, seed and mirroring -> each evaluated offline and in closed loop on every held-out test track.
+memorybank of its outputs (with dense BEV features and LiDAR depth targets when a variant needs them) -> per
+seed, camera budget (the first B camera tracks) and variant (bc and kd_all: BC + teacher actions, bev_vec,
+GRU state, dense BEV features and LiDAR depth; the ablations kd, kd_action, kd_state, kd_dense, kd_depth at
+--ablation_budgets) one camera student with the same steps or epochs, seed and mirroring -> each evaluated
+offline and in closed loop on every held-out test track. The goals judge the first KD variant of --variants.
 
 Writes into --out: one folder per run (checkpoints, eval CSVs, result.json), study.csv (one row per run and
 test track, and pooled), study.md (mean ± std over seeds per budget and variant, the spread across test
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = parse_config(argv)
         if not args.report_only:
             run_study(cfg)
-        report = write_report(cfg.out, read_results(cfg.out))
+        report = write_report(cfg.out, read_results(cfg.out), kd=cfg.kd_variant())
     except (E2RError, StoreError, ValueError) as e:
         print(f"study: error: {e}", file=sys.stderr)
         return 1

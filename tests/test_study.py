@@ -18,7 +18,7 @@ from e2r.workflow.study_report import epochs_to_reach, format_summary, goals, st
 from pipelines import study, train_student
 
 TINY = ["--camera_tracks", "2", "--lidar_only_tracks", "1", "--valid_tracks", "1", "--test_tracks", "1",
-        "--frames", "16", "--budgets", "1", "2", "--seeds", "0", "--ablations",
+        "--frames", "16", "--budgets", "1", "2", "--seeds", "0", "--variants", "bc", "kd", "--ablations",
         "--teacher_epochs", "1", "--student_epochs", "2", "--starts", "1", "--time_limit", "0.5",
         "--device", "cpu", "--no_progress"]
 
@@ -65,6 +65,20 @@ def test_epochs_to_reach_and_goals_from_made_up_results():
                                                                    "progress": (tp, 0.0, 1)}}, results)
                              if g["goal"].startswith("the LiDAR teacher")][0]
     assert better(0.9, 0.95)["met"] and not better(0.4, 0.9)["met"] and "best student" in better(0.4, 0.9)["value"]
+    # the goals judge the KD variant they are given: the same units named kd_all give the same verdicts
+    renamed = [{**u, "name": u["name"].replace("kd-", "kd_all-"), "variant": "kd_all",
+                "closed_loop": [{**r, "policy": r["policy"].replace("kd-", "kd_all-")} for r in u["closed_loop"]]}
+               if u["variant"] == "kd" else u for u in units]
+    table_all = summary_table(study_rows({"teacher": None, "units": renamed}))
+    judged = goals(table_all, {"teacher": None, "units": renamed}, kd="kd_all")
+    assert [g["met"] for g in judged] == [g["met"] for g in met.values()] and "(kd_all)" in judged[0]["goal"]
+    assert goals(table_all, {"teacher": None, "units": renamed}) == []       # no "kd" units: nothing to judge
+
+
+def test_the_default_grid_judges_the_kd_that_drove_best():
+    cfg = StudyConfig()
+    assert cfg.variants == ["bc", "kd_all"] and cfg.kd_variant() == "kd_all" and "kd" in cfg.ablations
+    assert StudyConfig(variants=["kd_depth", "bc"]).kd_variant() == "kd_depth"
 
 
 def test_study_end_to_end_resumes_and_refuses_changed_settings(tmp_path, capsys):
@@ -89,7 +103,7 @@ def test_study_end_to_end_resumes_and_refuses_changed_settings(tmp_path, capsys)
     rows = list(csv.DictReader(open(out / "study.csv")))
     assert {r["unit"] for r in rows} == set(names) | {"teacher", "expert", "repeat"}
     assert "| 1 | kd |" in (out / "study.md").read_text() and (out / "study.png").stat().st_size > 0
-    assert "KD/BC offline MSE at 1 camera track(s)" in text
+    assert "KD (kd)/BC offline MSE at 1 camera track(s)" in text
     # an interrupted unit continues from its last training state: remove a result, keep the checkpoints
     (out / "bc-b2-s0" / "result.json").unlink()
     assert study.main(["--out", str(out), *TINY]) == 0

@@ -89,9 +89,10 @@ class StudyConfig:
     budgets: list[int] = option(default_factory=lambda: [1, 2, 4], group=GRID,
                                 help="camera training tracks per student (default %(default)s)")
     seeds: list[int] = option(default_factory=lambda: [0, 1, 2], group=GRID, help="student seeds (default %(default)s)")
-    variants: list[str] = option(default_factory=lambda: ["bc", "kd"], group=GRID, choices=list(VARIANTS),
-                                 help="variants at every budget (default %(default)s)")
-    ablations: list[str] = option(default_factory=lambda: ["kd_action", "kd_state", "kd_dense", "kd_depth", "kd_all"],
+    variants: list[str] = option(default_factory=lambda: ["bc", "kd_all"], group=GRID, choices=list(VARIANTS),
+                                 help="variants at every budget; the first KD one is the one the goals judge "
+                                      "(default %(default)s: kd_all, the KD that drove best, docs/STUDENT.md)")
+    ablations: list[str] = option(default_factory=lambda: ["kd", "kd_action", "kd_state", "kd_dense", "kd_depth"],
                                   group=GRID,
                                   nargs="*", choices=list(VARIANTS),
                                   help="KD ablations run at --ablation_budgets (default %(default)s; none: "
@@ -129,6 +130,10 @@ class StudyConfig:
         return SyntheticConfig(tracks=self.camera_tracks + self.valid_tracks + self.test_tracks, frames=self.frames,
                                seed=self.world_seed, valid_tracks=self.valid_tracks, test_tracks=self.test_tracks,
                                lidar_only_tracks=self.lidar_only_tracks, appearance=self.appearance)
+
+    def kd_variant(self) -> str:
+        """The KD variant the goals judge against BC: the first of ``variants`` other than bc ("kd" if none)."""
+        return next((v for v in self.variants if v != "bc"), "kd")
 
     def check(self) -> None:
         """ConfigError naming the flag for values that cannot work."""

@@ -114,37 +114,39 @@ def epochs_to_reach(curve: Sequence[float], target: float) -> float:
     return math.nan
 
 
-def goals(table: dict[tuple[int, str], dict[str, Any]], results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's goals as measured: name, value, target, met (None when the runs needed are missing)."""
-    budgets = sorted({b for b, v in table if v == "bc" and (b, "kd") in table})
+def goals(table: dict[tuple[int, str], dict[str, Any]], results: dict[str, Any], kd: str = "kd"
+          ) -> list[dict[str, Any]]:
+    """The issue's goals as measured for the KD variant ``kd`` against BC: name, value, target, met."""
+    budgets = sorted({b for b, v in table if v == "bc" and (b, kd) in table})
     out: list[dict[str, Any]] = []
     if not budgets:
         return out
     small, full = budgets[0], budgets[-1]
-    bc, kd = table[(small, "bc")], table[(small, "kd")]
-    ratio = kd["overall_weighted_mse"][0] / bc["overall_weighted_mse"][0]
+    bc, kd_row = table[(small, "bc")], table[(small, kd)]
+    ratio = kd_row["overall_weighted_mse"][0] / bc["overall_weighted_mse"][0]
     by_name = {u["name"]: u for u in results["units"]}
-    pairs = [by_name[f"kd-b{small}-s{s}"]["test"]["overall_weighted_mse"] /
+    pairs = [by_name[f"{kd}-b{small}-s{s}"]["test"]["overall_weighted_mse"] /
              by_name[f"bc-b{small}-s{s}"]["test"]["overall_weighted_mse"]
              for s in sorted({u["seed"] for u in results["units"]})
-             if f"kd-b{small}-s{s}" in by_name and f"bc-b{small}-s{s}" in by_name]
-    out.append({"goal": f"KD/BC offline MSE at {small} camera track(s)",
+             if f"{kd}-b{small}-s{s}" in by_name and f"bc-b{small}-s{s}" in by_name]
+    out.append({"goal": f"KD ({kd})/BC offline MSE at {small} camera track(s)",
                 "value": f"{ratio:.3f} (ratio of the means; per seed {', '.join(f'{p:.3f}' for p in pairs)})",
                 "target": "<= 0.8", "met": ratio <= 0.8})
     teacher = table.get((0, "teacher"))
-    ks, bs = kd["success"][0], bc["success"][0]
+    ks, bs = kd_row["success"][0], bc["success"][0]
     if not math.isnan(ks):
         ts = teacher["success"][0] if teacher else math.nan
-        out.append({"goal": f"KD closed-loop success at {small} track(s) >= BC's and >= 90% of the teacher's",
+        out.append({"goal": f"KD ({kd}) closed-loop success at {small} track(s) >= BC's and >= 90% of the "
+                            f"teacher's",
                     "value": f"KD {ks:.2f}, BC {bs:.2f}, teacher {ts:.2f}"
                              + (" (the teacher never succeeds: nothing to match)" if not ts > 0 else ""),
                     "target": ">= BC, >= 0.9 x teacher > 0", "met": bool(ks >= bs and ks >= 0.9 * ts and ts > 0)})
     half = full // 2
-    if (half, "kd") in table and half in budgets and half < full:
-        kd_half, bc_full = table[(half, "kd")], table[(full, "bc")]
+    if (half, kd) in table and half in budgets and half < full:
+        kd_half, bc_full = table[(half, kd)], table[(full, "bc")]
         off = kd_half["overall_weighted_mse"][0] <= bc_full["overall_weighted_mse"][0]
         loop = math.isnan(bc_full["success"][0]) or kd_half["success"][0] >= bc_full["success"][0]
-        out.append({"goal": f"KD with {half} track(s) matches BC with {full} (offline, closed loop)",
+        out.append({"goal": f"KD ({kd}) with {half} track(s) matches BC with {full} (offline, closed loop)",
                     "value": f"MSE {kd_half['overall_weighted_mse'][0]:.4f} vs {bc_full['overall_weighted_mse'][0]:.4f}"
                              f", success {kd_half['success'][0]:.2f} vs {bc_full['success'][0]:.2f}",
                     "target": "KD <= BC MSE, KD >= BC success", "met": bool(off and loop)})
@@ -159,7 +161,7 @@ def goals(table: dict[tuple[int, str], dict[str, Any]], results: dict[str, Any])
                     "target": "teacher > best student", "met": bool((ts, tp) > (bs_, bp))})
     fractions = []
     for u in results["units"]:
-        if u["variant"] != "kd":
+        if u["variant"] != kd:
             continue
         twin = by_name.get(f"bc-b{u['budget']}-s{u['seed']}")
         if twin:
@@ -168,7 +170,7 @@ def goals(table: dict[tuple[int, str], dict[str, Any]], results: dict[str, Any])
         reached = [f for f in fractions if not math.isnan(f)]
         value = (f"{len(reached)}/{len(fractions)} pairs reach it; median fraction "
                  f"{np.median(reached):.2f}" if reached else f"0/{len(fractions)} pairs reach it")
-        out.append({"goal": "KD reaches BC's final validation loss within 50% of the epochs", "value": value,
+        out.append({"goal": f"KD ({kd}) reaches BC's final validation loss within 50% of the epochs", "value": value,
                     "target": "<= 0.5 for every pair", "met": len(reached) == len(fractions) and max(reached) <= 0.5})
     return out
 
@@ -211,15 +213,16 @@ def plot_study(path: str | Path, table: dict[tuple[int, str], dict[str, Any]]) -
     return path
 
 
-def write_report(out: str | Path, results: dict[str, Any], plot: bool = True) -> dict[str, Any]:
-    """``study.csv``, ``study.md`` (table + goals) and ``study.png`` in ``out``; returns paths and goals."""
+def write_report(out: str | Path, results: dict[str, Any], kd: str = "kd", plot: bool = True) -> dict[str, Any]:
+    """``study.csv``, ``study.md`` (table + the goals of the KD variant ``kd``) and ``study.png`` in ``out``;
+    returns paths and goals."""
     out = Path(out)
     rows = study_rows(results)
     if not rows:
         raise ValueError(f"{out}: no finished study unit to report")
     csv_path = write_metrics_csv(out / "study.csv", rows)
     table = summary_table(rows)
-    met = goals(table, results)
+    met = goals(table, results, kd)
     text = format_summary(table) + "\n\n" + format_goals(met) + "\n"
     (out / "study.md").write_text(text)
     png = plot_study(out / "study.png", table) if plot else None
