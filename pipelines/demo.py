@@ -6,8 +6,8 @@
 
 Stages, each printed as it runs: generate the synthetic dataset (reused when an identical one exists) ->
 validate it -> train the tiny LiDAR teacher -> evaluate it on the held-out test track next to trivial
-baselines -> export the teacher's outputs into the memorybank -> train a BC-only and a BC+KD camera student
-with identical budget and seed -> evaluate all on the held-out test track -> drive every policy in closed
+baselines -> export the teacher's outputs and LiDAR depth targets into the memorybank -> train a BC-only and a
+BC+KD camera student (teacher outputs + LiDAR depth supervision) with identical budget and seed -> evaluate all on the held-out test track -> drive every policy in closed
 loop on the held-out test track (the expert, the teacher, the students and two baselines, from evenly spaced
 start points), and beside them the released models shipped in the package (``--released``; trained on the
 study's larger world: ``python -m pipelines.drive --list_released``), each marked with whether this track is
@@ -53,6 +53,8 @@ ALL_STAGES = ("data", "teacher", "export", "students", "drive")
 #: the released models the demo drives beside the ones it trains (--released), as policy released_<name>
 RELEASED = "student_dagger,student_bc,teacher"
 RELEASED_POLICY = "released_"
+#: the KD student's LiDAR depth term: the KD that drives (docs/STUDENT.md, "LiDAR depth supervision")
+KD_DEPTH_W = 1.0
 
 
 @dataclass(kw_only=True)
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         if "export" in stages:
             stage("5. export the teacher's outputs into the memorybank")
             export = ExportConfig(data_root=str(data_root), split=["train", "valid", "test"], teacher_ckpt=str(ckpt),
-                                  store=str(store), device=args.device, overwrite=True, no_progress=True)
+                                  store=str(store), store_depth=True, device=args.device, overwrite=True,
+                                  no_progress=True)
             show("pipelines.export", export)
             print_export_summary(export, export_memorybank(export))
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
@@ -183,12 +186,14 @@ def students_stage(args: DemoArgs, prof: dict[str, Any], data_root: Path, run: P
     for seed in seeds:
         for variant in ("bc", "kd"):
             name = f"student_{variant}_seed{seed}"
-            stage(f"6. train the camera student: {'BC + KD from the memorybank' if variant == 'kd' else 'BC only'}"
+            stage(f"6. train the camera student: "
+                  f"{'BC + KD from the memorybank (teacher outputs, LiDAR depth)' if variant == 'kd' else 'BC only'}"
                   f" (seed {seed})")
             train = StudentTrainConfig(data_root=str(data_root), preset="tiny", epochs=prof["student_epochs"],
                                        seed=seed, device=args.device, save_path=str(run / f"{name}.pt"),
                                        tensorboard_dir=str(run / "tb" / name), no_progress=True,
-                                       memorybank=str(store) if variant == "kd" else None)
+                                       memorybank=str(store) if variant == "kd" else None,
+                                       kd_depth_w=KD_DEPTH_W if variant == "kd" else 0.0)
             show("pipelines.train_student", train)
             trained = train_student(train)
             stage(f"7. evaluate {name} on the held-out test track")
