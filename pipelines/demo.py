@@ -7,8 +7,8 @@
 Stages, each printed as it runs: generate the synthetic dataset (reused when an identical one exists) ->
 validate it -> train the tiny LiDAR teacher -> evaluate it on the held-out test track next to trivial
 baselines -> export the teacher's outputs and LiDAR depth targets into the memorybank -> train a BC-only and a
-BC+KD camera student (teacher outputs + LiDAR depth supervision) with identical budget and seed -> evaluate all on the held-out test track -> drive every policy in closed
-loop on the held-out test track (the expert, the teacher, the students and two baselines, from evenly spaced
+BC+KD camera student (teacher outputs + LiDAR depth supervision) with identical budget and seed -> evaluate
+all on the held-out test track -> drive every policy in closed loop on the held-out test track (the expert, the teacher, the students and two baselines, from evenly spaced
 start points), and beside them the released models shipped in the package (``--released``; trained on the
 study's larger world: ``python -m pipelines.drive --list_released``), each marked with whether this track is
 held out for it -> the offline and closed-loop tables side by side. Everything lands in one run folder

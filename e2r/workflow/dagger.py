@@ -274,8 +274,8 @@ def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str]
     if cfg.learner == "teacher":           # its whole training split + the recorded rounds, expert-labelled
         trained = train_teacher(TeacherTrainConfig(
             data_root=cfg.data_root, extra_train_splits=splits, init_path=init, steps=cfg.steps,
-            warmup_steps=cfg.warmup_steps, lr=cfg.lr, hflip_prob=cfg.hflip_prob, speed_loss_weight=cfg.fine_tune_speed_weight(),
-            seed=cfg.seed, device=cfg.device,
+            warmup_steps=cfg.warmup_steps, lr=cfg.lr, hflip_prob=cfg.hflip_prob,
+            speed_loss_weight=cfg.fine_tune_speed_weight(), seed=cfg.seed, device=cfg.device,
             save_path=str(folder / _CKPT[cfg.learner]), no_progress=cfg.no_progress))
         return float(trained["history"][-1]["train_loss"])
     trained = train_student(StudentTrainConfig(
