@@ -77,8 +77,8 @@ from e2r.sim.vehicle import VehicleConfig
 __all__ = ["SyntheticConfig", "generate_dataset", "generate_segment", "split_for_track", "segment_name",
            "track_for_index", "calib_dict", "config_dict", "config_from_dict", "track_for_segment", "CSV_COLUMNS",
            "MARKER", "TRACK_JSON", "GENERATOR_VERSION", "LIDAR_ONLY_COLUMNS", "APPEARANCES", "has_camera",
-           "light_for_index", "segment_lights", "read_marker", "camera_rng", "ensure_dataset", "prepare_out_dir", "begin_segment", "finish_segment",
-           "segment_summary"]
+           "light_for_index", "segment_lights", "read_marker", "camera_rng", "ensure_dataset", "prepare_out_dir",
+           "begin_segment", "finish_segment", "segment_summary"]
 
 CSV_COLUMNS = ("timestamp", "lidar_filepath", "image_filepath", "velocity", "wheel_angle", "speed_command",
                "x", "y", "yaw")
@@ -396,9 +396,14 @@ def read_marker(root: str | Path, complete: bool = True) -> dict[str, Any] | Non
         made = json.loads(marker.read_text())
     except ValueError as e:
         raise ValueError(f"{marker}: not readable JSON ({e})") from None
-    if complete and (made.get("status") != "complete" or "config" not in made):
+    if complete and not _is_complete(made):
         raise ValueError(f"{marker}: the synthetic world is incomplete (status {made.get('status')!r}); regenerate it")
     return made
+
+
+def _is_complete(made: dict[str, Any]) -> bool:
+    """Whether a marker's world finished writing (an incomplete world's marker lists no segments)."""
+    return made.get("status") == "complete" and "config" in made
 
 
 def segment_lights(root: str | Path, split: str) -> dict[str, str]:
@@ -407,7 +412,7 @@ def segment_lights(root: str | Path, split: str) -> dict[str, str]:
     ``root`` is not a synthetic world (real data), is an incomplete one, or its appearance is ``"clean"`` (no
     look)."""
     made = read_marker(root, complete=False)
-    if made is None or made.get("status") != "complete" or "config" not in made:
+    if made is None or not _is_complete(made):
         return {}
     cfg = config_from_dict(made["config"])
     if cfg.appearance != "gap":
