@@ -5,23 +5,27 @@
     seed_everything(0)
     ctx = setup_distributed("auto")                 # DistContext(enabled=False) outside torchrun
     sums = all_reduce_sums({"loss": 3.0, "n": 8.0}, ctx)
+    result = in_process_group("auto", train)        # train(ctx) in the group, left once train's objects are freed
 """
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import random
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 __all__ = ["usable_cores", "resolve_device", "seed_everything", "capture_rng_state", "restore_rng_state", "DistContext",
-           "setup_distributed", "teardown_distributed", "all_reduce_sums", "die_with_parent"]
+           "setup_distributed", "teardown_distributed", "in_process_group", "all_reduce_sums", "die_with_parent"]
+
+T = TypeVar("T")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -123,8 +127,24 @@ def setup_distributed(device_name: str = "auto") -> DistContext:
 
 
 def teardown_distributed(ctx: DistContext) -> None:
+    """Leave the process group. Anything still holding it (a DDP wrapper) must be gone first: a gloo group
+    freed after ``destroy_process_group`` can block forever in its destructor."""
     if ctx.enabled and dist.is_initialized():
+        gc.collect()             # a DDP wrapper sits in reference cycles (its hooks): free it while the group lives
         dist.destroy_process_group()
+
+
+def in_process_group(device_name: str, body: Callable[[DistContext], T]) -> T:
+    """``body(ctx)`` inside the process group (see ``setup_distributed``), which is left after ``body``'s
+    locals (models, DDP wrappers, loaders) are freed, on every rank together."""
+    ctx = setup_distributed(device_name)
+    try:
+        result = body(ctx)
+        if ctx.enabled:
+            dist.barrier()       # no rank leaves while another still runs (not after a failure: that would hang)
+        return result
+    finally:
+        teardown_distributed(ctx)
 
 
 def all_reduce_sums(values: dict[str, float], ctx: DistContext) -> dict[str, float]:

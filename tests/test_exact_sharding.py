@@ -268,3 +268,37 @@ def test_two_gloo_ranks_two_workers_read_every_key_once_and_train_on_exact_means
         assert got[r]["resumed"] == pytest.approx(got[r]["losses"][1], rel=1e-6)
         for a, b in zip(got[r]["resumed_weights"], got[r]["weights"]):
             torch.testing.assert_close(a, b)
+
+
+def test_the_group_is_left_after_what_the_body_built_is_freed(monkeypatch):
+    """``in_process_group`` frees the body's objects (a cyclic one, like a DDP wrapper with its hooks) before
+    ``destroy_process_group``: a gloo group freed after it can block forever (seen in CI, one run in two)."""
+    import weakref
+
+    import torch.distributed as dist
+
+    import e2r.runtime as runtime
+
+    def one_rank_group(device_name):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        return runtime.DistContext(True, 0, 1, 0)
+
+    refs, alive_at_destroy, destroy = [], [], dist.destroy_process_group
+
+    def records_destroy(*a, **kw):
+        alive_at_destroy.append(refs[0]() is not None)
+        destroy(*a, **kw)
+
+    class Wrapper:
+        def __init__(self):
+            self.hook = lambda: self          # a reference cycle: freed by the collector only
+
+    def body(ctx):
+        wrapper = Wrapper()
+        refs.append(weakref.ref(wrapper))
+        return ctx.world_size
+
+    monkeypatch.setattr(runtime, "setup_distributed", one_rank_group)
+    monkeypatch.setattr(dist, "destroy_process_group", records_destroy)
+    assert runtime.in_process_group("cpu", body) == 1
+    assert alive_at_destroy == [False] and not dist.is_initialized()

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -27,8 +26,7 @@ from e2r.models.config import TeacherConfig
 from e2r.models.student import CameraBEVStudent
 from e2r.models.student_config import StudentConfig
 from e2r.models.teacher import LiDARBEVTeacher
-from e2r.runtime import (DistContext, all_reduce_sums, resolve_device, seed_everything, setup_distributed,
-                         teardown_distributed)
+from e2r.runtime import DistContext, all_reduce_sums, in_process_group, resolve_device, seed_everything
 from e2r.sim.drive import DriveConfig, drive
 from e2r.workflow.configs import StudentTrainConfig, TeacherTrainConfig
 from e2r.workflow.kd_data import (TeacherTargets, batch_to, hflip_batch, make_kd_loader, read_store_schema,
@@ -40,15 +38,6 @@ from stores.torch_data import TeacherRowReader
 __all__ = ["train_teacher", "train_student", "kd_weights_of", "build_student_config", "PART_NAMES"]
 
 PART_NAMES = ("bc", "kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat", "kd_depth", "kd_total")
-
-
-@contextmanager
-def _distributed(device: str) -> Iterator[DistContext]:
-    ctx = setup_distributed(device)
-    try:
-        yield ctx
-    finally:
-        teardown_distributed(ctx)
 
 
 def drop_steering_input(steering: torch.Tensor, p: float) -> torch.Tensor:
@@ -91,33 +80,36 @@ class TeacherTask(TrainTask):
 
 def train_teacher(cfg: TeacherTrainConfig) -> dict[str, Any]:
     """Train the LiDAR teacher described by ``cfg`` (see the module docstring)."""
+    return in_process_group(cfg.device, lambda ctx: _train_teacher(cfg, ctx))
+
+
+def _train_teacher(cfg: TeacherTrainConfig, ctx: DistContext) -> dict[str, Any]:
     epochs, lr, batch_size = cfg.hparams()
-    with _distributed(cfg.device) as ctx:
-        device = resolve_device(cfg.device, ctx.local_rank)
-        seed_everything(cfg.seed)
-        resume = load_checkpoint(cfg.resume_path, kind="teacher") if cfg.resume_path else None
-        if resume:
-            check_fits(cfg.resume_path, resume, lambda c: LiDARBEVTeacher(TeacherConfig.from_dict(c)))
-            model_cfg = TeacherConfig.from_dict(resume["config"])
-        elif cfg.init_path and not cfg.init_skip_output_layer:     # every weight transferred: that model's config
-            model_cfg = TeacherConfig.from_dict(load_checkpoint(cfg.init_path, kind="teacher")["config"])
-        else:
-            model_cfg = TeacherConfig.preset_named(cfg.preset)
-            if cfg.residual_actions is not None:
-                model_cfg = replace(model_cfg, residual_actions=cfg.residual_actions)
-            if cfg.bev_pool_grid is not None:
-                model_cfg = replace(model_cfg, bev_pool_grid=cfg.bev_pool_grid)
-        train_ds, valid_ds = train_valid_datasets(
-            cfg, lambda split, segments: LidarSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
-                                                              cfg.lidar_num_features, segments=segments))
-        model = LiDARBEVTeacher(model_cfg)
-        trainer = Trainer(cfg, "teacher", model, train_ds, resume, ctx, device)
-        train_loader, train_sampler = make_window_loader(train_ds, batch_size, True, cfg.seed, cfg.num_workers,
-                                                         collate_lidar, ctx)
-        valid_loader = (make_window_loader(valid_ds, batch_size, False, cfg.seed, cfg.num_workers, collate_lidar,
-                                           ctx)[0] if valid_ds is not None and len(valid_ds) else None)
-        task = TeacherTask(trainer.net, model, cfg, device)
-        return trainer.fit(task, train_loader, train_sampler, valid_loader, model_cfg.to_dict())
+    device = resolve_device(cfg.device, ctx.local_rank)
+    seed_everything(cfg.seed)
+    resume = load_checkpoint(cfg.resume_path, kind="teacher") if cfg.resume_path else None
+    if resume:
+        check_fits(cfg.resume_path, resume, lambda c: LiDARBEVTeacher(TeacherConfig.from_dict(c)))
+        model_cfg = TeacherConfig.from_dict(resume["config"])
+    elif cfg.init_path and not cfg.init_skip_output_layer:     # every weight transferred: that model's config
+        model_cfg = TeacherConfig.from_dict(load_checkpoint(cfg.init_path, kind="teacher")["config"])
+    else:
+        model_cfg = TeacherConfig.preset_named(cfg.preset)
+        if cfg.residual_actions is not None:
+            model_cfg = replace(model_cfg, residual_actions=cfg.residual_actions)
+        if cfg.bev_pool_grid is not None:
+            model_cfg = replace(model_cfg, bev_pool_grid=cfg.bev_pool_grid)
+    train_ds, valid_ds = train_valid_datasets(
+        cfg, lambda split, segments: LidarSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
+                                                          cfg.lidar_num_features, segments=segments))
+    model = LiDARBEVTeacher(model_cfg)
+    trainer = Trainer(cfg, "teacher", model, train_ds, resume, ctx, device)
+    train_loader, train_sampler = make_window_loader(train_ds, batch_size, True, cfg.seed, cfg.num_workers,
+                                                     collate_lidar, ctx)
+    valid_loader = (make_window_loader(valid_ds, batch_size, False, cfg.seed, cfg.num_workers, collate_lidar,
+                                       ctx)[0] if valid_ds is not None and len(valid_ds) else None)
+    task = TeacherTask(trainer.net, model, cfg, device)
+    return trainer.fit(task, train_loader, train_sampler, valid_loader, model_cfg.to_dict())
 
 
 def kd_weights_of(cfg: StudentTrainConfig) -> KDWeights:
@@ -251,39 +243,42 @@ class StudentTask(TrainTask):
 
 def train_student(cfg: StudentTrainConfig) -> dict[str, Any]:
     """Train the camera student described by ``cfg`` (see the module docstring)."""
+    return in_process_group(cfg.device, lambda ctx: _train_student(cfg, ctx))
+
+
+def _train_student(cfg: StudentTrainConfig, ctx: DistContext) -> dict[str, Any]:
     epochs, lr, batch_size = cfg.hparams()
     kd = kd_weights_of(cfg)
-    with _distributed(cfg.device) as ctx:
-        device = resolve_device(cfg.device, ctx.local_rank)
-        seed_everything(cfg.seed)
-        resume = load_checkpoint(cfg.resume_path, kind="student") if cfg.resume_path else None
-        if resume:
-            check_fits(cfg.resume_path, resume, lambda c: CameraBEVStudent(StudentConfig.from_dict(c)))
-        schema, teacher_cfg = (read_store_schema(cfg.memorybank, **store_open_kw(cfg)) if cfg.memorybank
-                               else (None, None))
-        if teacher_cfg is None and cfg.teacher_ckpt:     # the store records none (or there is no store)
-            teacher_cfg = teacher_config_of_checkpoint(cfg.teacher_ckpt)
-        model_cfg = (StudentConfig.from_dict(dict(resume["config"])) if resume
-                     else build_student_config(cfg, teacher_cfg))
-        image_size = tuple(model_cfg.image_size)
-        train_ds, valid_ds = train_valid_datasets(
-            cfg, lambda split, segments: CameraSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
-                                                               image_size, segments=segments,
-                                                               image_cache_mb=cfg.image_cache_mb))
-        kd_on = kd.action + kd.bev_vec + kd.temporal + kd.bev_feat + kd.depth > 0
-        targets = TeacherTargets.for_run(cfg, train_ds, model_cfg, kd_on=kd_on, need_bev_feat=kd.bev_feat > 0,
-                                         need_depth=kd.depth > 0,
-                                         store=(schema, teacher_cfg) if schema is not None else None,
-                                         min_similarity=cfg.kd_retrieval_min_sim, unpaired=cfg.kd_unpaired,
-                                         log=(lambda text: print(text, flush=True)) if ctx.rank == 0 else None)
-        model = CameraBEVStudent(model_cfg)
-        trainer = Trainer(cfg, "student", model, train_ds, resume, ctx, device)
-        train_loader, train_sampler = make_kd_loader(train_ds, targets, batch_size, True, cfg.seed, cfg.num_workers,
-                                                     ctx, cfg.kd_targets)
-        valid_loader = (make_kd_loader(valid_ds, TeacherTargets(), batch_size, False, cfg.seed, cfg.num_workers,
-                                       ctx)[0] if valid_ds is not None and len(valid_ds) else None)
-        task = StudentTask(trainer.net, model, cfg, kd, device)
-        if targets.retriever is not None and not targets.retriever.at_load:
-            task.retrieval = (targets.retriever, targets.row_reader())
-        result = trainer.fit(task, train_loader, train_sampler, valid_loader, model_cfg.to_dict())
-        return {**result, "valid_losses": [h["valid_loss"] for h in result["history"]]}
+    device = resolve_device(cfg.device, ctx.local_rank)
+    seed_everything(cfg.seed)
+    resume = load_checkpoint(cfg.resume_path, kind="student") if cfg.resume_path else None
+    if resume:
+        check_fits(cfg.resume_path, resume, lambda c: CameraBEVStudent(StudentConfig.from_dict(c)))
+    schema, teacher_cfg = (read_store_schema(cfg.memorybank, **store_open_kw(cfg)) if cfg.memorybank
+                           else (None, None))
+    if teacher_cfg is None and cfg.teacher_ckpt:     # the store records none (or there is no store)
+        teacher_cfg = teacher_config_of_checkpoint(cfg.teacher_ckpt)
+    model_cfg = (StudentConfig.from_dict(dict(resume["config"])) if resume
+                 else build_student_config(cfg, teacher_cfg))
+    image_size = tuple(model_cfg.image_size)
+    train_ds, valid_ds = train_valid_datasets(
+        cfg, lambda split, segments: CameraSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
+                                                           image_size, segments=segments,
+                                                           image_cache_mb=cfg.image_cache_mb))
+    kd_on = kd.action + kd.bev_vec + kd.temporal + kd.bev_feat + kd.depth > 0
+    targets = TeacherTargets.for_run(cfg, train_ds, model_cfg, kd_on=kd_on, need_bev_feat=kd.bev_feat > 0,
+                                     need_depth=kd.depth > 0,
+                                     store=(schema, teacher_cfg) if schema is not None else None,
+                                     min_similarity=cfg.kd_retrieval_min_sim, unpaired=cfg.kd_unpaired,
+                                     log=(lambda text: print(text, flush=True)) if ctx.rank == 0 else None)
+    model = CameraBEVStudent(model_cfg)
+    trainer = Trainer(cfg, "student", model, train_ds, resume, ctx, device)
+    train_loader, train_sampler = make_kd_loader(train_ds, targets, batch_size, True, cfg.seed, cfg.num_workers,
+                                                 ctx, cfg.kd_targets)
+    valid_loader = (make_kd_loader(valid_ds, TeacherTargets(), batch_size, False, cfg.seed, cfg.num_workers,
+                                   ctx)[0] if valid_ds is not None and len(valid_ds) else None)
+    task = StudentTask(trainer.net, model, cfg, kd, device)
+    if targets.retriever is not None and not targets.retriever.at_load:
+        task.retrieval = (targets.retriever, targets.row_reader())
+    result = trainer.fit(task, train_loader, train_sampler, valid_loader, model_cfg.to_dict())
+    return {**result, "valid_losses": [h["valid_loss"] for h in result["history"]]}
