@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["action_weights", "weighted_action_mse", "smoothness_penalty", "action_loss"]
+__all__ = ["action_weights", "weighted_action_mse", "braking_weights", "smoothness_penalty", "action_loss"]
 
 
 def action_weights(steer_weight: float, speed_weight: float, like: Tensor | None = None) -> Tensor:
@@ -22,13 +22,27 @@ def action_weights(steer_weight: float, speed_weight: float, like: Tensor | None
     return w if like is None else w.to(like.device)
 
 
-def weighted_action_mse(pred: Tensor, target: Tensor, weights: Tensor | Sequence[float]) -> Tensor:
-    """sum_a w_a * mean((pred[..., a] - target[..., a])^2); pred, target (..., A), weights (A,) -> scalar."""
+def weighted_action_mse(pred: Tensor, target: Tensor, weights: Tensor | Sequence[float],
+                        sample_weights: Tensor | None = None) -> Tensor:
+    """sum_a w_a * mean((pred[..., a] - target[..., a])^2); pred, target (..., A), weights (A,) -> scalar.
+    ``sample_weights`` (..., A), each action's column >= 0: that column's mean becomes a weighted mean."""
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     w = torch.as_tensor(weights, dtype=pred.dtype, device=pred.device)
-    per_action = ((pred - target) ** 2).reshape(-1, pred.shape[-1]).mean(dim=0)          # (A,)
+    err = ((pred - target) ** 2).reshape(-1, pred.shape[-1])                              # (N, A)
+    if sample_weights is None:
+        per_action = err.mean(dim=0)                                                        # (A,)
+    else:
+        sw = sample_weights.reshape(err.shape).to(err.dtype)
+        per_action = (err * sw).sum(dim=0) / sw.sum(dim=0).clamp_min(1e-12)
     return (per_action * w).sum()
+
+
+def braking_weights(speed: Tensor, speed_command: Tensor, per_mps: float) -> Tensor:
+    """Sample weights of the speed command, (B, T): 1 + ``per_mps`` x the m/s the label asks the car to shed,
+    ``max(0, speed - speed_command)`` (measured speed and command in m/s). Frames of braking behind a slower car
+    are few; this makes each weigh as much as the speed it sheds."""
+    return 1.0 + per_mps * (speed - speed_command).clamp_min(0.0)
 
 
 def smoothness_penalty(pred: Tensor, weights: Tensor | Sequence[float]) -> Tensor:
@@ -39,9 +53,10 @@ def smoothness_penalty(pred: Tensor, weights: Tensor | Sequence[float]) -> Tenso
 
 
 def action_loss(pred_norm: Tensor, target_norm: Tensor, weights: Tensor | Sequence[float],
-                smooth_weight: float = 0.0) -> Tensor:
-    """Weighted MSE plus ``smooth_weight`` x smoothness, both on normalised (B, T, A) actions -> scalar."""
-    loss = weighted_action_mse(pred_norm, target_norm, weights)
+                smooth_weight: float = 0.0, sample_weights: Tensor | None = None) -> Tensor:
+    """Weighted MSE (``sample_weights`` (B, T, A): see ``weighted_action_mse``) plus ``smooth_weight`` x
+    smoothness, both on normalised (B, T, A) actions -> scalar."""
+    loss = weighted_action_mse(pred_norm, target_norm, weights, sample_weights)
     if smooth_weight > 0:
         loss = loss + smooth_weight * smoothness_penalty(pred_norm, weights)
     return loss

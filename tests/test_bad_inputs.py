@@ -544,6 +544,15 @@ def test_non_finite_or_negative_weights_are_refused_naming_the_flag(name, bad):
         StudentTrainConfig(data_root="d", **{name: bad}).check()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_bad_brake_weight_is_refused_naming_the_flag(bad):
+    from e2r.errors import ConfigError
+    from e2r.workflow.configs import TeacherTrainConfig
+
+    with pytest.raises(ConfigError, match=rf"--brake_weight must be a finite number >= 0, got {bad}"):
+        TeacherTrainConfig(data_root="d", brake_weight=bad).check()
+
+
 def test_kd_action_w_nan_is_refused_by_the_pipeline_and_by_kd_weights(tmp_path, capsys):
     from e2r.kd import KDWeights
     from pipelines import train_student

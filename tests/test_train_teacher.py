@@ -294,3 +294,40 @@ def test_bev_pool_grid_keeps_where_a_feature_is_and_reaches_the_checkpoint(data_
     assert TeacherConfig.from_dict(old).bev_pool_grid == 1
     with pytest.raises(ConfigError, match="bev_pool_grid 0"):
         _train(data_root, tmp_path, "--epochs", "1", "--bev_pool_grid", "0", "--save_path", str(tmp_path / "x.pt"))
+
+
+def test_brake_weight_weighs_each_frames_speed_loss_by_the_speed_it_sheds(data_root):
+    """--brake_weight a: the speed column's squared errors become a mean weighted by 1 + a * max(0, measured
+    speed - speed label) per frame; steering keeps its plain mean; a = 0 is the plain loss."""
+    from e2r.losses import action_loss, braking_weights, weighted_action_mse
+    from e2r.models.config import TeacherConfig
+    from e2r.models.teacher import LiDARBEVTeacher
+    from e2r.workflow.train import TeacherTask
+
+    assert braking_weights(torch.tensor([10.0, 5.0]), torch.tensor([4.0, 6.0]), 0.5).tolist() == [4.0, 1.0]
+    pred, target = torch.randn(2, 3, 2), torch.randn(2, 3, 2)
+    ones = torch.ones(2, 3, 2)
+    assert torch.allclose(weighted_action_mse(pred, target, [1.0, 0.5], ones),
+                          weighted_action_mse(pred, target, [1.0, 0.5]))
+    sw = torch.stack([ones[..., 0], torch.arange(1.0, 7.0).reshape(2, 3)], dim=-1)
+    err = (pred - target) ** 2
+    by_hand = err[..., 0].mean() + 0.5 * (err[..., 1] * sw[..., 1]).sum() / sw[..., 1].sum()
+    assert torch.allclose(weighted_action_mse(pred, target, [1.0, 0.5], sw), by_hand)
+
+    torch.manual_seed(0)
+    model = LiDARBEVTeacher(TeacherConfig.preset_named("tiny")).eval()
+    batch = collate_lidar_items([LidarSequenceDataset(data_root, "train", 3, 2)[i] for i in range(2)])
+    batch["speed"] = batch["actions"][..., 1] + torch.tensor([[0.0, 2.0, 6.0], [0.0, -1.0, 0.0]])   # sheds 2, 6 m/s
+    losses = {}
+    for a in (0.0, 1.0):
+        cfg = train_teacher.parse_config(["--data_root", str(data_root), "--brake_weight", str(a),
+                                          "--speed_loss_weight", "1", "--steer_input_dropout", "0"])
+        losses[a] = TeacherTask(model, model, cfg, torch.device("cpu")).valid_step(batch)[0]
+    with torch.no_grad():
+        pred = model([p for p in batch["points"]], batch["speed"], batch["steering"])
+    norm_pred, norm_target = model.normalize_actions(pred), model.normalize_actions(batch["actions"])
+    want = torch.tensor([[1.0, 3.0, 7.0], [1.0, 1.0, 1.0]])
+    for a, speed_w in ((0.0, None), (1.0, want)):
+        sample = None if speed_w is None else torch.stack([torch.ones_like(speed_w), speed_w], dim=-1)
+        assert torch.allclose(losses[a], action_loss(norm_pred, norm_target, [1.0, 1.0], 0.0, sample), rtol=1e-5)
+    assert not torch.allclose(losses[0.0], losses[1.0])

@@ -178,9 +178,15 @@ class TeacherTrainConfig(TrainConfig):
     bev_pool_grid: Optional[int] = option(
         None, help="bev_vec reads a k x k average pool of the BEV features (default: the preset's, 1 = the global "
                    "mean, which keeps no layout: where a car ahead is; docs/STUDENT.md)")
+    brake_weight: float = option(
+        0.0, metavar="PER_MPS",
+        help="weigh each frame's speed loss by 1 + PER_MPS x the m/s its label asks the car to shed (measured speed "
+             "- speed command, when positive): the rare frames of braking behind a slower car count more "
+             "(default %(default)s = off)")
 
     def check(self) -> None:
         super().check()
+        check_weights(self, ("brake_weight",))
         if self.bev_pool_grid is not None:
             try:
                 replace(TeacherConfig.preset_named(self.preset), bev_pool_grid=self.bev_pool_grid).validate()

@@ -21,7 +21,7 @@ from e2r.checkpoints import check_fits, load_checkpoint, save_checkpoint
 from e2r.data.augment import photometric_jitter, zoom_crop
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
 from e2r.kd import FovMasks, KDWeights, hflip_lidar, student_losses
-from e2r.losses import action_loss, action_weights, weighted_action_mse
+from e2r.losses import action_loss, action_weights, braking_weights, weighted_action_mse
 from e2r.models.config import TeacherConfig
 from e2r.models.student import CameraBEVStudent
 from e2r.models.student_config import StudentConfig
@@ -73,8 +73,12 @@ class TeacherTask(TrainTask):
         steering = drop_steering_input(batch["steering"], steer_dropout)
         pred = self.net([p.to(d, non_blocking=True) for p in batch["points"]], batch["speed"].to(d), steering.to(d))
         target = batch["actions"].to(d)
+        sample_weights = None
+        if self.cfg.brake_weight > 0:           # (B, T, A): steering 1, speed by the m/s its label sheds
+            speed_w = braking_weights(batch["speed"].to(d), target[..., 1], self.cfg.brake_weight)
+            sample_weights = torch.stack([torch.ones_like(speed_w), speed_w], dim=-1)
         loss = action_loss(self.model.normalize_actions(pred), self.model.normalize_actions(target), self.weights,
-                           self.cfg.smooth_weight)
+                           self.cfg.smooth_weight, sample_weights)
         return loss, int(target.shape[0])
 
 
