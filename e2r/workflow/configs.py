@@ -181,8 +181,8 @@ class TeacherTrainConfig(TrainConfig):
     brake_weight: float = option(
         0.0, metavar="PER_MPS",
         help="weigh each frame's speed loss by 1 + PER_MPS x the m/s its label asks the car to shed (measured speed "
-             "- speed command, when positive): the rare frames of braking behind a slower car count more "
-             "(default %(default)s = off)")
+             "- speed command, when positive): the frames of braking behind a slower car count more (default "
+             "%(default)s = off: at 1 it did not beat off over 3 seeds, docs/STUDENT.md)")
 
     def check(self) -> None:
         super().check()
