@@ -40,6 +40,7 @@ class PillarFeatureNet(nn.Module):
         if P == 0:
             return pillars.new_zeros((0, self.linear.out_features))
         mask = (torch.arange(M, device=pillars.device)[None, :] < counts[:, None]).unsqueeze(-1)  # (P, M, 1)
+        mask = mask.to(pillars.dtype)          # 1 / 0: the products below equal those with the bool mask
         xyz = pillars[..., :3]
         mean = (xyz * mask).sum(1, keepdim=True) / counts.clamp(min=1).view(P, 1, 1).to(pillars.dtype)
         centre = coords[:, [3, 2]].to(pillars.dtype) * self.voxel_xy + self.offset_xy           # (P, 2) x, y
@@ -54,12 +55,12 @@ class PillarFeatureNet(nn.Module):
 
 
 def scatter_to_canvas(features: Tensor, coords: Tensor, num_frames: int, nx: int, ny: int) -> Tensor:
-    """Place pillar vectors on the BEV grid. features (P, C), coords (P, 4) (b, z, y, x) -> (F, C, ny, nx)."""
+    """Place pillar vectors on the BEV grid. features (P, C), coords (P, 4) (b, z, y, x) -> (F, C, ny, nx).
+    Written straight into the (F, C, ny * nx) memory through a (F, ny * nx, C) view: no transposing copy."""
     C = features.shape[1]
-    canvas = features.new_zeros((num_frames * ny * nx, C))
-    flat = (coords[:, 0] * ny + coords[:, 2]) * nx + coords[:, 3]
-    canvas = canvas.index_put((flat,), features)
-    return canvas.view(num_frames, ny, nx, C).permute(0, 3, 1, 2).contiguous()
+    canvas = features.new_zeros((num_frames, C, ny * nx))
+    canvas.permute(0, 2, 1).index_put_((coords[:, 0], coords[:, 2] * nx + coords[:, 3]), features)
+    return canvas.view(num_frames, C, ny, nx)
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
