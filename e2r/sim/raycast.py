@@ -102,8 +102,9 @@ def nearest(cands: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray
 
 
 def nearest_column(h: np.ndarray, slope: np.ndarray, z0: float, lo: float, hi: np.ndarray) -> np.ndarray:
-    """(..., K) horizontal hit distances ``h`` on K vertical objects, kept where the ray's height there,
-    ``z0 + h * slope`` (``slope`` broadcast against h), lies in [lo, hi] (hi (K,) per object); inf elsewhere."""
+    """Horizontal hit distances ``h`` on vertical objects, kept where the ray's height there, ``z0 + h * slope``,
+    lies in [lo, hi] (``slope`` and each object's top ``hi`` broadcast against h: (..., K) with hi (K,), or
+    object-major (K, P) with hi (K, 1)); inf elsewhere."""
     z = h * slope
     if z0:
         z = z0 + z

@@ -252,7 +252,7 @@ def _shade_gap(track: Track, kind: np.ndarray, dist: np.ndarray, dirs: np.ndarra
     if cm.stop > cm.start:
         h_car, seen, table_bin, face_tab, along_tab, yaw_cars = cars
         pix = order[cm]
-        car = seen[np.argmin(h_car[pix], axis=1)]
+        car = seen[np.argmin(h_car.take(pix, axis=1), axis=0)]
         b = table_bin.take(pix)
         fwd = np.stack([np.cos(yaw_cars[car]), np.sin(yaw_cars[car])], 1)
         f = face_tab[b, car]
@@ -319,8 +319,10 @@ def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfi
         tab_h, tab_face, tab_along = ray_boxes(origin, bin_dirs, poses, traffic)             # (nbins, M)
         seen = np.flatnonzero(np.isfinite(tab_h).any(axis=0))                              # (M',) cars in view
         if len(seen):
-            h_car = nearest_column(tab_h[:, seen][b], slope[:, None], cam_h, 0.0, traffic.height[seen])   # (P, M')
-            cands.append((CAR, h_car.min(axis=1)))
+            # car-major (M', P): the per-pixel min and argmin over a few cars are fast along the leading axis
+            h_car = nearest_column(tab_h[:, seen].T.take(b, axis=1), slope, cam_h, 0.0,
+                                   traffic.height[seen][:, None])                            # (M', P)
+            cands.append((CAR, h_car.min(axis=0)))
             cars = (h_car, seen, b, tab_face, tab_along, poses.yaw)
     kind, dist = nearest(cands)
     kind[np.isinf(dist)] = SKY
