@@ -18,12 +18,13 @@ from e2r.models.config import TeacherConfig
 from e2r.models.student import CameraBEVStudent
 from e2r.models.student_config import StudentConfig
 from e2r.models.teacher import LiDARBEVTeacher
-from e2r.sim.closed_loop import (ClosedLoopConfig, LapCounter, load_world, run_closed_loop, start_indices,
-                                 wall_contact)
+from e2r.sim.closed_loop import (ClosedLoopConfig, LapCounter, car_contact, load_world, run_closed_loop,
+                                 start_indices, wall_contact)
 from e2r.sim.drive import DriveConfig, drive, summarize
 from e2r.sim.policies import ConstantPolicy, ExpertPolicy, Observation, Policy, StudentPolicy, TeacherPolicy
 from e2r.sim.sensors import render_camera
-from e2r.sim.vehicle import VehicleConfig, VehicleState, advance, step
+from e2r.sim.traffic import boxes_overlap, car_corners, car_poses
+from e2r.sim.vehicle import VehicleConfig, VehicleState, advance, body_corners, step
 from e2r.sim.world import CSV_COLUMNS, camera_rng, generate_dataset
 from pipelines.drive import main as drive_main
 from tests.fixtures import one_thread  # noqa: F401 (module-scoped autouse fixture)
@@ -121,6 +122,50 @@ def test_wall_contact(world):
     across = VehicleState.create(track.centre[i, 0], track.centre[i, 1], yaw + np.pi / 2, 0.0)
     assert not wall_contact(track, across, VehicleConfig(length_front=1.0, length_rear=1.0))[0]
     assert wall_contact(track, across, VehicleConfig(length_front=track.width[i], length_rear=0.5))[0]
+
+
+def _touches_reference(track, state, cfg) -> np.ndarray:
+    """Textbook segment-rectangle contact over every wall segment: an end point inside the body, or a crossing
+    with one of its edges (orientation tests)."""
+    corners = body_corners(state, cfg)                                                  # (B, 4, 2)
+    a, b = track.seg_a[None, :, None], track.seg_b[None, :, None]                       # (1, S, 1, 2)
+    c, d = corners[:, None], np.roll(corners, -1, axis=1)[:, None]                      # (B, 1, 4, 2)
+
+    def orient(p, q, r):
+        return (q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0])
+
+    crossing = ((orient(a, b, c) * orient(a, b, d) <= 0) & (orient(c, d, a) * orient(c, d, b) <= 0)).any(axis=2)
+    cos, sin = np.cos(state.yaw)[:, None], np.sin(state.yaw)[:, None]
+    inside = np.zeros(crossing.shape, bool)
+    for end in (track.seg_a, track.seg_b):
+        dx, dy = end[None, :, 0] - state.x[:, None], end[None, :, 1] - state.y[:, None]
+        lx, ly = cos * dx + sin * dy, -sin * dx + cos * dy
+        inside |= (-cfg.length_rear <= lx) & (lx <= cfg.length_front) & (np.abs(ly) <= cfg.width / 2)
+    return (crossing | inside).any(axis=1)
+
+
+def test_contacts_skip_only_what_cannot_touch(world):
+    """wall_contact / car_contact test only the walls and cars near the bodies: the same answers as the
+    textbook test over every wall segment and the separating-axis test against every other car."""
+    track, cfg = world.track, world.config.vehicle
+    rng = np.random.default_rng(5)
+    i = rng.integers(len(track.centre), size=400)
+    xy = track.centre[i] + track.normal[i] * (rng.uniform(-0.7, 0.7, 400) * track.width[i])[:, None]
+    t = 3.0
+    if track.traffic is not None and len(track.traffic):
+        poses = car_poses(track, track.traffic, t)
+        j = rng.integers(len(poses.x), size=200)
+        xy[:200] = np.stack([poses.x[j], poses.y[j]], 1) + rng.normal(0.0, 3.0, (200, 2))
+    state = VehicleState.create(xy[:, 0], xy[:, 1], rng.uniform(-np.pi, np.pi, 400), 5.0)
+    walls = wall_contact(track, state, cfg)
+    assert walls.any() and not walls.all()
+    assert np.array_equal(walls, _touches_reference(track, state, cfg))
+    cars = car_contact(track, state, cfg, t)
+    if track.traffic is not None and len(track.traffic):
+        everyone = boxes_overlap(body_corners(state, cfg), car_corners(car_poses(track, track.traffic, t), track.traffic))
+        assert cars.any() and np.array_equal(cars, everyone)
+    else:
+        assert not cars.any()
 
 
 class _HardLeft(Policy):

@@ -8,7 +8,7 @@ import torch
 
 from e2r.checkpoints import CheckpointError, file_sha256, load_checkpoint, load_init_weights, save_checkpoint
 from e2r.models.config import TeacherConfig
-from e2r.models.pointpillars import scatter_to_canvas
+from e2r.models.pointpillars import PillarFeatureNet, scatter_to_canvas
 from e2r.models.teacher import LiDARBEVTeacher, load_teacher
 
 
@@ -79,6 +79,37 @@ def test_scatter_places_each_pillar_in_its_cell():
     assert canvas[0, :, 1, 2].tolist() == [0.0, 1.0]
     assert canvas[1, :, 0, 0].tolist() == [2.0, 3.0] and canvas[1, :, 3, 4].tolist() == [4.0, 5.0]
     assert float(canvas.abs().sum()) == float(feats.sum())
+
+
+def test_pillar_net_equals_the_masked_max_in_values_and_gradients():
+    """The pillar max taken over zeroed empty slots (``amax`` on (M, P, C)) = the textbook max with empty slots
+    at -inf: the same pillar vectors and the same parameter gradients, in training and in eval mode."""
+    cfg = TeacherConfig.preset_named("tiny")
+    model = LiDARBEVTeacher(cfg).encoder
+    vox = model.voxelize(clouds(3, 900, cfg))
+    assert (vox.counts < cfg.max_points_per_pillar).any()        # some slots are empty
+    torch.manual_seed(0)
+    net = PillarFeatureNet(4, 16, cfg.voxel_size, cfg.point_cloud_range)
+
+    def plain(m: PillarFeatureNet) -> torch.Tensor:
+        P, M, _ = vox.pillars.shape
+        mask = (torch.arange(M)[None, :] < vox.counts[:, None]).unsqueeze(-1)
+        xyz = vox.pillars[..., :3]
+        mean = (xyz * mask).sum(1, keepdim=True) / vox.counts.clamp(min=1).view(P, 1, 1).float()
+        centre = vox.coords[:, [3, 2]].float() * m.voxel_xy + m.offset_xy
+        feats = torch.cat([vox.pillars, xyz - mean, xyz[..., :2] - centre[:, None, :]], dim=-1) * mask
+        x = torch.relu(m.norm(m.linear(feats).reshape(P * M, -1)).reshape(P, M, -1))
+        return x.masked_fill(~mask, float("-inf")).max(dim=1).values
+
+    for train in (True, False):
+        mine, ref = pickle.loads(pickle.dumps(net)).train(train), pickle.loads(pickle.dumps(net)).train(train)
+        a, b = mine(vox.pillars, vox.counts, vox.coords), plain(ref)
+        assert torch.equal(a, b)
+        weights = torch.linspace(-1.0, 1.0, a.numel()).view_as(a)
+        (a * weights).sum().backward()
+        (b * weights).sum().backward()
+        for p, q in zip(mine.parameters(), ref.parameters()):
+            assert torch.equal(p.grad, q.grad)
 
 
 def test_wrong_point_columns_are_refused():

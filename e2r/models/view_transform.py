@@ -205,7 +205,8 @@ class LiftSplat(nn.Module):
         src, pixel, target = torch.cat(src), torch.cat(pixel), torch.cat(target)
         # (F*Ncam, h, w, Dbins) and (F*Ncam*h*w, C): the channels_last memory of the lift's output, no copy
         probs, ctx = depth_probs.permute(0, 2, 3, 1).reshape(-1), context.permute(0, 2, 3, 1).reshape(-1, C)
-        vals = probs[src, None] * ctx[pixel]                                   # (K_all, C)
+        vals = probs.index_select(0, src)[:, None] * ctx.index_select(0, pixel)   # (K_all, C); index_select:
+        # the same gathers as probs[src] and ctx[pixel], several times faster on the CPU
         out = torch.zeros(Fr * HW, C, dtype=vals.dtype, device=vals.device)
         out.index_add_(0, target, vals)
         if self.pool == "mean":

@@ -8,7 +8,8 @@ Semantics follow the usual "hard voxelization" of mmdet3d / OpenPCDet:
   batch order; each cloud keeps at most ``max_voxels`` of them, later ones are dropped with their points;
 * each pillar keeps its first ``max_points`` points in input order, padded with zeros.
 
-There is no Python loop over points or pillars: everything is sort / unique / scatter.
+There is no Python loop over points or pillars: one stable sort groups the points by cell, the rest is
+gathers (coordinates are handled by axis, (3, N): element-wise loops over (N, 3) run 3 wide and are slow).
 """
 from __future__ import annotations
 
@@ -51,12 +52,21 @@ def point_cells(xyz: Tensor, point_cloud_range: Sequence[float], voxel_size: Seq
 
     xyz: (N, 3) float. Returns ``cells`` (N, 3) int64 as (x, y, z) indices and ``inside`` (N,) bool.
     """
-    lo = torch.tensor(point_cloud_range[:3], dtype=xyz.dtype, device=xyz.device)
-    vs = torch.tensor(voxel_size, dtype=xyz.dtype, device=xyz.device)
-    cells = torch.floor((xyz - lo) / vs).to(torch.int64)
-    n = torch.tensor(grid_shape(point_cloud_range, voxel_size), dtype=torch.int64, device=xyz.device)
-    inside = ((cells >= 0) & (cells < n)).all(dim=1) & torch.isfinite(xyz).all(dim=1)
-    return cells, inside
+    q, inside = _grid_coordinates(xyz.t().contiguous(), point_cloud_range, voxel_size)
+    return torch.floor(q).to(torch.int64).t(), inside
+
+
+def _grid_coordinates(cols: Tensor, point_cloud_range: Sequence[float], voxel_size: Sequence[float]
+                      ) -> tuple[Tensor, Tensor]:
+    """cols (3, N) x, y, z laid out by axis -> ``q`` (3, N) = (p - range_min) / voxel_size, whose floor is the
+    cell, and ``inside`` (N,): 0 <= q < cells on every axis, i.e. 0 <= floor(q) < cells (the cell counts are
+    integers), false for NaN and infinite coordinates. By axis, not (N, 3): element-wise loops 3 wide are slow."""
+    lo = torch.tensor(point_cloud_range[:3], dtype=cols.dtype, device=cols.device)[:, None]
+    vs = torch.tensor(voxel_size, dtype=cols.dtype, device=cols.device)[:, None]
+    n = torch.tensor(grid_shape(point_cloud_range, voxel_size), dtype=cols.dtype, device=cols.device)[:, None]
+    q = (cols - lo) / vs
+    ok = (q >= 0) & (q < n)
+    return q, ok[0] & ok[1] & ok[2]
 
 
 def voxelize(clouds: Sequence[Tensor], point_cloud_range: Sequence[float], voxel_size: Sequence[float],
@@ -78,55 +88,50 @@ def voxelize(clouds: Sequence[Tensor], point_cloud_range: Sequence[float], voxel
                              f"F >= 3 (cloud 0 has F = {feat})")
     device, dtype = clouds[0].device, clouds[0].dtype
     nx, ny, nz = grid_shape(point_cloud_range, voxel_size)
-    sizes = torch.tensor([c.shape[0] for c in clouds], dtype=torch.int64, device=device)
-    points = torch.cat([c.to(device=device, dtype=dtype) for c in clouds], dim=0)           # (N, F)
-    batch = torch.repeat_interleave(torch.arange(len(clouds), device=device), sizes)       # (N,)
-
-    cells, inside = point_cells(points[:, :3], point_cloud_range, voxel_size)
-    points, batch, cells = points[inside], batch[inside], cells[inside]
-    n_pts = points.shape[0]
+    ends = torch.cumsum(torch.tensor([c.shape[0] for c in clouds], dtype=torch.int64, device=device), 0)
+    # the clouds' points, then one zero row (what the empty slots of the pillars gather)
+    points = torch.cat([c.to(device=device, dtype=dtype) for c in clouds] + [clouds[0].new_zeros((1, feat))])
+    q, inside = _grid_coordinates(points[:-1, :3].t().contiguous(), point_cloud_range, voxel_size)  # (3, N)
+    # the n points inside the grid: ``src`` (n,) their rows of ``points``, their clouds and cells (x, y, z)
+    src = torch.nonzero(inside).squeeze(1)
+    n_pts = src.shape[0]
     if n_pts == 0:
         return VoxelizationResult(points.new_zeros((0, max_points, feat)),
                                   torch.zeros((0, 4), dtype=torch.int64, device=device),
                                   torch.zeros((0,), dtype=torch.int64, device=device))
+    # cell ids in int32 when they fit: the sort below is the largest cost and runs faster on 4-byte keys
+    ids = torch.int32 if len(clouds) * nx * ny * nz < 2 ** 31 else torch.int64
+    batch = torch.searchsorted(ends, src, right=True).to(ids)                               # (n,)
+    cells = torch.floor(q.index_select(1, src)).to(ids)                                     # (3, n)
 
-    # one linear id per (batch, z, y, x) cell
-    lin = ((batch * nz + cells[:, 2]) * ny + cells[:, 1]) * nx + cells[:, 0]
-    uniq, inverse = torch.unique(lin, return_inverse=True)                                  # (U,), (N,)
-    order = torch.arange(n_pts, device=device)
-    first = torch.full((uniq.shape[0],), n_pts, dtype=torch.int64, device=device)
-    first = first.scatter_reduce(0, inverse, order, reduce="amin")                          # first point
-    # rank the cells by first appearance; clouds are concatenated in batch order, so this is batch-major
+    # one linear id per (batch, z, y, x) cell; a stable sort groups the points by cell, in input order within
+    # a cell; the U cells come out in id order (``cell_start`` (U,): where each begins in the sorted order)
+    lin = ((batch * nz + cells[2]) * ny + cells[1]) * nx + cells[0]
+    lin_sorted, by_cell = torch.sort(lin, stable=True)                                      # (n,), (n,)
+    new_cell = torch.ones(n_pts, dtype=torch.bool, device=device)
+    torch.ne(lin_sorted[1:], lin_sorted[:-1], out=new_cell[1:])
+    cell_start = torch.nonzero(new_cell).squeeze(1)                                         # (U,)
+    cell_sizes = torch.diff(cell_start, append=cell_start.new_full((1,), n_pts))            # (U,)
+    first = by_cell.index_select(0, cell_start)                                             # (U,) first point
+    # rank the cells by first appearance; clouds are concatenated in batch order, so this is batch-major;
+    # each cloud keeps its first max_voxels cells
     appearance = torch.argsort(first)                                                       # (U,) cell ids
-    rank = torch.empty_like(appearance)
-    rank[appearance] = torch.arange(appearance.shape[0], device=device)
-    cell_batch = batch[first]                                                               # (U,)
-    per_batch = torch.bincount(cell_batch, minlength=len(clouds))
+    appearance_batch = batch.index_select(0, first.index_select(0, appearance)).long()      # (U,)
+    per_batch = torch.bincount(appearance_batch, minlength=len(clouds))
     batch_start = torch.cumsum(per_batch, 0) - per_batch
-    rank_in_cloud = rank - batch_start[cell_batch]
-    kept_cell = rank_in_cloud < max_voxels                                                  # (U,)
-    # new pillar index = rank among kept cells (keeps the appearance order)
-    kept_sorted = kept_cell[appearance]
-    new_index_sorted = torch.cumsum(kept_sorted.to(torch.int64), 0) - 1
-    pillar_of_cell = torch.full_like(rank, -1)
-    pillar_of_cell[appearance] = torch.where(kept_sorted, new_index_sorted, -1)
-    n_pillars = int(kept_sorted.sum())
+    rank_in_cloud = torch.arange(appearance.shape[0], device=device) - batch_start[appearance_batch]
+    kept_cells = appearance[rank_in_cloud < max_voxels]                                     # (P,) in order
+    counts = torch.clamp(cell_sizes[kept_cells], max=max_points)                            # (P,)
 
-    # position of each point inside its cell: stable sort keeps the input order within a cell
-    by_cell = torch.sort(inverse, stable=True).indices                                      # (N,)
-    cell_sorted = inverse[by_cell]
-    cell_sizes = torch.bincount(inverse, minlength=uniq.shape[0])
-    cell_start = torch.cumsum(cell_sizes, 0) - cell_sizes
-    slot = torch.empty_like(by_cell)
-    slot[by_cell] = torch.arange(n_pts, device=device) - cell_start[cell_sorted]
+    # pillar p's slot j holds the cell's j-th point (sorted position cell_start + j) when j < counts[p],
+    # else the zero row
+    slots = torch.arange(max_points, device=device)
+    at = torch.clamp(cell_start[kept_cells][:, None] + slots, max=n_pts - 1)                # (P, M)
+    rows = src.index_select(0, by_cell.index_select(0, at.reshape(-1))).view(at.shape)      # (P, M)
+    rows = torch.where(slots < counts[:, None], rows, points.shape[0] - 1)
+    pillars = points.index_select(0, rows.reshape(-1)).view(*rows.shape, feat)              # (P, M, F)
 
-    pillar = pillar_of_cell[inverse]                                                        # (N,)
-    keep = (pillar >= 0) & (slot < max_points)
-    pillars = points.new_zeros((n_pillars, max_points, feat))
-    pillars[pillar[keep], slot[keep]] = points[keep]
-
-    kept_cells = appearance[kept_sorted]                                                    # cell ids, in order
     first_pt = first[kept_cells]
-    coords = torch.stack([batch[first_pt], cells[first_pt, 2], cells[first_pt, 1], cells[first_pt, 0]], dim=1)
-    counts = torch.clamp(cell_sizes[kept_cells], max=max_points)
+    coords = torch.stack([batch[first_pt], cells[2, first_pt], cells[1, first_pt], cells[0, first_pt]],
+                         dim=1).long()
     return VoxelizationResult(pillars, coords, counts)

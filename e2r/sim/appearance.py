@@ -340,10 +340,16 @@ def _box_blur(img: np.ndarray, length: np.ndarray) -> np.ndarray:
     the borders). Pixels whose window is under one pixel are left as they are."""
     _, h, w = img.shape
     rows, cols = np.nonzero(length > 1.0)
-    csum = np.zeros((3, h, w + 1), img.dtype)
-    np.cumsum(img, axis=2, out=csum[:, :, 1:])                                        # (3, H, W + 1)
+    # running integrals of the rows with a blurred pixel only (the sky's rows have none): row rows[i] is
+    # row ``band[i]`` of ``csum``
+    used = np.zeros(h, np.int64)
+    used[rows] = 1
+    band = np.cumsum(used) - 1
+    used = np.flatnonzero(used)
+    csum = np.zeros((3, len(used), w + 1), img.dtype)
+    np.cumsum(img[:, used], axis=2, out=csum[:, :, 1:])                               # (3, H', W + 1)
     csum, flat = csum.reshape(3, -1), img.reshape(3, -1)
-    at_sum, at_img = rows * (w + 1), rows * w
+    at_sum, at_img = band.take(rows) * (w + 1), rows * w
 
     def integral(x: np.ndarray) -> np.ndarray:
         x = x + 0.5

@@ -154,19 +154,31 @@ class LapCounter:
         return np.floor(np.maximum(self.best, 0.0) / self.samples + 1e-9).astype(np.int64)
 
 
+def _reach(vehicle: VehicleConfig) -> float:
+    """How far the body rectangle reaches from the reference point (m): its corners' distance, plus 0.5 m.
+    Whatever lies farther from every car cannot touch one, and the contact tests skip it."""
+    return float(np.hypot(max(vehicle.length_front, vehicle.length_rear), vehicle.width / 2)) + 0.5
+
+
 def wall_contact(track: Track, state: VehicleState, vehicle: VehicleConfig) -> np.ndarray:
     """(B,) bool: the body rectangle of each car touches (intersects or contains part of) a wall segment.
 
-    Each wall segment is moved into the car's body frame and clipped against the rectangle (Liang-Barsky),
-    all (B, S) pairs at once."""
+    The segments whose bounding box comes within the body's reach of some car are moved into each car's body
+    frame and clipped against the rectangle (Liang-Barsky), all (B, S') pairs at once."""
+    reach = _reach(vehicle)
+    lo, hi = np.minimum(track.seg_a, track.seg_b) - reach, np.maximum(track.seg_a, track.seg_b) + reach  # (S, 2)
+    x, y = state.x[:, None], state.y[:, None]
+    near = np.flatnonzero(((lo[:, 0] <= x) & (x <= hi[:, 0]) & (lo[:, 1] <= y) & (y <= hi[:, 1])).any(axis=0))
+    if len(near) == 0:
+        return np.zeros(len(state), bool)
     c, s = np.cos(state.yaw)[:, None], np.sin(state.yaw)[:, None]
 
     def local(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dx, dy = p[None, :, 0] - state.x[:, None], p[None, :, 1] - state.y[:, None]
         return c * dx + s * dy, -s * dx + c * dy
 
-    x0, y0 = local(track.seg_a)
-    x1, y1 = local(track.seg_b)
+    x0, y0 = local(track.seg_a[near])
+    x1, y1 = local(track.seg_b[near])
     dx, dy = x1 - x0, y1 - y0
     t0, t1 = np.zeros_like(x0), np.ones_like(x0)
     reject = np.zeros(x0.shape, bool)
@@ -183,11 +195,17 @@ def wall_contact(track: Track, state: VehicleState, vehicle: VehicleConfig) -> n
 
 def car_contact(track: Track, state: VehicleState, vehicle: VehicleConfig, t: float) -> np.ndarray:
     """(B,) bool: the body rectangle of each car touches one of the track's other cars at time ``t`` (s);
-    all False on a track without other cars."""
-    if track.traffic is None or len(track.traffic) == 0:
+    all False on a track without other cars. Only the cars whose centre is within both bodies' reach of some
+    car are tested (separating axes)."""
+    traffic = track.traffic
+    if traffic is None or len(traffic) == 0:
         return np.zeros(len(state), bool)
-    others = car_corners(car_poses(track, track.traffic, t), track.traffic)
-    return boxes_overlap(body_corners(state, vehicle), others)
+    poses = car_poses(track, traffic, t)
+    reach = _reach(vehicle) + np.hypot(traffic.half_length, traffic.half_width)                      # (M,)
+    near = (np.hypot(poses.x[None] - state.x[:, None], poses.y[None] - state.y[:, None]) <= reach).any(axis=0)
+    if not near.any():                      # the cars' centres are farther than both bodies reach
+        return np.zeros(len(state), bool)
+    return boxes_overlap(body_corners(state, vehicle), car_corners(poses, traffic)[near])
 
 
 def start_indices(track: Track, starts: int, offset: int = 0) -> list[int]:
@@ -343,14 +361,15 @@ def run_closed_loop(policy: Policy, world: SimWorld, starts: Sequence[int], cfg:
         laps.update(centre_position(track, state.x, state.y, idx), active)
         hit_wall = wall_contact(track, sub, vehicle)
         hit_car = car_contact(track, sub, vehicle, (t + 1) * dt)
+        lap_count = laps.laps                       # (B,), computed once for the step
         for b, car in enumerate(cars.tolist()):
             run = runs[car]
-            if np.isnan(run.lap_time) and laps.laps[car] >= 1:
+            if np.isnan(run.lap_time) and lap_count[car] >= 1:
                 run.lap_time = (t + 1) * dt
             if hit_wall[b] or hit_car[b]:
                 run.end, run.collision_with = "collision", "wall" if hit_wall[b] else "car"
                 run.collided = run.done = True
-            elif laps.laps[car] >= cfg.laps:
+            elif lap_count[car] >= cfg.laps:
                 run.end, run.done = "laps", True
         if progress is not None:
             progress(len(cars))

@@ -151,7 +151,7 @@ class ModelPolicy(Policy):
         """bev_vec (B, D) of this frame of each observed car."""
         raise NotImplementedError
 
-    @torch.no_grad()
+    @torch.inference_mode()     # no autograd bookkeeping at all (the drive never trains the model it drives)
     def act(self, obs: Observation) -> tuple[np.ndarray, np.ndarray]:
         bev = self.encode(obs)
         T = obs.speed.shape[1]

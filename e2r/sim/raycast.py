@@ -48,16 +48,19 @@ def walls_along(track: Track, origin: np.ndarray, angle0: float, step: float, co
         u = (ax * dy - ay * dx) / denom
     ok = (np.abs(denom) > 1e-12) & (t > 1e-6) & (u >= -1e-6) & (u <= 1 + 1e-6)
     t, u, k, pair_seg = t[ok], np.clip(u[ok], 0, 1), k[ok], pair_seg[ok]
-    order = np.lexsort((t, k))                          # by ray, nearest first
-    k, t, u, pair_seg = k[order], t[order], u[order], pair_seg[order]
-    firsts = np.ones(len(k), bool)
-    firsts[1:] = k[1:] != k[:-1]
+    # each ray's nearest crossing, the first listed of equally near ones (a ray through a shared vertex):
+    # per-ray minima with ufunc.at, no sort
     dist = np.full(count, np.inf)
+    np.minimum.at(dist, k, t)
+    nearest = np.flatnonzero(t == dist.take(k))          # the crossings at their ray's minimum
+    first = np.full(count, len(t))
+    np.minimum.at(first, k.take(nearest), nearest)
+    rays = np.flatnonzero(first < len(t))
+    first = first.take(rays)
     seg = np.zeros(count, np.int64)
     pos = np.zeros(count)
-    dist[k[firsts]] = t[firsts]
-    seg[k[firsts]] = seg_ids[pair_seg[firsts]]
-    pos[k[firsts]] = u[firsts]
+    seg[rays] = seg_ids[pair_seg.take(first)]
+    pos[rays] = u.take(first)
     return dist, seg, pos
 
 
@@ -102,8 +105,9 @@ def nearest(cands: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray
 
 
 def nearest_column(h: np.ndarray, slope: np.ndarray, z0: float, lo: float, hi: np.ndarray) -> np.ndarray:
-    """(..., K) horizontal hit distances ``h`` on K vertical objects, kept where the ray's height there,
-    ``z0 + h * slope`` (``slope`` broadcast against h), lies in [lo, hi] (hi (K,) per object); inf elsewhere."""
+    """Horizontal hit distances ``h`` on vertical objects, kept where the ray's height there, ``z0 + h * slope``,
+    lies in [lo, hi] (``slope`` and each object's top ``hi`` broadcast against h: (..., K) with hi (K,), or
+    object-major (K, P) with hi (K, 1)); inf elsewhere."""
     z = h * slope
     if z0:
         z = z0 + z

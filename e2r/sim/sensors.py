@@ -138,14 +138,16 @@ def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Gene
         cands.append((CAR, h_car_min))
     kind, h = nearest(cands)
     keep = np.isfinite(h) & (h / cos_e <= cfg.max_range) & (rng.random(h.shape) >= cfg.dropout)
-    ri, ai = np.nonzero(keep)
-    h, kind = h[ri, ai], kind[ri, ai]
+    hit = np.flatnonzero(keep)                          # the kept rays, ring-major: ring ri, azimuth ai
+    ri, ai = np.divmod(hit, A)
+    h, kind = h.reshape(-1).take(hit), kind.reshape(-1).take(hit)
+    cos_r, tan_r = cos_e[:, 0].take(ri), tan_e[:, 0].take(ri)
     rng_noise = rng.normal(0.0, cfg.range_noise, size=h.shape)
-    h_noisy = h * (1 + rng_noise * cos_e[ri, 0] / np.maximum(h, 1e-3))   # range noise along the ray
+    h_noisy = h * (1 + rng_noise * cos_r / np.maximum(h, 1e-3))   # range noise along the ray
     pts = np.empty((len(h), 4), np.float32)
-    pts[:, 0] = h_noisy * rays.cos_az[ai]
-    pts[:, 1] = h_noisy * rays.sin_az[ai]
-    pts[:, 2] = h_noisy * tan_e[ri, 0]
+    pts[:, 0] = h_noisy * rays.cos_az.take(ai)
+    pts[:, 1] = h_noisy * rays.sin_az.take(ai)
+    pts[:, 2] = h_noisy * tan_r
 
     # intensities from the material at the exact (noise-free) hit point
     inten = np.zeros(len(h))
@@ -159,21 +161,21 @@ def cast_lidar(track: Track, x: float, y: float, yaw: float, rng: np.random.Gene
         inten[g] = ground_intensity(track, hit_xy)
     wm = np.flatnonzero(kind == WALL)
     if len(wm):
-        inten[wm] = wall_intensity(track, seg[ai[wm]], u[ai[wm]], h[wm] * tan_e[ri[wm], 0] + LIDAR_HEIGHT)
+        inten[wm] = wall_intensity(track, seg[ai[wm]], u[ai[wm]], h[wm] * tan_r[wm] + LIDAR_HEIGHT)
     inten[kind == BARREL] = 0.95
     cm = np.flatnonzero(kind == CAR)
     if len(cm):
         rc, ac = ri[cm], ai[cm]
         at = np.searchsorted(car_cols, ac)                      # the car's azimuth among car_cols
         car = np.argmin(h_car_r[rc, at], axis=1)
-        inten[cm] = car_intensity(traffic, car, face[ac, car], along[ac, car], h[cm] * tan_e[rc, 0] + LIDAR_HEIGHT)
+        inten[cm] = car_intensity(traffic, car, face[ac, car], along[ac, car], h[cm] * tan_r[cm] + LIDAR_HEIGHT)
     clean = np.clip(inten, 0.0, 1.0)
     inten = np.clip(inten + rng.normal(0.0, 0.02, size=inten.shape), 0.0, 1.0)
     pts[:, 3] = inten
     if track.look is not None:
         # weak returns (dark surfaces far away) fall below the detection threshold: lost more often
-        lost = track.look.cfg.lidar_weak_dropout * (1.0 - clean) * np.minimum(h / cos_e[ri, 0] / cfg.max_range, 1.0)
-        pts = pts[rng.random(len(pts)) >= lost]
+        lost = track.look.cfg.lidar_weak_dropout * (1.0 - clean) * np.minimum(h / cos_r / cfg.max_range, 1.0)
+        pts = np.compress(rng.random(len(pts)) >= lost, pts, axis=0)       # (a boolean index of rows is slow)
     return pts
 
 
@@ -250,7 +252,7 @@ def _shade_gap(track: Track, kind: np.ndarray, dist: np.ndarray, dirs: np.ndarra
     if cm.stop > cm.start:
         h_car, seen, table_bin, face_tab, along_tab, yaw_cars = cars
         pix = order[cm]
-        car = seen[np.argmin(h_car[pix], axis=1)]
+        car = seen[np.argmin(h_car.take(pix, axis=1), axis=0)]
         b = table_bin.take(pix)
         fwd = np.stack([np.cos(yaw_cars[car]), np.sin(yaw_cars[car])], 1)
         f = face_tab[b, car]
@@ -317,8 +319,10 @@ def render_camera(track: Track, x: float, y: float, yaw: float, cfg: CameraConfi
         tab_h, tab_face, tab_along = ray_boxes(origin, bin_dirs, poses, traffic)             # (nbins, M)
         seen = np.flatnonzero(np.isfinite(tab_h).any(axis=0))                              # (M',) cars in view
         if len(seen):
-            h_car = nearest_column(tab_h[:, seen][b], slope[:, None], cam_h, 0.0, traffic.height[seen])   # (P, M')
-            cands.append((CAR, h_car.min(axis=1)))
+            # car-major (M', P): the per-pixel min and argmin over a few cars are fast along the leading axis
+            h_car = nearest_column(tab_h[:, seen].T.take(b, axis=1), slope, cam_h, 0.0,
+                                   traffic.height[seen][:, None])                            # (M', P)
+            cands.append((CAR, h_car.min(axis=0)))
             cars = (h_car, seen, b, tab_face, tab_along, poses.yaw)
     kind, dist = nearest(cands)
     kind[np.isinf(dist)] = SKY

@@ -70,8 +70,19 @@ class VehicleState:
 def step(state: VehicleState, steer_cmd_deg: np.ndarray, speed_cmd: np.ndarray, dt: float,
          cfg: VehicleConfig) -> VehicleState:
     """One integration step of ``dt`` seconds for B cars: commands (B,) (or scalars) -> the new state."""
-    steer_cmd = np.clip(np.asarray(steer_cmd_deg, dtype=np.float64), -cfg.steer_max_deg, cfg.steer_max_deg)
-    v_cmd = np.clip(np.asarray(speed_cmd, dtype=np.float64), 0.0, cfg.v_max)
+    return _integrate(state, *_clipped_commands(steer_cmd_deg, speed_cmd, cfg), dt, cfg)
+
+
+def _clipped_commands(steer_cmd_deg: np.ndarray, speed_cmd: np.ndarray, cfg: VehicleConfig
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The commands as float64, clipped to the vehicle's limits: steering (B,) deg, speed (B,) m/s."""
+    return (np.clip(np.asarray(steer_cmd_deg, dtype=np.float64), -cfg.steer_max_deg, cfg.steer_max_deg),
+            np.clip(np.asarray(speed_cmd, dtype=np.float64), 0.0, cfg.v_max))
+
+
+def _integrate(state: VehicleState, steer_cmd: np.ndarray, v_cmd: np.ndarray, dt: float,
+               cfg: VehicleConfig) -> VehicleState:
+    """:func:`step` with commands already clipped (:func:`_clipped_commands`)."""
     max_change = cfg.steer_rate_max_deg_s * dt
     steer = np.clip(state.steer + np.clip(steer_cmd - state.steer, -max_change, max_change),
                     -cfg.steer_max_deg, cfg.steer_max_deg)
@@ -88,10 +99,12 @@ def step(state: VehicleState, steer_cmd_deg: np.ndarray, speed_cmd: np.ndarray, 
 
 def advance(state: VehicleState, steer_cmd_deg: np.ndarray, speed_cmd: np.ndarray, frame_dt: float,
             cfg: VehicleConfig) -> VehicleState:
-    """Hold the commands (B,) for one frame of ``frame_dt`` seconds: ``cfg.substeps`` steps of :func:`step`."""
+    """Hold the commands (B,) for one frame of ``frame_dt`` seconds: ``cfg.substeps`` steps of :func:`step`
+    (the commands are clipped once: the same for every step)."""
     n = max(1, int(cfg.substeps))
+    commands = _clipped_commands(steer_cmd_deg, speed_cmd, cfg)
     for _ in range(n):
-        state = step(state, steer_cmd_deg, speed_cmd, frame_dt / n, cfg)
+        state = _integrate(state, *commands, frame_dt / n, cfg)
     return state
 
 
