@@ -59,7 +59,14 @@ def test_epochs_to_reach_and_goals_from_made_up_results():
     assert table[(1, "kd")]["per_seed"] == pytest.approx([0.70, 0.71])
     assert "| 1 | kd | 2 | 0.7050 ± 0.0050 | 0.7000, 0.7100 |" in format_summary(table)
     met = {g["goal"].split(" ")[0] + str(i): g for i, g in enumerate(goals(table, results))}
-    assert [g["met"] for g in met.values()] == [True, False, False, True]  # 0.705 <= 0.8; success = teacher nan
+    # 0.705 <= 0.8; KD 0.5 < BC 0.5 + 0.15; KD at 1 track 0.5 >= BC at 2 0.5; no teacher to reach 80 % of
+    assert [g["met"] for g in met.values()] == [True, False, True, False, True]
+    assert "KD 1 0.50 vs BC 2 0.50" in list(met.values())[2]["value"]
+    no_laps = {k: {**e, "success": (0.0, 0.0, 2)} if k[1] == "bc" else e for k, e in table.items()}
+    assert goals(no_laps, results)[1]["met"] and "BC completes no lap" in goals(no_laps, results)[1]["value"]
+    reaches = lambda ts: goals({**table, (0, "teacher"): {**table[(1, "kd")], "success": (ts, 0.0, 1)}},  # noqa: E731
+                               results)[3]["met"]
+    assert reaches(0.6) and not reaches(0.9)                    # KD 0.5: >= 0.8 x 0.6, not >= 0.8 x 0.9
     assert "4/4 pairs reach it; median fraction 0.50" in list(met.values())[-1]["value"]
     better = lambda ts, tp: [g for g in goals({**table, (0, "teacher"): {**table[(1, "kd")], "success": (ts, 0.0, 1),  # noqa: E731
                                                                    "progress": (tp, 0.0, 1)}}, results)
