@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -14,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.utils.data import Dataset, get_worker_info
 
 from e2r.data.sampler import EpochBatchSampler, training_sampler
+from tests.fixtures import free_port, run_ranks
 
 N, BATCH, WORLD, SEED = 17, 4, 2, 7      # 17 = 2 * (2 * 4) + 1: the last step has fewer samples than ranks
 
@@ -227,20 +225,8 @@ def _reference(plans: list[list[list[list[int]]]]) -> tuple[list[float], list[to
     return losses, [p.detach().clone() for p in model.parameters()], valid
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_two_workers_read_every_key_once_and_train_on_exact_means(tmp_path):
-    procs = mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("the gloo ranks did not finish in 120 s")
+    run_ranks(_rank_main, (free_port(), str(tmp_path)), nprocs=WORLD, timeout_s=120)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     reads = Counter()
     for log in Path(tmp_path).glob("reads-*.log"):
@@ -280,7 +266,7 @@ def test_the_group_is_left_after_what_the_body_built_is_freed(monkeypatch):
     import e2r.runtime as runtime
 
     def one_rank_group(device_name):
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         return runtime.DistContext(True, 0, 1, 0)
 
     refs, alive_at_destroy, destroy = [], [], dist.destroy_process_group

@@ -7,12 +7,9 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import e2r.workflow.trainer as trainer_module
 from e2r.checkpoints import load_checkpoint
@@ -20,7 +17,7 @@ from e2r.errors import ConfigError
 from e2r.sim.world import generate_dataset
 from e2r.workflow.train import train_teacher as run_train_teacher
 from pipelines import train_student, train_teacher
-from tests.fixtures import write_tiny_dataset
+from tests.fixtures import free_port, run_ranks, write_tiny_dataset
 
 #: 2 train segments of 8 frames, windows of 3 frames every 2: 6 windows, 6 batches of 1 per epoch; the flips
 #: draw from the global RNG, which each validation's loader also draws from
@@ -130,12 +127,6 @@ def test_student_selects_by_driving_every_k_steps(tmp_path, capsys):
     assert kept["history"][-1]["steps"] == state["history"][scores.index(min(scores))]["steps"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ddp_rank(rank: int, ports: tuple[int, int], root: str, out: str) -> None:
     """One torchrun-like rank: a run validated every 2 steps (the checkpoint of its first, mid-epoch validation
     copied aside: what a kill then would leave), then a run resumed from that copy; writes what it saw."""
@@ -164,14 +155,7 @@ def _ddp_rank(rank: int, ports: tuple[int, int], root: str, out: str) -> None:
 def test_two_gloo_ranks_validate_together_and_resume_mid_epoch(data_root, tmp_path):
     """Every rank validates at the same steps and sees the same history; only rank 0 writes; a resume from
     the checkpoint of a mid-epoch validation gives the same history (6 windows, 2 ranks: 3 steps per epoch)."""
-    procs = mp.spawn(_ddp_rank, args=((_free_port(), _free_port()), str(data_root), str(tmp_path)), nprocs=2,
-                     join=False)
-    deadline = time.monotonic() + 180
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("the gloo ranks did not finish in 180 s")
+    run_ranks(_ddp_rank, ((free_port(), free_port()), str(data_root), str(tmp_path)), nprocs=2, timeout_s=180)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert got[1]["written"] == [] and got[0]["written"]
     killed = load_checkpoint(tmp_path / "ddp_killed.pt")
