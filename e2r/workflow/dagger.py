@@ -40,6 +40,7 @@ against round and against camera frames used) are rewritten after every round.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -385,8 +386,10 @@ def run_dagger(cfg: DaggerConfig, log: Callable[[str], None] = print) -> dict[st
                      "disagreement": _round_disagreement(cfg, split),
                      "label_frames_per_s": state["label_frames_per_s"], "train_loss": state["train_loss"],
                      "seconds": state.get("seconds", float("nan"))})
+        speed = state["label_frames_per_s"]      # NaN: the expert's labels were recorded, nothing was exported
+        labelled = "expert labels" if math.isnan(speed) else f"labelled at {speed:.0f} frames/s"
         log(f"   round {r}: success {state['eval']['success']:.0%}, progress {state['eval']['progress']:.3f} "
-            f"({state['recorded_frames']} frames recorded, labelled at {state['label_frames_per_s']:.0f} frames/s)")
+            f"({state['recorded_frames']} frames recorded, {labelled})")
         _report(cfg, rows)
     return {"rounds": rows, "student": student, "csv_path": str(out / "dagger.csv"),
             "plot_path": str(out / "dagger.png")}
