@@ -5,10 +5,12 @@ an interrupted study.
     python -m pipelines.study --out runs/study                       # the full grid (hours on 2 CPU cores)
     python -m pipelines.study --out runs/study --seeds 0 --budgets 1 4 --ablations    # a smaller grid
     python -m pipelines.study --out runs/study --report_only         # re-write the report from what finished
+    python -m pipelines.study --out runs/study2 --teacher_ckpt T.pt  # the grid with a given teacher
 
 What it runs (e2r.workflow.study): the synthetic world with the sensor gap (--camera_tracks paired
 LiDAR+camera training tracks, --lidar_only_tracks more recorded by the LiDAR only, --valid_tracks and
---test_tracks held out, both driving directions) -> the tiny LiDAR teacher on every LiDAR track -> the
+--test_tracks held out, both driving directions) -> the tiny LiDAR teacher on every LiDAR track (or the
+--teacher_ckpt given, e.g. one made better by pipelines.dagger --learner teacher) -> the
 memorybank of its outputs (with dense BEV features and LiDAR depth targets when a variant needs them) -> per
 seed, camera budget (the first B camera tracks) and variant (bc and kd_all: BC + teacher actions, bev_vec,
 GRU state, dense BEV features and LiDAR depth; the ablations kd, kd_action, kd_state, kd_dense, kd_depth at

@@ -126,6 +126,28 @@ def test_study_end_to_end_resumes_and_refuses_changed_settings(tmp_path, capsys)
     assert json.loads((out / "study.json").read_text())["settings"]["student_epochs"] == 2
     assert np.isfinite(float(rows[0]["overall_weighted_mse"]))
 
+    # a given teacher (--teacher_ckpt): copied in byte for byte, not trained, evaluated, and it labels the store
+    given = out / "teacher" / "teacher.pt"
+    one = TINY[:TINY.index("--budgets")] + ["--budgets", "1", "--seeds", "0", "--variants", "kd"] + \
+        TINY[TINY.index("--ablations"):]
+    out2 = tmp_path / "given"
+    assert study.main(["--out", str(out2), "--data_root", str(out / "data"), "--teacher_ckpt", str(given), *one]) == 0
+    text = capsys.readouterr().out
+    assert "teacher: given" in text and "training on every LiDAR" not in text
+    assert (out2 / "teacher" / "teacher.pt").read_bytes() == given.read_bytes()
+    teacher2 = read_results(out2)["teacher"]
+    assert teacher2["given"] == str(given) and teacher2["valid_losses"] == []
+    assert teacher2["test"] == units["teacher"]["test"]
+    assert json.loads((out2 / "study.json").read_text())["settings"]["teacher_ckpt"] == str(given)
+    assert [u["name"] for u in read_results(out2)["units"]] == ["kd-b1-s0"] and (out2 / "memorybank.zarr").is_dir()
+    # a teacher whose head is not the study's is refused before anything is written
+    out3 = tmp_path / "wrong_head"
+    assert study.main(["--out", str(out3), "--data_root", str(out / "data"), "--teacher_ckpt", str(given),
+                       "--residual_actions", "all", *one]) == 1
+    assert "--residual_actions scene" in capsys.readouterr().err and not out3.exists()
+    assert study.main(["--out", str(out3), "--teacher_ckpt", str(tmp_path), *one]) == 1
+    assert "not a regular file" in capsys.readouterr().err
+
 
 def test_a_study_unit_trains_what_the_plain_command_trains(tmp_path):
     """The study's training run of a unit is exactly the printed ``pipelines.train_student`` command: the

@@ -2,7 +2,7 @@
 save? One call runs the whole grid, resumably (``python -m pipelines.study`` is its command line):
 
     world (reused if identical) -> teacher (trained on every LiDAR track: the paired train tracks and the
-    LiDAR-only ones) -> teacher offline + closed loop on the held-out test tracks -> memorybank export ->
+    LiDAR-only ones; or a given checkpoint, ``--teacher_ckpt``) -> teacher offline + closed loop on the held-out test tracks -> memorybank export ->
     for each seed, camera budget (the first ``b`` paired train tracks) and variant: a student trained with
     the same budget, evaluated offline and in closed loop on the same held-out tracks -> report
     (``e2r.workflow.study_report``: CSV, mean +- std table, plot, goals).
@@ -22,12 +22,14 @@ records them; use a new ``--out``.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from e2r.atomic import make_dirs, write_text_atomic
+from e2r.atomic import make_dirs, replacing, write_text_atomic
+from e2r.checkpoints import checkpoint_path
 from e2r.cli_config import device_option, option
 from e2r.errors import ConfigError, check_probability
 from e2r.models.policy import RESIDUAL_MODES
@@ -38,6 +40,7 @@ from e2r.workflow.configs import (StudentEvalConfig, StudentTrainConfig, Teacher
 from e2r.workflow.evaluate import evaluate_student, evaluate_teacher
 from e2r.workflow.export_config import ExportConfig
 from e2r.workflow.export_run import export_memorybank, print_export_summary
+from e2r.workflow.kd_data import teacher_config_of_checkpoint
 from e2r.workflow.train import train_student, train_teacher
 
 __all__ = ["StudyConfig", "VARIANTS", "StudyUnit", "plan_units", "run_study", "camera_train_segments",
@@ -60,7 +63,7 @@ CHECKPOINT_EVERY = 100      # batches between mid-epoch training states
 _FIXED = ("camera_tracks", "lidar_only_tracks", "valid_tracks", "test_tracks", "frames", "world_seed",
           "appearance", "teacher_epochs", "teacher_stride", "student_epochs", "student_steps",
           "student_warmup_steps", "hflip_prob", "starts", "time_limit",
-          "residual_actions")
+          "residual_actions", "teacher_ckpt")
 
 
 #: the sections of ``pipelines.study --help``
@@ -99,7 +102,11 @@ class StudyConfig:
                                        "--ablations with no value)")
     ablation_budgets: list[int] = option(default_factory=lambda: [1], group=GRID,
                                          help="budgets the ablations run at (default %(default)s)")
-    teacher_epochs: int = option(6, group=GRID, help="default %(default)s")
+    teacher_ckpt: Optional[str] = option(
+        None, group=GRID, help="use this teacher (a path or released:NAME) instead of training one: it is copied into "
+                               "<out>/teacher, evaluated like a trained one, and labels the memorybank; its head must "
+                               "be --residual_actions (default: train the teacher on every LiDAR track)")
+    teacher_epochs: int = option(6, group=GRID, help="default %(default)s (unused with --teacher_ckpt)")
     teacher_stride: int = option(2, group=GRID, help="frames between the teacher's training windows (default "
                                                      "%(default)s)")
     student_epochs: int = option(6, group=GRID, help="default %(default)s")
@@ -230,12 +237,13 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict[str,
     """Run (or finish) the study; returns ``{"teacher": result, "units": [result, ...], "out"}``."""
     cfg.check()
     out = Path(cfg.out)
+    given = _given_teacher(cfg)
     make_dirs(out)
     _check_settings(cfg, out)
     log(f"== world: {cfg.camera_tracks} camera + {cfg.lidar_only_tracks} LiDAR-only training tracks, "
         f"{cfg.valid_tracks} valid, {cfg.test_tracks} test, {cfg.frames} frames each ({cfg.appearance})")
     made = ensure_dataset(cfg.data_dir, cfg.world(), progress=not cfg.no_progress)
-    teacher = _teacher_unit(cfg, out / "teacher", log)
+    teacher = _teacher_unit(cfg, out / "teacher", given, log)
     store = out / "memorybank.zarr"
     _export_unit(cfg, out / "export", store, teacher["checkpoint"], log)
     units = plan_units(cfg)
@@ -269,7 +277,25 @@ def _resumable(last: Path, log: Callable[[str], None]) -> Optional[str]:
     return str(last)
 
 
-def _teacher_unit(cfg: StudyConfig, folder: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def _given_teacher(cfg: StudyConfig) -> Optional[Path]:
+    """The file ``--teacher_ckpt`` names (None without it); ConfigError when it is not a regular file or its
+    head is not ``--residual_actions`` (the students follow the teacher's head)."""
+    if cfg.teacher_ckpt is None:
+        return None
+    path = checkpoint_path(cfg.teacher_ckpt)
+    if not path.is_file():
+        raise ConfigError(f"--teacher_ckpt {cfg.teacher_ckpt}: not a regular file")
+    head = teacher_config_of_checkpoint(str(path)).residual_actions
+    if head != cfg.residual_actions:
+        raise ConfigError(f"--teacher_ckpt {cfg.teacher_ckpt}: its head is residual_actions={head!r}, the study's "
+                          f"--residual_actions is {cfg.residual_actions!r}: give --residual_actions {head}")
+    return path
+
+
+def _teacher_unit(cfg: StudyConfig, folder: Path, given: Optional[Path],
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """The study's teacher: trained on every LiDAR training track, or the ``given`` checkpoint copied in;
+    then evaluated offline and in closed loop on the test tracks."""
     done = _done(folder)
     ckpt = folder / "teacher.pt"
     if done is not None:
@@ -277,21 +303,28 @@ def _teacher_unit(cfg: StudyConfig, folder: Path, log: Callable[[str], None]) ->
         return done
     make_dirs(folder)
     t0 = time.perf_counter()
-    log(f"== teacher: training on every LiDAR training track, {cfg.teacher_epochs} epochs, windows every "
-        f"{cfg.teacher_stride} frames")
-    last = folder / "teacher_last.pt"
-    trained = train_teacher(TeacherTrainConfig(
-        data_root=cfg.data_dir, preset="tiny", epochs=cfg.teacher_epochs, stride=cfg.teacher_stride,
-        seed=cfg.world_seed, device=cfg.device, save_path=str(ckpt), checkpoint_path=str(last),
-        checkpoint_every_steps=CHECKPOINT_EVERY, resume_path=_resumable(last, log),
-        residual_actions=cfg.residual_actions, hflip_prob=cfg.hflip_prob, no_progress=cfg.no_progress))
+    if given is not None:
+        log(f"== teacher: given ({cfg.teacher_ckpt}), copied to {ckpt}")
+        with replacing(ckpt) as tmp:
+            shutil.copyfile(given, tmp)
+        valid_losses = []
+    else:
+        log(f"== teacher: training on every LiDAR training track, {cfg.teacher_epochs} epochs, windows every "
+            f"{cfg.teacher_stride} frames")
+        last = folder / "teacher_last.pt"
+        trained = train_teacher(TeacherTrainConfig(
+            data_root=cfg.data_dir, preset="tiny", epochs=cfg.teacher_epochs, stride=cfg.teacher_stride,
+            seed=cfg.world_seed, device=cfg.device, save_path=str(ckpt), checkpoint_path=str(last),
+            checkpoint_every_steps=CHECKPOINT_EVERY, resume_path=_resumable(last, log),
+            residual_actions=cfg.residual_actions, hflip_prob=cfg.hflip_prob, no_progress=cfg.no_progress))
+        valid_losses = [h["valid_loss"] for h in trained["history"]]
     ev = evaluate_teacher(TeacherEvalConfig(data_root=cfg.data_dir, split="test", teacher_ckpt=str(ckpt),
                                             device=cfg.device, csv_path=str(folder / "eval_test.csv"),
                                             no_progress=cfg.no_progress))
     log(f"   teacher test overall {ev['results']['teacher']['overall_weighted_mse']:.4f}; closed loop ...")
     rows = _drive_rows(cfg, ["expert", "constant", f"train_mean={ckpt}", f"teacher={ckpt}"],
                        folder / "drive_test.csv")
-    result = {"name": "teacher", "checkpoint": str(ckpt), "valid_losses": [h["valid_loss"] for h in trained["history"]],
+    result = {"name": "teacher", "checkpoint": str(ckpt), "given": cfg.teacher_ckpt, "valid_losses": valid_losses,
               "test": ev["results"]["teacher"], "baselines": {k: v for k, v in ev["results"].items() if k != "teacher"},
               "per_segment": ev["per_segment"], "closed_loop": rows, "seconds": round(time.perf_counter() - t0, 1)}
     _write_result(folder, result)
