@@ -2,7 +2,8 @@
 save? One call runs the whole grid, resumably (``python -m pipelines.study`` is its command line):
 
     world (reused if identical) -> teacher (trained on every LiDAR track: the paired train tracks and the
-    LiDAR-only ones; or a given checkpoint, ``--teacher_ckpt``) -> teacher offline + closed loop on the held-out test tracks -> memorybank export ->
+    LiDAR-only ones; or a given checkpoint, ``--teacher_ckpt``) -> teacher offline + closed loop on the
+    held-out test tracks -> memorybank export ->
     for each seed, camera budget (the first ``b`` paired train tracks) and variant: a student trained with
     the same budget, evaluated offline and in closed loop on the same held-out tracks -> report
     (``e2r.workflow.study_report``: CSV, mean +- std table, plot, goals).
