@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shlex
 
 import numpy as np
@@ -145,8 +146,12 @@ def test_study_end_to_end_resumes_and_refuses_changed_settings(tmp_path, capsys)
     assert study.main(["--out", str(out3), "--data_root", str(out / "data"), "--teacher_ckpt", str(given),
                        "--residual_actions", "all", *one]) == 1
     assert "--residual_actions scene" in capsys.readouterr().err and not out3.exists()
-    assert study.main(["--out", str(out3), "--teacher_ckpt", str(tmp_path), *one]) == 1
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    assert study.main(["--out", str(out3), "--teacher_ckpt", str(fifo), *one]) == 1
     assert "not a regular file" in capsys.readouterr().err
+    assert study.main(["--out", str(out3), "--teacher_ckpt", str(tmp_path), *one]) == 1
+    assert "--teacher_ckpt: checkpoint" in capsys.readouterr().err and not out3.exists()
 
 
 def test_a_study_unit_trains_what_the_plain_command_trains(tmp_path):

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 from e2r.atomic import make_dirs, replacing, write_text_atomic
 from e2r.checkpoints import checkpoint_path
 from e2r.cli_config import device_option, option
-from e2r.errors import ConfigError, check_probability
+from e2r.errors import CheckpointError, ConfigError, check_probability
 from e2r.models.policy import RESIDUAL_MODES
 from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.world import SyntheticConfig, ensure_dataset
@@ -279,14 +279,16 @@ def _resumable(last: Path, log: Callable[[str], None]) -> Optional[str]:
 
 
 def _given_teacher(cfg: StudyConfig) -> Optional[Path]:
-    """The file ``--teacher_ckpt`` names (None without it); ConfigError when it is not a regular file or its
-    head is not ``--residual_actions`` (the students follow the teacher's head)."""
+    """The file ``--teacher_ckpt`` names (None without it); ConfigError when it is no readable teacher
+    checkpoint (`e2r.checkpoints.load_checkpoint`'s checks) or its head is not ``--residual_actions`` (the
+    students follow the teacher's head)."""
     if cfg.teacher_ckpt is None:
         return None
     path = checkpoint_path(cfg.teacher_ckpt)
-    if not path.is_file():
-        raise ConfigError(f"--teacher_ckpt {cfg.teacher_ckpt}: not a regular file")
-    head = teacher_config_of_checkpoint(str(path)).residual_actions
+    try:
+        head = teacher_config_of_checkpoint(str(path)).residual_actions
+    except CheckpointError as e:
+        raise ConfigError(f"--teacher_ckpt: {e}") from None
     if head != cfg.residual_actions:
         raise ConfigError(f"--teacher_ckpt {cfg.teacher_ckpt}: its head is residual_actions={head!r}, the study's "
                           f"--residual_actions is {cfg.residual_actions!r}: give --residual_actions {head}")
