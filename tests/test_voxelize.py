@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from e2r.models.voxelize import grid_shape, point_cells, voxelize
+from e2r.models.voxelize import _stable_argsort, grid_shape, point_cells, voxelize
 
 RANGE = (0.0, -4.0, -3.0, 8.0, 4.0, 1.0)
 VOXEL = (1.0, 1.0, 4.0)          # 8 x 8 x 1 grid
@@ -108,3 +108,40 @@ def test_bad_input_is_refused():
         voxelize([torch.zeros(3, 4), torch.zeros(3, 5)], RANGE, VOXEL, 4, 4)
     with pytest.raises(ValueError, match="at least one"):
         voxelize([], RANGE, VOXEL, 4, 4)
+
+
+def test_large_grid_sorts_with_torch_and_matches_reference():
+    """Cell ids beyond 2**16 (here 5 x 128 x 128) take torch's sort, not numpy's uint16 radix sort."""
+    gen = torch.Generator().manual_seed(7)
+    pc_range, voxel = (0.0, -4.0, -3.0, 8.0, 4.0, 1.0), (1 / 16, 1 / 16, 4.0)
+    clouds = [random_cloud(n, gen) for n in (300, 0, 250, 280, 120)]
+    got = voxelize(clouds, pc_range, voxel, 3, 200)
+    ref_p, ref_c, ref_n = reference_voxelize(clouds, pc_range, voxel, 3, 200)
+    assert len(clouds) * 128 * 128 > 2 ** 16
+    assert torch.equal(got.coords, ref_c) and torch.equal(got.counts, ref_n) and torch.equal(got.pillars, ref_p)
+
+
+@pytest.mark.parametrize("bound", [2, 300, 2 ** 16, 2 ** 16 + 1, 2 ** 20])
+def test_stable_argsort_is_torch_stable_sort(bound):
+    """Both backends (numpy's radix sort of uint16 keys, torch.sort) give torch's stable order, ties included."""
+    gen = torch.Generator().manual_seed(bound)
+    for dtype in (torch.int32, torch.int64):
+        keys = torch.randint(0, bound, (5000,), generator=gen).to(dtype)
+        keys[:3] = bound - 1
+        got = _stable_argsort(keys, bound)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, torch.sort(keys, stable=True)[1])
+
+
+def test_inside_bounds_exactly():
+    """inside is 0 <= (p - lo) / voxel < cells on every axis: the lower bound kept, the upper one and the
+    float just below it as computed, NaN and infinities out."""
+    below = torch.nextafter(torch.tensor(8.0), torch.tensor(0.0)).item()
+    xyz = torch.tensor([[0.0, -4.0, -3.0], [8.0, 0.0, 0.0], [below, 0.0, 0.0], [0.0, 4.0, 0.0],
+                        [0.0, 0.0, 1.0], [-1e-7, 0.0, 0.0], [float("nan"), 0.0, 0.0], [float("inf"), 0.0, 0.0],
+                        [0.0, float("-inf"), 0.0], [1.0, 2.0, float("nan")]])
+    cells, inside = point_cells(xyz, RANGE, VOXEL)
+    expect = [all(0 <= math.floor((p[i] - RANGE[i]) / VOXEL[i]) < n for i, n in enumerate((8, 8, 1)))
+              if all(math.isfinite(v) for v in p) else False for p in xyz.tolist()]
+    assert inside.tolist() == expect == [True, False, True, False, False, False, False, False, False, False]
+    assert cells[2].tolist() == [7, 4, 0]
