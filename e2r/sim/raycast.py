@@ -76,7 +76,7 @@ def barrels_along(track: Track, origin: np.ndarray, dirs: np.ndarray, max_range:
         sel &= w @ forward > -1.0
     ids = np.nonzero(sel)[0]
     w = w[ids]
-    proj = dirs @ w.T                                           # (A, B')
+    near = None
     if fov is not None and len(ids):
         yaw, lo, hi = fov
         d = np.hypot(w[:, 0], w[:, 1])
@@ -84,6 +84,10 @@ def barrels_along(track: Track, origin: np.ndarray, dirs: np.ndarray, max_range:
         bearing = wrap_angle(np.arctan2(w[:, 1], w[:, 0]) - yaw)
         half = np.arcsin(np.minimum(r / np.maximum(d, 1e-9), 1.0)) + 0.02        # + a margin for rounding
         near = (d <= r + 0.05) | ((bearing + half >= lo) & (bearing - half <= hi))
+        if not near.any():                      # none in view: no ray to cast (what the cast below gives)
+            return np.full((len(dirs), 0), np.inf), ids[:0]
+    proj = dirs @ w.T                                           # (A, B') (all of them: the same products)
+    if near is not None:
         ids, w, proj = ids[near], w[near], proj[:, near]
     perp2 = (w ** 2).sum(1)[None] - proj ** 2
     disc = track.obs_radius[ids][None] ** 2 - perp2
