@@ -53,7 +53,7 @@ class PillarFeatureNet(nn.Module):
         torch.sub(xyz[..., :2], centre[:, None, :], out=feats[..., F_ + 3:])
         feats *= mask
         x = self.linear(feats)                                                                  # (P, M, C)
-        x = torch.relu(self.norm(x.reshape(P * M, -1)).reshape(P, M, -1))
+        x = self.norm(x.reshape(P * M, -1)).relu_().reshape(P, M, -1)     # in place on BatchNorm's fresh output
         # the max over each pillar's points: relu's outputs are >= 0 and every pillar has >= 1 point, so zeroing
         # the empty slots leaves it unchanged; taken over the leading dim of (M, P, C), as a reduction over the
         # middle dim is several times slower on the CPU (the values are the same; a gradient is shared between
