@@ -58,7 +58,7 @@ def prepare(d: str, tracks: int, frames: int, workers: int) -> tuple[str, str]:
     data, teacher, store = (os.path.join(d, x) for x in ("data", "teacher.pt", "mb.zarr"))
     if not os.path.exists(os.path.join(data, "synthetic_dataset.json")):
         print(f"making the world ({tracks} tracks x {frames} frames) ...", flush=True)
-        run(["pipelines.make_dataset", "--out", data, "--tracks", str(tracks), "--frames", str(frames), "--quiet",
+        run(["pipelines.make_dataset", "--out", data, "--tracks", str(tracks), "--frames", str(frames), "--no_progress",
              "--overwrite"])
     if not os.path.exists(teacher):
         print("training the tiny teacher (1 epoch) ...", flush=True)

@@ -35,7 +35,7 @@ def prepare(d: str, train_tracks: int, frames: int) -> tuple[str, str]:
     if not os.path.exists(os.path.join(data, "synthetic_dataset.json")):
         print(f"making the world ({train_tracks} paired train tracks x {frames} frames) ...", flush=True)
         run(["pipelines.make_dataset", "--out", data, "--train_tracks", str(train_tracks), "--valid_tracks", "2",
-             "--test_tracks", "4", "--frames", str(frames), "--seed", "0", "--quiet", "--overwrite"])
+             "--test_tracks", "4", "--frames", str(frames), "--seed", "0", "--no_progress", "--overwrite"])
     if not os.path.exists(teacher):
         print("training a teacher for its architecture (scene head, 1 epoch on one track) ...", flush=True)
         run(["pipelines.train_teacher", "--data_root", data, "--train_segments", "segment_0000", "--epochs", "1",

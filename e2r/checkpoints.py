@@ -54,8 +54,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], kind: str) -> Path:
         if required not in state:
             raise CheckpointError(f"{path}: refusing to save a checkpoint without {required!r}")
     path = Path(path)
-    with replacing(path) as tmp:
-        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, **state}, tmp)
+    with replacing(path) as tmp, open(tmp, "wb") as f:   # a file object: the archive's inner folder is named
+        # "archive", not after the temporary file, so the same state always gives the same bytes
+        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, **state}, f)
     return path
 
 

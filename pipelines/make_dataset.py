@@ -86,7 +86,7 @@ class MakeDatasetArgs:
         CameraRecording.only_drives, metavar="N",
         help="N more camera-only drives per train track (paired and LiDAR-only tracks), segment_NNNN_dK, in "
              "--camera_root (or --out); default %(default)s")
-    quiet: bool = option(False, help="no progress bar")
+    no_progress: bool = option(False, help="no progress bar")
 
 
 #: the run config: one flag per field
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         rec = CameraRecording(args.camera_root, args.camera_rate_hz, args.camera_offset_ms, args.camera_only_drives)
         summary = generate_recording(args.out, cfg, rec, workers=args.workers, overwrite=args.overwrite,
-                                     progress=not args.quiet)
+                                     progress=not args.no_progress)
         preview = write_preview(args.out, args.preview) if args.preview else None
     except (ValueError, FileExistsError, NotADirectoryError, FileNotFoundError, RuntimeError) as e:
         print(f"make_dataset: error: {e}", file=sys.stderr)

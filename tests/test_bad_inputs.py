@@ -491,7 +491,7 @@ def test_make_dataset_image_size_beyond_the_readers_limit_is_a_clear_error(tmp_p
     from pipelines import make_dataset
 
     with pytest.raises(SystemExit) as e:                   # refused by the flag's parser (e2r.cli_config.image_size)
-        make_dataset.main(["--out", str(tmp_path / "d"), "--image_size", "100000x100000", "--quiet"])
+        make_dataset.main(["--out", str(tmp_path / "d"), "--image_size", "100000x100000", "--no_progress"])
     assert e.value.code == 2
     assert "--image_size 100000x100000: at most 16384 pixels per side" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()

@@ -145,7 +145,7 @@ def test_camera_only_drives_beside_paired_segments_are_checked_as_camera(tmp_pat
 
     root = tmp_path / "w"
     assert make(["--out", str(root), "--tracks", "3", "--frames", "8", "--image_size", "32x16",
-                 "--camera_only_drives", "1", "--quiet"]) == 0
+                 "--camera_only_drives", "1", "--no_progress"]) == 0
     drives = sorted(p.name for p in (root / "train").iterdir() if p.name.endswith("_d1"))
     assert drives
     code, out = run(capsys, root, "--splits", "train", "--image_size", "32x16")

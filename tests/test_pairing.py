@@ -28,7 +28,7 @@ from tests.kd_fixtures import fake_rows, write_bank
 
 SEQ = 3
 WORLD = ["--train_tracks", "1", "--valid_tracks", "1", "--test_tracks", "1", "--frames", "12",
-         "--image_size", "32x16", "--workers", "1", "--quiet"]
+         "--image_size", "32x16", "--workers", "1", "--no_progress"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_camera_root_has_the_camera_times_and_out_is_lidar_only(world):
 
 def test_camera_at_20hz_without_offset_is_the_paired_world(tmp_path):
     small = ["--train_tracks", "1", "--valid_tracks", "1", "--test_tracks", "1", "--frames", "5",
-             "--image_size", "32x16", "--workers", "1", "--quiet"]
+             "--image_size", "32x16", "--workers", "1", "--no_progress"]
     assert make_dataset.main(["--out", str(tmp_path / "paired"), *small]) == 0
     assert make_dataset.main(["--out", str(tmp_path / "l"), "--camera_root", str(tmp_path / "c"), *small]) == 0
     seg = Path("train/segment_0000")
@@ -202,7 +202,7 @@ def test_camera_only_drives_have_own_names_the_tracks_fingerprint_and_no_store_k
 def test_camera_only_drives_without_camera_root_sit_beside_the_paired_segments(tmp_path):
     out = tmp_path / "w"
     assert make_dataset.main(["--out", str(out), "--camera_only_drives", "2", "--lidar_only_tracks", "1",
-                              *WORLD[:6], "--frames", "5", "--image_size", "32x16", "--workers", "1", "--quiet"]) == 0
+                              *WORLD[:6], "--frames", "5", "--image_size", "32x16", "--workers", "1", "--no_progress"]) == 0
     names = sorted(p.name for p in (out / "train").iterdir())
     assert names == ["segment_0000", "segment_0000_d1", "segment_0000_d2", "segment_0003", "segment_0003_d1",
                      "segment_0003_d2"]                      # paired and LiDAR-only train tracks both get drives

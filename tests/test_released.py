@@ -171,6 +171,17 @@ def test_compact_checkpoint_rounds_large_tensors_only(tmp_path):
         compact_checkpoint(tmp_path / "big.pt", tmp_path / "c2.pt")
 
 
+def test_compacting_a_checkpoint_again_gives_the_same_bytes(tmp_path):
+    """A released file is reproducible from its source: the bytes do not depend on the temporary file name
+    the atomic write used, nor on where the copy is written."""
+    cfg = TeacherConfig.preset_named("tiny")
+    src = save_checkpoint(tmp_path / "t.pt", {"model": LiDARBEVTeacher(cfg).state_dict(), "config": cfg.to_dict()},
+                          kind="teacher")
+    first = compact_checkpoint(src, tmp_path / "a.pt")
+    second = compact_checkpoint(src, tmp_path / "sub" / "other_name.pt")
+    assert first.read_bytes() == second.read_bytes()
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def test_list_released_names_each_model_its_results_and_how_it_was_made(capsys):
     assert drive_main(["--list_released"]) == 0                     # no --data_root needed

@@ -205,7 +205,7 @@ def test_lidar_only_tracks_determinism_and_datasets(tmp_path):
 def test_preview_of_gap_and_lidar_only_segments(tmp_path):
     out = tmp_path / "w"
     args = ["--out", str(out), "--train_tracks", "1", "--valid_tracks", "1", "--test_tracks", "2",
-            "--lidar_only_tracks", "1", "--frames", "2", "--image_size", "64x32", "--workers", "1", "--quiet",
+            "--lidar_only_tracks", "1", "--frames", "2", "--image_size", "64x32", "--workers", "1", "--no_progress",
             "--preview", str(tmp_path / "pv.png")]
     assert make_dataset_main(args) == 0
     made = json.loads((out / MARKER).read_text())

@@ -221,7 +221,7 @@ def test_refuses_to_overwrite(tmp_path, capsys):
         generate_dataset(out, tracks=3, frames=1, image_size=(32, 16), workers=1, progress=False, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"
     ds = tmp_path / "ds2"
-    args = ["--out", str(ds), "--tracks", "3", "--frames", "2", "--image_size", "32x16", "--workers", "1", "--quiet"]
+    args = ["--out", str(ds), "--tracks", "3", "--frames", "2", "--image_size", "32x16", "--workers", "1", "--no_progress"]
     assert make_dataset_main(args) == 0
     assert make_dataset_main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
