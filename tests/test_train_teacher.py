@@ -235,6 +235,31 @@ def test_residual_actions_steering_predicts_the_speed_command_outright(data_root
     assert not torch.allclose(c - a, torch.full_like(a, 5.0), atol=0.5)
 
 
+def test_scene_only_head_reads_neither_the_previous_steering_nor_the_measured_speed(data_root, tmp_path):
+    """``--residual_actions scene_only``: both commands come from the frames; changing the speed or the steering
+    input changes nothing, where the ``scene`` head's speed command does move with the speed input. A student
+    made for this teacher gets the same head."""
+    from e2r.models.student import CameraBEVStudent
+    from e2r.models.student_config import StudentConfig
+    from e2r.models.teacher import TeacherConfig, load_teacher
+
+    _train(data_root, tmp_path, "--epochs", "1", "--residual_actions", "scene_only", "--save_path", str(tmp_path / "o.pt"))
+    model, ckpt = load_teacher(tmp_path / "o.pt")
+    assert ckpt["config"]["residual_actions"] == "scene_only" and not model.uses_speed_input
+    b = collate_lidar_items([LidarSequenceDataset(data_root, "valid", 3, 2)[0]])
+    with torch.no_grad():
+        a = model(b["points"], b["speed"], b["steering"])
+        assert torch.equal(a, model(b["points"], b["speed"] + 5.0, b["steering"] - 9.0))
+    _train(data_root, tmp_path, "--epochs", "1", "--residual_actions", "scene", "--save_path", str(tmp_path / "s.pt"))
+    scene, _ = load_teacher(tmp_path / "s.pt")
+    assert scene.uses_speed_input
+    with torch.no_grad():
+        assert not torch.equal(scene(b["points"], b["speed"], b["steering"])[..., 1],
+                               scene(b["points"], b["speed"] + 5.0, b["steering"])[..., 1])
+    student = CameraBEVStudent(StudentConfig.from_teacher(TeacherConfig.from_dict(ckpt["config"]), preset="tiny"))
+    assert not student.uses_speed_input and not student.uses_steering_input
+
+
 def test_hflip_mirrors_chosen_windows_and_the_teacher_trains_on_them(data_root, tmp_path):
     """hflip_lidar: flipped windows get y and steering negated (speed kept), the others and the inputs are
     untouched, twice is the identity; the teacher's training step with --hflip_prob 1 is the loss of the

@@ -22,7 +22,8 @@ STEER, SPEED = 0, 1  # action columns: [wheel_angle (deg), velocity (m/s)]
 STEER_RATE_GAIN = 20.0  # scales the per-step steering change (normalised units) to order 1
 
 
-RESIDUAL_MODES = {"all": (1.0, 1.0), "steering": (1.0, 0.0), "none": (0.0, 0.0), "scene": (0.0, 0.0)}
+RESIDUAL_MODES = {"all": (1.0, 1.0), "steering": (1.0, 0.0), "none": (0.0, 0.0), "scene": (0.0, 0.0),
+                  "scene_only": (0.0, 0.0)}
 
 
 def residual_mask(mode: bool | str) -> tuple[float, float]:
@@ -30,7 +31,9 @@ def residual_mask(mode: bool | str) -> tuple[float, float]:
     (the speed command is predicted outright: it depends on the road ahead, not on the current speed, and a
     residual over the current speed lets a small bias ramp the speed up in closed loop), "none" (or False),
     "scene" (none, and the previous-steering input is not used at all: the policy steers from what it sees
-    and its speed, with no command of its own to copy)."""
+    and its speed, with no command of its own to copy), "scene_only" (as "scene", and the measured speed is
+    not an input either: both commands come from the frames alone, so the speed command cannot copy the
+    current speed; the GRU still sees the motion between the window's frames)."""
     key = {True: "all", False: "none"}.get(mode, mode) if isinstance(mode, bool) else mode
     if key not in RESIDUAL_MODES:
         raise ValueError(f"residual_actions must be one of {sorted(RESIDUAL_MODES)} (or true/false), got {mode!r}")
@@ -55,7 +58,8 @@ class TemporalPolicy(nn.Module):
             raise ValueError(f"the policy predicts [wheel_angle, velocity]; action_dim must be 2, got {action_dim}")
         self.residual = residual_mask(residual_actions)          # (steering, speed): 1 = residual
         self.residual_actions = bool(max(self.residual))
-        self.uses_steering_input = residual_actions != "scene"
+        self.uses_steering_input = residual_actions not in ("scene", "scene_only")
+        self.uses_speed_input = residual_actions != "scene_only"
         self.speed_embed = nn.Sequential(nn.Linear(1, speed_emb), nn.ReLU())
         self.steer_embed = nn.Sequential(nn.Linear(2, steer_emb), nn.ReLU())   # [steering, its change]
         self.gru = nn.GRU(bev_dim + speed_emb + steer_emb, gru_hidden, batch_first=True)
@@ -98,6 +102,8 @@ class TemporalPolicy(nn.Module):
         st = (steering.to(dev, torch.float32) - self.action_mean[STEER]) / self.action_std[STEER]
         if not self.uses_steering_input:
             st, prev_steering = torch.zeros_like(st), None
+        if not self.uses_speed_input:
+            s = torch.zeros_like(s)
         if prev_steering is None:
             first = st[:, :1]
         else:

@@ -174,7 +174,8 @@ class TeacherTrainConfig(TrainConfig):
         help="what the head predicts as a change w.r.t. its inputs: all (steering and speed), steering (the speed "
              "command outright), none, scene (none, and the previous-steering input unused: the head that drives, "
              "default %(default)s; a head that sees its previous command learns to repeat it and leaves the "
-             "road); the student follows")
+             "road), scene_only (as scene, and the measured speed unused too: the speed command cannot copy the "
+             "current speed); the student follows")
     bev_pool_grid: Optional[int] = option(
         None, help="bev_vec reads a k x k average pool of the BEV features (default: the preset's, 1 = the global "
                    "mean, which keeps no layout: where a car ahead is; docs/STUDENT.md)")
