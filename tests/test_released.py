@@ -53,7 +53,7 @@ def copy(tmp_path) -> Path:
 def test_manifest_names_small_verified_models_and_how_they_were_made():
     models = load_manifest()["models"]
     assert set(RELEASED) <= set(models)
-    assert sum(e["bytes"] for e in models.values()) < 4_000_000, "the released folder stays a few MB"
+    assert sum(e["bytes"] for e in models.values()) < 5_000_000, "the released folder stays a few MB"
     for name, e in models.items():
         assert resolve(f"released:{name}") == RELEASED_DIR / e["file"]
         assert set(ENTRY_KEYS) <= set(e)
