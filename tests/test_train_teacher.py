@@ -260,6 +260,27 @@ def test_scene_only_head_reads_neither_the_previous_steering_nor_the_measured_sp
     assert not student.uses_speed_input and not student.uses_steering_input
 
 
+def test_head_flags_are_honoured_or_refused_with_init_and_resume_never_dropped(data_root, tmp_path):
+    """--init_path: the checkpoint's head unless --residual_actions names another (the weights fit every head);
+    --bev_pool_grid sizes the GRU's input, so one that differs from the checkpoint's is refused, as is any head
+    change on --resume_path."""
+    from e2r.models.teacher import load_teacher
+
+    last = tmp_path / "last.pt"
+    _train(data_root, tmp_path, "--epochs", "1", "--save_path", str(tmp_path / "s.pt"), "--checkpoint_path", str(last))
+    assert load_teacher(tmp_path / "s.pt")[1]["config"]["residual_actions"] == "scene"          # DEFAULT_HEAD
+    _train(data_root, tmp_path, "--steps", "2", "--init_path", str(tmp_path / "s.pt"), "--residual_actions",
+           "scene_only", "--save_path", str(tmp_path / "o.pt"))
+    model, ckpt = load_teacher(tmp_path / "o.pt")
+    assert ckpt["config"]["residual_actions"] == "scene_only" and not model.uses_speed_input
+    _train(data_root, tmp_path, "--steps", "2", "--init_path", str(tmp_path / "o.pt"), "--save_path", str(tmp_path / "k.pt"))
+    assert load_teacher(tmp_path / "k.pt")[1]["config"]["residual_actions"] == "scene_only"     # kept
+    with pytest.raises(ConfigError, match="--bev_pool_grid 2: --init_path"):
+        _train(data_root, tmp_path, "--steps", "2", "--init_path", str(tmp_path / "s.pt"), "--bev_pool_grid", "2")
+    with pytest.raises(ConfigError, match="--residual_actions all: --resume_path"):
+        _train(data_root, tmp_path, "--epochs", "2", "--resume_path", str(last), "--residual_actions", "all")
+
+
 def test_hflip_mirrors_chosen_windows_and_the_teacher_trains_on_them(data_root, tmp_path):
     """hflip_lidar: flipped windows get y and steering negated (speed kept), the others and the inputs are
     untouched, twice is the identity; the teacher's training step with --hflip_prob 1 is the loss of the

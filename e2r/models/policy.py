@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TemporalPolicy", "grid_pool", "STEER", "SPEED"]
+__all__ = ["TemporalPolicy", "grid_pool", "STEER", "SPEED", "RESIDUAL_MODES", "DEFAULT_HEAD", "residual_mask"]
 
 STEER, SPEED = 0, 1  # action columns: [wheel_angle (deg), velocity (m/s)]
 STEER_RATE_GAIN = 20.0  # scales the per-step steering change (normalised units) to order 1
@@ -24,6 +24,7 @@ STEER_RATE_GAIN = 20.0  # scales the per-step steering change (normalised units)
 
 RESIDUAL_MODES = {"all": (1.0, 1.0), "steering": (1.0, 0.0), "none": (0.0, 0.0), "scene": (0.0, 0.0),
                   "scene_only": (0.0, 0.0)}
+DEFAULT_HEAD = "scene"  # the head a new teacher (and so its students) gets: the one measured to drive (README)
 
 
 def residual_mask(mode: bool | str) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from e2r.cli_config import (command_line, config_from_namespace, device_option, 
                             option, redefault)
 from e2r.errors import ConfigError, check_positive, check_probability, check_weights
 from e2r.models.config import TeacherConfig
-from e2r.models.policy import RESIDUAL_MODES
+from e2r.models.policy import DEFAULT_HEAD, RESIDUAL_MODES
 from e2r.models.student_config import PRESET_BEV_POOL_GRID
 
 __all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig", "StoreAccess",
@@ -170,12 +170,13 @@ class TeacherTrainConfig(TrainConfig):
     save_path: Optional[str] = redefault(TrainConfig, "save_path", "runs/teacher_best.pt")
     lidar_num_features: NumFeatures = lidar_num_features_option()
     residual_actions: Optional[str] = option(
-        "scene", choices=tuple(RESIDUAL_MODES),
+        None, choices=tuple(RESIDUAL_MODES),
         help="what the head predicts as a change w.r.t. its inputs: all (steering and speed), steering (the speed "
-             "command outright), none, scene (none, and the previous-steering input unused: the head that drives, "
-             "default %(default)s; a head that sees its previous command learns to repeat it and leaves the "
-             "road), scene_only (as scene, and the measured speed unused too: the speed command cannot copy the "
-             "current speed); the student follows")
+             f"command outright), none, scene (none, and the previous-steering input unused: the head that drives, "
+             f"the default of a new teacher, {DEFAULT_HEAD}; a head that sees its previous command learns to repeat "
+             "it and leaves the road), scene_only (as scene, and the measured speed unused too: the speed command "
+             "cannot copy the current speed); with --init_path the default is that checkpoint's head (the weights "
+             "fit every head), with --resume_path it must be the run's own; the student follows")
     bev_pool_grid: Optional[int] = option(
         None, help="bev_vec reads a k x k average pool of the BEV features (default: the preset's, 1 = the global "
                    "mean, which keeps no layout: where a car ahead is; docs/STUDENT.md)")

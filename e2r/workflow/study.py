@@ -33,7 +33,7 @@ from e2r.atomic import make_dirs, replacing, write_text_atomic
 from e2r.checkpoints import checkpoint_path
 from e2r.cli_config import device_option, option
 from e2r.errors import CheckpointError, ConfigError, check_probability
-from e2r.models.policy import RESIDUAL_MODES
+from e2r.models.policy import DEFAULT_HEAD, RESIDUAL_MODES
 from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.world import SyntheticConfig, ensure_dataset
 from e2r.workflow.configs import (StudentEvalConfig, StudentTrainConfig, TeacherEvalConfig, TeacherTrainConfig,
@@ -117,7 +117,7 @@ class StudyConfig:
     student_warmup_steps: int = option(StudentTrainConfig.warmup_steps, group=GRID,
                                        help="learning-rate warm-up of every student (default %(default)s)")
     residual_actions: Optional[str] = option(
-        "scene", group=GRID, choices=tuple(RESIDUAL_MODES),
+        DEFAULT_HEAD, group=GRID, choices=tuple(RESIDUAL_MODES),
         help="the teacher's (and so every student's) head: what it predicts as a change of its inputs "
              "(pipelines.train_teacher --help; default %(default)s: a teacher that sees its previous command copies "
              "it and drives off the track in closed loop)")

@@ -20,9 +20,11 @@ import torch
 from e2r.checkpoints import check_fits, load_checkpoint, save_checkpoint
 from e2r.data.augment import photometric_jitter, zoom_crop
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset, collate_lidar
+from e2r.errors import ConfigError
 from e2r.kd import FovMasks, KDWeights, hflip_lidar, student_losses
 from e2r.losses import action_loss, action_weights, braking_weights, weighted_action_mse
 from e2r.models.config import TeacherConfig
+from e2r.models.policy import DEFAULT_HEAD
 from e2r.models.student import CameraBEVStudent
 from e2r.models.student_config import StudentConfig
 from e2r.models.teacher import LiDARBEVTeacher
@@ -92,17 +94,7 @@ def _train_teacher(cfg: TeacherTrainConfig, ctx: DistContext) -> dict[str, Any]:
     device = resolve_device(cfg.device, ctx.local_rank)
     seed_everything(cfg.seed)
     resume = load_checkpoint(cfg.resume_path, kind="teacher") if cfg.resume_path else None
-    if resume:
-        check_fits(cfg.resume_path, resume, lambda c: LiDARBEVTeacher(TeacherConfig.from_dict(c)))
-        model_cfg = TeacherConfig.from_dict(resume["config"])
-    elif cfg.init_path and not cfg.init_skip_output_layer:     # every weight transferred: that model's config
-        model_cfg = TeacherConfig.from_dict(load_checkpoint(cfg.init_path, kind="teacher")["config"])
-    else:
-        model_cfg = TeacherConfig.preset_named(cfg.preset)
-        if cfg.residual_actions is not None:
-            model_cfg = replace(model_cfg, residual_actions=cfg.residual_actions)
-        if cfg.bev_pool_grid is not None:
-            model_cfg = replace(model_cfg, bev_pool_grid=cfg.bev_pool_grid)
+    model_cfg = teacher_model_config(cfg, resume)
     train_ds, valid_ds = train_valid_datasets(
         cfg, lambda split, segments: LidarSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
                                                           cfg.lidar_num_features, segments=segments))
@@ -116,6 +108,31 @@ def _train_teacher(cfg: TeacherTrainConfig, ctx: DistContext) -> dict[str, Any]:
     return trainer.fit(task, train_loader, train_sampler, valid_loader, model_cfg.to_dict())
 
 
+def teacher_model_config(cfg: TeacherTrainConfig, resume: dict[str, Any] | None) -> TeacherConfig:
+    """The teacher a run trains: the resumed run's own (``--residual_actions``/``--bev_pool_grid`` must agree),
+    the ``--init_path`` checkpoint's when every weight transfers (its head replaced by ``--residual_actions``
+    when given: every head has the same weights; ``--bev_pool_grid`` must agree, it sizes the GRU's input), or
+    the preset's with both flags (the head defaulting to ``DEFAULT_HEAD``). A flag that cannot be honoured is a
+    ConfigError naming it, never silently dropped."""
+    def refuse(path_flag: str, path: str, have: TeacherConfig, flag: str, value: Any) -> None:
+        if value is not None and value != getattr(have, flag):
+            why = "the run continues as it was" if path_flag == "--resume_path" else "its weights fit only that"
+            raise ConfigError(f"--{flag} {value}: {path_flag} {path} has {flag}={getattr(have, flag)!r} and {why}; "
+                              f"drop --{flag}")
+    if resume:
+        check_fits(cfg.resume_path, resume, lambda c: LiDARBEVTeacher(TeacherConfig.from_dict(c)))
+        model_cfg = TeacherConfig.from_dict(resume["config"])
+        refuse("--resume_path", str(cfg.resume_path), model_cfg, "residual_actions", cfg.residual_actions)
+        refuse("--resume_path", str(cfg.resume_path), model_cfg, "bev_pool_grid", cfg.bev_pool_grid)
+        return model_cfg
+    if cfg.init_path and not cfg.init_skip_output_layer:     # every weight transferred: that model's config
+        model_cfg = TeacherConfig.from_dict(load_checkpoint(cfg.init_path, kind="teacher")["config"])
+        refuse("--init_path", str(cfg.init_path), model_cfg, "bev_pool_grid", cfg.bev_pool_grid)
+        return model_cfg if cfg.residual_actions is None else replace(model_cfg, residual_actions=cfg.residual_actions)
+    return replace(TeacherConfig.preset_named(cfg.preset), residual_actions=cfg.residual_actions or DEFAULT_HEAD,
+                   **({} if cfg.bev_pool_grid is None else {"bev_pool_grid": cfg.bev_pool_grid}))
+
+
 def kd_weights_of(cfg: StudentTrainConfig) -> KDWeights:
     """KDWeights from the ``kd_*`` fields (all 0 without a memorybank)."""
     on = bool(cfg.memorybank)
@@ -126,9 +143,9 @@ def kd_weights_of(cfg: StudentTrainConfig) -> KDWeights:
 
 def build_student_config(cfg: StudentTrainConfig, teacher_cfg: TeacherConfig | None) -> StudentConfig:
     """Student preset ``cfg.preset`` on the teacher's grid/sizes and head (``cfg.preset``'s teacher with the
-    default teacher head, ``TeacherTrainConfig.residual_actions``, when there is no teacher)."""
+    default teacher head, ``DEFAULT_HEAD``, when there is no teacher)."""
     teacher = teacher_cfg if teacher_cfg is not None else replace(
-        TeacherConfig.preset_named(cfg.preset), residual_actions=TeacherTrainConfig.residual_actions)
+        TeacherConfig.preset_named(cfg.preset), residual_actions=DEFAULT_HEAD)
     return StudentConfig.from_teacher(teacher, cfg.preset, view_transform=cfg.view_transform,
                                       splat_pool=cfg.splat_pool, bev_pool_grid=cfg.bev_pool_grid)
 
