@@ -129,3 +129,33 @@ def test_bev_vec_reads_where_features_are():
     torch.testing.assert_close(legacy.pool(feat)[0], legacy.pool(feat)[1])
     with pytest.raises(ValueError, match="bev_pool_grid"):
         StudentConfig.from_teacher(TeacherConfig.preset_named("tiny"), "tiny", bev_pool_grid=0)
+
+
+def test_norm_and_input_norm_levers():
+    """``norm="group"`` has no batch statistics: a frame's output does not depend on the other frames of its
+    batch, as it does with BatchNorm in training mode; ``input_norm="per_image"`` makes the encoder blind to a
+    change of brightness and contrast (x -> a x + b), which the fixed normalisation sees."""
+    teacher = TeacherConfig.preset_named("tiny")
+    imgs = torch.rand(4, 3, 64, 128, generator=torch.Generator().manual_seed(3))
+    for norm, alone_equal in (("batch", False), ("group", True)):
+        cfg = StudentConfig.from_teacher(teacher, "tiny", norm=norm)
+        enc = CameraBEVStudent(cfg).image_encoder.train()
+        torch.manual_seed(0)
+        both, alone = enc(imgs), enc(imgs[:1])
+        assert torch.allclose(both[:1], alone, atol=1e-5) == alone_equal, norm
+    assert not any(isinstance(m, torch.nn.BatchNorm2d)
+                   for m in CameraBEVStudent(StudentConfig.from_teacher(teacher, "tiny", norm="group")).modules())
+    for input_norm, blind in (("fixed", False), ("per_image", True)):
+        torch.manual_seed(0)
+        enc = CameraBEVStudent(StudentConfig.from_teacher(teacher, "tiny", input_norm=input_norm)).image_encoder.eval()
+        with torch.no_grad():
+            out, darker = enc(imgs), enc(0.4 * imgs + 0.1)
+        change = float((out - darker).abs().max() / out.abs().max())
+        assert (change < 0.02) if blind else (change > 0.2), (input_norm, change)
+    cfg = StudentConfig.from_teacher(teacher, "tiny", norm="group", input_norm="per_image")
+    assert StudentConfig.from_dict(cfg.to_dict()) == cfg
+    legacy = {k: v for k, v in cfg.to_dict().items() if k not in ("norm", "input_norm")}
+    assert (StudentConfig.from_dict(legacy).norm, StudentConfig.from_dict(legacy).input_norm) == ("batch", "fixed")
+    for field, bad in (("norm", "layer"), ("input_norm", "imagenet")):
+        with pytest.raises(ValueError, match=field):
+            StudentConfig.from_teacher(teacher, "tiny", **{field: bad})

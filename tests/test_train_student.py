@@ -217,3 +217,24 @@ def test_select_by_drive_keeps_the_epoch_that_drives_the_valid_tracks_best(tmp_p
     assert state["best_metric"] == min(scores)
     assert load_checkpoint(best, kind="student")["epoch"] == scores.index(min(scores))
     assert train_student.main([*argv[:-4], "--valid_split", ""]) != 0         # nothing to drive
+
+
+def test_model_flags_reach_the_model_and_a_resume_must_repeat_them(setup, tmp_path, capsys):
+    """--norm/--input_norm (like every model flag) build the student; resuming with a model flag that differs
+    from the run's own is refused naming the flag, not silently trained as the checkpoint was."""
+    last = tmp_path / "last.pt"
+    flags = ("--epochs", "2", "--norm", "group", "--input_norm", "per_image", "--splat_pool", "mean")
+    out = _train(setup, tmp_path, *flags, "--save_path", str(tmp_path / "s.pt"), "--checkpoint_path", str(last),
+                 "--stop_after_epoch", "1")
+    assert len(out["history"]) == 1
+    got = load_checkpoint(last, kind="student")["config"]
+    assert (got["norm"], got["input_norm"], got["splat_pool"]) == ("group", "per_image", "mean")
+    model, _ = load_student(tmp_path / "s.pt")
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    resume = ("--save_path", str(tmp_path / "s.pt"), "--checkpoint_path", str(last), "--resume_path", str(last))
+    for dropped in ("--norm", "--input_norm", "--splat_pool"):
+        i = flags.index(dropped)
+        argv = _args(setup, tmp_path, *(flags[:i] + flags[i + 2:]), *resume)
+        assert train_student.main(argv) != 0
+        assert f"{dropped} " in capsys.readouterr().err and load_checkpoint(last)["epoch"] == 0
+    assert len(_train(setup, tmp_path, *flags, *resume)["history"]) == 2

@@ -11,6 +11,7 @@ class, ``e2r.models.policy.TemporalPolicy``.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,47 +24,76 @@ from e2r.models.policy import TemporalPolicy, grid_pool
 from e2r.models.student_config import StudentConfig
 from e2r.models.view_transform import LiftSplat, build_view_transform
 
-__all__ = ["StudentConfig", "CameraBEVStudent", "ImageEncoder", "BEVEncoder", "load_student"]
+__all__ = ["StudentConfig", "CameraBEVStudent", "ImageEncoder", "BEVEncoder", "load_student", "norm_layer",
+           "normalize_images"]
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """The encoders' normalisation: ``"batch"`` = BatchNorm2d (statistics over every frame of the batch, B x T x
+    Ncam of them, which within a window are nearly the same image) or ``"group"`` = GroupNorm per frame (up to 8
+    groups; no batch statistics, so training and evaluation normalise alike)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    raise ValueError(f"norm must be 'batch' or 'group', got {kind!r}")
+
+
+def normalize_images(images: Tensor, kind: str) -> Tensor:
+    """images (N, 3, H, W) in [0, 1] -> the encoder's input: ``"fixed"`` = (x - 0.45) / 0.225 for every image,
+    ``"per_image"`` = each image and channel standardised by its own mean and std (a darker or lower-contrast
+    look gives the same input)."""
+    if kind == "fixed":
+        return (images - 0.45) / 0.225
+    if kind == "per_image":
+        mean = images.mean(dim=(2, 3), keepdim=True)
+        std = images.std(dim=(2, 3), keepdim=True)
+        return (images - mean) / (std + 1e-3)
+    raise ValueError(f"input_norm must be 'fixed' or 'per_image', got {kind!r}")
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 conv+BN, identity (or 1x1 strided) shortcut."""
+    """ResNet basic block: two 3x3 conv+norm, identity (or 1x1 strided) shortcut."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+    def __init__(self, cin: int, cout: int, stride: int = 1, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = norm_layer(norm, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = norm_layer(norm, cout)
         self.short = (nn.Identity() if stride == 1 and cin == cout else
-                      nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+                      nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(norm, cout)))
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.bn1(self.conv1(x)).relu_()      # in place on fresh outputs (BatchNorm's backward keeps its input)
         return self.bn2(self.conv2(y)).add_(self.short(x)).relu_()
 
 
-def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(BasicBlock(cin, cout, stride), *[BasicBlock(cout, cout) for _ in range(blocks - 1)])
+def _stage(cin: int, cout: int, blocks: int, stride: int, norm: str) -> nn.Sequential:
+    return nn.Sequential(BasicBlock(cin, cout, stride, norm), *[BasicBlock(cout, cout, 1, norm)
+                                                                for _ in range(blocks - 1)])
 
 
 class ImageEncoder(nn.Module):
     """Compact ResNet-style CNN: stem (3x3 /2) + stage 0 at /2, each further stage /2; the last stage is
     up-sampled x2 and merged with the one before. images (N, 3, H, W) in [0, 1] -> (N, C_out, H/s, W/s)
-    with s = 2^(len(channels)-1)."""
+    with s = 2^(len(channels)-1); ``norm`` and ``input_norm`` as :func:`norm_layer` and
+    :func:`normalize_images`."""
 
-    def __init__(self, channels: tuple[int, ...], blocks: tuple[int, ...], out_channels: int) -> None:
+    def __init__(self, channels: tuple[int, ...], blocks: tuple[int, ...], out_channels: int,
+                 norm: str = "batch", input_norm: str = "fixed") -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, channels[0], 3, 2, 1, bias=False), nn.BatchNorm2d(channels[0]),
+        self.input_norm = input_norm
+        self.stem = nn.Sequential(nn.Conv2d(3, channels[0], 3, 2, 1, bias=False), norm_layer(norm, channels[0]),
                                   nn.ReLU(inplace=True))
-        self.stages = nn.ModuleList([_stage(channels[0], channels[0], blocks[0], 1)] + [
-            _stage(channels[i - 1], channels[i], blocks[i], 2) for i in range(1, len(channels))])
+        self.stages = nn.ModuleList([_stage(channels[0], channels[0], blocks[0], 1, norm)] + [
+            _stage(channels[i - 1], channels[i], blocks[i], 2, norm) for i in range(1, len(channels))])
         self.merge = nn.Sequential(nn.Conv2d(channels[-1] + channels[-2], out_channels, 3, 1, 1, bias=False),
-                                   nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+                                   norm_layer(norm, out_channels), nn.ReLU(inplace=True))
         self.stride = 2 ** (len(channels) - 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.stem((x.contiguous(memory_format=torch.channels_last) - 0.45) / 0.225)
+        x = self.stem(normalize_images(x.contiguous(memory_format=torch.channels_last), self.input_norm))
         outs = []
         for stage in self.stages:
             x = stage(x)
@@ -76,14 +106,15 @@ class BEVEncoder(nn.Module):
     """BEV CNN keeping the grid size: stages (first at stride 1, then /2 each), every stage's output resized
     back to the input grid and concatenated, then 3x3 conv. (F, C_in, H, W) -> (F, out_channels, H, W)."""
 
-    def __init__(self, cin: int, channels: tuple[int, ...], blocks: tuple[int, ...], out_channels: int) -> None:
+    def __init__(self, cin: int, channels: tuple[int, ...], blocks: tuple[int, ...], out_channels: int,
+                 norm: str = "batch") -> None:
         super().__init__()
         self.stages = nn.ModuleList()
         for i, (c, n) in enumerate(zip(channels, blocks)):
-            self.stages.append(_stage(cin, c, n, 1 if i == 0 else 2))
+            self.stages.append(_stage(cin, c, n, 1 if i == 0 else 2, norm))
             cin = c
         self.fuse = nn.Sequential(nn.Conv2d(sum(channels), out_channels, 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+                                  norm_layer(norm, out_channels), nn.ReLU(inplace=True))
 
     def forward(self, x: Tensor) -> Tensor:
         size, outs = x.shape[-2:], []
@@ -103,10 +134,12 @@ class CameraBEVStudent(TemporalPolicy):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.image_encoder = ImageEncoder(cfg.image_channels, cfg.image_blocks, cfg.image_feat_channels)
+        self.image_encoder = ImageEncoder(cfg.image_channels, cfg.image_blocks, cfg.image_feat_channels, cfg.norm,
+                                          cfg.input_norm)
         self.view_transform = build_view_transform(cfg.view_transform, cfg.image_feat_channels, cfg.lift_channels,
                                                    cfg.bev_grid, tuple(cfg.depth_bins), cfg.splat_pool)
-        self.bev_encoder = BEVEncoder(cfg.lift_channels, cfg.bev_channels, cfg.bev_blocks, cfg.bev_out_channels)
+        self.bev_encoder = BEVEncoder(cfg.lift_channels, cfg.bev_channels, cfg.bev_blocks, cfg.bev_out_channels,
+                                      cfg.norm)
         self.adapter = (nn.Identity() if cfg.bev_out_channels == cfg.teacher_bev_channels
                         else nn.Conv2d(cfg.bev_out_channels, cfg.teacher_bev_channels, 1))
         self.to_vec = nn.Linear(cfg.teacher_bev_channels * cfg.bev_pool_grid ** 2, cfg.bev_dim)

@@ -52,6 +52,8 @@ class StudentConfig(PlainConfig):
     bev_blocks: tuple[int, ...] = (1, 2, 2)
     bev_out_channels: int = 128                            # before the adapter to teacher_bev_channels
     bev_pool_grid: int = 1        # bev_vec reads a k x k average pool of bev_feat (1: the global mean)
+    norm: str = "batch"           # image and BEV CNNs: "batch" (BatchNorm over B x T x Ncam frames) | "group"
+    input_norm: str = "fixed"     # image input: "fixed" ((x - 0.45) / 0.225) | "per_image" (own mean and std)
 
     @property
     def bev_grid(self) -> dict[str, Any]:
@@ -121,6 +123,10 @@ class StudentConfig(PlainConfig):
             raise ValueError(f"view_transform must be 'lss' or 'identity', got {self.view_transform!r}")
         if self.splat_pool not in ("sum", "mean"):
             raise ValueError(f"splat_pool must be 'sum' or 'mean', got {self.splat_pool!r}")
+        if self.norm not in ("batch", "group"):
+            raise ValueError(f"norm must be 'batch' or 'group', got {self.norm!r}")
+        if self.input_norm not in ("fixed", "per_image"):
+            raise ValueError(f"input_norm must be 'fixed' or 'per_image', got {self.input_norm!r}")
         if len(self.image_channels) < 2 or len(self.image_channels) != len(self.image_blocks):
             raise ValueError(f"image_channels {self.image_channels} and image_blocks {self.image_blocks} need "
                              f"equal lengths >= 2")

@@ -297,6 +297,14 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
         help="bev_vec reads a k x k average pool of the BEV features (default %(default)s; 1 = their global mean, "
              "which keeps what is seen but not where: the tiny student then often never leaves the label mean, "
              "docs/STUDENT.md)")
+    norm: str = option(
+        "batch", choices=("batch", "group"),
+        help="normalisation in the image and BEV CNNs: batch (BatchNorm, statistics over the B x T x Ncam frames of a "
+             "batch, default) or group (GroupNorm per frame)")
+    input_norm: str = option(
+        "fixed", choices=("fixed", "per_image"),
+        help="image input to the CNN: fixed ((x - 0.45) / 0.225, default) or per_image (each image and channel "
+             "standardised by its own mean and std)")
     photometric: float = option(
         0.0, help="strength in [0, 1] of the photometric augmentation of training windows: brightness, contrast, "
                   "gamma, colour and noise, one draw per window (e2r/data/augment.py; default %(default)s = off: no "

@@ -37,7 +37,8 @@ from e2r.workflow.retrieval_kd import Retriever, retrieve_for_student
 from e2r.workflow.trainer import TrainTask, Trainer, make_window_loader, train_valid_datasets, unwrap
 from stores.torch_data import TeacherRowReader
 
-__all__ = ["train_teacher", "train_student", "kd_weights_of", "build_student_config", "PART_NAMES"]
+__all__ = ["train_teacher", "train_student", "kd_weights_of", "build_student_config", "student_model_config",
+           "STUDENT_MODEL_FLAGS", "PART_NAMES"]
 
 PART_NAMES = ("bc", "kd_action", "kd_bev_vec", "kd_temporal", "kd_bev_feat", "kd_depth", "kd_total")
 
@@ -141,13 +142,32 @@ def kd_weights_of(cfg: StudentTrainConfig) -> KDWeights:
                      speed_weight=cfg.speed_loss_weight, bev_feat_background=cfg.kd_bevfeat_background)
 
 
+#: the train_student flags that are fields of the student's model config
+STUDENT_MODEL_FLAGS = ("view_transform", "splat_pool", "bev_pool_grid", "norm", "input_norm")
+
+
 def build_student_config(cfg: StudentTrainConfig, teacher_cfg: TeacherConfig | None) -> StudentConfig:
     """Student preset ``cfg.preset`` on the teacher's grid/sizes and head (``cfg.preset``'s teacher with the
     default teacher head, ``DEFAULT_HEAD``, when there is no teacher)."""
     teacher = teacher_cfg if teacher_cfg is not None else replace(
         TeacherConfig.preset_named(cfg.preset), residual_actions=DEFAULT_HEAD)
-    return StudentConfig.from_teacher(teacher, cfg.preset, view_transform=cfg.view_transform,
-                                      splat_pool=cfg.splat_pool, bev_pool_grid=cfg.bev_pool_grid)
+    return StudentConfig.from_teacher(teacher, cfg.preset, **{f: getattr(cfg, f) for f in STUDENT_MODEL_FLAGS})
+
+
+def student_model_config(cfg: StudentTrainConfig, teacher_cfg: TeacherConfig | None,
+                         resume: dict[str, Any] | None) -> StudentConfig:
+    """The student a run trains: the flags' (:func:`build_student_config`), or the resumed run's own, where every
+    model flag (:data:`STUDENT_MODEL_FLAGS`) must agree with that run's: a ConfigError names the one that does
+    not, never silently dropped."""
+    if not resume:
+        return build_student_config(cfg, teacher_cfg)
+    have = StudentConfig.from_dict(dict(resume["config"]))
+    for flag in STUDENT_MODEL_FLAGS:
+        if getattr(cfg, flag) != getattr(have, flag):
+            raise ConfigError(f"--{flag} {getattr(cfg, flag)}: --resume_path {cfg.resume_path} was trained with "
+                              f"{flag}={getattr(have, flag)!r} and the run continues as it was; give --{flag} "
+                              f"{getattr(have, flag)}")
+    return have
 
 
 class StudentTask(TrainTask):
@@ -279,8 +299,7 @@ def _train_student(cfg: StudentTrainConfig, ctx: DistContext) -> dict[str, Any]:
                            else (None, None))
     if teacher_cfg is None and cfg.teacher_ckpt:     # the store records none (or there is no store)
         teacher_cfg = teacher_config_of_checkpoint(cfg.teacher_ckpt)
-    model_cfg = (StudentConfig.from_dict(dict(resume["config"])) if resume
-                 else build_student_config(cfg, teacher_cfg))
+    model_cfg = student_model_config(cfg, teacher_cfg, resume)
     image_size = tuple(model_cfg.image_size)
     train_ds, valid_ds = train_valid_datasets(
         cfg, lambda split, segments: CameraSequenceDataset(cfg.data_root, split, cfg.seq_len, cfg.stride,
