@@ -156,3 +156,11 @@ def test_the_teacher_learns_from_the_experts_labels_of_its_own_drives(setup, tmp
                        (dict(speed_loss_weight=float("nan")), "speed_loss_weight")):
         with pytest.raises(ConfigError, match=match):
             DaggerConfig(**{**cfg.__dict__, **bad}).check()
+    with pytest.raises(ConfigError, match="--residual_actions is for --learner teacher"):
+        DaggerConfig(**{**student_cfg.__dict__, "student_ckpt": str(setup["student"]),
+                        "memorybank": str(setup["store"]), "residual_actions": "scene_only"}).check()
+    # --residual_actions: the rounds fine-tune that head from the round-0 teacher's weights
+    other = tmp_path / "scene_only"
+    head = run_dagger(DaggerConfig(**{**cfg.__dict__, "out": str(other), "split_prefix": "teacher_so_r",
+                                      "residual_actions": "scene_only"}), log=lambda line: None)
+    assert load_checkpoint(head["student"])["config"] == {**start["config"], "residual_actions": "scene_only"}

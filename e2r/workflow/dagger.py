@@ -56,6 +56,7 @@ from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset
 from e2r.data.layout import discover_segments, read_segment_table
 from e2r.errors import ConfigError, check_positive, check_weights
 from e2r.metrics import write_metrics_csv
+from e2r.models.policy import RESIDUAL_MODES
 from e2r.sim.drive import DriveConfig, drive
 from e2r.sim.record import label_by_expert
 from e2r.sim.world import MARKER
@@ -124,6 +125,10 @@ class DaggerConfig:
         None, help=f"loss weight of speed in each round's fine-tuning (default: {TEACHER_SPEED_LOSS_WEIGHT} with "
                    f"--learner teacher, the weight at which the fine-tune teaches the teacher to brake, "
                    f"docs/STUDENT.md; the trainer's {TrainConfig.speed_loss_weight} with --learner student)")
+    residual_actions: Optional[str] = option(
+        None, choices=tuple(RESIDUAL_MODES),
+        help="with --learner teacher: the head each round fine-tunes (e.g. scene_only, which does not read the "
+             "measured speed; default: the round-0 teacher's own)")
     kd_action_w: float = option(1.0, help="KD weight of the actions, as train_student's (default %(default)s)")
     kd_bevvec_w: float = option(1.0, help="KD weight of bev_vec (default %(default)s)")
     kd_temporal_w: float = option(1.0, help="KD weight of gru_out (default %(default)s)")
@@ -164,6 +169,8 @@ class DaggerConfig:
             raise ConfigError(f"--learner must be one of {LEARNERS}, got {self.learner!r}")
         if not checkpoint_path(self.teacher_ckpt).is_file():      # released:NAME resolved (and checked) here
             raise ConfigError(f"--teacher_ckpt {self.teacher_ckpt}: not a file")
+        if self.residual_actions is not None and self.learner != "teacher":
+            raise ConfigError("--residual_actions is for --learner teacher: the student keeps its own head")
         if self.learner == "teacher":
             if self.mode != "oracle":
                 raise ConfigError("--learner teacher needs --mode oracle: only the simulator's expert can label "
@@ -276,6 +283,7 @@ def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str]
         trained = train_teacher(TeacherTrainConfig(
             data_root=cfg.data_root, extra_train_splits=splits, init_path=init, steps=cfg.steps,
             warmup_steps=cfg.warmup_steps, lr=cfg.lr, hflip_prob=cfg.hflip_prob,
+            residual_actions=cfg.residual_actions,
             speed_loss_weight=cfg.fine_tune_speed_weight(), seed=cfg.seed, device=cfg.device,
             save_path=str(folder / _CKPT[cfg.learner]), no_progress=cfg.no_progress))
         return float(trained["history"][-1]["train_loss"])
