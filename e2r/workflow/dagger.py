@@ -349,7 +349,7 @@ def run_dagger(cfg: DaggerConfig, log: Callable[[str], None] = print) -> dict[st
     folder0.mkdir(exist_ok=True)
     state = _state(folder0)
     if "eval" not in state:
-        log("== round 0: the starting student on the held-out tracks")
+        log(f"== round 0: the starting {cfg.learner} on the held-out tracks")
         state["eval"] = _evaluate(cfg, "round_00", cfg.start_ckpt, folder0 / "drive.csv")
         _save_state(folder0, state)
     rows.append({"round": 0, "p_student": float("nan"), "recorded_frames": 0, "camera_frames": base_frames,
