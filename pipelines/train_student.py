@@ -21,6 +21,8 @@ rate warms up linearly over --warmup_steps (default 150) and then decays by a co
 pool of the BEV map (--bev_pool_grid): with the global mean and no warm-up the tiny student stayed at the label
 mean in 4 of 6 seed x thread-count runs (docs/STUDENT.md). --photometric S jitters the training images'
 brightness, contrast, gamma, colour and noise (off by default: no measured gain yet, docs/STUDENT.md).
+--norm group and --input_norm per_image replace the CNNs' BatchNorm and the fixed input normalisation (neither
+drives better at 4 camera tracks; per-image normalisation drives worse, docs/STUDENT.md, "The levers").
 
 The validation loss (the best-checkpoint metric, listed per epoch in the checkpoint's ``valid_losses``) is
 the BC weighted MSE on --valid_split, in the same normalised units as the teacher's. ``--hflip_prob`` (off by
