@@ -7,10 +7,14 @@ from typing import Any
 
 from e2r.models.config import PlainConfig, TeacherConfig, check_bev_grid
 
-__all__ = ["StudentConfig", "PRESET_BEV_POOL_GRID"]
+__all__ = ["StudentConfig", "PRESET_BEV_POOL_GRID", "NORMS", "INPUT_NORMS"]
 
 #: the presets' bev_vec readout (docs/STUDENT.md); the field's own default 1 keeps older checkpoints' global mean
 PRESET_BEV_POOL_GRID = 4
+
+#: ``norm``: the image and BEV CNNs' normalisation; ``input_norm``: the image input's (e2r/models/student.py)
+NORMS = ("batch", "group")
+INPUT_NORMS = ("fixed", "per_image")
 
 #: fields copied from the teacher; KD needs them equal
 TEACHER_FIELDS = ("bev_x_min", "bev_y_min", "bev_z_min", "bev_z_max", "bev_dx", "bev_dy", "bev_H", "bev_W",
@@ -123,10 +127,10 @@ class StudentConfig(PlainConfig):
             raise ValueError(f"view_transform must be 'lss' or 'identity', got {self.view_transform!r}")
         if self.splat_pool not in ("sum", "mean"):
             raise ValueError(f"splat_pool must be 'sum' or 'mean', got {self.splat_pool!r}")
-        if self.norm not in ("batch", "group"):
-            raise ValueError(f"norm must be 'batch' or 'group', got {self.norm!r}")
-        if self.input_norm not in ("fixed", "per_image"):
-            raise ValueError(f"input_norm must be 'fixed' or 'per_image', got {self.input_norm!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
         if len(self.image_channels) < 2 or len(self.image_channels) != len(self.image_blocks):
             raise ValueError(f"image_channels {self.image_channels} and image_blocks {self.image_blocks} need "
                              f"equal lengths >= 2")

@@ -19,7 +19,7 @@ from e2r.cli_config import (command_line, config_from_namespace, device_option, 
 from e2r.errors import ConfigError, check_positive, check_probability, check_weights
 from e2r.models.config import TeacherConfig
 from e2r.models.policy import DEFAULT_HEAD, RESIDUAL_MODES
-from e2r.models.student_config import PRESET_BEV_POOL_GRID
+from e2r.models.student_config import INPUT_NORMS, NORMS, PRESET_BEV_POOL_GRID
 
 __all__ = ["PRESET_DEFAULTS", "TrainConfig", "TeacherTrainConfig", "StudentTrainConfig", "EvalConfig", "StoreAccess",
            "PairingArgs", "KD_TARGETS_IN",
@@ -298,11 +298,11 @@ class StudentTrainConfig(PairingArgs, StoreAccess, TrainConfig):
              "which keeps what is seen but not where: the tiny student then often never leaves the label mean, "
              "docs/STUDENT.md)")
     norm: str = option(
-        "batch", choices=("batch", "group"),
+        "batch", choices=NORMS,
         help="normalisation in the image and BEV CNNs: batch (BatchNorm, statistics over the B x T x Ncam frames of a "
              "batch, default) or group (GroupNorm per frame)")
     input_norm: str = option(
-        "fixed", choices=("fixed", "per_image"),
+        "fixed", choices=INPUT_NORMS,
         help="image input to the CNN: fixed ((x - 0.45) / 0.225, default) or per_image (each image and channel "
              "standardised by its own mean and std)")
     photometric: float = option(

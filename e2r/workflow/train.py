@@ -109,26 +109,30 @@ def _train_teacher(cfg: TeacherTrainConfig, ctx: DistContext) -> dict[str, Any]:
     return trainer.fit(task, train_loader, train_sampler, valid_loader, model_cfg.to_dict())
 
 
+def refuse_differing(path_flag: str, path: str, have: Any, flag: str, value: Any) -> None:
+    """A ConfigError naming ``--flag`` when its ``value`` (None: not given) differs from the model config ``have``
+    of the checkpoint at ``path`` (given by ``path_flag``): a model flag is honoured or refused, never dropped."""
+    if value is not None and value != getattr(have, flag):
+        why = "the run continues as it was" if path_flag == "--resume_path" else "its weights fit only that"
+        raise ConfigError(f"--{flag} {value}: {path_flag} {path} has {flag}={getattr(have, flag)!r} and {why}; "
+                          f"give --{flag} {getattr(have, flag)}")
+
+
 def teacher_model_config(cfg: TeacherTrainConfig, resume: dict[str, Any] | None) -> TeacherConfig:
     """The teacher a run trains: the resumed run's own (``--residual_actions``/``--bev_pool_grid`` must agree),
     the ``--init_path`` checkpoint's when every weight transfers (its head replaced by ``--residual_actions``
     when given: every head has the same weights; ``--bev_pool_grid`` must agree, it sizes the GRU's input), or
     the preset's with both flags (the head defaulting to ``DEFAULT_HEAD``). A flag that cannot be honoured is a
     ConfigError naming it, never silently dropped."""
-    def refuse(path_flag: str, path: str, have: TeacherConfig, flag: str, value: Any) -> None:
-        if value is not None and value != getattr(have, flag):
-            why = "the run continues as it was" if path_flag == "--resume_path" else "its weights fit only that"
-            raise ConfigError(f"--{flag} {value}: {path_flag} {path} has {flag}={getattr(have, flag)!r} and {why}; "
-                              f"drop --{flag}")
     if resume:
         check_fits(cfg.resume_path, resume, lambda c: LiDARBEVTeacher(TeacherConfig.from_dict(c)))
         model_cfg = TeacherConfig.from_dict(resume["config"])
-        refuse("--resume_path", str(cfg.resume_path), model_cfg, "residual_actions", cfg.residual_actions)
-        refuse("--resume_path", str(cfg.resume_path), model_cfg, "bev_pool_grid", cfg.bev_pool_grid)
+        for flag in ("residual_actions", "bev_pool_grid"):
+            refuse_differing("--resume_path", str(cfg.resume_path), model_cfg, flag, getattr(cfg, flag))
         return model_cfg
     if cfg.init_path and not cfg.init_skip_output_layer:     # every weight transferred: that model's config
         model_cfg = TeacherConfig.from_dict(load_checkpoint(cfg.init_path, kind="teacher")["config"])
-        refuse("--init_path", str(cfg.init_path), model_cfg, "bev_pool_grid", cfg.bev_pool_grid)
+        refuse_differing("--init_path", str(cfg.init_path), model_cfg, "bev_pool_grid", cfg.bev_pool_grid)
         return model_cfg if cfg.residual_actions is None else replace(model_cfg, residual_actions=cfg.residual_actions)
     return replace(TeacherConfig.preset_named(cfg.preset), residual_actions=cfg.residual_actions or DEFAULT_HEAD,
                    **({} if cfg.bev_pool_grid is None else {"bev_pool_grid": cfg.bev_pool_grid}))
@@ -163,10 +167,7 @@ def student_model_config(cfg: StudentTrainConfig, teacher_cfg: TeacherConfig | N
         return build_student_config(cfg, teacher_cfg)
     have = StudentConfig.from_dict(dict(resume["config"]))
     for flag in STUDENT_MODEL_FLAGS:
-        if getattr(cfg, flag) != getattr(have, flag):
-            raise ConfigError(f"--{flag} {getattr(cfg, flag)}: --resume_path {cfg.resume_path} was trained with "
-                              f"{flag}={getattr(have, flag)!r} and the run continues as it was; give --{flag} "
-                              f"{getattr(have, flag)}")
+        refuse_differing("--resume_path", str(cfg.resume_path), have, flag, getattr(cfg, flag))
     return have
 
 
