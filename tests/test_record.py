@@ -15,6 +15,7 @@ from e2r.checkpoints import save_checkpoint
 from e2r.data.check import DatasetCheck, check_split
 from e2r.data.datasets import CameraSequenceDataset, LidarSequenceDataset
 from e2r.data.readers import DataError
+from e2r.errors import ConfigError
 from e2r.kd import _bc_loss
 from e2r.losses import action_loss, action_weights
 from e2r.models.config import TeacherConfig
@@ -312,6 +313,52 @@ def test_a_lidar_only_track_is_driven_and_recorded_with_the_worlds_camera_rig(tm
                                                no_progress=True), "round_01")
     assert problems == [] and stats["frames"] == 6
     assert len(list((tmp_path / "rec" / "round_01").glob("*/camera/*.png"))) == 6
+
+
+def test_oversample_braking_repeats_the_windows_whose_labels_brake_and_only_labels_count(world_root, tmp_path):
+    """``--oversample_braking K`` keeps each window with a speed label over 1 m/s below the measured speed K times
+    (in order, keys following), the others once; a recorded drive's executed commands are no labels (no window of
+    it brakes) until the expert labels it; K < 1 is refused by name."""
+    root = tmp_path / "world"
+    shutil.copytree(world_root, root)
+    csv_path = root / "train" / "segment_0000" / "meta" / "data.csv"
+    rows = _rows(csv_path)
+    rows[3]["speed_command"] = f"{float(rows[3]['velocity']) - 5.0:.4f}"        # the expert brakes at frame 3
+    for r in rows[:3] + rows[4:]:
+        r["speed_command"] = r["velocity"]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    make = lambda split, segs: CameraSequenceDataset(root, split, 3, image_size=SIZE, segments=segs)  # noqa: E731
+    plain = make("train", ["segment_0000"])
+    braking = plain.window_braking(1.0)
+    np.testing.assert_array_equal(braking, [s <= 3 < s + 3 for _, s in plain.windows])
+    assert 0 < braking.sum() < len(plain)
+    tcfg = StudentTrainConfig(data_root=str(root), seq_len=3, train_segments=["segment_0000"], oversample_braking=3)
+    train, _ = train_valid_datasets(tcfg, make)
+    assert train.keys == [k for k, b in zip(plain.keys, braking) for _ in range(3 if b else 1)]
+    assert train.windows == [w for w, b in zip(plain.windows, braking) for _ in range(3 if b else 1)]
+
+    world = load_world(root, "test", "segment_0002")
+    run_closed_loop(ConstantPolicy("c"), world, [0], ClosedLoopConfig(time_limit=0.5, seq_len=3),
+                    recorder=DriveRecorder(root, "round_01", world, "c"))
+    rec_path = root / "round_01" / "segment_0002_c00" / "meta" / "data.csv"
+    rec = _rows(rec_path)
+    for r in rec:                                                           # executed: hard braking throughout
+        r["speed_command"] = f"{max(float(r['velocity']) - 5.0, 0.0):.4f}"
+    with open(rec_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rec[0]))
+        writer.writeheader()
+        writer.writerows(rec)
+    assert not make("round_01", None).window_braking(1.0).any()              # executed commands: not labels
+    label_by_expert(root, "round_01")
+    labelled = make("round_01", None)
+    table = labelled.tables["segment_0002_c00"]
+    frames = table.actions()[:, 1] < table.velocity - 1.0
+    np.testing.assert_array_equal(labelled.window_braking(1.0), [frames[s:s + 3].any() for _, s in labelled.windows])
+    with pytest.raises(ConfigError, match="--oversample_braking must be >= 1"):
+        StudentTrainConfig(data_root=str(root), oversample_braking=0).check()
 
 
 def test_a_mixed_drive_records_what_student_and_teacher_proposed_and_training_keeps_their_disagreements(

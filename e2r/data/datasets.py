@@ -278,9 +278,23 @@ class _SequenceDataset(Dataset):
         return found
 
     def keep_windows(self, indices: Sequence[int]) -> None:
-        """Keep only the windows at ``indices`` (ascending positions in ``.windows``; ``.keys`` follows)."""
+        """Keep only the windows at ``indices`` (positions in ``.windows``, in the order given; a position given
+        twice is kept twice; ``.keys`` follows)."""
         self.windows = [self.windows[i] for i in indices]
         self.keys = [self.keys[i] for i in indices]
+
+    def window_braking(self, margin: float) -> np.ndarray:
+        """(len(self),) bool: windows with a frame whose speed label is more than ``margin`` m/s below the measured
+        speed (the labeller brakes). A recorded drive without label columns (its commands are not labels) has none."""
+        out = np.zeros(len(self.windows), dtype=bool)
+        braking: dict[str, np.ndarray] = {}
+        for i, (segment, start) in enumerate(self.windows):
+            if segment not in braking:
+                table = self.tables[segment]
+                labelled = table.expert_labels or table.label_speed_command is not None
+                braking[segment] = (table.actions()[:, 1] < table.velocity - margin) & labelled
+            out[i] = bool(braking[segment][start:start + self.seq_len].any())
+        return out
 
     def window_disagreement(self) -> np.ndarray:
         """(len(self),) the mean |student - teacher| wheel angle (deg) over each window's frames, from a mixed

@@ -73,6 +73,10 @@ class TrainConfig:
         1.0, help="keep this fraction of each --extra_train_splits split's windows: those where the student's and the "
                   "teacher's recorded wheel angles differ most (mixed drives only; 1 keeps every window; default "
                   "%(default)s)")
+    oversample_braking: int = option(
+        1, help="repeat each training window where the labels brake (a speed label over 1 m/s below the measured "
+                "speed) this many times per epoch, the training split's and every --extra_train_splits split's "
+                "(recorded drives: only those with label columns, e.g. oracle rounds); 1 = off (default %(default)s)")
     valid_split: str = option("valid", help="split for the validation loss (per epoch, or every "
                                             "--valid_every_steps) and the best checkpoint; '' to skip validation "
                                             "(best = train loss)")
@@ -143,7 +147,8 @@ class TrainConfig:
         if not 0 < self.extra_keep_fraction <= 1:
             raise ConfigError(f"--extra_keep_fraction must be in (0, 1], got {self.extra_keep_fraction}")
         check_weights(self, ("steer_loss_weight", "speed_loss_weight", "smooth_weight", "weight_decay", "grad_clip"))
-        check_positive(self, ("epochs", "steps", "batch_size", "seq_len", "stride", "valid_every_steps"))
+        check_positive(self, ("epochs", "steps", "batch_size", "seq_len", "stride", "valid_every_steps",
+                              "oversample_braking"))
         if self.valid_every_steps and not self.valid_split:
             raise ConfigError(f"--valid_every_steps {self.valid_every_steps} validates on --valid_split: give one "
                               f"(it is '')")

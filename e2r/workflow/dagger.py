@@ -129,6 +129,7 @@ class DaggerConfig:
         None, choices=tuple(RESIDUAL_MODES),
         help="with --learner teacher: the head each round fine-tunes (e.g. scene_only, which does not read the "
              "measured speed; default: the round-0 teacher's own)")
+    oversample_braking: int = redefault(TrainConfig, "oversample_braking", TrainConfig.oversample_braking)
     kd_action_w: float = option(1.0, help="KD weight of the actions, as train_student's (default %(default)s)")
     kd_bevvec_w: float = option(1.0, help="KD weight of bev_vec (default %(default)s)")
     kd_temporal_w: float = option(1.0, help="KD weight of gru_out (default %(default)s)")
@@ -148,7 +149,7 @@ class DaggerConfig:
     def check(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {MODES}, got {self.mode!r}")
-        check_positive(self, ("rounds", "starts", "steps", "eval_starts", "switch_every"))
+        check_positive(self, ("rounds", "starts", "steps", "eval_starts", "switch_every", "oversample_braking"))
         for name in ("record_seconds", "eval_time_limit", "envelope_lateral", "envelope_heading"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
@@ -284,14 +285,16 @@ def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str]
             data_root=cfg.data_root, extra_train_splits=splits, init_path=init, steps=cfg.steps,
             warmup_steps=cfg.warmup_steps, lr=cfg.lr, hflip_prob=cfg.hflip_prob,
             residual_actions=cfg.residual_actions,
-            speed_loss_weight=cfg.fine_tune_speed_weight(), seed=cfg.seed, device=cfg.device,
+            speed_loss_weight=cfg.fine_tune_speed_weight(), oversample_braking=cfg.oversample_braking,
+            seed=cfg.seed, device=cfg.device,
             save_path=str(folder / _CKPT[cfg.learner]), no_progress=cfg.no_progress))
         return float(trained["history"][-1]["train_loss"])
     trained = train_student(StudentTrainConfig(
         data_root=cfg.data_root, train_segments=segments, extra_train_splits=splits, extra_keep_fraction=keep,
         memorybank=None if cfg.mode == "bc_extra" else cfg.memorybank,
         teacher_ckpt=cfg.teacher_ckpt, init_path=init, steps=cfg.steps, warmup_steps=cfg.warmup_steps, lr=cfg.lr,
-        hflip_prob=cfg.hflip_prob, speed_loss_weight=cfg.fine_tune_speed_weight(), kd_action_w=cfg.kd_action_w,
+        hflip_prob=cfg.hflip_prob, speed_loss_weight=cfg.fine_tune_speed_weight(),
+        oversample_braking=cfg.oversample_braking, kd_action_w=cfg.kd_action_w,
         kd_bevvec_w=cfg.kd_bevvec_w,
         kd_temporal_w=cfg.kd_temporal_w, seed=cfg.seed, device=cfg.device, save_path=str(folder / "student.pt"),
         no_progress=cfg.no_progress))

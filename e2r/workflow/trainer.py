@@ -103,15 +103,31 @@ def train_valid_datasets(cfg: TrainConfig, make: Callable[[str, Any], Any]) -> t
     ``cfg.train_segments``, joined by the whole ``cfg.extra_train_splits`` as a `WindowUnion`; the valid split
     whole); refuses a training set with no window."""
     train_ds = make(cfg.train_split, cfg.train_segments)
+    if cfg.oversample_braking > 1:
+        oversample_braking(train_ds, cfg.oversample_braking)
     if cfg.extra_train_splits:
         extra = [make(split, None) for split in cfg.extra_train_splits]
-        if cfg.extra_keep_fraction < 1:
-            for ds in extra:
+        for ds in extra:
+            if cfg.extra_keep_fraction < 1:
                 keep_most_disagreed(ds, cfg.extra_keep_fraction)
+            if cfg.oversample_braking > 1:
+                oversample_braking(ds, cfg.oversample_braking)
         train_ds = WindowUnion([train_ds] + extra)
     if len(train_ds) == 0:
         raise ValueError(f"{cfg.data_root}/{cfg.train_split}: no windows of seq_len={cfg.seq_len}")
     return train_ds, (make(cfg.valid_split, None) if cfg.valid_split else None)
+
+
+#: a window "brakes" where a frame's speed label is this far (m/s) below the measured speed
+BRAKING_MARGIN = 1.0
+
+
+def oversample_braking(ds: Any, factor: int) -> None:
+    """Each window of ``ds`` where the labeller brakes (``window_braking(BRAKING_MARGIN)``) kept ``factor`` times,
+    the others once, in their order: the rare frames of closing in on a slower car weigh ``factor`` x more in
+    every epoch (and in the action statistics not at all: those come from the frames)."""
+    braking = ds.window_braking(BRAKING_MARGIN)
+    ds.keep_windows([i for i, b in enumerate(braking) for _ in range(factor if b else 1)])
 
 
 def keep_most_disagreed(ds: Any, fraction: float) -> None:
