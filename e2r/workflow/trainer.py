@@ -118,14 +118,12 @@ def train_valid_datasets(cfg: TrainConfig, make: Callable[[str, Any], Any]) -> t
     return train_ds, (make(cfg.valid_split, None) if cfg.valid_split else None)
 
 
-#: a window "brakes" where a frame's speed label is this far (m/s) below the measured speed
-BRAKING_MARGIN = 1.0
+BRAKING_MARGIN = 1.0      # m/s: a window "brakes" where a frame's speed label is this far below the measured speed
 
 
 def oversample_braking(ds: Any, factor: int) -> None:
-    """Each window of ``ds`` where the labeller brakes (``window_braking(BRAKING_MARGIN)``) kept ``factor`` times,
-    the others once, in their order: the rare frames of closing in on a slower car weigh ``factor`` x more in
-    every epoch (and in the action statistics not at all: those come from the frames)."""
+    """Each window of ``ds`` whose labels brake (``window_braking``; recorded drives only where labelled) kept
+    ``factor`` times, the others once, in order (the action statistics come from the frames: unchanged)."""
     braking = ds.window_braking(BRAKING_MARGIN)
     ds.keep_windows([i for i, b in enumerate(braking) for _ in range(factor if b else 1)])
 
