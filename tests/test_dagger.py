@@ -159,8 +159,14 @@ def test_the_teacher_learns_from_the_experts_labels_of_its_own_drives(setup, tmp
     with pytest.raises(ConfigError, match="--residual_actions is for --learner teacher"):
         DaggerConfig(**{**student_cfg.__dict__, "student_ckpt": str(setup["student"]),
                         "memorybank": str(setup["store"]), "residual_actions": "scene_only"}).check()
-    # --residual_actions: the rounds fine-tune that head from the round-0 teacher's weights
+    assert ckpt["train_args"]["oversample_braking"] == 1
+    # --residual_actions: the rounds fine-tune that head from the round-0 teacher's weights; --oversample_braking
+    # reaches the fine-tune
     other = tmp_path / "scene_only"
     head = run_dagger(DaggerConfig(**{**cfg.__dict__, "out": str(other), "split_prefix": "teacher_so_r",
-                                      "residual_actions": "scene_only"}), log=lambda line: None)
+                                      "residual_actions": "scene_only", "oversample_braking": 4}),
+                      log=lambda line: None)
     assert load_checkpoint(head["student"])["config"] == {**start["config"], "residual_actions": "scene_only"}
+    assert load_checkpoint(head["student"])["train_args"]["oversample_braking"] == 4
+    with pytest.raises(ConfigError, match="--oversample_braking must be >= 1"):
+        DaggerConfig(**{**cfg.__dict__, "oversample_braking": 0}).check()
