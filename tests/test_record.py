@@ -47,6 +47,13 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def test_recorded_drive_is_a_dataset_segment_of_what_the_run_saw_and_did(world_root, tmp_path):
     world = load_world(world_root, "test", "segment_0002")
     out = tmp_path / "rec"
@@ -326,10 +333,7 @@ def test_oversample_braking_repeats_the_windows_whose_labels_brake_and_only_labe
     rows[3]["speed_command"] = f"{float(rows[3]['velocity']) - 5.0:.4f}"        # the expert brakes at frame 3
     for r in rows[:3] + rows[4:]:
         r["speed_command"] = r["velocity"]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_rows(csv_path, rows)
     make = lambda split, segs: CameraSequenceDataset(root, split, 3, image_size=SIZE, segments=segs)  # noqa: E731
     plain = make("train", ["segment_0000"])
     braking = plain.window_braking(1.0)
@@ -347,10 +351,7 @@ def test_oversample_braking_repeats_the_windows_whose_labels_brake_and_only_labe
     rec = _rows(rec_path)
     for r in rec:                                                           # executed: hard braking throughout
         r["speed_command"] = f"{max(float(r['velocity']) - 5.0, 0.0):.4f}"
-    with open(rec_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rec[0]))
-        writer.writeheader()
-        writer.writerows(rec)
+    _write_rows(rec_path, rec)
     assert not make("round_01", None).window_braking(1.0).any()              # executed commands: not labels
     label_by_expert(root, "round_01")
     labelled = make("round_01", None)
