@@ -285,16 +285,12 @@ class _SequenceDataset(Dataset):
 
     def window_braking(self, margin: float) -> np.ndarray:
         """(len(self),) bool: windows with a frame whose speed label is more than ``margin`` m/s below the measured
-        speed (the labeller brakes). A recorded drive without label columns (its commands are not labels) has none."""
-        out = np.zeros(len(self.windows), dtype=bool)
-        braking: dict[str, np.ndarray] = {}
-        for i, (segment, start) in enumerate(self.windows):
-            if segment not in braking:
-                table = self.tables[segment]
-                labelled = table.expert_labels or table.label_speed_command is not None
-                braking[segment] = (table.actions()[:, 1] < table.velocity - margin) & labelled
-            out[i] = bool(braking[segment][start:start + self.seq_len].any())
-        return out
+        speed (the labeller brakes). A recorded drive whose commands are not labels (``expert_labels`` False, as
+        the trainers read it) has none."""
+        braking = {segment: (table.actions()[:, 1] < table.velocity - margin) & table.expert_labels
+                   for segment, table in self.tables.items()}
+        return np.array([braking[segment][start:start + self.seq_len].any() for segment, start in self.windows],
+                        dtype=bool)
 
     def window_disagreement(self) -> np.ndarray:
         """(len(self),) the mean |student - teacher| wheel angle (deg) over each window's frames, from a mixed

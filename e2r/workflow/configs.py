@@ -73,7 +73,7 @@ class TrainConfig:
         1.0, help="keep this fraction of each --extra_train_splits split's windows: those where the student's and the "
                   "teacher's recorded wheel angles differ most (mixed drives only; 1 keeps all; default %(default)s)")
     oversample_braking: int = option(1, help="repeat each training window whose labels brake (a speed label over 1 "
-                                             "m/s below the measured speed) this many times; 1 = off (default 1)")
+                                             "m/s below the measured speed) this many times (default %(default)s: off)")
     valid_split: str = option("valid", help="split for the validation loss (per epoch, or every "
                                             "--valid_every_steps) and the best checkpoint; '' to skip validation "
                                             "(best = train loss)")
@@ -89,7 +89,7 @@ class TrainConfig:
              "drive) adds a history entry with its step count (train loss: the epoch's mean so far), may replace "
              "--save_path and writes --checkpoint_path, so --resume_path continues from it (default: unset, after "
              "every epoch)")
-    warmup_steps: int = option(0, help="linear learning-rate warm-up over the first N optimizer steps (default 0)")
+    warmup_steps: int = option(0, help="linear learning-rate warm-up over the first N steps (default %(default)s)")
     batch_size: Optional[int] = option(None, help="windows per batch (default: tiny 8, full 4)")
     lr: Optional[float] = option(None, help="AdamW learning rate, cosine-decayed (default: tiny 2e-3, full 1e-3)")
     seq_len: int = option(5, help="frames per window T (default: %(default)s)")

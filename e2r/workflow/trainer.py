@@ -103,15 +103,14 @@ def train_valid_datasets(cfg: TrainConfig, make: Callable[[str, Any], Any]) -> t
     ``cfg.train_segments``, joined by the whole ``cfg.extra_train_splits`` as a `WindowUnion`; the valid split
     whole); refuses a training set with no window."""
     train_ds = make(cfg.train_split, cfg.train_segments)
-    if cfg.oversample_braking > 1:
-        oversample_braking(train_ds, cfg.oversample_braking)
-    if cfg.extra_train_splits:
-        extra = [make(split, None) for split in cfg.extra_train_splits]
+    extra = [make(split, None) for split in cfg.extra_train_splits or []]
+    if cfg.extra_keep_fraction < 1:
         for ds in extra:
-            if cfg.extra_keep_fraction < 1:
-                keep_most_disagreed(ds, cfg.extra_keep_fraction)
-            if cfg.oversample_braking > 1:
-                oversample_braking(ds, cfg.oversample_braking)
+            keep_most_disagreed(ds, cfg.extra_keep_fraction)
+    if cfg.oversample_braking > 1:
+        for ds in [train_ds] + extra:
+            oversample_braking(ds, cfg.oversample_braking)
+    if extra:
         train_ds = WindowUnion([train_ds] + extra)
     if len(train_ds) == 0:
         raise ValueError(f"{cfg.data_root}/{cfg.train_split}: no windows of seq_len={cfg.seq_len}")
@@ -122,7 +121,7 @@ BRAKING_MARGIN = 1.0      # m/s: a window "brakes" where a frame's speed label i
 
 
 def oversample_braking(ds: Any, factor: int) -> None:
-    """Each window of ``ds`` whose labels brake (``window_braking``; recorded drives only where labelled) kept
+    """Each window of ``ds`` whose labels brake (``window_braking``; recorded drives only where expert-labelled) kept
     ``factor`` times, the others once, in order (the action statistics come from the frames: unchanged)."""
     braking = ds.window_braking(BRAKING_MARGIN)
     ds.keep_windows([i for i, b in enumerate(braking) for _ in range(factor if b else 1)])
