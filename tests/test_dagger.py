@@ -4,6 +4,7 @@ the rounds resume, and the report is written."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from e2r.models.config import TeacherConfig
 from e2r.models.student import CameraBEVStudent
 from e2r.models.student_config import StudentConfig
 from e2r.models.teacher import LiDARBEVTeacher
+from e2r.sim.closed_loop import load_world, start_indices
 from e2r.sim.world import generate_dataset
 from e2r.workflow.configs import TrainConfig
 from e2r.workflow.dagger import DaggerConfig, p_student_of_round, run_dagger
@@ -161,11 +163,16 @@ def test_the_teacher_learns_from_the_experts_labels_of_its_own_drives(setup, tmp
                         "memorybank": str(setup["store"]), "residual_actions": "scene_only"}).check()
     assert ckpt["train_args"]["oversample_braking"] == 1
     # --residual_actions: the rounds fine-tune that head from the round-0 teacher's weights; --oversample_braking
-    # reaches the fine-tune
+    # reaches the fine-tune; --record_behind_cars starts round 1's car just behind each track's first other car
     other = tmp_path / "scene_only"
     head = run_dagger(DaggerConfig(**{**cfg.__dict__, "out": str(other), "split_prefix": "teacher_so_r",
-                                      "residual_actions": "scene_only", "oversample_braking": 4}),
+                                      "residual_actions": "scene_only", "oversample_braking": 4,
+                                      "record_behind_cars": True}),
                       log=lambda line: None)
+    for segment in sorted((setup["root"] / "teacher_so_r01").iterdir()):
+        world = load_world(setup["root"], "train", segment.name.rsplit("_c", 1)[0])
+        first = json.loads((segment / "meta" / "recorded.json").read_text())["start_index"]
+        assert first == start_indices(world.track, 1, behind_car=0)[0] != start_indices(world.track, 1)[0]
     assert load_checkpoint(head["student"])["config"] == {**start["config"], "residual_actions": "scene_only"}
     assert load_checkpoint(head["student"])["train_args"]["oversample_braking"] == 4
     with pytest.raises(ConfigError, match="--oversample_braking must be >= 1"):

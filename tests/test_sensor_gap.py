@@ -93,6 +93,29 @@ def test_collision_with_another_car_ends_the_run(track):
         assert clear_start(track, track.traffic, i) == i
 
 
+def test_starts_behind_cars_close_in_on_them(track):
+    traffic, n = track.traffic, len(track.centre)
+    ds, m = track.length / n, len(track.traffic)
+    poses = car_poses(track, traffic, 0.0)
+    starts = start_indices(track, m + 1, behind_car=1)
+    assert starts[-1] == starts[0]                          # car 1 + m is car 1 again
+    for k, i in enumerate(starts):
+        assert clear_start(track, traffic, i) == i
+        c = (1 + k) % m
+        gap = (poses.s[c] - traffic.half_length[c] - i * ds) % track.length   # to the car's rear, m
+        assert traffic.cfg.start_clear_behind < gap <= traffic.cfg.start_clear_behind + 2 * ds
+    # the expert from there catches up with the car and slows to its speed within 10 s; even starts differ
+    world = SimWorld("test", "segment_0000", track, SyntheticConfig(tracks=3, seed=4), [])
+    run = run_closed_loop(ExpertPolicy(), world, starts[:1], ClosedLoopConfig(time_limit=10.0))[0]
+    assert run.end == "time" and run.collisions == 0
+    x, y, _ = run.trajectory[-1]
+    car = car_poses(track, traffic, run.sim_time)
+    assert np.hypot(car.x[1] - x, car.y[1] - y) < 20.0
+    assert start_indices(track, 2) != start_indices(track, 2, behind_car=0)
+    no_cars = replace(track, traffic=None)
+    assert start_indices(no_cars, 2, behind_car=0) == start_indices(no_cars, 2)
+
+
 # ------------------------------------------------------------------------------------- light, blur, noise
 @pytest.fixture(scope="module")
 def lit(track):

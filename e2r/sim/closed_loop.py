@@ -33,7 +33,7 @@ from e2r.sim.expert import nearest_index, speed_profile
 from e2r.sim.policies import Observation, Policy
 from e2r.sim.sensors import cast_lidar, render_camera
 from e2r.sim.track import Track
-from e2r.sim.traffic import boxes_overlap, car_corners, car_poses, clear_start
+from e2r.sim.traffic import boxes_overlap, car_corners, car_poses, clear_start, start_behind
 from e2r.sim.vehicle import VehicleConfig, VehicleState, advance, body_corners
 from e2r.sim.world import SyntheticConfig, calib_dict, track_for_segment
 
@@ -208,9 +208,13 @@ def car_contact(track: Track, state: VehicleState, vehicle: VehicleConfig, t: fl
     return boxes_overlap(body_corners(state, vehicle), car_corners(poses, traffic)[near])
 
 
-def start_indices(track: Track, starts: int, offset: int = 0) -> list[int]:
+def start_indices(track: Track, starts: int, offset: int = 0, behind_car: Optional[int] = None) -> list[int]:
     """``starts`` centre-line samples evenly spaced along the lap (the first at ``offset``), each moved
-    forward, if needed, to be clear of the track's other cars at t = 0 (``traffic.clear_start``)."""
+    forward, if needed, to be clear of the track's other cars at t = 0 (``traffic.clear_start``). With
+    ``behind_car`` = c on a track with other cars, start k is instead just behind its car c + k (mod M)
+    (``traffic.start_behind``): a run that closes in on a slower car."""
+    if behind_car is not None and track.traffic is not None and len(track.traffic):
+        return [start_behind(track, track.traffic, behind_car + k) for k in range(starts)]
     n = len(track.centre)
     return [clear_start(track, track.traffic, int((offset + round(k * n / starts)) % n)) for k in range(starts)]
 

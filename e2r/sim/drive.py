@@ -58,6 +58,11 @@ class DriveConfig:
     starts: int = option(8, help="cars (start points evenly spaced along the lap) per track (default %(default)s)")
     start_fraction: float = option(0.0, help="where along the lap the first car starts, as a fraction of the lap "
                                              "(default %(default)s)")
+    start_behind_car: Optional[int] = option(None, metavar="C",
+                                             help="start car k just behind the track's other car C + k (mod their "
+                                                  "number) instead, the closest start that keeps clear of it: runs "
+                                                  "that close in on a slower car (tracks without other cars keep the "
+                                                  "even starts; default: even starts)")
     laps: int = option(1, help="laps to complete for a success (default %(default)s)")
     time_limit: float = option(120.0, help="simulated seconds per run (default %(default)s)")
     seq_len: int = option(5, help="frames per model window T, as in training (default %(default)s)")
@@ -110,6 +115,8 @@ class DriveConfig:
                               f"{self.envelope_heading}")
         if not 0.0 <= self.start_fraction < 1.0:
             raise ConfigError(f"--start_fraction must be in [0, 1), got {self.start_fraction}")
+        if self.start_behind_car is not None and self.start_behind_car < 0:
+            raise ConfigError(f"--start_behind_car must be >= 0, got {self.start_behind_car}")
         if self.recover_steps < 0:
             raise ConfigError(f"--recover_steps must be >= 0, got {self.recover_steps}")
         if self.video is not None:
@@ -263,8 +270,8 @@ def _drive(cfg: DriveConfig, device: torch.device) -> dict[str, Any]:
                 recorder = (DriveRecorder(cfg.record, cfg.record_split, world, policy.name, _record_info(cfg),
                                           expert_drives=isinstance(policy, ExpertPolicy)) if cfg.record else None)
                 first = int(round(cfg.start_fraction * len(world.track.centre)))
-                runs += run_closed_loop(policy, world, start_indices(world.track, cfg.starts, first), loop_cfg,
-                                        bar.update, recorder)
+                starts = start_indices(world.track, cfg.starts, first, cfg.start_behind_car)
+                runs += run_closed_loop(policy, world, starts, loop_cfg, bar.update, recorder)
                 recorded += recorder.segments if recorder is not None else []
                 bar.update(before + steps_per_batch - bar.n)      # cars that stopped early
     bar.close()

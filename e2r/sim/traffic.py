@@ -24,7 +24,7 @@ import numpy as np
 from e2r.sim.track import Track
 
 __all__ = ["TrafficConfig", "Traffic", "CarPoses", "make_traffic", "car_poses", "car_corners", "ray_boxes",
-           "boxes_overlap", "follow_limit", "clear_start", "FACE_REAR", "FACE_FRONT", "FACE_SIDE"]
+           "boxes_overlap", "follow_limit", "clear_start", "start_behind", "FACE_REAR", "FACE_FRONT", "FACE_SIDE"]
 
 FACE_REAR, FACE_FRONT, FACE_SIDE = 0, 1, 2
 
@@ -240,3 +240,16 @@ def clear_start(track: Track, traffic: Traffic | None, index: int) -> int:
         if not blocked.any():
             return i
     return int(index) % n
+
+
+def start_behind(track: Track, traffic: Traffic | None, car: int) -> int:
+    """The centre sample just behind other car ``car`` (mod M) at t = 0: the closest one that
+    :func:`clear_start` allows (``start_clear_behind`` metres behind its rear, moved forward past any other car
+    in the way), so a run from it closes in on that car. Sample 0 on a track without other cars."""
+    if traffic is None or len(traffic) == 0:
+        return 0
+    n = len(track.centre)
+    ds = track.length / n
+    c = int(car) % len(traffic)
+    behind = car_poses(track, traffic, 0.0).s[c] - traffic.half_length[c] - traffic.cfg.start_clear_behind - ds
+    return clear_start(track, traffic, int(np.floor(behind / ds)) % n)

@@ -111,6 +111,10 @@ class DaggerConfig:
     starts: int = option(1, help="cars per track and round (default %(default)s)")
     record_seconds: float = option(15.0, help="seconds driven per car and round (default %(default)s: 300 frames "
                                               "at 20 Hz, one recorded track's worth)")
+    record_behind_cars: bool = option(False, help="start each recording car just behind one of the track's other "
+                                                  "cars (round r, car k: their ((r - 1) * starts + k)-th, cycled), "
+                                                  "so the rounds record closing in on slower cars (default: starts "
+                                                  "shifted along the lap round by round)")
     steps: int = option(296, help="fine-tuning optimizer steps per round (default %(default)s)")
     aggregate: str = option("all", choices=AGGREGATES,
                             help="which recorded frames each round trains on: all (every round's, default), latest "
@@ -246,7 +250,8 @@ def _drive_round(cfg: DaggerConfig, r: int, student: str, segments: list[str], s
     policy = f"teacher={student}" if cfg.learner == "teacher" else f"student={student}" if mixed else "expert"
     out = drive(DriveConfig(data_root=cfg.data_root, split="train", segment=segments, policy=[policy],
                             starts=cfg.starts,
-                            start_fraction=((r - 1) / cfg.rounds) / cfg.starts,
+                            start_fraction=0.0 if cfg.record_behind_cars else ((r - 1) / cfg.rounds) / cfg.starts,
+                            start_behind_car=(r - 1) * cfg.starts if cfg.record_behind_cars else None,
                             time_limit=cfg.record_seconds, seed=cfg.seed * 1000 + r, device=cfg.device,
                             record=cfg.data_root, record_split=split, mix_teacher=cfg.teacher_ckpt if mixed else None,
                             p_student=p_student_of_round(cfg, r),
