@@ -291,7 +291,9 @@ def test_drive_pipeline_outputs_and_errors(world_root, checkpoints, tmp_path, ca
                             device="cpu"))
     assert len(res["runs"]) == 1 and res["summary"][0]["runs"] == 1
     bad = {"missing checkpoint": ["--policy", f"t={tmp_path / 'nope.pt'}"], "unknown policy": ["--policy", "wizard"],
-           "not synthetic": ["--split", "nosuch"], "bad starts": ["--starts", "0"]}
+           "not synthetic": ["--split", "nosuch"], "bad starts": ["--starts", "0"],
+           "negative car": ["--start_behind_car", "-1"],
+           "two placements": ["--start_behind_car", "0", "--start_fraction", "0.5"]}
     for what, extra in bad.items():
         root = ["--data_root", str(world_root)]
         assert drive_main(root + ["--no_progress", "--device", "cpu"] + extra) == 1, what

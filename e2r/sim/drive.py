@@ -117,6 +117,8 @@ class DriveConfig:
             raise ConfigError(f"--start_fraction must be in [0, 1), got {self.start_fraction}")
         if self.start_behind_car is not None and self.start_behind_car < 0:
             raise ConfigError(f"--start_behind_car must be >= 0, got {self.start_behind_car}")
+        if self.start_behind_car is not None and self.start_fraction != 0.0:
+            raise ConfigError("--start_behind_car places the starts itself: drop --start_fraction")
         if self.recover_steps < 0:
             raise ConfigError(f"--recover_steps must be >= 0, got {self.recover_steps}")
         if self.video is not None:
