@@ -51,7 +51,7 @@ PROFILES = {
 }
 ALL_STAGES = ("data", "teacher", "export", "students", "drive")
 #: the released models the demo drives beside the ones it trains (--released), as policy released_<name>
-RELEASED = "student_dagger,student_bc,teacher"
+RELEASED = "student_dagger,student_bc,teacher_rounds"
 RELEASED_POLICY = "released_"
 #: the KD student's LiDAR depth term: the KD that drives (docs/STUDENT.md, "LiDAR depth supervision")
 KD_DEPTH_W = 1.0

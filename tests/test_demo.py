@@ -29,7 +29,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
         assert (run / name).is_file(), name
     assert (run / "memorybank.zarr").is_dir()
     loop = {r["policy"]: r for r in summary["closed_loop"]}
-    released = {"released_student_dagger", "released_student_bc", "released_teacher"}
+    released = {"released_student_dagger", "released_student_bc", "released_teacher_rounds"}
     assert set(loop) == {"expert", "constant", "train_mean", "teacher", "student_bc_seed0", "student_kd_seed0"} | released
     # the released models drive beside the trained ones, each marked with what this track is for it
     assert {r["policy"] for r in summary["released"]} == released

@@ -32,7 +32,7 @@ from pipelines.release import main as release_main
 from stores import open_memorybank
 from tests.fixtures import one_thread  # noqa: F401 (module-scoped autouse fixture)
 
-RELEASED = ("teacher", "student_dagger", "student_bc", "student_kd")
+RELEASED = ("teacher", "teacher_rounds", "student_dagger", "student_bc", "student_kd")
 
 
 @pytest.fixture(scope="module")
