@@ -145,9 +145,10 @@ def test_the_teacher_learns_from_the_experts_labels_of_its_own_drives(setup, tmp
     ckpt, start = load_checkpoint(result["student"]), load_checkpoint(str(setup["teacher"]))
     assert ckpt["kind"] == "teacher" and ckpt["config"] == start["config"]
     assert ckpt["train_args"]["speed_loss_weight"] == 1.0          # the teacher's rounds weigh speed at 1 by default
-    assert DaggerConfig(**{**cfg.__dict__, "speed_loss_weight": 0.3}).fine_tune_speed_weight() == 0.3
+    assert DaggerConfig(**{**cfg.__dict__, "speed_loss_weight": 0.3}).for_learner("speed_loss_weight") == 0.3
     student_cfg = DaggerConfig(**{**cfg.__dict__, "learner": "student"})
-    assert student_cfg.fine_tune_speed_weight() == TrainConfig.speed_loss_weight
+    assert student_cfg.for_learner("speed_loss_weight") == TrainConfig.speed_loss_weight
+    assert student_cfg.for_learner("oversample_braking") == 1 and student_cfg.for_learner("record_starts") == "shifted"
     recorded = sorted((setup["root"] / "teacher_r01").iterdir())
     assert [p.name for p in recorded] == [f"{p.name}_c00" for p in sorted((setup["root"] / "train").iterdir())]
     for segment in recorded:
@@ -161,18 +162,21 @@ def test_the_teacher_learns_from_the_experts_labels_of_its_own_drives(setup, tmp
     with pytest.raises(ConfigError, match="--residual_actions is for --learner teacher"):
         DaggerConfig(**{**student_cfg.__dict__, "student_ckpt": str(setup["student"]),
                         "memorybank": str(setup["store"]), "residual_actions": "scene_only"}).check()
-    assert ckpt["train_args"]["oversample_braking"] == 1
+    assert ckpt["train_args"]["oversample_braking"] == 5           # ... and repeat the braking windows 5 times
     # --residual_actions: the rounds fine-tune that head from the round-0 teacher's weights; --oversample_braking
-    # reaches the fine-tune; --record_behind_cars starts round 1's car just behind each track's first other car
+    # reaches the fine-tune; the teacher's recording cars start just behind each track's first other car unless
+    # --record_starts shifted
     other = tmp_path / "scene_only"
     head = run_dagger(DaggerConfig(**{**cfg.__dict__, "out": str(other), "split_prefix": "teacher_so_r",
                                       "residual_actions": "scene_only", "oversample_braking": 4,
-                                      "record_behind_cars": True}),
+                                      "record_starts": "shifted"}),
                       log=lambda line: None)
-    for segment in sorted((setup["root"] / "teacher_so_r01").iterdir()):
-        world = load_world(setup["root"], "train", segment.name.rsplit("_c", 1)[0])
-        first = json.loads((segment / "meta" / "recorded.json").read_text())["start_index"]
-        assert first == start_indices(world.track, 1, behind_car=0)[0] != start_indices(world.track, 1)[0]
+    for prefix, starts in (("teacher_r01", "behind_cars"), ("teacher_so_r01", "shifted")):
+        for segment in sorted((setup["root"] / prefix).iterdir()):
+            track = load_world(setup["root"], "train", segment.name.rsplit("_c", 1)[0]).track
+            first = json.loads((segment / "meta" / "recorded.json").read_text())["start_index"]
+            behind, shifted = start_indices(track, 1, behind_car=0)[0], start_indices(track, 1)[0]
+            assert behind != shifted and first == (behind if starts == "behind_cars" else shifted)
     assert load_checkpoint(head["student"])["config"] == {**start["config"], "residual_actions": "scene_only"}
     assert load_checkpoint(head["student"])["train_args"]["oversample_braking"] == 4
     with pytest.raises(ConfigError, match="--oversample_braking must be >= 1"):

@@ -73,9 +73,17 @@ AGGREGATES = ("all", "latest", "disagreement")
 MIXED_MODES = ("dagger", "oracle")      # the student drives, mixed with the teacher
 LEARNERS = ("student", "teacher")
 _CKPT = {"student": "student.pt", "teacher": "teacher.pt"}      # each round's checkpoint in round_NN/
-#: speed loss weight of the teacher's rounds unless --speed_loss_weight says otherwise: on the same brake-rich
-#: rounds 1.0 teaches braking and 0.05 does not (75 % against 31 % success, 3 seeds; docs/STUDENT.md)
-TEACHER_SPEED_LOSS_WEIGHT = 1.0
+RECORD_STARTS = ("shifted", "behind_cars")
+#: the round settings whose default depends on --learner: (the teacher's, the student's). The teacher's rounds
+#: weigh speed at 1 (on the same brake-rich rounds 1.0 teaches braking and 0.05 does not: 75 % against 31 %
+#: success, 3 seeds), are recorded from just behind the other cars and repeat the braking windows 5 times (100 %
+#: with no rear-end in 3 seeds from round 1, where shifted starts reached 92 +- 7 % at best); docs/STUDENT.md,
+#: "A teacher worth imitating". The student's keep the trainer's defaults and shifted starts.
+LEARNER_DEFAULTS: dict[str, tuple[Any, Any]] = {
+    "speed_loss_weight": (1.0, TrainConfig.speed_loss_weight),
+    "oversample_braking": (5, TrainConfig.oversample_braking),
+    "record_starts": ("behind_cars", "shifted"),
+}
 ROUND_COLUMNS = ("round", "p_student", "recorded_frames", "camera_frames", "success", "progress", "collisions",
                  "disagreement", "label_frames_per_s", "train_loss", "seconds")
 
@@ -111,10 +119,13 @@ class DaggerConfig:
     starts: int = option(1, help="cars per track and round (default %(default)s)")
     record_seconds: float = option(15.0, help="seconds driven per car and round (default %(default)s: 300 frames "
                                               "at 20 Hz, one recorded track's worth)")
-    record_behind_cars: bool = option(False, help="start each recording car just behind one of the track's other "
-                                                  "cars (round r, car k: their ((r - 1) * starts + k)-th, cycled), "
-                                                  "so the rounds record closing in on slower cars (default: starts "
-                                                  "shifted along the lap round by round)")
+    record_starts: Optional[str] = option(
+        None, choices=RECORD_STARTS,
+        help="where each round's recording cars start: shifted (evenly spaced, shifted along the lap round by round) "
+             "or behind_cars (just behind one of the track's other cars: round r, car k behind their ((r - 1) * "
+             "starts + k)-th, cycled), so the rounds record closing in on slower cars (default: "
+             f"{LEARNER_DEFAULTS['record_starts'][0]} with --learner teacher, {LEARNER_DEFAULTS['record_starts'][1]} "
+             "with the student)")
     steps: int = option(296, help="fine-tuning optimizer steps per round (default %(default)s)")
     aggregate: str = option("all", choices=AGGREGATES,
                             help="which recorded frames each round trains on: all (every round's, default), latest "
@@ -126,14 +137,19 @@ class DaggerConfig:
     lr: Optional[float] = option(None, help="learning rate (default: the preset's)")
     hflip_prob: float = option(0.5, help="mirror probability while fine-tuning (default %(default)s)")
     speed_loss_weight: Optional[float] = option(
-        None, help=f"loss weight of speed in each round's fine-tuning (default: {TEACHER_SPEED_LOSS_WEIGHT} with "
-                   f"--learner teacher, the weight at which the fine-tune teaches the teacher to brake, "
-                   f"docs/STUDENT.md; the trainer's {TrainConfig.speed_loss_weight} with --learner student)")
+        None, help="loss weight of speed in each round's fine-tuning (default: "
+                   f"{LEARNER_DEFAULTS['speed_loss_weight'][0]} with --learner teacher, the weight at which the "
+                   "fine-tune teaches the teacher to brake, docs/STUDENT.md; the trainer's "
+                   f"{LEARNER_DEFAULTS['speed_loss_weight'][1]} with --learner student)")
     residual_actions: Optional[str] = option(
         None, choices=tuple(RESIDUAL_MODES),
         help="with --learner teacher: the head each round fine-tunes (e.g. scene_only, which does not read the "
              "measured speed; default: the round-0 teacher's own)")
-    oversample_braking: int = redefault(TrainConfig, "oversample_braking", TrainConfig.oversample_braking)
+    oversample_braking: Optional[int] = option(
+        None, help="repeat each training window whose labels brake (a speed label over 1 m/s below the measured "
+                   f"speed) this many times in each round's fine-tuning (default: "
+                   f"{LEARNER_DEFAULTS['oversample_braking'][0]} with --learner teacher, the trainer's "
+                   f"{LEARNER_DEFAULTS['oversample_braking'][1]} (off) with the student)")
     kd_action_w: float = option(1.0, help="KD weight of the actions, as train_student's (default %(default)s)")
     kd_bevvec_w: float = option(1.0, help="KD weight of bev_vec (default %(default)s)")
     kd_temporal_w: float = option(1.0, help="KD weight of gru_out (default %(default)s)")
@@ -153,7 +169,11 @@ class DaggerConfig:
     def check(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {MODES}, got {self.mode!r}")
-        check_positive(self, ("rounds", "starts", "steps", "eval_starts", "switch_every", "oversample_braking"))
+        check_positive(self, ("rounds", "starts", "steps", "eval_starts", "switch_every"))
+        if self.oversample_braking is not None:
+            check_positive(self, ("oversample_braking",))
+        if self.record_starts is not None and self.record_starts not in RECORD_STARTS:
+            raise ConfigError(f"--record_starts must be one of {RECORD_STARTS}, got {self.record_starts!r}")
         for name in ("record_seconds", "eval_time_limit", "envelope_lateral", "envelope_heading"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
@@ -194,11 +214,10 @@ class DaggerConfig:
         """The learner's checkpoint of round 0."""
         return str(self.teacher_ckpt if self.learner == "teacher" else self.student_ckpt)
 
-    def fine_tune_speed_weight(self) -> float:
-        """The speed loss weight of each round's fine-tuning (``--speed_loss_weight``, else the learner's)."""
-        if self.speed_loss_weight is not None:
-            return float(self.speed_loss_weight)
-        return TEACHER_SPEED_LOSS_WEIGHT if self.learner == "teacher" else TrainConfig.speed_loss_weight
+    def for_learner(self, name: str) -> Any:
+        """Setting ``name`` of :data:`LEARNER_DEFAULTS`: its flag's value, else the learner's default."""
+        value = getattr(self, name)
+        return LEARNER_DEFAULTS[name][self.learner != "teacher"] if value is None else value
 
     def training_splits(self, recorded: list[str]) -> tuple[list[str], float]:
         """(the recorded splits a round trains on, the fraction of their windows kept) by ``aggregate``."""
@@ -247,11 +266,12 @@ def _drive_round(cfg: DaggerConfig, r: int, student: str, segments: list[str], s
     if stale.exists():
         shutil.rmtree(stale)
     mixed = cfg.mode in MIXED_MODES and cfg.learner == "student"
+    behind = cfg.for_learner("record_starts") == "behind_cars"
     policy = f"teacher={student}" if cfg.learner == "teacher" else f"student={student}" if mixed else "expert"
     out = drive(DriveConfig(data_root=cfg.data_root, split="train", segment=segments, policy=[policy],
                             starts=cfg.starts,
-                            start_fraction=0.0 if cfg.record_behind_cars else ((r - 1) / cfg.rounds) / cfg.starts,
-                            start_behind_car=(r - 1) * cfg.starts if cfg.record_behind_cars else None,
+                            start_fraction=0.0 if behind else ((r - 1) / cfg.rounds) / cfg.starts,
+                            start_behind_car=(r - 1) * cfg.starts if behind else None,
                             time_limit=cfg.record_seconds, seed=cfg.seed * 1000 + r, device=cfg.device,
                             record=cfg.data_root, record_split=split, mix_teacher=cfg.teacher_ckpt if mixed else None,
                             p_student=p_student_of_round(cfg, r),
@@ -290,7 +310,8 @@ def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str]
             data_root=cfg.data_root, extra_train_splits=splits, init_path=init, steps=cfg.steps,
             warmup_steps=cfg.warmup_steps, lr=cfg.lr, hflip_prob=cfg.hflip_prob,
             residual_actions=cfg.residual_actions,
-            speed_loss_weight=cfg.fine_tune_speed_weight(), oversample_braking=cfg.oversample_braking,
+            speed_loss_weight=cfg.for_learner("speed_loss_weight"),
+            oversample_braking=cfg.for_learner("oversample_braking"),
             seed=cfg.seed, device=cfg.device,
             save_path=str(folder / _CKPT[cfg.learner]), no_progress=cfg.no_progress))
         return float(trained["history"][-1]["train_loss"])
@@ -298,8 +319,8 @@ def _train_round(cfg: DaggerConfig, folder: Path, init: str, segments: list[str]
         data_root=cfg.data_root, train_segments=segments, extra_train_splits=splits, extra_keep_fraction=keep,
         memorybank=None if cfg.mode == "bc_extra" else cfg.memorybank,
         teacher_ckpt=cfg.teacher_ckpt, init_path=init, steps=cfg.steps, warmup_steps=cfg.warmup_steps, lr=cfg.lr,
-        hflip_prob=cfg.hflip_prob, speed_loss_weight=cfg.fine_tune_speed_weight(),
-        oversample_braking=cfg.oversample_braking, kd_action_w=cfg.kd_action_w,
+        hflip_prob=cfg.hflip_prob, speed_loss_weight=cfg.for_learner("speed_loss_weight"),
+        oversample_braking=cfg.for_learner("oversample_braking"), kd_action_w=cfg.kd_action_w,
         kd_bevvec_w=cfg.kd_bevvec_w,
         kd_temporal_w=cfg.kd_temporal_w, seed=cfg.seed, device=cfg.device, save_path=str(folder / "student.pt"),
         no_progress=cfg.no_progress))
