@@ -6,7 +6,8 @@ student trains on the union (DAgger with a LiDAR teacher as the labeller, as Lea
 
 Round r (1..R):
   1. drive: the round's student shares each car with the teacher on the training tracks (from start points
-     shifted round by round, so the rounds cover the lap; ``MixedPolicy``:
+     shifted round by round, so the rounds cover the lap, or ``record_starts="behind_cars"``: just behind the
+     tracks' other cars; ``MixedPolicy``:
      the student drives with probability p_r, rising linearly from ``p_student_first`` to ``p_student_last``;
      the teacher takes over outside the safety envelope), every car's run recorded as a segment of split
      ``<split_prefix>NN`` in ``data_root`` (``e2r.sim.record``);
@@ -32,7 +33,9 @@ terms still come from the teacher). ``dagger`` is the default.
 ``learner="teacher"`` (with ``mode="oracle"``, simulator only) runs the same rounds for the LiDAR teacher
 itself: the teacher drives alone on the training tracks (LiDAR-only ones too), the simulator's expert labels
 every recorded state, and the teacher fine-tunes on its training split plus the recorded splits (no
-memorybank): a teacher worth imitating, taught to recover from (and brake before) its own mistakes. Each round is a folder ``round_NN`` under ``out``
+memorybank): a teacher worth imitating, taught to recover from (and brake before) its own mistakes; by
+default its rounds are recorded from behind the other cars, with the braking windows repeated
+(``LEARNER_DEFAULTS``). Each round is a folder ``round_NN`` under ``out``
 whose ``state.json`` records the stages done, so an interrupted run continues where it stopped (a drive
 cut short is driven again into a fresh split). ``dagger.csv`` and ``dagger.png`` (success and progress
 against round and against camera frames used) are rewritten after every round.
