@@ -78,10 +78,9 @@ LEARNERS = ("student", "teacher")
 _CKPT = {"student": "student.pt", "teacher": "teacher.pt"}      # each round's checkpoint in round_NN/
 RECORD_STARTS = ("shifted", "behind_cars")
 #: the round settings whose default depends on --learner: (the teacher's, the student's). The teacher's rounds
-#: weigh speed at 1 (on the same brake-rich rounds 1.0 teaches braking and 0.05 does not: 75 % against 31 %
-#: success, 3 seeds), are recorded from just behind the other cars and repeat the braking windows 5 times (100 %
-#: with no rear-end in 3 seeds from round 1, where shifted starts reached 92 +- 7 % at best); docs/STUDENT.md,
-#: "A teacher worth imitating". The student's keep the trainer's defaults and shifted starts.
+#: weigh speed at 1, are recorded from just behind the other cars and repeat the braking windows 5 times: the
+#: settings under which its rounds learn to brake (measured in docs/STUDENT.md, "A teacher worth imitating").
+#: The student's keep the trainer's defaults and shifted starts.
 LEARNER_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "speed_loss_weight": (1.0, TrainConfig.speed_loss_weight),
     "oversample_braking": (5, TrainConfig.oversample_braking),
