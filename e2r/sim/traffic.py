@@ -242,12 +242,10 @@ def clear_start(track: Track, traffic: Traffic | None, index: int) -> int:
     return int(index) % n
 
 
-def start_behind(track: Track, traffic: Traffic | None, car: int) -> int:
-    """The centre sample just behind other car ``car`` (mod M) at t = 0: the closest one that
+def start_behind(track: Track, traffic: Traffic, car: int) -> int:
+    """The centre sample just behind other car ``car`` (mod M, M >= 1) at t = 0: the closest one that
     :func:`clear_start` allows (``start_clear_behind`` metres behind its rear, moved forward past any other car
-    in the way), so a run from it closes in on that car. Sample 0 on a track without other cars."""
-    if traffic is None or len(traffic) == 0:
-        return 0
+    in the way), so a run from it closes in on that car."""
     n = len(track.centre)
     ds = track.length / n
     c = int(car) % len(traffic)

@@ -219,7 +219,10 @@ class DaggerConfig:
     def for_learner(self, name: str) -> Any:
         """Setting ``name`` of :data:`LEARNER_DEFAULTS`: its flag's value, else the learner's default."""
         value = getattr(self, name)
-        return LEARNER_DEFAULTS[name][self.learner != "teacher"] if value is None else value
+        if value is not None:
+            return value
+        teacher, student = LEARNER_DEFAULTS[name]
+        return teacher if self.learner == "teacher" else student
 
     def training_splits(self, recorded: list[str]) -> tuple[list[str], float]:
         """(the recorded splits a round trains on, the fraction of their windows kept) by ``aggregate``."""
